@@ -1,0 +1,113 @@
+"""One per-dtype tolerance table for every test, the comparison helper, and random test inputs.
+
+Errors are measured against the float64 reference as ``max |out - ref| / scale``, where ``scale`` is
+the reference's absolute-sum error scale for h (see ``tests/reference.py``) or, for states and
+gradients, ``max |ref|`` of the whole tensor. Each bound below is derived from the unit roundoff u of
+the arithmetic and the number of roundings an output accumulates; none is fitted to an observed error.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import jax.numpy as jnp
+import numpy as np
+
+__all__ = ["TOL", "Tol", "assert_close", "make_inputs"]
+
+
+@dataclass(frozen=True)
+class Tol:
+    max_err: float  # bound on max |out - ref| / scale
+    reason: str
+
+
+TOL: dict[str, Tol] = {
+    # Key: the dtype the arithmetic runs in (inputs/state).
+    "float64": Tol(
+        1e-9,
+        "u = 1.1e-16; an output accumulates at most ~1e4 roundings (S <= 257 steps, sums over DHQK, log-gate "
+        "sums up to ~1e3 in magnitude); 1e-9 is that bound times 1e3 and still 1e6 below float32 error.",
+    ),
+    "float32": Tol(
+        1e-3,
+        "u = 6e-8; log-space gate sums reach |F| ~ S*|logsigmoid(f)| ~ 3e3 at S=257 with forget preacts near "
+        "-10, so gate weights carry relative error ~u*3e3 = 2e-4, plus ~1e3 roundings in the dot products.",
+    ),
+    "bfloat16/float32": Tol(
+        1e-2,
+        "bf16 inputs, float32 state: the reference gets the same bf16-rounded inputs, so the error is h's "
+        "rounding to bf16 (2^-9 = 2e-3 of |h| <= scale), the float32 budget above, and bf16 rounding "
+        "(2^-9 per term) where a form feeds bf16 operands to matrix units: 2e-3 + 1e-3 + 4e-3, doubled.",
+    ),
+    "float32-grad": Tol(
+        1e-2,
+        "float32 gradients against float64 central differences: the backward divides by the normaliser "
+        "twice, squaring the forward's conditioning; 1e-2 of max|grad| is u * 1e5.",
+    ),
+}
+
+
+def assert_close(name: str, ref, out, tol: Tol, scale=None) -> None:
+    """Asserts ``max |out - ref| / scale <= tol.max_err``; reports max abs and relative RMS error.
+
+    Args:
+        name: What is compared, for the message.
+        ref: The float64 reference.
+        out: The value under test (any dtype; compared in float64).
+        tol: An entry of ``TOL``.
+        scale: Per-element error scale broadcastable to ref, or None for ``max |ref|`` (at least 1e-30).
+    """
+    ref = np.asarray(ref, np.float64)
+    out = np.asarray(jnp.asarray(out, jnp.float32) if out.dtype == jnp.bfloat16 else out, np.float64)
+    if ref.shape != out.shape:
+        raise AssertionError(f"{name}: shape {out.shape} != reference shape {ref.shape}")
+    if not np.all(np.isfinite(out)):
+        raise AssertionError(f"{name}: {np.sum(~np.isfinite(out))} non-finite values")
+    err = np.abs(out - ref)
+    if scale is None:
+        scale = max(float(np.max(np.abs(ref))), 1e-30)
+    scaled = float(np.max(err / scale))
+    rel_rms = float(np.sqrt(np.mean(err**2)) / max(np.sqrt(np.mean(ref**2)), 1e-30))
+    if not scaled <= tol.max_err:
+        raise AssertionError(
+            f"{name}: scaled max error {scaled:.3e} > {tol.max_err:.1e} "
+            f"(max abs error {float(err.max()):.3e}, relative RMS error {rel_rms:.3e})"
+        )
+
+
+def make_inputs(
+    rng: np.random.Generator,
+    B: int,
+    NH: int,
+    S: int,
+    DHQK: int,
+    DHV: int,
+    *,
+    fgate: str = "mixed",
+    igate: str = "wide",
+    states: bool = False,
+) -> dict[str, np.ndarray]:
+    """Random float64 inputs (never zeros) for one call.
+
+    Args:
+        fgate: ``"open"`` (preacts ~ N(3, 1): long memory), ``"closed"`` (~ N(-6, 2): strong forgetting),
+            or ``"mixed"`` (half of each, per position).
+        igate: ``"wide"`` (uniform in [-10, 10]) or ``"extreme"`` (±50 with random sign, mixed with wide).
+        states: Also draw initial states c0, n0, m0 (m0 in [-5, 5]).
+    """
+    x = {
+        "q": rng.standard_normal((B, NH, S, DHQK)),
+        "k": rng.standard_normal((B, NH, S, DHQK)),
+        "v": rng.standard_normal((B, NH, S, DHV)),
+        "i": rng.uniform(-10.0, 10.0, (B, NH, S)),
+    }
+    open_, closed = rng.normal(3.0, 1.0, (B, NH, S)), rng.normal(-6.0, 2.0, (B, NH, S))
+    x["f"] = {"open": open_, "closed": closed, "mixed": np.where(rng.random((B, NH, S)) < 0.5, open_, closed)}[fgate]
+    if igate == "extreme":
+        x["i"] = np.where(rng.random((B, NH, S)) < 0.3, rng.choice([-50.0, 50.0], (B, NH, S)), x["i"])
+    if states:
+        x["c0"] = rng.standard_normal((B, NH, DHQK, DHV))
+        x["n0"] = rng.standard_normal((B, NH, DHQK))
+        x["m0"] = rng.uniform(-5.0, 5.0, (B, NH))
+    return x

@@ -1,0 +1,61 @@
+"""The mLSTM stabilisers, written once and shared by every form of the cell.
+
+The mLSTM keeps its states scaled by ``exp(-m)``, where ``m`` is a running maximum of the log gate
+weights. Every form (recurrent, parallel, chunkwise, the fused kernels) must produce the same ``m``
+at every time step, because ``m`` also enters the output through the normaliser's lower bound
+``exp(-m)`` and the ``eps`` that is added after it::
+
+    m_t  = max(logsigmoid(f_t) + m_{t-1}, i_t)
+    h_t  = (q̂_t · c_t) / (max(|q̂_t · n_t|, exp(-m_t)) + eps)
+
+All arithmetic here runs in the dtype of its arguments; callers upcast the gates to float32 (or the
+state dtype) before calling, because log-gate sums lose accuracy quickly in bfloat16.
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+
+__all__ = ["log_forget_gate", "normalizer", "normalize_readout", "step_gates"]
+
+
+def log_forget_gate(f: jax.Array) -> jax.Array:
+    """``logsigmoid(f)``: the log of the forget gate from its pre-activation, in f's dtype."""
+    return jax.nn.log_sigmoid(f)
+
+
+def step_gates(
+    m: jax.Array,  # (..., 1) running max before the step
+    i: jax.Array,  # (..., 1) input gate pre-activation
+    f: jax.Array,  # (..., 1) forget gate pre-activation
+) -> tuple[jax.Array, jax.Array, jax.Array]:
+    """One step of the running max and the stabilised gate activations.
+
+    Returns:
+        ``(m_new, f_act, i_act)`` with ``m_new = max(logsigmoid(f) + m, i)``,
+        ``f_act = exp(logsigmoid(f) + m - m_new)`` and ``i_act = exp(i - m_new)``, all shaped like ``m``.
+        Both activations are at most 1, so the stabilised states never overflow.
+    """
+    log_f_plus_m = log_forget_gate(f) + m
+    m_new = jnp.maximum(log_f_plus_m, i)
+    return m_new, jnp.exp(log_f_plus_m - m_new), jnp.exp(i - m_new)
+
+
+def normalizer(
+    qn: jax.Array,  # (...) the query's product with the stabilised normaliser state, q̂ · n
+    m: jax.Array,  # (...) the running max at the same step
+    eps: float,
+) -> jax.Array:
+    """The denominator of the read-out: ``max(|q̂·n|, exp(-m)) + eps``, shaped like ``qn``."""
+    return jnp.maximum(jnp.abs(qn), jnp.exp(-m)) + eps
+
+
+def normalize_readout(
+    num: jax.Array,  # (..., DHV) numerator q̂ · c
+    qn: jax.Array,  # (...) q̂ · n
+    m: jax.Array,  # (...) running max
+    eps: float,
+) -> jax.Array:
+    """The hidden state ``num / (max(|qn|, exp(-m)) + eps)``, shaped like ``num``."""
+    return num / normalizer(qn, m, eps)[..., None]

@@ -1,0 +1,17 @@
+"""mLSTM backends: thin Flax modules around the pure forms of the cell in :mod:`xlstm_jax.mlstm`."""
+
+from xlstm_jax.models.xlstm_parallel.blocks.mlstm.backend.config import mLSTMBackend, mLSTMBackendConfig
+from xlstm_jax.models.xlstm_parallel.blocks.mlstm.backend.recurrent import (
+    mLSTMBackendRecurrent,
+    mLSTMBackendRecurrentConfig,
+)
+from xlstm_jax.models.xlstm_parallel.blocks.mlstm.backend.registry import BACKENDS, create_mlstm_backend
+
+__all__ = [
+    "BACKENDS",
+    "create_mlstm_backend",
+    "mLSTMBackend",
+    "mLSTMBackendConfig",
+    "mLSTMBackendRecurrent",
+    "mLSTMBackendRecurrentConfig",
+]
