@@ -5,6 +5,10 @@ from xlstm_jax.models.xlstm_parallel.blocks.mlstm.backend.recurrent import (
     mLSTMBackendRecurrent,
     mLSTMBackendRecurrentConfig,
 )
+from xlstm_jax.models.xlstm_parallel.blocks.mlstm.backend.recurrent_pallas import (
+    mLSTMBackendRecurrentPallas,
+    mLSTMBackendRecurrentPallasConfig,
+)
 from xlstm_jax.models.xlstm_parallel.blocks.mlstm.backend.registry import BACKENDS, create_mlstm_backend
 
 __all__ = [
@@ -14,4 +18,6 @@ __all__ = [
     "mLSTMBackendConfig",
     "mLSTMBackendRecurrent",
     "mLSTMBackendRecurrentConfig",
+    "mLSTMBackendRecurrentPallas",
+    "mLSTMBackendRecurrentPallasConfig",
 ]

@@ -6,12 +6,14 @@ from typing import Any
 
 from xlstm_jax.models.xlstm_parallel.blocks.mlstm.backend.config import mLSTMBackend
 from xlstm_jax.models.xlstm_parallel.blocks.mlstm.backend.recurrent import mLSTMBackendRecurrent
+from xlstm_jax.models.xlstm_parallel.blocks.mlstm.backend.recurrent_pallas import mLSTMBackendRecurrentPallas
 
 __all__ = ["BACKENDS", "create_mlstm_backend"]
 
 # Name -> backend class. Each later backend adds one line here.
 BACKENDS: dict[str, type[mLSTMBackend]] = {
     "recurrent": mLSTMBackendRecurrent,
+    "recurrent_pallas": mLSTMBackendRecurrentPallas,
 }
 
 

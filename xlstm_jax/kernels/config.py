@@ -1,0 +1,184 @@
+"""Tuning settings of the fused mLSTM kernels, the head sizes they support, and where they run.
+
+Both configs are frozen dataclasses, so they are hashable and can be static arguments of ``jax.jit``.
+``get_default(DHQK, DHV)`` gives the setting tuned on an H200 for a head shape (see BENCHMARKS.md).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+
+__all__ = [
+    "MAX_HEAD_DIM",
+    "MIN_HEAD_DIM",
+    "SequenceKernelConfig",
+    "StepKernelConfig",
+    "check_head_dims",
+    "check_kernel_dtypes",
+    "kernel_mode",
+]
+
+MIN_HEAD_DIM = 16  # xLSTM models use 64 to 512; 16 and 32 also work (small test shapes) at no cost.
+MAX_HEAD_DIM = 512  # a (DHQK, block_dhv) float32 tile of the sequence kernel must stay on chip.
+
+# Input dtypes the kernels read; they upcast to the float32 state on chip.
+_INPUT_DTYPES = (jnp.dtype(jnp.float32), jnp.dtype(jnp.bfloat16), jnp.dtype(jnp.float16))
+
+
+def _is_pow2(x: int) -> bool:
+    return x > 0 and (x & (x - 1)) == 0
+
+
+def check_head_dims(DHQK: int, DHV: int) -> None:
+    """Raises ``ValueError`` unless both head dims are powers of two in [MIN_HEAD_DIM, MAX_HEAD_DIM].
+
+    Triton tiles must have power-of-two sizes, and the sequence kernel keeps a (DHQK, block_dhv) float32
+    tile in registers, which bounds DHQK.
+    """
+    for name, d in (("DHQK", DHQK), ("DHV", DHV)):
+        if not (_is_pow2(d) and MIN_HEAD_DIM <= d <= MAX_HEAD_DIM):
+            raise ValueError(
+                f"the Pallas mLSTM kernels support head dims that are powers of two from {MIN_HEAD_DIM} to "
+                f"{MAX_HEAD_DIM}; got {name}={d} (DHQK={DHQK}, DHV={DHV}). Use the XLA recurrent form "
+                "(xlstm_jax.mlstm.recurrent) for other sizes."
+            )
+
+
+def check_kernel_dtypes(**arrays: Any) -> None:
+    """Raises ``TypeError`` unless every given array is float32, bfloat16 or float16."""
+    for name, x in arrays.items():
+        if x is not None and jnp.dtype(x.dtype) not in _INPUT_DTYPES:
+            raise TypeError(
+                f"the Pallas mLSTM kernels read float32, bfloat16 or float16 inputs, got {name}.dtype={x.dtype}"
+            )
+
+
+def kernel_mode(interpret: bool | None) -> str:
+    """Where a kernel call runs: ``"compiled"``, ``"interpret"`` or ``"xla"`` (the fallback).
+
+    Args:
+        interpret: None: the compiled kernel on a GPU, the XLA recurrent form elsewhere. True: the kernel in
+            Pallas interpret mode (any platform; slow, for tests). False: the compiled kernel, which needs a GPU.
+
+    Raises:
+        RuntimeError: ``interpret=False`` but JAX's default backend is not a GPU.
+        TypeError: interpret is not None or a bool.
+    """
+    if interpret is not None and not isinstance(interpret, bool):
+        raise TypeError(f"interpret must be None or a bool, got {interpret!r}")
+    on_gpu = jax.default_backend() == "gpu"
+    if interpret is None:
+        return "compiled" if on_gpu else "xla"
+    if interpret:
+        return "interpret"
+    if not on_gpu:
+        raise RuntimeError(
+            "interpret=False asks for the compiled Pallas (Triton) kernel, which needs a GPU, but JAX's default "
+            f"backend is {jax.default_backend()!r}; pass interpret=None to fall back to the XLA recurrent form "
+            "or interpret=True for Pallas interpret mode"
+        )
+    return "compiled"
+
+
+def _check_block(name: str, value: int, limit: int, limit_name: str) -> None:
+    if not isinstance(value, int) or not _is_pow2(value):
+        raise ValueError(f"{name}={value!r} must be a positive power of two")
+    if value > limit:
+        raise ValueError(f"{name}={value} must be at most {limit_name}={limit}")
+
+
+def _check_launch(num_warps: int, num_stages: int) -> None:
+    if not (isinstance(num_warps, int) and _is_pow2(num_warps) and num_warps <= 32):
+        raise ValueError(f"num_warps={num_warps!r} must be a power of two from 1 to 32")
+    if not (isinstance(num_stages, int) and num_stages >= 1):
+        raise ValueError(f"num_stages={num_stages!r} must be a positive integer")
+
+
+@dataclass(frozen=True)
+class StepKernelConfig:
+    """Tiling of the decode-step kernel.
+
+    The grid is (B·NH, DHV / block_dhv, dhqk_splits). Each program owns the state rows of one DHQK split
+    and one block of DHV columns, and walks its rows ``block_dhqk`` at a time.
+
+    Attributes:
+        block_dhv: Columns of c per program.
+        block_dhqk: Rows of c loaded per loop iteration inside a program.
+        dhqk_splits: Programs across DHQK, or None to pick the fewest (a power of two) that give at least
+            ``min_programs`` programs. With more than one, each program writes its partial numerator and
+            partial ``q̂·n``; their sums are divided after the kernel (exact: both are sums over DHQK).
+        min_programs: Target number of programs for the automatic split (a few per multiprocessor).
+        num_warps: Triton warps per program.
+        num_stages: Triton software-pipelining stages.
+    """
+
+    block_dhv: int = 64
+    block_dhqk: int = 32
+    dhqk_splits: int | None = None
+    min_programs: int = 512
+    num_warps: int = 4
+    num_stages: int = 2
+
+    def __post_init__(self) -> None:
+        _check_block("block_dhv", self.block_dhv, MAX_HEAD_DIM, "MAX_HEAD_DIM")
+        _check_block("block_dhqk", self.block_dhqk, MAX_HEAD_DIM, "MAX_HEAD_DIM")
+        if self.dhqk_splits is not None:
+            _check_block("dhqk_splits", self.dhqk_splits, MAX_HEAD_DIM, "MAX_HEAD_DIM")
+        if not (isinstance(self.min_programs, int) and self.min_programs >= 1):
+            raise ValueError(f"min_programs={self.min_programs!r} must be a positive integer")
+        _check_launch(self.num_warps, self.num_stages)
+
+    @classmethod
+    def get_default(cls, DHQK: int, DHV: int) -> StepKernelConfig:
+        """The default tiling for a head shape (tuned on an H200 at DHQK=256, DHV=512)."""
+        check_head_dims(DHQK, DHV)
+        return cls(block_dhv=min(64, DHV), block_dhqk=min(32, DHQK))
+
+    def splits(self, BH: int, DHQK: int, DHV: int) -> tuple[int, int, int]:
+        """``(block_dhv, dhqk_splits, block_dhqk)`` for ``BH = B·NH`` heads, each clipped to the head shape."""
+        block_dhv = min(self.block_dhv, DHV)
+        num_dhv_blocks = DHV // block_dhv
+        if self.dhqk_splits is None:
+            splits = 1
+            while BH * num_dhv_blocks * splits < self.min_programs and splits * 2 * MIN_HEAD_DIM <= DHQK:
+                splits *= 2
+        else:
+            splits = min(self.dhqk_splits, DHQK // min(MIN_HEAD_DIM, DHQK))
+        rows = DHQK // splits
+        return block_dhv, splits, min(self.block_dhqk, rows)
+
+
+@dataclass(frozen=True)
+class SequenceKernelConfig:
+    """Tiling of the whole-sequence kernel.
+
+    The grid is (B·NH, DHV / block_dhv). Each program keeps its (DHQK, block_dhv) float32 tile of c, and
+    n and m, on chip across all time steps.
+
+    Attributes:
+        block_dhv: Columns of c per program.
+        num_warps: Triton warps per program.
+        num_stages: Triton software-pipelining stages.
+    """
+
+    block_dhv: int = 32
+    num_warps: int = 4
+    num_stages: int = 1
+
+    def __post_init__(self) -> None:
+        _check_block("block_dhv", self.block_dhv, MAX_HEAD_DIM, "MAX_HEAD_DIM")
+        if self.block_dhv < MIN_HEAD_DIM // 2:
+            raise ValueError(f"block_dhv={self.block_dhv} must be at least {MIN_HEAD_DIM // 2}")
+        _check_launch(self.num_warps, self.num_stages)
+
+    @classmethod
+    def get_default(cls, DHQK: int, DHV: int) -> SequenceKernelConfig:
+        """The default tiling for a head shape: about 8K float32 state elements per program."""
+        check_head_dims(DHQK, DHV)
+        block_dhv = max(MIN_HEAD_DIM // 2, min(DHV, 8192 // DHQK))
+        num_warps = max(1, min(8, DHQK * block_dhv // 2048))
+        return cls(block_dhv=block_dhv, num_warps=num_warps)
