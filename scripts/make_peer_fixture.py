@@ -13,8 +13,8 @@ It writes ``tests/fixtures/xlstm_tiny/``:
 - ``peer.npz``: ``input_ids`` (B, S), the model's ``logits`` (B, S, V) for them (one forward pass in
   inference mode: chunkwise for whole chunks, recurrent steps for the rest), ``prompt`` (1, P) and its
   greedy continuation ``greedy`` (1, N) from ``model.generate`` (which decodes with the recurrent step
-  and the carried cache) with the raw logits of each step ``greedy_logits`` (1, N, V), and ``greedy_margin``: the smallest gap between the best and the second-best
-  logit over the greedy steps;
+  and the carried cache) with the raw logits of each step ``greedy_logits`` (1, N, V), and
+  ``greedy_margin``: the smallest gap between the best and the second-best logit over the greedy steps;
 - ``tokenizer.json``: a word-level tokenizer trained on a few sentences, for the command-line test.
 
 Every weight is drawn at random (the library's own initialisation zeroes the gate weights, which would

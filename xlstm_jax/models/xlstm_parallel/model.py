@@ -1,0 +1,199 @@
+"""The xLSTM language model (Flax linen): embedding, mLSTM blocks, output norm, LM head, logit soft cap.
+
+::
+
+    x = embedding[input_ids]                                  (B, S, D)
+    for each block:  x = x + mLSTM(RMSNorm(x));  x = x + FFN(RMSNorm(x))
+    logits = cap * tanh(RMSNorm(x) W_head / cap)              (B, S, V), float32
+
+The model is stateful: every call takes the mLSTM states of all blocks and returns the states after its
+last position, stacked over the blocks (``ModelStates``). A prompt is run in one call with the prefill
+backend (``decode=False``), then each generated token in one call with the decode step
+(``decode=True``); see :mod:`xlstm_jax.generation`.
+
+Parameter tree (names follow ``transformers``; :mod:`.hf` maps them)::
+
+    embedding/embedding (V, D)
+    blocks/{norm_mlstm, mlstm_layer/{q, k, v, ogate_preact, igate_preact, fgate_preact, multihead_norm,
+            out_proj}, norm_ffn, ffn/{proj_up_gate, proj_up, proj_down}}
+    out_norm/weight (D,)        lm_head/kernel (D, V)  (absent with tied embeddings)
+
+With ``config.scan_blocks`` the blocks run under ``nn.scan`` and every leaf under ``blocks`` has a
+leading axis of size L; otherwise they are ``blocks_0`` ... ``blocks_{L-1}``.
+"""
+
+from __future__ import annotations
+
+from typing import NamedTuple
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+from xlstm_jax.models.xlstm_parallel.blocks.feedforward import FeedForward
+from xlstm_jax.models.xlstm_parallel.blocks.mlstm.layer import LayerStates, mLSTMLayer, soft_cap
+from xlstm_jax.models.xlstm_parallel.blocks.norm import RMSNorm
+from xlstm_jax.models.xlstm_parallel.config import xLSTMLMConfig
+
+__all__ = ["ModelStates", "xLSTMBlock", "xLSTMLMModel"]
+
+
+class ModelStates(NamedTuple):
+    """The mLSTM states of every block, stacked on a leading axis L (float ``config.state_dtype``)."""
+
+    c: jax.Array  # (L, B, NH, DHQK, DHV)
+    n: jax.Array  # (L, B, NH, DHQK)
+    m: jax.Array  # (L, B, NH)
+
+    @classmethod
+    def zeros(cls, config: xLSTMLMConfig, batch_size: int) -> ModelStates:
+        """The initial states (all zero, as the cell's running max starts from 0)."""
+        L, B, NH = config.num_blocks, batch_size, config.num_heads
+        dtype = config.jnp_state_dtype
+        return cls(
+            jnp.zeros((L, B, NH, config.qk_head_dim, config.v_head_dim), dtype),
+            jnp.zeros((L, B, NH, config.qk_head_dim), dtype),
+            jnp.zeros((L, B, NH), dtype),
+        )
+
+
+class xLSTMBlock(nn.Module):
+    """``x + mLSTM(RMSNorm(x))``, then ``x + FFN(RMSNorm(x))``.
+
+    Attributes:
+        config: The model config.
+        decode: Use the one-token decode step in the mLSTM layer.
+    """
+
+    config: xLSTMLMConfig
+    decode: bool = False
+
+    @nn.compact
+    def __call__(
+        self,
+        x: jax.Array,  # (B, S, D)
+        state: LayerStates,  # this block's (c, n, m)
+        valid: jax.Array | None,  # (B, S) bool or None
+    ) -> tuple[jax.Array, LayerStates]:
+        cfg = self.config
+
+        def norm(name: str) -> RMSNorm:
+            return RMSNorm(cfg.norm_eps, cfg.norm_reduction_force_float32, cfg.jnp_param_dtype, name=name)
+
+        y, state = mLSTMLayer(cfg, self.decode, name="mlstm_layer")(norm("norm_mlstm")(x), state, valid)
+        x = x + y
+        x = x + FeedForward(cfg, name="ffn")(norm("norm_ffn")(x))
+        return x, state
+
+
+class xLSTMLMModel(nn.Module):
+    """The xLSTM language model.
+
+    Attributes:
+        config: The model config.
+
+    Example:
+        >>> config = xLSTMLMConfig.tiny(prefill_backend="parallel_stabilized")
+        >>> model = xLSTMLMModel(config)
+        >>> ids = jnp.ones((2, 7), jnp.int32)
+        >>> params = model.init(jax.random.key(0), ids)["params"]
+        >>> logits, states = model.apply({"params": params}, ids, return_states=True)
+        >>> logits.shape, states.c.shape
+        ((2, 7, 99), (2, 2, 2, 32, 64))
+    """
+
+    config: xLSTMLMConfig
+
+    @nn.compact
+    def __call__(
+        self,
+        input_ids: jax.Array,  # (B, S) int
+        states: ModelStates | None = None,
+        valid: jax.Array | None = None,  # (B, S) bool: False marks padding, which leaves the states untouched
+        *,
+        decode: bool = False,
+        return_states: bool = False,
+        last_only: bool = False,
+    ) -> jax.Array | tuple[jax.Array, ModelStates]:
+        """Runs the model on ``input_ids``, starting from ``states``.
+
+        Args:
+            input_ids: Token ids (B, S).
+            states: The states to start from (``ModelStates``), or None for zeros.
+            valid: Which positions are real tokens (B, S), or None for all. Padded positions are exact
+                no-op steps of the cell; their logits are meaningless.
+            decode: Use the one-token decode step (S must be 1) instead of the prefill backend.
+            return_states: Also return the states after the last position.
+            last_only: Compute the logits of the last position only (B, 1, V): what generation needs after
+                a prompt, without the (B, S, V) LM-head product.
+
+        Returns:
+            ``logits`` (B, S, V) float32 (S=1 with ``last_only``), or ``(logits, states)``.
+
+        Raises:
+            ValueError: input_ids is not (B, S) integers, the states do not fit, or valid is not (B, S).
+        """
+        cfg = self.config
+        if input_ids.ndim != 2 or not jnp.issubdtype(input_ids.dtype, jnp.integer):
+            raise ValueError(
+                f"input_ids must be integer (B, S), got input_ids.shape={tuple(input_ids.shape)} "
+                f"dtype={input_ids.dtype}"
+            )
+        B, S = input_ids.shape
+        if valid is not None and tuple(valid.shape) != (B, S):
+            raise ValueError(f"valid.shape={tuple(valid.shape)} must be (B, S)={(B, S)} of input_ids")
+        if states is None:
+            states = ModelStates.zeros(cfg, B)
+        else:
+            states = ModelStates(*states)
+            want = jax.eval_shape(lambda: ModelStates.zeros(cfg, B))
+            got = [tuple(x.shape) for x in states]
+            if got != [tuple(x.shape) for x in want]:
+                raise ValueError(
+                    f"states shapes {got} must be {[tuple(x.shape) for x in want]} (L, B, NH, ...) for B={B}"
+                )
+
+        embed = nn.Embed(
+            cfg.vocab_size,
+            cfg.embedding_dim,
+            dtype=cfg.compute_dtype,
+            param_dtype=cfg.jnp_param_dtype,
+            name="embedding",
+        )
+        x = embed(input_ids)  # (B, S, D)
+
+        if cfg.scan_blocks:
+            # The block's (x, state, valid) signature is nn.scan's (carry, xs, broadcast).
+            blocks = nn.scan(
+                xLSTMBlock,
+                variable_axes={"params": 0},
+                split_rngs={"params": True},
+                in_axes=(0, nn.broadcast),
+                length=cfg.num_blocks,
+            )(cfg, decode, name="blocks")
+            x, new_states = blocks(x, tuple(states), valid)
+            new_states = ModelStates(*new_states)
+        else:
+            outs = []
+            for layer in range(cfg.num_blocks):
+                x, s = xLSTMBlock(cfg, decode, name=f"blocks_{layer}")(x, tuple(t[layer] for t in states), valid)
+                outs.append(s)
+            new_states = ModelStates(*(jnp.stack(t) for t in zip(*outs, strict=True)))
+
+        if last_only:
+            x = x[:, -1:]
+        x = RMSNorm(cfg.norm_eps, cfg.norm_reduction_force_float32, cfg.jnp_param_dtype, name="out_norm")(x)
+        if cfg.tie_word_embeddings:
+            logits = embed.attend(x)
+        else:
+            logits = nn.Dense(
+                cfg.vocab_size,
+                use_bias=False,
+                dtype=cfg.compute_dtype,
+                param_dtype=cfg.jnp_param_dtype,
+                name="lm_head",
+            )(x)
+        logits = soft_cap(logits.astype(jnp.float32), cfg.output_logit_soft_cap)
+        if return_states:
+            return logits, new_states
+        return logits
