@@ -13,8 +13,14 @@ The initial-state column ``log w`` takes part in the row max even when no state 
 ``m0 = 0`` and ``C0 = n0 = 0``), because the recurrent running max starts from ``m0``. So this form
 computes the recurrent form's function exactly, the ``eps`` term included.
 
+The three building blocks below (:func:`block_readout`, :func:`block_summary`, :func:`combine_states`)
+work on any number of leading batch dimensions. The parallel form applies them once to the whole
+sequence; the chunkwise form (:mod:`xlstm_jax.mlstm.chunkwise`) applies them to every chunk.
+
 Precision: the gates, the cumulative sums and the stabiliser run in float32 (or the state dtype if
-wider); the products ``q·kᵀ`` take q and k in their own dtype with float32 accumulation.
+wider). Matrix products take bfloat16/float16 operands when the inputs have that dtype (the gate
+weights are rounded to it just before the product, so GPUs use their tensor cores) and float32
+(or float64) operands otherwise; they always accumulate in float32 or wider.
 """
 
 from __future__ import annotations
@@ -24,14 +30,138 @@ from typing import Any
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from xlstm_jax.mlstm.checks import check_eps, check_sequence_inputs, resolve_state_dtype
 from xlstm_jax.mlstm.stabilizer import log_forget_gate, normalize_readout
 from xlstm_jax.mlstm.states import cast_states, prepare_states
 
-__all__ = ["parallel_stabilized_fw"]
+__all__ = ["block_readout", "block_summary", "combine_states", "matmul_dtype", "parallel_stabilized_fw"]
 
-_PRECISION = jax.lax.Precision.HIGHEST
+
+def matmul_dtype(inputs_dtype: Any, acc_dtype: Any) -> jnp.dtype:
+    """The operand dtype of the matrix products: 16-bit inputs keep their dtype, else ``acc_dtype``.
+
+    Args:
+        inputs_dtype: The common dtype of q, k and v.
+        acc_dtype: The dtype of the stabiliser arithmetic and of the accumulation (float32 or wider).
+    """
+    inputs_dtype = jnp.dtype(inputs_dtype)
+    return inputs_dtype if inputs_dtype.itemsize < 4 else jnp.dtype(acc_dtype)
+
+
+def _dot(spec: str, a: jax.Array, b: jax.Array, operand_dtype: Any, acc_dtype: Any) -> jax.Array:
+    """``einsum(spec, a, b)`` with both operands in ``operand_dtype``, accumulated in ``acc_dtype``.
+
+    float32 operands ask for HIGHEST precision, which keeps GPUs from rounding them to TF32.
+    """
+    operand_dtype = jnp.dtype(operand_dtype)
+    precision = jax.lax.Precision.HIGHEST if operand_dtype.itemsize >= 4 else jax.lax.Precision.DEFAULT
+    return jnp.einsum(
+        spec, a.astype(operand_dtype), b.astype(operand_dtype), precision=precision, preferred_element_type=acc_dtype
+    )
+
+
+def block_readout(
+    q: jax.Array,  # (..., L, DHQK)
+    k: jax.Array,  # (..., L, DHQK)
+    v: jax.Array,  # (..., L, DHV)
+    F: jax.Array,  # (..., L) cumulative sum of log forget gates from the block's start, inclusive
+    i: jax.Array,  # (..., L) input gate pre-activations
+    c0: jax.Array,  # (..., DHQK, DHV) state before the block
+    n0: jax.Array,  # (..., DHQK)
+    m0: jax.Array,  # (...)
+    eps: float,
+    operand_dtype: Any,
+    valid: np.ndarray | None = None,  # (L,) or broadcastable to (..., L): False marks padding steps
+) -> jax.Array:
+    """The hidden states of a block of L steps that starts from the states ``(c0, n0, m0)``.
+
+    Computes the quadratic form of the module docstring on the block: an (L, L) gate matrix whose row
+    max, together with the initial-state column ``F_t + m0``, is the recurrent running max ``m_t``.
+    Steps marked invalid contribute nothing to later steps (their own outputs are meaningless).
+
+    Args:
+        q, k, v: Queries, keys (..., L, DHQK) and values (..., L, DHV), any dtype.
+        F, i: Gates (..., L) in the accumulation dtype (float32 or wider), which is also that of the result.
+        c0, n0, m0: The states before the block, in the accumulation dtype.
+        eps: Added to the normaliser after the max.
+        operand_dtype: Dtype of the matrix products' operands (see :func:`matmul_dtype`).
+        valid: Optional mask of the steps that exist.
+
+    Returns:
+        h (..., L, DHV) in F's dtype.
+    """
+    acc = F.dtype
+    L, DHQK = q.shape[-2], q.shape[-1]
+    mask = np.tril(np.ones((L, L), bool))
+    if valid is not None:
+        mask = mask & valid[..., None, :]
+    log_d = jnp.where(mask, F[..., :, None] - F[..., None, :] + i[..., None, :], -jnp.inf)  # (..., L, L)
+    log_w = F + m0[..., None]  # (..., L) weight of the initial state at each step
+    m = jnp.maximum(log_w, jnp.max(log_d, axis=-1))  # (..., L) the recurrent running max
+    d = jnp.exp(log_d - m[..., None])
+    w = jnp.exp(log_w - m)
+
+    scale = 1.0 / math.sqrt(DHQK)
+    scores = _dot("...td,...sd->...ts", q, k, operand_dtype, acc) * (scale * d)  # (..., L, L)
+    num = _dot("...ts,...se->...te", scores, v, operand_dtype, acc)  # (..., L, DHV)
+    num = num + (scale * w)[..., None] * _dot("...td,...de->...te", q, c0, operand_dtype, acc)
+    # q̂·n0 is a matrix-vector product: it runs in the accumulation dtype, as does the row sum.
+    qn = jnp.sum(scores, axis=-1) + (scale * w) * _dot("...td,...d->...t", q, n0, acc, acc)  # (..., L)
+    return normalize_readout(num, qn, m, eps)
+
+
+def block_summary(
+    k: jax.Array,  # (..., L, DHQK)
+    v: jax.Array,  # (..., L, DHV)
+    F: jax.Array,  # (..., L) inclusive cumulative sum of log forget gates from the block's start
+    i: jax.Array,  # (..., L)
+    operand_dtype: Any,
+    valid: np.ndarray | None = None,  # (L,) or broadcastable to (..., L)
+) -> tuple[jax.Array, jax.Array, jax.Array]:
+    """What a block of L steps adds to the states, stabilised by its own max.
+
+    Step s enters the state at the block's end with log weight ``a_s = F_L - F_s + i_s``. With
+    ``ml = max_s a_s``, this returns ``cbar = sum_s exp(a_s - ml) k_s v_sᵀ``, ``nbar = sum_s exp(a_s - ml) k_s``
+    and ``ml``; :func:`combine_states` adds them to the states before the block.
+
+    Returns:
+        ``(cbar (..., DHQK, DHV), nbar (..., DHQK), ml (...))`` in F's dtype.
+    """
+    acc = F.dtype
+    a = F[..., -1:] - F + i  # (..., L)
+    if valid is not None:
+        a = jnp.where(valid, a, -jnp.inf)
+    ml = jnp.max(a, axis=-1)
+    k_g = k.astype(acc) * jnp.exp(a - ml[..., None])[..., None]  # (..., L, DHQK)
+    cbar = _dot("...sd,...se->...de", k_g, v, operand_dtype, acc)
+    return cbar, jnp.sum(k_g, axis=-2), ml
+
+
+def combine_states(
+    c: jax.Array,  # (..., DHQK, DHV) states before a block
+    n: jax.Array,  # (..., DHQK)
+    m: jax.Array,  # (...)
+    F_L: jax.Array,  # (...) sum of the block's log forget gates
+    cbar: jax.Array,  # (..., DHQK, DHV) from block_summary
+    nbar: jax.Array,  # (..., DHQK)
+    ml: jax.Array,  # (...)
+) -> tuple[jax.Array, jax.Array, jax.Array]:
+    """The states after a block: ``m' = max(F_L + m, ml)``, ``c' = exp(F_L + m - m') c + exp(ml - m') cbar``.
+
+    For a block of one step (``F_L = logsigmoid(f)``, ``ml = i``, ``cbar = k vᵀ``) this is the recurrent step
+    of :func:`xlstm_jax.mlstm.stabilizer.step_gates`; ``m'`` is the recurrent running max at the block's end.
+
+    Returns:
+        ``(c', n', m')`` in the dtypes of the arguments' promotion.
+    """
+    m_new = jnp.maximum(F_L + m, ml)
+    decay = jnp.exp(F_L + m - m_new)
+    gain = jnp.exp(ml - m_new)
+    c_new = decay[..., None, None] * c + gain[..., None, None] * cbar
+    n_new = decay[..., None] * n + gain[..., None] * nbar
+    return c_new, n_new, m_new
 
 
 def parallel_stabilized_fw(
@@ -60,48 +190,41 @@ def parallel_stabilized_fw(
         m_initial: Initial max state (B, NH), or None for zeros. Give all three states or none.
         return_last_states: Also return the states after the last step.
         eps: Added to the normaliser after the max. Defaults to 1e-6.
-        state_dtype: Dtype of the states and of the stabiliser arithmetic. If None: the initial states'
-            dtype when given, else float32 (or the gates' dtype if wider).
+        state_dtype: Dtype of the states. If None: the initial states' dtype when given, else float32 (or
+            the forget gate's dtype if wider). The stabiliser arithmetic runs in this dtype promoted to float32.
 
     Returns:
         h (B, NH, S, DHV) in q's dtype, or ``(h, (c, n, m))`` with the last states shaped
         (B, NH, DHQK, DHV), (B, NH, DHQK), (B, NH) in the initial states' dtypes (the state dtype without).
+
+    Raises:
+        ValueError: a shape does not match, initial states are given partly, or eps / state_dtype is invalid.
+        TypeError: an input is not a floating-point array.
+
+    Example:
+        >>> B, NH, S, DHQK, DHV = 1, 2, 5, 4, 8
+        >>> q = k = jnp.ones((B, NH, S, DHQK)); v = jnp.ones((B, NH, S, DHV)); i = f = jnp.ones((B, NH, S))
+        >>> h, (c, n, m) = parallel_stabilized_fw(q, k, v, i, f, return_last_states=True)
+        >>> h.shape, c.shape
+        ((1, 2, 5, 8), (1, 2, 4, 8))
     """
     dims, i, f = check_sequence_inputs(q, k, v, i, f, names=("q", "k", "v", "i", "f"))
     check_eps(eps)
     (c0, n0, m0), out_dtypes = prepare_states(
-        c_initial, n_initial, m_initial, dims, resolve_state_dtype(state_dtype),
+        c_initial,
+        n_initial,
+        m_initial,
+        dims,
+        resolve_state_dtype(state_dtype),
         default_dtype=jnp.promote_types(f.dtype, jnp.float32),
     )
-    dtype = c0.dtype
-    S = dims.S
-    log_f = log_forget_gate(f[..., 0].astype(dtype))  # (B, NH, S)
-    i = i[..., 0].astype(dtype)  # (B, NH, S)
-    F = jnp.cumsum(log_f, axis=-1)  # (B, NH, S) inclusive
-    causal = jnp.tril(jnp.ones((S, S), dtype=bool))
-    log_d = jnp.where(causal, F[..., :, None] - F[..., None, :] + i[..., None, :], -jnp.inf)  # (B, NH, S, S)
-    log_w = F + m0[..., None]  # (B, NH, S) weight of the initial state at each step
-    m = jnp.maximum(log_w, jnp.max(log_d, axis=-1))  # (B, NH, S)
-    d = jnp.exp(log_d - m[..., None])
-    w = jnp.exp(log_w - m)
-
-    scale = 1.0 / math.sqrt(dims.DHQK)
-    qk = jnp.einsum("bhtd,bhsd->bhts", q, k, precision=_PRECISION, preferred_element_type=dtype) * scale
-    scores = qk * d  # (B, NH, S, S)
-    q_hat = q.astype(dtype) * scale
-    num = jnp.einsum("bhts,bhse->bhte", scores, v.astype(dtype), precision=_PRECISION)
-    num = num + w[..., None] * jnp.einsum("bhtd,bhde->bhte", q_hat, c0, precision=_PRECISION)
-    qn = jnp.sum(scores, axis=-1) + w * jnp.einsum("bhtd,bhd->bht", q_hat, n0, precision=_PRECISION)
-    h = normalize_readout(num, qn, m, eps).astype(q.dtype)
+    acc = jnp.promote_types(c0.dtype, jnp.float32)  # gates and stabiliser never run in 16 bits
+    operand_dtype = matmul_dtype(jnp.result_type(q, k, v), acc)
+    c0, n0, m0 = (x.astype(acc) for x in (c0, n0, m0))
+    i = i[..., 0].astype(acc)  # (B, NH, S)
+    F = jnp.cumsum(log_forget_gate(f[..., 0].astype(acc)), axis=-1)  # (B, NH, S) inclusive
+    h = block_readout(q, k, v, F, i, c0, n0, m0, eps, operand_dtype).astype(q.dtype)
     if not return_last_states:
         return h
-
-    # States after step S: the last row of the gate matrix, applied to the outer products k_s v_sᵀ.
-    m_last = m[..., -1]  # (B, NH)
-    d_last = d[..., -1, :]  # (B, NH, S), already scaled by exp(-m_last)
-    w_last = w[..., -1]  # (B, NH)
-    k_w = k.astype(dtype) * d_last[..., None]
-    c_last = jnp.einsum("bhsd,bhse->bhde", k_w, v.astype(dtype), precision=_PRECISION)
-    c_last = c_last + w_last[..., None, None] * c0
-    n_last = jnp.sum(k_w, axis=-2) + w_last[..., None] * n0
-    return h, cast_states((c_last, n_last, m_last), out_dtypes)
+    summary = block_summary(k, v, F, i, operand_dtype)
+    return h, cast_states(combine_states(c0, n0, m0, F[..., -1], *summary), out_dtypes)

@@ -1,6 +1,14 @@
 """mLSTM backends: thin Flax modules around the pure forms of the cell in :mod:`xlstm_jax.mlstm`."""
 
+from xlstm_jax.models.xlstm_parallel.blocks.mlstm.backend.chunkwise import (
+    mLSTMBackendChunkwise,
+    mLSTMBackendChunkwiseConfig,
+)
 from xlstm_jax.models.xlstm_parallel.blocks.mlstm.backend.config import mLSTMBackend, mLSTMBackendConfig
+from xlstm_jax.models.xlstm_parallel.blocks.mlstm.backend.parallel import (
+    mLSTMBackendParallel,
+    mLSTMBackendParallelConfig,
+)
 from xlstm_jax.models.xlstm_parallel.blocks.mlstm.backend.recurrent import (
     mLSTMBackendRecurrent,
     mLSTMBackendRecurrentConfig,
@@ -15,7 +23,11 @@ __all__ = [
     "BACKENDS",
     "create_mlstm_backend",
     "mLSTMBackend",
+    "mLSTMBackendChunkwise",
+    "mLSTMBackendChunkwiseConfig",
     "mLSTMBackendConfig",
+    "mLSTMBackendParallel",
+    "mLSTMBackendParallelConfig",
     "mLSTMBackendRecurrent",
     "mLSTMBackendRecurrentConfig",
     "mLSTMBackendRecurrentPallas",

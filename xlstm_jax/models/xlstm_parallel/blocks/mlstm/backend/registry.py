@@ -4,7 +4,9 @@ from __future__ import annotations
 
 from typing import Any
 
+from xlstm_jax.models.xlstm_parallel.blocks.mlstm.backend.chunkwise import mLSTMBackendChunkwise
 from xlstm_jax.models.xlstm_parallel.blocks.mlstm.backend.config import mLSTMBackend
+from xlstm_jax.models.xlstm_parallel.blocks.mlstm.backend.parallel import mLSTMBackendParallel
 from xlstm_jax.models.xlstm_parallel.blocks.mlstm.backend.recurrent import mLSTMBackendRecurrent
 from xlstm_jax.models.xlstm_parallel.blocks.mlstm.backend.recurrent_pallas import mLSTMBackendRecurrentPallas
 
@@ -13,6 +15,8 @@ __all__ = ["BACKENDS", "create_mlstm_backend"]
 # Name -> backend class. Each later backend adds one line here.
 BACKENDS: dict[str, type[mLSTMBackend]] = {
     "recurrent": mLSTMBackendRecurrent,
+    "parallel_stabilized": mLSTMBackendParallel,
+    "chunkwise": mLSTMBackendChunkwise,
     "recurrent_pallas": mLSTMBackendRecurrentPallas,
 }
 

@@ -1,0 +1,137 @@
+"""The chunkwise form against the float64 reference: forward, last states, gradients, long sequences."""
+
+from __future__ import annotations
+
+import functools
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from tests.mlstm.form_checks import check_forward, check_gradients, random_inputs
+from tests.numerics import TOL, assert_close
+from tests.reference import recurrent_ref
+from xlstm_jax.mlstm.chunkwise import chunkwise_fw
+from xlstm_jax.mlstm.recurrent import recurrent_sequence_fw
+
+
+def chunkwise(chunk_size: int):
+    return functools.partial(chunkwise_fw, chunk_size=chunk_size)
+
+
+# (S, chunk_size, initial states, forget gates, input gates): odd S, chunk sizes that do not divide S,
+# S smaller than a chunk, one step per chunk, extreme and saturated gates.
+FLOAT64_CASES = [
+    (1, 64, False, "mixed", "wide"),
+    (1, 1, True, "open", "extreme"),
+    (7, 3, True, "mixed", "extreme"),
+    (7, 1, False, "closed", "wide"),
+    (63, 64, True, "closed", "extreme"),
+    (65, 16, False, "open", "extreme"),
+    (65, 64, True, "mixed", "wide"),
+    (257, 64, True, "mixed", "extreme"),
+    (257, 100, False, "closed", "wide"),
+]
+
+
+@pytest.mark.parametrize(("S", "chunk_size", "states", "fgate", "igate"), FLOAT64_CASES)
+def test_matches_reference_float64(S, chunk_size, states, fgate, igate):
+    x = random_inputs(S + chunk_size, 2, 2, S, 5, 7, states=states, fgate=fgate, igate=igate)
+    check_forward(chunkwise(chunk_size), x, "float64")
+
+
+@pytest.mark.parametrize(
+    ("S", "chunk_size", "states", "igate"), [(257, 64, True, "extreme"), (65, 16, False, "wide"), (7, 64, True, "wide")]
+)
+def test_matches_reference_float32(S, chunk_size, states, igate):
+    x = random_inputs(3 * S, 2, 2, S, 6, 10, states=states, igate=igate)
+    check_forward(chunkwise(chunk_size), x, "float32")
+
+
+@pytest.mark.parametrize(("S", "chunk_size", "states"), [(257, 64, True), (63, 16, False)])
+def test_matches_reference_bfloat16(S, chunk_size, states):
+    x = random_inputs(5 * S, 2, 2, S, 16, 24, states=states, igate="extreme")
+    check_forward(chunkwise(chunk_size), x, "bfloat16")
+
+
+@pytest.mark.parametrize(("S", "chunk_size", "states"), [(5, 2, True), (4, 3, False), (3, 8, True)])
+def test_gradients_float64(S, chunk_size, states):
+    x = random_inputs(S, 1, 2, S, 3, 2, states=states)
+    check_gradients(chunkwise(chunk_size), x, "float64")
+
+
+def test_gradients_float32():
+    x = random_inputs(11, 1, 2, 6, 3, 4, states=True)
+    check_gradients(chunkwise(4), x, "float32")
+
+
+def test_chunk_size_does_not_change_the_function():
+    """Different chunkings of one input agree with each other to float32 rounding, not only with the reference."""
+    x = random_inputs(3, 1, 2, 50, 4, 6, states=True, igate="extreme")
+    args = [jnp.asarray(x[name]) for name in ("q", "k", "v", "i", "f", "c0", "n0", "m0")]
+    _, _, scale = recurrent_ref(*(x[name] for name in ("q", "k", "v", "i", "f", "c0", "n0", "m0")))
+    outs = [jax.jit(chunkwise(L), static_argnums=8)(*args, True) for L in (1, 7, 50, 64)]
+    for (h, states), L in zip(outs[1:], (7, 50, 64), strict=True):
+        assert_close(f"h at chunk_size={L} vs 1", outs[0][0], h, TOL["float32"], scale=scale)
+        for name, a, b in zip("cnm", outs[0][1], states, strict=True):
+            assert_close(f"{name} at chunk_size={L} vs 1", a, b, TOL["float32"])
+
+
+def test_state_dtypes():
+    """float32 states by default (also for bfloat16 inputs); initial states come back in their own dtypes."""
+    x = random_inputs(0, 1, 2, 9, 4, 4, states=True)
+    q, k, v, i, f = (jnp.asarray(x[name], jnp.bfloat16) for name in ("q", "k", "v", "i", "f"))
+    form = jax.jit(chunkwise(4), static_argnames=("return_last_states", "state_dtype"))
+    h, (c, n, m) = form(q, k, v, i, f, return_last_states=True)
+    assert h.dtype == jnp.bfloat16
+    assert (c.dtype, n.dtype, m.dtype) == (jnp.float32,) * 3
+    c0, n0, m0 = (jnp.asarray(x[name], jnp.bfloat16) for name in ("c0", "n0", "m0"))
+    _, (c, n, m) = form(q, k, v, i, f, c0, n0, m0, return_last_states=True)
+    assert (c.dtype, n.dtype, m.dtype) == (jnp.bfloat16,) * 3
+    _, (c, n, m) = form(q, k, v, i, f, return_last_states=True, state_dtype="bfloat16")
+    assert (c.dtype, n.dtype, m.dtype) == (jnp.bfloat16,) * 3
+
+
+def test_gates_with_trailing_axis():
+    x = random_inputs(1, 1, 2, 10, 4, 3)
+    q, k, v, i, f = (jnp.asarray(x[name]) for name in ("q", "k", "v", "i", "f"))
+    form = jax.jit(chunkwise(4))
+    h, h1 = form(q, k, v, i, f), form(q, k, v, i[..., None], f[..., None])
+    np.testing.assert_array_equal(np.asarray(h), np.asarray(h1))
+
+
+@pytest.mark.parametrize("chunk_size", [0, -3, 2.5, True, "64", None])
+def test_rejects_bad_chunk_size(chunk_size):
+    x = random_inputs(0, 1, 1, 4, 2, 2)
+    with pytest.raises(ValueError, match="chunk_size"):
+        chunkwise_fw(*(jnp.asarray(x[name]) for name in ("q", "k", "v", "i", "f")), chunk_size=chunk_size)
+
+
+def test_rejects_bad_inputs():
+    x = random_inputs(0, 1, 2, 4, 3, 2, states=True)
+    q, k, v, i, f = (jnp.asarray(x[name]) for name in ("q", "k", "v", "i", "f"))
+    with pytest.raises(ValueError, match=r"k.shape"):
+        chunkwise_fw(q, k[:, :, :3], v, i, f)
+    with pytest.raises(ValueError, match="initial states"):
+        chunkwise_fw(q, k, v, i, f, c_initial=jnp.asarray(x["c0"]))
+    with pytest.raises(ValueError, match="eps"):
+        chunkwise_fw(q, k, v, i, f, eps=0.0)
+
+
+def test_long_sequence_does_not_drift():
+    """S = 65536 in float32: the chunkwise form and the recurrent scan stay within the float32 bound of the
+    float64 reference over the whole sequence (no error growth with S), for h and the last states."""
+    x = random_inputs(65536, 1, 2, 65536, 16, 16, states=True)
+    names = ("q", "k", "v", "i", "f", "c0", "n0", "m0")
+    h_ref, states_ref, scale = recurrent_ref(*(x[name] for name in names))
+    args = [jnp.asarray(x[name], jnp.float32) for name in names]
+    forms = {
+        "chunkwise": jax.jit(lambda *a: chunkwise_fw(*a, return_last_states=True)),
+        "recurrent scan": jax.jit(lambda *a: recurrent_sequence_fw(*a, return_last_states=True, use_scan=True)),
+    }
+    for form, fn in forms.items():
+        h, states = fn(*args)
+        assert_close(f"{form}: h", h_ref, h, TOL["float32"], scale=scale)
+        for name, ref, out in zip("cnm", states_ref, states, strict=True):
+            assert_close(f"{form}: {name} (last state)", ref, out, TOL["float32"])
