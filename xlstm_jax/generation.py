@@ -8,10 +8,11 @@
    stop token. The loop is one compiled program: shapes do not change from token to token, so nothing is
    recompiled per token, and the state buffers are donated so that XLA updates them in place.
 
-Prompts of different lengths are padded on the left. Padded positions get input gate ``-inf`` and forget
-gate ``+inf``, an exact no-op step of the cell, so a padded prompt leaves the same states as the
-unpadded one; all prompts then end at the last position and decode in lockstep. A sequence that has
-emitted a stop token gets ``pad_token_id`` from then on, and its state is frozen the same way.
+Prompts of different lengths are padded on the left. Padded positions get input gate ``-inf`` (its
+finite stand-in ``PAD_IGATE``, see the mLSTM layer) and forget gate ``+inf``, an exact no-op step of the
+cell, so a padded prompt leaves the same states as the unpadded one; all prompts then end at the last
+position and decode in lockstep. A sequence that has emitted a stop token gets ``pad_token_id`` from then
+on, and its state is frozen the same way.
 
 Sampling (``SamplingConfig``): greedy (``temperature=0``), or temperature with optional top-k and top-p
 filtering, from an explicit PRNG key: the key of step t is ``fold_in(key, t)``, so a run is reproducible

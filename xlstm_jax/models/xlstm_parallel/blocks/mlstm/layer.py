@@ -11,9 +11,15 @@ The cell runs on a whole sequence with the prefill backend (``config.prefill_bac
 of :mod:`...blocks.mlstm.backend`), or on one token with the decode step (``config.step_backend``, a
 name in ``STEP_FUNCTIONS``). Both take the layer's carried states ``(c, n, m)`` and return the new ones.
 
-Padding: where ``valid`` is False the gate pre-activations become ``i = -inf`` and ``f = +inf``. Then
-``logsigmoid(f) = 0`` and ``i' = exp(-inf - m') = 0``: the step leaves ``m``, ``c`` and ``n`` exactly
-unchanged (``c' = 1·c + 0·k vᵀ``), so padded positions do not touch the state at all.
+Padding: where ``valid`` is False the gate pre-activations become ``i = PAD_IGATE`` and ``f = +inf``.
+Then ``logsigmoid(f) = 0``, ``m' = max(m, i) = m`` and ``i' = exp(i - m') = 0``: the step leaves ``m``,
+``c`` and ``n`` exactly unchanged (``c' = 1·c + 0·k vᵀ``), so padded positions do not touch the state.
+Mathematically ``PAD_IGATE`` is ``-inf``; we use the finite ``-1e30`` because the chunkwise and parallel
+forms compute a block's own max ``ml = max_s (F_L - F_s + i_s)`` and then ``exp(a - ml)``, which is
+``exp(-inf + inf) = NaN`` for a chunk made only of ``-inf`` input gates (a chunk of left padding). With
+``-1e30`` that max is finite and ``exp(-1e30 - m) = 0`` exactly in float32 (and wider) for any running
+max ``|m| < 1e29``, so the no-op stays exact: ``tests/models/test_generation.py`` checks bit-identical
+states for every backend and step form.
 
 Precision: projections run in ``config.dtype``; the gate pre-activations in float32 (they are summed in
 log space over the whole sequence, see ``mlstm/stabilizer.py``); the states in ``config.state_dtype``.
@@ -35,12 +41,23 @@ from xlstm_jax.models.xlstm_parallel.blocks.mlstm.backend.config import mLSTMBac
 from xlstm_jax.models.xlstm_parallel.blocks.norm import MultiHeadLayerNorm
 from xlstm_jax.models.xlstm_parallel.config import xLSTMLMConfig
 
-__all__ = ["STEP_FUNCTIONS", "LayerStates", "create_prefill_backend", "mLSTMLayer", "resolve_step_fn", "soft_cap"]
+__all__ = [
+    "PAD_IGATE",
+    "STEP_FUNCTIONS",
+    "LayerStates",
+    "create_prefill_backend",
+    "mLSTMLayer",
+    "resolve_step_fn",
+    "soft_cap",
+]
 
 LayerStates = tuple[jax.Array, jax.Array, jax.Array]  # c (B, NH, DHQK, DHV), n (B, NH, DHQK), m (B, NH)
 
 # Decode step forms by name: module and function, all with the signature of ``recurrent_step_fw``
 # ``(c, n, m, q, k, v, i, f, eps) -> (h, (c', n', m'))`` with m and the gates shaped (B, NH, 1).
+# The input gate pre-activation of a padded position (see the module docstring); the forget gate's is +inf.
+PAD_IGATE = -1e30
+
 STEP_FUNCTIONS: dict[str, tuple[str, str]] = {
     "recurrent": ("xlstm_jax.mlstm.recurrent", "recurrent_step_fw"),
     "recurrent_pallas": ("xlstm_jax.kernels.recurrent_step", "recurrent_step_pallas"),
@@ -131,7 +148,7 @@ class mLSTMLayer(nn.Module):
         i = soft_cap(dense(NH, "igate_preact", True, jnp.float32)(x), cfg.gate_soft_cap)  # (B, S, NH)
         f = soft_cap(dense(NH, "fgate_preact", True, jnp.float32)(x), cfg.gate_soft_cap)
         if valid is not None:
-            i = jnp.where(valid[..., None], i, -jnp.inf)
+            i = jnp.where(valid[..., None], i, PAD_IGATE)
             f = jnp.where(valid[..., None], f, jnp.inf)
 
         def heads(t: jax.Array, dh: int) -> jax.Array:  # (B, S, NH * dh) -> (B, NH, S, dh)

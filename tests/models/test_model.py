@@ -1,0 +1,127 @@
+"""The xLSTM language model against the transformers peer, and its config and input checks."""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from tests.models.fixture import load, peer
+from tests.numerics import TOL, assert_close
+from xlstm_jax.models.xlstm_parallel.config import xLSTMLMConfig
+from xlstm_jax.models.xlstm_parallel.model import ModelStates, xLSTMLMModel
+
+
+def _logits(config, params, ids, **kwargs):
+    return jax.jit(lambda p, x: xLSTMLMModel(config).apply({"params": p}, x, **kwargs))(params, jnp.asarray(ids))
+
+
+@pytest.mark.parametrize("backend", ["chunkwise", "parallel_stabilized", "recurrent"])
+def test_peer_logits(backend):
+    """Our model, loaded from the transformers checkpoint, reproduces its logits (S=45: chunks and a rest)."""
+    overrides = {} if backend == "chunkwise" else {"prefill_backend": backend, "prefill_backend_kwargs": ()}
+    config, params = load(**overrides)
+    ref = peer()["logits"]
+    assert_close(f"logits ({backend})", ref, _logits(config, params, peer()["input_ids"]), TOL["float32-model"])
+
+
+def test_scanned_and_unrolled_blocks_agree():
+    """nn.scan over the blocks (stacked parameters) computes what the unrolled blocks compute."""
+    config, params = load(scan_blocks=True)
+    config_u, params_u = load(scan_blocks=False)
+    assert params["blocks"]["mlstm_layer"]["q"]["kernel"].shape == (2, 128, 64)
+    assert "blocks" not in params_u and params_u["blocks_1"]["mlstm_layer"]["q"]["kernel"].shape == (128, 64)
+    np.testing.assert_array_equal(
+        params["blocks"]["ffn"]["proj_up"]["kernel"][1], params_u["blocks_1"]["ffn"]["proj_up"]["kernel"]
+    )
+    ids = peer()["input_ids"][:, :20]
+    a = _logits(config, params, ids)
+    b = _logits(config_u, params_u, ids)
+    assert_close("scanned vs unrolled", np.asarray(a, np.float64), b, TOL["float32-model"])
+
+
+def test_states_carry_over_calls_and_last_only():
+    """Prefill of a prefix, then the rest from the returned states, equals one call; last_only gives the last row."""
+    config, params = load()
+    model = xLSTMLMModel(config)
+    ids = jnp.asarray(peer()["input_ids"])
+
+    @jax.jit
+    def run(p, ids):
+        full, states_full = model.apply({"params": p}, ids, return_states=True)
+        _, states = model.apply({"params": p}, ids[:, :30], return_states=True)
+        rest, states_rest = model.apply({"params": p}, ids[:, 30:], states, return_states=True, last_only=True)
+        return full, states_full, rest, states_rest
+
+    full, states_full, rest, states_rest = run(params, ids)
+    assert rest.shape == (2, 1, config.vocab_size)
+    assert_close("split prefill", np.asarray(full[:, -1:], np.float64), rest, TOL["float32-model"])
+    for name, a, b in zip("cnm", states_full, states_rest, strict=True):
+        assert_close(f"state {name}", np.asarray(a, np.float64), b, TOL["float32-model"])
+
+
+def test_gradients_flow():
+    """jax.grad through the model (chunkwise prefill) gives finite, non-zero gradients for every parameter."""
+    config, params = load()
+    ids = jnp.asarray(peer()["input_ids"][:, :17])
+
+    def loss(p):
+        logits = xLSTMLMModel(config).apply({"params": p}, ids[:, :-1])
+        return -jnp.mean(jnp.take_along_axis(jax.nn.log_softmax(logits), ids[:, 1:, None], axis=-1))
+
+    grads = jax.jit(jax.grad(loss))(params)
+    for path, g in jax.tree_util.tree_leaves_with_path(grads):
+        assert np.all(np.isfinite(g)), path
+        assert np.any(g != 0), path
+
+
+def test_presets():
+    cfg = xLSTMLMConfig.xlstm_7b()
+    assert (cfg.embedding_dim, cfg.num_blocks, cfg.num_heads, cfg.vocab_size) == (4096, 32, 8, 50304)
+    assert (cfg.qk_head_dim, cfg.v_head_dim, cfg.ffn_dim) == (256, 512, 10944)
+    assert 6.5e9 < cfg.num_params() < 7.5e9
+    tiny = xLSTMLMConfig.tiny()
+    assert (tiny.qk_head_dim, tiny.v_head_dim, tiny.ffn_dim) == (32, 64, 384)
+    assert hash(tiny) == hash(xLSTMLMConfig.tiny())  # static argument of jax.jit
+
+
+@pytest.mark.parametrize(
+    ("changes", "error", "match"),
+    [
+        ({"num_heads": 3}, ValueError, "multiple of num_heads"),
+        ({"vocab_size": 0}, ValueError, "vocab_size"),
+        ({"use_bias": True}, ValueError, "use_bias"),
+        ({"weight_mode": "fused"}, ValueError, "weight_mode"),
+        ({"dtype": "int32"}, ValueError, "floating"),
+        ({"eps": 0.0}, ValueError, "eps"),
+        ({"gate_soft_cap": -1.0}, ValueError, "gate_soft_cap"),
+        ({"prefill_backend_kwargs": {"chunk_size": 8}}, TypeError, "prefill_backend_kwargs"),
+    ],
+)
+def test_config_errors(changes, error, match):
+    with pytest.raises(error, match=match):
+        xLSTMLMConfig.tiny(**changes)
+
+
+def test_model_input_errors():
+    config, params = load()
+    model = xLSTMLMModel(config)
+    ids = jnp.ones((2, 5), jnp.int32)
+    with pytest.raises(ValueError, match="input_ids"):
+        model.apply({"params": params}, jnp.ones((2, 5)))
+    with pytest.raises(ValueError, match="valid.shape"):
+        model.apply({"params": params}, ids, None, jnp.ones((2, 4), bool))
+    with pytest.raises(ValueError, match="states shapes"):
+        model.apply({"params": params}, ids, ModelStates.zeros(config, 3))
+    with pytest.raises(ValueError, match="one token per call"):
+        model.apply({"params": params}, ids, decode=True)
+    bad = config.replace(prefill_backend="nope")
+    with pytest.raises(ValueError, match="unknown prefill backend 'nope'"):
+        xLSTMLMModel(bad).apply({"params": params}, ids)
+    bad = config.replace(prefill_backend_kwargs=(("no_such_field", 1),))
+    with pytest.raises(TypeError, match="no_such_field"):
+        xLSTMLMModel(bad).apply({"params": params}, ids)
+    bad = config.replace(step_backend="nope")
+    with pytest.raises(ValueError, match="unknown decode step backend 'nope'"):
+        xLSTMLMModel(bad).apply({"params": params}, ids[:, :1], decode=True)
