@@ -53,6 +53,41 @@ def check_chunk_size(chunk_size: Any, name: str = "chunk_size") -> int:
     return value
 
 
+def border_states(
+    F_L: jax.Array,  # (B, NH, NC) sum of each chunk's log forget gates
+    cbar: jax.Array,  # (B, NH, NC, DHQK, DHV) from block_summary
+    nbar: jax.Array,  # (B, NH, NC, DHQK)
+    ml: jax.Array,  # (B, NH, NC)
+    c0: jax.Array,  # (B, NH, DHQK, DHV) initial states, in the state dtype
+    n0: jax.Array,  # (B, NH, DHQK)
+    m0: jax.Array,  # (B, NH)
+    border_dtype: Any,
+    unroll: int = 1,
+) -> tuple[tuple[jax.Array, jax.Array, jax.Array], tuple[jax.Array, jax.Array, jax.Array]]:
+    """The states before every chunk and after the last one: a ``lax.scan`` of :func:`combine_states`.
+
+    The carried states stay in the dtype of ``c0`` (the state dtype); each step's arithmetic runs in that
+    dtype promoted to float32. The memory state before each chunk is emitted in ``border_dtype`` (the
+    read-out's matrix operand dtype, the only dtype it is used in), n and m in the arithmetic dtype.
+
+    Returns:
+        ``((c, n, m) after the last chunk, (c, n, m) before each chunk)``, the latter shaped
+        (B, NH, NC, DHQK, DHV), (B, NH, NC, DHQK), (B, NH, NC).
+    """
+    state_dtype = c0.dtype
+    acc = jnp.promote_types(state_dtype, jnp.float32)
+
+    def step(carry, x):
+        c, n, m = (s.astype(acc) for s in carry)
+        border = (c.astype(border_dtype), n, m)
+        c, n, m = combine_states(c, n, m, *x)
+        return (c.astype(state_dtype), n.astype(state_dtype), m.astype(state_dtype)), border
+
+    xs = tuple(jnp.moveaxis(x, 2, 0) for x in (F_L, cbar, nbar, ml))
+    last, borders = jax.lax.scan(step, (c0, n0, m0), xs, unroll=min(unroll, F_L.shape[2]))
+    return last, tuple(jnp.moveaxis(x, 0, 2) for x in borders)
+
+
 def chunkwise_fw(
     q: jax.Array,  # (B, NH, S, DHQK)
     k: jax.Array,  # (B, NH, S, DHQK)
@@ -143,18 +178,10 @@ def chunkwise_fw(
     # 1. Each chunk's own contribution to the state at its end.
     cbar, nbar, ml = block_summary(k, v, F, i, operand_dtype, valid)  # (B, NH, NC, ...)
 
-    # 2. The states at the chunk borders. The scan emits the state before each chunk; the memory state
-    # goes out in the read-out's operand dtype, the only dtype it is used in there.
-    def border_step(carry, x):
-        c, n, m = carry
-        F_L, cbar_k, nbar_k, ml_k = x
-        border = (c.astype(operand_dtype), n.astype(acc), m.astype(acc))
-        c, n, m = combine_states(c.astype(acc), n.astype(acc), m.astype(acc), F_L, cbar_k, nbar_k, ml_k)
-        return (c.astype(state_dtype), n.astype(state_dtype), m.astype(state_dtype)), border
-
-    xs = tuple(jnp.moveaxis(x, 2, 0) for x in (F[..., -1], cbar, nbar, ml))
-    (c_last, n_last, m_last), borders = jax.lax.scan(border_step, (c0, n0, m0), xs, unroll=min(unroll, NC))
-    c_b, n_b, m_b = (jnp.moveaxis(x, 0, 2) for x in borders)  # (B, NH, NC, ...)
+    # 2. The states at the chunk borders.
+    (c_last, n_last, m_last), (c_b, n_b, m_b) = border_states(
+        F[..., -1], cbar, nbar, ml, c0, n0, m0, operand_dtype, unroll
+    )
 
     # 3. Every chunk's outputs from its border states.
     h = block_readout(q, k, v, F, i, c_b, n_b, m_b, eps, operand_dtype, valid)  # (B, NH, NC, L, DHV)
