@@ -1,0 +1,181 @@
+"""Generation: the peer's greedy tokens, agreement with one parallel pass, padding, sampling, stop tokens."""
+
+from __future__ import annotations
+
+import functools
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from tests.models.fixture import load, peer
+from tests.numerics import TOL, assert_close
+from xlstm_jax.generation import SamplingConfig, _step_jit, generate, pad_prompts, sample_logits, stream
+from xlstm_jax.models.xlstm_parallel.blocks.mlstm.backend import BACKENDS, create_mlstm_backend
+from xlstm_jax.models.xlstm_parallel.blocks.mlstm.layer import PAD_IGATE, STEP_FUNCTIONS, resolve_step_fn
+from xlstm_jax.models.xlstm_parallel.model import xLSTMLMModel
+
+SAMPLED = SamplingConfig(temperature=1.0, top_k=20, top_p=0.95)
+# Prompts from the peer prompt: lengths 21 and 4, so with chunks of 16 the short one's 17 padded positions
+# fill a whole chunk.
+PROMPTS = [peer()["prompt"][0].tolist(), peer()["prompt"][0, 5:9].tolist()]
+
+
+def test_greedy_matches_peer():
+    """The transformers model's greedy continuation, token for token, and the logits it chose from."""
+    config, params = load()
+    out = generate(config, params, peer()["prompt"], 24, stop_tokens=(), return_logits=True)
+    np.testing.assert_array_equal(np.asarray(out.tokens), peer()["greedy"])
+    np.testing.assert_array_equal(np.asarray(out.num_generated), [24])
+    assert_close("decode logits", peer()["greedy_logits"], out.logits, TOL["float32-model"])
+
+
+@functools.cache
+def _sampled():
+    config, params = load()
+    return generate(
+        config, params, PROMPTS, 8, sampling=SAMPLED, key=jax.random.key(7), stop_tokens=(), return_logits=True
+    )
+
+
+def test_generation_equals_one_parallel_pass():
+    """Logits seen while decoding (sampled, padded batch) equal one parallel pass over prompt + tokens."""
+    config, params = load(prefill_backend="parallel_stabilized", prefill_backend_kwargs=())
+    out = _sampled()
+    model = xLSTMLMModel(config)
+    for b, prompt in enumerate(PROMPTS):
+        seq = np.concatenate([prompt, np.asarray(out.tokens[b, :-1])])[None]
+        logits = jax.jit(lambda p, x: model.apply({"params": p}, x))(params, jnp.asarray(seq))
+        ref = np.asarray(logits[0, len(prompt) - 1 :], np.float64)
+        assert_close(f"row {b}", ref, out.logits[b], TOL["float32-model"])
+
+
+def test_padded_and_unpadded_prompts_agree():
+    """Each prompt alone (no padding) gives the tokens, logits and states it gets in the left-padded batch."""
+    config, params = load()
+    batch = generate(config, params, PROMPTS, 8, stop_tokens=(), return_logits=True)
+    for b, prompt in enumerate(PROMPTS):
+        alone = generate(config, params, [prompt], 8, stop_tokens=(), return_logits=True)
+        np.testing.assert_array_equal(np.asarray(alone.tokens[0]), np.asarray(batch.tokens[b]))
+        assert_close(f"logits {b}", np.asarray(alone.logits[0], np.float64), batch.logits[b], TOL["float32-model"])
+        for name, x, y in zip("cnm", alone.states, batch.states, strict=True):
+            assert_close(f"state {name} {b}", np.asarray(x[:, 0], np.float64), y[:, b], TOL["float32-model"])
+
+
+def _forms():
+    """Every prefill backend (the Pallas one in interpret mode) and every decode step, as sequence callables."""
+    forms = {}
+    for name in BACKENDS:
+        kwargs = {
+            "recurrent": {"use_scan": True},
+            "chunkwise": {"chunk_size": 8},
+            "recurrent_pallas": {"interpret": True},
+        }
+        backend = create_mlstm_backend(name, state_dtype="float32", **kwargs.get(name, {}))
+        forms[name] = functools.partial(backend, return_last_states=True)
+    for name in STEP_FUNCTIONS:
+        step = resolve_step_fn(name)
+        if name == "recurrent_pallas":
+            step = functools.partial(step, interpret=True)
+
+        def run(q, k, v, i, f, c, n, m, step=step):
+            (c, n, m), h = jax.lax.scan(
+                lambda s, x: (lambda h, s2: (s2, h))(*step(*s, *x, eps=1e-6)),
+                (c, n, m[..., None]),
+                tuple(jnp.moveaxis(t, 2, 0) for t in (q, k, v, i[..., None], f[..., None])),
+            )
+            return h, (c, n, m[..., 0])
+
+        forms[f"step {name}"] = run
+    return forms
+
+
+@pytest.mark.parametrize("form", sorted(_forms()))
+def test_padding_steps_are_exact_no_ops(form):
+    """A sequence of padding steps (i = PAD_IGATE, f = +inf) returns the initial states bit for bit, no NaN."""
+    rng = np.random.default_rng(3)
+    B, NH, S, DHQK, DHV = 2, 2, 19, 16, 32  # S: two whole chunks of 8 and a rest; Pallas needs dims >= 16
+    q, k = (jnp.asarray(rng.standard_normal((B, NH, S, DHQK)), jnp.float32) for _ in range(2))
+    v = jnp.asarray(rng.standard_normal((B, NH, S, DHV)), jnp.float32)
+    i = jnp.full((B, NH, S), PAD_IGATE, jnp.float32)
+    f = jnp.full((B, NH, S), jnp.inf, jnp.float32)
+    c0 = jnp.asarray(rng.standard_normal((B, NH, DHQK, DHV)), jnp.float32)
+    n0 = jnp.asarray(rng.standard_normal((B, NH, DHQK)), jnp.float32)
+    m0 = jnp.asarray(rng.uniform(-20.0, 15.0, (B, NH)), jnp.float32)
+    h, states = _forms()[form](q, k, v, i, f, c0, n0, m0)
+    assert np.all(np.isfinite(np.asarray(h)))
+    for name, x, x0 in zip("cnm", states, (c0, n0, m0), strict=True):
+        np.testing.assert_array_equal(np.asarray(x), np.asarray(x0), err_msg=f"{form}: state {name}")
+
+
+def test_sampling_is_reproducible_and_stream_matches():
+    config, params = load()
+    again = generate(config, params, PROMPTS, 8, sampling=SAMPLED, key=jax.random.key(7), stop_tokens=())
+    np.testing.assert_array_equal(np.asarray(again.tokens), np.asarray(_sampled().tokens))
+    compiled = _step_jit._cache_size()
+    streamed = list(stream(config, params, PROMPTS, 8, sampling=SAMPLED, key=jax.random.key(7), stop_tokens=()))
+    np.testing.assert_array_equal(np.stack(streamed, axis=1), np.asarray(_sampled().tokens))
+    assert _step_jit._cache_size() <= compiled + 1  # one compiled step for all 8 tokens
+    compiled = _step_jit._cache_size()
+    list(stream(config, params, PROMPTS, 8, sampling=SAMPLED, key=jax.random.key(9), stop_tokens=()))
+    assert _step_jit._cache_size() == compiled  # and none for a new run of the same shapes
+    other = generate(config, params, PROMPTS, 8, sampling=SAMPLED, key=jax.random.key(8), stop_tokens=())
+    assert not np.array_equal(np.asarray(other.tokens), np.asarray(_sampled().tokens))
+
+
+def test_sample_logits_filters():
+    """top_k and top_p restrict the support exactly; top_k=1 and a tiny top_p are greedy."""
+    logits = jnp.log(jnp.asarray([[0.05, 0.4, 0.1, 0.3, 0.15]], jnp.float32))
+    keys = jax.random.split(jax.random.key(0), 400)
+
+    def support(sampling):
+        draws = jax.vmap(lambda key: sample_logits(logits, key, sampling))(keys)
+        return set(np.unique(np.asarray(draws)).tolist())
+
+    assert support(SamplingConfig(temperature=1.0)) == {0, 1, 2, 3, 4}
+    assert support(SamplingConfig(temperature=1.0, top_k=2)) == {1, 3}
+    assert support(SamplingConfig(temperature=1.0, top_k=1)) == {1}
+    # Sorted: 0.4, 0.3, 0.15, 0.1, 0.05; mass before each: 0, 0.4, 0.7, 0.85, 0.95.
+    assert support(SamplingConfig(temperature=1.0, top_p=0.5)) == {1, 3}
+    assert support(SamplingConfig(temperature=1.0, top_p=0.72)) == {1, 3, 4}
+    assert support(SamplingConfig(temperature=1.0, top_p=1e-6)) == {1}
+    assert support(SamplingConfig(temperature=1.0, top_k=3, top_p=0.5)) == {1, 3}
+    assert int(sample_logits(logits, keys[0], SamplingConfig())[0]) == 1
+
+
+def test_stop_tokens():
+    """A sequence ends at its first stop token (kept); later positions are padding; others go on."""
+    config, params = load()
+    greedy = peer()["greedy"][0]
+    stop = int(greedy[2])
+    first = int(np.argmax(greedy == stop))
+    prompts = [peer()["prompt"][0].tolist(), PROMPTS[1]]
+    out = generate(config, params, prompts, 24, stop_tokens=(stop,), pad_token_id=0)
+    tokens, count = np.asarray(out.tokens), np.asarray(out.num_generated)
+    assert count[0] == first + 1
+    np.testing.assert_array_equal(tokens[0, : first + 1], greedy[: first + 1])
+    np.testing.assert_array_equal(tokens[0, first + 1 :], 0)
+    assert stop not in tokens[1, : count[1] - 1] and (count[1] == 24 or tokens[1, count[1] - 1] == stop)
+    streamed = np.stack(list(stream(config, params, [prompts[0]], 24, stop_tokens=(stop,))), axis=1)
+    np.testing.assert_array_equal(streamed[0], greedy[: first + 1])
+
+
+def test_pad_prompts_and_errors():
+    ids, valid = pad_prompts([[5, 6, 7], [8]], pad_token_id=1, multiple_of=4)
+    np.testing.assert_array_equal(ids, [[1, 5, 6, 7], [1, 1, 1, 8]])
+    np.testing.assert_array_equal(valid, [[False, True, True, True], [False, False, False, True]])
+    config, params = load()
+    with pytest.raises(ValueError, match="non-empty"):
+        generate(config, params, [[1, 2], []], 4)
+    with pytest.raises(ValueError, match="PRNG key"):
+        generate(config, params, [[1, 2]], 4, sampling=SamplingConfig(temperature=0.5))
+    with pytest.raises(ValueError, match="max_new_tokens"):
+        generate(config, params, [[1, 2]], 0)
+    with pytest.raises(ValueError, match="prompt token ids"):
+        generate(config, params, [[1, 99]], 4)
+    with pytest.raises(ValueError, match="stop_tokens"):
+        generate(config, params, [[1, 2]], 4, stop_tokens=(100,))
+    for bad in ({"temperature": -1.0}, {"top_k": -2}, {"top_p": 0.0}, {"top_p": 1.5}):
+        with pytest.raises(ValueError):
+            SamplingConfig(**bad)
