@@ -48,18 +48,23 @@ def _sequence_kernel(
     S: int,
     has_initial: bool,
     return_last_states: bool,
+    transpose_state: bool,
 ):
     f32 = jnp.float32
     if has_initial:
         c0_ref, n0_ref, m0_ref, *refs = refs
     h_ref, *last_refs = refs
     DHQK, BV = q_ref.shape[1], h_ref.shape[1]
-    sqrt_dhqk = math.sqrt(DHQK)
+    # 1/sqrt(DHQK) is a power of two for DHQK = 16, 64, 256, so q * scale is then exactly q / sqrt(DHQK).
+    scale = 1.0 / math.sqrt(DHQK)
+    # With transpose_state, c lives on chip as cᵀ (BV, DHQK): the read-out then reduces along DHQK, the
+    # axis that Triton spreads over the lanes of one warp, with shuffles instead of a block-wide barrier.
+    tile = (lambda x: x.T) if transpose_state else (lambda x: x)
 
     if has_initial:
-        state = (c0_ref[...].astype(f32), n0_ref[...].astype(f32), m0_ref[0].astype(f32))
+        state = (tile(c0_ref[...].astype(f32)), n0_ref[...].astype(f32), m0_ref[0].astype(f32))
     else:
-        state = (jnp.zeros((DHQK, BV), f32), jnp.zeros((DHQK,), f32), jnp.zeros((), f32))
+        state = (tile(jnp.zeros((DHQK, BV), f32)), jnp.zeros((DHQK,), f32), jnp.zeros((), f32))
 
     def load(t):
         return q_ref[t, :], k_ref[t, :], v_ref[t, :], i_ref[t], f_ref[t]
@@ -69,10 +74,14 @@ def _sequence_kernel(
         x_next = load(jnp.minimum(t + 1, S - 1))  # prefetch: in flight while step t computes
         q, k, v, i, f = (a.astype(f32) for a in x)
         m, f_act, i_act = step_gates(m, i, f)
-        c = f_act * c + (i_act * k)[:, None] * v[None, :]
+        q_hat = q * scale
+        if transpose_state:
+            c = f_act * c + v[:, None] * (i_act * k)[None, :]
+            num = jnp.sum(c * q_hat[None, :], axis=1)  # (BV,)
+        else:
+            c = f_act * c + (i_act * k)[:, None] * v[None, :]
+            num = jnp.sum(q_hat[:, None] * c, axis=0)  # (BV,)
         n = f_act * n + i_act * k
-        q_hat = q / sqrt_dhqk
-        num = jnp.sum(q_hat[:, None] * c, axis=0)  # (BV,)
         qn = jnp.sum(q_hat * n)
         h_ref[t, :] = normalize_readout(num, qn, m, eps).astype(h_ref.dtype)
         return c, n, m, x_next
@@ -81,7 +90,7 @@ def _sequence_kernel(
 
     if return_last_states:
         c_last_ref, n_last_ref, m_last_ref = last_refs
-        c_last_ref[...] = c
+        c_last_ref[...] = tile(c)
 
         @pl.when(pl.program_id(1) == 0)
         def _():
@@ -132,7 +141,12 @@ def _sequence_call(
         ]
         out_specs += [tile, rows, head]
     kernel = functools.partial(
-        _sequence_kernel, eps=eps, S=S, has_initial=has_initial, return_last_states=return_last_states
+        _sequence_kernel,
+        eps=eps,
+        S=S,
+        has_initial=has_initial,
+        return_last_states=return_last_states,
+        transpose_state=config.transpose_state,
     )
     return pl.pallas_call(
         kernel,

@@ -1,0 +1,126 @@
+"""The fused sequence kernel and the ``recurrent_pallas`` backend against the float64 reference.
+
+Pallas interpret mode on CPU, compiled on a GPU (``tests.kernels.INTERPRET``). Forward and gradient checks
+are the shared ones of the sequence forms (``tests/mlstm/form_checks.py``).
+"""
+
+from __future__ import annotations
+
+import functools
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from tests.kernels import INTERPRET, ON_GPU
+from tests.mlstm.form_checks import check_forward, check_gradients, random_inputs
+from tests.numerics import TOL, assert_close
+from tests.reference import recurrent_ref
+from xlstm_jax.kernels import SequenceKernelConfig, recurrent_sequence_pallas
+from xlstm_jax.mlstm.recurrent import recurrent_sequence_fw
+from xlstm_jax.models.xlstm_parallel.blocks.mlstm.backend import BACKENDS, create_mlstm_backend
+from xlstm_jax.models.xlstm_parallel.blocks.mlstm.backend.recurrent_pallas import (
+    mLSTMBackendRecurrentPallas,
+    mLSTMBackendRecurrentPallasConfig,
+)
+
+NARROW = SequenceKernelConfig(block_dhv=16, num_warps=1)  # four programs across DHV=64
+
+
+def _form(config=None):
+    return functools.partial(recurrent_sequence_pallas, config=config, interpret=INTERPRET)
+
+
+# (B, NH, S, DHQK, DHV, config, input kwargs): S = 1, odd S, DHQK != DHV both ways, several DHV blocks,
+# initial states or not, extreme input gates and strongly forgetting or remembering forget gates.
+FORWARD_CASES = {
+    "S1": (1, 1, 1, 16, 16, None, {}),
+    "odd-S-states": (2, 3, 7, 32, 16, None, {"states": True}),
+    "dhv-blocks-extreme": (1, 2, 13, 16, 64, NARROW, {"igate": "extreme"}),
+    "closed-states": (2, 1, 5, 64, 32, NARROW, {"states": True, "fgate": "closed", "igate": "extreme"}),
+    "open": (1, 1, 9, 16, 32, None, {"fgate": "open"}),
+}
+
+
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+@pytest.mark.parametrize("case", list(FORWARD_CASES), ids=list(FORWARD_CASES))
+def test_sequence_matches_reference(case, dtype):
+    B, NH, S, DHQK, DHV, config, kwargs = FORWARD_CASES[case]
+    x = random_inputs(B * 1000 + S * 10 + NH, B, NH, S, DHQK, DHV, **kwargs)
+    check_forward(_form(config), x, dtype)
+
+
+@pytest.mark.parametrize(
+    ("shape", "states"), [((1, 1, 4, 16, 16), True), ((1, 2, 3, 16, 32), False)], ids=["states", "no-states"]
+)
+def test_sequence_gradients(shape, states):
+    """The custom_vjp (backward recomputed with the XLA form) against central differences in float64."""
+    x = random_inputs(5, *shape, states=states)
+    check_gradients(_form(NARROW), x, "float32")
+
+
+def test_sequence_h_only_and_bf16_initial_states():
+    """Without ``return_last_states`` only h comes back; last states keep the initial states' dtypes."""
+    B, NH, S, DHQK, DHV = 1, 2, 6, 16, 16
+    x = random_inputs(11, B, NH, S, DHQK, DHV, states=True)
+    args = [jnp.asarray(x[name], jnp.float32) for name in ("q", "k", "v", "i", "f")]
+    states = [jnp.asarray(x[name], jnp.bfloat16) for name in ("c0", "n0", "m0")]
+    h = recurrent_sequence_pallas(*args, *states, interpret=INTERPRET)
+    h2, last = recurrent_sequence_pallas(*args, *states, return_last_states=True, interpret=INTERPRET)
+    assert all(s.dtype == jnp.bfloat16 for s in last)
+    np.testing.assert_array_equal(h, h2)
+    names = ("c0", "n0", "m0")
+    rounded = {name: np.asarray(s.astype(jnp.float32), np.float64) for name, s in zip(names, states, strict=True)}
+    h_ref, _, scale = recurrent_ref(*(x[name] for name in ("q", "k", "v", "i", "f")), **rounded)
+    assert_close("h", h_ref, h, TOL["float32"], scale=scale)
+
+
+def test_sequence_input_errors():
+    x = random_inputs(0, 1, 1, 3, 16, 16)
+    args = [jnp.asarray(x[name], jnp.float32) for name in ("q", "k", "v", "i", "f")]
+    with pytest.raises(ValueError, match="float32"):
+        recurrent_sequence_pallas(*args, state_dtype="bfloat16", interpret=INTERPRET)
+    with pytest.raises(ValueError, match="DHV=1024"):
+        recurrent_sequence_pallas(*args[:2], jnp.ones((1, 1, 3, 1024)), *args[3:], interpret=INTERPRET)
+    with pytest.raises(ValueError, match="given all together"):
+        recurrent_sequence_pallas(*args, c_initial=jnp.ones((1, 1, 16, 16)), interpret=INTERPRET)
+    with pytest.raises(TypeError, match="SequenceKernelConfig"):
+        recurrent_sequence_pallas(*args, config=(16, 1), interpret=INTERPRET)
+    with pytest.raises(ValueError, match="block_dhv"):
+        SequenceKernelConfig(block_dhv=12)
+
+
+def test_backend_registered_and_matches_the_function():
+    assert BACKENDS["recurrent_pallas"] is mLSTMBackendRecurrentPallas
+    x = random_inputs(4, 1, 2, 5, 16, 32, states=True)
+    args = [jnp.asarray(x[name], jnp.float32) for name in ("q", "k", "v", "i", "f", "c0", "n0", "m0")]
+    backend = create_mlstm_backend("recurrent_pallas", interpret=INTERPRET, kernel_config=NARROW, eps=1e-5)
+    h, states = backend.apply({}, *args, return_last_states=True)
+    h_fn, states_fn = recurrent_sequence_pallas(
+        *args, return_last_states=True, eps=1e-5, config=NARROW, interpret=INTERPRET
+    )
+    np.testing.assert_array_equal(h, h_fn)
+    for s, s_fn in zip(states, states_fn, strict=True):
+        np.testing.assert_array_equal(s, s_fn)
+    config = mLSTMBackendRecurrentPallasConfig()
+    assert (config.context_length, config.eps, config.state_dtype, config.kernel_config) == (-1, 1e-6, None, None)
+    config.assign_model_config_params(type("ModelConfig", (), {"context_length": 256})())
+    assert config.context_length == 256
+    with pytest.raises(ValueError, match="float32"):
+        mLSTMBackendRecurrentPallasConfig(state_dtype="bfloat16")
+    with pytest.raises(TypeError, match="SequenceKernelConfig"):
+        mLSTMBackendRecurrentPallasConfig(kernel_config={"block_dhv": 16})
+
+
+@pytest.mark.skipif(ON_GPU, reason="checks the behaviour without a GPU")
+def test_sequence_without_gpu_falls_back_or_raises():
+    x = random_inputs(9, 1, 2, 4, 16, 16, states=True)
+    args = [jnp.asarray(x[name], jnp.bfloat16) for name in ("q", "k", "v", "i", "f")]
+    states = [jnp.asarray(x[name], jnp.float32) for name in ("c0", "n0", "m0")]
+    out = recurrent_sequence_pallas(*args, *states, return_last_states=True)  # interpret=None: the XLA form
+    expected = recurrent_sequence_fw(*args, *states, return_last_states=True, state_dtype="float32", use_scan=True)
+    for a, b in zip(jax.tree.leaves(out), jax.tree.leaves(expected), strict=True):
+        np.testing.assert_array_equal(a, b)
+    with pytest.raises(RuntimeError, match="needs a GPU"):
+        recurrent_sequence_pallas(*args, interpret=False)

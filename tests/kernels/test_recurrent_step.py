@@ -1,0 +1,133 @@
+"""The fused decode-step kernel against the float64 reference (interpret mode on CPU, compiled on a GPU)."""
+
+from __future__ import annotations
+
+import functools
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from tests.kernels import INTERPRET, ON_GPU
+from tests.numerics import TOL, assert_close, make_inputs
+from tests.reference import recurrent_ref
+from xlstm_jax.kernels import StepKernelConfig, recurrent_step_pallas
+from xlstm_jax.mlstm.recurrent import recurrent_sequence_fw, recurrent_step_fw
+
+_TOL_KEY = {"float32": "float32", "bfloat16": "bfloat16/float32"}
+
+# (B, NH, DHQK, DHV, config): one DHQK split walking two row chunks; four DHQK splits (partial numerators
+# combined after the kernel); the default config, whose automatic split picks four splits for B·NH = 6.
+CASES = [
+    (1, 2, 32, 16, StepKernelConfig(block_dhv=16, block_dhqk=16, dhqk_splits=1)),
+    (3, 1, 64, 32, StepKernelConfig(block_dhv=16, block_dhqk=16, dhqk_splits=4)),
+    (2, 3, 64, 16, None),
+]
+
+
+def _step_inputs(seed, B, NH, DHQK, DHV, dtype, igate="wide"):
+    """Random step inputs in ``dtype`` (states float32) and the same values, rounded, in float64."""
+    x = make_inputs(np.random.default_rng(seed), B, NH, 1, DHQK, DHV, states=True, igate=igate)
+    args = {
+        "c": jnp.asarray(x["c0"], jnp.float32),
+        "n": jnp.asarray(x["n0"], jnp.float32),
+        "m": jnp.asarray(x["m0"][..., None], jnp.float32),
+        **{name: jnp.asarray(x[name][:, :, 0], dtype) for name in ("q", "k", "v")},
+        **{name: jnp.asarray(x[name][:, :, :1], dtype) for name in ("i", "f")},
+    }
+    rounded = {name: np.asarray(a.astype(jnp.float32), np.float64) for name, a in args.items()}
+    return args, rounded
+
+
+def _reference(r):
+    h, (c, n, m), scale = recurrent_ref(
+        r["q"][:, :, None], r["k"][:, :, None], r["v"][:, :, None], r["i"], r["f"], r["c"], r["n"], r["m"][..., 0]
+    )
+    return h[:, :, 0], (c, n, m[..., None]), scale[:, :, 0]
+
+
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+@pytest.mark.parametrize("case", CASES, ids=["unsplit", "split4", "auto-split"])
+def test_step_matches_reference(case, dtype):
+    B, NH, DHQK, DHV, config = case
+    args, rounded = _step_inputs(B * 100 + DHQK, B, NH, DHQK, DHV, jnp.dtype(dtype))
+    step = jax.jit(functools.partial(recurrent_step_pallas, config=config, interpret=INTERPRET))
+    h, states = step(**args)
+    h_ref, states_ref, scale = _reference(rounded)
+    tol = TOL[_TOL_KEY[dtype]]
+    assert h.dtype == jnp.dtype(dtype)
+    assert all(s.dtype == jnp.float32 for s in states)
+    assert_close("h", h_ref, h, tol, scale=scale)
+    for name, ref, out in zip("cnm", states_ref, states, strict=True):
+        assert_close(name, ref, out, tol)
+
+
+@pytest.mark.parametrize("case", CASES[:2], ids=["unsplit", "split4"])
+def test_step_extreme_gates(case):
+    B, NH, DHQK, DHV, config = case
+    args, rounded = _step_inputs(7, B, NH, DHQK, DHV, jnp.float32, igate="extreme")
+    args["f"] = args["f"].at[0].set(-30.0)  # forget almost everything on one batch element
+    rounded["f"] = np.asarray(args["f"], np.float64)
+    h, states = recurrent_step_pallas(**args, config=config, interpret=INTERPRET)
+    h_ref, states_ref, scale = _reference(rounded)
+    assert_close("h", h_ref, h, TOL["float32"], scale=scale)
+    for name, ref, out in zip("cnm", states_ref, states, strict=True):
+        assert_close(name, ref, out, TOL["float32"])
+
+
+def test_step_as_mlstm_step_fn_in_a_sequence():
+    """The kernel plugged into ``recurrent_sequence_fw`` over an odd number of steps, with initial states."""
+    B, NH, S, DHQK, DHV = 2, 1, 3, 32, 16
+    x = make_inputs(np.random.default_rng(3), B, NH, S, DHQK, DHV, states=True)
+    step = functools.partial(recurrent_step_pallas, config=CASES[1][4], interpret=INTERPRET)
+    args = [jnp.asarray(x[name], jnp.float32) for name in ("q", "k", "v", "i", "f", "c0", "n0", "m0")]
+    h, states = jax.jit(
+        lambda *a: recurrent_sequence_fw(*a, return_last_states=True, use_scan=True, mlstm_step_fn=step)
+    )(*args)
+    h_ref, states_ref, scale = recurrent_ref(*(x[name] for name in ("q", "k", "v", "i", "f", "c0", "n0", "m0")))
+    assert_close("h", h_ref, h, TOL["float32"], scale=scale)
+    for name, ref, out in zip("cnm", states_ref, states, strict=True):
+        assert_close(name, ref, out, TOL["float32"])
+
+
+def test_step_aliases_c_in_place():
+    args, _ = _step_inputs(1, 1, 2, 32, 16, jnp.float32)
+    jaxpr = jax.make_jaxpr(functools.partial(recurrent_step_pallas, interpret=INTERPRET))(**args)
+    calls = [e for e in jaxpr.jaxpr.eqns if e.primitive.name == "pallas_call"]
+    assert len(calls) == 1
+    assert tuple(calls[0].params["input_output_aliases"]) == ((0, 0),)
+
+
+@pytest.mark.parametrize(("DHQK", "DHV"), [(48, 16), (16, 1024), (8, 16)])
+def test_step_rejects_unsupported_head_dims(DHQK, DHV):
+    args, _ = _step_inputs(0, 1, 1, 16, 16, jnp.float32)
+    args.update(
+        c=jnp.ones((1, 1, DHQK, DHV)), n=jnp.ones((1, 1, DHQK)), q=jnp.ones((1, 1, DHQK)), k=jnp.ones((1, 1, DHQK)),
+        v=jnp.ones((1, 1, DHV)),
+    )  # fmt: skip
+    with pytest.raises(ValueError, match=f"DHQK={DHQK}, DHV={DHV}"):
+        recurrent_step_pallas(**args, interpret=INTERPRET)
+
+
+def test_step_rejects_non_float32_state_and_bad_config():
+    args, _ = _step_inputs(0, 1, 1, 16, 16, jnp.float32)
+    bf16_states = {**args, **{name: args[name].astype(jnp.bfloat16) for name in ("c", "n", "m")}}
+    with pytest.raises(TypeError, match="float32"):
+        recurrent_step_pallas(**bf16_states, interpret=INTERPRET)
+    with pytest.raises(TypeError, match="StepKernelConfig"):
+        recurrent_step_pallas(**args, config={"block_dhv": 16}, interpret=INTERPRET)
+    with pytest.raises(ValueError, match="block_dhv"):
+        StepKernelConfig(block_dhv=24)
+
+
+@pytest.mark.skipif(ON_GPU, reason="checks the behaviour without a GPU")
+def test_step_without_gpu_falls_back_or_raises():
+    args, _ = _step_inputs(2, 2, 1, 16, 32, jnp.float32)
+    h, states = recurrent_step_pallas(**args)  # interpret=None: the XLA step
+    h_xla, states_xla = recurrent_step_fw(**args)
+    np.testing.assert_array_equal(h, h_xla)
+    for s, s_xla in zip(states, states_xla, strict=True):
+        np.testing.assert_array_equal(s, s_xla)
+    with pytest.raises(RuntimeError, match="needs a GPU"):
+        recurrent_step_pallas(**args, interpret=False)
