@@ -47,12 +47,6 @@ TOL: dict[str, Tol] = {
         "so a difference quotient is off by ~1e-14 / (2 delta) = 5e-9 of that size; the truncation error "
         "delta^2 * f''' / 6 ~ 1e-12 stays below it for the moderate gates of these tests. 1e-8 is twice the bound.",
     ),
-    "float64-fd": Tol(
-        1e-6,
-        "float64 gradients against central differences (delta 1e-6) of the float64 reference: the quotient "
-        "carries rounding error ~u*|loss|/delta ~ 1e-10 and truncation ~delta^2 * (third derivative) ~ 1e-12 "
-        "relative on these O(1)-scaled tiny problems; 1e-6 leaves a margin of 100 over both.",
-    ),
     "float32-grad": Tol(
         1e-2,
         "float32 gradients against float64 central differences: the backward divides by the normaliser "

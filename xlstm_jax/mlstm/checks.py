@@ -163,7 +163,9 @@ def check_step_inputs(c: Any, n: Any, m: Any, q: Any, k: Any, v: Any, i: Any, f:
     _check_shape("k", k, (B, NH, DHQK), "(B, NH, DHQK)")
     _check_float("v", v)
     if v.ndim != 3 or tuple(v.shape[:2]) != (B, NH):
-        raise ValueError(f"v.shape={tuple(v.shape)} must be (B, NH, DHV) with (B, NH)={(B, NH)} from q.shape={tuple(q.shape)}")
+        raise ValueError(
+            f"v.shape={tuple(v.shape)} must be (B, NH, DHV) with (B, NH)={(B, NH)} from q.shape={tuple(q.shape)}"
+        )
     DHV = v.shape[2]
     _check_shape("c", c, (B, NH, DHQK, DHV), "(B, NH, DHQK, DHV)")
     _check_shape("n", n, (B, NH, DHQK), "(B, NH, DHQK)")

@@ -1,0 +1,158 @@
+"""The main job: check every mLSTM backend against the recurrent form and time it.
+
+``python -m xlstm_jax`` (or ``xlstm-jax``) runs every registered backend on a default workload
+(B=2, NH=4, S=256, DHQK=64, DHV=128, float32), plus the recurrent form step by step (the decode path),
+compares each one's h and last states with the recurrent form (``use_scan=True``), and prints a table
+of errors and times per call. It exits with status 1 if any form disagrees.
+
+``xlstm-jax generate MODEL_DIR ...`` generates text with an xLSTM language model (see
+``xlstm_jax.generation_cli``).
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import sys
+import time
+from collections.abc import Callable, Sequence
+from functools import partial
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from xlstm_jax.mlstm.recurrent import recurrent_step_fw
+from xlstm_jax.models.xlstm_parallel.blocks.mlstm.backend import BACKENDS, create_mlstm_backend
+
+# Forms agree when their float64 results satisfy max |x - ref| / max |ref| <= AGREEMENT_F64. Float64 unit
+# roundoff (1.1e-16) times ~1e3 accumulated roundings, amplified up to 1e5 at positions where |q̂·n| nearly
+# cancels, stays below 1e-8; wrong math is off by O(1).
+AGREEMENT_F64 = 1e-6
+
+
+def _enable_x64():
+    """A context in which JAX computes in float64 (``jax.enable_x64`` from jax 0.8 on)."""
+    return jax.enable_x64(True)
+
+
+def _time_call(fn: Callable[[], object], repeats: int) -> float:
+    """Median wall time of ``fn()`` in seconds, after one warm-up call (compilation)."""
+    jax.block_until_ready(fn())
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        jax.block_until_ready(fn())
+        times.append(time.perf_counter() - start)
+    return float(np.median(times))
+
+
+def _stepwise(q, k, v, i, f):
+    """The decode path: one jitted ``recurrent_step_fw`` call per time step, states carried by the caller."""
+    B, NH, S, DHQK = q.shape
+    step = jax.jit(recurrent_step_fw)
+    c = jnp.zeros((B, NH, DHQK, v.shape[-1]), q.dtype)
+    n = jnp.zeros((B, NH, DHQK), q.dtype)
+    m = jnp.zeros((B, NH, 1), q.dtype)
+    hs = []
+    for t in range(S):
+        h, (c, n, m) = step(c, n, m, q[:, :, t], k[:, :, t], v[:, :, t], i[:, :, t, None], f[:, :, t, None])
+        hs.append(h)
+    return jnp.stack(hs, axis=2), (c, n, m[..., 0])
+
+
+def _forms(q, k, v, i, f) -> dict[str, Callable[[], object]]:
+    """Every registered backend with its default config as a call on (q, k, v, i, f), jitted.
+
+    The recurrent backend runs in both loop forms. Its unrolled Python loop (``use_scan=False``) runs
+    eagerly, one dispatch per operation: XLA's compile time grows faster than linearly in the number of
+    unrolled steps (about 10 s at S=32 and minutes at S=256 on a CPU), which is why ``use_scan`` exists.
+    """
+    forms = {}
+    for name in BACKENDS:
+        configs = [("recurrent (use_scan=True)", {"use_scan": True}), ("recurrent (use_scan=False, eager)", {})]
+        for label, kwargs in configs if name == "recurrent" else [(name, {})]:
+            call = create_mlstm_backend(name, **kwargs)
+            call = partial(call, return_last_states=True)
+            if "eager" not in label:
+                call = jax.jit(call)
+            forms[label] = partial(call, q, k, v, i, f)
+    forms["recurrent step by step (decode)"] = partial(_stepwise, q, k, v, i, f)
+    return forms
+
+
+def _inputs(shape: tuple[int, int, int, int, int], seed: int, dtype) -> tuple[jax.Array, ...]:
+    """Random q, k, v (normal), input gates (uniform in [-10, 10]) and forget gates (normal around +3)."""
+    B, NH, S, DHQK, DHV = shape
+    keys = jax.random.split(jax.random.key(seed), 5)
+    return (
+        jax.random.normal(keys[0], (B, NH, S, DHQK), dtype),
+        jax.random.normal(keys[1], (B, NH, S, DHQK), dtype),
+        jax.random.normal(keys[2], (B, NH, S, DHV), dtype),
+        jax.random.uniform(keys[3], (B, NH, S), dtype, minval=-10.0, maxval=10.0),
+        jax.random.normal(keys[4], (B, NH, S), dtype) + 3.0,
+    )
+
+
+def _max_rel(x: jax.Array, ref: jax.Array) -> float:
+    return float(jnp.max(jnp.abs(x - ref)) / jnp.max(jnp.abs(ref)))
+
+
+def _errors(runs: dict[str, Callable[[], object]], ref_name: str) -> dict[str, tuple[float, float]]:
+    """Each form's max error in h and in the last states against the reference form."""
+    h_ref, states_ref = runs[ref_name]()
+    errors = {}
+    for name, run in runs.items():
+        h, states = run()
+        errors[name] = (_max_rel(h, h_ref), max(_max_rel(a, b) for a, b in zip(states, states_ref, strict=True)))
+    return errors
+
+
+def check_backends(B: int, NH: int, S: int, DHQK: int, DHV: int, seed: int, repeats: int) -> bool:
+    """Runs the check and prints the table; returns whether every form agrees with the reference.
+
+    Agreement is decided in float64, where a form with wrong math is off by O(1) and correct forms agree to
+    far below ``AGREEMENT_F64`` even at positions where |q̂·n| nearly cancels. The float32 errors are shown
+    for information: there, h at such positions is ill-conditioned and the forms differ by rounding.
+    """
+    shape = (B, NH, S, DHQK, DHV)
+    ref_name = "recurrent (use_scan=True)"
+    with _enable_x64():
+        err64 = _errors(_forms(*_inputs(shape, seed, jnp.float64)), ref_name)
+    runs = _forms(*_inputs(shape, seed, jnp.float32))
+    err32 = _errors(runs, ref_name)
+
+    print(f"mLSTM forms on B={B} NH={NH} S={S} DHQK={DHQK} DHV={DHV}, timed in float32 on {jax.devices()[0].platform}")
+    print(f"errors: max|x - ref| / max|ref| against {ref_name}; forms agree if the float64 errors <= {AGREEMENT_F64:g}")
+    print(f"{'form':34s} {'f64 err h':>9s} {'f64 err c,n,m':>13s} {'f32 err h':>9s} {'ms/call f32':>11s}  agrees")
+    ok = True
+    for name, run in runs.items():
+        agrees = max(err64[name]) <= AGREEMENT_F64
+        ok &= agrees
+        ms = _time_call(run, repeats) * 1e3
+        print(f"{name:34s} {err64[name][0]:9.1e} {err64[name][1]:13.1e} {err32[name][0]:9.1e} {ms:11.2f}  "
+              f"{'yes' if agrees else 'NO'}")
+    return ok
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if argv[:1] == ["generate"]:
+        return importlib.import_module("xlstm_jax.generation_cli").main(argv[1:])
+    parser = argparse.ArgumentParser(prog="xlstm-jax", description=__doc__.split("\n\n")[0])
+    parser.add_argument("--B", type=int, default=2)
+    parser.add_argument("--NH", type=int, default=4)
+    parser.add_argument("--S", type=int, default=256)
+    parser.add_argument("--DHQK", type=int, default=64)
+    parser.add_argument("--DHV", type=int, default=128)
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--repeats", type=int, default=5)
+    args = parser.parse_args(argv)
+    ok = check_backends(args.B, args.NH, args.S, args.DHQK, args.DHV, args.seed, args.repeats)
+    if not ok:
+        print("FAILED: some forms disagree with the recurrent form", file=sys.stderr)
+    return 0 if ok else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
