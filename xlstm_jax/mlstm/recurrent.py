@@ -158,7 +158,7 @@ def recurrent_sequence_fw(
     carry = (c, n, m[..., None])
     xs = (queries, keys, values, i, f)
     if use_scan and dims.S > 1:
-        carry, h = jax.lax.scan(step, carry, tuple(jnp.moveaxis(x, 2, 0) for x in xs))
+        carry, h = _checkpointed_scan(step, carry, tuple(jnp.moveaxis(x, 2, 0) for x in xs), dims.S)
         h = jnp.moveaxis(h, 0, 2)
     else:
         hs = []
@@ -170,3 +170,23 @@ def recurrent_sequence_fw(
         return h
     c, n, m = carry
     return h, cast_states((c, n, m[..., 0]), out_dtypes)
+
+
+def _checkpointed_scan(step, carry, xs, S: int):
+    """``jax.lax.scan(step, carry, xs)`` over S steps whose reverse mode keeps O(S/K + K) states, K ~ sqrt(S).
+
+    A plain scan saves every step's (DHQK, DHV) state for the backward pass: O(S) states. Here the steps
+    are grouped into chunks of K; the outer scan saves only the carry at chunk borders, and the backward
+    pass of each chunk recomputes its K steps (``jax.checkpoint``), one extra forward pass in all. The
+    S mod K remaining steps run as one more checkpointed chunk. The forward result is unchanged.
+    """
+    K = max(1, math.isqrt(S - 1) + 1)  # ceil(sqrt(S))
+    n_chunks, tail = divmod(S, K)
+    chunk = jax.checkpoint(lambda carry, xs_chunk: jax.lax.scan(step, carry, xs_chunk))
+    head = tuple(x[: n_chunks * K].reshape(n_chunks, K, *x.shape[1:]) for x in xs)
+    carry, h = jax.lax.scan(chunk, carry, head)
+    h = h.reshape(n_chunks * K, *h.shape[2:])
+    if tail:
+        carry, h_tail = chunk(carry, tuple(x[n_chunks * K :] for x in xs))
+        h = jnp.concatenate([h, h_tail], axis=0)
+    return carry, h
