@@ -26,6 +26,8 @@ from xlstm_jax.models.xlstm_parallel.blocks.mlstm.backend.recurrent_pallas impor
 )
 
 NARROW = SequenceKernelConfig(block_dhv=16, num_warps=1)  # four programs across DHV=64
+# The other arithmetic: c kept untransposed on chip and the forget gate multiplied into c at every step.
+EAGER = SequenceKernelConfig(block_dhv=16, num_warps=2, transpose_state=False, lazy_forget=False)
 
 
 def _form(config=None):
@@ -40,6 +42,7 @@ FORWARD_CASES = {
     "dhv-blocks-extreme": (1, 2, 13, 16, 64, NARROW, {"igate": "extreme"}),
     "closed-states": (2, 1, 5, 64, 32, NARROW, {"states": True, "fgate": "closed", "igate": "extreme"}),
     "open": (1, 1, 9, 16, 32, None, {"fgate": "open"}),
+    "eager-states-extreme": (2, 1, 11, 32, 32, EAGER, {"states": True, "igate": "extreme"}),
 }
 
 

@@ -33,6 +33,8 @@ from xlstm_jax.mlstm.states import cast_states, prepare_states
 
 __all__ = ["recurrent_sequence_pallas"]
 
+_FOLD_BELOW = 2.0**-40  # lazy_forget: fold the scalar forget product into the tile below this
+
 
 # ---------------------------------------------------------------------------------------------------------
 # Kernel body: one program = one head (bh), one DHV block (vb); a loop over time inside.
@@ -49,6 +51,7 @@ def _sequence_kernel(
     has_initial: bool,
     return_last_states: bool,
     transpose_state: bool,
+    lazy_forget: bool,
 ):
     f32 = jnp.float32
     if has_initial:
@@ -61,40 +64,52 @@ def _sequence_kernel(
     # axis that Triton spreads over the lanes of one warp, with shuffles instead of a block-wide barrier.
     tile = (lambda x: x.T) if transpose_state else (lambda x: x)
 
+    one = jnp.ones((), f32)
     if has_initial:
-        state = (tile(c0_ref[...].astype(f32)), n0_ref[...].astype(f32), m0_ref[0].astype(f32))
+        state = (tile(c0_ref[...].astype(f32)), n0_ref[...].astype(f32), m0_ref[0].astype(f32), one)
     else:
-        state = (tile(jnp.zeros((DHQK, BV), f32)), jnp.zeros((DHQK,), f32), jnp.zeros((), f32))
+        state = (tile(jnp.zeros((DHQK, BV), f32)), jnp.zeros((DHQK,), f32), jnp.zeros((), f32), one)
 
     def load(t):
         return q_ref[t, :], k_ref[t, :], v_ref[t, :], i_ref[t], f_ref[t]
 
     def body(t, carry):
-        c, n, m, x = carry
+        c, n, m, p, x = carry  # with lazy_forget the states are p·c and p·n, p a scalar; else p = 1
         x_next = load(jnp.minimum(t + 1, S - 1))  # prefetch: in flight while step t computes
         q, k, v, i, f = (a.astype(f32) for a in x)
         m, f_act, i_act = step_gates(m, i, f)
         q_hat = q * scale
-        if transpose_state:
-            c = f_act * c + v[:, None] * (i_act * k)[None, :]
-            num = jnp.sum(c * q_hat[None, :], axis=1)  # (BV,)
+        if lazy_forget:
+            # c' = f'c + i'kvᵀ = p'(c̃ + (i'/p') kvᵀ) with p' = p f': one FMA per element instead of a
+            # multiply and an FMA. p' is folded into the tile only when it gets small, before 1/p' could
+            # overflow (at least one of f', i' is 1, so a tiny p' means the new term dominates).
+            p = p * f_act
+            c, n, p = jax.lax.cond(
+                p < _FOLD_BELOW, lambda c, n, p: (c * p, n * p, one), lambda c, n, p: (c, n, p), c, n, p
+            )
+            kk = (i_act / p) * k
+            c = c + (v[:, None] * kk[None, :] if transpose_state else kk[:, None] * v[None, :])
+            n = n + kk
         else:
-            c = f_act * c + (i_act * k)[:, None] * v[None, :]
-            num = jnp.sum(q_hat[:, None] * c, axis=0)  # (BV,)
-        n = f_act * n + i_act * k
+            kk = i_act * k
+            c = f_act * c + (v[:, None] * kk[None, :] if transpose_state else kk[:, None] * v[None, :])
+            n = f_act * n + kk
+        num = jnp.sum(c * q_hat[None, :], axis=1) if transpose_state else jnp.sum(q_hat[:, None] * c, axis=0)
         qn = jnp.sum(q_hat * n)
+        if lazy_forget:
+            num, qn = p * num, p * qn
         h_ref[t, :] = normalize_readout(num, qn, m, eps).astype(h_ref.dtype)
-        return c, n, m, x_next
+        return c, n, m, p, x_next
 
-    c, n, m, _ = jax.lax.fori_loop(0, S, body, (*state, load(0)))
+    c, n, m, p, _ = jax.lax.fori_loop(0, S, body, (*state, load(0)))
 
     if return_last_states:
         c_last_ref, n_last_ref, m_last_ref = last_refs
-        c_last_ref[...] = tile(c)
+        c_last_ref[...] = tile(p * c)
 
         @pl.when(pl.program_id(1) == 0)
         def _():
-            n_last_ref[...] = n
+            n_last_ref[...] = p * n
             m_last_ref[0] = m
 
 
@@ -147,6 +162,7 @@ def _sequence_call(
         has_initial=has_initial,
         return_last_states=return_last_states,
         transpose_state=config.transpose_state,
+        lazy_forget=config.lazy_forget,
     )
     return pl.pallas_call(
         kernel,
