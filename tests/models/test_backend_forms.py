@@ -1,0 +1,150 @@
+"""The backends "parallel_stabilized" and "chunkwise": registry, configs, call signature, vmap over heads,
+and the hand-off of states between forms (prefill with one form, continue with another)."""
+
+from __future__ import annotations
+
+import dataclasses
+import inspect
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from tests.mlstm.form_checks import random_inputs
+from tests.numerics import TOL, assert_close
+from tests.reference import recurrent_ref
+from xlstm_jax.mlstm.recurrent import recurrent_step_fw
+from xlstm_jax.models.xlstm_parallel.blocks.mlstm.backend import (
+    create_mlstm_backend,
+    mLSTMBackendChunkwise,
+    mLSTMBackendChunkwiseConfig,
+    mLSTMBackendParallel,
+    mLSTMBackendParallelConfig,
+    mLSTMBackendRecurrent,
+)
+
+NAMES = {"parallel_stabilized": mLSTMBackendParallel, "chunkwise": mLSTMBackendChunkwise}
+INPUTS = ("q", "k", "v", "i", "f")
+STATES = ("c0", "n0", "m0")
+
+
+@pytest.mark.parametrize("name", sorted(NAMES))
+def test_registered_with_documented_config(name):
+    backend = create_mlstm_backend(name)
+    assert type(backend) is NAMES[name]
+    fields = {f.name: f.default for f in dataclasses.fields(backend.config)}
+    expected = {"context_length": -1, "eps": 1e-6, "state_dtype": None}
+    if name == "chunkwise":
+        expected["chunk_size"] = 64
+    assert fields == expected
+    assert backend.can_vmap_over_heads is True
+    assert type(create_mlstm_backend(backend.config)) is NAMES[name]
+
+
+@pytest.mark.parametrize("config_class", [mLSTMBackendParallelConfig, mLSTMBackendChunkwiseConfig])
+def test_config_checks_and_model_params(config_class):
+    config = config_class(eps=1e-5, state_dtype="float32")
+    config.assign_model_config_params(type("ModelConfig", (), {"context_length": 4096})())
+    assert config.context_length == 4096
+    with pytest.raises(ValueError, match="eps"):
+        config_class(eps=0.0)
+    with pytest.raises(ValueError, match="state_dtype"):
+        config_class(state_dtype="int8")
+
+
+@pytest.mark.parametrize("chunk_size", [0, -1, 1.5])
+def test_chunkwise_config_rejects_bad_chunk_size(chunk_size):
+    with pytest.raises(ValueError, match="chunk_size"):
+        mLSTMBackendChunkwiseConfig(chunk_size=chunk_size)
+
+
+@pytest.mark.parametrize("name", sorted(NAMES))
+def test_same_call_signature_as_recurrent(name):
+    def params(cls):
+        return [(p.name, p.default) for p in inspect.signature(cls.__call__).parameters.values()]
+
+    assert params(NAMES[name]) == params(mLSTMBackendRecurrent)
+
+
+@pytest.mark.parametrize(("name", "kwargs"), [("parallel_stabilized", {}), ("chunkwise", {"chunk_size": 8})])
+def test_vmap_over_heads(name, kwargs):
+    """Heads are independent: the backend vmapped over the heads axis matches the float32 reference bound."""
+    backend = create_mlstm_backend(name, **kwargs)
+    x = random_inputs(2, 2, 3, 21, 4, 6, states=True)
+    args = [jnp.asarray(x[key], jnp.float32) for key in INPUTS + STATES]
+
+    def one_head(*a):  # every argument without its heads axis
+        h, states = backend(*(t[:, None] for t in a), return_last_states=True)
+        return h[:, 0], tuple(s[:, 0] for s in states)
+
+    h, states = jax.jit(jax.vmap(one_head, in_axes=1, out_axes=1))(*args)
+    h_ref, states_ref, scale = recurrent_ref(*(x[key] for key in INPUTS + STATES))
+    assert_close("h", h_ref, h, TOL["float32"], scale=scale)
+    for key, ref, out in zip("cnm", states_ref, states, strict=True):
+        assert_close(key, ref, out, TOL["float32"])
+
+
+def _run(backend, x, lo, hi, states):
+    """The backend on steps [lo, hi) of ``x`` (float64), starting from ``states``."""
+    args = [jnp.asarray(x[key][:, :, lo:hi]) for key in INPUTS]
+    return backend(*args, *states, return_last_states=True)
+
+
+def _decode(x, lo, hi, states):
+    """Steps [lo, hi) one at a time with ``recurrent_step_fw``, as a decoder runs."""
+    c, n, m = states
+    m = m[..., None]
+    hs = []
+    for t in range(lo, hi):
+        q, k, v, i, f = (jnp.asarray(x[key][:, :, t]) for key in INPUTS)
+        h, (c, n, m) = recurrent_step_fw(c, n, m, q, k, v, i[..., None], f[..., None])
+        hs.append(h)
+    return jnp.stack(hs, axis=2), (c, n, m[..., 0])
+
+
+def _check_against_reference(x, h, states):
+    h_ref, states_ref, scale = recurrent_ref(*(x[key] for key in INPUTS + STATES))
+    assert_close("h", h_ref, h, TOL["float64"], scale=scale)
+    for key, ref, out in zip("cnm", states_ref, states, strict=True):
+        assert_close(f"{key} (last state)", ref, out, TOL["float64"])
+
+
+@pytest.mark.parametrize("igate", ["wide", "extreme"])
+def test_chunkwise_prefill_then_recurrent_decode(igate):
+    """Chunkwise prefill of a prompt + recurrent steps for the rest == one recurrent pass == one parallel
+    pass (all against the float64 reference, for h and the final states), from random initial states."""
+    S, prompt = 45, 29
+    x = random_inputs(7, 2, 2, S, 5, 3, states=True, igate=igate)
+    with jax.enable_x64(True):
+        init = tuple(jnp.asarray(x[key]) for key in STATES)
+        h1, states = _run(create_mlstm_backend("chunkwise", chunk_size=8), x, 0, prompt, init)
+        h2, states = _decode(x, prompt, S, states)
+        _check_against_reference(x, jnp.concatenate([h1, h2], axis=2), states)
+        _check_against_reference(x, *_run(create_mlstm_backend("recurrent", use_scan=True), x, 0, S, init))
+        _check_against_reference(x, *_run(create_mlstm_backend("parallel_stabilized"), x, 0, S, init))
+
+
+def test_parallel_then_chunkwise_then_recurrent():
+    """Parallel on the first part, chunkwise (chunk size not dividing its part) on the second, the
+    recurrent backend on the third: the states carry over exactly, with and without initial states."""
+    S, cuts = 50, (13, 37)
+    for states_given in (False, True):
+        x = random_inputs(11, 2, 2, S, 4, 6, states=states_given, igate="extreme")
+        with jax.enable_x64(True):
+            init = tuple(jnp.asarray(x[key]) for key in STATES) if states_given else (None, None, None)
+            h1, states = _run(create_mlstm_backend("parallel_stabilized"), x, 0, cuts[0], init)
+            h2, states = _run(create_mlstm_backend("chunkwise", chunk_size=5), x, cuts[0], cuts[1], states)
+            h3, states = _run(create_mlstm_backend("recurrent", use_scan=True), x, cuts[1], S, states)
+            if not states_given:
+                x = {**x, "c0": None, "n0": None, "m0": None}
+            _check_against_reference(x, jnp.concatenate([h1, h2, h3], axis=2), states)
+
+
+def test_jit_of_backends():
+    x = random_inputs(5, 1, 2, 19, 4, 4)
+    args = [jnp.asarray(x[key]) for key in INPUTS]
+    h_ref, _, scale = recurrent_ref(*(x[key] for key in INPUTS))
+    for name, kwargs in (("parallel_stabilized", {}), ("chunkwise", {"chunk_size": 4})):
+        backend = create_mlstm_backend(name, **kwargs)
+        assert_close(name, h_ref, jax.jit(backend.__call__)(*args), TOL["float32"], scale=np.asarray(scale))
