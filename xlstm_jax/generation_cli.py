@@ -29,6 +29,11 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--dtype", default=None, help="activation and parameter dtype (default: the checkpoint's)")
     p.add_argument("--prefill-backend", default=None, help="mLSTM form for the prompt (registry name)")
     p.add_argument("--step-backend", default=None, help="mLSTM decode step (name)")
+    p.add_argument(
+        "--scan-blocks",
+        action="store_true",
+        help="run the blocks under nn.scan (faster compile; decode is about 2x slower on an H200, see BENCHMARKS.md)",
+    )
     p.add_argument("--no-stop", action="store_true", help="do not stop at the end-of-sequence token")
     p.add_argument("--warmup", action="store_true", help="compile with one untimed run first")
     return p
@@ -69,7 +74,7 @@ def main(argv: Sequence[str]) -> int:
     if not tokenizer_file.exists():
         sys.stderr.write(f"{tokenizer_file} does not exist\n")
         return 2
-    overrides = {}
+    overrides = {"scan_blocks": args.scan_blocks}
     if args.dtype is not None:
         overrides.update(dtype=args.dtype, param_dtype=args.dtype)
     if args.prefill_backend is not None:
