@@ -26,8 +26,9 @@ from xlstm_jax.models.xlstm_parallel.blocks.mlstm.backend.recurrent_pallas impor
 )
 
 NARROW = SequenceKernelConfig(block_dhv=16, num_warps=1)  # four programs across DHV=64
-# The other arithmetic: c kept untransposed on chip and the forget gate multiplied into c at every step.
-EAGER = SequenceKernelConfig(block_dhv=16, num_warps=2, transpose_state=False, lazy_forget=False)
+# The other code paths: the forget gate multiplied into c at every step, loads at their use, two steps
+# per loop iteration (S = 11 leaves a remainder).
+EAGER = SequenceKernelConfig(block_dhv=16, num_warps=2, lazy_forget=False, prefetch=False, num_stages=2, unroll=2)
 
 
 def _form(config=None):

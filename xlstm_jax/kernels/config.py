@@ -163,25 +163,29 @@ class SequenceKernelConfig:
         block_dhv: Columns of c per program.
         num_warps: Triton warps per program.
         num_stages: Triton software-pipelining stages.
-        transpose_state: Keep the tile as cᵀ (block_dhv, DHQK) on chip, so that the per-step read-out
-            ``q̂ᵀc`` reduces within warps rather than across them.
         lazy_forget: Carry the product of forget gates as a scalar beside the tile and multiply it in only
             when it falls below 2^-40: the state update is then one FMA per element instead of two
             operations. Same function; rounding of the same order.
+        prefetch: Load the inputs of step t+1 while step t computes (carried in registers); without it
+            the loads sit at their use and only Triton's pipeliner (``num_stages`` > 1) can stage them.
+        unroll: Time steps per iteration of the loop over time.
     """
 
     block_dhv: int = 32
     num_warps: int = 4
     num_stages: int = 1
-    transpose_state: bool = True
     lazy_forget: bool = True
+    prefetch: bool = True
+    unroll: int = 1
 
     def __post_init__(self) -> None:
         _check_block("block_dhv", self.block_dhv, MAX_HEAD_DIM, "MAX_HEAD_DIM")
         if self.block_dhv < MIN_HEAD_DIM // 2:
             raise ValueError(f"block_dhv={self.block_dhv} must be at least {MIN_HEAD_DIM // 2}")
         _check_launch(self.num_warps, self.num_stages)
-        for name in ("transpose_state", "lazy_forget"):
+        if not (isinstance(self.unroll, int) and self.unroll >= 1):
+            raise ValueError(f"unroll={self.unroll!r} must be a positive integer")
+        for name in ("lazy_forget", "prefetch"):
             if not isinstance(getattr(self, name), bool):
                 raise TypeError(f"{name} must be a bool, got {getattr(self, name)!r}")
 

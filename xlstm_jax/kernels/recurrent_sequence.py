@@ -50,8 +50,9 @@ def _sequence_kernel(
     S: int,
     has_initial: bool,
     return_last_states: bool,
-    transpose_state: bool,
     lazy_forget: bool,
+    prefetch: bool,
+    unroll: int,
 ):
     f32 = jnp.float32
     if has_initial:
@@ -60,22 +61,22 @@ def _sequence_kernel(
     DHQK, BV = q_ref.shape[1], h_ref.shape[1]
     # 1/sqrt(DHQK) is a power of two for DHQK = 16, 64, 256, so q * scale is then exactly q / sqrt(DHQK).
     scale = 1.0 / math.sqrt(DHQK)
-    # With transpose_state, c lives on chip as cᵀ (BV, DHQK): the read-out then reduces along DHQK, the
-    # axis that Triton spreads over the lanes of one warp, with shuffles instead of a block-wide barrier.
-    tile = (lambda x: x.T) if transpose_state else (lambda x: x)
 
     one = jnp.ones((), f32)
     if has_initial:
-        state = (tile(c0_ref[...].astype(f32)), n0_ref[...].astype(f32), m0_ref[0].astype(f32), one)
+        state = (c0_ref[...].astype(f32), n0_ref[...].astype(f32), m0_ref[0].astype(f32), one)
     else:
-        state = (tile(jnp.zeros((DHQK, BV), f32)), jnp.zeros((DHQK,), f32), jnp.zeros((), f32), one)
+        state = (jnp.zeros((DHQK, BV), f32), jnp.zeros((DHQK,), f32), jnp.zeros((), f32), one)
 
     def load(t):
         return q_ref[t, :], k_ref[t, :], v_ref[t, :], i_ref[t], f_ref[t]
 
     def body(t, carry):
-        c, n, m, p, x = carry  # with lazy_forget the states are p·c and p·n, p a scalar; else p = 1
-        x_next = load(jnp.minimum(t + 1, S - 1))  # prefetch: in flight while step t computes
+        c, n, m, p, *x = carry  # with lazy_forget the states are p·c and p·n, p a scalar; else p = 1
+        if prefetch:  # load step t+1 now, so that it is in flight while step t computes
+            x, x_next = x, list(load(jnp.minimum(t + 1, S - 1)))
+        else:  # load step t here (Triton's pipeliner may stage it with num_stages > 1)
+            x, x_next = load(t), []
         q, k, v, i, f = (a.astype(f32) for a in x)
         m, f_act, i_act = step_gates(m, i, f)
         q_hat = q * scale
@@ -88,24 +89,31 @@ def _sequence_kernel(
                 p < _FOLD_BELOW, lambda c, n, p: (c * p, n * p, one), lambda c, n, p: (c, n, p), c, n, p
             )
             kk = (i_act / p) * k
-            c = c + (v[:, None] * kk[None, :] if transpose_state else kk[:, None] * v[None, :])
+            c = c + kk[:, None] * v[None, :]
             n = n + kk
         else:
             kk = i_act * k
-            c = f_act * c + (v[:, None] * kk[None, :] if transpose_state else kk[:, None] * v[None, :])
+            c = f_act * c + kk[:, None] * v[None, :]
             n = f_act * n + kk
-        num = jnp.sum(c * q_hat[None, :], axis=1) if transpose_state else jnp.sum(q_hat[:, None] * c, axis=0)
+        num = jnp.sum(q_hat[:, None] * c, axis=0)  # (BV,)
         qn = jnp.sum(q_hat * n)
         if lazy_forget:
             num, qn = p * num, p * qn
         h_ref[t, :] = normalize_readout(num, qn, m, eps).astype(h_ref.dtype)
-        return c, n, m, p, x_next
+        return c, n, m, p, *x_next
 
-    c, n, m, p, _ = jax.lax.fori_loop(0, S, body, (*state, load(0)))
+    def steps(j, carry):  # `unroll` steps in straight-line code (the Triton lowering has no scan unroll)
+        for u in range(unroll):
+            carry = body(j * unroll + u, carry)
+        return carry
+
+    carry = (*state, *load(0)) if prefetch else state
+    carry = jax.lax.fori_loop(0, S // unroll, steps, carry)
+    c, n, m, p, *_ = jax.lax.fori_loop(S // unroll * unroll, S, body, carry)  # the remaining S % unroll steps
 
     if return_last_states:
         c_last_ref, n_last_ref, m_last_ref = last_refs
-        c_last_ref[...] = tile(p * c)
+        c_last_ref[...] = p * c
 
         @pl.when(pl.program_id(1) == 0)
         def _():
@@ -161,8 +169,9 @@ def _sequence_call(
         S=S,
         has_initial=has_initial,
         return_last_states=return_last_states,
-        transpose_state=config.transpose_state,
         lazy_forget=config.lazy_forget,
+        prefetch=config.prefetch,
+        unroll=min(config.unroll, S),
     )
     return pl.pallas_call(
         kernel,
