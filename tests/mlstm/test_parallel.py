@@ -88,3 +88,10 @@ def test_rejects_bad_inputs():
         parallel_stabilized_fw(q, k, v, i.astype(jnp.int32), f)
     with pytest.raises(ValueError, match="state_dtype"):
         parallel_stabilized_fw(q, k, v, i, f, state_dtype="int32")
+
+
+def test_float32_without_states_at_a_larger_shape():
+    """B=1, NH=4, S=1024, DHQK=64, DHV=128 under jit, no initial states: the shape at which XLA:CPU (jax 0.10.2)
+    returned non-finite h when the zero initial states entered a matrix product (they are skipped now)."""
+    x = random_inputs(1024, 1, 4, 1024, 64, 128, fgate="open")
+    check_forward(parallel_stabilized_fw, x, "float32")

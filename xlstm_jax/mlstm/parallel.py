@@ -68,8 +68,8 @@ def block_readout(
     v: jax.Array,  # (..., L, DHV)
     F: jax.Array,  # (..., L) cumulative sum of log forget gates from the block's start, inclusive
     i: jax.Array,  # (..., L) input gate pre-activations
-    c0: jax.Array,  # (..., DHQK, DHV) state before the block
-    n0: jax.Array,  # (..., DHQK)
+    c0: jax.Array | None,  # (..., DHQK, DHV) state before the block, None for zeros
+    n0: jax.Array | None,  # (..., DHQK), None for zeros
     m0: jax.Array,  # (...)
     eps: float,
     operand_dtype: Any,
@@ -84,7 +84,10 @@ def block_readout(
     Args:
         q, k, v: Queries, keys (..., L, DHQK) and values (..., L, DHV), any dtype.
         F, i: Gates (..., L) in the accumulation dtype (float32 or wider), which is also that of the result.
-        c0, n0, m0: The states before the block, in the accumulation dtype.
+        c0, n0, m0: The states before the block, in the accumulation dtype. ``c0 = n0 = None`` stands for
+            zero states and skips their products (m0 still enters the running max). Besides saving work,
+            this avoids products with an in-graph zero constant, which XLA:CPU of jax 0.10.2 miscompiled
+            here (non-finite h for B=1, NH=4, S=1024, DHQK=64, DHV=128 under jit).
         eps: Added to the normaliser after the max.
         operand_dtype: Dtype of the matrix products' operands (see :func:`matmul_dtype`).
         valid: Optional mask of the steps that exist.
@@ -106,9 +109,11 @@ def block_readout(
     scale = 1.0 / math.sqrt(DHQK)
     scores = _dot("...td,...sd->...ts", q, k, operand_dtype, acc) * (scale * d)  # (..., L, L)
     num = _dot("...ts,...se->...te", scores, v, operand_dtype, acc)  # (..., L, DHV)
-    num = num + (scale * w)[..., None] * _dot("...td,...de->...te", q, c0, operand_dtype, acc)
-    # q̂·n0 is a matrix-vector product: it runs in the accumulation dtype, as does the row sum.
-    qn = jnp.sum(scores, axis=-1) + (scale * w) * _dot("...td,...d->...t", q, n0, acc, acc)  # (..., L)
+    qn = jnp.sum(scores, axis=-1)  # (..., L)
+    if c0 is not None:
+        num = num + (scale * w)[..., None] * _dot("...td,...de->...te", q, c0, operand_dtype, acc)
+        # q̂·n0 is a matrix-vector product: it runs in the accumulation dtype, as does the row sum.
+        qn = qn + (scale * w) * _dot("...td,...d->...t", q, n0, acc, acc)
     return normalize_readout(num, qn, m, eps)
 
 
@@ -223,7 +228,9 @@ def parallel_stabilized_fw(
     c0, n0, m0 = (x.astype(acc) for x in (c0, n0, m0))
     i = i[..., 0].astype(acc)  # (B, NH, S)
     F = jnp.cumsum(log_forget_gate(f[..., 0].astype(acc)), axis=-1)  # (B, NH, S) inclusive
-    h = block_readout(q, k, v, F, i, c0, n0, m0, eps, operand_dtype).astype(q.dtype)
+    given = c_initial is not None  # without states, the zero states' products are skipped
+    h = block_readout(q, k, v, F, i, c0 if given else None, n0 if given else None, m0, eps, operand_dtype)
+    h = h.astype(q.dtype)
     if not return_last_states:
         return h
     summary = block_summary(k, v, F, i, operand_dtype)
