@@ -36,7 +36,7 @@ def test_registered_with_documented_config(name):
     fields = {f.name: f.default for f in dataclasses.fields(backend.config)}
     expected = {"context_length": -1, "eps": 1e-6, "state_dtype": None}
     if name == "chunkwise":
-        expected["chunk_size"] = 64
+        expected["chunk_size"] = 256
     assert fields == expected
     assert backend.can_vmap_over_heads is True
     assert type(create_mlstm_backend(backend.config)) is NAMES[name]

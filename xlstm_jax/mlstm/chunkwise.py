@@ -158,7 +158,7 @@ def chunkwise_fw(
     return_last_states: bool = False,
     eps: float = 1e-6,
     state_dtype: Any = None,
-    chunk_size: int = 64,
+    chunk_size: int = 256,
     *,
     border_group: int = 16,
 ) -> jax.Array | tuple[jax.Array, tuple[jax.Array, jax.Array, jax.Array]]:
@@ -178,7 +178,8 @@ def chunkwise_fw(
         state_dtype: Dtype of the carried states. If None: the initial states' dtype when given, else
             float32 (or the forget gate's dtype if wider). The stabiliser arithmetic runs in this dtype
             promoted to float32.
-        chunk_size: Steps per chunk, L (a positive int). Any S works: when L does not divide S the last
+        chunk_size: Steps per chunk, L (a positive int; default 256, the fastest of 64/128/256 on an H200
+            at DHQK=256, DHV=512, see BENCHMARKS.md). Any S works: when L does not divide S the last
             chunk is padded with steps that change nothing; when S < L one chunk of S steps is used.
         border_group: Chunks per group in the computation of the border states (see :func:`border_states`);
             a tuning knob that does not change the function.
