@@ -191,7 +191,7 @@ def main(argv=None) -> int:
     save()
 
     prefill_backend = "chunkwise" if "chunkwise" in BACKENDS else "parallel_stabilized"
-    chunk = 64
+    chunk = getattr(BACKENDS[prefill_backend].config_class(), "chunk_size", 64)  # for the FLOP count
     if args.tiny:
         config = xLSTMLMConfig.tiny(dtype="bfloat16", param_dtype="bfloat16", prefill_backend=prefill_backend)
         lengths, batches, tokens, reps = tuple(int(x) for x in args.prefill.split(",") if x), (1, 4), 8, 2
