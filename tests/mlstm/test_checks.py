@@ -39,9 +39,17 @@ def _states():
         ({"queries": jnp.ones((B, NH, DHQK))}, ValueError, r"queries must have rank 4 \(B, NH, S, DHQK\)"),
         ({"keys": jnp.ones((B, NH, S, DHQK + 1))}, ValueError, r"keys.shape=\(2, 3, 5, 5\) must be \(B, NH, S, DHQK\)"),
         ({"keys": jnp.ones((B, NH + 1, S, DHQK))}, ValueError, r"keys.shape=\(2, 4, 5, 4\)"),
-        ({"values": jnp.ones((B, NH, S + 1, DHV))}, ValueError, r"values.shape=\(2, 3, 6, 6\) must be \(B, NH, S, DHV\)"),
+        (
+            {"values": jnp.ones((B, NH, S + 1, DHV))},
+            ValueError,
+            r"values.shape=\(2, 3, 6, 6\) must be \(B, NH, S, DHV\)",
+        ),
         ({"values": jnp.ones((B, NH, S))}, ValueError, r"values.shape=\(2, 3, 5\)"),
-        ({"igate_preact": jnp.ones((B, NH, S + 1))}, ValueError, r"igate_preact.shape=\(2, 3, 6\) must be \(B, NH, S\)"),
+        (
+            {"igate_preact": jnp.ones((B, NH, S + 1))},
+            ValueError,
+            r"igate_preact.shape=\(2, 3, 6\) must be \(B, NH, S\)",
+        ),
         ({"fgate_preact": jnp.ones((B, NH, S, 2))}, ValueError, r"fgate_preact.shape=\(2, 3, 5, 2\)"),
         ({"queries": jnp.ones((B, NH, S, DHQK), jnp.int32)}, TypeError, r"queries must have a floating-point dtype"),
         ({"keys": [[1.0]]}, TypeError, r"keys must be an array"),
@@ -71,7 +79,11 @@ def test_partial_initial_states(missing):
 @pytest.mark.parametrize(
     "name, shape, pattern",
     [
-        ("c_initial", (B, NH, DHV, DHQK), r"c_initial.shape=\(2, 3, 6, 4\) must be \(B, NH, DHQK, DHV\)=\(2, 3, 4, 6\)"),
+        (
+            "c_initial",
+            (B, NH, DHV, DHQK),
+            r"c_initial.shape=\(2, 3, 6, 4\) must be \(B, NH, DHQK, DHV\)=\(2, 3, 4, 6\)",
+        ),
         ("n_initial", (B, NH, DHV), r"n_initial.shape=\(2, 3, 6\) must be \(B, NH, DHQK\)=\(2, 3, 4\)"),
         ("m_initial", (B, NH, 1), r"m_initial.shape=\(2, 3, 1\) must be \(B, NH\)=\(2, 3\)"),
     ],

@@ -26,8 +26,10 @@ def _args(x, dtype):
 
 def _ref_inputs(x, dtype):
     """The reference sees exactly the (rounded) inputs the code under test sees."""
-    return {n: np.asarray(jnp.asarray(jnp.asarray(a, dtype), jnp.float32), np.float64) if n in "qkvif" else a
-            for n, a in x.items()}
+    return {
+        n: np.asarray(jnp.asarray(jnp.asarray(a, dtype), jnp.float32), np.float64) if n in "qkvif" else a
+        for n, a in x.items()
+    }
 
 
 def _ref(x):
@@ -194,8 +196,7 @@ def test_jit_of_unrolled_loop_and_vmap():
     assert_close("jit", np.asarray(eager, np.float64), jitted, TOL["float32"])
     # vmap over an extra leading axis (here: two independent problems stacked).
     stack = lambda a: jnp.stack([a, a[::-1]]) if a is not None else None
-    batched = jax.vmap(lambda *a: recurrent_sequence_fw(*a, use_scan=True))(
-        *(stack(a) for a in (q, k, v, i, f, *s0)))
+    batched = jax.vmap(lambda *a: recurrent_sequence_fw(*a, use_scan=True))(*(stack(a) for a in (q, k, v, i, f, *s0)))
     for j in range(2):
         one = recurrent_sequence_fw(*(stack(a)[j] for a in (q, k, v, i, f, *s0)), use_scan=True)
         assert_close(f"vmap[{j}]", np.asarray(one, np.float64), batched[j], TOL["float32"])

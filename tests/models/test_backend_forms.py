@@ -148,3 +148,37 @@ def test_jit_of_backends():
     for name, kwargs in (("parallel_stabilized", {}), ("chunkwise", {"chunk_size": 4})):
         backend = create_mlstm_backend(name, **kwargs)
         assert_close(name, h_ref, jax.jit(backend.__call__)(*args), TOL["float32"], scale=np.asarray(scale))
+
+
+@pytest.mark.parametrize(
+    "name, kwargs",
+    [
+        ("recurrent", {"use_scan": True}),
+        ("parallel_stabilized", {}),
+        ("chunkwise", {"chunk_size": 4}),
+        ("chunkwise", {"chunk_size": 3}),
+    ],
+)
+def test_no_op_steps_leave_states_untouched(name, kwargs):
+    """Steps with input gate -inf and forget gate +inf are exact no-ops in every form, also when they fill
+    whole chunks (a chunk that adds nothing once produced NaN through exp(-inf - (-inf)))."""
+    x = random_inputs(21, 2, 2, 6, 4, 3, states=True)
+    args = [jnp.asarray(x[n], jnp.float32) for n in INPUTS]
+    states = [jnp.asarray(x[n], jnp.float32) for n in STATES]
+    pad = 8  # two whole chunks of 4 (and two of 3 plus two steps) of no-ops before the sequence
+    noop = {"i": -jnp.inf, "f": jnp.inf}
+    padded = [
+        jnp.concatenate([jnp.full(a.shape[:2] + (pad,) + a.shape[3:], noop.get(n, 1.0)), a], axis=2)
+        for n, a in zip(INPUTS, args, strict=True)
+    ]
+    backend = create_mlstm_backend(name, **kwargs)
+    h, last = backend(*args, *states, return_last_states=True)
+    h_pad, last_pad = backend(*padded, *states, return_last_states=True)
+    assert np.all(np.isfinite(np.asarray(h_pad))), "no-op steps produced non-finite outputs"
+    assert_close("h after no-op steps", np.asarray(h, np.float64), h_pad[:, :, pad:], TOL["float32"])
+    for s, a, b in zip("cnm", last, last_pad, strict=True):
+        assert_close(f"{s} after no-op steps", np.asarray(a, np.float64), b, TOL["float32"])
+    # Only no-op steps: the states come back unchanged.
+    _, only = backend(*(a[:, :, :pad] for a in padded), *states, return_last_states=True)
+    for s, a, b in zip("cnm", states, only, strict=True):
+        assert_close(f"{s} after only no-op steps", np.asarray(a, np.float64), b, TOL["float32"])

@@ -175,4 +175,3 @@ def check_step_inputs(c: Any, n: Any, m: Any, q: Any, k: Any, v: Any, i: Any, f:
     i = normalize_gate("i", i, (B, NH), "(B, NH)")
     f = normalize_gate("f", f, (B, NH), "(B, NH)")
     return i, f
-

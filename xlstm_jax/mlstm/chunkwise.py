@@ -33,7 +33,7 @@ import numpy as np
 
 from xlstm_jax.mlstm.checks import check_eps, check_sequence_inputs, resolve_state_dtype
 from xlstm_jax.mlstm.parallel import block_readout, block_summary, combine_states, matmul_dtype
-from xlstm_jax.mlstm.stabilizer import log_forget_gate
+from xlstm_jax.mlstm.stabilizer import finite_max, log_forget_gate
 from xlstm_jax.mlstm.states import cast_states, prepare_states
 
 __all__ = ["chunkwise_fw"]
@@ -117,8 +117,8 @@ def border_states(
 
     # Each group's own contribution to the state at its end, and the scan over groups.
     a_end = log_a[..., G, :]  # (B, NH, NG, G)
-    m_end = jnp.max(a_end, axis=-1)
-    w_end = jnp.exp(a_end - m_end[..., None])
+    m_end, shift = finite_max(a_end)  # -inf for a group of chunks that add nothing
+    w_end = jnp.exp(a_end - shift[..., None])
     c_end = _dot_f("...j,...jde->...de", w_end, cbar)
     n_end = _dot_f("...j,...jd->...d", w_end, nbar)
 

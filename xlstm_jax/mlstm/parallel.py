@@ -33,7 +33,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from xlstm_jax.mlstm.checks import check_eps, check_sequence_inputs, resolve_state_dtype
-from xlstm_jax.mlstm.stabilizer import log_forget_gate, normalize_readout
+from xlstm_jax.mlstm.stabilizer import finite_max, log_forget_gate, normalize_readout
 from xlstm_jax.mlstm.states import cast_states, prepare_states
 
 __all__ = ["block_readout", "block_summary", "combine_states", "matmul_dtype", "parallel_stabilized_fw"]
@@ -138,8 +138,8 @@ def block_summary(
     a = F[..., -1:] - F + i  # (..., L)
     if valid is not None:
         a = jnp.where(valid, a, -jnp.inf)
-    ml = jnp.max(a, axis=-1)
-    k_g = k.astype(acc) * jnp.exp(a - ml[..., None])[..., None]  # (..., L, DHQK)
+    ml, shift = finite_max(a)  # ml = -inf for a block of input gates -inf: it adds nothing
+    k_g = k.astype(acc) * jnp.exp(a - shift[..., None])[..., None]  # (..., L, DHQK)
     cbar = _dot("...sd,...se->...de", k_g, v, operand_dtype, acc)
     return cbar, jnp.sum(k_g, axis=-2), ml
 

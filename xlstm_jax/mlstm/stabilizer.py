@@ -17,7 +17,7 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
-__all__ = ["log_forget_gate", "normalizer", "normalize_readout", "step_gates"]
+__all__ = ["finite_max", "log_forget_gate", "normalizer", "normalize_readout", "step_gates"]
 
 
 def log_forget_gate(f: jax.Array) -> jax.Array:
@@ -59,3 +59,17 @@ def normalize_readout(
 ) -> jax.Array:
     """The hidden state ``num / (max(|qn|, exp(-m)) + eps)``, shaped like ``num``."""
     return num / normalizer(qn, m, eps)[..., None]
+
+
+def finite_max(log_weights: jax.Array, axis: int = -1) -> tuple[jax.Array, jax.Array]:
+    """The max of log weights along ``axis``, and the same max with -inf replaced by 0 for subtracting.
+
+    A group of steps whose log weights are all -inf (input gates of -inf: padding, or exact no-op steps)
+    has max -inf; ``exp(-inf - (-inf))`` would be NaN. Subtracting 0 instead gives weights ``exp(-inf) = 0``,
+    while the returned max stays -inf, so the group still adds nothing wherever that max is used.
+
+    Returns:
+        ``(max, shift)``, both shaped like ``log_weights`` without ``axis``.
+    """
+    m = jnp.max(log_weights, axis=axis)
+    return m, jnp.where(jnp.isfinite(m), m, 0.0)

@@ -62,8 +62,14 @@ class mLSTMBackendRecurrent(mLSTMBackend):
     ) -> jax.Array | tuple[jax.Array, tuple[jax.Array, jax.Array, jax.Array]]:
         """Runs ``recurrent_sequence_fw`` with the config's eps, state_dtype and use_scan."""
         return recurrent_sequence_fw(
-            q, k, v, i, f,
-            c_initial=c_initial, n_initial=n_initial, m_initial=m_initial,
+            q,
+            k,
+            v,
+            i,
+            f,
+            c_initial=c_initial,
+            n_initial=n_initial,
+            m_initial=m_initial,
             return_last_states=return_last_states,
             eps=self.config.eps,
             state_dtype=self.config.state_dtype,
