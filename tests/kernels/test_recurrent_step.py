@@ -18,11 +18,12 @@ from xlstm_jax.mlstm.recurrent import recurrent_sequence_fw, recurrent_step_fw
 _TOL_KEY = {"float32": "float32", "bfloat16": "bfloat16/float32"}
 
 # (B, NH, DHQK, DHV, config): one DHQK split walking two row chunks; four DHQK splits (partial numerators
-# combined after the kernel); the default config, whose automatic split picks four splits for B·NH = 6.
+# combined after the kernel); the automatic split, which picks four splits for B·NH = 6; the default config.
 CASES = [
     (1, 2, 32, 16, StepKernelConfig(block_dhv=16, block_dhqk=16, dhqk_splits=1)),
     (3, 1, 64, 32, StepKernelConfig(block_dhv=16, block_dhqk=16, dhqk_splits=4)),
-    (2, 3, 64, 16, None),
+    (2, 3, 64, 16, StepKernelConfig(block_dhv=16, block_dhqk=16, dhqk_splits=None)),
+    (1, 3, 128, 64, None),
 ]
 
 
@@ -48,7 +49,7 @@ def _reference(r):
 
 
 @pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
-@pytest.mark.parametrize("case", CASES, ids=["unsplit", "split4", "auto-split"])
+@pytest.mark.parametrize("case", CASES, ids=["unsplit", "split4", "auto-split", "default"])
 def test_step_matches_reference(case, dtype):
     B, NH, DHQK, DHV, config = case
     args, rounded = _step_inputs(B * 100 + DHQK, B, NH, DHQK, DHV, jnp.dtype(dtype))

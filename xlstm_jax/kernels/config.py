@@ -117,7 +117,7 @@ class StepKernelConfig:
     """
 
     block_dhv: int = 64
-    block_dhqk: int = 32
+    block_dhqk: int = 64
     dhqk_splits: int | None = None
     min_programs: int = 512
     num_warps: int = 4
@@ -134,9 +134,13 @@ class StepKernelConfig:
 
     @classmethod
     def get_default(cls, DHQK: int, DHV: int) -> StepKernelConfig:
-        """The default tiling for a head shape (tuned on an H200 at DHQK=256, DHV=512)."""
+        """The default tiling for a head shape: (64, 64) tiles, one per program, DHQK split in blocks of 64.
+
+        Tuned on an H200 at DHQK=256, DHV=512 (BENCHMARKS.md, variant ``bv64-s4-bk64-w4``): the best or
+        within noise of the best of the tilings tried at B = 1, 8, 32 and 128.
+        """
         check_head_dims(DHQK, DHV)
-        return cls(block_dhv=min(64, DHV), block_dhqk=min(32, DHQK))
+        return cls(block_dhv=min(64, DHV), block_dhqk=min(64, DHQK), dhqk_splits=max(1, DHQK // 64))
 
     def splits(self, BH: int, DHQK: int, DHV: int) -> tuple[int, int, int]:
         """``(block_dhv, dhqk_splits, block_dhqk)`` for ``BH = B·NH`` heads, each clipped to the head shape."""
@@ -171,8 +175,8 @@ class SequenceKernelConfig:
         unroll: Time steps per iteration of the loop over time.
     """
 
-    block_dhv: int = 32
-    num_warps: int = 4
+    block_dhv: int = 16
+    num_warps: int = 1
     num_stages: int = 1
     lazy_forget: bool = True
     prefetch: bool = True
@@ -191,8 +195,12 @@ class SequenceKernelConfig:
 
     @classmethod
     def get_default(cls, DHQK: int, DHV: int) -> SequenceKernelConfig:
-        """The default tiling for a head shape: about 8K float32 state elements per program."""
+        """The default tiling for a head shape: 16 columns of c per program, 128 state elements per thread.
+
+        Tuned on an H200 (BENCHMARKS.md, variant ``bv16-w1``): fastest of the tilings tried at DHQK=256,
+        DHV=512 and at DHQK=DHV=64. DHQK=512 gets two warps so that the tile stays within 255 registers
+        per thread (not measured).
+        """
         check_head_dims(DHQK, DHV)
-        block_dhv = max(MIN_HEAD_DIM // 2, min(DHV, 8192 // DHQK))
-        num_warps = max(1, min(8, DHQK * block_dhv // 2048))
-        return cls(block_dhv=block_dhv, num_warps=num_warps)
+        block_dhv = min(DHV, 16)
+        return cls(block_dhv=block_dhv, num_warps=max(1, DHQK * block_dhv // 4096))

@@ -1,0 +1,315 @@
+"""Times the fused Pallas mLSTM kernels against this library's XLA step and scan, with correctness checks.
+
+Run on a GPU from the repository root::
+
+    PYTHONUNBUFFERED=1 PYTHONPATH=. python3 benchmarks/kernels.py --json out.json
+
+Shapes (issue 4): decode step NH=8, DHQK=256, DHV=512, float32 state, bfloat16 inputs, B in {1, 8, 32, 128};
+sequence B=8, S in {512, 2048} at the same head shape, and NH=4, DHQK=DHV=64, B=16, S=2048.
+
+Floors: the step must read and write its state once (bytes / copy ceiling); the sequence must do
+5 float32 FLOPs per state element and time step (c update: f'c + (i'k)v, 3; read-out q̂·c, 2) at the fp32
+non-tensor rate. Each table row gives the time, floor / time, and the XLA path's time / the kernel's.
+"""
+
+from __future__ import annotations
+
+import argparse
+import functools
+import json
+import statistics
+import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from tests.numerics import TOL
+from xlstm_jax.kernels import SequenceKernelConfig, StepKernelConfig, recurrent_sequence_pallas, recurrent_step_pallas
+from xlstm_jax.mlstm.recurrent import recurrent_sequence_fw, recurrent_step_fw
+
+COPY_TBPS = 4.27e12  # measured device-to-device copy ceiling of the H200 (bytes read + written per second)
+FP32_FLOPS = 67e12  # fp32 non-tensor FMA rate, counting an FMA as 2 FLOPs
+F32, BF16 = jnp.float32, jnp.bfloat16
+INTERPRET = False  # --smoke: tiny shapes in Pallas interpret mode, to check this script without a GPU
+
+
+def _median_time(fn, reps: int) -> float:
+    """Median wall time of ``fn()`` (which blocks on its result) over ``reps`` runs, after one warm-up."""
+    fn()
+    times = []
+    for _ in range(reps):
+        t0 = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - t0)
+    return statistics.median(times)
+
+
+def _rel_err(ref, out) -> float:
+    ref, out = np.asarray(ref, np.float64), np.asarray(out, np.float64)
+    return float(np.max(np.abs(out - ref)) / max(np.max(np.abs(ref)), 1e-30))
+
+
+def measure_copy() -> float:
+    x = jax.random.normal(jax.random.key(0), ((1 if INTERPRET else 256) * 1024 * 1024,), F32)  # 1 GiB
+    copy = jax.jit(lambda x: x * 1.0001)
+
+    def run():
+        copy(x).block_until_ready()
+
+    return 2 * x.nbytes / _median_time(run, 10)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Decode step
+# ---------------------------------------------------------------------------------------------------------
+STEP_SHAPE = (8, 256, 512)  # NH, DHQK, DHV of the decode-step benchmark
+
+
+def step_inputs(B, seed=0):
+    NH, DHQK, DHV = STEP_SHAPE
+    ks = jax.random.split(jax.random.key(seed), 8)
+    states = (
+        jax.random.normal(ks[0], (B, NH, DHQK, DHV), F32),
+        jax.random.normal(ks[1], (B, NH, DHQK), F32),
+        jax.random.uniform(ks[2], (B, NH, 1), F32, -2.0, 2.0),
+    )
+    x = (
+        jax.random.normal(ks[3], (B, NH, DHQK), BF16),
+        jax.random.normal(ks[4], (B, NH, DHQK), BF16),
+        jax.random.normal(ks[5], (B, NH, DHV), BF16),
+        jax.random.normal(ks[6], (B, NH, 1), BF16),
+        (3.0 + jax.random.normal(ks[7], (B, NH, 1), F32)).astype(BF16),
+    )
+    return states, x
+
+
+# How a step is timed: calls queued from Python (state donated); a jitted fori_loop over one state, plain
+# and unrolled 8 times; the step repeated in straight-line code (unrolled fully; XLA may then fuse the
+# elementwise state updates of consecutive XLA steps, so this mode flatters the XLA step).
+STEP_MODES = ("queued", "loop", "loop8", "unrolled")
+
+
+def time_step(step, B, n_queued=100, n_loop=256, unroll_full=32, reps=5):
+    if INTERPRET:
+        n_queued, n_loop, unroll_full, reps = 2, 8, 2, 1
+    """Per-step times of ``step(c, n, m, q, k, v, i, f)``: calls queued (donated), and inside jitted loops."""
+    _, x = step_inputs(B)
+
+    def call(c, n, m, q, k, v, i, f):
+        return step(c=c, n=n, m=m, q=q, k=k, v=v, i=i, f=f, eps=1e-6)
+
+    jitted = jax.jit(call, donate_argnums=(0, 1, 2))
+    holder = {"s": step_inputs(B)[0]}
+
+    def queued():
+        s = holder["s"]
+        for _ in range(n_queued):
+            h, s = jitted(*s, *x)
+        jax.block_until_ready((h, s))
+        holder["s"] = s
+
+    def loop_fn(length, unroll):
+        def body(_, carry):
+            c, n, m, _h = carry
+            h, (c, n, m) = call(c, n, m, *x)
+            return c, n, m, h
+
+        @functools.partial(jax.jit, donate_argnums=(0,))
+        def run(s):
+            h0 = jnp.zeros(x[2].shape, x[0].dtype)
+            return jax.lax.fori_loop(0, length, body, (*s, h0), unroll=unroll)
+
+        return run
+
+    results = {"queued": _median_time(queued, reps) / n_queued}
+    for name, length, unroll in (("loop", n_loop, 1), ("loop8", n_loop, 8), ("unrolled", unroll_full, True)):
+        run = loop_fn(length, unroll)
+        holder2 = {"s": step_inputs(B)[0]}
+
+        def looped(run=run, holder2=holder2):
+            out = run(holder2["s"])
+            jax.block_until_ready(out)
+            holder2["s"] = out[:3]
+
+        results[name] = _median_time(looped, reps) / length
+    return results
+
+
+def check_step(step, B) -> dict[str, float]:
+    states, x = step_inputs(B, seed=1)
+    h_ref, s_ref = jax.jit(recurrent_step_fw)(*states, *x)
+    h, s = jax.jit(lambda *a: step(*a, eps=1e-6))(*states, *x)
+    errs = {"h": _rel_err(h_ref.astype(F32), h.astype(F32))}
+    errs.update({name: _rel_err(r, o) for name, r, o in zip("cnm", s_ref, s, strict=True)})
+    ok = errs["h"] <= TOL["bfloat16/float32"].max_err and max(errs[k] for k in "cnm") <= TOL["float32"].max_err
+    return {**errs, "ok": ok}
+
+
+def step_bytes(B) -> int:
+    NH, DHQK, DHV = STEP_SHAPE
+    return 2 * B * NH * (DHQK * DHV + DHQK + 1) * 4  # the state read and written once
+
+
+def step_sweep(B: int, full: bool = True) -> dict[str, StepKernelConfig]:
+    """The default config, plus (``full``) tilings: name bvX-sY-bkZ-wW = block_dhv, dhqk_splits, block_dhqk,
+    num_warps (one row chunk per program when Z = 256 / Y)."""
+    C = StepKernelConfig
+    sweep = {"default": C.get_default(*STEP_SHAPE[1:])}
+    if not full:
+        return sweep
+    sweep.update({
+        "bv64-s-auto-bk32-w4": C(block_dhv=64, block_dhqk=32, dhqk_splits=None, num_warps=4),
+        "bv32-s2-bk128-w4": C(block_dhv=32, block_dhqk=128, dhqk_splits=2, num_warps=4),
+    })  # fmt: skip
+    if B >= 32:
+        sweep.update({
+            "bv128-s2-bk128-w8": C(block_dhv=128, block_dhqk=128, dhqk_splits=2, num_warps=8),
+            "bv64-s8-bk32-w2": C(block_dhv=64, block_dhqk=32, dhqk_splits=8, num_warps=2),
+            "bv128-s4-bk64-w4": C(block_dhv=128, block_dhqk=64, dhqk_splits=4, num_warps=4),
+            "bv32-s8-bk32-w1": C(block_dhv=32, block_dhqk=32, dhqk_splits=8, num_warps=1),
+            "bv64-s2-bk128-w4": C(block_dhv=64, block_dhqk=128, dhqk_splits=2, num_warps=4),
+        })  # fmt: skip
+    return sweep
+
+
+def bench_step(rows, batch_sizes, sweep_for):
+    for B in batch_sizes:
+        floor = step_bytes(B) / COPY_TBPS
+        xla = time_step(recurrent_step_fw, B)
+        rows.append({"kind": "step", "B": B, "variant": "xla", **xla, "floor": floor, "check": None})
+        times = "  ".join(f"{m} {xla[m] * 1e6:7.1f} us" for m in STEP_MODES)
+        print(f"step B={B:4d} xla                {times}  floor {floor * 1e6:7.1f} us", flush=True)
+        for name, cfg in sweep_for(B).items():
+            step = functools.partial(recurrent_step_pallas, config=cfg, interpret=INTERPRET)
+            try:
+                check = check_step(step, B)
+                t = time_step(step, B)
+            except Exception as e:  # a config that does not compile is reported, not fatal
+                print(f"step B={B} {name}: FAILED {type(e).__name__}: {str(e)[:300]}", flush=True)
+                continue
+            rows.append({"kind": "step", "B": B, "variant": name, **t, "floor": floor, "check": check})
+            times = "  ".join(f"{m} {t[m] * 1e6:7.1f} us" for m in STEP_MODES)
+            print(f"step B={B:4d} {name:18s} {times}  ok={check['ok']} err_h={check['h']:.1e}", flush=True)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Sequence
+# ---------------------------------------------------------------------------------------------------------
+def seq_inputs(B, NH, S, DHQK, DHV, seed=0):
+    ks = jax.random.split(jax.random.key(seed), 5)
+    return (
+        jax.random.normal(ks[0], (B, NH, S, DHQK), BF16),
+        jax.random.normal(ks[1], (B, NH, S, DHQK), BF16),
+        jax.random.normal(ks[2], (B, NH, S, DHV), BF16),
+        jax.random.normal(ks[3], (B, NH, S), BF16),
+        (3.0 + jax.random.normal(ks[4], (B, NH, S), F32)).astype(BF16),
+    )
+
+
+def seq_flops(B, NH, S, DHQK, DHV) -> float:
+    return 5.0 * B * NH * S * DHQK * DHV
+
+
+def seq_bytes(B, NH, S, DHQK, DHV) -> float:
+    return 2.0 * B * NH * S * (2 * DHQK + 2 * DHV)  # q, k, v read and h written once, bf16
+
+
+def bench_seq(rows, shapes, sweep_for, reps=5):
+    for B, NH, S, DHQK, DHV in shapes:
+        x = seq_inputs(B, NH, S, DHQK, DHV)
+        floor = max(seq_flops(B, NH, S, DHQK, DHV) / FP32_FLOPS, seq_bytes(B, NH, S, DHQK, DHV) / COPY_TBPS)
+        xla_fn = jax.jit(lambda *a: recurrent_sequence_fw(*a, state_dtype="float32", use_scan=True))
+        h_ref = xla_fn(*x)
+        t_xla = _median_time(lambda xla_fn=xla_fn, x=x: xla_fn(*x).block_until_ready(), 3)
+        rows.append({"kind": "seq", "shape": [B, NH, S, DHQK, DHV], "variant": "xla-scan", "time": t_xla,
+                     "floor": floor})  # fmt: skip
+        print(f"seq {B, NH, S, DHQK, DHV} xla-scan {t_xla * 1e3:9.3f} ms  floor {floor * 1e3:.3f} ms", flush=True)
+        for name, cfg in sweep_for(DHQK, DHV, S).items():
+            fn = jax.jit(lambda *a, cfg=cfg: recurrent_sequence_pallas(*a, config=cfg, interpret=INTERPRET))
+            try:
+                h = fn(*x)
+                err = _rel_err(h_ref.astype(F32), h.astype(F32))
+                t = _median_time(lambda fn=fn, x=x: fn(*x).block_until_ready(), reps)
+            except Exception as e:
+                print(f"seq {name}: FAILED {type(e).__name__}: {str(e)[:300]}", flush=True)
+                continue
+            ok = err <= TOL["bfloat16/float32"].max_err
+            rows.append({"kind": "seq", "shape": [B, NH, S, DHQK, DHV], "variant": name, "time": t, "floor": floor,
+                         "xla": t_xla, "err": err, "ok": ok})  # fmt: skip
+            print(f"seq {B, NH, S, DHQK, DHV} {name:14s} {t * 1e3:9.3f} ms  floor/time {floor / t:5.2f}  "
+                  f"xla/kernel {t_xla / t:7.1f}x  err {err:.1e} ok={ok}", flush=True)  # fmt: skip
+
+
+def seq_sweep(DHQK, DHV, S, full=True):
+    """The default config, plus (``full``) variants: bvX-wY = block_dhv, num_warps; eager: lazy_forget off;
+    nopf-stZ: loads at their use (no manual prefetch) with Z pipeline stages; u2: two steps per iteration."""
+    C = SequenceKernelConfig
+    default = C.get_default(DHQK, DHV)
+    sweep = {"default": default}
+    if not full:
+        return sweep
+    base = {"block_dhv": default.block_dhv, "num_warps": default.num_warps}
+    tag = f"bv{default.block_dhv}-w{default.num_warps}"
+    sweep[f"{tag}-eager"] = C(**base, lazy_forget=False)
+    if S < 2048:
+        return sweep
+    sweep[f"{tag}-nopf-st2"] = C(**base, prefetch=False, num_stages=2)
+    sweep[f"{tag}-nopf-st3"] = C(**base, prefetch=False, num_stages=3)
+    sweep[f"{tag}-u2"] = C(**base, unroll=2)
+    variants = [(16, 2), (16, 1), (8, 1)] if DHQK >= 256 else [(8, 1), (16, 1), (32, 2)]
+    for bv, w in variants:
+        sweep[f"bv{bv}-w{w}"] = C(block_dhv=bv, num_warps=w)
+    sweep["bv16-w1-nopf-st3"] = C(block_dhv=16, num_warps=1, prefetch=False, num_stages=3)
+    return sweep
+
+
+def print_table(rows):
+    print("\n| kernel | shape | variant | time | floor | floor/time | XLA/kernel | check |")
+    print("|---|---|---|---|---|---|---|---|")
+    xla_step = {(r["B"], m): r[m] for r in rows if r["kind"] == "step" and r["variant"] == "xla"
+                for m in STEP_MODES}  # fmt: skip
+    for r in rows:
+        if r["kind"] == "step":
+            for m in STEP_MODES:
+                ratio = xla_step[(r["B"], m)] / r[m]
+                check = "" if r["check"] is None else f"ok={r['check']['ok']}"
+                print(f"| step ({m}) | B={r['B']} | {r['variant']} | {r[m] * 1e6:.1f} us | {r['floor'] * 1e6:.1f} us "
+                      f"| {r['floor'] / r[m]:.2f} | {ratio:.2f}x | {check} |")  # fmt: skip
+        else:
+            ratio = r.get("xla", r["time"]) / r["time"]
+            check = f"err={r['err']:.1e} ok={r['ok']}" if "err" in r else ""
+            print(f"| sequence | {tuple(r['shape'])} | {r['variant']} | {r['time'] * 1e3:.3f} ms | "
+                  f"{r['floor'] * 1e3:.3f} ms | {r['floor'] / r['time']:.2f} | {ratio:.1f}x | {check} |")  # fmt: skip
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--json", default=None, help="write all rows to this file")
+    parser.add_argument("--part", choices=("all", "step", "seq"), default="all")
+    parser.add_argument("--quick", action="store_true", help="default configs only (no sweep)")
+    parser.add_argument("--smoke", action="store_true", help="tiny shapes in interpret mode (no GPU needed)")
+    args = parser.parse_args()
+    global INTERPRET, STEP_SHAPE
+    if args.smoke:
+        INTERPRET, STEP_SHAPE = True, (2, 32, 64)
+    print(f"jax {jax.__version__}, devices {jax.devices()}", flush=True)
+    rows = []
+    copy = measure_copy()
+    print(f"copy ceiling measured here: {copy / 1e12:.2f} TB/s (floors use {COPY_TBPS / 1e12:.2f})", flush=True)
+    if args.part in ("all", "step"):
+        sweep_for = functools.partial(step_sweep, full=not args.quick)
+        bench_step(rows, (1, 2) if args.smoke else (1, 8, 32, 128), sweep_for)
+    if args.part in ("all", "seq"):
+        shapes = [(8, 8, 512, 256, 512), (8, 8, 2048, 256, 512), (16, 4, 2048, 64, 64)]
+        if args.smoke:
+            shapes = [(1, 2, 5, 16, 32), (2, 1, 9, 32, 16)]
+        bench_seq(rows, shapes, functools.partial(seq_sweep, full=not args.quick))
+    print_table(rows)
+    if args.json:
+        with open(args.json, "w") as fh:
+            json.dump({"jax": jax.__version__, "device": str(jax.devices()[0]), "copy_Bps": copy, "rows": rows}, fh)
+
+
+if __name__ == "__main__":
+    main()
