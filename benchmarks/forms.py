@@ -61,12 +61,12 @@ def make_args(B: int, NH: int, S: int, DHQK: int, DHV: int, dtype) -> tuple[jax.
     return q, k, v, i, f
 
 
-def forms(chunk_sizes: list[int], groups: list[int]) -> dict[str, Callable]:
+def forms(chunk_sizes: list[int], unrolls: list[int]) -> dict[str, Callable]:
     table = {}
     for L in chunk_sizes:
-        for g in groups:
-            name = f"chunkwise L={L}" + (f" group={g}" if g != groups[0] else "")
-            table[name] = lambda *a, L=L, g=g: chunkwise_fw(*a, chunk_size=L, border_group=g)
+        for u in unrolls:
+            name = f"chunkwise L={L}" + (f" unroll={u}" if u != unrolls[0] else "")
+            table[name] = lambda *a, L=L, u=u: chunkwise_fw(*a, chunk_size=L, scan_unroll=u)
     table["parallel"] = parallel_stabilized_fw
     table["recurrent"] = lambda *a: recurrent_sequence_fw(*a, use_scan=True, state_dtype="float32")
     return table
@@ -95,7 +95,7 @@ def floor_seconds(B, NH, S, DHQK, DHV, L, itemsize, mode, tflops, tbps) -> tuple
     return max(flops / (tflops * 1e12), io / (tbps * 1e12)), flops, io
 
 
-def stage_times(args, L: int, group: int, reps: int) -> dict[str, float]:
+def stage_times(args, L: int, unroll: int, reps: int) -> dict[str, float]:
     """Forward time of each stage of the chunkwise form on its own (S must be a multiple of L)."""
     q, k, v, i, f = args
     B, NH, S, DHQK = q.shape
@@ -109,7 +109,7 @@ def stage_times(args, L: int, group: int, reps: int) -> dict[str, float]:
     zeros = (jnp.zeros((B, NH, DHQK, DHV)), jnp.zeros((B, NH, DHQK)), jnp.zeros((B, NH)))
     summary = jax.jit(lambda k, v, F, i: block_summary(k, v, F, i, od))
     cbar, nbar, ml = summary(k, v, F, i)
-    borders = jax.jit(lambda *a: border_states(*a, *zeros, od, group))
+    borders = jax.jit(lambda *a: border_states(*a, *zeros, od, unroll))
     _, (c_b, n_b, m_b) = borders(F[..., -1], cbar, nbar, ml)
     readout = jax.jit(lambda *a: block_readout(*a, 1e-6, od))
     return {
@@ -140,7 +140,7 @@ def main(argv: list[str] | None = None) -> list[dict]:
     p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
     p.add_argument("--S", type=int, nargs="+", default=[256, 1024, 4096])
     p.add_argument("--chunk-sizes", type=int, nargs="+", default=[64])
-    p.add_argument("--groups", type=int, nargs="+", default=[16], help="chunkwise border_group values")
+    p.add_argument("--unrolls", type=int, nargs="+", default=[8], help="chunkwise scan_unroll values")
     p.add_argument("--forms", nargs="+", default=["chunkwise", "parallel", "recurrent"])
     p.add_argument("--modes", nargs="+", default=["fwd", "fwdbwd"], choices=["fwd", "fwdbwd"])
     p.add_argument("--max-parallel-S", type=int, default=4096, help="skip the quadratic form above this S")
@@ -169,7 +169,7 @@ def main(argv: list[str] | None = None) -> list[dict]:
     if a.ceilings:
         print("# ceilings:", {k: round(v, 1) for k, v in measure_ceilings(a.reps).items()})
 
-    table = {name: fn for name, fn in forms(a.chunk_sizes, a.groups).items() if name.split()[0] in a.forms}
+    table = {name: fn for name, fn in forms(a.chunk_sizes, a.unrolls).items() if name.split()[0] in a.forms}
     baseline = next((name for name in table if name.startswith("chunkwise")), None)
     rows = []
     for S in a.S:
@@ -196,7 +196,7 @@ def main(argv: list[str] | None = None) -> list[dict]:
                 rows.append({"form": name, "S": S, "mode": mode, "ms": seconds * 1e3, "rel_err": err})
         if S in a.breakdown_S:
             for L in (L for L in a.chunk_sizes if S % L == 0):
-                for stage, seconds in stage_times(args, L, a.groups[0], a.reps).items():
+                for stage, seconds in stage_times(args, L, a.unrolls[0], a.reps).items():
                     rows.append({"form": f"chunkwise L={L} stage {stage}", "S": S, "mode": "fwd", "ms": seconds * 1e3})
         del args
 
@@ -233,7 +233,7 @@ def plot(rows: list[dict], path: str, title: str) -> None:
     import matplotlib.pyplot as plt
 
     fig, ax = plt.subplots(figsize=(6, 4), dpi=80)
-    names = sorted({r["form"] for r in rows if "stage" not in r["form"] and "group" not in r["form"]})
+    names = sorted({r["form"] for r in rows if "stage" not in r["form"] and "unroll" not in r["form"]})
     for idx, name in enumerate(names):
         for mode, style in (("fwd", "-"), ("fwdbwd", "--")):
             pts = sorted({r["S"]: r["ms"] for r in rows if r["form"] == name and r["mode"] == mode}.items())

@@ -42,12 +42,13 @@ def test_matches_reference_float64(S, chunk_size, states, fgate, igate):
 
 
 @pytest.mark.parametrize(
-    ("S", "chunk_size", "group", "states"), [(65, 4, 3, True), (257, 8, 5, False), (100, 7, 16, True), (40, 5, 1, True)]
+    ("S", "chunk_size", "unroll", "states"),
+    [(65, 4, 3, True), (257, 8, 5, False), (100, 7, 16, True), (40, 5, 1, True)],
 )
-def test_border_groups_float64(S, chunk_size, group, states):
-    """Border states in several groups of chunks (scan over groups, padded last group) and in one group."""
-    x = random_inputs(S + group, 2, 2, S, 5, 7, states=states, igate="extreme")
-    check_forward(functools.partial(chunkwise_fw, chunk_size=chunk_size, border_group=group), x, "float64")
+def test_scan_unroll_float64(S, chunk_size, unroll, states):
+    """The scan over chunk borders unrolled by factors that do and do not divide the number of chunks."""
+    x = random_inputs(S + unroll, 2, 2, S, 5, 7, states=states, igate="extreme")
+    check_forward(functools.partial(chunkwise_fw, chunk_size=chunk_size, scan_unroll=unroll), x, "float64")
 
 
 @pytest.mark.parametrize(
@@ -65,11 +66,11 @@ def test_matches_reference_bfloat16(S, chunk_size, states):
 
 
 @pytest.mark.parametrize(
-    ("S", "chunk_size", "group", "states"), [(5, 2, 16, True), (4, 3, 16, False), (3, 8, 16, True), (7, 1, 3, True)]
+    ("S", "chunk_size", "unroll", "states"), [(5, 2, 16, True), (4, 3, 16, False), (3, 8, 16, True), (7, 1, 3, True)]
 )
-def test_gradients_float64(S, chunk_size, group, states):
+def test_gradients_float64(S, chunk_size, unroll, states):
     x = random_inputs(S, 1, 2, S, 3, 2, states=states)
-    check_gradients(functools.partial(chunkwise_fw, chunk_size=chunk_size, border_group=group), x, "float64")
+    check_gradients(functools.partial(chunkwise_fw, chunk_size=chunk_size, scan_unroll=unroll), x, "float64")
 
 
 def test_gradients_float32():
