@@ -18,6 +18,8 @@ __all__ = [
     "check_eps",
     "check_initial_states",
     "check_sequence_inputs",
+    "check_step_inputs",
+    "normalize_gate",
     "resolve_state_dtype",
 ]
 
