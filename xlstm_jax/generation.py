@@ -8,8 +8,8 @@
    stop token. The loop is one compiled program: shapes do not change from token to token, so nothing is
    recompiled per token, and the state buffers are donated so that XLA updates them in place.
 
-Prompts of different lengths are padded on the left. Padded positions get input gate ``-inf`` (its
-finite stand-in ``PAD_IGATE``, see the mLSTM layer) and forget gate ``+inf``, an exact no-op step of the
+Prompts of different lengths are padded on the left. Padded positions get input gate ``-inf``
+(``PAD_IGATE``, see the mLSTM layer) and forget gate ``+inf``, an exact no-op step of the
 cell, so a padded prompt leaves the same states as the unpadded one; all prompts then end at the last
 position and decode in lockstep. A sequence that has emitted a stop token gets ``pad_token_id`` from then
 on, and its state is frozen the same way.

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import dataclasses
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -125,3 +127,21 @@ def test_model_input_errors():
     bad = config.replace(step_backend="nope")
     with pytest.raises(ValueError, match="unknown decode step backend 'nope'"):
         xLSTMLMModel(bad).apply({"params": params}, ids[:, :1], decode=True)
+
+
+@pytest.mark.parametrize("backend", ["chunkwise", "parallel_stabilized", "recurrent"])
+def test_gradients_finite_with_padding(backend):
+    """Padded positions (input gate -inf) filling a whole chunk leave every gradient finite."""
+    config, params = load()
+    kwargs = (("chunk_size", 4),) if backend == "chunkwise" else ()
+    config = dataclasses.replace(config, prefill_backend=backend, prefill_backend_kwargs=kwargs)
+    ids = jnp.asarray(peer()["input_ids"][:, :17])
+    valid = jnp.ones(ids.shape, bool).at[0, :5].set(False)  # 5 padded steps: chunk 0 is all padding
+
+    def loss(p):
+        logits = xLSTMLMModel(config).apply({"params": p}, ids, valid=valid)
+        return jnp.mean(jnp.where(valid[..., None], logits, 0.0) ** 2)
+
+    grads = jax.jit(jax.grad(loss))(params)
+    for path, g in jax.tree_util.tree_leaves_with_path(grads):
+        assert np.all(np.isfinite(g)), path

@@ -14,12 +14,10 @@ name in ``STEP_FUNCTIONS``). Both take the layer's carried states ``(c, n, m)`` 
 Padding: where ``valid`` is False the gate pre-activations become ``i = PAD_IGATE`` and ``f = +inf``.
 Then ``logsigmoid(f) = 0``, ``m' = max(m, i) = m`` and ``i' = exp(i - m') = 0``: the step leaves ``m``,
 ``c`` and ``n`` exactly unchanged (``c' = 1·c + 0·k vᵀ``), so padded positions do not touch the state.
-Mathematically ``PAD_IGATE`` is ``-inf``; we use the finite ``-1e30`` because the chunkwise and parallel
-forms compute a block's own max ``ml = max_s (F_L - F_s + i_s)`` and then ``exp(a - ml)``, which is
-``exp(-inf + inf) = NaN`` for a chunk made only of ``-inf`` input gates (a chunk of left padding). With
-``-1e30`` that max is finite and ``exp(-1e30 - m) = 0`` exactly in float32 (and wider) for any running
-max ``|m| < 1e29``, so the no-op stays exact: ``tests/models/test_generation.py`` checks bit-identical
-states for every backend and step form.
+``PAD_IGATE`` is ``-inf``: every form handles a chunk made only of such steps (the chunkwise and parallel
+forms take a block's own max with ``stabilizer.finite_max``), ``tests/models/test_generation.py`` checks
+bit-identical states for every backend and step form, and ``tests/models/test_model.py`` finite gradients
+with padding.
 
 Precision: projections run in ``config.dtype``; the gate pre-activations in float32 (they are summed in
 log space over the whole sequence, see ``mlstm/stabilizer.py``); the states in ``config.state_dtype``.
@@ -56,7 +54,7 @@ LayerStates = tuple[jax.Array, jax.Array, jax.Array]  # c (B, NH, DHQK, DHV), n 
 # Decode step forms by name: module and function, all with the signature of ``recurrent_step_fw``
 # ``(c, n, m, q, k, v, i, f, eps) -> (h, (c', n', m'))`` with m and the gates shaped (B, NH, 1).
 # The input gate pre-activation of a padded position (see the module docstring); the forget gate's is +inf.
-PAD_IGATE = -1e30
+PAD_IGATE = -float("inf")
 
 STEP_FUNCTIONS: dict[str, tuple[str, str]] = {
     "recurrent": ("xlstm_jax.mlstm.recurrent", "recurrent_step_fw"),
