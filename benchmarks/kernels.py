@@ -7,9 +7,12 @@ Run on a GPU from the repository root::
 Shapes (issue 4): decode step NH=8, DHQK=256, DHV=512, float32 state, bfloat16 inputs, B in {1, 8, 32, 128};
 sequence B=8, S in {512, 2048} at the same head shape, and NH=4, DHQK=DHV=64, B=16, S=2048.
 
-Floors: the step must read and write its state once (bytes / copy ceiling); the sequence must do
-5 float32 FLOPs per state element and time step (c update: f'c + (i'k)v, 3; read-out q̂·c, 2) at the fp32
-non-tensor rate. Each table row gives the time, floor / time, and the XLA path's time / the kernel's.
+Floors: the step must read and write its state once (bytes / copy ceiling). The sequence has two: the
+per-step floor of the literal recurrence, 5 float32 FLOPs per state element and time step (c update
+f'c + (i'k)v: 3; read-out q̂·c: 2) at the fp32 non-tensor rate (the issue's ~1.3 ms at B=8, S=2048); and
+each variant's own floor, the matrix-product FLOPs of its closed-form blocks at the bf16 matrix-unit rate or
+the bytes of q, k, v, h at the copy ceiling, whichever is larger. Each table row gives the time, floor / time,
+and the XLA scan's time / this row's. The XLA chunkwise form runs in the same table for comparison.
 """
 
 from __future__ import annotations
@@ -26,10 +29,12 @@ import numpy as np
 
 from tests.numerics import TOL
 from xlstm_jax.kernels import SequenceKernelConfig, StepKernelConfig, recurrent_sequence_pallas, recurrent_step_pallas
+from xlstm_jax.mlstm.chunkwise import chunkwise_fw
 from xlstm_jax.mlstm.recurrent import recurrent_sequence_fw, recurrent_step_fw
 
 COPY_TBPS = 4.27e12  # measured device-to-device copy ceiling of the H200 (bytes read + written per second)
 FP32_FLOPS = 67e12  # fp32 non-tensor FMA rate, counting an FMA as 2 FLOPs
+BF16_FLOPS = 700e12  # dense bf16 matrix-unit rate measured on this H200 (600-700 TFLOP/s; forms.py uses 700)
 F32, BF16 = jnp.float32, jnp.bfloat16
 INTERPRET = False  # --smoke: tiny shapes in Pallas interpret mode, to check this script without a GPU
 
@@ -207,66 +212,101 @@ def seq_inputs(B, NH, S, DHQK, DHV, seed=0):
     )
 
 
-def seq_flops(B, NH, S, DHQK, DHV) -> float:
+def seq_step_flops(B, NH, S, DHQK, DHV) -> float:
+    """FLOPs of the literal per-step recurrence: 5 per state element and step (c update 3, read-out 2)."""
     return 5.0 * B * NH * S * DHQK * DHV
+
+
+def seq_block_flops(B, NH, S, DHQK, DHV, L) -> float:
+    """Matrix-product FLOPs of the closed form over blocks of L steps, per head (not per DHV tile):
+    q·kᵀ (L, L, DHQK) and scores·v (L, L, DHV) on full L x L blocks, q·C and kᵀv (L, DHQK, DHV)."""
+    return 2.0 * B * NH * S * (L * DHQK + L * DHV + 2 * DHQK * DHV)
 
 
 def seq_bytes(B, NH, S, DHQK, DHV) -> float:
     return 2.0 * B * NH * S * (2 * DHQK + 2 * DHV)  # q, k, v read and h written once, bf16
 
 
+def _queued_time(fn, x, reps: int, n: int = 10) -> float:
+    """Median over ``reps`` of (n calls queued back to back, then blocked on) / n: no per-call dispatch gap."""
+
+    def run():
+        for _ in range(n):
+            out = fn(*x)
+        jax.block_until_ready(out)
+
+    return _median_time(run, reps) / n
+
+
 def bench_seq(rows, shapes, sweep_for, reps=5):
+    """Times the XLA scan, the XLA chunkwise form and the kernel variants; checks each against the scan."""
     for B, NH, S, DHQK, DHV in shapes:
+        shape = [B, NH, S, DHQK, DHV]
         x = seq_inputs(B, NH, S, DHQK, DHV)
-        floor = max(seq_flops(B, NH, S, DHQK, DHV) / FP32_FLOPS, seq_bytes(B, NH, S, DHQK, DHV) / COPY_TBPS)
+        step_floor = max(seq_step_flops(*shape) / FP32_FLOPS, seq_bytes(*shape) / COPY_TBPS)
         xla_fn = jax.jit(lambda *a: recurrent_sequence_fw(*a, state_dtype="float32", use_scan=True))
         h_ref = xla_fn(*x)
-        t_xla = _median_time(lambda xla_fn=xla_fn, x=x: xla_fn(*x).block_until_ready(), 3)
-        rows.append({"kind": "seq", "shape": [B, NH, S, DHQK, DHV], "variant": "xla-scan", "time": t_xla,
-                     "floor": floor})  # fmt: skip
-        print(f"seq {B, NH, S, DHQK, DHV} xla-scan {t_xla * 1e3:9.3f} ms  floor {floor * 1e3:.3f} ms", flush=True)
-        for name, cfg in sweep_for(DHQK, DHV, S).items():
-            fn = jax.jit(lambda *a, cfg=cfg: recurrent_sequence_pallas(*a, config=cfg, interpret=INTERPRET))
+        t_xla = _queued_time(xla_fn, x, 3, 2)
+        rows.append({"kind": "seq", "shape": shape, "variant": "xla-scan", "time": t_xla, "floor": step_floor})
+        print(f"seq {tuple(shape)} xla-scan {t_xla * 1e3:9.3f} ms  per-step floor {step_floor * 1e3:.3f} ms")
+        cw_fn = jax.jit(lambda *a: chunkwise_fw(*a, state_dtype="float32"))
+        variants = {
+            "xla-chunkwise": (cw_fn, None),
+            **{name: (None, cfg) for name, cfg in sweep_for(DHQK, DHV, S).items()},
+        }
+        for name, (fn, cfg) in variants.items():
+            if fn is None:
+                fn = jax.jit(lambda *a, cfg=cfg: recurrent_sequence_pallas(*a, config=cfg, interpret=INTERPRET))
+            L = 256 if cfg is None else cfg.chunk_size
+            floor = (
+                step_floor if L == 1 else max(seq_block_flops(*shape, L) / BF16_FLOPS, seq_bytes(*shape) / COPY_TBPS)
+            )
             try:
-                h = fn(*x)
-                err = _rel_err(h_ref.astype(F32), h.astype(F32))
-                t = _median_time(lambda fn=fn, x=x: fn(*x).block_until_ready(), reps)
-            except Exception as e:
+                err = _rel_err(h_ref.astype(F32), fn(*x).astype(F32))
+                t = _queued_time(fn, x, reps)
+            except Exception as e:  # a config that does not compile is reported, not fatal
                 print(f"seq {name}: FAILED {type(e).__name__}: {str(e)[:300]}", flush=True)
                 continue
             ok = err <= TOL["bfloat16/float32"].max_err
-            rows.append({"kind": "seq", "shape": [B, NH, S, DHQK, DHV], "variant": name, "time": t, "floor": floor,
-                         "xla": t_xla, "err": err, "ok": ok})  # fmt: skip
-            print(f"seq {B, NH, S, DHQK, DHV} {name:14s} {t * 1e3:9.3f} ms  floor/time {floor / t:5.2f}  "
-                  f"xla/kernel {t_xla / t:7.1f}x  err {err:.1e} ok={ok}", flush=True)  # fmt: skip
+            rows.append({"kind": "seq", "shape": shape, "variant": name, "time": t, "floor": floor,
+                         "step_floor": step_floor, "xla": t_xla, "err": err, "ok": ok})  # fmt: skip
+            print(f"seq {tuple(shape)} {name:18s} {t * 1e3:8.3f} ms  own floor/time {floor / t:5.3f}  "
+                  f"per-step floor/time {step_floor / t:5.2f}  xla-scan/this {t_xla / t:6.1f}x  err {err:.1e} "
+                  f"ok={ok}", flush=True)  # fmt: skip
+        if S >= 2048 and not INTERPRET:  # the gradient: forward kernel, backward recomputed by the chunkwise form
+            loss = lambda *a: jnp.sum(recurrent_sequence_pallas(*a).astype(F32))  # noqa: E731
+            grad = jax.jit(jax.grad(loss, argnums=(0, 1, 2, 3, 4)))
+            t = _queued_time(grad, x, 3, 3)
+            L = SequenceKernelConfig.get_default(DHQK, DHV).chunk_size
+            floor = 3 * max(seq_block_flops(*shape, L) / BF16_FLOPS, seq_bytes(*shape) / COPY_TBPS)
+            rows.append({"kind": "seq", "shape": shape, "variant": "default fwd+bwd", "time": t, "floor": floor,
+                         "step_floor": 3 * step_floor})  # fmt: skip
+            print(f"seq {tuple(shape)} default fwd+bwd     {t * 1e3:8.3f} ms", flush=True)
 
 
 def seq_sweep(DHQK, DHV, S, full=True):
-    """The default config, plus (``full``) variants: bvX-wY = block_dhv, num_warps; eager: lazy_forget off;
-    nopf-stZ: loads at their use (no manual prefetch) with Z pipeline stages; u2: two steps per iteration."""
+    """The default config, plus (``full``) variants named L<chunk_size>-bv<block_dhv>-w<num_warps>[-s<stages>];
+    L1 is the literal step-by-step recurrence (the kernel of the previous release, for comparison)."""
     C = SequenceKernelConfig
-    default = C.get_default(DHQK, DHV)
-    sweep = {"default": default}
+    sweep = {"default": C.get_default(DHQK, DHV)}
     if not full:
         return sweep
-    base = {"block_dhv": default.block_dhv, "num_warps": default.num_warps}
-    tag = f"bv{default.block_dhv}-w{default.num_warps}"
-    sweep[f"{tag}-eager"] = C(**base, lazy_forget=False)
-    if S < 2048:
-        return sweep
-    sweep[f"{tag}-nopf-st2"] = C(**base, prefetch=False, num_stages=2)
-    sweep[f"{tag}-nopf-st3"] = C(**base, prefetch=False, num_stages=3)
-    sweep[f"{tag}-u2"] = C(**base, unroll=2)
-    variants = [(16, 2), (16, 1), (8, 1)] if DHQK >= 256 else [(8, 1), (16, 1), (32, 2)]
-    for bv, w in variants:
-        sweep[f"bv{bv}-w{w}"] = C(block_dhv=bv, num_warps=w)
-    sweep["bv16-w1-nopf-st3"] = C(block_dhv=16, num_warps=1, prefetch=False, num_stages=3)
+    grid = [(1, 16, 1, 1)]
+    if DHQK >= 256 and S >= 2048:
+        grid += [(L, bv, w, 1) for L in (16, 32, 64, 128) for bv, w in ((32, 4), (64, 4), (64, 8), (128, 8))]
+        grid += [(64, 64, 4, 2), (32, 64, 4, 2)]
+    else:
+        grid += [(L, bv, w, 1) for L in (32, 64) for bv, w in ((16, 4), (32, 4), (64, 4))]
+    for L, bv, w, st in grid:
+        sweep[f"L{L}-bv{bv}-w{w}" + (f"-s{st}" if st > 1 else "")] = C(
+            block_dhv=min(bv, DHV), chunk_size=L, num_warps=w, num_stages=st
+        )
     return sweep
 
 
 def print_table(rows):
-    print("\n| kernel | shape | variant | time | floor | floor/time | XLA/kernel | check |")
-    print("|---|---|---|---|---|---|---|---|")
+    print("\n| kernel | shape | variant | time | floor | floor/time | [seq] per-step floor/time | XLA/kernel | check |")
+    print("|---|---|---|---|---|---|---|---|---|")
     xla_step = {(r["B"], m): r[m] for r in rows if r["kind"] == "step" and r["variant"] == "xla"
                 for m in STEP_MODES}  # fmt: skip
     for r in rows:
@@ -275,12 +315,13 @@ def print_table(rows):
                 ratio = xla_step[(r["B"], m)] / r[m]
                 check = "" if r["check"] is None else f"ok={r['check']['ok']}"
                 print(f"| step ({m}) | B={r['B']} | {r['variant']} | {r[m] * 1e6:.1f} us | {r['floor'] * 1e6:.1f} us "
-                      f"| {r['floor'] / r[m]:.2f} | {ratio:.2f}x | {check} |")  # fmt: skip
+                      f"| {r['floor'] / r[m]:.2f} | | {ratio:.2f}x | {check} |")  # fmt: skip
         else:
-            ratio = r.get("xla", r["time"]) / r["time"]
+            ratio = f"{r['xla'] / r['time']:.1f}x" if r.get("xla") else ""
             check = f"err={r['err']:.1e} ok={r['ok']}" if "err" in r else ""
             print(f"| sequence | {tuple(r['shape'])} | {r['variant']} | {r['time'] * 1e3:.3f} ms | "
-                  f"{r['floor'] * 1e3:.3f} ms | {r['floor'] / r['time']:.2f} | {ratio:.1f}x | {check} |")  # fmt: skip
+                  f"{r['floor'] * 1e3:.3f} ms | {r['floor'] / r['time']:.3f} | "
+                  f"{r.get('step_floor', r['floor']) / r['time']:.2f} | {ratio} | {check} |")  # fmt: skip
 
 
 def main():
@@ -303,7 +344,7 @@ def main():
     if args.part in ("all", "seq"):
         shapes = [(8, 8, 512, 256, 512), (8, 8, 2048, 256, 512), (16, 4, 2048, 64, 64)]
         if args.smoke:
-            shapes = [(1, 2, 5, 16, 32), (2, 1, 9, 32, 16)]
+            shapes = [(1, 2, 37, 16, 32), (2, 1, 40, 32, 16)]
         bench_seq(rows, shapes, functools.partial(seq_sweep, full=not args.quick))
     print_table(rows)
     if args.json:

@@ -25,25 +25,25 @@ from xlstm_jax.models.xlstm_parallel.blocks.mlstm.backend.recurrent_pallas impor
     mLSTMBackendRecurrentPallasConfig,
 )
 
-NARROW = SequenceKernelConfig(block_dhv=16, num_warps=1)  # four programs across DHV=64
-# The other code paths: the forget gate multiplied into c at every step, loads at their use, two steps
-# per loop iteration (S = 11 leaves a remainder).
-EAGER = SequenceKernelConfig(block_dhv=16, num_warps=2, lazy_forget=False, prefetch=False, num_stages=2, unroll=2)
+# Blocks of 16 steps, four programs across DHV=64; and the literal step-by-step recurrence.
+NARROW = SequenceKernelConfig(block_dhv=16, chunk_size=16, num_warps=1)
+STEPS = SequenceKernelConfig(block_dhv=16, chunk_size=1, num_warps=2, num_stages=2)
 
 
 def _form(config=None):
     return functools.partial(recurrent_sequence_pallas, config=config, interpret=INTERPRET)
 
 
-# (B, NH, S, DHQK, DHV, config, input kwargs): S = 1, odd S, DHQK != DHV both ways, several DHV blocks,
-# initial states or not, extreme input gates and strongly forgetting or remembering forget gates.
+# (B, NH, S, DHQK, DHV, config, input kwargs): S = 1, odd S, S below, at and above whole blocks (closed-form
+# blocks followed by single steps), DHQK != DHV both ways, several DHV blocks, initial states or not, extreme
+# input gates and strongly forgetting or remembering forget gates.
 FORWARD_CASES = {
     "S1": (1, 1, 1, 16, 16, None, {}),
     "odd-S-states": (2, 3, 7, 32, 16, None, {"states": True}),
-    "dhv-blocks-extreme": (1, 2, 13, 16, 64, NARROW, {"igate": "extreme"}),
-    "closed-states": (2, 1, 5, 64, 32, NARROW, {"states": True, "fgate": "closed", "igate": "extreme"}),
-    "open": (1, 1, 9, 16, 32, None, {"fgate": "open"}),
-    "eager-states-extreme": (2, 1, 11, 32, 32, EAGER, {"states": True, "igate": "extreme"}),
+    "blocks-tail-dhv-extreme": (1, 2, 37, 16, 64, NARROW, {"igate": "extreme"}),
+    "blocks-closed-states": (2, 1, 40, 64, 32, NARROW, {"states": True, "fgate": "closed", "igate": "extreme"}),
+    "blocks-exact-open": (1, 1, 64, 32, 16, SequenceKernelConfig(block_dhv=16, chunk_size=32), {"fgate": "open"}),
+    "steps-states-extreme": (2, 1, 11, 32, 32, STEPS, {"states": True, "igate": "extreme"}),
 }
 
 
@@ -56,10 +56,10 @@ def test_sequence_matches_reference(case, dtype):
 
 
 @pytest.mark.parametrize(
-    ("shape", "states"), [((1, 1, 4, 16, 16), True), ((1, 2, 3, 16, 32), False)], ids=["states", "no-states"]
+    ("shape", "states"), [((1, 1, 20, 16, 16), True), ((1, 2, 3, 16, 32), False)], ids=["states", "no-states"]
 )
 def test_sequence_gradients(shape, states):
-    """The custom_vjp (backward recomputed with the XLA form) against central differences in float64."""
+    """The custom_vjp (backward recomputed with the XLA chunkwise form) against central differences in float64."""
     x = random_inputs(5, *shape, states=states)
     check_gradients(_form(NARROW), x, "float32")
 
@@ -93,6 +93,11 @@ def test_sequence_input_errors():
         recurrent_sequence_pallas(*args, config=(16, 1), interpret=INTERPRET)
     with pytest.raises(ValueError, match="block_dhv"):
         SequenceKernelConfig(block_dhv=12)
+    with pytest.raises(ValueError, match="block_dhv=8 must be at least 16"):
+        SequenceKernelConfig(block_dhv=8)
+    for bad in (0, 8, 48, 512):
+        with pytest.raises(ValueError, match=f"chunk_size={bad}"):
+            SequenceKernelConfig(chunk_size=bad)
 
 
 def test_backend_registered_and_matches_the_function():

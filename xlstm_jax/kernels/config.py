@@ -156,51 +156,48 @@ class StepKernelConfig:
         return block_dhv, splits, min(self.block_dhqk, rows)
 
 
+_CHUNK_SIZES = (16, 32, 64, 128, 256)  # closed-form blocks: matrix-unit tiles need at least 16 rows
+
+
 @dataclass(frozen=True)
 class SequenceKernelConfig:
     """Tiling of the whole-sequence kernel.
 
     The grid is (B·NH, DHV / block_dhv). Each program keeps its (DHQK, block_dhv) float32 tile of c, and
-    n and m, on chip across all time steps.
+    n and m, on chip across all time steps, and advances them ``chunk_size`` steps at a time.
 
     Attributes:
-        block_dhv: Columns of c per program.
+        block_dhv: Columns of c per program (at least 16, the smallest matrix-unit tile).
+        chunk_size: Time steps per block: a power of two from 16 to 256, whose steps are computed in closed
+            form with matrix products; or 1, the literal step-by-step recurrence (slower: one serial chain
+            of vector operations per step). The ``S % chunk_size`` steps at the end run step by step.
         num_warps: Triton warps per program.
         num_stages: Triton software-pipelining stages.
-        lazy_forget: Carry the product of forget gates as a scalar beside the tile and multiply it in only
-            when it falls below 2^-40: the state update is then one FMA per element instead of two
-            operations. Same function; rounding of the same order.
-        prefetch: Load the inputs of step t+1 while step t computes (carried in registers); without it
-            the loads sit at their use and only Triton's pipeliner (``num_stages`` > 1) can stage them.
-        unroll: Time steps per iteration of the loop over time.
     """
 
-    block_dhv: int = 16
-    num_warps: int = 1
+    block_dhv: int = 64
+    chunk_size: int = 64
+    num_warps: int = 4
     num_stages: int = 1
-    lazy_forget: bool = True
-    prefetch: bool = True
-    unroll: int = 1
 
     def __post_init__(self) -> None:
         _check_block("block_dhv", self.block_dhv, MAX_HEAD_DIM, "MAX_HEAD_DIM")
-        if self.block_dhv < MIN_HEAD_DIM // 2:
-            raise ValueError(f"block_dhv={self.block_dhv} must be at least {MIN_HEAD_DIM // 2}")
+        if self.block_dhv < MIN_HEAD_DIM:
+            raise ValueError(f"block_dhv={self.block_dhv} must be at least {MIN_HEAD_DIM}")
+        if not (self.chunk_size == 1 or (isinstance(self.chunk_size, int) and self.chunk_size in _CHUNK_SIZES)):
+            raise ValueError(f"chunk_size={self.chunk_size!r} must be 1 or one of {_CHUNK_SIZES}")
         _check_launch(self.num_warps, self.num_stages)
-        if not (isinstance(self.unroll, int) and self.unroll >= 1):
-            raise ValueError(f"unroll={self.unroll!r} must be a positive integer")
-        for name in ("lazy_forget", "prefetch"):
-            if not isinstance(getattr(self, name), bool):
-                raise TypeError(f"{name} must be a bool, got {getattr(self, name)!r}")
 
     @classmethod
     def get_default(cls, DHQK: int, DHV: int) -> SequenceKernelConfig:
-        """The default tiling for a head shape: 16 columns of c per program, 128 state elements per thread.
+        """The default tiling for a head shape, from the H200 sweep in BENCHMARKS.md (bf16 inputs, S=2048).
 
-        Tuned on an H200 (BENCHMARKS.md, variant ``bv16-w1``): fastest of the tilings tried at DHQK=256,
-        DHV=512 and at DHQK=DHV=64. DHQK=512 gets two warps so that the tile stays within 255 registers
-        per thread (not measured).
+        DHQK=256, DHV=512 (xLSTM-7B): blocks of 16 steps, 64 columns, 8 warps (``L16-bv64-w8``), the fastest
+        of 19 tilings, within 2% of the next two; short blocks also keep the step-by-step tail short.
+        DHQK=DHV=64: blocks of 64 steps, 32 columns, 4 warps (``L64-bv32-w4``), the fastest of 7.
+        DHQK=512 gets 32 columns so that the float32 tile stays at 64 values per thread (not measured).
         """
         check_head_dims(DHQK, DHV)
-        block_dhv = min(DHV, 16)
-        return cls(block_dhv=block_dhv, num_warps=max(1, DHQK * block_dhv // 4096))
+        if DHQK <= 128:
+            return cls(block_dhv=min(DHV, 32), chunk_size=64, num_warps=4)
+        return cls(block_dhv=min(DHV, 64 if DHQK <= 256 else 32), chunk_size=16, num_warps=8)

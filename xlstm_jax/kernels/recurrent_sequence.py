@@ -2,16 +2,26 @@
 
 Each program owns one head and one block of DHV columns. It keeps its (DHQK, block_dhv) float32 tile of c,
 and n and m, on chip for all S time steps, reads q, k, v, i, f once and writes h once (plus, optionally,
-the last states). The inputs of step t+1 are loaded while step t computes, so the load latency is off the
-serial path. The math per step is that of :func:`xlstm_jax.mlstm.recurrent.recurrent_step_fw`, with the
-stabiliser from :mod:`xlstm_jax.mlstm.stabilizer`.
+the last states).
 
-Precision: the state is float32 whatever the input dtype; q, k, v and the gates are upcast on chip, the
-read-out and division run in float32, and h is stored in q's dtype.
+The recurrence advances ``chunk_size`` steps at a time (:class:`~xlstm_jax.kernels.config.SequenceKernelConfig`).
+For a block of L steps the recurrent steps have a closed form (:mod:`xlstm_jax.mlstm.parallel`): the h of
+the block from the states before it (:func:`~xlstm_jax.mlstm.parallel.block_readout`), and the states after
+it (:func:`~xlstm_jax.mlstm.parallel.block_summary`, :func:`~xlstm_jax.mlstm.parallel.combine_states`). The
+kernel applies those same functions to one head's (L, ·) blocks, so the work per step becomes matrix
+products on the tensor cores instead of a serial chain of vector operations, and the running max ``m`` is
+the recurrent one. The ``S % chunk_size`` steps left at the end, and every step with ``chunk_size=1``, run
+as literal recurrent steps (:func:`xlstm_jax.mlstm.stabilizer.step_gates`).
+
+Precision: the state, the gates and the stabiliser are float32 whatever the input dtype, and h is stored in
+q's dtype. The matrix products follow the chunkwise form's rule (:func:`~xlstm_jax.mlstm.parallel.matmul_dtype`):
+float32 inputs give float32 products (no TF32); bfloat16/float16 inputs give products with operands in that
+dtype, accumulated in float32, which rounds the gate-weighted scores and the state to it where they enter a
+product (the ``bfloat16/float32`` entry of ``tests/numerics.py`` accounts for this).
 
 Gradients: :func:`recurrent_sequence_pallas` has a ``custom_vjp``. Its backward recomputes the forward with
-the XLA recurrent form (``recurrent_sequence_fw(use_scan=True)``) and differentiates that: correct, but as
-slow and memory-hungry as the XLA path (it stores every step's state). There is no backward kernel yet.
+the XLA chunkwise form (:func:`xlstm_jax.mlstm.chunkwise.chunkwise_fw`, the same function) and
+differentiates that. There is no backward kernel.
 """
 
 from __future__ import annotations
@@ -27,18 +37,24 @@ from jax.experimental.pallas import triton as pl_triton
 
 from xlstm_jax.kernels.config import SequenceKernelConfig, check_head_dims, check_kernel_dtypes, kernel_mode
 from xlstm_jax.mlstm.checks import check_eps, check_sequence_inputs, resolve_state_dtype
+from xlstm_jax.mlstm.chunkwise import chunkwise_fw
+from xlstm_jax.mlstm.parallel import block_readout, block_summary, combine_states, matmul_dtype
 from xlstm_jax.mlstm.recurrent import recurrent_sequence_fw
-from xlstm_jax.mlstm.stabilizer import normalize_readout, step_gates
+from xlstm_jax.mlstm.stabilizer import log_forget_gate, normalize_readout, step_gates
 from xlstm_jax.mlstm.states import cast_states, prepare_states
 
 __all__ = ["recurrent_sequence_pallas"]
-
-_FOLD_BELOW = 2.0**-40  # lazy_forget: fold the scalar forget product into the tile below this
 
 
 # ---------------------------------------------------------------------------------------------------------
 # Kernel body: one program = one head (bh), one DHV block (vb); a loop over time inside.
 # ---------------------------------------------------------------------------------------------------------
+def _last(x: jax.Array) -> jax.Array:
+    """``x[-1]`` of a 1-D array, as a masked sum (Triton has no element extraction); exact."""
+    idx = jax.lax.broadcasted_iota(jnp.int32, x.shape, 0)
+    return jnp.sum(jnp.where(idx == x.shape[0] - 1, x, 0.0))
+
+
 def _sequence_kernel(
     q_ref,  # (S, DHQK)
     k_ref,  # (S, DHQK)
@@ -48,76 +64,58 @@ def _sequence_kernel(
     *refs,  # [c0 (DHQK, BV), n0 (DHQK,), m0 (1,)], h (S, BV), [c_last (DHQK, BV), n_last (DHQK,), m_last (1,)]
     eps: float,
     S: int,
+    chunk: int,
     has_initial: bool,
     return_last_states: bool,
-    lazy_forget: bool,
-    prefetch: bool,
-    unroll: int,
 ):
     f32 = jnp.float32
     if has_initial:
         c0_ref, n0_ref, m0_ref, *refs = refs
     h_ref, *last_refs = refs
     DHQK, BV = q_ref.shape[1], h_ref.shape[1]
-    # 1/sqrt(DHQK) is a power of two for DHQK = 16, 64, 256, so q * scale is then exactly q / sqrt(DHQK).
-    scale = 1.0 / math.sqrt(DHQK)
+    operand_dtype = matmul_dtype(jnp.result_type(q_ref.dtype, k_ref.dtype, v_ref.dtype), f32)
 
-    one = jnp.ones((), f32)
     if has_initial:
-        state = (c0_ref[...].astype(f32), n0_ref[...].astype(f32), m0_ref[0].astype(f32), one)
+        state = (c0_ref[...].astype(f32), n0_ref[...].astype(f32), m0_ref[0].astype(f32))
     else:
-        state = (jnp.zeros((DHQK, BV), f32), jnp.zeros((DHQK,), f32), jnp.zeros((), f32), one)
+        state = (jnp.zeros((DHQK, BV), f32), jnp.zeros((DHQK,), f32), jnp.zeros((), f32))
 
-    def load(t):
-        return q_ref[t, :], k_ref[t, :], v_ref[t, :], i_ref[t], f_ref[t]
+    def block(j, carry):  # steps [j L, (j + 1) L) in closed form
+        c, n, m = carry
+        t = pl.ds(pl.multiple_of(j * chunk, chunk), chunk)
+        q, k, v = q_ref[t, :], k_ref[t, :], v_ref[t, :]
+        i = i_ref[t].astype(f32)
+        F = jnp.cumsum(log_forget_gate(f_ref[t].astype(f32)))
+        h_ref[t, :] = block_readout(q, k, v, F, i, c, n, m, eps, operand_dtype).astype(h_ref.dtype)
+        F_L = _last(F)
+        return combine_states(c, n, m, F_L, *block_summary(k, v, F, F_L, i, operand_dtype))
 
-    def body(t, carry):
-        c, n, m, p, *x = carry  # with lazy_forget the states are p·c and p·n, p a scalar; else p = 1
-        if prefetch:  # load step t+1 now, so that it is in flight while step t computes
-            x, x_next = x, list(load(jnp.minimum(t + 1, S - 1)))
-        else:  # load step t here (Triton's pipeliner may stage it with num_stages > 1)
-            x, x_next = load(t), []
-        q, k, v, i, f = (a.astype(f32) for a in x)
-        m, f_act, i_act = step_gates(m, i, f)
-        q_hat = q * scale
-        if lazy_forget:
-            # c' = f'c + i'kvᵀ = p'(c̃ + (i'/p') kvᵀ) with p' = p f': one FMA per element instead of a
-            # multiply and an FMA. p' is folded into the tile only when it gets small, before 1/p' could
-            # overflow (at least one of f', i' is 1, so a tiny p' means the new term dominates).
-            p = p * f_act
-            c, n, p = jax.lax.cond(
-                p < _FOLD_BELOW, lambda c, n, p: (c * p, n * p, one), lambda c, n, p: (c, n, p), c, n, p
-            )
-            kk = (i_act / p) * k
-            c = c + kk[:, None] * v[None, :]
-            n = n + kk
-        else:
-            kk = i_act * k
-            c = f_act * c + kk[:, None] * v[None, :]
-            n = f_act * n + kk
+    def step(t, carry):  # one recurrent step
+        c, n, m = carry
+        q, k, v = (r[t, :].astype(f32) for r in (q_ref, k_ref, v_ref))
+        m, f_act, i_act = step_gates(m, i_ref[t].astype(f32), f_ref[t].astype(f32))
+        kk = i_act * k
+        c = f_act * c + kk[:, None] * v[None, :]
+        n = f_act * n + kk
+        q_hat = q * (1.0 / math.sqrt(DHQK))  # exactly q / sqrt(DHQK) for DHQK = 16, 64, 256
         num = jnp.sum(q_hat[:, None] * c, axis=0)  # (BV,)
-        qn = jnp.sum(q_hat * n)
-        if lazy_forget:
-            num, qn = p * num, p * qn
-        h_ref[t, :] = normalize_readout(num, qn, m, eps).astype(h_ref.dtype)
-        return c, n, m, p, *x_next
+        h_ref[t, :] = normalize_readout(num, jnp.sum(q_hat * n), m, eps).astype(h_ref.dtype)
+        return c, n, m
 
-    def steps(j, carry):  # `unroll` steps in straight-line code (the Triton lowering has no scan unroll)
-        for u in range(unroll):
-            carry = body(j * unroll + u, carry)
-        return carry
-
-    carry = (*state, *load(0)) if prefetch else state
-    carry = jax.lax.fori_loop(0, S // unroll, steps, carry)
-    c, n, m, p, *_ = jax.lax.fori_loop(S // unroll * unroll, S, body, carry)  # the remaining S % unroll steps
+    num_blocks = S // chunk if chunk > 1 else 0
+    if num_blocks:  # (a block larger than S could not even be traced)
+        state = jax.lax.fori_loop(0, num_blocks, block, state)
+    if num_blocks * chunk < S:
+        state = jax.lax.fori_loop(num_blocks * chunk, S, step, state)
+    c, n, m = state
 
     if return_last_states:
         c_last_ref, n_last_ref, m_last_ref = last_refs
-        c_last_ref[...] = p * c
+        c_last_ref[...] = c
 
         @pl.when(pl.program_id(1) == 0)
         def _():
-            n_last_ref[...] = p * n
+            n_last_ref[...] = n
             m_last_ref[0] = m
 
 
@@ -169,9 +167,7 @@ def _sequence_call(
         S=S,
         has_initial=has_initial,
         return_last_states=return_last_states,
-        lazy_forget=config.lazy_forget,
-        prefetch=config.prefetch,
-        unroll=min(config.unroll, S),
+        chunk=config.chunk_size,
     )
     return pl.pallas_call(
         kernel,
@@ -303,15 +299,13 @@ def _sequence_fwd(q, k, v, i, f, initial, eps, return_last_states, config, inter
 
 
 def _sequence_bwd(eps, return_last_states, config, interpret, residuals, cotangent):
-    # Recompute with the XLA recurrent form (float32 states, as the kernel) and differentiate that.
+    # Recompute with the XLA chunkwise form (the same function, float32 states as the kernel) and differentiate
+    # that: O(S) memory, matrix products, no loop over single steps.
     q, k, v, i, f, initial = residuals
 
     def xla_forward(q, k, v, i, f, initial):
         c0, n0, m0 = (None, None, None) if initial is None else initial
-        return recurrent_sequence_fw(
-            q, k, v, i, f, c0, n0, m0,
-            return_last_states=return_last_states, eps=eps, state_dtype=_F32, use_scan=True,
-        )  # fmt: skip
+        return chunkwise_fw(q, k, v, i, f, c0, n0, m0, return_last_states=return_last_states, eps=eps, state_dtype=_F32)
 
     _, vjp = jax.vjp(xla_forward, q, k, v, i, f, initial)
     return vjp(cotangent)

@@ -182,7 +182,7 @@ def chunkwise_fw(
     i = i.reshape(B, NH, NC, L)
 
     # 1. Each chunk's own contribution to the state at its end.
-    cbar, nbar, ml = block_summary(k, v, F, i, operand_dtype, valid)  # (B, NH, NC, ...)
+    cbar, nbar, ml = block_summary(k, v, F, F[..., -1], i, operand_dtype, valid)  # (B, NH, NC, ...)
 
     # 2. The states at the chunk borders.
     (c_last, n_last, m_last), (c_b, n_b, m_b) = border_states(

@@ -14,8 +14,10 @@ The initial-state column ``log w`` takes part in the row max even when no state 
 computes the recurrent form's function exactly, the ``eps`` term included.
 
 The three building blocks below (:func:`block_readout`, :func:`block_summary`, :func:`combine_states`)
-work on any number of leading batch dimensions. The parallel form applies them once to the whole
-sequence; the chunkwise form (:mod:`xlstm_jax.mlstm.chunkwise`) applies them to every chunk.
+work on any number of leading batch dimensions, none included. The parallel form applies them once to the
+whole sequence; the chunkwise form (:mod:`xlstm_jax.mlstm.chunkwise`) applies them to every chunk; the fused
+sequence kernel (:mod:`xlstm_jax.kernels.recurrent_sequence`) applies them to one head's blocks inside a
+Pallas kernel, so they use only operations that Pallas' Triton lowering has (iota masks, 2-D products).
 
 Precision: the gates, the cumulative sums and the stabiliser run in float32 (or the state dtype if
 wider). Matrix products take bfloat16/float16 operands when the inputs have that dtype (the gate
@@ -97,7 +99,8 @@ def block_readout(
     """
     acc = F.dtype
     L, DHQK = q.shape[-2], q.shape[-1]
-    mask = np.tril(np.ones((L, L), bool))
+    # Causal mask from iotas rather than a NumPy constant, so that this also runs inside a Pallas kernel.
+    mask = jax.lax.broadcasted_iota(jnp.int32, (L, L), 1) <= jax.lax.broadcasted_iota(jnp.int32, (L, L), 0)
     if valid is not None:
         mask = mask & valid[..., None, :]
     log_d = jnp.where(mask, F[..., :, None] - F[..., None, :] + i[..., None, :], -jnp.inf)  # (..., L, L)
@@ -112,8 +115,9 @@ def block_readout(
     qn = jnp.sum(scores, axis=-1)  # (..., L)
     if c0 is not None:
         num = num + (scale * w)[..., None] * _dot("...td,...de->...te", q, c0, operand_dtype, acc)
-        # q̂·n0 is a matrix-vector product: it runs in the accumulation dtype, as does the row sum.
-        qn = qn + (scale * w) * _dot("...td,...d->...t", q, n0, acc, acc)
+        # q̂·n0 runs in the accumulation dtype, as does the row sum (a product and a sum, not a matrix-vector
+        # product: Pallas' Triton lowering only has 2-D matrix products).
+        qn = qn + (scale * w) * jnp.sum(q.astype(acc) * n0[..., None, :], axis=-1)
     return normalize_readout(num, qn, m, eps)
 
 
@@ -121,6 +125,7 @@ def block_summary(
     k: jax.Array,  # (..., L, DHQK)
     v: jax.Array,  # (..., L, DHV)
     F: jax.Array,  # (..., L) inclusive cumulative sum of log forget gates from the block's start
+    F_L: jax.Array,  # (...) F at the block's last step, F[..., -1]
     i: jax.Array,  # (..., L)
     operand_dtype: Any,
     valid: np.ndarray | None = None,  # (L,) or broadcastable to (..., L)
@@ -135,7 +140,7 @@ def block_summary(
         ``(cbar (..., DHQK, DHV), nbar (..., DHQK), ml (...))`` in F's dtype.
     """
     acc = F.dtype
-    a = F[..., -1:] - F + i  # (..., L)
+    a = F_L[..., None] - F + i  # (..., L)
     if valid is not None:
         a = jnp.where(valid, a, -jnp.inf)
     ml, shift = finite_max(a)  # ml = -inf for a block of input gates -inf: it adds nothing
@@ -233,5 +238,5 @@ def parallel_stabilized_fw(
     h = h.astype(q.dtype)
     if not return_last_states:
         return h
-    summary = block_summary(k, v, F, i, operand_dtype)
+    summary = block_summary(k, v, F, F[..., -1], i, operand_dtype)
     return h, cast_states(combine_states(c0, n0, m0, F[..., -1], *summary), out_dtypes)
