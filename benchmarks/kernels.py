@@ -95,16 +95,21 @@ def step_inputs(B, seed=0):
 STEP_MODES = ("queued", "loop", "loop8", "unrolled")
 
 
-def time_step(step, B, n_queued=100, n_loop=256, unroll_full=32, reps=5):
-    if INTERPRET:
-        n_queued, n_loop, unroll_full, reps = 2, 8, 2, 1
-    """Per-step times of ``step(c, n, m, q, k, v, i, f)``: calls queued (donated), and inside jitted loops."""
-    _, x = step_inputs(B)
+def _jit_step(step):
+    """``step`` jitted as ``(c, n, m, q, k, v, i, f) -> (h, (c', n', m'))`` with the state donated."""
 
     def call(c, n, m, q, k, v, i, f):
         return step(c=c, n=n, m=m, q=q, k=k, v=v, i=i, f=f, eps=1e-6)
 
-    jitted = jax.jit(call, donate_argnums=(0, 1, 2))
+    return call, jax.jit(call, donate_argnums=(0, 1, 2))
+
+
+def time_step(step, B, modes=STEP_MODES, n_queued=100, n_loop=256, unroll_full=32, reps=5):
+    """Per-step times of ``step(c, n, m, q, k, v, i, f)``: calls queued (donated), and inside jitted loops."""
+    if INTERPRET:
+        n_queued, n_loop, unroll_full, reps = 2, 8, 2, 1
+    _, x = step_inputs(B)
+    call, jitted = _jit_step(step)
     holder = {"s": step_inputs(B)[0]}
 
     def queued():
@@ -127,8 +132,10 @@ def time_step(step, B, n_queued=100, n_loop=256, unroll_full=32, reps=5):
 
         return run
 
-    results = {"queued": _median_time(queued, reps) / n_queued}
+    results = {"queued": _median_time(queued, reps) / n_queued} if "queued" in modes else {}
     for name, length, unroll in (("loop", n_loop, 1), ("loop8", n_loop, 8), ("unrolled", unroll_full, True)):
+        if name not in modes:
+            continue
         run = loop_fn(length, unroll)
         holder2 = {"s": step_inputs(B)[0]}
 
@@ -141,14 +148,16 @@ def time_step(step, B, n_queued=100, n_loop=256, unroll_full=32, reps=5):
     return results
 
 
-def check_step(step, B) -> dict[str, float]:
-    states, x = step_inputs(B, seed=1)
+def check_step(step, B, seed=1) -> dict[str, float]:
+    """max |diff| / max |ref| of h, c', n', m' against the XLA step on fresh random inputs (state donated)."""
+    states, x = step_inputs(B, seed=seed)
     h_ref, s_ref = jax.jit(recurrent_step_fw)(*states, *x)
-    h, s = jax.jit(lambda *a: step(*a, eps=1e-6))(*states, *x)
+    jax.block_until_ready((h_ref, s_ref))
+    h, s = _jit_step(step)[1](*states, *x)  # consumes states (donated), as in the timed calls
     errs = {"h": _rel_err(h_ref.astype(F32), h.astype(F32))}
     errs.update({name: _rel_err(r, o) for name, r, o in zip("cnm", s_ref, s, strict=True)})
     ok = errs["h"] <= TOL["bfloat16/float32"].max_err and max(errs[k] for k in "cnm") <= TOL["float32"].max_err
-    return {**errs, "ok": ok}
+    return {**errs, "ok": bool(ok)}
 
 
 def step_bytes(B) -> int:
@@ -156,46 +165,96 @@ def step_bytes(B) -> int:
     return 2 * B * NH * (DHQK * DHV + DHQK + 1) * 4  # the state read and written once
 
 
+def step_name(cfg: StepKernelConfig) -> str:
+    """bvX-sY-bkZ-wW[-stN][-heads][-nopf][-ev]: block_dhv, dhqk_splits, block_dhqk ("all": no row loop),
+    num_warps, num_stages (if not 1), grid_order "heads", prefetch off, evict_first on."""
+    bk = "all" if cfg.block_dhqk is None else cfg.block_dhqk
+    name = f"bv{cfg.block_dhv}-s{cfg.dhqk_splits or 'auto'}-bk{bk}-w{cfg.num_warps}"
+    name += f"-st{cfg.num_stages}" if cfg.num_stages != 1 else ""
+    name += "-heads" if cfg.grid_order == "heads" else ""
+    name += "-nopf" if not cfg.prefetch else ""
+    return name + ("-ev" if cfg.evict_first else "")
+
+
 def step_sweep(B: int, full: bool = True) -> dict[str, StepKernelConfig]:
-    """The default config, plus (``full``) tilings: name bvX-sY-bkZ-wW = block_dhv, dhqk_splits, block_dhqk,
-    num_warps (one row chunk per program when Z = 256 / Y)."""
+    """The default config (bv64-s4-bk64-w4), the previous default (issue-4 run of 2026-11-29: heads fastest in
+    the grid, loads at their use, Triton's pipeliner), plus (``full``) tilings named by :func:`step_name`."""
     C = StepKernelConfig
-    sweep = {"default": C.get_default(*STEP_SHAPE[1:])}
+    previous = C(block_dhv=64, block_dhqk=64, dhqk_splits=4, num_stages=2, prefetch=False, grid_order="heads")
+    sweep = {"default": C.get_default(*STEP_SHAPE[1:]), "previous": previous}
     if not full:
         return sweep
-    sweep.update({
-        "bv64-s-auto-bk32-w4": C(block_dhv=64, block_dhqk=32, dhqk_splits=None, num_warps=4),
-        "bv32-s2-bk128-w4": C(block_dhv=32, block_dhqk=128, dhqk_splits=2, num_warps=4),
-    })  # fmt: skip
-    if B >= 32:
-        sweep.update({
-            "bv128-s2-bk128-w8": C(block_dhv=128, block_dhqk=128, dhqk_splits=2, num_warps=8),
-            "bv64-s8-bk32-w2": C(block_dhv=64, block_dhqk=32, dhqk_splits=8, num_warps=2),
-            "bv128-s4-bk64-w4": C(block_dhv=128, block_dhqk=64, dhqk_splits=4, num_warps=4),
-            "bv32-s8-bk32-w1": C(block_dhv=32, block_dhqk=32, dhqk_splits=8, num_warps=1),
-            "bv64-s2-bk128-w4": C(block_dhv=64, block_dhqk=128, dhqk_splits=2, num_warps=4),
-        })  # fmt: skip
+    if B <= 8:
+        cfgs = [
+            C(block_dhv=16, block_dhqk=None, dhqk_splits=1, num_warps=8),
+            C(block_dhv=64, block_dhqk=None, dhqk_splits=1, num_warps=8),
+            C(block_dhv=32, block_dhqk=64, dhqk_splits=1, num_warps=4),
+            C(block_dhv=32, block_dhqk=None, dhqk_splits=2, num_warps=4),
+        ]
+    else:
+        cfgs = [
+            C(block_dhv=64, block_dhqk=64, dhqk_splits=4, num_warps=4, grid_order="heads"),  # prefetch only
+            C(block_dhv=32, block_dhqk=None, dhqk_splits=1, num_warps=8, grid_order="heads"),
+            C(block_dhv=32, block_dhqk=None, dhqk_splits=1, num_warps=8, evict_first=True),
+            C(block_dhv=64, block_dhqk=None, dhqk_splits=1, num_warps=8),
+            C(block_dhv=128, block_dhqk=32, dhqk_splits=1, num_warps=4),
+            C(block_dhv=256, block_dhqk=16, dhqk_splits=1, num_warps=4),
+            C(block_dhv=512, block_dhqk=8, dhqk_splits=1, num_warps=4),
+        ]
+    cfgs += [  # second round: warps and row loops around the best of the first, the first round's default
+        C(block_dhv=64, block_dhqk=64, dhqk_splits=4, num_warps=2),
+        C(block_dhv=64, block_dhqk=64, dhqk_splits=4, num_warps=8),
+        C(block_dhv=64, block_dhqk=64, dhqk_splits=2, num_warps=4),
+        C(block_dhv=64, block_dhqk=64, dhqk_splits=4, num_warps=4, grid_order="heads"),  # prefetch, old order
+        C(block_dhv=64, block_dhqk=None, dhqk_splits=1, num_warps=8),
+        C(block_dhv=32, block_dhqk=None, dhqk_splits=1, num_warps=8),
+        C(block_dhv=32, block_dhqk=None, dhqk_splits=4, num_warps=4),
+    ]
+    sweep.update({step_name(cfg): cfg for cfg in cfgs})
     return sweep
 
 
-def bench_step(rows, batch_sizes, sweep_for):
+def bench_step(rows, batch_sizes, sweep_for, modes=STEP_MODES, deadline=None, json_path=None):
     for B in batch_sizes:
         floor = step_bytes(B) / COPY_TBPS
-        xla = time_step(recurrent_step_fw, B)
+        b_modes = modes
+        xla = time_step(recurrent_step_fw, B, b_modes)
         rows.append({"kind": "step", "B": B, "variant": "xla", **xla, "floor": floor, "check": None})
-        times = "  ".join(f"{m} {xla[m] * 1e6:7.1f} us" for m in STEP_MODES)
-        print(f"step B={B:4d} xla                {times}  floor {floor * 1e6:7.1f} us", flush=True)
-        for name, cfg in sweep_for(B).items():
+        times = "  ".join(f"{m} {xla[m] * 1e6:7.1f} us" for m in b_modes)
+        print(f"step B={B:4d} xla                     {times}  floor {floor * 1e6:7.1f} us", flush=True)
+        for seed, (name, cfg) in enumerate(sweep_for(B).items(), start=1):
+            if deadline is not None and time.time() > deadline:
+                print(f"step B={B} {name}: skipped (deadline)", flush=True)
+                continue
             step = functools.partial(recurrent_step_pallas, config=cfg, interpret=INTERPRET)
             try:
-                check = check_step(step, B)
-                t = time_step(step, B)
+                check = check_step(step, B, seed=seed)
+                t = time_step(step, B, b_modes)
             except Exception as e:  # a config that does not compile is reported, not fatal
                 print(f"step B={B} {name}: FAILED {type(e).__name__}: {str(e)[:300]}", flush=True)
                 continue
             rows.append({"kind": "step", "B": B, "variant": name, **t, "floor": floor, "check": check})
-            times = "  ".join(f"{m} {t[m] * 1e6:7.1f} us" for m in STEP_MODES)
-            print(f"step B={B:4d} {name:18s} {times}  ok={check['ok']} err_h={check['h']:.1e}", flush=True)
+            times = "  ".join(f"{m} {t[m] * 1e6:7.1f} us" for m in b_modes)
+            print(f"step B={B:4d} {name:26s} {times}  ok={check['ok']} err_h={check['h']:.1e}", flush=True)
+            if json_path:
+                with open(json_path, "w") as fh:
+                    json.dump({"jax": jax.__version__, "rows": rows}, fh)
+
+
+def profile_step(B: int, names: list[str], calls: int = 2) -> None:
+    """Runs the XLA step and the named sweep variants ``calls`` times each, untimed, on inputs made on the host
+    (so that the only kernels launched are the steps'): a driver for ``ncu``."""
+    states, x = step_inputs(B)
+    host = [np.asarray(a) for a in (*states, *x)]
+    sweep = step_sweep(B)
+    for name in names:
+        step = recurrent_step_fw if name == "xla" else functools.partial(recurrent_step_pallas, config=sweep[name])
+        fn = jax.jit(lambda *a, step=step: step(*a, eps=1e-6))
+        for _ in range(calls):
+            args = [jax.device_put(a) for a in host]
+            jax.block_until_ready(args)
+            jax.block_until_ready(fn(*args))
+        print(f"profiled B={B} {name}", flush=True)
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -308,10 +367,10 @@ def print_table(rows):
     print("\n| kernel | shape | variant | time | floor | floor/time | [seq] per-step floor/time | XLA/kernel | check |")
     print("|---|---|---|---|---|---|---|---|---|")
     xla_step = {(r["B"], m): r[m] for r in rows if r["kind"] == "step" and r["variant"] == "xla"
-                for m in STEP_MODES}  # fmt: skip
+                for m in STEP_MODES if m in r}  # fmt: skip
     for r in rows:
         if r["kind"] == "step":
-            for m in STEP_MODES:
+            for m in (m for m in STEP_MODES if m in r):
                 ratio = xla_step[(r["B"], m)] / r[m]
                 check = "" if r["check"] is None else f"ok={r['check']['ok']}"
                 print(f"| step ({m}) | B={r['B']} | {r['variant']} | {r[m] * 1e6:.1f} us | {r['floor'] * 1e6:.1f} us "
@@ -330,7 +389,17 @@ def main():
     parser.add_argument("--part", choices=("all", "step", "seq"), default="all")
     parser.add_argument("--quick", action="store_true", help="default configs only (no sweep)")
     parser.add_argument("--smoke", action="store_true", help="tiny shapes in interpret mode (no GPU needed)")
+    parser.add_argument("--batch", default="1,8,32,128", help="decode-step batch sizes, comma-separated")
+    parser.add_argument("--step-modes", default=",".join(STEP_MODES), help="decode-step timing modes")
+    parser.add_argument("--deadline", type=float, default=None, help="skip step variants after this many seconds")
+    parser.add_argument("--variants", default=None, help="comma-separated step variant names to run (default all)")
+    parser.add_argument("--profile", default=None, help="comma-separated step variants (and 'xla') to run untimed")
     args = parser.parse_args()
+    start = time.time()
+    if args.profile:
+        for B in (int(b) for b in args.batch.split(",")):
+            profile_step(B, args.profile.split(","))
+        return
     global INTERPRET, STEP_SHAPE
     if args.smoke:
         INTERPRET, STEP_SHAPE = True, (2, 32, 64)
@@ -340,7 +409,13 @@ def main():
     print(f"copy ceiling measured here: {copy / 1e12:.2f} TB/s (floors use {COPY_TBPS / 1e12:.2f})", flush=True)
     if args.part in ("all", "step"):
         sweep_for = functools.partial(step_sweep, full=not args.quick)
-        bench_step(rows, (1, 2) if args.smoke else (1, 8, 32, 128), sweep_for)
+        if args.variants:
+            keep = args.variants.split(",")
+            sweep_for = lambda B, f=sweep_for: {k: v for k, v in f(B).items() if k in keep}  # noqa: E731
+        batch = (1, 2) if args.smoke else tuple(int(b) for b in args.batch.split(","))
+        modes = tuple(m for m in STEP_MODES if m in args.step_modes.split(","))
+        deadline = None if args.deadline is None else start + args.deadline
+        bench_step(rows, batch, sweep_for, modes, deadline, args.json)
     if args.part in ("all", "seq"):
         shapes = [(8, 8, 512, 256, 512), (8, 8, 2048, 256, 512), (16, 4, 2048, 64, 64)]
         if args.smoke:

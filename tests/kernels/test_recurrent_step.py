@@ -18,13 +18,20 @@ from xlstm_jax.mlstm.recurrent import recurrent_sequence_fw, recurrent_step_fw
 _TOL_KEY = {"float32": "float32", "bfloat16": "bfloat16/float32"}
 
 # (B, NH, DHQK, DHV, config): one DHQK split walking two row chunks; four DHQK splits (partial numerators
-# combined after the kernel); the automatic split, which picks four splits for B·NH = 6; the default config.
+# combined after the kernel); the automatic split, which picks four splits for B·NH = 6; the default config;
+# four row blocks loaded at their use, heads fastest in the grid, Triton's pipeliner (the previous layout);
+# three row blocks prefetched by hand with the evict_first hint; all rows at once with two DHV blocks.
+C = StepKernelConfig
 CASES = [
-    (1, 2, 32, 16, StepKernelConfig(block_dhv=16, block_dhqk=16, dhqk_splits=1)),
-    (3, 1, 64, 32, StepKernelConfig(block_dhv=16, block_dhqk=16, dhqk_splits=4)),
-    (2, 3, 64, 16, StepKernelConfig(block_dhv=16, block_dhqk=16, dhqk_splits=None)),
+    (1, 2, 32, 16, C(block_dhv=16, block_dhqk=16, dhqk_splits=1)),
+    (3, 1, 64, 32, C(block_dhv=16, block_dhqk=16, dhqk_splits=4)),
+    (2, 3, 64, 16, C(block_dhv=16, block_dhqk=16, dhqk_splits=None)),
     (1, 3, 128, 64, None),
+    (2, 2, 64, 32, C(block_dhv=16, block_dhqk=16, dhqk_splits=1, prefetch=False, grid_order="heads", num_stages=2)),
+    (1, 2, 64, 32, C(block_dhv=32, block_dhqk=16, dhqk_splits=1, evict_first=True)),
+    (3, 2, 32, 64, C(block_dhv=32, block_dhqk=None, dhqk_splits=1)),
 ]
+CASE_IDS = ["unsplit", "split4", "auto-split", "default", "no-prefetch-heads", "evict-first", "one-shot"]
 
 
 def _step_inputs(seed, B, NH, DHQK, DHV, dtype, igate="wide"):
@@ -49,7 +56,7 @@ def _reference(r):
 
 
 @pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
-@pytest.mark.parametrize("case", CASES, ids=["unsplit", "split4", "auto-split", "default"])
+@pytest.mark.parametrize("case", CASES, ids=CASE_IDS)
 def test_step_matches_reference(case, dtype):
     B, NH, DHQK, DHV, config = case
     args, rounded = _step_inputs(B * 100 + DHQK, B, NH, DHQK, DHV, jnp.dtype(dtype))
@@ -120,6 +127,10 @@ def test_step_rejects_non_float32_state_and_bad_config():
         recurrent_step_pallas(**args, config={"block_dhv": 16}, interpret=INTERPRET)
     with pytest.raises(ValueError, match="block_dhv"):
         StepKernelConfig(block_dhv=24)
+    with pytest.raises(ValueError, match="grid_order"):
+        StepKernelConfig(grid_order="rows")
+    with pytest.raises(ValueError, match="prefetch"):
+        StepKernelConfig(prefetch=1)
 
 
 @pytest.mark.skipif(ON_GPU, reason="checks the behaviour without a GPU")

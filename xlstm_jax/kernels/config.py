@@ -102,42 +102,57 @@ def _check_launch(num_warps: int, num_stages: int) -> None:
 class StepKernelConfig:
     """Tiling of the decode-step kernel.
 
-    The grid is (B·NH, DHV / block_dhv, dhqk_splits). Each program owns the state rows of one DHQK split
-    and one block of DHV columns, and walks its rows ``block_dhqk`` at a time.
+    Each program owns the state rows of one DHQK split and one block of DHV columns of one head, and walks
+    its rows ``block_dhqk`` at a time. The grid is (DHV / block_dhv, dhqk_splits, B·NH) with
+    ``grid_order="tiles"`` (the programs launched together cover contiguous memory) or
+    (B·NH, DHV / block_dhv, dhqk_splits) with ``"heads"``.
 
     Attributes:
         block_dhv: Columns of c per program.
-        block_dhqk: Rows of c loaded per loop iteration inside a program.
+        block_dhqk: Rows of c loaded per loop iteration inside a program; None for all the program's rows
+            at once (no loop).
         dhqk_splits: Programs across DHQK, or None to pick the fewest (a power of two) that give at least
             ``min_programs`` programs. With more than one, each program writes its partial numerator and
             partial ``q̂·n``; their sums are divided after the kernel (exact: both are sums over DHQK).
         min_programs: Target number of programs for the automatic split (a few per multiprocessor).
         num_warps: Triton warps per program.
         num_stages: Triton software-pipelining stages.
+        prefetch: Load the first row block before the gate math and each next row block one loop
+            iteration ahead (by hand), so that a program's loads overlap its arithmetic and its gate loads.
+        grid_order: ``"tiles"`` or ``"heads"`` (which grid axis is launched fastest).
+        evict_first: Load and store c with the ``evict_first`` cache hint (it is streamed once per step).
     """
 
     block_dhv: int = 64
-    block_dhqk: int = 64
+    block_dhqk: int | None = 64
     dhqk_splits: int | None = None
     min_programs: int = 512
     num_warps: int = 4
-    num_stages: int = 2
+    num_stages: int = 1
+    prefetch: bool = True
+    grid_order: str = "tiles"
+    evict_first: bool = False
 
     def __post_init__(self) -> None:
         _check_block("block_dhv", self.block_dhv, MAX_HEAD_DIM, "MAX_HEAD_DIM")
-        _check_block("block_dhqk", self.block_dhqk, MAX_HEAD_DIM, "MAX_HEAD_DIM")
+        if self.block_dhqk is not None:
+            _check_block("block_dhqk", self.block_dhqk, MAX_HEAD_DIM, "MAX_HEAD_DIM")
         if self.dhqk_splits is not None:
             _check_block("dhqk_splits", self.dhqk_splits, MAX_HEAD_DIM, "MAX_HEAD_DIM")
         if not (isinstance(self.min_programs, int) and self.min_programs >= 1):
             raise ValueError(f"min_programs={self.min_programs!r} must be a positive integer")
         _check_launch(self.num_warps, self.num_stages)
+        if self.grid_order not in ("tiles", "heads"):
+            raise ValueError(f"grid_order={self.grid_order!r} must be 'tiles' or 'heads'")
+        for name in ("prefetch", "evict_first"):
+            if not isinstance(getattr(self, name), bool):
+                raise ValueError(f"{name}={getattr(self, name)!r} must be a bool")
 
     @classmethod
     def get_default(cls, DHQK: int, DHV: int) -> StepKernelConfig:
         """The default tiling for a head shape: (64, 64) tiles, one per program, DHQK split in blocks of 64.
 
-        Tuned on an H200 at DHQK=256, DHV=512 (BENCHMARKS.md, variant ``bv64-s4-bk64-w4``): the best or
-        within noise of the best of the tilings tried at B = 1, 8, 32 and 128.
+        Tuned on an H200 at DHQK=256, DHV=512 (BENCHMARKS.md, variant ``bv64-s4-bk64-w4``).
         """
         check_head_dims(DHQK, DHV)
         return cls(block_dhv=min(64, DHV), block_dhqk=min(64, DHQK), dhqk_splits=max(1, DHQK // 64))
@@ -153,7 +168,7 @@ class StepKernelConfig:
         else:
             splits = min(self.dhqk_splits, DHQK // min(MIN_HEAD_DIM, DHQK))
         rows = DHQK // splits
-        return block_dhv, splits, min(self.block_dhqk, rows)
+        return block_dhv, splits, rows if self.block_dhqk is None else min(self.block_dhqk, rows)
 
 
 _CHUNK_SIZES = (16, 32, 64, 128, 256)  # closed-form blocks: matrix-unit tiles need at least 16 rows
