@@ -350,12 +350,11 @@ def seq_sweep(DHQK, DHV, S, full=True):
     sweep = {"default": C.get_default(DHQK, DHV)}
     if not full:
         return sweep
-    grid = [(1, 16, 1, 1)]
-    if DHQK >= 256 and S >= 2048:
-        grid += [(L, bv, w, 1) for L in (16, 32, 64, 128) for bv, w in ((32, 4), (64, 4), (64, 8), (128, 8))]
-        grid += [(64, 64, 4, 2), (32, 64, 4, 2)]
+    grid = [(1, 16, 1, 1)]  # (chunk_size, block_dhv, num_warps, num_stages)
+    if DHQK >= 256:
+        grid += [(16, 64, 8, 1), (32, 128, 8, 2), (64, 128, 8, 1), (64, 64, 8, 2), (128, 128, 8, 2)]
     else:
-        grid += [(L, bv, w, 1) for L in (32, 64) for bv, w in ((16, 4), (32, 4), (64, 4))]
+        grid += [(32, 32, 4, 1), (64, 64, 4, 1), (64, 32, 8, 2), (64, 16, 4, 1)]
     for L, bv, w, st in grid:
         sweep[f"L{L}-bv{bv}-w{w}" + (f"-s{st}" if st > 1 else "")] = C(
             block_dhv=min(bv, DHV), chunk_size=L, num_warps=w, num_stages=st

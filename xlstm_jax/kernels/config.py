@@ -205,14 +205,14 @@ class SequenceKernelConfig:
 
     @classmethod
     def get_default(cls, DHQK: int, DHV: int) -> SequenceKernelConfig:
-        """The default tiling for a head shape, from the H200 sweep in BENCHMARKS.md (bf16 inputs, S=2048).
+        """The default tiling for a head shape, from the H200 sweeps in BENCHMARKS.md (bf16 inputs, S=2048).
 
-        DHQK=256, DHV=512 (xLSTM-7B): blocks of 16 steps, 64 columns, 8 warps (``L16-bv64-w8``), the fastest
-        of 19 tilings, within 2% of the next two; short blocks also keep the step-by-step tail short.
+        DHQK=256, DHV=512 (xLSTM-7B): blocks of 64 steps, 128 columns, 8 warps, 2 stages
+        (``L64-bv128-w8-s2``), the fastest tiling once the state update accumulated into the tile.
         DHQK=DHV=64: blocks of 64 steps, 32 columns, 4 warps (``L64-bv32-w4``), the fastest of 7.
-        DHQK=512 gets 32 columns so that the float32 tile stays at 64 values per thread (not measured).
+        DHQK=512 gets 64 columns so that the float32 tile stays at 128 values per thread (not measured).
         """
         check_head_dims(DHQK, DHV)
         if DHQK <= 128:
             return cls(block_dhv=min(DHV, 32), chunk_size=64, num_warps=4)
-        return cls(block_dhv=min(DHV, 64 if DHQK <= 256 else 32), chunk_size=16, num_warps=8)
+        return cls(block_dhv=min(DHV, 128 if DHQK <= 256 else 64), chunk_size=64, num_warps=8, num_stages=2)

@@ -7,7 +7,7 @@ the last states).
 The recurrence advances ``chunk_size`` steps at a time (:class:`~xlstm_jax.kernels.config.SequenceKernelConfig`).
 For a block of L steps the recurrent steps have a closed form (:mod:`xlstm_jax.mlstm.parallel`): the h of
 the block from the states before it (:func:`~xlstm_jax.mlstm.parallel.block_readout`), and the states after
-it (:func:`~xlstm_jax.mlstm.parallel.block_summary`, :func:`~xlstm_jax.mlstm.parallel.combine_states`). The
+it (:func:`~xlstm_jax.mlstm.parallel.block_update`, whose product accumulates into the state tile). The
 kernel applies those same functions to one head's (L, ·) blocks, so the work per step becomes matrix
 products on the tensor cores instead of a serial chain of vector operations, and the running max ``m`` is
 the recurrent one. The ``S % chunk_size`` steps left at the end, and every step with ``chunk_size=1``, run
@@ -38,7 +38,7 @@ from jax.experimental.pallas import triton as pl_triton
 from xlstm_jax.kernels.config import SequenceKernelConfig, check_head_dims, check_kernel_dtypes, kernel_mode
 from xlstm_jax.mlstm.checks import check_eps, check_sequence_inputs, resolve_state_dtype
 from xlstm_jax.mlstm.chunkwise import chunkwise_fw
-from xlstm_jax.mlstm.parallel import block_readout, block_summary, combine_states, matmul_dtype
+from xlstm_jax.mlstm.parallel import block_readout, block_update, matmul_dtype
 from xlstm_jax.mlstm.recurrent import recurrent_sequence_fw
 from xlstm_jax.mlstm.stabilizer import log_forget_gate, normalize_readout, step_gates
 from xlstm_jax.mlstm.states import cast_states, prepare_states
@@ -87,8 +87,7 @@ def _sequence_kernel(
         i = i_ref[t].astype(f32)
         F = jnp.cumsum(log_forget_gate(f_ref[t].astype(f32)))
         h_ref[t, :] = block_readout(q, k, v, F, i, c, n, m, eps, operand_dtype).astype(h_ref.dtype)
-        F_L = _last(F)
-        return combine_states(c, n, m, F_L, *block_summary(k, v, F, F_L, i, operand_dtype))
+        return block_update(c, n, m, k, v, F, _last(F), i, operand_dtype)
 
     def step(t, carry):  # one recurrent step
         c, n, m = carry

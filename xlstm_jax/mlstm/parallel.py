@@ -13,11 +13,13 @@ The initial-state column ``log w`` takes part in the row max even when no state 
 ``m0 = 0`` and ``C0 = n0 = 0``), because the recurrent running max starts from ``m0``. So this form
 computes the recurrent form's function exactly, the ``eps`` term included.
 
-The three building blocks below (:func:`block_readout`, :func:`block_summary`, :func:`combine_states`)
-work on any number of leading batch dimensions, none included. The parallel form applies them once to the
-whole sequence; the chunkwise form (:mod:`xlstm_jax.mlstm.chunkwise`) applies them to every chunk; the fused
-sequence kernel (:mod:`xlstm_jax.kernels.recurrent_sequence`) applies them to one head's blocks inside a
-Pallas kernel, so they use only operations that Pallas' Triton lowering has (iota masks, 2-D products).
+The building blocks below work on any number of leading batch dimensions, none included:
+:func:`block_readout` (h of a block from the states before it), :func:`block_update` (the states after a
+block, in one pass) and, for the chunkwise form's parallel summaries, :func:`block_summary` with
+:func:`combine_states` (the same update in two stages). The parallel form applies them once to the whole
+sequence; the chunkwise form (:mod:`xlstm_jax.mlstm.chunkwise`) to every chunk; the fused sequence kernel
+(:mod:`xlstm_jax.kernels.recurrent_sequence`) to one head's blocks inside a Pallas kernel, so they use only
+operations that Pallas' Triton lowering has (iota masks, 2-D products).
 
 Precision: the gates, the cumulative sums and the stabiliser run in float32 (or the state dtype if
 wider). Matrix products take bfloat16/float16 operands when the inputs have that dtype (the gate
@@ -38,7 +40,14 @@ from xlstm_jax.mlstm.checks import check_eps, check_sequence_inputs, resolve_sta
 from xlstm_jax.mlstm.stabilizer import finite_max, log_forget_gate, normalize_readout
 from xlstm_jax.mlstm.states import cast_states, prepare_states
 
-__all__ = ["block_readout", "block_summary", "combine_states", "matmul_dtype", "parallel_stabilized_fw"]
+__all__ = [
+    "block_readout",
+    "block_summary",
+    "block_update",
+    "combine_states",
+    "matmul_dtype",
+    "parallel_stabilized_fw",
+]
 
 
 def matmul_dtype(inputs_dtype: Any, acc_dtype: Any) -> jnp.dtype:
@@ -174,6 +183,39 @@ def combine_states(
     return c_new, n_new, m_new
 
 
+def block_update(
+    c: jax.Array,  # (..., DHQK, DHV) states before the block
+    n: jax.Array,  # (..., DHQK)
+    m: jax.Array,  # (...)
+    k: jax.Array,  # (..., L, DHQK)
+    v: jax.Array,  # (..., L, DHV)
+    F: jax.Array,  # (..., L) inclusive cumulative sum of log forget gates from the block's start
+    F_L: jax.Array,  # (...) F at the block's last step, F[..., -1]
+    i: jax.Array,  # (..., L)
+    operand_dtype: Any,
+) -> tuple[jax.Array, jax.Array, jax.Array]:
+    """The states after a block of L steps, from the states before it, in one pass.
+
+    The same function as ``combine_states(c, n, m, F_L, *block_summary(k, v, F, F_L, i, ...))``, for when
+    the states before the block are at hand: the block's terms are weighted by ``exp(a_s - m')`` with the
+    final max ``m' = max(F_L + m, max_s a_s)`` directly, so the update is one product accumulated onto the
+    decayed state, ``c' = exp(F_L + m - m') c + sum_s exp(a_s - m') k_s v_sᵀ``, with no separate summary
+    (in the fused kernel the product then accumulates in place into the state tile). The chunkwise form
+    needs the summaries of all chunks before their states exist, so it uses the two-stage version.
+
+    Returns:
+        ``(c', n', m')`` in the accumulation dtype (F's).
+    """
+    acc = F.dtype
+    a = F_L[..., None] - F + i  # (..., L) log weight of step s at the block's end
+    m_new = jnp.maximum(F_L + m, jnp.max(a, axis=-1))  # F_L + m is finite, so m_new is
+    decay = jnp.exp(F_L + m - m_new)
+    k_g = k.astype(acc) * jnp.exp(a - m_new[..., None])[..., None]  # (..., L, DHQK)
+    c_new = decay[..., None, None] * c + _dot("...sd,...se->...de", k_g, v, operand_dtype, acc)
+    n_new = decay[..., None] * n + jnp.sum(k_g, axis=-2)
+    return c_new, n_new, m_new
+
+
 def parallel_stabilized_fw(
     q: jax.Array,  # (B, NH, S, DHQK)
     k: jax.Array,  # (B, NH, S, DHQK)
@@ -238,5 +280,4 @@ def parallel_stabilized_fw(
     h = h.astype(q.dtype)
     if not return_last_states:
         return h
-    summary = block_summary(k, v, F, F[..., -1], i, operand_dtype)
-    return h, cast_states(combine_states(c0, n0, m0, F[..., -1], *summary), out_dtypes)
+    return h, cast_states(block_update(c0, n0, m0, k, v, F, F[..., -1], i, operand_dtype), out_dtypes)
