@@ -2,8 +2,9 @@
 
 ::
 
-    q, k = x Wq, x Wk          (D -> qk_dim),  v, o = x Wv, x Wo  (D -> v_dim),  no biases
-    i, f = cap · tanh((x Wi + bi) / cap), same for f    (D -> NH, with bias; cap = gate_soft_cap)
+    [q k v o i f] = x W_qkvoif           one product, D -> 2 qk_dim + 2 v_dim + 2 NH, float32 output
+    q, k (qk_dim each), v, o (v_dim each): cast to config.dtype; no biases
+    i, f = cap · tanh((x Wi + bi) / cap), same for f    (NH each, with bias; cap = gate_soft_cap)
     h    = mLSTM(q, k, v, i, f)     per head: q, k (B, NH, S, DHQK), v (B, NH, S, DHV)
     y    = (sigmoid(o) * MultiHeadLayerNorm(h)) Wout     (v_dim -> D)
 
@@ -19,8 +20,18 @@ forms take a block's own max with ``stabilizer.finite_max``), ``tests/models/tes
 bit-identical states for every backend and step form, and ``tests/models/test_model.py`` finite gradients
 with padding.
 
-Precision: projections run in ``config.dtype``; the gate pre-activations in float32 (they are summed in
-log space over the whole sequence, see ``mlstm/stabilizer.py``); the states in ``config.state_dtype``.
+Fused projection: the six input projections are one matrix product with one fused kernel parameter
+``qkvoif_kernel`` (D, 2 qk_dim + 2 v_dim + 2 NH), columns in the order q, k, v, o, i, f, and the gate
+biases are ``if_bias`` (2 NH,), i then f. One product reads x once and launches one kernel instead of six
+(at batch 1 decode each product is a matrix-vector product bound by reading its weights, so the launches
+and tails of the small ones are what fusing saves). The weights are stored fused, so nothing is
+concatenated at run time; :mod:`...hf` splits and joins the ``transformers`` tensors on save and load.
+
+Precision: the product accumulates in float32 and returns float32 (``preferred_element_type``); q, k, v
+and o are rounded to ``config.dtype`` once, which is what a product in ``config.dtype`` returns, and the
+gate pre-activations stay float32 (they are summed in log space over the whole sequence, see
+``mlstm/stabilizer.py``), as a float32 product of the same ``config.dtype`` operands would give. The
+states are in ``config.state_dtype``.
 """
 
 from __future__ import annotations
@@ -33,6 +44,7 @@ from typing import Any
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from xlstm_jax.models.xlstm_parallel.blocks.mlstm.backend import BACKENDS, create_mlstm_backend
 from xlstm_jax.models.xlstm_parallel.blocks.mlstm.backend.config import mLSTMBackend
@@ -113,8 +125,10 @@ def create_prefill_backend(config: xLSTMLMConfig) -> mLSTMBackend:
 
 
 class mLSTMLayer(nn.Module):
-    """The mLSTM layer. Parameter names follow ``transformers`` (``q``, ``k``, ``v``, ``ogate_preact``,
-    ``igate_preact``, ``fgate_preact``, ``multihead_norm``, ``out_proj``); kernels are (in, out).
+    """The mLSTM layer. Parameters: ``qkvoif_kernel`` (D, 2 qk_dim + 2 v_dim + 2 NH), the fused input
+    projections of ``transformers``' ``q``, ``k``, ``v``, ``ogate_preact``, ``igate_preact`` and
+    ``fgate_preact``; ``if_bias`` (2 NH,), the two gate biases; ``multihead_norm/weight`` (v_dim,);
+    ``out_proj/kernel`` (v_dim, D). Kernels are (in, out).
 
     Attributes:
         config: The model config.
@@ -136,15 +150,20 @@ class mLSTMLayer(nn.Module):
         B, S, _ = x.shape
         NH, DHQK, DHV = cfg.num_heads, cfg.qk_head_dim, cfg.v_head_dim
 
-        def dense(features: int, name: str, use_bias: bool = False, dtype: Any = cfg.compute_dtype) -> nn.Dense:
-            return nn.Dense(features, use_bias=use_bias, dtype=dtype, param_dtype=cfg.jnp_param_dtype, name=name)
-
-        q = dense(cfg.qk_dim, "q")(x)
-        k = dense(cfg.qk_dim, "k")(x)
-        v = dense(cfg.v_dim, "v")(x)
-        o = dense(cfg.v_dim, "ogate_preact")(x)
-        i = soft_cap(dense(NH, "igate_preact", True, jnp.float32)(x), cfg.gate_soft_cap)  # (B, S, NH)
-        f = soft_cap(dense(NH, "fgate_preact", True, jnp.float32)(x), cfg.gate_soft_cap)
+        widths = cfg.mlstm_projection_widths
+        kernel = self.param(
+            "qkvoif_kernel", nn.initializers.lecun_normal(), (x.shape[-1], sum(widths)), cfg.jnp_param_dtype
+        )
+        gate_bias = self.param("if_bias", nn.initializers.zeros, (2 * NH,), cfg.jnp_param_dtype)
+        x = x.astype(cfg.compute_dtype)
+        qkvoif = jax.lax.dot_general(
+            x, kernel.astype(cfg.compute_dtype), (((x.ndim - 1,), (0,)), ((), ())), preferred_element_type=jnp.float32
+        )  # (B, S, sum(widths)) float32
+        q, k, v, o, i, f = jnp.split(qkvoif, np.cumsum(widths)[:-1].tolist(), axis=-1)
+        q, k, v, o = (t.astype(cfg.compute_dtype) for t in (q, k, v, o))
+        gate_bias = gate_bias.astype(jnp.float32)
+        i = soft_cap(i + gate_bias[:NH], cfg.gate_soft_cap)  # (B, S, NH)
+        f = soft_cap(f + gate_bias[NH:], cfg.gate_soft_cap)
         if valid is not None:
             i = jnp.where(valid[..., None], i, PAD_IGATE)
             f = jnp.where(valid[..., None], f, jnp.inf)
@@ -171,5 +190,8 @@ class mLSTMLayer(nn.Module):
             param_dtype=cfg.jnp_param_dtype,
             name="multihead_norm",
         )(h)
-        y = dense(cfg.embedding_dim, "out_proj")(nn.sigmoid(o) * h)
+        out_proj = nn.Dense(
+            cfg.embedding_dim, use_bias=False, dtype=cfg.compute_dtype, param_dtype=cfg.jnp_param_dtype, name="out_proj"
+        )
+        y = out_proj(nn.sigmoid(o) * h)
         return y, (c, n, m)
