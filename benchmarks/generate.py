@@ -290,7 +290,7 @@ def profile_summary(trace_dir: str, tokens: int) -> dict:
 def bench_gemv(config: xLSTMLMConfig, bw_tbps: float, small: bool) -> list[dict]:
     """Each distinct weight shape as a product with a (B, in) activation, B = 1 and 16, in bf16.
 
-    Several copies of the weight (rotated, > 1 GB in all so that the L2 cache does not hold them) are
+    Several copies of the weight (rotated, >= 1 GB in all so that the L2 cache does not hold them) are
     multiplied in one jitted function, one product after another as in the model; the time per product
     is compared with reading the weight once at the copy ceiling.
     """
@@ -304,7 +304,7 @@ def bench_gemv(config: xLSTMLMConfig, bw_tbps: float, small: bool) -> list[dict]
     }
     rows = []
     for label, (k, n) in shapes.items():
-        copies = 2 if small else max(4, math.ceil(2e9 / (2 * k * n)))
+        copies = 2 if small else max(4, math.ceil(1e9 / (2 * k * n)))
         ws = [jax.random.normal(jax.random.key(i), (k, n), jnp.bfloat16) for i in range(copies)]
         forms = {
             "dot": lambda x, w: jnp.dot(x, w, preferred_element_type=jnp.float32),
