@@ -2,7 +2,7 @@
 
 Run from the repository root on a GPU::
 
-    PYTHONPATH=. python3 benchmarks/generate.py [--out DIR] [--cases ...] [--gemv] [--profile]
+    PYTHONPATH=. python3 benchmarks/generate.py [--out DIR] [--cases ...] [--profile N] [--hlo N,...]
     PYTHONPATH=. python benchmarks/generate.py --smoke          # tiny config, CPU, seconds
 
 Measures in one run (one process, so that the ratios between variants are fair):
@@ -11,8 +11,8 @@ Measures in one run (one process, so that the ratios between variants are fair):
   (TB/s, bytes read + written);
 - decode ms/token for each case of ``--cases``, ``STEP:BLOCKS:GRAPHS:B`` with STEP a decode step name
   (``recurrent``: the XLA step; ``recurrent_pallas``: the Pallas kernel), BLOCKS ``unrolled`` or ``scan``
-  (``nn.scan`` over the blocks), GRAPHS a name of ``GRAPH_OPTIONS`` (XLA command buffer settings, i.e.
-  CUDA graphs, passed as compiler options of that one compilation) and B the batch. Each case is timed
+  (``nn.scan`` over the blocks), GRAPHS a name of ``XLA_OPTIONS`` (XLA settings such as command buffers,
+  i.e. CUDA graphs, passed as compiler options of that one compilation) and B the batch. Each case is timed
   over the jitted ``lax.while_loop`` of :func:`xlstm_jax.generation.generate` (greedy, no stop token,
   after a 16-token prompt), against the floor: every weight byte read once per token at the measured copy
   bandwidth (the embedding contributes one row only), and that floor plus reading and writing the float32
@@ -22,10 +22,9 @@ Measures in one run (one process, so that the ratios between variants are fair):
 - prefill tokens/s for the prompt lengths of ``--prefill`` at batch 1 (blocks under ``nn.scan``, the
   chunkwise backend, logits of the last position only), with the model FLOPs over the time as a fraction
   of the measured bf16 matrix ceiling;
-- with ``--gemv``: each weight shape of the model alone as a matrix-vector (B=1) and B=16 product, as a
-  fraction of the copy ceiling: what the decode's matrix products can reach at best;
-- with ``--profile``: a ``jax.profiler`` trace of the first case, summarised on the spot (kernels per
-  token, their summed time against the wall time, the costliest kernels).
+- with ``--profile N``: a ``jax.profiler`` trace of decode case N (0-based), summarised on the spot
+  (kernels per token, their summed time against the wall time, the costliest kernels); with ``--hlo``
+  the optimised HLO of the listed cases is written next to ``results.json``.
 
 Weights are drawn on the device by one jitted function in the stacked (``nn.scan``) layout (a dozen
 leaves: fast to compile) and sliced for unrolled blocks. Each case runs after a warm-up (compilation) and
@@ -55,12 +54,14 @@ from xlstm_jax.models.xlstm_parallel.blocks.mlstm.layer import STEP_FUNCTIONS
 from xlstm_jax.models.xlstm_parallel.config import xLSTMLMConfig
 from xlstm_jax.models.xlstm_parallel.model import ModelStates, xLSTMLMModel
 
-# XLA command buffer (CUDA graph) settings, by name, as compiler options of one compilation.
-# "default": whatever this XLA does by default. "graphs": every kind of thunk that can be captured,
-# the while loop included (one graph with conditional nodes for the whole decode loop), from one kernel
-# up. "graphs_body": the same without WHILE/CONDITIONAL (the loop body is replayed as graphs, the loop
-# itself runs on the host).
-GRAPH_OPTIONS: dict[str, dict[str, object]] = {
+# XLA settings of the decode loop's compilation, by name, passed as compiler options of that one
+# compilation (the rest of the run is unaffected). "default": this XLA's defaults. "graphs": command
+# buffers (CUDA graphs) for every kind of thunk that can be captured, the while loop included (one graph
+# with conditional nodes for the whole decode loop), from one kernel up. "graphs_body": the same without
+# WHILE/CONDITIONAL (the loop body replayed as graphs, the loop itself on the host). "cublas": no Triton
+# GEMM fusions, so every matrix product is a cuBLAS call (the autotuner otherwise picks per product);
+# "cublaslt": the same through cuBLASLt.
+XLA_OPTIONS: dict[str, dict[str, object]] = {
     "default": {},
     "graphs": {
         "xla_gpu_enable_command_buffer": "FUSION,CUBLAS,CUBLASLT,CUSTOM_CALL,CUDNN,WHILE,CONDITIONAL",
@@ -70,15 +71,17 @@ GRAPH_OPTIONS: dict[str, dict[str, object]] = {
         "xla_gpu_enable_command_buffer": "FUSION,CUBLAS,CUBLASLT,CUSTOM_CALL,CUDNN",
         "xla_gpu_graph_min_graph_size": 1,
     },
+    "cublas": {"xla_gpu_enable_triton_gemm": False},
+    "cublaslt": {"xla_gpu_enable_triton_gemm": False, "xla_gpu_enable_cublaslt": True},
 }
 
 DEFAULT_CASES = (
     "recurrent:unrolled:default:1",
-    "recurrent:unrolled:graphs:1",
-    "recurrent_pallas:unrolled:default:1",
+    "recurrent:unrolled:cublas:1",
     "recurrent:unrolled:default:16",
-    "recurrent:unrolled:graphs:16",
-    "recurrent_pallas:unrolled:graphs:1",
+    "recurrent:unrolled:cublas:16",
+    "recurrent_pallas:unrolled:default:1",
+    "recurrent:unrolled:graphs:1",
     "recurrent_pallas:unrolled:default:16",
     "recurrent:scan:default:1",
 )
@@ -208,7 +211,7 @@ def hlo_report(text: str) -> dict:
     """Kernel-level facts of an optimised HLO module (``Compiled.as_text()``).
 
     Counts, over the computations that are not fusion bodies, the fusions and custom calls (each one
-    kernel or library call) and the command buffers; lists the largest fusion and copy outputs that are
+    kernel or library call); lists the largest fusion and copy outputs that are
     not matrix products (a weight-sized one inside the decode loop would be a copy of a weight per token).
     """
     comps: dict[str, list[str]] = {}
@@ -244,7 +247,6 @@ def hlo_report(text: str) -> dict:
         "custom_calls": ops["custom-call"],
         "copies": ops["copy"],
         "while_loops": ops["while"],
-        "command_buffers": len([c for c in called if "command_buffer" in c]),
         "largest_non_matmul_outputs": [f"{b / 1e6:.1f} MB {s}" for b, s in big[:5]],
     }
 
@@ -287,63 +289,17 @@ def profile_summary(trace_dir: str, tokens: int) -> dict:
     return summary
 
 
-def bench_gemv(config: xLSTMLMConfig, bw_tbps: float, small: bool) -> list[dict]:
-    """Each distinct weight shape as a product with a (B, in) activation, B = 1 and 16, in bf16.
-
-    Several copies of the weight (rotated, >= 1 GB in all so that the L2 cache does not hold them) are
-    multiplied in one jitted function, one product after another as in the model; the time per product
-    is compared with reading the weight once at the copy ceiling.
-    """
-    D, F, V = config.embedding_dim, config.ffn_dim, config.vocab_size
-    shapes = {
-        "qkvoif (D, 2qk+2v+2NH)": (D, sum(config.mlstm_projection_widths)),
-        "proj_gate_up (D, 2F)": (D, 2 * F),
-        "proj_down (F, D)": (F, D),
-        "out_proj (v, D)": (config.v_dim, D),
-        "lm_head (D, V)": (D, V),
-    }
-    rows = []
-    for label, (k, n) in shapes.items():
-        copies = 2 if small else max(4, math.ceil(1e9 / (2 * k * n)))
-        ws = [jax.random.normal(jax.random.key(i), (k, n), jnp.bfloat16) for i in range(copies)]
-        forms = {
-            "dot": lambda x, w: jnp.dot(x, w, preferred_element_type=jnp.float32),
-            # The same product as an XLA reduction over the input axis (no library call).
-            "reduce": lambda x, w: jnp.sum(x[:, :, None].astype(jnp.float32) * w[None], axis=1),
-        }
-        for B, form in ((1, "dot"), (1, "reduce"), (16, "dot")):
-            x = jax.random.normal(jax.random.key(B), (B, k), jnp.bfloat16)
-            product = forms[form]
-
-            @jax.jit
-            def chain(x, ws, product=product):
-                # Sum of the products' first elements: every product is needed, none depends on another.
-                return sum(product(x, w)[:, :1] for w in ws)
-
-            chain(x, ws).block_until_ready()
-            t = median_seconds(lambda x=x, chain=chain, ws=ws: chain(x, ws).block_until_ready(), 5) / copies
-            floor = 2 * k * n / (bw_tbps * 1e12)
-            rows.append(
-                {"weight": label, "shape": [k, n], "B": B, "form": form, "us": t * 1e6, "floor_us": floor * 1e6}
-            )
-            print(
-                f"  gemv {label:>24s} B={B:2d} {form:>6s} {t * 1e6:8.1f} us  floor {floor * 1e6:7.1f} us "
-                f"{floor / t:6.1%}"
-            )
-        del ws
-    return rows
-
-
 def bench_decode_case(config, params, states, logits, tokens: int, repeats: int, graphs: str, profile_dir=None):
-    """Seconds per token of the decode loop compiled with ``GRAPH_OPTIONS[graphs]``, and its HLO report."""
+    """Seconds per token of the decode loop compiled with ``XLA_OPTIONS[graphs]``, and its HLO report."""
     stop = jnp.zeros((0,), jnp.int32)
     fresh = lambda: jax.block_until_ready(ModelStates(*(jnp.copy(x) for x in states)))  # noqa: E731
     static = (config, SamplingConfig(), tokens, 0, False)
     t0 = time.perf_counter()
     lowered = _decode_loop.lower(*static, params, fresh(), logits, jax.random.key(0), stop)
-    compiled = lowered.compile(compiler_options=GRAPH_OPTIONS[graphs] or None)
+    compiled = lowered.compile(compiler_options=XLA_OPTIONS[graphs] or None)
     compile_s = time.perf_counter() - t0
-    report = hlo_report(compiled.as_text())
+    text = compiled.as_text()
+    report = hlo_report(text)
     times = []
     for rep in range(repeats + 1):
         s = fresh()
@@ -361,7 +317,7 @@ def bench_decode_case(config, params, states, logits, tokens: int, repeats: int,
         jax.profiler.start_trace(profile_dir)
         jax.block_until_ready(compiled(params, s, logits, jax.random.key(99), stop).tokens)
         jax.profiler.stop_trace()
-    return float(np.median(times)) / tokens, compile_s, report
+    return float(np.median(times)) / tokens, compile_s, report, text
 
 
 def main(argv=None) -> int:
@@ -372,8 +328,8 @@ def main(argv=None) -> int:
     parser.add_argument("--prefill", default="128,1024,8192", help="prompt lengths ('' to skip)")
     parser.add_argument("--cases", default=",".join(DEFAULT_CASES), help="decode cases STEP:BLOCKS:GRAPHS:B")
     parser.add_argument("--tokens", type=int, default=None, help="decode tokens per timed loop")
-    parser.add_argument("--gemv", action="store_true", help="time each weight shape's product alone")
-    parser.add_argument("--profile", action="store_true", help="profile the first decode case")
+    parser.add_argument("--profile", type=int, default=-1, help="profile decode case N (0-based)")
+    parser.add_argument("--hlo", default="", help="write the optimised HLO of decode cases N,... to --out")
     args = parser.parse_args(argv)
     t_start = time.perf_counter()
     results: dict = {"device": str(jax.devices()[0].device_kind), "jax": jax.__version__, "argv": sys.argv[1:]}
@@ -381,10 +337,10 @@ def main(argv=None) -> int:
     cases = []
     for spec in (c for c in args.cases.split(",") if c):
         step, blocks, graphs, B = spec.split(":")
-        if step not in STEP_FUNCTIONS or blocks not in ("unrolled", "scan") or graphs not in GRAPH_OPTIONS:
+        if step not in STEP_FUNCTIONS or blocks not in ("unrolled", "scan") or graphs not in XLA_OPTIONS:
             raise ValueError(
                 f"bad case {spec!r}: STEP in {sorted(STEP_FUNCTIONS)}, BLOCKS unrolled|scan, "
-                f"GRAPHS in {sorted(GRAPH_OPTIONS)}, B an int"
+                f"GRAPHS in {sorted(XLA_OPTIONS)}, B an int"
             )
         cases.append((step, blocks, graphs, int(B)))
 
@@ -412,10 +368,6 @@ def main(argv=None) -> int:
     tokens = args.tokens or tokens
     lengths = tuple(int(x) for x in args.prefill.split(",") if x)
 
-    if args.gemv:
-        results["gemv"] = bench_gemv(config, bw, args.smoke)
-        save()
-
     t0 = time.perf_counter()
     params = jax.block_until_ready(random_params(config))
     weight_bytes = sum(x.nbytes for x in jax.tree_util.tree_leaves(params))
@@ -433,20 +385,22 @@ def main(argv=None) -> int:
     results["decode"] = []
     print(
         f"{'decode step':>17s} {'blocks':>8s} {'graphs':>11s} {'B':>3s} {'ms/token':>9s} {'x floor':>8s} "
-        f"{'x +states':>9s} {'compile s':>9s} {'kernels':>7s} {'cmdbufs':>7s}"
+        f"{'x +states':>9s} {'compile s':>9s} {'kernels':>7s}"
     )
-    profile_dir = tempfile.mkdtemp() if args.profile else None
+    profile_dir = tempfile.mkdtemp() if args.profile >= 0 else None
+    hlo_cases = {int(x) for x in args.hlo.split(",") if x}
     for n, (step, blocks, graphs, B) in enumerate(cases):
         label = f"{step:>17s} {blocks:>8s} {graphs:>11s} {B:3d}"
         if over_budget():
             print(f"{label} skipped (time budget)")
+            results["decode"].append({"case": [step, blocks, graphs, B], "skipped": "time budget"})
             continue
         cfg = config.replace(step_backend=step, scan_blocks=blocks == "scan")
         floor = read_bytes / (bw * 1e12)
         floor_states = (read_bytes + 2 * state_bytes(config, B)) / (bw * 1e12)
         logits, states = starts[B]
         try:
-            t, compile_s, report = bench_decode_case(
+            t, compile_s, report, text = bench_decode_case(
                 cfg,
                 params if blocks == "scan" else params_u,
                 states,
@@ -454,7 +408,7 @@ def main(argv=None) -> int:
                 tokens,
                 reps,
                 graphs,
-                profile_dir if n == 0 else None,
+                profile_dir if n == args.profile else None,
             )
         except Exception as e:  # report and go on: one failing case must not lose the others
             print(f"{label} FAILED: {type(e).__name__}: {str(e)[:300]}")
@@ -471,12 +425,11 @@ def main(argv=None) -> int:
         }
         results["decode"].append(row)
         kernels = report["fusions"] + report["custom_calls"]
-        print(
-            f"{label} {t * 1e3:9.3f} {t / floor:8.2f} {t / floor_states:9.2f} {compile_s:9.1f} "
-            f"{kernels:7d} {report['command_buffers']:7d}"
-        )
+        print(f"{label} {t * 1e3:9.3f} {t / floor:8.2f} {t / floor_states:9.2f} {compile_s:9.1f} {kernels:7d}")
         save()
-        if n == 0 and profile_dir is not None:
+        if n in hlo_cases and args.out is not None:
+            (args.out / f"hlo_{n}_{step}_{blocks}_{graphs}_{B}.txt").write_text(text)
+        if n == args.profile:
             results["profile"] = profile_summary(profile_dir, tokens)
             for key, value in results["profile"].items():
                 if isinstance(value, dict) and "top" in value:
