@@ -139,14 +139,15 @@ def test_dtype_conversion_and_tied_embeddings():
 
 
 def test_fused_parameters_are_the_checkpoint_tensors_side_by_side():
-    """qkvoif_kernel = [q k v o i f] (transposed), if_bias = [bi bf], proj_gate_up = [gate up], in that order."""
+    """qkvo_kernel = [q k v o], if_kernel = [i f] (transposed), if_bias = [bi bf], proj_gate_up = [gate up]."""
     tensors = load_file(FIXTURE / "model.safetensors")
     config, params = load(scan_blocks=False)
     for layer in range(config.num_blocks):
         block, prefix = params[f"blocks_{layer}"], f"backbone.blocks.{layer}."
-        names = [f"mlstm_layer.{p}.weight" for p in ("q", "k", "v", "ogate_preact", "igate_preact", "fgate_preact")]
-        want = np.concatenate([tensors[prefix + n].T for n in names], axis=-1)
-        np.testing.assert_array_equal(np.asarray(block["mlstm_layer"]["qkvoif_kernel"]), want)
+        for param, projections in (("qkvo_kernel", ("q", "k", "v", "ogate")), ("if_kernel", ("igate", "fgate"))):
+            names = [f"mlstm_layer.{p}{'_preact' if 'gate' in p else ''}.weight" for p in projections]
+            want = np.concatenate([tensors[prefix + n].T for n in names], axis=-1)
+            np.testing.assert_array_equal(np.asarray(block["mlstm_layer"][param]), want)
         want = np.concatenate([tensors[prefix + f"mlstm_layer.{g}_preact.bias"] for g in ("igate", "fgate")])
         np.testing.assert_array_equal(np.asarray(block["mlstm_layer"]["if_bias"]), want)
         want = np.concatenate([tensors[prefix + f"ffn.{p}.weight"].T for p in ("proj_up_gate", "proj_up")], axis=-1)

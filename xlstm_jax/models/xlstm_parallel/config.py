@@ -150,11 +150,6 @@ class xLSTMLMConfig:
         return self.v_dim // self.num_heads
 
     @property
-    def mlstm_projection_widths(self) -> tuple[int, int, int, int, int, int]:
-        """Output widths of the mLSTM layer's fused input projection, in column order q, k, v, o, i, f."""
-        return (self.qk_dim, self.qk_dim, self.v_dim, self.v_dim, self.num_heads, self.num_heads)
-
-    @property
     def ffn_dim(self) -> int:
         return round_up(self.embedding_dim * self.ffn_proj_factor, self.ffn_round_up_to_multiple_of)
 

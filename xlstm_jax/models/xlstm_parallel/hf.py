@@ -9,8 +9,10 @@ along the output axis, in the order listed, and saving splits it back)::
 
     backbone.embeddings.weight                        embedding/embedding            (V, D)
     backbone.blocks.{l}.norm_mlstm.weight             blocks/norm_mlstm/weight       (D,)
-    backbone.blocks.{l}.mlstm_layer.{q,k,v,ogate_preact,igate_preact,fgate_preact}.weight
-                                                      blocks/mlstm_layer/qkvoif_kernel  (D, 2 qk + 2 v + 2 NH)
+    backbone.blocks.{l}.mlstm_layer.{q,k,v,ogate_preact}.weight
+                                                      blocks/mlstm_layer/qkvo_kernel (D, 2 qk + 2 v)
+    backbone.blocks.{l}.mlstm_layer.{igate,fgate}_preact.weight
+                                                      blocks/mlstm_layer/if_kernel   (D, 2 NH)
     backbone.blocks.{l}.mlstm_layer.{igate,fgate}_preact.bias
                                                       blocks/mlstm_layer/if_bias     (2 NH,)
     backbone.blocks.{l}.mlstm_layer.out_proj.weight   blocks/mlstm_layer/out_proj/kernel
@@ -128,10 +130,8 @@ def config_to_hf(config: xLSTMLMConfig) -> dict[str, Any]:
 # order along the last (output) axis, and whether each is transposed). One suffix: a plain copy.
 _BLOCK_PARAMS: dict[tuple[str, ...], tuple[tuple[str, ...], bool]] = {
     ("norm_mlstm", "weight"): (("norm_mlstm.weight",), False),
-    ("mlstm_layer", "qkvoif_kernel"): (
-        tuple(f"mlstm_layer.{p}.weight" for p in ("q", "k", "v", "ogate_preact", "igate_preact", "fgate_preact")),
-        True,
-    ),
+    ("mlstm_layer", "qkvo_kernel"): (tuple(f"mlstm_layer.{p}.weight" for p in ("q", "k", "v", "ogate_preact")), True),
+    ("mlstm_layer", "if_kernel"): (("mlstm_layer.igate_preact.weight", "mlstm_layer.fgate_preact.weight"), True),
     ("mlstm_layer", "if_bias"): (("mlstm_layer.igate_preact.bias", "mlstm_layer.fgate_preact.bias"), False),
     ("mlstm_layer", "out_proj", "kernel"): (("mlstm_layer.out_proj.weight",), True),
     ("mlstm_layer", "multihead_norm", "weight"): (("mlstm_layer.multihead_norm.weight",), False),

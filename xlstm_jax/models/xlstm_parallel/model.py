@@ -14,12 +14,12 @@ backend (``decode=False``), then each generated token in one call with the decod
 Parameter tree (names follow ``transformers`` except the fused projections; :mod:`.hf` maps them)::
 
     embedding/embedding (V, D)
-    blocks/{norm_mlstm/weight, mlstm_layer/{qkvoif_kernel, if_bias, multihead_norm/weight, out_proj/kernel},
-            norm_ffn/weight, ffn/{proj_gate_up/kernel, proj_down/kernel}}
+    blocks/{norm_mlstm/weight, mlstm_layer/{qkvo_kernel, if_kernel, if_bias, multihead_norm/weight,
+            out_proj/kernel}, norm_ffn/weight, ffn/{proj_gate_up/kernel, proj_down/kernel}}
     out_norm/weight (D,)        lm_head/kernel (D, V)  (absent with tied embeddings)
 
-``qkvoif_kernel`` is ``transformers``' q, k, v, ogate_preact, igate_preact and fgate_preact kernels side
-by side (D, 2 qk_dim + 2 v_dim + 2 NH), ``if_bias`` the two gate biases, ``proj_gate_up`` the FFN's
+``qkvo_kernel`` is ``transformers``' q, k, v and ogate_preact kernels side by side (D, 2 qk_dim + 2 v_dim),
+``if_kernel`` and ``if_bias`` its igate_preact and fgate_preact (D, 2 NH), ``proj_gate_up`` the FFN's
 proj_up_gate and proj_up (D, 2 ffn_dim): one matrix product each (see the layer modules).
 
 With ``config.scan_blocks`` the blocks run under ``nn.scan`` and every leaf under ``blocks`` has a

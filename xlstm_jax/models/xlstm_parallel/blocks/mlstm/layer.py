@@ -2,9 +2,8 @@
 
 ::
 
-    [q k v o i f] = x W_qkvoif           one product, D -> 2 qk_dim + 2 v_dim + 2 NH, float32 output
-    q, k (qk_dim each), v, o (v_dim each): cast to config.dtype; no biases
-    i, f = cap · tanh((x Wi + bi) / cap), same for f    (NH each, with bias; cap = gate_soft_cap)
+    [q k v o] = x W_qkvo      one product, D -> 2 qk_dim + 2 v_dim, in config.dtype; no biases
+    [i f] = x W_if + b_if     one product, D -> 2 NH, float32;  i, f = cap · tanh(. / cap) (cap = gate_soft_cap)
     h    = mLSTM(q, k, v, i, f)     per head: q, k (B, NH, S, DHQK), v (B, NH, S, DHV)
     y    = (sigmoid(o) * MultiHeadLayerNorm(h)) Wout     (v_dim -> D)
 
@@ -20,18 +19,20 @@ forms take a block's own max with ``stabilizer.finite_max``), ``tests/models/tes
 bit-identical states for every backend and step form, and ``tests/models/test_model.py`` finite gradients
 with padding.
 
-Fused projection: the six input projections are one matrix product with one fused kernel parameter
-``qkvoif_kernel`` (D, 2 qk_dim + 2 v_dim + 2 NH), columns in the order q, k, v, o, i, f, and the gate
-biases are ``if_bias`` (2 NH,), i then f. One product reads x once and launches one kernel instead of six
-(at batch 1 decode each product is a matrix-vector product bound by reading its weights, so the launches
-and tails of the small ones are what fusing saves). The weights are stored fused, so nothing is
-concatenated at run time; :mod:`...hf` splits and joins the ``transformers`` tensors on save and load.
+Fused projections: the four wide input projections are one matrix product with one fused kernel
+parameter ``qkvo_kernel`` (D, 2 qk_dim + 2 v_dim), columns in the order q, k, v, o; the two gate
+projections are one product with ``if_kernel`` (D, 2 NH) and ``if_bias`` (2 NH,), i then f. A product
+reads x once and launches one kernel instead of several (at batch 1 decode each product is a
+matrix-vector product bound by reading its weights, so the launches and tails of the small ones are what
+fusing saves). The gates are kept out of the wide product: they need a float32 result, and 16 more
+columns make its width 12304 = 16 x 769 for xLSTM-7B, for which XLA's Triton GEMM picked 16-column tiles
+and ran at about half the bandwidth of the other products (H200, 42 µs against 25 µs expected). The
+weights are stored fused, so nothing is concatenated at run time; :mod:`...hf` splits and joins the
+``transformers`` tensors on save and load.
 
-Precision: the product accumulates in float32 and returns float32 (``preferred_element_type``); q, k, v
-and o are rounded to ``config.dtype`` once, which is what a product in ``config.dtype`` returns, and the
-gate pre-activations stay float32 (they are summed in log space over the whole sequence, see
-``mlstm/stabilizer.py``), as a float32 product of the same ``config.dtype`` operands would give. The
-states are in ``config.state_dtype``.
+Precision: projections run in ``config.dtype``; the gate pre-activations in float32 (the product of the
+``config.dtype`` operands accumulated and returned in float32; they are summed in log space over the whole
+sequence, see ``mlstm/stabilizer.py``); the states in ``config.state_dtype``.
 """
 
 from __future__ import annotations
@@ -44,7 +45,6 @@ from typing import Any
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
-import numpy as np
 
 from xlstm_jax.models.xlstm_parallel.blocks.mlstm.backend import BACKENDS, create_mlstm_backend
 from xlstm_jax.models.xlstm_parallel.blocks.mlstm.backend.config import mLSTMBackend
@@ -125,9 +125,9 @@ def create_prefill_backend(config: xLSTMLMConfig) -> mLSTMBackend:
 
 
 class mLSTMLayer(nn.Module):
-    """The mLSTM layer. Parameters: ``qkvoif_kernel`` (D, 2 qk_dim + 2 v_dim + 2 NH), the fused input
-    projections of ``transformers``' ``q``, ``k``, ``v``, ``ogate_preact``, ``igate_preact`` and
-    ``fgate_preact``; ``if_bias`` (2 NH,), the two gate biases; ``multihead_norm/weight`` (v_dim,);
+    """The mLSTM layer. Parameters: ``qkvo_kernel`` (D, 2 qk_dim + 2 v_dim), the fused input projections
+    of ``transformers``' ``q``, ``k``, ``v`` and ``ogate_preact``; ``if_kernel`` (D, 2 NH) and ``if_bias``
+    (2 NH,), its ``igate_preact`` and ``fgate_preact``; ``multihead_norm/weight`` (v_dim,);
     ``out_proj/kernel`` (v_dim, D). Kernels are (in, out).
 
     Attributes:
@@ -150,20 +150,21 @@ class mLSTMLayer(nn.Module):
         B, S, _ = x.shape
         NH, DHQK, DHV = cfg.num_heads, cfg.qk_head_dim, cfg.v_head_dim
 
-        widths = cfg.mlstm_projection_widths
-        kernel = self.param(
-            "qkvoif_kernel", nn.initializers.lecun_normal(), (x.shape[-1], sum(widths)), cfg.jnp_param_dtype
-        )
-        gate_bias = self.param("if_bias", nn.initializers.zeros, (2 * NH,), cfg.jnp_param_dtype)
+        D, QK, V = x.shape[-1], cfg.qk_dim, cfg.v_dim
+        init = nn.initializers.lecun_normal()
+        qkvo_kernel = self.param("qkvo_kernel", init, (D, 2 * QK + 2 * V), cfg.jnp_param_dtype)
+        if_kernel = self.param("if_kernel", init, (D, 2 * NH), cfg.jnp_param_dtype)
+        if_bias = self.param("if_bias", nn.initializers.zeros, (2 * NH,), cfg.jnp_param_dtype)
         x = x.astype(cfg.compute_dtype)
-        qkvoif = jax.lax.dot_general(
-            x, kernel.astype(cfg.compute_dtype), (((x.ndim - 1,), (0,)), ((), ())), preferred_element_type=jnp.float32
-        )  # (B, S, sum(widths)) float32
-        q, k, v, o, i, f = jnp.split(qkvoif, np.cumsum(widths)[:-1].tolist(), axis=-1)
-        q, k, v, o = (t.astype(cfg.compute_dtype) for t in (q, k, v, o))
-        gate_bias = gate_bias.astype(jnp.float32)
-        i = soft_cap(i + gate_bias[:NH], cfg.gate_soft_cap)  # (B, S, NH)
-        f = soft_cap(f + gate_bias[NH:], cfg.gate_soft_cap)
+
+        def product(kernel: jax.Array, out_dtype: Any) -> jax.Array:  # (B, S, D) x (D, F) -> (B, S, F)
+            dims = (((x.ndim - 1,), (0,)), ((), ()))
+            return jax.lax.dot_general(x, kernel.astype(cfg.compute_dtype), dims, preferred_element_type=out_dtype)
+
+        q, k, v, o = jnp.split(product(qkvo_kernel, cfg.compute_dtype), [QK, 2 * QK, 2 * QK + V], axis=-1)
+        gates = product(if_kernel, jnp.float32) + if_bias.astype(jnp.float32)  # (B, S, 2 NH)
+        i = soft_cap(gates[..., :NH], cfg.gate_soft_cap)  # (B, S, NH)
+        f = soft_cap(gates[..., NH:], cfg.gate_soft_cap)
         if valid is not None:
             i = jnp.where(valid[..., None], i, PAD_IGATE)
             f = jnp.where(valid[..., None], f, jnp.inf)
