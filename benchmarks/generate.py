@@ -16,9 +16,10 @@ Measures in one run (one process, so that the ratios between variants are fair):
   over the jitted ``lax.while_loop`` of :func:`xlstm_jax.generation.generate` (greedy, no stop token,
   after a 16-token prompt), against the floor: every weight byte read once per token at the measured copy
   bandwidth (the embedding contributes one row only), and that floor plus reading and writing the float32
-  states once. For each case the compiled program is also inspected: kernels (fusions and custom calls)
-  and command buffers in the decode loop, and its largest non-matrix-product kernels (a copy of a weight
-  there would be an extra pass over it per token);
+  states once. For each case the compiled program is also inspected: its kernels (fusions and custom
+  calls) and its largest non-matrix-product kernels (a copy of a weight there would be an extra pass over
+  it per token). Command buffers are formed after the HLO, so they do not show there; ``--profile`` does
+  not show them either (XLA turns them off while profiling);
 - prefill tokens/s for the prompt lengths of ``--prefill`` at batch 1 (blocks under ``nn.scan``, the
   chunkwise backend, logits of the last position only), with the model FLOPs over the time as a fraction
   of the measured bf16 matrix ceiling;
