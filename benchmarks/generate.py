@@ -2,33 +2,46 @@
 
 Run from the repository root on a GPU::
 
-    PYTHONPATH=. python3 benchmarks/generate.py [--out DIR]
+    PYTHONPATH=. python3 benchmarks/generate.py [--out DIR] [--cases ...] [--profile N] [--hlo N,...]
+    PYTHONPATH=. python benchmarks/generate.py --smoke          # tiny config, CPU, seconds
 
-Measures in one run:
+Measures in one run (one process, so that the ratios between variants are fair):
 
 - the two ceilings of the device: a large bf16 matrix product (TFLOP/s) and a device-to-device copy
   (TB/s, bytes read + written);
-- prefill tokens/s for prompts of 128, 1024 and 8192 tokens at batch 1 (the chunkwise prefill backend,
-  logits of the last position only), with the model FLOPs over the time as a fraction of the measured
-  bf16 matrix ceiling;
-- decode ms/token at batch 1 and 16 with the XLA step (``recurrent``) and the Pallas step
-  (``recurrent_pallas``, if registered), timed over the jitted ``lax.while_loop`` of
-  :func:`xlstm_jax.generation.generate` (greedy, no stop token), against the floor: every weight byte
-  read once per token at the measured copy bandwidth (the embedding contributes one row only), and
-  that floor plus reading and writing the float32 states once.
+- decode ms/token for each case of ``--cases``, ``STEP:BLOCKS:GRAPHS:B`` with STEP a decode step name
+  (``recurrent``: the XLA step; ``recurrent_pallas``: the Pallas kernel), BLOCKS ``unrolled`` or ``scan``
+  (``nn.scan`` over the blocks), GRAPHS a name of ``XLA_OPTIONS`` (XLA settings such as command buffers,
+  i.e. CUDA graphs, passed as compiler options of that one compilation) and B the batch. Each case is timed
+  over the jitted ``lax.while_loop`` of :func:`xlstm_jax.generation.generate` (greedy, no stop token,
+  after a 16-token prompt), against the floor: every weight byte read once per token at the measured copy
+  bandwidth (the embedding contributes one row only), and that floor plus reading and writing the float32
+  states once. For each case the compiled program is also inspected: its kernels (fusions and custom
+  calls) and its largest non-matrix-product kernels (a copy of a weight there would be an extra pass over
+  it per token). Command buffers are formed after the HLO, so they do not show there; ``--profile`` does
+  not show them either (XLA turns them off while profiling);
+- prefill tokens/s for the prompt lengths of ``--prefill`` at batch 1 (blocks under ``nn.scan``, the
+  chunkwise backend, logits of the last position only), with the model FLOPs over the time as a fraction
+  of the measured bf16 matrix ceiling;
+- with ``--profile N``: a ``jax.profiler`` trace of decode case N (0-based), summarised on the spot
+  (kernels per token, their summed time against the wall time, the costliest kernels); with ``--hlo``
+  the optimised HLO of the listed cases is written next to ``results.json``.
 
-Weights are drawn on the device inside one jitted function (normal, scaled by 1/sqrt(fan-in); norm
-weights 1), so nothing of 14 GB crosses the host. Each case runs after a warm-up (compilation) and
-reports the median of repeats. ``--tiny`` runs the same code on a tiny config (for a CPU smoke test).
+Weights are drawn on the device by one jitted function in the stacked (``nn.scan``) layout (a dozen
+leaves: fast to compile) and sliced for unrolled blocks. Each case runs after a warm-up (compilation) and
+reports the median of repeats; cases are skipped once ``--budget-s`` is spent. Results go to stdout and,
+with ``--out``, to ``results.json`` (rewritten after every case).
 """
 
 from __future__ import annotations
 
 import argparse
-import functools
+import collections
 import json
 import math
+import re
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -38,8 +51,41 @@ import numpy as np
 
 from xlstm_jax.generation import SamplingConfig, _decode_loop, _prefill
 from xlstm_jax.models.xlstm_parallel.blocks.mlstm.backend import BACKENDS
+from xlstm_jax.models.xlstm_parallel.blocks.mlstm.layer import STEP_FUNCTIONS
 from xlstm_jax.models.xlstm_parallel.config import xLSTMLMConfig
 from xlstm_jax.models.xlstm_parallel.model import ModelStates, xLSTMLMModel
+
+# XLA settings of the decode loop's compilation, by name, passed as compiler options of that one
+# compilation (the rest of the run is unaffected). "default": this XLA's defaults. "graphs": command
+# buffers (CUDA graphs) for every kind of thunk that can be captured, the while loop included (one graph
+# with conditional nodes for the whole decode loop), from one kernel up. "graphs_body": the same without
+# WHILE/CONDITIONAL (the loop body replayed as graphs, the loop itself on the host). "cublas": no Triton
+# GEMM fusions, so every matrix product is a cuBLAS call (the autotuner otherwise picks per product);
+# "cublaslt": the same through cuBLASLt.
+XLA_OPTIONS: dict[str, dict[str, object]] = {
+    "default": {},
+    "graphs": {
+        "xla_gpu_enable_command_buffer": "FUSION,CUBLAS,CUBLASLT,CUSTOM_CALL,CUDNN,WHILE,CONDITIONAL",
+        "xla_gpu_graph_min_graph_size": 1,
+    },
+    "graphs_body": {
+        "xla_gpu_enable_command_buffer": "FUSION,CUBLAS,CUBLASLT,CUSTOM_CALL,CUDNN",
+        "xla_gpu_graph_min_graph_size": 1,
+    },
+    "cublas": {"xla_gpu_enable_triton_gemm": False},
+    "cublaslt": {"xla_gpu_enable_triton_gemm": False, "xla_gpu_enable_cublaslt": True},
+}
+
+DEFAULT_CASES = (
+    "recurrent:unrolled:default:1",
+    "recurrent:unrolled:cublas:1",
+    "recurrent:unrolled:default:16",
+    "recurrent:unrolled:cublas:16",
+    "recurrent_pallas:unrolled:default:1",
+    "recurrent:unrolled:graphs:1",
+    "recurrent_pallas:unrolled:default:16",
+    "recurrent:scan:default:1",
+)
 
 
 def median_seconds(fn, repeats: int) -> float:
@@ -78,28 +124,43 @@ def measure_ceilings(small: bool) -> dict:
 
 
 def random_params(config: xLSTMLMConfig, seed: int = 0):
-    """Random weights on the device, in one jitted function (no host transfer)."""
+    """Random weights on the device in the stacked layout (``config.scan_blocks`` must be True).
+
+    Kernels (in, out) and the embedding are normal, kernels scaled by 1/sqrt(in); gate biases normal;
+    norm weights 1. One jitted function over the ~dozen stacked leaves: seconds to compile.
+    """
+    if not config.scan_blocks:
+        raise ValueError("random_params draws the stacked layout: use a config with scan_blocks=True")
     model = xLSTMLMModel(config)
     shapes = jax.eval_shape(lambda: model.init(jax.random.key(0), jnp.ones((1, 1), jnp.int32))["params"])
-    leaves, treedef = jax.tree_util.tree_flatten(shapes)
+    leaves, treedef = jax.tree_util.tree_flatten_with_path(shapes)
 
     @jax.jit
     def make(key):
         keys = jax.random.split(key, len(leaves))
         out = []
-        for k, leaf in zip(keys, leaves, strict=True):
-            stacked = config.scan_blocks and len(leaf.shape) >= 2 and leaf.shape[0] == config.num_blocks
+        for k, (path, leaf) in zip(keys, leaves, strict=True):
+            name = jax.tree_util.keystr(path)
+            stacked = "blocks" in name
             core = leaf.shape[1:] if stacked else leaf.shape
             if len(core) >= 2:  # kernels (in, out) and the embedding (V, D)
                 scale = 1.0 if core[0] == config.vocab_size else 1.0 / math.sqrt(core[0])
                 out.append((jax.random.normal(k, leaf.shape, jnp.float32) * scale).astype(leaf.dtype))
-            elif len(core) == 1 and core[0] == config.num_heads:  # gate biases
+            elif "bias" in name:  # gate biases
                 out.append(jax.random.normal(k, leaf.shape, leaf.dtype))
             else:  # norm weights
                 out.append(jnp.ones(leaf.shape, leaf.dtype))
-        return jax.tree_util.tree_unflatten(treedef, out)
+        return jax.tree_util.tree_unflatten(jax.tree_util.tree_structure(shapes), out)
 
     return make(jax.random.key(seed))
+
+
+def unstack_blocks(config: xLSTMLMConfig, params: dict) -> dict:
+    """The unrolled layout (``blocks_0`` ... ``blocks_{L-1}``) of stacked params (separate buffers)."""
+    out = {k: v for k, v in params.items() if k != "blocks"}
+    for i in range(config.num_blocks):
+        out[f"blocks_{i}"] = jax.tree_util.tree_map(lambda x, i=i: jnp.copy(x[i]), params["blocks"])
+    return out
 
 
 def matmul_params(config: xLSTMLMConfig) -> int:
@@ -142,40 +203,147 @@ def bench_prefill(config, params, S: int, repeats: int) -> float:
     return median_seconds(run, repeats)
 
 
-def bench_decode(config, params, B: int, tokens: int, repeats: int) -> float:
-    """Seconds per token of the decode loop after a 16-token prompt (states copied before each run)."""
-    ids = jax.random.randint(jax.random.key(B), (B, 16), 0, config.vocab_size, jnp.int32)
-    logits, states = _prefill(config, params, ids, None)
+_SHAPE = re.compile(r"\b(pred|s8|u8|s32|u32|s64|bf16|f16|f32|f64)\[([\d,]*)\]")
+_ITEMSIZE = {"pred": 1, "s8": 1, "u8": 1, "bf16": 2, "f16": 2, "s32": 4, "u32": 4, "f32": 4, "s64": 8, "f64": 8}
+_INSTR = re.compile(r"^\s*(?:ROOT\s+)?%?([\w.\-]+)\s*=\s*(.+?)\s+([\w\-]+)\((.*)$")
+
+
+def hlo_report(text: str) -> dict:
+    """Kernel-level facts of an optimised HLO module (``Compiled.as_text()``).
+
+    Counts, over the computations that are not fusion bodies, the fusions and custom calls (each one
+    kernel or library call); lists the largest fusion and copy outputs that are
+    not matrix products (a weight-sized one inside the decode loop would be a copy of a weight per token).
+    """
+    comps: dict[str, list[str]] = {}
+    name = None
+    for line in text.splitlines():
+        header = re.match(r"^(?:ENTRY\s+)?%?([\w.\-]+)\s.*\{\s*$", line)
+        if header and not line.startswith(" "):
+            name = header.group(1)
+            comps[name] = []
+        elif name is not None and line.strip() and line.strip() != "}":
+            comps[name].append(line)
+    called = set(re.findall(r"calls=%?([\w.\-]+)", text))
+    fused = {c for c in called if "fus" in c or c.startswith("command_buffer")}
+    ops: collections.Counter = collections.Counter()
+    big: list[tuple[int, str]] = []
+    for comp, lines in comps.items():
+        if comp in fused:
+            continue
+        for line in lines:
+            m = _INSTR.match(line)
+            if not m:
+                continue
+            instr, shape, opcode = m.group(1), m.group(2), m.group(3)
+            ops[opcode] += 1
+            if opcode in ("fusion", "copy", "transpose") and "gemm" not in line and "__cublas" not in line:
+                nbytes = sum(
+                    _ITEMSIZE[t] * math.prod(int(d) for d in dims.split(",") if d) for t, dims in _SHAPE.findall(shape)
+                )
+                big.append((nbytes, f"{comp}/{instr}: {shape[:80]}"))
+    big.sort(reverse=True)
+    return {
+        "fusions": ops["fusion"],
+        "custom_calls": ops["custom-call"],
+        "copies": ops["copy"],
+        "while_loops": ops["while"],
+        "largest_non_matmul_outputs": [f"{b / 1e6:.1f} MB {s}" for b, s in big[:5]],
+    }
+
+
+def profile_summary(trace_dir: str, tokens: int) -> dict:
+    """GPU kernels of a ``jax.profiler`` trace: per token, their count, summed time and the costliest names."""
+    from jax.profiler import ProfileData
+
+    files = sorted(Path(trace_dir).rglob("*.xplane.pb"))
+    if not files:
+        return {"error": f"no xplane.pb under {trace_dir}"}
+    data = ProfileData.from_file(str(files[-1]))
+    summary: dict = {"lines": {}}
+    for plane in data.planes:
+        if not plane.name.startswith("/device:GPU"):
+            continue
+        for line in plane.lines:
+            events = list(line.events)
+            summary["lines"][f"{plane.name} | {line.name}"] = len(events)
+            if not line.name.startswith("Stream") or not events:
+                continue
+            by_name: collections.Counter = collections.Counter()
+            count: collections.Counter = collections.Counter()
+            for ev in events:
+                by_name[ev.name] += ev.duration_ns
+                count[ev.name] += 1
+            start = min(ev.start_ns for ev in events)
+            end = max(ev.start_ns + ev.duration_ns for ev in events)
+            busy = sum(by_name.values())
+            summary[f"{plane.name} | {line.name}"] = {
+                "kernels_per_token": len(events) / tokens,
+                "kernel_us_per_token": busy / 1e3 / tokens,
+                "span_us_per_token": (end - start) / 1e3 / tokens,
+                "busy_fraction": busy / max(end - start, 1),
+                "top": [
+                    f"{t / 1e3 / tokens:8.1f} us/token  x{count[n] / tokens:5.1f}  {n[:90]}"
+                    for n, t in by_name.most_common(25)
+                ],
+            }
+    return summary
+
+
+def bench_decode_case(config, params, states, logits, tokens: int, repeats: int, graphs: str, profile_dir=None):
+    """Seconds per token of the decode loop compiled with ``XLA_OPTIONS[graphs]``, and its HLO report."""
     stop = jnp.zeros((0,), jnp.int32)
-    loop = functools.partial(_decode_loop, config, SamplingConfig(), tokens, 0, False, params)
+    fresh = lambda: jax.block_until_ready(ModelStates(*(jnp.copy(x) for x in states)))  # noqa: E731
+    static = (config, SamplingConfig(), tokens, 0, False)
+    t0 = time.perf_counter()
+    lowered = _decode_loop.lower(*static, params, fresh(), logits, jax.random.key(0), stop)
+    compiled = lowered.compile(compiler_options=XLA_OPTIONS[graphs] or None)
+    compile_s = time.perf_counter() - t0
+    text = compiled.as_text()
+    report = hlo_report(text)
     times = []
     for rep in range(repeats + 1):
-        fresh = jax.block_until_ready(ModelStates(*(jnp.copy(x) for x in states)))
+        s = fresh()
         start = time.perf_counter()
-        out = loop(fresh, logits, jax.random.key(rep), stop)
+        out = compiled(params, s, logits, jax.random.key(rep), stop)
         jax.block_until_ready(out.tokens)
         if int(out.t) != tokens:
             raise RuntimeError(f"decode loop ran {int(out.t)} steps, expected {tokens}")
-        if rep:  # the first run compiles
+        if not np.all(np.isfinite(np.asarray(out.logits))):
+            raise RuntimeError("decode produced non-finite logits")
+        if rep:  # the first run loads the program
             times.append(time.perf_counter() - start)
-    return float(np.median(times)) / tokens
+    if profile_dir is not None:
+        s = fresh()
+        jax.profiler.start_trace(profile_dir)
+        jax.block_until_ready(compiled(params, s, logits, jax.random.key(99), stop).tokens)
+        jax.profiler.stop_trace()
+    return float(np.median(times)) / tokens, compile_s, report, text
 
 
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--out", type=Path, default=None, help="directory for results.json")
-    parser.add_argument("--tiny", action="store_true", help="smoke test on a tiny config (CPU)")
-    parser.add_argument("--budget-s", type=float, default=420.0, help="skip remaining cases after this")
+    parser.add_argument("--smoke", "--tiny", action="store_true", help="tiny config, for a CPU smoke test")
+    parser.add_argument("--budget-s", type=float, default=330.0, help="skip the cases left after this")
     parser.add_argument("--prefill", default="128,1024,8192", help="prompt lengths ('' to skip)")
-    parser.add_argument(
-        "--decode-blocks",
-        choices=("scan", "unrolled", "both"),
-        default="both",
-        help="decode with nn.scan over the blocks, unrolled blocks, or both",
-    )
+    parser.add_argument("--cases", default=",".join(DEFAULT_CASES), help="decode cases STEP:BLOCKS:GRAPHS:B")
+    parser.add_argument("--tokens", type=int, default=None, help="decode tokens per timed loop")
+    parser.add_argument("--profile", type=int, default=-1, help="profile decode case N (0-based)")
+    parser.add_argument("--hlo", default="", help="write the optimised HLO of decode cases N,... to --out")
     args = parser.parse_args(argv)
     t_start = time.perf_counter()
-    results: dict = {"device": str(jax.devices()[0].device_kind), "jax": jax.__version__}
+    results: dict = {"device": str(jax.devices()[0].device_kind), "jax": jax.__version__, "argv": sys.argv[1:]}
+
+    cases = []
+    for spec in (c for c in args.cases.split(",") if c):
+        step, blocks, graphs, B = spec.split(":")
+        if step not in STEP_FUNCTIONS or blocks not in ("unrolled", "scan") or graphs not in XLA_OPTIONS:
+            raise ValueError(
+                f"bad case {spec!r}: STEP in {sorted(STEP_FUNCTIONS)}, BLOCKS unrolled|scan, "
+                f"GRAPHS in {sorted(XLA_OPTIONS)}, B an int"
+            )
+        cases.append((step, blocks, graphs, int(B)))
 
     def save():
         if args.out is not None:
@@ -185,27 +353,92 @@ def main(argv=None) -> int:
     def over_budget() -> bool:
         return time.perf_counter() - t_start > args.budget_s
 
-    results["ceilings"] = measure_ceilings(args.tiny)
+    results["ceilings"] = measure_ceilings(args.smoke)
     peak, bw = results["ceilings"]["bf16_matmul_tflops"], results["ceilings"]["copy_tbps"]
     print(f"# {results['device']}, jax {jax.__version__}: bf16 matmul {peak:.0f} TFLOP/s, copy {bw:.2f} TB/s")
     save()
 
     prefill_backend = "chunkwise" if "chunkwise" in BACKENDS else "parallel_stabilized"
     chunk = getattr(BACKENDS[prefill_backend].config_class(), "chunk_size", 64)  # for the FLOP count
-    if args.tiny:
+    if args.smoke:
         config = xLSTMLMConfig.tiny(dtype="bfloat16", param_dtype="bfloat16", prefill_backend=prefill_backend)
-        lengths, batches, tokens, reps = tuple(int(x) for x in args.prefill.split(",") if x), (1, 4), 8, 2
+        tokens, reps = 8, 2
     else:
         config = xLSTMLMConfig.xlstm_7b(prefill_backend=prefill_backend)
-        lengths, batches, tokens, reps = tuple(int(x) for x in args.prefill.split(",") if x), (1, 16), 64, 3
+        tokens, reps = 64, 3
+    tokens = args.tokens or tokens
+    lengths = tuple(int(x) for x in args.prefill.split(",") if x)
+
     t0 = time.perf_counter()
-    # Always draw the stacked (nn.scan) layout and slice it for unrolled cases: drawing the ~480 per-layer
-    # leaves in one jitted function took over 170 s to compile on the H200 (2026-11-29).
     params = jax.block_until_ready(random_params(config))
     weight_bytes = sum(x.nbytes for x in jax.tree_util.tree_leaves(params))
     results["params"] = {"count": config.num_params(), "bytes": weight_bytes, "init_s": time.perf_counter() - t0}
     print(f"# {config.num_params() / 1e9:.2f}e9 parameters, {weight_bytes / 1e9:.2f} GB, prefill: {prefill_backend}")
     save()
+
+    # Decode. The prompt's states and logits come from a (scanned) prefill of 16 tokens per batch size.
+    read_bytes = matmul_params(config) * jnp.dtype(config.param_dtype).itemsize + config.embedding_dim * 2
+    starts = {}
+    for B in sorted({c[3] for c in cases}):
+        ids = jax.random.randint(jax.random.key(B), (B, 16), 0, config.vocab_size, jnp.int32)
+        starts[B] = jax.block_until_ready(_prefill(config, params, ids, None))
+    params_u = unstack_blocks(config, params) if any(c[1] == "unrolled" for c in cases) else None
+    results["decode"] = []
+    print(
+        f"{'decode step':>17s} {'blocks':>8s} {'graphs':>11s} {'B':>3s} {'ms/token':>9s} {'x floor':>8s} "
+        f"{'x +states':>9s} {'compile s':>9s} {'kernels':>7s}"
+    )
+    profile_dir = tempfile.mkdtemp() if args.profile >= 0 else None
+    hlo_cases = {int(x) for x in args.hlo.split(",") if x}
+    for n, (step, blocks, graphs, B) in enumerate(cases):
+        label = f"{step:>17s} {blocks:>8s} {graphs:>11s} {B:3d}"
+        if over_budget():
+            print(f"{label} skipped (time budget)")
+            results["decode"].append({"case": [step, blocks, graphs, B], "skipped": "time budget"})
+            continue
+        cfg = config.replace(step_backend=step, scan_blocks=blocks == "scan")
+        floor = read_bytes / (bw * 1e12)
+        floor_states = (read_bytes + 2 * state_bytes(config, B)) / (bw * 1e12)
+        logits, states = starts[B]
+        try:
+            t, compile_s, report, text = bench_decode_case(
+                cfg,
+                params if blocks == "scan" else params_u,
+                states,
+                logits,
+                tokens,
+                reps,
+                graphs,
+                profile_dir if n == args.profile else None,
+            )
+        except Exception as e:  # report and go on: one failing case must not lose the others
+            print(f"{label} FAILED: {type(e).__name__}: {str(e)[:300]}")
+            results["decode"].append({"case": [step, blocks, graphs, B], "error": repr(e)[:1000]})
+            save()
+            continue
+        row = {
+            "case": [step, blocks, graphs, B],
+            "ms_per_token": t * 1e3,
+            "floor_ms": floor * 1e3,
+            "floor_with_states_ms": floor_states * 1e3,
+            "compile_s": compile_s,
+            "hlo": report,
+        }
+        results["decode"].append(row)
+        kernels = report["fusions"] + report["custom_calls"]
+        print(f"{label} {t * 1e3:9.3f} {t / floor:8.2f} {t / floor_states:9.2f} {compile_s:9.1f} {kernels:7d}")
+        save()
+        if n in hlo_cases and args.out is not None:
+            (args.out / f"hlo_{n}_{step}_{blocks}_{graphs}_{B}.txt").write_text(text)
+        if n == args.profile:
+            results["profile"] = profile_summary(profile_dir, tokens)
+            for key, value in results["profile"].items():
+                if isinstance(value, dict) and "top" in value:
+                    print(f"# profile {key}: " + json.dumps({k: v for k, v in value.items() if k != "top"}))
+                    print("\n".join(f"#   {line}" for line in value["top"][:12]))
+            save()
+    print(f"# floor {read_bytes / (bw * 1e12) * 1e3:.3f} ms/token ({read_bytes / 1e9:.2f} GB at {bw:.2f} TB/s)")
+    del params_u
 
     print(f"{'prefill S':>10s} {'ms':>9s} {'tokens/s':>10s} {'TFLOP/s':>8s} {'of peak':>8s}")
     results["prefill"] = []
@@ -215,7 +448,7 @@ def main(argv=None) -> int:
             continue
         try:
             t = bench_prefill(config, params, S, reps)
-        except Exception as e:  # report and go on: one failing case must not lose the others
+        except Exception as e:
             print(f"{S:10d} FAILED: {type(e).__name__}: {str(e)[:200]}")
             results["prefill"].append({"S": S, "error": repr(e)[:500]})
             continue
@@ -225,80 +458,8 @@ def main(argv=None) -> int:
         results["prefill"].append(row)
         print(f"{S:10d} {t * 1e3:9.2f} {S / t:10.0f} {row['tflops']:8.1f} {row['fraction_of_peak']:8.1%}")
         save()
-
-    steps = ["recurrent"] + (["recurrent_pallas"] if "recurrent_pallas" in BACKENDS else [])
-    read_bytes = matmul_params(config) * jnp.dtype(config.param_dtype).itemsize + config.embedding_dim * 2
-    print(f"{'decode':>24s} {'B':>3s} {'ms/token':>9s} {'floor ms':>9s} {'x floor':>8s} {'+states':>8s} {'x':>6s}")
-    results["decode"] = []
-    for step in steps if config.scan_blocks and args.decode_blocks != "unrolled" else ():
-        for B in batches:
-            if over_budget():
-                print(f"{step:>24s} {B:3d} skipped (time budget)")
-                continue
-            cfg = config.replace(step_backend=step)
-            floor = read_bytes / (bw * 1e12)
-            floor_states = (read_bytes + 2 * state_bytes(config, B)) / (bw * 1e12)
-            try:
-                t = bench_decode(cfg, params, B, tokens, reps)
-            except Exception as e:
-                print(f"{step:>24s} {B:3d} FAILED: {type(e).__name__}: {str(e)[:200]}")
-                results["decode"].append({"step": step, "B": B, "error": repr(e)[:500]})
-                continue
-            row = {
-                "step": step,
-                "B": B,
-                "ms_per_token": t * 1e3,
-                "floor_ms": floor * 1e3,
-                "floor_with_states_ms": floor_states * 1e3,
-            }
-            results["decode"].append(row)
-            print(
-                f"{step:>24s} {B:3d} {t * 1e3:9.3f} {floor * 1e3:9.3f} {t / floor:8.2f} "
-                f"{floor_states * 1e3:8.3f} {t / floor_states:6.2f}"
-            )
-            save()
-    # The XLA step with the blocks unrolled (no nn.scan): per-layer weights are separate buffers rather
-    # than slices of stacked ones inside a loop.
-    unrolled = config.replace(scan_blocks=False)
-    if config.scan_blocks and args.decode_blocks != "scan":
-        params_u = {k: v for k, v in params.items() if k != "blocks"}
-        params_u.update(
-            {
-                f"blocks_{i}": jax.tree_util.tree_map(lambda x, i=i: x[i], params["blocks"])
-                for i in range(config.num_blocks)
-            }
-        )
-        del params
-    else:
-        params_u = params
-    cases = [(step, B) for step in steps for B in batches] if args.decode_blocks != "scan" else []
-    for step, B in cases:
-        name = f"{step} unrolled"
-        if over_budget():
-            print(f"{name:>24s} {B:3d} skipped (time budget)")
-            continue
-        floor = read_bytes / (bw * 1e12)
-        floor_states = (read_bytes + 2 * state_bytes(config, B)) / (bw * 1e12)
-        try:
-            t = bench_decode(unrolled.replace(step_backend=step), params_u, B, tokens, reps)
-        except Exception as e:
-            print(f"{name:>24s} {B:3d} FAILED: {type(e).__name__}: {str(e)[:200]}")
-            results["decode"].append({"step": name, "B": B, "error": repr(e)[:500]})
-            continue
-        row = {
-            "step": name,
-            "B": B,
-            "ms_per_token": t * 1e3,
-            "floor_ms": floor * 1e3,
-            "floor_with_states_ms": floor_states * 1e3,
-        }
-        results["decode"].append(row)
-        print(
-            f"{name:>24s} {B:3d} {t * 1e3:9.3f} {floor * 1e3:9.3f} {t / floor:8.2f} "
-            f"{floor_states * 1e3:8.3f} {t / floor_states:6.2f}"
-        )
-        save()
     results["total_s"] = time.perf_counter() - t_start
+    print(f"# total {results['total_s']:.0f} s")
     save()
     return 0
 

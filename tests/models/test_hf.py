@@ -136,3 +136,27 @@ def test_dtype_conversion_and_tied_embeddings():
     assert "lm_head.weight" not in expected_hf_shapes(tied)
     del tensors["lm_head.weight"]
     assert "lm_head" not in hf_tensors_to_params(tied, tensors)
+
+
+def test_fused_parameters_are_the_checkpoint_tensors_side_by_side():
+    """qkvo_kernel = [q k v o], if_kernel = [i f] (transposed), if_bias = [bi bf], proj_gate_up = [gate up]."""
+    tensors = load_file(FIXTURE / "model.safetensors")
+    config, params = load(scan_blocks=False)
+    for layer in range(config.num_blocks):
+        block, prefix = params[f"blocks_{layer}"], f"backbone.blocks.{layer}."
+        for param, projections in (("qkvo_kernel", ("q", "k", "v", "ogate")), ("if_kernel", ("igate", "fgate"))):
+            names = [f"mlstm_layer.{p}{'_preact' if 'gate' in p else ''}.weight" for p in projections]
+            want = np.concatenate([tensors[prefix + n].T for n in names], axis=-1)
+            np.testing.assert_array_equal(np.asarray(block["mlstm_layer"][param]), want)
+        want = np.concatenate([tensors[prefix + f"mlstm_layer.{g}_preact.bias"] for g in ("igate", "fgate")])
+        np.testing.assert_array_equal(np.asarray(block["mlstm_layer"]["if_bias"]), want)
+        want = np.concatenate([tensors[prefix + f"ffn.{p}.weight"].T for p in ("proj_up_gate", "proj_up")], axis=-1)
+        np.testing.assert_array_equal(np.asarray(block["ffn"]["proj_gate_up"]["kernel"]), want)
+
+
+def test_saving_a_mis_shaped_fused_parameter_raises(tmp_path):
+    config, params = load(scan_blocks=False)
+    block = dict(params["blocks_1"])
+    block["ffn"] = {**block["ffn"], "proj_gate_up": {"kernel": block["ffn"]["proj_gate_up"]["kernel"][:, :-1]}}
+    with pytest.raises(ValueError, match="blocks 1 ffn/proj_gate_up/kernel"):
+        save_hf(tmp_path, config, {**params, "blocks_1": block})

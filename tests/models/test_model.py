@@ -32,10 +32,10 @@ def test_scanned_and_unrolled_blocks_agree():
     """nn.scan over the blocks (stacked parameters) computes what the unrolled blocks compute."""
     config, params = load(scan_blocks=True)
     config_u, params_u = load(scan_blocks=False)
-    assert params["blocks"]["mlstm_layer"]["q"]["kernel"].shape == (2, 128, 64)
-    assert "blocks" not in params_u and params_u["blocks_1"]["mlstm_layer"]["q"]["kernel"].shape == (128, 64)
+    assert params["blocks"]["mlstm_layer"]["qkvo_kernel"].shape == (2, 128, 64 + 64 + 128 + 128)
+    assert "blocks" not in params_u and params_u["blocks_1"]["mlstm_layer"]["if_kernel"].shape == (128, 2 + 2)
     np.testing.assert_array_equal(
-        params["blocks"]["ffn"]["proj_up"]["kernel"][1], params_u["blocks_1"]["ffn"]["proj_up"]["kernel"]
+        params["blocks"]["ffn"]["proj_gate_up"]["kernel"][1], params_u["blocks_1"]["ffn"]["proj_gate_up"]["kernel"]
     )
     ids = peer()["input_ids"][:, :20]
     a = _logits(config, params, ids)

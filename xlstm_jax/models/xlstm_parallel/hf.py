@@ -3,15 +3,24 @@ for xLSTM-7B and as written by ``transformers``' ``xLSTMForCausalLM.save_pretrai
 
 A model directory holds ``config.json`` and either ``model.safetensors`` or shards listed in
 ``model.safetensors.index.json`` (``{"weight_map": {tensor name: file name}}``). Tensors are read with
-the ``safetensors`` library (no pickle). Names map onto our parameters one to one::
+the ``safetensors`` library (no pickle). Names map onto our parameters as follows (torch kernels are
+(out, in) and ours (in, out), so kernels are transposed; a fused parameter is its tensors side by side
+along the output axis, in the order listed, and saving splits it back)::
 
     backbone.embeddings.weight                        embedding/embedding            (V, D)
     backbone.blocks.{l}.norm_mlstm.weight             blocks/norm_mlstm/weight       (D,)
-    backbone.blocks.{l}.mlstm_layer.{q,k,v,ogate_preact,out_proj}.weight
-                                                      blocks/mlstm_layer/*/kernel    transposed: (in, out)
-    backbone.blocks.{l}.mlstm_layer.{igate,fgate}_preact.{weight,bias}
+    backbone.blocks.{l}.mlstm_layer.{q,k,v,ogate_preact}.weight
+                                                      blocks/mlstm_layer/qkvo_kernel (D, 2 qk + 2 v)
+    backbone.blocks.{l}.mlstm_layer.{igate,fgate}_preact.weight
+                                                      blocks/mlstm_layer/if_kernel   (D, 2 NH)
+    backbone.blocks.{l}.mlstm_layer.{igate,fgate}_preact.bias
+                                                      blocks/mlstm_layer/if_bias     (2 NH,)
+    backbone.blocks.{l}.mlstm_layer.out_proj.weight   blocks/mlstm_layer/out_proj/kernel
     backbone.blocks.{l}.mlstm_layer.multihead_norm.weight
-    backbone.blocks.{l}.norm_ffn.weight, backbone.blocks.{l}.ffn.{proj_up_gate,proj_up,proj_down}.weight
+    backbone.blocks.{l}.norm_ffn.weight
+    backbone.blocks.{l}.ffn.{proj_up_gate,proj_up}.weight
+                                                      blocks/ffn/proj_gate_up/kernel (D, 2 ffn_dim)
+    backbone.blocks.{l}.ffn.proj_down.weight          blocks/ffn/proj_down/kernel
     backbone.out_norm.weight                          out_norm/weight
     lm_head.weight                                    lm_head/kernel (D, V)          (absent if tied)
 
@@ -117,18 +126,18 @@ def config_to_hf(config: xLSTMLMConfig) -> dict[str, Any]:
     return out
 
 
-# Per-block tensors: Hugging Face name suffix -> (our path under the block, transpose).
-_BLOCK_TENSORS: dict[str, tuple[tuple[str, ...], bool]] = {
-    "norm_mlstm.weight": (("norm_mlstm", "weight"), False),
-    **{
-        f"mlstm_layer.{p}.weight": (("mlstm_layer", p, "kernel"), True)
-        for p in ("q", "k", "v", "ogate_preact", "igate_preact", "fgate_preact", "out_proj")
-    },
-    "mlstm_layer.igate_preact.bias": (("mlstm_layer", "igate_preact", "bias"), False),
-    "mlstm_layer.fgate_preact.bias": (("mlstm_layer", "fgate_preact", "bias"), False),
-    "mlstm_layer.multihead_norm.weight": (("mlstm_layer", "multihead_norm", "weight"), False),
-    "norm_ffn.weight": (("norm_ffn", "weight"), False),
-    **{f"ffn.{p}.weight": (("ffn", p, "kernel"), True) for p in ("proj_up_gate", "proj_up", "proj_down")},
+# Per-block parameters: our path under the block -> (the Hugging Face name suffixes it is made of, in
+# order along the last (output) axis, and whether each is transposed). One suffix: a plain copy.
+_BLOCK_PARAMS: dict[tuple[str, ...], tuple[tuple[str, ...], bool]] = {
+    ("norm_mlstm", "weight"): (("norm_mlstm.weight",), False),
+    ("mlstm_layer", "qkvo_kernel"): (tuple(f"mlstm_layer.{p}.weight" for p in ("q", "k", "v", "ogate_preact")), True),
+    ("mlstm_layer", "if_kernel"): (("mlstm_layer.igate_preact.weight", "mlstm_layer.fgate_preact.weight"), True),
+    ("mlstm_layer", "if_bias"): (("mlstm_layer.igate_preact.bias", "mlstm_layer.fgate_preact.bias"), False),
+    ("mlstm_layer", "out_proj", "kernel"): (("mlstm_layer.out_proj.weight",), True),
+    ("mlstm_layer", "multihead_norm", "weight"): (("mlstm_layer.multihead_norm.weight",), False),
+    ("norm_ffn", "weight"): (("norm_ffn.weight",), False),
+    ("ffn", "proj_gate_up", "kernel"): (("ffn.proj_up_gate.weight", "ffn.proj_up.weight"), True),
+    ("ffn", "proj_down", "kernel"): (("ffn.proj_down.weight",), True),
 }
 
 
@@ -219,8 +228,9 @@ def hf_tensors_to_params(config: xLSTMLMConfig, tensors: Mapping[str, Any]) -> d
     blocks = []
     for layer in range(config.num_blocks):
         block: dict[str, Any] = {}
-        for suffix, (path, transpose) in _BLOCK_TENSORS.items():
-            _set(block, path, convert(tensors[f"backbone.blocks.{layer}.{suffix}"], transpose))
+        for path, (suffixes, transpose) in _BLOCK_PARAMS.items():
+            parts = [convert(tensors[f"backbone.blocks.{layer}.{suffix}"], transpose) for suffix in suffixes]
+            _set(block, path, parts[0] if len(parts) == 1 else jnp.concatenate(parts, axis=-1))
         blocks.append(block)
     if config.scan_blocks:
         params["blocks"] = jax.tree_util.tree_map(lambda *xs: jnp.stack(xs), *blocks)
@@ -245,12 +255,21 @@ def params_to_hf_tensors(config: xLSTMLMConfig, params: Mapping[str, Any]) -> di
         x = np.asarray(jax.device_get(x))
         return np.ascontiguousarray(x.T if transpose else x)
 
+    shapes = _block_shapes(config)
     tensors = {"backbone.embeddings.weight": out(_get(params, ("embedding", "embedding")), False)}
     for layer in range(config.num_blocks):
-        for suffix, (path, transpose) in _BLOCK_TENSORS.items():
-            block = params["blocks"] if config.scan_blocks else params[f"blocks_{layer}"]
+        block = params["blocks"] if config.scan_blocks else params[f"blocks_{layer}"]
+        for path, (suffixes, transpose) in _BLOCK_PARAMS.items():
             value = _get(block, path)[layer] if config.scan_blocks else _get(block, path)
-            tensors[f"backbone.blocks.{layer}.{suffix}"] = out(value, transpose)
+            widths = [shapes[suffix][0] for suffix in suffixes]  # the output axis: first in torch's layout
+            if value.shape[-1] != sum(widths):
+                raise ValueError(
+                    f"blocks {layer} {'/'.join(path)} has shape {tuple(value.shape)}; its last axis must be "
+                    f"{sum(widths)} = {' + '.join(map(str, widths))} ({', '.join(suffixes)})"
+                )
+            parts = np.split(np.asarray(jax.device_get(value)), np.cumsum(widths)[:-1], axis=-1)
+            for suffix, part in zip(suffixes, parts, strict=True):
+                tensors[f"backbone.blocks.{layer}.{suffix}"] = out(part, transpose)
     tensors["backbone.out_norm.weight"] = out(_get(params, ("out_norm", "weight")), False)
     if not config.tie_word_embeddings:
         tensors["lm_head.weight"] = out(_get(params, ("lm_head", "kernel")), True)

@@ -11,12 +11,16 @@ last position, stacked over the blocks (``ModelStates``). A prompt is run in one
 backend (``decode=False``), then each generated token in one call with the decode step
 (``decode=True``); see :mod:`xlstm_jax.generation`.
 
-Parameter tree (names follow ``transformers``; :mod:`.hf` maps them)::
+Parameter tree (names follow ``transformers`` except the fused projections; :mod:`.hf` maps them)::
 
     embedding/embedding (V, D)
-    blocks/{norm_mlstm, mlstm_layer/{q, k, v, ogate_preact, igate_preact, fgate_preact, multihead_norm,
-            out_proj}, norm_ffn, ffn/{proj_up_gate, proj_up, proj_down}}
+    blocks/{norm_mlstm/weight, mlstm_layer/{qkvo_kernel, if_kernel, if_bias, multihead_norm/weight,
+            out_proj/kernel}, norm_ffn/weight, ffn/{proj_gate_up/kernel, proj_down/kernel}}
     out_norm/weight (D,)        lm_head/kernel (D, V)  (absent with tied embeddings)
+
+``qkvo_kernel`` is ``transformers``' q, k, v and ogate_preact kernels side by side (D, 2 qk_dim + 2 v_dim),
+``if_kernel`` and ``if_bias`` its igate_preact and fgate_preact (D, 2 NH), ``proj_gate_up`` the FFN's
+proj_up_gate and proj_up (D, 2 ffn_dim): one matrix product each (see the layer modules).
 
 With ``config.scan_blocks`` the blocks run under ``nn.scan`` and every leaf under ``blocks`` has a
 leading axis of size L; otherwise they are ``blocks_0`` ... ``blocks_{L-1}``.
@@ -174,11 +178,14 @@ class xLSTMLMModel(nn.Module):
             x, new_states = blocks(x, tuple(states), valid)
             new_states = ModelStates(*new_states)
         else:
-            outs = []
+            # Each block's new states are written into the stacked arrays at its index (an in-place
+            # dynamic-update-slice when the caller donates the states) rather than stacked at the end,
+            # which would copy all states once more per call: at batch 16 of xLSTM-7B that is 2.1 GB.
+            new_states = states
             for layer in range(cfg.num_blocks):
-                x, s = xLSTMBlock(cfg, decode, name=f"blocks_{layer}")(x, tuple(t[layer] for t in states), valid)
-                outs.append(s)
-            new_states = ModelStates(*(jnp.stack(t) for t in zip(*outs, strict=True)))
+                block = xLSTMBlock(cfg, decode, name=f"blocks_{layer}")
+                x, s = block(x, tuple(t[layer] for t in new_states), valid)
+                new_states = ModelStates(*(t.at[layer].set(u) for t, u in zip(new_states, s, strict=True)))
 
         if last_only:
             x = x[:, -1:]
