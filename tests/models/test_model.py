@@ -5,6 +5,7 @@ from __future__ import annotations
 import dataclasses
 
 import jax
+import jax.extend
 import jax.numpy as jnp
 import numpy as np
 import pytest
@@ -145,3 +146,33 @@ def test_gradients_finite_with_padding(backend):
     grads = jax.jit(jax.grad(loss))(params)
     for path, g in jax.tree_util.tree_leaves_with_path(grads):
         assert np.all(np.isfinite(g)), path
+
+
+def _dot_precisions(jaxpr) -> list:
+    """The ``precision`` of every dot_general in a (closed) jaxpr, sub-jaxprs (scan, jit, custom rules) included."""
+    found = []
+    for eqn in jaxpr.eqns:
+        if eqn.primitive.name == "dot_general":
+            found.append(eqn.params["precision"])
+        for sub in jax.extend.core.jaxprs_in_params(eqn.params):
+            found += _dot_precisions(sub)
+    return found
+
+
+@pytest.mark.parametrize("tie", [False, True], ids=["lm-head", "tied"])
+def test_float32_models_multiply_in_float32(tie):
+    """A float32 model asks for HIGHEST precision in every product (no TF32 on GPUs); bf16 keeps the default."""
+    ids = jnp.zeros((1, 5), jnp.int32)
+    expected = jax.lax.Precision.HIGHEST
+    for dtype in ("float32", "bfloat16"):
+        config = xLSTMLMConfig.tiny(dtype=dtype, tie_word_embeddings=tie)
+        model = xLSTMLMModel(config)
+        params = jax.eval_shape(model.init, jax.random.key(0), ids)["params"]
+        precisions = _dot_precisions(jax.make_jaxpr(lambda p, m=model: m.apply({"params": p}, ids))(params).jaxpr)
+        assert len(precisions) >= 5, precisions  # qkvo, gates, out_proj, FFN x2 per block, head, cell products
+        for p in precisions:
+            p = p if p is None else tuple(set(p)) if isinstance(p, tuple) else (p,)
+            if dtype == "float32":
+                assert p == (expected,), (dtype, p)
+            else:  # bf16 operands everywhere: the default (tensor-core) precision
+                assert p is None or p == (jax.lax.Precision.DEFAULT,), (dtype, p)

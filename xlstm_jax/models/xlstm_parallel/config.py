@@ -13,6 +13,7 @@ import math
 from dataclasses import dataclass
 from typing import Any
 
+import jax
 import jax.numpy as jnp
 
 from xlstm_jax.mlstm.checks import check_eps, resolve_state_dtype
@@ -58,7 +59,8 @@ class xLSTMLMConfig:
         weight_mode: Must be ``"single"`` (separate q, k, v, o and gate projections), as in xLSTM-7B.
         chunk_size: Chunk size of the Hugging Face config (its kernels); kept for the round trip.
         bos_token_id, pad_token_id, eos_token_id: Special tokens (None when absent).
-        dtype: Activation (compute) dtype, e.g. ``"bfloat16"``.
+        dtype: Activation (compute) dtype, e.g. ``"bfloat16"``. With float32 the projections multiply in full
+            float32 (``matmul_precision``): GPUs would otherwise round their operands to TF32.
         param_dtype: Parameter dtype.
         state_dtype: Dtype of the carried mLSTM states (c, n, m); float32 unless memory forces less.
         prefill_backend: Registry name (``BACKENDS``) of the mLSTM form for whole sequences.
@@ -156,6 +158,11 @@ class xLSTMLMConfig:
     @property
     def compute_dtype(self) -> jnp.dtype:
         return jnp.dtype(self.dtype)
+
+    @property
+    def matmul_precision(self) -> jax.lax.Precision | None:
+        """Precision of the model's projections: HIGHEST for 32-bit (or wider) activations, else the default."""
+        return jax.lax.Precision.HIGHEST if self.compute_dtype.itemsize >= 4 else None
 
     @property
     def jnp_param_dtype(self) -> jnp.dtype:

@@ -191,13 +191,16 @@ class xLSTMLMModel(nn.Module):
             x = x[:, -1:]
         x = RMSNorm(cfg.norm_eps, cfg.norm_reduction_force_float32, cfg.jnp_param_dtype, name="out_norm")(x)
         if cfg.tie_word_embeddings:
-            logits = embed.attend(x)
+            # embed.attend, with the model's matmul precision (attend has no precision argument)
+            weight = embed.embedding.astype(cfg.compute_dtype)
+            logits = jnp.dot(x.astype(cfg.compute_dtype), weight.T, precision=cfg.matmul_precision)
         else:
             logits = nn.Dense(
                 cfg.vocab_size,
                 use_bias=False,
                 dtype=cfg.compute_dtype,
                 param_dtype=cfg.jnp_param_dtype,
+                precision=cfg.matmul_precision,
                 name="lm_head",
             )(x)
         logits = soft_cap(logits.astype(jnp.float32), cfg.output_logit_soft_cap)

@@ -32,7 +32,12 @@ class FeedForward(nn.Module):
 
         def dense(features: int, name: str) -> nn.Dense:
             return nn.Dense(
-                features, use_bias=False, dtype=cfg.compute_dtype, param_dtype=cfg.jnp_param_dtype, name=name
+                features,
+                use_bias=False,
+                dtype=cfg.compute_dtype,
+                param_dtype=cfg.jnp_param_dtype,
+                precision=cfg.matmul_precision,
+                name=name,
             )
 
         gate, up = jnp.split(dense(2 * cfg.ffn_dim, "proj_gate_up")(x), 2, axis=-1)  # (B, S, ffn_dim) each

@@ -159,7 +159,13 @@ class mLSTMLayer(nn.Module):
 
         def product(kernel: jax.Array, out_dtype: Any) -> jax.Array:  # (B, S, D) x (D, F) -> (B, S, F)
             dims = (((x.ndim - 1,), (0,)), ((), ()))
-            return jax.lax.dot_general(x, kernel.astype(cfg.compute_dtype), dims, preferred_element_type=out_dtype)
+            return jax.lax.dot_general(
+                x,
+                kernel.astype(cfg.compute_dtype),
+                dims,
+                precision=cfg.matmul_precision,
+                preferred_element_type=out_dtype,
+            )
 
         q, k, v, o = jnp.split(product(qkvo_kernel, cfg.compute_dtype), [QK, 2 * QK, 2 * QK + V], axis=-1)
         gates = product(if_kernel, jnp.float32) + if_bias.astype(jnp.float32)  # (B, S, 2 NH)
@@ -192,7 +198,12 @@ class mLSTMLayer(nn.Module):
             name="multihead_norm",
         )(h)
         out_proj = nn.Dense(
-            cfg.embedding_dim, use_bias=False, dtype=cfg.compute_dtype, param_dtype=cfg.jnp_param_dtype, name="out_proj"
+            cfg.embedding_dim,
+            use_bias=False,
+            dtype=cfg.compute_dtype,
+            param_dtype=cfg.jnp_param_dtype,
+            precision=cfg.matmul_precision,
+            name="out_proj",
         )
         y = out_proj(nn.sigmoid(o) * h)
         return y, (c, n, m)
