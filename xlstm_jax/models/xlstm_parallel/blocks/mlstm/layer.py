@@ -157,18 +157,13 @@ class mLSTMLayer(nn.Module):
         if_bias = self.param("if_bias", nn.initializers.zeros, (2 * NH,), cfg.jnp_param_dtype)
         x = x.astype(cfg.compute_dtype)
 
-        def product(kernel: jax.Array, out_dtype: Any) -> jax.Array:  # (B, S, D) x (D, F) -> (B, S, F)
+        def product(kernel: jax.Array, dtype: Any) -> jax.Array:  # (B, S, D) x (D, F) -> (B, S, F) in dtype
             dims = (((x.ndim - 1,), (0,)), ((), ()))
-            return jax.lax.dot_general(
-                x,
-                kernel.astype(cfg.compute_dtype),
-                dims,
-                precision=cfg.matmul_precision,
-                preferred_element_type=out_dtype,
-            )
+            precision = jax.lax.Precision.HIGHEST if jnp.dtype(dtype).itemsize >= 4 else None  # no TF32
+            return jax.lax.dot_general(x.astype(dtype), kernel.astype(dtype), dims, precision=precision)
 
         q, k, v, o = jnp.split(product(qkvo_kernel, cfg.compute_dtype), [QK, 2 * QK, 2 * QK + V], axis=-1)
-        gates = product(if_kernel, jnp.float32) + if_bias.astype(jnp.float32)  # (B, S, 2 NH)
+        gates = product(if_kernel, jnp.float32) + if_bias.astype(jnp.float32)  # (B, S, 2 NH), float32 operands
         i = soft_cap(gates[..., :NH], cfg.gate_soft_cap)  # (B, S, NH)
         f = soft_cap(gates[..., NH:], cfg.gate_soft_cap)
         if valid is not None:
