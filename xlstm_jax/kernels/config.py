@@ -210,9 +210,12 @@ class SequenceKernelConfig:
         DHQK=256, DHV=512 (xLSTM-7B): blocks of 64 steps, 128 columns, 8 warps, 2 stages
         (``L64-bv128-w8-s2``), the fastest tiling once the state update accumulated into the tile.
         DHQK=DHV=64: blocks of 64 steps, 32 columns, 4 warps (``L64-bv32-w4``), the fastest of 7.
-        DHQK=512 gets 64 columns so that the float32 tile stays at 128 values per thread (not measured).
+        DHQK=512 (not compiled on a GPU yet): 64 columns, so the float32 tile stays at 128 values per thread,
+        and blocks of 32 steps in one stage, to keep the (L, DHQK) operands within shared memory.
         """
         check_head_dims(DHQK, DHV)
         if DHQK <= 128:
             return cls(block_dhv=min(DHV, 32), chunk_size=64, num_warps=4)
-        return cls(block_dhv=min(DHV, 128 if DHQK <= 256 else 64), chunk_size=64, num_warps=8, num_stages=2)
+        if DHQK <= 256:
+            return cls(block_dhv=min(DHV, 128), chunk_size=64, num_warps=8, num_stages=2)
+        return cls(block_dhv=min(DHV, 64), chunk_size=32, num_warps=8, num_stages=1)
