@@ -284,7 +284,7 @@ def profile_summary(trace_dir: str, tokens: int) -> dict:
                 "busy_fraction": busy / max(end - start, 1),
                 "top": [
                     f"{t / 1e3 / tokens:8.1f} us/token  x{count[n] / tokens:5.1f}  {n[:90]}"
-                    for n, t in by_name.most_common(25)
+                    for n, t in by_name.most_common()
                 ],
             }
     return summary

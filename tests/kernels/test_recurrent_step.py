@@ -12,7 +12,7 @@ import pytest
 from tests.kernels import INTERPRET, ON_GPU
 from tests.numerics import TOL, assert_close, make_inputs
 from tests.reference import recurrent_ref
-from xlstm_jax.kernels import StepKernelConfig, recurrent_step_pallas
+from xlstm_jax.kernels import StepKernelConfig, recurrent_step_pallas, recurrent_step_pallas_stacked
 from xlstm_jax.mlstm.recurrent import recurrent_sequence_fw, recurrent_step_fw
 
 _TOL_KEY = {"float32": "float32", "bfloat16": "bfloat16/float32"}
@@ -20,7 +20,8 @@ _TOL_KEY = {"float32": "float32", "bfloat16": "bfloat16/float32"}
 # (B, NH, DHQK, DHV, config): one DHQK split walking two row chunks; four DHQK splits (partial numerators
 # combined after the kernel); the automatic split, which picks four splits for B·NH = 6; the default config;
 # four row blocks loaded at their use, heads fastest in the grid, Triton's pipeliner (the previous layout);
-# three row blocks prefetched by hand with the evict_first hint; all rows at once with two DHV blocks.
+# three row blocks prefetched by hand with the evict_first hint; all rows at once with two DHV blocks; one
+# program per head (c, n and m all updated in place).
 C = StepKernelConfig
 CASES = [
     (1, 2, 32, 16, C(block_dhv=16, block_dhqk=16, dhqk_splits=1)),
@@ -30,8 +31,9 @@ CASES = [
     (2, 2, 64, 32, C(block_dhv=16, block_dhqk=16, dhqk_splits=1, prefetch=False, grid_order="heads", num_stages=2)),
     (1, 2, 64, 32, C(block_dhv=32, block_dhqk=16, dhqk_splits=1, evict_first=True)),
     (3, 2, 32, 64, C(block_dhv=32, block_dhqk=None, dhqk_splits=1)),
+    (2, 3, 32, 32, C(block_dhv=32, block_dhqk=16, dhqk_splits=1)),
 ]
-CASE_IDS = ["unsplit", "split4", "auto-split", "default", "no-prefetch-heads", "evict-first", "one-shot"]
+CASE_IDS = ["unsplit", "split4", "auto-split", "default", "no-prefetch-heads", "evict-first", "one-shot", "per-head"]
 
 
 def _step_inputs(seed, B, NH, DHQK, DHV, dtype, igate="wide"):
@@ -99,12 +101,74 @@ def test_step_as_mlstm_step_fn_in_a_sequence():
         assert_close(name, ref, out, TOL["float32"])
 
 
-def test_step_aliases_c_in_place():
-    args, _ = _step_inputs(1, 1, 2, 32, 16, jnp.float32)
-    jaxpr = jax.make_jaxpr(functools.partial(recurrent_step_pallas, interpret=INTERPRET))(**args)
+@pytest.mark.parametrize("config", [CASES[0][4], CASES[1][4], CASES[7][4]], ids=["unsplit", "split4", "per-head"])
+def test_step_aliases_c_in_place(config):
+    """c is updated in place; n and m go to fresh buffers (several warps read each of their elements)."""
+    args, _ = _step_inputs(1, 1, 2, 32, 32, jnp.float32)
+    jaxpr = jax.make_jaxpr(functools.partial(recurrent_step_pallas, config=config, interpret=INTERPRET))(**args)
     calls = [e for e in jaxpr.jaxpr.eqns if e.primitive.name == "pallas_call"]
     assert len(calls) == 1
     assert tuple(calls[0].params["input_output_aliases"]) == ((0, 0),)
+
+
+def _fused_projection(x, extra_columns=5):
+    """q, k, v of all heads side by side in one (B, W) array, with further (random) columns after them."""
+    B = x["q"].shape[0]
+    parts = [x[name].reshape(B, -1) for name in ("q", "k", "v")]
+    extra = jnp.asarray(np.random.default_rng(0).standard_normal((B, extra_columns)), x["q"].dtype)
+    return jnp.concatenate([*parts, extra], axis=1)
+
+
+# Stacked-step cases: the first four read q, k, v in place from the fused projection; in the last, v starts at
+# column 2·NH·DHQK = 32, not a multiple of its 64-column blocks, so q, k, v are sliced out first.
+STACKED_CASES = [CASES[0], CASES[1], CASES[7], CASES[2], (2, 1, 16, 64, C(block_dhv=64, block_dhqk=16, dhqk_splits=1))]
+
+
+@pytest.mark.parametrize("case", STACKED_CASES, ids=["unsplit", "split4", "per-head", "auto", "unaligned"])
+@pytest.mark.parametrize("layer", [0, 2])
+def test_stacked_step_updates_one_layer(case, layer):
+    """The model's stacked step (q, k, v from a fused projection) equals the step on the layer's slice bit for
+    bit; the other layers stay unchanged."""
+    B, NH, DHQK, DHV, config = case
+    L = 3
+    layers = [_step_inputs(10 * layer + j, B, NH, DHQK, DHV, jnp.bfloat16)[0] for j in range(L)]
+    stack = [jnp.stack([a[name] for a in layers]) for name in ("c", "n", "m")]
+    stack[2] = stack[2][..., 0]  # m stacked as (L, B, NH)
+    x = {name: layers[layer][name] for name in ("q", "k", "v", "i", "f")}
+    step = jax.jit(
+        functools.partial(recurrent_step_pallas_stacked, layer=layer, config=config, interpret=INTERPRET),
+        donate_argnums=(0, 1, 2),
+    )
+    qkv = _fused_projection(x)
+    jaxpr = jax.make_jaxpr(step)(*stack, qkv=qkv, i=x["i"], f=x["f"])
+    (call,) = [e for e in jaxpr.eqns[0].params["jaxpr"].eqns if e.primitive.name == "pallas_call"]
+    in_place = case is not STACKED_CASES[-1]
+    assert (call.invars[3].aval.shape == qkv.shape) == in_place  # the kernel's q operand: qkv itself or a slice
+    h, (c, n, m) = step(*[jnp.copy(a) for a in stack], qkv=qkv, i=x["i"], f=x["f"])
+    h_ref, states_ref = recurrent_step_pallas(
+        **{name: layers[layer][name] for name in "cnm"}, **x, config=config, interpret=INTERPRET
+    )
+    np.testing.assert_array_equal(np.asarray(h), np.asarray(h_ref))
+    for name, new, old, ref in zip("cnm", (c, n, m), stack, states_ref, strict=True):
+        assert new.shape == old.shape, name
+        np.testing.assert_array_equal(np.asarray(new[layer]), np.asarray(ref).reshape(new.shape[1:]), err_msg=name)
+        for other in set(range(L)) - {layer}:
+            np.testing.assert_array_equal(np.asarray(new[other]), np.asarray(old[other]), err_msg=name)
+
+
+def test_stacked_step_rejects_bad_layer_and_shapes():
+    args, _ = _step_inputs(0, 1, 1, 16, 16, jnp.float32)
+    stack = {"c": args["c"][None], "n": args["n"][None], "m": args["m"][None, ..., 0]}
+    gates = {"i": args["i"], "f": args["f"]}
+    qkv = _fused_projection(args)
+    with pytest.raises(ValueError, match="layer=1 must be in"):
+        recurrent_step_pallas_stacked(**stack, layer=1, qkv=qkv, **gates, interpret=INTERPRET)
+    with pytest.raises(TypeError, match="Python int"):
+        recurrent_step_pallas_stacked(**stack, layer=jnp.int32(0), qkv=qkv, **gates, interpret=INTERPRET)
+    with pytest.raises(ValueError, match="stacked states"):
+        recurrent_step_pallas_stacked(args["c"], args["n"], args["m"], 0, qkv, **gates, interpret=INTERPRET)
+    with pytest.raises(ValueError, match="qkv must be"):
+        recurrent_step_pallas_stacked(**stack, layer=0, qkv=qkv[:, :40], **gates, interpret=INTERPRET)
 
 
 @pytest.mark.parametrize(("DHQK", "DHV"), [(48, 16), (16, 1024), (8, 16)])

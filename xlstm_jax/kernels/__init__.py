@@ -6,6 +6,12 @@ interpret mode (``interpret=True``).
 
 from xlstm_jax.kernels.config import SequenceKernelConfig, StepKernelConfig
 from xlstm_jax.kernels.recurrent_sequence import recurrent_sequence_pallas
-from xlstm_jax.kernels.recurrent_step import recurrent_step_pallas
+from xlstm_jax.kernels.recurrent_step import recurrent_step_pallas, recurrent_step_pallas_stacked
 
-__all__ = ["SequenceKernelConfig", "StepKernelConfig", "recurrent_sequence_pallas", "recurrent_step_pallas"]
+__all__ = [
+    "SequenceKernelConfig",
+    "StepKernelConfig",
+    "recurrent_sequence_pallas",
+    "recurrent_step_pallas",
+    "recurrent_step_pallas_stacked",
+]

@@ -33,11 +33,11 @@ from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as pl_triton
 
 from xlstm_jax.kernels.config import StepKernelConfig, check_head_dims, check_kernel_dtypes, kernel_mode
-from xlstm_jax.mlstm.checks import check_eps, check_step_inputs
-from xlstm_jax.mlstm.recurrent import recurrent_step_fw
+from xlstm_jax.mlstm.checks import check_eps, check_stacked_states, check_step_inputs
+from xlstm_jax.mlstm.recurrent import recurrent_step_fw, recurrent_step_stacked_fw, split_qkv
 from xlstm_jax.mlstm.stabilizer import normalize_readout, step_gates
 
-__all__ = ["recurrent_step_pallas"]
+__all__ = ["recurrent_step_pallas", "recurrent_step_pallas_stacked"]
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -53,8 +53,8 @@ def _step_kernel(
     i_ref,  # (1,)
     f_ref,  # (1,)
     c_out_ref,  # (ROWS, BV) float32, the same buffer as c_ref
-    n_out_ref,  # (ROWS,) float32
-    m_out_ref,  # (1,) float32
+    n_out_ref,  # (ROWS,) float32, a fresh buffer
+    m_out_ref,  # (1,) float32, a fresh buffer
     h_ref,  # (BV,) in q's dtype with one split; else the partial numerator (BV,) float32
     qn_ref,  # None with one split; else the partial q̂·n' (1,) float32
     *,
@@ -142,13 +142,34 @@ def _step_kernel(
 # ---------------------------------------------------------------------------------------------------------
 # pallas_call wrapper: grid, BlockSpecs, aliasing.
 # ---------------------------------------------------------------------------------------------------------
-def _step_call(c, n, m, q, k, v, i, f, *, eps: float, config: StepKernelConfig, interpret: bool):
-    """Runs the kernel on flattened heads: c (BH, DHQK, DHV), n/q/k (BH, DHQK), v (BH, DHV), m/i/f (BH, 1).
+def _fused_blocks_fit(fused: tuple, rows: int, block_dhv: int) -> bool:
+    """Whether the kernel can read q, k, v in place from a fused projection (offsets on block boundaries)."""
+    _, q_off, k_off, v_off = fused
+    return q_off % rows == 0 and k_off % rows == 0 and v_off % block_dhv == 0
+
+
+def _step_call(
+    c, n, m, layer, q, k, v, i, f, *, eps: float, config: StepKernelConfig, interpret: bool, fused: tuple | None = None
+):
+    """Runs the kernel on layer ``layer`` of stacked, flattened states: c (L, BH, DHQK, DHV), n (L, BH, DHQK),
+    m (L, BH, 1); and on q/k (BH, DHQK), v (BH, DHV), i/f (BH, 1).
+
+    With ``fused = (NH, q_offset, k_offset, v_offset)``, q, k and v are one array, a model's fused projection
+    (B, W): head h of batch element b reads its q at columns ``q_offset + h·DHQK`` onwards, and so on. The
+    kernel then reads them in place, where slicing them out first would cost a copy kernel each. The offsets
+    must be multiples of the blocks that read them (:func:`_fused_blocks_fit`).
+
+    c is updated in place (aliased): each element is loaded and stored by the same thread, and a program
+    prefetches only rows it has not yet written. n and m are written to fresh buffers for this layer only,
+    (BH, DHQK) and (BH, 1): several programs read a head's n and m, and Triton spreads a vector over the
+    warps of a program with copies in several warps, so even within one program a warp could overwrite an
+    element that another warp has yet to read (seen on an H200: in-place n and m gave wrong h with one
+    program per head).
 
     Returns:
-        ``h (BH, DHV), c' (BH, DHQK, DHV), n' (BH, DHQK), m' (BH, 1)``.
+        ``h (BH, DHV), c' (L, BH, DHQK, DHV), n' (BH, DHQK), m' (BH, 1)``.
     """
-    BH, DHQK, DHV = c.shape
+    _, BH, DHQK, DHV = c.shape
     block_dhv, splits, block_dhqk = config.splits(BH, DHQK, DHV)
     rows = DHQK // splits
     if config.grid_order == "tiles":
@@ -166,15 +187,34 @@ def _step_call(c, n, m, q, k, v, i, f, *, eps: float, config: StepKernelConfig, 
             return fn
 
         vb_axis, ks_axis = 1, 2
-    tile = pl.BlockSpec((None, rows, block_dhv), idx(lambda bh, vb, ks: (bh, ks, vb)))
+    tile = pl.BlockSpec((None, None, rows, block_dhv), idx(lambda bh, vb, ks: (layer, bh, ks, vb)))
+    n_spec = pl.BlockSpec((None, None, rows), idx(lambda bh, vb, ks: (layer, bh, ks)))
+    m_spec = pl.BlockSpec((None, None, 1), idx(lambda bh, vb, ks: (layer, bh, 0)))
     rows_spec = pl.BlockSpec((None, rows), idx(lambda bh, vb, ks: (bh, ks)))
     cols_spec = pl.BlockSpec((None, block_dhv), idx(lambda bh, vb, ks: (bh, vb)))
     head_spec = pl.BlockSpec((None, 1), idx(lambda bh, vb, ks: (bh, 0)))
+    q_spec = k_spec = rows_spec
+    v_spec = cols_spec
+    if fused is not None:
+        NH, q_off, k_off, v_off = fused
+        if not _fused_blocks_fit(fused, rows, block_dhv):
+            raise ValueError(
+                f"fused projection offsets {fused[1:]} are not multiples of the blocks ({rows}, {block_dhv})"
+            )
+
+        def fused_spec(size, offset, dh, axis):
+            return pl.BlockSpec(
+                (None, size),
+                idx(lambda bh, vb, ks: (bh // NH, offset // size + (bh % NH) * (dh // size) + (vb, ks)[axis])),
+            )
+
+        q_spec, k_spec = fused_spec(rows, q_off, DHQK, 1), fused_spec(rows, k_off, DHQK, 1)
+        v_spec = fused_spec(block_dhv, v_off, DHV, 0)
     f32 = jnp.float32
     out_shape = [
         jax.ShapeDtypeStruct(c.shape, f32),
-        jax.ShapeDtypeStruct(n.shape, f32),
-        jax.ShapeDtypeStruct(m.shape, f32),
+        jax.ShapeDtypeStruct(n.shape[1:], f32),
+        jax.ShapeDtypeStruct(m.shape[1:], f32),
     ]
     out_specs = [tile, rows_spec, head_spec]
     if splits == 1:
@@ -203,7 +243,7 @@ def _step_call(c, n, m, q, k, v, i, f, *, eps: float, config: StepKernelConfig, 
         kernel,
         out_shape=out_shape,
         grid=grid,
-        in_specs=[tile, rows_spec, head_spec, rows_spec, rows_spec, cols_spec, head_spec, head_spec],
+        in_specs=[tile, n_spec, m_spec, q_spec, k_spec, v_spec, head_spec, head_spec],
         out_specs=out_specs,
         input_output_aliases={0: 0},
         compiler_params=pl_triton.CompilerParams(num_warps=config.num_warps, num_stages=config.num_stages),
@@ -219,8 +259,31 @@ def _step_call(c, n, m, q, k, v, i, f, *, eps: float, config: StepKernelConfig, 
 
 
 # ---------------------------------------------------------------------------------------------------------
-# Public function.
+# Public functions.
 # ---------------------------------------------------------------------------------------------------------
+def _check_kernel_call(c, q, k, v, i, f, eps, config, interpret) -> tuple[str, StepKernelConfig]:
+    """The checks shared by both entry points (after the shape checks); returns the mode and the config."""
+    check_eps(eps)
+    if isinstance(eps, jax.core.Tracer):
+        raise TypeError("eps must be a Python number for the Pallas step kernel (it is compiled in), got a tracer")
+    if c.dtype != jnp.float32:
+        raise TypeError(f"the Pallas step kernel keeps its states in float32, got {c.dtype=}")
+    check_kernel_dtypes(q=q, k=k, v=v, i=i, f=f)
+    DHQK, DHV = c.shape[-2:]
+    check_head_dims(DHQK, DHV)
+    mode = kernel_mode(interpret)
+    if config is None:
+        config = StepKernelConfig.get_default(DHQK, DHV)
+    elif not isinstance(config, StepKernelConfig):
+        raise TypeError(f"config must be a StepKernelConfig or None, got {type(config).__name__}")
+    return mode, config
+
+
+def _flat_inputs(q, k, v, i, f):
+    BH = q.shape[0] * q.shape[1]
+    return q.reshape(BH, -1), k.reshape(BH, -1), v.reshape(BH, -1), i.reshape(BH, 1), f.reshape(BH, 1)
+
+
 def recurrent_step_pallas(
     c: jax.Array,  # (B, NH, DHQK, DHV) float32
     n: jax.Array,  # (B, NH, DHQK) float32
@@ -269,33 +332,99 @@ def recurrent_step_pallas(
         >>> h = recurrent_sequence_fw(q, k, v, i, f, mlstm_step_fn=step, state_dtype="float32")
     """
     i, f = check_step_inputs(c, n, m, q, k, v, i, f)
-    check_eps(eps)
-    if isinstance(eps, jax.core.Tracer):
-        raise TypeError("eps must be a Python number for the Pallas step kernel (it is compiled in), got a tracer")
-    if c.dtype != jnp.float32:
-        raise TypeError(f"the Pallas step kernel keeps its states in float32, got {c.dtype=}")
-    check_kernel_dtypes(q=q, k=k, v=v, i=i, f=f)
-    B, NH, DHQK, DHV = c.shape
-    check_head_dims(DHQK, DHV)
-    mode = kernel_mode(interpret)
+    mode, config = _check_kernel_call(c, q, k, v, i, f, eps, config, interpret)
     if mode == "xla":
         return recurrent_step_fw(c=c, n=n, m=m, q=q, k=k, v=v, i=i, f=f, eps=eps)
-    if config is None:
-        config = StepKernelConfig.get_default(DHQK, DHV)
-    elif not isinstance(config, StepKernelConfig):
-        raise TypeError(f"config must be a StepKernelConfig or None, got {type(config).__name__}")
+    B, NH, DHQK, DHV = c.shape
     BH = B * NH
     h, c_new, n_new, m_new = _step_call(
-        c.reshape(BH, DHQK, DHV),
-        n.reshape(BH, DHQK),
-        m.reshape(BH, 1),
-        q.reshape(BH, DHQK),
-        k.reshape(BH, DHQK),
-        v.reshape(BH, DHV),
-        i.reshape(BH, 1),
-        f.reshape(BH, 1),
+        c.reshape(1, BH, DHQK, DHV),
+        n.reshape(1, BH, DHQK),
+        m.reshape(1, BH, 1),
+        0,
+        *_flat_inputs(q, k, v, i, f),
         eps=float(eps),
         config=config,
         interpret=mode == "interpret",
     )
     return h.reshape(B, NH, DHV), (c_new.reshape(c.shape), n_new.reshape(n.shape), m_new.reshape(m.shape))
+
+
+def recurrent_step_pallas_stacked(
+    c: jax.Array,  # (L, B, NH, DHQK, DHV) float32
+    n: jax.Array,  # (L, B, NH, DHQK) float32
+    m: jax.Array,  # (L, B, NH) float32
+    layer: int,
+    qkv: jax.Array,  # (B, W): columns [q (NH·DHQK) | k (NH·DHQK) | v (NH·DHV) | any others]
+    i: jax.Array,  # (B, NH, 1) or (B, NH)
+    f: jax.Array,  # (B, NH, 1) or (B, NH)
+    eps: float = 1e-6,
+    *,
+    config: StepKernelConfig | None = None,
+    interpret: bool | None = None,
+) -> tuple[jax.Array, tuple[jax.Array, jax.Array, jax.Array]]:
+    """The step of :func:`recurrent_step_pallas` as a model's decode step: on layer ``layer`` of states stacked
+    over L layers, with q, k, v read from the layer's fused input projection.
+
+    The kernel reads and writes the layer's slice of the stacked c in place (n and m, DHV times smaller, go
+    through a slice update after the kernel: see ``_step_call``), so a donated stack is never copied; slicing
+    the layer's c out and writing it back would copy it twice (4.2 MB per layer and token at batch 1 for
+    xLSTM-7B). It reads q, k and v in place from ``qkv`` where their offsets fall on its block boundaries
+    (always for xLSTM shapes), which saves a copy kernel for each.
+
+    Args:
+        c: Memory states of shape (L, B, NH, DHQK, DHV), float32; aliased to the returned stack.
+        n: Normaliser states of shape (L, B, NH, DHQK), float32.
+        m: Max states of shape (L, B, NH), float32.
+        layer: Which layer to step, a Python int in [0, L) (compiled into the kernel's index maps).
+        qkv: The fused projection (B, W), W >= NH·(2·DHQK + DHV): q, k, v of all heads side by side (head
+            h's q at columns ``h·DHQK`` onwards, k after all of q, v after all of k); further columns (such as
+            an output gate) are ignored. h is returned in its dtype.
+        i, f, eps, config, interpret: As for :func:`recurrent_step_pallas`.
+
+    Returns:
+        ``h (B, NH, DHV)`` and the stacks ``(c', n', m')`` with layer ``layer`` stepped, the others unchanged.
+
+    Raises:
+        ValueError: a shape does not match or layer is out of range; as :func:`recurrent_step_pallas`.
+        TypeError: layer is not a Python int; as :func:`recurrent_step_pallas`.
+        RuntimeError: ``interpret=False`` without a GPU.
+    """
+    if not isinstance(layer, int) or isinstance(layer, bool):
+        raise TypeError(f"layer must be a Python int (it is compiled into the kernel), got {layer!r}")
+    check_stacked_states(c, n, m, layer)
+    L, B, NH, DHQK, DHV = c.shape
+    q, k, v = split_qkv(qkv, NH, DHQK, DHV)  # checks qkv; free under jit where the kernel reads qkv in place
+    layer_states = (jax.ShapeDtypeStruct(c.shape[1:], c.dtype), jax.ShapeDtypeStruct(n.shape[1:], n.dtype))
+    m_layer = jax.ShapeDtypeStruct((*m.shape[1:], 1), m.dtype)
+    i, f = check_step_inputs(*layer_states, m_layer, q, k, v, i, f)
+    mode, config = _check_kernel_call(c, q, k, v, i, f, eps, config, interpret)
+    if mode == "xla":
+        return recurrent_step_stacked_fw(c, n, m, layer, qkv, i, f, eps=eps)
+    BH = B * NH
+    block_dhv, splits, _ = config.splits(BH, DHQK, DHV)
+    rows = DHQK // splits
+    fused = (NH, 0, NH * DHQK, 2 * NH * DHQK)
+    if _fused_blocks_fit(fused, rows, block_dhv):
+        q_in = k_in = v_in = qkv
+    else:
+        fused = None
+        q_in, k_in, v_in = q.reshape(BH, DHQK), k.reshape(BH, DHQK), v.reshape(BH, DHV)
+    h, c_new, n_new, m_new = _step_call(
+        c.reshape(L, BH, DHQK, DHV),
+        n.reshape(L, BH, DHQK),
+        m.reshape(L, BH, 1),
+        layer,
+        q_in,
+        k_in,
+        v_in,
+        i.reshape(BH, 1),
+        f.reshape(BH, 1),
+        eps=float(eps),
+        config=config,
+        interpret=mode == "interpret",
+        fused=fused,
+    )
+    n_new = n.at[layer].set(n_new.reshape(B, NH, DHQK))
+    m_new = m.at[layer].set(m_new.reshape(B, NH))
+    return h.reshape(B, NH, DHV), (c_new.reshape(c.shape), n_new, m_new)

@@ -177,3 +177,21 @@ def check_step_inputs(c: Any, n: Any, m: Any, q: Any, k: Any, v: Any, i: Any, f:
     i = normalize_gate("i", i, (B, NH), "(B, NH)")
     f = normalize_gate("f", f, (B, NH), "(B, NH)")
     return i, f
+
+
+def check_stacked_states(c: Any, n: Any, m: Any, layer: Any) -> None:
+    """Checks states stacked over L layers, c (L, B, NH, DHQK, DHV), n (L, B, NH, DHQK), m (L, B, NH), and
+    that a Python int ``layer`` is in [0, L) (a traced layer is not checked).
+
+    Raises:
+        ValueError: wrong ranks, stacks of different L or (B, NH), or layer out of range.
+    """
+    if c.ndim != 5 or n.ndim != 4 or m.ndim != 3 or not (c.shape[:3] == n.shape[:3] == m.shape):
+        raise ValueError(
+            "stacked states must be c (L, B, NH, DHQK, DHV), n (L, B, NH, DHQK), m (L, B, NH), got "
+            f"c.shape={tuple(c.shape)}, n.shape={tuple(n.shape)}, m.shape={tuple(m.shape)}"
+        )
+    if isinstance(layer, int) and not 0 <= layer < c.shape[0]:
+        raise ValueError(
+            f"layer={layer} must be in [0, L) for L={c.shape[0]} stacked layers (c.shape={tuple(c.shape)})"
+        )

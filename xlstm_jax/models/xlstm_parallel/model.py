@@ -67,16 +67,19 @@ class xLSTMBlock(nn.Module):
     Attributes:
         config: The model config.
         decode: Use the one-token decode step in the mLSTM layer.
+        layer_index: None: ``state`` is this block's ``(c, n, m)``; an int: the stacked states of all blocks,
+            of which this block updates slice ``layer_index`` (see ``mLSTMLayer``).
     """
 
     config: xLSTMLMConfig
     decode: bool = False
+    layer_index: int | None = None
 
     @nn.compact
     def __call__(
         self,
         x: jax.Array,  # (B, S, D)
-        state: LayerStates,  # this block's (c, n, m)
+        state: LayerStates,  # this block's (c, n, m), or every block's stacked (with layer_index)
         valid: jax.Array | None,  # (B, S) bool or None
     ) -> tuple[jax.Array, LayerStates]:
         cfg = self.config
@@ -84,7 +87,8 @@ class xLSTMBlock(nn.Module):
         def norm(name: str) -> RMSNorm:
             return RMSNorm(cfg.norm_eps, cfg.norm_reduction_force_float32, cfg.jnp_param_dtype, name=name)
 
-        y, state = mLSTMLayer(cfg, self.decode, name="mlstm_layer")(norm("norm_mlstm")(x), state, valid)
+        layer = mLSTMLayer(cfg, self.decode, self.layer_index, name="mlstm_layer")
+        y, state = layer(norm("norm_mlstm")(x), state, valid)
         x = x + y
         x = x + FeedForward(cfg, name="ffn")(norm("norm_ffn")(x))
         return x, state
@@ -175,17 +179,29 @@ class xLSTMLMModel(nn.Module):
                 in_axes=(0, nn.broadcast),
                 length=cfg.num_blocks,
             )(cfg, decode, name="blocks")
-            x, new_states = blocks(x, tuple(states), valid)
+            try:
+                x, new_states = blocks(x, tuple(states), valid)
+            except ValueError as e:
+                # Seen on an H200 with jax 0.11.2 and flax 0.12.10 (not with jax 0.10 on a CPU): flax's scan
+                # rejects the body when the Pallas decode step is compiled in it. Say what to do instead.
+                if decode and "broadcasted variable" in str(e):
+                    raise ValueError(
+                        f"the decode step {cfg.step_backend!r} failed under nn.scan over the blocks ({e}); decode "
+                        "with unrolled blocks instead (scan_blocks=False: the stacked step, which also updates each "
+                        "layer's states in place) or with step_backend='recurrent'"
+                    ) from e
+                raise
             new_states = ModelStates(*new_states)
         else:
-            # Each block's new states are written into the stacked arrays at its index (an in-place
-            # dynamic-update-slice when the caller donates the states) rather than stacked at the end,
-            # which would copy all states once more per call: at batch 16 of xLSTM-7B that is 2.1 GB.
-            new_states = states
+            # Each block gets the stacked states and writes its new states into them at its index (in place
+            # when the caller donates the states) rather than the states being stacked at the end, which would
+            # copy all states once more per call: at batch 16 of xLSTM-7B that is 2.1 GB. The decode step
+            # updates the slice in place itself (the Pallas step inside its kernel).
+            new_states = tuple(states)
             for layer in range(cfg.num_blocks):
-                block = xLSTMBlock(cfg, decode, name=f"blocks_{layer}")
-                x, s = block(x, tuple(t[layer] for t in new_states), valid)
-                new_states = ModelStates(*(t.at[layer].set(u) for t, u in zip(new_states, s, strict=True)))
+                block = xLSTMBlock(cfg, decode, layer, name=f"blocks_{layer}")
+                x, new_states = block(x, new_states, valid)
+            new_states = ModelStates(*new_states)
 
         if last_only:
             x = x[:, -1:]

@@ -63,14 +63,21 @@ __all__ = [
 
 LayerStates = tuple[jax.Array, jax.Array, jax.Array]  # c (B, NH, DHQK, DHV), n (B, NH, DHQK), m (B, NH)
 
-# Decode step forms by name: module and function, all with the signature of ``recurrent_step_fw``
-# ``(c, n, m, q, k, v, i, f, eps) -> (h, (c', n', m'))`` with m and the gates shaped (B, NH, 1).
+# Decode step forms by name: module, the function on one layer's states, with the signature of
+# ``recurrent_step_fw`` ``(c, n, m, q, k, v, i, f, eps) -> (h, (c', n', m'))`` (m and the gates (B, NH, 1)),
+# and the model's decode step on states stacked over the layers, with the signature of
+# ``recurrent_step_stacked_fw`` ``(c, n, m, layer, qkv, i, f, eps) -> (h, (c', n', m'))`` (m (L, B, NH), qkv
+# the layer's fused projection (B, W) with q, k, v first).
 # The input gate pre-activation of a padded position (see the module docstring); the forget gate's is +inf.
 PAD_IGATE = -float("inf")
 
-STEP_FUNCTIONS: dict[str, tuple[str, str]] = {
-    "recurrent": ("xlstm_jax.mlstm.recurrent", "recurrent_step_fw"),
-    "recurrent_pallas": ("xlstm_jax.kernels.recurrent_step", "recurrent_step_pallas"),
+STEP_FUNCTIONS: dict[str, tuple[str, str, str]] = {
+    "recurrent": ("xlstm_jax.mlstm.recurrent", "recurrent_step_fw", "recurrent_step_stacked_fw"),
+    "recurrent_pallas": (
+        "xlstm_jax.kernels.recurrent_step",
+        "recurrent_step_pallas",
+        "recurrent_step_pallas_stacked",
+    ),
 }
 
 
@@ -79,16 +86,17 @@ def soft_cap(x: jax.Array, cap: float) -> jax.Array:
     return cap * jnp.tanh(x / cap)
 
 
-def resolve_step_fn(name: str) -> Callable[..., tuple[jax.Array, LayerStates]]:
-    """The decode step function registered as ``name`` in ``STEP_FUNCTIONS``.
+def resolve_step_fn(name: str, stacked: bool = False) -> Callable[..., tuple[jax.Array, LayerStates]]:
+    """The decode step function registered as ``name`` in ``STEP_FUNCTIONS``: on one layer's states, or
+    with ``stacked`` on one layer of states stacked over the layers.
 
     Raises:
         ValueError: unknown name.
     """
     if name not in STEP_FUNCTIONS:
         raise ValueError(f"unknown decode step backend {name!r}; known: {sorted(STEP_FUNCTIONS)}")
-    module, attr = STEP_FUNCTIONS[name]
-    return getattr(importlib.import_module(module), attr)
+    module, attr, stacked_attr = STEP_FUNCTIONS[name]
+    return getattr(importlib.import_module(module), stacked_attr if stacked else attr)
 
 
 def create_prefill_backend(config: xLSTMLMConfig) -> mLSTMBackend:
@@ -133,19 +141,24 @@ class mLSTMLayer(nn.Module):
     Attributes:
         config: The model config.
         decode: Run the one-token decode step (S must be 1) instead of the prefill backend.
+        layer_index: None: ``state`` is this layer's ``(c, n, m)``. An int: ``state`` is every layer's states
+            stacked on a leading axis L (``ModelStates``), this layer's slice is the one at ``layer_index``, and
+            the stacks are returned with that slice replaced. The decode step then updates the slice in place
+            (``resolve_step_fn(..., stacked=True)``): no copy of the layer's state per token.
     """
 
     config: xLSTMLMConfig
     decode: bool = False
+    layer_index: int | None = None
 
     @nn.compact
     def __call__(
         self,
         x: jax.Array,  # (B, S, D)
-        state: LayerStates,  # c (B, NH, DHQK, DHV), n (B, NH, DHQK), m (B, NH) in config.state_dtype
+        state: LayerStates,  # c (B, NH, DHQK, DHV), n (B, NH, DHQK), m (B, NH) in config.state_dtype (or stacked)
         valid: jax.Array | None = None,  # (B, S) bool: False marks padding (an exact no-op step)
     ) -> tuple[jax.Array, LayerStates]:
-        """Returns ``y (B, S, D)`` in ``config.dtype`` and the states after the last position."""
+        """Returns ``y (B, S, D)`` in ``config.dtype`` and the states after the last position (stacked as given)."""
         cfg = self.config
         B, S, _ = x.shape
         NH, DHQK, DHV = cfg.num_heads, cfg.qk_head_dim, cfg.v_head_dim
@@ -162,7 +175,8 @@ class mLSTMLayer(nn.Module):
             precision = jax.lax.Precision.HIGHEST if jnp.dtype(dtype).itemsize >= 4 else None  # no TF32
             return jax.lax.dot_general(x.astype(dtype), kernel.astype(dtype), dims, precision=precision)
 
-        q, k, v, o = jnp.split(product(qkvo_kernel, cfg.compute_dtype), [QK, 2 * QK, 2 * QK + V], axis=-1)
+        qkvo = product(qkvo_kernel, cfg.compute_dtype)  # (B, S, 2 QK + 2 V)
+        q, k, v, o = jnp.split(qkvo, [QK, 2 * QK, 2 * QK + V], axis=-1)
         gates = product(if_kernel, jnp.float32) + if_bias.astype(jnp.float32)  # (B, S, 2 NH), float32 operands
         i = soft_cap(gates[..., :NH], cfg.gate_soft_cap)  # (B, S, NH)
         f = soft_cap(gates[..., NH:], cfg.gate_soft_cap)
@@ -175,16 +189,25 @@ class mLSTMLayer(nn.Module):
 
         q, k, v = heads(q, DHQK), heads(k, DHQK), heads(v, DHV)
         i, f = i.transpose(0, 2, 1), f.transpose(0, 2, 1)  # (B, NH, S)
-        c0, n0, m0 = state
+        layer = self.layer_index
         if self.decode:
             if S != 1:
                 raise ValueError(f"the decode step takes one token per call, got x.shape={tuple(x.shape)}")
-            step = resolve_step_fn(cfg.step_backend)
-            h, (c, n, m) = step(c0, n0, m0[..., None], q[:, :, 0], k[:, :, 0], v[:, :, 0], i, f, eps=cfg.eps)
-            h, m = h[:, :, None], m[..., 0]
+            if layer is None:
+                c0, n0, m0 = state
+                x1 = (q[:, :, 0], k[:, :, 0], v[:, :, 0], i, f)
+                h, (c, n, m) = resolve_step_fn(cfg.step_backend)(c0, n0, m0[..., None], *x1, eps=cfg.eps)
+                m = m[..., 0]
+            else:  # the stacked step takes q, k, v in their fused projection (the Pallas kernel reads them there)
+                step = resolve_step_fn(cfg.step_backend, stacked=True)
+                h, (c, n, m) = step(*state, layer, qkvo[:, 0], i, f, eps=cfg.eps)
+            h = h[:, :, None]
         else:
             backend = create_prefill_backend(cfg)
+            c0, n0, m0 = state if layer is None else (t[layer] for t in state)
             h, (c, n, m) = backend(q, k, v, i, f, c_initial=c0, n_initial=n0, m_initial=m0, return_last_states=True)
+            if layer is not None:
+                c, n, m = (t.at[layer].set(u) for t, u in zip(state, (c, n, m), strict=True))
         h = h.astype(cfg.compute_dtype).transpose(0, 2, 1, 3)  # (B, S, NH, DHV)
         h = MultiHeadLayerNorm(
             eps=cfg.norm_eps,
