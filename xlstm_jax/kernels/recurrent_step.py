@@ -17,9 +17,14 @@ epilogue sums the partials and divides. This is exact up to rounding because bot
 Precision: the state is float32; q, k, v and the gates are upcast to float32 on chip, the read-out runs in
 float32 and only h is cast to q's dtype, as in the XLA step.
 
-n and m are written to fresh buffers rather than in place: every DHV block of a head reads them, and a
-program that overwrote them could run before another that still has to read them. They are DHV + 1 times
-smaller than c.
+n and m are written to fresh buffers rather than in place: every DHV block of a head reads them, and even
+within one program Triton keeps copies of a vector's elements in several warps, so a warp could overwrite n
+before another has read it (seen on an H200: wrong h with one program per head and n, m aliased). They are
+DHV + 1 times smaller than c.
+
+Two entry points share the kernel: :func:`recurrent_step_pallas` on one layer's states, and
+:func:`recurrent_step_pallas_stacked`, a model's decode step on one layer of states stacked over the layers
+(c's slice stepped in place, q, k, v read from the fused projection).
 """
 
 from __future__ import annotations
