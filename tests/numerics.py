@@ -40,6 +40,13 @@ TOL: dict[str, Tol] = {
         "rounding to bf16 (2^-9 = 2e-3 of |h| <= scale), the float32 budget above, and bf16 rounding "
         "(2^-9 per term) where a form feeds bf16 operands to matrix units: 2e-3 + 1e-3 + 4e-3, doubled.",
     ),
+    "bfloat16-product": Tol(
+        4e-3,
+        "a vector-matrix product of bf16 operands (their products exact in float32), float32 accumulation over "
+        "K <= 1024 terms against the float64 product of the same bf16 values: K * u = 6e-5 of sum|x_k w_kn|, "
+        "which is ~6x max|y| for random data at K=1024 (4e-4), plus the result's rounding to bf16 (2^-9 = 2e-3 "
+        "of |y| <= max|y|); 2.4e-3 rounded up.",
+    ),
     "float64-grad": Tol(
         1e-8,
         "float64 autodiff against central differences (delta = 1e-6) of the float64 reference, measured against "

@@ -13,6 +13,7 @@ import jax
 import jax.numpy as jnp
 
 __all__ = [
+    "GemvConfig",
     "MAX_HEAD_DIM",
     "MIN_HEAD_DIM",
     "SequenceKernelConfig",
@@ -219,3 +220,44 @@ class SequenceKernelConfig:
         if DHQK <= 256:
             return cls(block_dhv=min(DHV, 128), chunk_size=64, num_warps=8, num_stages=2)
         return cls(block_dhv=min(DHV, 64), chunk_size=32, num_warps=8, num_stages=1)
+
+
+@dataclass(frozen=True)
+class GemvConfig:
+    """Tiling of the vector-matrix kernel (``xlstm_jax.kernels.gemv``).
+
+    Attributes:
+        block_n: Columns per program.
+        block_k: Rows of w per loop iteration.
+        splits: Row ranges (programs along K), or None to pick the fewest (a divisor of K / block_k) that give
+            at least ``min_programs`` programs.
+        min_programs: Target number of programs for the automatic split (two per H200 multiprocessor).
+        num_warps: Triton warps per program.
+    """
+
+    block_n: int = 64
+    block_k: int = 64
+    splits: int | None = None
+    min_programs: int = 264
+    num_warps: int = 4
+
+    def __post_init__(self) -> None:
+        for name in ("block_n", "block_k"):
+            if not isinstance(getattr(self, name), int) or not _is_pow2(getattr(self, name)):
+                raise ValueError(f"{name}={getattr(self, name)!r} must be a positive power of two")
+        if self.splits is not None and not (isinstance(self.splits, int) and self.splits >= 1):
+            raise ValueError(f"splits={self.splits!r} must be a positive int or None")
+        if not (isinstance(self.min_programs, int) and self.min_programs >= 1):
+            raise ValueError(f"min_programs={self.min_programs!r} must be a positive integer")
+        _check_launch(self.num_warps, 1)
+
+    def blocks(self, K: int, N: int) -> tuple[int, int, int]:
+        """``(block_n, block_k, splits)`` for a (K, N) weight."""
+        block_n, block_k = min(self.block_n, N), min(self.block_k, K)
+        if self.splits is not None:
+            return block_n, block_k, self.splits
+        row_blocks = max(K // block_k, 1)
+        for splits in range(1, row_blocks + 1):
+            if row_blocks % splits == 0 and (N // block_n) * splits >= self.min_programs:
+                return block_n, block_k, splits
+        return block_n, block_k, row_blocks

@@ -46,6 +46,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from xlstm_jax.models.xlstm_parallel.blocks.dense import Dense, project
 from xlstm_jax.models.xlstm_parallel.blocks.mlstm.backend import BACKENDS, create_mlstm_backend
 from xlstm_jax.models.xlstm_parallel.blocks.mlstm.backend.config import mLSTMBackend
 from xlstm_jax.models.xlstm_parallel.blocks.norm import MultiHeadLayerNorm
@@ -170,12 +171,13 @@ class mLSTMLayer(nn.Module):
         if_bias = self.param("if_bias", nn.initializers.zeros, (2 * NH,), cfg.jnp_param_dtype)
         x = x.astype(cfg.compute_dtype)
 
-        def product(kernel: jax.Array, dtype: Any) -> jax.Array:  # (B, S, D) x (D, F) -> (B, S, F) in dtype
-            dims = (((x.ndim - 1,), (0,)), ((), ()))
-            precision = jax.lax.Precision.HIGHEST if jnp.dtype(dtype).itemsize >= 4 else None  # no TF32
-            return jax.lax.dot_general(x.astype(dtype), kernel.astype(dtype), dims, precision=precision)
+        gemv = self.decode and cfg.decode_gemv
 
-        qkvo = product(qkvo_kernel, cfg.compute_dtype)  # (B, S, 2 QK + 2 V)
+        def product(kernel: jax.Array, dtype: Any, gemv: bool = False) -> jax.Array:  # (B, S, D) x (D, F) -> (B, S, F)
+            precision = jax.lax.Precision.HIGHEST if jnp.dtype(dtype).itemsize >= 4 else None  # no TF32
+            return project(x, kernel, dtype, precision, gemv)
+
+        qkvo = product(qkvo_kernel, cfg.compute_dtype, gemv)  # (B, S, 2 QK + 2 V)
         q, k, v, o = jnp.split(qkvo, [QK, 2 * QK, 2 * QK + V], axis=-1)
         gates = product(if_kernel, jnp.float32) + if_bias.astype(jnp.float32)  # (B, S, 2 NH), float32 operands
         i = soft_cap(gates[..., :NH], cfg.gate_soft_cap)  # (B, S, NH)
@@ -215,13 +217,8 @@ class mLSTMLayer(nn.Module):
             param_dtype=cfg.jnp_param_dtype,
             name="multihead_norm",
         )(h)
-        out_proj = nn.Dense(
-            cfg.embedding_dim,
-            use_bias=False,
-            dtype=cfg.compute_dtype,
-            param_dtype=cfg.jnp_param_dtype,
-            precision=cfg.matmul_precision,
-            name="out_proj",
+        out_proj = Dense(
+            cfg.embedding_dim, cfg.compute_dtype, cfg.jnp_param_dtype, cfg.matmul_precision, gemv, name="out_proj"
         )
         y = out_proj(nn.sigmoid(o) * h)
         return y, (c, n, m)
