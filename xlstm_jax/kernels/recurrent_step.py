@@ -166,11 +166,11 @@ def _step_call(
 
     c is updated in place (aliased): a program prefetches only rows it has not yet written, and the update is
     elementwise on one tile, so loads and stores share its layout (no other program touches the tile; on the
-    H200 the stepped c has always matched the XLA step's bit for bit, in every tiling benchmarked). n and m are written to fresh buffers for this layer only,
-    (BH, DHQK) and (BH, 1): several programs read a head's n and m, and Triton spreads a vector over the
-    warps of a program with copies in several warps, so even within one program a warp could overwrite an
-    element that another warp has yet to read (seen on an H200: in-place n and m gave wrong h with one
-    program per head).
+    H200 the stepped c has always matched the XLA step's bit for bit, in every tiling benchmarked). n and m
+    are written to fresh buffers for this layer only, (BH, DHQK) and (BH, 1): several programs read a head's
+    n and m, and Triton spreads a vector over the warps of a program with copies in several warps, so even
+    within one program a warp could overwrite an element that another warp has yet to read (seen on an
+    H200: in-place n and m gave wrong h with one program per head).
 
     Returns:
         ``h (BH, DHV), c' (L, BH, DHQK, DHV), n' (BH, DHQK), m' (BH, 1)``.
