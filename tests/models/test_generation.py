@@ -64,27 +64,6 @@ def test_pallas_decode_step_matches_peer(scan_blocks, monkeypatch):
     assert_close("decode logits", peer()["greedy_logits"][:, :6], out.logits, TOL["float32-model"])
 
 
-def test_decode_gemv_matches_peer(monkeypatch):
-    """``decode_gemv``: the batch-1 projections in the Pallas vector-matrix kernel (interpret mode here)."""
-    import xlstm_jax.models.xlstm_parallel.blocks.dense as dense_module
-
-    shapes = []
-    original = dense_module.gemv_pallas
-
-    def traced(x, w, **kwargs):
-        shapes.append(tuple(w.shape))  # at trace time: which products took the kernel
-        return original(x, w, **kwargs, interpret=INTERPRET)
-
-    monkeypatch.setattr(dense_module, "gemv_pallas", traced)
-    config, params = load(scan_blocks=False, decode_gemv=True)
-    jax.clear_caches()
-    out = generate(config, params, peer()["prompt"], 6, stop_tokens=(), return_logits=True)
-    D, W = config.embedding_dim, 2 * config.qk_dim + 2 * config.v_dim
-    assert set(shapes) == {(D, W), (config.v_dim, D), (config.ffn_dim, D)}  # qkvo, out-proj, down; per block
-    np.testing.assert_array_equal(np.asarray(out.tokens), peer()["greedy"][:, :6])
-    assert_close("decode logits", peer()["greedy_logits"][:, :6], out.logits, TOL["float32-model"])
-
-
 @functools.cache
 def _sampled():
     config, params = load()

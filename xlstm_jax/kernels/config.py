@@ -13,7 +13,7 @@ import jax
 import jax.numpy as jnp
 
 __all__ = [
-    "GemvConfig",
+    "DecodeMatmulConfig",
     "MAX_HEAD_DIM",
     "MIN_HEAD_DIM",
     "SequenceKernelConfig",
@@ -223,41 +223,39 @@ class SequenceKernelConfig:
 
 
 @dataclass(frozen=True)
-class GemvConfig:
-    """Tiling of the vector-matrix kernel (``xlstm_jax.kernels.gemv``).
+class DecodeMatmulConfig:
+    """Tiling of the decode-step matrix product (``xlstm_jax.kernels.decode_matmul``).
+
+    The grid is one program per ``block_n`` columns; each walks all rows of its weight columns ``block_k`` at
+    a time, with ``num_stages`` weight tiles in flight (Triton software pipelining).
 
     Attributes:
-        block_n: Columns per program.
-        block_k: Rows of w per loop iteration.
-        splits: Row ranges (programs along K), or None to pick the fewest (a divisor of K / block_k) that give
-            at least ``min_programs`` programs.
-        min_programs: Target number of programs for the automatic split (two per H200 multiprocessor).
+        block_n: Weight columns per program (at least 16, the matrix-unit tile width).
+        block_k: Weight rows per loop iteration (at least 16).
         num_warps: Triton warps per program.
+        num_stages: Triton software-pipelining stages.
+        prefetch: Weight tiles requested ahead by hand (0: loads issued in the loop iteration that uses them).
     """
 
     block_n: int = 64
-    block_k: int = 64
-    splits: int | None = None
-    min_programs: int = 264
+    block_k: int = 128
     num_warps: int = 4
+    num_stages: int = 4
+    prefetch: int = 0
 
     def __post_init__(self) -> None:
         for name in ("block_n", "block_k"):
-            if not isinstance(getattr(self, name), int) or not _is_pow2(getattr(self, name)):
-                raise ValueError(f"{name}={getattr(self, name)!r} must be a positive power of two")
-        if self.splits is not None and not (isinstance(self.splits, int) and self.splits >= 1):
-            raise ValueError(f"splits={self.splits!r} must be a positive int or None")
-        if not (isinstance(self.min_programs, int) and self.min_programs >= 1):
-            raise ValueError(f"min_programs={self.min_programs!r} must be a positive integer")
-        _check_launch(self.num_warps, 1)
+            value = getattr(self, name)
+            if not (isinstance(value, int) and _is_pow2(value) and value >= 16):
+                raise ValueError(f"{name}={value!r} must be a power of two of at least 16")
+        _check_launch(self.num_warps, self.num_stages)
+        if not (isinstance(self.prefetch, int) and self.prefetch >= 0):
+            raise ValueError(f"prefetch={self.prefetch!r} must be a non-negative integer")
 
-    def blocks(self, K: int, N: int) -> tuple[int, int, int]:
-        """``(block_n, block_k, splits)`` for a (K, N) weight."""
-        block_n, block_k = min(self.block_n, N), min(self.block_k, K)
-        if self.splits is not None:
-            return block_n, block_k, self.splits
-        row_blocks = max(K // block_k, 1)
-        for splits in range(1, row_blocks + 1):
-            if row_blocks % splits == 0 and (N // block_n) * splits >= self.min_programs:
-                return block_n, block_k, splits
-        return block_n, block_k, row_blocks
+    def blocks(self, K: int, N: int) -> tuple[int, int]:
+        """``(block_n, block_k)`` for a (K, N) weight: the configured sizes capped at the weight's, block_k
+        halved (down to 16) until it divides K (xLSTM-7B's FFN width 10944 is 64 x 171)."""
+        block_k = min(self.block_k, K)
+        while K % block_k and block_k > 16:
+            block_k //= 2
+        return min(self.block_n, N), block_k

@@ -68,8 +68,6 @@ class xLSTMLMConfig:
         step_backend: Name of the one-token decode step (``layer.STEP_FUNCTIONS``).
         scan_blocks: Run the blocks under ``nn.scan`` (parameters stacked on a leading axis of size L),
             which keeps compile time flat in depth.
-        decode_gemv: When decoding one token at batch 1, run the qkvo, output and FFN-down projections in the
-            Pallas vector-matrix kernel (``xlstm_jax.kernels.gemv_pallas``; the XLA product without a GPU).
         context_length: Model context length handed to the backends (-1: unbounded).
     """
 
@@ -101,7 +99,6 @@ class xLSTMLMConfig:
     prefill_backend_kwargs: tuple[tuple[str, Any], ...] = ()
     step_backend: str = DEFAULT_STEP_BACKEND
     scan_blocks: bool = True
-    decode_gemv: bool = False
     context_length: int = -1
 
     def __post_init__(self) -> None:

@@ -90,7 +90,7 @@ class xLSTMBlock(nn.Module):
         layer = mLSTMLayer(cfg, self.decode, self.layer_index, name="mlstm_layer")
         y, state = layer(norm("norm_mlstm")(x), state, valid)
         x = x + y
-        x = x + FeedForward(cfg, self.decode, name="ffn")(norm("norm_ffn")(x))
+        x = x + FeedForward(cfg, name="ffn")(norm("norm_ffn")(x))
         return x, state
 
 

@@ -26,21 +26,17 @@ class FeedForward(nn.Module):
 
     Attributes:
         config: The model config.
-        decode: One token per call: with ``config.decode_gemv`` the down projection of a single token runs in
-            the Pallas vector-matrix kernel (gate+up stays on XLA, which reads it at ~97% of the copy
-            bandwidth on an H200).
     """
 
     config: xLSTMLMConfig
-    decode: bool = False
 
     @nn.compact
     def __call__(self, x: jax.Array) -> jax.Array:  # (B, S, D) -> (B, S, D)
         cfg = self.config
 
-        def dense(features: int, name: str, gemv: bool = False) -> Dense:
-            return Dense(features, cfg.compute_dtype, cfg.jnp_param_dtype, cfg.matmul_precision, gemv, name=name)
+        def dense(features: int, name: str) -> Dense:
+            return Dense(features, cfg.compute_dtype, cfg.jnp_param_dtype, cfg.matmul_precision, name=name)
 
         gate, up = jnp.split(dense(2 * cfg.ffn_dim, "proj_gate_up")(x), 2, axis=-1)  # (B, S, ffn_dim) each
         hidden = nn.silu(gate) * up
-        return dense(cfg.embedding_dim, "proj_down", gemv=self.decode and cfg.decode_gemv)(hidden)
+        return dense(cfg.embedding_dim, "proj_down")(hidden)

@@ -171,13 +171,11 @@ class mLSTMLayer(nn.Module):
         if_bias = self.param("if_bias", nn.initializers.zeros, (2 * NH,), cfg.jnp_param_dtype)
         x = x.astype(cfg.compute_dtype)
 
-        gemv = self.decode and cfg.decode_gemv
-
-        def product(kernel: jax.Array, dtype: Any, gemv: bool = False) -> jax.Array:  # (B, S, D) x (D, F) -> (B, S, F)
+        def product(kernel: jax.Array, dtype: Any) -> jax.Array:  # (B, S, D) x (D, F) -> (B, S, F)
             precision = jax.lax.Precision.HIGHEST if jnp.dtype(dtype).itemsize >= 4 else None  # no TF32
-            return project(x, kernel, dtype, precision, gemv)
+            return project(x, kernel, dtype, precision)
 
-        qkvo = product(qkvo_kernel, cfg.compute_dtype, gemv)  # (B, S, 2 QK + 2 V)
+        qkvo = product(qkvo_kernel, cfg.compute_dtype)  # (B, S, 2 QK + 2 V)
         q, k, v, o = jnp.split(qkvo, [QK, 2 * QK, 2 * QK + V], axis=-1)
         gates = product(if_kernel, jnp.float32) + if_bias.astype(jnp.float32)  # (B, S, 2 NH), float32 operands
         i = soft_cap(gates[..., :NH], cfg.gate_soft_cap)  # (B, S, NH)
@@ -218,7 +216,7 @@ class mLSTMLayer(nn.Module):
             name="multihead_norm",
         )(h)
         out_proj = Dense(
-            cfg.embedding_dim, cfg.compute_dtype, cfg.jnp_param_dtype, cfg.matmul_precision, gemv, name="out_proj"
+            cfg.embedding_dim, cfg.compute_dtype, cfg.jnp_param_dtype, cfg.matmul_precision, name="out_proj"
         )
         y = out_proj(nn.sigmoid(o) * h)
         return y, (c, n, m)
