@@ -25,6 +25,10 @@ Variants (state c (B,NH,DHQK,DHV) f32, n (B,NH,DHQK) f32, m (B,NH,1) f32; q/k/v 
   which, as in the repo kernel, each belong to one program), so there is no race within or across
   programs, and no barrier is needed. ``pp-s1-*`` keep DHQK unsplit (h in the kernel); ``pp-default`` uses
   the default tiling (DHQK split in 4, h from a small XLA epilogue).
+
+This is an experiment, kept so that the fourth session's numbers in BENCHMARKS.md can be rerun. ``_pp_call``
+repeats the plumbing of ``xlstm_jax.kernels.recurrent_step._step_call`` with other n and m specs; if ping-pong
+is adopted, it belongs there as an option, and this copy goes.
 """
 
 from __future__ import annotations
