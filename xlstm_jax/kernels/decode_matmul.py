@@ -282,7 +282,10 @@ def _xla(x, w, norm_weight, norm_eps, glu, residual, side_weight, side_bias, sid
         xf = xf * jax.lax.rsqrt(jnp.mean(xf * xf, axis=-1, keepdims=True) + norm_eps)
         x = xf.astype(x.dtype) * norm_weight.astype(x.dtype)
     precision = jax.lax.Precision.HIGHEST if jnp.dtype(x.dtype).itemsize >= 4 else None
-    y = jnp.dot(x, w, precision=precision, preferred_element_type=f32).astype(x.dtype)
+    # The product as the model writes it (``blocks/dense.project``: result in x's dtype), so that
+    # benchmarks/decode_matmul.py times the model's HLO. A float32 result then a convert timed 2-3x the
+    # model's products there; whether this form is the cause is not yet measured.
+    y = jax.lax.dot_general(x, w, (((1,), (0,)), ((), ())), precision=precision)
     if glu:
         g, u = jnp.split(y, 2, axis=-1)
         y = jax.nn.silu(g) * u
