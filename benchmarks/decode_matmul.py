@@ -47,12 +47,12 @@ C = DecodeMatmulConfig
 VARIANTS = {  # None: the same function in XLA (decode_matmul_pallas without a GPU)
     "xla": None,
     "default": C(),
-    "bn32": C(block_n=32),
     "pf2": C(num_stages=1, prefetch=2),
     "pf2-bn32": C(block_n=32, num_stages=1, prefetch=2),
-    "pf4-bk64-bn32": C(block_n=32, block_k=64, num_stages=1, prefetch=4),
-    "pf1-bk256-bn32": C(block_n=32, block_k=256, num_stages=1, prefetch=1),
-    "pf3-bn32-w8": C(block_n=32, num_warps=8, num_stages=1, prefetch=3),
+    "fma-bk64-pf1": C(block_k=64, num_stages=1, prefetch=1, fma=True),  # the removed gemv_pallas' tiling
+    "fma-bk32-pf3": C(block_k=32, num_stages=1, prefetch=3, fma=True),
+    "fma-bn128-bk32-pf2-w8": C(block_n=128, block_k=32, num_warps=8, num_stages=1, prefetch=2, fma=True),
+    "fma-bn32-bk64-pf2": C(block_n=32, block_k=64, num_stages=1, prefetch=2, fma=True),
 }
 
 
@@ -111,7 +111,7 @@ def main() -> None:
     parser.add_argument("--rows", default="1,16")
     parser.add_argument("--layers", type=int, default=16)
     parser.add_argument("--steps", type=int, default=16)
-    parser.add_argument("--products", default=",".join(PRODUCTS))
+    parser.add_argument("--products", default="qkvo,gate_up,out,down")
     parser.add_argument("--variants", default=",".join(VARIANTS))
     parser.add_argument("--json", default=None)
     args = parser.parse_args()

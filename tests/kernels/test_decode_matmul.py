@@ -20,6 +20,7 @@ K, N, G, CAP = 80, 48, 8, 15.0
 CONFIGS = {
     "loop": DecodeMatmulConfig(block_n=16, block_k=32, num_stages=2),
     "prefetch2": DecodeMatmulConfig(block_n=16, block_k=32, num_stages=1, prefetch=2),
+    "fma-prefetch1": DecodeMatmulConfig(block_n=16, block_k=32, num_stages=1, prefetch=1, fma=True),  # M=1 only
 }
 FUSIONS = ["plain", "norm+side", "norm+glu+residual"]
 

@@ -235,6 +235,7 @@ class DecodeMatmulConfig:
         num_warps: Triton warps per program.
         num_stages: Triton software-pipelining stages.
         prefetch: Weight tiles requested ahead by hand (0: loads issued in the loop iteration that uses them).
+        fma: For a single row (M = 1), elementwise float32 multiply-adds instead of a matrix-unit product.
     """
 
     block_n: int = 64
@@ -242,6 +243,7 @@ class DecodeMatmulConfig:
     num_warps: int = 4
     num_stages: int = 4
     prefetch: int = 0
+    fma: bool = False
 
     def __post_init__(self) -> None:
         for name in ("block_n", "block_k"):
@@ -251,6 +253,8 @@ class DecodeMatmulConfig:
         _check_launch(self.num_warps, self.num_stages)
         if not (isinstance(self.prefetch, int) and self.prefetch >= 0):
             raise ValueError(f"prefetch={self.prefetch!r} must be a non-negative integer")
+        if not isinstance(self.fma, bool):
+            raise ValueError(f"fma={self.fma!r} must be a bool")
 
     def blocks(self, K: int, N: int) -> tuple[int, int]:
         """``(block_n, block_k)`` for a (K, N) weight: the configured sizes capped at the weight's, block_k

@@ -17,8 +17,10 @@ memory system idles. This kernel streams w once and does that work around the pr
   the mLSTM gate pre-activations, which need float32 and would otherwise be two more kernels after the norm.
 
 Grid: one program per ``block_n`` columns (plus the side program), each walking all K rows ``block_k`` at a
-time; Triton pipelines the weight loads ``num_stages`` deep (cp.async). The product is a matrix-unit dot of a
-16-row tile (the smallest): one row is placed in row 0 of a zero tile, 2 to 16 rows are padded to 16.
+time, with ``prefetch`` weight tiles requested ahead by hand. The product is a matrix-unit dot of a 16-row
+tile (the smallest): one row is placed in row 0 of a zero tile, 2 to 16 rows are padded to 16. With
+``config.fma`` a single row instead multiplies and adds elementwise in float32 into a (block_k, block_n)
+accumulator that is summed over its rows once at the end (no matrix unit, no shared-memory staging).
 """
 
 from __future__ import annotations
@@ -70,7 +72,7 @@ def _untile(acc: jax.Array, m: int) -> jax.Array:
     return acc if m == _TILE_M else jnp.sum(acc, axis=0, keepdims=True)
 
 
-def _kernel(*refs, glu, has_norm, has_residual, has_side, eps, cap, block_k, num_k, num_col_blocks, prefetch):
+def _kernel(*refs, glu, has_norm, has_residual, has_side, eps, cap, block_k, num_k, num_col_blocks, prefetch, fma):
     refs = list(refs)
     x_ref = refs.pop(0)
     w_refs = [refs.pop(0) for _ in range(2 if glu else 1)]
@@ -90,14 +92,27 @@ def _kernel(*refs, glu, has_norm, has_residual, has_side, eps, cap, block_k, num
         def load(j):  # the weight tiles of row block j
             return tuple(w_ref[cols(j), :] for w_ref in w_refs)
 
-        def mac(accs, j, tiles):
-            a = _tile(_rows(x_ref, nw_ref, scale, cols(j)))
-            return tuple(acc + jnp.dot(a, w, preferred_element_type=f32) for acc, w in zip(accs, tiles, strict=True))
+        if fma:  # one row: float32 multiply-adds into a (block_k, block_n) accumulator, summed over rows at the end
+
+            def mac(accs, j, tiles):
+                a = jnp.transpose(_rows(x_ref, nw_ref, scale, cols(j)).astype(f32))  # (block_k, 1)
+                return tuple(acc + a * w.astype(f32) for acc, w in zip(accs, tiles, strict=True))
+
+            acc_rows = block_k
+        else:  # a matrix-unit product of the rows as a 16-row tile
+
+            def mac(accs, j, tiles):
+                a = _tile(_rows(x_ref, nw_ref, scale, cols(j)))
+                return tuple(
+                    acc + jnp.dot(a, w, preferred_element_type=f32) for acc, w in zip(accs, tiles, strict=True)
+                )
+
+            acc_rows = _TILE_M
 
         # The weight tiles of the next ``prefetch`` row blocks are requested ahead by hand (carried in registers),
         # so that many loads are in flight per program whatever Triton's own pipelining does.
         ahead = min(prefetch, num_k - 1)
-        accs = (jnp.zeros((_TILE_M, o_ref.shape[1]), f32),) * len(w_refs)
+        accs = (jnp.zeros((acc_rows, o_ref.shape[1]), f32),) * len(w_refs)
         if ahead == 0:
             accs = jax.lax.fori_loop(0, num_k, lambda j, accs: mac(accs, j, load(j)), accs)
         else:
@@ -110,7 +125,7 @@ def _kernel(*refs, glu, has_norm, has_residual, has_side, eps, cap, block_k, num
             queue, accs = jax.lax.fori_loop(0, num_k - ahead, body, (queue, accs))
             for t, tiles in enumerate(queue):
                 accs = mac(accs, num_k - ahead + t, tiles)
-        ys = [_untile(acc, M).astype(o_ref.dtype) for acc in accs]
+        ys = [(jnp.sum(acc, axis=0, keepdims=True) if fma else _untile(acc, M)).astype(o_ref.dtype) for acc in accs]
         if glu:  # silu(gate) * up, rounded after each operation as XLA does in o_ref's dtype
             g, u = (y.astype(f32) for y in ys)
             s = jax.nn.sigmoid(g).astype(o_ref.dtype).astype(f32)
@@ -259,6 +274,7 @@ def decode_matmul_pallas(
         num_k=K // block_k,
         num_col_blocks=num_col_blocks,
         prefetch=config.prefetch,
+        fma=config.fma and M == 1,
     )
     outs = pl.pallas_call(
         kernel,
