@@ -10,7 +10,8 @@ Measures in one run (one process, so that the ratios between variants are fair):
 - the two ceilings of the device: a large bf16 matrix product (TFLOP/s) and a device-to-device copy
   (TB/s, bytes read + written);
 - decode ms/token for each case of ``--cases``, ``STEP:BLOCKS:GRAPHS:B`` with STEP a decode step name
-  (``recurrent``: the XLA step; ``recurrent_pallas``: the Pallas kernel), BLOCKS ``unrolled`` or ``scan``
+  (``recurrent``: the XLA step; ``recurrent_pallas``: the Pallas kernel; a ``+fused`` suffix also sets
+  ``decode_fused``: each block's pre-norm products in ``decode_matmul_pallas``), BLOCKS ``unrolled`` or ``scan``
   (``nn.scan`` over the blocks), GRAPHS a name of ``XLA_OPTIONS`` (XLA settings such as command buffers,
   i.e. CUDA graphs, passed as compiler options of that one compilation) and B the batch. Each case is timed
   over the jitted ``lax.while_loop`` of :func:`xlstm_jax.generation.generate` (greedy, no stop token,
@@ -350,7 +351,8 @@ def main(argv=None) -> int:
     cases = []
     for spec in (c for c in args.cases.split(",") if c):
         step, blocks, graphs, B = spec.split(":")
-        if step not in STEP_FUNCTIONS or blocks not in ("unrolled", "scan") or graphs not in XLA_OPTIONS:
+        known_step = step.removesuffix("+fused") in STEP_FUNCTIONS
+        if not known_step or blocks not in ("unrolled", "scan") or graphs not in XLA_OPTIONS:
             raise ValueError(
                 f"bad case {spec!r}: STEP in {sorted(STEP_FUNCTIONS)}, BLOCKS unrolled|scan, "
                 f"GRAPHS in {sorted(XLA_OPTIONS)}, B an int"
@@ -408,7 +410,9 @@ def main(argv=None) -> int:
             print(f"{label} skipped (time budget)")
             results["decode"].append({"case": [step, blocks, graphs, B], "skipped": "time budget"})
             continue
-        cfg = config.replace(step_backend=step, scan_blocks=blocks == "scan")
+        cfg = config.replace(
+            step_backend=step.removesuffix("+fused"), scan_blocks=blocks == "scan", decode_fused=step.endswith("+fused")
+        )
         floor = read_bytes / (bw * 1e12)
         floor_states = (read_bytes + 2 * state_bytes(config, B)) / (bw * 1e12)
         logits, states = starts[B]

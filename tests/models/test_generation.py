@@ -64,6 +64,38 @@ def test_pallas_decode_step_matches_peer(scan_blocks, monkeypatch):
     assert_close("decode logits", peer()["greedy_logits"][:, :6], out.logits, TOL["float32-model"])
 
 
+@pytest.mark.parametrize("scan_blocks", [False, True], ids=["unrolled", "scanned"])
+def test_decode_fused_matches_peer(scan_blocks, monkeypatch):
+    """``decode_fused``: each block's RMSNorm -> qkvo + gates and RMSNorm -> gate+up -> silu·up in
+    ``decode_matmul_pallas`` (interpret mode here; compiled on a GPU): the peer's greedy tokens and logits."""
+    import xlstm_jax.models.xlstm_parallel.blocks.feedforward as ffn_module
+    import xlstm_jax.models.xlstm_parallel.blocks.mlstm.layer as layer_module
+
+    calls = []
+    for module in (layer_module, ffn_module):
+        original = module.decode_matmul_pallas
+
+        def traced(*args, original=original, **kwargs):
+            calls.append(tuple(args[1].shape))  # at trace time: which weights took the kernel
+            return original(*args, **kwargs, interpret=INTERPRET)
+
+        monkeypatch.setattr(module, "decode_matmul_pallas", traced)
+    config, params = load(scan_blocks=scan_blocks, decode_fused=True)
+    jax.clear_caches()
+    out = generate(config, params, peer()["prompt"], 6, stop_tokens=(), return_logits=True)
+    D, W = config.embedding_dim, 2 * config.qk_dim + 2 * config.v_dim
+    assert set(calls) == {(D, W), (D, 2 * config.ffn_dim)}  # qkvo and gate+up; decode only (prefill: S > 16)
+    np.testing.assert_array_equal(np.asarray(out.tokens), peer()["greedy"][:, :6])
+    assert_close("decode logits", peer()["greedy_logits"][:, :6], out.logits, TOL["float32-model"])
+
+
+def test_decode_fused_needs_power_of_two_gates():
+    config, _ = load()
+    config.replace(num_heads=4, embedding_dim=96, decode_fused=True)  # 8 gate columns: one power-of-two tile
+    with pytest.raises(ValueError, match="decode_fused needs 2 \\* num_heads"):
+        config.replace(num_heads=3, embedding_dim=96, decode_fused=True)  # 6 gate columns
+
+
 @functools.cache
 def _sampled():
     config, params = load()

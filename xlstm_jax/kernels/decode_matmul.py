@@ -100,11 +100,14 @@ def _kernel(*refs, glu, has_norm, has_residual, has_side, eps, cap, block_k, num
 
             acc_rows = block_k
         else:  # a matrix-unit product of the rows as a 16-row tile
+            # float32 operands multiply in full float32 (Triton's default would round them to TF32)
+            precision = jax.lax.Precision.HIGHEST if jnp.dtype(x_ref.dtype) == f32 else None
 
             def mac(accs, j, tiles):
                 a = _tile(_rows(x_ref, nw_ref, scale, cols(j)))
                 return tuple(
-                    acc + jnp.dot(a, w, preferred_element_type=f32) for acc, w in zip(accs, tiles, strict=True)
+                    acc + jnp.dot(a, w, precision=precision, preferred_element_type=f32)
+                    for acc, w in zip(accs, tiles, strict=True)
                 )
 
             acc_rows = _TILE_M

@@ -68,6 +68,11 @@ class xLSTMLMConfig:
         step_backend: Name of the one-token decode step (``layer.STEP_FUNCTIONS``).
         scan_blocks: Run the blocks under ``nn.scan`` (parameters stacked on a leading axis of size L),
             which keeps compile time flat in depth.
+        decode_fused: When decoding (at most 16 tokens per call), compute the two pre-norm products of each
+            block with ``xlstm_jax.kernels.decode_matmul_pallas``: RMSNorm -> qkvo with the gate product, and
+            RMSNorm -> gate+up -> silu·up, one kernel each (XLA computes the same function without a GPU).
+            Experimental and off by default: on the H200 that kernel has so far been slower than XLA's
+            products (``docs/design.md``). It needs 2 * num_heads to be a power of two.
         context_length: Model context length handed to the backends (-1: unbounded).
     """
 
@@ -99,6 +104,7 @@ class xLSTMLMConfig:
     prefill_backend_kwargs: tuple[tuple[str, Any], ...] = ()
     step_backend: str = DEFAULT_STEP_BACKEND
     scan_blocks: bool = True
+    decode_fused: bool = False
     context_length: int = -1
 
     def __post_init__(self) -> None:
@@ -122,6 +128,11 @@ class xLSTMLMConfig:
             if not (isinstance(value, int | float) and math.isfinite(value) and value > 0):
                 raise ValueError(f"{name} must be a positive finite number, got {name}={value!r}")
         check_eps(self.eps)
+        if self.decode_fused and (2 * self.num_heads) & (2 * self.num_heads - 1):
+            raise ValueError(
+                f"decode_fused needs 2 * num_heads to be a power of two (the gate columns of one kernel), got "
+                f"num_heads={self.num_heads}"
+            )
         for name in ("dtype", "param_dtype", "state_dtype"):
             resolve_state_dtype(getattr(self, name))  # raises ValueError unless a floating dtype name
         if not isinstance(self.prefill_backend_kwargs, tuple) or not all(

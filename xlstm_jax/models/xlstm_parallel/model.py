@@ -88,10 +88,16 @@ class xLSTMBlock(nn.Module):
             return RMSNorm(cfg.norm_eps, cfg.norm_reduction_force_float32, cfg.jnp_param_dtype, name=name)
 
         layer = mLSTMLayer(cfg, self.decode, self.layer_index, name="mlstm_layer")
-        y, state = layer(norm("norm_mlstm")(x), state, valid)
+        ffn = FeedForward(cfg, name="ffn")
+        norm_mlstm, norm_ffn = norm("norm_mlstm"), norm("norm_ffn")
+        if self.decode and cfg.decode_fused and x.shape[0] * x.shape[1] <= 16:
+            # The layer and the FFN normalise x inside their first product's kernel (decode_matmul_pallas).
+            y, state = layer(x, state, valid, norm=norm_mlstm)
+            x = x + y
+            return x + ffn(x, norm=norm_ffn), state
+        y, state = layer(norm_mlstm(x), state, valid)
         x = x + y
-        x = x + FeedForward(cfg, name="ffn")(norm("norm_ffn")(x))
-        return x, state
+        return x + ffn(norm_ffn(x)), state
 
 
 class xLSTMLMModel(nn.Module):

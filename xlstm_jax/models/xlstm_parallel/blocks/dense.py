@@ -38,6 +38,9 @@ class Dense(nn.Module):
     precision: Any = None
 
     @nn.compact
-    def __call__(self, x: jax.Array) -> jax.Array:  # (..., K) -> (..., N)
+    def __call__(self, x: jax.Array, *, multiply: bool = True) -> jax.Array:  # (..., K) -> (..., N)
+        """``x W``; with ``multiply=False`` the kernel W (K, N) instead, for a fused kernel that multiplies."""
         kernel = self.param("kernel", nn.initializers.lecun_normal(), (x.shape[-1], self.features), self.param_dtype)
+        if not multiply:
+            return kernel
         return project(x, kernel, self.dtype, self.precision)

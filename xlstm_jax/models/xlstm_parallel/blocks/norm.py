@@ -28,8 +28,12 @@ class RMSNorm(nn.Module):
     param_dtype: jnp.dtype = jnp.float32
 
     @nn.compact
-    def __call__(self, x: jax.Array) -> jax.Array:  # (..., D) -> (..., D) in x's dtype
+    def __call__(self, x: jax.Array, *, normalize: bool = True) -> jax.Array:  # (..., D) -> (..., D) in x's dtype
+        """``RMSNorm(x)``; with ``normalize=False`` the weight (D,) instead, for a kernel that normalises x itself
+        (``decode_matmul_pallas``: the same parameter, used in the product's prologue)."""
         weight = self.param("weight", nn.initializers.ones, (x.shape[-1],), self.param_dtype)
+        if not normalize:
+            return weight
         y = x.astype(jnp.float32) if self.force_float32_reductions else x
         y = y * jax.lax.rsqrt(jnp.mean(jnp.square(y), axis=-1, keepdims=True) + self.eps)
         return y.astype(x.dtype) * weight.astype(x.dtype)

@@ -46,6 +46,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from xlstm_jax.kernels import decode_matmul_pallas
 from xlstm_jax.models.xlstm_parallel.blocks.dense import Dense, project
 from xlstm_jax.models.xlstm_parallel.blocks.mlstm.backend import BACKENDS, create_mlstm_backend
 from xlstm_jax.models.xlstm_parallel.blocks.mlstm.backend.config import mLSTMBackend
@@ -158,8 +159,13 @@ class mLSTMLayer(nn.Module):
         x: jax.Array,  # (B, S, D)
         state: LayerStates,  # c (B, NH, DHQK, DHV), n (B, NH, DHQK), m (B, NH) in config.state_dtype (or stacked)
         valid: jax.Array | None = None,  # (B, S) bool: False marks padding (an exact no-op step)
+        norm: nn.Module | None = None,
     ) -> tuple[jax.Array, LayerStates]:
-        """Returns ``y (B, S, D)`` in ``config.dtype`` and the states after the last position (stacked as given)."""
+        """Returns ``y (B, S, D)`` in ``config.dtype`` and the states after the last position (stacked as given).
+
+        With ``norm`` (the block's ``RMSNorm``; decoding, at most 16 rows) x is the block's input: the norm, the
+        qkvo product and the gate product with its soft cap run in one ``decode_matmul_pallas`` call.
+        """
         cfg = self.config
         B, S, _ = x.shape
         NH, DHQK, DHV = cfg.num_heads, cfg.qk_head_dim, cfg.v_head_dim
@@ -175,11 +181,23 @@ class mLSTMLayer(nn.Module):
             precision = jax.lax.Precision.HIGHEST if jnp.dtype(dtype).itemsize >= 4 else None  # no TF32
             return project(x, kernel, dtype, precision)
 
-        qkvo = product(qkvo_kernel, cfg.compute_dtype)  # (B, S, 2 QK + 2 V)
+        if norm is None:
+            qkvo = product(qkvo_kernel, cfg.compute_dtype)  # (B, S, 2 QK + 2 V)
+            gates = product(if_kernel, jnp.float32) + if_bias.astype(jnp.float32)  # (B, S, 2 NH), float32 operands
+            gates = soft_cap(gates, cfg.gate_soft_cap)
+        else:  # the same function in one kernel: RMSNorm prologue, float32 gate columns on a side program
+            qkvo, gates = decode_matmul_pallas(
+                x.reshape(B * S, D),
+                qkvo_kernel.astype(cfg.compute_dtype),
+                norm_weight=norm(x, normalize=False),
+                norm_eps=cfg.norm_eps,
+                side_weight=if_kernel,
+                side_bias=if_bias,
+                side_cap=cfg.gate_soft_cap,
+            )
+            qkvo, gates = qkvo.reshape(B, S, -1), gates.reshape(B, S, -1)
         q, k, v, o = jnp.split(qkvo, [QK, 2 * QK, 2 * QK + V], axis=-1)
-        gates = product(if_kernel, jnp.float32) + if_bias.astype(jnp.float32)  # (B, S, 2 NH), float32 operands
-        i = soft_cap(gates[..., :NH], cfg.gate_soft_cap)  # (B, S, NH)
-        f = soft_cap(gates[..., NH:], cfg.gate_soft_cap)
+        i, f = gates[..., :NH], gates[..., NH:]  # (B, S, NH) each
         if valid is not None:
             i = jnp.where(valid[..., None], i, PAD_IGATE)
             f = jnp.where(valid[..., None], f, jnp.inf)
