@@ -72,6 +72,25 @@ def _untile(acc: jax.Array, m: int) -> jax.Array:
     return acc if m == _TILE_M else jnp.sum(acc, axis=0, keepdims=True)
 
 
+def _pipelined(num: int, ahead: int, load, step, carry):
+    """``carry = step(carry, j, load(j))`` for j in range(num), with ``load(j + ahead)`` issued before
+    ``step(j)``: the next ``ahead`` tiles are requested by hand and carried (in registers) until used, so that
+    several loads are in flight per program whatever Triton's own software pipelining does."""
+    ahead = min(ahead, num - 1)
+    if ahead <= 0:
+        return jax.lax.fori_loop(0, num, lambda j, c: step(c, j, load(j)), carry)
+
+    def body(j, queue_carry):
+        queue, c = queue_carry
+        return queue[1:] + (load(j + ahead),), step(c, j, queue[0])
+
+    queue = tuple(load(j) for j in range(ahead))
+    queue, carry = jax.lax.fori_loop(0, num - ahead, body, (queue, carry))
+    for t, tile in enumerate(queue):
+        carry = step(carry, num - ahead + t, tile)
+    return carry
+
+
 def _kernel(*refs, glu, has_norm, has_residual, has_side, eps, cap, block_k, num_k, num_col_blocks, prefetch, fma):
     refs = list(refs)
     x_ref = refs.pop(0)
@@ -112,22 +131,8 @@ def _kernel(*refs, glu, has_norm, has_residual, has_side, eps, cap, block_k, num
 
             acc_rows = _TILE_M
 
-        # The weight tiles of the next ``prefetch`` row blocks are requested ahead by hand (carried in registers),
-        # so that many loads are in flight per program whatever Triton's own pipelining does.
-        ahead = min(prefetch, num_k - 1)
         accs = (jnp.zeros((acc_rows, o_ref.shape[1]), f32),) * len(w_refs)
-        if ahead == 0:
-            accs = jax.lax.fori_loop(0, num_k, lambda j, accs: mac(accs, j, load(j)), accs)
-        else:
-
-            def body(j, carry):
-                queue, accs = carry
-                return queue[1:] + (load(j + ahead),), mac(accs, j, queue[0])
-
-            queue = tuple(load(j) for j in range(ahead))
-            queue, accs = jax.lax.fori_loop(0, num_k - ahead, body, (queue, accs))
-            for t, tiles in enumerate(queue):
-                accs = mac(accs, num_k - ahead + t, tiles)
+        accs = _pipelined(num_k, prefetch, load, mac, accs)
         ys = [(jnp.sum(acc, axis=0, keepdims=True) if fma else _untile(acc, M)).astype(o_ref.dtype) for acc in accs]
         if glu:  # silu(gate) * up, rounded after each operation as XLA does in o_ref's dtype
             g, u = (y.astype(f32) for y in ys)
@@ -144,14 +149,20 @@ def _kernel(*refs, glu, has_norm, has_residual, has_side, eps, cap, block_k, num
         return
 
     def side():  # float32 product with the narrow weight, exact (elementwise), a few rows of it at a time
+        # One program reads all of the (K, G) weight: tiles of up to 4096 products (32 values per thread at 4
+        # warps), requested ahead like the main product's, so that it does not finish long after the others.
         G = sw_ref.shape[1]
-        size = min(block_k, max(8, 1024 // (M * G)))  # an (M, size, G) float32 product: ~8 values per thread
+        K = block_k * num_k
+        size = 1 << (K.bit_length() - 1)  # the largest power of two <= K, halved until it fits and divides K
+        while size > 8 and (M * size * G > 4096 or K % size):
+            size //= 2
 
-        def body(j, acc):
+        def mac(acc, j, w):
             x = _rows(x_ref, nw_ref, scale, cols(j, size)).astype(f32)  # (M, size)
-            return acc + jnp.sum(x[:, :, None] * sw_ref[cols(j, size), :].astype(f32)[None], axis=1)
+            return acc + jnp.sum(x[:, :, None] * w.astype(f32)[None], axis=1)
 
-        acc = jax.lax.fori_loop(0, num_k * block_k // size, body, jnp.zeros((M, G), f32))
+        load = lambda j: sw_ref[cols(j, size), :]  # noqa: E731
+        acc = _pipelined(K // size, max(prefetch, 2), load, mac, jnp.zeros((M, G), f32))
         g = acc + sb_ref[...].astype(f32)[None]
         so_ref[...] = cap * jnp.tanh(g / cap)
 
