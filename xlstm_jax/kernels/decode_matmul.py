@@ -13,14 +13,18 @@ memory system idles. This kernel streams w once and does that work around the pr
 * ``residual``: the result is ``residual + x w`` (the block's skip connection), rounded like XLA's
   (product cast to the output dtype, then added).
 * ``side_weight`` (K, G), ``side_bias`` (G,), ``side_cap``: one more program computes the float32 product of the
-  (normalised) rows with a narrow float32 weight, adds the bias and soft-caps it ``cap * tanh(. / cap)``:
-  the mLSTM gate pre-activations, which need float32 and would otherwise be two more kernels after the norm.
+  (normalised) rows with a narrow weight (upcast to float32), adds the bias and soft-caps it
+  ``cap * tanh(. / cap)``: the mLSTM gate pre-activations, which need float32 and would otherwise be two more
+  kernels after the norm.
 
 Grid: one program per ``block_n`` columns (plus the side program), each walking all K rows ``block_k`` at a
 time, with ``prefetch`` weight tiles requested ahead by hand. The product is a matrix-unit dot of a 16-row
 tile (the smallest): one row is placed in row 0 of a zero tile, 2 to 16 rows are padded to 16. With
 ``config.fma`` a single row instead multiplies and adds elementwise in float32 into a (block_k, block_n)
 accumulator that is summed over its rows once at the end (no matrix unit, no shared-memory staging).
+
+Status: experimental. Correct on the H200, but slower there than XLA's products in every tiling timed so far
+(the ``fma`` mode and the current side program not yet timed); ``docs/design.md`` has the measurements.
 """
 
 from __future__ import annotations
