@@ -64,10 +64,9 @@ def test_pallas_decode_step_matches_peer(scan_blocks, monkeypatch):
     assert_close("decode logits", peer()["greedy_logits"][:, :6], out.logits, TOL["float32-model"])
 
 
-@pytest.mark.parametrize("scan_blocks", [False, True], ids=["unrolled", "scanned"])
-def test_decode_fused_matches_peer(scan_blocks, monkeypatch):
-    """``decode_fused``: each block's RMSNorm -> qkvo + gates and RMSNorm -> gate+up -> silu·up in
-    ``decode_matmul_pallas`` (interpret mode here; compiled on a GPU): the peer's greedy tokens and logits."""
+def _trace_decode_matmul(monkeypatch) -> list:
+    """Runs ``decode_matmul_pallas`` in the model with ``interpret=INTERPRET``; returns the weight shapes it
+    is called with (recorded at trace time: proof that the kernel, not XLA's products, is in the loop)."""
     import xlstm_jax.models.xlstm_parallel.blocks.feedforward as ffn_module
     import xlstm_jax.models.xlstm_parallel.blocks.mlstm.layer as layer_module
 
@@ -76,17 +75,38 @@ def test_decode_fused_matches_peer(scan_blocks, monkeypatch):
         original = module.decode_matmul_pallas
 
         def traced(*args, original=original, **kwargs):
-            calls.append(tuple(args[1].shape))  # at trace time: which weights took the kernel
+            calls.append(tuple(args[1].shape))
             return original(*args, **kwargs, interpret=INTERPRET)
 
         monkeypatch.setattr(module, "decode_matmul_pallas", traced)
+    jax.clear_caches()  # the decode loop may be cached from a run without the patch
+    return calls
+
+
+@pytest.mark.parametrize("scan_blocks", [False, True], ids=["unrolled", "scanned"])
+def test_decode_fused_matches_peer(scan_blocks, monkeypatch):
+    """``decode_fused``: each block's RMSNorm -> qkvo + gates and RMSNorm -> gate+up -> silu·up in
+    ``decode_matmul_pallas`` (interpret mode here; compiled on a GPU): the peer's greedy tokens and logits."""
+    calls = _trace_decode_matmul(monkeypatch)
     config, params = load(scan_blocks=scan_blocks, decode_fused=True)
-    jax.clear_caches()
     out = generate(config, params, peer()["prompt"], 6, stop_tokens=(), return_logits=True)
     D, W = config.embedding_dim, 2 * config.qk_dim + 2 * config.v_dim
     assert set(calls) == {(D, W), (D, 2 * config.ffn_dim)}  # qkvo and gate+up; decode only (prefill: S > 16)
     np.testing.assert_array_equal(np.asarray(out.tokens), peer()["greedy"][:, :6])
     assert_close("decode logits", peer()["greedy_logits"][:, :6], out.logits, TOL["float32-model"])
+
+
+def test_decode_fused_padded_batch_matches_unfused(monkeypatch):
+    """A left-padded batch of two prompts (2 rows: the kernel's padded 16-row tile; padded positions and
+    finished rows fed as no-op steps) decodes to the same tokens, logits and states as without fusion."""
+    reference = generate(*load(scan_blocks=False), PROMPTS, 6, stop_tokens=(), return_logits=True)
+    calls = _trace_decode_matmul(monkeypatch)
+    out = generate(*load(scan_blocks=False, decode_fused=True), PROMPTS, 6, stop_tokens=(), return_logits=True)
+    assert calls
+    np.testing.assert_array_equal(np.asarray(out.tokens), np.asarray(reference.tokens))
+    assert_close("logits", np.asarray(reference.logits, np.float64), out.logits, TOL["float32-model"])
+    for name, x, y in zip("cnm", reference.states, out.states, strict=True):
+        assert_close(f"state {name}", np.asarray(x, np.float64), y, TOL["float32-model"])
 
 
 def test_decode_fused_needs_power_of_two_gates():
