@@ -109,11 +109,13 @@ def test_decode_fused_padded_batch_matches_unfused(monkeypatch):
         assert_close(f"state {name}", np.asarray(x, np.float64), y, TOL["float32-model"])
 
 
-def test_decode_fused_needs_power_of_two_gates():
+def test_decode_fused_checks_the_kernel_fits():
     config, _ = load()
-    config.replace(num_heads=4, embedding_dim=96, decode_fused=True)  # 8 gate columns: one power-of-two tile
+    config.replace(num_heads=4, decode_fused=True)  # 8 gate columns: one power-of-two tile; widths 384 and 384
     with pytest.raises(ValueError, match="decode_fused needs 2 \\* num_heads"):
         config.replace(num_heads=3, embedding_dim=96, decode_fused=True)  # 6 gate columns
+    with pytest.raises(ValueError, match="qkvo width 288"):
+        config.replace(embedding_dim=96, decode_fused=True)  # 2 x 48 + 2 x 96 columns: not a multiple of 64
 
 
 @functools.cache

@@ -16,6 +16,8 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 
+from xlstm_jax.kernels.config import DecodeMatmulConfig
+from xlstm_jax.kernels.decode_matmul import decode_matmul_fits
 from xlstm_jax.mlstm.checks import check_eps, resolve_state_dtype
 
 __all__ = ["DEFAULT_PREFILL_BACKEND", "DEFAULT_STEP_BACKEND", "xLSTMLMConfig"]
@@ -128,11 +130,8 @@ class xLSTMLMConfig:
             if not (isinstance(value, int | float) and math.isfinite(value) and value > 0):
                 raise ValueError(f"{name} must be a positive finite number, got {name}={value!r}")
         check_eps(self.eps)
-        if self.decode_fused and (2 * self.num_heads) & (2 * self.num_heads - 1):
-            raise ValueError(
-                f"decode_fused needs 2 * num_heads to be a power of two (the gate columns of one kernel), got "
-                f"num_heads={self.num_heads}"
-            )
+        if self.decode_fused:
+            self._check_decode_fused()
         for name in ("dtype", "param_dtype", "state_dtype"):
             resolve_state_dtype(getattr(self, name))  # raises ValueError unless a floating dtype name
         if not isinstance(self.prefill_backend_kwargs, tuple) or not all(
@@ -141,6 +140,21 @@ class xLSTMLMConfig:
             raise TypeError(
                 "prefill_backend_kwargs must be a tuple of (name, value) pairs (hashable), got "
                 f"{self.prefill_backend_kwargs!r}"
+            )
+
+    def _check_decode_fused(self) -> None:
+        """Raises ``ValueError`` unless ``decode_matmul_pallas``' default tiling fits this model's products."""
+        if (2 * self.num_heads) & (2 * self.num_heads - 1):
+            raise ValueError(
+                f"decode_fused needs 2 * num_heads to be a power of two (the gate columns of one kernel), got "
+                f"num_heads={self.num_heads}"
+            )
+        D, W, F = self.embedding_dim, 2 * self.qk_dim + 2 * self.v_dim, self.ffn_dim
+        config = DecodeMatmulConfig()
+        if not (decode_matmul_fits(D, W, config) and decode_matmul_fits(D, 2 * F, config, glu=True)):
+            raise ValueError(
+                f"decode_fused needs the qkvo width {W} and the FFN width {F} to be multiples of "
+                f"{config.block_n} and embedding_dim={D} of 16 ({config})"
             )
 
     # Derived sizes. transformers' layer uses int(D * factor) for the projection widths.
