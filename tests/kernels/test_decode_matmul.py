@@ -82,6 +82,8 @@ def test_decode_matmul_matches_float64(M, dtype, fusion, config):
 def test_decode_matmul_config_blocks():
     assert DecodeMatmulConfig().blocks(10944, 4096) == (64, 64)  # 10944 = 64 x 171: block_k 128 halved
     assert DecodeMatmulConfig(block_n=128).blocks(4096, 32) == (32, 128)
+    assert DecodeMatmulConfig().blocks(96, 48) == (32, 32)  # powers of two within the weight (Triton tiles)
+    assert not decode_matmul_fits(96, 48, DecodeMatmulConfig())  # 48 columns are not a multiple of 32
     assert decode_matmul_fits(80, 96, CONFIGS["loop"], glu=True)
     assert not decode_matmul_fits(80, 40, CONFIGS["loop"])  # 40 columns are not a multiple of 16
     with pytest.raises(ValueError, match="block_n"):

@@ -116,6 +116,8 @@ def test_decode_fused_checks_the_kernel_fits():
         config.replace(num_heads=3, embedding_dim=96, decode_fused=True)  # 6 gate columns
     with pytest.raises(ValueError, match="qkvo width 288"):
         config.replace(embedding_dim=96, decode_fused=True)  # 2 x 48 + 2 x 96 columns: not a multiple of 64
+    with pytest.raises(ValueError, match="norm_reduction_force_float32"):
+        config.replace(norm_reduction_force_float32=False, decode_fused=True)  # the kernel's statistics are float32
 
 
 @functools.cache

@@ -34,6 +34,11 @@ def _is_pow2(x: int) -> bool:
     return x > 0 and (x & (x - 1)) == 0
 
 
+def _pow2_floor(x: int) -> int:
+    """The largest power of two <= x (x >= 1)."""
+    return 1 << (max(x, 1).bit_length() - 1)
+
+
 def check_head_dims(DHQK: int, DHV: int) -> None:
     """Raises ``ValueError`` unless both head dims are powers of two in [MIN_HEAD_DIM, MAX_HEAD_DIM].
 
@@ -227,7 +232,8 @@ class DecodeMatmulConfig:
     """Tiling of the decode-step matrix product (``xlstm_jax.kernels.decode_matmul``).
 
     The grid is one program per ``block_n`` columns; each walks all rows of its weight columns ``block_k`` at
-    a time, with ``num_stages`` weight tiles in flight (Triton software pipelining).
+    a time. Loads can overlap through Triton's software pipelining (``num_stages``; no effect measured on
+    the dot path) or tiles requested ahead by hand (``prefetch``).
 
     Attributes:
         block_n: Weight columns per program (at least 16, the matrix-unit tile width).
@@ -257,9 +263,10 @@ class DecodeMatmulConfig:
             raise ValueError(f"fma={self.fma!r} must be a bool")
 
     def blocks(self, K: int, N: int) -> tuple[int, int]:
-        """``(block_n, block_k)`` for a (K, N) weight: the configured sizes capped at the weight's, block_k
-        halved (down to 16) until it divides K (xLSTM-7B's FFN width 10944 is 64 x 171)."""
-        block_k = min(self.block_k, K)
+        """``(block_n, block_k)`` for a (K, N) weight: the configured sizes capped at the largest powers of two
+        within the weight's (Triton tiles are powers of two), block_k halved (down to 16) until it divides K
+        (xLSTM-7B's FFN width 10944 is 64 x 171). Whether they divide the weight: ``decode_matmul_fits``."""
+        block_k = min(self.block_k, _pow2_floor(K))
         while K % block_k and block_k > 16:
             block_k //= 2
-        return min(self.block_n, N), block_k
+        return min(self.block_n, _pow2_floor(N)), block_k

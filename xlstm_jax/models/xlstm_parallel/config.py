@@ -74,7 +74,8 @@ class xLSTMLMConfig:
             block with ``xlstm_jax.kernels.decode_matmul_pallas``: RMSNorm -> qkvo with the gate product, and
             RMSNorm -> gate+up -> silu·up, one kernel each (XLA computes the same function without a GPU).
             Experimental and off by default: on the H200 that kernel has so far been slower than XLA's
-            products (``docs/design.md``). It needs 2 * num_heads to be a power of two.
+            products (``docs/design.md``). It needs 2 * num_heads to be a power of two, widths the kernel's
+            default tiling divides, and ``norm_reduction_force_float32``.
         context_length: Model context length handed to the backends (-1: unbounded).
     """
 
@@ -143,7 +144,12 @@ class xLSTMLMConfig:
             )
 
     def _check_decode_fused(self) -> None:
-        """Raises ``ValueError`` unless ``decode_matmul_pallas``' default tiling fits this model's products."""
+        """Raises ``ValueError`` unless ``decode_matmul_pallas`` computes this model's norms and its default
+        tiling fits this model's products."""
+        if not self.norm_reduction_force_float32:
+            raise ValueError(
+                "decode_fused computes the RMSNorm statistics in float32: it needs norm_reduction_force_float32=True"
+            )
         if (2 * self.num_heads) & (2 * self.num_heads - 1):
             raise ValueError(
                 f"decode_fused needs 2 * num_heads to be a power of two (the gate columns of one kernel), got "
