@@ -17,7 +17,7 @@ memory system idles. This kernel streams w once and does that work around the pr
   ``cap * tanh(. / cap)``: the mLSTM gate pre-activations, which need float32 and would otherwise be two more
   kernels after the norm.
 
-Grid: one program per ``block_n`` columns (plus the side program), each walking all K rows ``block_k`` at a
+Grid: one program per ``block_n`` columns (after the side program, program 0), each walking all K rows ``block_k`` at a
 time, with ``prefetch`` weight tiles requested ahead by hand. The product is a matrix-unit dot of a 16-row
 tile (the smallest): one row is placed in row 0 of a zero tile, 2 to 16 rows are padded to 16. With
 ``config.fma`` a single row instead multiplies and adds elementwise in float32 into a (block_k, block_n)
@@ -95,7 +95,7 @@ def _pipelined(num: int, ahead: int, load, step, carry):
     return carry
 
 
-def _kernel(*refs, glu, has_norm, has_residual, has_side, eps, cap, block_k, num_k, num_col_blocks, prefetch, fma):
+def _kernel(*refs, glu, has_norm, has_residual, has_side, eps, cap, block_k, num_k, prefetch, fma):
     refs = list(refs)
     x_ref = refs.pop(0)
     w_refs = [refs.pop(0) for _ in range(2 if glu else 1)]
@@ -171,8 +171,8 @@ def _kernel(*refs, glu, has_norm, has_residual, has_side, eps, cap, block_k, num
         so_ref[...] = cap * jnp.tanh(g / cap)
 
     pid = pl.program_id(0)
-    pl.when(pid < num_col_blocks)(main)
-    pl.when(pid == num_col_blocks)(side)
+    pl.when(pid > 0)(main)
+    pl.when(pid == 0)(side)
 
 
 def decode_matmul_fits(K: int, N: int, config: DecodeMatmulConfig, glu: bool = False) -> bool:
@@ -260,8 +260,9 @@ def decode_matmul_pallas(
     num_col_blocks = F // block_n
     rows = M if M == 1 else _TILE_M
     pad = (lambda t: t) if rows == M else (lambda t: jnp.pad(t, ((0, rows - M), (0, 0))))
-    last = num_col_blocks - 1
-    col = (lambda j: jnp.minimum(j, last)) if has_side else (lambda j: j)
+    # The side program is program 0, so that it starts first: it walks all of its (K, G) weight alone. The
+    # column blocks are programs 1.. (its block indices clamped for program 0, which does not write them).
+    col = (lambda j: jnp.maximum(j - 1, 0)) if has_side else (lambda j: j)
     inputs: list[Any] = [pad(x), w]
     in_specs = [pl.BlockSpec((rows, K), lambda j: (0, 0)), pl.BlockSpec((K, block_n), lambda j: (0, col(j)))]
     if glu:
@@ -290,7 +291,6 @@ def decode_matmul_pallas(
         cap=None if side_cap is None else float(side_cap),
         block_k=block_k,
         num_k=K // block_k,
-        num_col_blocks=num_col_blocks,
         prefetch=config.prefetch,
         fma=config.fma and M == 1,
     )
