@@ -2,7 +2,7 @@
 
 Run from the repository root on a GPU::
 
-    PYTHONPATH=. python3 benchmarks/generate.py [--out DIR] [--cases ...] [--profile N] [--hlo N,...]
+    PYTHONPATH=. python3 benchmarks/generate.py [--out DIR] [--cases ...] [--profile N,...] [--hlo N,...]
     PYTHONPATH=. python benchmarks/generate.py --smoke          # tiny config, CPU, seconds
 
 Measures in one run (one process, so that the ratios between variants are fair):
@@ -11,11 +11,11 @@ Measures in one run (one process, so that the ratios between variants are fair):
   (TB/s, bytes read + written);
 - decode ms/token for each case of ``--cases``, ``STEP:BLOCKS:GRAPHS:B`` with STEP a decode step name
   (``recurrent``: the XLA step; ``recurrent_pallas``: the Pallas kernel; a ``+fused`` suffix also sets
-  ``decode_fused``: each block's pre-norm products in ``decode_matmul_pallas``), BLOCKS ``unrolled`` or ``scan``
-  (``nn.scan`` over the blocks), GRAPHS a name of ``XLA_OPTIONS`` (XLA settings such as command buffers,
-  i.e. CUDA graphs, passed as compiler options of that one compilation) and B the batch. Each case is timed
-  over the jitted ``lax.while_loop`` of :func:`xlstm_jax.generation.generate` (greedy, no stop token,
-  after a 16-token prompt), against the floor: every weight byte read once per token at the measured copy
+  ``decode_fused``: each residual add, its RMSNorm and the gate product in ``add_rms_norm_pallas``), BLOCKS
+  ``unrolled`` or ``scan`` (``nn.scan`` over the blocks), GRAPHS a name of ``XLA_OPTIONS`` (XLA settings such
+  as command buffers, i.e. CUDA graphs, passed as compiler options of that one compilation) and B the batch.
+  Each case is timed over the jitted ``lax.while_loop`` of :func:`xlstm_jax.generation.generate` (greedy, no
+  stop token, after a 16-token prompt), against the floor: every weight byte read once per token at the measured copy
   bandwidth (the embedding contributes one row only), and that floor plus reading and writing the float32
   states once. For each case the compiled program is also inspected: its kernels (fusions and custom
   calls) and its largest non-matrix-product kernels (a copy of a weight there would be an extra pass over
@@ -24,7 +24,7 @@ Measures in one run (one process, so that the ratios between variants are fair):
 - prefill tokens/s for the prompt lengths of ``--prefill`` at batch 1 (blocks under ``nn.scan``, the
   chunkwise backend, logits of the last position only), with the model FLOPs over the time as a fraction
   of the measured bf16 matrix ceiling;
-- with ``--profile N``: a ``jax.profiler`` trace of decode case N (0-based), summarised on the spot
+- with ``--profile N[,N...]``: a ``jax.profiler`` trace of decode cases N (0-based), summarised on the spot
   (kernels per token, their summed time against the wall time, the costliest kernels); with ``--hlo``
   the optimised HLO of the listed cases is written next to ``results.json``.
 
@@ -342,7 +342,7 @@ def main(argv=None) -> int:
     parser.add_argument("--prefill", default="128,1024,8192", help="prompt lengths ('' to skip)")
     parser.add_argument("--cases", default=",".join(DEFAULT_CASES), help="decode cases STEP:BLOCKS:GRAPHS:B")
     parser.add_argument("--tokens", type=int, default=None, help="decode tokens per timed loop")
-    parser.add_argument("--profile", type=int, default=-1, help="profile decode case N (0-based)")
+    parser.add_argument("--profile", default="", help="profile decode cases N,... (0-based)")
     parser.add_argument("--hlo", default="", help="write the optimised HLO of decode cases N,... to --out")
     args = parser.parse_args(argv)
     t_start = time.perf_counter()
@@ -354,7 +354,7 @@ def main(argv=None) -> int:
         known_step = step.removesuffix("+fused") in STEP_FUNCTIONS
         if not known_step or blocks not in ("unrolled", "scan") or graphs not in XLA_OPTIONS:
             raise ValueError(
-                f"bad case {spec!r}: STEP in {sorted(STEP_FUNCTIONS)}, BLOCKS unrolled|scan, "
+                f"bad case {spec!r}: STEP in {sorted(STEP_FUNCTIONS)} (optionally +fused), BLOCKS unrolled|scan, "
                 f"GRAPHS in {sorted(XLA_OPTIONS)}, B an int"
             )
         cases.append((step, blocks, graphs, int(B)))
@@ -402,7 +402,7 @@ def main(argv=None) -> int:
         f"{'decode step':>17s} {'blocks':>8s} {'graphs':>11s} {'B':>3s} {'ms/token':>9s} {'x floor':>8s} "
         f"{'x +states':>9s} {'compile s':>9s} {'kernels':>7s}"
     )
-    profile_dir = tempfile.mkdtemp() if args.profile >= 0 else None
+    profiled = {int(x) for x in args.profile.split(",") if x}
     hlo_cases = {int(x) for x in args.hlo.split(",") if x}
     for n, (step, blocks, graphs, B) in enumerate(cases):
         label = f"{step:>17s} {blocks:>8s} {graphs:>11s} {B:3d}"
@@ -413,6 +413,7 @@ def main(argv=None) -> int:
         cfg = config.replace(
             step_backend=step.removesuffix("+fused"), scan_blocks=blocks == "scan", decode_fused=step.endswith("+fused")
         )
+        profile_dir = tempfile.mkdtemp() if n in profiled else None
         floor = read_bytes / (bw * 1e12)
         floor_states = (read_bytes + 2 * state_bytes(config, B)) / (bw * 1e12)
         logits, states = starts[B]
@@ -425,7 +426,7 @@ def main(argv=None) -> int:
                 tokens,
                 reps,
                 graphs,
-                profile_dir if n == args.profile else None,
+                profile_dir,
             )
         except Exception as e:  # report and go on: one failing case must not lose the others
             print(f"{label} FAILED: {type(e).__name__}: {str(e)[:300]}")
@@ -446,12 +447,12 @@ def main(argv=None) -> int:
         save()
         if n in hlo_cases and args.out is not None:
             (args.out / f"hlo_{n}_{step}_{blocks}_{graphs}_{B}.txt").write_text(text)
-        if n == args.profile:
-            results["profile"] = profile_summary(profile_dir, tokens)
-            for key, value in results["profile"].items():
+        if profile_dir is not None:
+            row["profile"] = profile_summary(profile_dir, tokens)
+            for key, value in row["profile"].items():
                 if isinstance(value, dict) and "top" in value:
                     print(f"# profile {key}: " + json.dumps({k: v for k, v in value.items() if k != "top"}))
-                    print("\n".join(f"#   {line}" for line in value["top"][:12]))
+                    print("\n".join(f"#   {line}" for line in value["top"][:30]))
             save()
     print(f"# floor {read_bytes / (bw * 1e12) * 1e3:.3f} ms/token ({read_bytes / 1e9:.2f} GB at {bw:.2f} TB/s)")
     del params_u

@@ -54,6 +54,16 @@ TOL: dict[str, Tol] = {
         "(normalised rows, gate and up, sigmoid, silu, silu*up, the product before the residual, the sum: at most "
         "7, each 2^-9 = 2e-3 of a value <= max|y| in size, or of a factor of it); 2.4e-3 + 7 * 2e-3, rounded up.",
     ),
+    "bfloat16-norm": Tol(
+        1.2e-2,
+        "residual adds and RMSNorm on bf16 rows (add_rms_norm), against float64 from the same bf16 inputs: up to "
+        "two adds rounded to bf16 (2 * 2^-9 of |s|), which normalising can double (value and statistic both "
+        "carry it), then the normalised value and its product with the weight rounded once each: "
+        "(2 * 2 + 2) * 2^-9 = 1.2e-2 of |y|. The gate product of those rows, scaled by sum_k |y_k w_k| + |b|, "
+        "inherits the same relative bound (float32 accumulation adds ~K * 6e-8; tanh's slope is at most 1). "
+        "The mLSTM read-out (head_norm) makes as many: h rounded to bf16 (2^-9, doubled by the normalisation), "
+        "the normalised value, times the weight, sigmoid(o), their product: (2 + 4) * 2^-9.",
+    ),
     "float64-grad": Tol(
         1e-8,
         "float64 autodiff against central differences (delta = 1e-6) of the float64 reference, measured against "

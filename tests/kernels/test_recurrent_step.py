@@ -124,11 +124,13 @@ def _fused_projection(x, extra_columns=5):
 STACKED_CASES = [CASES[0], CASES[1], CASES[7], CASES[2], (2, 1, 16, 64, C(block_dhv=64, block_dhqk=16, dhqk_splits=1))]
 
 
+@pytest.mark.parametrize("gates", ["separate", "side-by-side"])
 @pytest.mark.parametrize("case", STACKED_CASES, ids=["unsplit", "split4", "per-head", "auto", "unaligned"])
 @pytest.mark.parametrize("layer", [0, 2])
-def test_stacked_step_updates_one_layer(case, layer):
-    """The model's stacked step (q, k, v from a fused projection) equals the step on the layer's slice bit for
-    bit; the other layers stay unchanged."""
+def test_stacked_step_updates_one_layer(case, layer, gates):
+    """The model's stacked step (q, k, v from a fused projection; the gates separate, or side by side as the
+    model's gate projection, f=None) equals the step on the layer's slice bit for bit; the other layers stay
+    unchanged."""
     B, NH, DHQK, DHV, config = case
     L = 3
     layers = [_step_inputs(10 * layer + j, B, NH, DHQK, DHV, jnp.bfloat16)[0] for j in range(L)]
@@ -140,11 +142,17 @@ def test_stacked_step_updates_one_layer(case, layer):
         donate_argnums=(0, 1, 2),
     )
     qkv = _fused_projection(x)
-    jaxpr = jax.make_jaxpr(step)(*stack, qkv=qkv, i=x["i"], f=x["f"])
+    if gates == "separate":
+        gate_args = {"i": x["i"], "f": x["f"]}
+    else:
+        gate_args = {"i": jnp.concatenate([x["i"].reshape(B, NH), x["f"].reshape(B, NH)], axis=1), "f": None}
+    jaxpr = jax.make_jaxpr(step)(*stack, qkv=qkv, **gate_args)
     (call,) = [e for e in jaxpr.eqns[0].params["jaxpr"].eqns if e.primitive.name == "pallas_call"]
     in_place = case is not STACKED_CASES[-1]
     assert (call.invars[3].aval.shape == qkv.shape) == in_place  # the kernel's q operand: qkv itself or a slice
-    h, (c, n, m) = step(*[jnp.copy(a) for a in stack], qkv=qkv, i=x["i"], f=x["f"])
+    if gates == "side-by-side":  # the kernel's i and f operands are the gate array itself (flattened)
+        assert call.invars[6].aval.shape == call.invars[7].aval.shape == (2 * B * NH, 1)
+    h, (c, n, m) = step(*[jnp.copy(a) for a in stack], qkv=qkv, **gate_args)
     h_ref, states_ref = recurrent_step_pallas(
         **{name: layers[layer][name] for name in "cnm"}, **x, config=config, interpret=INTERPRET
     )
@@ -154,6 +162,40 @@ def test_stacked_step_updates_one_layer(case, layer):
         np.testing.assert_array_equal(np.asarray(new[layer]), np.asarray(ref).reshape(new.shape[1:]), err_msg=name)
         for other in set(range(L)) - {layer}:
             np.testing.assert_array_equal(np.asarray(new[other]), np.asarray(old[other]), err_msg=name)
+
+
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+@pytest.mark.parametrize(
+    "case", [STACKED_CASES[0], STACKED_CASES[1], STACKED_CASES[-1]], ids=["unsplit", "split4", "o-unaligned"]
+)
+def test_stacked_step_head_norm(case, dtype):
+    """With ``head_norm`` the stacked step returns the layer's read-out sigmoid(o) * LayerNorm_head(h) * w, its
+    second kernel reading o from the fused projection (in place, or sliced where o's offset is not a multiple
+    of DHV) and writing n', m' into the stacks: against float64 from the equations; the other layer unchanged."""
+    B, NH, DHQK, DHV, config = case
+    args, rounded = _step_inputs(5, B, NH, DHQK, DHV, jnp.dtype(dtype))
+    other, _ = _step_inputs(6, B, NH, DHQK, DHV, jnp.dtype(dtype))
+    stack = [jnp.stack([other[name], args[name]]) for name in "cnm"]  # the step's layer is 1
+    stack[2] = stack[2][..., 0]
+    rng = np.random.default_rng(1)
+    o = jnp.asarray(2 * rng.standard_normal((B, NH * DHV)), dtype)
+    weight = jnp.asarray(1 + 0.3 * rng.standard_normal(NH * DHV), dtype)
+    qkv = jnp.concatenate([_fused_projection(args, extra_columns=0), o, o[:, :3]], axis=1)
+    step = functools.partial(recurrent_step_pallas_stacked, layer=1, config=config, interpret=INTERPRET)
+    y, states = jax.jit(lambda *a, **kw: step(*a, **kw, head_norm=(weight, 1e-6)))(
+        *[jnp.copy(a) for a in stack], qkv=qkv, i=args["i"], f=args["f"]
+    )
+    _, states_ref, _ = _reference(rounded)
+    for name, new, old, ref in zip("cnm", states, stack, states_ref, strict=True):
+        assert_close(name, ref.reshape(new.shape[1:]), new[1], TOL["float32"])
+        np.testing.assert_array_equal(np.asarray(new[0]), np.asarray(old[0]), err_msg=name)
+    h_ref = _reference(rounded)[0]  # (B, NH, DHV) float64
+    h_ref = h_ref - h_ref.mean(axis=-1, keepdims=True)
+    y_ref = h_ref / np.sqrt(np.mean(h_ref**2, axis=-1, keepdims=True) + 1e-6)
+    f64 = lambda t: np.asarray(t.astype(jnp.float32), np.float64)  # noqa: E731
+    y_ref = y_ref.reshape(B, NH * DHV) * f64(weight) / (1 + np.exp(-f64(o)))
+    assert y.shape == (B, NH * DHV) and y.dtype == jnp.dtype(dtype)
+    assert_close("read-out", y_ref, y, TOL["float32"] if dtype == "float32" else TOL["bfloat16-norm"])
 
 
 def test_stacked_step_rejects_bad_layer_and_shapes():
@@ -169,6 +211,8 @@ def test_stacked_step_rejects_bad_layer_and_shapes():
         recurrent_step_pallas_stacked(args["c"], args["n"], args["m"], 0, qkv, **gates, interpret=INTERPRET)
     with pytest.raises(ValueError, match="qkv must be"):
         recurrent_step_pallas_stacked(**stack, layer=0, qkv=qkv[:, :40], **gates, interpret=INTERPRET)
+    with pytest.raises(ValueError, match=r"gates side by side must be \(B, 2·NH\)=\(1, 2\)"):
+        recurrent_step_pallas_stacked(**stack, layer=0, qkv=qkv, i=jnp.ones((1, 3)), f=None, interpret=INTERPRET)
 
 
 @pytest.mark.parametrize(("DHQK", "DHV"), [(48, 16), (16, 1024), (8, 16)])

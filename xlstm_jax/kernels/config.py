@@ -13,7 +13,6 @@ import jax
 import jax.numpy as jnp
 
 __all__ = [
-    "DecodeMatmulConfig",
     "MAX_HEAD_DIM",
     "MIN_HEAD_DIM",
     "SequenceKernelConfig",
@@ -32,11 +31,6 @@ _INPUT_DTYPES = (jnp.dtype(jnp.float32), jnp.dtype(jnp.bfloat16), jnp.dtype(jnp.
 
 def _is_pow2(x: int) -> bool:
     return x > 0 and (x & (x - 1)) == 0
-
-
-def _pow2_floor(x: int) -> int:
-    """The largest power of two <= x (x >= 1)."""
-    return 1 << (max(x, 1).bit_length() - 1)
 
 
 def check_head_dims(DHQK: int, DHV: int) -> None:
@@ -225,48 +219,3 @@ class SequenceKernelConfig:
         if DHQK <= 256:
             return cls(block_dhv=min(DHV, 128), chunk_size=64, num_warps=8, num_stages=2)
         return cls(block_dhv=min(DHV, 64), chunk_size=32, num_warps=8, num_stages=1)
-
-
-@dataclass(frozen=True)
-class DecodeMatmulConfig:
-    """Tiling of the decode-step matrix product (``xlstm_jax.kernels.decode_matmul``).
-
-    The grid is one program per ``block_n`` columns; each walks all rows of its weight columns ``block_k`` at
-    a time. Loads can overlap through Triton's software pipelining (``num_stages``; no effect measured on
-    the dot path) or tiles requested ahead by hand (``prefetch``).
-
-    Attributes:
-        block_n: Weight columns per program (at least 16, the matrix-unit tile width).
-        block_k: Weight rows per loop iteration (at least 16).
-        num_warps: Triton warps per program.
-        num_stages: Triton software-pipelining stages.
-        prefetch: Weight tiles requested ahead by hand (0: loads issued in the loop iteration that uses them).
-        fma: For a single row (M = 1), elementwise float32 multiply-adds instead of a matrix-unit product.
-    """
-
-    block_n: int = 64
-    block_k: int = 128
-    num_warps: int = 4
-    num_stages: int = 4
-    prefetch: int = 0
-    fma: bool = False
-
-    def __post_init__(self) -> None:
-        for name in ("block_n", "block_k"):
-            value = getattr(self, name)
-            if not (isinstance(value, int) and _is_pow2(value) and value >= 16):
-                raise ValueError(f"{name}={value!r} must be a power of two of at least 16")
-        _check_launch(self.num_warps, self.num_stages)
-        if not (isinstance(self.prefetch, int) and self.prefetch >= 0):
-            raise ValueError(f"prefetch={self.prefetch!r} must be a non-negative integer")
-        if not isinstance(self.fma, bool):
-            raise ValueError(f"fma={self.fma!r} must be a bool")
-
-    def blocks(self, K: int, N: int) -> tuple[int, int]:
-        """``(block_n, block_k)`` for a (K, N) weight: the configured sizes capped at the largest powers of two
-        within the weight's (Triton tiles are powers of two), block_k halved (down to 16) until it divides K
-        (xLSTM-7B's FFN width 10944 is 64 x 171). Whether they divide the weight: ``decode_matmul_fits``."""
-        block_k = min(self.block_k, _pow2_floor(K))
-        while K % block_k and block_k > 16:
-            block_k //= 2
-        return min(self.block_n, _pow2_floor(N)), block_k

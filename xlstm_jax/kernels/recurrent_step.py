@@ -39,7 +39,7 @@ from jax.experimental.pallas import triton as pl_triton
 
 from xlstm_jax.kernels.config import StepKernelConfig, check_head_dims, check_kernel_dtypes, kernel_mode
 from xlstm_jax.mlstm.checks import check_eps, check_stacked_states, check_step_inputs
-from xlstm_jax.mlstm.recurrent import recurrent_step_fw, recurrent_step_stacked_fw, split_qkv
+from xlstm_jax.mlstm.recurrent import recurrent_step_fw, recurrent_step_stacked_fw, split_gates, split_qkv
 from xlstm_jax.mlstm.stabilizer import normalize_readout, step_gates
 
 __all__ = ["recurrent_step_pallas", "recurrent_step_pallas_stacked"]
@@ -144,6 +144,78 @@ def _step_kernel(
             qn_ref[0] = qn
 
 
+def _head_out_kernel(*refs, combine: bool, eps: float, norm_eps: float):
+    """One head of the layer's read-out: h from the step's partial sums (or h itself), per-head LayerNorm,
+    times the weight, times sigmoid(o) (the roundings of ``xlstm_jax.mlstm.head_norm.head_norm_gate``); and
+    the head's new n and m copied into the layer's slice of the stacks (in place)."""
+    refs = list(refs)
+    num_ref, qn_ref = (refs.pop(0), refs.pop(0)) if combine else (None, None)
+    h_ref = None if combine else refs.pop(0)
+    m_ref, n_ref, o_ref, w_ref, _, _, y_ref, n_out_ref, m_out_ref = refs
+    f32, dtype = jnp.float32, y_ref.dtype
+    n_out_ref[...] = n_ref[...]  # the step kernel wrote n' and m' to fresh buffers; no one reads the stacks now
+    m_out_ref[...] = m_ref[...]
+    # h's normaliser (a positive scalar per head) cancels in the LayerNorm up to its eps; it is still applied,
+    # so that the function is the unfused model's, whatever its eps.
+    if combine:  # the exact combination of the DHQK splits, as _step_call's epilogue
+        h = normalize_readout(jnp.sum(num_ref[...], axis=0), jnp.sum(qn_ref[...]), m_ref[0], eps).astype(dtype)
+    else:
+        h = h_ref[...]
+    y = h.astype(f32)
+    y = y - jnp.mean(y)
+    y = (y * jax.lax.rsqrt(jnp.mean(jnp.square(y)) + norm_eps)).astype(dtype)
+    y = (y.astype(f32) * w_ref[...].astype(dtype).astype(f32)).astype(dtype)
+    gate = jax.nn.sigmoid(o_ref[...].astype(f32)).astype(dtype)
+    y_ref[...] = (gate.astype(f32) * y.astype(f32)).astype(dtype)
+
+
+def _head_out_call(h, qn, m_new, n_new, n, m, layer, qkv, weight, *, NH, o_offset, eps, norm_eps, interpret):
+    """The layer's output (B, NH·DHV) in qkv's dtype from the step's read-out: ``h`` (BH, DHV), or with ``qn``
+    the partial numerators (BH, P, DHV) and q̂·n' (BH, P) of P DHQK splits. Grid: one program per head. o is
+    read in place from ``qkv`` (B, W) at columns ``o_offset + h·DHV`` (a multiple of DHV). The step's new
+    ``n_new`` (BH, DHQK) and ``m_new`` (BH, 1) are also written into slice ``layer`` of the stacks n (L, BH,
+    DHQK) and m (L, BH, 1), in place: one program per head owns its slice, and the step that read the stacks
+    has finished, so there is no race (unlike inside the step kernel), and no copy kernels after it.
+
+    Returns:
+        ``(y, n', m')``: y (B, NH·DHV) and the stacks.
+    """
+    BH, DHV, DHQK = h.shape[0], h.shape[-1], n.shape[-1]
+    B = BH // NH
+    if qn is None:
+        inputs, in_specs = [h], [pl.BlockSpec((None, DHV), lambda bh: (bh, 0))]
+    else:
+        P = h.shape[1]
+        inputs = [h, qn]
+        in_specs = [pl.BlockSpec((None, P, DHV), lambda bh: (bh, 0, 0)), pl.BlockSpec((None, P), lambda bh: (bh, 0))]
+    n_spec = pl.BlockSpec((None, None, DHQK), lambda bh: (layer, bh, 0))
+    m_spec = pl.BlockSpec((None, None, 1), lambda bh: (layer, bh, 0))
+    inputs += [m_new, n_new, qkv, weight, n, m]
+    in_specs += [
+        pl.BlockSpec((None, 1), lambda bh: (bh, 0)),
+        pl.BlockSpec((None, DHQK), lambda bh: (bh, 0)),
+        pl.BlockSpec((None, DHV), lambda bh: (bh // NH, o_offset // DHV + bh % NH)),
+        pl.BlockSpec((DHV,), lambda bh: (bh % NH,)),
+        n_spec,
+        m_spec,
+    ]
+    return pl.pallas_call(
+        functools.partial(_head_out_kernel, combine=qn is not None, eps=eps, norm_eps=norm_eps),
+        out_shape=[
+            jax.ShapeDtypeStruct((B, NH * DHV), qkv.dtype),
+            jax.ShapeDtypeStruct(n.shape, n.dtype),
+            jax.ShapeDtypeStruct(m.shape, m.dtype),
+        ],
+        grid=(BH,),
+        in_specs=in_specs,
+        out_specs=[pl.BlockSpec((None, DHV), lambda bh: (bh // NH, bh % NH)), n_spec, m_spec],
+        input_output_aliases={len(inputs) - 2: 1, len(inputs) - 1: 2},
+        compiler_params=pl_triton.CompilerParams(num_warps=4, num_stages=1),
+        interpret=interpret,
+        name="mlstm_head_out",
+    )(*inputs)
+
+
 # ---------------------------------------------------------------------------------------------------------
 # pallas_call wrapper: grid, BlockSpecs, aliasing.
 # ---------------------------------------------------------------------------------------------------------
@@ -154,7 +226,22 @@ def _fused_blocks_fit(fused: tuple, rows: int, block_dhv: int) -> bool:
 
 
 def _step_call(
-    c, n, m, layer, q, k, v, i, f, *, eps: float, config: StepKernelConfig, interpret: bool, fused: tuple | None = None
+    c,
+    n,
+    m,
+    layer,
+    q,
+    k,
+    v,
+    i,
+    f,
+    *,
+    eps: float,
+    config: StepKernelConfig,
+    interpret: bool,
+    fused: tuple | None = None,
+    fused_gates: int | None = None,
+    head_out: tuple | None = None,
 ):
     """Runs the kernel on layer ``layer`` of stacked, flattened states: c (L, BH, DHQK, DHV), n (L, BH, DHQK),
     m (L, BH, 1); and on q/k (BH, DHQK), v (BH, DHV), i/f (BH, 1).
@@ -162,7 +249,12 @@ def _step_call(
     With ``fused = (NH, q_offset, k_offset, v_offset)``, q, k and v are one array, a model's fused projection
     (B, W): head h of batch element b reads its q at columns ``q_offset + h·DHQK`` onwards, and so on. The
     kernel then reads them in place, where slicing them out first would cost a copy kernel each. The offsets
-    must be multiples of the blocks that read them (:func:`_fused_blocks_fit`).
+    must be multiples of the blocks that read them (:func:`_fused_blocks_fit`). With ``fused_gates = NH``, i and
+    f are one array (B·2·NH, 1), a model's gate projection (B, 2·NH) flattened: batch element b's i gates
+    first, then its f gates; the kernel reads both in place. With ``head_out = (qkv, weight, norm_eps, NH,
+    o_offset)`` the returned "h" is the layer's read-out (B, NH·DHV) of :func:`_head_out_call`, computed by a
+    second kernel from the partial sums (instead of the XLA epilogue below), and n', m' are the whole stacks
+    with the layer's slice updated (by that kernel).
 
     c is updated in place (aliased): a program prefetches only rows it has not yet written, and the update is
     elementwise on one tile, so loads and stores share its layout (no other program touches the tile; on the
@@ -201,6 +293,11 @@ def _step_call(
     head_spec = pl.BlockSpec((None, 1), idx(lambda bh, vb, ks: (bh, 0)))
     q_spec = k_spec = rows_spec
     v_spec = cols_spec
+    i_spec = f_spec = head_spec
+    if fused_gates is not None:
+        G = fused_gates  # head bh = b·NH + h reads row 2·NH·b + h (i) and 2·NH·b + NH + h (f)
+        i_spec = pl.BlockSpec((None, 1), idx(lambda bh, vb, ks: (bh + (bh // G) * G, 0)))
+        f_spec = pl.BlockSpec((None, 1), idx(lambda bh, vb, ks: (bh + (bh // G) * G + G, 0)))
     if fused is not None:
         NH, q_off, k_off, v_off = fused
         if not _fused_blocks_fit(fused, rows, block_dhv):
@@ -249,7 +346,7 @@ def _step_call(
         kernel,
         out_shape=out_shape,
         grid=grid,
-        in_specs=[tile, n_spec, m_spec, q_spec, k_spec, v_spec, head_spec, head_spec],
+        in_specs=[tile, n_spec, m_spec, q_spec, k_spec, v_spec, i_spec, f_spec],
         out_specs=out_specs,
         input_output_aliases={0: 0},
         compiler_params=pl_triton.CompilerParams(num_warps=config.num_warps, num_stages=config.num_stages),
@@ -257,6 +354,12 @@ def _step_call(
         name="mlstm_recurrent_step",
     )(c, n, m, q, k, v, i, f)
     c_new, n_new, m_new = outs[:3]
+    if head_out is not None:  # n' and m' go into the stacks (returned in place of the layer's n' and m')
+        qkv, weight, norm_eps, NH, o_offset = head_out
+        qn = None if splits == 1 else outs[4]
+        kw = {"NH": NH, "o_offset": o_offset, "eps": eps, "norm_eps": norm_eps, "interpret": interpret}
+        y, n_stack, m_stack = _head_out_call(outs[3], qn, m_new, n_new, n, m, layer, qkv, weight, **kw)
+        return y, c_new, n_stack, m_stack
     if splits == 1:
         return outs[3], c_new, n_new, m_new
     num, qn = outs[3].sum(axis=1), outs[4].sum(axis=1)  # exact combination of the DHQK splits
@@ -362,12 +465,13 @@ def recurrent_step_pallas_stacked(
     m: jax.Array,  # (L, B, NH) float32
     layer: int,
     qkv: jax.Array,  # (B, W): columns [q (NH·DHQK) | k (NH·DHQK) | v (NH·DHV) | any others]
-    i: jax.Array,  # (B, NH, 1) or (B, NH)
-    f: jax.Array,  # (B, NH, 1) or (B, NH)
+    i: jax.Array,  # (B, NH, 1) or (B, NH); with f None: (B, 2 NH)
+    f: jax.Array | None,  # (B, NH, 1) or (B, NH)
     eps: float = 1e-6,
     *,
     config: StepKernelConfig | None = None,
     interpret: bool | None = None,
+    head_norm: tuple[jax.Array, float] | None = None,
 ) -> tuple[jax.Array, tuple[jax.Array, jax.Array, jax.Array]]:
     """The step of :func:`recurrent_step_pallas` as a model's decode step: on layer ``layer`` of states stacked
     over L layers, with q, k, v read from the layer's fused input projection.
@@ -386,10 +490,16 @@ def recurrent_step_pallas_stacked(
         qkv: The fused projection (B, W), W >= NH·(2·DHQK + DHV): q, k, v of all heads side by side (head
             h's q at columns ``h·DHQK`` onwards, k after all of q, v after all of k); further columns (such as
             an output gate) are ignored. h is returned in its dtype.
-        i, f, eps, config, interpret: As for :func:`recurrent_step_pallas`.
+        i, f, eps, config, interpret: As for :func:`recurrent_step_pallas`; or ``f=None`` and ``i`` both gates
+            side by side (B, 2·NH), i then f (the layer's gate projection), which the kernel reads in place.
+        head_norm: ``(weight (NH·DHV,), eps)``: return the mLSTM layer's read-out ``sigmoid(o) *
+            (LayerNorm_head(h) * weight)`` (B, NH·DHV) in qkv's dtype in place of h, o being the NH·DHV columns
+            of qkv after v (``xlstm_jax.mlstm.head_norm.head_norm_gate``). A second kernel computes it from the
+            step's partial sums, one program per head, instead of XLA's epilogue, norm and gating kernels.
 
     Returns:
-        ``h (B, NH, DHV)`` and the stacks ``(c', n', m')`` with layer ``layer`` stepped, the others unchanged.
+        ``h (B, NH, DHV)`` (with ``head_norm`` the read-out (B, NH·DHV)) and the stacks ``(c', n', m')`` with
+        layer ``layer`` stepped, the others unchanged.
 
     Raises:
         ValueError: a shape does not match or layer is out of range; as :func:`recurrent_step_pallas`.
@@ -400,13 +510,17 @@ def recurrent_step_pallas_stacked(
         raise TypeError(f"layer must be a Python int (it is compiled into the kernel), got {layer!r}")
     check_stacked_states(c, n, m, layer)
     L, B, NH, DHQK, DHV = c.shape
-    q, k, v = split_qkv(qkv, NH, DHQK, DHV)  # checks qkv; free under jit where the kernel reads qkv in place
+    q, k, v = split_qkv(qkv, NH, DHQK, DHV, head_norm is not None)  # checks qkv (and o); free under jit
+    gates = None
+    if f is None:  # both gates in one array: split for the checks and the fallback; the kernel reads it in place
+        gates = i
+        i, f = split_gates(gates, B, NH)
     layer_states = (jax.ShapeDtypeStruct(c.shape[1:], c.dtype), jax.ShapeDtypeStruct(n.shape[1:], n.dtype))
     m_layer = jax.ShapeDtypeStruct((*m.shape[1:], 1), m.dtype)
     i, f = check_step_inputs(*layer_states, m_layer, q, k, v, i, f)
     mode, config = _check_kernel_call(c, q, k, v, i, f, eps, config, interpret)
     if mode == "xla":
-        return recurrent_step_stacked_fw(c, n, m, layer, qkv, i, f, eps=eps)
+        return recurrent_step_stacked_fw(c, n, m, layer, qkv, i, f, eps=eps, head_norm=head_norm)
     BH = B * NH
     block_dhv, splits, _ = config.splits(BH, DHQK, DHV)
     rows = DHQK // splits
@@ -424,13 +538,29 @@ def recurrent_step_pallas_stacked(
         q_in,
         k_in,
         v_in,
-        i.reshape(BH, 1),
-        f.reshape(BH, 1),
+        *((i.reshape(BH, 1), f.reshape(BH, 1)) if gates is None else (gates.reshape(2 * BH, 1),) * 2),
         eps=float(eps),
         config=config,
         interpret=mode == "interpret",
         fused=fused,
+        fused_gates=None if gates is None else NH,
+        head_out=None if head_norm is None else _head_out_args(qkv, head_norm, NH, DHQK, DHV),
     )
+    if head_norm is not None:  # the head_norm kernel wrote n' and m' into the stacks
+        return h, (c_new.reshape(c.shape), n_new.reshape(n.shape), m_new.reshape(m.shape))
     n_new = n.at[layer].set(n_new.reshape(B, NH, DHQK))
     m_new = m.at[layer].set(m_new.reshape(B, NH))
     return h.reshape(B, NH, DHV), (c_new.reshape(c.shape), n_new, m_new)
+
+
+def _head_out_args(qkv, head_norm, NH, DHQK, DHV) -> tuple:
+    """``_step_call``'s head_out: o read in place from qkv when its offset is a multiple of DHV, else sliced."""
+    weight, norm_eps = head_norm
+    if isinstance(norm_eps, jax.core.Tracer):
+        raise TypeError("head_norm's eps must be a Python number (it is compiled into the kernel), got a tracer")
+    if weight.shape != (NH * DHV,):
+        raise ValueError(f"head_norm weight.shape={tuple(weight.shape)} must be (NH·DHV,)=({NH * DHV},)")
+    offset = NH * (2 * DHQK + DHV)
+    if offset % DHV:
+        qkv, offset = qkv[:, offset : offset + NH * DHV], 0
+    return qkv, weight, float(norm_eps), NH, offset

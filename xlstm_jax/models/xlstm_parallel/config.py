@@ -16,8 +16,6 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 
-from xlstm_jax.kernels.config import DecodeMatmulConfig
-from xlstm_jax.kernels.decode_matmul import decode_matmul_fits
 from xlstm_jax.mlstm.checks import check_eps, resolve_state_dtype
 
 __all__ = ["DEFAULT_PREFILL_BACKEND", "DEFAULT_STEP_BACKEND", "xLSTMLMConfig"]
@@ -70,12 +68,10 @@ class xLSTMLMConfig:
         step_backend: Name of the one-token decode step (``layer.STEP_FUNCTIONS``).
         scan_blocks: Run the blocks under ``nn.scan`` (parameters stacked on a leading axis of size L),
             which keeps compile time flat in depth.
-        decode_fused: When decoding (at most 16 tokens per call), compute the two pre-norm products of each
-            block with ``xlstm_jax.kernels.decode_matmul_pallas``: RMSNorm -> qkvo with the gate product, and
-            RMSNorm -> gate+up -> silu·up, one kernel each (XLA computes the same function without a GPU).
-            Experimental and off by default: on the H200 that kernel has so far been slower than XLA's
-            products (``docs/design.md``). It needs 2 * num_heads to be a power of two, widths the kernel's
-            default tiling divides, and ``norm_reduction_force_float32``.
+        decode_fused: When decoding, run each residual add with the RMSNorm after it, and the first with the
+            mLSTM gate product (float32, bias, soft cap), as one Pallas kernel (``add_rms_norm_pallas``): three
+            kernels instead of about nine per block (the same function; XLA computes it without a GPU). Needs
+            ``norm_reduction_force_float32`` (the kernel's statistics are float32).
         context_length: Model context length handed to the backends (-1: unbounded).
     """
 
@@ -131,8 +127,10 @@ class xLSTMLMConfig:
             if not (isinstance(value, int | float) and math.isfinite(value) and value > 0):
                 raise ValueError(f"{name} must be a positive finite number, got {name}={value!r}")
         check_eps(self.eps)
-        if self.decode_fused:
-            self._check_decode_fused()
+        if self.decode_fused and not self.norm_reduction_force_float32:
+            raise ValueError(
+                "decode_fused computes the RMSNorm statistics in float32: it needs norm_reduction_force_float32=True"
+            )
         for name in ("dtype", "param_dtype", "state_dtype"):
             resolve_state_dtype(getattr(self, name))  # raises ValueError unless a floating dtype name
         if not isinstance(self.prefill_backend_kwargs, tuple) or not all(
@@ -141,26 +139,6 @@ class xLSTMLMConfig:
             raise TypeError(
                 "prefill_backend_kwargs must be a tuple of (name, value) pairs (hashable), got "
                 f"{self.prefill_backend_kwargs!r}"
-            )
-
-    def _check_decode_fused(self) -> None:
-        """Raises ``ValueError`` unless ``decode_matmul_pallas`` computes this model's norms and its default
-        tiling fits this model's products."""
-        if not self.norm_reduction_force_float32:
-            raise ValueError(
-                "decode_fused computes the RMSNorm statistics in float32: it needs norm_reduction_force_float32=True"
-            )
-        if (2 * self.num_heads) & (2 * self.num_heads - 1):
-            raise ValueError(
-                f"decode_fused needs 2 * num_heads to be a power of two (the gate columns of one kernel), got "
-                f"num_heads={self.num_heads}"
-            )
-        D, W, F = self.embedding_dim, 2 * self.qk_dim + 2 * self.v_dim, self.ffn_dim
-        config = DecodeMatmulConfig()
-        if not (decode_matmul_fits(D, W, config) and decode_matmul_fits(D, 2 * F, config, glu=True)):
-            raise ValueError(
-                f"decode_fused needs the qkvo width {W} and the FFN width {F} to be multiples of "
-                f"{config.block_n} and embedding_dim={D} of 16 ({config})"
             )
 
     # Derived sizes. transformers' layer uses int(D * factor) for the projection widths.

@@ -36,7 +36,7 @@ import jax.numpy as jnp
 
 from xlstm_jax.models.xlstm_parallel.blocks.feedforward import FeedForward
 from xlstm_jax.models.xlstm_parallel.blocks.mlstm.layer import LayerStates, mLSTMLayer, soft_cap
-from xlstm_jax.models.xlstm_parallel.blocks.norm import RMSNorm
+from xlstm_jax.models.xlstm_parallel.blocks.norm import RMSNorm, add_rms_norm
 from xlstm_jax.models.xlstm_parallel.config import xLSTMLMConfig
 
 __all__ = ["ModelStates", "xLSTMBlock", "xLSTMLMModel"]
@@ -78,10 +78,10 @@ class xLSTMBlock(nn.Module):
     @nn.compact
     def __call__(
         self,
-        x: jax.Array,  # (B, S, D)
+        x: jax.Array | tuple[jax.Array, jax.Array | None],  # (B, S, D); decode_fused: (stream, pending addend)
         state: LayerStates,  # this block's (c, n, m), or every block's stacked (with layer_index)
         valid: jax.Array | None,  # (B, S) bool or None
-    ) -> tuple[jax.Array, LayerStates]:
+    ) -> tuple[jax.Array | tuple[jax.Array, jax.Array], LayerStates]:
         cfg = self.config
 
         def norm(name: str) -> RMSNorm:
@@ -90,11 +90,15 @@ class xLSTMBlock(nn.Module):
         layer = mLSTMLayer(cfg, self.decode, self.layer_index, name="mlstm_layer")
         ffn = FeedForward(cfg, name="ffn")
         norm_mlstm, norm_ffn = norm("norm_mlstm"), norm("norm_ffn")
-        if self.decode and cfg.decode_fused and x.shape[0] * x.shape[1] <= 16:
-            # The layer and the FFN normalise x inside their first product's kernel (decode_matmul_pallas).
-            y, state = layer(x, state, valid, norm=norm_mlstm)
-            x = x + y
-            return x + ffn(x, norm=norm_ffn), state
+        if self.decode and cfg.decode_fused:
+            # x is (stream, pending): the residual stream before its last add and that addend (None: none).
+            # Each add runs in the kernel of the norm after it (add_rms_norm): the layer's, with the gates, and
+            # the FFN's; this block's last add is left pending for the next block's (or the output norm's).
+            x, pending = x
+            residuals = () if pending is None else (pending,)
+            y, state = layer(x, state, valid, norm=norm_mlstm, residuals=residuals)
+            x, h, _ = add_rms_norm(norm_ffn, x, (*residuals, y))
+            return (x, ffn(h)), state
         y, state = layer(norm_mlstm(x), state, valid)
         x = x + y
         return x + ffn(norm_ffn(x)), state
@@ -175,6 +179,9 @@ class xLSTMLMModel(nn.Module):
             name="embedding",
         )
         x = embed(input_ids)  # (B, S, D)
+        fused = decode and cfg.decode_fused
+        if fused:  # the blocks carry (stream, pending addend): see xLSTMBlock (nn.scan needs an array to start)
+            x = (x, jnp.zeros_like(x) if cfg.scan_blocks else None)
 
         if cfg.scan_blocks:
             # The block's (x, state, valid) signature is nn.scan's (carry, xs, broadcast).
@@ -192,9 +199,10 @@ class xLSTMLMModel(nn.Module):
                 # rejects the body when the Pallas decode step is compiled in it. Say what to do instead.
                 if decode and "broadcasted variable" in str(e):
                     raise ValueError(
-                        f"the decode step {cfg.step_backend!r} failed under nn.scan over the blocks ({e}); decode "
-                        "with unrolled blocks instead (scan_blocks=False: the stacked step, which also updates each "
-                        "layer's states in place) or with step_backend='recurrent'"
+                        f"a Pallas kernel of the decode path (step {cfg.step_backend!r}, decode_fused="
+                        f"{cfg.decode_fused}) failed under nn.scan over the blocks ({e}); decode with unrolled "
+                        "blocks instead (scan_blocks=False: the stacked step, which also updates each layer's "
+                        "states in place) or with step_backend='recurrent' and decode_fused=False"
                     ) from e
                 raise
             new_states = ModelStates(*new_states)
@@ -209,9 +217,14 @@ class xLSTMLMModel(nn.Module):
                 x, new_states = block(x, new_states, valid)
             new_states = ModelStates(*new_states)
 
+        out_norm = RMSNorm(cfg.norm_eps, cfg.norm_reduction_force_float32, cfg.jnp_param_dtype, name="out_norm")
+        residuals = ()
+        if fused:
+            x, pending = x
+            residuals = () if pending is None else (pending,)
         if last_only:
-            x = x[:, -1:]
-        x = RMSNorm(cfg.norm_eps, cfg.norm_reduction_force_float32, cfg.jnp_param_dtype, name="out_norm")(x)
+            x, residuals = x[:, -1:], tuple(r[:, -1:] for r in residuals)
+        x = add_rms_norm(out_norm, x, residuals)[1] if fused else out_norm(x)
         if cfg.tie_word_embeddings:
             # embed.attend, with the model's matmul precision (attend has no precision argument)
             weight = embed.embedding.astype(cfg.compute_dtype)

@@ -12,7 +12,6 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from xlstm_jax.kernels import decode_matmul_pallas
 from xlstm_jax.models.xlstm_parallel.blocks.dense import Dense
 from xlstm_jax.models.xlstm_parallel.config import xLSTMLMConfig
 
@@ -32,26 +31,12 @@ class FeedForward(nn.Module):
     config: xLSTMLMConfig
 
     @nn.compact
-    def __call__(self, x: jax.Array, norm: nn.Module | None = None) -> jax.Array:  # (B, S, D) -> (B, S, D)
-        """The FFN of x; with ``norm`` (the block's ``RMSNorm``), of ``norm(x)`` computed inside the fused
-        decode kernel: RMSNorm, gate+up and silu·up in one ``decode_matmul_pallas`` call (at most 16 rows)."""
+    def __call__(self, x: jax.Array) -> jax.Array:  # (B, S, D) -> (B, S, D)
         cfg = self.config
 
         def dense(features: int, name: str) -> Dense:
             return Dense(features, cfg.compute_dtype, cfg.jnp_param_dtype, cfg.matmul_precision, name=name)
 
-        gate_up = dense(2 * cfg.ffn_dim, "proj_gate_up")
-        if norm is None:
-            gate, up = jnp.split(gate_up(x), 2, axis=-1)  # (B, S, ffn_dim) each
-            hidden = nn.silu(gate) * up
-        else:
-            B, S, D = x.shape
-            x = x.astype(cfg.compute_dtype)
-            hidden = decode_matmul_pallas(
-                x.reshape(B * S, D),
-                gate_up(x, multiply=False).astype(cfg.compute_dtype),
-                norm_weight=norm(x, normalize=False),
-                norm_eps=cfg.norm_eps,
-                glu=True,
-            ).reshape(B, S, cfg.ffn_dim)
+        gate, up = jnp.split(dense(2 * cfg.ffn_dim, "proj_gate_up")(x), 2, axis=-1)  # (B, S, ffn_dim) each
+        hidden = nn.silu(gate) * up
         return dense(cfg.embedding_dim, "proj_down")(hidden)

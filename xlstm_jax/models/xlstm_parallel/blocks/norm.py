@@ -11,7 +11,10 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-__all__ = ["MultiHeadLayerNorm", "RMSNorm"]
+from xlstm_jax.kernels.add_rms_norm import add_rms_norm_pallas, rms_norm
+from xlstm_jax.mlstm.head_norm import multihead_layer_norm
+
+__all__ = ["MultiHeadLayerNorm", "RMSNorm", "add_rms_norm"]
 
 
 class RMSNorm(nn.Module):
@@ -30,13 +33,40 @@ class RMSNorm(nn.Module):
     @nn.compact
     def __call__(self, x: jax.Array, *, normalize: bool = True) -> jax.Array:  # (..., D) -> (..., D) in x's dtype
         """``RMSNorm(x)``; with ``normalize=False`` the weight (D,) instead, for a kernel that normalises x itself
-        (``decode_matmul_pallas``: the same parameter, used in the product's prologue)."""
+        (``add_rms_norm``)."""
         weight = self.param("weight", nn.initializers.ones, (x.shape[-1],), self.param_dtype)
         if not normalize:
             return weight
-        y = x.astype(jnp.float32) if self.force_float32_reductions else x
-        y = y * jax.lax.rsqrt(jnp.mean(jnp.square(y), axis=-1, keepdims=True) + self.eps)
-        return y.astype(x.dtype) * weight.astype(x.dtype)
+        return rms_norm(x, weight, self.eps, self.force_float32_reductions)
+
+
+def add_rms_norm(
+    norm: RMSNorm, x: jax.Array, residuals: tuple[jax.Array, ...] = (), *, return_sum: bool = True, **side
+) -> tuple[jax.Array | None, jax.Array, jax.Array | None]:
+    """``s = x + residuals`` (rounded after each add), ``norm(s)`` and optionally the gate product of ``norm(s)``
+    in one kernel (``xlstm_jax.kernels.add_rms_norm_pallas``: the model's decode path with ``decode_fused``).
+
+    Args:
+        norm: The ``RMSNorm`` module whose weight and eps are used; its statistics must be float32.
+        x: (..., D); residuals: each (..., D) in x's dtype.
+        return_sum: Return s (else None: it is not written).
+        side: ``side_weight`` (D, G), ``side_bias`` (G,), ``side_cap`` of ``add_rms_norm_pallas``.
+
+    Returns:
+        ``(s, norm(s), g)`` with g (..., G) float32 or None without ``side``.
+    """
+    if not norm.force_float32_reductions:
+        raise ValueError("add_rms_norm computes the RMSNorm statistics in float32: force_float32_reductions=False")
+    lead, D = x.shape[:-1], x.shape[-1]
+    s, y, g = add_rms_norm_pallas(
+        x.reshape(-1, D),
+        norm(x, normalize=False),
+        [r.reshape(-1, D) for r in residuals],
+        eps=norm.eps,
+        return_sum=return_sum,
+        **side,
+    )
+    return tuple(None if t is None else t.reshape(*lead, t.shape[-1]) for t in (s, y, g))
 
 
 class MultiHeadLayerNorm(nn.Module):
@@ -53,10 +83,11 @@ class MultiHeadLayerNorm(nn.Module):
     param_dtype: jnp.dtype = jnp.float32
 
     @nn.compact
-    def __call__(self, x: jax.Array) -> jax.Array:  # (B, S, NH, DH) -> (B, S, NH * DH) in x's dtype
-        B, S, NH, DH = x.shape
+    def __call__(self, x: jax.Array, *, normalize: bool = True) -> jax.Array:  # (B, S, NH, DH) -> (B, S, NH * DH)
+        """The norm of x in x's dtype; with ``normalize=False`` the weight (NH * DH,) instead (x may then be any
+        object with x's shape), for a kernel that normalises itself."""
+        NH, DH = x.shape[-2:]
         weight = self.param("weight", nn.initializers.ones, (NH * DH,), self.param_dtype)
-        y = x.astype(jnp.float32) if self.force_float32_reductions else x
-        y = y - jnp.mean(y, axis=-1, keepdims=True)
-        y = y * jax.lax.rsqrt(jnp.mean(jnp.square(y), axis=-1, keepdims=True) + self.eps)
-        return y.astype(x.dtype).reshape(B, S, NH * DH) * weight.astype(x.dtype)
+        if not normalize:
+            return weight
+        return multihead_layer_norm(x, weight, self.eps, self.force_float32_reductions)

@@ -46,11 +46,10 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from xlstm_jax.kernels import decode_matmul_pallas
 from xlstm_jax.models.xlstm_parallel.blocks.dense import Dense, project
 from xlstm_jax.models.xlstm_parallel.blocks.mlstm.backend import BACKENDS, create_mlstm_backend
 from xlstm_jax.models.xlstm_parallel.blocks.mlstm.backend.config import mLSTMBackend
-from xlstm_jax.models.xlstm_parallel.blocks.norm import MultiHeadLayerNorm
+from xlstm_jax.models.xlstm_parallel.blocks.norm import MultiHeadLayerNorm, RMSNorm, add_rms_norm
 from xlstm_jax.models.xlstm_parallel.config import xLSTMLMConfig
 
 __all__ = [
@@ -69,7 +68,7 @@ LayerStates = tuple[jax.Array, jax.Array, jax.Array]  # c (B, NH, DHQK, DHV), n 
 # ``recurrent_step_fw`` ``(c, n, m, q, k, v, i, f, eps) -> (h, (c', n', m'))`` (m and the gates (B, NH, 1)),
 # and the model's decode step on states stacked over the layers, with the signature of
 # ``recurrent_step_stacked_fw`` ``(c, n, m, layer, qkv, i, f, eps) -> (h, (c', n', m'))`` (m (L, B, NH), qkv
-# the layer's fused projection (B, W) with q, k, v first).
+# the layer's fused projection (B, W) with q, k, v first; the model passes f=None and i both gates (B, 2 NH)).
 # The input gate pre-activation of a padded position (see the module docstring); the forget gate's is +inf.
 PAD_IGATE = -float("inf")
 
@@ -159,12 +158,14 @@ class mLSTMLayer(nn.Module):
         x: jax.Array,  # (B, S, D)
         state: LayerStates,  # c (B, NH, DHQK, DHV), n (B, NH, DHQK), m (B, NH) in config.state_dtype (or stacked)
         valid: jax.Array | None = None,  # (B, S) bool: False marks padding (an exact no-op step)
-        norm: nn.Module | None = None,
+        norm: RMSNorm | None = None,
+        residuals: tuple[jax.Array, ...] = (),  # each (B, S, D)
     ) -> tuple[jax.Array, LayerStates]:
         """Returns ``y (B, S, D)`` in ``config.dtype`` and the states after the last position (stacked as given).
 
-        With ``norm`` (the block's ``RMSNorm``; decoding, at most 16 rows) x is the block's input: the norm, the
-        qkvo product and the gate product with its soft cap run in one ``decode_matmul_pallas`` call.
+        With ``norm`` (the block's ``RMSNorm``; ``config.decode_fused``), the layer's input is
+        ``norm(x + residuals)``: the adds, the norm and the gate product with its soft cap run in one
+        ``add_rms_norm_pallas`` call.
         """
         cfg = self.config
         B, S, _ = x.shape
@@ -177,30 +178,33 @@ class mLSTMLayer(nn.Module):
         if_bias = self.param("if_bias", nn.initializers.zeros, (2 * NH,), cfg.jnp_param_dtype)
         x = x.astype(cfg.compute_dtype)
 
-        def product(kernel: jax.Array, dtype: Any) -> jax.Array:  # (B, S, D) x (D, F) -> (B, S, F)
+        def product(x: jax.Array, kernel: jax.Array, dtype: Any) -> jax.Array:  # (B, S, D) x (D, F) -> (B, S, F)
             precision = jax.lax.Precision.HIGHEST if jnp.dtype(dtype).itemsize >= 4 else None  # no TF32
             return project(x, kernel, dtype, precision)
 
         if norm is None:
-            qkvo = product(qkvo_kernel, cfg.compute_dtype)  # (B, S, 2 QK + 2 V)
-            gates = product(if_kernel, jnp.float32) + if_bias.astype(jnp.float32)  # (B, S, 2 NH), float32 operands
+            gates = product(x, if_kernel, jnp.float32) + if_bias.astype(jnp.float32)  # (B, S, 2 NH), float32 operands
             gates = soft_cap(gates, cfg.gate_soft_cap)
-        else:  # the same function in one kernel: RMSNorm prologue, float32 gate columns on a side program
-            qkvo, gates = decode_matmul_pallas(
-                x.reshape(B * S, D),
-                qkvo_kernel.astype(cfg.compute_dtype),
-                norm_weight=norm(x, normalize=False),
-                norm_eps=cfg.norm_eps,
-                side_weight=if_kernel,
-                side_bias=if_bias,
-                side_cap=cfg.gate_soft_cap,
-            )
-            qkvo, gates = qkvo.reshape(B, S, -1), gates.reshape(B, S, -1)
+        else:  # the same function: the adds, the norm and the gates in one kernel
+            side = {"side_weight": if_kernel, "side_bias": if_bias, "side_cap": cfg.gate_soft_cap}
+            _, x, gates = add_rms_norm(norm, x, residuals, return_sum=False, **side)
+        qkvo = product(x, qkvo_kernel, cfg.compute_dtype)  # (B, S, 2 QK + 2 V)
         q, k, v, o = jnp.split(qkvo, [QK, 2 * QK, 2 * QK + V], axis=-1)
-        i, f = gates[..., :NH], gates[..., NH:]  # (B, S, NH) each
         if valid is not None:
-            i = jnp.where(valid[..., None], i, PAD_IGATE)
-            f = jnp.where(valid[..., None], f, jnp.inf)
+            pad = jnp.repeat(jnp.array([PAD_IGATE, jnp.inf], jnp.float32), NH)  # i, then f (the module docstring)
+            gates = jnp.where(valid[..., None], gates, pad)
+        i, f = gates[..., :NH], gates[..., NH:]  # (B, S, NH) each
+
+        head_norm_module = MultiHeadLayerNorm(
+            eps=cfg.norm_eps,
+            force_float32_reductions=cfg.norm_reduction_force_float32,
+            param_dtype=cfg.jnp_param_dtype,
+            name="multihead_norm",
+        )
+        h_shape = jax.ShapeDtypeStruct((B, S, NH, DHV), cfg.compute_dtype)
+        out_proj = Dense(
+            cfg.embedding_dim, cfg.compute_dtype, cfg.jnp_param_dtype, cfg.matmul_precision, name="out_proj"
+        )
 
         def heads(t: jax.Array, dh: int) -> jax.Array:  # (B, S, NH * dh) -> (B, NH, S, dh)
             return t.reshape(B, S, NH, dh).transpose(0, 2, 1, 3)
@@ -216,9 +220,13 @@ class mLSTMLayer(nn.Module):
                 x1 = (q[:, :, 0], k[:, :, 0], v[:, :, 0], i, f)
                 h, (c, n, m) = resolve_step_fn(cfg.step_backend)(c0, n0, m0[..., None], *x1, eps=cfg.eps)
                 m = m[..., 0]
-            else:  # the stacked step takes q, k, v in their fused projection (the Pallas kernel reads them there)
+            else:  # the stacked step takes q, k, v and the gates as projected (the Pallas kernel reads them there)
                 step = resolve_step_fn(cfg.step_backend, stacked=True)
-                h, (c, n, m) = step(*state, layer, qkvo[:, 0], i, f, eps=cfg.eps)
+                # decode_fused: the step also computes the per-head norm and the output gate (one more kernel)
+                head_norm = (head_norm_module(h_shape, normalize=False), cfg.norm_eps) if norm is not None else None
+                h, (c, n, m) = step(*state, layer, qkvo[:, 0], gates[:, 0], None, eps=cfg.eps, head_norm=head_norm)
+                if head_norm is not None:
+                    return out_proj(h[:, None]), (c, n, m)
             h = h[:, :, None]
         else:
             backend = create_prefill_backend(cfg)
@@ -227,14 +235,5 @@ class mLSTMLayer(nn.Module):
             if layer is not None:
                 c, n, m = (t.at[layer].set(u) for t, u in zip(state, (c, n, m), strict=True))
         h = h.astype(cfg.compute_dtype).transpose(0, 2, 1, 3)  # (B, S, NH, DHV)
-        h = MultiHeadLayerNorm(
-            eps=cfg.norm_eps,
-            force_float32_reductions=cfg.norm_reduction_force_float32,
-            param_dtype=cfg.jnp_param_dtype,
-            name="multihead_norm",
-        )(h)
-        out_proj = Dense(
-            cfg.embedding_dim, cfg.compute_dtype, cfg.jnp_param_dtype, cfg.matmul_precision, name="out_proj"
-        )
-        y = out_proj(nn.sigmoid(o) * h)
+        y = out_proj(nn.sigmoid(o) * head_norm_module(h))
         return y, (c, n, m)

@@ -1,0 +1,126 @@
+"""The residual add, RMSNorm and mLSTM gate product of the decode step (``add_rms_norm_pallas``) against a
+float64 computation of the same function; interpret mode on the CPU, compiled on a GPU."""
+
+from __future__ import annotations
+
+import functools
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from tests.kernels import INTERPRET, ON_GPU
+from tests.numerics import TOL, assert_close
+from xlstm_jax.kernels import add_rms_norm_pallas
+
+CAP, EPS = 15.0, 1e-6
+
+
+def _arrays(rng, M, K, G, residuals, dtype, scale=1.0):
+    def a(shape, s=1.0, dt=dtype):
+        return jnp.asarray(s * rng.standard_normal(shape), dt)
+
+    x = a((M, K), scale)
+    rs = [a((M, K), scale) for _ in range(residuals)]
+    weight = jnp.asarray(1 + 0.3 * rng.standard_normal(K), dtype)
+    # gate pre-activations up to ~±40: the soft cap (15) both near-linear and saturated
+    side = {"side_weight": a((K, G), 10 / np.sqrt(K), jnp.float32), "side_bias": a((G,), 5, jnp.float32)} if G else {}
+    return x, rs, weight, side
+
+
+def _reference(x, rs, weight, side):
+    """From the equations in float64 (the same rounded inputs, no intermediate rounding): s, y, g and the error
+    scale of g (sum_k |y_k w_kj| + |b_j|)."""
+    f = lambda t: np.asarray(t, np.float64)  # noqa: E731
+    s = f(x) + sum((f(r) for r in rs), np.zeros(x.shape))
+    y = s / np.sqrt(np.mean(s * s, axis=-1, keepdims=True) + EPS) * f(weight)
+    if not side:
+        return s, y, None, None
+    w, b = f(side["side_weight"]), f(side["side_bias"])
+    return s, y, CAP * np.tanh((y @ w + b) / CAP), np.abs(y) @ np.abs(w) + np.abs(b)
+
+
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+@pytest.mark.parametrize(
+    ("M", "K", "G", "residuals"),
+    [
+        (1, 256, 16, 1),  # the model's layer norm: one pending residual, the gates (one chunk of the row)
+        (1, 96, 0, 2),  # the FFN's norm: two residuals; 96 = 3 chunks of 32
+        (3, 4096, 5, 0),  # xLSTM-7B's width, an odd gate count, no residual (the first block)
+        (16, 160, 8, 2),  # 16 rows, 5 chunks of 32
+    ],
+)
+def test_add_rms_norm_matches_float64(M, K, G, residuals, dtype):
+    rng = np.random.default_rng(M * 1000 + K + G)
+    x, rs, weight, side = _arrays(rng, M, K, G, residuals, jnp.dtype(dtype))
+    kw = {**side, "side_cap": CAP} if side else {}
+    fn = jax.jit(functools.partial(add_rms_norm_pallas, eps=EPS, interpret=INTERPRET, **kw))
+    s, y, g = fn(x, weight, rs)
+    s_ref, y_ref, g_ref, g_scale = _reference(x, rs, weight, side)
+    tol = TOL["float32"] if dtype == "float32" else TOL["bfloat16-norm"]
+    assert s.dtype == y.dtype == x.dtype and s.shape == y.shape == x.shape
+    assert_close("s", s_ref, s, tol)
+    assert_close("y", y_ref, y, tol)
+    if G:
+        assert g.dtype == jnp.float32 and g.shape == (M, G)
+        assert_close("gates", g_ref, g, tol, scale=g_scale)
+    else:
+        assert g is None
+
+
+@pytest.mark.parametrize("scale", [1e-3, 300.0], ids=["tiny-rows", "large-rows"])
+def test_add_rms_norm_row_scale(scale):
+    """Rows far from unit size: at 1e-3 the mean square (~2e-6) is comparable to eps, which the reference
+    includes; at 300 the squares reach ~1e5."""
+    rng = np.random.default_rng(7)
+    x, rs, weight, side = _arrays(rng, 2, 128, 4, 1, jnp.dtype(jnp.float32), scale=scale)
+    s, y, g = add_rms_norm_pallas(x, weight, rs, eps=EPS, side_cap=CAP, interpret=INTERPRET, **side)
+    s_ref, y_ref, g_ref, g_scale = _reference(x, rs, weight, side)
+    assert_close("s", s_ref, s, TOL["float32"])
+    assert_close("y", y_ref, y, TOL["float32"])
+    assert_close("gates", g_ref, g, TOL["float32"], scale=g_scale)
+
+
+def test_add_rms_norm_return_sum():
+    rng = np.random.default_rng(3)
+    x, rs, weight, _ = _arrays(rng, 2, 64, 0, 1, jnp.dtype(jnp.float32))
+    s, y, g = add_rms_norm_pallas(x, weight, rs, return_sum=False, interpret=INTERPRET)
+    assert s is None and g is None
+    _, y_ref, _, _ = _reference(x, rs, weight, {})
+    assert_close("y", y_ref, y, TOL["float32"])
+    s, _, _ = add_rms_norm_pallas(x, weight, interpret=INTERPRET)  # no residuals: s is x itself
+    assert s is x
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "error", "match"),
+    [
+        ({"x": np.ones((4,), np.float32)}, ValueError, r"rows x \(M, K\)"),
+        ({"weight": np.ones((5,), np.float32)}, ValueError, r"weight.shape=\(5,\) must be \(K,\)=\(8,\)"),
+        ({"residuals": [np.ones((2, 4), np.float32)]}, ValueError, r"residuals\[0\].shape=\(2, 4\)"),
+        ({"residuals": [np.ones((2, 8), jnp.bfloat16)]}, TypeError, r"residuals\[0\].dtype=bfloat16"),
+        ({"x": np.ones((2, 8), np.int32)}, TypeError, "x.dtype=int32"),
+        ({"side_weight": np.ones((8, 3), np.float32)}, ValueError, "side_bias"),
+        ({"side_bias": np.ones((3,), np.float32)}, ValueError, "need side_weight"),
+        (
+            {"side_weight": np.ones((7, 3), np.float32), "side_bias": np.ones(3, np.float32), "side_cap": 1.0},
+            ValueError,
+            r"side_weight.shape=\(7, 3\)",
+        ),
+    ],
+)
+def test_add_rms_norm_rejects_bad_input(kwargs, error, match):
+    args = {"x": np.ones((2, 8), np.float32), "weight": np.ones((8,), np.float32), **kwargs}
+    args = {k: (jnp.asarray(v) if isinstance(v, np.ndarray) else v) for k, v in args.items()}
+    if "residuals" in args:
+        args["residuals"] = [jnp.asarray(r) for r in args["residuals"]]
+    with pytest.raises(error, match=match):
+        add_rms_norm_pallas(**args, interpret=INTERPRET)
+
+
+@pytest.mark.skipif(ON_GPU, reason="checks the behaviour without a GPU")
+def test_add_rms_norm_compiled_needs_a_gpu():
+    x = jnp.ones((1, 8), jnp.float32)
+    with pytest.raises(RuntimeError, match="GPU"):
+        add_rms_norm_pallas(x, jnp.ones((8,)), interpret=False)
