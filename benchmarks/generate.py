@@ -10,8 +10,8 @@ Measures in one run (one process, so that the ratios between variants are fair):
 - the two ceilings of the device: a large bf16 matrix product (TFLOP/s) and a device-to-device copy
   (TB/s, bytes read + written);
 - decode ms/token for each case of ``--cases``, ``STEP:BLOCKS:GRAPHS:B`` with STEP a decode step name
-  (``recurrent``: the XLA step; ``recurrent_pallas``: the Pallas kernel; a ``+fused`` suffix also sets
-  ``decode_fused``: each residual add, its RMSNorm and the gate product in ``add_rms_norm_pallas``), BLOCKS
+  (``recurrent``: the XLA step; ``recurrent_pallas``: the Pallas kernel; a ``+fused`` suffix sets
+  ``decode_fused=True``, else False: see ``xLSTMLMConfig``), BLOCKS
   ``unrolled`` or ``scan`` (``nn.scan`` over the blocks), GRAPHS a name of ``XLA_OPTIONS`` (XLA settings such
   as command buffers, i.e. CUDA graphs, passed as compiler options of that one compilation) and B the batch.
   Each case is timed over the jitted ``lax.while_loop`` of :func:`xlstm_jax.generation.generate` (greedy, no

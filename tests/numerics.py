@@ -47,13 +47,6 @@ TOL: dict[str, Tol] = {
         "which is ~6x max|y| for random data at K=1024 (4e-4), plus the result's rounding to bf16 (2^-9 = 2e-3 "
         "of |y| <= max|y|); 2.4e-3 rounded up.",
     ),
-    "bfloat16-fused-product": Tol(
-        1.6e-2,
-        "the decode product with its fused operations, bf16 operands, against float64 from the same bf16 inputs: "
-        "the bf16 product bound above (2.4e-3), plus the roundings to bf16 the fused path makes in sequence "
-        "(normalised rows, gate and up, sigmoid, silu, silu*up, the product before the residual, the sum: at most "
-        "7, each 2^-9 = 2e-3 of a value <= max|y| in size, or of a factor of it); 2.4e-3 + 7 * 2e-3, rounded up.",
-    ),
     "bfloat16-norm": Tol(
         1.2e-2,
         "residual adds and RMSNorm on bf16 rows (add_rms_norm), against float64 from the same bf16 inputs: up to "

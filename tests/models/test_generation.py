@@ -84,24 +84,22 @@ def _trace_add_rms_norm(monkeypatch) -> list:
 
 @pytest.mark.parametrize("scan_blocks", [False, True], ids=["unrolled", "scanned"])
 def test_decode_fused_matches_peer(scan_blocks, monkeypatch):
-    """``decode_fused``: each residual add with its RMSNorm, the first with the gates, in ``add_rms_norm_pallas``
-    (interpret mode here; compiled on a GPU): the peer's greedy tokens and logits."""
+    """The default ``decode_fused=None``: with unrolled blocks each residual add with its RMSNorm, the first with
+    the gates, in ``add_rms_norm_pallas`` (interpret mode here; compiled on a GPU); scanned blocks decode
+    unfused. Either way the peer's greedy tokens and logits."""
     calls = _trace_add_rms_norm(monkeypatch)
-    config, params = load(scan_blocks=scan_blocks, decode_fused=True, step_backend="recurrent")
-    if scan_blocks and not INTERPRET:
-        # Known limitation (H200, jax 0.11.2, flax 0.12.10): flax's nn.scan rejects a compiled Pallas kernel in
-        # its body. The model says so and what to use instead.
-        with pytest.raises(ValueError, match="scan_blocks=False"):
-            generate(config, params, peer()["prompt"], 6, stop_tokens=(), return_logits=True)
-        return
+    config, params = load(scan_blocks=scan_blocks, step_backend="recurrent")
+    assert config.decode_fused is None and config.fuse_decode == (not scan_blocks)
     out = generate(config, params, peer()["prompt"], 6, stop_tokens=(), return_logits=True)
-    # Per block: the layer's norm with the gates (after the previous block's pending add, none in the first
-    # unrolled block; a zero addend under nn.scan), the FFN's norm after one or two adds; then the output norm.
-    blocks = [(1, True), (2, False)] * config.num_blocks
-    expected = [(1, False)] + (blocks if scan_blocks else [(0, True), (1, False)] + blocks[2:]) + [(1, False)]
-    assert sorted(set(calls)) == sorted(set(expected))
     np.testing.assert_array_equal(np.asarray(out.tokens), peer()["greedy"][:, :6])
     assert_close("decode logits", peer()["greedy_logits"][:, :6], out.logits, TOL["float32-model"])
+    if scan_blocks:
+        assert calls == []
+        return
+    # Per block: the layer's norm with the gates after the previous block's pending add (none in the first),
+    # the FFN's norm after two adds (one in the first block); then the output norm after the last pending add.
+    L = config.num_blocks
+    assert sorted(calls) == sorted([(0, True), (1, False)] + [(1, True), (2, False)] * (L - 1) + [(1, False)])
 
 
 @pytest.mark.parametrize("step_backend", ["recurrent", "recurrent_pallas"])
@@ -131,10 +129,16 @@ def test_decode_fused_padded_batch_matches_unfused(step_backend, monkeypatch):
         assert_close(f"state {name}", np.asarray(x, np.float64), y, TOL["float32-model"])
 
 
-def test_decode_fused_needs_float32_norm_statistics():
-    config, _ = load()
+def test_decode_fused_resolves_where_it_applies():
+    config, _ = load(scan_blocks=False)
+    assert config.fuse_decode and not config.replace(decode_fused=False).fuse_decode
+    assert not config.replace(norm_reduction_force_float32=False).fuse_decode  # None: off where it cannot apply
     with pytest.raises(ValueError, match="norm_reduction_force_float32"):
         config.replace(norm_reduction_force_float32=False, decode_fused=True)  # the kernel's statistics are float32
+    with pytest.raises(ValueError, match="scan_blocks=False"):
+        config.replace(scan_blocks=True, decode_fused=True)
+    with pytest.raises(TypeError, match="decode_fused"):
+        config.replace(decode_fused="yes")
 
 
 @functools.cache

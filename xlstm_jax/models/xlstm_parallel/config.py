@@ -68,10 +68,13 @@ class xLSTMLMConfig:
         step_backend: Name of the one-token decode step (``layer.STEP_FUNCTIONS``).
         scan_blocks: Run the blocks under ``nn.scan`` (parameters stacked on a leading axis of size L),
             which keeps compile time flat in depth.
-        decode_fused: When decoding, run each residual add with the RMSNorm after it, and the first with the
-            mLSTM gate product (float32, bias, soft cap), as one Pallas kernel (``add_rms_norm_pallas``): three
-            kernels instead of about nine per block (the same function; XLA computes it without a GPU). Needs
-            ``norm_reduction_force_float32`` (the kernel's statistics are float32).
+        decode_fused: When decoding with unrolled blocks, run each residual add with the RMSNorm after it (the
+            first with the mLSTM gate product: float32, bias, soft cap) as one Pallas kernel
+            (``add_rms_norm_pallas``), read the gates in place in the Pallas step, and compute the layer's
+            per-head norm and output gate in one more kernel after the step (``head_norm``): 11 kernels per
+            block instead of 18, the same function (XLA computes it without a GPU). None (default): on where it
+            applies (``scan_blocks=False`` and ``norm_reduction_force_float32``; flax's ``nn.scan`` rejects
+            compiled Pallas kernels in its body); True: required (raises where it does not apply); False: off.
         context_length: Model context length handed to the backends (-1: unbounded).
     """
 
@@ -103,7 +106,7 @@ class xLSTMLMConfig:
     prefill_backend_kwargs: tuple[tuple[str, Any], ...] = ()
     step_backend: str = DEFAULT_STEP_BACKEND
     scan_blocks: bool = True
-    decode_fused: bool = False
+    decode_fused: bool | None = None
     context_length: int = -1
 
     def __post_init__(self) -> None:
@@ -127,9 +130,15 @@ class xLSTMLMConfig:
             if not (isinstance(value, int | float) and math.isfinite(value) and value > 0):
                 raise ValueError(f"{name} must be a positive finite number, got {name}={value!r}")
         check_eps(self.eps)
+        if self.decode_fused not in (None, True, False):
+            raise TypeError(f"decode_fused must be None, True or False, got {self.decode_fused!r}")
         if self.decode_fused and not self.norm_reduction_force_float32:
             raise ValueError(
                 "decode_fused computes the RMSNorm statistics in float32: it needs norm_reduction_force_float32=True"
+            )
+        if self.decode_fused and self.scan_blocks:
+            raise ValueError(
+                "decode_fused=True needs unrolled blocks (scan_blocks=False); None applies it where it can"
             )
         for name in ("dtype", "param_dtype", "state_dtype"):
             resolve_state_dtype(getattr(self, name))  # raises ValueError unless a floating dtype name
@@ -140,6 +149,13 @@ class xLSTMLMConfig:
                 "prefill_backend_kwargs must be a tuple of (name, value) pairs (hashable), got "
                 f"{self.prefill_backend_kwargs!r}"
             )
+
+    @property
+    def fuse_decode(self) -> bool:
+        """Whether decoding uses the fused kernels (``decode_fused``, resolved)."""
+        if self.decode_fused is None:
+            return self.norm_reduction_force_float32 and not self.scan_blocks
+        return self.decode_fused
 
     # Derived sizes. transformers' layer uses int(D * factor) for the projection widths.
     @property

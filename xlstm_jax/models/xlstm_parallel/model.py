@@ -78,7 +78,7 @@ class xLSTMBlock(nn.Module):
     @nn.compact
     def __call__(
         self,
-        x: jax.Array | tuple[jax.Array, jax.Array | None],  # (B, S, D); decode_fused: (stream, pending addend)
+        x: jax.Array | tuple[jax.Array, jax.Array | None],  # (B, S, D); fused decode: (stream, pending addend)
         state: LayerStates,  # this block's (c, n, m), or every block's stacked (with layer_index)
         valid: jax.Array | None,  # (B, S) bool or None
     ) -> tuple[jax.Array | tuple[jax.Array, jax.Array], LayerStates]:
@@ -90,7 +90,7 @@ class xLSTMBlock(nn.Module):
         layer = mLSTMLayer(cfg, self.decode, self.layer_index, name="mlstm_layer")
         ffn = FeedForward(cfg, name="ffn")
         norm_mlstm, norm_ffn = norm("norm_mlstm"), norm("norm_ffn")
-        if self.decode and cfg.decode_fused:
+        if self.decode and cfg.fuse_decode:
             # x is (stream, pending): the residual stream before its last add and that addend (None: none).
             # Each add runs in the kernel of the norm after it (add_rms_norm): the layer's, with the gates, and
             # the FFN's; this block's last add is left pending for the next block's (or the output norm's).
@@ -179,9 +179,9 @@ class xLSTMLMModel(nn.Module):
             name="embedding",
         )
         x = embed(input_ids)  # (B, S, D)
-        fused = decode and cfg.decode_fused
-        if fused:  # the blocks carry (stream, pending addend): see xLSTMBlock (nn.scan needs an array to start)
-            x = (x, jnp.zeros_like(x) if cfg.scan_blocks else None)
+        fused = decode and cfg.fuse_decode  # unrolled blocks only (config.decode_fused)
+        if fused:  # the blocks carry (stream, pending addend): see xLSTMBlock
+            x = (x, None)
 
         if cfg.scan_blocks:
             # The block's (x, state, valid) signature is nn.scan's (carry, xs, broadcast).
@@ -199,10 +199,9 @@ class xLSTMLMModel(nn.Module):
                 # rejects the body when the Pallas decode step is compiled in it. Say what to do instead.
                 if decode and "broadcasted variable" in str(e):
                     raise ValueError(
-                        f"a Pallas kernel of the decode path (step {cfg.step_backend!r}, decode_fused="
-                        f"{cfg.decode_fused}) failed under nn.scan over the blocks ({e}); decode with unrolled "
-                        "blocks instead (scan_blocks=False: the stacked step, which also updates each layer's "
-                        "states in place) or with step_backend='recurrent' and decode_fused=False"
+                        f"the decode step {cfg.step_backend!r} failed under nn.scan over the blocks ({e}); decode "
+                        "with unrolled blocks instead (scan_blocks=False: the stacked step, which also updates each "
+                        "layer's states in place) or with step_backend='recurrent'"
                     ) from e
                 raise
             new_states = ModelStates(*new_states)

@@ -44,7 +44,7 @@ def add_rms_norm(
     norm: RMSNorm, x: jax.Array, residuals: tuple[jax.Array, ...] = (), *, return_sum: bool = True, **side
 ) -> tuple[jax.Array | None, jax.Array, jax.Array | None]:
     """``s = x + residuals`` (rounded after each add), ``norm(s)`` and optionally the gate product of ``norm(s)``
-    in one kernel (``xlstm_jax.kernels.add_rms_norm_pallas``: the model's decode path with ``decode_fused``).
+    in one kernel (``xlstm_jax.kernels.add_rms_norm_pallas``: the model's fused decode, ``decode_fused``).
 
     Args:
         norm: The ``RMSNorm`` module whose weight and eps are used; its statistics must be float32.

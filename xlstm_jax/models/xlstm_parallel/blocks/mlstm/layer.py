@@ -163,7 +163,7 @@ class mLSTMLayer(nn.Module):
     ) -> tuple[jax.Array, LayerStates]:
         """Returns ``y (B, S, D)`` in ``config.dtype`` and the states after the last position (stacked as given).
 
-        With ``norm`` (the block's ``RMSNorm``; ``config.decode_fused``), the layer's input is
+        With ``norm`` (the block's ``RMSNorm``; a fused decode, ``config.decode_fused``), the layer's input is
         ``norm(x + residuals)``: the adds, the norm and the gate product with its soft cap run in one
         ``add_rms_norm_pallas`` call.
         """
