@@ -10,8 +10,8 @@ Measures in one run (one process, so that the ratios between variants are fair):
 - the two ceilings of the device: a large bf16 matrix product (TFLOP/s) and a device-to-device copy
   (TB/s, bytes read + written);
 - decode ms/token for each case of ``--cases``, ``STEP:BLOCKS:GRAPHS:B`` with STEP a decode step name
-  (``recurrent``: the XLA step; ``recurrent_pallas``: the Pallas kernel; a ``+fused`` suffix sets
-  ``decode_fused=True``, else False: see ``xLSTMLMConfig``), BLOCKS
+  (``recurrent``: the XLA step; ``recurrent_pallas``: the Pallas kernel; a ``+fused`` or ``+unfused`` suffix
+  sets ``decode_fused`` True or False, none leaves the config's default: see ``xLSTMLMConfig``), BLOCKS
   ``unrolled`` or ``scan`` (``nn.scan`` over the blocks), GRAPHS a name of ``XLA_OPTIONS`` (XLA settings such
   as command buffers, i.e. CUDA graphs, passed as compiler options of that one compilation) and B the batch.
   Each case is timed over the jitted ``lax.while_loop`` of :func:`xlstm_jax.generation.generate` (greedy, no
@@ -85,6 +85,7 @@ DEFAULT_CASES = (
     "recurrent:unrolled:default:16",
     "recurrent:unrolled:cublas:16",
     "recurrent_pallas:unrolled:default:1",
+    "recurrent_pallas+unfused:unrolled:default:1",
     "recurrent:unrolled:graphs:1",
     "recurrent_pallas:unrolled:default:16",
     "recurrent:scan:default:1",
@@ -334,6 +335,14 @@ def bench_decode_case(config, params, states, logits, tokens: int, repeats: int,
     return float(np.median(times)) / tokens, compile_s, report, text
 
 
+def _step_and_fusion(step: str) -> tuple[str, bool | None]:
+    """``(step backend, decode_fused)`` of a case's STEP: ``name``, ``name+fused`` or ``name+unfused``."""
+    for suffix, fused in (("+fused", True), ("+unfused", False)):
+        if step.endswith(suffix):
+            return step.removesuffix(suffix), fused
+    return step, None
+
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--out", type=Path, default=None, help="directory for results.json")
@@ -351,10 +360,11 @@ def main(argv=None) -> int:
     cases = []
     for spec in (c for c in args.cases.split(",") if c):
         step, blocks, graphs, B = spec.split(":")
-        known_step = step.removesuffix("+fused") in STEP_FUNCTIONS
+        known_step = _step_and_fusion(step)[0] in STEP_FUNCTIONS
         if not known_step or blocks not in ("unrolled", "scan") or graphs not in XLA_OPTIONS:
             raise ValueError(
-                f"bad case {spec!r}: STEP in {sorted(STEP_FUNCTIONS)} (optionally +fused), BLOCKS unrolled|scan, "
+                f"bad case {spec!r}: STEP in {sorted(STEP_FUNCTIONS)} (optionally +fused or +unfused), BLOCKS "
+                "unrolled|scan, "
                 f"GRAPHS in {sorted(XLA_OPTIONS)}, B an int"
             )
         cases.append((step, blocks, graphs, int(B)))
@@ -410,9 +420,8 @@ def main(argv=None) -> int:
             print(f"{label} skipped (time budget)")
             results["decode"].append({"case": [step, blocks, graphs, B], "skipped": "time budget"})
             continue
-        cfg = config.replace(
-            step_backend=step.removesuffix("+fused"), scan_blocks=blocks == "scan", decode_fused=step.endswith("+fused")
-        )
+        base, fused = _step_and_fusion(step)
+        cfg = config.replace(step_backend=base, scan_blocks=blocks == "scan", decode_fused=fused)
         profile_dir = tempfile.mkdtemp() if n in profiled else None
         floor = read_bytes / (bw * 1e12)
         floor_states = (read_bytes + 2 * state_bytes(config, B)) / (bw * 1e12)

@@ -20,13 +20,13 @@ def _module():
 
 def test_smoke_run_writes_every_case(tmp_path):
     bench = _module()
-    cases = "recurrent:unrolled:default:1,recurrent:scan:graphs:2,recurrent+fused:unrolled:default:1"
+    cases = "recurrent:unrolled:default:1,recurrent:scan:graphs:2,recurrent+unfused:unrolled:default:1"
     assert bench.main(["--smoke", "--out", str(tmp_path), "--prefill", "16", "--cases", cases, "--hlo", "0"]) == 0
     results = json.loads((tmp_path / "results.json").read_text())
     assert [row["case"] for row in results["decode"]] == [
         ["recurrent", "unrolled", "default", 1],
         ["recurrent", "scan", "graphs", 2],
-        ["recurrent+fused", "unrolled", "default", 1],
+        ["recurrent+unfused", "unrolled", "default", 1],
     ]
     for row in results["decode"]:
         assert row["ms_per_token"] > 0 and row["hlo"]["while_loops"] >= 1 and row["hlo"]["fusions"] > 0
