@@ -93,6 +93,17 @@ def test_add_rms_norm_return_sum():
     assert s is x
 
 
+def test_add_rms_norm_vmaps():
+    """Under ``jax.vmap`` (an extra leading axis) the kernel gives what it gives on each slice."""
+    rng = np.random.default_rng(11)
+    xs, rs, weight, side = zip(*(_arrays(rng, 2, 64, 3, 1, jnp.dtype(jnp.float32)) for _ in range(3)), strict=True)
+    fn = functools.partial(add_rms_norm_pallas, eps=EPS, side_cap=CAP, interpret=INTERPRET, **side[0])
+    batched = jax.vmap(lambda x, r: fn(x, weight[0], [r]))(jnp.stack(xs), jnp.stack([r[0] for r in rs]))
+    for b in range(3):
+        for got, want in zip(batched, fn(xs[b], weight[0], rs[b]), strict=True):
+            np.testing.assert_array_equal(np.asarray(got[b]), np.asarray(want))
+
+
 @pytest.mark.parametrize(
     ("kwargs", "error", "match"),
     [

@@ -149,6 +149,9 @@ def add_rms_norm_pallas(
     Raises:
         ValueError: shapes that do not fit, named in the message.
         TypeError: a dtype the kernel does not read, or residuals not in x's dtype.
+
+    The kernel is for decoding and has no gradient rule (the XLA fallback, ``interpret=None`` off a GPU, is
+    differentiable); ``jax.vmap`` adds a grid axis.
     """
     if x.ndim != 2:
         raise ValueError(f"add_rms_norm_pallas takes rows x (M, K), got x.shape={tuple(x.shape)}")
