@@ -22,6 +22,7 @@ import functools
 import json
 import statistics
 import time
+from dataclasses import replace
 
 import jax
 import jax.numpy as jnp
@@ -166,22 +167,30 @@ def step_bytes(B) -> int:
 
 
 def step_name(cfg: StepKernelConfig) -> str:
-    """bvX-sY-bkZ-wW[-stN][-heads][-nopf][-ev]: block_dhv, dhqk_splits, block_dhqk ("all": no row loop),
-    num_warps, num_stages (if not 1), grid_order "heads", prefetch off, evict_first on."""
+    """bvX-sY-bkZ-wW[-stN][-heads][-nopf][-ev][-triton]: block_dhv, dhqk_splits, block_dhqk ("all": no row
+    loop), num_warps, num_stages (if not 1), grid_order "heads", prefetch off, evict_first on, the Triton
+    kernel forced (not ``backend="auto"``); or mosaic-bvX-bkZ-dN for the Mosaic kernel (pipeline depth N)."""
     bk = "all" if cfg.block_dhqk is None else cfg.block_dhqk
     name = f"bv{cfg.block_dhv}-s{cfg.dhqk_splits or 'auto'}-bk{bk}-w{cfg.num_warps}"
     name += f"-st{cfg.num_stages}" if cfg.num_stages != 1 else ""
     name += "-heads" if cfg.grid_order == "heads" else ""
     name += "-nopf" if not cfg.prefetch else ""
-    return name + ("-ev" if cfg.evict_first else "")
+    name += "-ev" if cfg.evict_first else ""
+    if cfg.backend == "mosaic":  # the Mosaic kernel uses only the blocks and the pipeline depth
+        return f"mosaic-bv{cfg.block_dhv}-bk{cfg.block_dhqk or 64}-d{cfg.pipeline_depth}"
+    return name + ("-triton" if cfg.backend == "triton" else "")
 
 
 def step_sweep(B: int, full: bool = True) -> dict[str, StepKernelConfig]:
-    """The default config (bv64-s4-bk64-w4), the previous default (issue-4 run of 2026-11-29: heads fastest in
-    the grid, loads at their use, Triton's pipeliner), plus (``full``) tilings named by :func:`step_name`."""
-    C = StepKernelConfig
+    """The default config (``backend="auto"``: the Mosaic kernel where it runs, else bv64-s4-bk64-w4), the
+    default's Triton and Mosaic kernels forced, the previous default (issue-4 run of 2026-11-29: heads fastest
+    in the grid, loads at their use, Triton's pipeliner), plus (``full``) tilings named by :func:`step_name`."""
+    C = functools.partial(StepKernelConfig, backend="triton")  # the tilings below are the Triton kernel's
     previous = C(block_dhv=64, block_dhqk=64, dhqk_splits=4, num_stages=2, prefetch=False, grid_order="heads")
-    sweep = {"default": C.get_default(*STEP_SHAPE[1:]), "previous": previous}
+    default = StepKernelConfig.get_default(*STEP_SHAPE[1:])
+    sweep = {"default": default, "previous": previous}
+    for cfg in (replace(default, backend="triton"), replace(default, backend="mosaic")):
+        sweep[step_name(cfg)] = cfg
     if not full:
         return sweep
     if B <= 8:

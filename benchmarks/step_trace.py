@@ -10,8 +10,9 @@ float32 state, bfloat16 inputs) under ``jax.profiler``, and the trace gives, per
 main kernel (median), the other kernels XLA launches around it (the DHQK-split epilogue, copies of the fresh
 n and m into the loop carry), and the span from the first kernel's start to the last one's end. The same
 loop over a copy of the state (``c * a``, read and written once, in place) gives what moving the state's
-bytes costs on its own, by XLA's fused loop and by a Pallas (Triton) kernel with the step's tiles: the
-floor a step kernel can reach on this device, next to the nominal one (bytes at 4.27 TB/s).
+bytes costs on its own, by XLA's fused loop, by a Pallas (Triton) kernel with the Triton step's tiles and by
+a Mosaic GPU kernel with the Mosaic step's pipeline: the floor a step kernel can reach on this device, next
+to the nominal one (bytes at 4.27 TB/s).
 Each variant is first checked against the XLA step on the same inputs (max |diff| / max |ref|).
 """
 
@@ -40,11 +41,11 @@ WARMUP_S = 0.5
 C = StepKernelConfig
 VARIANTS = {  # name: step function (bvX-sY-bkZ-wW as in benchmarks/kernels.py)
     "xla": recurrent_step_fw,
-    "default": recurrent_step_pallas,
-    "bv512-s1-bk8-w4": functools.partial(recurrent_step_pallas, config=C(512, 8, 1, num_warps=4)),
-    "bv256-s1-bk16-w8": functools.partial(recurrent_step_pallas, config=C(256, 16, 1, num_warps=8)),
-    "bv512-s4-bk8-w4": functools.partial(recurrent_step_pallas, config=C(512, 8, 4, num_warps=4)),
-    "bv64-s8-bk32-w4": functools.partial(recurrent_step_pallas, config=C(64, 32, 8, num_warps=4)),
+    "default": recurrent_step_pallas,  # backend="auto": the Mosaic kernel where it runs, else the Triton one
+    "triton": functools.partial(recurrent_step_pallas, config=C(backend="triton", dhqk_splits=4)),
+    "mosaic-d2": functools.partial(recurrent_step_pallas, config=C(backend="mosaic")),
+    "mosaic-d3": functools.partial(recurrent_step_pallas, config=C(backend="mosaic", pipeline_depth=3)),
+    "bv64-s8-bk32-w4": functools.partial(recurrent_step_pallas, config=C(64, 32, 8, num_warps=4, backend="triton")),
 }
 
 
@@ -110,6 +111,34 @@ def copy_pallas(c, a, rows: int, cols: int, warps: int):
     )(c, a)
 
 
+def copy_mosaic(c, a, rows: int = 64, cols: int = 64, depth: int = 2):
+    """``c * a`` in place by a Mosaic GPU kernel with the Mosaic step kernel's pipeline: (rows, cols) tiles
+    copied into shared memory and back by the TMA engine, ``depth`` in flight per program."""
+    from jax.experimental.pallas import mosaic_gpu as plgpu
+
+    from xlstm_jax.kernels.recurrent_step_mosaic import load_ref
+
+    BH, DHQK, DHV = c.shape
+    swizzled = (plgpu.TilingTransform((8, 32)), plgpu.SwizzleTransform(128))
+
+    def body(c_ref, a_ref):
+        bh, vb = jax.lax.axis_index("bh"), jax.lax.axis_index("vb")
+        scale = a_ref[0]
+
+        def tile(_, c_smem, out_smem):
+            out_smem[...] = load_ref(c_smem, plgpu.Layout.WGMMA) * scale
+
+        spec = plgpu.BlockSpec((rows, cols), lambda j: (j, vb), transforms=swizzled)
+        plgpu.emit_pipeline(tile, grid=(DHQK // rows,), in_specs=[spec], out_specs=[spec], max_concurrent_steps=depth)(
+            c_ref.at[bh], c_ref.at[bh]
+        )
+
+    mesh = plgpu.Mesh(grid=(BH, DHV // cols), grid_names=("bh", "vb"))
+    c_ref = jax.new_ref(c, memory_space=plgpu.GMEM)
+    pl.kernel(body, out_type=(), mesh=mesh, name="copy_probe_mosaic")(c_ref, a)
+    return jax.freeze(c_ref)
+
+
 def run_loop(body, init, steps: int):
     """Wall µs per step of a jitted fori_loop (warmed up), and the trace of one more run."""
     run = jax.jit(lambda s: jax.lax.fori_loop(0, steps, body, s), donate_argnums=(0,))
@@ -160,8 +189,8 @@ def main() -> None:
         c = states[0].reshape(B * 8, 256, 512)
         a = jnp.full((1,), 1.0001, F32)
         copies = {"xla_copy": lambda c, a=a: c * a[0]}
-        copies.update({f"pallas_copy_{r}x{k}_w{w}": functools.partial(copy_pallas, a=a, rows=r, cols=k, warps=w)
-                       for r, k, w in ((64, 64, 4), (256, 64, 8), (32, 128, 4))})  # fmt: skip
+        copies["pallas_copy_64x64_w4"] = functools.partial(copy_pallas, a=a, rows=64, cols=64, warps=4)
+        copies["mosaic_copy_64x64_d2"] = functools.partial(copy_mosaic, a=a)
         if jax.default_backend() != "gpu":
             continue
         for name, fn in copies.items():

@@ -38,6 +38,7 @@ from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as pl_triton
 
 from xlstm_jax.kernels.config import StepKernelConfig, check_head_dims, check_kernel_dtypes, kernel_mode
+from xlstm_jax.kernels.recurrent_step_mosaic import device_supports_mosaic, mosaic_step, mosaic_step_unsupported
 from xlstm_jax.mlstm.checks import check_eps, check_stacked_states, check_step_inputs
 from xlstm_jax.mlstm.recurrent import recurrent_step_fw, recurrent_step_stacked_fw, split_gates, split_qkv
 from xlstm_jax.mlstm.stabilizer import normalize_readout, step_gates
@@ -388,6 +389,35 @@ def _check_kernel_call(c, q, k, v, i, f, eps, config, interpret) -> tuple[str, S
     return mode, config
 
 
+def _mosaic_tiling(config: StepKernelConfig, mode: str, BH: int, DHQK: int, DHV: int) -> tuple[int, int] | None:
+    """``(block_dhqk, block_dhv)`` of the Mosaic kernel if ``config.backend`` selects it here, else None.
+
+    Raises:
+        ValueError: ``backend="mosaic"`` outside compiled mode, or with a tiling the kernel cannot run.
+        RuntimeError: ``backend="mosaic"`` on a device that is not a Hopper (or newer) GPU.
+    """
+    if config.backend == "triton":
+        return None
+    block_dhqk, block_dhv = min(config.block_dhqk or 64, DHQK), min(config.block_dhv, DHV)
+    reason = mosaic_step_unsupported(DHQK, DHV, block_dhqk, block_dhv)
+    if config.backend == "auto":
+        programs = BH * (DHV // block_dhv)
+        usable = mode == "compiled" and reason is None and programs >= config.mosaic_min_programs
+        return (block_dhqk, block_dhv) if usable and device_supports_mosaic() else None
+    if mode != "compiled":
+        raise ValueError(
+            f"backend='mosaic' runs compiled only (Mosaic GPU has no interpret mode in the supported JAX "
+            f"versions), but this call runs in {mode!r} mode; use backend='auto' or 'triton'"
+        )
+    if not device_supports_mosaic():
+        raise RuntimeError(
+            f"backend='mosaic' needs a GPU of compute capability 9.0 or newer (TMA), got {jax.devices()[0]}"
+        )
+    if reason is not None:
+        raise ValueError(f"backend='mosaic' cannot tile this head shape: {reason}")
+    return block_dhqk, block_dhv
+
+
 def _flat_inputs(q, k, v, i, f):
     BH = q.shape[0] * q.shape[1]
     return q.reshape(BH, -1), k.reshape(BH, -1), v.reshape(BH, -1), i.reshape(BH, 1), f.reshape(BH, 1)
@@ -446,6 +476,14 @@ def recurrent_step_pallas(
         return recurrent_step_fw(c=c, n=n, m=m, q=q, k=k, v=v, i=i, f=f, eps=eps)
     B, NH, DHQK, DHV = c.shape
     BH = B * NH
+    mosaic = _mosaic_tiling(config, mode, BH, DHQK, DHV)
+    if mosaic is not None:
+        q2, k2, v2, i2, f2 = _flat_inputs(q, k, v, i, f)
+        h, c_new, n_new, m_new = mosaic_step(
+            c.reshape(BH, DHQK, DHV), n.reshape(BH, DHQK), m.reshape(BH), q2, k2, v2, i2.reshape(BH), f2.reshape(BH),
+            eps=float(eps), block_dhqk=mosaic[0], block_dhv=mosaic[1], depth=config.pipeline_depth,
+        )  # fmt: skip
+        return h.reshape(B, NH, DHV), (c_new.reshape(c.shape), n_new.reshape(n.shape), m_new.reshape(m.shape))
     h, c_new, n_new, m_new = _step_call(
         c.reshape(1, BH, DHQK, DHV),
         n.reshape(1, BH, DHQK),
@@ -519,6 +557,8 @@ def recurrent_step_pallas_stacked(
     m_layer = jax.ShapeDtypeStruct((*m.shape[1:], 1), m.dtype)
     i, f = check_step_inputs(*layer_states, m_layer, q, k, v, i, f)
     mode, config = _check_kernel_call(c, q, k, v, i, f, eps, config, interpret)
+    if config.backend == "mosaic":
+        raise ValueError("the stacked step has only the Triton kernel; use backend='auto' or 'triton'")
     if mode == "xla":
         return recurrent_step_stacked_fw(c, n, m, layer, qkv, i, f, eps=eps, head_norm=head_norm)
     BH = B * NH

@@ -1,0 +1,202 @@
+"""The mLSTM decode step as a Mosaic GPU kernel: c streamed through shared memory by the TMA engine (Hopper).
+
+The same function as the Triton kernel of :mod:`xlstm_jax.kernels.recurrent_step` (``recurrent_step_pallas``
+picks between them: ``StepKernelConfig.backend``). It exists because on an H200 it moves the state faster:
+at B=128 (NH=8, DHQK=256, DHV=512) the Triton kernel runs at 1.10x the copy floor and this one at 1.04x, at
+B=32 1.14x against 1.10x (BENCHMARKS.md, issue 4). A Triton kernel that only copies the state already takes
+1.03-1.07x; the TMA engine's bulk copies, two row blocks in flight per program, get closer.
+
+Layout. One program (a CUDA block of one warpgroup, 128 threads) owns one head and one block of
+``block_dhv`` columns of c. It walks the head's DHQK rows ``block_dhqk`` at a time in a pipeline
+(``plgpu.emit_pipeline``): the TMA engine copies the next row blocks of c, q, k, n into shared memory
+(``depth`` blocks in flight) while the warpgroup updates the current one in registers and the TMA engine
+writes the updated block back into c, in place. The c tile lives in registers in the WGMMA layout, so that
+row vectors (k, q, n) and column vectors (v) broadcast onto it without shuffles, and the partial sums
+``Σ_rows q̂ ⊙ c'`` and ``Σ q̂ ⊙ n'`` are kept elementwise and reduced once after the pipeline.
+
+In place. c is passed as a GMEM reference (``jax.new_ref``) and written through it, which ``pl.kernel``
+turns into an input-output alias: under ``jax.jit`` with c donated, no copy of c is made. n' and m' go to
+fresh buffers, written by the head's first column block only: every program of a head reads n and m, so
+writing them in place would race with the head's other programs (as in the Triton kernel).
+
+Limits. Needs a Hopper GPU (TMA, compute capability 9.0) and a JAX with ``pl.kernel`` and
+``plgpu.Mesh`` (0.10 or newer). There is no interpret mode in the JAX versions this library supports on a
+CPU, so CI checks that the kernel lowers (for CUDA, on the CPU); its numbers are checked compiled on an
+H200 by the same tests as the Triton kernel. ``block_dhqk`` must be a multiple of 64 (the WGMMA layout's
+rows) and ``block_dhv`` a multiple of 32 (128-byte swizzled float32 rows).
+"""
+
+from __future__ import annotations
+
+import functools
+import inspect
+import math
+
+import jax
+import jax.numpy as jnp
+from jax import lax
+from jax.experimental import pallas as pl
+from jax.experimental.pallas import mosaic_gpu as plgpu
+
+from xlstm_jax.mlstm.stabilizer import log_forget_gate_no_log1p, normalizer, step_gates
+
+__all__ = ["MOSAIC_MIN_COMPUTE_CAPABILITY", "device_supports_mosaic", "mosaic_step", "mosaic_step_unsupported"]
+
+MOSAIC_MIN_COMPUTE_CAPABILITY = (9, 0)  # TMA bulk tensor copies and the WGMMA register layout
+_ROWS = 64  # the WGMMA layout tiles rows in groups of 64
+_SWIZZLE_COLUMNS = 32  # 128-byte swizzle of float32 rows: conflict-free shared-memory loads and stores
+
+# ``plgpu.load`` takes the index positionally in JAX 0.10 and deprecates it in 0.11 (index the ref instead).
+_LOAD_TAKES_INDEX = inspect.signature(plgpu.load).parameters["idx"].default is inspect.Parameter.empty
+
+
+def load_ref(ref, layout, *, optimized: bool = True) -> jax.Array:
+    """The whole of ``ref`` loaded into registers in ``layout``."""
+    if _LOAD_TAKES_INDEX:
+        return plgpu.load(ref, (), layout=layout, optimized=optimized)
+    return plgpu.load(ref, layout=layout, optimized=optimized)
+
+
+def mosaic_step_unsupported(DHQK: int, DHV: int, block_dhqk: int, block_dhv: int) -> str | None:
+    """Why the Mosaic kernel cannot run this head shape and tiling, or None if it can (no device check)."""
+    if block_dhqk % _ROWS or DHQK % block_dhqk:
+        return f"block_dhqk={block_dhqk} must be a multiple of {_ROWS} that divides DHQK={DHQK}"
+    if block_dhv % _SWIZZLE_COLUMNS or DHV % block_dhv:
+        return f"block_dhv={block_dhv} must be a multiple of {_SWIZZLE_COLUMNS} that divides DHV={DHV}"
+    return None
+
+
+def device_supports_mosaic() -> bool:
+    """Whether JAX's first device is a GPU of compute capability 9.0 or newer."""
+    device = jax.devices()[0]
+    capability = getattr(device, "compute_capability", None)
+    if device.platform != "gpu" or not capability:
+        return False
+    return tuple(int(x) for x in str(capability).split(".")[:2]) >= MOSAIC_MIN_COMPUTE_CAPABILITY
+
+
+def _step_body(
+    c_ref,  # (BH, DHQK, DHV) float32 in GMEM, read and written in place
+    n_ref,  # (BH, DHQK) float32
+    m_ref,  # (BH,) float32
+    q_ref,  # (BH, DHQK)
+    k_ref,  # (BH, DHQK)
+    v_ref,  # (BH, DHV)
+    i_ref,  # (BH,)
+    f_ref,  # (BH,)
+    h_ref,  # (BH, DHV) in q's dtype
+    n_out_ref,  # (BH, DHQK) float32, a fresh buffer
+    m_out_ref,  # (BH,) float32, a fresh buffer
+    *,
+    eps: float,
+    block_dhqk: int,
+    block_dhv: int,
+    depth: int,
+):
+    f32 = jnp.float32
+    DHQK = c_ref.shape[1]
+    rows, cols = block_dhqk, block_dhv
+    scale = 1.0 / math.sqrt(DHQK)
+    tile_layout = plgpu.Layout.WGMMA
+    row_layout, col_layout = tile_layout.reduce(1), tile_layout.reduce(0)  # (rows,) and (cols,) vectors
+    bh, vb = lax.axis_index("bh"), lax.axis_index("vb")
+
+    m_new, f_act, i_act = step_gates(
+        m_ref[bh], i_ref[bh].astype(f32), f_ref[bh].astype(f32), log_forget=log_forget_gate_no_log1p
+    )
+    v = load_ref(v_ref.at[bh, pl.ds(vb * cols, cols)], col_layout, optimized=False).astype(f32)
+    v_tile = lax.broadcast_in_dim(v, (rows, cols), (1,))
+
+    def update(index, c_smem, q_smem, k_smem, n_smem, c_out_smem, partial_sums):
+        """Row block ``index``: c' into shared memory (the pipeline writes it to c), n' (first column block)."""
+        acc, acc_n = partial_sums
+        (j,) = index
+        k = load_ref(k_smem, row_layout, optimized=False).astype(f32)
+        q_hat = load_ref(q_smem, row_layout, optimized=False).astype(f32) * scale
+        ik = i_act * k
+        c_new = f_act * load_ref(c_smem, tile_layout) + lax.broadcast_in_dim(ik, (rows, cols), (0,)) * v_tile
+        c_out_smem[...] = c_new
+        n_new = f_act * load_ref(n_smem, row_layout, optimized=False) + ik
+
+        @pl.when(vb == 0)
+        def _():
+            n_out_ref[bh, pl.ds(j * rows, rows)] = n_new
+
+        return acc + lax.broadcast_in_dim(q_hat, (rows, cols), (0,)) * c_new, acc_n + q_hat * n_new
+
+    swizzled = (plgpu.TilingTransform((8, _SWIZZLE_COLUMNS)), plgpu.SwizzleTransform(4 * _SWIZZLE_COLUMNS))
+    tile = plgpu.BlockSpec((rows, cols), lambda j: (j, vb), transforms=swizzled)
+    row_block = pl.BlockSpec((rows,), lambda j: (j,))
+    zeros = (
+        plgpu.layout_cast(jnp.zeros((rows, cols), f32), tile_layout),
+        plgpu.layout_cast(jnp.zeros((rows,), f32), row_layout),
+    )
+    acc, acc_n = plgpu.emit_pipeline(
+        update,
+        grid=(DHQK // rows,),
+        in_specs=[tile, row_block, row_block, row_block],
+        out_specs=[tile],
+        max_concurrent_steps=depth,
+        init_carry=zeros,
+    )(c_ref.at[bh], q_ref.at[bh], k_ref.at[bh], n_ref.at[bh], c_ref.at[bh])
+    num = jnp.sum(acc, axis=0)
+    h_ref[bh, pl.ds(vb * cols, cols)] = (num / normalizer(jnp.sum(acc_n, axis=0), m_new, eps)).astype(h_ref.dtype)
+
+    @pl.when(vb == 0)
+    def _():
+        m_out_ref[bh] = m_new
+
+
+@functools.partial(jax.jit, static_argnames=("eps", "block_dhqk", "block_dhv", "depth"))
+def mosaic_step(
+    c: jax.Array,  # (BH, DHQK, DHV) float32
+    n: jax.Array,  # (BH, DHQK) float32
+    m: jax.Array,  # (BH,) float32
+    q: jax.Array,  # (BH, DHQK)
+    k: jax.Array,  # (BH, DHQK)
+    v: jax.Array,  # (BH, DHV)
+    i: jax.Array,  # (BH,)
+    f: jax.Array,  # (BH,)
+    *,
+    eps: float,
+    block_dhqk: int = 64,
+    block_dhv: int = 64,
+    depth: int = 2,
+) -> tuple[jax.Array, jax.Array, jax.Array, jax.Array]:
+    """One step for ``BH`` flattened heads (the caller checks shapes and dtypes); c is stepped in place.
+
+    Jitted (a GMEM reference exists only inside ``jax.jit``): inlined into a caller's jit, where a donated c
+    is updated in place; called eagerly, c is copied first (JAX cannot donate it).
+
+    Args:
+        c, n, m, q, k, v, i, f: The states and inputs of ``BH = B·NH`` heads, flattened.
+        eps: Added to the normaliser; a Python float.
+        block_dhqk: Rows of c per pipeline step (a multiple of 64).
+        block_dhv: Columns of c per program (a multiple of 32).
+        depth: Row blocks in flight per program (``emit_pipeline``'s ``max_concurrent_steps``).
+
+    Returns:
+        ``(h (BH, DHV) in q's dtype, c', n' (BH, DHQK), m' (BH,))``.
+
+    Raises:
+        ValueError: the tiling does not fit the head shape (:func:`mosaic_step_unsupported`).
+    """
+    BH, DHQK, DHV = c.shape
+    reason = mosaic_step_unsupported(DHQK, DHV, block_dhqk, block_dhv)
+    if reason is not None:
+        raise ValueError(f"the Mosaic GPU step kernel cannot run this shape: {reason}")
+    body = functools.partial(_step_body, eps=eps, block_dhqk=block_dhqk, block_dhv=block_dhv, depth=depth)
+    f32 = jnp.float32
+    kernel = pl.kernel(
+        body,
+        out_type=(
+            jax.ShapeDtypeStruct((BH, DHV), q.dtype),
+            jax.ShapeDtypeStruct((BH, DHQK), f32),
+            jax.ShapeDtypeStruct((BH,), f32),
+        ),
+        mesh=plgpu.Mesh(grid=(BH, DHV // block_dhv), grid_names=("bh", "vb")),
+        name="mlstm_recurrent_step_mosaic",
+    )
+    c_ref = jax.new_ref(c, memory_space=plgpu.GMEM)
+    h, n_new, m_new = kernel(c_ref, n, m, q, k, v, i, f)
+    return h, jax.freeze(c_ref), n_new, m_new
