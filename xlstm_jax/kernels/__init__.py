@@ -1,5 +1,6 @@
-"""Fused GPU kernels in JAX Pallas (Triton lowering): the mLSTM decode step and whole sequence, and the
-residual add with the RMSNorm (and mLSTM gate product) after it for the model's decode step.
+"""Fused GPU kernels in JAX Pallas (Triton lowering; the decode step also in Mosaic GPU for Hopper): the mLSTM
+decode step and whole sequence, and the residual add with the RMSNorm (and mLSTM gate product) after it for
+the model's decode step.
 
 On a machine without a GPU the kernels fall back to XLA (``interpret=None``) or run in Pallas
 interpret mode (``interpret=True``).
