@@ -57,6 +57,16 @@ def _reference(r):
     return h[:, :, 0], (c, n, m[..., None]), scale[:, :, 0]
 
 
+def assert_step_matches(rounded, h, states, tol, dtype=jnp.float32):
+    """h (in ``dtype``) and the float32 states of one step against float64 from the same (rounded) inputs."""
+    h_ref, states_ref, scale = _reference(rounded)
+    assert h.dtype == jnp.dtype(dtype)
+    assert all(s.dtype == jnp.float32 for s in states)
+    assert_close("h", h_ref, h, tol, scale=scale)
+    for name, ref, out in zip("cnm", states_ref, states, strict=True):
+        assert_close(name, ref, out, tol)
+
+
 @pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
 @pytest.mark.parametrize("case", CASES, ids=CASE_IDS)
 def test_step_matches_reference(case, dtype):
@@ -64,13 +74,7 @@ def test_step_matches_reference(case, dtype):
     args, rounded = _step_inputs(B * 100 + DHQK, B, NH, DHQK, DHV, jnp.dtype(dtype))
     step = jax.jit(functools.partial(recurrent_step_pallas, config=config, interpret=INTERPRET))
     h, states = step(**args)
-    h_ref, states_ref, scale = _reference(rounded)
-    tol = TOL[_TOL_KEY[dtype]]
-    assert h.dtype == jnp.dtype(dtype)
-    assert all(s.dtype == jnp.float32 for s in states)
-    assert_close("h", h_ref, h, tol, scale=scale)
-    for name, ref, out in zip("cnm", states_ref, states, strict=True):
-        assert_close(name, ref, out, tol)
+    assert_step_matches(rounded, h, states, TOL[_TOL_KEY[dtype]], dtype)
 
 
 @pytest.mark.parametrize("case", CASES[:2], ids=["unsplit", "split4"])
@@ -80,10 +84,7 @@ def test_step_extreme_gates(case):
     args["f"] = args["f"].at[0].set(-30.0)  # forget almost everything on one batch element
     rounded["f"] = np.asarray(args["f"], np.float64)
     h, states = recurrent_step_pallas(**args, config=config, interpret=INTERPRET)
-    h_ref, states_ref, scale = _reference(rounded)
-    assert_close("h", h_ref, h, TOL["float32"], scale=scale)
-    for name, ref, out in zip("cnm", states_ref, states, strict=True):
-        assert_close(name, ref, out, TOL["float32"])
+    assert_step_matches(rounded, h, states, TOL["float32"])
 
 
 def test_step_as_mlstm_step_fn_in_a_sequence():

@@ -15,7 +15,7 @@ import numpy as np
 import pytest
 
 from tests.kernels import INTERPRET, ON_GPU
-from tests.kernels.test_recurrent_step import _reference, _step_inputs
+from tests.kernels.test_recurrent_step import _TOL_KEY, _reference, _step_inputs, assert_step_matches
 from tests.numerics import TOL, assert_close, make_inputs
 from tests.reference import recurrent_ref
 from xlstm_jax.kernels import StepKernelConfig, recurrent_step_pallas, recurrent_step_pallas_stacked
@@ -24,7 +24,6 @@ from xlstm_jax.mlstm.recurrent import recurrent_sequence_fw
 
 ON_HOPPER = ON_GPU and device_supports_mosaic()
 needs_hopper = pytest.mark.skipif(not ON_HOPPER, reason="the Mosaic GPU kernel runs compiled on Hopper GPUs only")
-_TOL_KEY = {"float32": "float32", "bfloat16": "bfloat16/float32"}
 
 C = functools.partial(StepKernelConfig, backend="mosaic")
 # (B, NH, DHQK, DHV, config): one row block and two 32-column blocks per head (odd B·NH); four row blocks,
@@ -103,13 +102,7 @@ def test_mosaic_step_matches_reference(case, dtype):
     jaxpr = jax.make_jaxpr(step)(**args)
     assert "pallas_call" not in str(jaxpr)  # the Mosaic kernel, not the Triton one
     h, states = step(**args)
-    h_ref, states_ref, scale = _reference(rounded)
-    tol = TOL[_TOL_KEY[dtype]]
-    assert h.dtype == jnp.dtype(dtype)
-    assert all(s.dtype == jnp.float32 for s in states)
-    assert_close("h", h_ref, h, tol, scale=scale)
-    for name, ref, out in zip("cnm", states_ref, states, strict=True):
-        assert_close(name, ref, out, tol)
+    assert_step_matches(rounded, h, states, TOL[_TOL_KEY[dtype]], dtype)
 
 
 @needs_hopper
@@ -121,10 +114,7 @@ def test_mosaic_step_extreme_gates(case):
     args["f"] = args["f"].at[-1].set(40.0)  # and keep everything on another (logsigmoid below float32's 1 - u)
     rounded["f"] = np.asarray(args["f"], np.float64)
     h, states = recurrent_step_pallas(**args, config=config, interpret=False)
-    h_ref, states_ref, scale = _reference(rounded)
-    assert_close("h", h_ref, h, TOL["float32"], scale=scale)
-    for name, ref, out in zip("cnm", states_ref, states, strict=True):
-        assert_close(name, ref, out, TOL["float32"])
+    assert_step_matches(rounded, h, states, TOL["float32"])
 
 
 @needs_hopper
