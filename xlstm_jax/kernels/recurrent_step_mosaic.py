@@ -47,7 +47,8 @@ _ROWS = 64  # the WGMMA layout tiles rows in groups of 64
 _SWIZZLE_COLUMNS = 32  # 128-byte swizzle of float32 rows: conflict-free shared-memory loads and stores
 
 # ``plgpu.load`` takes the index positionally in JAX 0.10 and deprecates it in 0.11 (index the ref instead).
-_LOAD_TAKES_INDEX = inspect.signature(plgpu.load).parameters["idx"].default is inspect.Parameter.empty
+_LOAD_INDEX = inspect.signature(plgpu.load).parameters.get("idx")
+_LOAD_TAKES_INDEX = _LOAD_INDEX is not None and _LOAD_INDEX.default is inspect.Parameter.empty
 
 
 def load_ref(ref, layout, *, optimized: bool = True) -> jax.Array:
