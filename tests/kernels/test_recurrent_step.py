@@ -173,6 +173,11 @@ def test_stacked_step_head_norm(case, dtype):
     """With ``head_norm`` the stacked step returns the layer's read-out sigmoid(o) * LayerNorm_head(h) * w, its
     second kernel reading o from the fused projection (in place, or sliced where o's offset is not a multiple
     of DHV) and writing n', m' into the stacks: against float64 from the equations; the other layer unchanged."""
+    check_stacked_head_norm(case, dtype, INTERPRET)
+
+
+def check_stacked_head_norm(case, dtype, interpret):
+    """``test_stacked_step_head_norm`` for one (B, NH, DHQK, DHV, config) case (shared with the Mosaic tests)."""
     B, NH, DHQK, DHV, config = case
     args, rounded = _step_inputs(5, B, NH, DHQK, DHV, jnp.dtype(dtype))
     other, _ = _step_inputs(6, B, NH, DHQK, DHV, jnp.dtype(dtype))
@@ -182,7 +187,7 @@ def test_stacked_step_head_norm(case, dtype):
     o = jnp.asarray(2 * rng.standard_normal((B, NH * DHV)), dtype)
     weight = jnp.asarray(1 + 0.3 * rng.standard_normal(NH * DHV), dtype)
     qkv = jnp.concatenate([_fused_projection(args, extra_columns=0), o, o[:, :3]], axis=1)
-    step = functools.partial(recurrent_step_pallas_stacked, layer=1, config=config, interpret=INTERPRET)
+    step = functools.partial(recurrent_step_pallas_stacked, layer=1, config=config, interpret=interpret)
     y, states = jax.jit(lambda *a, **kw: step(*a, **kw, head_norm=(weight, 1e-6)))(
         *[jnp.copy(a) for a in stack], qkv=qkv, i=args["i"], f=args["f"]
     )

@@ -13,9 +13,17 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from jax.extend.core import jaxprs_in_params
 
 from tests.kernels import INTERPRET, ON_GPU
-from tests.kernels.test_recurrent_step import _TOL_KEY, _reference, _step_inputs, assert_step_matches
+from tests.kernels.test_recurrent_step import (
+    _TOL_KEY,
+    _fused_projection,
+    _reference,
+    _step_inputs,
+    assert_step_matches,
+    check_stacked_head_norm,
+)
 from tests.numerics import TOL, assert_close, make_inputs
 from tests.reference import recurrent_ref
 from xlstm_jax.kernels import StepKernelConfig, recurrent_step_pallas, recurrent_step_pallas_stacked
@@ -38,11 +46,23 @@ CASE_IDS = ["one-row-block", "four-row-blocks", "rows128", "default"]
 
 
 def _avals(BH, DHQK, DHV, dtype=jnp.bfloat16):
+    """One layer's states (L=1) and inputs, flattened over the heads."""
     f32, S = jnp.float32, jax.ShapeDtypeStruct
     return (
-        S((BH, DHQK, DHV), f32), S((BH, DHQK), f32), S((BH,), f32),
-        S((BH, DHQK), dtype), S((BH, DHQK), dtype), S((BH, DHV), dtype), S((BH,), dtype), S((BH,), dtype),
+        S((1, BH, DHQK, DHV), f32), S((1, BH, DHQK), f32), S((1, BH), f32),
+        S((BH, DHQK), dtype), S((BH, DHQK), dtype), S((BH, DHV), dtype), S((BH, 1), dtype), S((BH, 1), dtype),
     )  # fmt: skip
+
+
+def _mosaic_calls(jaxpr) -> list:
+    """The Mosaic kernel launches (``pl.kernel``'s ``mpmd_map``) anywhere in a jaxpr."""
+    found = []
+    for eqn in jaxpr.eqns:
+        if eqn.primitive.name == "mpmd_map":
+            found.append(eqn)
+        for sub in jaxprs_in_params(eqn.params):
+            found += _mosaic_calls(sub)
+    return found
 
 
 @pytest.mark.parametrize(("BH", "DHQK", "DHV", "block_dhqk", "block_dhv", "dtype"), [
@@ -55,7 +75,23 @@ def test_mosaic_step_lowers_for_cuda_with_c_in_place(BH, DHQK, DHV, block_dhqk, 
     text = jax.jit(step, donate_argnums=0).trace(*_avals(BH, DHQK, DHV, dtype)).lower(lowering_platforms=("cuda",))
     text = text.as_text()
     assert "mosaic_gpu" in text
-    assert f"%arg0: tensor<{BH}x{DHQK}x{DHV}xf32> {{tf.aliasing_output = 1 : i32}}" in text
+    assert f"%arg0: tensor<1x{BH}x{DHQK}x{DHV}xf32> {{tf.aliasing_output = 1 : i32}}" in text
+
+
+def test_mosaic_stacked_step_lowers_with_inputs_in_place():
+    """The model's form: layer 1 of 3 stacked layers, q, k, v read from a fused projection (B, W) and the gates
+    from the gate projection (B, 2·NH), in place; the whole stack c aliased to c'."""
+    B, NH, DHQK, DHV, L = 2, 3, 128, 64, 3
+    f32, bf16, S = jnp.float32, jnp.bfloat16, jax.ShapeDtypeStruct
+    BH, W = B * NH, NH * (2 * DHQK + 2 * DHV)
+    step = functools.partial(
+        mosaic_step, eps=1e-6, layer=1, qkv_heads=NH, qkv_offsets=(0, NH * DHQK, 2 * NH * DHQK), gate_heads=NH,
+        gate_offsets=(0, NH), block_dhv=32,
+    )  # fmt: skip
+    avals = (S((L, BH, DHQK, DHV), f32), S((L, BH, DHQK), f32), S((L, BH), f32), *[S((B, W), bf16)] * 3)
+    lowered = jax.jit(step, donate_argnums=0).trace(*avals, *[S((B, 2 * NH), bf16)] * 2)
+    text = lowered.lower(lowering_platforms=("cuda",)).as_text()
+    assert f"%arg0: tensor<{L}x{BH}x{DHQK}x{DHV}xf32> {{tf.aliasing_output = 1 : i32}}" in text
 
 
 def test_mosaic_tiling_rules():
@@ -74,8 +110,8 @@ def test_mosaic_tiling_rules():
 
 
 def test_mosaic_backend_errors_outside_compiled_mode():
-    """Asked for explicitly, the Mosaic kernel refuses interpret mode, tilings it cannot run and the stacked
-    step; ``"auto"`` falls back to the Triton kernel in interpret mode."""
+    """Asked for explicitly, the Mosaic kernel refuses interpret mode (in both entry points) and tilings it
+    cannot run; ``"auto"`` falls back to the Triton kernel in interpret mode."""
     args, rounded = _step_inputs(3, 1, 2, 64, 32, jnp.float32)
     if INTERPRET:
         with pytest.raises(ValueError, match="runs compiled only"):
@@ -86,10 +122,12 @@ def test_mosaic_backend_errors_outside_compiled_mode():
     elif ON_HOPPER:
         with pytest.raises(ValueError, match="cannot tile this head shape"):
             recurrent_step_pallas(**args, config=C(block_dhv=16), interpret=False)
-    stack = {"c": args["c"][None], "n": args["n"][None], "m": args["m"][None, ..., 0]}
-    qkv = jnp.concatenate([args[x].reshape(1, -1) for x in ("q", "k", "v")], axis=1)
-    with pytest.raises(ValueError, match="stacked step has only the Triton kernel"):
-        recurrent_step_pallas_stacked(**stack, layer=0, qkv=qkv, i=args["i"], f=args["f"], config=C())
+    if INTERPRET:
+        stack = {"c": args["c"][None], "n": args["n"][None], "m": args["m"][None, ..., 0]}
+        qkv = jnp.concatenate([args[x].reshape(1, -1) for x in ("q", "k", "v")], axis=1)
+        with pytest.raises(ValueError, match="runs compiled only"):
+            step = functools.partial(recurrent_step_pallas_stacked, **stack, layer=0, qkv=qkv, interpret=True)
+            step(i=args["i"], f=args["f"], config=C(block_dhv=32))
 
 
 @needs_hopper
@@ -136,3 +174,45 @@ def test_mosaic_auto_selection_and_sequence():
         assert_close("h", h_ref, h, TOL["float32"], scale=scale)
         for name, ref, out in zip("cnm", states_ref, states, strict=True):
             assert_close(name, ref, out, TOL["float32"])
+
+
+MOSAIC_STACKED_CASE = (3, 2, 128, 64, C(block_dhv=32))  # 12 programs per layer, 2 row blocks
+
+
+@needs_hopper
+@pytest.mark.parametrize("gates", ["separate", "side-by-side"])
+@pytest.mark.parametrize("extra_columns", [0, 5], ids=["in-place", "unaligned-rows"])
+def test_mosaic_stacked_step_updates_one_layer(gates, extra_columns):
+    """The model's stacked step by the Mosaic kernel equals the Mosaic step on the layer's slice bit for bit,
+    the other layers unchanged. q, k, v are read in place from the fused projection when its rows are 16-byte
+    aligned (the TMA engine's rule), else sliced out (5 extra bfloat16 columns)."""
+    B, NH, DHQK, DHV, config = MOSAIC_STACKED_CASE
+    L, layer = 3, 2
+    layers = [_step_inputs(20 + j, B, NH, DHQK, DHV, jnp.bfloat16)[0] for j in range(L)]
+    stack = [jnp.stack([a[name] for a in layers]) for name in ("c", "n", "m")]
+    stack[2] = stack[2][..., 0]
+    x = {name: layers[layer][name] for name in ("q", "k", "v", "i", "f")}
+    qkv = _fused_projection(x, extra_columns=extra_columns)
+    gate_args = {"i": x["i"], "f": x["f"]}
+    if gates == "side-by-side":
+        gate_args = {"i": jnp.concatenate([x["i"].reshape(B, NH), x["f"].reshape(B, NH)], axis=1), "f": None}
+    step = jax.jit(
+        functools.partial(recurrent_step_pallas_stacked, layer=layer, config=config, interpret=False),
+        donate_argnums=(0, 1, 2),
+    )
+    (call,) = _mosaic_calls(jax.make_jaxpr(step)(*stack, qkv=qkv, **gate_args))
+    assert (call.invars[3].aval.shape == qkv.shape) == (extra_columns == 0)  # q read from qkv itself, or a slice
+    h, (c, n, m) = step(*[jnp.copy(a) for a in stack], qkv=qkv, **gate_args)
+    h_ref, states_ref = recurrent_step_pallas(**{name: layers[layer][name] for name in "cnm"}, **x, config=config)
+    np.testing.assert_array_equal(np.asarray(h), np.asarray(h_ref))
+    for name, new, old, ref in zip("cnm", (c, n, m), stack, states_ref, strict=True):
+        np.testing.assert_array_equal(np.asarray(new[layer]), np.asarray(ref).reshape(new.shape[1:]), err_msg=name)
+        for other in set(range(L)) - {layer}:
+            np.testing.assert_array_equal(np.asarray(new[other]), np.asarray(old[other]), err_msg=name)
+
+
+@needs_hopper
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+def test_mosaic_stacked_step_head_norm(dtype):
+    """The Mosaic stacked step with the read-out kernel after it, against float64 from the equations."""
+    check_stacked_head_norm(MOSAIC_STACKED_CASE, dtype, interpret=False)

@@ -487,7 +487,7 @@ def recurrent_step_pallas(
     if mosaic is not None:
         q2, k2, v2, i2, f2 = _flat_inputs(q, k, v, i, f)
         h, c_new, n_new, m_new = mosaic_step(
-            c.reshape(BH, DHQK, DHV), n.reshape(BH, DHQK), m.reshape(BH), q2, k2, v2, i2.reshape(BH), f2.reshape(BH),
+            c.reshape(1, BH, DHQK, DHV), n.reshape(1, BH, DHQK), m.reshape(1, BH), q2, k2, v2, i2, f2,
             eps=float(eps), block_dhqk=mosaic[0], block_dhv=mosaic[1], depth=config.pipeline_depth,
         )  # fmt: skip
         return h.reshape(B, NH, DHV), (c_new.reshape(c.shape), n_new.reshape(n.shape), m_new.reshape(m.shape))
@@ -564,11 +564,14 @@ def recurrent_step_pallas_stacked(
     m_layer = jax.ShapeDtypeStruct((*m.shape[1:], 1), m.dtype)
     i, f = check_step_inputs(*layer_states, m_layer, q, k, v, i, f)
     mode, config = _check_kernel_call(c, q, k, v, i, f, eps, config, interpret)
-    if config.backend == "mosaic":
-        raise ValueError("the stacked step has only the Triton kernel; use backend='auto' or 'triton'")
     if mode == "xla":
         return recurrent_step_stacked_fw(c, n, m, layer, qkv, i, f, eps=eps, head_norm=head_norm)
     BH = B * NH
+    mosaic = _mosaic_tiling(config, mode, BH, DHQK, DHV)
+    if mosaic is not None:
+        qkv_args, gate_args = (qkv, (q, k, v)), (i, f, gates)
+        h, c_new, n_new, m_new = _stacked_mosaic(c, n, m, layer, qkv_args, gate_args, eps, config, mosaic, head_norm)
+        return _stacked_outputs(h, c_new, n_new, m_new, c, n, m, layer, head_norm)
     block_dhv, splits, _ = config.splits(BH, DHQK, DHV)
     rows = DHQK // splits
     fused = (NH, 0, NH * DHQK, 2 * NH * DHQK)
@@ -593,11 +596,57 @@ def recurrent_step_pallas_stacked(
         fused_gates=None if gates is None else NH,
         head_out=None if head_norm is None else _head_out_args(qkv, head_norm, NH, DHQK, DHV),
     )
-    if head_norm is not None:  # the head_norm kernel wrote n' and m' into the stacks
+    return _stacked_outputs(h, c_new, n_new, m_new, c, n, m, layer, head_norm)
+
+
+def _stacked_outputs(h, c_new, n_new, m_new, c, n, m, layer, head_norm):
+    """The stacked step's return value from a kernel's: with ``head_norm``, the read-out and the stacks (the
+    read-out kernel wrote n' and m' into them); else h and the layer's n', m' set into the stacks."""
+    if head_norm is not None:
         return h, (c_new.reshape(c.shape), n_new.reshape(n.shape), m_new.reshape(m.shape))
-    n_new = n.at[layer].set(n_new.reshape(B, NH, DHQK))
-    m_new = m.at[layer].set(m_new.reshape(B, NH))
-    return h.reshape(B, NH, DHV), (c_new.reshape(c.shape), n_new, m_new)
+    n_new = n.at[layer].set(n_new.reshape(n.shape[1:]))
+    m_new = m.at[layer].set(m_new.reshape(m.shape[1:]))
+    return h.reshape(*c.shape[1:3], -1), (c_new.reshape(c.shape), n_new, m_new)
+
+
+def _stacked_mosaic(c, n, m, layer, qkv_args, gate_args, eps, config, tiling, head_norm):
+    """The stacked step by the Mosaic kernel (``tiling = (block_dhqk, block_dhv)``), then (with ``head_norm``)
+    the read-out kernel.
+
+    With ``qkv_args = (qkv, (q, k, v))`` the kernel reads q, k and v in place from the fused projection
+    ``qkv`` when its rows are 16-byte aligned (the TMA engine's rule; true of models' projections), else from
+    the sliced q, k, v; with ``gate_args = (i, f, gates)`` it reads the gates in place, from the gate
+    projection ``gates`` when there is one.
+
+    Returns:
+        As ``_step_call``: ``(h (BH, DHV) or the read-out, c' (the stack), n', m')``.
+    """
+    L, B, NH, DHQK, DHV = c.shape
+    BH = B * NH
+    qkv, qkv_split = qkv_args
+    kw = {"eps": float(eps), "layer": layer, "block_dhqk": tiling[0], "block_dhv": tiling[1]}
+    kw["depth"] = config.pipeline_depth
+    if qkv.shape[1] * qkv.dtype.itemsize % 16 == 0:
+        sources = (qkv, qkv, qkv)
+        kw |= {"qkv_heads": NH, "qkv_offsets": (0, NH * DHQK, 2 * NH * DHQK)}
+    else:
+        sources = tuple(x.reshape(BH, -1) for x in qkv_split)
+    i, f, gates = gate_args
+    if gates is None:
+        sources += (i.reshape(BH, 1), f.reshape(BH, 1))
+    else:
+        sources += (gates, gates)
+        kw |= {"gate_heads": NH, "gate_offsets": (0, NH)}
+    states = (c.reshape(L, BH, DHQK, DHV), n.reshape(L, BH, DHQK), m.reshape(L, BH))
+    h, c_new, n_new, m_new = mosaic_step(*states, *sources, **kw)
+    if head_norm is None:
+        return h, c_new, n_new, m_new
+    qkv_o, weight, norm_eps, _, o_offset = _head_out_args(qkv, head_norm, NH, DHQK, DHV)
+    y, n_stack, m_stack = _head_out_call(
+        h, None, m_new.reshape(BH, 1), n_new, states[1], m.reshape(L, BH, 1), layer, qkv_o, weight,
+        NH=NH, o_offset=o_offset, eps=float(eps), norm_eps=norm_eps, interpret=False,
+    )  # fmt: skip
+    return y, c_new, n_stack, m_stack
 
 
 def _head_out_args(qkv, head_norm, NH, DHQK, DHV) -> tuple:

@@ -77,35 +77,48 @@ def device_supports_mosaic() -> bool:
 
 
 def _step_body(
-    c_ref,  # (BH, DHQK, DHV) float32 in GMEM, read and written in place
-    n_ref,  # (BH, DHQK) float32
-    m_ref,  # (BH,) float32
-    q_ref,  # (BH, DHQK)
-    k_ref,  # (BH, DHQK)
-    v_ref,  # (BH, DHV)
-    i_ref,  # (BH,)
-    f_ref,  # (BH,)
+    c_ref,  # (L, BH, DHQK, DHV) float32 in GMEM: layer `layer` is read and written in place
+    n_ref,  # (L, BH, DHQK) float32
+    m_ref,  # (L, BH) float32
+    q_ref,  # (R, W): head bh's q at row bh // qkv_heads, columns q_offset + (bh % qkv_heads)·DHQK onwards
+    k_ref,  # (R, W): likewise at k_offset
+    v_ref,  # (R, W): likewise at v_offset, DHV columns
+    i_ref,  # (R, W): head bh's i at row bh // gate_heads, column i_offset + bh % gate_heads
+    f_ref,  # (R, W): likewise at f_offset
     h_ref,  # (BH, DHV) in q's dtype
     n_out_ref,  # (BH, DHQK) float32, a fresh buffer
     m_out_ref,  # (BH,) float32, a fresh buffer
     *,
     eps: float,
+    layer: int,
+    qkv_heads: int,
+    qkv_offsets: tuple[int, int, int],
+    gate_heads: int,
+    gate_offsets: tuple[int, int],
     block_dhqk: int,
     block_dhv: int,
     depth: int,
 ):
     f32 = jnp.float32
-    DHQK = c_ref.shape[1]
+    DHQK = c_ref.shape[2]
     rows, cols = block_dhqk, block_dhv
     scale = 1.0 / math.sqrt(DHQK)
     tile_layout = plgpu.Layout.WGMMA
     row_layout, col_layout = tile_layout.reduce(1), tile_layout.reduce(0)  # (rows,) and (cols,) vectors
     bh, vb = lax.axis_index("bh"), lax.axis_index("vb")
 
-    m_new, f_act, i_act = step_gates(
-        m_ref[bh], i_ref[bh].astype(f32), f_ref[bh].astype(f32), log_forget=log_forget_gate_no_log1p
-    )
-    v = load_ref(v_ref.at[bh, pl.ds(vb * cols, cols)], col_layout, optimized=False).astype(f32)
+    def head_columns(ref, offset, size):
+        """This head's ``size`` columns of a q, k or v source."""
+        return ref.at[bh // qkv_heads, pl.ds(offset + (bh % qkv_heads) * size, size)]
+
+    def gate(ref, offset):
+        return ref[bh // gate_heads, offset + bh % gate_heads].astype(f32)
+
+    q_offset, k_offset, v_offset = qkv_offsets
+    i, f = gate(i_ref, gate_offsets[0]), gate(f_ref, gate_offsets[1])
+    m_new, f_act, i_act = step_gates(m_ref[layer, bh], i, f, log_forget=log_forget_gate_no_log1p)
+    v_head = head_columns(v_ref, v_offset, c_ref.shape[3])
+    v = load_ref(v_head.at[pl.ds(vb * cols, cols)], col_layout, optimized=False).astype(f32)
     v_tile = lax.broadcast_in_dim(v, (rows, cols), (1,))
 
     def update(index, c_smem, q_smem, k_smem, n_smem, c_out_smem, partial_sums):
@@ -132,6 +145,7 @@ def _step_body(
         plgpu.layout_cast(jnp.zeros((rows, cols), f32), tile_layout),
         plgpu.layout_cast(jnp.zeros((rows,), f32), row_layout),
     )
+    c_head = c_ref.at[layer, bh]
     acc, acc_n = plgpu.emit_pipeline(
         update,
         grid=(DHQK // rows,),
@@ -139,7 +153,7 @@ def _step_body(
         out_specs=[tile],
         max_concurrent_steps=depth,
         init_carry=zeros,
-    )(c_ref.at[bh], q_ref.at[bh], k_ref.at[bh], n_ref.at[bh], c_ref.at[bh])
+    )(c_head, head_columns(q_ref, q_offset, DHQK), head_columns(k_ref, k_offset, DHQK), n_ref.at[layer, bh], c_head)
     num = jnp.sum(acc, axis=0)
     h_ref[bh, pl.ds(vb * cols, cols)] = (num / normalizer(jnp.sum(acc_n, axis=0), m_new, eps)).astype(h_ref.dtype)
 
@@ -148,45 +162,76 @@ def _step_body(
         m_out_ref[bh] = m_new
 
 
-@functools.partial(jax.jit, static_argnames=("eps", "block_dhqk", "block_dhv", "depth"))
+_STATIC = ("eps", "layer", "qkv_heads", "qkv_offsets", "gate_heads", "gate_offsets", "block_dhqk", "block_dhv", "depth")
+
+
+@functools.partial(jax.jit, static_argnames=_STATIC)
 def mosaic_step(
-    c: jax.Array,  # (BH, DHQK, DHV) float32
-    n: jax.Array,  # (BH, DHQK) float32
-    m: jax.Array,  # (BH,) float32
-    q: jax.Array,  # (BH, DHQK)
-    k: jax.Array,  # (BH, DHQK)
-    v: jax.Array,  # (BH, DHV)
-    i: jax.Array,  # (BH,)
-    f: jax.Array,  # (BH,)
+    c: jax.Array,  # (L, BH, DHQK, DHV) float32
+    n: jax.Array,  # (L, BH, DHQK) float32
+    m: jax.Array,  # (L, BH) float32
+    q: jax.Array,  # (R, W): see qkv_heads
+    k: jax.Array,  # (R, W)
+    v: jax.Array,  # (R, W)
+    i: jax.Array,  # (R, W): see gate_heads
+    f: jax.Array,  # (R, W)
     *,
     eps: float,
+    layer: int = 0,
+    qkv_heads: int = 1,
+    qkv_offsets: tuple[int, int, int] = (0, 0, 0),
+    gate_heads: int = 1,
+    gate_offsets: tuple[int, int] = (0, 0),
     block_dhqk: int = 64,
     block_dhv: int = 64,
     depth: int = 2,
 ) -> tuple[jax.Array, jax.Array, jax.Array, jax.Array]:
-    """One step for ``BH`` flattened heads (the caller checks shapes and dtypes); c is stepped in place.
+    """One step of layer ``layer`` of ``BH = B·NH`` flattened heads stacked over L layers; c is stepped in place.
 
-    Jitted (a GMEM reference exists only inside ``jax.jit``): inlined into a caller's jit, where a donated c
-    is updated in place; called eagerly, c is copied first (JAX cannot donate it).
+    The caller checks shapes and dtypes. Jitted (a GMEM reference exists only inside ``jax.jit``): inlined
+    into a caller's jit, where a donated c is updated in place; called eagerly, c is copied first (JAX cannot
+    donate it).
+
+    Inputs are read where they lie, so that a model's decode step needs no slicing copies: head ``bh`` finds
+    its q in row ``bh // qkv_heads`` of ``q`` at columns ``q_offset + (bh % qkv_heads)·DHQK`` onwards (k and v
+    likewise, v with DHV columns), and its input gate at ``i[bh // gate_heads, i_offset + bh % gate_heads]``
+    (f likewise). One layer's arrays are (BH, DHQK) q, k, (BH, DHV) v and (BH, 1) gates with the defaults; a
+    model's fused projection (B, W) has ``qkv_heads = NH`` and offsets ``(0, NH·DHQK, 2·NH·DHQK)``, its gate
+    projection (B, 2·NH) ``gate_heads = NH`` and offsets ``(0, NH)``. The TMA engine reads q and k, so their
+    rows must be 16-byte aligned (the row length in bytes a multiple of 16).
 
     Args:
-        c, n, m, q, k, v, i, f: The states and inputs of ``BH = B·NH`` heads, flattened.
+        c, n, m: The stacked states: c (L, BH, DHQK, DHV), n (L, BH, DHQK), m (L, BH), float32.
+        q, k, v, i, f: The inputs' sources, 2-D, as above.
         eps: Added to the normaliser; a Python float.
+        layer: Which layer to step, in [0, L).
+        qkv_heads, qkv_offsets, gate_heads, gate_offsets: Where the inputs lie, as above.
         block_dhqk: Rows of c per pipeline step (a multiple of 64).
         block_dhv: Columns of c per program (a multiple of 32).
         depth: Row blocks in flight per program (``emit_pipeline``'s ``max_concurrent_steps``).
 
     Returns:
-        ``(h (BH, DHV) in q's dtype, c', n' (BH, DHQK), m' (BH,))``.
+        ``(h (BH, DHV) in q's dtype, c' (the whole stack), n' (BH, DHQK), m' (BH,))``: n' and m' of the layer.
 
     Raises:
         ValueError: the tiling does not fit the head shape (:func:`mosaic_step_unsupported`).
     """
-    BH, DHQK, DHV = c.shape
+    _, BH, DHQK, DHV = c.shape
     reason = mosaic_step_unsupported(DHQK, DHV, block_dhqk, block_dhv)
     if reason is not None:
         raise ValueError(f"the Mosaic GPU step kernel cannot run this shape: {reason}")
-    body = functools.partial(_step_body, eps=eps, block_dhqk=block_dhqk, block_dhv=block_dhv, depth=depth)
+    body = functools.partial(
+        _step_body,
+        eps=eps,
+        layer=layer,
+        qkv_heads=qkv_heads,
+        qkv_offsets=qkv_offsets,
+        gate_heads=gate_heads,
+        gate_offsets=gate_offsets,
+        block_dhqk=block_dhqk,
+        block_dhv=block_dhv,
+        depth=depth,
+    )
     f32 = jnp.float32
     kernel = pl.kernel(
         body,
