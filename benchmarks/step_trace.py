@@ -10,9 +10,9 @@ float32 state, bfloat16 inputs) under ``jax.profiler``, and the trace gives, per
 main kernel (median), the other kernels XLA launches around it (the DHQK-split epilogue, copies of the fresh
 n and m into the loop carry), and the span from the first kernel's start to the last one's end. The same
 loop over a copy of the state (``c * a``, read and written once, in place) gives what moving the state's
-bytes costs on its own, by XLA's fused loop, by a Pallas (Triton) kernel with the Triton step's tiles and by
-a Mosaic GPU kernel with the Mosaic step's pipeline: the floor a step kernel can reach on this device, next
-to the nominal one (bytes at 4.27 TB/s).
+bytes costs on its own, by XLA's fused loop, by a Pallas (Triton) kernel with the Triton step's tiles or
+with one 16-byte vector per thread (as XLA's), and by a Mosaic GPU kernel with the Mosaic step's pipeline:
+the floor a step kernel can reach on this device, next to the nominal one (bytes at 4.27 TB/s).
 Each variant is first checked against the XLA step on the same inputs (max |diff| / max |ref|).
 """
 
@@ -190,6 +190,8 @@ def main() -> None:
         a = jnp.full((1,), 1.0001, F32)
         copies = {"xla_copy": lambda c, a=a: c * a[0]}
         copies["pallas_copy_64x64_w4"] = functools.partial(copy_pallas, a=a, rows=64, cols=64, warps=4)
+        # one 16-byte vector per thread, as XLA's copy: the fastest a Pallas kernel moved c (copy_ceiling.py)
+        copies["pallas_copy_1x512_w4"] = functools.partial(copy_pallas, a=a, rows=1, cols=512, warps=4)
         copies["mosaic_copy_64x64_d2"] = functools.partial(copy_mosaic, a=a)
         if jax.default_backend() != "gpu":
             continue

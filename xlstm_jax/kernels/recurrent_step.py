@@ -27,7 +27,7 @@ On Hopper GPUs, large grids run a second kernel for the same function instead, w
 :func:`_mosaic_tiling`): it streams c through shared memory with the TMA engine, 1.05x the copy floor at
 B=128 on an H200 against this kernel's 1.12x.
 
-Two entry points share the (Triton) kernel: :func:`recurrent_step_pallas` on one layer's states, and
+Two entry points share both kernels: :func:`recurrent_step_pallas` on one layer's states, and
 :func:`recurrent_step_pallas_stacked`, a model's decode step on one layer of states stacked over the layers
 (c's slice stepped in place, q, k, v read from the fused projection).
 """
@@ -521,8 +521,10 @@ def recurrent_step_pallas_stacked(
     """The step of :func:`recurrent_step_pallas` as a model's decode step: on layer ``layer`` of states stacked
     over L layers, with q, k, v read from the layer's fused input projection.
 
-    The kernel reads and writes the layer's slice of the stacked c in place (n and m, DHV times smaller, go
-    through a slice update after the kernel: see ``_step_call``), so a donated stack is never copied; slicing
+    The kernel (Triton, or the Mosaic one where ``config.backend`` selects it, as for
+    :func:`recurrent_step_pallas`) reads and writes the layer's slice of the stacked c in place (n and m,
+    DHV times smaller, go through a slice update after the kernel: see ``_step_call``), so a donated stack is
+    never copied; slicing
     the layer's c out and writing it back would copy it twice (4.2 MB per layer and token at batch 1 for
     xLSTM-7B). It reads q, k and v in place from ``qkv`` where their offsets fall on its block boundaries
     (always for xLSTM shapes), which saves a copy kernel for each.

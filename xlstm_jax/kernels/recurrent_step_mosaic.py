@@ -4,7 +4,7 @@ The same function as the Triton kernel of :mod:`xlstm_jax.kernels.recurrent_step
 picks between them: ``StepKernelConfig.backend``). It exists because on an H200 it moves the state faster:
 at B=128 (NH=8, DHQK=256, DHV=512) the Triton kernel runs at 1.10x the copy floor and this one at 1.04x, at
 B=32 1.14x against 1.10x (BENCHMARKS.md, issue 4). A Triton kernel that only copies the state already takes
-1.03-1.07x; the TMA engine's bulk copies, two row blocks in flight per program, get closer.
+1.03-1.07x in the step's 64x64 tiles; the TMA engine's bulk copies, two row blocks in flight per program, get closer.
 
 Layout. One program (a CUDA block of one warpgroup, 128 threads) owns one head and one block of
 ``block_dhv`` columns of c. It walks the head's DHQK rows ``block_dhqk`` at a time in a pipeline
@@ -13,6 +13,11 @@ Layout. One program (a CUDA block of one warpgroup, 128 threads) owns one head a
 writes the updated block back into c, in place. The c tile lives in registers in the WGMMA layout, so that
 row vectors (k, q, n) and column vectors (v) broadcast onto it without shuffles, and the partial sums
 ``Σ_rows q̂ ⊙ c'`` and ``Σ q̂ ⊙ n'`` are kept elementwise and reduced once after the pipeline.
+
+Stacked states. The kernel steps one layer of states stacked over a model's layers (the layer index is an
+operand, so all layers share one kernel), and reads q, k, v and the gates where they lie, such as a model's
+fused projection (:func:`mosaic_step`'s ``qkv_heads``, ``gate_heads`` and offsets): a model's decode step
+needs no slicing copies around it.
 
 In place. c is passed as a GMEM reference (``jax.new_ref``) and written through it, which ``pl.kernel``
 turns into an input-output alias: under ``jax.jit`` with c donated, no copy of c is made. n' and m' go to
