@@ -212,7 +212,7 @@ def mosaic_step(
         eps: Added to the normaliser; a Python float.
         layer: Which layer to step, in [0, L) (unchecked). An operand of the kernel, not compiled into it, so
             that the L layers of a model run the same kernel: with the layer compiled in, the 32-layer
-            xLSTM-7B decode took 30-34 s to compile on an H200, against 8-9 s.
+            xLSTM-7B decode took 29-35 s to compile on an H200, against 7.6-9.2 s.
         qkv_heads, qkv_offsets, gate_heads, gate_offsets: Where the inputs lie, as above.
         block_dhqk: Rows of c per pipeline step (a multiple of 64).
         block_dhv: Columns of c per program (a multiple of 32).
