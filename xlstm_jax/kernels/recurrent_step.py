@@ -524,10 +524,9 @@ def recurrent_step_pallas_stacked(
     The kernel (Triton, or the Mosaic one where ``config.backend`` selects it, as for
     :func:`recurrent_step_pallas`) reads and writes the layer's slice of the stacked c in place (n and m,
     DHV times smaller, go through a slice update after the kernel: see ``_step_call``), so a donated stack is
-    never copied; slicing
-    the layer's c out and writing it back would copy it twice (4.2 MB per layer and token at batch 1 for
-    xLSTM-7B). It reads q, k and v in place from ``qkv`` where their offsets fall on its block boundaries
-    (always for xLSTM shapes), which saves a copy kernel for each.
+    never copied; slicing the layer's c out and writing it back would copy it twice (4.2 MB per layer and
+    token at batch 1 for xLSTM-7B). It reads q, k and v in place from ``qkv`` where their offsets fall on its
+    block boundaries (always for xLSTM shapes), which saves a copy kernel for each.
 
     Args:
         c: Memory states of shape (L, B, NH, DHQK, DHV), float32; aliased to the returned stack.
@@ -626,8 +625,13 @@ def _stacked_mosaic(c, n, m, layer, qkv_args, gate_args, eps, config, tiling, he
     L, B, NH, DHQK, DHV = c.shape
     BH = B * NH
     qkv, qkv_split = qkv_args
-    kw = {"eps": float(eps), "layer": layer, "block_dhqk": tiling[0], "block_dhv": tiling[1]}
-    kw["depth"] = config.pipeline_depth
+    kw = {
+        "eps": float(eps),
+        "layer": layer,
+        "block_dhqk": tiling[0],
+        "block_dhv": tiling[1],
+        "depth": config.pipeline_depth,
+    }
     if qkv.shape[1] * qkv.dtype.itemsize % 16 == 0:
         sources = (qkv, qkv, qkv)
         kw |= {"qkv_heads": NH, "qkv_offsets": (0, NH * DHQK, 2 * NH * DHQK)}
