@@ -21,6 +21,7 @@ __all__ = [
     "check_head_dims",
     "check_kernel_dtypes",
     "kernel_mode",
+    "kernel_supports_head_dims",
 ]
 
 MIN_HEAD_DIM = 16  # xLSTM models use 64 to 512; 16 and 32 also work (small test shapes) at no cost.
@@ -34,6 +35,11 @@ _INPUT_DTYPES = (jnp.dtype(jnp.float32), jnp.dtype(jnp.bfloat16), jnp.dtype(jnp.
 
 def _is_pow2(x: int) -> bool:
     return x > 0 and (x & (x - 1)) == 0
+
+
+def kernel_supports_head_dims(DHQK: int, DHV: int) -> bool:
+    """Whether the Pallas mLSTM kernels cover heads of (DHQK, DHV): powers of two in [MIN_HEAD_DIM, MAX_HEAD_DIM]."""
+    return all(_is_pow2(d) and MIN_HEAD_DIM <= d <= MAX_HEAD_DIM for d in (DHQK, DHV))
 
 
 def check_head_dims(DHQK: int, DHV: int) -> None:
