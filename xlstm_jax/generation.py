@@ -1,10 +1,10 @@
 """Text generation with the xLSTM language model: one prefill call, then a jitted decode loop.
 
 1. **Prefill**: the whole (left-padded) prompt batch runs through the model once with the prefill
-   backend (``config.prefill_backend``, the chunkwise form by default), which returns the states of every
+   backend (``runtime.prefill_backend``, the chunkwise form by default), which returns the states of every
    block after the prompt and the logits of its last position.
 2. **Decode**: ``lax.while_loop`` repeats *sample a token, feed it through the model with the one-token
-   decode step* (``config.step_backend``) until ``max_new_tokens`` or until every sequence has emitted a
+   decode step* (``runtime.step_backend``) until ``max_new_tokens`` or until every sequence has emitted a
    stop token. The loop is one compiled program: shapes do not change from token to token, so nothing is
    recompiled per token, and the state buffers are donated so that XLA updates them in place.
 
@@ -40,6 +40,7 @@ import numpy as np
 
 from xlstm_jax.models.xlstm_parallel.config import xLSTMLMConfig
 from xlstm_jax.models.xlstm_parallel.model import ModelStates, xLSTMLMModel
+from xlstm_jax.models.xlstm_parallel.runtime import RuntimeConfig
 
 __all__ = ["GenerationResult", "SamplingConfig", "generate", "pad_prompts", "prefill", "sample_logits", "stream"]
 
@@ -155,13 +156,9 @@ class _Carry(NamedTuple):
     all_logits: jax.Array | None  # (B, N, V) float32 or None
 
 
-def _model(config: xLSTMLMConfig) -> xLSTMLMModel:
-    return xLSTMLMModel(config)
-
-
-@functools.partial(jax.jit, static_argnames=("config",))
-def _prefill(config: xLSTMLMConfig, params: Any, input_ids: jax.Array, valid: jax.Array | None):
-    logits, states = _model(config).apply(
+@functools.partial(jax.jit, static_argnames=("config", "runtime"))
+def _prefill(config: xLSTMLMConfig, runtime: RuntimeConfig, params: Any, input_ids: jax.Array, valid: jax.Array | None):
+    logits, states = xLSTMLMModel(config, runtime).apply(
         {"params": params}, input_ids, None, valid, return_states=True, last_only=True
     )
     return logits[:, 0], states
@@ -172,13 +169,16 @@ def prefill(
     params: Any,
     input_ids: jax.Array,  # (B, S) int
     valid: jax.Array | None = None,  # (B, S) bool, False at (left) padding
+    *,
+    runtime: RuntimeConfig = RuntimeConfig(),
 ) -> tuple[jax.Array, ModelStates]:
     """Runs the prompt through the model once with the prefill backend (jitted).
 
     Returns:
         The logits of the last position (B, V) float32 and the states of every block (``ModelStates``).
     """
-    return _prefill(config, params, jnp.asarray(input_ids, jnp.int32), None if valid is None else jnp.asarray(valid))
+    valid = None if valid is None else jnp.asarray(valid)
+    return _prefill(config, runtime, params, jnp.asarray(input_ids, jnp.int32), valid)
 
 
 def _sample_part(sampling: SamplingConfig, pad_token_id: int, carry: _Carry, key: jax.Array, stop: jax.Array):
@@ -197,10 +197,12 @@ def _sample_part(sampling: SamplingConfig, pad_token_id: int, carry: _Carry, key
     return token, carry
 
 
-def _step_part(config: xLSTMLMConfig, params: Any, carry: _Carry, token: jax.Array, stop: jax.Array) -> _Carry:
+def _step_part(
+    config: xLSTMLMConfig, runtime: RuntimeConfig, params: Any, carry: _Carry, token: jax.Array, stop: jax.Array
+) -> _Carry:
     """Feeds token t through the model (a no-op step for finished sequences) and advances t."""
     live = ~carry.done
-    logits, states = _model(config).apply(
+    logits, states = xLSTMLMModel(config, runtime).apply(
         {"params": params}, token[:, None], carry.states, live[:, None], decode=True, return_states=True
     )
     done = carry.done | jnp.isin(token, stop)
@@ -209,11 +211,12 @@ def _step_part(config: xLSTMLMConfig, params: Any, carry: _Carry, token: jax.Arr
 
 @functools.partial(
     jax.jit,
-    static_argnames=("config", "sampling", "max_new_tokens", "pad_token_id", "return_logits"),
+    static_argnames=("config", "runtime", "sampling", "max_new_tokens", "pad_token_id", "return_logits"),
     donate_argnames=("states",),
 )
 def _decode_loop(
     config: xLSTMLMConfig,
+    runtime: RuntimeConfig,
     sampling: SamplingConfig,
     max_new_tokens: int,
     pad_token_id: int,
@@ -231,7 +234,7 @@ def _decode_loop(
 
     def body(c: _Carry) -> _Carry:
         token, c = _sample_part(sampling, pad_token_id, c, key, stop)
-        return _step_part(config, params, c, token, stop)
+        return _step_part(config, runtime, params, c, token, stop)
 
     return jax.lax.while_loop(cond, body, carry)
 
@@ -297,12 +300,13 @@ def generate(
     pad_token_id: int | None = None,
     pad_to_multiple_of: int = 1,
     return_logits: bool = False,
+    runtime: RuntimeConfig = RuntimeConfig(),
 ) -> GenerationResult:
     """Generates up to ``max_new_tokens`` tokens after each prompt.
 
     Args:
-        config: The model config (its backends are used: prefill, then the decode step).
-        params: The model parameters.
+        config: The model config.
+        params: The model parameters (laid out for ``runtime.scan_blocks``).
         prompts: B token-id lists (any lengths >= 1; left-padded), or an int array (B, S).
         max_new_tokens: N, the number of decode steps at most.
         sampling: Greedy by default.
@@ -311,6 +315,7 @@ def generate(
         pad_token_id: Id for padding and for the positions after a stop token; None for the config's.
         pad_to_multiple_of: See :func:`pad_prompts`.
         return_logits: Also return the (B, N, V) logits each token was drawn from.
+        runtime: How the model runs: the prefill backend, then the decode step (``RuntimeConfig``).
 
     Returns:
         A :class:`GenerationResult`.
@@ -321,8 +326,10 @@ def generate(
     ids, valid, key, stop, pad = _prepare(
         config, prompts, max_new_tokens, sampling, key, stop_tokens, pad_token_id, pad_to_multiple_of
     )
-    logits, states = _prefill(config, params, ids, valid)
-    carry = _decode_loop(config, sampling, max_new_tokens, pad, return_logits, params, states, logits, key, stop)
+    logits, states = _prefill(config, runtime, params, ids, valid)
+    carry = _decode_loop(
+        config, runtime, sampling, max_new_tokens, pad, return_logits, params, states, logits, key, stop
+    )
     return GenerationResult(carry.tokens, carry.num_generated, carry.all_logits, carry.states)
 
 
@@ -331,9 +338,9 @@ def _sample_jit(sampling, pad_token_id, carry, key, stop):
     return _sample_part(sampling, pad_token_id, carry, key, stop)
 
 
-@functools.partial(jax.jit, static_argnames=("config",), donate_argnames=("carry",))
-def _step_jit(config, params, carry, token, stop):
-    return _step_part(config, params, carry, token, stop)
+@functools.partial(jax.jit, static_argnames=("config", "runtime"), donate_argnames=("carry",))
+def _step_jit(config, runtime, params, carry, token, stop):
+    return _step_part(config, runtime, params, carry, token, stop)
 
 
 def stream(
@@ -347,6 +354,7 @@ def stream(
     stop_tokens: Sequence[int] | None = None,
     pad_token_id: int | None = None,
     pad_to_multiple_of: int = 1,
+    runtime: RuntimeConfig = RuntimeConfig(),
 ) -> Iterator[np.ndarray]:
     """Like :func:`generate`, but yields each step's tokens (B,) as soon as they are drawn.
 
@@ -358,13 +366,13 @@ def stream(
     ids, valid, key, stop, pad = _prepare(
         config, prompts, max_new_tokens, sampling, key, stop_tokens, pad_token_id, pad_to_multiple_of
     )
-    logits, states = _prefill(config, params, ids, valid)
+    logits, states = _prefill(config, runtime, params, ids, valid)
     carry = _initial_carry(states, logits, max_new_tokens, False)
     done = np.zeros(ids.shape[0], bool)
     for t in range(max_new_tokens):
         token, carry = _sample_jit(sampling, pad, carry, key, stop)
         if t + 1 < max_new_tokens:
-            carry = _step_jit(config, params, carry, token, stop)
+            carry = _step_jit(config, runtime, params, carry, token, stop)
         token = np.asarray(token)
         yield token
         done |= np.isin(token, np.asarray(stop))

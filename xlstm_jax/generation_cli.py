@@ -31,8 +31,8 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--step-backend",
         default=None,
-        help="mLSTM decode step (name); default: recurrent_pallas with unrolled blocks (the Pallas kernel on a GPU, "
-        "the XLA step elsewhere), the config's step_backend with --scan-blocks",
+        help="mLSTM decode step: auto (default: the Pallas kernel on a GPU where it covers the head shape, the XLA "
+        "step elsewhere), recurrent or recurrent_pallas",
     )
     p.add_argument(
         "--scan-blocks",
@@ -74,24 +74,23 @@ def main(argv: Sequence[str]) -> int:
 
     from xlstm_jax.generation import SamplingConfig, stream
     from xlstm_jax.models.xlstm_parallel.hf import load_hf
+    from xlstm_jax.models.xlstm_parallel.runtime import RuntimeConfig
 
     tokenizer_file = args.model_dir / "tokenizer.json"
     if not tokenizer_file.exists():
         sys.stderr.write(f"{tokenizer_file} does not exist\n")
         return 2
-    overrides = {"scan_blocks": args.scan_blocks}
+    overrides = {}
     if args.dtype is not None:
         overrides.update(dtype=args.dtype, param_dtype=args.dtype)
+    runtime_fields = {"scan_blocks": args.scan_blocks}
     if args.prefill_backend is not None:
-        overrides["prefill_backend"] = args.prefill_backend
+        runtime_fields["prefill_backend"] = args.prefill_backend
     if args.step_backend is not None:
-        overrides["step_backend"] = args.step_backend
-    elif not args.scan_blocks:
-        # Unrolled blocks take the stacked Pallas step, which updates each layer's states in place: on an H200
-        # 4.2 against 4.5 ms/token at B=1 for xLSTM-7B (BENCHMARKS.md). Without a GPU it is the XLA step.
-        overrides["step_backend"] = "recurrent_pallas"
+        runtime_fields["step_backend"] = args.step_backend
     try:
-        config, params = load_hf(args.model_dir, **overrides)
+        runtime = RuntimeConfig(**runtime_fields)
+        config, params = load_hf(args.model_dir, scan_blocks=runtime.scan_blocks, **overrides)
         sampling = SamplingConfig(temperature=args.temperature, top_k=args.top_k, top_p=args.top_p)
     except (FileNotFoundError, ValueError) as e:
         sys.stderr.write(f"error: {e}\n")
@@ -105,6 +104,7 @@ def main(argv: Sequence[str]) -> int:
         "sampling": sampling,
         "key": jax.random.key(args.seed),
         "stop_tokens": () if args.no_stop else None,
+        "runtime": runtime,
     }
     if args.warmup:
         for _ in stream(config, params, [prompt_ids], args.max_new_tokens, **kwargs):

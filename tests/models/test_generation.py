@@ -5,6 +5,7 @@ from __future__ import annotations
 import functools
 
 import jax
+import jax.extend
 import jax.numpy as jnp
 import numpy as np
 import pytest
@@ -15,7 +16,8 @@ from tests.numerics import TOL, assert_close
 from xlstm_jax.generation import SamplingConfig, _step_jit, generate, pad_prompts, sample_logits, stream
 from xlstm_jax.models.xlstm_parallel.blocks.mlstm.backend import BACKENDS, create_mlstm_backend
 from xlstm_jax.models.xlstm_parallel.blocks.mlstm.layer import PAD_IGATE, STEP_FUNCTIONS, resolve_step_fn
-from xlstm_jax.models.xlstm_parallel.model import xLSTMLMModel
+from xlstm_jax.models.xlstm_parallel.model import ModelStates, xLSTMLMModel
+from xlstm_jax.models.xlstm_parallel.runtime import DecodeFusion, KernelMode, RuntimeConfig
 
 SAMPLED = SamplingConfig(temperature=1.0, top_k=20, top_p=0.95)
 # Prompts from the peer prompt: lengths 21 and 4, so with chunks of 16 the short one's 17 padded positions
@@ -25,135 +27,109 @@ PROMPTS = [peer()["prompt"][0].tolist(), peer()["prompt"][0, 5:9].tolist()]
 
 def test_greedy_matches_peer():
     """The transformers model's greedy continuation, token for token, and the logits it chose from."""
-    config, params = load()
-    out = generate(config, params, peer()["prompt"], 24, stop_tokens=(), return_logits=True)
+    config, params, rt = load()
+    out = generate(config, params, peer()["prompt"], 24, stop_tokens=(), return_logits=True, runtime=rt)
     np.testing.assert_array_equal(np.asarray(out.tokens), peer()["greedy"])
     np.testing.assert_array_equal(np.asarray(out.num_generated), [24])
     assert_close("decode logits", peer()["greedy_logits"], out.logits, TOL["float32-model"])
 
 
+# The model's kernels in Pallas interpret mode on a CPU, compiled on a GPU: the kernels' own code runs either way.
+KERNELS = KernelMode.INTERPRET if INTERPRET else KernelMode.COMPILED
+
+
+def _kernels_in_jaxpr(config, params, rt) -> set[str]:
+    """Names of the Pallas kernels in one decode step of the model (``pallas_call`` equations of its jaxpr)."""
+    states = ModelStates.zeros(config, 1)
+    model = xLSTMLMModel(config, rt)
+    step = lambda p, s: model.apply({"params": p}, jnp.ones((1, 1), jnp.int32), s, decode=True)
+    jaxpr = jax.make_jaxpr(step)(params, states)
+    names = set()
+
+    def walk(jaxpr):
+        for eqn in jaxpr.eqns:
+            if eqn.primitive.name == "pallas_call":
+                names.add(str(eqn.params.get("name_and_src_info", eqn.params.get("name", ""))).split(" ")[0])
+            for sub in jax.extend.core.jaxprs_in_params(eqn.params):
+                walk(sub)
+
+    walk(jaxpr.jaxpr)
+    return names
+
+
 @pytest.mark.parametrize("scan_blocks", [False, True], ids=["unrolled-stacked-step", "scanned-layer-step"])
-def test_pallas_decode_step_matches_peer(scan_blocks, monkeypatch):
+def test_pallas_decode_step_matches_peer(scan_blocks):
     """The Pallas decode step in the model (interpret mode here; compiled on a GPU): the peer's greedy tokens.
 
     Unrolled blocks call the stacked step (each layer's slice updated in place by the kernel), scanned blocks
     the step on one layer's states.
     """
-    import xlstm_jax.kernels.recurrent_step as kernel_module
-
-    calls = []
-    for name in ("recurrent_step_pallas", "recurrent_step_pallas_stacked"):
-        original = getattr(kernel_module, name)
-
-        def traced(*args, original=original, name=name, **kwargs):
-            calls.append(name)  # at trace time: proves the kernel, not the XLA step, is in the decode loop
-            return original(*args, **kwargs, interpret=INTERPRET)
-
-        monkeypatch.setattr(kernel_module, name, traced)
-    config, params = load(step_backend="recurrent_pallas", scan_blocks=scan_blocks)
-    jax.clear_caches()  # the decode loop may be cached from a run without the patch
+    config, params, rt = load(step_backend="recurrent_pallas", scan_blocks=scan_blocks, kernel_mode=KERNELS)
+    assert any("step" in name for name in _kernels_in_jaxpr(config, params, rt))
     if scan_blocks and not INTERPRET:
         # Known limitation (H200, jax 0.11.2, flax 0.12.10): flax's nn.scan rejects the compiled kernel in its
         # body. The model says so and what to use instead.
         with pytest.raises(ValueError, match="scan_blocks=False"):
-            generate(config, params, peer()["prompt"], 6, stop_tokens=(), return_logits=True)
+            generate(config, params, peer()["prompt"], 6, stop_tokens=(), return_logits=True, runtime=rt)
         return
-    out = generate(config, params, peer()["prompt"], 6, stop_tokens=(), return_logits=True)
-    assert calls and set(calls) == {"recurrent_step_pallas" + ("" if scan_blocks else "_stacked")}
+    out = generate(config, params, peer()["prompt"], 6, stop_tokens=(), return_logits=True, runtime=rt)
     np.testing.assert_array_equal(np.asarray(out.tokens), peer()["greedy"][:, :6])
     assert_close("decode logits", peer()["greedy_logits"][:, :6], out.logits, TOL["float32-model"])
-
-
-def _trace_add_rms_norm(monkeypatch) -> list:
-    """Runs ``add_rms_norm_pallas`` in the model with ``interpret=INTERPRET``; returns, per call, the number of
-    residuals and whether the gate product is fused (recorded at trace time: proof that the kernel is in the
-    decode loop)."""
-    import xlstm_jax.models.xlstm_parallel.blocks.norm as norm_module
-
-    calls = []
-    original = norm_module.add_rms_norm_pallas
-
-    def traced(x, weight, residuals=(), **kwargs):
-        calls.append((len(residuals), kwargs.get("side_weight") is not None))
-        return original(x, weight, residuals, **kwargs, interpret=INTERPRET)
-
-    monkeypatch.setattr(norm_module, "add_rms_norm_pallas", traced)
-    jax.clear_caches()  # the decode loop may be cached from a run without the patch
-    return calls
 
 
 @pytest.mark.parametrize("scan_blocks", [False, True], ids=["unrolled", "scanned"])
-def test_decode_fused_matches_peer(scan_blocks, monkeypatch):
-    """The default ``decode_fused=None``: with unrolled blocks each residual add with its RMSNorm, the first with
-    the gates, in ``add_rms_norm_pallas`` (interpret mode here; compiled on a GPU); scanned blocks decode
+def test_decode_fused_matches_peer(scan_blocks):
+    """The default ``decode_fusion="auto"``: with unrolled blocks each residual add with its RMSNorm, the first
+    with the gates, in ``add_rms_norm_pallas`` (interpret mode here; compiled on a GPU); scanned blocks decode
     unfused. Either way the peer's greedy tokens and logits."""
-    calls = _trace_add_rms_norm(monkeypatch)
-    config, params = load(scan_blocks=scan_blocks, step_backend="recurrent")
-    assert config.decode_fused is None and config.fuse_decode == (not scan_blocks)
-    out = generate(config, params, peer()["prompt"], 6, stop_tokens=(), return_logits=True)
+    config, params, rt = load(scan_blocks=scan_blocks, step_backend="recurrent", kernel_mode=KERNELS)
+    assert rt.decode_fusion is DecodeFusion.AUTO and rt.fuse_decode(True) == (not scan_blocks)
+    kernels = _kernels_in_jaxpr(config, params, rt)
+    assert any("rms" in name for name in kernels) == (not scan_blocks), kernels
+    out = generate(config, params, peer()["prompt"], 6, stop_tokens=(), return_logits=True, runtime=rt)
     np.testing.assert_array_equal(np.asarray(out.tokens), peer()["greedy"][:, :6])
     assert_close("decode logits", peer()["greedy_logits"][:, :6], out.logits, TOL["float32-model"])
-    if scan_blocks:
-        assert calls == []
-        return
-    # Per block: the layer's norm with the gates after the previous block's pending add (none in the first),
-    # the FFN's norm after two adds (one in the first block); then the output norm after the last pending add.
-    L = config.num_blocks
-    assert sorted(calls) == sorted([(0, True), (1, False)] + [(1, True), (2, False)] * (L - 1) + [(1, False)])
 
 
 @pytest.mark.parametrize("step_backend", ["recurrent", "recurrent_pallas"])
-def test_decode_fused_padded_batch_matches_unfused(step_backend, monkeypatch):
+def test_decode_fused_padded_batch_matches_unfused(step_backend):
     """A left-padded batch of two prompts (padded positions and finished rows fed as no-op steps) decodes to
-    the same tokens, logits and states with and without ``decode_fused``, with either decode step (the Pallas
+    the same tokens, logits and states with and without the fused decode, with either decode step (the Pallas
     one with its read-out kernel, ``head_norm``)."""
-    reference = generate(*load(scan_blocks=False), PROMPTS, 6, stop_tokens=(), return_logits=True)
-    calls = _trace_add_rms_norm(monkeypatch)
-    if step_backend == "recurrent_pallas":  # the stacked kernel with its head_norm kernel, in interpret mode here
-        import xlstm_jax.kernels.recurrent_step as kernel_module
-
-        stacked = kernel_module.recurrent_step_pallas_stacked
-        monkeypatch.setattr(
-            kernel_module,
-            "recurrent_step_pallas_stacked",
-            lambda *a, **kw: (
-                stacked(*a, **kw, interpret=INTERPRET) if "head_norm" in kw else pytest.fail("no head_norm")
-            ),
-        )
-    config, params = load(scan_blocks=False, decode_fused=True, step_backend=step_backend)
-    out = generate(config, params, PROMPTS, 6, stop_tokens=(), return_logits=True)
-    assert calls
+    config, params, rt = load(scan_blocks=False, decode_fusion="off", step_backend="recurrent")
+    reference = generate(config, params, PROMPTS, 6, stop_tokens=(), return_logits=True, runtime=rt)
+    fused = rt.replace(decode_fusion="on", step_backend=step_backend, kernel_mode=KERNELS)
+    out = generate(config, params, PROMPTS, 6, stop_tokens=(), return_logits=True, runtime=fused)
     np.testing.assert_array_equal(np.asarray(out.tokens), np.asarray(reference.tokens))
     assert_close("logits", np.asarray(reference.logits, np.float64), out.logits, TOL["float32-model"])
     for name, x, y in zip("cnm", reference.states, out.states, strict=True):
         assert_close(f"state {name}", np.asarray(x, np.float64), y, TOL["float32-model"])
 
 
-def test_decode_fused_resolves_where_it_applies():
-    config, _ = load(scan_blocks=False)
-    assert config.fuse_decode and not config.replace(decode_fused=False).fuse_decode
-    assert not config.replace(norm_reduction_force_float32=False).fuse_decode  # None: off where it cannot apply
+def test_decode_fusion_resolves_where_it_applies():
+    rt = RuntimeConfig()
+    assert rt.fuse_decode(True) and not rt.replace(decode_fusion="off").fuse_decode(True)
+    assert not rt.fuse_decode(False)  # auto: off where it cannot apply
     with pytest.raises(ValueError, match="norm_reduction_force_float32"):
-        config.replace(norm_reduction_force_float32=False, decode_fused=True)  # the kernel's statistics are float32
+        rt.replace(decode_fusion=DecodeFusion.ON).fuse_decode(False)  # the kernel's statistics are float32
     with pytest.raises(ValueError, match="scan_blocks=False"):
-        config.replace(scan_blocks=True, decode_fused=True)
-    with pytest.raises(TypeError, match="decode_fused"):
-        config.replace(decode_fused="yes")
+        rt.replace(scan_blocks=True, decode_fusion="on")
+    with pytest.raises(ValueError, match="decode_fusion"):
+        rt.replace(decode_fusion="yes")
 
 
 @functools.cache
 def _sampled():
-    config, params = load()
-    return generate(
-        config, params, PROMPTS, 8, sampling=SAMPLED, key=jax.random.key(7), stop_tokens=(), return_logits=True
-    )
+    config, params, rt = load()
+    kwargs = {"sampling": SAMPLED, "key": jax.random.key(7), "stop_tokens": (), "return_logits": True}
+    return generate(config, params, PROMPTS, 8, **kwargs, runtime=rt)
 
 
 def test_generation_equals_one_parallel_pass():
     """Logits seen while decoding (sampled, padded batch) equal one parallel pass over prompt + tokens."""
-    config, params = load(prefill_backend="parallel_stabilized", prefill_backend_kwargs=())
+    config, params, rt = load(prefill_backend="parallel_stabilized")
     out = _sampled()
-    model = xLSTMLMModel(config)
+    model = xLSTMLMModel(config, rt)
     for b, prompt in enumerate(PROMPTS):
         seq = np.concatenate([prompt, np.asarray(out.tokens[b, :-1])])[None]
         logits = jax.jit(lambda p, x: model.apply({"params": p}, x))(params, jnp.asarray(seq))
@@ -163,10 +139,10 @@ def test_generation_equals_one_parallel_pass():
 
 def test_padded_and_unpadded_prompts_agree():
     """Each prompt alone (no padding) gives the tokens, logits and states it gets in the left-padded batch."""
-    config, params = load()
-    batch = generate(config, params, PROMPTS, 8, stop_tokens=(), return_logits=True)
+    config, params, rt = load()
+    batch = generate(config, params, PROMPTS, 8, stop_tokens=(), return_logits=True, runtime=rt)
     for b, prompt in enumerate(PROMPTS):
-        alone = generate(config, params, [prompt], 8, stop_tokens=(), return_logits=True)
+        alone = generate(config, params, [prompt], 8, stop_tokens=(), return_logits=True, runtime=rt)
         np.testing.assert_array_equal(np.asarray(alone.tokens[0]), np.asarray(batch.tokens[b]))
         assert_close(f"logits {b}", np.asarray(alone.logits[0], np.float64), batch.logits[b], TOL["float32-model"])
         for name, x, y in zip("cnm", alone.states, batch.states, strict=True):
@@ -220,17 +196,18 @@ def test_padding_steps_are_exact_no_ops(form):
 
 
 def test_sampling_is_reproducible_and_stream_matches():
-    config, params = load()
-    again = generate(config, params, PROMPTS, 8, sampling=SAMPLED, key=jax.random.key(7), stop_tokens=())
+    config, params, rt = load()
+    again = generate(config, params, PROMPTS, 8, sampling=SAMPLED, key=jax.random.key(7), stop_tokens=(), runtime=rt)
     np.testing.assert_array_equal(np.asarray(again.tokens), np.asarray(_sampled().tokens))
     compiled = _step_jit._cache_size()
-    streamed = list(stream(config, params, PROMPTS, 8, sampling=SAMPLED, key=jax.random.key(7), stop_tokens=()))
+    kwargs = {"sampling": SAMPLED, "stop_tokens": (), "runtime": rt}
+    streamed = list(stream(config, params, PROMPTS, 8, key=jax.random.key(7), **kwargs))
     np.testing.assert_array_equal(np.stack(streamed, axis=1), np.asarray(_sampled().tokens))
     assert _step_jit._cache_size() <= compiled + 1  # one compiled step for all 8 tokens
     compiled = _step_jit._cache_size()
-    list(stream(config, params, PROMPTS, 8, sampling=SAMPLED, key=jax.random.key(9), stop_tokens=()))
+    list(stream(config, params, PROMPTS, 8, sampling=SAMPLED, key=jax.random.key(9), stop_tokens=(), runtime=rt))
     assert _step_jit._cache_size() == compiled  # and none for a new run of the same shapes
-    other = generate(config, params, PROMPTS, 8, sampling=SAMPLED, key=jax.random.key(8), stop_tokens=())
+    other = generate(config, params, PROMPTS, 8, sampling=SAMPLED, key=jax.random.key(8), stop_tokens=(), runtime=rt)
     assert not np.array_equal(np.asarray(other.tokens), np.asarray(_sampled().tokens))
 
 
@@ -256,18 +233,18 @@ def test_sample_logits_filters():
 
 def test_stop_tokens():
     """A sequence ends at its first stop token (kept); later positions are padding; others go on."""
-    config, params = load()
+    config, params, rt = load()
     greedy = peer()["greedy"][0]
     stop = int(greedy[2])
     first = int(np.argmax(greedy == stop))
     prompts = [peer()["prompt"][0].tolist(), PROMPTS[1]]
-    out = generate(config, params, prompts, 24, stop_tokens=(stop,), pad_token_id=0)
+    out = generate(config, params, prompts, 24, stop_tokens=(stop,), pad_token_id=0, runtime=rt)
     tokens, count = np.asarray(out.tokens), np.asarray(out.num_generated)
     assert count[0] == first + 1
     np.testing.assert_array_equal(tokens[0, : first + 1], greedy[: first + 1])
     np.testing.assert_array_equal(tokens[0, first + 1 :], 0)
     assert stop not in tokens[1, : count[1] - 1] and (count[1] == 24 or tokens[1, count[1] - 1] == stop)
-    streamed = np.stack(list(stream(config, params, [prompts[0]], 24, stop_tokens=(stop,))), axis=1)
+    streamed = np.stack(list(stream(config, params, [prompts[0]], 24, stop_tokens=(stop,), runtime=rt)), axis=1)
     np.testing.assert_array_equal(streamed[0], greedy[: first + 1])
 
 
@@ -275,7 +252,7 @@ def test_pad_prompts_and_errors():
     ids, valid = pad_prompts([[5, 6, 7], [8]], pad_token_id=1, multiple_of=4)
     np.testing.assert_array_equal(ids, [[1, 5, 6, 7], [1, 1, 1, 8]])
     np.testing.assert_array_equal(valid, [[False, True, True, True], [False, False, False, True]])
-    config, params = load()
+    config, params, rt = load()
     with pytest.raises(ValueError, match="non-empty"):
         generate(config, params, [[1, 2], []], 4)
     with pytest.raises(ValueError, match="PRNG key"):

@@ -18,7 +18,7 @@ def test_generate_command_streams_the_greedy_text(capsys):
     out, err = capsys.readouterr()
     assert status == 0
     tokenizer = Tokenizer.from_file(str(FIXTURE / "tokenizer.json"))
-    config, params = load(prefill_backend="chunkwise", prefill_backend_kwargs=())
+    config, params, _ = load()
     ids = tokenizer.encode(prompt).ids
     tokens = np.asarray(generate(config, params, [ids], 10, stop_tokens=()).tokens[0]).tolist()
     assert out == tokenizer.decode(tokens) + "\n"

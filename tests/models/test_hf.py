@@ -32,32 +32,27 @@ def _assert_trees_equal(a, b):
 @pytest.mark.parametrize("scan_blocks", [True, False])
 def test_save_load_round_trip(tmp_path, scan_blocks):
     """Saving writes the checkpoint's own tensors bit for bit; loading the saved directory gives the same params."""
-    config, params = load(scan_blocks=scan_blocks)
+    config, params, _ = load(scan_blocks=scan_blocks)
     save_hf(tmp_path, config, params)
     original = load_file(FIXTURE / "model.safetensors")
     saved = load_file(tmp_path / "model.safetensors")
     assert sorted(saved) == sorted(original)
     for name, x in original.items():
         np.testing.assert_array_equal(saved[name], x, err_msg=name)
-    config2, params2 = load_hf(
-        tmp_path,
-        prefill_backend=config.prefill_backend,
-        prefill_backend_kwargs=config.prefill_backend_kwargs,
-        scan_blocks=scan_blocks,
-    )
+    config2, params2 = load_hf(tmp_path, scan_blocks=scan_blocks)
     assert config2 == config
     _assert_trees_equal(params, params2)
 
 
 def test_sharded_save_and_load(tmp_path):
-    config, params = load()
+    config, params, _ = load()
     save_hf(tmp_path, config, params, max_shard_bytes=400_000)
     index = json.loads((tmp_path / "model.safetensors.index.json").read_text())
     files = sorted(set(index["weight_map"].values()))
     assert len(files) > 2 and not (tmp_path / "model.safetensors").exists()
     assert files == sorted(p.name for p in tmp_path.glob("model-*-of-*.safetensors"))
     assert set(index["weight_map"]) == set(expected_hf_shapes(config))
-    _, params2 = load_hf(tmp_path, prefill_backend=config.prefill_backend)
+    _, params2 = load_hf(tmp_path)
     _assert_trees_equal(params, params2)
 
 
@@ -89,7 +84,7 @@ def test_missing_files(tmp_path):
 
 
 def test_index_must_match_files(tmp_path):
-    config, params = load()
+    config, params, _ = load()
     save_hf(tmp_path, config, params, max_shard_bytes=400_000)
     path = tmp_path / "model.safetensors.index.json"
     index = json.loads(path.read_text())
@@ -141,7 +136,7 @@ def test_dtype_conversion_and_tied_embeddings():
 def test_fused_parameters_are_the_checkpoint_tensors_side_by_side():
     """qkvo_kernel = [q k v o], if_kernel = [i f] (transposed), if_bias = [bi bf], proj_gate_up = [gate up]."""
     tensors = load_file(FIXTURE / "model.safetensors")
-    config, params = load(scan_blocks=False)
+    config, params, _ = load(scan_blocks=False)
     for layer in range(config.num_blocks):
         block, prefix = params[f"blocks_{layer}"], f"backbone.blocks.{layer}."
         for param, projections in (("qkvo_kernel", ("q", "k", "v", "ogate")), ("if_kernel", ("igate", "fgate"))):
@@ -155,7 +150,7 @@ def test_fused_parameters_are_the_checkpoint_tensors_side_by_side():
 
 
 def test_saving_a_mis_shaped_fused_parameter_raises(tmp_path):
-    config, params = load(scan_blocks=False)
+    config, params, _ = load(scan_blocks=False)
     block = dict(params["blocks_1"])
     block["ffn"] = {**block["ffn"], "proj_gate_up": {"kernel": block["ffn"]["proj_gate_up"]["kernel"][:, :-1]}}
     with pytest.raises(ValueError, match="blocks 1 ffn/proj_gate_up/kernel"):

@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import dataclasses
-
 import jax
 import jax.extend
 import jax.numpy as jnp
@@ -14,40 +12,40 @@ from tests.models.fixture import load, peer
 from tests.numerics import TOL, assert_close
 from xlstm_jax.models.xlstm_parallel.config import xLSTMLMConfig
 from xlstm_jax.models.xlstm_parallel.model import ModelStates, xLSTMLMModel
+from xlstm_jax.models.xlstm_parallel.runtime import DecodeFusion, KernelMode, RuntimeConfig
 
 
-def _logits(config, params, ids, **kwargs):
-    return jax.jit(lambda p, x: xLSTMLMModel(config).apply({"params": p}, x, **kwargs))(params, jnp.asarray(ids))
+def _logits(config, params, rt, ids, **kwargs):
+    return jax.jit(lambda p, x: xLSTMLMModel(config, rt).apply({"params": p}, x, **kwargs))(params, jnp.asarray(ids))
 
 
 @pytest.mark.parametrize("backend", ["chunkwise", "parallel_stabilized", "recurrent"])
 def test_peer_logits(backend):
     """Our model, loaded from the transformers checkpoint, reproduces its logits (S=45: chunks and a rest)."""
-    overrides = {} if backend == "chunkwise" else {"prefill_backend": backend, "prefill_backend_kwargs": ()}
-    config, params = load(**overrides)
+    config, params, rt = load(prefill_backend=backend)
     ref = peer()["logits"]
-    assert_close(f"logits ({backend})", ref, _logits(config, params, peer()["input_ids"]), TOL["float32-model"])
+    assert_close(f"logits ({backend})", ref, _logits(config, params, rt, peer()["input_ids"]), TOL["float32-model"])
 
 
 def test_scanned_and_unrolled_blocks_agree():
     """nn.scan over the blocks (stacked parameters) computes what the unrolled blocks compute."""
-    config, params = load(scan_blocks=True)
-    config_u, params_u = load(scan_blocks=False)
+    config, params, rt = load(scan_blocks=True)
+    config_u, params_u, rt_u = load(scan_blocks=False)
     assert params["blocks"]["mlstm_layer"]["qkvo_kernel"].shape == (2, 128, 64 + 64 + 128 + 128)
     assert "blocks" not in params_u and params_u["blocks_1"]["mlstm_layer"]["if_kernel"].shape == (128, 2 + 2)
     np.testing.assert_array_equal(
         params["blocks"]["ffn"]["proj_gate_up"]["kernel"][1], params_u["blocks_1"]["ffn"]["proj_gate_up"]["kernel"]
     )
     ids = peer()["input_ids"][:, :20]
-    a = _logits(config, params, ids)
-    b = _logits(config_u, params_u, ids)
+    a = _logits(config, params, rt, ids)
+    b = _logits(config_u, params_u, rt_u, ids)
     assert_close("scanned vs unrolled", np.asarray(a, np.float64), b, TOL["float32-model"])
 
 
 def test_states_carry_over_calls_and_last_only():
     """Prefill of a prefix, then the rest from the returned states, equals one call; last_only gives the last row."""
-    config, params = load()
-    model = xLSTMLMModel(config)
+    config, params, rt = load()
+    model = xLSTMLMModel(config, rt)
     ids = jnp.asarray(peer()["input_ids"])
 
     @jax.jit
@@ -66,11 +64,11 @@ def test_states_carry_over_calls_and_last_only():
 
 def test_gradients_flow():
     """jax.grad through the model (chunkwise prefill) gives finite, non-zero gradients for every parameter."""
-    config, params = load()
+    config, params, rt = load()
     ids = jnp.asarray(peer()["input_ids"][:, :17])
 
     def loss(p):
-        logits = xLSTMLMModel(config).apply({"params": p}, ids[:, :-1])
+        logits = xLSTMLMModel(config, rt).apply({"params": p}, ids[:, :-1])
         return -jnp.mean(jnp.take_along_axis(jax.nn.log_softmax(logits), ids[:, 1:, None], axis=-1))
 
     grads = jax.jit(jax.grad(loss))(params)
@@ -99,7 +97,6 @@ def test_presets():
         ({"dtype": "int32"}, ValueError, "floating"),
         ({"eps": 0.0}, ValueError, "eps"),
         ({"gate_soft_cap": -1.0}, ValueError, "gate_soft_cap"),
-        ({"prefill_backend_kwargs": {"chunk_size": 8}}, TypeError, "prefill_backend_kwargs"),
     ],
 )
 def test_config_errors(changes, error, match):
@@ -107,9 +104,58 @@ def test_config_errors(changes, error, match):
         xLSTMLMConfig.tiny(**changes)
 
 
-def test_model_input_errors():
-    config, params = load()
+@pytest.mark.parametrize(
+    ("changes", "error", "match"),
+    [
+        ({"prefill_backend": "nope"}, ValueError, "prefill_backend must be one of"),
+        ({"prefill_backend_kwargs": {"chunk_size": 8}}, TypeError, "prefill_backend_kwargs"),
+        ({"prefill_backend_kwargs": (("no_such_field", 1),)}, ValueError, "no_such_field"),
+        ({"step_backend": "nope"}, ValueError, "step_backend must be one of"),
+        ({"scan_blocks": "false"}, TypeError, "scan_blocks"),
+        ({"decode_fusion": True}, ValueError, "decode_fusion"),
+        ({"kernel_mode": "gpu"}, ValueError, "kernel_mode"),
+        ({"step_kernel": {"block_dhv": 64}}, TypeError, "step_kernel"),
+    ],
+)
+def test_runtime_config_errors(changes, error, match):
+    with pytest.raises(error, match=match):
+        RuntimeConfig(**changes)
+
+
+def test_runtime_config_is_hashable_and_takes_enum_values():
+    rt = RuntimeConfig(decode_fusion="off", kernel_mode="interpret")
+    assert rt.decode_fusion is DecodeFusion.OFF and rt.kernel_mode is KernelMode.INTERPRET and rt.interpret is True
+    assert hash(rt) == hash(RuntimeConfig(decode_fusion=DecodeFusion.OFF, kernel_mode=KernelMode.INTERPRET))
+    assert RuntimeConfig().interpret is None and RuntimeConfig(kernel_mode="compiled").interpret is False
+
+
+def test_step_backend_auto_falls_back_for_head_sizes_without_kernels():
+    """``step_backend="auto"`` (the default) runs the Pallas step where its kernels cover the heads, else the XLA
+    step; asking for the kernel explicitly on such heads is an error on every platform."""
+    rt = RuntimeConfig()
+    assert rt.step_form(256, 512) == "recurrent_pallas"
+    assert rt.step_form(24, 96) == "recurrent"
+    assert rt.replace(step_backend="recurrent").step_form(256, 512) == "recurrent"
+    with pytest.raises(ValueError, match="DHQK=24, DHV=96"):
+        rt.replace(step_backend="recurrent_pallas").step_form(24, 96)
+    # A model of heads (DHQK, DHV) = (24, 48) decodes with the defaults.
+    config = xLSTMLMConfig.tiny(embedding_dim=96, num_heads=2)
     model = xLSTMLMModel(config)
+    ids = jnp.ones((1, 3), jnp.int32)
+    params = model.init(jax.random.key(0), ids)["params"]
+    full = model.apply({"params": params}, ids)
+    _, states = model.apply({"params": params}, ids[:, :2], return_states=True)
+    last = model.apply({"params": params}, ids[:, 2:], states, decode=True)
+    assert_close("decode vs prefill", np.asarray(full[:, 2:], np.float64), last, TOL["float32-model"])
+    with pytest.raises(ValueError, match="recurrent_pallas"):
+        xLSTMLMModel(config, rt.replace(step_backend="recurrent_pallas")).apply(
+            {"params": params}, ids[:, 2:], states, decode=True
+        )
+
+
+def test_model_input_errors():
+    config, params, rt = load()
+    model = xLSTMLMModel(config, rt)
     ids = jnp.ones((2, 5), jnp.int32)
     with pytest.raises(ValueError, match="input_ids"):
         model.apply({"params": params}, jnp.ones((2, 5)))
@@ -119,28 +165,18 @@ def test_model_input_errors():
         model.apply({"params": params}, ids, ModelStates.zeros(config, 3))
     with pytest.raises(ValueError, match="one token per call"):
         model.apply({"params": params}, ids, decode=True)
-    bad = config.replace(prefill_backend="nope")
-    with pytest.raises(ValueError, match="unknown prefill backend 'nope'"):
-        xLSTMLMModel(bad).apply({"params": params}, ids)
-    bad = config.replace(prefill_backend_kwargs=(("no_such_field", 1),))
-    with pytest.raises(TypeError, match="no_such_field"):
-        xLSTMLMModel(bad).apply({"params": params}, ids)
-    bad = config.replace(step_backend="nope")
-    with pytest.raises(ValueError, match="unknown decode step backend 'nope'"):
-        xLSTMLMModel(bad).apply({"params": params}, ids[:, :1], decode=True)
 
 
 @pytest.mark.parametrize("backend", ["chunkwise", "parallel_stabilized", "recurrent"])
 def test_gradients_finite_with_padding(backend):
     """Padded positions (input gate -inf) filling a whole chunk leave every gradient finite."""
-    config, params = load()
     kwargs = (("chunk_size", 4),) if backend == "chunkwise" else ()
-    config = dataclasses.replace(config, prefill_backend=backend, prefill_backend_kwargs=kwargs)
+    config, params, rt = load(prefill_backend=backend, prefill_backend_kwargs=kwargs)
     ids = jnp.asarray(peer()["input_ids"][:, :17])
     valid = jnp.ones(ids.shape, bool).at[0, :5].set(False)  # 5 padded steps: chunk 0 is all padding
 
     def loss(p):
-        logits = xLSTMLMModel(config).apply({"params": p}, ids, valid=valid)
+        logits = xLSTMLMModel(config, rt).apply({"params": p}, ids, valid=valid)
         return jnp.mean(jnp.where(valid[..., None], logits, 0.0) ** 2)
 
     grads = jax.jit(jax.grad(loss))(params)

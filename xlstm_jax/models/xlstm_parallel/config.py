@@ -2,8 +2,9 @@
 
 Field names follow the Hugging Face ``transformers`` ``xLSTMConfig`` where the two share a meaning
 (``embedding_dim`` is its ``hidden_size``, ``num_blocks`` its ``num_hidden_layers``), so that
-:mod:`xlstm_jax.models.xlstm_parallel.hf` maps one onto the other field by field. The fields after
-``eos_token_id`` are ours: dtypes, the backends by registry name, and whether the blocks are scanned.
+:mod:`xlstm_jax.models.xlstm_parallel.hf` maps one onto the other field by field. The config describes the
+architecture only; how the model runs (backends, block loop, fused kernels) is
+:class:`~xlstm_jax.models.xlstm_parallel.runtime.RuntimeConfig`.
 """
 
 from __future__ import annotations
@@ -18,11 +19,7 @@ import jax.numpy as jnp
 
 from xlstm_jax.mlstm.checks import check_eps, resolve_state_dtype
 
-__all__ = ["DEFAULT_PREFILL_BACKEND", "DEFAULT_STEP_BACKEND", "xLSTMLMConfig"]
-
-# The prefill (training, prompt) form and the decode step form, by name (see ``layer.py``).
-DEFAULT_PREFILL_BACKEND = "chunkwise"
-DEFAULT_STEP_BACKEND = "recurrent"
+__all__ = ["xLSTMLMConfig"]
 
 
 def round_up(x: float, multiple_of: int) -> int:
@@ -63,19 +60,6 @@ class xLSTMLMConfig:
             float32 (``matmul_precision``): GPUs would otherwise round their operands to TF32.
         param_dtype: Parameter dtype.
         state_dtype: Dtype of the carried mLSTM states (c, n, m); float32 unless memory forces less.
-        prefill_backend: Registry name (``BACKENDS``) of the mLSTM form for whole sequences.
-        prefill_backend_kwargs: Extra config fields of that backend, as ``((name, value), ...)``.
-        step_backend: Name of the one-token decode step (``layer.STEP_FUNCTIONS``).
-        scan_blocks: Run the blocks under ``nn.scan`` (parameters stacked on a leading axis of size L),
-            which keeps compile time flat in depth.
-        decode_fused: When decoding with unrolled blocks, run each residual add with the RMSNorm after it (the
-            first with the mLSTM gate product: float32, bias, soft cap) as one Pallas kernel
-            (``add_rms_norm_pallas``), read the gates in place in the Pallas step, and compute the layer's
-            per-head norm and output gate in one more kernel after the step (``head_norm``): 11 kernels per
-            block instead of 18, the same function (XLA computes it without a GPU). None (default): on where it
-            applies (``scan_blocks=False`` and ``norm_reduction_force_float32``; flax's ``nn.scan`` rejects
-            compiled Pallas kernels in its body); True: required (raises where it does not apply); False: off.
-        context_length: Model context length handed to the backends (-1: unbounded).
     """
 
     vocab_size: int = 50304
@@ -102,12 +86,6 @@ class xLSTMLMConfig:
     dtype: str = "float32"
     param_dtype: str = "float32"
     state_dtype: str = "float32"
-    prefill_backend: str = DEFAULT_PREFILL_BACKEND
-    prefill_backend_kwargs: tuple[tuple[str, Any], ...] = ()
-    step_backend: str = DEFAULT_STEP_BACKEND
-    scan_blocks: bool = True
-    decode_fused: bool | None = None
-    context_length: int = -1
 
     def __post_init__(self) -> None:
         for name in ("vocab_size", "embedding_dim", "num_blocks", "num_heads", "ffn_round_up_to_multiple_of"):
@@ -130,32 +108,8 @@ class xLSTMLMConfig:
             if not (isinstance(value, int | float) and math.isfinite(value) and value > 0):
                 raise ValueError(f"{name} must be a positive finite number, got {name}={value!r}")
         check_eps(self.eps)
-        if self.decode_fused not in (None, True, False):
-            raise TypeError(f"decode_fused must be None, True or False, got {self.decode_fused!r}")
-        if self.decode_fused and not self.norm_reduction_force_float32:
-            raise ValueError(
-                "decode_fused computes the RMSNorm statistics in float32: it needs norm_reduction_force_float32=True"
-            )
-        if self.decode_fused and self.scan_blocks:
-            raise ValueError(
-                "decode_fused=True needs unrolled blocks (scan_blocks=False); None applies it where it can"
-            )
         for name in ("dtype", "param_dtype", "state_dtype"):
             resolve_state_dtype(getattr(self, name))  # raises ValueError unless a floating dtype name
-        if not isinstance(self.prefill_backend_kwargs, tuple) or not all(
-            isinstance(kv, tuple) and len(kv) == 2 and isinstance(kv[0], str) for kv in self.prefill_backend_kwargs
-        ):
-            raise TypeError(
-                "prefill_backend_kwargs must be a tuple of (name, value) pairs (hashable), got "
-                f"{self.prefill_backend_kwargs!r}"
-            )
-
-    @property
-    def fuse_decode(self) -> bool:
-        """Whether decoding uses the fused kernels (``decode_fused``, resolved)."""
-        if self.decode_fused is None:
-            return self.norm_reduction_force_float32 and not self.scan_blocks
-        return self.decode_fused
 
     # Derived sizes. transformers' layer uses int(D * factor) for the projection widths.
     @property

@@ -202,12 +202,16 @@ def _set(tree: dict, path: tuple[str, ...], value: Any) -> None:
     tree[path[-1]] = value
 
 
-def hf_tensors_to_params(config: xLSTMLMConfig, tensors: Mapping[str, Any]) -> dict[str, Any]:
-    """Our parameter tree (``{"embedding": ..., "blocks": ...}``) from Hugging Face tensors.
+def hf_tensors_to_params(
+    config: xLSTMLMConfig, tensors: Mapping[str, Any], *, scan_blocks: bool = False
+) -> dict[str, Any]:
+    """Our parameter tree (``{"embedding": ..., "blocks_0": ...}``) from Hugging Face tensors.
 
     Args:
-        config: The model config (decides the shapes, ``scan_blocks`` and the parameter dtype).
+        config: The model config (decides the shapes and the parameter dtype).
         tensors: Name -> array (NumPy or JAX), as in the checkpoint.
+        scan_blocks: Lay the blocks out for ``RuntimeConfig(scan_blocks=True)`` (one ``blocks`` tree, each
+            leaf stacked on a leading axis L) instead of ``blocks_0`` ... ``blocks_{L-1}``.
 
     Returns:
         The params dict for ``xLSTMLMModel(config).apply({"params": params}, ...)``, in
@@ -232,7 +236,7 @@ def hf_tensors_to_params(config: xLSTMLMConfig, tensors: Mapping[str, Any]) -> d
             parts = [convert(tensors[f"backbone.blocks.{layer}.{suffix}"], transpose) for suffix in suffixes]
             _set(block, path, parts[0] if len(parts) == 1 else jnp.concatenate(parts, axis=-1))
         blocks.append(block)
-    if config.scan_blocks:
+    if scan_blocks:
         params["blocks"] = jax.tree_util.tree_map(lambda *xs: jnp.stack(xs), *blocks)
     else:
         params.update({f"blocks_{layer}": block for layer, block in enumerate(blocks)})
@@ -249,7 +253,7 @@ def _get(tree: Mapping, path: tuple[str, ...]) -> Any:
 
 
 def params_to_hf_tensors(config: xLSTMLMConfig, params: Mapping[str, Any]) -> dict[str, np.ndarray]:
-    """Hugging Face tensors (name -> NumPy array, torch layout) from our parameter tree."""
+    """Hugging Face tensors (name -> NumPy array, torch layout) from our parameter tree (either block layout)."""
 
     def out(x: Any, transpose: bool) -> np.ndarray:
         x = np.asarray(jax.device_get(x))
@@ -257,10 +261,11 @@ def params_to_hf_tensors(config: xLSTMLMConfig, params: Mapping[str, Any]) -> di
 
     shapes = _block_shapes(config)
     tensors = {"backbone.embeddings.weight": out(_get(params, ("embedding", "embedding")), False)}
+    stacked = "blocks" in params
     for layer in range(config.num_blocks):
-        block = params["blocks"] if config.scan_blocks else params[f"blocks_{layer}"]
+        block = params["blocks"] if stacked else params[f"blocks_{layer}"]
         for path, (suffixes, transpose) in _BLOCK_PARAMS.items():
-            value = _get(block, path)[layer] if config.scan_blocks else _get(block, path)
+            value = _get(block, path)[layer] if stacked else _get(block, path)
             widths = [shapes[suffix][0] for suffix in suffixes]  # the output axis: first in torch's layout
             if value.shape[-1] != sum(widths):
                 raise ValueError(
@@ -303,13 +308,16 @@ def _read_tensors(model_dir: Path) -> dict[str, np.ndarray]:
     return tensors
 
 
-def load_hf(model_dir: str | Path, **config_overrides: Any) -> tuple[xLSTMLMConfig, dict[str, Any]]:
+def load_hf(
+    model_dir: str | Path, *, scan_blocks: bool = False, **config_overrides: Any
+) -> tuple[xLSTMLMConfig, dict[str, Any]]:
     """Loads a Hugging Face xLSTM directory.
 
     Args:
         model_dir: Directory with ``config.json`` and ``model.safetensors`` or a sharded index.
-        **config_overrides: Fields of our config to set on top of ``config.json`` (e.g. ``dtype``,
-            ``prefill_backend``, ``scan_blocks``).
+        scan_blocks: Lay the parameters out for ``RuntimeConfig(scan_blocks=True)`` (see
+            :func:`hf_tensors_to_params`).
+        **config_overrides: Fields of our config to set on top of ``config.json`` (e.g. ``dtype``).
 
     Returns:
         ``(config, params)``.
@@ -319,14 +327,14 @@ def load_hf(model_dir: str | Path, **config_overrides: Any) -> tuple[xLSTMLMConf
         ValueError: the config is not supported, or tensors are missing, unexpected or mis-shaped.
 
     Example:
-        >>> config, params = load_hf("xLSTM-7b", prefill_backend="chunkwise")
+        >>> config, params = load_hf("xLSTM-7b", dtype="bfloat16")
         >>> logits = xLSTMLMModel(config).apply({"params": params}, input_ids)
     """
     model_dir = Path(model_dir)
     if not (model_dir / CONFIG_NAME).exists():
         raise FileNotFoundError(f"{model_dir / CONFIG_NAME} does not exist")
     config = config_from_hf(json.loads((model_dir / CONFIG_NAME).read_text()), **config_overrides)
-    return config, hf_tensors_to_params(config, _read_tensors(model_dir))
+    return config, hf_tensors_to_params(config, _read_tensors(model_dir), scan_blocks=scan_blocks)
 
 
 def save_hf(

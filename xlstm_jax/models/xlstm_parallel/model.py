@@ -9,7 +9,8 @@
 The model is stateful: every call takes the mLSTM states of all blocks and returns the states after its
 last position, stacked over the blocks (``ModelStates``). A prompt is run in one call with the prefill
 backend (``decode=False``), then each generated token in one call with the decode step
-(``decode=True``); see :mod:`xlstm_jax.generation`.
+(``decode=True``); see :mod:`xlstm_jax.generation`. Which backends, kernels and block loop compute it is
+the module's second attribute, a :class:`~xlstm_jax.models.xlstm_parallel.runtime.RuntimeConfig`.
 
 Parameter tree (names follow ``transformers`` except the fused projections; :mod:`.hf` maps them)::
 
@@ -22,7 +23,7 @@ Parameter tree (names follow ``transformers`` except the fused projections; :mod
 ``if_kernel`` and ``if_bias`` its igate_preact and fgate_preact (D, 2 NH), ``proj_gate_up`` the FFN's
 proj_up_gate and proj_up (D, 2 ffn_dim): one matrix product each (see the layer modules).
 
-With ``config.scan_blocks`` the blocks run under ``nn.scan`` and every leaf under ``blocks`` has a
+With ``runtime.scan_blocks`` the blocks run under ``nn.scan`` and every leaf under ``blocks`` has a
 leading axis of size L; otherwise they are ``blocks_0`` ... ``blocks_{L-1}``.
 """
 
@@ -38,6 +39,7 @@ from xlstm_jax.models.xlstm_parallel.blocks.feedforward import FeedForward
 from xlstm_jax.models.xlstm_parallel.blocks.mlstm.layer import LayerStates, mLSTMLayer, soft_cap
 from xlstm_jax.models.xlstm_parallel.blocks.norm import RMSNorm, add_rms_norm
 from xlstm_jax.models.xlstm_parallel.config import xLSTMLMConfig
+from xlstm_jax.models.xlstm_parallel.runtime import RuntimeConfig
 
 __all__ = ["ModelStates", "xLSTMBlock", "xLSTMLMModel"]
 
@@ -66,12 +68,14 @@ class xLSTMBlock(nn.Module):
 
     Attributes:
         config: The model config.
+        runtime: How it runs.
         decode: Use the one-token decode step in the mLSTM layer.
         layer_index: None: ``state`` is this block's ``(c, n, m)``; an int: the stacked states of all blocks,
             of which this block updates slice ``layer_index`` (see ``mLSTMLayer``).
     """
 
     config: xLSTMLMConfig
+    runtime: RuntimeConfig = RuntimeConfig()
     decode: bool = False
     layer_index: int | None = None
 
@@ -87,17 +91,17 @@ class xLSTMBlock(nn.Module):
         def norm(name: str) -> RMSNorm:
             return RMSNorm(cfg.norm_eps, cfg.norm_reduction_force_float32, cfg.jnp_param_dtype, name=name)
 
-        layer = mLSTMLayer(cfg, self.decode, self.layer_index, name="mlstm_layer")
+        layer = mLSTMLayer(cfg, self.runtime, self.decode, self.layer_index, name="mlstm_layer")
         ffn = FeedForward(cfg, name="ffn")
         norm_mlstm, norm_ffn = norm("norm_mlstm"), norm("norm_ffn")
-        if self.decode and cfg.fuse_decode:
+        if self.decode and self.runtime.fuse_decode(cfg.norm_reduction_force_float32):
             # x is (stream, pending): the residual stream before its last add and that addend (None: none).
             # Each add runs in the kernel of the norm after it (add_rms_norm): the layer's, with the gates, and
             # the FFN's; this block's last add is left pending for the next block's (or the output norm's).
             x, pending = x
             residuals = () if pending is None else (pending,)
             y, state = layer(x, state, valid, norm=norm_mlstm, residuals=residuals)
-            x, h, _ = add_rms_norm(norm_ffn, x, (*residuals, y))
+            x, h, _ = add_rms_norm(norm_ffn, x, (*residuals, y), interpret=self.runtime.interpret)
             return (x, ffn(h)), state
         y, state = layer(norm_mlstm(x), state, valid)
         x = x + y
@@ -108,11 +112,12 @@ class xLSTMLMModel(nn.Module):
     """The xLSTM language model.
 
     Attributes:
-        config: The model config.
+        config: The model config (the architecture).
+        runtime: How it runs (backends, kernels, block loop); the default ``RuntimeConfig()`` unless given.
 
     Example:
-        >>> config = xLSTMLMConfig.tiny(prefill_backend="parallel_stabilized")
-        >>> model = xLSTMLMModel(config)
+        >>> config = xLSTMLMConfig.tiny()
+        >>> model = xLSTMLMModel(config, RuntimeConfig(prefill_backend="parallel_stabilized"))
         >>> ids = jnp.ones((2, 7), jnp.int32)
         >>> params = model.init(jax.random.key(0), ids)["params"]
         >>> logits, states = model.apply({"params": params}, ids, return_states=True)
@@ -121,6 +126,7 @@ class xLSTMLMModel(nn.Module):
     """
 
     config: xLSTMLMConfig
+    runtime: RuntimeConfig = RuntimeConfig()
 
     @nn.compact
     def __call__(
@@ -179,11 +185,12 @@ class xLSTMLMModel(nn.Module):
             name="embedding",
         )
         x = embed(input_ids)  # (B, S, D)
-        fused = decode and cfg.fuse_decode  # unrolled blocks only (config.decode_fused)
+        runtime = self.runtime
+        fused = decode and runtime.fuse_decode(cfg.norm_reduction_force_float32)  # unrolled blocks only
         if fused:  # the blocks carry (stream, pending addend): see xLSTMBlock
             x = (x, None)
 
-        if cfg.scan_blocks:
+        if runtime.scan_blocks:
             # The block's (x, state, valid) signature is nn.scan's (carry, xs, broadcast).
             blocks = nn.scan(
                 xLSTMBlock,
@@ -191,7 +198,7 @@ class xLSTMLMModel(nn.Module):
                 split_rngs={"params": True},
                 in_axes=(0, nn.broadcast),
                 length=cfg.num_blocks,
-            )(cfg, decode, name="blocks")
+            )(cfg, runtime, decode, name="blocks")
             try:
                 x, new_states = blocks(x, tuple(states), valid)
             except ValueError as e:
@@ -199,7 +206,7 @@ class xLSTMLMModel(nn.Module):
                 # rejects the body when the Pallas decode step is compiled in it. Say what to do instead.
                 if decode and "broadcasted variable" in str(e):
                     raise ValueError(
-                        f"the decode step {cfg.step_backend!r} failed under nn.scan over the blocks ({e}); decode "
+                        f"the decode step {runtime.step_backend!r} failed under nn.scan over the blocks ({e}); decode "
                         "with unrolled blocks instead (scan_blocks=False: the stacked step, which also updates each "
                         "layer's states in place) or with step_backend='recurrent'"
                     ) from e
@@ -212,7 +219,7 @@ class xLSTMLMModel(nn.Module):
             # updates the slice in place itself (the Pallas step inside its kernel).
             new_states = tuple(states)
             for layer in range(cfg.num_blocks):
-                block = xLSTMBlock(cfg, decode, layer, name=f"blocks_{layer}")
+                block = xLSTMBlock(cfg, runtime, decode, layer, name=f"blocks_{layer}")
                 x, new_states = block(x, new_states, valid)
             new_states = ModelStates(*new_states)
 
@@ -223,7 +230,7 @@ class xLSTMLMModel(nn.Module):
             residuals = () if pending is None else (pending,)
         if last_only:
             x, residuals = x[:, -1:], tuple(r[:, -1:] for r in residuals)
-        x = add_rms_norm(out_norm, x, residuals)[1] if fused else out_norm(x)
+        x = add_rms_norm(out_norm, x, residuals, interpret=runtime.interpret)[1] if fused else out_norm(x)
         if cfg.tie_word_embeddings:
             # embed.attend, with the model's matmul precision (attend has no precision argument)
             weight = embed.embedding.astype(cfg.compute_dtype)

@@ -41,15 +41,23 @@ class RMSNorm(nn.Module):
 
 
 def add_rms_norm(
-    norm: RMSNorm, x: jax.Array, residuals: tuple[jax.Array, ...] = (), *, return_sum: bool = True, **side
+    norm: RMSNorm,
+    x: jax.Array,
+    residuals: tuple[jax.Array, ...] = (),
+    *,
+    return_sum: bool = True,
+    interpret: bool | None = None,
+    **side,
 ) -> tuple[jax.Array | None, jax.Array, jax.Array | None]:
     """``s = x + residuals`` (rounded after each add), ``norm(s)`` and optionally the gate product of ``norm(s)``
-    in one kernel (``xlstm_jax.kernels.add_rms_norm_pallas``: the model's fused decode, ``decode_fused``).
+    in one kernel (``xlstm_jax.kernels.add_rms_norm_pallas``: the model's fused decode,
+    ``RuntimeConfig.decode_fusion``).
 
     Args:
         norm: The ``RMSNorm`` module whose weight and eps are used; its statistics must be float32.
         x: (..., D); residuals: each (..., D) in x's dtype.
         return_sum: Return s (else None: it is not written).
+        interpret: The kernel's ``interpret`` argument (``RuntimeConfig.interpret``).
         side: ``side_weight`` (D, G), ``side_bias`` (G,), ``side_cap`` of ``add_rms_norm_pallas``.
 
     Returns:
@@ -64,6 +72,7 @@ def add_rms_norm(
         [r.reshape(-1, D) for r in residuals],
         eps=norm.eps,
         return_sum=return_sum,
+        interpret=interpret,
         **side,
     )
     return tuple(None if t is None else t.reshape(*lead, t.shape[-1]) for t in (s, y, g))

@@ -7,9 +7,10 @@
     h    = mLSTM(q, k, v, i, f)     per head: q, k (B, NH, S, DHQK), v (B, NH, S, DHV)
     y    = (sigmoid(o) * MultiHeadLayerNorm(h)) Wout     (v_dim -> D)
 
-The cell runs on a whole sequence with the prefill backend (``config.prefill_backend``, a registry name
-of :mod:`...blocks.mlstm.backend`), or on one token with the decode step (``config.step_backend``, a
-name in ``STEP_FUNCTIONS``). Both take the layer's carried states ``(c, n, m)`` and return the new ones.
+The cell runs on a whole sequence with the prefill backend (``runtime.prefill_backend``, a registry name
+of :mod:`...blocks.mlstm.backend`), or on one token with the decode step (``runtime.step_backend``, resolved
+to a name in ``STEP_FUNCTIONS`` by ``RuntimeConfig.step_form``). Both take the layer's carried states
+``(c, n, m)`` and return the new ones.
 
 Padding: where ``valid`` is False the gate pre-activations become ``i = PAD_IGATE`` and ``f = +inf``.
 Then ``logsigmoid(f) = 0``, ``m' = max(m, i) = m`` and ``i' = exp(i - m') = 0``: the step leaves ``m``,
@@ -51,6 +52,7 @@ from xlstm_jax.models.xlstm_parallel.blocks.mlstm.backend import BACKENDS, creat
 from xlstm_jax.models.xlstm_parallel.blocks.mlstm.backend.config import mLSTMBackend
 from xlstm_jax.models.xlstm_parallel.blocks.norm import MultiHeadLayerNorm, RMSNorm, add_rms_norm
 from xlstm_jax.models.xlstm_parallel.config import xLSTMLMConfig
+from xlstm_jax.models.xlstm_parallel.runtime import RuntimeConfig
 
 __all__ = [
     "PAD_IGATE",
@@ -100,37 +102,21 @@ def resolve_step_fn(name: str, stacked: bool = False) -> Callable[..., tuple[jax
     return getattr(importlib.import_module(module), stacked_attr if stacked else attr)
 
 
-def create_prefill_backend(config: xLSTMLMConfig) -> mLSTMBackend:
-    """The prefill backend named by ``config.prefill_backend``, configured from the model config.
+def create_prefill_backend(config: xLSTMLMConfig, runtime: RuntimeConfig) -> mLSTMBackend:
+    """The prefill backend named by ``runtime.prefill_backend``, configured from the model config.
 
-    The backend's config gets the model's ``eps`` and ``state_dtype`` (where it has those fields), a
-    scanned time loop for the recurrent form (an unrolled Python loop over a long prompt would compile
-    for minutes), then ``config.prefill_backend_kwargs`` on top, and the model-wide settings through
-    ``assign_model_config_params``.
-
-    Raises:
-        ValueError: unknown backend name.
-        TypeError: a key of ``prefill_backend_kwargs`` that the backend's config does not have.
+    The backend's config gets the model's ``eps`` and ``state_dtype`` and the runtime's kernel mode (where it
+    has those fields), a scanned time loop for the recurrent form (an unrolled Python loop over a long prompt
+    would compile for minutes), then ``runtime.prefill_backend_kwargs`` on top (``RuntimeConfig`` checked
+    their names).
     """
-    name = config.prefill_backend
-    if name not in BACKENDS:
-        raise ValueError(f"unknown prefill backend {name!r} (config.prefill_backend); known: {sorted(BACKENDS)}")
-    config_class = BACKENDS[name].config_class
+    config_class = BACKENDS[runtime.prefill_backend].config_class
     fields = {f.name for f in dataclasses.fields(config_class)}
-    kwargs: dict[str, Any] = {}
-    if "eps" in fields:
-        kwargs["eps"] = config.eps
-    if "state_dtype" in fields:
-        kwargs["state_dtype"] = config.state_dtype
-    if "use_scan" in fields:
-        kwargs["use_scan"] = True
-    kwargs.update(dict(config.prefill_backend_kwargs))
-    unknown = sorted(set(kwargs) - fields)
-    if unknown:
-        raise TypeError(f"prefill_backend_kwargs {unknown} are not fields of {config_class.__name__}: {sorted(fields)}")
-    backend_config = config_class(**kwargs)
-    backend_config.assign_model_config_params(config)
-    return create_mlstm_backend(backend_config)
+    kwargs: dict[str, Any] = {"eps": config.eps, "state_dtype": config.state_dtype, "use_scan": True}
+    kwargs["interpret"] = runtime.interpret
+    kwargs = {k: v for k, v in kwargs.items() if k in fields}
+    kwargs.update(dict(runtime.prefill_backend_kwargs))
+    return create_mlstm_backend(config_class(**kwargs))
 
 
 class mLSTMLayer(nn.Module):
@@ -141,6 +127,7 @@ class mLSTMLayer(nn.Module):
 
     Attributes:
         config: The model config.
+        runtime: How it runs (backends, kernels).
         decode: Run the one-token decode step (S must be 1) instead of the prefill backend.
         layer_index: None: ``state`` is this layer's ``(c, n, m)``. An int: ``state`` is every layer's states
             stacked on a leading axis L (``ModelStates``), this layer's slice is the one at ``layer_index``, and
@@ -149,6 +136,7 @@ class mLSTMLayer(nn.Module):
     """
 
     config: xLSTMLMConfig
+    runtime: RuntimeConfig = RuntimeConfig()
     decode: bool = False
     layer_index: int | None = None
 
@@ -163,7 +151,7 @@ class mLSTMLayer(nn.Module):
     ) -> tuple[jax.Array, LayerStates]:
         """Returns ``y (B, S, D)`` in ``config.dtype`` and the states after the last position (stacked as given).
 
-        With ``norm`` (the block's ``RMSNorm``; a fused decode, ``config.decode_fused``), the layer's input is
+        With ``norm`` (the block's ``RMSNorm``; a fused decode, ``runtime.decode_fusion``), the layer's input is
         ``norm(x + residuals)``: the adds, the norm and the gate product with its soft cap run in one
         ``add_rms_norm_pallas`` call.
         """
@@ -187,7 +175,7 @@ class mLSTMLayer(nn.Module):
             gates = soft_cap(gates, cfg.gate_soft_cap)
         else:  # the same function: the adds, the norm and the gates in one kernel
             side = {"side_weight": if_kernel, "side_bias": if_bias, "side_cap": cfg.gate_soft_cap}
-            _, x, gates = add_rms_norm(norm, x, residuals, return_sum=False, **side)
+            _, x, gates = add_rms_norm(norm, x, residuals, return_sum=False, interpret=self.runtime.interpret, **side)
         qkvo = product(x, qkvo_kernel, cfg.compute_dtype)  # (B, S, 2 QK + 2 V)
         q, k, v, o = jnp.split(qkvo, [QK, 2 * QK, 2 * QK + V], axis=-1)
         if valid is not None:
@@ -215,21 +203,26 @@ class mLSTMLayer(nn.Module):
         if self.decode:
             if S != 1:
                 raise ValueError(f"the decode step takes one token per call, got x.shape={tuple(x.shape)}")
+            form = self.runtime.step_form(DHQK, DHV)
+            kernel = (
+                {} if form == "recurrent" else {"config": self.runtime.step_kernel, "interpret": self.runtime.interpret}
+            )
             if layer is None:
                 c0, n0, m0 = state
                 x1 = (q[:, :, 0], k[:, :, 0], v[:, :, 0], i, f)
-                h, (c, n, m) = resolve_step_fn(cfg.step_backend)(c0, n0, m0[..., None], *x1, eps=cfg.eps)
+                h, (c, n, m) = resolve_step_fn(form)(c0, n0, m0[..., None], *x1, eps=cfg.eps, **kernel)
                 m = m[..., 0]
             else:  # the stacked step takes q, k, v and the gates as projected (the Pallas kernel reads them there)
-                step = resolve_step_fn(cfg.step_backend, stacked=True)
-                # decode_fused: the step also computes the per-head norm and the output gate (one more kernel)
+                step = resolve_step_fn(form, stacked=True)
+                # fused decode: the step also computes the per-head norm and the output gate (one more kernel)
                 head_norm = (head_norm_module(h_shape, normalize=False), cfg.norm_eps) if norm is not None else None
-                h, (c, n, m) = step(*state, layer, qkvo[:, 0], gates[:, 0], None, eps=cfg.eps, head_norm=head_norm)
+                qkv, g = qkvo[:, 0], gates[:, 0]
+                h, (c, n, m) = step(*state, layer, qkv, g, None, eps=cfg.eps, head_norm=head_norm, **kernel)
                 if head_norm is not None:
                     return out_proj(h[:, None]), (c, n, m)
             h = h[:, :, None]
         else:
-            backend = create_prefill_backend(cfg)
+            backend = create_prefill_backend(cfg, self.runtime)
             c0, n0, m0 = state if layer is None else (t[layer] for t in state)
             h, (c, n, m) = backend(q, k, v, i, f, c_initial=c0, n_initial=n0, m_initial=m0, return_last_states=True)
             if layer is not None:
