@@ -1,79 +1,104 @@
-"""Times the fused Pallas mLSTM kernels against this library's XLA step and scan, with correctness checks.
+"""Times the fused Pallas mLSTM kernels against the library's XLA step and scan, with correctness checks.
 
-Run on a GPU from the repository root::
+Reproduces BENCHMARKS.md's two kernel tables (decode step, whole sequence) on an H200::
 
-    PYTHONUNBUFFERED=1 PYTHONPATH=. python3 benchmarks/kernels.py --json out.json
+    PYTHONPATH=. python3 benchmarks/kernels.py --json kernels.json
 
-Shapes (issue 4): decode step NH=8, DHQK=256, DHV=512, float32 state, bfloat16 inputs, B in {1, 8, 32, 128};
-sequence B=8, S in {512, 2048} at the same head shape, and NH=4, DHQK=DHV=64, B=16, S=2048.
+and on a CPU at tiny shapes, the kernels in Pallas interpret mode (a smoke test; the Mosaic kernel is
+skipped there): ``PYTHONPATH=. python benchmarks/kernels.py --batch 1 --step-shape 2 16 16 --seq-shapes
+1,2,16,16,16 --queued 2 --loop 4 --repeats 1``. ``--sweep`` adds the tilings of :func:`step_sweep` and
+:func:`seq_sweep` to the default configs.
 
-Floors: the step must read and write its state once (bytes / copy ceiling). The sequence has two: the
-per-step floor of the literal recurrence, 5 float32 FLOPs per state element and time step (c update
-f'c + (i'k)v: 3; read-out q̂·c: 2) at the fp32 non-tensor rate (the issue's ~1.3 ms at B=8, S=2048); and
-each variant's own floor, the matrix-product FLOPs of its closed-form blocks at the bf16 matrix-unit rate or
-the bytes of q, k, v, h at the copy ceiling, whichever is larger. Each table row gives the time, floor / time,
-and the XLA scan's time / this row's. The XLA chunkwise form runs in the same table for comparison.
+Decode step, NH=8, DHQK=256, DHV=512 (``--step-shape``), float32 state, bfloat16 inputs, B in ``--batch``
+(1, 8, 32, 128): ``recurrent_step_fw`` (XLA), ``recurrent_step_pallas`` with its default config, and the
+default tiling forced onto the Triton and onto the Mosaic kernel. Two timings of a step, both by
+``benchmarks/harness.py``: *queued*, ``--queued`` jitted calls queued from Python over a donated state (what
+a host loop pays, dispatch included), and *loop*, one step inside a jitted ``fori_loop`` of ``--loop`` steps
+(the device's time; a model's decode loop runs so). Floor: the state read and written once,
+``2·B·NH·(DHQK·DHV + DHQK + 1)·4`` bytes, at the copy bandwidth (B=128: 2.15 GB).
+
+Sequence, shapes ``B,NH,S,DHQK,DHV`` in ``--seq-shapes`` (8,8,512,256,512; 8,8,2048,256,512;
+16,4,2048,64,64), bfloat16 inputs, float32 state: the XLA scan (``recurrent_sequence_fw``, the reference),
+the XLA chunkwise form (``chunkwise_fw``) and ``recurrent_sequence_pallas``, each timed as ``--calls`` calls
+queued back to back. Two floors: the per-step floor of the literal recurrence, 5 float32 FLOPs per state
+element and time step (c update f'c + (i'k)v: 3; read-out q̂·c: 2), ``5·B·NH·S·DHQK·DHV`` at the float32
+vector rate (the bytes, q, k, v, i, f read and h written once, at the copy bandwidth, if longer); and each
+variant's own: a kernel of chunk size L computes full L x L blocks, ``2·B·NH·S·(L·DHQK + L·DHV +
+2·DHQK·DHV)`` matrix-product FLOPs (q·kᵀ, scores·v, q·C, kᵀv), at the bf16 matrix rate, and the chunkwise
+form the counts of ``benchmarks/forms.py``; the bytes again if longer. At S >= ``--grad-min-S`` the default
+kernel's gradient (forward kernel, backward by the chunkwise form) is timed too, against 3x the FLOPs and 2x
+the bytes.
+
+Checks: every variant against the XLA form on the same inputs, max |diff| / max |ref|, bounds in
+:data:`BOUNDS` with their reasons.
 """
 
 from __future__ import annotations
 
 import argparse
 import functools
-import json
-import statistics
+import inspect
 import time
+from collections.abc import Callable, Sequence
 from dataclasses import replace
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
-from tests.numerics import TOL
+from benchmarks.forms import floor_counts, sequence_bytes
+from benchmarks.harness import (
+    Ceilings,
+    Column,
+    Floor,
+    Report,
+    add_arguments,
+    ceilings_from_arguments,
+    hardware_floor,
+    time_jitted,
+    time_loop,
+)
 from xlstm_jax.kernels import SequenceKernelConfig, StepKernelConfig, recurrent_sequence_pallas, recurrent_step_pallas
-from xlstm_jax.mlstm.chunkwise import chunkwise_fw
-from xlstm_jax.mlstm.recurrent import recurrent_sequence_fw, recurrent_step_fw
+from xlstm_jax.mlstm import chunkwise_fw, recurrent_sequence_fw, recurrent_step_fw
 
-COPY_TBPS = 4.27e12  # measured device-to-device copy ceiling of the H200 (bytes read + written per second)
-FP32_FLOPS = 67e12  # fp32 non-tensor FMA rate, counting an FMA as 2 FLOPs
-BF16_FLOPS = 700e12  # dense bf16 matrix-unit rate measured on this H200 (600-700 TFLOP/s; forms.py uses 700)
 F32, BF16 = jnp.float32, jnp.bfloat16
-INTERPRET = False  # --smoke: tiny shapes in Pallas interpret mode, to check this script without a GPU
+EPS = 1e-6
+
+# Bounds on max |out - ref| / max |ref| against the XLA form on the same inputs.
+BOUNDS = {
+    # h is bfloat16 on both sides: each rounds a float32 h, and two float32 values a few ulp apart can round
+    # to neighbouring bf16 values, one bf16 ulp = 2^-8 of |h| (3.9e-3). The float32 read-out sums over DHQK
+    # in another order add ~DHQK·u = 1.5e-5 of the sum's terms, which cancellation can enlarge against |h|.
+    "step h": 1e-2,
+    # c', n', m' are float32 and elementwise (no sums): about a dozen operations per element, each rounded
+    # once (u = 6e-8), the gate exponentials' condition number |arg| <= ~10 at these gates: ~7e-6. The
+    # kernels write the gate math differently (exp2 with a log2(e) factor; log σ without log1p), so 1e-4;
+    # a state kept in bf16 would show 2^-9 = 2e-3.
+    "step states": 1e-4,
+    # h rounded to bf16 (2^-8 between two roundings, as above), plus the bf16 operands the closed-form
+    # blocks feed to the matrix units (scores and gated scores rounded once each, 2^-9 relative), plus the
+    # float32 log-gate sums over S <= 2048 (u·0.05·S = 6e-6): 3.9e-3 + 2·2e-3, rounded up to 1e-2.
+    "sequence h": 1e-2,
+}
 
 
-def _median_time(fn, reps: int) -> float:
-    """Median wall time of ``fn()`` (which blocks on its result) over ``reps`` runs, after one warm-up."""
-    fn()
-    times = []
-    for _ in range(reps):
-        t0 = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - t0)
-    return statistics.median(times)
-
-
-def _rel_err(ref, out) -> float:
+def max_rel_err(ref: jax.Array, out: jax.Array) -> float:
+    """``max |out - ref| / max |ref|`` in float64."""
     ref, out = np.asarray(ref, np.float64), np.asarray(out, np.float64)
     return float(np.max(np.abs(out - ref)) / max(np.max(np.abs(ref)), 1e-30))
-
-
-def measure_copy() -> float:
-    x = jax.random.normal(jax.random.key(0), ((1 if INTERPRET else 256) * 1024 * 1024,), F32)  # 1 GiB
-    copy = jax.jit(lambda x: x * 1.0001)
-
-    def run():
-        copy(x).block_until_ready()
-
-    return 2 * x.nbytes / _median_time(run, 10)
 
 
 # ---------------------------------------------------------------------------------------------------------
 # Decode step
 # ---------------------------------------------------------------------------------------------------------
-STEP_SHAPE = (8, 256, 512)  # NH, DHQK, DHV of the decode-step benchmark
+def step_inputs(B: int, shape: Sequence[int], seed: int = 0) -> tuple[tuple[jax.Array, ...], tuple[jax.Array, ...]]:
+    """Random states and inputs of one step; ``shape`` is (NH, DHQK, DHV).
 
-
-def step_inputs(B, seed=0):
-    NH, DHQK, DHV = STEP_SHAPE
+    Returns:
+        ``(c (B, NH, DHQK, DHV), n (B, NH, DHQK), m (B, NH, 1))`` in float32 and ``(q, k (B, NH, DHQK), v (B, NH,
+        DHV), i, f (B, NH, 1))`` in bfloat16, forget gates N(3, 1).
+    """
+    NH, DHQK, DHV = shape
     ks = jax.random.split(jax.random.key(seed), 8)
     states = (
         jax.random.normal(ks[0], (B, NH, DHQK, DHV), F32),
@@ -90,186 +115,138 @@ def step_inputs(B, seed=0):
     return states, x
 
 
-# How a step is timed: calls queued from Python (state donated); a jitted fori_loop over one state, plain
-# and unrolled 8 times; the step repeated in straight-line code (unrolled fully; XLA may then fuse the
-# elementwise state updates of consecutive XLA steps, so this mode flatters the XLA step).
-STEP_MODES = ("queued", "loop", "loop8", "unrolled")
+def step_bytes(B: int, shape: Sequence[int]) -> int:
+    """Bytes behind the step's floor: the float32 state (c, n, m) read once and written once."""
+    NH, DHQK, DHV = shape
+    return 2 * B * NH * (DHQK * DHV + DHQK + 1) * 4
 
 
-def _jit_step(step):
-    """``step`` jitted as ``(c, n, m, q, k, v, i, f) -> (h, (c', n', m'))`` with the state donated."""
+def carried(step: Callable) -> Callable:
+    """``step`` as ``(c, n, m, h, q, k, v, i, f) -> (c', n', m', h')``: the state first, so it can be carried."""
 
-    def call(c, n, m, q, k, v, i, f):
-        return step(c=c, n=n, m=m, q=q, k=k, v=v, i=i, f=f, eps=1e-6)
+    def call(c, n, m, h, q, k, v, i, f):
+        h, (c, n, m) = step(c, n, m, q, k, v, i, f, eps=EPS)
+        return c, n, m, h
 
-    return call, jax.jit(call, donate_argnums=(0, 1, 2))
-
-
-def time_step(step, B, modes=STEP_MODES, n_queued=100, n_loop=256, unroll_full=32, reps=5):
-    """Per-step times of ``step(c, n, m, q, k, v, i, f)``: calls queued (donated), and inside jitted loops."""
-    if INTERPRET:
-        n_queued, n_loop, unroll_full, reps = 2, 8, 2, 1
-    _, x = step_inputs(B)
-    call, jitted = _jit_step(step)
-    holder = {"s": step_inputs(B)[0]}
-
-    def queued():
-        s = holder["s"]
-        for _ in range(n_queued):
-            h, s = jitted(*s, *x)
-        jax.block_until_ready((h, s))
-        holder["s"] = s
-
-    def loop_fn(length, unroll):
-        def body(_, carry):
-            c, n, m, _h = carry
-            h, (c, n, m) = call(c, n, m, *x)
-            return c, n, m, h
-
-        @functools.partial(jax.jit, donate_argnums=(0,))
-        def run(s):
-            h0 = jnp.zeros(x[2].shape, x[0].dtype)
-            return jax.lax.fori_loop(0, length, body, (*s, h0), unroll=unroll)
-
-        return run
-
-    results = {"queued": _median_time(queued, reps) / n_queued} if "queued" in modes else {}
-    for name, length, unroll in (("loop", n_loop, 1), ("loop8", n_loop, 8), ("unrolled", unroll_full, True)):
-        if name not in modes:
-            continue
-        run = loop_fn(length, unroll)
-        holder2 = {"s": step_inputs(B)[0]}
-
-        def looped(run=run, holder2=holder2):
-            out = run(holder2["s"])
-            jax.block_until_ready(out)
-            holder2["s"] = out[:3]
-
-        results[name] = _median_time(looped, reps) / length
-    return results
-
-
-def check_step(step, B, seed=1) -> dict[str, float]:
-    """max |diff| / max |ref| of h, c', n', m' against the XLA step on fresh random inputs (state donated)."""
-    states, x = step_inputs(B, seed=seed)
-    h_ref, s_ref = jax.jit(recurrent_step_fw)(*states, *x)
-    jax.block_until_ready((h_ref, s_ref))
-    h, s = _jit_step(step)[1](*states, *x)  # consumes states (donated), as in the timed calls
-    errs = {"h": _rel_err(h_ref.astype(F32), h.astype(F32))}
-    errs.update({name: _rel_err(r, o) for name, r, o in zip("cnm", s_ref, s, strict=True)})
-    ok = errs["h"] <= TOL["bfloat16/float32"].max_err and max(errs[k] for k in "cnm") <= TOL["float32"].max_err
-    return {**errs, "ok": bool(ok)}
-
-
-def step_bytes(B) -> int:
-    NH, DHQK, DHV = STEP_SHAPE
-    return 2 * B * NH * (DHQK * DHV + DHQK + 1) * 4  # the state read and written once
+    return call
 
 
 def step_name(cfg: StepKernelConfig) -> str:
-    """bvX-sY-bkZ-wW[-stN][-heads][-nopf][-ev][-triton]: block_dhv, dhqk_splits, block_dhqk ("all": no row
-    loop), num_warps, num_stages (if not 1), grid_order "heads", prefetch off, evict_first on, the Triton
-    kernel forced (not ``backend="auto"``); or mosaic-bvX-bkZ-dN for the Mosaic kernel (pipeline depth N)."""
+    """``bvX-sY-bkZ-wW[-stN]-triton`` (block_dhv, dhqk_splits, block_dhqk or "all" rows, num_warps,
+    num_stages) for the Triton kernel, ``mosaic-bvX-bkZ-dN`` (N: pipeline depth) for the Mosaic kernel."""
+    if cfg.backend == "mosaic":
+        return f"mosaic-bv{cfg.block_dhv}-bk{cfg.block_dhqk or 64}-d{cfg.pipeline_depth}"
     bk = "all" if cfg.block_dhqk is None else cfg.block_dhqk
     name = f"bv{cfg.block_dhv}-s{cfg.dhqk_splits or 'auto'}-bk{bk}-w{cfg.num_warps}"
     name += f"-st{cfg.num_stages}" if cfg.num_stages != 1 else ""
-    name += "-heads" if cfg.grid_order == "heads" else ""
-    name += "-nopf" if not cfg.prefetch else ""
-    name += "-ev" if cfg.evict_first else ""
-    if cfg.backend == "mosaic":  # the Mosaic kernel uses only the blocks and the pipeline depth
-        return f"mosaic-bv{cfg.block_dhv}-bk{cfg.block_dhqk or 64}-d{cfg.pipeline_depth}"
     return name + ("-triton" if cfg.backend == "triton" else "")
 
 
-def step_sweep(B: int, full: bool = True) -> dict[str, StepKernelConfig]:
-    """The default config (``backend="auto"``: the Mosaic kernel where it runs, else bv64-s4-bk64-w4), the
-    default's Triton and Mosaic kernels forced, the previous default (issue-4 run of 2026-11-29: heads fastest
-    in the grid, loads at their use, Triton's pipeliner), plus (``full``) tilings named by :func:`step_name`."""
-    C = functools.partial(StepKernelConfig, backend="triton")  # the tilings below are the Triton kernel's
-    previous = C(block_dhv=64, block_dhqk=64, dhqk_splits=4, num_stages=2, prefetch=False, grid_order="heads")
-    default = StepKernelConfig.get_default(*STEP_SHAPE[1:])
-    sweep = {"default": default, "previous": previous}
-    for cfg in (replace(default, backend="triton"), replace(default, backend="mosaic")):
-        sweep[step_name(cfg)] = cfg
-    if not full:
-        return sweep
-    if B <= 8:
-        cfgs = [
+def step_sweep(shape: Sequence[int], sweep: bool) -> dict[str, StepKernelConfig | None]:
+    """``{name: config}``: "xla" (None: ``recurrent_step_fw``), "default" (``StepKernelConfig.get_default``:
+    Mosaic where it runs and pays, else Triton), the default tiling forced onto each kernel, and with
+    ``sweep`` the Triton tilings and Mosaic pipeline depth around it."""
+    default = StepKernelConfig.get_default(*shape[1:])
+    variants: dict[str, StepKernelConfig | None] = {"xla": None, "default": default}
+    forced = [replace(default, backend="triton"), replace(default, backend="mosaic")]
+    if sweep:
+        C = functools.partial(StepKernelConfig, backend="triton")
+        forced += [
             C(block_dhv=16, block_dhqk=None, dhqk_splits=1, num_warps=8),
+            C(block_dhv=32, block_dhqk=None, dhqk_splits=1, num_warps=8),
             C(block_dhv=64, block_dhqk=None, dhqk_splits=1, num_warps=8),
-            C(block_dhv=32, block_dhqk=64, dhqk_splits=1, num_warps=4),
             C(block_dhv=32, block_dhqk=None, dhqk_splits=2, num_warps=4),
-        ]
-    else:
-        cfgs = [
-            C(block_dhv=64, block_dhqk=64, dhqk_splits=4, num_warps=4, grid_order="heads"),  # prefetch only
-            C(block_dhv=32, block_dhqk=None, dhqk_splits=1, num_warps=8, grid_order="heads"),
-            C(block_dhv=32, block_dhqk=None, dhqk_splits=1, num_warps=8, evict_first=True),
-            C(block_dhv=64, block_dhqk=None, dhqk_splits=1, num_warps=8),
+            C(block_dhv=32, block_dhqk=64, dhqk_splits=1, num_warps=4),
+            C(block_dhv=64, block_dhqk=64, dhqk_splits=2, num_warps=4),
+            C(block_dhv=64, block_dhqk=64, dhqk_splits=4, num_warps=2),
+            C(block_dhv=64, block_dhqk=64, dhqk_splits=4, num_warps=8),
+            C(block_dhv=64, block_dhqk=32, dhqk_splits=8, num_warps=4),
             C(block_dhv=128, block_dhqk=32, dhqk_splits=1, num_warps=4),
-            C(block_dhv=256, block_dhqk=16, dhqk_splits=1, num_warps=4),
-            C(block_dhv=512, block_dhqk=8, dhqk_splits=1, num_warps=4),
+            replace(default, backend="mosaic", pipeline_depth=3),
         ]
-    cfgs += [  # second round: warps and row loops around the best of the first, the first round's default
-        C(block_dhv=64, block_dhqk=64, dhqk_splits=4, num_warps=2),
-        C(block_dhv=64, block_dhqk=64, dhqk_splits=4, num_warps=8),
-        C(block_dhv=64, block_dhqk=64, dhqk_splits=2, num_warps=4),
-        C(block_dhv=64, block_dhqk=64, dhqk_splits=4, num_warps=4, grid_order="heads"),  # prefetch, old order
-        C(block_dhv=64, block_dhqk=None, dhqk_splits=1, num_warps=8),
-        C(block_dhv=32, block_dhqk=None, dhqk_splits=1, num_warps=8),
-        C(block_dhv=32, block_dhqk=None, dhqk_splits=4, num_warps=4),
-    ]
-    sweep.update({step_name(cfg): cfg for cfg in cfgs})
-    return sweep
+    variants.update({step_name(cfg): cfg for cfg in forced})
+    return variants
 
 
-def bench_step(rows, batch_sizes, sweep_for, modes=STEP_MODES, deadline=None, json_path=None):
-    for B in batch_sizes:
-        floor = step_bytes(B) / COPY_TBPS
-        b_modes = modes
-        xla = time_step(recurrent_step_fw, B, b_modes)
-        rows.append({"kind": "step", "B": B, "variant": "xla", **xla, "floor": floor, "check": None})
-        times = "  ".join(f"{m} {xla[m] * 1e6:7.1f} us" for m in b_modes)
-        print(f"step B={B:4d} xla                     {times}  floor {floor * 1e6:7.1f} us", flush=True)
-        for seed, (name, cfg) in enumerate(sweep_for(B).items(), start=1):
-            if deadline is not None and time.time() > deadline:
-                print(f"step B={B} {name}: skipped (deadline)", flush=True)
+def check_step(step: Callable, B: int, shape: Sequence[int], seed: int) -> dict[str, float | bool]:
+    """Errors of h and of the states against ``recurrent_step_fw`` on fresh inputs (the state donated)."""
+    states, x = step_inputs(B, shape, seed)
+    h_ref, s_ref = jax.jit(lambda *a: recurrent_step_fw(*a, eps=EPS))(*states, *x)
+    jax.block_until_ready((h_ref, s_ref))
+    h0 = jnp.zeros(x[2].shape, x[0].dtype)
+    c, n, m, h = jax.jit(carried(step), donate_argnums=(0, 1, 2, 3))(*states, h0, *x)
+    err_h = max_rel_err(h_ref, h)
+    err_s = max(max_rel_err(r, o) for r, o in zip(s_ref, (c, n, m), strict=True))
+    ok = err_h <= BOUNDS["step h"] and err_s <= BOUNDS["step states"]
+    return {"err_h": err_h, "err_states": err_s, "ok": ok}
+
+
+def bench_step(report: Report, a: argparse.Namespace, ceilings: Ceilings, interpret: bool | None, deadline: float):
+    report.table("step", STEP_COLUMNS)
+    shape = tuple(a.step_shape)
+    variants = {k: v for k, v in step_sweep(shape, a.sweep).items() if not a.variants or k in a.variants}
+    for B in a.batch:
+        floor = hardware_floor(bytes_moved=step_bytes(B, shape), bandwidth=ceilings.copy_bytes_per_s)
+        xla_time = {}
+        for seed, (name, cfg) in enumerate(variants.items(), start=1):
+            if time.time() > deadline:
+                report.note(f"step B={B} {name}: skipped (--budget-s spent)")
                 continue
-            step = functools.partial(recurrent_step_pallas, config=cfg, interpret=INTERPRET)
+            if cfg is not None and cfg.backend == "mosaic" and interpret:
+                report.note(f"step B={B} {name}: skipped (the Mosaic kernel runs compiled on a GPU only)")
+                continue
+            step = recurrent_step_fw if cfg is None else functools.partial(
+                recurrent_step_pallas, config=cfg, interpret=interpret
+            )  # fmt: skip
             try:
-                check = check_step(step, B, seed=seed)
-                t = time_step(step, B, b_modes)
-            except Exception as e:  # a config that does not compile is reported, not fatal
-                print(f"step B={B} {name}: FAILED {type(e).__name__}: {str(e)[:300]}", flush=True)
+                check = check_step(step, B, shape, seed) if cfg is not None else {}
+                states, x = step_inputs(B, shape)
+                h0 = jnp.zeros(x[2].shape, x[0].dtype)
+                call = carried(step)
+                timings = {}
+                if "queued" in a.step_modes:
+                    fn = jax.jit(call, donate_argnums=(0, 1, 2, 3))
+                    timings["queued"] = time_jitted(fn, *states, h0, *x, repeats=a.repeats, calls=a.queued, carry=True)
+                if "loop" in a.step_modes:
+                    states = step_inputs(B, shape)[0]
+                    body = lambda carry, call=call, x=x: call(*carry, *x)
+                    timings["loop"] = time_loop(body, (*states, h0), a.loop, repeats=a.repeats)
+            except Exception as exc:  # a config that does not compile is reported, not fatal
+                report.note(f"step B={B} {name}: FAILED {type(exc).__name__}: {str(exc)[:300]}")
                 continue
-            rows.append({"kind": "step", "B": B, "variant": name, **t, "floor": floor, "check": check})
-            times = "  ".join(f"{m} {t[m] * 1e6:7.1f} us" for m in b_modes)
-            print(f"step B={B:4d} {name:26s} {times}  ok={check['ok']} err_h={check['h']:.1e}", flush=True)
-            if json_path:
-                with open(json_path, "w") as fh:
-                    json.dump({"jax": jax.__version__, "rows": rows}, fh)
+            for mode, timing in timings.items():
+                xla_time.setdefault(mode, timing.median_s if cfg is None else None)
+                row = {"B": B, "variant": name, "mode": mode, **timing.as_row(), **check}
+                row.update(
+                    floor_s=floor.seconds,
+                    bytes=floor.bytes_moved,
+                    floor_fraction=floor.fraction(timing.median_s),
+                    xla_over_this=xla_time[mode] / timing.median_s if xla_time.get(mode) else None,
+                )
+                report.add("step", row)
 
 
-def profile_step(B: int, names: list[str], calls: int = 2) -> None:
-    """Runs the XLA step and the named sweep variants ``calls`` times each, untimed, on inputs made on the host
-    (so that the only kernels launched are the steps'): a driver for ``ncu``."""
-    states, x = step_inputs(B)
-    host = [np.asarray(a) for a in (*states, *x)]
-    sweep = step_sweep(B)
-    for name in names:
-        step = recurrent_step_fw if name == "xla" else functools.partial(recurrent_step_pallas, config=sweep[name])
-        fn = jax.jit(lambda *a, step=step: step(*a, eps=1e-6))
-        for _ in range(calls):
-            args = [jax.device_put(a) for a in host]
-            jax.block_until_ready(args)
-            jax.block_until_ready(fn(*args))
-        print(f"profiled B={B} {name}", flush=True)
+STEP_COLUMNS = [
+    Column("B", "B", width=4),
+    Column("variant", "variant", width=26),
+    Column("mode", "mode", width=6),
+    Column("us", "median_s", ".1f", 1e6),
+    Column("spread", "spread", ".2f"),
+    Column("compile s", "compile_s", ".2f"),
+    Column("floor us", "floor_s", ".1f", 1e6),
+    Column("floor/t", "floor_fraction", ".3f"),
+    Column("xla/this", "xla_over_this", ".2f"),
+    Column("err h", "err_h", ".1e"),
+    Column("err cnm", "err_states", ".1e"),
+    Column("ok", "ok", width=5),
+]
 
 
 # ---------------------------------------------------------------------------------------------------------
 # Sequence
 # ---------------------------------------------------------------------------------------------------------
-def seq_inputs(B, NH, S, DHQK, DHV, seed=0):
+def seq_inputs(B: int, NH: int, S: int, DHQK: int, DHV: int, seed: int = 0) -> tuple[jax.Array, ...]:
+    """Random bf16 q, k (B, NH, S, DHQK), v (B, NH, S, DHV), i, f (B, NH, S); forget gates N(3, 1)."""
     ks = jax.random.split(jax.random.key(seed), 5)
     return (
         jax.random.normal(ks[0], (B, NH, S, DHQK), BF16),
@@ -280,159 +257,169 @@ def seq_inputs(B, NH, S, DHQK, DHV, seed=0):
     )
 
 
-def seq_step_flops(B, NH, S, DHQK, DHV) -> float:
+def seq_step_flops(B: int, NH: int, S: int, DHQK: int, DHV: int) -> float:
     """FLOPs of the literal per-step recurrence: 5 per state element and step (c update 3, read-out 2)."""
     return 5.0 * B * NH * S * DHQK * DHV
 
 
-def seq_block_flops(B, NH, S, DHQK, DHV, L) -> float:
-    """Matrix-product FLOPs of the closed form over blocks of L steps, per head (not per DHV tile):
-    q·kᵀ (L, L, DHQK) and scores·v (L, L, DHV) on full L x L blocks, q·C and kᵀv (L, DHQK, DHV)."""
+def seq_block_flops(B: int, NH: int, S: int, DHQK: int, DHV: int, L: int) -> float:
+    """Matrix-product FLOPs of a kernel of chunk size L on full L x L blocks: q·kᵀ, scores·v, q·C, kᵀv."""
     return 2.0 * B * NH * S * (L * DHQK + L * DHV + 2 * DHQK * DHV)
 
 
-def seq_bytes(B, NH, S, DHQK, DHV) -> float:
-    return 2.0 * B * NH * S * (2 * DHQK + 2 * DHV)  # q, k, v read and h written once, bf16
+def seq_floor(shape: Sequence[int], ceilings: Ceilings, L: int, grad: bool = False, chunkwise: bool = False) -> Floor:
+    """The floor of a sequence of ``shape`` (B, NH, S, DHQK, DHV) with bf16 inputs (the module docstring).
+
+    Args:
+        shape: (B, NH, S, DHQK, DHV).
+        ceilings: The rates.
+        L: The chunk size; 1 for the per-step floor of the literal recurrence.
+        grad: Forward and backward: 3x the FLOPs, 2x the bytes.
+        chunkwise: The XLA chunkwise form's FLOPs (causal halves of the blocks), not a kernel's full blocks.
+    """
+    nbytes = (1 + grad) * sequence_bytes(*shape, itemsize=2)
+    if L == 1:
+        flops, rate = seq_step_flops(*shape), ceilings.vector_flops_per_s
+    else:
+        flops = floor_counts(*shape, L, 2, "fwd")[0] if chunkwise else seq_block_flops(*shape, L)
+        rate = ceilings.matmul_flops_per_s
+    return hardware_floor(
+        bytes_moved=nbytes, flops=(1 + 2 * grad) * flops, bandwidth=ceilings.copy_bytes_per_s, flop_rate=rate
+    )
 
 
-def _queued_time(fn, x, reps: int, n: int = 10) -> float:
-    """Median over ``reps`` of (n calls queued back to back, then blocked on) / n: no per-call dispatch gap."""
-
-    def run():
-        for _ in range(n):
-            out = fn(*x)
-        jax.block_until_ready(out)
-
-    return _median_time(run, reps) / n
-
-
-def bench_seq(rows, shapes, sweep_for, reps=5):
-    """Times the XLA scan, the XLA chunkwise form and the kernel variants; checks each against the scan."""
-    for B, NH, S, DHQK, DHV in shapes:
-        shape = [B, NH, S, DHQK, DHV]
-        x = seq_inputs(B, NH, S, DHQK, DHV)
-        step_floor = max(seq_step_flops(*shape) / FP32_FLOPS, seq_bytes(*shape) / COPY_TBPS)
-        xla_fn = jax.jit(lambda *a: recurrent_sequence_fw(*a, state_dtype="float32", use_scan=True))
-        h_ref = xla_fn(*x)
-        t_xla = _queued_time(xla_fn, x, 3, 2)
-        rows.append({"kind": "seq", "shape": shape, "variant": "xla-scan", "time": t_xla, "floor": step_floor})
-        print(f"seq {tuple(shape)} xla-scan {t_xla * 1e3:9.3f} ms  per-step floor {step_floor * 1e3:.3f} ms")
-        cw_fn = jax.jit(lambda *a: chunkwise_fw(*a, state_dtype="float32"))
-        variants = {
-            "xla-chunkwise": (cw_fn, None),
-            **{name: (None, cfg) for name, cfg in sweep_for(DHQK, DHV, S).items()},
-        }
-        for name, (fn, cfg) in variants.items():
-            if fn is None:
-                fn = jax.jit(lambda *a, cfg=cfg: recurrent_sequence_pallas(*a, config=cfg, interpret=INTERPRET))
-            L = 256 if cfg is None else cfg.chunk_size
-            floor = (
-                step_floor if L == 1 else max(seq_block_flops(*shape, L) / BF16_FLOPS, seq_bytes(*shape) / COPY_TBPS)
-            )
-            try:
-                err = _rel_err(h_ref.astype(F32), fn(*x).astype(F32))
-                t = _queued_time(fn, x, reps)
-            except Exception as e:  # a config that does not compile is reported, not fatal
-                print(f"seq {name}: FAILED {type(e).__name__}: {str(e)[:300]}", flush=True)
-                continue
-            ok = err <= TOL["bfloat16/float32"].max_err
-            rows.append({"kind": "seq", "shape": shape, "variant": name, "time": t, "floor": floor,
-                         "step_floor": step_floor, "xla": t_xla, "err": err, "ok": ok})  # fmt: skip
-            print(f"seq {tuple(shape)} {name:18s} {t * 1e3:8.3f} ms  own floor/time {floor / t:5.3f}  "
-                  f"per-step floor/time {step_floor / t:5.2f}  xla-scan/this {t_xla / t:6.1f}x  err {err:.1e} "
-                  f"ok={ok}", flush=True)  # fmt: skip
-        if S >= 2048 and not INTERPRET:  # the gradient: forward kernel, backward recomputed by the chunkwise form
-            loss = lambda *a: jnp.sum(recurrent_sequence_pallas(*a).astype(F32))  # noqa: E731
-            grad = jax.jit(jax.grad(loss, argnums=(0, 1, 2, 3, 4)))
-            t = _queued_time(grad, x, 3, 3)
-            L = SequenceKernelConfig.get_default(DHQK, DHV).chunk_size
-            floor = 3 * max(seq_block_flops(*shape, L) / BF16_FLOPS, seq_bytes(*shape) / COPY_TBPS)
-            rows.append({"kind": "seq", "shape": shape, "variant": "default fwd+bwd", "time": t, "floor": floor,
-                         "step_floor": 3 * step_floor})  # fmt: skip
-            print(f"seq {tuple(shape)} default fwd+bwd     {t * 1e3:8.3f} ms", flush=True)
-
-
-def seq_sweep(DHQK, DHV, S, full=True):
-    """The default config, plus (``full``) variants named L<chunk_size>-bv<block_dhv>-w<num_warps>[-s<stages>];
-    L1 is the literal step-by-step recurrence (the kernel of the previous release, for comparison)."""
-    C = SequenceKernelConfig
-    sweep = {"default": C.get_default(DHQK, DHV)}
-    if not full:
-        return sweep
+def seq_sweep(DHQK: int, DHV: int, sweep: bool) -> dict[str, SequenceKernelConfig]:
+    """The default config, and with ``sweep`` tilings named ``L<chunk_size>-bv<block_dhv>-w<num_warps>[-s<stages>]``
+    (``L1``: the literal step-by-step recurrence)."""
+    variants = {"default": SequenceKernelConfig.get_default(DHQK, DHV)}
+    if not sweep:
+        return variants
     grid = [(1, 16, 1, 1)]  # (chunk_size, block_dhv, num_warps, num_stages)
     if DHQK >= 256:
         grid += [(16, 64, 8, 1), (32, 128, 8, 2), (64, 128, 8, 1), (64, 64, 8, 2), (128, 128, 8, 2)]
     else:
         grid += [(32, 32, 4, 1), (64, 64, 4, 1), (64, 32, 8, 2), (64, 16, 4, 1)]
     for L, bv, w, st in grid:
-        sweep[f"L{L}-bv{bv}-w{w}" + (f"-s{st}" if st > 1 else "")] = C(
-            block_dhv=min(bv, DHV), chunk_size=L, num_warps=w, num_stages=st
-        )
-    return sweep
+        name = f"L{L}-bv{bv}-w{w}" + (f"-s{st}" if st > 1 else "")
+        variants[name] = SequenceKernelConfig(block_dhv=min(bv, DHV), chunk_size=L, num_warps=w, num_stages=st)
+    return variants
 
 
-def print_table(rows):
-    print("\n| kernel | shape | variant | time | floor | floor/time | [seq] per-step floor/time | XLA/kernel | check |")
-    print("|---|---|---|---|---|---|---|---|---|")
-    xla_step = {(r["B"], m): r[m] for r in rows if r["kind"] == "step" and r["variant"] == "xla"
-                for m in STEP_MODES if m in r}  # fmt: skip
-    for r in rows:
-        if r["kind"] == "step":
-            for m in (m for m in STEP_MODES if m in r):
-                ratio = xla_step[(r["B"], m)] / r[m]
-                check = "" if r["check"] is None else f"ok={r['check']['ok']}"
-                print(f"| step ({m}) | B={r['B']} | {r['variant']} | {r[m] * 1e6:.1f} us | {r['floor'] * 1e6:.1f} us "
-                      f"| {r['floor'] / r[m]:.2f} | | {ratio:.2f}x | {check} |")  # fmt: skip
-        else:
-            ratio = f"{r['xla'] / r['time']:.1f}x" if r.get("xla") else ""
-            check = f"err={r['err']:.1e} ok={r['ok']}" if "err" in r else ""
-            print(f"| sequence | {tuple(r['shape'])} | {r['variant']} | {r['time'] * 1e3:.3f} ms | "
-                  f"{r['floor'] * 1e3:.3f} ms | {r['floor'] / r['time']:.3f} | "
-                  f"{r.get('step_floor', r['floor']) / r['time']:.2f} | {ratio} | {check} |")  # fmt: skip
+def bench_seq(report: Report, a: argparse.Namespace, ceilings: Ceilings, interpret: bool | None, deadline: float):
+    report.table("sequence", SEQ_COLUMNS)
+    chunkwise_L = inspect.signature(chunkwise_fw).parameters["chunk_size"].default
+    for spec in a.seq_shapes:
+        shape = tuple(spec)
+        B, NH, S, DHQK, DHV = shape
+        x = seq_inputs(*shape)
+        variants: dict[str, tuple[Callable, Floor]] = {
+            "xla-scan": (
+                lambda *q: recurrent_sequence_fw(*q, state_dtype="float32", use_scan=True),
+                seq_floor(shape, ceilings, 1),
+            ),
+            "xla-chunkwise": (
+                lambda *q: chunkwise_fw(*q, state_dtype="float32"),
+                seq_floor(shape, ceilings, chunkwise_L, chunkwise=True),
+            ),
+        }
+        for name, cfg in seq_sweep(DHQK, DHV, a.sweep).items():
+            fn = lambda *q, cfg=cfg: recurrent_sequence_pallas(*q, config=cfg, interpret=interpret)
+            variants[name] = (fn, seq_floor(shape, ceilings, cfg.chunk_size))
+        if a.grad_min_S <= S:
+            default = SequenceKernelConfig.get_default(DHQK, DHV)
+            loss = lambda *q: jnp.sum(recurrent_sequence_pallas(*q, interpret=interpret).astype(F32))
+            variants["default fwd+bwd"] = (
+                jax.grad(loss, argnums=(0, 1, 2, 3, 4)),
+                seq_floor(shape, ceilings, default.chunk_size, grad=True),
+            )
+        h_ref = t_scan = None
+        for name, (form, floor) in variants.items():
+            if a.variants and name not in a.variants and name != "xla-scan":
+                continue
+            if time.time() > deadline:
+                report.note(f"sequence {shape} {name}: skipped (--budget-s spent)")
+                continue
+            fn = jax.jit(form)
+            row = {"shape": list(shape), "variant": name}
+            try:
+                if name == "xla-scan":
+                    timing = time_jitted(fn, *x, repeats=min(a.repeats, 3), calls=1)
+                    h_ref, t_scan = fn(*x), timing.median_s
+                else:
+                    timing = time_jitted(fn, *x, repeats=a.repeats, calls=a.calls)
+                    if name != "default fwd+bwd":
+                        err = max_rel_err(h_ref, fn(*x))
+                        row.update(err=err, ok=err <= BOUNDS["sequence h"])
+            except Exception as exc:  # a config that does not compile is reported, not fatal
+                report.note(f"sequence {shape} {name}: FAILED {type(exc).__name__}: {str(exc)[:300]}")
+                continue
+            row.update(timing.as_row())
+            row.update(
+                floor_s=floor.seconds,
+                floor_bound=floor.bound,
+                floor_fraction=floor.fraction(timing.median_s),
+                step_floor_fraction=seq_floor(shape, ceilings, 1, grad=name == "default fwd+bwd").fraction(
+                    timing.median_s
+                ),
+                scan_over_this=t_scan / timing.median_s if t_scan else None,
+            )
+            report.add("sequence", row)
 
 
-def main():
-    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--json", default=None, help="write all rows to this file")
-    parser.add_argument("--part", choices=("all", "step", "seq"), default="all")
-    parser.add_argument("--quick", action="store_true", help="default configs only (no sweep)")
-    parser.add_argument("--smoke", action="store_true", help="tiny shapes in interpret mode (no GPU needed)")
-    parser.add_argument("--batch", default="1,8,32,128", help="decode-step batch sizes, comma-separated")
-    parser.add_argument("--step-modes", default=",".join(STEP_MODES), help="decode-step timing modes")
-    parser.add_argument("--deadline", type=float, default=None, help="skip step variants after this many seconds")
-    parser.add_argument("--variants", default=None, help="comma-separated step variant names to run (default all)")
-    parser.add_argument("--profile", default=None, help="comma-separated step variants (and 'xla') to run untimed")
-    args = parser.parse_args()
-    start = time.time()
-    if args.profile:
-        for B in (int(b) for b in args.batch.split(",")):
-            profile_step(B, args.profile.split(","))
-        return
-    global INTERPRET, STEP_SHAPE
-    if args.smoke:
-        INTERPRET, STEP_SHAPE = True, (2, 32, 64)
-    print(f"jax {jax.__version__}, devices {jax.devices()}", flush=True)
-    rows = []
-    copy = measure_copy()
-    print(f"copy ceiling measured here: {copy / 1e12:.2f} TB/s (floors use {COPY_TBPS / 1e12:.2f})", flush=True)
-    if args.part in ("all", "step"):
-        sweep_for = functools.partial(step_sweep, full=not args.quick)
-        if args.variants:
-            keep = args.variants.split(",")
-            sweep_for = lambda B, f=sweep_for: {k: v for k, v in f(B).items() if k in keep}  # noqa: E731
-        batch = (1, 2) if args.smoke else tuple(int(b) for b in args.batch.split(","))
-        modes = tuple(m for m in STEP_MODES if m in args.step_modes.split(","))
-        deadline = None if args.deadline is None else start + args.deadline
-        bench_step(rows, batch, sweep_for, modes, deadline, args.json)
-    if args.part in ("all", "seq"):
-        shapes = [(8, 8, 512, 256, 512), (8, 8, 2048, 256, 512), (16, 4, 2048, 64, 64)]
-        if args.smoke:
-            shapes = [(1, 2, 37, 16, 32), (2, 1, 40, 32, 16)]
-        bench_seq(rows, shapes, functools.partial(seq_sweep, full=not args.quick))
-    print_table(rows)
-    if args.json:
-        with open(args.json, "w") as fh:
-            json.dump({"jax": jax.__version__, "device": str(jax.devices()[0]), "copy_Bps": copy, "rows": rows}, fh)
+SEQ_COLUMNS = [
+    Column("shape B,NH,S,DHQK,DHV", "shape", width=22),
+    Column("variant", "variant", width=18),
+    Column("ms", "median_s", ".3f", 1e3),
+    Column("spread", "spread", ".2f"),
+    Column("compile s", "compile_s", ".2f"),
+    Column("floor ms", "floor_s", ".3f", 1e3),
+    Column("floor/t", "floor_fraction", ".3f"),
+    Column("step floor/t", "step_floor_fraction", ".2f"),
+    Column("scan/this", "scan_over_this", ".1f"),
+    Column("err h", "err", ".1e"),
+    Column("ok", "ok", width=5),
+]
+
+
+def seq_shape(text: str) -> tuple[int, ...]:
+    """``"B,NH,S,DHQK,DHV"`` as five positive ints."""
+    try:
+        shape = tuple(int(x) for x in text.split(","))
+    except ValueError:
+        shape = ()
+    if len(shape) != 5 or min(shape) < 1:
+        raise argparse.ArgumentTypeError(f"expected B,NH,S,DHQK,DHV (five positive integers), got {text!r}")
+    return shape
+
+
+def main(argv: Sequence[str] | None = None) -> dict:
+    """Runs the benchmark; returns the report's data (what ``--json`` writes)."""
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--part", choices=("all", "step", "seq"), default="all")
+    p.add_argument("--sweep", action="store_true", help="add the tilings of step_sweep and seq_sweep")
+    p.add_argument("--variants", nargs="+", default=None, help="run only these variants (names as printed)")
+    p.add_argument("--batch", type=int, nargs="+", default=[1, 8, 32, 128], help="decode-step batch sizes")
+    p.add_argument("--step-shape", type=int, nargs=3, default=[8, 256, 512], metavar=("NH", "DHQK", "DHV"))
+    p.add_argument("--step-modes", nargs="+", default=["queued", "loop"], choices=["queued", "loop"])
+    p.add_argument("--queued", type=int, default=100, help="step calls queued per timed sample")
+    p.add_argument("--loop", type=int, default=256, help="steps per timed jitted loop")
+    default_shapes = ["8,8,512,256,512", "8,8,2048,256,512", "16,4,2048,64,64"]
+    p.add_argument("--seq-shapes", type=seq_shape, nargs="+", default=[seq_shape(s) for s in default_shapes])
+    p.add_argument("--calls", type=int, default=10, help="sequence calls queued per timed sample")
+    p.add_argument("--grad-min-S", type=int, default=2048, help="time the gradient from this S")
+    p.add_argument("--budget-s", type=float, default=float("inf"), help="skip the variants left after this")
+    add_arguments(p, repeats=5)
+    a = p.parse_args(argv)
+    deadline = time.time() + a.budget_s
+    report = Report("kernels", "benchmarks/kernels.py", vars(a), a.json, argv)
+    ceilings = ceilings_from_arguments(a, report)
+    interpret = None if jax.default_backend() == "gpu" else True  # off a GPU: Pallas interpret mode
+    report.set("interpret", bool(interpret))
+    if a.part in ("all", "step"):
+        bench_step(report, a, ceilings, interpret, deadline)
+    if a.part in ("all", "seq"):
+        bench_seq(report, a, ceilings, interpret, deadline)
+    return report.data
 
 
 if __name__ == "__main__":

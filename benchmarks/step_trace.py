@@ -1,99 +1,59 @@
-"""Device-side time of the decode step, kernel by kernel, against a copy kernel of the same bytes.
+"""Device-side time of the decode step, kernel by kernel, against copy kernels of the same bytes.
 
-Run on a GPU from the repository root::
+Reproduces BENCHMARKS.md's table of where the decode step's time goes (an H200)::
 
-    PYTHONUNBUFFERED=1 PYTHONPATH=. python3 benchmarks/step_trace.py [--batch 1,8,32,128] [--json out.json]
+    PYTHONPATH=. python3 benchmarks/step_trace.py --json step_trace.json
 
-``benchmarks/kernels.py`` times whole steps from the host. This script says where that time goes: each
-variant runs ``--steps`` steps in one jitted ``fori_loop`` over one donated state (NH=8, DHQK=256, DHV=512,
-float32 state, bfloat16 inputs) under ``jax.profiler``, and the trace gives, per step, the time of the step's
-main kernel (median), the other kernels XLA launches around it (the DHQK-split epilogue, copies of the fresh
-n and m into the loop carry), and the span from the first kernel's start to the last one's end. The same
-loop over a copy of the state (``c * a``, read and written once, in place) gives what moving the state's
-bytes costs on its own, by XLA's fused loop, by a Pallas (Triton) kernel with the Triton step's tiles or
-with one 16-byte vector per thread (as XLA's), and by a Mosaic GPU kernel with the Mosaic step's pipeline:
-the floor a step kernel can reach on this device, next to the nominal one (bytes at 4.27 TB/s).
-Each variant is first checked against the XLA step on the same inputs (max |diff| / max |ref|).
+and on a CPU at tiny shapes (a smoke test: the Pallas kernels in interpret mode, no GPU kernels to trace):
+``PYTHONPATH=. python benchmarks/step_trace.py --batch 1 --step-shape 2 16 32 --steps 4 --repeats 1``.
+
+``benchmarks/kernels.py`` times whole steps. This script says where that time goes: each variant (the names
+of ``kernels.py``; ``--sweep`` for its tilings) runs ``--steps`` steps in one jitted ``fori_loop`` over one
+donated state (NH=8, DHQK=256, DHV=512, float32 state, bfloat16 inputs; ``--step-shape``), timed by
+``benchmarks/harness.py`` (``wall``: median per step), and one more loop runs under ``jax.profiler``. The trace
+gives, per step, the median time of the step's main kernel, the time of the other kernels XLA launches around
+it (the DHQK-split epilogue, copies of the fresh n and m into the loop carry), and the span from the first
+kernel's start to the last one's end.
+
+The same loop over a copy of c (``c * a``, read and written once, in place) gives what moving the state's
+bytes costs on its own: by XLA's fused loop, and by a Pallas (Triton) kernel in the step's 64 x 64 tiles or
+with one row of 512 columns per program (a 16-byte vector per thread, as XLA's copy). That is the floor a
+step kernel can reach on this device, beside the nominal one: the state read and written once,
+``2·B·NH·(DHQK·DHV + DHQK + 1)·4`` bytes, at the copy bandwidth (B=128: 2.15 GB, 0.50 ms at 4.27 TB/s).
+Each step variant is first checked against the XLA step on the same inputs (bounds of ``kernels.py``).
 """
 
 from __future__ import annotations
 
 import argparse
-import collections
 import functools
-import json
-import tempfile
-import time
-from pathlib import Path
+from collections.abc import Sequence
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as pl_triton
 
-from benchmarks.kernels import COPY_TBPS, step_bytes, step_inputs
-from xlstm_jax.kernels import StepKernelConfig, recurrent_step_pallas
-from xlstm_jax.mlstm.recurrent import recurrent_step_fw
+from benchmarks.harness import Column, Report, add_arguments, ceilings_from_arguments, hardware_floor, time_loop
+from benchmarks.kernels import carried, check_step, step_bytes, step_inputs, step_sweep
+from xlstm_jax.kernels import recurrent_step_pallas
+from xlstm_jax.mlstm import recurrent_step_fw
 
 F32 = jnp.float32
-WARMUP_S = 0.5
-C = StepKernelConfig
-VARIANTS = {  # name: step function (bvX-sY-bkZ-wW as in benchmarks/kernels.py)
-    "xla": recurrent_step_fw,
-    "default": recurrent_step_pallas,  # backend="auto": the Mosaic kernel where it runs, else the Triton one
-    "triton": functools.partial(recurrent_step_pallas, config=C(backend="triton", dhqk_splits=4)),
-    "mosaic-d2": functools.partial(recurrent_step_pallas, config=C(backend="mosaic")),
-    "mosaic-d3": functools.partial(recurrent_step_pallas, config=C(backend="mosaic", pipeline_depth=3)),
-    "bv64-s8-bk32-w4": functools.partial(recurrent_step_pallas, config=C(64, 32, 8, num_warps=4, backend="triton")),
-}
 
 
-def trace(fn, arg, steps: int) -> dict:
-    """Runs ``fn(arg)`` under the profiler; per-step kernel statistics of the GPU's compute stream.
+def copy_pallas(c: jax.Array, a: jax.Array, rows: int, cols: int, warps: int, interpret: bool) -> jax.Array:
+    """``c * a[0]`` in place, one (rows, cols) tile per program, grid in the Triton step kernel's order.
 
-    ``fn`` first runs for ``WARMUP_S`` seconds: an idle H200 sits at a low SM clock (345 MHz seen), and a
-    trace of a few milliseconds taken straight away measures the clock ramp, not the kernels. When ``fn``
-    returns ``arg``'s structure (a loop over a donated state), each run starts from the last one's result.
+    Args:
+        c: (B·NH, DHQK, DHV) float32.
+        a: (1,) float32.
+        rows, cols: The tile; clipped to (DHQK, DHV).
+        warps: Triton warps per program.
+        interpret: Pallas interpret mode (off a GPU).
     """
-    from jax.profiler import ProfileData
-
-    start = time.perf_counter()
-    while time.perf_counter() - start < WARMUP_S:
-        out = jax.block_until_ready(fn(arg))
-        if jax.tree.structure(out) == jax.tree.structure(arg):  # a donated arg is gone: go on from the result
-            arg = out
-    directory = tempfile.mkdtemp()
-    jax.profiler.start_trace(directory)
-    jax.block_until_ready(fn(arg))
-    jax.profiler.stop_trace()
-    data = ProfileData.from_file(str(sorted(Path(directory).rglob("*.xplane.pb"))[-1]))
-    for plane in data.planes:
-        if not plane.name.startswith("/device:GPU"):
-            continue
-        for line in plane.lines:
-            events = list(line.events)
-            if not line.name.startswith("Stream") or len(events) < steps:
-                continue
-            durations = collections.defaultdict(list)
-            for e in events:
-                durations[e.name].append(e.duration_ns / 1e3)
-            main = max(durations, key=lambda n: sum(durations[n]))
-            span = max(e.start_ns + e.duration_ns for e in events) - min(e.start_ns for e in events)
-            return {
-                "main": main,
-                "main_us": float(np.median(durations[main])),
-                "other_us": sum(sum(d) for n, d in durations.items() if n != main) / steps,
-                "other_kernels": (len(events) - len(durations[main])) / steps,
-                "span_us": span / 1e3 / steps,
-                "kernels": len(events) / steps,
-            }
-    return {}
-
-
-def copy_pallas(c, a, rows: int, cols: int, warps: int):
-    """``c * a`` in place, one (rows, cols) tile per program, in the step kernel's grid order."""
     BH, DHQK, DHV = c.shape
+    rows, cols = min(rows, DHQK), min(cols, DHV)
 
     def kernel(c_ref, a_ref, o_ref):
         o_ref[...] = c_ref[...] * a_ref[0]
@@ -107,105 +67,91 @@ def copy_pallas(c, a, rows: int, cols: int, warps: int):
         out_specs=spec,
         input_output_aliases={0: 0},
         compiler_params=pl_triton.CompilerParams(num_warps=warps, num_stages=1),
+        interpret=interpret,
         name="copy_probe",
     )(c, a)
 
 
-def copy_mosaic(c, a, rows: int = 64, cols: int = 64, depth: int = 2):
-    """``c * a`` in place by a Mosaic GPU kernel with the Mosaic step kernel's pipeline: (rows, cols) tiles
-    copied into shared memory and back by the TMA engine, ``depth`` in flight per program."""
-    from jax.experimental.pallas import mosaic_gpu as plgpu
-
-    from xlstm_jax.kernels.recurrent_step_mosaic import load_ref
-
-    BH, DHQK, DHV = c.shape
-    swizzled = (plgpu.TilingTransform((8, 32)), plgpu.SwizzleTransform(128))
-
-    def body(c_ref, a_ref):
-        bh, vb = jax.lax.axis_index("bh"), jax.lax.axis_index("vb")
-        scale = a_ref[0]
-
-        def tile(_, c_smem, out_smem):
-            out_smem[...] = load_ref(c_smem, plgpu.Layout.WGMMA) * scale
-
-        spec = plgpu.BlockSpec((rows, cols), lambda j: (j, vb), transforms=swizzled)
-        plgpu.emit_pipeline(tile, grid=(DHQK // rows,), in_specs=[spec], out_specs=[spec], max_concurrent_steps=depth)(
-            c_ref.at[bh], c_ref.at[bh]
-        )
-
-    mesh = plgpu.Mesh(grid=(BH, DHV // cols), grid_names=("bh", "vb"))
-    c_ref = jax.new_ref(c, memory_space=plgpu.GMEM)
-    pl.kernel(body, out_type=(), mesh=mesh, name="copy_probe_mosaic")(c_ref, a)
-    return jax.freeze(c_ref)
+COLUMNS = [
+    Column("B", "B", width=4),
+    Column("variant", "variant", width=26),
+    Column("wall us", "median_s", ".1f", 1e6),
+    Column("floor us", "floor_s", ".1f", 1e6),
+    Column("floor/wall", "floor_fraction", ".3f"),
+    Column("span us", "trace_span_us", ".1f"),
+    Column("floor/span", "span_floor_fraction", ".3f"),
+    Column("main us", "trace_main_us", ".1f"),
+    Column("floor/main", "main_floor_fraction", ".3f"),
+    Column("other us", "trace_other_us", ".1f"),
+    Column("kernels", "trace_kernels", ".1f"),
+    Column("err h", "err_h", ".1e"),
+    Column("ok", "ok", width=5),
+]
 
 
-def run_loop(body, init, steps: int):
-    """Wall µs per step of a jitted fori_loop (warmed up), and the trace of one more run."""
-    run = jax.jit(lambda s: jax.lax.fori_loop(0, steps, body, s), donate_argnums=(0,))
-    state = jax.block_until_ready(run(init))
-    t0 = time.perf_counter()
-    state = jax.block_until_ready(run(state))
-    wall = (time.perf_counter() - t0) / steps * 1e6
-    return wall, trace(run, state, steps)
+def main(argv: Sequence[str] | None = None) -> dict:
+    """Runs the benchmark; returns the report's data (what ``--json`` writes)."""
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--batch", type=int, nargs="+", default=[1, 8, 32, 128])
+    p.add_argument("--step-shape", type=int, nargs=3, default=[8, 256, 512], metavar=("NH", "DHQK", "DHV"))
+    p.add_argument("--sweep", action="store_true", help="add the tilings of kernels.py's step_sweep")
+    p.add_argument("--variants", nargs="+", default=None, help="run only these variants (names as printed)")
+    p.add_argument("--steps", type=int, default=64, help="steps per jitted loop")
+    add_arguments(p, repeats=5)
+    a = p.parse_args(argv)
+    report = Report("step_trace", "benchmarks/step_trace.py", vars(a), a.json, argv)
+    ceilings = ceilings_from_arguments(a, report)
+    interpret = None if jax.default_backend() == "gpu" else True  # off a GPU: Pallas interpret mode
+    shape = tuple(a.step_shape)
+    variants = {k: v for k, v in step_sweep(shape, a.sweep).items() if not a.variants or k in a.variants}
+    report.table("step_trace", COLUMNS)
 
+    def add(row, timing, floor):
+        row.update(timing.as_row(), floor_s=floor.seconds, bytes=floor.bytes_moved)
+        row["floor_fraction"] = floor.fraction(timing.median_s)
+        if timing.trace:
+            row["span_floor_fraction"] = floor.fraction(timing.trace["span_us"] * 1e-6)
+            row["main_floor_fraction"] = floor.fraction(timing.trace["main_us"] * 1e-6)
+        report.add("step_trace", row)
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--batch", default="1,8,32,128")
-    parser.add_argument("--variants", default=",".join(VARIANTS))
-    parser.add_argument("--steps", type=int, default=64)
-    parser.add_argument("--json", default=None)
-    args = parser.parse_args()
-    rows = []
-    for B in (int(b) for b in args.batch.split(",")):
-        floor = step_bytes(B) / COPY_TBPS * 1e6
-        states, x = step_inputs(B, seed=1)
-        h_ref, s_ref = jax.jit(lambda *a: recurrent_step_fw(*a, eps=1e-6))(*states, *x)
-        print(f"B={B}: floor {floor:.1f} us (state read and written once at {COPY_TBPS / 1e12:.2f} TB/s)", flush=True)
-        for name in args.variants.split(","):
-            step = VARIANTS[name]
-            h, s = jax.jit(lambda *a, step=step: step(*a, eps=1e-6))(*step_inputs(B, seed=1)[0], *x)
-            ref = np.asarray(h_ref, np.float32)
-            err = float(np.max(np.abs(np.asarray(h, np.float32) - ref)) / np.max(np.abs(ref)))
-            err_c = float(np.max(np.abs(np.asarray(s[0]) - np.asarray(s_ref[0]))))
-
-            def body(_, carry, step=step, x=x):
-                c, n, m, _h = carry
-                h, (c, n, m) = step(c, n, m, *x, eps=1e-6)
-                return c, n, m, h
-
-            init = (*step_inputs(B)[0], jnp.zeros(x[2].shape, x[0].dtype))
-            wall, t = run_loop(body, init, args.steps)
-            rows.append({"B": B, "variant": name, "wall_us": wall, "floor_us": floor, "err_h": err, **t})
-            if not t:  # no GPU in the trace (a CPU run checks the script only)
-                print(f"  {name:18s} wall {wall:7.1f} us (no GPU kernels traced) | err h {err:.1e}, c {err_c:.1e}")
+    for B in a.batch:
+        floor = hardware_floor(bytes_moved=step_bytes(B, shape), bandwidth=ceilings.copy_bytes_per_s)
+        for seed, (name, cfg) in enumerate(variants.items(), start=1):
+            if cfg is not None and cfg.backend == "mosaic" and interpret:
+                report.note(f"B={B} {name}: skipped (the Mosaic kernel runs compiled on a GPU only)")
                 continue
-            print(
-                f"  {name:18s} wall {wall:7.1f} span {t['span_us']:7.1f} = {t['span_us'] / floor:.3f}x | "
-                f"main {t['main_us']:7.1f} ({t['main_us'] / floor:.3f}x) + {t['other_us']:5.1f} us in "
-                f"{t['other_kernels']:.0f} other kernels | err h {err:.1e}, c {err_c:.1e}",
-                flush=True,
-            )
-        c = states[0].reshape(B * 8, 256, 512)
-        a = jnp.full((1,), 1.0001, F32)
-        copies = {"xla_copy": lambda c, a=a: c * a[0]}
-        copies["pallas_copy_64x64_w4"] = functools.partial(copy_pallas, a=a, rows=64, cols=64, warps=4)
-        # one 16-byte vector per thread, as XLA's copy: the fastest a Pallas kernel moved c (copy_ceiling.py)
-        copies["pallas_copy_1x512_w4"] = functools.partial(copy_pallas, a=a, rows=1, cols=512, warps=4)
-        copies["mosaic_copy_64x64_d2"] = functools.partial(copy_mosaic, a=a)
-        if jax.default_backend() != "gpu":
-            continue
+            step = recurrent_step_fw if cfg is None else functools.partial(
+                recurrent_step_pallas, config=cfg, interpret=interpret
+            )  # fmt: skip
+            try:
+                check = check_step(step, B, shape, seed) if cfg is not None else {}
+                states, x = step_inputs(B, shape)
+                init = (*states, jnp.zeros(x[2].shape, x[0].dtype))
+                call = carried(step)
+                body = lambda carry, call=call, x=x: call(*carry, *x)
+                timing = time_loop(body, init, a.steps, repeats=a.repeats, trace=True)
+            except Exception as exc:  # a config that does not compile is reported, not fatal
+                report.note(f"B={B} {name}: FAILED {type(exc).__name__}: {str(exc)[:300]}")
+                continue
+            add({"B": B, "variant": name, **check}, timing, floor)
+        NH, DHQK, DHV = shape
+        scale = jnp.full((1,), 1.0001, F32)
+        copies = {
+            "xla_copy": lambda c, scale=scale: c * scale[0],
+            "pallas_copy_64x64_w4": functools.partial(
+                copy_pallas, a=scale, rows=64, cols=64, warps=4, interpret=bool(interpret)
+            ),
+            "pallas_copy_1x512_w4": functools.partial(
+                copy_pallas, a=scale, rows=1, cols=512, warps=4, interpret=bool(interpret)
+            ),
+        }
         for name, fn in copies.items():
-            wall, t = run_loop(lambda _, c, fn=fn: fn(c), jnp.copy(c), args.steps)
-            rows.append({"B": B, "variant": name, "wall_us": wall, "floor_us": floor, **t})
-            tbps = step_bytes(B) / t["main_us"] / 1e6
-            print(
-                f"  {name:18s} wall {wall:7.1f} span {t['span_us']:7.1f} | kernel {t['main_us']:7.1f} "
-                f"({t['main_us'] / floor:.3f}x, {tbps:.2f} TB/s)",
-                flush=True,
-            )
-    if args.json:
-        Path(args.json).write_text(json.dumps({"jax": jax.__version__, "rows": rows}, indent=1))
+            if a.variants and name not in a.variants:
+                continue
+            c = step_inputs(B, shape)[0][0].reshape(B * NH, DHQK, DHV)
+            timing = time_loop(fn, c, a.steps, repeats=a.repeats, trace=True)
+            add({"B": B, "variant": name}, timing, floor)
+    return report.data
 
 
 if __name__ == "__main__":
