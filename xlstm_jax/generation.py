@@ -1,12 +1,19 @@
 """Text generation with the xLSTM language model: one prefill call, then a jitted decode loop.
 
-1. **Prefill**: the whole (left-padded) prompt batch runs through the model once with the prefill
-   backend (``runtime.prefill_backend``, the chunkwise form by default), which returns the states of every
-   block after the prompt and the logits of its last position.
-2. **Decode**: ``lax.while_loop`` repeats *sample a token, feed it through the model with the one-token
-   decode step* (``runtime.step_backend``) until ``max_new_tokens`` or until every sequence has emitted a
-   stop token. The loop is one compiled program: shapes do not change from token to token, so nothing is
-   recompiled per token, and the state buffers are donated so that XLA updates them in place.
+1. **Prefill** (:func:`prefill`): the whole (left-padded) prompt batch runs through the model once with the
+   prefill backend (``runtime.prefill_backend``, the chunkwise form by default), which returns the states of
+   every block after the prompt and the logits of its last position.
+2. **Decode**: repeat *draw a token, feed it through the model with the one-token decode step*
+   (``runtime.step_backend``) until ``max_new_tokens`` tokens or until every sequence has emitted a stop
+   token. :func:`generate` runs the whole loop as one ``lax.while_loop`` program; :func:`stream` calls the
+   same step from Python and yields each token as it comes. Shapes do not change from token to token, so
+   nothing is recompiled per token, and the state buffers are donated so that XLA updates them in place.
+
+Neither recompiles when only ``max_new_tokens`` changes. The step that :func:`stream` repeats carries
+nothing whose size depends on ``max_new_tokens`` (a step costs the same at 64 tokens and at 10^6), and
+:func:`generate` writes its tokens into a buffer whose length is ``max_new_tokens`` rounded up to a power
+of two (at least ``MIN_TOKEN_BUFFER``), with the step count a runtime value: one compiled loop serves every
+``max_new_tokens`` of a bucket, and the returned arrays have exactly ``max_new_tokens`` columns.
 
 Prompts of different lengths are padded on the left. Padded positions get input gate ``-inf``
 (``PAD_IGATE``, see the mLSTM layer) and forget gate ``+inf``, an exact no-op step of the
@@ -42,7 +49,53 @@ from xlstm_jax.models.xlstm_parallel.config import xLSTMLMConfig
 from xlstm_jax.models.xlstm_parallel.model import ModelStates, xLSTMLMModel
 from xlstm_jax.models.xlstm_parallel.runtime import RuntimeConfig
 
-__all__ = ["GenerationResult", "SamplingConfig", "generate", "pad_prompts", "prefill", "sample_logits", "stream"]
+__all__ = [
+    "MAX_NEW_TOKENS",
+    "MIN_TOKEN_BUFFER",
+    "GenerationResult",
+    "SamplingConfig",
+    "generate",
+    "pad_prompts",
+    "prefill",
+    "sample_logits",
+    "stream",
+]
+
+# The decode step counter is int32 (it also seeds each step's key through ``fold_in``).
+MAX_NEW_TOKENS = 2**31 - 1
+# The shortest token buffer of :func:`generate`; longer ones are powers of two.
+MIN_TOKEN_BUFFER = 16
+
+
+def _is_int(x: Any) -> bool:
+    """A Python or NumPy integer, not a bool."""
+    return isinstance(x, int | np.integer) and not isinstance(x, bool | np.bool_)
+
+
+def _is_number(x: Any) -> bool:
+    """A Python or NumPy real number, not a bool."""
+    return isinstance(x, int | float | np.integer | np.floating) and not isinstance(x, bool | np.bool_)
+
+
+def _check_max_new_tokens(max_new_tokens: Any) -> int:
+    """``max_new_tokens`` as an int in [1, MAX_NEW_TOKENS].
+
+    Raises:
+        TypeError: not an int (a float or a bool).
+        ValueError: out of range.
+    """
+    if not _is_int(max_new_tokens):
+        raise TypeError(f"max_new_tokens must be an int, got {type(max_new_tokens).__name__} {max_new_tokens!r}")
+    if not 1 <= max_new_tokens <= MAX_NEW_TOKENS:
+        raise ValueError(
+            f"max_new_tokens must be in [1, {MAX_NEW_TOKENS}] (the step counter is int32), got {max_new_tokens}"
+        )
+    return int(max_new_tokens)
+
+
+def _token_buffer_length(max_new_tokens: int) -> int:
+    """The token buffer of :func:`generate`: ``max_new_tokens`` rounded up to a power of two >= MIN_TOKEN_BUFFER."""
+    return max(MIN_TOKEN_BUFFER, 1 << (max_new_tokens - 1).bit_length())
 
 
 @dataclass(frozen=True)
@@ -61,12 +114,19 @@ class SamplingConfig:
     top_p: float = 1.0
 
     def __post_init__(self) -> None:
-        t = self.temperature
-        if not (isinstance(t, int | float) and math.isfinite(t) and t >= 0):
+        for name in ("temperature", "top_p"):
+            value = getattr(self, name)
+            if not _is_number(value):
+                raise TypeError(f"{name} must be a number, got {type(value).__name__} {value!r}")
+            object.__setattr__(self, name, float(value))
+        if not _is_int(self.top_k):
+            raise TypeError(f"top_k must be an int, got {type(self.top_k).__name__} {self.top_k!r}")
+        object.__setattr__(self, "top_k", int(self.top_k))
+        if not (math.isfinite(self.temperature) and self.temperature >= 0):
             raise ValueError(f"temperature must be a finite number >= 0, got {self.temperature!r}")
-        if not isinstance(self.top_k, int) or isinstance(self.top_k, bool) or self.top_k < 0:
+        if self.top_k < 0:
             raise ValueError(f"top_k must be an int >= 0, got {self.top_k!r}")
-        if not (isinstance(self.top_p, int | float) and 0 < self.top_p <= 1):
+        if not 0 < self.top_p <= 1:
             raise ValueError(f"top_p must be in (0, 1], got {self.top_p!r}")
 
     @property
@@ -96,13 +156,50 @@ def sample_logits(
     return jax.random.categorical(key, logits, axis=-1).astype(jnp.int32)
 
 
+def _token_lists(prompts: Any) -> list[list[int]]:
+    """``prompts`` as B lists of Python ints, each checked to be an integer (not a bool, float or str).
+
+    Raises:
+        TypeError: text, non-integer ids, or not a list of B token-id lists (or an int array (B, S)).
+        ValueError: an array that is not (B, S).
+    """
+    expected = "prompts must be token ids: B lists of ints, or an integer array (B, S)"
+    if isinstance(prompts, str | bytes):
+        raise TypeError(f"{expected}, got text ({type(prompts).__name__}); encode it with the model's tokenizer first")
+    if isinstance(prompts, np.ndarray | jax.Array):
+        if prompts.dtype == bool or not np.issubdtype(prompts.dtype, np.integer):
+            raise TypeError(f"{expected}, got an array of dtype {prompts.dtype}")
+        if prompts.ndim != 2:
+            raise ValueError(f"{expected}, got an array of shape {tuple(prompts.shape)}")
+        return np.asarray(prompts).tolist()
+    if not isinstance(prompts, Sequence):
+        raise TypeError(f"{expected}, got {type(prompts).__name__}")
+    lists = []
+    for b, prompt in enumerate(prompts):
+        if isinstance(prompt, str | bytes):
+            raise TypeError(f"{expected}, got text at prompts[{b}]; encode it with the model's tokenizer first")
+        if isinstance(prompt, np.ndarray | jax.Array):
+            if prompt.dtype == bool or not np.issubdtype(prompt.dtype, np.integer) or prompt.ndim != 1:
+                raise TypeError(
+                    f"{expected}, got an array of dtype {prompt.dtype} and shape {prompt.shape} at prompts[{b}]"
+                )
+            prompt = np.asarray(prompt).tolist()
+        elif not isinstance(prompt, Sequence):
+            raise TypeError(f"{expected}, got {type(prompt).__name__} {prompt!r} at prompts[{b}] (one level too flat?)")
+        for s, token in enumerate(prompt):
+            if not _is_int(token):
+                raise TypeError(f"{expected}, got {type(token).__name__} {token!r} at prompts[{b}][{s}]")
+        lists.append([int(token) for token in prompt])
+    return lists
+
+
 def pad_prompts(
-    prompts: Sequence[Sequence[int]], pad_token_id: int, multiple_of: int = 1
+    prompts: Sequence[Sequence[int]] | np.ndarray | jax.Array, pad_token_id: int, multiple_of: int = 1
 ) -> tuple[np.ndarray, np.ndarray]:
     """Left-pads prompts of different lengths into one batch.
 
     Args:
-        prompts: B token-id lists, each of length at least 1.
+        prompts: B token-id lists, each of length at least 1, or an integer array (B, S).
         pad_token_id: The id placed at padded positions (any valid id: those positions are no-op steps).
         multiple_of: Pad the common length up to a multiple of this (fewer distinct prefill shapes,
             hence fewer compilations; chunk-aligned lengths for the chunkwise form).
@@ -111,10 +208,17 @@ def pad_prompts(
         ``input_ids`` (B, S) int32 and ``valid`` (B, S) bool, False at padded positions.
 
     Raises:
+        TypeError: prompts that are not token ids (text, floats, bools, a flat list), or a non-int
+            ``pad_token_id`` or ``multiple_of``.
         ValueError: no prompts, an empty prompt, or multiple_of < 1.
     """
+    if not _is_int(multiple_of):
+        raise TypeError(f"multiple_of must be an int, got {type(multiple_of).__name__} {multiple_of!r}")
     if multiple_of < 1:
         raise ValueError(f"multiple_of must be >= 1, got {multiple_of}")
+    if not _is_int(pad_token_id):
+        raise TypeError(f"pad_token_id must be an int, got {type(pad_token_id).__name__} {pad_token_id!r}")
+    prompts = _token_lists(prompts)
     lengths = [len(p) for p in prompts]
     if not lengths or min(lengths) < 1:
         raise ValueError(f"prompts must be a non-empty list of non-empty token lists, got lengths {lengths}")
@@ -122,7 +226,7 @@ def pad_prompts(
     ids = np.full((len(prompts), S), pad_token_id, np.int32)
     valid = np.zeros((len(prompts), S), bool)
     for b, p in enumerate(prompts):
-        ids[b, S - len(p) :] = np.asarray(p, np.int32)
+        ids[b, S - len(p) :] = p
         valid[b, S - len(p) :] = True
     return ids, valid
 
@@ -144,16 +248,22 @@ class GenerationResult(NamedTuple):
     states: ModelStates
 
 
-class _Carry(NamedTuple):
-    """The decode loop's state; everything but ``states`` is small."""
+class _DecodeState(NamedTuple):
+    """What one decode step reads and writes: nothing in it depends on max_new_tokens."""
 
     t: jax.Array  # () int32, the step
     states: ModelStates
     logits: jax.Array  # (B, V) float32, to draw token t from
     done: jax.Array  # (B,) bool, has emitted a stop token
-    tokens: jax.Array  # (B, N) int32
+
+
+class _Carry(NamedTuple):
+    """The state of :func:`generate`'s loop: the decode state and what it records, T = the buffer length."""
+
+    decode: _DecodeState
+    tokens: jax.Array  # (B, T) int32
     num_generated: jax.Array  # (B,) int32
-    all_logits: jax.Array | None  # (B, N, V) float32 or None
+    all_logits: jax.Array | None  # (B, T, V) float32 or None
 
 
 @functools.partial(jax.jit, static_argnames=("config", "runtime"))
@@ -174,6 +284,13 @@ def prefill(
 ) -> tuple[jax.Array, ModelStates]:
     """Runs the prompt through the model once with the prefill backend (jitted).
 
+    Args:
+        config: The model config.
+        params: The model parameters (laid out for ``runtime.scan_blocks``).
+        input_ids: (B, S) int token ids, e.g. from :func:`pad_prompts`.
+        valid: (B, S) bool, False at (left) padding; None when nothing is padded.
+        runtime: How the model runs (``RuntimeConfig``).
+
     Returns:
         The logits of the last position (B, V) float32 and the states of every block (``ModelStates``).
     """
@@ -181,111 +298,148 @@ def prefill(
     return _prefill(config, runtime, params, jnp.asarray(input_ids, jnp.int32), valid)
 
 
-def _sample_part(sampling: SamplingConfig, pad_token_id: int, carry: _Carry, key: jax.Array, stop: jax.Array):
-    """Draws token t from ``carry.logits``; returns it and the carry with the token recorded."""
-    token = sample_logits(carry.logits, jax.random.fold_in(key, carry.t), sampling)
-    token = jnp.where(carry.done, pad_token_id, token)
-    all_logits = carry.all_logits
-    if all_logits is not None:
-        row = jnp.where(carry.done[:, None], 0.0, carry.logits)
-        all_logits = jax.lax.dynamic_update_index_in_dim(all_logits, row, carry.t, axis=1)
-    carry = carry._replace(
-        tokens=jax.lax.dynamic_update_index_in_dim(carry.tokens, token, carry.t, axis=1),
-        num_generated=carry.num_generated + (~carry.done).astype(jnp.int32),
-        all_logits=all_logits,
+def _initial_state(states: ModelStates, logits: jax.Array) -> _DecodeState:
+    return _DecodeState(
+        t=jnp.zeros((), jnp.int32),
+        states=ModelStates(*states),
+        logits=logits.astype(jnp.float32),
+        done=jnp.zeros(logits.shape[:1], bool),
     )
-    return token, carry
 
 
-def _step_part(
-    config: xLSTMLMConfig, runtime: RuntimeConfig, params: Any, carry: _Carry, token: jax.Array, stop: jax.Array
-) -> _Carry:
+def _draw(sampling: SamplingConfig, pad_token_id: int, state: _DecodeState, key: jax.Array) -> jax.Array:
+    """Token t (B,) int32, drawn from ``state.logits``; ``pad_token_id`` for finished sequences."""
+    token = sample_logits(state.logits, jax.random.fold_in(key, state.t), sampling)
+    return jnp.where(state.done, pad_token_id, token)
+
+
+def _feed(
+    config: xLSTMLMConfig,
+    runtime: RuntimeConfig,
+    params: Any,
+    state: _DecodeState,
+    token: jax.Array,  # (B,) int32
+    stop: jax.Array,  # (K,) int32
+) -> _DecodeState:
     """Feeds token t through the model (a no-op step for finished sequences) and advances t."""
-    live = ~carry.done
+    live = ~state.done
     logits, states = xLSTMLMModel(config, runtime).apply(
-        {"params": params}, token[:, None], carry.states, live[:, None], decode=True, return_states=True
+        {"params": params}, token[:, None], state.states, live[:, None], decode=True, return_states=True
     )
-    done = carry.done | jnp.isin(token, stop)
-    return carry._replace(t=carry.t + 1, states=states, logits=logits[:, 0], done=done)
+    done = state.done | jnp.isin(token, stop)
+    return _DecodeState(t=state.t + 1, states=states, logits=logits[:, 0], done=done)
 
 
 @functools.partial(
     jax.jit,
-    static_argnames=("config", "runtime", "sampling", "max_new_tokens", "pad_token_id", "return_logits"),
+    static_argnames=("config", "runtime", "sampling", "buffer_length", "pad_token_id", "return_logits"),
     donate_argnames=("states",),
 )
 def _decode_loop(
     config: xLSTMLMConfig,
     runtime: RuntimeConfig,
     sampling: SamplingConfig,
-    max_new_tokens: int,
+    buffer_length: int,
     pad_token_id: int,
     return_logits: bool,
     params: Any,
     states: ModelStates,
-    logits: jax.Array,
+    logits: jax.Array,  # (B, V)
     key: jax.Array,
-    stop: jax.Array,
+    stop: jax.Array,  # (K,) int32
+    max_new_tokens: jax.Array,  # () int32, <= buffer_length
 ) -> _Carry:
-    carry = _initial_carry(states, logits, max_new_tokens, return_logits)
+    """:func:`generate`'s loop: at most ``max_new_tokens`` steps, recorded in buffers of ``buffer_length``."""
+    B, V = logits.shape
+    carry = _Carry(
+        decode=_initial_state(states, logits),
+        tokens=jnp.zeros((B, buffer_length), jnp.int32),
+        num_generated=jnp.zeros((B,), jnp.int32),
+        all_logits=jnp.zeros((B, buffer_length, V), jnp.float32) if return_logits else None,
+    )
 
     def cond(c: _Carry) -> jax.Array:
-        return (c.t < max_new_tokens) & ~jnp.all(c.done)
+        return (c.decode.t < max_new_tokens) & ~jnp.all(c.decode.done)
 
     def body(c: _Carry) -> _Carry:
-        token, c = _sample_part(sampling, pad_token_id, c, key, stop)
-        return _step_part(config, runtime, params, c, token, stop)
+        state = c.decode
+        token = _draw(sampling, pad_token_id, state, key)
+        all_logits = c.all_logits
+        if all_logits is not None:
+            row = jnp.where(state.done[:, None], 0.0, state.logits)
+            all_logits = jax.lax.dynamic_update_index_in_dim(all_logits, row, state.t, axis=1)
+        return _Carry(
+            decode=_feed(config, runtime, params, state, token, stop),
+            tokens=jax.lax.dynamic_update_index_in_dim(c.tokens, token, state.t, axis=1),
+            num_generated=c.num_generated + (~state.done).astype(jnp.int32),
+            all_logits=all_logits,
+        )
 
     return jax.lax.while_loop(cond, body, carry)
 
 
-def _initial_carry(states: ModelStates, logits: jax.Array, max_new_tokens: int, return_logits: bool) -> _Carry:
-    B, V = logits.shape
-    return _Carry(
-        t=jnp.zeros((), jnp.int32),
-        states=ModelStates(*states),
-        logits=logits.astype(jnp.float32),
-        done=jnp.zeros((B,), bool),
-        tokens=jnp.zeros((B, max_new_tokens), jnp.int32),
-        num_generated=jnp.zeros((B,), jnp.int32),
-        all_logits=jnp.zeros((B, max_new_tokens, V), jnp.float32) if return_logits else None,
-    )
+def _check_key(key: Any, sampling: SamplingConfig) -> jax.Array:
+    if key is None:
+        if not sampling.greedy:
+            raise ValueError(f"sampling with temperature={sampling.temperature} needs an explicit PRNG key")
+        return jax.random.key(0)  # unused by greedy decoding
+    typed = isinstance(key, jax.Array) and jax.dtypes.issubdtype(key.dtype, jax.dtypes.prng_key)
+    raw = isinstance(key, jax.Array | np.ndarray) and key.dtype == np.uint32 and key.ndim == 1
+    if not ((typed and key.ndim == 0) or raw):
+        raise TypeError(
+            f"key must be one PRNG key, e.g. jax.random.key(seed), got {type(key).__name__} "
+            f"{getattr(key, 'dtype', '')}{list(getattr(key, 'shape', ()))}"
+        )
+    return key
 
 
 def _prepare(
     config: xLSTMLMConfig,
-    prompts: Sequence[Sequence[int]] | np.ndarray | jax.Array,
-    max_new_tokens: int,
+    prompts: Any,
+    max_new_tokens: Any,
     sampling: SamplingConfig,
     key: jax.Array | None,
     stop_tokens: Sequence[int] | None,
     pad_token_id: int | None,
     pad_to_multiple_of: int,
-) -> tuple[jax.Array, jax.Array | None, jax.Array, jax.Array, int]:
-    if not isinstance(max_new_tokens, int) or max_new_tokens < 1:
-        raise ValueError(f"max_new_tokens must be a positive int, got {max_new_tokens!r}")
+    runtime: RuntimeConfig,
+) -> tuple[jax.Array, jax.Array | None, jax.Array, jax.Array, int, int]:
+    """Checks the arguments of :func:`generate` and :func:`stream` and turns them into arrays."""
+    if not isinstance(config, xLSTMLMConfig):
+        raise TypeError(f"config must be an xLSTMLMConfig, got {type(config).__name__}")
+    if not isinstance(runtime, RuntimeConfig):
+        raise TypeError(f"runtime must be a RuntimeConfig, got {type(runtime).__name__}")
+    max_new_tokens = _check_max_new_tokens(max_new_tokens)
     if not isinstance(sampling, SamplingConfig):
         raise TypeError(f"sampling must be a SamplingConfig, got {type(sampling).__name__}")
-    if key is None:
-        if not sampling.greedy:
-            raise ValueError(f"sampling with temperature={sampling.temperature} needs an explicit PRNG key")
-        key = jax.random.key(0)  # unused by greedy decoding
+    key = _check_key(key, sampling)
+    V = config.vocab_size
     if pad_token_id is None:
         pad_token_id = config.pad_token_id if config.pad_token_id is not None else 0
     if stop_tokens is None:
         stop_tokens = () if config.eos_token_id is None else (config.eos_token_id,)
-    bad = [t for t in (*stop_tokens, pad_token_id) if not 0 <= int(t) < config.vocab_size]
-    if bad:
-        raise ValueError(f"stop_tokens and pad_token_id must be token ids in [0, {config.vocab_size}), got {bad}")
-    if isinstance(prompts, np.ndarray | jax.Array):
-        if prompts.ndim != 2 or prompts.shape[1] < 1:
-            raise ValueError(f"a prompt array must be (B, S) with S >= 1, got shape {tuple(prompts.shape)}")
-        prompts = np.asarray(prompts).tolist()
-    ids, valid = pad_prompts(prompts, pad_token_id, pad_to_multiple_of)
-    if int(ids.max()) >= config.vocab_size or int(ids.min()) < 0:
-        raise ValueError(f"prompt token ids must lie in [0, {config.vocab_size})")
+    if isinstance(stop_tokens, str | bytes) or not isinstance(stop_tokens, Sequence | np.ndarray):
+        raise TypeError(f"stop_tokens must be a sequence of token ids, got {type(stop_tokens).__name__}")
+    stop_tokens = np.asarray(stop_tokens).reshape(-1).tolist() if isinstance(stop_tokens, np.ndarray) else stop_tokens
+    for name, ids in (("stop_tokens", stop_tokens), ("pad_token_id", [pad_token_id])):
+        wrong = [t for t in ids if not _is_int(t)]
+        if wrong:
+            raise TypeError(f"{name} must be int token ids, got {wrong}")
+        bad = [int(t) for t in ids if not 0 <= t < V]
+        if bad:
+            raise ValueError(f"stop_tokens and pad_token_id must be token ids in [0, {V}), got {name}={bad}")
+    ids, valid = pad_prompts(prompts, int(pad_token_id), pad_to_multiple_of)
+    bad = np.argwhere((ids < 0) | (ids >= V))
+    if bad.size:
+        b, s = bad[0]
+        pos = int(s) - (ids.shape[1] - int(valid[b].sum()))  # position in the unpadded prompt
+        raise ValueError(
+            f"prompt token ids must lie in [0, vocab_size={V}); prompts[{b}][{pos}] is {int(ids[b, s])} "
+            f"({len(bad)} ids out of range)"
+        )
     valid_arg = None if valid.all() else jnp.asarray(valid)
-    return jnp.asarray(ids), valid_arg, key, jnp.asarray(stop_tokens, jnp.int32).reshape(-1), int(pad_token_id)
+    stop = jnp.asarray(stop_tokens, jnp.int32).reshape(-1)
+    return jnp.asarray(ids), valid_arg, key, stop, int(pad_token_id), max_new_tokens
 
 
 def generate(
@@ -304,13 +458,17 @@ def generate(
 ) -> GenerationResult:
     """Generates up to ``max_new_tokens`` tokens after each prompt.
 
+    The decode loop is compiled once per power-of-two bucket of ``max_new_tokens`` (see the module
+    docstring): its buffers hold ``max(MIN_TOKEN_BUFFER, next power of two)`` tokens (and logits with
+    ``return_logits``), of which the first ``max_new_tokens`` are returned.
+
     Args:
         config: The model config.
         params: The model parameters (laid out for ``runtime.scan_blocks``).
-        prompts: B token-id lists (any lengths >= 1; left-padded), or an int array (B, S).
-        max_new_tokens: N, the number of decode steps at most.
+        prompts: B token-id lists (any lengths >= 1; left-padded), or an integer array (B, S).
+        max_new_tokens: N, the number of decode steps at most: an int in [1, MAX_NEW_TOKENS].
         sampling: Greedy by default.
-        key: PRNG key; required unless greedy.
+        key: PRNG key (``jax.random.key(seed)``); required unless greedy.
         stop_tokens: Ids that end a sequence (kept in the output); None for ``config.eos_token_id``.
         pad_token_id: Id for padding and for the positions after a stop token; None for the config's.
         pad_to_multiple_of: See :func:`pad_prompts`.
@@ -318,29 +476,53 @@ def generate(
         runtime: How the model runs: the prefill backend, then the decode step (``RuntimeConfig``).
 
     Returns:
-        A :class:`GenerationResult`.
+        A :class:`GenerationResult`: tokens (B, N) int32, num_generated (B,) int32, logits (B, N, V)
+        float32 or None, and the states after the last fed token.
 
     Raises:
-        ValueError: bad prompts, token ids out of range, max_new_tokens < 1, or sampling without a key.
+        TypeError: prompts that are not token ids (text, floats, bools, wrong nesting), a max_new_tokens that
+            is not an int, or a key that is not a PRNG key.
+        ValueError: empty prompts, token ids out of range, max_new_tokens out of range, or sampling without
+            a key.
     """
-    ids, valid, key, stop, pad = _prepare(
-        config, prompts, max_new_tokens, sampling, key, stop_tokens, pad_token_id, pad_to_multiple_of
+    ids, valid, key, stop, pad, max_new_tokens = _prepare(
+        config, prompts, max_new_tokens, sampling, key, stop_tokens, pad_token_id, pad_to_multiple_of, runtime
     )
+    if not isinstance(return_logits, bool):
+        raise TypeError(f"return_logits must be a bool, got {return_logits!r}")
     logits, states = _prefill(config, runtime, params, ids, valid)
+    buffer_length = _token_buffer_length(max_new_tokens)
     carry = _decode_loop(
-        config, runtime, sampling, max_new_tokens, pad, return_logits, params, states, logits, key, stop
+        config,
+        runtime,
+        sampling,
+        buffer_length,
+        pad,
+        return_logits,
+        params,
+        states,
+        logits,
+        key,
+        stop,
+        np.int32(max_new_tokens),
     )
-    return GenerationResult(carry.tokens, carry.num_generated, carry.all_logits, carry.states)
+    tokens = carry.tokens if buffer_length == max_new_tokens else carry.tokens[:, :max_new_tokens]
+    all_logits = carry.all_logits
+    if all_logits is not None and buffer_length != max_new_tokens:
+        all_logits = all_logits[:, :max_new_tokens]
+    return GenerationResult(tokens, carry.num_generated, all_logits, carry.decode.states)
 
 
 @functools.partial(jax.jit, static_argnames=("sampling", "pad_token_id"))
-def _sample_jit(sampling, pad_token_id, carry, key, stop):
-    return _sample_part(sampling, pad_token_id, carry, key, stop)
+def _sample_jit(sampling: SamplingConfig, pad_token_id: int, state: _DecodeState, key: jax.Array) -> jax.Array:
+    return _draw(sampling, pad_token_id, state, key)
 
 
-@functools.partial(jax.jit, static_argnames=("config", "runtime"), donate_argnames=("carry",))
-def _step_jit(config, runtime, params, carry, token, stop):
-    return _step_part(config, runtime, params, carry, token, stop)
+@functools.partial(jax.jit, static_argnames=("config", "runtime"), donate_argnames=("state",))
+def _step_jit(
+    config: xLSTMLMConfig, runtime: RuntimeConfig, params: Any, state: _DecodeState, token: jax.Array, stop: jax.Array
+) -> _DecodeState:
+    return _feed(config, runtime, params, state, token, stop)
 
 
 def stream(
@@ -356,25 +538,37 @@ def stream(
     pad_to_multiple_of: int = 1,
     runtime: RuntimeConfig = RuntimeConfig(),
 ) -> Iterator[np.ndarray]:
-    """Like :func:`generate`, but yields each step's tokens (B,) as soon as they are drawn.
+    """Like :func:`generate`, but yields each step's tokens (B,) int32 as soon as they are drawn.
 
-    Each step is the same sample-then-feed body as the loop of :func:`generate`, jitted once and called
-    from Python with the carry donated (no recompilation per token); the next step is dispatched before
-    the drawn tokens are copied to the host, so the device does not wait for the caller. It stops after
-    ``max_new_tokens`` steps or once every sequence has emitted a stop token (its tokens included).
+    The arguments are checked when ``stream`` is called (the same checks as :func:`generate`, same
+    exceptions); the prompt runs when the first token is asked for. Each step is the same draw-then-feed
+    body as the loop of :func:`generate`, jitted once and called from Python with its state donated; the
+    state holds only the model states, the last logits (B, V) and per-sequence flags, so a step costs the
+    same whatever ``max_new_tokens`` is, and nothing is recompiled when it changes. The next step is
+    dispatched before the drawn tokens are copied to the host, so the device does not wait for the caller.
+    It stops after ``max_new_tokens`` steps or once every sequence has emitted a stop token (its tokens
+    included).
+
+    Returns:
+        An iterator of (B,) int32 NumPy arrays, one per step.
     """
-    ids, valid, key, stop, pad = _prepare(
-        config, prompts, max_new_tokens, sampling, key, stop_tokens, pad_token_id, pad_to_multiple_of
+    ids, valid, key, stop, pad, max_new_tokens = _prepare(
+        config, prompts, max_new_tokens, sampling, key, stop_tokens, pad_token_id, pad_to_multiple_of, runtime
     )
+    return _stream(config, params, ids, valid, max_new_tokens, sampling, key, stop, pad, runtime)
+
+
+def _stream(config, params, ids, valid, max_new_tokens, sampling, key, stop, pad, runtime) -> Iterator[np.ndarray]:
     logits, states = _prefill(config, runtime, params, ids, valid)
-    carry = _initial_carry(states, logits, max_new_tokens, False)
+    state = _initial_state(states, logits)
+    stop_host = np.asarray(stop)
     done = np.zeros(ids.shape[0], bool)
     for t in range(max_new_tokens):
-        token, carry = _sample_jit(sampling, pad, carry, key, stop)
+        token = _sample_jit(sampling, pad, state, key)
         if t + 1 < max_new_tokens:
-            carry = _step_jit(config, runtime, params, carry, token, stop)
+            state = _step_jit(config, runtime, params, state, token, stop)
         token = np.asarray(token)
         yield token
-        done |= np.isin(token, np.asarray(stop))
+        done |= np.isin(token, stop_host)
         if done.all():
             return
