@@ -1,39 +1,48 @@
-"""The decode/prefill benchmark (``benchmarks/generate.py``) runs end to end on the tiny config (CPU)."""
+"""The decode/prefill benchmark (``benchmarks/generate.py``) runs end to end on the tiny preset (CPU)."""
 
 from __future__ import annotations
 
-import importlib.util
 import json
-from pathlib import Path
+import math
 
 import pytest
 
-_PATH = Path(__file__).resolve().parents[2] / "benchmarks" / "generate.py"
+from benchmarks import generate
 
 
-def _module():
-    spec = importlib.util.spec_from_file_location("benchmark_generate", _PATH)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
-def test_smoke_run_writes_every_case(tmp_path):
-    bench = _module()
-    cases = "recurrent:unrolled:default:1,recurrent:scan:graphs:2,recurrent+unfused:unrolled:default:1"
-    assert bench.main(["--smoke", "--out", str(tmp_path), "--prefill", "16", "--cases", cases, "--hlo", "0"]) == 0
-    results = json.loads((tmp_path / "results.json").read_text())
-    assert [row["case"] for row in results["decode"]] == [
-        ["recurrent", "unrolled", "default", 1],
-        ["recurrent", "scan", "graphs", 2],
-        ["recurrent+unfused", "unrolled", "default", 1],
+def test_tiny_run_writes_every_case(tmp_path):
+    path = tmp_path / "generate.json"
+    cases = ["auto:unrolled:auto:1", "recurrent:scan:auto:2"]
+    argv = ["--preset", "tiny", "--tokens", "4", "--prefill", "16", "--repeats", "1", "--stream", "--json", str(path)]
+    generate.main([*argv, "--cases", *cases])
+    data = json.loads(path.read_text())
+    assert data["model"]["preset"] == "tiny" and data["ceilings"]["source"] == "measured"
+    decode = data["tables"]["decode"]
+    assert [(row["case"], row["loop"]) for row in decode] == [
+        ("auto:unrolled:auto:1", "generate"),
+        ("auto:unrolled:auto:1 stream", "stream"),
+        ("recurrent:scan:auto:2", "generate"),
+        ("recurrent:scan:auto:2 stream", "stream"),
     ]
-    for row in results["decode"]:
-        assert row["ms_per_token"] > 0 and row["hlo"]["while_loops"] >= 1 and row["hlo"]["fusions"] > 0
-    assert [row["S"] for row in results["prefill"]] == [16] and results["prefill"][0]["tokens_per_s"] > 0
-    assert (tmp_path / "hlo_0_recurrent_unrolled_default_1.txt").read_text().startswith("HloModule")
+    for row in decode:
+        assert math.isfinite(row["ms_per_token"]) and row["n_median_s"] > 0 and row["2n_median_s"] > 0
+        assert row["first_call_s"] > 0 and 0 < row["floor_ms"] < row["floor_with_states_ms"]
+    assert decode[2]["state_bytes"] == 2 * decode[0]["state_bytes"]  # B=2 against B=1
+    (prefill,) = data["tables"]["prefill"]
+    assert prefill["S"] == 16 and prefill["tokens_per_s"] > 0 and prefill["flops"] > 0
+    assert "notes" not in data  # nothing failed or was skipped
 
 
-def test_bad_case_is_refused():
-    with pytest.raises(ValueError, match="bad case 'recurrent:unrolled:nographs:1'"):
-        _module().main(["--smoke", "--prefill", "", "--cases", "recurrent:unrolled:nographs:1"])
+@pytest.mark.parametrize(
+    "case, message",
+    [
+        ("recurrent:unrolled:nographs:1", "bad case 'recurrent:unrolled:nographs:1'"),
+        ("auto:scan:on:1", "decode_fusion='on' needs unrolled blocks"),
+        ("auto:unrolled:auto:0", "B a positive integer"),
+    ],
+)
+def test_bad_case_is_refused(case, message, capsys):
+    with pytest.raises(SystemExit) as exc:
+        generate.main(["--preset", "tiny", "--prefill", "--cases", case])
+    assert exc.value.code == 2
+    assert message in capsys.readouterr().err
