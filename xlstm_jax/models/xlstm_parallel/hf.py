@@ -2,10 +2,11 @@
 for xLSTM-7B and as written by ``transformers``' ``xLSTMForCausalLM.save_pretrained``.
 
 A model directory holds ``config.json`` and either ``model.safetensors`` or shards listed in
-``model.safetensors.index.json`` (``{"weight_map": {tensor name: file name}}``). Tensors are read with
-the ``safetensors`` library (no pickle). Names map onto our parameters as follows (torch kernels are
-(out, in) and ours (in, out), so kernels are transposed; a fused parameter is its tensors side by side
-along the output axis, in the order listed, and saving splits it back)::
+``model.safetensors.index.json`` (``{"weight_map": {tensor name: file name}}``); where both exist,
+``model.safetensors`` is read, as ``transformers`` does. Tensors are read with the ``safetensors`` library
+(no pickle). Names map onto our parameters as follows (torch kernels are (out, in) and ours (in, out), so
+kernels are transposed; a fused parameter is its tensors side by side along the output axis, in the order
+listed, and saving splits it back)::
 
     backbone.embeddings.weight                        embedding/embedding            (V, D)
     backbone.blocks.{l}.norm_mlstm.weight             blocks/norm_mlstm/weight       (D,)
@@ -22,25 +23,36 @@ along the output axis, in the order listed, and saving splits it back)::
                                                       blocks/ffn/proj_gate_up/kernel (D, 2 ffn_dim)
     backbone.blocks.{l}.ffn.proj_down.weight          blocks/ffn/proj_down/kernel
     backbone.out_norm.weight                          out_norm/weight
-    lm_head.weight                                    lm_head/kernel (D, V)          (absent if tied)
+    lm_head.weight                                    lm_head/kernel (D, V)
 
-Loading checks the whole set before converting anything: missing tensors, unexpected tensors and shape
-mismatches are all reported in one ``ValueError``.
+``config.json`` is read as ``transformers``' ``xLSTMConfig`` and its model read it (see
+:func:`config_from_hf`). ``transformers``' xLSTM keeps its own ``lm_head`` whatever ``tie_word_embeddings``
+says, and writes it: a checkpoint whose ``lm_head.weight`` differs from the embedding loads untied, one
+whose ``lm_head.weight`` equals it (or lacks it) loads tied, and :func:`save_hf` writes the embedding as
+``lm_head.weight`` for a tied model, so that ``transformers`` computes the same function.
+
+Loading checks the whole set before converting anything: missing tensors, unexpected tensors, shape
+mismatches, non-float tensors and non-finite weights are each reported in one ``ValueError`` that lists
+them; a file that is not valid JSON or safetensors, and an index entry that points outside the model
+directory, raise ``ValueError`` naming the file. :func:`save_hf` never leaves the directory without a
+loadable checkpoint (see there).
 """
 
 from __future__ import annotations
 
 import json
-import math
+import os
+import re
+import uuid
 from collections.abc import Mapping
-from pathlib import Path
+from pathlib import Path, PurePosixPath, PureWindowsPath
 from typing import Any
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
-from xlstm_jax.models.xlstm_parallel.config import xLSTMLMConfig
+from xlstm_jax.models.xlstm_parallel.config import _is_int, xLSTMLMConfig
 
 __all__ = [
     "config_from_hf",
@@ -56,7 +68,36 @@ CONFIG_NAME = "config.json"
 WEIGHTS_NAME = "model.safetensors"
 INDEX_NAME = "model.safetensors.index.json"
 
-# Hugging Face config key -> our field, for the keys that carry over unchanged.
+# transformers' xLSTMConfig defaults for the keys read here; a config.json that leaves a key out gets these.
+# None: the key follows its alias (embedding_dim follows hidden_size, num_blocks follows num_hidden_layers).
+_HF_DEFAULTS: dict[str, Any] = {
+    "vocab_size": 50304,
+    "hidden_size": 4096,
+    "embedding_dim": None,
+    "num_hidden_layers": 32,
+    "num_blocks": None,
+    "num_heads": 8,
+    "qk_dim_factor": 0.5,
+    "v_dim_factor": 1.0,
+    "ffn_proj_factor": 2.667,
+    "ffn_round_up_to_multiple_of": 64,
+    "gate_soft_cap": 15.0,
+    "output_logit_soft_cap": 30.0,
+    "norm_eps": 1e-6,
+    "eps": 1e-6,
+    "norm_reduction_force_float32": True,
+    "tie_word_embeddings": False,
+    "add_out_norm": True,
+    "use_bias": False,
+    "weight_mode": "single",
+    "bos_token_id": 0,
+    "pad_token_id": 1,
+    "eos_token_id": 2,
+    "dtype": None,
+    "inference_state_dtype": "float32",
+}
+
+# Hugging Face config keys that are our fields of the same name and meaning.
 _SAME_KEYS = (
     "vocab_size",
     "num_heads",
@@ -69,55 +110,133 @@ _SAME_KEYS = (
     "norm_eps",
     "eps",
     "norm_reduction_force_float32",
-    "add_out_norm",
     "tie_word_embeddings",
-    "use_bias",
-    "weight_mode",
-    "chunk_size",
     "bos_token_id",
     "pad_token_id",
     "eos_token_id",
 )
 
+# Settings transformers' xLSTM offers that this model does not implement: the only supported value of each.
+_FIXED_KEYS = {"use_bias": False, "weight_mode": "single"}
+
+
+def _read_alias(hf_config: Mapping[str, Any], key: str, alias: str) -> tuple[int | None, int | None]:
+    """``(hf[key], hf[alias])`` resolved as transformers does: a None (or absent alias) takes the other's value."""
+    values = []
+    for name in (key, alias):
+        value = hf_config.get(name, _HF_DEFAULTS[name])
+        if value is not None and not _is_int(value):
+            raise TypeError(f"config.json: {name} must be an int, got {name}={value!r} ({type(value).__name__})")
+        values.append(value)
+    first, second = values
+    first = second if first is None else first
+    second = first if second is None else second
+    if first is None:
+        raise ValueError(f"config.json gives neither {key} nor {alias} (both null)")
+    return first, second
+
+
+def _given(hf_config: Mapping[str, Any], key: str) -> str:
+    return "" if key in hf_config else " (absent: transformers' default)"
+
 
 def config_from_hf(hf_config: Mapping[str, Any], **overrides: Any) -> xLSTMLMConfig:
     """Our config from a Hugging Face xLSTM ``config.json`` dict, then ``overrides`` (our own fields).
 
-    The parameter dtype defaults to the checkpoint's ``dtype`` (``torch_dtype`` in older files), and the
-    activation dtype to the same.
+    Every key is read as ``transformers``' ``xLSTMConfig`` and its model read it:
+
+    - An absent key takes ``transformers``' default (e.g. ``hidden_size`` 4096, ``num_hidden_layers`` 32).
+    - The model width is ``hidden_size`` (``embedding_dim`` where ``hidden_size`` is null); ``embedding_dim``
+      (``hidden_size`` where absent or null) must equal it, since ``transformers`` embeds tokens in
+      ``embedding_dim`` and runs the blocks in ``hidden_size``.
+    - The number of blocks is ``num_blocks``, or ``num_hidden_layers`` where ``num_blocks`` is absent or
+      null: ``transformers`` builds ``num_blocks`` blocks and sizes only its generation cache by
+      ``num_hidden_layers``, so a config written from ``xLSTMConfig(num_blocks=3)`` has 3 blocks although it
+      also holds the default ``num_hidden_layers: 32``.
+    - The parameter and activation dtypes are ``dtype`` (``torch_dtype`` in older files; float32, torch's
+      default, where absent or null), the state dtype ``inference_state_dtype``.
+    - ``eos_token_id`` may be a list of one id (or empty: None); several stop ids need ``eos_token_id=``
+      among ``overrides`` (and ``stop_tokens=`` for generation).
+    - ``add_out_norm`` must be a bool and changes nothing (``transformers`` applies the output norm whatever
+      its value); ``use_bias`` must be false and ``weight_mode`` ``"single"``, as in xLSTM-7B. Keys that
+      only choose how ``transformers`` computes (``chunk_size``, ``mode``, kernel names, ...) are not read.
+
+    Args:
+        hf_config: The parsed ``config.json``.
+        **overrides: Fields of :class:`xLSTMLMConfig` that replace what the file gives.
 
     Raises:
-        ValueError: not an xLSTM config, or a setting this model does not implement.
+        TypeError: ``hf_config`` is not a mapping, a value has the wrong type (e.g. ``"128"`` or
+            ``"false"``), or an override is not a field.
+        ValueError: not an xLSTM config, widths that disagree, a value out of range, or a setting this
+            model does not implement. Messages name the key.
     """
-    if hf_config.get("model_type", "xlstm") != "xlstm":
-        raise ValueError(f"config.json has model_type={hf_config.get('model_type')!r}, expected 'xlstm'")
-    fields: dict[str, Any] = {k: hf_config[k] for k in _SAME_KEYS if k in hf_config}
-    width = hf_config.get("hidden_size", hf_config.get("embedding_dim"))
-    depth = hf_config.get("num_hidden_layers", hf_config.get("num_blocks"))
-    if width is None or depth is None:
-        raise ValueError("config.json must give hidden_size (or embedding_dim) and num_hidden_layers (or num_blocks)")
-    fields.update(embedding_dim=width, num_blocks=depth)
-    if isinstance(fields.get("eos_token_id"), list):
-        eos = fields["eos_token_id"]
+    if not isinstance(hf_config, Mapping):
+        raise TypeError(f"hf_config must be a mapping (the parsed config.json), got {type(hf_config).__name__}")
+    model_type = hf_config.get("model_type", "xlstm")
+    if model_type != "xlstm":
+        raise ValueError(f"config.json has model_type={model_type!r}, expected 'xlstm'")
+    for key, supported in _FIXED_KEYS.items():
+        value = hf_config.get(key, supported)
+        if type(value) is not type(supported) or value != supported:
+            raise ValueError(
+                f"config.json gives {key}={value!r}; only {key}={supported!r} is supported (the xLSTM-7B architecture)"
+            )
+    if not isinstance(hf_config.get("add_out_norm", True), bool):
+        raise TypeError(f"config.json: add_out_norm must be a bool, got {hf_config['add_out_norm']!r}")
+
+    hidden, embedding = _read_alias(hf_config, "hidden_size", "embedding_dim")
+    if hidden != embedding:
+        raise ValueError(
+            f"config.json gives embedding_dim={embedding}{_given(hf_config, 'embedding_dim')} but "
+            f"hidden_size={hidden}{_given(hf_config, 'hidden_size')}: transformers embeds tokens in embedding_dim "
+            "and runs the blocks in hidden_size, so the two must be equal"
+        )
+    num_blocks, _ = _read_alias(hf_config, "num_blocks", "num_hidden_layers")
+
+    fields: dict[str, Any] = {key: hf_config.get(key, _HF_DEFAULTS[key]) for key in _SAME_KEYS}
+    fields.update(embedding_dim=hidden, num_blocks=num_blocks)
+    eos = fields["eos_token_id"]
+    if isinstance(eos, list | tuple) and "eos_token_id" not in overrides:
+        if len(eos) > 1:
+            raise ValueError(
+                f"config.json gives eos_token_id={eos}; the config holds one stop token: pass eos_token_id=... "
+                f"to choose it (and stop_tokens={eos} to generation to stop on any of them)"
+            )
         fields["eos_token_id"] = eos[0] if eos else None
     dtype = hf_config.get("dtype", hf_config.get("torch_dtype"))
-    if dtype in ("float32", "bfloat16", "float16"):
-        fields.update(param_dtype=dtype, dtype=dtype)
-    if "inference_state_dtype" in hf_config:
-        fields["state_dtype"] = hf_config["inference_state_dtype"]
-    fields.update(overrides)
-    return xLSTMLMConfig(**fields)
+    dtype = "float32" if dtype is None else dtype
+    state_dtype = hf_config.get("inference_state_dtype", _HF_DEFAULTS["inference_state_dtype"])
+    for key, value in (("dtype", dtype), ("inference_state_dtype", state_dtype)):
+        if not isinstance(value, str):
+            raise TypeError(f"config.json: {key} must be a dtype name such as 'bfloat16', got {key}={value!r}")
+    fields.update(param_dtype=dtype, dtype=dtype, state_dtype=state_dtype)
+    where = "config.json" + (f" with {', '.join(sorted(overrides))} overridden" if overrides else "")
+    try:
+        return xLSTMLMConfig(**{**fields, **overrides})
+    except (TypeError, ValueError) as error:
+        raise type(error)(f"{where}: {error}") from None
 
 
 def config_to_hf(config: xLSTMLMConfig) -> dict[str, Any]:
-    """The Hugging Face ``config.json`` dict of ``config`` (what ``transformers``' xLSTMConfig reads)."""
+    """The Hugging Face ``config.json`` dict of ``config`` (what ``transformers``' xLSTMConfig reads).
+
+    Both names of each width are written (``hidden_size`` and ``embedding_dim``, ``num_hidden_layers`` and
+    ``num_blocks``), with the values this model implements for ``use_bias``, ``weight_mode`` and
+    ``add_out_norm``, and ``mode="inference"`` with ``return_last_states=True`` so that ``transformers``
+    can generate with the files.
+    """
+    if not isinstance(config, xLSTMLMConfig):
+        raise TypeError(f"config must be an xLSTMLMConfig, got {type(config).__name__}")
     out: dict[str, Any] = {"architectures": ["xLSTMForCausalLM"], "model_type": "xlstm"}
-    out.update({k: getattr(config, k) for k in _SAME_KEYS})
+    out.update({key: getattr(config, key) for key in _SAME_KEYS})
+    out.update(_FIXED_KEYS)
     out.update(
         hidden_size=config.embedding_dim,
         embedding_dim=config.embedding_dim,
         num_hidden_layers=config.num_blocks,
         num_blocks=config.num_blocks,
+        add_out_norm=True,
         dtype=config.param_dtype,
         inference_state_dtype=config.state_dtype,
         mode="inference",
@@ -139,6 +258,7 @@ _BLOCK_PARAMS: dict[tuple[str, ...], tuple[tuple[str, ...], bool]] = {
     ("ffn", "proj_gate_up", "kernel"): (("ffn.proj_up_gate.weight", "ffn.proj_up.weight"), True),
     ("ffn", "proj_down", "kernel"): (("ffn.proj_down.weight",), True),
 }
+_EMBEDDING, _LM_HEAD = "backbone.embeddings.weight", "lm_head.weight"
 
 
 def _block_shapes(config: xLSTMLMConfig) -> dict[str, tuple[int, ...]]:
@@ -165,19 +285,48 @@ def _block_shapes(config: xLSTMLMConfig) -> dict[str, tuple[int, ...]]:
 
 
 def expected_hf_shapes(config: xLSTMLMConfig) -> dict[str, tuple[int, ...]]:
-    """Every tensor name of the Hugging Face checkpoint of ``config`` with its shape."""
-    shapes = {"backbone.embeddings.weight": (config.vocab_size, config.embedding_dim)}
+    """Every tensor of ``transformers``' xLSTM model of ``config`` with its (torch) shape.
+
+    ``lm_head.weight`` is always listed (``transformers`` keeps it even with tied embeddings); loading a
+    tied config accepts a checkpoint without it.
+    """
+    shapes = {_EMBEDDING: (config.vocab_size, config.embedding_dim)}
     for layer in range(config.num_blocks):
         shapes.update({f"backbone.blocks.{layer}.{k}": s for k, s in _block_shapes(config).items()})
     shapes["backbone.out_norm.weight"] = (config.embedding_dim,)
-    if not config.tie_word_embeddings:
-        shapes["lm_head.weight"] = (config.vocab_size, config.embedding_dim)
+    shapes[_LM_HEAD] = (config.vocab_size, config.embedding_dim)
     return shapes
 
 
+def _natural(text: str) -> list:
+    """Sort key that orders ``blocks.2`` before ``blocks.10``."""
+    return [int(part) if part.isdigit() else part for part in re.split(r"(\d+)", text)]
+
+
+def _listing(title: str, items: list[str], limit: int = 20) -> str:
+    """``  title (n): a, b, ...`` with ``items`` in natural order, the first ``limit`` of them."""
+    items = sorted(items, key=_natural)
+    shown = ", ".join(items[:limit]) + (f", ... ({len(items) - limit} more)" if len(items) > limit else "")
+    return f"  {title} ({len(items)}): {shown}"
+
+
+def _block_range(indices: set[int]) -> str:
+    if not indices:
+        return "no blocks"
+    if indices == set(range(max(indices) + 1)):
+        return f"blocks 0..{max(indices)}"
+    return "blocks " + ", ".join(map(str, sorted(indices)))
+
+
 def check_hf_tensors(config: xLSTMLMConfig, shapes: Mapping[str, tuple[int, ...]]) -> None:
-    """Raises one ``ValueError`` listing every missing tensor, unexpected tensor and shape mismatch."""
+    """Raises one ``ValueError`` listing every missing tensor, unexpected tensor and shape mismatch.
+
+    Where the checkpoint's blocks or embedding disagree with the config, the message first says so in
+    terms of both (e.g. ``config.json gives num_blocks=3 but the checkpoint has blocks 0..31``).
+    """
     expected = expected_hf_shapes(config)
+    if config.tie_word_embeddings and _LM_HEAD not in shapes:
+        del expected[_LM_HEAD]
     missing = sorted(set(expected) - set(shapes))
     unexpected = sorted(set(shapes) - set(expected))
     mismatched = sorted(
@@ -185,15 +334,41 @@ def check_hf_tensors(config: xLSTMLMConfig, shapes: Mapping[str, tuple[int, ...]
         for k in set(expected) & set(shapes)
         if tuple(shapes[k]) != expected[k]
     )
-    if missing or unexpected or mismatched:
-        lines = [
-            f"the checkpoint does not fit the xLSTM config (D={config.embedding_dim}, L={config.num_blocks}, "
-            f"NH={config.num_heads}, V={config.vocab_size}):"
-        ]
-        for title, items in (("missing", missing), ("unexpected", unexpected), ("shape mismatch", mismatched)):
-            if items:
-                lines.append(f"  {title} ({len(items)}): " + ", ".join(items))
-        raise ValueError("\n".join(lines))
+    if not (missing or unexpected or mismatched):
+        return
+    lines = [
+        f"the checkpoint does not fit the xLSTM config (D={config.embedding_dim}, L={config.num_blocks}, "
+        f"NH={config.num_heads}, V={config.vocab_size}):"
+    ]
+    blocks = {int(m.group(1)) for name in shapes if (m := re.match(r"backbone\.blocks\.(\d+)\.", name))}
+    if blocks != set(range(config.num_blocks)):
+        lines.append(
+            f"  config.json gives num_blocks={config.num_blocks} but the checkpoint has {_block_range(blocks)}"
+        )
+    if _EMBEDDING in shapes and tuple(shapes[_EMBEDDING]) != expected[_EMBEDDING]:
+        lines.append(
+            f"  config.json gives vocab_size={config.vocab_size}, hidden_size={config.embedding_dim} but "
+            f"{_EMBEDDING} has shape {tuple(shapes[_EMBEDDING])}"
+        )
+    for title, items in (("missing", missing), ("unexpected", unexpected), ("shape mismatch", mismatched)):
+        if items:
+            lines.append(_listing(title, items))
+    raise ValueError("\n".join(lines))
+
+
+def _check_values(tensors: Mapping[str, Any], what: str) -> None:
+    """Raises ``ValueError`` listing the tensors that are not floating point, then those with NaN or inf."""
+    dtypes = {name: np.dtype(getattr(x, "dtype", np.asarray(x).dtype)) for name, x in tensors.items()}
+    not_float = sorted(f"{name} ({dtype})" for name, dtype in dtypes.items() if not jnp.issubdtype(dtype, jnp.floating))
+    if not_float:
+        raise ValueError(_listing(f"{what} must be floating point; not float", not_float).strip())
+    non_finite = []
+    for name in sorted(tensors):
+        bad = int(np.size(tensors[name]) - np.count_nonzero(np.isfinite(np.asarray(jax.device_get(tensors[name])))))
+        if bad:
+            non_finite.append(f"{name} ({bad} of {np.size(tensors[name])} values)")
+    if non_finite:
+        raise ValueError(_listing(f"{what} must be finite; NaN or inf in", non_finite).strip())
 
 
 def _set(tree: dict, path: tuple[str, ...], value: Any) -> None:
@@ -209,7 +384,8 @@ def hf_tensors_to_params(
 
     Args:
         config: The model config (decides the shapes and the parameter dtype).
-        tensors: Name -> array (NumPy or JAX), as in the checkpoint.
+        tensors: Name -> array (NumPy or JAX), as in the checkpoint. With ``config.tie_word_embeddings``,
+            ``lm_head.weight`` may be absent; if present it must equal the embedding.
         scan_blocks: Lay the blocks out for ``RuntimeConfig(scan_blocks=True)`` (one ``blocks`` tree, each
             leaf stacked on a leading axis L) instead of ``blocks_0`` ... ``blocks_{L-1}``.
 
@@ -218,9 +394,19 @@ def hf_tensors_to_params(
         ``config.param_dtype``.
 
     Raises:
-        ValueError: missing, unexpected or mis-shaped tensors (all listed).
+        ValueError: missing, unexpected or mis-shaped tensors (all listed), tensors that are not floating
+            point or hold NaN or inf (listed), or an ``lm_head.weight`` that differs from the tied embedding.
     """
+    if not isinstance(config, xLSTMLMConfig):
+        raise TypeError(f"config must be an xLSTMLMConfig, got {type(config).__name__}")
     check_hf_tensors(config, {k: tuple(np.shape(v)) for k, v in tensors.items()})
+    _check_values(tensors, "checkpoint tensors")
+    head = tensors.get(_LM_HEAD) if config.tie_word_embeddings else None
+    if head is not None and not np.array_equal(np.asarray(head), np.asarray(tensors[_EMBEDDING])):
+        raise ValueError(
+            f"tie_word_embeddings=True but {_LM_HEAD} differs from {_EMBEDDING}; transformers computes with "
+            f"{_LM_HEAD}: load with tie_word_embeddings=False"
+        )
     dtype = config.jnp_param_dtype
 
     def convert(x: Any, transpose: bool) -> jax.Array:
@@ -228,7 +414,7 @@ def hf_tensors_to_params(
         return x.T if transpose else x
 
     params: dict[str, Any] = {}
-    _set(params, ("embedding", "embedding"), convert(tensors["backbone.embeddings.weight"], False))
+    _set(params, ("embedding", "embedding"), convert(tensors[_EMBEDDING], False))
     blocks = []
     for layer in range(config.num_blocks):
         block: dict[str, Any] = {}
@@ -242,8 +428,74 @@ def hf_tensors_to_params(
         params.update({f"blocks_{layer}": block for layer, block in enumerate(blocks)})
     _set(params, ("out_norm", "weight"), convert(tensors["backbone.out_norm.weight"], False))
     if not config.tie_word_embeddings:
-        _set(params, ("lm_head", "kernel"), convert(tensors["lm_head.weight"], True))
+        _set(params, ("lm_head", "kernel"), convert(tensors[_LM_HEAD], True))
     return params
+
+
+def expected_param_shapes(config: xLSTMLMConfig, *, scan_blocks: bool = False) -> dict[str, tuple[int, ...]]:
+    """Every leaf of our parameter tree (``"blocks_0/ffn/proj_down/kernel"``-style paths) with its shape."""
+    hf = _block_shapes(config)
+    block = {}
+    for path, (suffixes, transpose) in _BLOCK_PARAMS.items():
+        first = hf[suffixes[0]]
+        if transpose:  # (in, sum of outs)
+            block["/".join(path)] = (first[1], sum(hf[s][0] for s in suffixes))
+        else:
+            block["/".join(path)] = (sum(hf[s][0] for s in suffixes),)
+    D, V = config.embedding_dim, config.vocab_size
+    shapes = {"embedding/embedding": (V, D)}
+    if scan_blocks:
+        shapes.update({f"blocks/{k}": (config.num_blocks, *s) for k, s in block.items()})
+    else:
+        shapes.update({f"blocks_{layer}/{k}": s for layer in range(config.num_blocks) for k, s in block.items()})
+    shapes["out_norm/weight"] = (D,)
+    if not config.tie_word_embeddings:
+        shapes["lm_head/kernel"] = (D, V)
+    return shapes
+
+
+def _flatten(tree: Any, prefix: str = "") -> dict[str, Any]:
+    if isinstance(tree, Mapping):
+        out = {}
+        for key, value in tree.items():
+            out.update(_flatten(value, f"{prefix}{key}/"))
+        return out
+    return {prefix[:-1]: tree}
+
+
+def check_params(config: xLSTMLMConfig, params: Mapping[str, Any]) -> None:
+    """Raises one ``ValueError`` listing missing, unexpected, mis-shaped and non-float parameters of ``params``
+    (either block layout) against ``config``."""
+    if not isinstance(params, Mapping):
+        raise TypeError(f"params must be a mapping (the model's params tree), got {type(params).__name__}")
+    leaves = _flatten(params)
+    expected = expected_param_shapes(config, scan_blocks="blocks" in params)
+    missing = sorted(set(expected) - set(leaves))
+    unexpected = sorted(set(leaves) - set(expected))
+    mismatched = sorted(
+        f"{k}: {tuple(np.shape(leaves[k]))} != expected {expected[k]}"
+        for k in set(expected) & set(leaves)
+        if tuple(np.shape(leaves[k])) != expected[k]
+    )
+    not_float = sorted(
+        f"{k} ({np.dtype(getattr(leaves[k], 'dtype', np.asarray(leaves[k]).dtype))})"
+        for k in set(expected) & set(leaves)
+        if not jnp.issubdtype(getattr(leaves[k], "dtype", np.asarray(leaves[k]).dtype), jnp.floating)
+    )
+    if missing or unexpected or mismatched or not_float:
+        lines = [
+            f"params do not fit the xLSTM config (D={config.embedding_dim}, L={config.num_blocks}, "
+            f"NH={config.num_heads}, V={config.vocab_size}, tie_word_embeddings={config.tie_word_embeddings}):"
+        ]
+        for title, items in (
+            ("missing", missing),
+            ("unexpected", unexpected),
+            ("shape mismatch", mismatched),
+            ("not floating point", not_float),
+        ):
+            if items:
+                lines.append(_listing(title, items))
+        raise ValueError("\n".join(lines))
 
 
 def _get(tree: Mapping, path: tuple[str, ...]) -> Any:
@@ -253,58 +505,101 @@ def _get(tree: Mapping, path: tuple[str, ...]) -> Any:
 
 
 def params_to_hf_tensors(config: xLSTMLMConfig, params: Mapping[str, Any]) -> dict[str, np.ndarray]:
-    """Hugging Face tensors (name -> NumPy array, torch layout) from our parameter tree (either block layout)."""
+    """Hugging Face tensors (name -> NumPy array, torch layout) from our parameter tree (either block layout).
+
+    With tied embeddings, ``lm_head.weight`` is the embedding (``transformers`` keeps its own head).
+
+    Raises:
+        ValueError: parameters missing, unexpected, mis-shaped or not floating point (all listed).
+    """
+    check_params(config, params)
 
     def out(x: Any, transpose: bool) -> np.ndarray:
         x = np.asarray(jax.device_get(x))
         return np.ascontiguousarray(x.T if transpose else x)
 
     shapes = _block_shapes(config)
-    tensors = {"backbone.embeddings.weight": out(_get(params, ("embedding", "embedding")), False)}
+    tensors = {_EMBEDDING: out(_get(params, ("embedding", "embedding")), False)}
     stacked = "blocks" in params
     for layer in range(config.num_blocks):
         block = params["blocks"] if stacked else params[f"blocks_{layer}"]
         for path, (suffixes, transpose) in _BLOCK_PARAMS.items():
-            value = _get(block, path)[layer] if stacked else _get(block, path)
+            value = np.asarray(jax.device_get(_get(block, path)))
+            value = value[layer] if stacked else value
             widths = [shapes[suffix][0] for suffix in suffixes]  # the output axis: first in torch's layout
-            if value.shape[-1] != sum(widths):
-                raise ValueError(
-                    f"blocks {layer} {'/'.join(path)} has shape {tuple(value.shape)}; its last axis must be "
-                    f"{sum(widths)} = {' + '.join(map(str, widths))} ({', '.join(suffixes)})"
-                )
-            parts = np.split(np.asarray(jax.device_get(value)), np.cumsum(widths)[:-1], axis=-1)
+            parts = np.split(value, np.cumsum(widths)[:-1], axis=-1)
             for suffix, part in zip(suffixes, parts, strict=True):
                 tensors[f"backbone.blocks.{layer}.{suffix}"] = out(part, transpose)
     tensors["backbone.out_norm.weight"] = out(_get(params, ("out_norm", "weight")), False)
-    if not config.tie_word_embeddings:
-        tensors["lm_head.weight"] = out(_get(params, ("lm_head", "kernel")), True)
+    if config.tie_word_embeddings:
+        tensors[_LM_HEAD] = tensors[_EMBEDDING]
+    else:
+        tensors[_LM_HEAD] = out(_get(params, ("lm_head", "kernel")), True)
     return tensors
 
 
-def _read_tensors(model_dir: Path) -> dict[str, np.ndarray]:
+def _check_file_name(index: Path, tensor: str, name: Any) -> None:
+    """Refuses an index entry that is not a relative path inside the model directory."""
+    if not isinstance(name, str) or not name:
+        raise ValueError(f"{index}: weight_map[{tensor!r}] must be a file name, got {name!r}")
+    windows = PureWindowsPath(name)
+    if PurePosixPath(name).is_absolute() or windows.is_absolute() or windows.drive or ".." in windows.parts:
+        raise ValueError(
+            f"{index}: weight_map[{tensor!r}] = {name!r} points outside the model directory; entries must be "
+            "relative file names without '..'"
+        )
+
+
+def _read_json(path: Path, what: str) -> dict[str, Any]:
+    try:
+        data = json.loads(path.read_bytes())
+    except (json.JSONDecodeError, UnicodeDecodeError) as error:
+        raise ValueError(f"{path} is not valid JSON ({what}): {error}") from None
+    if not isinstance(data, dict):
+        raise ValueError(f"{path} must hold a JSON object ({what}), got {type(data).__name__}")
+    return data
+
+
+def _read_index(path: Path) -> dict[str, str]:
+    weight_map = _read_json(path, "a safetensors index").get("weight_map")
+    if not isinstance(weight_map, dict):
+        raise ValueError(f"{path} has no weight_map object (tensor name -> file name), got {weight_map!r}")
+    for tensor, name in weight_map.items():
+        _check_file_name(path, tensor, name)
+    return weight_map
+
+
+def _read_safetensors(path: Path) -> dict[str, np.ndarray]:
     from safetensors import safe_open
 
+    if not path.is_file():
+        raise FileNotFoundError(f"{path} does not exist")
+    try:
+        with safe_open(path, framework="numpy") as f:
+            return {key: f.get_tensor(key) for key in f.keys()}  # noqa: SIM118 - handles are not iterable
+    except Exception as error:  # safetensors raises its own error type for a malformed file
+        raise ValueError(f"{path} is not a readable safetensors file: {error}") from None
+
+
+def _read_tensors(model_dir: Path) -> dict[str, np.ndarray]:
+    """All tensors of the checkpoint in ``model_dir`` (``model.safetensors`` first, as transformers reads)."""
+    if (model_dir / WEIGHTS_NAME).is_file():
+        return _read_safetensors(model_dir / WEIGHTS_NAME)
     index = model_dir / INDEX_NAME
-    if index.exists():
-        weight_map = json.loads(index.read_text())["weight_map"]
-        files = sorted(set(weight_map.values()))
-    elif (model_dir / WEIGHTS_NAME).exists():
-        weight_map, files = None, [WEIGHTS_NAME]
-    else:
+    if not index.is_file():
         raise FileNotFoundError(f"{model_dir} has neither {WEIGHTS_NAME} nor {INDEX_NAME}")
+    weight_map = _read_index(index)
     tensors: dict[str, np.ndarray] = {}
-    for name in files:
-        with safe_open(model_dir / name, framework="numpy") as f:
-            for key in f.keys():  # noqa: SIM118 - safe_open handles are not iterable
-                if key in tensors:
-                    raise ValueError(f"tensor {key!r} appears in more than one file of {model_dir}")
-                if weight_map is not None and weight_map.get(key) != name:
-                    raise ValueError(f"tensor {key!r} is in {name} but {INDEX_NAME} maps it to {weight_map.get(key)!r}")
-                tensors[key] = f.get_tensor(key)
-    if weight_map is not None:
-        absent = sorted(set(weight_map) - set(tensors))
-        if absent:
-            raise ValueError(f"{INDEX_NAME} lists tensors that no file holds: {', '.join(absent)}")
+    for name in sorted(set(weight_map.values())):
+        for key, value in _read_safetensors(model_dir / name).items():
+            if key in tensors:
+                raise ValueError(f"tensor {key!r} appears in more than one file of {model_dir}")
+            if weight_map.get(key) != name:
+                raise ValueError(f"tensor {key!r} is in {name} but {index} maps it to {weight_map.get(key)!r}")
+            tensors[key] = value
+    absent = sorted(set(weight_map) - set(tensors))
+    if absent:
+        raise ValueError(_listing(f"{index} lists tensors that no file holds", absent).strip())
     return tensors
 
 
@@ -320,21 +615,69 @@ def load_hf(
         **config_overrides: Fields of our config to set on top of ``config.json`` (e.g. ``dtype``).
 
     Returns:
-        ``(config, params)``.
+        ``(config, params)``. With ``tie_word_embeddings`` true in ``config.json`` (and not among the
+        overrides), the config is untied where ``lm_head.weight`` differs from the embedding, since
+        ``transformers`` computes with that tensor.
 
     Raises:
-        FileNotFoundError: no config or weights.
-        ValueError: the config is not supported, or tensors are missing, unexpected or mis-shaped.
+        FileNotFoundError: no config or weights, or a shard the index names is missing.
+        ValueError: a file that is not valid JSON or safetensors, an index entry outside ``model_dir``, a
+            config that is not supported, or tensors missing, unexpected, mis-shaped, not floating point or
+            not finite (each named).
+        TypeError: a config value of the wrong type (named).
 
     Example:
         >>> config, params = load_hf("xLSTM-7b", dtype="bfloat16")
         >>> logits = xLSTMLMModel(config).apply({"params": params}, input_ids)
     """
     model_dir = Path(model_dir)
-    if not (model_dir / CONFIG_NAME).exists():
+    if not (model_dir / CONFIG_NAME).is_file():
         raise FileNotFoundError(f"{model_dir / CONFIG_NAME} does not exist")
-    config = config_from_hf(json.loads((model_dir / CONFIG_NAME).read_text()), **config_overrides)
-    return config, hf_tensors_to_params(config, _read_tensors(model_dir), scan_blocks=scan_blocks)
+    config = config_from_hf(_read_json(model_dir / CONFIG_NAME, "the model config"), **config_overrides)
+    tensors = _read_tensors(model_dir)
+    head, embedding = tensors.get(_LM_HEAD), tensors.get(_EMBEDDING)
+    if (
+        config.tie_word_embeddings
+        and "tie_word_embeddings" not in config_overrides
+        and head is not None
+        and embedding is not None
+        and head.shape == embedding.shape
+        and not np.array_equal(head, embedding)
+    ):
+        config = config.replace(tie_word_embeddings=False)
+    return config, hf_tensors_to_params(config, tensors, scan_blocks=scan_blocks)
+
+
+def _live_files(model_dir: Path) -> set[str] | None:
+    """The files the checkpoint now in ``model_dir`` is read from, as :func:`load_hf` reads it; None where
+    an index exists but cannot be read (then every existing file counts as in use)."""
+    if (model_dir / WEIGHTS_NAME).is_file():
+        return {WEIGHTS_NAME}
+    if (model_dir / INDEX_NAME).is_file():
+        try:
+            return set(_read_index(model_dir / INDEX_NAME).values())
+        except ValueError:
+            return None
+    return set()
+
+
+def _shard_names(model_dir: Path, count: int, live: set[str] | None) -> list[str]:
+    """``model-00001-of-0000N.safetensors`` ..., or with a unique tag where those names are in use."""
+    width = max(5, len(str(count)))
+    names = [f"model-{i:0{width}d}-of-{count:0{width}d}.safetensors" for i in range(1, count + 1)]
+    in_use = any((model_dir / n).exists() for n in names) if live is None else bool(live & set(names))
+    if in_use:
+        tag = uuid.uuid4().hex[:8]
+        names = [n.replace(".safetensors", f"-{tag}.safetensors") for n in names]
+    return names
+
+
+def _fsync(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
 
 
 def save_hf(
@@ -343,15 +686,39 @@ def save_hf(
     """Saves ``config.json`` and the weights as safetensors (sharded with an index above ``max_shard_bytes``).
 
     The files load in ``transformers`` (``xLSTMForCausalLM.from_pretrained``) and with :func:`load_hf`.
+
+    The parameters are checked against ``config`` before anything is written (every expected parameter
+    present, with its shape and a floating dtype). A checkpoint already in ``model_dir`` is never lost:
+    every new file is first written and synced under a temporary name in ``model_dir`` (``.<name>.<tag>.tmp``);
+    only then are they renamed into place, the weights first (new shards never take the name of a file the
+    old checkpoint uses), then the switch (the new ``model.safetensors``, or the new index and the removal
+    of an old ``model.safetensors``), then ``config.json``; the old checkpoint's other files are removed last.
+    A save that fails while writing (a full disk, a size limit) removes its temporary files and leaves the
+    old checkpoint as it was. Between two renames the directory holds one whole set of tensors (old or new)
+    and a config.
+
+    Args:
+        model_dir: The directory (created if needed).
+        config: The model config.
+        params: The parameter tree (either block layout).
+        max_shard_bytes: Largest shard in bytes (a tensor larger than this gets a shard of its own).
+
+    Raises:
+        TypeError: ``config`` is not an ``xLSTMLMConfig`` or ``params`` not a mapping.
+        ValueError: ``max_shard_bytes`` is not a positive int, or ``params`` do not fit ``config`` (all
+            differences listed).
+        OSError: writing failed (the old checkpoint is left in place).
     """
     from safetensors.numpy import save_file
 
-    if max_shard_bytes < 1:
-        raise ValueError(f"max_shard_bytes must be positive, got {max_shard_bytes}")
+    if not isinstance(config, xLSTMLMConfig):
+        raise TypeError(f"config must be an xLSTMLMConfig, got {type(config).__name__}")
+    if not _is_int(max_shard_bytes) or max_shard_bytes < 1:
+        raise ValueError(f"max_shard_bytes must be a positive int, got {max_shard_bytes!r}")
+    tensors = params_to_hf_tensors(config, params)  # checks the params first
     model_dir = Path(model_dir)
     model_dir.mkdir(parents=True, exist_ok=True)
-    tensors = params_to_hf_tensors(config, params)
-    (model_dir / CONFIG_NAME).write_text(json.dumps(config_to_hf(config), indent=2, sort_keys=True) + "\n")
+
     shards: list[dict[str, np.ndarray]] = [{}]
     size = 0
     for name, x in tensors.items():
@@ -360,18 +727,45 @@ def save_hf(
             size = 0
         shards[-1][name] = x
         size += x.nbytes
-    metadata = {"format": "pt"}  # transformers refuses safetensors without it
-    for stale in [model_dir / WEIGHTS_NAME, model_dir / INDEX_NAME, *model_dir.glob("model-*-of-*.safetensors")]:
-        stale.unlink(missing_ok=True)
+    old = _live_files(model_dir)
+    names = [WEIGHTS_NAME] if len(shards) == 1 else _shard_names(model_dir, len(shards), old)
+    files: list[tuple[str, Any]] = list(zip(names, shards, strict=True))
+    if len(shards) > 1:
+        weight_map = {tensor: name for name, shard in files for tensor in shard}
+        index = {"metadata": {"total_size": sum(x.nbytes for x in tensors.values())}, "weight_map": weight_map}
+        files.append((INDEX_NAME, json.dumps(index, indent=2, sort_keys=True) + "\n"))
+    files.append((CONFIG_NAME, json.dumps(config_to_hf(config), indent=2, sort_keys=True) + "\n"))
+
+    temps: dict[str, Path] = {}
+    try:
+        for name, content in files:
+            temps[name] = tmp = model_dir / f".{name}.{uuid.uuid4().hex[:8]}.tmp"
+            if isinstance(content, str):
+                tmp.write_text(content)
+            else:
+                try:
+                    save_file(content, tmp, metadata={"format": "pt"})  # transformers needs the format
+                except Exception as error:  # safetensors reports write errors as its own type
+                    if isinstance(error, OSError):
+                        raise
+                    raise OSError(f"writing {model_dir / name} failed: {error}") from error
+            _fsync(tmp)
+        for name in names:
+            if name != WEIGHTS_NAME:
+                os.replace(temps.pop(name), model_dir / name)
+        if len(shards) == 1:
+            os.replace(temps.pop(WEIGHTS_NAME), model_dir / WEIGHTS_NAME)
+        else:
+            os.replace(temps.pop(INDEX_NAME), model_dir / INDEX_NAME)
+            (model_dir / WEIGHTS_NAME).unlink(missing_ok=True)  # an old single file would still be read first
+        os.replace(temps.pop(CONFIG_NAME), model_dir / CONFIG_NAME)
+    finally:
+        for tmp in temps.values():
+            tmp.unlink(missing_ok=True)
+    stale = (old or set()) - set(names)
     if len(shards) == 1:
-        save_file(shards[0], model_dir / WEIGHTS_NAME, metadata=metadata)
-        return
-    weight_map = {}
-    width = max(5, int(math.log10(len(shards))) + 1)
-    for number, shard in enumerate(shards, start=1):
-        name = f"model-{number:0{width}d}-of-{len(shards):0{width}d}.safetensors"
-        save_file(shard, model_dir / name, metadata=metadata)
-        weight_map.update(dict.fromkeys(shard, name))
-    total = sum(x.nbytes for x in tensors.values())
-    index = {"metadata": {"total_size": total}, "weight_map": weight_map}
-    (model_dir / INDEX_NAME).write_text(json.dumps(index, indent=2, sort_keys=True) + "\n")
+        stale.add(INDEX_NAME)
+    for name in stale:
+        (model_dir / name).unlink(missing_ok=True)
+    if hasattr(os, "O_DIRECTORY"):
+        _fsync(model_dir)
