@@ -21,9 +21,9 @@ samples, each ended by ``jax.block_until_ready``. A sample may queue several cal
 (``calls``), so that the host's dispatch overlaps the device's work. The median over samples is the time;
 the spread is the range of the samples over the median.
 
-Small kernels. JAX's per-call dispatch costs 50-90 µs on a GPU, more than a decode step takes; to time
-such a kernel, :func:`time_loop` runs it ``iterations`` times inside one jitted ``lax.fori_loop`` over a
-donated carry and divides.
+Small kernels. JAX's per-call dispatch takes tens of microseconds on a GPU (BENCHMARKS.md), more than a
+small decode step; to time such a kernel, :func:`time_loop` runs it ``iterations`` times inside one jitted
+``lax.fori_loop`` over a donated carry and divides.
 """
 
 from __future__ import annotations

@@ -25,7 +25,8 @@ def test_tiny_run_writes_every_case(tmp_path):
         ("recurrent:scan:auto:2 stream", "stream"),
     ]
     for row in decode:
-        assert math.isfinite(row["ms_per_token"]) and row["n_median_s"] > 0 and row["2n_median_s"] > 0
+        assert row["tokens"] == [3, 4] and math.isfinite(row["ms_per_token"])
+        assert row["short_median_s"] > 0 and row["long_median_s"] > 0
         assert row["first_call_s"] > 0 and 0 < row["floor_ms"] < row["floor_with_states_ms"]
     assert decode[2]["state_bytes"] == 2 * decode[0]["state_bytes"]  # B=2 against B=1
     (prefill,) = data["tables"]["prefill"]
