@@ -269,6 +269,12 @@ def test_single_file_is_read_before_an_index(tmp_path):
     shutil.copy(tmp_path / "single" / "model.safetensors", tmp_path / "model.safetensors")
     _, loaded = load_hf(tmp_path)
     np.testing.assert_array_equal(np.asarray(loaded["out_norm"]["weight"]), np.asarray(changed["out_norm"]["weight"]))
+    # A new save removes the files of both: only its own remain.
+    shutil.rmtree(tmp_path / "single")
+    save_hf(tmp_path, config, params, max_shard_bytes=400_000)
+    shards = set(json.loads((tmp_path / "model.safetensors.index.json").read_text())["weight_map"].values())
+    assert set(_files(tmp_path)) == {"config.json", "model.safetensors.index.json"} | shards
+    _assert_trees_equal(params, load_hf(tmp_path)[1])
 
 
 def test_errors_list_missing_unexpected_and_mismatched(tmp_path):

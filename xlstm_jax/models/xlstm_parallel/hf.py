@@ -648,17 +648,18 @@ def load_hf(
     return config, hf_tensors_to_params(config, tensors, scan_blocks=scan_blocks)
 
 
-def _live_files(model_dir: Path) -> set[str] | None:
-    """The files the checkpoint now in ``model_dir`` is read from, as :func:`load_hf` reads it; None where
-    an index exists but cannot be read (then every existing file counts as in use)."""
-    if (model_dir / WEIGHTS_NAME).is_file():
-        return {WEIGHTS_NAME}
-    if (model_dir / INDEX_NAME).is_file():
-        try:
-            return set(_read_index(model_dir / INDEX_NAME).values())
-        except ValueError:
-            return None
-    return set()
+def _old_files(model_dir: Path) -> tuple[set[str] | None, set[str]]:
+    """``(live, all)``: the files the checkpoint now in ``model_dir`` is read from, as :func:`load_hf` reads
+    it (None where only an unreadable index exists: then every existing file counts as in use), and every
+    file that its ``model.safetensors`` and readable index name (removed once a new checkpoint is complete)."""
+    single = (model_dir / WEIGHTS_NAME).is_file()
+    try:
+        indexed = set(_read_index(model_dir / INDEX_NAME).values()) if (model_dir / INDEX_NAME).is_file() else set()
+        readable = True
+    except ValueError:
+        indexed, readable = set(), False
+    live = {WEIGHTS_NAME} if single else (indexed if readable else None)
+    return live, indexed | ({WEIGHTS_NAME} if single else set())
 
 
 def _shard_names(model_dir: Path, count: int, live: set[str] | None) -> list[str]:
@@ -694,8 +695,8 @@ def save_hf(
     old checkpoint uses), then the switch (the new ``model.safetensors``, or the new index and the removal
     of an old ``model.safetensors``), then ``config.json``; the old checkpoint's other files are removed last.
     A save that fails while writing (a full disk, a size limit) removes its temporary files and leaves the
-    old checkpoint as it was. Between two renames the directory holds one whole set of tensors (old or new)
-    and a config.
+    old checkpoint as it was; a process killed outright can leave hidden ``.*.tmp`` files, which no loader
+    reads. Between two renames the directory holds one whole set of tensors (old or new) and a config.
 
     Args:
         model_dir: The directory (created if needed).
@@ -727,8 +728,8 @@ def save_hf(
             size = 0
         shards[-1][name] = x
         size += x.nbytes
-    old = _live_files(model_dir)
-    names = [WEIGHTS_NAME] if len(shards) == 1 else _shard_names(model_dir, len(shards), old)
+    live, old = _old_files(model_dir)
+    names = [WEIGHTS_NAME] if len(shards) == 1 else _shard_names(model_dir, len(shards), live)
     files: list[tuple[str, Any]] = list(zip(names, shards, strict=True))
     if len(shards) > 1:
         weight_map = {tensor: name for name, shard in files for tensor in shard}
@@ -762,7 +763,7 @@ def save_hf(
     finally:
         for tmp in temps.values():
             tmp.unlink(missing_ok=True)
-    stale = (old or set()) - set(names)
+    stale = old - set(names)
     if len(shards) == 1:
         stale.add(INDEX_NAME)
     for name in stale:
