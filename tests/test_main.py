@@ -1,47 +1,50 @@
-"""The main job (python -m xlstm_jax) passes on agreeing forms and fails on a wrong one."""
+"""The ``xlstm-jax`` command (``python -m xlstm_jax``): its subcommands, and verify without one."""
 
 from __future__ import annotations
 
-import dataclasses
+import subprocess
+import sys
+from pathlib import Path
 
-import jax.numpy as jnp
+import pytest
 
-import xlstm_jax.__main__ as main_job
-from xlstm_jax.models.xlstm_parallel.blocks.mlstm.backend import BACKENDS, mLSTMBackendRecurrent
-from xlstm_jax.models.xlstm_parallel.blocks.mlstm.backend.recurrent import mLSTMBackendRecurrentConfig
+from xlstm_jax.__main__ import main
+from xlstm_jax.cli import DEFAULT_SUBCOMMAND, SUBCOMMANDS, parse_args
 
-SMALL = ["--B", "1", "--NH", "2", "--S", "9", "--DHQK", "32", "--DHV", "16", "--repeats", "1"]
-
-
-def test_main_job_agrees(capsys):
-    assert main_job.main(SMALL) == 0
-    out = capsys.readouterr().out
-    for name in BACKENDS:
-        assert name in out
-    assert "recurrent step by step (decode)" in out
+REPO = Path(__file__).resolve().parents[1]
 
 
-@dataclasses.dataclass
-class _WrongConfig(mLSTMBackendRecurrentConfig):
-    pass
+def test_help_lists_the_subcommands():
+    proc = subprocess.run(
+        [sys.executable, "-m", "xlstm_jax", "--help"], capture_output=True, text=True, cwd=REPO, timeout=300
+    )
+    assert proc.returncode == 0, proc.stderr
+    assert set(SUBCOMMANDS) == {"verify", "generate"}
+    for name in SUBCOMMANDS:
+        assert f"    {name} " in proc.stdout, proc.stdout
 
 
-class _WrongBackend(mLSTMBackendRecurrent):
-    """The recurrent backend with its values scaled: a form that disagrees."""
-
-    config_class = _WrongConfig
-
-    def __call__(self, q, k, v, i, f, c_initial=None, n_initial=None, m_initial=None, return_last_states=False):
-        return super().__call__(q, k, v * 1.01, i, f, return_last_states=return_last_states)
+@pytest.mark.parametrize("name", sorted(SUBCOMMANDS))
+def test_each_subcommand_has_help(name, capsys):
+    assert main([name, "--help"]) == 0
+    assert capsys.readouterr().out.startswith(f"usage: xlstm-jax {name} ")
 
 
-def test_main_job_fails_on_a_wrong_form(monkeypatch, capsys):
-    monkeypatch.setitem(BACKENDS, "wrong", _WrongBackend)
-    assert main_job.main(SMALL) == 1
-    assert any(line.startswith("wrong") and line.endswith("NO") for line in capsys.readouterr().out.splitlines())
+def test_no_subcommand_is_verify_on_its_defaults():
+    """``make run`` runs ``python -m xlstm_jax``: the verify job on its built-in workload."""
+    assert DEFAULT_SUBCOMMAND == "verify"
+    default = vars(parse_args([]))
+    assert default == vars(parse_args(["verify"]))
+    assert {k: default[k] for k in ("B", "NH", "S", "DHQK", "DHV")} == {
+        "B": 2,
+        "NH": 4,
+        "S": 256,
+        "DHQK": 64,
+        "DHV": 128,
+    }
 
 
-def test_inputs_are_well_conditioned():
-    """Queries and keys with positive entries: q̂·n has no cancellation, so float32 errors stay small."""
-    q, k, *_ = main_job._inputs((1, 1, 4, 8, 8), 0, jnp.float32)
-    assert bool(jnp.all(q >= 0)) and bool(jnp.all(k >= 0))
+def test_unknown_subcommand_is_a_usage_error(capsys):
+    assert main(["train"]) == 2
+    assert "invalid choice: 'train'" in capsys.readouterr().err
+    assert main(["--S", "9"]) == 2  # the verify options come after its name

@@ -193,6 +193,19 @@ def _token_lists(prompts: Any) -> list[list[int]]:
     return lists
 
 
+def _check_token_range(prompts: list[list[int]], upper: int, what: str) -> None:
+    """Raises ValueError naming the first id of ``prompts`` outside [0, upper) (``what`` names ``upper``)."""
+    bad = [
+        (b, s, token) for b, prompt in enumerate(prompts) for s, token in enumerate(prompt) if not 0 <= token < upper
+    ]
+    if bad:
+        b, s, token = bad[0]
+        raise ValueError(
+            f"prompt token ids must lie in [0, {upper}) ({what}); prompts[{b}][{s}] is {token} "
+            f"({len(bad)} ids out of range)"
+        )
+
+
 def pad_prompts(
     prompts: Sequence[Sequence[int]] | np.ndarray | jax.Array, pad_token_id: int, multiple_of: int = 1
 ) -> tuple[np.ndarray, np.ndarray]:
@@ -210,7 +223,7 @@ def pad_prompts(
     Raises:
         TypeError: prompts that are not token ids (text, floats, bools, a flat list), or a non-int
             ``pad_token_id`` or ``multiple_of``.
-        ValueError: no prompts, an empty prompt, or multiple_of < 1.
+        ValueError: no prompts, an empty prompt, a negative id or one beyond int32, or multiple_of < 1.
     """
     if not _is_int(multiple_of):
         raise TypeError(f"multiple_of must be an int, got {type(multiple_of).__name__} {multiple_of!r}")
@@ -219,6 +232,7 @@ def pad_prompts(
     if not _is_int(pad_token_id):
         raise TypeError(f"pad_token_id must be an int, got {type(pad_token_id).__name__} {pad_token_id!r}")
     prompts = _token_lists(prompts)
+    _check_token_range(prompts, 2**31, "int32")
     lengths = [len(p) for p in prompts]
     if not lengths or min(lengths) < 1:
         raise ValueError(f"prompts must be a non-empty list of non-empty token lists, got lengths {lengths}")
@@ -428,15 +442,9 @@ def _prepare(
         bad = [int(t) for t in ids if not 0 <= t < V]
         if bad:
             raise ValueError(f"stop_tokens and pad_token_id must be token ids in [0, {V}), got {name}={bad}")
+    prompts = _token_lists(prompts)
+    _check_token_range(prompts, V, "vocab_size")
     ids, valid = pad_prompts(prompts, int(pad_token_id), pad_to_multiple_of)
-    bad = np.argwhere((ids < 0) | (ids >= V))
-    if bad.size:
-        b, s = bad[0]
-        pos = int(s) - (ids.shape[1] - int(valid[b].sum()))  # position in the unpadded prompt
-        raise ValueError(
-            f"prompt token ids must lie in [0, vocab_size={V}); prompts[{b}][{pos}] is {int(ids[b, s])} "
-            f"({len(bad)} ids out of range)"
-        )
     valid_arg = None if valid.all() else jnp.asarray(valid)
     stop = jnp.asarray(stop_tokens, jnp.int32).reshape(-1)
     return jnp.asarray(ids), valid_arg, key, stop, int(pad_token_id), max_new_tokens

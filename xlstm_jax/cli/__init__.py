@@ -1,0 +1,117 @@
+"""The ``xlstm-jax`` command line: one module per subcommand, registered in ``SUBCOMMANDS``.
+
+``xlstm-jax`` (or ``python -m xlstm_jax``) without a subcommand runs ``verify`` on its default workload;
+``xlstm-jax --help`` lists the subcommands and ``xlstm-jax COMMAND --help`` describes one.
+
+A subcommand is a module with ``HELP`` (its line in the listing), ``add_arguments(parser)`` and
+``run(args) -> int`` (the exit status). Every argument is checked before any work starts (a model is
+loaded, a form compiled): an argument's ``type`` raises ``argparse.ArgumentTypeError``, and ``run``
+raises :class:`CommandError` for what depends on several arguments or on input files. Either way the
+command prints ``xlstm-jax COMMAND: error: ...`` on stderr and exits with status 2, as argparse does for
+its own usage errors; never a traceback.
+
+Example:
+    $ xlstm-jax verify --S 128
+    $ xlstm-jax generate path/to/xLSTM-7b --prompt "The mLSTM cell" --max-new-tokens 32
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import os
+import sys
+from collections.abc import Sequence
+
+__all__ = ["DEFAULT_SUBCOMMAND", "PROG", "SUBCOMMANDS", "CommandError", "build_parser", "main", "parse_args"]
+
+PROG = "xlstm-jax"
+# Subcommand name -> module. New subcommands (train, serve) are one module and one line here.
+SUBCOMMANDS = {
+    "verify": "xlstm_jax.cli.verify",
+    "generate": "xlstm_jax.cli.generate",
+}
+DEFAULT_SUBCOMMAND = "verify"
+
+
+class CommandError(Exception):
+    """A bad argument or input file, found before the work starts: reported as ``error: ...``, exit status 2."""
+
+
+def positive_int(text: str) -> int:
+    """An argparse ``type``: an integer >= 1."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"must be an integer >= 1, got {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be an integer >= 1, got {value}")
+    return value
+
+
+def prng_seed(text: str) -> int:
+    """An argparse ``type``: a seed that ``jax.random.key`` maps to its own key.
+
+    Without ``jax_enable_x64`` the key keeps the low 32 bits of the seed (2**32 gives the key of 0), so
+    the seeds are 0 <= seed < 2**32; with it, 0 <= seed < 2**63.
+    """
+    import jax
+
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"must be an integer, got {text!r}") from None
+    bits = 63 if jax.config.jax_enable_x64 else 32
+    if not 0 <= value < 2**bits:
+        raise argparse.ArgumentTypeError(
+            f"must be in [0, 2**{bits}) (the seeds jax.random.key tells apart"
+            f"{'' if bits == 63 else ' without jax_enable_x64'}), got {value}"
+        )
+    return value
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The parser of ``xlstm-jax``, with one subparser per registered subcommand."""
+    parser = argparse.ArgumentParser(
+        prog=PROG,
+        description=f"xLSTM in JAX. Without a COMMAND, runs '{DEFAULT_SUBCOMMAND}' on its default workload.",
+    )
+    commands = parser.add_subparsers(dest="command", metavar="COMMAND", title="commands", required=True)
+    for name, module_name in SUBCOMMANDS.items():
+        module = importlib.import_module(module_name)
+        sub = commands.add_parser(name, help=module.HELP, description=module.__doc__.split("\n\n")[0])
+        module.add_arguments(sub)
+        sub.set_defaults(run=module.run)
+    return parser
+
+
+def parse_args(argv: Sequence[str]) -> argparse.Namespace:
+    """The parsed command line; no arguments at all mean the default subcommand on its defaults.
+
+    Raises:
+        SystemExit: ``--help`` (status 0) or a usage error (status 2), printed by argparse.
+    """
+    return build_parser().parse_args(list(argv) or [DEFAULT_SUBCOMMAND])
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Runs ``xlstm-jax`` with ``argv`` (default: ``sys.argv[1:]``); returns the exit status.
+
+    0: success; 1: the command ran and failed (``verify``: forms disagree); 2: a bad argument or input
+    file (``error: ...`` on stderr); 130: interrupted.
+    """
+    try:
+        args = parse_args(sys.argv[1:] if argv is None else argv)
+    except SystemExit as e:  # --help (0) or a usage error (2), already printed by argparse
+        return e.code if isinstance(e.code, int) else 2
+    try:
+        return args.run(args)
+    except CommandError as e:
+        sys.stderr.write(f"{PROG} {args.command}: error: {e}\n")
+        return 2
+    except KeyboardInterrupt:
+        return 130
+    except BrokenPipeError:  # the reader of stdout went away (e.g. `| head`): stop quietly
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+        return 1
