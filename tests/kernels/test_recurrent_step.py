@@ -12,28 +12,27 @@ import pytest
 from tests.kernels import INTERPRET, ON_GPU
 from tests.numerics import TOL, assert_close, make_inputs
 from tests.reference import recurrent_ref
-from xlstm_jax.kernels import StepKernelConfig, recurrent_step_pallas, recurrent_step_pallas_stacked
+from xlstm_jax.kernels import StepKernelConfig, recurrent_step_kernel, recurrent_step_pallas
 from xlstm_jax.mlstm.recurrent import recurrent_sequence_fw, recurrent_step_fw
 
 _TOL_KEY = {"float32": "float32", "bfloat16": "bfloat16/float32"}
 
 # (B, NH, DHQK, DHV, config): one DHQK split walking two row chunks; four DHQK splits (partial numerators
 # combined after the kernel); the automatic split, which picks four splits for B·NH = 6; the default config;
-# four row blocks loaded at their use, heads fastest in the grid, Triton's pipeliner (the previous layout);
-# three row blocks prefetched by hand with the evict_first hint; all rows at once with two DHV blocks; one
-# program per head (c, n and m all updated in place).
+# four row blocks with Triton's pipeliner on top (two stages); four row blocks of 32 columns; all rows at once
+# with two DHV blocks; one program per head walking two row blocks.
 C = StepKernelConfig
 CASES = [
     (1, 2, 32, 16, C(block_dhv=16, block_dhqk=16, dhqk_splits=1)),
     (3, 1, 64, 32, C(block_dhv=16, block_dhqk=16, dhqk_splits=4)),
     (2, 3, 64, 16, C(block_dhv=16, block_dhqk=16, dhqk_splits=None)),
     (1, 3, 128, 64, None),
-    (2, 2, 64, 32, C(block_dhv=16, block_dhqk=16, dhqk_splits=1, prefetch=False, grid_order="heads", num_stages=2)),
-    (1, 2, 64, 32, C(block_dhv=32, block_dhqk=16, dhqk_splits=1, evict_first=True)),
+    (2, 2, 64, 32, C(block_dhv=16, block_dhqk=16, dhqk_splits=1, num_stages=2)),
+    (1, 2, 64, 32, C(block_dhv=32, block_dhqk=16, dhqk_splits=1)),
     (3, 2, 32, 64, C(block_dhv=32, block_dhqk=None, dhqk_splits=1)),
     (2, 3, 32, 32, C(block_dhv=32, block_dhqk=16, dhqk_splits=1)),
 ]
-CASE_IDS = ["unsplit", "split4", "auto-split", "default", "no-prefetch-heads", "evict-first", "one-shot", "per-head"]
+CASE_IDS = ["unsplit", "split4", "auto-split", "default", "two-stages", "four-row-blocks", "one-shot", "per-head"]
 
 
 def _step_inputs(seed, B, NH, DHQK, DHV, dtype, igate="wide"):
@@ -112,7 +111,7 @@ def test_step_aliases_c_in_place(config):
     assert tuple(calls[0].params["input_output_aliases"]) == ((0, 0),)
 
 
-def _fused_projection(x, extra_columns=5):
+def fused_projection(x, extra_columns=5):
     """q, k, v of all heads side by side in one (B, W) array, with further (random) columns after them."""
     B = x["q"].shape[0]
     parts = [x[name].reshape(B, -1) for name in ("q", "k", "v")]
@@ -120,105 +119,115 @@ def _fused_projection(x, extra_columns=5):
     return jnp.concatenate([*parts, extra], axis=1)
 
 
-# Stacked-step cases: the first four read q, k, v in place from the fused projection; in the last, v starts at
+def stacked_layers(seed, L, B, NH, DHQK, DHV, dtype):
+    """L layers of random step inputs (``_step_inputs``) and their states stacked: c (L, B, NH, DHQK, DHV), n (L,
+    B, NH, DHQK), m (L, B, NH)."""
+    layers = [_step_inputs(seed + j, B, NH, DHQK, DHV, dtype)[0] for j in range(L)]
+    stack = [jnp.stack([a[name] for a in layers]) for name in ("c", "n", "m")]
+    stack[2] = stack[2][..., 0]
+    return layers, stack
+
+
+def kernel_sources(x, gates, extra_columns=5):
+    """``recurrent_step_kernel``'s sources and layout for one layer's inputs ``x`` (B, NH, ...): q, k, v read
+    from one fused projection (B, W); the gates as (B·NH, 1) arrays ("separate") or from one (B, 2·NH) array,
+    all i then all f ("side-by-side")."""
+    B, NH, DHQK = x["q"].shape
+    qkv = fused_projection(x, extra_columns)
+    kw = {"qkv_heads": NH, "qkv_offsets": (0, NH * DHQK, 2 * NH * DHQK)}
+    if gates == "separate":
+        i, f = x["i"].reshape(B * NH, 1), x["f"].reshape(B * NH, 1)
+    else:
+        i = f = jnp.concatenate([x["i"].reshape(B, NH), x["f"].reshape(B, NH)], axis=1)
+        kw |= {"gate_heads": NH, "gate_offsets": (0, NH)}
+    return (qkv, qkv, qkv, i, f), kw
+
+
+def flat_states(stack):
+    L, B, NH, DHQK, DHV = stack[0].shape
+    return stack[0].reshape(L, B * NH, DHQK, DHV), stack[1].reshape(L, B * NH, DHQK), stack[2].reshape(L, B * NH)
+
+
+# Stacked-kernel cases: the first four read q, k, v in place from the fused projection; in the last, v starts at
 # column 2·NH·DHQK = 32, not a multiple of its 64-column blocks, so q, k, v are sliced out first.
 STACKED_CASES = [CASES[0], CASES[1], CASES[7], CASES[2], (2, 1, 16, 64, C(block_dhv=64, block_dhqk=16, dhqk_splits=1))]
+STACKED_IDS = ["unsplit", "split4", "per-head", "auto", "unaligned"]
 
 
 @pytest.mark.parametrize("gates", ["separate", "side-by-side"])
-@pytest.mark.parametrize("case", STACKED_CASES, ids=["unsplit", "split4", "per-head", "auto", "unaligned"])
+@pytest.mark.parametrize("case", STACKED_CASES, ids=STACKED_IDS)
 @pytest.mark.parametrize("layer", [0, 2])
-def test_stacked_step_updates_one_layer(case, layer, gates):
-    """The model's stacked step (q, k, v from a fused projection; the gates separate, or side by side as the
-    model's gate projection, f=None) equals the step on the layer's slice bit for bit; the other layers stay
-    unchanged."""
+def test_stacked_kernel_updates_one_layer(case, layer, gates):
+    """``recurrent_step_kernel`` on layer ``layer`` of 3 stacked layers, q, k, v read from a fused projection and
+    the gates from their own arrays or from one gate projection, equals the step on the layer's states bit for
+    bit; the other layers stay unchanged."""
     B, NH, DHQK, DHV, config = case
     L = 3
-    layers = [_step_inputs(10 * layer + j, B, NH, DHQK, DHV, jnp.bfloat16)[0] for j in range(L)]
-    stack = [jnp.stack([a[name] for a in layers]) for name in ("c", "n", "m")]
-    stack[2] = stack[2][..., 0]  # m stacked as (L, B, NH)
+    layers, stack = stacked_layers(10 * layer, L, B, NH, DHQK, DHV, jnp.bfloat16)
     x = {name: layers[layer][name] for name in ("q", "k", "v", "i", "f")}
+    sources, layout = kernel_sources(x, gates)
     step = jax.jit(
-        functools.partial(recurrent_step_pallas_stacked, layer=layer, config=config, interpret=INTERPRET),
-        donate_argnums=(0, 1, 2),
+        functools.partial(recurrent_step_kernel, layer=layer, config=config, interpret=INTERPRET, **layout),
+        donate_argnums=0,  # c; the layer's n' and m' are fresh arrays
     )
-    qkv = _fused_projection(x)
-    if gates == "separate":
-        gate_args = {"i": x["i"], "f": x["f"]}
-    else:
-        gate_args = {"i": jnp.concatenate([x["i"].reshape(B, NH), x["f"].reshape(B, NH)], axis=1), "f": None}
-    jaxpr = jax.make_jaxpr(step)(*stack, qkv=qkv, **gate_args)
+    jaxpr = jax.make_jaxpr(step)(*flat_states(stack), *sources)
     (call,) = [e for e in jaxpr.eqns[0].params["jaxpr"].eqns if e.primitive.name == "pallas_call"]
     in_place = case is not STACKED_CASES[-1]
-    assert (call.invars[3].aval.shape == qkv.shape) == in_place  # the kernel's q operand: qkv itself or a slice
+    assert (call.invars[3].aval.shape == sources[0].shape) == in_place  # the kernel's q operand: qkv or a slice
     if gates == "side-by-side":  # the kernel's i and f operands are the gate array itself (flattened)
         assert call.invars[6].aval.shape == call.invars[7].aval.shape == (2 * B * NH, 1)
-    h, (c, n, m) = step(*[jnp.copy(a) for a in stack], qkv=qkv, **gate_args)
+    h, c, n, m = step(*flat_states([jnp.copy(a) for a in stack]), *sources)
     h_ref, states_ref = recurrent_step_pallas(
         **{name: layers[layer][name] for name in "cnm"}, **x, config=config, interpret=INTERPRET
     )
-    np.testing.assert_array_equal(np.asarray(h), np.asarray(h_ref))
-    for name, new, old, ref in zip("cnm", (c, n, m), stack, states_ref, strict=True):
-        assert new.shape == old.shape, name
-        np.testing.assert_array_equal(np.asarray(new[layer]), np.asarray(ref).reshape(new.shape[1:]), err_msg=name)
-        for other in set(range(L)) - {layer}:
-            np.testing.assert_array_equal(np.asarray(new[other]), np.asarray(old[other]), err_msg=name)
+    np.testing.assert_array_equal(np.asarray(h), np.asarray(h_ref).reshape(h.shape))
+    np.testing.assert_array_equal(np.asarray(c.reshape(stack[0].shape)[layer]), np.asarray(states_ref[0]))
+    for other in set(range(L)) - {layer}:
+        np.testing.assert_array_equal(np.asarray(c.reshape(stack[0].shape)[other]), np.asarray(stack[0][other]))
+    np.testing.assert_array_equal(np.asarray(n), np.asarray(states_ref[1]).reshape(n.shape))
+    np.testing.assert_array_equal(np.asarray(m), np.asarray(states_ref[2]).reshape(m.shape))
 
 
-@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
-@pytest.mark.parametrize(
-    "case", [STACKED_CASES[0], STACKED_CASES[1], STACKED_CASES[-1]], ids=["unsplit", "split4", "o-unaligned"]
-)
-def test_stacked_step_head_norm(case, dtype):
-    """With ``head_norm`` the stacked step returns the layer's read-out sigmoid(o) * LayerNorm_head(h) * w, its
-    second kernel reading o from the fused projection (in place, or sliced where o's offset is not a multiple
-    of DHV) and writing n', m' into the stacks: against float64 from the equations; the other layer unchanged."""
-    check_stacked_head_norm(case, dtype, INTERPRET)
-
-
-def check_stacked_head_norm(case, dtype, interpret):
-    """``test_stacked_step_head_norm`` for one (B, NH, DHQK, DHV, config) case (shared with the Mosaic tests)."""
+@pytest.mark.parametrize("case", [CASES[1], CASES[2]], ids=["split4", "auto-split"])
+def test_stacked_kernel_partial_sums(case):
+    """``combine=False`` with DHQK split over P programs returns h's partial sums, float32: their sums divided by
+    the normaliser of m' give h (float64 from the equations)."""
     B, NH, DHQK, DHV, config = case
-    args, rounded = _step_inputs(5, B, NH, DHQK, DHV, jnp.dtype(dtype))
-    other, _ = _step_inputs(6, B, NH, DHQK, DHV, jnp.dtype(dtype))
-    stack = [jnp.stack([other[name], args[name]]) for name in "cnm"]  # the step's layer is 1
-    stack[2] = stack[2][..., 0]
-    rng = np.random.default_rng(1)
-    o = jnp.asarray(2 * rng.standard_normal((B, NH * DHV)), dtype)
-    weight = jnp.asarray(1 + 0.3 * rng.standard_normal(NH * DHV), dtype)
-    qkv = jnp.concatenate([_fused_projection(args, extra_columns=0), o, o[:, :3]], axis=1)
-    step = functools.partial(recurrent_step_pallas_stacked, layer=1, config=config, interpret=interpret)
-    y, states = jax.jit(lambda *a, **kw: step(*a, **kw, head_norm=(weight, 1e-6)))(
-        *[jnp.copy(a) for a in stack], qkv=qkv, i=args["i"], f=args["f"]
+    args, rounded = _step_inputs(4, B, NH, DHQK, DHV, jnp.float32)
+    stack = (args["c"][None], args["n"][None], args["m"][None, ..., 0])
+    sources, layout = kernel_sources(args, "side-by-side", extra_columns=0)
+    (num, qn), _, _, m = recurrent_step_kernel(
+        *flat_states(stack), *sources, layer=0, config=config, interpret=INTERPRET, combine=False, **layout
     )
-    _, states_ref, _ = _reference(rounded)
-    for name, new, old, ref in zip("cnm", states, stack, states_ref, strict=True):
-        assert_close(name, ref.reshape(new.shape[1:]), new[1], TOL["float32"])
-        np.testing.assert_array_equal(np.asarray(new[0]), np.asarray(old[0]), err_msg=name)
-    h_ref = _reference(rounded)[0]  # (B, NH, DHV) float64
-    h_ref = h_ref - h_ref.mean(axis=-1, keepdims=True)
-    y_ref = h_ref / np.sqrt(np.mean(h_ref**2, axis=-1, keepdims=True) + 1e-6)
-    f64 = lambda t: np.asarray(t.astype(jnp.float32), np.float64)  # noqa: E731
-    y_ref = y_ref.reshape(B, NH * DHV) * f64(weight) / (1 + np.exp(-f64(o)))
-    assert y.shape == (B, NH * DHV) and y.dtype == jnp.dtype(dtype)
-    assert_close("read-out", y_ref, y, TOL["float32"] if dtype == "float32" else TOL["bfloat16-norm"])
+    P = config.splits(B * NH, DHQK, DHV)[1]
+    assert P > 1 and num.shape == (B * NH, P, DHV) and qn.shape == (B * NH, P)
+    assert num.dtype == qn.dtype == jnp.float32
+    h = np.sum(np.asarray(num, np.float64), axis=1) / (
+        np.maximum(np.abs(np.sum(np.asarray(qn, np.float64), axis=1)), np.exp(-np.asarray(m, np.float64)))[:, None]
+        + 1e-6
+    )
+    h_ref, _, scale = _reference(rounded)
+    assert_close("h from partial sums", h_ref, h.reshape(h_ref.shape), TOL["float32"], scale=scale)
 
 
-def test_stacked_step_rejects_bad_layer_and_shapes():
-    args, _ = _step_inputs(0, 1, 1, 16, 16, jnp.float32)
-    stack = {"c": args["c"][None], "n": args["n"][None], "m": args["m"][None, ..., 0]}
-    gates = {"i": args["i"], "f": args["f"]}
-    qkv = _fused_projection(args)
+def test_stacked_kernel_rejects_bad_layer_and_sources():
+    args, _ = _step_inputs(0, 1, 2, 16, 16, jnp.float32)
+    stack = flat_states((args["c"][None], args["n"][None], args["m"][None, ..., 0]))
+    sources, layout = kernel_sources(args, "separate")
+    kw = {"interpret": INTERPRET, **layout}
     with pytest.raises(ValueError, match="layer=1 must be in"):
-        recurrent_step_pallas_stacked(**stack, layer=1, qkv=qkv, **gates, interpret=INTERPRET)
+        recurrent_step_kernel(*stack, *sources, layer=1, **kw)
     with pytest.raises(TypeError, match="Python int"):
-        recurrent_step_pallas_stacked(**stack, layer=jnp.int32(0), qkv=qkv, **gates, interpret=INTERPRET)
-    with pytest.raises(ValueError, match="stacked states"):
-        recurrent_step_pallas_stacked(args["c"], args["n"], args["m"], 0, qkv, **gates, interpret=INTERPRET)
-    with pytest.raises(ValueError, match="qkv must be"):
-        recurrent_step_pallas_stacked(**stack, layer=0, qkv=qkv[:, :40], **gates, interpret=INTERPRET)
-    with pytest.raises(ValueError, match=r"gates side by side must be \(B, 2·NH\)=\(1, 2\)"):
-        recurrent_step_pallas_stacked(**stack, layer=0, qkv=qkv, i=jnp.ones((1, 3)), f=None, interpret=INTERPRET)
+        recurrent_step_kernel(*stack, *sources, layer=jnp.int32(0), **kw)
+    with pytest.raises(TypeError, match="interpret must be a bool"):
+        recurrent_step_kernel(*stack, *sources, layer=0, **{**kw, "interpret": None})
+    with pytest.raises(ValueError, match="stacked flattened states"):
+        recurrent_step_kernel(args["c"], args["n"], args["m"], *sources, layer=0, **kw)
+    narrow = sources[0][:, :40]
+    with pytest.raises(ValueError, match=r"k.shape=\(1, 40\) cannot hold 2 heads"):
+        recurrent_step_kernel(*stack, narrow, narrow, narrow, *sources[3:], layer=0, **kw)
+    with pytest.raises(ValueError, match=r"i.shape=\(1, 3\) cannot hold 1 heads"):
+        recurrent_step_kernel(*stack, *sources[:3], jnp.ones((1, 3)), jnp.ones((1, 3)), layer=0, **kw)
 
 
 @pytest.mark.parametrize(("DHQK", "DHV"), [(48, 16), (16, 1024), (8, 16)])
@@ -241,10 +250,11 @@ def test_step_rejects_non_float32_state_and_bad_config():
         recurrent_step_pallas(**args, config={"block_dhv": 16}, interpret=INTERPRET)
     with pytest.raises(ValueError, match="block_dhv"):
         StepKernelConfig(block_dhv=24)
-    with pytest.raises(ValueError, match="grid_order"):
-        StepKernelConfig(grid_order="rows")
-    with pytest.raises(ValueError, match="prefetch"):
-        StepKernelConfig(prefetch=1)
+    with pytest.raises(ValueError, match="num_stages"):
+        StepKernelConfig(num_stages=0)
+    for knob in ("grid_order", "prefetch", "evict_first"):  # layouts measured slower, no longer settings
+        with pytest.raises(TypeError, match=knob):
+            StepKernelConfig(**{knob: None})
 
 
 @pytest.mark.skipif(ON_GPU, reason="checks the behaviour without a GPU")

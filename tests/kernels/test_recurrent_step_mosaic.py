@@ -18,15 +18,16 @@ from jax.extend.core import jaxprs_in_params
 from tests.kernels import INTERPRET, ON_GPU
 from tests.kernels.test_recurrent_step import (
     _TOL_KEY,
-    _fused_projection,
     _reference,
     _step_inputs,
     assert_step_matches,
-    check_stacked_head_norm,
+    flat_states,
+    kernel_sources,
+    stacked_layers,
 )
 from tests.numerics import TOL, assert_close, make_inputs
 from tests.reference import recurrent_ref
-from xlstm_jax.kernels import StepKernelConfig, recurrent_step_pallas, recurrent_step_pallas_stacked
+from xlstm_jax.kernels import StepKernelConfig, recurrent_step_kernel, recurrent_step_pallas
 from xlstm_jax.kernels.recurrent_step_mosaic import device_supports_mosaic, mosaic_step, mosaic_step_unsupported
 from xlstm_jax.mlstm.recurrent import recurrent_sequence_fw
 
@@ -129,11 +130,10 @@ def test_mosaic_backend_errors_outside_compiled_mode():
         with pytest.raises(ValueError, match="cannot tile this head shape"):
             recurrent_step_pallas(**args, config=C(block_dhv=16), interpret=False)
     if INTERPRET:
-        stack = {"c": args["c"][None], "n": args["n"][None], "m": args["m"][None, ..., 0]}
-        qkv = jnp.concatenate([args[x].reshape(1, -1) for x in ("q", "k", "v")], axis=1)
+        stack = flat_states((args["c"][None], args["n"][None], args["m"][None, ..., 0]))
+        sources, layout = kernel_sources(args, "side-by-side")
         with pytest.raises(ValueError, match="runs compiled only"):
-            step = functools.partial(recurrent_step_pallas_stacked, **stack, layer=0, qkv=qkv, interpret=True)
-            step(i=args["i"], f=args["f"], config=C(block_dhv=32))
+            recurrent_step_kernel(*stack, *sources, layer=0, config=C(block_dhv=32), interpret=True, **layout)
 
 
 @needs_hopper
@@ -188,38 +188,28 @@ MOSAIC_STACKED_CASE = (3, 2, 128, 64, C(block_dhv=32))  # 12 programs per layer,
 @needs_hopper
 @pytest.mark.parametrize("gates", ["separate", "side-by-side"])
 @pytest.mark.parametrize("extra_columns", [0, 5], ids=["in-place", "unaligned-rows"])
-def test_mosaic_stacked_step_updates_one_layer(gates, extra_columns):
-    """The model's stacked step by the Mosaic kernel equals the Mosaic step on the layer's slice bit for bit,
-    the other layers unchanged. q, k, v are read in place from the fused projection when its rows are 16-byte
-    aligned (the TMA engine's rule), else sliced out (5 extra bfloat16 columns)."""
+def test_mosaic_stacked_kernel_updates_one_layer(gates, extra_columns):
+    """``recurrent_step_kernel`` by the Mosaic kernel on a layer of stacked states equals the Mosaic step on the
+    layer's states bit for bit, the other layers unchanged. q, k, v are read in place from the fused projection
+    when its rows are 16-byte aligned (the TMA engine's rule), else sliced out (5 extra bfloat16 columns)."""
     B, NH, DHQK, DHV, config = MOSAIC_STACKED_CASE
     L, layer = 3, 2
-    layers = [_step_inputs(20 + j, B, NH, DHQK, DHV, jnp.bfloat16)[0] for j in range(L)]
-    stack = [jnp.stack([a[name] for a in layers]) for name in ("c", "n", "m")]
-    stack[2] = stack[2][..., 0]
+    layers, stack = stacked_layers(20, L, B, NH, DHQK, DHV, jnp.bfloat16)
     x = {name: layers[layer][name] for name in ("q", "k", "v", "i", "f")}
-    qkv = _fused_projection(x, extra_columns=extra_columns)
-    gate_args = {"i": x["i"], "f": x["f"]}
-    if gates == "side-by-side":
-        gate_args = {"i": jnp.concatenate([x["i"].reshape(B, NH), x["f"].reshape(B, NH)], axis=1), "f": None}
+    sources, layout = kernel_sources(x, gates, extra_columns=extra_columns)
     step = jax.jit(
-        functools.partial(recurrent_step_pallas_stacked, layer=layer, config=config, interpret=False),
-        donate_argnums=(0, 1, 2),
+        functools.partial(recurrent_step_kernel, layer=layer, config=config, interpret=False, **layout),
+        donate_argnums=0,
     )
-    (call,) = _mosaic_calls(jax.make_jaxpr(step)(*stack, qkv=qkv, **gate_args))
-    reads_qkv = any(getattr(x.aval, "shape", None) == qkv.shape for x in call.invars)
+    (call,) = _mosaic_calls(jax.make_jaxpr(step)(*flat_states(stack), *sources))
+    reads_qkv = any(getattr(x.aval, "shape", None) == sources[0].shape for x in call.invars)
     assert reads_qkv == (extra_columns == 0)  # q, k, v read from qkv itself, or sliced out
-    h, (c, n, m) = step(*[jnp.copy(a) for a in stack], qkv=qkv, **gate_args)
+    h, c, n, m = step(*flat_states([jnp.copy(a) for a in stack]), *sources)
     h_ref, states_ref = recurrent_step_pallas(**{name: layers[layer][name] for name in "cnm"}, **x, config=config)
-    np.testing.assert_array_equal(np.asarray(h), np.asarray(h_ref))
-    for name, new, old, ref in zip("cnm", (c, n, m), stack, states_ref, strict=True):
-        np.testing.assert_array_equal(np.asarray(new[layer]), np.asarray(ref).reshape(new.shape[1:]), err_msg=name)
-        for other in set(range(L)) - {layer}:
-            np.testing.assert_array_equal(np.asarray(new[other]), np.asarray(old[other]), err_msg=name)
-
-
-@needs_hopper
-@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
-def test_mosaic_stacked_step_head_norm(dtype):
-    """The Mosaic stacked step with the read-out kernel after it, against float64 from the equations."""
-    check_stacked_head_norm(MOSAIC_STACKED_CASE, dtype, interpret=False)
+    np.testing.assert_array_equal(np.asarray(h), np.asarray(h_ref).reshape(h.shape))
+    c = c.reshape(stack[0].shape)
+    np.testing.assert_array_equal(np.asarray(c[layer]), np.asarray(states_ref[0]))
+    for other in set(range(L)) - {layer}:
+        np.testing.assert_array_equal(np.asarray(c[other]), np.asarray(stack[0][other]))
+    np.testing.assert_array_equal(np.asarray(n), np.asarray(states_ref[1]).reshape(n.shape))
+    np.testing.assert_array_equal(np.asarray(m), np.asarray(states_ref[2]).reshape(m.shape))

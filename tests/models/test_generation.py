@@ -14,8 +14,10 @@ from tests.kernels import INTERPRET
 from tests.models.fixture import load, peer
 from tests.numerics import TOL, assert_close
 from xlstm_jax.generation import SamplingConfig, _step_jit, generate, pad_prompts, sample_logits, stream
+from xlstm_jax.kernels import recurrent_step_pallas
+from xlstm_jax.mlstm.recurrent import recurrent_step_fw
 from xlstm_jax.models.xlstm_parallel.blocks.mlstm.backend import BACKENDS, create_mlstm_backend
-from xlstm_jax.models.xlstm_parallel.blocks.mlstm.layer import PAD_IGATE, STEP_FUNCTIONS, resolve_step_fn
+from xlstm_jax.models.xlstm_parallel.blocks.mlstm.layer import PAD_IGATE
 from xlstm_jax.models.xlstm_parallel.model import ModelStates, xLSTMLMModel
 from xlstm_jax.models.xlstm_parallel.runtime import DecodeFusion, KernelMode, RuntimeConfig
 
@@ -160,10 +162,11 @@ def _forms():
         }
         backend = create_mlstm_backend(name, state_dtype="float32", **kwargs.get(name, {}))
         forms[name] = functools.partial(backend, return_last_states=True)
-    for name in STEP_FUNCTIONS:
-        step = resolve_step_fn(name)
-        if name == "recurrent_pallas":
-            step = functools.partial(step, interpret=True)
+    steps = {
+        "recurrent": recurrent_step_fw,
+        "recurrent_pallas": functools.partial(recurrent_step_pallas, interpret=True),
+    }
+    for name, step in steps.items():
 
         def run(q, k, v, i, f, c, n, m, step=step):
             (c, n, m), h = jax.lax.scan(

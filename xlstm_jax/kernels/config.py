@@ -119,9 +119,9 @@ class StepKernelConfig:
     otherwise.
 
     Each (Triton) program owns the state rows of one DHQK split and one block of DHV columns of one head, and walks
-    its rows ``block_dhqk`` at a time. The grid is (DHV / block_dhv, dhqk_splits, B·NH) with
-    ``grid_order="tiles"`` (the programs launched together cover contiguous memory) or
-    (B·NH, DHV / block_dhv, dhqk_splits) with ``"heads"``.
+    its rows ``block_dhqk`` at a time, each next row block requested one loop iteration ahead. The grid is
+    (DHV / block_dhv, dhqk_splits, B·NH), DHV blocks fastest, so that the programs launched together cover
+    contiguous memory.
 
     Attributes:
         block_dhv: Columns of c per program.
@@ -133,10 +133,6 @@ class StepKernelConfig:
         min_programs: Target number of programs for the automatic split (a few per multiprocessor).
         num_warps: Triton warps per program.
         num_stages: Triton software-pipelining stages.
-        prefetch: Load the first row block before the gate math and each next row block one loop
-            iteration ahead (by hand), so that a program's loads overlap its arithmetic and its gate loads.
-        grid_order: ``"tiles"`` or ``"heads"`` (which grid axis is launched fastest).
-        evict_first: Load and store c with the ``evict_first`` cache hint (it is streamed once per step).
         backend: ``"auto"``, ``"triton"`` or ``"mosaic"`` (above). The Mosaic kernel uses ``block_dhv`` (a
             multiple of 32), ``block_dhqk`` (a multiple of 64; None for 64) and ``pipeline_depth``; one
             program per head and column block, no DHQK split.
@@ -154,9 +150,6 @@ class StepKernelConfig:
     min_programs: int = 512
     num_warps: int = 4
     num_stages: int = 1
-    prefetch: bool = True
-    grid_order: str = "tiles"
-    evict_first: bool = False
     backend: str = "auto"
     pipeline_depth: int = 2
     mosaic_min_programs: int = 2048
@@ -170,17 +163,12 @@ class StepKernelConfig:
         if not (isinstance(self.min_programs, int) and self.min_programs >= 1):
             raise ValueError(f"min_programs={self.min_programs!r} must be a positive integer")
         _check_launch(self.num_warps, self.num_stages)
-        if self.grid_order not in ("tiles", "heads"):
-            raise ValueError(f"grid_order={self.grid_order!r} must be 'tiles' or 'heads'")
         if self.backend not in STEP_BACKENDS:
             raise ValueError(f"backend={self.backend!r} must be one of {STEP_BACKENDS}")
         if not (isinstance(self.mosaic_min_programs, int) and self.mosaic_min_programs >= 1):
             raise ValueError(f"mosaic_min_programs={self.mosaic_min_programs!r} must be a positive integer")
         if not (isinstance(self.pipeline_depth, int) and 1 <= self.pipeline_depth <= 8):
             raise ValueError(f"pipeline_depth={self.pipeline_depth!r} must be an integer from 1 to 8")
-        for name in ("prefetch", "evict_first"):
-            if not isinstance(getattr(self, name), bool):
-                raise ValueError(f"{name}={getattr(self, name)!r} must be a bool")
 
     @classmethod
     def get_default(cls, DHQK: int, DHV: int) -> StepKernelConfig:

@@ -6,13 +6,12 @@ One launch reads the state c, n, m once, updates it and computes h in the same p
 
 Tiling (:class:`~xlstm_jax.kernels.config.StepKernelConfig`): a program owns the rows of one DHQK split and
 one block of DHV columns of one head. The grid is (DHV / block_dhv, dhqk_splits, B·NH), DHV blocks fastest,
-so that the programs launched together cover contiguous memory (``grid_order="tiles"``; ``"heads"`` puts
-the heads fastest, as before: 2-6% slower at B >= 32 on an H200). A program walks its rows ``block_dhqk``
-at a time; with ``prefetch`` it requests its first row block before the gate math and each next block one
-iteration ahead, and it accumulates ``q̂ ⊙ c'`` elementwise, reducing over rows once at the end. With one
-split, it divides by the normaliser itself and writes h. With several (small B·NH, to fill the GPU), each
-program writes its partial numerator ``Σ_d q̂_d c'_{d,:}`` and partial ``Σ_d q̂_d n'_d``; a small XLA
-epilogue sums the partials and divides. This is exact up to rounding because both are sums over DHQK.
+so that the programs launched together cover contiguous memory. A program walks its rows ``block_dhqk`` at a
+time: it requests its first row block before the gate math and each next block one iteration ahead, and it
+accumulates ``q̂ ⊙ c'`` elementwise, reducing over rows once at the end. With one split, it divides by the
+normaliser itself and writes h. With several (small B·NH, to fill the GPU), each program writes its partial
+numerator ``Σ_d q̂_d c'_{d,:}`` and partial ``Σ_d q̂_d n'_d``; a small XLA epilogue sums the partials and
+divides. This is exact up to rounding because both are sums over DHQK.
 
 Precision: the state is float32; q, k, v and the gates are upcast to float32 on chip, the read-out runs in
 float32 and only h is cast to q's dtype, as in the XLA step.
@@ -24,18 +23,20 @@ DHV + 1 times smaller than c.
 
 On Hopper GPUs, large grids run a second kernel for the same function instead, written in Mosaic GPU
 (:mod:`xlstm_jax.kernels.recurrent_step_mosaic`; ``StepKernelConfig.backend``, chosen in
-:func:`_mosaic_tiling`): it streams c through shared memory with the TMA engine, 1.05x the copy floor at
-B=128 on an H200 against this kernel's 1.12x.
+:func:`_mosaic_tiling`): it streams c through shared memory with the TMA engine (BENCHMARKS.md compares them).
 
-Two entry points share both kernels: :func:`recurrent_step_pallas` on one layer's states, and
-:func:`recurrent_step_pallas_stacked`, a model's decode step on one layer of states stacked over the layers
-(c's slice stepped in place, q, k, v read from the fused projection).
+Two public functions share both kernels: :func:`recurrent_step_pallas` on one layer's states (B, NH, ...),
+and :func:`recurrent_step_kernel` on one layer of states stacked over L layers and flattened over the heads
+(L, B·NH, ...), stepped in place, with q, k, v and the gates read where they lie in larger arrays (such as a
+model's fused projections), and optionally h's unnormalised partial sums returned for a read-out kernel to
+combine (:mod:`xlstm_jax.kernels.head_norm`).
 """
 
 from __future__ import annotations
 
 import functools
 import math
+from typing import Any
 
 import jax
 import jax.numpy as jnp
@@ -44,11 +45,13 @@ from jax.experimental.pallas import triton as pl_triton
 
 from xlstm_jax.kernels.config import StepKernelConfig, check_head_dims, check_kernel_dtypes, kernel_mode
 from xlstm_jax.kernels.recurrent_step_mosaic import device_supports_mosaic, mosaic_step, mosaic_step_unsupported
-from xlstm_jax.mlstm.checks import check_eps, check_stacked_states, check_step_inputs
-from xlstm_jax.mlstm.recurrent import recurrent_step_fw, recurrent_step_stacked_fw, split_gates, split_qkv
+from xlstm_jax.mlstm.checks import check_eps, check_step_inputs
+from xlstm_jax.mlstm.recurrent import recurrent_step_fw
 from xlstm_jax.mlstm.stabilizer import normalize_readout, step_gates
 
-__all__ = ["recurrent_step_pallas", "recurrent_step_pallas_stacked"]
+__all__ = ["check_step_kernel_call", "recurrent_step_kernel", "recurrent_step_pallas"]
+
+_TMA_ROW_BYTES = 16  # the TMA engine copies rows whose length in bytes is a multiple of 16
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -73,12 +76,8 @@ def _step_kernel(
     DHQK: int,
     rows: int,
     block_dhqk: int,
-    prefetch: bool,
-    evict_first: bool,
-    vb_axis: int,
-    ks_axis: int,
 ):
-    vb, ks = pl.program_id(vb_axis), pl.program_id(ks_axis)
+    vb, ks = pl.program_id(0), pl.program_id(1)
     f32 = jnp.float32
     num_blocks = rows // block_dhqk
     scale = 1.0 / math.sqrt(DHQK)
@@ -91,12 +90,11 @@ def _step_kernel(
     def load(j):
         """Row block j of c (streamed: read once) and of n, q, k."""
         r = row_block(j)
-        c = pl_triton.load(c_ref.at[r, :], eviction_policy="evict_first") if evict_first else c_ref[r, :]
-        return c, n_ref[r], q_ref[r], k_ref[r]
+        return c_ref[r, :], n_ref[r], q_ref[r], k_ref[r]
 
-    # With prefetch, the first row block is requested before the gate math, so that its latency overlaps
-    # the loads of m, i, f instead of following them.
-    first = load(0) if prefetch else None
+    # The first row block is requested before the gate math, so that its latency overlaps the loads of m, i, f
+    # instead of following them.
+    first = load(0)
     m_new, f_act, i_act = step_gates(m_ref[0], i_ref[0].astype(f32), f_ref[0].astype(f32))
     v = v_ref[...].astype(f32)
 
@@ -106,10 +104,7 @@ def _step_kernel(
         r = row_block(j)
         ik = i_act * k.astype(f32)
         c = f_act * c + ik[:, None] * v[None, :]
-        if evict_first:
-            pl_triton.store(c_out_ref.at[r, :], c, eviction_policy="evict_first")
-        else:
-            c_out_ref[r, :] = c
+        c_out_ref[r, :] = c
         n = f_act * n + ik
 
         @pl.when(vb == 0)
@@ -120,20 +115,18 @@ def _step_kernel(
         return acc + q_hat[:, None] * c, acc_n + q_hat * n
 
     acc0 = (jnp.zeros((block_dhqk, v.shape[0]), f32), jnp.zeros((block_dhqk,), f32))
-    if prefetch:
-        # Software pipelining by hand: row block j + 1 is requested before block j is updated.
-        def body(j, carry):
-            tile, acc, acc_n = carry
-            nxt = load(j + 1)
-            acc, acc_n = update(j, tile, acc, acc_n)
-            return nxt, acc, acc_n
 
-        last, acc = first, acc0
-        if num_blocks > 1:
-            last, *acc = jax.lax.fori_loop(0, num_blocks - 1, body, (first, *acc0))
-        acc, acc_n = update(num_blocks - 1, last, *acc)
-    else:
-        acc, acc_n = jax.lax.fori_loop(0, num_blocks, lambda j, a: update(j, load(j), *a), acc0)
+    # Software pipelining by hand: row block j + 1 is requested before block j is updated.
+    def body(j, carry):
+        tile, acc, acc_n = carry
+        nxt = load(j + 1)
+        acc, acc_n = update(j, tile, acc, acc_n)
+        return nxt, acc, acc_n
+
+    last, acc = first, acc0
+    if num_blocks > 1:
+        last, *acc = jax.lax.fori_loop(0, num_blocks - 1, body, (first, *acc0))
+    acc, acc_n = update(num_blocks - 1, last, *acc)
     num, qn = jnp.sum(acc, axis=0), jnp.sum(acc_n)
 
     @pl.when((vb == 0) & (ks == 0))
@@ -150,87 +143,9 @@ def _step_kernel(
             qn_ref[0] = qn
 
 
-def _head_out_kernel(*refs, combine: bool, eps: float, norm_eps: float):
-    """One head of the layer's read-out: h from the step's partial sums (or h itself), per-head LayerNorm,
-    times the weight, times sigmoid(o) (the roundings of ``xlstm_jax.mlstm.head_norm.head_norm_gate``); and
-    the head's new n and m copied into the layer's slice of the stacks (in place)."""
-    refs = list(refs)
-    num_ref, qn_ref = (refs.pop(0), refs.pop(0)) if combine else (None, None)
-    h_ref = None if combine else refs.pop(0)
-    m_ref, n_ref, o_ref, w_ref, _, _, y_ref, n_out_ref, m_out_ref = refs
-    f32, dtype = jnp.float32, y_ref.dtype
-    n_out_ref[...] = n_ref[...]  # the step kernel wrote n' and m' to fresh buffers; no one reads the stacks now
-    m_out_ref[...] = m_ref[...]
-    # h's normaliser (a positive scalar per head) cancels in the LayerNorm up to its eps; it is still applied,
-    # so that the function is the unfused model's, whatever its eps.
-    if combine:  # the exact combination of the DHQK splits, as _step_call's epilogue
-        h = normalize_readout(jnp.sum(num_ref[...], axis=0), jnp.sum(qn_ref[...]), m_ref[0], eps).astype(dtype)
-    else:
-        h = h_ref[...]
-    y = h.astype(f32)
-    y = y - jnp.mean(y)
-    y = (y * jax.lax.rsqrt(jnp.mean(jnp.square(y)) + norm_eps)).astype(dtype)
-    y = (y.astype(f32) * w_ref[...].astype(dtype).astype(f32)).astype(dtype)
-    gate = jax.nn.sigmoid(o_ref[...].astype(f32)).astype(dtype)
-    y_ref[...] = (gate.astype(f32) * y.astype(f32)).astype(dtype)
-
-
-def _head_out_call(h, qn, m_new, n_new, n, m, layer, qkv, weight, *, NH, o_offset, eps, norm_eps, interpret):
-    """The layer's output (B, NH·DHV) in qkv's dtype from the step's read-out: ``h`` (BH, DHV), or with ``qn``
-    the partial numerators (BH, P, DHV) and q̂·n' (BH, P) of P DHQK splits. Grid: one program per head. o is
-    read in place from ``qkv`` (B, W) at columns ``o_offset + h·DHV`` (a multiple of DHV). The step's new
-    ``n_new`` (BH, DHQK) and ``m_new`` (BH, 1) are also written into slice ``layer`` of the stacks n (L, BH,
-    DHQK) and m (L, BH, 1), in place: one program per head owns its slice, and the step that read the stacks
-    has finished, so there is no race (unlike inside the step kernel), and no copy kernels after it.
-
-    Returns:
-        ``(y, n', m')``: y (B, NH·DHV) and the stacks.
-    """
-    BH, DHV, DHQK = h.shape[0], h.shape[-1], n.shape[-1]
-    B = BH // NH
-    if qn is None:
-        inputs, in_specs = [h], [pl.BlockSpec((None, DHV), lambda bh: (bh, 0))]
-    else:
-        P = h.shape[1]
-        inputs = [h, qn]
-        in_specs = [pl.BlockSpec((None, P, DHV), lambda bh: (bh, 0, 0)), pl.BlockSpec((None, P), lambda bh: (bh, 0))]
-    n_spec = pl.BlockSpec((None, None, DHQK), lambda bh: (layer, bh, 0))
-    m_spec = pl.BlockSpec((None, None, 1), lambda bh: (layer, bh, 0))
-    inputs += [m_new, n_new, qkv, weight, n, m]
-    in_specs += [
-        pl.BlockSpec((None, 1), lambda bh: (bh, 0)),
-        pl.BlockSpec((None, DHQK), lambda bh: (bh, 0)),
-        pl.BlockSpec((None, DHV), lambda bh: (bh // NH, o_offset // DHV + bh % NH)),
-        pl.BlockSpec((DHV,), lambda bh: (bh % NH,)),
-        n_spec,
-        m_spec,
-    ]
-    return pl.pallas_call(
-        functools.partial(_head_out_kernel, combine=qn is not None, eps=eps, norm_eps=norm_eps),
-        out_shape=[
-            jax.ShapeDtypeStruct((B, NH * DHV), qkv.dtype),
-            jax.ShapeDtypeStruct(n.shape, n.dtype),
-            jax.ShapeDtypeStruct(m.shape, m.dtype),
-        ],
-        grid=(BH,),
-        in_specs=in_specs,
-        out_specs=[pl.BlockSpec((None, DHV), lambda bh: (bh // NH, bh % NH)), n_spec, m_spec],
-        input_output_aliases={len(inputs) - 2: 1, len(inputs) - 1: 2},
-        compiler_params=pl_triton.CompilerParams(num_warps=4, num_stages=1),
-        interpret=interpret,
-        name="mlstm_head_out",
-    )(*inputs)
-
-
 # ---------------------------------------------------------------------------------------------------------
 # pallas_call wrapper: grid, BlockSpecs, aliasing.
 # ---------------------------------------------------------------------------------------------------------
-def _fused_blocks_fit(fused: tuple, rows: int, block_dhv: int) -> bool:
-    """Whether the kernel can read q, k, v in place from a fused projection (offsets on block boundaries)."""
-    _, q_off, k_off, v_off = fused
-    return q_off % rows == 0 and k_off % rows == 0 and v_off % block_dhv == 0
-
-
 def _step_call(
     c,
     n,
@@ -245,22 +160,20 @@ def _step_call(
     eps: float,
     config: StepKernelConfig,
     interpret: bool,
-    fused: tuple | None = None,
-    fused_gates: int | None = None,
-    head_out: tuple | None = None,
+    qkv_heads: int = 1,
+    qkv_offsets: tuple[int, int, int] = (0, 0, 0),
+    gate_heads: int = 1,
+    gate_offsets: tuple[int, int] = (0, 0),
+    combine: bool = True,
 ):
     """Runs the kernel on layer ``layer`` of stacked, flattened states: c (L, BH, DHQK, DHV), n (L, BH, DHQK),
-    m (L, BH, 1); and on q/k (BH, DHQK), v (BH, DHV), i/f (BH, 1).
+    m (L, BH, 1).
 
-    With ``fused = (NH, q_offset, k_offset, v_offset)``, q, k and v are one array, a model's fused projection
-    (B, W): head h of batch element b reads its q at columns ``q_offset + h·DHQK`` onwards, and so on. The
-    kernel then reads them in place, where slicing them out first would cost a copy kernel each. The offsets
-    must be multiples of the blocks that read them (:func:`_fused_blocks_fit`). With ``fused_gates = NH``, i and
-    f are one array (B·2·NH, 1), a model's gate projection (B, 2·NH) flattened: batch element b's i gates
-    first, then its f gates; the kernel reads both in place. With ``head_out = (qkv, weight, norm_eps, NH,
-    o_offset)`` the returned "h" is the layer's read-out (B, NH·DHV) of :func:`_head_out_call`, computed by a
-    second kernel from the partial sums (instead of the XLA epilogue below), and n', m' are the whole stacks
-    with the layer's slice updated (by that kernel).
+    Inputs are read where they lie (:func:`recurrent_step_kernel`): head bh's q in row ``bh // qkv_heads`` of q
+    at columns ``q_offset + (bh % qkv_heads)·DHQK`` onwards, k and v likewise, its gates at
+    ``i[bh // gate_heads, i_offset + bh % gate_heads]`` and f likewise. With the defaults that is q, k (BH,
+    DHQK), v (BH, DHV) and i, f (BH, 1). q, k and v offsets must be multiples of the blocks that read them
+    (:func:`_blocks_fit`). The gate sources (R, W) are read as their flattened (R·W, 1) view.
 
     c is updated in place (aliased): a program prefetches only rows it has not yet written, and the update is
     elementwise on one tile, so loads and stores share its layout (no other program touches the tile; on the
@@ -271,26 +184,20 @@ def _step_call(
     H200: in-place n and m gave wrong h with one program per head).
 
     Returns:
-        ``h (BH, DHV), c' (L, BH, DHQK, DHV), n' (BH, DHQK), m' (BH, 1)``.
+        ``h (BH, DHV), c' (L, BH, DHQK, DHV), n' (BH, DHQK), m' (BH, 1)``; with ``combine=False`` and several
+        DHQK splits P, ``h`` is the pair of partial sums ``(num (BH, P, DHV), qn (BH, P))``, float32.
     """
     _, BH, DHQK, DHV = c.shape
     block_dhv, splits, block_dhqk = config.splits(BH, DHQK, DHV)
     rows = DHQK // splits
-    if config.grid_order == "tiles":
-        # DHV blocks fastest, then DHQK splits, then heads: programs launched together cover contiguous memory.
-        grid = (DHV // block_dhv, splits, BH)
+    if not _blocks_fit(qkv_offsets, rows, block_dhv):
+        raise ValueError(f"q, k, v offsets {qkv_offsets} are not multiples of the blocks ({rows}, {block_dhv})")
+    # DHV blocks fastest, then DHQK splits, then heads: programs launched together cover contiguous memory.
+    grid = (DHV // block_dhv, splits, BH)
 
-        def idx(fn):
-            return lambda vb, ks, bh: fn(bh, vb, ks)
+    def idx(fn):
+        return lambda vb, ks, bh: fn(bh, vb, ks)
 
-        vb_axis, ks_axis = 0, 1
-    else:  # "heads": heads fastest (programs launched together are a head's size apart in memory)
-        grid = (BH, DHV // block_dhv, splits)
-
-        def idx(fn):
-            return fn
-
-        vb_axis, ks_axis = 1, 2
     tile = pl.BlockSpec((None, None, rows, block_dhv), idx(lambda bh, vb, ks: (layer, bh, ks, vb)))
     n_spec = pl.BlockSpec((None, None, rows), idx(lambda bh, vb, ks: (layer, bh, ks)))
     m_spec = pl.BlockSpec((None, None, 1), idx(lambda bh, vb, ks: (layer, bh, 0)))
@@ -300,25 +207,30 @@ def _step_call(
     q_spec = k_spec = rows_spec
     v_spec = cols_spec
     i_spec = f_spec = head_spec
-    if fused_gates is not None:
-        G = fused_gates  # head bh = b·NH + h reads row 2·NH·b + h (i) and 2·NH·b + NH + h (f)
-        i_spec = pl.BlockSpec((None, 1), idx(lambda bh, vb, ks: (bh + (bh // G) * G, 0)))
-        f_spec = pl.BlockSpec((None, 1), idx(lambda bh, vb, ks: (bh + (bh // G) * G + G, 0)))
-    if fused is not None:
-        NH, q_off, k_off, v_off = fused
-        if not _fused_blocks_fit(fused, rows, block_dhv):
-            raise ValueError(
-                f"fused projection offsets {fused[1:]} are not multiples of the blocks ({rows}, {block_dhv})"
-            )
+    if (gate_heads, i.shape[1], f.shape[1]) != (1, 1, 1):
+        G, W = gate_heads, i.shape[1]
 
-        def fused_spec(size, offset, dh, axis):
+        def gate_spec(offset):
+            def row(bh):  # row (bh // G)·W + offset + bh % G of the flattened source
+                r = bh + (bh // G) * (W - G)
+                return r + offset if offset else r
+
+            return pl.BlockSpec((None, 1), idx(lambda bh, vb, ks: (row(bh), 0)))
+
+        i_spec, f_spec = gate_spec(gate_offsets[0]), gate_spec(gate_offsets[1])
+        i, f = i.reshape(-1, 1), f.reshape(-1, 1)
+    if qkv_heads != 1 or any(qkv_offsets):
+        NH = qkv_heads
+
+        def source_spec(size, offset, dh, axis):
             return pl.BlockSpec(
                 (None, size),
                 idx(lambda bh, vb, ks: (bh // NH, offset // size + (bh % NH) * (dh // size) + (vb, ks)[axis])),
             )
 
-        q_spec, k_spec = fused_spec(rows, q_off, DHQK, 1), fused_spec(rows, k_off, DHQK, 1)
-        v_spec = fused_spec(block_dhv, v_off, DHV, 0)
+        q_off, k_off, v_off = qkv_offsets
+        q_spec, k_spec = source_spec(rows, q_off, DHQK, 1), source_spec(rows, k_off, DHQK, 1)
+        v_spec = source_spec(block_dhv, v_off, DHV, 0)
     f32 = jnp.float32
     out_shape = [
         jax.ShapeDtypeStruct(c.shape, f32),
@@ -335,17 +247,7 @@ def _step_call(
             pl.BlockSpec((None, None, block_dhv), idx(lambda bh, vb, ks: (bh, ks, vb))),
             pl.BlockSpec((None, 1), idx(lambda bh, vb, ks: (bh, ks))),
         ]
-    kernel = functools.partial(
-        _step_kernel,
-        eps=eps,
-        DHQK=DHQK,
-        rows=rows,
-        block_dhqk=block_dhqk,
-        prefetch=config.prefetch,
-        evict_first=config.evict_first,
-        vb_axis=vb_axis,
-        ks_axis=ks_axis,
-    )
+    kernel = functools.partial(_step_kernel, eps=eps, DHQK=DHQK, rows=rows, block_dhqk=block_dhqk)
     if splits == 1:
         kernel = functools.partial(kernel, qn_ref=None)
     outs = pl.pallas_call(
@@ -360,24 +262,48 @@ def _step_call(
         name="mlstm_recurrent_step",
     )(c, n, m, q, k, v, i, f)
     c_new, n_new, m_new = outs[:3]
-    if head_out is not None:  # n' and m' go into the stacks (returned in place of the layer's n' and m')
-        qkv, weight, norm_eps, NH, o_offset = head_out
-        qn = None if splits == 1 else outs[4]
-        kw = {"NH": NH, "o_offset": o_offset, "eps": eps, "norm_eps": norm_eps, "interpret": interpret}
-        y, n_stack, m_stack = _head_out_call(outs[3], qn, m_new, n_new, n, m, layer, qkv, weight, **kw)
-        return y, c_new, n_stack, m_stack
     if splits == 1:
         return outs[3], c_new, n_new, m_new
+    if not combine:
+        return (outs[3], outs[4]), c_new, n_new, m_new
     num, qn = outs[3].sum(axis=1), outs[4].sum(axis=1)  # exact combination of the DHQK splits
     h = normalize_readout(num, qn, m_new[:, 0], eps).astype(q.dtype)
     return h, c_new, n_new, m_new
 
 
+def _blocks_fit(offsets: tuple[int, int, int], rows: int, block_dhv: int) -> bool:
+    """Whether the Triton kernel can read q, k, v in place at these offsets (on its block boundaries)."""
+    q_off, k_off, v_off = offsets
+    return q_off % rows == 0 and k_off % rows == 0 and v_off % block_dhv == 0
+
+
 # ---------------------------------------------------------------------------------------------------------
-# Public functions.
+# The choice of kernel, and the public functions.
 # ---------------------------------------------------------------------------------------------------------
-def _check_kernel_call(c, q, k, v, i, f, eps, config, interpret) -> tuple[str, StepKernelConfig]:
-    """The checks shared by both entry points (after the shape checks); returns the mode and the config."""
+def check_step_kernel_call(
+    c: jax.Array,
+    q: jax.Array,
+    k: jax.Array,
+    v: jax.Array,
+    i: jax.Array,
+    f: jax.Array,
+    eps: float,
+    config: StepKernelConfig | None,
+    interpret: bool | None,
+) -> tuple[str, StepKernelConfig]:
+    """What the step kernel demands of a call beyond shapes, checked alike on every platform: float32 states
+    (c), inputs it reads, head dims it covers (from c's last two), eps a Python number, a config.
+
+    A caller that runs an XLA form where no kernel runs checks this first, so that a call that fails on a GPU
+    fails on a CPU too.
+
+    Returns:
+        ``(mode, config)``: :func:`~xlstm_jax.kernels.config.kernel_mode` of ``interpret`` and the config
+        (``get_default`` for None).
+
+    Raises:
+        ValueError, TypeError, RuntimeError: as :func:`recurrent_step_pallas`.
+    """
     check_eps(eps)
     if isinstance(eps, jax.core.Tracer):
         raise TypeError("eps must be a Python number for the Pallas step kernel (it is compiled in), got a tracer")
@@ -423,9 +349,60 @@ def _mosaic_tiling(config: StepKernelConfig, mode: str, BH: int, DHQK: int, DHV:
     return block_dhqk, block_dhv
 
 
-def _flat_inputs(q, k, v, i, f):
-    BH = q.shape[0] * q.shape[1]
-    return q.reshape(BH, -1), k.reshape(BH, -1), v.reshape(BH, -1), i.reshape(BH, 1), f.reshape(BH, 1)
+def _run_step(c, n, m, q, k, v, i, f, *, L, BH, layer, eps, config, mode, layout, combine):
+    """Steps layer ``layer`` with the kernel ``config`` selects here: the Mosaic one or the Triton one.
+
+    The states may have any shapes that reshape to (L, BH, DHQK, DHV), (L, BH, DHQK) and (L, BH); ``layout`` is
+    ``(qkv_heads, qkv_offsets, gate_heads, gate_offsets)`` of the sources (:func:`recurrent_step_kernel`). Where
+    a kernel cannot read q, k and v in place (the Triton kernel: offsets off its block boundaries; the Mosaic
+    kernel: rows that are not 16-byte aligned), their columns are sliced out first.
+
+    Returns:
+        ``(h, c' (L, BH, DHQK, DHV), n' (BH, DHQK), m')`` with m' (BH,) from the Mosaic kernel and (BH, 1) from
+        the Triton one; h as ``_step_call``'s.
+    """
+    DHQK, DHV = c.shape[-2:]
+    qkv_heads, qkv_offsets, gate_heads, gate_offsets = layout
+    mosaic = _mosaic_tiling(config, mode, BH, DHQK, DHV)
+    if mosaic is not None:
+        fits = all(x.shape[1] * x.dtype.itemsize % _TMA_ROW_BYTES == 0 for x in (q, k, v))
+    else:
+        block_dhv, splits, _ = config.splits(BH, DHQK, DHV)
+        fits = _blocks_fit(qkv_offsets, DHQK // splits, block_dhv)
+    if not fits:
+        q, k, v = (
+            x[:, off : off + qkv_heads * dh].reshape(BH, dh)
+            for x, off, dh in zip((q, k, v), qkv_offsets, (DHQK, DHQK, DHV), strict=True)
+        )
+        qkv_heads, qkv_offsets = 1, (0, 0, 0)
+    if mosaic is not None:
+        kw: dict[str, Any] = {"eps": eps, "block_dhqk": mosaic[0], "block_dhv": mosaic[1]}
+        kw |= {"depth": config.pipeline_depth, "layer": layer}
+        if (qkv_heads, qkv_offsets) != (1, (0, 0, 0)):
+            kw |= {"qkv_heads": qkv_heads, "qkv_offsets": qkv_offsets}
+        if (gate_heads, gate_offsets) != (1, (0, 0)):
+            kw |= {"gate_heads": gate_heads, "gate_offsets": gate_offsets}
+        states = (c.reshape(L, BH, DHQK, DHV), n.reshape(L, BH, DHQK), m.reshape(L, BH))
+        return mosaic_step(*states, q, k, v, i, f, **kw)
+    return _step_call(
+        c.reshape(L, BH, DHQK, DHV),
+        n.reshape(L, BH, DHQK),
+        m.reshape(L, BH, 1),
+        layer,
+        q,
+        k,
+        v,
+        i,
+        f,
+        eps=eps,
+        config=config,
+        interpret=mode == "interpret",
+        qkv_heads=qkv_heads,
+        qkv_offsets=qkv_offsets,
+        gate_heads=gate_heads,
+        gate_offsets=gate_offsets,
+        combine=combine,
+    )
 
 
 def recurrent_step_pallas(
@@ -478,191 +455,122 @@ def recurrent_step_pallas(
         >>> h = recurrent_sequence_fw(q, k, v, i, f, mlstm_step_fn=step, state_dtype="float32")
     """
     i, f = check_step_inputs(c, n, m, q, k, v, i, f)
-    mode, config = _check_kernel_call(c, q, k, v, i, f, eps, config, interpret)
+    mode, config = check_step_kernel_call(c, q, k, v, i, f, eps, config, interpret)
     if mode == "xla":
         return recurrent_step_fw(c=c, n=n, m=m, q=q, k=k, v=v, i=i, f=f, eps=eps)
     B, NH, DHQK, DHV = c.shape
     BH = B * NH
-    mosaic = _mosaic_tiling(config, mode, BH, DHQK, DHV)
-    if mosaic is not None:
-        q2, k2, v2, i2, f2 = _flat_inputs(q, k, v, i, f)
-        h, c_new, n_new, m_new = mosaic_step(
-            c.reshape(1, BH, DHQK, DHV), n.reshape(1, BH, DHQK), m.reshape(1, BH), q2, k2, v2, i2, f2,
-            eps=float(eps), block_dhqk=mosaic[0], block_dhv=mosaic[1], depth=config.pipeline_depth,
-        )  # fmt: skip
-        return h.reshape(B, NH, DHV), (c_new.reshape(c.shape), n_new.reshape(n.shape), m_new.reshape(m.shape))
-    h, c_new, n_new, m_new = _step_call(
-        c.reshape(1, BH, DHQK, DHV),
-        n.reshape(1, BH, DHQK),
-        m.reshape(1, BH, 1),
-        0,
-        *_flat_inputs(q, k, v, i, f),
-        eps=float(eps),
-        config=config,
-        interpret=mode == "interpret",
-    )
+    flat = (q.reshape(BH, -1), k.reshape(BH, -1), v.reshape(BH, -1), i.reshape(BH, 1), f.reshape(BH, 1))
+    kw = {"config": config, "mode": mode, "layout": (1, (0, 0, 0), 1, (0, 0)), "combine": True}
+    h, c_new, n_new, m_new = _run_step(c, n, m, *flat, L=1, BH=BH, layer=0, eps=float(eps), **kw)
     return h.reshape(B, NH, DHV), (c_new.reshape(c.shape), n_new.reshape(n.shape), m_new.reshape(m.shape))
 
 
-def recurrent_step_pallas_stacked(
-    c: jax.Array,  # (L, B, NH, DHQK, DHV) float32
-    n: jax.Array,  # (L, B, NH, DHQK) float32
-    m: jax.Array,  # (L, B, NH) float32
-    layer: int,
-    qkv: jax.Array,  # (B, W): columns [q (NH·DHQK) | k (NH·DHQK) | v (NH·DHV) | any others]
-    i: jax.Array,  # (B, NH, 1) or (B, NH); with f None: (B, 2 NH)
-    f: jax.Array | None,  # (B, NH, 1) or (B, NH)
-    eps: float = 1e-6,
-    *,
-    config: StepKernelConfig | None = None,
-    interpret: bool | None = None,
-    head_norm: tuple[jax.Array, float] | None = None,
-) -> tuple[jax.Array, tuple[jax.Array, jax.Array, jax.Array]]:
-    """The step of :func:`recurrent_step_pallas` as a model's decode step: on layer ``layer`` of states stacked
-    over L layers, with q, k, v read from the layer's fused input projection.
+def _check_source(name: str, x: Any, heads: int, offset: int, width: int, BH: int) -> None:
+    """Raises unless ``x`` (R, W) holds ``width`` columns per head at ``offset + (bh % heads)·width`` of row
+    ``bh // heads`` for BH heads."""
+    if getattr(x, "ndim", None) != 2:
+        raise ValueError(f"{name} must be a 2-D source (R, W), got {name}.shape={tuple(getattr(x, 'shape', ()))}")
+    if not (isinstance(offset, int) and offset >= 0):
+        raise ValueError(f"{name}'s offset must be a non-negative int, got {offset!r}")
+    R, W = x.shape
+    if R * heads != BH or offset + heads * width > W:
+        raise ValueError(
+            f"{name}.shape={(R, W)} cannot hold {heads} heads per row of {width} columns from column {offset} for "
+            f"B·NH={BH} heads: need R·heads = {BH} and W >= {offset + heads * width}"
+        )
 
-    The kernel (Triton, or the Mosaic one where ``config.backend`` selects it, as for
-    :func:`recurrent_step_pallas`) reads and writes the layer's slice of the stacked c in place (n and m,
-    DHV times smaller, go through a slice update after the kernel: see ``_step_call``), so a donated stack is
-    never copied; slicing the layer's c out and writing it back would copy it twice (4.2 MB per layer and
-    token at batch 1 for xLSTM-7B). It reads q, k and v in place from ``qkv`` where their offsets fall on its
-    block boundaries (always for xLSTM shapes), which saves a copy kernel for each.
+
+def recurrent_step_kernel(
+    c: jax.Array,  # (L, BH, DHQK, DHV) float32
+    n: jax.Array,  # (L, BH, DHQK) float32
+    m: jax.Array,  # (L, BH) float32
+    q: jax.Array,  # (R, W): see qkv_heads
+    k: jax.Array,  # (R, W)
+    v: jax.Array,  # (R, W)
+    i: jax.Array,  # (R', W'): see gate_heads
+    f: jax.Array,  # (R', W')
+    *,
+    layer: int,
+    eps: float = 1e-6,
+    qkv_heads: int = 1,
+    qkv_offsets: tuple[int, int, int] = (0, 0, 0),
+    gate_heads: int = 1,
+    gate_offsets: tuple[int, int] = (0, 0),
+    config: StepKernelConfig | None = None,
+    interpret: bool = False,
+    combine: bool = True,
+) -> tuple[jax.Array | tuple[jax.Array, jax.Array], jax.Array, jax.Array, jax.Array]:
+    """The step of :func:`recurrent_step_pallas` on layer ``layer`` of ``BH`` flattened heads stacked over L
+    layers, with the inputs read where they lie.
+
+    The kernel (Triton, or Mosaic where ``config.backend`` selects it, as for :func:`recurrent_step_pallas`)
+    reads and writes the layer's slice of c in place, so a donated stack is never copied (slicing the layer out
+    and writing it back would copy it twice). n' and m' of the layer are returned as fresh arrays (see the
+    module docstring); the caller writes them where they belong.
+
+    Head ``bh`` finds its q in row ``bh // qkv_heads`` of ``q`` at columns ``q_offset + (bh % qkv_heads)·DHQK``
+    onwards (k and v likewise, v with DHV columns), and its input gate at ``i[bh // gate_heads, i_offset + bh %
+    gate_heads]`` (f likewise). With the defaults, q, k are (BH, DHQK), v (BH, DHV) and i, f (BH, 1); a fused
+    projection (B, W) holding the q, k and v of NH heads side by side has ``qkv_heads = NH``. The kernels read
+    the sources in place where they can (offsets on the Triton kernel's block boundaries; rows 16-byte aligned
+    for the Mosaic kernel's TMA copies), else q, k and v are sliced out first (one copy each).
 
     Args:
-        c: Memory states of shape (L, B, NH, DHQK, DHV), float32; aliased to the returned stack.
-        n: Normaliser states of shape (L, B, NH, DHQK), float32.
-        m: Max states of shape (L, B, NH), float32.
-        layer: Which layer to step, a Python int in [0, L) (compiled into the kernel's index maps).
-        qkv: The fused projection (B, W), W >= NH·(2·DHQK + DHV): q, k, v of all heads side by side (head
-            h's q at columns ``h·DHQK`` onwards, k after all of q, v after all of k); further columns (such as
-            an output gate) are ignored. h is returned in its dtype.
-        i, f, eps, config, interpret: As for :func:`recurrent_step_pallas`; or ``f=None`` and ``i`` both gates
-            side by side (B, 2·NH), i then f (the layer's gate projection), which the kernel reads in place.
-        head_norm: ``(weight (NH·DHV,), eps)``: return the mLSTM layer's read-out ``sigmoid(o) *
-            (LayerNorm_head(h) * weight)`` (B, NH·DHV) in qkv's dtype in place of h, o being the NH·DHV columns
-            of qkv after v (``xlstm_jax.mlstm.head_norm.head_norm_gate``). A second kernel computes it from the
-            step's partial sums, one program per head, instead of XLA's epilogue, norm and gating kernels.
+        c: Memory states (L, BH, DHQK, DHV), float32; aliased to the returned stack (donate it under ``jax.jit``).
+        n: Normaliser states (L, BH, DHQK), float32.
+        m: Max states (L, BH), float32.
+        q, k, v: The sources of q, k, v, 2-D (above), float32, bfloat16 or float16; h is in q's dtype.
+        i, f: The sources of the gate pre-activations, 2-D (above).
+        layer: Which layer to step, a Python int in [0, L) (the Triton kernel compiles it into its index maps).
+        eps: As for :func:`recurrent_step_pallas`.
+        qkv_heads, qkv_offsets, gate_heads, gate_offsets: Where the inputs lie (above).
+        config: As for :func:`recurrent_step_pallas`.
+        interpret: True: Pallas interpret mode (Triton kernel only). False: the compiled kernel (needs a GPU).
+            There is no XLA fallback here: a caller without a kernel to run computes the step itself.
+        combine: False: where the Triton kernel splits DHQK over P programs, return h's partial sums
+            ``(num (BH, P, DHV), qn (BH, P))``, float32, for a read-out kernel to combine
+            (:func:`xlstm_jax.kernels.head_norm.head_norm_gate_pallas`), instead of combining them in XLA.
 
     Returns:
-        ``h (B, NH, DHV)`` (with ``head_norm`` the read-out (B, NH·DHV)) and the stacks ``(c', n', m')`` with
-        layer ``layer`` stepped, the others unchanged.
+        ``(h (BH, DHV) or its partial sums, c' (L, BH, DHQK, DHV), n' (BH, DHQK), m' (BH,))``: the whole stack
+        c' with the layer stepped; n', m' of the layer only.
 
     Raises:
-        ValueError: a shape does not match or layer is out of range; as :func:`recurrent_step_pallas`.
-        TypeError: layer is not a Python int; as :func:`recurrent_step_pallas`.
-        RuntimeError: ``interpret=False`` without a GPU.
+        ValueError: a shape does not match, layer is out of range, a source cannot hold its heads, or as
+            :func:`recurrent_step_pallas`.
+        TypeError: layer is not a Python int, interpret is not a bool, or as :func:`recurrent_step_pallas`.
+        RuntimeError: ``interpret=False`` without a GPU; ``backend="mosaic"`` on a GPU older than Hopper.
     """
     if not isinstance(layer, int) or isinstance(layer, bool):
         raise TypeError(f"layer must be a Python int (it is compiled into the kernel), got {layer!r}")
-    check_stacked_states(c, n, m, layer)
-    L, B, NH, DHQK, DHV = c.shape
-    q, k, v = split_qkv(qkv, NH, DHQK, DHV, head_norm is not None)  # checks qkv (and o); free under jit
-    gates = None
-    if f is None:  # both gates in one array: split for the checks and the fallback; the kernel reads it in place
-        gates = i
-        i, f = split_gates(gates, B, NH)
-    layer_states = (jax.ShapeDtypeStruct(c.shape[1:], c.dtype), jax.ShapeDtypeStruct(n.shape[1:], n.dtype))
-    m_layer = jax.ShapeDtypeStruct((*m.shape[1:], 1), m.dtype)
-    i, f = check_step_inputs(*layer_states, m_layer, q, k, v, i, f)
-    mode, config = _check_kernel_call(c, q, k, v, i, f, eps, config, interpret)
-    if mode == "xla":
-        return recurrent_step_stacked_fw(c, n, m, layer, qkv, i, f, eps=eps, head_norm=head_norm)
-    BH = B * NH
-    mosaic = _mosaic_tiling(config, mode, BH, DHQK, DHV)
-    if mosaic is not None:
-        qkv_args, gate_args = (qkv, (q, k, v)), (i, f, gates)
-        h, c_new, n_new, m_new = _stacked_mosaic(c, n, m, layer, qkv_args, gate_args, eps, config, mosaic, head_norm)
-        return _stacked_outputs(h, c_new, n_new, m_new, c, n, m, layer, head_norm)
-    block_dhv, splits, _ = config.splits(BH, DHQK, DHV)
-    rows = DHQK // splits
-    fused = (NH, 0, NH * DHQK, 2 * NH * DHQK)
-    if _fused_blocks_fit(fused, rows, block_dhv):
-        q_in = k_in = v_in = qkv
-    else:
-        fused = None
-        q_in, k_in, v_in = q.reshape(BH, DHQK), k.reshape(BH, DHQK), v.reshape(BH, DHV)
-    h, c_new, n_new, m_new = _step_call(
-        c.reshape(L, BH, DHQK, DHV),
-        n.reshape(L, BH, DHQK),
-        m.reshape(L, BH, 1),
-        layer,
-        q_in,
-        k_in,
-        v_in,
-        *((i.reshape(BH, 1), f.reshape(BH, 1)) if gates is None else (gates.reshape(2 * BH, 1),) * 2),
-        eps=float(eps),
-        config=config,
-        interpret=mode == "interpret",
-        fused=fused,
-        fused_gates=None if gates is None else NH,
-        head_out=None if head_norm is None else _head_out_args(qkv, head_norm, NH, DHQK, DHV),
-    )
-    return _stacked_outputs(h, c_new, n_new, m_new, c, n, m, layer, head_norm)
-
-
-def _stacked_outputs(h, c_new, n_new, m_new, c, n, m, layer, head_norm):
-    """The stacked step's return value from a kernel's: with ``head_norm``, the read-out and the stacks (the
-    read-out kernel wrote n' and m' into them); else h and the layer's n', m' set into the stacks."""
-    if head_norm is not None:
-        return h, (c_new.reshape(c.shape), n_new.reshape(n.shape), m_new.reshape(m.shape))
-    n_new = n.at[layer].set(n_new.reshape(n.shape[1:]))
-    m_new = m.at[layer].set(m_new.reshape(m.shape[1:]))
-    return h.reshape(*c.shape[1:3], -1), (c_new.reshape(c.shape), n_new, m_new)
-
-
-def _stacked_mosaic(c, n, m, layer, qkv_args, gate_args, eps, config, tiling, head_norm):
-    """The stacked step by the Mosaic kernel (``tiling = (block_dhqk, block_dhv)``), then (with ``head_norm``)
-    the read-out kernel.
-
-    With ``qkv_args = (qkv, (q, k, v))`` the kernel reads q, k and v in place from the fused projection
-    ``qkv`` when its rows are 16-byte aligned (the TMA engine's rule; true of models' projections), else from
-    the sliced q, k, v; with ``gate_args = (i, f, gates)`` it reads the gates in place, from the gate
-    projection ``gates`` when there is one.
-
-    Returns:
-        As ``_step_call``: ``(h (BH, DHV) or the read-out, c' (the stack), n', m')``.
-    """
-    L, B, NH, DHQK, DHV = c.shape
-    BH = B * NH
-    qkv, qkv_split = qkv_args
-    kw = {
-        "eps": float(eps),
-        "layer": layer,
-        "block_dhqk": tiling[0],
-        "block_dhv": tiling[1],
-        "depth": config.pipeline_depth,
-    }
-    if qkv.shape[1] * qkv.dtype.itemsize % 16 == 0:
-        sources = (qkv, qkv, qkv)
-        kw |= {"qkv_heads": NH, "qkv_offsets": (0, NH * DHQK, 2 * NH * DHQK)}
-    else:
-        sources = tuple(x.reshape(BH, -1) for x in qkv_split)
-    i, f, gates = gate_args
-    if gates is None:
-        sources += (i.reshape(BH, 1), f.reshape(BH, 1))
-    else:
-        sources += (gates, gates)
-        kw |= {"gate_heads": NH, "gate_offsets": (0, NH)}
-    states = (c.reshape(L, BH, DHQK, DHV), n.reshape(L, BH, DHQK), m.reshape(L, BH))
-    h, c_new, n_new, m_new = mosaic_step(*states, *sources, **kw)
-    if head_norm is None:
-        return h, c_new, n_new, m_new
-    qkv_o, weight, norm_eps, _, o_offset = _head_out_args(qkv, head_norm, NH, DHQK, DHV)
-    y, n_stack, m_stack = _head_out_call(
-        h, None, m_new.reshape(BH, 1), n_new, states[1], m.reshape(L, BH, 1), layer, qkv_o, weight,
-        NH=NH, o_offset=o_offset, eps=float(eps), norm_eps=norm_eps, interpret=False,
-    )  # fmt: skip
-    return y, c_new, n_stack, m_stack
-
-
-def _head_out_args(qkv, head_norm, NH, DHQK, DHV) -> tuple:
-    """``_step_call``'s head_out: o read in place from qkv when its offset is a multiple of DHV, else sliced."""
-    weight, norm_eps = head_norm
-    if isinstance(norm_eps, jax.core.Tracer):
-        raise TypeError("head_norm's eps must be a Python number (it is compiled into the kernel), got a tracer")
-    if weight.shape != (NH * DHV,):
-        raise ValueError(f"head_norm weight.shape={tuple(weight.shape)} must be (NH·DHV,)=({NH * DHV},)")
-    offset = NH * (2 * DHQK + DHV)
-    if offset % DHV:
-        qkv, offset = qkv[:, offset : offset + NH * DHV], 0
-    return qkv, weight, float(norm_eps), NH, offset
+    if not isinstance(interpret, bool):
+        raise TypeError(f"interpret must be a bool (the caller runs the XLA step without a kernel), got {interpret!r}")
+    if c.ndim != 4 or n.shape != c.shape[:3] or m.shape != c.shape[:2]:
+        raise ValueError(
+            "stacked flattened states must be c (L, BH, DHQK, DHV), n (L, BH, DHQK), m (L, BH), got "
+            f"c.shape={tuple(c.shape)}, n.shape={tuple(n.shape)}, m.shape={tuple(m.shape)}"
+        )
+    L, BH, DHQK, DHV = c.shape
+    if not 0 <= layer < L:
+        raise ValueError(f"layer={layer} must be in [0, L) for L={L} stacked layers (c.shape={tuple(c.shape)})")
+    if not (c.dtype == n.dtype == m.dtype):
+        raise TypeError(f"the states must share one dtype, got {c.dtype=}, {n.dtype=}, {m.dtype=}")
+    for name, heads in (("qkv_heads", qkv_heads), ("gate_heads", gate_heads)):
+        if not (isinstance(heads, int) and heads >= 1):
+            raise ValueError(f"{name} must be a positive int, got {heads!r}")
+    if len(qkv_offsets) != 3 or len(gate_offsets) != 2:
+        raise ValueError(f"qkv_offsets must be 3 ints and gate_offsets 2, got {qkv_offsets!r}, {gate_offsets!r}")
+    for name, x, off, width in zip("qkv", (q, k, v), qkv_offsets, (DHQK, DHQK, DHV), strict=True):
+        _check_source(name, x, qkv_heads, off, width, BH)
+    for name, x, off in zip("if", (i, f), gate_offsets, strict=True):
+        _check_source(name, x, gate_heads, off, 1, BH)
+    if i.shape != f.shape:
+        raise ValueError(
+            f"the gate sources must have one shape, got i.shape={tuple(i.shape)}, f.shape={tuple(f.shape)}"
+        )
+    mode, config = check_step_kernel_call(c, q, k, v, i, f, eps, config, interpret)
+    layout = (qkv_heads, tuple(qkv_offsets), gate_heads, tuple(gate_offsets))
+    kw = {"config": config, "mode": mode, "layout": layout, "combine": combine}
+    h, c_new, n_new, m_new = _run_step(c, n, m, q, k, v, i, f, L=L, BH=BH, layer=layer, eps=float(eps), **kw)
+    return h, c_new, n_new, m_new.reshape(BH)

@@ -23,15 +23,13 @@ import jax.numpy as jnp
 from xlstm_jax.mlstm.checks import (
     check_eps,
     check_sequence_inputs,
-    check_stacked_states,
     check_step_inputs,
     resolve_state_dtype,
 )
-from xlstm_jax.mlstm.head_norm import head_norm_gate
 from xlstm_jax.mlstm.stabilizer import normalize_readout, step_gates
 from xlstm_jax.mlstm.states import cast_states, prepare_states
 
-__all__ = ["recurrent_sequence_fw", "recurrent_step_fw", "recurrent_step_stacked_fw", "split_gates", "split_qkv"]
+__all__ = ["recurrent_sequence_fw", "recurrent_step_fw"]
 
 # The read-out products run in the state dtype; HIGHEST keeps GPUs from using TF32 for float32 dots.
 _PRECISION = jax.lax.Precision.HIGHEST
@@ -92,93 +90,6 @@ def recurrent_step_fw(
 
 
 StepFn = Callable[..., tuple[jax.Array, tuple[jax.Array, jax.Array, jax.Array]]]
-
-
-def split_qkv(
-    qkv: jax.Array, NH: int, DHQK: int, DHV: int, with_o: bool = False
-) -> tuple[jax.Array, jax.Array, jax.Array]:
-    """q (B, NH, DHQK), k (B, NH, DHQK), v (B, NH, DHV) from a fused projection ``qkv`` (B, W) whose columns
-    are q of all heads, then k, then v (head h's q at columns ``h·DHQK`` onwards), then anything else (with
-    ``with_o``, first the output gate o (NH·DHV), which the width must include).
-
-    Raises:
-        ValueError: qkv is not (B, W) with W >= NH·(2·DHQK + DHV) (+ NH·DHV with ``with_o``).
-        TypeError: qkv is not a floating-point array.
-    """
-    QK, V = NH * DHQK, NH * DHV
-    if not jnp.issubdtype(qkv.dtype, jnp.floating):
-        raise TypeError(f"qkv must be a floating-point array, got qkv.dtype={qkv.dtype}")
-    width = 2 * QK + V * (2 if with_o else 1)
-    if qkv.ndim != 2 or qkv.shape[1] < width:
-        raise ValueError(
-            f"qkv must be (B, W) with W >= NH·(2·DHQK + {'2·' if with_o else ''}DHV) = {width} (NH={NH}, "
-            f"DHQK={DHQK}, DHV={DHV}), got qkv.shape={tuple(qkv.shape)}"
-        )
-    B = qkv.shape[0]
-    return (
-        qkv[:, :QK].reshape(B, NH, DHQK),
-        qkv[:, QK : 2 * QK].reshape(B, NH, DHQK),
-        qkv[:, 2 * QK : 2 * QK + V].reshape(B, NH, DHV),
-    )
-
-
-def split_gates(gates: jax.Array, B: int, NH: int) -> tuple[jax.Array, jax.Array]:
-    """i (B, NH) and f (B, NH) from both gates side by side, ``gates`` (B, 2·NH): all i, then all f.
-
-    Raises:
-        ValueError: gates is not (B, 2·NH).
-    """
-    if tuple(gates.shape) != (B, 2 * NH):
-        raise ValueError(f"the gates side by side must be (B, 2·NH)={(B, 2 * NH)}, got shape {tuple(gates.shape)}")
-    return gates[:, :NH], gates[:, NH:]
-
-
-def recurrent_step_stacked_fw(
-    c: jax.Array,  # (L, B, NH, DHQK, DHV)
-    n: jax.Array,  # (L, B, NH, DHQK)
-    m: jax.Array,  # (L, B, NH)
-    layer: int | jax.Array,
-    qkv: jax.Array,  # (B, W): columns [q (NH·DHQK) | k (NH·DHQK) | v (NH·DHV) | any others]
-    i: jax.Array,  # (B, NH, 1) or (B, NH); with f None: (B, 2 NH)
-    f: jax.Array | None,  # (B, NH, 1) or (B, NH)
-    eps: float = 1e-6,
-    head_norm: tuple[jax.Array, float] | None = None,
-) -> tuple[jax.Array, tuple[jax.Array, jax.Array, jax.Array]]:
-    """:func:`recurrent_step_fw` as a model's decode step: on layer ``layer`` of states stacked over L layers,
-    with q, k, v taken from the layer's fused input projection (see :func:`split_qkv`).
-
-    The layer's slice is stepped and written back (``.at[layer].set``, in place under ``jax.jit`` when the
-    stacks are donated).
-
-    Args:
-        c: Memory states (L, B, NH, DHQK, DHV).
-        n: Normaliser states (L, B, NH, DHQK).
-        m: Max states (L, B, NH).
-        layer: The layer to step, in [0, L) (a Python int or a traced integer scalar).
-        qkv: The fused projection (B, W) with q, k, v of all heads side by side, then any other columns.
-        i, f, eps: As for :func:`recurrent_step_fw`; or ``f=None`` and ``i`` both gates side by side (B, 2·NH),
-            i then f (the layer's gate projection).
-        head_norm: ``(weight (NH·DHV,), eps)``: return the mLSTM layer's read-out
-            ``xlstm_jax.mlstm.head_norm.head_norm_gate(h, o, weight, eps)`` (B, NH·DHV) in place of h, o being
-            the NH·DHV columns of qkv after v.
-
-    Returns:
-        ``h (B, NH, DHV)`` (with ``head_norm``, the read-out (B, NH·DHV)) in qkv's dtype and the stacks
-        ``(c', n', m')`` with that layer stepped.
-
-    Raises:
-        ValueError: the stacks or qkv do not have the documented shapes; as :func:`recurrent_step_fw`.
-    """
-    check_stacked_states(c, n, m, layer)
-    NH, DHQK, DHV = c.shape[2:]
-    q, k, v = split_qkv(qkv, NH, DHQK, DHV, head_norm is not None)
-    if f is None:
-        i, f = split_gates(i, *c.shape[1:3])
-    h, (c_l, n_l, m_l) = recurrent_step_fw(c[layer], n[layer], m[layer][..., None], q, k, v, i, f, eps=eps)
-    if head_norm is not None:
-        o = qkv[:, NH * (2 * DHQK + DHV) : NH * (2 * DHQK + 2 * DHV)]
-        h = head_norm_gate(h, o, *head_norm)
-    return h, (c.at[layer].set(c_l), n.at[layer].set(n_l), m.at[layer].set(m_l[..., 0]))
 
 
 def recurrent_sequence_fw(

@@ -3,6 +3,10 @@
 Both compute their statistics in float32 when ``force_float32_reductions`` is set (the default of the
 xLSTM-7B config), cast the normalised values back to the input dtype and then scale by a learned weight
 (no bias), in that order, as ``transformers``' xLSTM does.
+
+The mLSTM layer's read-out is ``head_norm_gate``: ``y = sigmoid(o) * (LayerNorm_head(h) * weight)``, rounding
+after each operation in h's dtype. ``MultiHeadLayerNorm`` and the fused decode step's read-out kernel
+(``xlstm_jax.kernels.head_norm.head_norm_gate_pallas``, called by :mod:`...decode`) compute this one function.
 """
 
 from __future__ import annotations
@@ -12,9 +16,8 @@ import jax
 import jax.numpy as jnp
 
 from xlstm_jax.kernels.add_rms_norm import add_rms_norm_pallas, rms_norm
-from xlstm_jax.mlstm.head_norm import multihead_layer_norm
 
-__all__ = ["MultiHeadLayerNorm", "RMSNorm", "add_rms_norm"]
+__all__ = ["MultiHeadLayerNorm", "RMSNorm", "add_rms_norm", "head_norm_gate", "multihead_layer_norm"]
 
 
 class RMSNorm(nn.Module):
@@ -76,6 +79,19 @@ def add_rms_norm(
         **side,
     )
     return tuple(None if t is None else t.reshape(*lead, t.shape[-1]) for t in (s, y, g))
+
+
+def multihead_layer_norm(x: jax.Array, weight: jax.Array, eps: float, float32_stats: bool = True) -> jax.Array:
+    """LayerNorm over the last axis of x (..., NH, DH), heads then merged (..., NH·DH) and times ``weight``."""
+    y = x.astype(jnp.float32) if float32_stats else x
+    y = y - jnp.mean(y, axis=-1, keepdims=True)
+    y = y * jax.lax.rsqrt(jnp.mean(jnp.square(y), axis=-1, keepdims=True) + eps)
+    return y.astype(x.dtype).reshape(*x.shape[:-2], -1) * weight.astype(x.dtype)
+
+
+def head_norm_gate(h: jax.Array, o: jax.Array, weight: jax.Array, eps: float) -> jax.Array:
+    """``sigmoid(o) * multihead_layer_norm(h)``: h (..., NH, DHV), o and weight (..., NH·DHV); in h's dtype."""
+    return jax.nn.sigmoid(o.astype(h.dtype)) * multihead_layer_norm(h, weight, eps)
 
 
 class MultiHeadLayerNorm(nn.Module):

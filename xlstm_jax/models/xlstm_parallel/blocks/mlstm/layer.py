@@ -8,9 +8,9 @@
     y    = (sigmoid(o) * MultiHeadLayerNorm(h)) Wout     (v_dim -> D)
 
 The cell runs on a whole sequence with the prefill backend (``runtime.prefill_backend``, a registry name
-of :mod:`...blocks.mlstm.backend`), or on one token with the decode step (``runtime.step_backend``, resolved
-to a name in ``STEP_FUNCTIONS`` by ``RuntimeConfig.step_form``). Both take the layer's carried states
-``(c, n, m)`` and return the new ones.
+of :mod:`...blocks.mlstm.backend`), or on one token with the decode step
+(:func:`~xlstm_jax.models.xlstm_parallel.decode.mlstm_decode_step`, which picks its form from the runtime).
+Both take the layer's carried states ``(c, n, m)`` and return the new ones.
 
 Padding: where ``valid`` is False the gate pre-activations become ``i = PAD_IGATE`` and ``f = +inf``.
 Then ``logsigmoid(f) = 0``, ``m' = max(m, i) = m`` and ``i' = exp(i - m') = 0``: the step leaves ``m``,
@@ -39,8 +39,6 @@ sequence, see ``mlstm/stabilizer.py``); the states in ``config.state_dtype``.
 from __future__ import annotations
 
 import dataclasses
-import importlib
-from collections.abc import Callable
 from typing import Any
 
 import flax.linen as nn
@@ -52,54 +50,20 @@ from xlstm_jax.models.xlstm_parallel.blocks.mlstm.backend import BACKENDS, creat
 from xlstm_jax.models.xlstm_parallel.blocks.mlstm.backend.config import mLSTMBackend
 from xlstm_jax.models.xlstm_parallel.blocks.norm import MultiHeadLayerNorm, RMSNorm, add_rms_norm
 from xlstm_jax.models.xlstm_parallel.config import xLSTMLMConfig
+from xlstm_jax.models.xlstm_parallel.decode import mlstm_decode_step
 from xlstm_jax.models.xlstm_parallel.runtime import RuntimeConfig
 
-__all__ = [
-    "PAD_IGATE",
-    "STEP_FUNCTIONS",
-    "LayerStates",
-    "create_prefill_backend",
-    "mLSTMLayer",
-    "resolve_step_fn",
-    "soft_cap",
-]
+__all__ = ["PAD_IGATE", "LayerStates", "create_prefill_backend", "mLSTMLayer", "soft_cap"]
 
 LayerStates = tuple[jax.Array, jax.Array, jax.Array]  # c (B, NH, DHQK, DHV), n (B, NH, DHQK), m (B, NH)
 
-# Decode step forms by name: module, the function on one layer's states, with the signature of
-# ``recurrent_step_fw`` ``(c, n, m, q, k, v, i, f, eps) -> (h, (c', n', m'))`` (m and the gates (B, NH, 1)),
-# and the model's decode step on states stacked over the layers, with the signature of
-# ``recurrent_step_stacked_fw`` ``(c, n, m, layer, qkv, i, f, eps) -> (h, (c', n', m'))`` (m (L, B, NH), qkv
-# the layer's fused projection (B, W) with q, k, v first; the model passes f=None and i both gates (B, 2 NH)).
 # The input gate pre-activation of a padded position (see the module docstring); the forget gate's is +inf.
 PAD_IGATE = -float("inf")
-
-STEP_FUNCTIONS: dict[str, tuple[str, str, str]] = {
-    "recurrent": ("xlstm_jax.mlstm.recurrent", "recurrent_step_fw", "recurrent_step_stacked_fw"),
-    "recurrent_pallas": (
-        "xlstm_jax.kernels.recurrent_step",
-        "recurrent_step_pallas",
-        "recurrent_step_pallas_stacked",
-    ),
-}
 
 
 def soft_cap(x: jax.Array, cap: float) -> jax.Array:
     """``cap * tanh(x / cap)``: smooth, odd, slope 1 at 0, bounded by ``cap``."""
     return cap * jnp.tanh(x / cap)
-
-
-def resolve_step_fn(name: str, stacked: bool = False) -> Callable[..., tuple[jax.Array, LayerStates]]:
-    """The decode step function registered as ``name`` in ``STEP_FUNCTIONS``: on one layer's states, or
-    with ``stacked`` on one layer of states stacked over the layers.
-
-    Raises:
-        ValueError: unknown name.
-    """
-    if name not in STEP_FUNCTIONS:
-        raise ValueError(f"unknown decode step backend {name!r}; known: {sorted(STEP_FUNCTIONS)}")
-    module, attr, stacked_attr = STEP_FUNCTIONS[name]
-    return getattr(importlib.import_module(module), stacked_attr if stacked else attr)
 
 
 def create_prefill_backend(config: xLSTMLMConfig, runtime: RuntimeConfig) -> mLSTMBackend:
@@ -132,7 +96,7 @@ class mLSTMLayer(nn.Module):
         layer_index: None: ``state`` is this layer's ``(c, n, m)``. An int: ``state`` is every layer's states
             stacked on a leading axis L (``ModelStates``), this layer's slice is the one at ``layer_index``, and
             the stacks are returned with that slice replaced. The decode step then updates the slice in place
-            (``resolve_step_fn(..., stacked=True)``): no copy of the layer's state per token.
+            (``mlstm_decode_step(..., layer=layer_index)``): no copy of the layer's state per token.
     """
 
     config: xLSTMLMConfig
@@ -177,11 +141,9 @@ class mLSTMLayer(nn.Module):
             side = {"side_weight": if_kernel, "side_bias": if_bias, "side_cap": cfg.gate_soft_cap}
             _, x, gates = add_rms_norm(norm, x, residuals, return_sum=False, interpret=self.runtime.interpret, **side)
         qkvo = product(x, qkvo_kernel, cfg.compute_dtype)  # (B, S, 2 QK + 2 V)
-        q, k, v, o = jnp.split(qkvo, [QK, 2 * QK, 2 * QK + V], axis=-1)
         if valid is not None:
             pad = jnp.repeat(jnp.array([PAD_IGATE, jnp.inf], jnp.float32), NH)  # i, then f (the module docstring)
             gates = jnp.where(valid[..., None], gates, pad)
-        i, f = gates[..., :NH], gates[..., NH:]  # (B, S, NH) each
 
         head_norm_module = MultiHeadLayerNorm(
             eps=cfg.norm_eps,
@@ -194,34 +156,26 @@ class mLSTMLayer(nn.Module):
             cfg.embedding_dim, cfg.compute_dtype, cfg.jnp_param_dtype, cfg.matmul_precision, name="out_proj"
         )
 
-        def heads(t: jax.Array, dh: int) -> jax.Array:  # (B, S, NH * dh) -> (B, NH, S, dh)
-            return t.reshape(B, S, NH, dh).transpose(0, 2, 1, 3)
-
-        q, k, v = heads(q, DHQK), heads(k, DHQK), heads(v, DHV)
-        i, f = i.transpose(0, 2, 1), f.transpose(0, 2, 1)  # (B, NH, S)
+        q, k, v, o = jnp.split(qkvo, [QK, 2 * QK, 2 * QK + V], axis=-1)
         layer = self.layer_index
         if self.decode:
             if S != 1:
                 raise ValueError(f"the decode step takes one token per call, got x.shape={tuple(x.shape)}")
-            form = self.runtime.step_form(DHQK, DHV)
-            kernel = (
-                {} if form == "recurrent" else {"config": self.runtime.step_kernel, "interpret": self.runtime.interpret}
+            # fused decode: the step also computes the per-head norm and the output gate (its read-out kernel)
+            head_norm = (head_norm_module(h_shape, normalize=False), cfg.norm_eps) if norm is not None else None
+            h, (c, n, m) = mlstm_decode_step(
+                state, qkvo[:, 0], gates[:, 0], layer=layer, eps=cfg.eps, runtime=self.runtime, head_norm=head_norm
             )
-            if layer is None:
-                c0, n0, m0 = state
-                x1 = (q[:, :, 0], k[:, :, 0], v[:, :, 0], i, f)
-                h, (c, n, m) = resolve_step_fn(form)(c0, n0, m0[..., None], *x1, eps=cfg.eps, **kernel)
-                m = m[..., 0]
-            else:  # the stacked step takes q, k, v and the gates as projected (the Pallas kernel reads them there)
-                step = resolve_step_fn(form, stacked=True)
-                # fused decode: the step also computes the per-head norm and the output gate (one more kernel)
-                head_norm = (head_norm_module(h_shape, normalize=False), cfg.norm_eps) if norm is not None else None
-                qkv, g = qkvo[:, 0], gates[:, 0]
-                h, (c, n, m) = step(*state, layer, qkv, g, None, eps=cfg.eps, head_norm=head_norm, **kernel)
-                if head_norm is not None:
-                    return out_proj(h[:, None]), (c, n, m)
+            if head_norm is not None:
+                return out_proj(h[:, None]), (c, n, m)
             h = h[:, :, None]
         else:
+
+            def heads(t: jax.Array, dh: int) -> jax.Array:  # (B, S, NH * dh) -> (B, NH, S, dh)
+                return t.reshape(B, S, NH, dh).transpose(0, 2, 1, 3)
+
+            q, k, v = heads(q, DHQK), heads(k, DHQK), heads(v, DHV)
+            i, f = gates[..., :NH].transpose(0, 2, 1), gates[..., NH:].transpose(0, 2, 1)  # (B, NH, S)
             backend = create_prefill_backend(cfg, self.runtime)
             c0, n0, m0 = state if layer is None else (t[layer] for t in state)
             h, (c, n, m) = backend(q, k, v, i, f, c_initial=c0, n_initial=n0, m_initial=m0, return_last_states=True)
