@@ -9,6 +9,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import jax
 import numpy as np
 import pytest
 from safetensors import safe_open
@@ -40,6 +41,42 @@ def test_generate_command_streams_the_greedy_text(capsys):
     assert out == tokenizer.decode(tokens) + "\n"
     assert "generated: 10 tokens" in err
     assert "time to first token:" in err and "tokens/s" in err
+
+
+def test_warmup_and_sampling(capsys):
+    """A sampled run with a warm-up run first prints what a run without one prints, and says it was warm."""
+    args = [str(FIXTURE), "--prompt", PROMPT, "--max-new-tokens", "6", "--temperature", "0.9", "--top-k", "8"]
+    status, cold, err = _run(capsys, *args, "--seed", "5")
+    assert status == 0 and "(includes compilation)" in err
+    status, warm, err = _run(capsys, *args, "--seed", "5", "--warmup")
+    assert status == 0 and "(includes compilation)" not in err and "generated: " in err
+    assert warm == cold
+    status, other, _ = _run(capsys, *args, "--seed", "6")
+    assert status == 0 and other != cold
+
+
+def test_float64_and_wide_seeds_with_x64(capsys):
+    """With 64-bit JAX, --dtype float64 runs (on the XLA forms) and seeds up to 2**63 are distinct keys."""
+    args = [str(FIXTURE), "--prompt", PROMPT, "--max-new-tokens", "3", "--dtype", "float64"]
+    with jax.enable_x64(True):
+        status, out, err = _run(
+            capsys, *args, "--step-backend", "recurrent", "--decode-fusion", "off", "--seed", "2**40"
+        )
+        assert status == 2 and "--seed: must be an integer" in err
+        status, out, err = _run(
+            capsys, *args, "--step-backend", "recurrent", "--decode-fusion", "off", "--seed", str(2**40)
+        )
+        assert status == 0, err
+        status, _, err = _run(capsys, *args, "--seed", str(2**63))
+        assert status == 2 and "--seed: must be in [0, 2**63)" in err
+
+
+@pytest.mark.skipif(jax.default_backend() == "gpu", reason="the compiled kernels run on a GPU")
+def test_settings_the_model_cannot_run_with(capsys):
+    """Compiled kernels without a GPU: found when the prompt runs, reported as an error, not a traceback."""
+    status, out, err = _run(capsys, str(FIXTURE), "--prompt", PROMPT, "--kernel-mode", "compiled")
+    assert status == 2 and "error: the model cannot run with these settings" in err and "GPU" in err, err
+    assert out == ""
 
 
 # Bad arguments, each with a piece of the message that names it. MODEL_DIR does not exist: were the arguments

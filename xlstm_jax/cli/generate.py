@@ -14,10 +14,14 @@ to ``RuntimeConfig()``, the library's default; a flag given changes that field o
 from __future__ import annotations
 
 import argparse
+import itertools
 import sys
 import time
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
+
+import numpy as np
 
 from xlstm_jax.cli import CommandError, prng_seed
 from xlstm_jax.generation import MAX_NEW_TOKENS, SamplingConfig, _check_max_new_tokens
@@ -171,6 +175,15 @@ def _tokenizer(model_dir: Path) -> Any:
         raise CommandError(f"{path} is not a readable tokenizer: {e}") from None
 
 
+def _first_step(tokens: Iterator[np.ndarray]) -> np.ndarray:
+    """The first step's tokens. The prompt runs and the programs compile here, so settings that the model
+    cannot run with (a kernel mode without its GPU, a dtype that the kernels do not take) are found here."""
+    try:
+        return next(tokens)
+    except (TypeError, ValueError, RuntimeError) as e:
+        raise CommandError(f"the model cannot run with these settings: {e}") from None
+
+
 def run(args: argparse.Namespace) -> int:
     """Checks the arguments, loads the tokenizer and the model, then streams the text; returns 0."""
     import jax
@@ -202,20 +215,22 @@ def run(args: argparse.Namespace) -> int:
     try:
         runtime.step_form(config.qk_head_dim, config.v_head_dim)
         runtime.fuse_decode(config.norm_reduction_force_float32)
-        first_run = stream(config, params, [prompt_ids], args.max_new_tokens, **kwargs)  # checks the prompt's ids
+        tokens = stream(config, params, [prompt_ids], args.max_new_tokens, **kwargs)  # checks the prompt's ids
     except (TypeError, ValueError) as e:
         raise CommandError(str(e)) from None
 
-    if args.warmup:
-        for _ in first_run:
-            pass
-    text = _TextStream(tokenizer)
     start = time.perf_counter()
-    first = None
+    first_tokens = _first_step(tokens)
+    if args.warmup:
+        for _ in tokens:
+            pass
+        tokens = stream(config, params, [prompt_ids], args.max_new_tokens, **kwargs)
+        start = time.perf_counter()
+        first_tokens = next(tokens)
+    first = time.perf_counter()
+    text = _TextStream(tokenizer)
     count = 0
-    for step in stream(config, params, [prompt_ids], args.max_new_tokens, **kwargs):
-        if first is None:
-            first = time.perf_counter()
+    for step in itertools.chain([first_tokens], tokens):
         count += 1
         sys.stdout.write(text.push(int(step[0])))
         sys.stdout.flush()
