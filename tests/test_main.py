@@ -47,4 +47,5 @@ def test_no_subcommand_is_verify_on_its_defaults():
 def test_unknown_subcommand_is_a_usage_error(capsys):
     assert main(["train"]) == 2
     assert "invalid choice: 'train'" in capsys.readouterr().err
-    assert main(["--S", "9"]) == 2  # the verify options come after its name
+    assert main(["--S", "9"]) == 2
+    assert "options follow a COMMAND, e.g. 'xlstm-jax verify --S 9'" in capsys.readouterr().err

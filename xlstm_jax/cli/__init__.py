@@ -91,7 +91,11 @@ def parse_args(argv: Sequence[str]) -> argparse.Namespace:
     Raises:
         SystemExit: ``--help`` (status 0) or a usage error (status 2), printed by argparse.
     """
-    return build_parser().parse_args(list(argv) or [DEFAULT_SUBCOMMAND])
+    argv = list(argv) or [DEFAULT_SUBCOMMAND]
+    parser = build_parser()
+    if argv[0].startswith("-") and argv[0] not in ("-h", "--help"):
+        parser.error(f"options follow a COMMAND, e.g. '{PROG} {DEFAULT_SUBCOMMAND} {' '.join(argv)}'")
+    return parser.parse_args(argv)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
