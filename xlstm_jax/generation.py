@@ -45,7 +45,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from xlstm_jax.models.xlstm_parallel.config import xLSTMLMConfig
+from xlstm_jax.models.xlstm_parallel.config import _is_int, xLSTMLMConfig
 from xlstm_jax.models.xlstm_parallel.model import ModelStates, xLSTMLMModel
 from xlstm_jax.models.xlstm_parallel.runtime import RuntimeConfig
 
@@ -65,11 +65,6 @@ __all__ = [
 MAX_NEW_TOKENS = 2**31 - 1
 # The shortest token buffer of :func:`generate`; longer ones are powers of two.
 MIN_TOKEN_BUFFER = 16
-
-
-def _is_int(x: Any) -> bool:
-    """A Python or NumPy integer, not a bool."""
-    return isinstance(x, int | np.integer) and not isinstance(x, bool | np.bool_)
 
 
 def _is_number(x: Any) -> bool:
