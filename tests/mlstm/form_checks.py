@@ -27,27 +27,30 @@ def random_inputs(seed: int, B: int, NH: int, S: int, DHQK: int, DHV: int, **kwa
     return make_inputs(np.random.default_rng(seed), B, NH, S, DHQK, DHV, **kwargs)
 
 
-def _call(form: Callable, x: dict[str, np.ndarray], dtype, state_dtype=jnp.float32):
-    """Runs ``form`` jitted on ``x`` with q, k, v, i, f in ``dtype`` and initial states (if any) in state_dtype."""
+def _call(form: Callable, x: dict[str, np.ndarray], dtype, state_dtype=jnp.float32, jit: bool = True):
+    """Runs ``form`` (jitted unless ``jit=False``) on ``x`` with q, k, v, i, f in ``dtype`` and initial states (if
+    any) in state_dtype."""
     args = [jnp.asarray(x[name], dtype) for name in ("q", "k", "v", "i", "f")]
     states = [jnp.asarray(x[name], state_dtype) for name in ("c0", "n0", "m0")] if "c0" in x else [None] * 3
-    return jax.jit(lambda *a: form(*a, return_last_states=True))(*args, *states)
+    call = lambda *a: form(*a, return_last_states=True)  # noqa: E731
+    return (jax.jit(call) if jit else call)(*args, *states)
 
 
-def check_forward(form: Callable, x: dict[str, np.ndarray], dtype: str) -> None:
+def check_forward(form: Callable, x: dict[str, np.ndarray], dtype: str, jit: bool = True) -> None:
     """Compares h and the last states of ``form`` on ``x`` with the float64 recurrent reference.
 
     float64 runs under ``jax.enable_x64``. For lower precisions the reference gets the same rounded inputs,
-    so the comparison measures the form's arithmetic, not the rounding of its inputs.
+    so the comparison measures the form's arithmetic, not the rounding of its inputs. ``jit=False`` runs the
+    form eagerly (the unrolled recurrent loop compiles slowly at long S).
     """
     tol = TOL[_TOL_KEY[dtype]]
     if dtype == "float64":
         with jax.enable_x64(True):
-            h, states = _call(form, x, jnp.float64, jnp.float64)
+            h, states = _call(form, x, jnp.float64, jnp.float64, jit)
             h, states = np.asarray(h), [np.asarray(s) for s in states]
         rounded = x
     else:
-        h, states = _call(form, x, jnp.dtype(dtype))
+        h, states = _call(form, x, jnp.dtype(dtype), jit=jit)
         if h.dtype != jnp.dtype(dtype):
             raise AssertionError(f"h has dtype {h.dtype}, expected q's dtype {dtype}")
         if any(s.dtype != jnp.float32 for s in states):

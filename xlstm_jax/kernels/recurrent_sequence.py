@@ -11,7 +11,8 @@ it (:func:`~xlstm_jax.mlstm.parallel.block_update`, whose product accumulates in
 kernel applies those same functions to one head's (L, ·) blocks, so the work per step becomes matrix
 products on the tensor cores instead of a serial chain of vector operations, and the running max ``m`` is
 the recurrent one. The ``S % chunk_size`` steps left at the end, and every step with ``chunk_size=1``, run
-as literal recurrent steps (:func:`xlstm_jax.mlstm.stabilizer.step_gates`).
+as literal recurrent steps (:func:`xlstm_jax.mlstm.stabilizer.step_gates`). Forget gates that empty the state
+and non-finite keys or values are handled by those same block functions, as in the XLA forms.
 
 Precision: the state, the gates and the stabiliser are float32 whatever the input dtype, and h is stored in
 q's dtype. The matrix products follow the chunkwise form's rule (:func:`~xlstm_jax.mlstm.parallel.matmul_dtype`):
@@ -40,7 +41,13 @@ from xlstm_jax.mlstm.checks import check_eps, check_sequence_inputs, resolve_sta
 from xlstm_jax.mlstm.chunkwise import chunkwise_fw
 from xlstm_jax.mlstm.parallel import block_readout, block_update, matmul_dtype
 from xlstm_jax.mlstm.recurrent import recurrent_sequence_fw
-from xlstm_jax.mlstm.stabilizer import log_forget_gate, normalize_readout, step_gates
+from xlstm_jax.mlstm.stabilizer import (
+    forget_gate_resets,
+    log_forget_gate_masked,
+    max_bound,
+    normalize_readout,
+    step_gates,
+)
 from xlstm_jax.mlstm.states import cast_states, prepare_states
 
 __all__ = ["recurrent_sequence_pallas"]
@@ -79,15 +86,19 @@ def _sequence_kernel(
         state = (c0_ref[...].astype(f32), n0_ref[...].astype(f32), m0_ref[0].astype(f32))
     else:
         state = (jnp.zeros((DHQK, BV), f32), jnp.zeros((DHQK,), f32), jnp.zeros((), f32))
+    # The bound of the running max that decides the resets, from the whole sequence as in the XLA forms.
+    m_bound = max_bound(state[2], i_ref[...].astype(f32))
 
     def block(j, carry):  # steps [j L, (j + 1) L) in closed form
         c, n, m = carry
         t = pl.ds(pl.multiple_of(j * chunk, chunk), chunk)
         q, k, v = q_ref[t, :], k_ref[t, :], v_ref[t, :]
-        i = i_ref[t].astype(f32)
-        F = jnp.cumsum(log_forget_gate(f_ref[t].astype(f32)))
-        h_ref[t, :] = block_readout(q, k, v, F, i, c, n, m, eps, operand_dtype).astype(h_ref.dtype)
-        return block_update(c, n, m, k, v, F, _last(F), i, operand_dtype)
+        i, f = i_ref[t].astype(f32), f_ref[t].astype(f32)
+        resets = forget_gate_resets(f, i, m_bound)
+        F = jnp.cumsum(log_forget_gate_masked(f, resets))
+        R = jnp.cumsum(resets.astype(f32))
+        h_ref[t, :] = block_readout(q, k, v, F, i, c, n, m, eps, operand_dtype, R=R).astype(h_ref.dtype)
+        return block_update(c, n, m, k, v, F, _last(F), i, operand_dtype, R=R, R_L=_last(R))
 
     def step(t, carry):  # one recurrent step
         c, n, m = carry

@@ -16,6 +16,10 @@ within-chunk cumulative sum of log forget gates: the recurrent ``m_t``, so this 
 function exactly, the ``eps`` term and the lower bound ``exp(-m_t)`` included. Work is O(S L (DHQK + DHV) +
 S DHQK DHV), memory O(S L + NC DHQK DHV) per head.
 
+Forget gates that empty the state (resets, f = -inf among them) and non-finite keys or values are handled
+as in the parallel form (:mod:`xlstm_jax.mlstm.parallel`): resets are found on the whole sequence and mask
+the terms that cross them inside chunks, and zero a chunk's decay of the border state.
+
 Precision: gates, cumulative sums and all stabiliser arithmetic run in float32 (or the state dtype if wider);
 log-gate sums only span one chunk. Matrix products take bfloat16 operands for bfloat16 inputs (tensor cores)
 with float32 accumulation, so the border states are rounded to bfloat16 only where they enter the read-out
@@ -32,8 +36,14 @@ import jax.numpy as jnp
 import numpy as np
 
 from xlstm_jax.mlstm.checks import check_eps, check_sequence_inputs, resolve_state_dtype
-from xlstm_jax.mlstm.parallel import block_readout, block_summary, combine_states, matmul_dtype
-from xlstm_jax.mlstm.stabilizer import log_forget_gate
+from xlstm_jax.mlstm.parallel import (
+    block_log_decay,
+    block_readout,
+    block_summary,
+    combine_states,
+    matmul_dtype,
+    sequence_log_gates,
+)
 from xlstm_jax.mlstm.states import cast_states, prepare_states
 
 __all__ = ["chunkwise_fw"]
@@ -54,7 +64,7 @@ def check_chunk_size(chunk_size: Any, name: str = "chunk_size") -> int:
 
 
 def border_states(
-    F_L: jax.Array,  # (B, NH, NC) sum of each chunk's log forget gates
+    F_L: jax.Array,  # (B, NH, NC) each chunk's log decay (block_log_decay: -inf after a reset)
     cbar: jax.Array,  # (B, NH, NC, DHQK, DHV) from block_summary
     nbar: jax.Array,  # (B, NH, NC, DHQK)
     ml: jax.Array,  # (B, NH, NC)
@@ -167,30 +177,32 @@ def chunkwise_fw(
     pad = NC * L - S
 
     # Padding steps have log f = 0 and are masked out of every sum, so they leave the states unchanged.
-    log_f = log_forget_gate(f[..., 0].astype(acc))  # (B, NH, S)
+    # The resets (module docstring of xlstm_jax.mlstm.parallel) are found on the whole sequence.
     i = i[..., 0].astype(acc)
+    log_f, resets = sequence_log_gates(i, f[..., 0].astype(acc), m0.astype(acc))  # (B, NH, S)
     if pad:
         seq_pad = ((0, 0), (0, 0), (0, pad))
         q, k, v = (jnp.pad(x, (*seq_pad, (0, 0))) for x in (q, k, v))
-        log_f, i = jnp.pad(log_f, seq_pad), jnp.pad(i, seq_pad)
+        log_f, i, resets = (jnp.pad(x, seq_pad) for x in (log_f, i, resets))
         valid = (np.arange(NC * L) < S).reshape(NC, L)
     else:
         valid = None
     q, k = (x.reshape(B, NH, NC, L, DHQK) for x in (q, k))
     v = v.reshape(B, NH, NC, L, DHV)
     F = jnp.cumsum(log_f.reshape(B, NH, NC, L), axis=-1)  # (B, NH, NC, L) within each chunk
+    R = jnp.cumsum(resets.reshape(B, NH, NC, L), axis=-1)  # resets within each chunk, inclusive
     i = i.reshape(B, NH, NC, L)
 
     # 1. Each chunk's own contribution to the state at its end.
-    cbar, nbar, ml = block_summary(k, v, F, F[..., -1], i, operand_dtype, valid)  # (B, NH, NC, ...)
+    cbar, nbar, ml = block_summary(k, v, F, F[..., -1], i, operand_dtype, valid, R, R[..., -1])  # (B, NH, NC, ...)
 
     # 2. The states at the chunk borders.
     (c_last, n_last, m_last), (c_b, n_b, m_b) = border_states(
-        F[..., -1], cbar, nbar, ml, c0, n0, m0, operand_dtype, unroll
+        block_log_decay(F[..., -1], R[..., -1]), cbar, nbar, ml, c0, n0, m0, operand_dtype, unroll
     )
 
     # 3. Every chunk's outputs from its border states.
-    h = block_readout(q, k, v, F, i, c_b, n_b, m_b, eps, operand_dtype, valid)  # (B, NH, NC, L, DHV)
+    h = block_readout(q, k, v, F, i, c_b, n_b, m_b, eps, operand_dtype, valid, R)  # (B, NH, NC, L, DHV)
     h = h.reshape(B, NH, NC * L, DHV)[:, :, :S].astype(q.dtype)
     if not return_last_states:
         return h

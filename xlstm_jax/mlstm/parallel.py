@@ -21,6 +21,14 @@ sequence; the chunkwise form (:mod:`xlstm_jax.mlstm.chunkwise`) to every chunk; 
 (:mod:`xlstm_jax.kernels.recurrent_sequence`) to one head's blocks inside a Pallas kernel, so they use only
 operations that Pallas' Triton lowering has (iota masks, 2-D products).
 
+Resets and non-finite inputs. A forget gate that empties the state in the recurrent form (f = -inf, or far
+below the input gate; see :func:`~xlstm_jax.mlstm.stabilizer.forget_gate_resets`) is kept out of F; instead
+``R_t``, the number of resets up to t, masks every term that crosses one: ``log D[t, s] = -inf`` where
+``R_t != R_s``, and ``log w_t = -inf`` where ``R_t > 0``. A NaN or inf in k or v at step s makes h NaN from
+step s on (the recurrent form's h is non-finite there too) and leaves every earlier h exactly as without it:
+such steps enter the products as zeros, and their rows are set to NaN afterwards, so that no ``0 * NaN``
+reaches an earlier row.
+
 Precision: the gates, the cumulative sums and the stabiliser run in float32 (or the state dtype if
 wider). Matrix products take bfloat16/float16 operands when the inputs have that dtype (the gate
 weights are rounded to it just before the product, so GPUs use their tensor cores) and float32
@@ -37,16 +45,24 @@ import jax.numpy as jnp
 import numpy as np
 
 from xlstm_jax.mlstm.checks import check_eps, check_sequence_inputs, resolve_state_dtype
-from xlstm_jax.mlstm.stabilizer import finite_max, log_forget_gate, normalize_readout
+from xlstm_jax.mlstm.stabilizer import (
+    finite_max,
+    forget_gate_resets,
+    log_forget_gate_masked,
+    max_bound,
+    normalize_readout,
+)
 from xlstm_jax.mlstm.states import cast_states, prepare_states
 
 __all__ = [
+    "block_log_decay",
     "block_readout",
     "block_summary",
     "block_update",
     "combine_states",
     "matmul_dtype",
     "parallel_stabilized_fw",
+    "sequence_log_gates",
 ]
 
 
@@ -73,6 +89,39 @@ def _dot(spec: str, a: jax.Array, b: jax.Array, operand_dtype: Any, acc_dtype: A
     )
 
 
+def sequence_log_gates(
+    i: jax.Array,  # (..., S) input gate pre-activations, in the accumulation dtype
+    f: jax.Array,  # (..., S) forget gate pre-activations, in the accumulation dtype
+    m0: jax.Array,  # (...) the running max before the first step
+) -> tuple[jax.Array, jax.Array]:
+    """The log forget gates to sum and the reset steps of a sequence (see the module docstring).
+
+    Returns:
+        ``(log_f, resets)``, both (..., S): ``logsigmoid(f)`` with 0 at the resets, and the resets as 0/1 in
+        f's dtype (so that their cumulative sum, ``R``, is computed like F's).
+    """
+    resets = forget_gate_resets(f, i, max_bound(m0, i)[..., None])
+    return log_forget_gate_masked(f, resets), resets.astype(f.dtype)
+
+
+def block_log_decay(
+    F_L: jax.Array,  # (...) sum of the block's summed log forget gates
+    R_L: jax.Array | None,  # (...) the block's number of resets, or None for none
+) -> jax.Array:
+    """The log of the factor by which a block multiplies the states before it: F_L, or -inf after a reset."""
+    return F_L if R_L is None else jnp.where(R_L > 0, -jnp.inf, F_L)
+
+
+def _nonfinite_steps(k: jax.Array, v: jax.Array, acc: Any) -> jax.Array:
+    """(..., L) 1.0 at the steps whose key or value has a NaN or inf, else 0.0 (float maxima: Pallas' Triton
+    lowering has no boolean reductions)."""
+
+    def bad(x):
+        return jnp.max(jnp.where(jnp.isfinite(x), 0.0, 1.0).astype(acc), axis=-1)
+
+    return jnp.maximum(bad(k), bad(v))
+
+
 def block_readout(
     q: jax.Array,  # (..., L, DHQK)
     k: jax.Array,  # (..., L, DHQK)
@@ -85,16 +134,20 @@ def block_readout(
     eps: float,
     operand_dtype: Any,
     valid: np.ndarray | None = None,  # (L,) or broadcastable to (..., L): False marks padding steps
+    R: jax.Array | None = None,  # (..., L) inclusive count of resets from the block's start, None for none
 ) -> jax.Array:
     """The hidden states of a block of L steps that starts from the states ``(c0, n0, m0)``.
 
     Computes the quadratic form of the module docstring on the block: an (L, L) gate matrix whose row
     max, together with the initial-state column ``F_t + m0``, is the recurrent running max ``m_t``.
-    Steps marked invalid contribute nothing to later steps (their own outputs are meaningless).
+    Steps marked invalid contribute nothing to later steps (their own outputs are meaningless). Terms that
+    cross a reset are masked out. A step whose k or v is not finite enters the products as zeros, and the
+    rows from it on are NaN: earlier rows are exactly those without it.
 
     Args:
         q, k, v: Queries, keys (..., L, DHQK) and values (..., L, DHV), any dtype.
-        F, i: Gates (..., L) in the accumulation dtype (float32 or wider), which is also that of the result.
+        F, i: Gates (..., L) in the accumulation dtype (float32 or wider), which is also that of the result;
+            F sums the log forget gates with 0 at the resets (:func:`sequence_log_gates`).
         c0, n0, m0: The states before the block, in the accumulation dtype. ``c0 = n0 = None`` stands for
             zero states and skips their products (m0 still enters the running max). Besides saving work,
             this avoids products with an in-graph zero constant, which XLA:CPU of jax 0.10.2 miscompiled
@@ -102,18 +155,26 @@ def block_readout(
         eps: Added to the normaliser after the max.
         operand_dtype: Dtype of the matrix products' operands (see :func:`matmul_dtype`).
         valid: Optional mask of the steps that exist.
+        R: Optional inclusive count of the resets in the block (its cumulative sum, like F).
 
     Returns:
         h (..., L, DHV) in F's dtype.
     """
     acc = F.dtype
     L, DHQK = q.shape[-2], q.shape[-1]
+    bad = _nonfinite_steps(k, v, acc)  # (..., L)
+    k = jnp.where(bad[..., None] > 0, 0.0, k).astype(k.dtype)
+    v = jnp.where(bad[..., None] > 0, 0.0, v).astype(v.dtype)
     # Causal mask from iotas rather than a NumPy constant, so that this also runs inside a Pallas kernel.
     mask = jax.lax.broadcasted_iota(jnp.int32, (L, L), 1) <= jax.lax.broadcasted_iota(jnp.int32, (L, L), 0)
     if valid is not None:
         mask = mask & valid[..., None, :]
+    if R is not None:
+        mask = mask & (R[..., :, None] == R[..., None, :])  # no reset between s and t
     log_d = jnp.where(mask, F[..., :, None] - F[..., None, :] + i[..., None, :], -jnp.inf)  # (..., L, L)
     log_w = F + m0[..., None]  # (..., L) weight of the initial state at each step
+    if R is not None:
+        log_w = jnp.where(R > 0, -jnp.inf, log_w)
     m = jnp.maximum(log_w, jnp.max(log_d, axis=-1))  # (..., L) the recurrent running max
     d = jnp.exp(log_d - m[..., None])
     w = jnp.exp(log_w - m)
@@ -127,7 +188,9 @@ def block_readout(
         # q̂·n0 runs in the accumulation dtype, as does the row sum (a product and a sum, not a matrix-vector
         # product: Pallas' Triton lowering only has 2-D matrix products).
         qn = qn + (scale * w) * jnp.sum(q.astype(acc) * n0[..., None, :], axis=-1)
-    return normalize_readout(num, qn, m, eps)
+    h = normalize_readout(num, qn, m, eps)
+    poisoned = jnp.cumsum(bad, axis=-1) > 0  # (..., L) at or after a step with a non-finite k or v
+    return jnp.where(poisoned[..., None], jnp.nan, h)
 
 
 def block_summary(
@@ -138,12 +201,15 @@ def block_summary(
     i: jax.Array,  # (..., L)
     operand_dtype: Any,
     valid: np.ndarray | None = None,  # (L,) or broadcastable to (..., L)
+    R: jax.Array | None = None,  # (..., L) inclusive count of resets, None for none
+    R_L: jax.Array | None = None,  # (...) R at the block's last step
 ) -> tuple[jax.Array, jax.Array, jax.Array]:
     """What a block of L steps adds to the states, stabilised by its own max.
 
-    Step s enters the state at the block's end with log weight ``a_s = F_L - F_s + i_s``. With
-    ``ml = max_s a_s``, this returns ``cbar = sum_s exp(a_s - ml) k_s v_sᵀ``, ``nbar = sum_s exp(a_s - ml) k_s``
-    and ``ml``; :func:`combine_states` adds them to the states before the block.
+    Step s enters the state at the block's end with log weight ``a_s = F_L - F_s + i_s`` (-inf when a reset
+    follows it in the block). With ``ml = max_s a_s``, this returns ``cbar = sum_s exp(a_s - ml) k_s v_sᵀ``,
+    ``nbar = sum_s exp(a_s - ml) k_s`` and ``ml``; :func:`combine_states` adds them to the states before the
+    block, decayed by :func:`block_log_decay`.
 
     Returns:
         ``(cbar (..., DHQK, DHV), nbar (..., DHQK), ml (...))`` in F's dtype.
@@ -152,6 +218,8 @@ def block_summary(
     a = F_L[..., None] - F + i  # (..., L)
     if valid is not None:
         a = jnp.where(valid, a, -jnp.inf)
+    if R is not None:
+        a = jnp.where(R_L[..., None] == R, a, -jnp.inf)
     ml, shift = finite_max(a)  # ml = -inf for a block of input gates -inf: it adds nothing
     k_g = k.astype(acc) * jnp.exp(a - shift[..., None])[..., None]  # (..., L, DHQK)
     cbar = _dot("...sd,...se->...de", k_g, v, operand_dtype, acc)
@@ -162,7 +230,7 @@ def combine_states(
     c: jax.Array,  # (..., DHQK, DHV) states before a block
     n: jax.Array,  # (..., DHQK)
     m: jax.Array,  # (...)
-    F_L: jax.Array,  # (...) sum of the block's log forget gates
+    F_L: jax.Array,  # (...) the block's log decay, block_log_decay (-inf after a reset)
     cbar: jax.Array,  # (..., DHQK, DHV) from block_summary
     nbar: jax.Array,  # (..., DHQK)
     ml: jax.Array,  # (...)
@@ -193,6 +261,8 @@ def block_update(
     F_L: jax.Array,  # (...) F at the block's last step, F[..., -1]
     i: jax.Array,  # (..., L)
     operand_dtype: Any,
+    R: jax.Array | None = None,  # (..., L) inclusive count of resets, None for none
+    R_L: jax.Array | None = None,  # (...) R at the block's last step
 ) -> tuple[jax.Array, jax.Array, jax.Array]:
     """The states after a block of L steps, from the states before it, in one pass.
 
@@ -208,8 +278,11 @@ def block_update(
     """
     acc = F.dtype
     a = F_L[..., None] - F + i  # (..., L) log weight of step s at the block's end
-    m_new = jnp.maximum(F_L + m, jnp.max(a, axis=-1))  # F_L + m is finite, so m_new is
-    decay = jnp.exp(F_L + m - m_new)
+    if R is not None:
+        a = jnp.where(R_L[..., None] == R, a, -jnp.inf)  # steps before a reset add nothing
+    log_decay = block_log_decay(F_L, R_L) + m
+    m_new = jnp.maximum(log_decay, jnp.max(a, axis=-1))  # a at the last step is finite, so m_new is
+    decay = jnp.exp(log_decay - m_new)
     k_g = k.astype(acc) * jnp.exp(a - m_new[..., None])[..., None]  # (..., L, DHQK)
     c_new = decay[..., None, None] * c + _dot("...sd,...se->...de", k_g, v, operand_dtype, acc)
     n_new = decay[..., None] * n + jnp.sum(k_g, axis=-2)
@@ -274,10 +347,13 @@ def parallel_stabilized_fw(
     operand_dtype = matmul_dtype(jnp.result_type(q, k, v), acc)
     c0, n0, m0 = (x.astype(acc) for x in (c0, n0, m0))
     i = i[..., 0].astype(acc)  # (B, NH, S)
-    F = jnp.cumsum(log_forget_gate(f[..., 0].astype(acc)), axis=-1)  # (B, NH, S) inclusive
+    log_f, resets = sequence_log_gates(i, f[..., 0].astype(acc), m0)
+    F = jnp.cumsum(log_f, axis=-1)  # (B, NH, S) inclusive
+    R = jnp.cumsum(resets, axis=-1)
     given = c_initial is not None  # without states, the zero states' products are skipped
-    h = block_readout(q, k, v, F, i, c0 if given else None, n0 if given else None, m0, eps, operand_dtype)
-    h = h.astype(q.dtype)
+    c_h, n_h = (c0, n0) if given else (None, None)
+    h = block_readout(q, k, v, F, i, c_h, n_h, m0, eps, operand_dtype, R=R).astype(q.dtype)
     if not return_last_states:
         return h
-    return h, cast_states(block_update(c0, n0, m0, k, v, F, F[..., -1], i, operand_dtype), out_dtypes)
+    last = block_update(c0, n0, m0, k, v, F, F[..., -1], i, operand_dtype, R=R, R_L=R[..., -1])
+    return h, cast_states(last, out_dtypes)

@@ -10,6 +10,15 @@ at every time step, because ``m`` also enters the output through the normaliser'
 
 All arithmetic here runs in the dtype of its arguments; callers upcast the gates to float32 (or the
 state dtype) before calling, because log-gate sums lose accuracy quickly in bfloat16.
+
+Resets. A forget gate far below the input gate empties the state: in the recurrent form
+``f' = exp(logsigmoid(f) + m - m')`` underflows to exactly 0 (``f = -inf``, zero forget gate, is the
+extreme case). The forms that sum log forget gates (parallel, chunkwise, the fused kernel) must not put such
+a gate into a cumulative sum: -inf would give ``-inf - (-inf) = NaN``, and a finite -1e30 would absorb every
+later gate of the sum (``-1e30 + x == -1e30``), so differences of the sum after it would be 0. Those forms
+find the steps at which the recurrent f' is exactly 0 (:func:`forget_gate_resets`), sum the other log gates
+only (:func:`log_forget_gate_masked`), and drop every term that crosses a reset by a mask; the recurrent
+form gets f' = 0 at those steps anyway, so all forms compute one function.
 """
 
 from __future__ import annotations
@@ -18,11 +27,15 @@ from collections.abc import Callable
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 __all__ = [
     "finite_max",
+    "forget_gate_resets",
     "log_forget_gate",
+    "log_forget_gate_masked",
     "log_forget_gate_no_log1p",
+    "max_bound",
     "normalizer",
     "normalize_readout",
     "step_gates",
@@ -39,6 +52,45 @@ def log_forget_gate_no_log1p(f: jax.Array) -> jax.Array:
     (Mosaic GPU). It differs from :func:`log_forget_gate` where ``exp(-|f|)`` is below float32's rounding of
     1 (|f| > 16.6): there it gives ``min(f, 0)``, off by less than 6e-8 in absolute terms."""
     return jnp.minimum(f, 0.0) - jnp.log(1.0 + jnp.exp(-jnp.abs(f)))
+
+
+def underflow_gap(dtype) -> float:
+    """A gap U with ``exp(x) == 0`` in ``dtype`` for every ``x < -U``: -log of the smallest subnormal, plus one
+    for the rounding of x (104.3 for float32, 745.4 for float64)."""
+    return float(-np.log(np.finfo(dtype).smallest_subnormal)) + 1.0
+
+
+def max_bound(
+    m0: jax.Array,  # (...) the running max before the first step
+    i: jax.Array,  # (..., S) input gate pre-activations
+) -> jax.Array:
+    """``max(m0, max_s i_s)`` (...): an upper bound of the running max m at every step, because
+    ``m_t = max(logsigmoid(f_t) + m_{t-1}, i_t)`` and ``logsigmoid <= 0`` (also after rounding)."""
+    return jnp.maximum(m0, jnp.max(i, axis=-1))
+
+
+def forget_gate_resets(
+    f: jax.Array,  # (..., S) forget gate pre-activations
+    i: jax.Array,  # (..., S) input gate pre-activations
+    m_bound: jax.Array,  # broadcastable to f: from max_bound
+) -> jax.Array:
+    """The steps at which the recurrent form's forget activation is exactly 0 in f's dtype: a reset (bool, like f).
+
+    ``f' = exp(logsigmoid(f) + m - m')`` with ``m <= m_bound`` and ``m' >= i``, and ``logsigmoid(f) < f``, so
+    ``f < i - m_bound - U`` (U from :func:`underflow_gap`) makes the exponent fall below -U, where exp is 0.
+    A forget gate of -inf (with a finite input gate) is always a reset; a gate that does not make the cut keeps
+    its log in the cumulative sums, as before. No gradient flows through this test.
+    """
+    return f < (i - m_bound) - underflow_gap(f.dtype)
+
+
+def log_forget_gate_masked(f: jax.Array, resets: jax.Array) -> jax.Array:
+    """``logsigmoid(f)`` with 0 at the reset steps, whose gate the caller masks instead; f's dtype.
+
+    The gate is replaced by 0 before the logsigmoid as well, so that the gradient at a reset is exactly 0
+    (and never ``0 * inf``) for any f, -inf included.
+    """
+    return jnp.where(resets, 0.0, log_forget_gate(jnp.where(resets, 0.0, f)))
 
 
 def step_gates(
