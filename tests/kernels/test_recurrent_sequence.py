@@ -133,3 +133,29 @@ def test_sequence_without_gpu_falls_back_or_raises():
         np.testing.assert_array_equal(a, b)
     with pytest.raises(RuntimeError, match="needs a GPU"):
         recurrent_sequence_pallas(*args, interpret=False)
+
+
+def test_kernel_supports_head_dims():
+    from xlstm_jax.kernels.config import kernel_supports_head_dims
+
+    supported = (16, 32, 64, 128, 256, 512)
+    for DHQK in (8, 16, 24, 48, 64, 96, 512, 1024):
+        for DHV in (16, 96, 256, 2048):
+            assert kernel_supports_head_dims(DHQK, DHV) == (DHQK in supported and DHV in supported), (DHQK, DHV)
+
+
+@pytest.mark.parametrize(("DHQK", "DHV"), [(24, 16), (16, 96), (96, 128)])
+@pytest.mark.parametrize("interpret", [None, INTERPRET] if ON_GPU else [None, True, False])
+def test_unsupported_head_dims_raise_on_every_platform(DHQK, DHV, interpret):
+    """Asking for the kernel (the function or the backend) on a head it does not cover is a ValueError naming
+    the sizes, also where interpret=None would run the XLA form (no GPU) and before interpret=False's missing
+    GPU is reported."""
+    x = random_inputs(1, 1, 2, 5, DHQK, DHV)
+    args = [jnp.asarray(x[name], jnp.float32) for name in ("q", "k", "v", "i", "f")]
+    bad = ", ".join(f"{n}={d}" for n, d in (("DHQK", DHQK), ("DHV", DHV)) if d not in (16, 128))
+    pattern = rf"\{{16, 32, 64, 128, 256, 512\}}.*got {bad} \(DHQK={DHQK}, DHV={DHV}\)"
+    with pytest.raises(ValueError, match=pattern):
+        recurrent_sequence_pallas(*args, interpret=interpret)
+    backend = create_mlstm_backend("recurrent_pallas", interpret=interpret)
+    with pytest.raises(ValueError, match=pattern):
+        jax.jit(backend)(*args)

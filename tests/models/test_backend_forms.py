@@ -1,9 +1,11 @@
-"""The backends "parallel_stabilized" and "chunkwise": registry, configs, call signature, vmap over heads,
-and the hand-off of states between forms (prefill with one form, continue with another)."""
+"""The backends: the generic call and frozen configs of every registered backend (jit, hashing, a missing
+config); "parallel_stabilized" and "chunkwise" in particular (registry, configs, vmap over heads); and the
+hand-off of states between forms (prefill with one form, continue with another)."""
 
 from __future__ import annotations
 
 import dataclasses
+import functools
 import inspect
 
 import jax
@@ -11,17 +13,20 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from tests.kernels import INTERPRET
 from tests.mlstm.form_checks import random_inputs
 from tests.numerics import TOL, assert_close
 from tests.reference import recurrent_ref
+from xlstm_jax.kernels.config import SequenceKernelConfig
 from xlstm_jax.mlstm.recurrent import recurrent_step_fw
 from xlstm_jax.models.xlstm_parallel.blocks.mlstm.backend import (
+    BACKENDS,
     create_mlstm_backend,
+    mLSTMBackend,
     mLSTMBackendChunkwise,
     mLSTMBackendChunkwiseConfig,
     mLSTMBackendParallel,
     mLSTMBackendParallelConfig,
-    mLSTMBackendRecurrent,
 )
 
 NAMES = {"parallel_stabilized": mLSTMBackendParallel, "chunkwise": mLSTMBackendChunkwise}
@@ -59,12 +64,76 @@ def test_chunkwise_config_rejects_bad_chunk_size(chunk_size):
         mLSTMBackendChunkwiseConfig(chunk_size=chunk_size)
 
 
-@pytest.mark.parametrize("name", sorted(NAMES))
-def test_same_call_signature_as_recurrent(name):
-    def params(cls):
-        return [(p.name, p.default) for p in inspect.signature(cls.__call__).parameters.values()]
+@pytest.mark.parametrize("name", sorted(BACKENDS))
+def test_one_generic_call(name):
+    """Every backend runs the generic call of mLSTMBackend (no backend has its own __call__), with the
+    documented signature."""
+    cls = BACKENDS[name]
+    assert issubclass(cls, mLSTMBackend) and "__call__" not in vars(cls)
+    params = [(p.name, p.default) for p in inspect.signature(cls.__call__).parameters.values()]
+    assert params == [
+        ("self", inspect.Parameter.empty), ("q", inspect.Parameter.empty), ("k", inspect.Parameter.empty),
+        ("v", inspect.Parameter.empty), ("i", inspect.Parameter.empty), ("f", inspect.Parameter.empty),
+        ("c_initial", None), ("n_initial", None), ("m_initial", None), ("return_last_states", False),
+    ]  # fmt: skip
 
-    assert params(NAMES[name]) == params(mLSTMBackendRecurrent)
+
+@pytest.mark.parametrize("name", sorted(BACKENDS))
+def test_backend_without_a_config_is_an_error(name):
+    cls = BACKENDS[name]
+    with pytest.raises(
+        TypeError, match=rf"{cls.__name__} needs config={cls.config_class.__name__}\(...\), got NoneType"
+    ):
+        cls(config=None)
+    other = next(c for c in BACKENDS.values() if c.config_class is not cls.config_class).config_class()
+    with pytest.raises(TypeError, match=f"got {type(other).__name__}"):
+        cls(config=other)
+    with pytest.raises(TypeError, match="missing"):
+        cls()
+
+
+# Settings that make every backend run on a CPU in a few seconds (the Pallas kernel in interpret mode).
+CPU_KWARGS = {
+    "recurrent": {"use_scan": True},
+    "chunkwise": {"chunk_size": 8},
+    "recurrent_pallas": {"interpret": INTERPRET, "kernel_config": SequenceKernelConfig(block_dhv=16, chunk_size=16)},
+}
+
+
+@pytest.mark.parametrize("name", sorted(BACKENDS))
+def test_jit_of_every_backend(name):
+    """``jax.jit(backend)`` works: configs are frozen and hashable, so the backend (a Flax module) hashes, and
+    equal configs give equal backends. The jitted backend matches the float64 reference."""
+    backend = create_mlstm_backend(name, **CPU_KWARGS.get(name, {}))
+    same = create_mlstm_backend(name, **CPU_KWARGS.get(name, {}))
+    assert backend.config == same.config and hash(backend.config) == hash(same.config)
+    assert hash(backend) == hash(same)
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        backend.config.eps = 1e-3
+    x = random_inputs(5, 1, 2, 19, 16, 16, states=True)
+    args = [jnp.asarray(x[key], jnp.float32) for key in INPUTS + STATES]
+    h_ref, states_ref, scale = recurrent_ref(*(x[key] for key in INPUTS + STATES))
+    assert_close(name, h_ref, jax.jit(backend)(*args), TOL["float32"], scale=scale)
+    h, states = jax.jit(functools.partial(backend, return_last_states=True))(*args)
+    assert_close(f"{name} (h with states)", h_ref, h, TOL["float32"], scale=scale)
+    for key, ref, out in zip("cnm", states_ref, states, strict=True):
+        assert_close(f"{name}: {key}", ref, out, TOL["float32"])
+
+
+@pytest.mark.parametrize("name", sorted(BACKENDS))
+def test_config_stays_hashable_when_given_model_params(name):
+    """``assign_model_config_params`` sets the context length in place; it takes no part in the hash, so a
+    config already used as a static argument keeps its hash."""
+    config = BACKENDS[name].config_class()
+    before = hash(config)
+    config.assign_model_config_params(type("ModelConfig", (), {"context_length": 2048})())
+    assert config.context_length == 2048 and hash(config) == before
+    with pytest.raises(TypeError, match="context_length"):
+        config.assign_model_config_params(object())
+    with pytest.raises(ValueError, match="context_length"):
+        config.assign_model_config_params(type("ModelConfig", (), {"context_length": "2048"})())
+    with pytest.raises(ValueError, match="context_length"):
+        BACKENDS[name].config_class(context_length=0)
 
 
 @pytest.mark.parametrize(("name", "kwargs"), [("parallel_stabilized", {}), ("chunkwise", {"chunk_size": 8})])
@@ -139,15 +208,6 @@ def test_parallel_then_chunkwise_then_recurrent():
             if not states_given:
                 x = {**x, "c0": None, "n0": None, "m0": None}
             _check_against_reference(x, jnp.concatenate([h1, h2, h3], axis=2), states)
-
-
-def test_jit_of_backends():
-    x = random_inputs(5, 1, 2, 19, 4, 4)
-    args = [jnp.asarray(x[key]) for key in INPUTS]
-    h_ref, _, scale = recurrent_ref(*(x[key] for key in INPUTS))
-    for name, kwargs in (("parallel_stabilized", {}), ("chunkwise", {"chunk_size": 4})):
-        backend = create_mlstm_backend(name, **kwargs)
-        assert_close(name, h_ref, jax.jit(backend.__call__)(*args), TOL["float32"], scale=np.asarray(scale))
 
 
 @pytest.mark.parametrize(

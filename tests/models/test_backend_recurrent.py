@@ -70,10 +70,15 @@ def test_signatures_match_spec():
 
 def test_config_fields_and_defaults():
     fields = {f.name: f.default for f in dataclasses.fields(documented.mLSTMBackendRecurrentConfig)}
+    assert list(fields) == ["context_length", "eps", "state_dtype", "use_scan"]
     assert fields == {"context_length": -1, "eps": 1e-6, "state_dtype": None, "use_scan": False}
+    assert documented.mLSTMBackendRecurrentConfig.__dataclass_params__.frozen
     cfg = documented.mLSTMBackendRecurrentConfig()
-    cfg.assign_model_config_params(SimpleNamespace(context_length=4096))
+    assert cfg.assign_model_config_params(SimpleNamespace(context_length=4096)) is None
     assert cfg.context_length == 4096
+    assert documented.mLSTMBackendRecurrent.__bases__ == (mLSTMBackend,)
+    assert mLSTMBackend.__module__ == "xlstm_jax.models.xlstm_parallel.blocks.mlstm.backend.config"
+    assert "can_vmap_over_heads" in vars(documented.mLSTMBackendRecurrent)  # declared on the documented class
 
 
 @pytest.mark.parametrize(
@@ -83,6 +88,16 @@ def test_config_fields_and_defaults():
 def test_config_validates(kwargs, pattern):
     with pytest.raises(ValueError, match=pattern):
         documented.mLSTMBackendRecurrentConfig(**kwargs)
+
+
+def test_config_rejects_a_non_bool_use_scan():
+    with pytest.raises(TypeError, match="use_scan must be a bool, got 'false'"):
+        documented.mLSTMBackendRecurrentConfig(use_scan="false")
+
+
+def test_backend_needs_its_config():
+    with pytest.raises(TypeError, match=r"mLSTMBackendRecurrent needs config=mLSTMBackendRecurrentConfig\(...\)"):
+        documented.mLSTMBackendRecurrent(config=None)
 
 
 def _inputs():

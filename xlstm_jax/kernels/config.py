@@ -43,18 +43,22 @@ def kernel_supports_head_dims(DHQK: int, DHV: int) -> bool:
 
 
 def check_head_dims(DHQK: int, DHV: int) -> None:
-    """Raises ``ValueError`` unless both head dims are powers of two in [MIN_HEAD_DIM, MAX_HEAD_DIM].
+    """Raises ``ValueError`` unless :func:`kernel_supports_head_dims` (powers of two in [MIN_HEAD_DIM,
+    MAX_HEAD_DIM]). The kernels call it on every platform, also where they would run the XLA form (no GPU):
+    asking for a kernel on a head it does not cover is an error wherever it runs.
 
     Triton tiles must have power-of-two sizes, and the sequence kernel keeps a (DHQK, block_dhv) float32
     tile in registers, which bounds DHQK.
     """
-    for name, d in (("DHQK", DHQK), ("DHV", DHV)):
-        if not (_is_pow2(d) and MIN_HEAD_DIM <= d <= MAX_HEAD_DIM):
-            raise ValueError(
-                f"the Pallas mLSTM kernels support head dims that are powers of two from {MIN_HEAD_DIM} to "
-                f"{MAX_HEAD_DIM}; got {name}={d} (DHQK={DHQK}, DHV={DHV}). Use the XLA recurrent form "
-                "(xlstm_jax.mlstm.recurrent) for other sizes."
-            )
+    if kernel_supports_head_dims(DHQK, DHV):
+        return
+    sizes = ", ".join(str(2**e) for e in range(MIN_HEAD_DIM.bit_length() - 1, MAX_HEAD_DIM.bit_length()))
+    bad = ", ".join(f"{name}={d}" for name, d in (("DHQK", DHQK), ("DHV", DHV)) if not kernel_supports_head_dims(d, d))
+    raise ValueError(
+        f"the Pallas mLSTM kernels support head dims DHQK and DHV in {{{sizes}}} (powers of two from {MIN_HEAD_DIM} "
+        f"to {MAX_HEAD_DIM}); got {bad} (DHQK={DHQK}, DHV={DHV}). Use an XLA form (backend 'recurrent' or "
+        "'chunkwise') for other sizes."
+    )
 
 
 def check_kernel_dtypes(**arrays: Any) -> None:

@@ -1,40 +1,37 @@
 """The documented recurrent mLSTM backend (public contract; see ``shared/spec/recurrent_backend.rst``).
 
 The math lives in :mod:`xlstm_jax.mlstm.recurrent`; this module re-exports its two functions under the
-documented names and adds the thin Flax backend and its config.
+documented names and declares the backend and its config (the call is the generic one of
+:class:`~xlstm_jax.models.xlstm_parallel.blocks.mlstm.backend.config.mLSTMBackend`).
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
 
-import jax
-
 from xlstm_jax.mlstm.recurrent import recurrent_sequence_fw, recurrent_step_fw
-from xlstm_jax.models.xlstm_parallel.blocks.mlstm.backend.config import mLSTMBackend, mLSTMBackendConfig
+from xlstm_jax.models.xlstm_parallel.blocks.mlstm.backend.config import check_bool, mLSTMBackend, mLSTMBackendConfig
 
 __all__ = ["mLSTMBackendRecurrent", "mLSTMBackendRecurrentConfig", "recurrent_sequence_fw", "recurrent_step_fw"]
 
 
-@dataclass
+@dataclass(frozen=True)
 class mLSTMBackendRecurrentConfig(mLSTMBackendConfig):
-    """Settings of the recurrent backend.
+    """Settings of the recurrent backend (frozen, hashable).
 
     Attributes:
-        context_length: The model's context length (-1: not set); copied by ``assign_model_config_params``.
+        context_length: The model's context length (-1: not set); set by ``assign_model_config_params``.
         eps: Added to the normaliser after the max. Defaults to 1e-6.
         state_dtype: Name of the state dtype (e.g. ``"float32"``), or None for the rule of
             ``recurrent_sequence_fw``.
         use_scan: Loop over time with ``jax.lax.scan`` instead of an unrolled Python loop.
     """
 
-    context_length: int = -1
-    eps: float = 1e-6
-    state_dtype: str | None = None
     use_scan: bool = False
 
     def __post_init__(self) -> None:
-        self.check()
+        super().__post_init__()
+        check_bool("use_scan", self.use_scan)
 
 
 class mLSTMBackendRecurrent(mLSTMBackend):
@@ -47,34 +44,7 @@ class mLSTMBackendRecurrent(mLSTMBackend):
 
     config: mLSTMBackendRecurrentConfig
     config_class = mLSTMBackendRecurrentConfig
-
-    def __call__(
-        self,
-        q: jax.Array,  # (B, NH, S, DHQK)
-        k: jax.Array,  # (B, NH, S, DHQK)
-        v: jax.Array,  # (B, NH, S, DHV)
-        i: jax.Array,  # (B, NH, S) or (B, NH, S, 1)
-        f: jax.Array,  # (B, NH, S) or (B, NH, S, 1)
-        c_initial: jax.Array | None = None,  # (B, NH, DHQK, DHV)
-        n_initial: jax.Array | None = None,  # (B, NH, DHQK)
-        m_initial: jax.Array | None = None,  # (B, NH)
-        return_last_states: bool = False,
-    ) -> jax.Array | tuple[jax.Array, tuple[jax.Array, jax.Array, jax.Array]]:
-        """Runs ``recurrent_sequence_fw`` with the config's eps, state_dtype and use_scan."""
-        return recurrent_sequence_fw(
-            q,
-            k,
-            v,
-            i,
-            f,
-            c_initial=c_initial,
-            n_initial=n_initial,
-            m_initial=m_initial,
-            return_last_states=return_last_states,
-            eps=self.config.eps,
-            state_dtype=self.config.state_dtype,
-            use_scan=self.config.use_scan,
-        )
+    form = staticmethod(recurrent_sequence_fw)
 
     @property
     def can_vmap_over_heads(self) -> bool:

@@ -1,4 +1,8 @@
-"""Backends by name: ``create_mlstm_backend("recurrent", use_scan=True)``."""
+"""The registry of the mLSTM forms as backends, by name: ``create_mlstm_backend("recurrent", use_scan=True)``.
+
+Each entry is a subclass of the generic backend that names its pure function and config class; a new form
+adds its declaration module and one line here.
+"""
 
 from __future__ import annotations
 
@@ -12,7 +16,7 @@ from xlstm_jax.models.xlstm_parallel.blocks.mlstm.backend.recurrent_pallas impor
 
 __all__ = ["BACKENDS", "create_mlstm_backend"]
 
-# Name -> backend class. Each later backend adds one line here.
+# Name -> backend class.
 BACKENDS: dict[str, type[mLSTMBackend]] = {
     "recurrent": mLSTMBackendRecurrent,
     "parallel_stabilized": mLSTMBackendParallel,
