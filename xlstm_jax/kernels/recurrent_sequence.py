@@ -242,8 +242,10 @@ def recurrent_sequence_pallas(
         (B, NH, DHQK, DHV), (B, NH, DHQK), (B, NH) if ``return_last_states``.
 
     Raises:
-        ValueError: a shape does not match, initial states are given partly, DHQK or DHV is unsupported,
-            eps is not positive and finite, or state_dtype is not None or float32.
+        ValueError: a shape does not match, initial states are given partly, DHQK or DHV is not a kernel size
+            (``xlstm_jax.kernels.config.kernel_supports_head_dims``; raised on every platform, also where
+            ``interpret=None`` would run the XLA form), eps is not positive and finite, or state_dtype is not
+            None or float32.
         TypeError: an input is not float32/bfloat16/float16, or eps is traced.
         RuntimeError: ``interpret=False`` without a GPU.
 

@@ -121,6 +121,9 @@ def chunkwise_fw(
 ) -> jax.Array | tuple[jax.Array, tuple[jax.Array, jax.Array, jax.Array]]:
     """The mLSTM on a whole sequence in chunkwise form: linear in S, matrix products inside chunks.
 
+    Forget gates of -inf (or low enough to empty the state) reset the state exactly as in the recurrent
+    form; a NaN or inf in k or v at step t leaves h before t unchanged (h is not finite from t on).
+
     Args:
         q: Queries (B, NH, S, DHQK).
         k: Keys (B, NH, S, DHQK).

@@ -304,6 +304,9 @@ def parallel_stabilized_fw(
 ) -> jax.Array | tuple[jax.Array, tuple[jax.Array, jax.Array, jax.Array]]:
     """The mLSTM on a whole sequence in quadratic form: O(S²) work, no loop over time.
 
+    Forget gates of -inf (or low enough to empty the state) reset the state exactly as in the recurrent
+    form; a NaN or inf in k or v at step t makes h NaN from t on and leaves h before t unchanged.
+
     Args:
         q: Queries (B, NH, S, DHQK).
         k: Keys (B, NH, S, DHQK).

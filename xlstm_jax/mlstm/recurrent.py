@@ -6,6 +6,9 @@ For each batch element and head, with states c (DHQK, DHV), n (DHQK) and the run
     c' = f' c + i' k vᵀ,              n' = f' n + i' k
     h  = (q̂ᵀ c') / (max(|q̂ᵀ n'|, exp(-m')) + eps),   q̂ = q / sqrt(DHQK)
 
+A forget gate pre-activation of -inf (forget gate 0) gives logsigmoid(f) = -inf and f' = 0: the state is reset.
+This form is the definition the other forms follow at such gates (see :mod:`xlstm_jax.mlstm.stabilizer`).
+
 Precision: the state dtype is c's dtype. q, k, v and the gates are upcast to it, so the state update,
 the read-out products q̂·c' and q̂·n' and the division all run in the state dtype; only h is cast back
 to q's dtype. (Reading out in bfloat16 would lose about three significant digits.)
