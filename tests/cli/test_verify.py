@@ -23,7 +23,7 @@ def test_verify_agrees(capsys):
     assert "recurrent step by step (decode)" in out
 
 
-@dataclasses.dataclass
+@dataclasses.dataclass(frozen=True)
 class _WrongConfig(mLSTMBackendRecurrentConfig):
     pass
 

@@ -92,8 +92,6 @@ def test_presets():
     [
         ({"num_heads": 3}, ValueError, "multiple of num_heads"),
         ({"vocab_size": 0}, ValueError, "vocab_size"),
-        ({"use_bias": True}, ValueError, "use_bias"),
-        ({"weight_mode": "fused"}, ValueError, "weight_mode"),
         ({"dtype": "int32"}, ValueError, "floating"),
         ({"eps": 0.0}, ValueError, "eps"),
         ({"gate_soft_cap": -1.0}, ValueError, "gate_soft_cap"),
@@ -151,6 +149,24 @@ def test_step_backend_auto_falls_back_for_head_sizes_without_kernels():
         xLSTMLMModel(config, rt.replace(step_backend="recurrent_pallas")).apply(
             {"params": params}, ids[:, 2:], states, decode=True
         )
+
+
+def test_defaults_decode_a_float64_model():
+    """The default runtime's "auto" choices (Pallas step, fused decode) fall back to XLA for dtypes the kernels do
+    not take: a float64 model decodes with the defaults, and its decode equals its prefill to float64 accuracy."""
+    rt = RuntimeConfig()
+    assert rt.step_form(64, 64, "float64", "float64") == "recurrent" and not rt.fuse_decode(True, "float64")
+    assert rt.step_form(64, 64, "bfloat16", "float32") == "recurrent_pallas" and rt.fuse_decode(True, "bfloat16")
+    with jax.enable_x64(True):
+        config = xLSTMLMConfig.tiny(dtype="float64", param_dtype="float64", state_dtype="float64")
+        model = xLSTMLMModel(config)
+        ids = jnp.asarray([[3, 1, 4, 1]], jnp.int32)
+        params = model.init(jax.random.key(0), ids)["params"]
+        full = model.apply({"params": params}, ids)
+        _, states = model.apply({"params": params}, ids[:, :3], return_states=True)
+        last = model.apply({"params": params}, ids[:, 3:], states, decode=True)
+        assert full.dtype == last.dtype == jnp.float32  # logits are float32 by the model's contract
+        assert_close("decode vs prefill", np.asarray(full[:, 3:], np.float64), last, TOL["float32-model"])
 
 
 def test_model_input_errors():

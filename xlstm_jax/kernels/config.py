@@ -21,6 +21,7 @@ __all__ = [
     "check_head_dims",
     "check_kernel_dtypes",
     "kernel_mode",
+    "kernel_supports_dtypes",
     "kernel_supports_head_dims",
 ]
 
@@ -40,6 +41,11 @@ def _is_pow2(x: int) -> bool:
 def kernel_supports_head_dims(DHQK: int, DHV: int) -> bool:
     """Whether the Pallas mLSTM kernels cover heads of (DHQK, DHV): powers of two in [MIN_HEAD_DIM, MAX_HEAD_DIM]."""
     return all(_is_pow2(d) and MIN_HEAD_DIM <= d <= MAX_HEAD_DIM for d in (DHQK, DHV))
+
+
+def kernel_supports_dtypes(*dtypes: Any) -> bool:
+    """Whether the Pallas mLSTM kernels read inputs of every dtype given (float32, bfloat16 or float16)."""
+    return all(jnp.dtype(d) in _INPUT_DTYPES for d in dtypes)
 
 
 def check_head_dims(DHQK: int, DHV: int) -> None:

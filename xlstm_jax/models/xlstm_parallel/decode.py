@@ -131,7 +131,7 @@ def mlstm_decode_step(
         _, B, NH, DHQK, DHV = c.shape
     q, k, v = split_qkv(qkv, NH, DHQK, DHV, with_o=head_norm is not None)
     i, f = split_gates(gates, B, NH)
-    form = runtime.step_form(DHQK, DHV)
+    form = runtime.step_form(DHQK, DHV, qkv.dtype, c.dtype)
     if layer is None:  # the step on one layer's states (the blocks under nn.scan)
         if form == "recurrent":
             h, (c, n, m) = recurrent_step_fw(c, n, m[..., None], q, k, v, i, f, eps=eps)

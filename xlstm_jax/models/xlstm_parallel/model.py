@@ -94,7 +94,7 @@ class xLSTMBlock(nn.Module):
         layer = mLSTMLayer(cfg, self.runtime, self.decode, self.layer_index, name="mlstm_layer")
         ffn = FeedForward(cfg, name="ffn")
         norm_mlstm, norm_ffn = norm("norm_mlstm"), norm("norm_ffn")
-        if self.decode and self.runtime.fuse_decode(cfg.norm_reduction_force_float32):
+        if self.decode and self.runtime.fuse_decode(cfg.norm_reduction_force_float32, cfg.dtype):
             # x is (stream, pending): the residual stream before its last add and that addend (None: none).
             # Each add runs in the kernel of the norm after it (add_rms_norm): the layer's, with the gates, and
             # the FFN's; this block's last add is left pending for the next block's (or the output norm's).
@@ -186,7 +186,7 @@ class xLSTMLMModel(nn.Module):
         )
         x = embed(input_ids)  # (B, S, D)
         runtime = self.runtime
-        fused = decode and runtime.fuse_decode(cfg.norm_reduction_force_float32)  # unrolled blocks only
+        fused = decode and runtime.fuse_decode(cfg.norm_reduction_force_float32, cfg.dtype)  # unrolled blocks only
         if fused:  # the blocks carry (stream, pending addend): see xLSTMBlock
             x = (x, None)
 

@@ -15,7 +15,9 @@ import enum
 from dataclasses import dataclass
 from typing import Any
 
-from xlstm_jax.kernels.config import StepKernelConfig, kernel_supports_head_dims
+import jax.numpy as jnp
+
+from xlstm_jax.kernels.config import StepKernelConfig, kernel_supports_dtypes, kernel_supports_head_dims
 
 __all__ = ["STEP_BACKENDS", "DecodeFusion", "KernelMode", "RuntimeConfig"]
 
@@ -74,8 +76,8 @@ class RuntimeConfig:
         prefill_backend_kwargs: Extra config fields of that backend, as ``((name, value), ...)`` (hashable),
             e.g. ``(("chunk_size", 64),)``.
         step_backend: The one-token decode step: ``"recurrent"`` (XLA), ``"recurrent_pallas"`` (the fused
-            Pallas step; raises for head sizes its kernels do not cover), or ``"auto"`` (default: the Pallas
-            step where its kernels cover the head shape, else the XLA step).
+            Pallas step; raises for head sizes or dtypes its kernels do not cover), or ``"auto"`` (default: the
+            Pallas step where its kernels cover the head shape and dtypes, else the XLA step).
         scan_blocks: Run the blocks under ``nn.scan`` (parameters stacked on a leading axis of size L):
             compile time flat in depth, slower decode. Default False (unrolled blocks, parameters
             ``blocks_0`` ... ``blocks_{L-1}``; the decode step updates each layer's states in place).
@@ -135,15 +137,18 @@ class RuntimeConfig:
         """A copy with some fields changed (checked again)."""
         return dataclasses.replace(self, **changes)
 
-    def step_form(self, DHQK: int, DHV: int) -> str:
-        """The decode step that runs for heads of (DHQK, DHV): ``"recurrent"`` or ``"recurrent_pallas"``.
+    def step_form(self, DHQK: int, DHV: int, dtype: Any = "float32", state_dtype: Any = "float32") -> str:
+        """The decode step that runs for heads of (DHQK, DHV) with inputs of ``dtype`` and states of
+        ``state_dtype``: ``"recurrent"`` or ``"recurrent_pallas"``.
 
         Raises:
-            ValueError: ``step_backend="recurrent_pallas"`` for a head shape its kernels do not cover.
+            ValueError: ``step_backend="recurrent_pallas"`` for a head shape its kernels do not cover (an
+                explicit request for the kernel with dtypes it does not take fails in the kernel's own check).
         """
         supported = kernel_supports_head_dims(DHQK, DHV)
         if self.step_backend == "auto":
-            return "recurrent_pallas" if supported else "recurrent"
+            takes = kernel_supports_dtypes(dtype) and jnp.dtype(state_dtype) == jnp.float32
+            return "recurrent_pallas" if supported and takes else "recurrent"
         if self.step_backend == "recurrent_pallas" and not supported:
             raise ValueError(
                 f"step_backend='recurrent_pallas': the Pallas step does not cover heads of DHQK={DHQK}, DHV={DHV} "
@@ -151,8 +156,9 @@ class RuntimeConfig:
             )
         return self.step_backend
 
-    def fuse_decode(self, norm_reduction_force_float32: bool) -> bool:
-        """Whether decoding uses the fused kernels (``decode_fusion`` resolved for the model).
+    def fuse_decode(self, norm_reduction_force_float32: bool, dtype: Any = "float32") -> bool:
+        """Whether decoding uses the fused kernels (``decode_fusion`` resolved for a model whose norms take
+        float32 statistics or not, with activations of ``dtype``).
 
         Raises:
             ValueError: ``decode_fusion='on'`` with norm statistics that are not float32 (the kernel's).
@@ -166,4 +172,4 @@ class RuntimeConfig:
                     "norm_reduction_force_float32=True"
                 )
             return True
-        return norm_reduction_force_float32 and not self.scan_blocks
+        return norm_reduction_force_float32 and not self.scan_blocks and kernel_supports_dtypes(dtype)
