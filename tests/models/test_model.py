@@ -127,6 +127,22 @@ def test_runtime_config_is_hashable_and_takes_enum_values():
     assert RuntimeConfig().interpret is None and RuntimeConfig(kernel_mode="compiled").interpret is False
 
 
+def _prefill_and_decode(config, ids, runtime=RuntimeConfig()):
+    """A randomly initialised model's logits over ``ids`` (B, S) in one call, and of the last token decoded after
+    a prefill of the others (jitted: eager Flax dispatch is slow); also the params and the prefill states."""
+    model = xLSTMLMModel(config, runtime)
+    params = jax.jit(model.init)(jax.random.key(0), ids)["params"]
+
+    @jax.jit
+    def run(params):
+        full = model.apply({"params": params}, ids)
+        _, states = model.apply({"params": params}, ids[:, :-1], return_states=True)
+        return full, model.apply({"params": params}, ids[:, -1:], states, decode=True), states
+
+    full, last, states = run(params)
+    return full, last, params, states
+
+
 def test_step_backend_auto_falls_back_for_head_sizes_without_kernels():
     """``step_backend="auto"`` (the default) runs the Pallas step where its kernels cover the heads, else the XLA
     step; asking for the kernel explicitly on such heads is an error on every platform."""
@@ -138,12 +154,8 @@ def test_step_backend_auto_falls_back_for_head_sizes_without_kernels():
         rt.replace(step_backend="recurrent_pallas").step_form(24, 96)
     # A model of heads (DHQK, DHV) = (24, 48) decodes with the defaults.
     config = xLSTMLMConfig.tiny(embedding_dim=96, num_heads=2)
-    model = xLSTMLMModel(config)
     ids = jnp.ones((1, 3), jnp.int32)
-    params = model.init(jax.random.key(0), ids)["params"]
-    full = model.apply({"params": params}, ids)
-    _, states = model.apply({"params": params}, ids[:, :2], return_states=True)
-    last = model.apply({"params": params}, ids[:, 2:], states, decode=True)
+    full, last, params, states = _prefill_and_decode(config, ids)
     assert_close("decode vs prefill", np.asarray(full[:, 2:], np.float64), last, TOL["float32-model"])
     with pytest.raises(ValueError, match="recurrent_pallas"):
         xLSTMLMModel(config, rt.replace(step_backend="recurrent_pallas")).apply(
@@ -159,12 +171,7 @@ def test_defaults_decode_a_float64_model():
     assert rt.step_form(64, 64, "bfloat16", "float32") == "recurrent_pallas" and rt.fuse_decode(True, "bfloat16")
     with jax.enable_x64(True):
         config = xLSTMLMConfig.tiny(dtype="float64", param_dtype="float64", state_dtype="float64")
-        model = xLSTMLMModel(config)
-        ids = jnp.asarray([[3, 1, 4, 1]], jnp.int32)
-        params = model.init(jax.random.key(0), ids)["params"]
-        full = model.apply({"params": params}, ids)
-        _, states = model.apply({"params": params}, ids[:, :3], return_states=True)
-        last = model.apply({"params": params}, ids[:, 3:], states, decode=True)
+        full, last, _, _ = _prefill_and_decode(config, jnp.asarray([[3, 1, 4, 1]], jnp.int32))
         assert full.dtype == last.dtype == jnp.float32  # logits are float32 by the model's contract
         assert_close("decode vs prefill", np.asarray(full[:, 3:], np.float64), last, TOL["float32-model"])
 
