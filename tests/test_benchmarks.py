@@ -66,7 +66,8 @@ def _import_problems(path: Path) -> list[str]:
 
 
 def test_scripts_are_found():
-    assert {p.name for p in SCRIPTS} >= {"harness.py", "forms.py", "kernels.py", "step_trace.py", "generate.py"}
+    expected = {"harness.py", "forms.py", "kernels.py", "step_trace.py", "generate.py", "anchors.py"}
+    assert {p.name for p in SCRIPTS} >= expected
 
 
 @pytest.mark.parametrize("path", SCRIPTS, ids=lambda p: p.name)
