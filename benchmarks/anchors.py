@@ -1,34 +1,32 @@
-"""Times NX-AI's PyTorch/Triton mLSTM kernels (the ``mlstm_kernels`` package), anchors for the library's timings.
+"""Times NX-AI's PyTorch/Triton mLSTM kernels (package ``mlstm_kernels``), anchors for the library's timings.
 
-Two anchors, in eager PyTorch (this script uses no ``torch.compile``; the package compiles its own gate helpers
-with it, in the warm-up): the TFLA chunkwise kernel, ``get_mlstm_kernel("chunkwise--triton_xl_chunk")`` at
-``--chunk-size``, and the fused Triton decode step, ``get_mlstm_step_kernel("triton")``. Shapes and dtypes are
-those of ``benchmarks/forms.py`` and ``benchmarks/kernels.py``: B=8, NH=8, DHQK=256, DHV=512, bfloat16 q, k,
-v, float32 states, forget gates N(3, 1), input gates N(0, 1), the gates in ``--gate-dtype`` (float32, as a
-PyTorch model passes them; those scripts pass bfloat16 gates, a difference under 0.2% of the bytes). Rows go to
-the tables ``forms`` (``form``, ``S``, ``mode`` fwd or fwdbwd, the forms' floor) and ``step`` (``B``,
-``variant``, ``mode``, the step's floor) with those scripts' fields, so that a ratio is taken between two
-JSON files of one machine. fwdbwd: the gradient of ``sum(h * ct)`` (random float32 ct) in q, k, v, i, f.
+The anchors, in eager PyTorch (no ``torch.compile`` here; the package compiles its gate helpers with it, in
+the warm-up): the TFLA chunkwise kernel ``get_mlstm_kernel("chunkwise--triton_xl_chunk")`` (``--chunk-size``),
+fwd (h) and fwdbwd (the gradients of ``sum(h * ct)``, random float32 ct, in q, k, v, i, f), and the Triton
+decode step ``get_mlstm_step_kernel("triton")``. Shapes as in ``benchmarks/forms.py`` and
+``benchmarks/kernels.py`` (B=8, NH=8, DHQK=256, DHV=512; bf16 q, k, v; float32 states; forget gates N(3, 1),
+input gates N(0, 1)); the gates in ``--gate-dtype``, float32 as a PyTorch model passes them (those scripts
+pass bf16 gates: under 0.2% of the bytes). Rows go to the tables ``forms`` and ``step`` with those scripts'
+fields (form, S, mode; B, variant, mode; median_s; floors), for ratios between JSON files of one machine.
 
-Timing: ``--warmup`` calls (the first, timed on the host as ``warmup_s``, compiles the kernels), then the
-median of ``--repeats`` samples, each between two CUDA events (``torch.cuda.Event``). A sequence sample is
-``--calls`` calls; a step sample is, in mode ``queued``, ``--queued`` steps launched from Python over the
-carried state (the host's dispatch included, as kernels.py's ``queued``), and in mode ``loop`` one replay of
-a CUDA graph of ``--loop`` steps (the device's time, as kernels.py's jitted loop).
+Timing: ``--warmup`` calls (the first, the kernels' compilation, timed on the host as ``warmup_s``), then the
+median of ``--repeats`` samples, each between two CUDA events. A sample: ``--calls`` sequence calls; for the
+step, mode ``queued``: ``--queued`` steps launched from Python (the host's dispatch included, as kernels.py's
+``queued``), mode ``loop``: one replay of a CUDA graph of ``--loop`` steps (the device's time).
 
-Checks (table ``checks``), max |out - ref| / max |ref| against the README's recurrence evaluated step by step
-in float64 (:func:`reference_step`) on the same inputs: the step's h and states at each B, and the chunkwise
-kernel's h and gradients (these reported, not bounded) at B=2, NH=2, S=384 with the benchmarked head sizes.
+Checks (table ``checks``): max |out - ref| / max |ref| against the README's recurrence run in float64
+(:func:`reference_step`) on the same inputs; the step's h and states at each B, the chunkwise kernel's h and
+gradients (reported, not bounded) at B=2, NH=2, S=384 and the benchmarked head sizes.
 
-On a GPU machine without registry access, with the wheel of mlstm_kernels 2.0.6 (pure Python; it needs
-einops, numpy, PyYAML, matplotlib and torch besides) in ``.whl/``::
+On a GPU machine without registry access, with the wheel of mlstm_kernels 2.0.6 in ``.whl/`` (pure Python;
+it needs einops, numpy, PyYAML, matplotlib and torch besides)::
 
     python3 -m pip install -q --no-index --no-deps --target /tmp/site .whl/*.whl && \\
         PYTHONPATH=/tmp/site:. DISABLE_LLVM_OPT=1 python3 benchmarks/anchors.py --json anchors.json
 
-The TFLA kernels need ``DISABLE_LLVM_OPT=1`` under Triton 3.6: the script sets it, unless set, before triton
-is imported. JAX, through which the harness records the environment, is kept from preallocating GPU memory.
-Without torch, a CUDA GPU, triton or mlstm_kernels, the script says which and exits with status 2.
+The TFLA kernels need ``DISABLE_LLVM_OPT=1`` under Triton 3.6; the script sets it, unless set, before triton
+is imported, and keeps JAX (the harness's environment) from preallocating GPU memory. Without torch, a CUDA
+GPU, triton or mlstm_kernels it says which is missing and exits with status 2.
 """
 
 from __future__ import annotations
