@@ -117,7 +117,7 @@ def _nonfinite_steps(k: jax.Array, v: jax.Array, acc: Any) -> jax.Array:
     lowering has no boolean reductions)."""
 
     def bad(x):
-        return jnp.max(jnp.where(jnp.isfinite(x), 0.0, 1.0).astype(acc), axis=-1)
+        return jnp.max(jnp.where(jnp.isfinite(x.astype(acc)), 0.0, 1.0).astype(acc), axis=-1)
 
     return jnp.maximum(bad(k), bad(v))
 
