@@ -38,7 +38,7 @@ def _inputs(rng, B, NH, DHV, dtype, extra_before=0):
 
 
 def _tol(dtype):
-    return TOL["float32"] if dtype == "float32" else TOL["bfloat16-norm"]
+    return TOL["float32-norm"] if dtype == "float32" else TOL["bfloat16-norm"]
 
 
 @pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
