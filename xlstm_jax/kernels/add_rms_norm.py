@@ -1,10 +1,10 @@
 """The residual add, the RMSNorm after it and the mLSTM gate product, as one Pallas kernel for decoding.
 
 In a decode step of xLSTM-7B at batch 1 the matrix products read every weight once, near the copy ceiling;
-what else costs time is a dozen small kernels per block, each ~1.3-4 µs however little it computes (launch
-and tail). Between two products the model adds the residual, normalises (a reduction kernel, then a scaling
-kernel) and, before the mLSTM layer, multiplies by the (D, 2 NH) gate weight in float32 (a reduction kernel
-of its own, ~4 µs on an H200). This kernel does all of that in one launch::
+what else costs time is a dozen small kernels per block, each paying a launch and a tail however little it
+computes (BENCHMARKS.md, the language model). Between two products the model adds the residual, normalises
+(a reduction kernel, then a scaling kernel) and, before the mLSTM layer, multiplies by the (D, 2 NH) gate
+weight in float32 (a reduction kernel of its own). This kernel does all of that in one launch::
 
     s = x + residual (+ residual ...)            (rounded to x's dtype after each add, as XLA adds)
     y = RMSNorm(s) * weight                       (float32 statistics; the model's ``RMSNorm``)

@@ -123,8 +123,8 @@ class StepKernelConfig:
 
     ``backend="triton"``: the Pallas kernel of :mod:`xlstm_jax.kernels.recurrent_step` (any GPU, and
     interpret mode). ``"mosaic"``: the Mosaic GPU kernel of :mod:`xlstm_jax.kernels.recurrent_step_mosaic`
-    (Hopper, compiled only; c streamed by the TMA engine, 1.04x the copy floor at B=128 on an H200 where the
-    Triton kernel takes 1.10x). ``"auto"``: Mosaic where it runs and pays (compiled on a GPU of compute
+    (Hopper, compiled only; c streamed by the TMA engine, closer to the copy floor at large batches than the
+    Triton kernel: BENCHMARKS.md, the decode step). ``"auto"``: Mosaic where it runs and pays (compiled on a GPU of compute
     capability 9.0 or newer, a head shape it tiles, and at least ``mosaic_min_programs`` programs), Triton
     otherwise.
 
@@ -146,12 +146,12 @@ class StepKernelConfig:
         backend: ``"auto"``, ``"triton"`` or ``"mosaic"`` (above). The Mosaic kernel uses ``block_dhv`` (a
             multiple of 32), ``block_dhqk`` (a multiple of 64; None for 64) and ``pipeline_depth``; one
             program per head and column block, no DHQK split.
-        pipeline_depth: Mosaic kernel: row blocks of c in flight per program (2 and 3 measured the same on an
-            H200; 1 and 4 slower).
+        pipeline_depth: Mosaic kernel: row blocks of c in flight per program (2 and 3 measure the same on an
+            H200; 1 and 4 slower: BENCHMARKS.md).
         mosaic_min_programs: ``"auto"`` picks the Mosaic kernel from this many programs (B·NH·DHV/block_dhv)
-            up. Below it the step is short and the Mosaic launch's host cost decides: on an H200 a jitted loop
-            of Mosaic steps issued one every ~40 µs against ~20 µs for the Triton kernel (B <= 8 at xLSTM-7B's
-            heads), while from B=32 (2048 programs) the device time decides and the Mosaic kernel wins.
+            up. Below it the step is short and the Mosaic launch's larger host cost decides (B <= 8 at xLSTM-7B's
+            heads), while from B=32 (2048 programs) the device time decides and the Mosaic kernel wins
+            (BENCHMARKS.md, the decode step).
     """
 
     block_dhv: int = 64

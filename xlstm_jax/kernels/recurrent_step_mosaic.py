@@ -1,10 +1,10 @@
 """The mLSTM decode step as a Mosaic GPU kernel: c streamed through shared memory by the TMA engine (Hopper).
 
 The same function as the Triton kernel of :mod:`xlstm_jax.kernels.recurrent_step` (``recurrent_step_pallas``
-picks between them: ``StepKernelConfig.backend``). It exists because on an H200 it moves the state faster:
-at B=128 (NH=8, DHQK=256, DHV=512) the Triton kernel runs at 1.10x the copy floor and this one at 1.04x, at
-B=32 1.14x against 1.10x (BENCHMARKS.md, issue 4). A Triton kernel that only copies the state already takes
-1.03-1.07x in the step's 64x64 tiles; the TMA engine's bulk copies, two row blocks in flight per program, get closer.
+picks between them: ``StepKernelConfig.backend``). It exists because on an H200 it moves the state faster
+from B=32 on (NH=8, DHQK=256, DHV=512; BENCHMARKS.md, the decode step): a Triton kernel that only copies the
+state in the step's 64x64 tiles already stays above the copy floor, and the TMA engine's bulk copies, two row
+blocks in flight per program, get closer.
 
 Layout. One program (a CUDA block of one warpgroup, 128 threads) owns one head and one block of
 ``block_dhv`` columns of c. It walks the head's DHQK rows ``block_dhqk`` at a time in a pipeline
@@ -211,8 +211,8 @@ def mosaic_step(
         q, k, v, i, f: The inputs' sources, 2-D, as above.
         eps: Added to the normaliser; a Python float.
         layer: Which layer to step, in [0, L) (unchecked). An operand of the kernel, not compiled into it, so
-            that the L layers of a model run the same kernel: with the layer compiled in, the 32-layer
-            xLSTM-7B decode took 29-35 s to compile on an H200, against 7.6-9.2 s.
+            that the L layers of a model run the same kernel (one compilation instead of L: the 32-layer
+            xLSTM-7B decode compiles about 4x faster).
         qkv_heads, qkv_offsets, gate_heads, gate_offsets: Where the inputs lie, as above.
         block_dhqk: Rows of c per pipeline step (a multiple of 64).
         block_dhv: Columns of c per program (a multiple of 32).

@@ -80,10 +80,9 @@ def border_states(
     dtype promoted to float32. The memory state before each chunk is emitted in ``border_dtype`` (the
     read-out's matrix operand dtype, the only dtype it is used in), n and m in the arithmetic dtype.
 
-    ``unroll`` chunks per loop iteration: on the H200 each iteration of a GPU while loop costs tens of
-    microseconds, and unrolling 8 chunks saved a quarter of the forward time at S=2048 (BENCHMARKS.md).
-    A closed form over groups of chunks (a product over the chunk axis, no loop) was tried and measured
-    slower there: 1.44 against 1.29 ms forward, 5.10 against 3.90 ms forward and backward.
+    ``unroll`` chunks per loop iteration: on a GPU each iteration of a while loop costs tens of microseconds,
+    and unrolling 8 chunks saves about a quarter of the forward time at S=2048 on an H200; a closed form over
+    groups of chunks (a product over the chunk axis, no loop) is slower there (BENCHMARKS.md, the forms).
 
     Returns:
         ``((c, n, m) after the last chunk, (c, n, m) before each chunk)``, the latter shaped

@@ -27,7 +27,7 @@ reads x once and launches one kernel instead of several (at batch 1 decode each 
 matrix-vector product bound by reading its weights, so the launches and tails of the small ones are what
 fusing saves). The gates are kept out of the wide product: they need a float32 result, and 16 more
 columns make its width 12304 = 16 x 769 for xLSTM-7B, for which XLA's Triton GEMM picked 16-column tiles
-and ran at about half the bandwidth of the other products (H200, 42 µs against 25 µs expected). The
+and ran at about half the bandwidth of the other products on an H200. The
 weights are stored fused, so nothing is concatenated at run time; :mod:`...hf` splits and joins the
 ``transformers`` tensors on save and load.
 
