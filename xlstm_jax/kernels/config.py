@@ -124,9 +124,9 @@ class StepKernelConfig:
     ``backend="triton"``: the Pallas kernel of :mod:`xlstm_jax.kernels.recurrent_step` (any GPU, and
     interpret mode). ``"mosaic"``: the Mosaic GPU kernel of :mod:`xlstm_jax.kernels.recurrent_step_mosaic`
     (Hopper, compiled only; c streamed by the TMA engine, closer to the copy floor at large batches than the
-    Triton kernel: BENCHMARKS.md, the decode step). ``"auto"``: Mosaic where it runs and pays (compiled on a GPU of compute
-    capability 9.0 or newer, a head shape it tiles, and at least ``mosaic_min_programs`` programs), Triton
-    otherwise.
+    Triton kernel: BENCHMARKS.md, the decode step). ``"auto"``: Mosaic where it runs and pays (compiled on a
+    GPU of compute capability 9.0 or newer, a head shape it tiles, and at least ``mosaic_min_programs``
+    programs), Triton otherwise.
 
     Each (Triton) program owns the state rows of one DHQK split and one block of DHV columns of one head, and walks
     its rows ``block_dhqk`` at a time, each next row block requested one loop iteration ahead. The grid is
