@@ -63,18 +63,39 @@ def test_states_carry_over_calls_and_last_only():
 
 
 def test_gradients_flow():
-    """jax.grad through the model (chunkwise prefill) gives finite, non-zero gradients for every parameter."""
-    config, params, rt = load()
+    """jax.grad through the model (chunkwise prefill): finite, non-zero gradients for every parameter in float32,
+    and in float64 the directional derivative along a random direction equals the central difference of the
+    loss (TOL["float64-grad"], scaled by the loss)."""
     ids = jnp.asarray(peer()["input_ids"][:, :17])
 
-    def loss(p):
-        logits = xLSTMLMModel(config, rt).apply({"params": p}, ids[:, :-1])
-        return -jnp.mean(jnp.take_along_axis(jax.nn.log_softmax(logits), ids[:, 1:, None], axis=-1))
+    def loss_fn(config, rt):
+        def loss(p):
+            logits = xLSTMLMModel(config, rt).apply({"params": p}, ids[:, :-1])
+            return -jnp.mean(jnp.take_along_axis(jax.nn.log_softmax(logits), ids[:, 1:, None], axis=-1))
 
-    grads = jax.jit(jax.grad(loss))(params)
+        return loss
+
+    config, params, rt = load()
+    grads = jax.jit(jax.grad(loss_fn(config, rt)))(params)
     for path, g in jax.tree_util.tree_leaves_with_path(grads):
         assert np.all(np.isfinite(g)), path
         assert np.any(g != 0), path
+
+    with jax.enable_x64(True):
+        config, params, rt = load(dtype="float64", param_dtype="float64", state_dtype="float64")
+        loss = jax.jit(loss_fn(config, rt))
+        keys = jax.random.split(jax.random.key(1), len(jax.tree_util.tree_leaves(params)))
+        leaves, tree = jax.tree_util.tree_flatten(params)
+        direction = [jax.random.normal(k, x.shape, x.dtype) for k, x in zip(keys, leaves, strict=True)]
+        norm = jnp.sqrt(sum(jnp.sum(d * d) for d in direction))  # a unit direction: the truncation error stays small
+        direction = tree.unflatten([d / norm for d in direction])
+        value, grads = jax.jit(jax.value_and_grad(loss_fn(config, rt)))(params)
+        pairs = zip(jax.tree_util.tree_leaves(grads), jax.tree_util.tree_leaves(direction), strict=True)
+        along = sum(jnp.vdot(g, d) for g, d in pairs)
+        delta = 1e-6
+        step = lambda sign: jax.tree_util.tree_map(lambda p, d: p + sign * delta * d, params, direction)
+        central = (loss(step(1.0)) - loss(step(-1.0))) / (2 * delta)
+        assert_close("directional derivative", np.float64(central), np.float64(along), TOL["float64-grad"], scale=value)
 
 
 def test_presets():
@@ -172,7 +193,7 @@ def test_defaults_decode_a_float64_model():
     with jax.enable_x64(True):
         config = xLSTMLMConfig.tiny(dtype="float64", param_dtype="float64", state_dtype="float64")
         full, last, _, _ = _prefill_and_decode(config, jnp.asarray([[3, 1, 4, 1]], jnp.int32))
-        assert full.dtype == last.dtype == jnp.float32  # logits are float32 by the model's contract
+        assert full.dtype == last.dtype == jnp.float64  # logits are float32, or wider for a wider model
         assert_close("decode vs prefill", np.asarray(full[:, 3:], np.float64), last, TOL["float32-model"])
 
 
@@ -192,19 +213,25 @@ def test_model_input_errors():
 
 @pytest.mark.parametrize("backend", ["chunkwise", "parallel_stabilized", "recurrent"])
 def test_gradients_finite_with_padding(backend):
-    """Padded positions (input gate -inf) filling a whole chunk leave every gradient finite."""
+    """Padded positions (input gate -inf) filling a whole chunk are exact no-op steps for the gradient too: the
+    gradient of a loss over the real positions of a left-padded batch equals that of the rows run unpadded."""
     kwargs = (("chunk_size", 4),) if backend == "chunkwise" else ()
     config, params, rt = load(prefill_backend=backend, prefill_backend_kwargs=kwargs)
+    model = xLSTMLMModel(config, rt)
     ids = jnp.asarray(peer()["input_ids"][:, :17])
     valid = jnp.ones(ids.shape, bool).at[0, :5].set(False)  # 5 padded steps: chunk 0 is all padding
 
-    def loss(p):
-        logits = xLSTMLMModel(config, rt).apply({"params": p}, ids, valid=valid)
-        return jnp.mean(jnp.where(valid[..., None], logits, 0.0) ** 2)
+    def padded(p):
+        logits = model.apply({"params": p}, ids, valid=valid)
+        return jnp.sum(jnp.where(valid[..., None], logits, 0.0) ** 2)
 
-    grads = jax.jit(jax.grad(loss))(params)
-    for path, g in jax.tree_util.tree_leaves_with_path(grads):
-        assert np.all(np.isfinite(g)), path
+    def unpadded(p):
+        return sum(jnp.sum(model.apply({"params": p}, row) ** 2) for row in (ids[:1, 5:], ids[1:]))
+
+    grads = jax.jit(jax.grad(padded))(params)
+    want = jax.jit(jax.grad(unpadded))(params)
+    for (path, g), w in zip(jax.tree_util.tree_leaves_with_path(grads), jax.tree_util.tree_leaves(want), strict=True):
+        assert_close(jax.tree_util.keystr(path), np.asarray(w, np.float64), g, TOL["float32-model"])
 
 
 def _dots(jaxpr) -> list[tuple]:

@@ -226,8 +226,9 @@ def add_rms_norm_pallas(
 
 def rms_norm(x: jax.Array, weight: jax.Array, eps: float, float32_stats: bool = True) -> jax.Array:
     """``x * rsqrt(mean(x², -1) + eps) * weight`` in XLA: statistics in float32 (or x's dtype), the normalised
-    values cast back to x's dtype, then times the weight in x's dtype (``transformers``' xLSTM order)."""
-    y = x.astype(jnp.float32) if float32_stats else x
+    values cast back to x's dtype, then times the weight in x's dtype (``transformers``' xLSTM order). With
+    ``float32_stats`` the statistics are float32 or x's dtype if wider (never narrowed)."""
+    y = x.astype(jnp.promote_types(x.dtype, jnp.float32)) if float32_stats else x
     y = y * jax.lax.rsqrt(jnp.mean(jnp.square(y), axis=-1, keepdims=True) + eps)
     return y.astype(x.dtype) * weight.astype(x.dtype)
 

@@ -4,7 +4,7 @@
 
     x = embedding[input_ids]                                  (B, S, D)
     for each block:  x = x + mLSTM(RMSNorm(x));  x = x + FFN(RMSNorm(x))
-    logits = cap * tanh(RMSNorm(x) W_head / cap)              (B, S, V), float32
+    logits = cap * tanh(RMSNorm(x) W_head / cap)              (B, S, V), float32 (float64 for a float64 model)
 
 The model is stateful: every call takes the mLSTM states of all blocks and returns the states after its
 last position, stacked over the blocks (``ModelStates``). A prompt is run in one call with the prefill
@@ -152,7 +152,8 @@ class xLSTMLMModel(nn.Module):
                 a prompt, without the (B, S, V) LM-head product.
 
         Returns:
-            ``logits`` (B, S, V) float32 (S=1 with ``last_only``), or ``(logits, states)``.
+            ``logits`` (B, S, V) float32, or float64 for a float64 model (S=1 with ``last_only``), or
+            ``(logits, states)``.
 
         Raises:
             ValueError: input_ids is not (B, S) integers, the states do not fit, or valid is not (B, S).
@@ -244,7 +245,8 @@ class xLSTMLMModel(nn.Module):
                 precision=cfg.matmul_precision,
                 name="lm_head",
             )(x)
-        logits = soft_cap(logits.astype(jnp.float32), cfg.output_logit_soft_cap)
+        logits = logits.astype(jnp.promote_types(cfg.compute_dtype, jnp.float32))  # never below float32
+        logits = soft_cap(logits, cfg.output_logit_soft_cap)
         if return_states:
             return logits, new_states
         return logits

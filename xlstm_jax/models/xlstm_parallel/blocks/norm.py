@@ -82,8 +82,9 @@ def add_rms_norm(
 
 
 def multihead_layer_norm(x: jax.Array, weight: jax.Array, eps: float, float32_stats: bool = True) -> jax.Array:
-    """LayerNorm over the last axis of x (..., NH, DH), heads then merged (..., NH·DH) and times ``weight``."""
-    y = x.astype(jnp.float32) if float32_stats else x
+    """LayerNorm over the last axis of x (..., NH, DH), heads then merged (..., NH·DH) and times ``weight``; with
+    ``float32_stats`` the statistics are float32 or x's dtype if wider (never narrowed)."""
+    y = x.astype(jnp.promote_types(x.dtype, jnp.float32)) if float32_stats else x
     y = y - jnp.mean(y, axis=-1, keepdims=True)
     y = y * jax.lax.rsqrt(jnp.mean(jnp.square(y), axis=-1, keepdims=True) + eps)
     return y.astype(x.dtype).reshape(*x.shape[:-2], -1) * weight.astype(x.dtype)

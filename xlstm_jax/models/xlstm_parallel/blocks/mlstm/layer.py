@@ -31,7 +31,8 @@ and ran at about half the bandwidth of the other products on an H200. The
 weights are stored fused, so nothing is concatenated at run time; :mod:`...hf` splits and joins the
 ``transformers`` tensors on save and load.
 
-Precision: projections run in ``config.dtype``; the gate pre-activations in float32 (the product of the
+Precision: projections run in ``config.dtype``; the gate pre-activations in float32 (float64 in a float64
+model; the product of the
 ``config.dtype`` operands accumulated and returned in float32; they are summed in log space over the whole
 sequence, see ``mlstm/stabilizer.py``); the states in ``config.state_dtype``.
 """
@@ -134,15 +135,16 @@ class mLSTMLayer(nn.Module):
             precision = jax.lax.Precision.HIGHEST if jnp.dtype(dtype).itemsize >= 4 else None  # no TF32
             return project(x, kernel, dtype, precision)
 
+        gate_dtype = jnp.promote_types(cfg.compute_dtype, jnp.float32)  # float32, or wider for a wider model
         if norm is None:
-            gates = product(x, if_kernel, jnp.float32) + if_bias.astype(jnp.float32)  # (B, S, 2 NH), float32 operands
+            gates = product(x, if_kernel, gate_dtype) + if_bias.astype(gate_dtype)  # (B, S, 2 NH)
             gates = soft_cap(gates, cfg.gate_soft_cap)
         else:  # the same function: the adds, the norm and the gates in one kernel
             side = {"side_weight": if_kernel, "side_bias": if_bias, "side_cap": cfg.gate_soft_cap}
             _, x, gates = add_rms_norm(norm, x, residuals, return_sum=False, interpret=self.runtime.interpret, **side)
         qkvo = product(x, qkvo_kernel, cfg.compute_dtype)  # (B, S, 2 QK + 2 V)
         if valid is not None:
-            pad = jnp.repeat(jnp.array([PAD_IGATE, jnp.inf], jnp.float32), NH)  # i, then f (the module docstring)
+            pad = jnp.repeat(jnp.array([PAD_IGATE, jnp.inf], gates.dtype), NH)  # i, then f (the module docstring)
             gates = jnp.where(valid[..., None], gates, pad)
 
         head_norm_module = MultiHeadLayerNorm(
