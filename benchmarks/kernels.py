@@ -168,6 +168,16 @@ def step_sweep(shape: Sequence[int], sweep: bool) -> dict[str, StepKernelConfig 
     return variants
 
 
+def step_variant(cfg: StepKernelConfig | None, interpret: bool | None) -> Callable | None:
+    """The step function of a variant: the XLA step for None, else the Pallas step with ``cfg``; None when the
+    variant cannot run here (the Mosaic kernel runs compiled on a GPU only)."""
+    if cfg is None:
+        return recurrent_step_fw
+    if cfg.backend == "mosaic" and interpret:
+        return None
+    return functools.partial(recurrent_step_pallas, config=cfg, interpret=interpret)
+
+
 def check_step(step: Callable, B: int, shape: Sequence[int], seed: int) -> dict[str, float | bool]:
     """Errors of h and of the states against ``recurrent_step_fw`` on fresh inputs (the state donated)."""
     states, x = step_inputs(B, shape, seed)
@@ -192,12 +202,10 @@ def bench_step(report: Report, a: argparse.Namespace, ceilings: Ceilings, interp
             if time.time() > deadline:
                 report.note(f"step B={B} {name}: skipped (--budget-s spent)")
                 continue
-            if cfg is not None and cfg.backend == "mosaic" and interpret:
+            step = step_variant(cfg, interpret)
+            if step is None:
                 report.note(f"step B={B} {name}: skipped (the Mosaic kernel runs compiled on a GPU only)")
                 continue
-            step = recurrent_step_fw if cfg is None else functools.partial(
-                recurrent_step_pallas, config=cfg, interpret=interpret
-            )  # fmt: skip
             try:
                 check = check_step(step, B, shape, seed) if cfg is not None else {}
                 states, x = step_inputs(B, shape)

@@ -35,9 +35,7 @@ from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as pl_triton
 
 from benchmarks.harness import Column, Report, add_arguments, ceilings_from_arguments, hardware_floor, time_loop
-from benchmarks.kernels import carried, check_step, step_bytes, step_inputs, step_sweep
-from xlstm_jax.kernels import recurrent_step_pallas
-from xlstm_jax.mlstm import recurrent_step_fw
+from benchmarks.kernels import carried, check_step, step_bytes, step_inputs, step_sweep, step_variant
 
 F32 = jnp.float32
 
@@ -117,12 +115,10 @@ def main(argv: Sequence[str] | None = None) -> dict:
     for B in a.batch:
         floor = hardware_floor(bytes_moved=step_bytes(B, shape), bandwidth=ceilings.copy_bytes_per_s)
         for seed, (name, cfg) in enumerate(variants.items(), start=1):
-            if cfg is not None and cfg.backend == "mosaic" and interpret:
+            step = step_variant(cfg, interpret)
+            if step is None:
                 report.note(f"B={B} {name}: skipped (the Mosaic kernel runs compiled on a GPU only)")
                 continue
-            step = recurrent_step_fw if cfg is None else functools.partial(
-                recurrent_step_pallas, config=cfg, interpret=interpret
-            )  # fmt: skip
             try:
                 check = check_step(step, B, shape, seed) if cfg is not None else {}
                 states, x = step_inputs(B, shape)
