@@ -15,11 +15,12 @@ import enum
 from dataclasses import dataclass
 from typing import Any
 
+import jax
 import jax.numpy as jnp
 
 from xlstm_jax.kernels.config import StepKernelConfig, kernel_supports_dtypes, kernel_supports_head_dims
 
-__all__ = ["STEP_BACKENDS", "DecodeFusion", "KernelMode", "RuntimeConfig"]
+__all__ = ["STEP_BACKENDS", "DecodeFusion", "KernelMode", "Remat", "RuntimeConfig"]
 
 # Decode step forms by name. "auto": the Pallas step where its kernels cover the head shape, else the XLA step.
 STEP_BACKENDS = ("auto", "recurrent", "recurrent_pallas")
@@ -56,6 +57,21 @@ class DecodeFusion(enum.Enum):
     OFF = "off"
 
 
+class Remat(enum.Enum):
+    """Rematerialisation of each block in training: which of its activations the backward pass keeps and which
+    it recomputes (``jax.checkpoint`` with a policy; see :meth:`RuntimeConfig.remat_policy`).
+
+    NONE: no rematerialisation (every activation the backward pass needs is kept; the most memory).
+    FULL: only the block's input is kept; the whole block runs again in the backward pass (the least memory).
+    DOTS: the results of matrix products without batch dimensions are kept (the projections: q, k, v, o, gates,
+    FFN), everything else (norms, the mLSTM cell, activations) is recomputed.
+    """
+
+    NONE = "none"
+    FULL = "full"
+    DOTS = "dots"
+
+
 def _enum(cls: type[enum.Enum], name: str, value: Any) -> enum.Enum:
     if isinstance(value, cls):
         return value
@@ -84,6 +100,7 @@ class RuntimeConfig:
         decode_fusion: :class:`DecodeFusion` (or its value as a string).
         kernel_mode: :class:`KernelMode` (or its value as a string).
         step_kernel: Tiling of the Pallas decode step, or None for its default for the head shape.
+        remat: :class:`Remat` (or its value as a string): rematerialisation of each block in training.
     """
 
     prefill_backend: str = "chunkwise"
@@ -93,6 +110,7 @@ class RuntimeConfig:
     decode_fusion: DecodeFusion = DecodeFusion.AUTO
     kernel_mode: KernelMode = KernelMode.AUTO
     step_kernel: StepKernelConfig | None = None
+    remat: Remat = Remat.NONE
 
     def __post_init__(self) -> None:
         from xlstm_jax.models.xlstm_parallel.blocks.mlstm.backend import BACKENDS
@@ -121,6 +139,7 @@ class RuntimeConfig:
             raise TypeError(f"scan_blocks must be a bool, got scan_blocks={self.scan_blocks!r}")
         object.__setattr__(self, "decode_fusion", _enum(DecodeFusion, "decode_fusion", self.decode_fusion))
         object.__setattr__(self, "kernel_mode", _enum(KernelMode, "kernel_mode", self.kernel_mode))
+        object.__setattr__(self, "remat", _enum(Remat, "remat", self.remat))
         if self.step_kernel is not None and not isinstance(self.step_kernel, StepKernelConfig):
             raise TypeError(f"step_kernel must be a StepKernelConfig or None, got {self.step_kernel!r}")
         if self.decode_fusion is DecodeFusion.ON and self.scan_blocks:
@@ -136,6 +155,20 @@ class RuntimeConfig:
     def replace(self, **changes: Any) -> RuntimeConfig:
         """A copy with some fields changed (checked again)."""
         return dataclasses.replace(self, **changes)
+
+    def remat_policy(self) -> Any:
+        """The ``jax.checkpoint`` policy of each block (``remat``), or None for no rematerialisation.
+
+        ``Remat.FULL`` gives ``jax.checkpoint_policies.nothing_saveable`` and ``Remat.DOTS``
+        ``dots_with_no_batch_dims_saveable``; the model wraps each block in ``nn.remat(..., policy=...)``
+        unless this is None.
+        """
+        policies = jax.checkpoint_policies
+        return {
+            Remat.NONE: None,
+            Remat.FULL: policies.nothing_saveable,
+            Remat.DOTS: policies.dots_with_no_batch_dims_saveable,
+        }[self.remat]
 
     def step_form(self, DHQK: int, DHV: int, dtype: Any = "float32", state_dtype: Any = "float32") -> str:
         """The decode step that runs for heads of (DHQK, DHV) with inputs of ``dtype`` and states of
