@@ -91,8 +91,9 @@ class TrainCheckpointer:
                 raise ValueError(f"{name} must be a positive int, got {name}={value!r}")
         self._ocp = ocp
         self.directory = Path(directory).absolute()
-        options = ocp.CheckpointManagerOptions(
-            save_interval_steps=save_every,
+        self.save_every = save_every
+        options = ocp.CheckpointManagerOptions(  # when to save is decided here (save): every step may save
+            save_interval_steps=1,
             max_to_keep=max_to_keep,
             enable_async_checkpointing=async_save,
         )
@@ -130,12 +131,13 @@ class TrainCheckpointer:
         except TypeError as error:
             raise TypeError(f"data_state must be a JSON-able dict: {error}") from None
         step = int(jax.device_get(state.step))
-        if final and step in self._manager.all_steps():
-            self._manager.wait_until_finished()
+        if step in self._manager.all_steps() or not (final or step % self.save_every == 0):
+            if final:
+                self._manager.wait_until_finished()
             return False
         ocp = self._ocp
         args = ocp.args.Composite(state=ocp.args.StandardSave(_as_dict(state)), data=ocp.args.JsonSave(data_state))
-        saved = self._manager.save(step, args=args, force=final)
+        saved = self._manager.save(step, args=args, force=True)
         if final:
             self._manager.wait_until_finished()
         return bool(saved)

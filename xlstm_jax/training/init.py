@@ -26,6 +26,7 @@ like the up columns (small(D)) and ``proj_down`` with wang(L, D). This module fo
 
 from __future__ import annotations
 
+import functools
 from typing import Any
 
 import jax
@@ -70,7 +71,9 @@ def _gate_bias(config: xLSTMLMConfig) -> np.ndarray:
     return np.concatenate([np.full(NH, -10.0), np.linspace(3.0, 6.0, NH)])  # (2 NH,) input gates, forget gates
 
 
-def init_params(config: xLSTMLMConfig, key: jax.Array, *, scan_blocks: bool = False) -> dict[str, Any]:
+def init_params(
+    config: xLSTMLMConfig, key: jax.Array, *, scan_blocks: bool = False, shardings: Any = None
+) -> dict[str, Any]:
     """The model's parameters initialised as ``transformers``' xLSTM initialises them (module docstring).
 
     Args:
@@ -78,6 +81,8 @@ def init_params(config: xLSTMLMConfig, key: jax.Array, *, scan_blocks: bool = Fa
         key: A PRNG key.
         scan_blocks: The layout for ``RuntimeConfig(scan_blocks=True)`` (leaves under ``blocks`` stacked on a
             leading axis L, each layer drawn independently); else ``blocks_0`` ... ``blocks_{L-1}``.
+        shardings: Where the parameters are created (a tree of shardings matching the result, e.g.
+            ``sharding.param_shardings``): each device draws only its shards. None: the default device.
 
     Returns:
         The parameter tree of ``xLSTMLMModel(config, RuntimeConfig(scan_blocks=scan_blocks))``.
@@ -91,6 +96,19 @@ def init_params(config: xLSTMLMConfig, key: jax.Array, *, scan_blocks: bool = Fa
     """
     if not isinstance(config, xLSTMLMConfig):
         raise TypeError(f"config must be an xLSTMLMConfig, got {type(config).__name__}")
+    if shardings is not None:
+        return jax.jit(functools.partial(_draw_params, config, bool(scan_blocks)), out_shardings=shardings)(key)
+    return _initializer(config, bool(scan_blocks))(key)
+
+
+@functools.cache
+def _initializer(config: xLSTMLMConfig, scan_blocks: bool) -> Any:
+    """The jitted draw of every parameter for one config and layout (compiled once; eager draws would compile
+    each operation on its own)."""
+    return jax.jit(functools.partial(_draw_params, config, scan_blocks))
+
+
+def _draw_params(config: xLSTMLMConfig, scan_blocks: bool, key: jax.Array) -> dict[str, Any]:
     model = xLSTMLMModel(config, RuntimeConfig(scan_blocks=scan_blocks))
     shapes = jax.eval_shape(lambda k: model.init(k, jnp.zeros((1, 1), jnp.int32)), key)["params"]
     dtype = config.jnp_param_dtype
