@@ -6,6 +6,9 @@ For each batch element and head, states c (DHQK, DHV), n (DHQK), m (scalar)::
     c' = f' c + i' k vᵀ,             n' = f' n + i' k,                 q̂ = q / sqrt(DHQK)
     h  = (q̂ᵀ c') / (max(|q̂ᵀ n'|, exp(-m')) + eps)
 
+Packed documents (``segment_ids`` (B, S) ints): before a step t > 0 whose id differs from step t - 1's, c, n
+and m of that row are set to 0, the states a document run alone starts from.
+
 Besides h, the recurrent reference returns a per-element error *scale*: the value of h computed with
 every term replaced by its absolute value, ``(|q̂|ᵀ|c|' + |h| |q̂|ᵀ|n|') / den``. Rounding errors in any
 implementation are proportional to these absolute sums, not to |h| (h divides by |q̂·n|, which can be
@@ -18,7 +21,7 @@ from collections.abc import Callable
 
 import numpy as np
 
-__all__ = ["numerical_vjp", "parallel_ref", "recurrent_ref"]
+__all__ = ["documents_ref", "numerical_vjp", "parallel_ref", "recurrent_ref"]
 
 
 def _logsigmoid(x: np.ndarray) -> np.ndarray:
@@ -36,12 +39,13 @@ def _zeros_if_none(c0, n0, m0, B, NH, DHQK, DHV):
     return (np.asarray(x, np.float64) for x in (c0, n0, m0))
 
 
-def recurrent_ref(q, k, v, i, f, c0=None, n0=None, m0=None, eps=1e-6):
+def recurrent_ref(q, k, v, i, f, c0=None, n0=None, m0=None, eps=1e-6, segment_ids=None):
     """Step-by-step float64 mLSTM.
 
     Args:
         q, k: (B, NH, S, DHQK); v: (B, NH, S, DHV); i, f: (B, NH, S) or (B, NH, S, 1);
         c0 (B, NH, DHQK, DHV), n0 (B, NH, DHQK), m0 (B, NH): initial states, or None for zeros.
+        segment_ids: (B, S) document ids, or None for one document per row.
 
     Returns:
         ``h (B, NH, S, DHV), (c, n, m) last states, scale (B, NH, S, DHV)`` (see the module docstring).
@@ -55,6 +59,11 @@ def recurrent_ref(q, k, v, i, f, c0=None, n0=None, m0=None, eps=1e-6):
     h = np.empty((B, NH, S, DHV))
     scale = np.empty((B, NH, S, DHV))
     for t in range(S):
+        if segment_ids is not None and t > 0:
+            keep = np.asarray(segment_ids)[:, t] == np.asarray(segment_ids)[:, t - 1]  # (B,)
+            c, c_abs = (np.where(keep[:, None, None, None], x, 0.0) for x in (c, c_abs))
+            n, n_abs = (np.where(keep[:, None, None], x, 0.0) for x in (n, n_abs))
+            m = np.where(keep[:, None], m, 0.0)
         log_f = _logsigmoid(f[:, :, t])
         m_new = np.maximum(log_f + m, i[:, :, t])
         fa = np.exp(log_f + m - m_new)[..., None]
@@ -74,6 +83,31 @@ def recurrent_ref(q, k, v, i, f, c0=None, n0=None, m0=None, eps=1e-6):
         qn_abs = np.einsum("bhd,bhd->bh", np.abs(q_hat), n_abs)[..., None]
         scale[:, :, t] = (num_abs + np.abs(h[:, :, t]) * qn_abs) / den
     return h, (c, n, m), scale
+
+
+def documents_ref(q, k, v, i, f, c0=None, n0=None, m0=None, eps=1e-6, segment_ids=None):
+    """Packed rows by definition: every document of every row run alone through :func:`recurrent_ref`.
+
+    A row's first document starts from that row's initial states (zeros without), every later one from zeros;
+    the h of the documents are concatenated, the last states are those of the row's last document.
+
+    Returns:
+        ``h (B, NH, S, DHV), (c, n, m) last states, scale (B, NH, S, DHV)`` like :func:`recurrent_ref`.
+    """
+    q, k, v = (np.asarray(x, np.float64) for x in (q, k, v))
+    i, f = _gate(i), _gate(f)
+    B, S = q.shape[0], q.shape[2]
+    ids = np.zeros((B, S), int) if segment_ids is None else np.asarray(segment_ids)
+    h, scale, last = np.empty(q.shape[:3] + v.shape[-1:]), np.empty(q.shape[:3] + v.shape[-1:]), []
+    for b in range(B):
+        cuts = [0, *(t for t in range(1, S) if ids[b, t] != ids[b, t - 1]), S]
+        states = (None, None, None) if c0 is None else (c0[b : b + 1], n0[b : b + 1], m0[b : b + 1])
+        for lo, hi in zip(cuts[:-1], cuts[1:], strict=True):
+            doc = (x[b : b + 1, :, lo:hi] for x in (q, k, v, i, f))
+            h[b : b + 1, :, lo:hi], row_last, scale[b : b + 1, :, lo:hi] = recurrent_ref(*doc, *states, eps=eps)
+            states = (None, None, None)
+        last.append(row_last)
+    return h, tuple(np.concatenate(parts) for parts in zip(*last, strict=True)), scale
 
 
 def parallel_ref(q, k, v, i, f, c0=None, n0=None, m0=None, eps=1e-6):

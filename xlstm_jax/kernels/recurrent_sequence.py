@@ -11,8 +11,9 @@ it (:func:`~xlstm_jax.mlstm.parallel.block_update`, whose product accumulates in
 kernel applies those same functions to one head's (L, ·) blocks, so the work per step becomes matrix
 products on the tensor cores instead of a serial chain of vector operations, and the running max ``m`` is
 the recurrent one. The ``S % chunk_size`` steps left at the end, and every step with ``chunk_size=1``, run
-as literal recurrent steps (:func:`xlstm_jax.mlstm.stabilizer.step_gates`). Forget gates that empty the state
-and non-finite keys or values are handled by those same block functions, as in the XLA forms.
+as literal recurrent steps (:func:`xlstm_jax.mlstm.stabilizer.step_gates`). Forget gates that empty the state,
+non-finite keys or values and document starts of packed rows (``segment_ids``; a start inside a block is
+exact, :mod:`xlstm_jax.mlstm.segments`) are handled by those same block functions, as in the XLA forms.
 
 Precision: the state, the gates and the stabiliser are float32 whatever the input dtype, and h is stored in
 q's dtype. The matrix products follow the chunkwise form's rule (:func:`~xlstm_jax.mlstm.parallel.matmul_dtype`):
@@ -40,7 +41,8 @@ from xlstm_jax.kernels.config import SequenceKernelConfig, check_head_dims, chec
 from xlstm_jax.mlstm.checks import check_eps, check_sequence_inputs, resolve_state_dtype
 from xlstm_jax.mlstm.chunkwise import chunkwise_fw
 from xlstm_jax.mlstm.parallel import block_readout, block_update, matmul_dtype
-from xlstm_jax.mlstm.recurrent import recurrent_sequence_fw
+from xlstm_jax.mlstm.recurrent import recurrent_sequence_segments_fw
+from xlstm_jax.mlstm.segments import break_gates, check_segment_ids, document_starts, segment_max_bound
 from xlstm_jax.mlstm.stabilizer import (
     forget_gate_resets,
     log_forget_gate_masked,
@@ -68,14 +70,17 @@ def _sequence_kernel(
     v_ref,  # (S, BV)
     i_ref,  # (S,)
     f_ref,  # (S,)
-    *refs,  # [c0 (DHQK, BV), n0 (DHQK,), m0 (1,)], h (S, BV), [c_last (DHQK, BV), n_last (DHQK,), m_last (1,)]
+    *refs,  # [starts (S,)], [c0 (DHQK, BV), n0 (DHQK,), m0 (1,)], h (S, BV), [c_last (DHQK, BV), n_last, m_last]
     eps: float,
     S: int,
     chunk: int,
+    has_segments: bool,
     has_initial: bool,
     return_last_states: bool,
 ):
     f32 = jnp.float32
+    if has_segments:
+        starts_ref, *refs = refs
     if has_initial:
         c0_ref, n0_ref, m0_ref, *refs = refs
     h_ref, *last_refs = refs
@@ -94,15 +99,27 @@ def _sequence_kernel(
         i, f = i_ref[t].astype(f32), f_ref[t].astype(f32)
         # The resets, bounding the running max by m before the block and the block's input gates: a tighter
         # bound than the XLA forms' (whole sequence), equally exact, and no load of a (S,) block, whose size
-        # need not be a power of two.
-        resets = forget_gate_resets(f, i, max_bound(m, i))
-        F = jnp.cumsum(log_forget_gate_masked(f, resets))
-        R = jnp.cumsum(resets.astype(f32))
-        h_ref[t, :] = block_readout(q, k, v, F, i, c, n, m, eps, operand_dtype, R=R).astype(h_ref.dtype)
-        return block_update(c, n, m, k, v, F, _last(F), i, operand_dtype, R=R, R_L=_last(R))
+        # need not be a power of two. A document that starts in the block starts from m = 0.
+        bound = max_bound(m, i)
+        if has_segments:
+            resets = forget_gate_resets(f, i, segment_max_bound(bound))
+            log_f = log_forget_gate_masked(f, resets)
+            breaks, log_start = break_gates(log_f, resets, starts_ref[t])
+        else:
+            resets = forget_gate_resets(f, i, bound)
+            log_f = log_forget_gate_masked(f, resets)
+            breaks, log_start = resets.astype(f32), None
+        F = jnp.cumsum(log_f)
+        R = jnp.cumsum(breaks)
+        h = block_readout(q, k, v, F, i, c, n, m, eps, operand_dtype, R=R, log_start=log_start)
+        h_ref[t, :] = h.astype(h_ref.dtype)
+        return block_update(c, n, m, k, v, F, _last(F), i, operand_dtype, R=R, R_L=_last(R), log_start=log_start)
 
     def step(t, carry):  # one recurrent step
         c, n, m = carry
+        if has_segments:  # a document start: zero states (a select, as segments.reset_states)
+            keep = starts_ref[t] == 0.0
+            c, n, m = jnp.where(keep, c, 0.0), jnp.where(keep, n, 0.0), jnp.where(keep, m, 0.0)
         q, k, v = (r[t, :].astype(f32) for r in (q_ref, k_ref, v_ref))
         m, f_act, i_act = step_gates(m, i_ref[t].astype(f32), f_ref[t].astype(f32))
         kk = i_act * k
@@ -134,13 +151,29 @@ def _sequence_kernel(
 # pallas_call wrapper: grid and BlockSpecs.
 # ---------------------------------------------------------------------------------------------------------
 def _sequence_call(
-    q, k, v, i, f, c0, n0, m0, *, eps: float, config: SequenceKernelConfig, interpret: bool, return_last_states: bool
+    q,
+    k,
+    v,
+    i,
+    f,
+    starts,
+    c0,
+    n0,
+    m0,
+    *,
+    NH: int,
+    eps: float,
+    config: SequenceKernelConfig,
+    interpret: bool,
+    return_last_states: bool,
 ):
     """Runs the kernel on flattened heads.
 
     Args:
-        q, k: (BH, S, DHQK); v: (BH, S, DHV); i, f: (BH, S); c0 (BH, DHQK, DHV), n0 (BH, DHQK), m0 (BH, 1)
-            float32, or all None (zero initial states).
+        q, k: (BH, S, DHQK); v: (BH, S, DHV); i, f: (BH, S); starts: (B, S) float32, 1.0 at document starts,
+            or None (one document per row; head bh reads row bh // NH); c0 (BH, DHQK, DHV), n0 (BH, DHQK),
+            m0 (BH, 1) float32, or all None (zero initial states).
+        NH: Heads per batch row.
 
     Returns:
         ``h (BH, S, DHV)`` in q's dtype, then, with ``return_last_states``, ``c (BH, DHQK, DHV), n (BH, DHQK),
@@ -157,8 +190,12 @@ def _sequence_call(
     rows = pl.BlockSpec((None, DHQK), lambda bh, vb: (bh, 0))
     head = pl.BlockSpec((None, 1), lambda bh, vb: (bh, 0))
     has_initial = c0 is not None
+    has_segments = starts is not None
     args = [q, k, v, i, f]
     in_specs = [seq_qk, seq_qk, seq_v, seq_gate, seq_gate]
+    if has_segments:
+        args.append(starts)
+        in_specs.append(pl.BlockSpec((None, S), lambda bh, vb: (bh // NH, 0)))
     if has_initial:
         args += [c0, n0, m0]
         in_specs += [tile, rows, head]
@@ -176,6 +213,7 @@ def _sequence_call(
         _sequence_kernel,
         eps=eps,
         S=S,
+        has_segments=has_segments,
         has_initial=has_initial,
         return_last_states=return_last_states,
         chunk=config.chunk_size,
@@ -213,10 +251,11 @@ def recurrent_sequence_pallas(
     *,
     config: SequenceKernelConfig | None = None,
     interpret: bool | None = None,
+    segment_ids: jax.Array | None = None,  # (B, S) int
 ) -> jax.Array | tuple[jax.Array, tuple[jax.Array, jax.Array, jax.Array]]:
     """The mLSTM recurrent form on a full sequence in one fused Pallas kernel, with float32 states.
 
-    Same function and arguments as :func:`xlstm_jax.mlstm.recurrent.recurrent_sequence_fw` (without
+    Same function and arguments as :func:`xlstm_jax.mlstm.recurrent.recurrent_sequence_segments_fw` (without
     ``use_scan``/``mlstm_step_fn``), except that the state is always float32.
 
     Args:
@@ -234,9 +273,13 @@ def recurrent_sequence_pallas(
         eps: Added to the normaliser after the max; a Python number (it is compiled into the kernel).
         state_dtype: None or ``"float32"``: the kernel's state is float32.
         config: Tiling; None for ``SequenceKernelConfig.get_default(DHQK, DHV)``.
-        interpret: None: the compiled kernel on a GPU, ``recurrent_sequence_fw`` (float32 states,
+        interpret: None: the compiled kernel on a GPU, ``recurrent_sequence_segments_fw`` (float32 states,
             ``use_scan=True``) elsewhere. True: Pallas interpret mode. False: the compiled kernel (raises
             without a GPU).
+        segment_ids: Optional (B, S) integer document ids: position t > 0 whose id differs from position t - 1
+            starts a document from zero states (c, n and m), also inside a block of steps; only the row's first
+            document starts from the initial states (:mod:`xlstm_jax.mlstm.segments`). None: one document per
+            row. The last states are those of the row's last document.
 
     Returns:
         h (B, NH, S, DHV) in queries' dtype, or ``(h, (c_last, n_last, m_last))`` with shapes
@@ -246,8 +289,8 @@ def recurrent_sequence_pallas(
         ValueError: a shape does not match, initial states are given partly, DHQK or DHV is not a kernel size
             (``xlstm_jax.kernels.config.kernel_supports_head_dims``; raised on every platform, also where
             ``interpret=None`` would run the XLA form), eps is not positive and finite, or state_dtype is not
-            None or float32.
-        TypeError: an input is not float32/bfloat16/float16, or eps is traced.
+            None or float32, or segment_ids is not (B, S).
+        TypeError: an input is not float32/bfloat16/float16, eps is traced, or segment_ids is not integer.
         RuntimeError: ``interpret=False`` without a GPU.
 
     Example:
@@ -262,14 +305,16 @@ def recurrent_sequence_pallas(
         raise ValueError(f"the Pallas sequence kernel keeps its states in float32; got state_dtype={state_dtype!r}")
     check_kernel_dtypes(queries=queries, keys=keys, values=values, igate_preact=i, fgate_preact=f)
     check_head_dims(dims.DHQK, dims.DHV)
+    segment_ids = check_segment_ids(segment_ids, dims.B, dims.S)
     mode = kernel_mode(interpret)
     (c0, n0, m0), out_dtypes = prepare_states(c_initial, n_initial, m_initial, dims, _F32, default_dtype=_F32)
     has_initial = c_initial is not None
     if mode == "xla":
-        out = recurrent_sequence_fw(
+        out = recurrent_sequence_segments_fw(
             queries, keys, values, i, f,
             c0 if has_initial else None, n0 if has_initial else None, m0 if has_initial else None,
             return_last_states=return_last_states, eps=eps, state_dtype=_F32, use_scan=True,
+            segment_ids=segment_ids,
         )  # fmt: skip
     else:
         if config is None:
@@ -277,28 +322,34 @@ def recurrent_sequence_pallas(
         elif not isinstance(config, SequenceKernelConfig):
             raise TypeError(f"config must be a SequenceKernelConfig or None, got {type(config).__name__}")
         initial = (c0, n0, m0) if has_initial else None
+        starts = None if segment_ids is None else document_starts(segment_ids).astype(_F32)
         out = _sequence(
-            queries, keys, values, i, f, initial, float(eps), bool(return_last_states), config, mode == "interpret"
-        )
+            queries, keys, values, i, f, initial, starts, float(eps), bool(return_last_states), config,
+            mode == "interpret",
+        )  # fmt: skip
     if not return_last_states:
         return out
     h, states = out
     return h, cast_states(states, out_dtypes)
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(6, 7, 8, 9))
-def _sequence(q, k, v, i, f, initial, eps, return_last_states, config, interpret):
-    """The kernel on (B, NH, ...) arrays; gates (B, NH, S, 1); ``initial`` float32 ``(c0, n0, m0)`` or None."""
+@functools.partial(jax.custom_vjp, nondiff_argnums=(7, 8, 9, 10))
+def _sequence(q, k, v, i, f, initial, starts, eps, return_last_states, config, interpret):
+    """The kernel on (B, NH, ...) arrays; gates (B, NH, S, 1); ``initial`` float32 ``(c0, n0, m0)`` or None;
+    ``starts`` (B, S) float32, 1.0 at document starts, or None."""
     B, NH, S, DHQK = q.shape
     DHV = v.shape[3]
     BH = B * NH
     flat = [q.reshape(BH, S, DHQK), k.reshape(BH, S, DHQK), v.reshape(BH, S, DHV), i.reshape(BH, S), f.reshape(BH, S)]
+    flat.append(starts)
     if initial is None:
         flat += [None, None, None]
     else:
         c0, n0, m0 = initial
         flat += [c0.reshape(BH, DHQK, DHV), n0.reshape(BH, DHQK), m0.reshape(BH, 1)]
-    outs = _sequence_call(*flat, eps=eps, config=config, interpret=interpret, return_last_states=return_last_states)
+    outs = _sequence_call(
+        *flat, NH=NH, eps=eps, config=config, interpret=interpret, return_last_states=return_last_states
+    )
     h = outs[0].reshape(B, NH, S, DHV)
     if not return_last_states:
         return h
@@ -306,22 +357,28 @@ def _sequence(q, k, v, i, f, initial, eps, return_last_states, config, interpret
     return h, (c.reshape(B, NH, DHQK, DHV), n.reshape(B, NH, DHQK), m.reshape(B, NH))
 
 
-def _sequence_fwd(q, k, v, i, f, initial, eps, return_last_states, config, interpret):
-    out = _sequence(q, k, v, i, f, initial, eps, return_last_states, config, interpret)
-    return out, (q, k, v, i, f, initial)
+def _sequence_fwd(q, k, v, i, f, initial, starts, eps, return_last_states, config, interpret):
+    out = _sequence(q, k, v, i, f, initial, starts, eps, return_last_states, config, interpret)
+    return out, (q, k, v, i, f, initial, starts)
 
 
 def _sequence_bwd(eps, return_last_states, config, interpret, residuals, cotangent):
     # Recompute with the XLA chunkwise form (the same function, float32 states as the kernel) and differentiate
     # that: O(S) memory, matrix products, no loop over single steps.
-    q, k, v, i, f, initial = residuals
+    q, k, v, i, f, initial, starts = residuals
+    # Document ids with the same starts: each start opens the next id.
+    segment_ids = None if starts is None else jnp.cumsum(starts.astype(jnp.int32), axis=-1)
 
     def xla_forward(q, k, v, i, f, initial):
         c0, n0, m0 = (None, None, None) if initial is None else initial
-        return chunkwise_fw(q, k, v, i, f, c0, n0, m0, return_last_states=return_last_states, eps=eps, state_dtype=_F32)
+        return chunkwise_fw(
+            q, k, v, i, f, c0, n0, m0, return_last_states=return_last_states, eps=eps, state_dtype=_F32,
+            segment_ids=segment_ids,
+        )  # fmt: skip
 
     _, vjp = jax.vjp(xla_forward, q, k, v, i, f, initial)
-    return vjp(cotangent)
+    starts_cotangent = None if starts is None else jnp.zeros_like(starts)  # document starts are not differentiable
+    return (*vjp(cotangent), starts_cotangent)
 
 
 _sequence.defvjp(_sequence_fwd, _sequence_bwd)

@@ -44,6 +44,7 @@ from xlstm_jax.mlstm.parallel import (
     matmul_dtype,
     sequence_log_gates,
 )
+from xlstm_jax.mlstm.segments import check_segment_ids, document_starts
 from xlstm_jax.mlstm.states import cast_states, prepare_states
 
 __all__ = ["chunkwise_fw"]
@@ -117,11 +118,14 @@ def chunkwise_fw(
     chunk_size: int = 256,
     *,
     scan_unroll: int = 8,
+    segment_ids: jax.Array | None = None,  # (B, S) int
 ) -> jax.Array | tuple[jax.Array, tuple[jax.Array, jax.Array, jax.Array]]:
     """The mLSTM on a whole sequence in chunkwise form: linear in S, matrix products inside chunks.
 
     Forget gates of -inf (or low enough to empty the state) reset the state exactly as in the recurrent
     form; a NaN or inf in k or v at step t leaves h before t unchanged (h is not finite from t on).
+    With ``segment_ids``, each row is packed documents, each computed as if run alone
+    (:mod:`xlstm_jax.mlstm.segments`); documents may start anywhere, inside chunks or on their borders.
 
     Args:
         q: Queries (B, NH, S, DHQK).
@@ -142,15 +146,18 @@ def chunkwise_fw(
             chunk is padded with steps that change nothing; when S < L one chunk of S steps is used.
         scan_unroll: Chunks per iteration of the scan over chunk borders (see :func:`border_states`); a
             tuning knob that does not change the function.
+        segment_ids: Optional (B, S) integer document ids: position t > 0 whose id differs from position t - 1
+            starts a document from zero states (c, n and m); only the row's first document starts from the
+            initial states. None: one document per row. The last states are those of the row's last document.
 
     Returns:
         h (B, NH, S, DHV) in q's dtype, or ``(h, (c, n, m))`` with the last states shaped
         (B, NH, DHQK, DHV), (B, NH, DHQK), (B, NH) in the initial states' dtypes (the state dtype without).
 
     Raises:
-        ValueError: a shape does not match, initial states are given partly, or eps, state_dtype or
-            chunk_size is invalid.
-        TypeError: an input is not a floating-point array.
+        ValueError: a shape does not match (segment_ids' included), initial states are given partly, or eps,
+            state_dtype or chunk_size is invalid.
+        TypeError: an input is not a floating-point array, or segment_ids not an integer one.
 
     Example:
         >>> B, NH, S, DHQK, DHV = 1, 2, 100, 4, 8
@@ -163,6 +170,8 @@ def chunkwise_fw(
     check_eps(eps)
     L = min(check_chunk_size(chunk_size), dims.S)
     unroll = check_chunk_size(scan_unroll, "scan_unroll")
+    segment_ids = check_segment_ids(segment_ids, dims.B, dims.S)
+    starts = None if segment_ids is None else document_starts(segment_ids)[:, None, :]  # (B, 1, S)
     (c0, n0, m0), out_dtypes = prepare_states(
         c_initial,
         n_initial,
@@ -179,24 +188,32 @@ def chunkwise_fw(
     pad = NC * L - S
 
     # Padding steps have log f = 0 and are masked out of every sum, so they leave the states unchanged.
-    # The resets (module docstring of xlstm_jax.mlstm.parallel) are found on the whole sequence.
+    # The breaks (resets and document starts; module docstring of xlstm_jax.mlstm.parallel) are found on the
+    # whole sequence, so a document that starts on a chunk border breaks that chunk's first step.
     i = i[..., 0].astype(acc)
-    log_f, resets = sequence_log_gates(i, f[..., 0].astype(acc), m0.astype(acc))  # (B, NH, S)
+    log_f, breaks, log_start = sequence_log_gates(i, f[..., 0].astype(acc), m0.astype(acc), starts)  # (B, NH, S)
     if pad:
         seq_pad = ((0, 0), (0, 0), (0, pad))
         q, k, v = (jnp.pad(x, (*seq_pad, (0, 0))) for x in (q, k, v))
-        log_f, i, resets = (jnp.pad(x, seq_pad) for x in (log_f, i, resets))
+        log_f, i, breaks = (jnp.pad(x, seq_pad) for x in (log_f, i, breaks))
+        if log_start is not None:
+            log_start = jnp.pad(log_start, seq_pad, constant_values=-jnp.inf)
         valid = (np.arange(NC * L) < S).reshape(NC, L)
     else:
         valid = None
     q, k = (x.reshape(B, NH, NC, L, DHQK) for x in (q, k))
     v = v.reshape(B, NH, NC, L, DHV)
     F = jnp.cumsum(log_f.reshape(B, NH, NC, L), axis=-1)  # (B, NH, NC, L) within each chunk
-    R = jnp.cumsum(resets.reshape(B, NH, NC, L), axis=-1)  # resets within each chunk, inclusive
+    R = jnp.cumsum(breaks.reshape(B, NH, NC, L), axis=-1)  # breaks within each chunk, inclusive
     i = i.reshape(B, NH, NC, L)
+    if log_start is not None:
+        log_start = log_start.reshape(B, NH, NC, L)
 
-    # 1. Each chunk's own contribution to the state at its end.
-    cbar, nbar, ml = block_summary(k, v, F, F[..., -1], i, operand_dtype, valid, R, R[..., -1])  # (B, NH, NC, ...)
+    # 1. Each chunk's own contribution to the state at its end (its running max includes a document that
+    # starts in it, with no key or value: a chunk with a start drops the border state but not that max).
+    cbar, nbar, ml = block_summary(
+        k, v, F, F[..., -1], i, operand_dtype, valid, R, R[..., -1], log_start
+    )  # (B, NH, NC, ...)
 
     # 2. The states at the chunk borders.
     (c_last, n_last, m_last), (c_b, n_b, m_b) = border_states(
@@ -204,7 +221,7 @@ def chunkwise_fw(
     )
 
     # 3. Every chunk's outputs from its border states.
-    h = block_readout(q, k, v, F, i, c_b, n_b, m_b, eps, operand_dtype, valid, R)  # (B, NH, NC, L, DHV)
+    h = block_readout(q, k, v, F, i, c_b, n_b, m_b, eps, operand_dtype, valid, R, log_start)  # (B, NH, NC, L, DHV)
     h = h.reshape(B, NH, NC * L, DHV)[:, :, :S].astype(q.dtype)
     if not return_last_states:
         return h

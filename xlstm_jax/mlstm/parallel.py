@@ -29,6 +29,13 @@ step s on (the recurrent form's h is non-finite there too) and leaves every earl
 such steps enter the products as zeros, and their rows are set to NaN afterwards, so that no ``0 * NaN``
 reaches an earlier row.
 
+Packed documents (``segment_ids``, :mod:`xlstm_jax.mlstm.segments`). A document start breaks the sequence like
+a reset: ``R`` counts *breaks*, resets and starts, and the same masks drop every term across one. What differs
+is the running max: a document starts from the zero state with ``m = 0``, which enters step t of it with log
+weight ``F_t - F_start + logsigmoid(f_start)``. The block functions take that as one more column of the row max
+(``log_start``: ``logsigmoid(f)`` at a start, -inf elsewhere) with no key or value, so every form computes
+the document as if it ran alone, the ``eps`` term included.
+
 Precision: the gates, the cumulative sums and the stabiliser run in float32 (or the state dtype if
 wider). Matrix products take bfloat16/float16 operands when the inputs have that dtype (the gate
 weights are rounded to it just before the product, so GPUs use their tensor cores) and float32
@@ -45,6 +52,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from xlstm_jax.mlstm.checks import check_eps, check_sequence_inputs, resolve_state_dtype
+from xlstm_jax.mlstm.segments import break_gates, check_segment_ids, document_starts, segment_max_bound
 from xlstm_jax.mlstm.stabilizer import (
     finite_max,
     forget_gate_resets,
@@ -93,22 +101,29 @@ def sequence_log_gates(
     i: jax.Array,  # (..., S) input gate pre-activations, in the accumulation dtype
     f: jax.Array,  # (..., S) forget gate pre-activations, in the accumulation dtype
     m0: jax.Array,  # (...) the running max before the first step
-) -> tuple[jax.Array, jax.Array]:
-    """The log forget gates to sum and the reset steps of a sequence (see the module docstring).
+    starts: jax.Array | None = None,  # (..., S) bool: document starts (segments.document_starts), None for none
+) -> tuple[jax.Array, jax.Array, jax.Array | None]:
+    """The log forget gates to sum, the breaks and the document-start column of a sequence (module docstring).
 
     Returns:
-        ``(log_f, resets)``, both (..., S): ``logsigmoid(f)`` with 0 at the resets, and the resets as 0/1 in
-        f's dtype (so that their cumulative sum, ``R``, is computed like F's).
+        ``(log_f, breaks, log_start)``: ``logsigmoid(f)`` with 0 at the resets (..., S); the breaks, resets or
+        document starts, as 0/1 in f's dtype (so that their cumulative sum, ``R``, is computed like F's); and
+        ``log_start`` of :func:`xlstm_jax.mlstm.segments.break_gates` (..., S), None without ``starts``.
     """
-    resets = forget_gate_resets(f, i, max_bound(m0, i)[..., None])
-    return log_forget_gate_masked(f, resets), resets.astype(f.dtype)
+    bound = max_bound(m0, i)
+    if starts is None:
+        resets = forget_gate_resets(f, i, bound[..., None])
+        return log_forget_gate_masked(f, resets), resets.astype(f.dtype), None
+    resets = forget_gate_resets(f, i, segment_max_bound(bound)[..., None])
+    log_f = log_forget_gate_masked(f, resets)
+    return log_f, *break_gates(log_f, resets, starts)
 
 
 def block_log_decay(
     F_L: jax.Array,  # (...) sum of the block's summed log forget gates
-    R_L: jax.Array | None,  # (...) the block's number of resets, or None for none
+    R_L: jax.Array | None,  # (...) the block's number of breaks (resets, document starts), or None for none
 ) -> jax.Array:
-    """The log of the factor by which a block multiplies the states before it: F_L, or -inf after a reset."""
+    """The log of the factor by which a block multiplies the states before it: F_L, or -inf after a break."""
     return F_L if R_L is None else jnp.where(R_L > 0, -jnp.inf, F_L)
 
 
@@ -120,6 +135,18 @@ def _nonfinite_steps(k: jax.Array, v: jax.Array, acc: Any) -> jax.Array:
         return jnp.max(jnp.where(jnp.isfinite(x.astype(acc)), 0.0, 1.0).astype(acc), axis=-1)
 
     return jnp.maximum(bad(k), bad(v))
+
+
+def _start_weights(
+    F: jax.Array,  # (..., L)
+    F_L: jax.Array,  # (...)
+    log_start: jax.Array,  # (..., L)
+    R: jax.Array,  # (..., L) break counts: a start is itself a break, so R is given whenever log_start is
+    R_L: jax.Array,  # (...)
+) -> jax.Array:
+    """(..., L) the log weight at the block's end of the zero state of a document started at step s (running
+    max only): ``F_L - F_s + log_start_s`` where no break follows s in the block, else -inf."""
+    return jnp.where(R_L[..., None] == R, F_L[..., None] - F + log_start, -jnp.inf)
 
 
 def block_readout(
@@ -134,14 +161,16 @@ def block_readout(
     eps: float,
     operand_dtype: Any,
     valid: np.ndarray | None = None,  # (L,) or broadcastable to (..., L): False marks padding steps
-    R: jax.Array | None = None,  # (..., L) inclusive count of resets from the block's start, None for none
+    R: jax.Array | None = None,  # (..., L) inclusive count of breaks from the block's start, None for none
+    log_start: jax.Array | None = None,  # (..., L) document-start column (segments.break_gates), None for none
 ) -> jax.Array:
     """The hidden states of a block of L steps that starts from the states ``(c0, n0, m0)``.
 
     Computes the quadratic form of the module docstring on the block: an (L, L) gate matrix whose row
-    max, together with the initial-state column ``F_t + m0``, is the recurrent running max ``m_t``.
-    Steps marked invalid contribute nothing to later steps (their own outputs are meaningless). Terms that
-    cross a reset are masked out. A step whose k or v is not finite enters the products as zeros, and the
+    max, together with the initial-state column ``F_t + m0`` (and the document-start columns, with
+    ``log_start``), is the recurrent running max ``m_t``. Steps marked invalid contribute nothing to later
+    steps (their own outputs are meaningless). Terms that cross a break (a reset or a document start) are
+    masked out. A step whose k or v is not finite enters the products as zeros, and the
     rows from it on are NaN: earlier rows are exactly those without it.
 
     Args:
@@ -155,7 +184,10 @@ def block_readout(
         eps: Added to the normaliser after the max.
         operand_dtype: Dtype of the matrix products' operands (see :func:`matmul_dtype`).
         valid: Optional mask of the steps that exist.
-        R: Optional inclusive count of the resets in the block (its cumulative sum, like F).
+        R: Optional inclusive count of the breaks in the block (their cumulative sum, like F): resets and,
+            with packed documents, document starts.
+        log_start: Optional, with packed documents: at each document start, the log weight of the zero
+            state's ``m = 0`` (``logsigmoid(f)``), -inf elsewhere. It enters the running max only.
 
     Returns:
         h (..., L, DHV) in F's dtype.
@@ -170,12 +202,15 @@ def block_readout(
     if valid is not None:
         mask = mask & valid[..., None, :]
     if R is not None:
-        mask = mask & (R[..., :, None] == R[..., None, :])  # no reset between s and t
-    log_d = jnp.where(mask, F[..., :, None] - F[..., None, :] + i[..., None, :], -jnp.inf)  # (..., L, L)
+        mask = mask & (R[..., :, None] == R[..., None, :])  # no break between s and t
+    F_ts = F[..., :, None] - F[..., None, :]  # (..., L, L)
+    log_d = jnp.where(mask, F_ts + i[..., None, :], -jnp.inf)  # (..., L, L)
     log_w = F + m0[..., None]  # (..., L) weight of the initial state at each step
     if R is not None:
         log_w = jnp.where(R > 0, -jnp.inf, log_w)
     m = jnp.maximum(log_w, jnp.max(log_d, axis=-1))  # (..., L) the recurrent running max
+    if log_start is not None:  # the zero state of the document that step t belongs to, if it started here
+        m = jnp.maximum(m, jnp.max(jnp.where(mask, F_ts + log_start[..., None, :], -jnp.inf), axis=-1))
     d = jnp.exp(log_d - m[..., None])
     w = jnp.exp(log_w - m)
 
@@ -201,13 +236,16 @@ def block_summary(
     i: jax.Array,  # (..., L)
     operand_dtype: Any,
     valid: np.ndarray | None = None,  # (L,) or broadcastable to (..., L)
-    R: jax.Array | None = None,  # (..., L) inclusive count of resets, None for none
+    R: jax.Array | None = None,  # (..., L) inclusive count of breaks, None for none
     R_L: jax.Array | None = None,  # (...) R at the block's last step
+    log_start: jax.Array | None = None,  # (..., L) document-start column (segments.break_gates), None for none
 ) -> tuple[jax.Array, jax.Array, jax.Array]:
     """What a block of L steps adds to the states, stabilised by its own max.
 
-    Step s enters the state at the block's end with log weight ``a_s = F_L - F_s + i_s`` (-inf when a reset
-    follows it in the block). With ``ml = max_s a_s``, this returns ``cbar = sum_s exp(a_s - ml) k_s v_sᵀ``,
+    Step s enters the state at the block's end with log weight ``a_s = F_L - F_s + i_s`` (-inf when a break
+    follows it in the block). A document start in the block's last stretch (no break after it) adds
+    ``F_L - F_s + log_start_s``, its zero state's running max, to ``ml`` only. With ``ml`` the max of those, this
+    returns ``cbar = sum_s exp(a_s - ml) k_s v_sᵀ``,
     ``nbar = sum_s exp(a_s - ml) k_s`` and ``ml``; :func:`combine_states` adds them to the states before the
     block, decayed by :func:`block_log_decay`.
 
@@ -220,7 +258,10 @@ def block_summary(
         a = jnp.where(valid, a, -jnp.inf)
     if R is not None:
         a = jnp.where(R_L[..., None] == R, a, -jnp.inf)
-    ml, shift = finite_max(a)  # ml = -inf for a block of input gates -inf: it adds nothing
+    if log_start is None:
+        ml, shift = finite_max(a)  # ml = -inf for a block of input gates -inf: it adds nothing
+    else:
+        ml, shift = finite_max(jnp.maximum(a, _start_weights(F, F_L, log_start, R, R_L)))
     k_g = k.astype(acc) * jnp.exp(a - shift[..., None])[..., None]  # (..., L, DHQK)
     cbar = _dot("...sd,...se->...de", k_g, v, operand_dtype, acc)
     return cbar, jnp.sum(k_g, axis=-2), ml
@@ -261,8 +302,9 @@ def block_update(
     F_L: jax.Array,  # (...) F at the block's last step, F[..., -1]
     i: jax.Array,  # (..., L)
     operand_dtype: Any,
-    R: jax.Array | None = None,  # (..., L) inclusive count of resets, None for none
+    R: jax.Array | None = None,  # (..., L) inclusive count of breaks, None for none
     R_L: jax.Array | None = None,  # (...) R at the block's last step
+    log_start: jax.Array | None = None,  # (..., L) document-start column (segments.break_gates), None for none
 ) -> tuple[jax.Array, jax.Array, jax.Array]:
     """The states after a block of L steps, from the states before it, in one pass.
 
@@ -279,9 +321,11 @@ def block_update(
     acc = F.dtype
     a = F_L[..., None] - F + i  # (..., L) log weight of step s at the block's end
     if R is not None:
-        a = jnp.where(R_L[..., None] == R, a, -jnp.inf)  # steps before a reset add nothing
+        a = jnp.where(R_L[..., None] == R, a, -jnp.inf)  # steps before a break add nothing
     log_decay = block_log_decay(F_L, R_L) + m
     m_new = jnp.maximum(log_decay, jnp.max(a, axis=-1))  # a at the last step is finite, so m_new is
+    if log_start is not None:
+        m_new = jnp.maximum(m_new, jnp.max(_start_weights(F, F_L, log_start, R, R_L), axis=-1))
     decay = jnp.exp(log_decay - m_new)
     k_g = k.astype(acc) * jnp.exp(a - m_new[..., None])[..., None]  # (..., L, DHQK)
     c_new = decay[..., None, None] * c + _dot("...sd,...se->...de", k_g, v, operand_dtype, acc)
@@ -301,11 +345,15 @@ def parallel_stabilized_fw(
     return_last_states: bool = False,
     eps: float = 1e-6,
     state_dtype: Any = None,
+    *,
+    segment_ids: jax.Array | None = None,  # (B, S) int
 ) -> jax.Array | tuple[jax.Array, tuple[jax.Array, jax.Array, jax.Array]]:
     """The mLSTM on a whole sequence in quadratic form: O(S²) work, no loop over time.
 
     Forget gates of -inf (or low enough to empty the state) reset the state exactly as in the recurrent
     form; a NaN or inf in k or v at step t makes h NaN from t on and leaves h before t unchanged.
+    With ``segment_ids``, each row is packed documents, each computed as if run alone
+    (:mod:`xlstm_jax.mlstm.segments`).
 
     Args:
         q: Queries (B, NH, S, DHQK).
@@ -320,14 +368,18 @@ def parallel_stabilized_fw(
         eps: Added to the normaliser after the max. Defaults to 1e-6.
         state_dtype: Dtype of the states. If None: the initial states' dtype when given, else float32 (or
             the forget gate's dtype if wider). The stabiliser arithmetic runs in this dtype promoted to float32.
+        segment_ids: Optional (B, S) integer document ids: position t > 0 whose id differs from position t - 1
+            starts a document from zero states (c, n and m); only the row's first document starts from the
+            initial states. None: one document per row. The last states are those of the row's last document.
 
     Returns:
         h (B, NH, S, DHV) in q's dtype, or ``(h, (c, n, m))`` with the last states shaped
         (B, NH, DHQK, DHV), (B, NH, DHQK), (B, NH) in the initial states' dtypes (the state dtype without).
 
     Raises:
-        ValueError: a shape does not match, initial states are given partly, or eps / state_dtype is invalid.
-        TypeError: an input is not a floating-point array.
+        ValueError: a shape does not match (segment_ids' included), initial states are given partly, or
+            eps / state_dtype is invalid.
+        TypeError: an input is not a floating-point array, or segment_ids not an integer one.
 
     Example:
         >>> B, NH, S, DHQK, DHV = 1, 2, 5, 4, 8
@@ -338,6 +390,8 @@ def parallel_stabilized_fw(
     """
     dims, i, f = check_sequence_inputs(q, k, v, i, f, names=("q", "k", "v", "i", "f"))
     check_eps(eps)
+    segment_ids = check_segment_ids(segment_ids, dims.B, dims.S)
+    starts = None if segment_ids is None else document_starts(segment_ids)[:, None, :]  # (B, 1, S)
     (c0, n0, m0), out_dtypes = prepare_states(
         c_initial,
         n_initial,
@@ -350,13 +404,13 @@ def parallel_stabilized_fw(
     operand_dtype = matmul_dtype(jnp.result_type(q, k, v), acc)
     c0, n0, m0 = (x.astype(acc) for x in (c0, n0, m0))
     i = i[..., 0].astype(acc)  # (B, NH, S)
-    log_f, resets = sequence_log_gates(i, f[..., 0].astype(acc), m0)
+    log_f, breaks, log_start = sequence_log_gates(i, f[..., 0].astype(acc), m0, starts)
     F = jnp.cumsum(log_f, axis=-1)  # (B, NH, S) inclusive
-    R = jnp.cumsum(resets, axis=-1)
+    R = jnp.cumsum(breaks, axis=-1)
     given = c_initial is not None  # without states, the zero states' products are skipped
     c_h, n_h = (c0, n0) if given else (None, None)
-    h = block_readout(q, k, v, F, i, c_h, n_h, m0, eps, operand_dtype, R=R).astype(q.dtype)
+    h = block_readout(q, k, v, F, i, c_h, n_h, m0, eps, operand_dtype, R=R, log_start=log_start).astype(q.dtype)
     if not return_last_states:
         return h
-    last = block_update(c0, n0, m0, k, v, F, F[..., -1], i, operand_dtype, R=R, R_L=R[..., -1])
+    last = block_update(c0, n0, m0, k, v, F, F[..., -1], i, operand_dtype, R=R, R_L=R[..., -1], log_start=log_start)
     return h, cast_states(last, out_dtypes)

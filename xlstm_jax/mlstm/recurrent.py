@@ -29,10 +29,11 @@ from xlstm_jax.mlstm.checks import (
     check_step_inputs,
     resolve_state_dtype,
 )
+from xlstm_jax.mlstm.segments import check_segment_ids, document_starts, reset_states
 from xlstm_jax.mlstm.stabilizer import normalize_readout, step_gates
 from xlstm_jax.mlstm.states import cast_states, prepare_states
 
-__all__ = ["recurrent_sequence_fw", "recurrent_step_fw"]
+__all__ = ["recurrent_sequence_fw", "recurrent_sequence_segments_fw", "recurrent_step_fw"]
 
 # The read-out products run in the state dtype; HIGHEST keeps GPUs from using TF32 for float32 dots.
 _PRECISION = jax.lax.Precision.HIGHEST
@@ -149,22 +150,68 @@ def recurrent_sequence_fw(
         >>> h.shape, c.shape, m.shape
         ((1, 2, 5, 8), (1, 2, 4, 8), (1, 2))
     """
+    return recurrent_sequence_segments_fw(
+        queries, keys, values, igate_preact, fgate_preact, c_initial, n_initial, m_initial,
+        return_last_states=return_last_states, eps=eps, state_dtype=state_dtype, use_scan=use_scan,
+        mlstm_step_fn=mlstm_step_fn,
+    )  # fmt: skip
+
+
+def recurrent_sequence_segments_fw(
+    queries: jax.Array,  # (B, NH, S, DHQK)
+    keys: jax.Array,  # (B, NH, S, DHQK)
+    values: jax.Array,  # (B, NH, S, DHV)
+    igate_preact: jax.Array,  # (B, NH, S) or (B, NH, S, 1)
+    fgate_preact: jax.Array,  # (B, NH, S) or (B, NH, S, 1)
+    c_initial: jax.Array | None = None,  # (B, NH, DHQK, DHV)
+    n_initial: jax.Array | None = None,  # (B, NH, DHQK)
+    m_initial: jax.Array | None = None,  # (B, NH)
+    return_last_states: bool = False,
+    eps: float = 1e-6,
+    state_dtype: Any = None,
+    use_scan: bool = False,
+    mlstm_step_fn: StepFn = recurrent_step_fw,
+    *,
+    segment_ids: jax.Array | None = None,  # (B, S) int
+) -> jax.Array | tuple[jax.Array, tuple[jax.Array, jax.Array, jax.Array]]:
+    """:func:`recurrent_sequence_fw` on rows of packed documents (the function of the recurrent backend).
+
+    The documented :func:`recurrent_sequence_fw` keeps its signature and calls this with ``segment_ids=None``.
+
+    Args:
+        queries, keys, values, igate_preact, fgate_preact, c_initial, n_initial, m_initial, return_last_states,
+            eps, state_dtype, use_scan, mlstm_step_fn: As for :func:`recurrent_sequence_fw`.
+        segment_ids: Optional (B, S) integer document ids: before a position t > 0 whose id differs from
+            position t - 1 the states are set to zero (c, n and m), as for a document run alone
+            (:mod:`xlstm_jax.mlstm.segments`); only the row's first document starts from the initial states.
+            None: one document per row. The last states are those of the row's last document.
+
+    Returns:
+        As :func:`recurrent_sequence_fw`.
+
+    Raises:
+        ValueError: as :func:`recurrent_sequence_fw`, or segment_ids is not (B, S).
+        TypeError: as :func:`recurrent_sequence_fw`, or segment_ids is not an integer array.
+    """
     dims, i, f = check_sequence_inputs(queries, keys, values, igate_preact, fgate_preact)
     check_eps(eps)
     if not callable(mlstm_step_fn):
         raise TypeError(f"mlstm_step_fn must be callable, got {type(mlstm_step_fn).__name__}")
+    segment_ids = check_segment_ids(segment_ids, dims.B, dims.S)
     (c, n, m), out_dtypes = prepare_states(
         c_initial, n_initial, m_initial, dims, resolve_state_dtype(state_dtype), default_dtype=f.dtype
     )
 
     def step(carry, x):
-        q_t, k_t, v_t, i_t, f_t = x  # (B, NH, DHQK) x2, (B, NH, DHV), (B, NH, 1) x2
-        c, n, m = carry
+        q_t, k_t, v_t, i_t, f_t, *start_t = x  # (B, NH, DHQK) x2, (B, NH, DHV), (B, NH, 1) x2[, (B, 1) bool]
+        c, n, m = reset_states(carry, start_t[0][:, 0]) if start_t else carry
         h_t, carry = mlstm_step_fn(c=c, n=n, m=m, q=q_t, k=k_t, v=v_t, i=i_t, f=f_t, eps=eps)
         return carry, h_t
 
     carry = (c, n, m[..., None])
     xs = (queries, keys, values, i, f)
+    if segment_ids is not None:
+        xs = (*xs, document_starts(segment_ids)[:, None, :])  # (B, 1, S): time on axis 2, like the inputs
     if use_scan and dims.S > 1:
         carry, h = _checkpointed_scan(step, carry, tuple(jnp.moveaxis(x, 2, 0) for x in xs), dims.S)
         h = jnp.moveaxis(h, 0, 2)
