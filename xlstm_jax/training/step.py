@@ -36,6 +36,7 @@ __all__ = [
     "cross_entropy",
     "global_norm",
     "make_train_step",
+    "train_state_shardings",
 ]
 
 BATCH_KEYS = {"input_ids": jnp.integer, "targets": jnp.integer, "segment_ids": jnp.integer, "loss_mask": jnp.floating}
@@ -74,6 +75,52 @@ def create_train_state(params: Any, optimizer: optax.GradientTransformation, rng
     params = jax.tree.map(jnp.asarray, params)
     opt_state = jax.tree.map(lambda x: jnp.asarray(x, dtype=jnp.asarray(x).dtype), optimizer.init(params))
     return TrainState(step=jnp.zeros((), jnp.int32), params=params, opt_state=opt_state, rng=rng)
+
+
+def train_state_shardings(
+    state: TrainState, config: Any, mesh: Any, optimizer: optax.GradientTransformation
+) -> TrainState:
+    """The shardings of a training state on ``mesh``: a ``TrainState`` of ``NamedSharding``.
+
+    Parameters follow the model's rules (:func:`xlstm_jax.models.xlstm_parallel.sharding.param_specs`); each
+    optimiser-state entry of a parameter (Adam's moments) takes its parameter's sharding
+    (``optax.tree_map_params``); the step counter, the optimiser's counters and the key are replicated.
+
+    Args:
+        state: The state or its shapes (``jax.eval_shape`` of :func:`create_train_state`).
+        config: The model config (``xLSTMLMConfig``).
+        mesh: The ``(data, fsdp, tensor)`` mesh.
+        optimizer: The optimiser the state was made with.
+
+    Example:
+        >>> shardings = train_state_shardings(jax.eval_shape(lambda: state), config, mesh, optimizer)
+        >>> step = make_train_step(model, optimizer, state_shardings=shardings, batch_sharding=batch_sharding(mesh))
+        >>> with jax.set_mesh(mesh):
+        ...     state, metrics = step(jax.device_put(state, shardings), batch)
+    """
+    from jax.sharding import NamedSharding, PartitionSpec
+
+    from xlstm_jax.models.xlstm_parallel.sharding import param_specs
+
+    def is_spec(x: Any) -> bool:
+        return isinstance(x, PartitionSpec)
+
+    specs = param_specs(state.params, config, mesh)
+    opt_specs = optax.tree_map_params(
+        optimizer,
+        lambda _, spec: spec,
+        state.opt_state,
+        specs,
+        transform_non_params=lambda _: PartitionSpec(),
+        is_leaf=is_spec,
+    )
+    replicated = NamedSharding(mesh, PartitionSpec())
+    return TrainState(
+        step=replicated,
+        params=jax.tree.map(lambda spec: NamedSharding(mesh, spec), specs, is_leaf=is_spec),
+        opt_state=jax.tree.map(lambda spec: NamedSharding(mesh, spec), opt_specs, is_leaf=is_spec),
+        rng=replicated,
+    )
 
 
 def cross_entropy(
@@ -173,6 +220,9 @@ def make_train_step(
         batch_sharding: Sharding of each batch array (or a dict of them).
         donate: Donate the input state's buffers to the new state (then the input state must not be used
             again).
+
+    On a mesh, give the shardings (:func:`train_state_shardings`, ``sharding.batch_sharding``) and call the
+    step under ``with jax.set_mesh(mesh):``, so that the model lays its activations out on the mesh.
 
     Returns:
         The jitted step. ``metrics``: ``loss`` (the mean over the batch's counted tokens), ``grad_norm`` (global
