@@ -7,7 +7,13 @@ saves with ``TrainCheckpointer`` and ends with ``export_hf``.
 from xlstm_jax.training.checkpoint import DamagedCheckpointWarning, TrainCheckpointer, export_hf
 from xlstm_jax.training.init import init_params
 from xlstm_jax.training.optim import OptimizerConfig, decay_mask, make_optimizer, make_schedule
-from xlstm_jax.training.step import TrainState, create_train_state, cross_entropy, make_train_step
+from xlstm_jax.training.step import (
+    TrainState,
+    create_train_state,
+    cross_entropy,
+    make_train_step,
+    train_state_shardings,
+)
 
 __all__ = [
     "DamagedCheckpointWarning",
@@ -22,4 +28,5 @@ __all__ = [
     "make_optimizer",
     "make_schedule",
     "make_train_step",
+    "train_state_shardings",
 ]
