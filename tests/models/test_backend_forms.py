@@ -16,7 +16,7 @@ import pytest
 from tests.kernels import INTERPRET
 from tests.mlstm.form_checks import random_inputs
 from tests.numerics import TOL, assert_close
-from tests.reference import recurrent_ref
+from tests.reference import documents_ref, recurrent_ref
 from xlstm_jax.kernels.config import SequenceKernelConfig
 from xlstm_jax.mlstm.recurrent import recurrent_step_fw
 from xlstm_jax.models.xlstm_parallel.blocks.mlstm.backend import (
@@ -75,7 +75,9 @@ def test_one_generic_call(name):
         ("self", inspect.Parameter.empty), ("q", inspect.Parameter.empty), ("k", inspect.Parameter.empty),
         ("v", inspect.Parameter.empty), ("i", inspect.Parameter.empty), ("f", inspect.Parameter.empty),
         ("c_initial", None), ("n_initial", None), ("m_initial", None), ("return_last_states", False),
+        ("segment_ids", None),
     ]  # fmt: skip
+    assert inspect.signature(cls.__call__).parameters["segment_ids"].kind is inspect.Parameter.KEYWORD_ONLY
 
 
 @pytest.mark.parametrize("name", sorted(BACKENDS))
@@ -116,6 +118,23 @@ def test_jit_of_every_backend(name):
     assert_close(name, h_ref, jax.jit(backend)(*args), TOL["float32"], scale=scale)
     h, states = jax.jit(functools.partial(backend, return_last_states=True))(*args)
     assert_close(f"{name} (h with states)", h_ref, h, TOL["float32"], scale=scale)
+    for key, ref, out in zip("cnm", states_ref, states, strict=True):
+        assert_close(f"{name}: {key}", ref, out, TOL["float32"])
+
+
+@pytest.mark.parametrize("name", sorted(BACKENDS))
+def test_every_backend_takes_segment_ids(name):
+    """The generic call passes ``segment_ids`` to every backend's form: packed rows (documents of 1 and 4 on
+    chunk borders, one crossing them, ids repeating non-adjacently) equal their documents run alone, from
+    initial states for each row's first document."""
+    backend = create_mlstm_backend(name, **CPU_KWARGS.get(name, {}))
+    segment_ids = np.array([[0] * 3 + [1] * 1 + [2] * 4 + [3] * 9, [4] * 9 + [7] * 1 + [4] * 7])
+    x = random_inputs(6, 2, 2, 17, 16, 16, states=True, igate="extreme")
+    args = [jnp.asarray(x[key], jnp.float32) for key in INPUTS + STATES]
+    run = jax.jit(functools.partial(backend, return_last_states=True))
+    h, states = run(*args, segment_ids=jnp.asarray(segment_ids))
+    h_ref, states_ref, scale = documents_ref(*(x[key] for key in INPUTS + STATES), segment_ids=segment_ids)
+    assert_close(f"{name}: h", h_ref, h, TOL["float32"], scale=scale)
     for key, ref, out in zip("cnm", states_ref, states, strict=True):
         assert_close(f"{name}: {key}", ref, out, TOL["float32"])
 

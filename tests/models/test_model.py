@@ -234,6 +234,63 @@ def test_gradients_finite_with_padding(backend):
         assert_close(jax.tree_util.keystr(path), np.asarray(w, np.float64), g, TOL["float32-model"])
 
 
+def test_packed_rows_equal_documents_alone():
+    """With ``segment_ids`` every document of a packed row gives the logits it gives alone, and the states returned
+    are those of each row's last document; each row's first document starts from the given states, later ones
+    from zeros. Chunkwise prefill (chunks of 16) under nn.scan over the blocks (the unrolled blocks in
+    tests/test_generation.py); documents of length 1, ending on the chunk border, crossing it. The documents run
+    alone as the rows of one left-padded batch (padding is an exact no-op step, tested elsewhere)."""
+    config, params, rt = load(scan_blocks=True)
+    model = xLSTMLMModel(config, rt)
+    ids = jnp.asarray(peer()["input_ids"][:, :21])
+    B, S = ids.shape
+    segment_ids = np.array([[0] * 1 + [1] * 15 + [2] * 5, [3] * 7 + [9] * 14])
+    docs = [(0, 0, 1), (0, 1, 16), (0, 16, 21), (1, 0, 7), (1, 7, 21)]  # (row, start, end)
+    alone_ids = np.zeros((len(docs), S), np.int32)
+    valid = np.zeros((len(docs), S), bool)
+    for r, (b, lo, hi) in enumerate(docs):
+        alone_ids[r, S - (hi - lo) :] = np.asarray(ids[b, lo:hi])
+        valid[r, S - (hi - lo) :] = True
+    first = np.array([lo == 0 for _, lo, _ in docs])
+    rows = np.array([b for b, _, _ in docs])
+
+    @jax.jit
+    def run(p):
+        keys = jax.random.split(jax.random.key(3), 3)  # random states to start from
+        zeros = ModelStates.zeros(config, B)
+        states = ModelStates(*(jax.random.normal(key, x.shape, x.dtype) for key, x in zip(keys, zeros, strict=True)))
+        packed, packed_states = model.apply(
+            {"params": p}, ids, states, segment_ids=jnp.asarray(segment_ids), return_states=True
+        )
+        # Per document: the row's states for a row's first document, zeros for the others.
+        alone_states = ModelStates(
+            *(jnp.where(first.reshape((1, -1) + (1,) * (x.ndim - 2)), x[:, rows], 0) for x in states)
+        )
+        alone, alone_last = model.apply(
+            {"params": p}, jnp.asarray(alone_ids), alone_states, jnp.asarray(valid), return_states=True
+        )
+        return packed, packed_states, alone, alone_last
+
+    packed, packed_states, alone, alone_last = run(params)
+    expected = np.zeros(packed.shape)
+    for r, (b, lo, hi) in enumerate(docs):
+        expected[b, lo:hi] = alone[r, S - (hi - lo) :]
+    assert_close("packed logits", expected, packed, TOL["float32-model"])
+    last = [r for r, (_, _, hi) in enumerate(docs) if hi == S]
+    for name, a, b in zip("cnm", alone_last, packed_states, strict=True):
+        assert_close(f"state {name}", np.asarray(a[:, last], np.float64), b, TOL["float32-model"])
+
+
+def test_segment_ids_errors():
+    config, params, rt = load()
+    model = xLSTMLMModel(config, rt)
+    ids = jnp.ones((2, 5), jnp.int32)
+    with pytest.raises(ValueError, match=r"segment_ids must be integer \(B, S\)=\(2, 5\).*shape=\(2, 4\)"):
+        model.apply({"params": params}, ids, segment_ids=jnp.zeros((2, 4), jnp.int32))
+    with pytest.raises(ValueError, match=r"segment_ids must be integer.*dtype=float32"):
+        model.apply({"params": params}, ids, segment_ids=jnp.zeros((2, 5), jnp.float32))
+
+
 def _dots(jaxpr) -> list[tuple]:
     """``(precision, operand dtypes)`` of every dot_general in a jaxpr, sub-jaxprs (scan, jit, ...) included."""
     found = []

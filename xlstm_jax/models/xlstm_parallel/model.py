@@ -85,6 +85,7 @@ class xLSTMBlock(nn.Module):
         x: jax.Array | tuple[jax.Array, jax.Array | None],  # (B, S, D); fused decode: (stream, pending addend)
         state: LayerStates,  # this block's (c, n, m), or every block's stacked (with layer_index)
         valid: jax.Array | None,  # (B, S) bool or None
+        segment_ids: jax.Array | None = None,  # (B, S) int or None: packed documents (prefill only)
     ) -> tuple[jax.Array | tuple[jax.Array, jax.Array], LayerStates]:
         cfg = self.config
 
@@ -103,7 +104,7 @@ class xLSTMBlock(nn.Module):
             y, state = layer(x, state, valid, norm=norm_mlstm, residuals=residuals)
             x, h, _ = add_rms_norm(norm_ffn, x, (*residuals, y), interpret=self.runtime.interpret)
             return (x, ffn(h)), state
-        y, state = layer(norm_mlstm(x), state, valid)
+        y, state = layer(norm_mlstm(x), state, valid, segment_ids=segment_ids)
         x = x + y
         return x + ffn(norm_ffn(x)), state
 
@@ -135,6 +136,7 @@ class xLSTMLMModel(nn.Module):
         states: ModelStates | None = None,
         valid: jax.Array | None = None,  # (B, S) bool: False marks padding, which leaves the states untouched
         *,
+        segment_ids: jax.Array | None = None,  # (B, S) int: packed documents
         decode: bool = False,
         return_states: bool = False,
         last_only: bool = False,
@@ -146,6 +148,10 @@ class xLSTMLMModel(nn.Module):
             states: The states to start from (``ModelStates``), or None for zeros.
             valid: Which positions are real tokens (B, S), or None for all. Padded positions are exact
                 no-op steps of the cell; their logits are meaningless.
+            segment_ids: Document ids (B, S) of packed rows, or None for one document per row. A position whose
+                id differs from the previous one starts a document from zero mLSTM states in every block; only
+                a row's first document starts from ``states``. The returned states are those of each row's last
+                document. Decode steps ignore them (a token continues the last document).
             decode: Use the one-token decode step (S must be 1) instead of the prefill backend.
             return_states: Also return the states after the last position.
             last_only: Compute the logits of the last position only (B, 1, V): what generation needs after
@@ -156,7 +162,8 @@ class xLSTMLMModel(nn.Module):
             ``(logits, states)``.
 
         Raises:
-            ValueError: input_ids is not (B, S) integers, the states do not fit, or valid is not (B, S).
+            ValueError: input_ids is not (B, S) integers, the states do not fit, or valid or segment_ids is not
+                (B, S) (segment_ids also when not integer).
         """
         cfg = self.config
         if input_ids.ndim != 2 or not jnp.issubdtype(input_ids.dtype, jnp.integer):
@@ -167,6 +174,15 @@ class xLSTMLMModel(nn.Module):
         B, S = input_ids.shape
         if valid is not None and tuple(valid.shape) != (B, S):
             raise ValueError(f"valid.shape={tuple(valid.shape)} must be (B, S)={(B, S)} of input_ids")
+        if segment_ids is not None and (
+            tuple(segment_ids.shape) != (B, S) or not jnp.issubdtype(segment_ids.dtype, jnp.integer)
+        ):
+            raise ValueError(
+                f"segment_ids must be integer (B, S)={(B, S)} of input_ids, got segment_ids.shape="
+                f"{tuple(segment_ids.shape)} dtype={segment_ids.dtype}"
+            )
+        if decode:
+            segment_ids = None  # one token continues the last document
         if states is None:
             states = ModelStates.zeros(cfg, B)
         else:
@@ -192,16 +208,16 @@ class xLSTMLMModel(nn.Module):
             x = (x, None)
 
         if runtime.scan_blocks:
-            # The block's (x, state, valid) signature is nn.scan's (carry, xs, broadcast).
+            # The block's (x, state, valid, segment_ids) signature is nn.scan's (carry, xs, broadcast, broadcast).
             blocks = nn.scan(
                 xLSTMBlock,
                 variable_axes={"params": 0},
                 split_rngs={"params": True},
-                in_axes=(0, nn.broadcast),
+                in_axes=(0, nn.broadcast, nn.broadcast),
                 length=cfg.num_blocks,
             )(cfg, runtime, decode, name="blocks")
             try:
-                x, new_states = blocks(x, tuple(states), valid)
+                x, new_states = blocks(x, tuple(states), valid, segment_ids)
             except ValueError as e:
                 # Seen on an H200 with jax 0.11.2 and flax 0.12.10 (not with jax 0.10 on a CPU): flax's scan
                 # rejects the body when the Pallas decode step is compiled in it. Say what to do instead.
@@ -221,7 +237,7 @@ class xLSTMLMModel(nn.Module):
             new_states = tuple(states)
             for layer in range(cfg.num_blocks):
                 block = xLSTMBlock(cfg, runtime, decode, layer, name=f"blocks_{layer}")
-                x, new_states = block(x, new_states, valid)
+                x, new_states = block(x, new_states, valid, segment_ids)
             new_states = ModelStates(*new_states)
 
         out_norm = RMSNorm(cfg.norm_eps, cfg.norm_reduction_force_float32, cfg.jnp_param_dtype, name="out_norm")

@@ -113,8 +113,13 @@ class mLSTMLayer(nn.Module):
         valid: jax.Array | None = None,  # (B, S) bool: False marks padding (an exact no-op step)
         norm: RMSNorm | None = None,
         residuals: tuple[jax.Array, ...] = (),  # each (B, S, D)
+        segment_ids: jax.Array | None = None,  # (B, S) int: packed documents (prefill only)
     ) -> tuple[jax.Array, LayerStates]:
         """Returns ``y (B, S, D)`` in ``config.dtype`` and the states after the last position (stacked as given).
+
+        With ``segment_ids`` the prefill backend runs each row as packed documents: a position whose id differs
+        from the previous one starts from zero states (:mod:`xlstm_jax.mlstm.segments`). The decode step
+        ignores them (one token continues the last document).
 
         With ``norm`` (the block's ``RMSNorm``; a fused decode, ``runtime.decode_fusion``), the layer's input is
         ``norm(x + residuals)``: the adds, the norm and the gate product with its soft cap run in one
@@ -180,7 +185,18 @@ class mLSTMLayer(nn.Module):
             i, f = gates[..., :NH].transpose(0, 2, 1), gates[..., NH:].transpose(0, 2, 1)  # (B, NH, S)
             backend = create_prefill_backend(cfg, self.runtime)
             c0, n0, m0 = state if layer is None else (t[layer] for t in state)
-            h, (c, n, m) = backend(q, k, v, i, f, c_initial=c0, n_initial=n0, m_initial=m0, return_last_states=True)
+            h, (c, n, m) = backend(
+                q,
+                k,
+                v,
+                i,
+                f,
+                c_initial=c0,
+                n_initial=n0,
+                m_initial=m0,
+                return_last_states=True,
+                segment_ids=segment_ids,
+            )
             if layer is not None:
                 c, n, m = (t.at[layer].set(u) for t, u in zip(state, (c, n, m), strict=True))
         h = h.astype(cfg.compute_dtype).transpose(0, 2, 1, 3)  # (B, S, NH, DHV)

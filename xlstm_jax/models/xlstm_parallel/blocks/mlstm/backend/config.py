@@ -80,7 +80,8 @@ class mLSTMBackend(nn.Module):
     """An mLSTM backend: maps (q, k, v, i, f) and optional initial states to h (and the last states).
 
     The generic backend: ``__call__`` runs the subclass's ``form`` (a pure function of ``xlstm_jax.mlstm`` or
-    ``xlstm_jax.kernels`` with the signature of the sequence forms) with ``config.form_kwargs()``. A subclass
+    ``xlstm_jax.kernels`` with the signature of the sequence forms and a keyword ``segment_ids``) with
+    ``config.form_kwargs()``. A subclass
     sets ``config_class`` and ``form`` and says whether it can be vmapped over the heads dimension.
 
     Raises:
@@ -111,6 +112,8 @@ class mLSTMBackend(nn.Module):
         n_initial: jax.Array | None = None,  # (B, NH, DHQK)
         m_initial: jax.Array | None = None,  # (B, NH)
         return_last_states: bool = False,
+        *,
+        segment_ids: jax.Array | None = None,  # (B, S) int
     ) -> jax.Array | tuple[jax.Array, tuple[jax.Array, jax.Array, jax.Array]]:
         """Runs the backend's form with the config's settings.
 
@@ -124,6 +127,9 @@ class mLSTMBackend(nn.Module):
             n_initial: Initial normaliser state (B, NH, DHQK), or None for zeros.
             m_initial: Initial max state (B, NH), or None for zeros. Give all three states or none.
             return_last_states: Also return the states after the last step.
+            segment_ids: Optional (B, S) integer document ids of packed rows: a position whose id differs from
+                the previous one starts a document from zero states (c, n and m); only the row's first document
+                starts from the initial states (:mod:`xlstm_jax.mlstm.segments`). None: one document per row.
 
         Returns:
             h (B, NH, S, DHV), or ``(h, (c, n, m))`` with the last states (B, NH, DHQK, DHV), (B, NH, DHQK),
@@ -139,6 +145,7 @@ class mLSTMBackend(nn.Module):
             n_initial=n_initial,
             m_initial=m_initial,
             return_last_states=return_last_states,
+            segment_ids=segment_ids,
             **self.config.form_kwargs(),
         )
 

@@ -2,14 +2,16 @@
 
 The math lives in :mod:`xlstm_jax.mlstm.recurrent`; this module re-exports its two functions under the
 documented names and declares the backend and its config (the call is the generic one of
-:class:`~xlstm_jax.models.xlstm_parallel.blocks.mlstm.backend.config.mLSTMBackend`).
+:class:`~xlstm_jax.models.xlstm_parallel.blocks.mlstm.backend.config.mLSTMBackend`). The backend runs
+:func:`~xlstm_jax.mlstm.recurrent.recurrent_sequence_segments_fw`, the documented ``recurrent_sequence_fw``
+with packed documents (``segment_ids``), so that the documented function keeps its signature.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
 
-from xlstm_jax.mlstm.recurrent import recurrent_sequence_fw, recurrent_step_fw
+from xlstm_jax.mlstm.recurrent import recurrent_sequence_fw, recurrent_sequence_segments_fw, recurrent_step_fw
 from xlstm_jax.models.xlstm_parallel.blocks.mlstm.backend.config import check_bool, mLSTMBackend, mLSTMBackendConfig
 
 __all__ = ["mLSTMBackendRecurrent", "mLSTMBackendRecurrentConfig", "recurrent_sequence_fw", "recurrent_step_fw"]
@@ -35,7 +37,7 @@ class mLSTMBackendRecurrentConfig(mLSTMBackendConfig):
 
 
 class mLSTMBackendRecurrent(mLSTMBackend):
-    """The mLSTM in recurrent form, one step per time step (``recurrent_sequence_fw``).
+    """The mLSTM in recurrent form, one step per time step (``recurrent_sequence_fw``, with ``segment_ids``).
 
     Example:
         >>> backend = mLSTMBackendRecurrent(config=mLSTMBackendRecurrentConfig(use_scan=True))
@@ -44,7 +46,7 @@ class mLSTMBackendRecurrent(mLSTMBackend):
 
     config: mLSTMBackendRecurrentConfig
     config_class = mLSTMBackendRecurrentConfig
-    form = staticmethod(recurrent_sequence_fw)
+    form = staticmethod(recurrent_sequence_segments_fw)
 
     @property
     def can_vmap_over_heads(self) -> bool:
