@@ -87,7 +87,19 @@ def test_constant_schedule_without_warmup():
 
 @pytest.fixture(scope="module")
 def params():
-    return init_params(xLSTMLMConfig.tiny(), jax.random.PRNGKey(0))
+    """A small tree with the model's parameter names (the rules go by name): matrices, norm weights, a bias."""
+    shapes = {
+        "embedding": {"embedding": (11, 6)},
+        "blocks_0": {
+            "mlstm_layer": {"qkvo_kernel": (6, 8), "if_bias": (4,), "multihead_norm": {"weight": (4,)}},
+            "norm_mlstm": {"weight": (6,)},
+            "ffn": {"proj_down": {"kernel": (9, 6)}},
+        },
+        "lm_head": {"kernel": (6, 11)},
+    }
+    leaves, treedef = jax.tree.flatten(shapes, is_leaf=lambda x: isinstance(x, tuple))
+    keys = jax.random.split(jax.random.PRNGKey(0), len(leaves))
+    return jax.tree.unflatten(treedef, [1.0 + 0.1 * jax.random.normal(k, s) for k, s in zip(keys, leaves, strict=True)])
 
 
 @pytest.mark.parametrize("scan_blocks", [False, True])
@@ -119,7 +131,7 @@ def test_weight_decay_only_on_matrices(params):
     config = OptimizerConfig(learning_rate=lr, warmup_steps=0, total_steps=10, schedule="constant", weight_decay=wd)
     optimizer = make_optimizer(config)
     grads = jax.tree.map(jnp.zeros_like, params)
-    updates, _ = optimizer.update(grads, optimizer.init(params), params)
+    updates, _ = jax.jit(optimizer.update)(grads, optimizer.init(params), params)
     new = optax.apply_updates(params, updates)
     for (path, p), q in zip(jax.tree_util.tree_flatten_with_path(params)[0], jax.tree.leaves(new), strict=True):
         name = jax.tree_util.keystr(path)
@@ -139,7 +151,7 @@ def test_clipping_precedes_adamw(params):
     assert norm > 0.5
     clipped = jax.tree.map(lambda g: g * (0.5 / norm), grads)
     optimizer, unclipped = make_optimizer(config), make_optimizer(config.replace(clip_norm=None))
-    got, _ = optimizer.update(grads, optimizer.init(params), params)
+    got, _ = jax.jit(optimizer.update)(grads, optimizer.init(params), params)
     want, _ = unclipped.update(clipped, unclipped.init(params), params)
     far, _ = unclipped.update(grads, unclipped.init(params), params)
     for g, w in zip(jax.tree.leaves(got), jax.tree.leaves(want), strict=True):
