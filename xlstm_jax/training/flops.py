@@ -39,8 +39,9 @@ The normaliser's vector products (``q·n``, the key sums) are O(DHQK) per token 
 element-wise operations (gates, norms, soft caps, the loss). S enters only through ``L = min(chunk_size,
 S)``: a padded last chunk is not counted (per-token FLOPs of the real tokens).
 
-For the shapes of the benchmark (D=2048, 24 blocks, NH=4, DHQK=256, DHV=512, V=50304, S=4096, L=256) the
-mLSTM term is under 1% of the total. BENCHMARKS.md gives the figures.
+For the shapes of the training benchmark (D=2048, 24 blocks, NH=4, DHQK=256, DHV=512, V=50304, S=4096, L=256:
+8.11 GFLOPs per trained token) the FFN is 60% of the total, the q, k, v, o projections 22%, the LM head 8%,
+the output projection 7% and the mLSTM cell's products 2.6%.
 """
 
 from __future__ import annotations
