@@ -12,6 +12,7 @@ import numpy as np
 import pytest
 
 from tests.models.fixture import load, peer
+from tests.numerics import TOL, assert_close
 from xlstm_jax.generation import (
     MAX_NEW_TOKENS,
     MIN_TOKEN_BUFFER,
@@ -22,6 +23,7 @@ from xlstm_jax.generation import (
     _step_jit,
     generate,
     pad_prompts,
+    prefill,
     stream,
 )
 
@@ -158,6 +160,50 @@ def test_prompts_as_arrays_and_numpy_ints():
     ids, valid = pad_prompts(np.asarray([[5, 6, 7]]), pad_token_id=1, multiple_of=2)
     np.testing.assert_array_equal(ids, [[1, 5, 6, 7]])
     np.testing.assert_array_equal(valid, [[False, True, True, True]])
+
+
+def test_packed_prompts_continue_their_last_document():
+    """A prompt packed after other documents (``segment_ids``) generates what the last document generates alone:
+    row 0 packs a document of 9 tokens before the 21-token prompt (crossing the chunk border at 16) and gives the
+    transformers peer's greedy tokens; row 1 (ids 5, 5, 2, ...: only changes matter) packs one of 2 before a
+    4-token prompt, left-padded in the batch; the states after the generated tokens are those of the prompts run
+    alone. ``stream`` draws the same tokens."""
+    config, params, rt = load()
+    other = PROMPTS[0][:9]
+    packed = [other + PROMPTS[0], PROMPTS[1][:2] + PROMPTS[1]]
+    segment_ids = [[0] * 9 + [1] * 21, [5, 5, 2, 2, 2, 2]]
+    n = 6
+    out = generate(config, params, packed, n, stop_tokens=(), runtime=rt, segment_ids=segment_ids)
+    alone = generate(config, params, PROMPTS, n, stop_tokens=(), runtime=rt)
+    np.testing.assert_array_equal(np.asarray(out.tokens[0]), peer()["greedy"][0, :n])
+    np.testing.assert_array_equal(np.asarray(out.tokens), np.asarray(alone.tokens))
+    for name, a, b in zip("cnm", alone.states, out.states, strict=True):
+        assert_close(f"state {name}", np.asarray(a, np.float64), b, TOL["float32-model"])
+    as_array = np.asarray([segment_ids[0]])  # an integer array (B, S) like the prompts
+    head = list(itertools.islice(stream(config, params, packed[:1], n, runtime=rt, segment_ids=as_array), 3))
+    np.testing.assert_array_equal(np.concatenate(head), peer()["greedy"][0, :3])
+
+
+@pytest.mark.parametrize(
+    "segment_ids, error, message",
+    [
+        ([[0, 0, 1]], ValueError, "segment_ids has shape (1, 3) but must be the prompts' (B, S)=(1, 4)"),
+        (np.zeros((2, 4), np.int32), ValueError, "segment_ids has shape (2, 4) but must be the prompts' (B, S)=(1, 4)"),
+        (np.zeros(4, np.int32), ValueError, "segment_ids.shape=(4,) must be the prompts' (B, S)=(1, 4)"),
+        (np.zeros((1, 4)), TypeError, "segment_ids must be integer ids, got an array of dtype float64"),
+        ([[0, 0, 1.0, 1]], TypeError, "segment_ids must be B lists of int ids"),
+        ("0011", TypeError, "segment_ids must be an integer array (B, S) or B lists of ints"),
+    ],
+)
+@pytest.mark.parametrize("api", ["generate", "stream"])
+def test_segment_ids_must_match_the_prompts(api, segment_ids, error, message):
+    config, params, rt = load()
+    call = {"generate": generate, "stream": stream}[api]
+    with pytest.raises(error) as info:
+        call(config, params, [PROMPTS[1]], 4, runtime=rt, segment_ids=segment_ids)
+    assert message in str(info.value), str(info.value)
+    with pytest.raises(ValueError, match=r"segment_ids must be integer \(B, S\)=\(1, 4\)"):
+        prefill(config, params, np.asarray([PROMPTS[1]]), segment_ids=np.zeros((1, 3), np.int32), runtime=rt)
 
 
 @pytest.mark.parametrize(

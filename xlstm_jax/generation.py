@@ -21,6 +21,9 @@ cell, so a padded prompt leaves the same states as the unpadded one; all prompts
 position and decode in lockstep. A sequence that has emitted a stop token gets ``pad_token_id`` from then
 on, and its state is frozen the same way.
 
+A prompt may hold several packed documents (``segment_ids``): each starts from zero states, as if run alone,
+and generation continues the prompt's last document.
+
 Sampling (``SamplingConfig``): greedy (``temperature=0``), or temperature with optional top-k and top-p
 filtering, from an explicit PRNG key: the key of step t is ``fold_in(key, t)``, so a run is reproducible
 and the streaming path (:func:`stream`) draws exactly the tokens of :func:`generate`.
@@ -276,9 +279,16 @@ class _Carry(NamedTuple):
 
 
 @functools.partial(jax.jit, static_argnames=("config", "runtime"))
-def _prefill(config: xLSTMLMConfig, runtime: RuntimeConfig, params: Any, input_ids: jax.Array, valid: jax.Array | None):
+def _prefill(
+    config: xLSTMLMConfig,
+    runtime: RuntimeConfig,
+    params: Any,
+    input_ids: jax.Array,
+    valid: jax.Array | None,
+    segment_ids: jax.Array | None = None,
+):
     logits, states = xLSTMLMModel(config, runtime).apply(
-        {"params": params}, input_ids, None, valid, return_states=True, last_only=True
+        {"params": params}, input_ids, None, valid, segment_ids=segment_ids, return_states=True, last_only=True
     )
     return logits[:, 0], states
 
@@ -289,6 +299,7 @@ def prefill(
     input_ids: jax.Array,  # (B, S) int
     valid: jax.Array | None = None,  # (B, S) bool, False at (left) padding
     *,
+    segment_ids: jax.Array | None = None,  # (B, S) int, packed documents
     runtime: RuntimeConfig = RuntimeConfig(),
 ) -> tuple[jax.Array, ModelStates]:
     """Runs the prompt through the model once with the prefill backend (jitted).
@@ -298,13 +309,20 @@ def prefill(
         params: The model parameters (laid out for ``runtime.scan_blocks``).
         input_ids: (B, S) int token ids, e.g. from :func:`pad_prompts`.
         valid: (B, S) bool, False at (left) padding; None when nothing is padded.
+        segment_ids: (B, S) int document ids of packed prompts, or None: a position whose id differs from the
+            previous one starts a document from zero states; the states returned are those of each row's last
+            document. Give padded positions the id of the row's first document (padding is a no-op step).
         runtime: How the model runs (``RuntimeConfig``).
 
     Returns:
         The logits of the last position (B, V) float32 and the states of every block (``ModelStates``).
+
+    Raises:
+        ValueError: segment_ids (or valid) is not (B, S) of input_ids, or segment_ids is not integer.
     """
     valid = None if valid is None else jnp.asarray(valid)
-    return _prefill(config, runtime, params, jnp.asarray(input_ids, jnp.int32), valid)
+    segment_ids = None if segment_ids is None else jnp.asarray(segment_ids)
+    return _prefill(config, runtime, params, jnp.asarray(input_ids, jnp.int32), valid, segment_ids)
 
 
 def _initial_state(states: ModelStates, logits: jax.Array) -> _DecodeState:
@@ -402,6 +420,52 @@ def _check_key(key: Any, sampling: SamplingConfig) -> jax.Array:
     return key
 
 
+def _prompt_segments(segment_ids: Any, prompts: list[list[int]], S: int) -> jax.Array | None:
+    """The document ids of the prompts, left-padded like them to (B, S) int32 (None stays None).
+
+    Each row is relabelled 0, 1, 2, ... by document (only where an id changes matters, so any integer ids
+    fit in int32); padded positions get the label of the row's first document, so that padding stays a no-op
+    step before it rather than a document of its own.
+
+    Raises:
+        TypeError: not integer ids (an integer array (B, S), or B lists of ints).
+        ValueError: a shape or row length that does not match the prompts.
+    """
+    if segment_ids is None:
+        return None
+    lengths = [len(p) for p in prompts]
+    if len(set(lengths)) == 1:
+        expected = f"the prompts' (B, S)={(len(prompts), lengths[0])}"
+    else:
+        expected = f"one id per prompt token, B={len(prompts)} rows of lengths {lengths}"
+    if isinstance(segment_ids, np.ndarray | jax.Array):
+        if segment_ids.dtype == bool or not np.issubdtype(segment_ids.dtype, np.integer):
+            raise TypeError(f"segment_ids must be integer ids, got an array of dtype {segment_ids.dtype}")
+        if segment_ids.ndim != 2:
+            raise ValueError(f"segment_ids.shape={tuple(segment_ids.shape)} must be {expected}")
+        rows = np.asarray(segment_ids).tolist()
+    elif isinstance(segment_ids, Sequence) and not isinstance(segment_ids, str | bytes):
+        rows = []
+        for b, row in enumerate(segment_ids):
+            if isinstance(row, np.ndarray | jax.Array):
+                row = np.asarray(row).tolist() if np.issubdtype(row.dtype, np.integer) and row.ndim == 1 else None
+            if not isinstance(row, Sequence) or isinstance(row, str | bytes) or not all(_is_int(t) for t in row):
+                raise TypeError(f"segment_ids must be B lists of int ids or an integer array, got {row!r} at row {b}")
+            rows.append([int(t) for t in row])
+    else:
+        raise TypeError(
+            f"segment_ids must be an integer array (B, S) or B lists of ints, got {type(segment_ids).__name__}"
+        )
+    if [len(r) for r in rows] != lengths:
+        shape = (len(rows), len(rows[0])) if rows and len({len(r) for r in rows}) == 1 else [len(r) for r in rows]
+        raise ValueError(f"segment_ids has shape {shape} but must be {expected}")
+    out = np.zeros((len(rows), S), np.int32)
+    for b, row in enumerate(rows):
+        row = np.asarray(row, object)
+        out[b, S - len(row) :] = np.concatenate([[0], np.cumsum(row[1:] != row[:-1])]).astype(np.int32)
+    return jnp.asarray(out)
+
+
 def _prepare(
     config: xLSTMLMConfig,
     prompts: Any,
@@ -412,7 +476,8 @@ def _prepare(
     pad_token_id: int | None,
     pad_to_multiple_of: int,
     runtime: RuntimeConfig,
-) -> tuple[jax.Array, jax.Array | None, jax.Array, jax.Array, int, int]:
+    segment_ids: Any = None,
+) -> tuple[jax.Array, jax.Array | None, jax.Array | None, jax.Array, jax.Array, int, int]:
     """Checks the arguments of :func:`generate` and :func:`stream` and turns them into arrays."""
     if not isinstance(config, xLSTMLMConfig):
         raise TypeError(f"config must be an xLSTMLMConfig, got {type(config).__name__}")
@@ -440,9 +505,10 @@ def _prepare(
     prompts = _token_lists(prompts)
     _check_token_range(prompts, V, "vocab_size")
     ids, valid = pad_prompts(prompts, int(pad_token_id), pad_to_multiple_of)
+    segments = _prompt_segments(segment_ids, prompts, ids.shape[1])
     valid_arg = None if valid.all() else jnp.asarray(valid)
     stop = jnp.asarray(stop_tokens, jnp.int32).reshape(-1)
-    return jnp.asarray(ids), valid_arg, key, stop, int(pad_token_id), max_new_tokens
+    return jnp.asarray(ids), valid_arg, segments, key, stop, int(pad_token_id), max_new_tokens
 
 
 def generate(
@@ -458,6 +524,7 @@ def generate(
     pad_to_multiple_of: int = 1,
     return_logits: bool = False,
     runtime: RuntimeConfig = RuntimeConfig(),
+    segment_ids: Sequence[Sequence[int]] | np.ndarray | jax.Array | None = None,
 ) -> GenerationResult:
     """Generates up to ``max_new_tokens`` tokens after each prompt.
 
@@ -477,6 +544,9 @@ def generate(
         pad_to_multiple_of: See :func:`pad_prompts`.
         return_logits: Also return the (B, N, V) logits each token was drawn from.
         runtime: How the model runs: the prefill backend, then the decode step (``RuntimeConfig``).
+        segment_ids: Document ids of packed prompts, shaped like ``prompts`` (an integer array (B, S), or one
+            list per prompt of its length), or None for one document per prompt. Each document starts from zero
+            states, as if run alone; generation continues each prompt's last document.
 
     Returns:
         A :class:`GenerationResult`: tokens (B, N) int32, num_generated (B,) int32, logits (B, N, V)
@@ -485,15 +555,16 @@ def generate(
     Raises:
         TypeError: prompts that are not token ids (text, floats, bools, wrong nesting), a max_new_tokens that
             is not an int, or a key that is not a PRNG key.
-        ValueError: empty prompts, token ids out of range, max_new_tokens out of range, or sampling without
-            a key.
+        ValueError: empty prompts, token ids out of range, max_new_tokens out of range, sampling without
+            a key, or segment_ids whose shape does not match the prompts.
     """
-    ids, valid, key, stop, pad, max_new_tokens = _prepare(
-        config, prompts, max_new_tokens, sampling, key, stop_tokens, pad_token_id, pad_to_multiple_of, runtime
-    )
+    ids, valid, segments, key, stop, pad, max_new_tokens = _prepare(
+        config, prompts, max_new_tokens, sampling, key, stop_tokens, pad_token_id, pad_to_multiple_of, runtime,
+        segment_ids,
+    )  # fmt: skip
     if not isinstance(return_logits, bool):
         raise TypeError(f"return_logits must be a bool, got {return_logits!r}")
-    logits, states = _prefill(config, runtime, params, ids, valid)
+    logits, states = _prefill(config, runtime, params, ids, valid, segments)
     buffer_length = _token_buffer_length(max_new_tokens)
     carry = _decode_loop(
         config,
@@ -540,6 +611,7 @@ def stream(
     pad_token_id: int | None = None,
     pad_to_multiple_of: int = 1,
     runtime: RuntimeConfig = RuntimeConfig(),
+    segment_ids: Sequence[Sequence[int]] | np.ndarray | jax.Array | None = None,
 ) -> Iterator[np.ndarray]:
     """Like :func:`generate`, but yields each step's tokens (B,) int32 as soon as they are drawn.
 
@@ -550,19 +622,22 @@ def stream(
     same whatever ``max_new_tokens`` is, and nothing is recompiled when it changes. The next step is
     dispatched before the drawn tokens are copied to the host, so the device does not wait for the caller.
     It stops after ``max_new_tokens`` steps or once every sequence has emitted a stop token (its tokens
-    included).
+    included). ``segment_ids`` are packed prompts' document ids, as for :func:`generate`.
 
     Returns:
         An iterator of (B,) int32 NumPy arrays, one per step.
     """
-    ids, valid, key, stop, pad, max_new_tokens = _prepare(
-        config, prompts, max_new_tokens, sampling, key, stop_tokens, pad_token_id, pad_to_multiple_of, runtime
-    )
-    return _stream(config, params, ids, valid, max_new_tokens, sampling, key, stop, pad, runtime)
+    ids, valid, segments, key, stop, pad, max_new_tokens = _prepare(
+        config, prompts, max_new_tokens, sampling, key, stop_tokens, pad_token_id, pad_to_multiple_of, runtime,
+        segment_ids,
+    )  # fmt: skip
+    return _stream(config, params, ids, valid, segments, max_new_tokens, sampling, key, stop, pad, runtime)
 
 
-def _stream(config, params, ids, valid, max_new_tokens, sampling, key, stop, pad, runtime) -> Iterator[np.ndarray]:
-    logits, states = _prefill(config, runtime, params, ids, valid)
+def _stream(
+    config, params, ids, valid, segments, max_new_tokens, sampling, key, stop, pad, runtime
+) -> Iterator[np.ndarray]:
+    logits, states = _prefill(config, runtime, params, ids, valid, segments)
     state = _initial_state(states, logits)
     stop_host = np.asarray(stop)
     done = np.zeros(ids.shape[0], bool)
