@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from xlstm_jax.kernels.head_norm import head_norm_gate_pallas
 from xlstm_jax.kernels.recurrent_step import check_step_kernel_call, recurrent_step_kernel, recurrent_step_pallas
@@ -31,10 +32,17 @@ from xlstm_jax.mlstm.checks import check_stacked_states, check_step_inputs
 from xlstm_jax.mlstm.recurrent import recurrent_step_fw
 from xlstm_jax.models.xlstm_parallel.blocks.norm import head_norm_gate
 from xlstm_jax.models.xlstm_parallel.runtime import RuntimeConfig
+from xlstm_jax.models.xlstm_parallel.sharding import logical_shards, shard_map_batch_heads
 
 __all__ = ["mlstm_decode_step", "split_gates", "split_qkv"]
 
 States = tuple[jax.Array, jax.Array, jax.Array]
+
+# Logical names of the step's arrays (``sharding.shard_map_batch_heads``): one layer's states c, n, m (B, NH, 1),
+# the stacked ones (L first), inputs (B, NH, DH) and gates (B, NH).
+_C, _N, _BH1 = ("batch", "heads", None, None), ("batch", "heads", None), ("batch", "heads", None)
+_LC, _LN, _LM = ("layers", *_C), ("layers", *_N), ("layers", "batch", "heads")
+_BHD, _BH = ("batch", "heads", None), ("batch", "heads")
 
 
 def split_qkv(
@@ -137,7 +145,12 @@ def mlstm_decode_step(
             h, (c, n, m) = recurrent_step_fw(c, n, m[..., None], q, k, v, i, f, eps=eps)
         else:
             kernel = {"config": runtime.step_kernel, "interpret": runtime.interpret}
-            h, (c, n, m) = recurrent_step_pallas(c, n, m[..., None], q, k, v, i, f, eps=eps, **kernel)
+            step = shard_map_batch_heads(
+                lambda *a: recurrent_step_pallas(*a, eps=eps, **kernel),
+                (_C, _N, _BH1, _BHD, _BHD, _BHD, _BH, _BH),
+                (_BHD, (_C, _N, _BH1)),
+            )
+            h, (c, n, m) = step(c, n, m[..., None], q, k, v, i, f)
         if head_norm is not None:
             h = head_norm_gate(h, _o_columns(qkv, NH, DHQK, DHV), *head_norm)
         return h, (c, n, m[..., 0])
@@ -169,21 +182,47 @@ def _stacked_step_xla(c, n, m, layer, inputs, qkv, eps, head_norm) -> tuple[jax.
 
 def _stacked_step_pallas(c, n, m, layer, qkv, gates, eps, config, interpret, head_norm) -> tuple[jax.Array, States]:
     """The stacked step by the step kernel, q, k, v and the gates read in place from the projections; with
-    ``head_norm`` the read-out kernel after it (which also writes n', m' into the stacks)."""
+    ``head_norm`` the read-out kernel after it (which also writes n', m' into the stacks).
+
+    Under a mesh the kernels run per device on its rows and heads (``sharding.shard_map_batch_heads``). Where
+    the heads are split over devices, each device needs its heads' columns of q, k, v, o and the gates, which
+    are not one block of the fused projections: these are then sliced into separate sources first.
+    """
     L, B, NH, DHQK, DHV = c.shape
-    BH = B * NH
-    stacks = (c.reshape(L, BH, DHQK, DHV), n.reshape(L, BH, DHQK), m.reshape(L, BH))
-    layout = {"qkv_heads": NH, "qkv_offsets": (0, NH * DHQK, 2 * NH * DHQK), "gate_heads": NH, "gate_offsets": (0, NH)}
-    kernel = {"layer": layer, "eps": eps, "config": config, "interpret": interpret, "combine": head_norm is None}
-    h, c_new, n_new, m_new = recurrent_step_kernel(*stacks, qkv, qkv, qkv, gates, gates, **layout, **kernel)
-    c_new = c_new.reshape(c.shape)
-    if head_norm is None:
-        n_new = n.at[layer].set(n_new.reshape(n.shape[1:]))
-        m_new = m.at[layer].set(m_new.reshape(m.shape[1:]))
-        return h.reshape(B, NH, DHV), (c_new, n_new, m_new)
-    weight, norm_eps = head_norm
-    y, (n_stack, m_stack) = head_norm_gate_pallas(
-        h, qkv, weight, num_heads=NH, o_offset=NH * (2 * DHQK + DHV), norm_eps=norm_eps, m=m_new, eps=eps,
-        states=(n_new, stacks[1], stacks[2], layer), interpret=interpret,
-    )  # fmt: skip
-    return y, (c_new, n_stack.reshape(n.shape), m_stack.reshape(m.shape))
+    weight = None if head_norm is None else head_norm[0]
+    if logical_shards("heads", NH) == 1:  # every device holds all heads: the fused projections as they are
+        sources, source_names = (qkv, gates), (("batch", None), ("batch", None))
+    else:
+        widths = [NH * DHQK, NH * DHQK, NH * DHV, NH * DHV]
+        sources = (*jnp.split(qkv[:, : sum(widths)], np.cumsum(widths)[:-1], axis=-1), *jnp.split(gates, 2, axis=-1))
+        source_names = (("batch", "heads"),) * 6
+
+    def step(c, n, m, weight, *sources):  # one device's rows and heads (all of them without a mesh)
+        L, B, NH = c.shape[:3]
+        BH = B * NH
+        if len(sources) == 2:  # q, k, v, o at their offsets in qkv; i then f in gates
+            (qkv, gates), fused = sources, 1
+            q = k = v = o = qkv
+            i = f = gates
+        else:
+            (q, k, v, o, i, f), fused = sources, 0
+        stacks = (c.reshape(L, BH, DHQK, DHV), n.reshape(L, BH, DHQK), m.reshape(L, BH))
+        offsets = (0, fused * NH * DHQK, fused * 2 * NH * DHQK)
+        layout = {"qkv_heads": NH, "qkv_offsets": offsets, "gate_heads": NH, "gate_offsets": (0, fused * NH)}
+        kernel = {"layer": layer, "eps": eps, "config": config, "interpret": interpret, "combine": head_norm is None}
+        h, c_new, n_new, m_new = recurrent_step_kernel(*stacks, q, k, v, i, f, **layout, **kernel)
+        c_new = c_new.reshape(c.shape)
+        if head_norm is None:
+            n_new = n.at[layer].set(n_new.reshape(n.shape[1:]))
+            m_new = m.at[layer].set(m_new.reshape(m.shape[1:]))
+            return h.reshape(B, NH, DHV), (c_new, n_new, m_new)
+        y, (n_stack, m_stack) = head_norm_gate_pallas(
+            h, o, weight, num_heads=NH, o_offset=fused * NH * (2 * DHQK + DHV), norm_eps=head_norm[1], m=m_new,
+            eps=eps, states=(n_new, stacks[1], stacks[2], layer), interpret=interpret,
+        )  # fmt: skip
+        return y, (c_new, n_stack.reshape(n.shape), m_stack.reshape(m.shape))
+
+    out_names = (_BHD if head_norm is None else ("batch", "heads"), (_LC, _LN, _LM))
+    weight_names = None if weight is None else ("heads",)
+    step = shard_map_batch_heads(step, (_LC, _LN, _LM, weight_names, *source_names), out_names)
+    return step(c, n, m, weight, *sources)

@@ -40,11 +40,14 @@ loadable checkpoint (see there).
 
 from __future__ import annotations
 
+import contextlib
+import functools
 import json
+import math
 import os
 import re
 import uuid
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
 from pathlib import Path, PurePosixPath, PureWindowsPath
 from typing import Any
 
@@ -356,19 +359,44 @@ def check_hf_tensors(config: xLSTMLMConfig, shapes: Mapping[str, tuple[int, ...]
     raise ValueError("\n".join(lines))
 
 
-def _check_values(tensors: Mapping[str, Any], what: str) -> None:
-    """Raises ``ValueError`` listing the tensors that are not floating point, then those with NaN or inf."""
-    dtypes = {name: np.dtype(getattr(x, "dtype", np.asarray(x).dtype)) for name, x in tensors.items()}
-    not_float = sorted(f"{name} ({dtype})" for name, dtype in dtypes.items() if not jnp.issubdtype(dtype, jnp.floating))
+def _is_float(dtype: Any) -> bool:
+    try:
+        return jnp.issubdtype(jnp.dtype(dtype), jnp.floating)
+    except TypeError:  # a name NumPy and JAX do not know (safetensors' rarer types)
+        return False
+
+
+def _check_dtypes(dtypes: Mapping[str, Any], what: str) -> None:
+    """Raises ``ValueError`` listing the tensors (name -> dtype or dtype name) that are not floating point."""
+    not_float = sorted(
+        f"{name} ({d if isinstance(d, str) else np.dtype(d)})" for name, d in dtypes.items() if not _is_float(d)
+    )
     if not_float:
         raise ValueError(_listing(f"{what} must be floating point; not float", not_float).strip())
-    non_finite = []
-    for name in sorted(tensors):
-        bad = int(np.size(tensors[name]) - np.count_nonzero(np.isfinite(np.asarray(jax.device_get(tensors[name])))))
-        if bad:
-            non_finite.append(f"{name} ({bad} of {np.size(tensors[name])} values)")
+
+
+def _check_finite(counts: Mapping[str, tuple[int, int]], what: str) -> None:
+    """Raises ``ValueError`` listing the tensors with NaN or inf, from name -> (non-finite values, size)."""
+    non_finite = [f"{name} ({bad} of {size} values)" for name, (bad, size) in sorted(counts.items()) if bad]
     if non_finite:
         raise ValueError(_listing(f"{what} must be finite; NaN or inf in", non_finite).strip())
+
+
+def _non_finite(x: Any) -> int:
+    return int(np.size(x) - np.count_nonzero(np.isfinite(np.asarray(jax.device_get(x)))))
+
+
+def _check_values(tensors: Mapping[str, Any], what: str) -> None:
+    """Raises ``ValueError`` listing the tensors that are not floating point, then those with NaN or inf."""
+    _check_dtypes({name: getattr(x, "dtype", np.asarray(x).dtype) for name, x in tensors.items()}, what)
+    _check_finite({name: (_non_finite(x), int(np.size(x))) for name, x in tensors.items()}, what)
+
+
+def _tied_head_error() -> ValueError:
+    return ValueError(
+        f"tie_word_embeddings=True but {_LM_HEAD} differs from {_EMBEDDING}; transformers computes with "
+        f"{_LM_HEAD}: load with tie_word_embeddings=False"
+    )
 
 
 def _set(tree: dict, path: tuple[str, ...], value: Any) -> None:
@@ -403,10 +431,7 @@ def hf_tensors_to_params(
     _check_values(tensors, "checkpoint tensors")
     head = tensors.get(_LM_HEAD) if config.tie_word_embeddings else None
     if head is not None and not np.array_equal(np.asarray(head), np.asarray(tensors[_EMBEDDING])):
-        raise ValueError(
-            f"tie_word_embeddings=True but {_LM_HEAD} differs from {_EMBEDDING}; transformers computes with "
-            f"{_LM_HEAD}: load with tie_word_embeddings=False"
-        )
+        raise _tied_head_error()
     dtype = config.jnp_param_dtype
 
     def convert(x: Any, transpose: bool) -> jax.Array:
@@ -569,42 +594,67 @@ def _read_index(path: Path) -> dict[str, str]:
     return weight_map
 
 
-def _read_safetensors(path: Path) -> dict[str, np.ndarray]:
+def _open_safetensors(path: Path, stack: contextlib.ExitStack) -> Any:
+    """An open ``safe_open`` handle of ``path`` (closed with ``stack``); its tensors are read on demand."""
     from safetensors import safe_open
 
     if not path.is_file():
         raise FileNotFoundError(f"{path} does not exist")
+    with _naming(path):
+        return stack.enter_context(safe_open(path, framework="numpy"))
+
+
+@contextlib.contextmanager
+def _naming(path: Path) -> Iterator[None]:
+    """Turns an error of the safetensors library while reading ``path`` into a ValueError naming the file."""
     try:
-        with safe_open(path, framework="numpy") as f:
-            return {key: f.get_tensor(key) for key in f.keys()}  # noqa: SIM118 - handles are not iterable
+        yield
     except Exception as error:  # safetensors raises its own error type for a malformed file
         raise ValueError(f"{path} is not a readable safetensors file: {error}") from None
 
 
-def _read_tensors(model_dir: Path) -> dict[str, np.ndarray]:
-    """All tensors of the checkpoint in ``model_dir`` (``model.safetensors`` first, as transformers reads)."""
+def _open_checkpoint(model_dir: Path, stack: contextlib.ExitStack) -> dict[str, tuple[Path, Any]]:
+    """Every tensor of the checkpoint in ``model_dir`` -> ``(file, open handle)`` (``model.safetensors`` first,
+    as transformers reads), with the index checked against the files' contents; nothing is read yet."""
     if (model_dir / WEIGHTS_NAME).is_file():
-        return _read_safetensors(model_dir / WEIGHTS_NAME)
+        path = model_dir / WEIGHTS_NAME
+        handle = _open_safetensors(path, stack)
+        with _naming(path):
+            return dict.fromkeys(handle.keys(), (path, handle))  # noqa: SIM118 - handles are not iterable
     index = model_dir / INDEX_NAME
     if not index.is_file():
         raise FileNotFoundError(f"{model_dir} has neither {WEIGHTS_NAME} nor {INDEX_NAME}")
     weight_map = _read_index(index)
-    tensors: dict[str, np.ndarray] = {}
+    sources: dict[str, tuple[Path, Any]] = {}
     for name in sorted(set(weight_map.values())):
-        for key, value in _read_safetensors(model_dir / name).items():
-            if key in tensors:
+        path = model_dir / name
+        handle = _open_safetensors(path, stack)
+        with _naming(path):
+            keys = list(handle.keys())
+        for key in keys:
+            if key in sources:
                 raise ValueError(f"tensor {key!r} appears in more than one file of {model_dir}")
             if weight_map.get(key) != name:
                 raise ValueError(f"tensor {key!r} is in {name} but {index} maps it to {weight_map.get(key)!r}")
-            tensors[key] = value
-    absent = sorted(set(weight_map) - set(tensors))
+            sources[key] = (path, handle)
+    absent = sorted(set(weight_map) - set(sources))
     if absent:
         raise ValueError(_listing(f"{index} lists tensors that no file holds", absent).strip())
-    return tensors
+    return sources
+
+
+def _read_tensors(model_dir: Path) -> dict[str, np.ndarray]:
+    """All tensors of the checkpoint in ``model_dir`` (``model.safetensors`` first, as transformers reads)."""
+    with contextlib.ExitStack() as stack:
+        tensors = {}
+        for key, (path, handle) in _open_checkpoint(model_dir, stack).items():
+            with _naming(path):
+                tensors[key] = handle.get_tensor(key)
+        return tensors
 
 
 def load_hf(
-    model_dir: str | Path, *, scan_blocks: bool = False, **config_overrides: Any
+    model_dir: str | Path, *, scan_blocks: bool = False, mesh: jax.sharding.Mesh | None = None, **config_overrides: Any
 ) -> tuple[xLSTMLMConfig, dict[str, Any]]:
     """Loads a Hugging Face xLSTM directory.
 
@@ -612,6 +662,13 @@ def load_hf(
         model_dir: Directory with ``config.json`` and ``model.safetensors`` or a sharded index.
         scan_blocks: Lay the parameters out for ``RuntimeConfig(scan_blocks=True)`` (see
             :func:`hf_tensors_to_params`).
+        mesh: None: the whole checkpoint is read into host memory, converted and placed on the default device.
+            A ``jax.sharding.Mesh`` with the axes ``data``, ``fsdp``, ``tensor``: each parameter is created
+            straight on its shards (``sharding.param_shardings``), each device's block read from the files
+            alone (``safe_open(...).get_slice``; a fused parameter's block from the matching rows of the
+            tensors it joins). No device holds more than its shards, and the host no more than one block at a
+            time (two row blocks of the embedding and the head where a tied config is checked). The values are
+            those of the load without a mesh, bit for bit; the checks are the same.
         **config_overrides: Fields of our config to set on top of ``config.json`` (e.g. ``dtype``).
 
     Returns:
@@ -623,22 +680,29 @@ def load_hf(
         FileNotFoundError: no config or weights, or a shard the index names is missing.
         ValueError: a file that is not valid JSON or safetensors, an index entry outside ``model_dir``, a
             config that is not supported, or tensors missing, unexpected, mis-shaped, not floating point or
-            not finite (each named).
-        TypeError: a config value of the wrong type (named).
+            not finite (each named); a mesh without the axes.
+        TypeError: a config value of the wrong type (named), or a mesh that is not a ``Mesh``.
 
     Example:
         >>> config, params = load_hf("xLSTM-7b", dtype="bfloat16")
         >>> logits = xLSTMLMModel(config).apply({"params": params}, input_ids)
+        >>> mesh = make_mesh(MeshConfig(fsdp=-1))  # every device's 1/N of each parameter, read from disk
+        >>> config, params = load_hf("xLSTM-7b", dtype="bfloat16", mesh=mesh)
     """
     model_dir = Path(model_dir)
+    if mesh is not None and not isinstance(mesh, jax.sharding.Mesh):
+        raise TypeError(f"mesh must be a jax.sharding.Mesh or None, got {type(mesh).__name__}")
     if not (model_dir / CONFIG_NAME).is_file():
         raise FileNotFoundError(f"{model_dir / CONFIG_NAME} does not exist")
     config = config_from_hf(_read_json(model_dir / CONFIG_NAME, "the model config"), **config_overrides)
+    untie = config.tie_word_embeddings and "tie_word_embeddings" not in config_overrides
+    if mesh is not None:
+        with contextlib.ExitStack() as stack:
+            return _load_onto_mesh(_open_checkpoint(model_dir, stack), config, untie, scan_blocks, mesh)
     tensors = _read_tensors(model_dir)
     head, embedding = tensors.get(_LM_HEAD), tensors.get(_EMBEDDING)
     if (
-        config.tie_word_embeddings
-        and "tie_word_embeddings" not in config_overrides
+        untie
         and head is not None
         and embedding is not None
         and head.shape == embedding.shape
@@ -646,6 +710,125 @@ def load_hf(
     ):
         config = config.replace(tie_word_embeddings=False)
     return config, hf_tensors_to_params(config, tensors, scan_blocks=scan_blocks)
+
+
+def _read_block(sources: Mapping[str, tuple[Path, Any]], name: str, index: tuple[slice, ...]) -> np.ndarray:
+    """``tensor[index]`` of the checkpoint tensor ``name``, read from its file alone (slices of step 1)."""
+    path, handle = sources[name]
+    with _naming(path):
+        return np.asarray(handle.get_slice(name)[index])
+
+
+def _equal_rows(sources: Mapping[str, tuple[Path, Any]], a: str, b: str, rows: int, blocks: int = 8) -> bool:
+    """Whether two checkpoint tensors of ``rows`` rows are equal, compared ``rows / blocks`` rows at a time."""
+    step = max(1, -(-rows // blocks))
+    for start in range(0, rows, step):
+        index = (slice(start, min(start + step, rows)),)
+        if not np.array_equal(_read_block(sources, a, index), _read_block(sources, b, index)):
+            return False
+    return True
+
+
+def _param_parts(config: xLSTMLMConfig, path: tuple[str, ...]) -> tuple[list[list[str]], bool]:
+    """``(names, transpose)``: the checkpoint tensors of parameter ``path``, side by side along its last axis,
+    per layer (scanned blocks, ``blocks/...``: L lists; else one); torch's (out, in) transposed where
+    ``transpose``."""
+    top = {
+        ("embedding", "embedding"): (_EMBEDDING, False),
+        ("out_norm", "weight"): ("backbone.out_norm.weight", False),
+        ("lm_head", "kernel"): (_LM_HEAD, True),
+    }
+    if path in top:
+        name, transpose = top[path]
+        return [[name]], transpose
+    suffixes, transpose = _BLOCK_PARAMS[path[1:]]
+    layers = range(config.num_blocks) if path[0] == "blocks" else [int(path[0][len("blocks_") :])]
+    return [[f"backbone.blocks.{layer}.{suffix}" for suffix in suffixes] for layer in layers], transpose
+
+
+def _param_block(
+    sources: Mapping[str, tuple[Path, Any]],
+    names: list[list[str]],  # per layer, the tensors side by side along the last axis (see _param_parts)
+    widths: list[int],  # their widths along that axis
+    transpose: bool,
+    stacked: bool,  # the parameter has a leading layer axis L (scanned blocks)
+    shape: tuple[int, ...],  # the parameter's
+    dtype: Any,
+    counts: dict[str, list[int]],  # tensor -> [non-finite values, size], updated
+    seen: set[tuple],  # blocks already counted (a replica asks for the same block again)
+    index: tuple[slice, ...],  # the block, one slice per dimension of the parameter
+) -> np.ndarray:
+    """One device's block of a parameter, read from the checkpoint tensors it is made of: the columns of the
+    block that fall in each tensor, from that tensor's matching rows (torch layout) or columns."""
+    index = tuple(slice(*s.indices(d)) for s, d in zip(index, shape, strict=True))
+    bounds = tuple((s.start, s.stop) for s in index)
+    count = bounds not in seen
+    seen.add(bounds)
+    layers = range(index[0].start, index[0].stop) if stacked else [0]
+    *lead, cols = index[1:] if stacked else index
+    out = []
+    for layer in layers:
+        pieces, start = [], 0
+        for name, width in zip(names[layer], widths, strict=True):
+            lo, hi = max(cols.start, start), min(cols.stop, start + width)
+            if lo < hi:
+                part = slice(lo - start, hi - start)
+                x = _read_block(sources, name, (part, *reversed(lead)) if transpose else (*lead, part))
+                if count:
+                    counts[name][0] += _non_finite(x)
+                pieces.append(np.asarray(x.T if transpose else x, dtype))
+            start += width
+        out.append(np.concatenate(pieces, axis=-1))
+    return np.stack(out) if stacked else out[0]
+
+
+def _load_onto_mesh(
+    sources: Mapping[str, tuple[Path, Any]], config: xLSTMLMConfig, untie: bool, scan_blocks: bool, mesh: Any
+) -> tuple[xLSTMLMConfig, dict[str, Any]]:
+    """:func:`load_hf` with a mesh: the same checks, then each parameter made from its devices' blocks."""
+    from xlstm_jax.models.xlstm_parallel.sharding import param_shardings
+
+    shapes, dtypes = {}, {}
+    for name, (path, handle) in sources.items():
+        with _naming(path):
+            view = handle.get_slice(name)
+            shapes[name], dtypes[name] = tuple(view.get_shape()), view.get_dtype()
+    head, embedding = shapes.get(_LM_HEAD), shapes.get(_EMBEDDING)
+    rows_equal = None
+    if head is not None and head == embedding and (untie or config.tie_word_embeddings):
+        rows_equal = _equal_rows(sources, _LM_HEAD, _EMBEDDING, head[0])
+        if untie and not rows_equal:
+            config = config.replace(tie_word_embeddings=False)
+    check_hf_tensors(config, shapes)
+    _check_dtypes({name: _SAFETENSORS_DTYPES.get(d, d) for name, d in dtypes.items()}, "checkpoint tensors")
+    if config.tie_word_embeddings and rows_equal is False:
+        raise _tied_head_error()
+
+    dtype = config.jnp_param_dtype
+    flat = expected_param_shapes(config, scan_blocks=scan_blocks)
+    tree: dict[str, Any] = {}
+    for key, shape in flat.items():
+        _set(tree, tuple(key.split("/")), jax.ShapeDtypeStruct(shape, dtype))
+    shardings = param_shardings(tree, config, mesh)
+    counts = {name: [0, math.prod(shape)] for name, shape in shapes.items()}  # non-finite values, size
+    params: dict[str, Any] = {}
+    for key, shape in flat.items():
+        path = tuple(key.split("/"))
+        names, transpose = _param_parts(config, path)
+        widths = [shapes[name][0 if transpose else -1] for name in names[0]]
+        stacked = path[0] == "blocks"
+        read = functools.partial(_param_block, sources, names, widths, transpose, stacked, shape, dtype, counts, set())
+        _set(params, path, jax.make_array_from_callback(shape, _get(shardings, path), read))
+    _check_finite({name: (bad, size) for name, (bad, size) in counts.items()}, "checkpoint tensors")
+    return config, params
+
+
+# safetensors' dtype names -> NumPy's (for the messages and the floating-point check)
+_SAFETENSORS_DTYPES = {
+    "F64": "float64", "F32": "float32", "F16": "float16", "BF16": "bfloat16", "I64": "int64", "I32": "int32",
+    "I16": "int16", "I8": "int8", "U64": "uint64", "U32": "uint32", "U16": "uint16", "U8": "uint8", "BOOL": "bool",
+    "F8_E4M3": "float8_e4m3fn", "F8_E5M2": "float8_e5m2",
+}  # fmt: skip
 
 
 def _old_files(model_dir: Path) -> tuple[set[str] | None, set[str]]:

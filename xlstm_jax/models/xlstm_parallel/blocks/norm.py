@@ -16,6 +16,7 @@ import jax
 import jax.numpy as jnp
 
 from xlstm_jax.kernels.add_rms_norm import add_rms_norm_pallas, rms_norm
+from xlstm_jax.models.xlstm_parallel.sharding import shard_map_batch_heads
 
 __all__ = ["MultiHeadLayerNorm", "RMSNorm", "add_rms_norm", "head_norm_gate", "multihead_layer_norm"]
 
@@ -58,7 +59,8 @@ def add_rms_norm(
 
     Args:
         norm: The ``RMSNorm`` module whose weight and eps are used; its statistics must be float32.
-        x: (..., D); residuals: each (..., D) in x's dtype.
+        x: (B, ..., D); residuals: each (B, ..., D) in x's dtype. Under a mesh (``jax.set_mesh``) the kernel
+            runs per device on its block of B (``sharding.shard_map_batch_heads``).
         return_sum: Return s (else None: it is not written).
         interpret: The kernel's ``interpret`` argument (``RuntimeConfig.interpret``).
         side: ``side_weight`` (D, G), ``side_bias`` (G,), ``side_cap`` of ``add_rms_norm_pallas``.
@@ -68,17 +70,33 @@ def add_rms_norm(
     """
     if not norm.force_float32_reductions:
         raise ValueError("add_rms_norm computes the RMSNorm statistics in float32: force_float32_reductions=False")
-    lead, D = x.shape[:-1], x.shape[-1]
-    s, y, g = add_rms_norm_pallas(
-        x.reshape(-1, D),
-        norm(x, normalize=False),
-        [r.reshape(-1, D) for r in residuals],
-        eps=norm.eps,
-        return_sum=return_sum,
-        interpret=interpret,
-        **side,
+    weight = norm(x, normalize=False)
+    side_weight, side_bias, side_cap = (
+        side.pop("side_weight", None),
+        side.pop("side_bias", None),
+        side.pop("side_cap", None),
     )
-    return tuple(None if t is None else t.reshape(*lead, t.shape[-1]) for t in (s, y, g))
+    if side:
+        raise TypeError(f"add_rms_norm got unexpected keyword arguments {sorted(side)}")
+
+    def kernel(x, weight, side_weight, side_bias, *residuals):  # one device's rows (all of them without a mesh)
+        lead, D = x.shape[:-1], x.shape[-1]
+        s, y, g = add_rms_norm_pallas(
+            x.reshape(-1, D),
+            weight,
+            [r.reshape(-1, D) for r in residuals],
+            eps=norm.eps,
+            return_sum=return_sum,
+            interpret=interpret,
+            side_weight=side_weight,
+            side_bias=side_bias,
+            side_cap=side_cap,
+        )
+        return tuple(None if t is None else t.reshape(*lead, t.shape[-1]) for t in (s, y, g))
+
+    rows = ("batch",) + (None,) * (x.ndim - 1)  # the first axis is the batch; each row is normalised alone
+    kernel = shard_map_batch_heads(kernel, (rows, None, None, None) + (rows,) * len(residuals), (rows, rows, rows))
+    return kernel(x, weight, side_weight, side_bias, *residuals)
 
 
 def multihead_layer_norm(x: jax.Array, weight: jax.Array, eps: float, float32_stats: bool = True) -> jax.Array:
