@@ -230,6 +230,8 @@ def main(argv: Sequence[str] | None = None) -> dict:
     for mode in a.modes:
         B = a.compiled_batch if mode == "compiled" else a.eager_batch
         row: dict[str, Any] = {"mode": mode, "B": B, "S": a.S, "flops_per_token": fpt}
+        if device == "cuda":
+            torch.cuda.reset_peak_memory_stats()
         try:
             model = build_model(config, a, device)
             step, last_loss = make_step(model, B, a.S, mode == "compiled", device)
@@ -245,8 +247,7 @@ def main(argv: Sequence[str] | None = None) -> dict:
             row.update(status="ok", **timing.as_row(), tokens_per_s=tokens_per_s, mfu=tokens_per_s * fpt / rate)
             row["loss"] = float(last_loss[0])  # of the last step: finite, and near log(V) on random tokens
             if device == "cuda":
-                row["peak_gib"] = torch.cuda.max_memory_allocated() / 2**30
-                torch.cuda.reset_peak_memory_stats()
+                row["peak_gib"] = torch.cuda.max_memory_allocated() / 2**30  # of this mode (reset before it)
             report.add("train", row)
         model = step = last_loss = None
         release(device)
