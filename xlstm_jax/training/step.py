@@ -18,7 +18,6 @@ to float32 rounding). Parameters and optimiser state keep their dtype (float32 f
 
 from __future__ import annotations
 
-import inspect
 from collections.abc import Callable, Mapping
 from typing import Any
 
@@ -189,10 +188,6 @@ def check_batch(batch: Mapping[str, jax.Array], accum_steps: int) -> tuple[int, 
     return shape
 
 
-def _takes_segment_ids(model: nn.Module) -> bool:
-    return "segment_ids" in inspect.signature(type(model).__call__).parameters
-
-
 def make_train_step(
     model: nn.Module,
     optimizer: optax.GradientTransformation,
@@ -242,12 +237,10 @@ def make_train_step(
             f"state_shardings={'None' if state_shardings is None else 'given'}, "
             f"batch_sharding={'None' if batch_sharding is None else 'given'}"
         )
-    segment_kw = _takes_segment_ids(model)
 
     def loss_and_grad(params: Any, micro: Mapping[str, jax.Array]) -> tuple[tuple[jax.Array, jax.Array], Any]:
         def loss_sum(params: Any) -> tuple[jax.Array, jax.Array]:
-            kwargs = {"segment_ids": micro["segment_ids"]} if segment_kw else {}
-            logits = model.apply({"params": params}, micro["input_ids"], **kwargs)
+            logits = model.apply({"params": params}, micro["input_ids"], segment_ids=micro["segment_ids"])
             return cross_entropy(logits, micro["targets"], micro["loss_mask"])
 
         (total, count), grads = jax.value_and_grad(loss_sum, has_aux=True)(params)
