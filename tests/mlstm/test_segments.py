@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import functools
 
-import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
@@ -128,18 +127,6 @@ def test_gradients(form):
     x, reference = _gradient_case()
     fn, dtype = (PALLAS, "float32") if form == "pallas" else (XLA_FORMS[form], "float64")
     check_gradients(fn, x, dtype, segment_ids=GRAD_SEGMENTS, reference=reference)
-
-
-def test_one_document_per_row_is_no_segments():
-    """Segment ids that never change give the result without them (chunkwise)."""
-    x = random_inputs(9, 2, 2, 11, 3, 5, states=True)
-    args = [jnp.asarray(x[name], jnp.float32) for name in ("q", "k", "v", "i", "f", "c0", "n0", "m0")]
-    run = jax.jit(
-        lambda *a, segment_ids=None: XLA_FORMS["chunkwise"](*a, return_last_states=True, segment_ids=segment_ids)
-    )
-    same = jnp.full((2, 11), 7, jnp.int32)
-    for a, b in zip(jax.tree.leaves(run(*args)), jax.tree.leaves(run(*args, segment_ids=same)), strict=True):
-        assert_close("no segments vs one segment", np.asarray(a, np.float64), b, TOL["float32"])
 
 
 @pytest.mark.parametrize("form", [*XLA_FORMS.values(), PALLAS])

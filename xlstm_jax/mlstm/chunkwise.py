@@ -18,7 +18,9 @@ S DHQK DHV), memory O(S L + NC DHQK DHV) per head.
 
 Forget gates that empty the state (resets, f = -inf among them) and non-finite keys or values are handled
 as in the parallel form (:mod:`xlstm_jax.mlstm.parallel`): resets are found on the whole sequence and mask
-the terms that cross them inside chunks, and zero a chunk's decay of the border state.
+the terms that cross them inside chunks, and zero a chunk's decay of the border state. Document starts of
+packed rows (``segment_ids``) do the same, and the running max carried to the next border continues from the
+started document's ``m = 0`` (:mod:`xlstm_jax.mlstm.segments`).
 
 Precision: gates, cumulative sums and all stabiliser arithmetic run in float32 (or the state dtype if wider);
 log-gate sums only span one chunk. Matrix products take bfloat16 operands for bfloat16 inputs (tensor cores)

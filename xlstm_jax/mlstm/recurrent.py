@@ -8,6 +8,8 @@ For each batch element and head, with states c (DHQK, DHV), n (DHQK) and the run
 
 A forget gate pre-activation of -inf (forget gate 0) gives logsigmoid(f) = -inf and f' = 0: the state is reset.
 This form is the definition the other forms follow at such gates (see :mod:`xlstm_jax.mlstm.stabilizer`).
+Packed documents (:func:`recurrent_sequence_segments_fw`): before a document's first step the states are set
+to zero, c = n = 0 and m = 0 (:mod:`xlstm_jax.mlstm.segments`).
 
 Precision: the state dtype is c's dtype. q, k, v and the gates are upcast to it, so the state update,
 the read-out products q̂·c' and q̂·n' and the division all run in the state dtype; only h is cast back

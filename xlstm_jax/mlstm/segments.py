@@ -17,6 +17,11 @@ the start with no key or value (:func:`break_gates` gives that ``log_start``); a
 state before survives. Such a document-start column takes part in the row max of every block and in the
 running max carried across chunk or block borders, so a document that starts inside a chunk drops the carried
 state and keeps its own ``m`` track.
+
+A NaN or inf in k or v keeps its meaning within a document (h is not finite from that step on, and exactly
+unchanged before it). Later documents of the same row are NaN in the log-space forms, which carry the poisoned
+state into a product with a zero weight, while the recurrent forms start them from exact zeros; a row with a
+non-finite input has no specified h after it.
 """
 
 from __future__ import annotations
