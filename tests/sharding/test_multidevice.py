@@ -24,8 +24,9 @@ import optax
 import pytest
 from jax.sharding import NamedSharding, PartitionSpec
 
-from tests.numerics import TOL, assert_close
+from tests.numerics import TOL, assert_close, make_inputs
 from xlstm_jax.generation import generate
+from xlstm_jax.kernels.recurrent_sequence import recurrent_sequence_pallas
 from xlstm_jax.models.xlstm_parallel.config import xLSTMLMConfig
 from xlstm_jax.models.xlstm_parallel.hf import load_hf
 from xlstm_jax.models.xlstm_parallel.model import xLSTMLMModel
@@ -36,6 +37,7 @@ from xlstm_jax.models.xlstm_parallel.sharding import (
     logical_constraint,
     make_mesh,
     param_specs,
+    shard_map_sequence_form,
     shard_params,
     state_specs,
 )
@@ -196,7 +198,12 @@ def test_sharded_model_equals_single_device(reference, shape):
         _assert_trees_close("optimiser state", reference["opt_state"], opt_state, TOL["float32-model"])
 
         # generate: prefill, then the Pallas step and fused norms (interpret mode) inside shard_map.
-        out = _generate(shard_params(_unrolled(reference["params"]), mesh, CONFIG))
+        unrolled = shard_params(_unrolled(reference["params"]), mesh, CONFIG)
+        out = _generate(unrolled)
+        step = jax.make_jaxpr(
+            lambda p, ids, states: xLSTMLMModel(CONFIG, DECODE).apply({"params": p}, ids, states, decode=True)
+        )(unrolled, jnp.zeros((4, 1), jnp.int32), out.states)
+        assert str(step).count("shard_map") == 3 * CONFIG.num_blocks + 1  # per block: 2 norms, the step; out norm
     ref = reference["generated"]
     np.testing.assert_array_equal(np.asarray(out.tokens), np.asarray(ref.tokens))
     np.testing.assert_array_equal(np.asarray(out.num_generated), np.asarray(ref.num_generated))
@@ -242,3 +249,25 @@ def test_hf_checkpoint_loads_onto_its_shards(scan_blocks):
         kernel = params["blocks" if scan_blocks else "blocks_1"]["mlstm_layer"]["qkvo_kernel"]
         D, W = config.embedding_dim, 2 * config.qk_dim + 2 * config.v_dim
         assert kernel.addressable_shards[0].data.shape[-2:] == (D // fsdp, W // tensor)
+
+
+def test_pallas_sequence_form_per_device():
+    """The recurrent_pallas backend's form under shard_map_sequence_form on 2x2x2: 2 rows split over data only
+    (fsdp gets the rows whole), 2 heads over tensor; h, the last states and every gradient (initial states
+    included) equal the call without a mesh, packed documents and interpret mode included."""
+    x = make_inputs(np.random.default_rng(3), 2, 2, 11, 16, 16, states=True)
+    x = {name: jnp.asarray(value, jnp.float32) for name, value in x.items()}
+    segment_ids = jnp.asarray([[1] * 4 + [2] * 7, [1] * 11], jnp.int32)
+    form = shard_map_sequence_form(recurrent_sequence_pallas)
+
+    def loss(x):
+        args = (x["q"], x["k"], x["v"], x["i"], x["f"], x["c0"], x["n0"], x["m0"], True)
+        h, (c, n, m) = form(*args, segment_ids=segment_ids, interpret=True)
+        return jnp.sum(h * jnp.cos(h)) + jnp.sum(c * x["c0"]) + jnp.sum(jnp.sin(n)) + jnp.sum(m), (h, c, n, m)
+
+    run = jax.jit(jax.value_and_grad(loss, has_aux=True))
+    ref = run(x)
+    with jax.set_mesh(make_mesh(MeshConfig(data=2, fsdp=2, tensor=2))):
+        assert "shard_map" in str(jax.make_jaxpr(run)(x))
+        out = run(x)
+    _assert_trees_close("sequence form", ref, out, TOL["float32-model"])

@@ -70,6 +70,7 @@ __all__ = [
     "param_shardings",
     "param_specs",
     "shard_map_batch_heads",
+    "shard_map_sequence_form",
     "shard_params",
     "state_specs",
 ]
@@ -500,3 +501,48 @@ def shard_map_batch_heads(fn: Callable[..., Any], in_names: Sequence[Names | Non
         return mapped(*args)
 
     return wrapped
+
+
+def shard_map_sequence_form(form: Callable[..., Any]) -> Callable[..., Any]:
+    """A sequence form of the mLSTM (the signature of the backends' ``form``: ``form(q, k, v, i, f, c_initial,
+    n_initial, m_initial, return_last_states, *, segment_ids, **settings)``) run per device on its rows and
+    heads under the context mesh (:func:`shard_map_batch_heads`), itself without a mesh: for a Pallas form.
+
+    Every array argument is split on its first two axes (B, NH), ``segment_ids`` (B, S) on B; the states and
+    h come back split alike. Gradients flow through (``jax.shard_map`` sums the cotangents of what each device
+    received whole).
+    """
+
+    def run(
+        q: jax.Array,  # (B, NH, S, DHQK)
+        k: jax.Array,  # (B, NH, S, DHQK)
+        v: jax.Array,  # (B, NH, S, DHV)
+        i: jax.Array,  # (B, NH, S) or (B, NH, S, 1)
+        f: jax.Array,  # (B, NH, S) or (B, NH, S, 1)
+        c_initial: jax.Array | None = None,  # (B, NH, DHQK, DHV)
+        n_initial: jax.Array | None = None,  # (B, NH, DHQK)
+        m_initial: jax.Array | None = None,  # (B, NH)
+        return_last_states: bool = False,
+        *,
+        segment_ids: jax.Array | None = None,  # (B, S)
+        **settings: Any,
+    ) -> Any:
+        def call(q, k, v, i, f, c, n, m, segment_ids):
+            return form(
+                q, k, v, i, f, c_initial=c, n_initial=n, m_initial=m, return_last_states=return_last_states,
+                segment_ids=segment_ids, **settings,
+            )  # fmt: skip
+
+        def names(x: Any, split: int = 2) -> Names | None:  # B, NH first; None: passed as it is (None)
+            ndim = getattr(x, "ndim", None)
+            return None if ndim is None or ndim < split else ("batch", "heads")[:split] + (None,) * (ndim - split)
+
+        args = (q, k, v, i, f, c_initial, n_initial, m_initial)
+        in_names = [names(x) for x in args] + [names(segment_ids, 1)]
+        h = ("batch", "heads", None, None)
+        out_names = (h, (h, ("batch", "heads", None), ("batch", "heads"))) if return_last_states else h
+        return shard_map_batch_heads(call, in_names, out_names)(*args, segment_ids)
+
+    run.__name__ = run.__qualname__ = getattr(form, "__name__", "form")
+    run.__doc__ = form.__doc__
+    return run
