@@ -1,4 +1,5 @@
-"""``python -m xlstm_jax``: the ``xlstm-jax`` command (see :mod:`xlstm_jax.cli`)."""
+"""``python -m xlstm_jax``: the ``xlstm-jax`` command (see :mod:`xlstm_jax.cli`); without a subcommand, the main
+job ``demo`` (:mod:`xlstm_jax.cli.demo`), which ``make run`` runs."""
 
 from __future__ import annotations
 

@@ -1,6 +1,7 @@
 """The ``xlstm-jax`` command line: one module per subcommand, registered in ``SUBCOMMANDS``.
 
-``xlstm-jax`` (or ``python -m xlstm_jax``) without a subcommand runs ``verify`` on its default workload;
+``xlstm-jax`` (or ``python -m xlstm_jax``) without a subcommand runs ``demo`` with its defaults (train a
+small byte-level model on the Python standard library, reload it, sample from it, check the backends);
 ``xlstm-jax --help`` lists the subcommands and ``xlstm-jax COMMAND --help`` describes one.
 
 A subcommand is a module with ``HELP`` (its line in the listing), ``add_arguments(parser)`` and
@@ -11,6 +12,8 @@ command prints ``xlstm-jax COMMAND: error: ...`` on stderr and exits with status
 its own usage errors; never a traceback.
 
 Example:
+    $ xlstm-jax demo --steps 100
+    $ xlstm-jax train --preset byte-small --data-kind stdlib --checkpoint-dir runs/ckpt
     $ xlstm-jax verify --S 128
     $ xlstm-jax generate path/to/xLSTM-7b --prompt "The mLSTM cell" --max-new-tokens 32
 """
@@ -26,12 +29,14 @@ from collections.abc import Sequence
 __all__ = ["DEFAULT_SUBCOMMAND", "PROG", "SUBCOMMANDS", "CommandError", "build_parser", "main", "parse_args"]
 
 PROG = "xlstm-jax"
-# Subcommand name -> module. New subcommands (train, serve) are one module and one line here.
+# Subcommand name -> module. A new subcommand is one module and one line here.
 SUBCOMMANDS = {
-    "verify": "xlstm_jax.cli.verify",
+    "demo": "xlstm_jax.cli.demo",
+    "train": "xlstm_jax.cli.train",
     "generate": "xlstm_jax.cli.generate",
+    "verify": "xlstm_jax.cli.verify",
 }
-DEFAULT_SUBCOMMAND = "verify"
+DEFAULT_SUBCOMMAND = "demo"
 
 
 class CommandError(Exception):
@@ -101,8 +106,8 @@ def parse_args(argv: Sequence[str]) -> argparse.Namespace:
 def main(argv: Sequence[str] | None = None) -> int:
     """Runs ``xlstm-jax`` with ``argv`` (default: ``sys.argv[1:]``); returns the exit status.
 
-    0: success; 1: the command ran and failed (``verify``: forms disagree); 2: a bad argument or input
-    file (``error: ...`` on stderr); 130: interrupted.
+    0: success; 1: the command ran and failed (``verify``: forms disagree; ``demo``: a check failed); 2: a
+    bad argument or input file (``error: ...`` on stderr); 130: interrupted.
     """
     try:
         args = parse_args(sys.argv[1:] if argv is None else argv)

@@ -1,10 +1,10 @@
-"""Check every mLSTM backend against the recurrent form and time it (the main job).
+"""Check every mLSTM backend against the recurrent form and time it.
 
-``xlstm-jax verify`` (also ``xlstm-jax`` and ``python -m xlstm_jax`` without a subcommand) runs every
-registered backend on a workload (default B=2, NH=4, S=256, DHQK=64, DHV=128), plus the recurrent form
-step by step (the decode path), compares each one's h and last states with the recurrent form
-(``use_scan=True``) in float64 and float32, and prints a table of errors and float32 times per call. It
-exits with status 1 if any form disagrees.
+``xlstm-jax verify`` (also the last part of ``xlstm-jax demo``, the main job) runs every registered backend
+on a workload (default B=2, NH=4, S=256, DHQK=64, DHV=128), plus the recurrent form step by step (the decode
+path), compares each one's h and last states with the recurrent form (``use_scan=True``) in float64 and
+float32, and prints a table of errors and float32 times per call. It exits with status 1 if any form
+disagrees.
 """
 
 from __future__ import annotations
@@ -25,7 +25,7 @@ from xlstm_jax.models.xlstm_parallel.blocks.mlstm.backend import BACKENDS, creat
 
 __all__ = ["AGREEMENT", "HELP", "add_arguments", "check_backends", "run"]
 
-HELP = "check every mLSTM backend against the recurrent form and time it (the default command)"
+HELP = "check every mLSTM backend against the recurrent form and time it"
 
 # Forms agree when max |x - ref| / max |ref| <= AGREEMENT[dtype] for h and the last states. The workload's
 # queries and keys have positive entries, so q̂·n is a sum without cancellation and the error of h is not

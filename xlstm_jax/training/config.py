@@ -158,7 +158,7 @@ class DataConfig:
             if len(self.paths) > 1:
                 out.append(f"data.paths must name one token file with data.kind='tokens', got {len(self.paths)}")
             elif self.paths and not Path(self.paths[0]).is_file():
-                out.append(f"data.paths: the token file {self.paths[0]!r} does not exist")
+                out.append(f"data.paths: the token file {self.paths[0]!r} is not a file")
             elif self.paths and not self.paths[0].endswith(".npy") and self.token_dtype is None:
                 out.append(f"data.token_dtype is needed to read the raw binary file {self.paths[0]!r} (or use .npy)")
             if self.tokenizer != BYTES:
@@ -470,6 +470,13 @@ class TrainConfig:
         model = None
         model_problems = self._model_problems()
         problems += model_problems
+        if not model_problems and self.is_preset and not data_problems:
+            # A preset's own or overridden vocabulary that the data does not fit: said before the model's
+            # special ids (which the data's tokenizer sets) fail for the same reason.
+            given = dict(self.model_overrides).get("vocab_size", PRESETS[self.model].get("vocab_size"))
+            if _is_int(given) and data_vocab is not None and data_vocab > given:
+                model_problems = self._data_vocab_problems(given, data_vocab)
+                problems += model_problems
         if not model_problems:
             try:
                 # With broken data the vocabulary is unknown: a stand-in lets the other model settings be checked.
@@ -484,7 +491,7 @@ class TrainConfig:
         if shape is not None:
             problems += self._split_problems(shape, model)
         if model is not None and not data_problems:
-            problems += self._data_vocab_problems(model, data_vocab)
+            problems += self._data_vocab_problems(model.vocab_size, data_vocab)
         problems += self._folder_problems()
         if problems:
             raise ValueError("bad training settings:\n  " + "\n  ".join(problems))
@@ -569,14 +576,14 @@ class TrainConfig:
                     out.append(f"the model's {name}={size} must be divisible by the mesh's tensor={tensor}")
         return out
 
-    def _data_vocab_problems(self, model: xLSTMLMConfig, vocab: int | None) -> list[str]:
-        if vocab is not None and vocab > model.vocab_size:
+    def _data_vocab_problems(self, model_vocab: int, vocab: int | None) -> list[str]:
+        if vocab is not None and vocab > model_vocab:
             return [
-                f"the data's vocabulary ({vocab} ids) exceeds the model's vocab_size={model.vocab_size}: set "
+                f"the data's vocabulary ({vocab} ids) exceeds the model's vocab_size={model_vocab}: set "
                 "model_overrides.vocab_size or use another tokenizer"
             ]
-        if self.data.eos_id is not None and _is_int(self.data.eos_id) and self.data.eos_id >= model.vocab_size:
-            return [f"data.eos_id={self.data.eos_id} must be < the model's vocab_size={model.vocab_size}"]
+        if self.data.eos_id is not None and _is_int(self.data.eos_id) and self.data.eos_id >= model_vocab:
+            return [f"data.eos_id={self.data.eos_id} must be < the model's vocab_size={model_vocab}"]
         return []
 
     def _folder_problems(self) -> list[str]:
