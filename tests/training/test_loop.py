@@ -4,6 +4,7 @@ metric records hold what they say, and the exported model loads with load_hf."""
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import jax
 import numpy as np
@@ -19,6 +20,9 @@ from xlstm_jax.training.data import make_batch_iterator
 from xlstm_jax.training.flops import flops_per_token
 from xlstm_jax.training.loop import METRICS_NAME, PeakRate, train
 from xlstm_jax.training.optim import OptimizerConfig, make_schedule
+from xlstm_jax.training.step import cross_entropy
+
+FIXTURES = Path(__file__).resolve().parents[1] / "fixtures"
 
 STEPS = 4
 INTERRUPT_AT = 3
@@ -163,3 +167,49 @@ def test_export_hf_loads_with_load_hf(runs):
     assert len(loaded) == len(trained)
     for path, value in trained:
         assert np.array_equal(loaded[path], value), jax.tree_util.keystr(path)
+
+
+def test_fine_tuning_starts_from_the_hugging_face_weights(tmp_path):
+    """With a Hugging Face directory as the model, the first step's loss is that directory's model's loss on
+    the first batch (the step reports the loss before its update), and the export holds the updated weights."""
+    tiny_run.write_corpus(tmp_path / "corpus")
+    hf_dir = FIXTURES / "xlstm_tiny"
+    config = TrainConfig(
+        model=str(hf_dir),
+        data=DataConfig(
+            kind="text",
+            paths=(str(tmp_path / "corpus"),),
+            tokenizer=str(hf_dir / "tokenizer.json"),
+            seq_len=tiny_run.SEQ_LEN,
+            batch_size=tiny_run.BATCH_SIZE,
+            validation_fraction=tiny_run.VALIDATION_FRACTION,
+        ),
+        optimizer=OptimizerConfig(**{**tiny_run.OPTIMIZER, "warmup_steps": 0}),  # a first update at the full rate
+        steps=1,
+        eval_every=0,
+        log_every=1,
+        export_hf=str(tmp_path / "tuned"),
+    )
+    result = train(config, progress=False)
+
+    model_config, params = load_hf(hf_dir)
+    assert result.model_config == model_config
+    it = make_batch_iterator(
+        config.data.source(model_config),
+        seq_len=config.data.seq_len,
+        global_batch_size=config.data.batch_size,
+        seed=config.seed,
+        validation_fraction=config.data.validation_fraction,
+        vocab_size=model_config.vocab_size,
+        prefetch=0,
+    )
+    batch = next(it)
+    it.close()
+    logits = xLSTMLMModel(model_config).apply({"params": params}, batch["input_ids"], segment_ids=batch["segment_ids"])
+    total, count = cross_entropy(logits, batch["targets"], batch["loss_mask"])
+    expected = float(total / count)
+    assert abs(result.train_records[0]["loss"] - expected) <= TOL["float32"].max_err * expected
+
+    _, tuned = load_hf(config.export_hf)
+    changed = [not np.array_equal(a, b) for a, b in zip(jax.tree.leaves(tuned), jax.tree.leaves(params), strict=True)]
+    assert any(changed)
