@@ -269,6 +269,9 @@ def test_helpers_without_a_mesh_change_nothing():
         logical_constraint(x, ("batch",))
     with pytest.raises(ValueError, match="unknown logical axis name 'rows'"):
         logical_constraint(x, ("rows", None, None))
+    with jax.set_mesh(jax.make_mesh((1,), ("x",), axis_types=(AxisType.Auto,))):  # a mesh of other axes
+        assert logical_constraint(x, ("batch", "seq", "act_embed")) is x
+        assert logical_shards("batch", 8) == 1
 
 
 _B = ("batch", "heads", None)

@@ -36,6 +36,10 @@ mismatches, non-float tensors and non-finite weights are each reported in one ``
 them; a file that is not valid JSON or safetensors, and an index entry that points outside the model
 directory, raise ``ValueError`` naming the file. :func:`save_hf` never leaves the directory without a
 loadable checkpoint (see there).
+
+With a mesh (``load_hf(..., mesh=mesh)``), each parameter is made on its devices from the blocks they hold
+(:mod:`~xlstm_jax.models.xlstm_parallel.sharding`), each block read from the files alone, so neither the host
+nor a device ever holds the whole model.
 """
 
 from __future__ import annotations

@@ -42,6 +42,12 @@ jitted model, train step or ``generate`` under ``with jax.set_mesh(mesh):``. Und
 ``jax.jit`` keys its cache on the context mesh, so a function traced without a mesh is traced again under
 one. Without a context mesh both helpers do nothing. Sharded parameters then still compute the same
 function, but each kernel call needs its operands whole on every device.
+
+Example:
+    >>> mesh = make_mesh(MeshConfig(data=2, tensor=2))  # fsdp: the remaining devices
+    >>> config, params = load_hf("xLSTM-7b", dtype="bfloat16", mesh=mesh)  # each device reads its shards
+    >>> with jax.set_mesh(mesh):
+    ...     out = generate(config, params, prompts, max_new_tokens=32)
 """
 
 from __future__ import annotations
@@ -393,9 +399,10 @@ def state_specs(config: xLSTMLMConfig, batch_size: int, mesh: Mesh | AbstractMes
 
 
 def _context_mesh() -> AbstractMesh | None:
-    """The context mesh (``jax.set_mesh``) if it has an axis the code may split over, else None."""
+    """The context mesh (``jax.set_mesh``) if it has one of the axes ``data``, ``fsdp``, ``tensor`` that the code
+    may split over (not Manual), else None: a mesh of other axes leaves the model's layout to XLA."""
     mesh = jax.sharding.get_abstract_mesh()
-    if mesh is None or mesh.empty or not _mesh_sizes(mesh):
+    if mesh is None or mesh.empty or not set(_mesh_sizes(mesh)) & set(MESH_AXES):
         return None
     return mesh
 
