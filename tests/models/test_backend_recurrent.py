@@ -49,8 +49,9 @@ def test_signatures_pinned():
     }  # fmt: skip
     call = inspect.signature(documented.mLSTMBackendRecurrent.__call__).parameters
     assert list(call) == [
-        "self", "q", "k", "v", "i", "f", "c_initial", "n_initial", "m_initial", "return_last_states"
+        "self", "q", "k", "v", "i", "f", "c_initial", "n_initial", "m_initial", "return_last_states", "segment_ids"
     ]  # fmt: skip
+    assert call["segment_ids"].kind is inspect.Parameter.KEYWORD_ONLY and call["segment_ids"].default is None
 
 
 @pytest.mark.skipif(not SPEC.exists(), reason="the spec lives beside the checkout (../shared/spec)")

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import re
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -36,3 +38,41 @@ def test_policies_save_what_they_say(remat, saved_dots, capsys):
     dots = [line for line in saved if "output of dot_general" in line]
     assert len(dots) == saved_dots, saved
     np.testing.assert_array_equal(jax.grad(jax.checkpoint(f, policy=policy))(w), jax.grad(f)(w))
+
+
+@pytest.fixture(scope="module")
+def remat_case():
+    from xlstm_jax.models.xlstm_parallel.config import xLSTMLMConfig
+    from xlstm_jax.models.xlstm_parallel.model import xLSTMLMModel
+
+    config = xLSTMLMConfig.tiny()
+    ids = jax.random.randint(jax.random.key(1), (2, 12), 0, config.vocab_size)
+    segment_ids = jnp.array([[1] * 5 + [2] * 7, [1] * 12])
+    runtime = RuntimeConfig(prefill_backend_kwargs=(("chunk_size", 4),))
+
+    def grad(runtime):
+        model = xLSTMLMModel(config, runtime)
+        params = model.init(jax.random.key(0), ids)["params"]  # the same tree and values with or without remat
+        loss = lambda p: jnp.mean(model.apply({"params": p}, ids, segment_ids=segment_ids) ** 2)
+        return jax.make_jaxpr(jax.grad(loss))(params), jax.jit(jax.grad(loss))(params)
+
+    return config, runtime, grad
+
+
+@pytest.mark.parametrize(("remat", "scan_blocks"), [("full", False), ("dots", True)])
+def test_model_blocks_are_rematerialised(remat_case, remat, scan_blocks):
+    """Each block of the model runs under jax.checkpoint with the policy; the gradient is the plain one's."""
+    import dataclasses
+
+    from tests.numerics import TOL, assert_close
+
+    config, runtime, grad = remat_case
+    runtime = dataclasses.replace(runtime, scan_blocks=scan_blocks)
+    jaxpr_plain, g_plain = grad(runtime)
+    jaxpr, g = grad(dataclasses.replace(runtime, remat=remat))
+    checkpoints = len(re.findall(r"\bremat\d*\[", str(jaxpr)))  # the backward pass of each jax.checkpoint
+    assert not re.findall(r"\bremat\d*\[", str(jaxpr_plain))
+    # Unrolled: one checkpoint per block; scanned: one inside the scanned body.
+    assert checkpoints == (1 if scan_blocks else config.num_blocks), checkpoints
+    for (path, a), b in zip(jax.tree_util.tree_leaves_with_path(g_plain), jax.tree.leaves(g), strict=True):
+        assert_close(jax.tree_util.keystr(path), np.asarray(a, np.float64), b, TOL["float32-model"])

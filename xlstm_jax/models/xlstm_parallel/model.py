@@ -24,7 +24,9 @@ Parameter tree (names follow ``transformers`` except the fused projections; :mod
 proj_up_gate and proj_up (D, 2 ffn_dim): one matrix product each (see the layer modules).
 
 With ``runtime.scan_blocks`` the blocks run under ``nn.scan`` and every leaf under ``blocks`` has a
-leading axis of size L; otherwise they are ``blocks_0`` ... ``blocks_{L-1}``.
+leading axis of size L; otherwise they are ``blocks_0`` ... ``blocks_{L-1}``. With ``runtime.remat`` other than
+``none`` each block of a prefill/training call is rematerialised (``nn.remat`` with ``runtime.remat_policy()``);
+the parameter tree is the same.
 """
 
 from __future__ import annotations
@@ -39,7 +41,8 @@ from xlstm_jax.models.xlstm_parallel.blocks.feedforward import FeedForward
 from xlstm_jax.models.xlstm_parallel.blocks.mlstm.layer import LayerStates, mLSTMLayer, soft_cap
 from xlstm_jax.models.xlstm_parallel.blocks.norm import RMSNorm, add_rms_norm
 from xlstm_jax.models.xlstm_parallel.config import xLSTMLMConfig
-from xlstm_jax.models.xlstm_parallel.runtime import RuntimeConfig
+from xlstm_jax.models.xlstm_parallel.runtime import Remat, RuntimeConfig
+from xlstm_jax.models.xlstm_parallel.sharding import logical_constraint
 
 __all__ = ["ModelStates", "xLSTMBlock", "xLSTMLMModel"]
 
@@ -201,16 +204,22 @@ class xLSTMLMModel(nn.Module):
             param_dtype=cfg.jnp_param_dtype,
             name="embedding",
         )
-        x = embed(input_ids)  # (B, S, D)
+        x = logical_constraint(embed(input_ids), ("batch", "seq", "act_embed"))  # (B, S, D), rows over data/fsdp
         runtime = self.runtime
         fused = decode and runtime.fuse_decode(cfg.norm_reduction_force_float32, cfg.dtype)  # unrolled blocks only
         if fused:  # the blocks carry (stream, pending addend): see xLSTMBlock
             x = (x, None)
+        # Rematerialisation (training): each block is a jax.checkpoint with the runtime's policy. Its saved
+        # inputs are x and that block's own states, so the remat path below hands each block its slice of the
+        # states rather than the stacked states of all blocks (which every block would otherwise save).
+        policy = None if decode else runtime.remat_policy()
+        remat = runtime.remat is not Remat.NONE and not decode
+        block_class = nn.remat(xLSTMBlock, policy=policy, prevent_cse=not runtime.scan_blocks) if remat else xLSTMBlock
 
         if runtime.scan_blocks:
             # The block's (x, state, valid, segment_ids) signature is nn.scan's (carry, xs, broadcast, broadcast).
             blocks = nn.scan(
-                xLSTMBlock,
+                block_class,
                 variable_axes={"params": 0},
                 split_rngs={"params": True},
                 in_axes=(0, nn.broadcast, nn.broadcast),
@@ -229,6 +238,13 @@ class xLSTMLMModel(nn.Module):
                     ) from e
                 raise
             new_states = ModelStates(*new_states)
+        elif remat:
+            block_states = []
+            for layer in range(cfg.num_blocks):
+                block = block_class(cfg, runtime, decode, name=f"blocks_{layer}")
+                x, state = block(x, tuple(s[layer] for s in states), valid, segment_ids)
+                block_states.append(state)
+            new_states = ModelStates(*(jnp.stack(s) for s in zip(*block_states, strict=True)))
         else:
             # Each block gets the stacked states and writes its new states into them at its index (in place
             # when the caller donates the states) rather than the states being stacked at the end, which would
@@ -262,6 +278,7 @@ class xLSTMLMModel(nn.Module):
                 name="lm_head",
             )(x)
         logits = logits.astype(jnp.promote_types(cfg.compute_dtype, jnp.float32))  # never below float32
+        logits = logical_constraint(logits, ("batch", "seq", "vocab"))  # the vocabulary split for the loss
         logits = soft_cap(logits, cfg.output_logit_soft_cap)
         if return_states:
             return logits, new_states

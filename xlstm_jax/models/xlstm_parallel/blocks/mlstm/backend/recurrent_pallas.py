@@ -18,6 +18,7 @@ from xlstm_jax.kernels.config import SequenceKernelConfig
 from xlstm_jax.kernels.recurrent_sequence import recurrent_sequence_pallas
 from xlstm_jax.mlstm.checks import resolve_state_dtype
 from xlstm_jax.models.xlstm_parallel.blocks.mlstm.backend.config import mLSTMBackend, mLSTMBackendConfig
+from xlstm_jax.models.xlstm_parallel.sharding import shard_map_sequence_form
 
 __all__ = ["mLSTMBackendRecurrentPallas", "mLSTMBackendRecurrentPallasConfig"]
 
@@ -67,7 +68,7 @@ class mLSTMBackendRecurrentPallas(mLSTMBackend):
 
     config: mLSTMBackendRecurrentPallasConfig
     config_class = mLSTMBackendRecurrentPallasConfig
-    form = staticmethod(recurrent_sequence_pallas)
+    form = staticmethod(shard_map_sequence_form(recurrent_sequence_pallas))  # per device under a mesh
 
     @property
     def can_vmap_over_heads(self) -> bool:
