@@ -232,6 +232,7 @@ def _is_deleted(state: TrainState) -> bool:
 class _Programs(NamedTuple):
     """The jitted functions of a run (see :func:`_programs`)."""
 
+    abstract: TrainState
     shardings: TrainState
     init: Callable[[jax.Array], TrainState]
     init_from: Callable[[Any], TrainState]
@@ -243,7 +244,7 @@ class _Programs(NamedTuple):
 def _programs(
     model_config: xLSTMLMConfig, runtime: Any, optimizer_config: Any, accum_steps: int, seed: int, mesh: Any
 ) -> _Programs:
-    """The state's shardings and the jitted initialisation, train step and validation step of a run.
+    """The state's shapes and shardings and the jitted initialisation, train step and validation step of a run.
 
     Kept for the process (per model, runtime, optimiser, accumulation, seed and mesh, all hashable), so that a
     later run with the same settings, e.g. one that resumes in the same process, reuses their compilations.
@@ -281,6 +282,7 @@ def _programs(
         return cross_entropy(logits, batch["targets"], batch["loss_mask"])
 
     return _Programs(
+        abstract,
         shardings,
         jax.jit(fresh, out_shardings=shardings),
         jax.jit(start_from, out_shardings=shardings),
@@ -349,25 +351,26 @@ def train(
     )
 
     programs = _programs(model_config, runtime, config.optimizer_config, config.accum_steps, config.seed, mesh)
-    shardings = programs.shardings
-    state = programs.init(jax.random.key(config.seed)) if hf_params is None else programs.init_from(hf_params)
-    del hf_params
-
     log = MetricsLog(config.log_dir)
     checkpointer = None
     if config.checkpoint_dir is not None:
         checkpointer = TrainCheckpointer(
             config.checkpoint_dir, save_every=config.checkpoint_every, max_to_keep=config.checkpoint_keep
         )
-    bar = None
+    bar = state = None
     try:
-        if config.resume:
-            restored = checkpointer.restore_latest(state, shardings=shardings)
+        if config.resume:  # the checkpoint's arrays go straight onto their shards: nothing is initialised
+            restored = checkpointer.restore_latest(programs.abstract, shardings=programs.shardings)
             if restored is None:
                 raise ValueError(f"resume: no checkpoint in {config.checkpoint_dir}")
             state, data_state = restored
             if "train" in data_state:
                 train_it.set_state(data_state["train"])
+        elif hf_params is None:
+            state = programs.init(jax.random.key(config.seed))
+        else:
+            state = programs.init_from(hf_params)
+        del hf_params
         start_step = int(jax.device_get(state.step))
         if config.log_dir is not None and jax.process_index() == 0:
             (Path(config.log_dir) / CONFIG_NAME).write_text(json.dumps(config.to_dict(), indent=2) + "\n")
@@ -383,7 +386,7 @@ def train(
             if on_record is not None:
                 on_record(values)
 
-        def validate(step: int) -> None:
+        def evaluate(step: int) -> None:
             total = count = 0.0
             for batch in eval_batches:
                 loss_sum, tokens = eval_step(state.params, to_global_batch(batch, mesh))
@@ -439,7 +442,7 @@ def train(
                     bar.set_postfix_str(postfix, refresh=False)
                     pending, timed_steps, window_start = [], 0, time.perf_counter()
                 if config.eval_every and (done % config.eval_every == 0 or last):
-                    validate(done)
+                    evaluate(done)
                     window_start = time.perf_counter()  # the validation is not training time
                 if checkpointer is not None:
                     checkpointer.save(state, {"train": train_it.get_state()}, final=last)
@@ -447,7 +450,8 @@ def train(
             if config.export_hf is not None:
                 export_hf(state.params, model_config, config.export_hf)
     except BaseException:
-        if checkpointer is not None and not _is_deleted(state) and int(jax.device_get(state.step)) > 0:
+        saveable = state is not None and not _is_deleted(state) and int(jax.device_get(state.step)) > 0
+        if checkpointer is not None and saveable:
             logger.warning("saving the newest completed state (step %d) before stopping", int(state.step))
             checkpointer.save(state, {"train": train_it.get_state()}, final=True)
         raise
