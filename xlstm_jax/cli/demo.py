@@ -193,6 +193,12 @@ def run(args: argparse.Namespace) -> int:
 
     from xlstm_jax.training.data import stdlib_python_files, unigram_entropy
 
+    if (
+        args.workdir is not None
+        and args.workdir.exists()
+        and (not args.workdir.is_dir() or any(args.workdir.iterdir()))
+    ):
+        raise CommandError(f"--workdir {args.workdir} is not an empty folder; give a new or empty one")
     start = time.perf_counter()
     files = stdlib_python_files()
     entropy = unigram_entropy(files)
@@ -206,8 +212,6 @@ def run(args: argparse.Namespace) -> int:
         "each byte occurs)"
     )
     workdir = args.workdir if args.workdir is not None else Path(tempfile.mkdtemp(prefix="xlstm-demo-"))
-    if args.workdir is not None and workdir.exists() and any(workdir.iterdir()):
-        raise CommandError(f"--workdir {workdir} is not empty; give a new or empty folder")
     failures = []
     try:
         config, result = _train(args, workdir, entropy)
