@@ -7,6 +7,7 @@ from pathlib import Path
 
 import jax.numpy as jnp
 import numpy as np
+import pytest
 
 from tests.models.fixture import FIXTURE
 from tests.numerics import TOL
@@ -30,8 +31,7 @@ def test_usage_example():
 
 def test_language_model_examples(tmp_path, capsys):
     """The model examples, with the fixture standing in for the xLSTM-7B directory, run in one scope."""
-    examples = _examples()[1:]
-    assert len(examples) == 2
+    examples = _examples()[1:3]
     code = "\n".join(examples)
     code = code.replace('"xLSTM-7b-copy"', repr(str(tmp_path / "copy"))).replace('"xLSTM-7b"', repr(str(FIXTURE)))
     scope: dict = {}
@@ -40,3 +40,16 @@ def test_language_model_examples(tmp_path, capsys):
     assert (tmp_path / "copy" / "config.json").exists() and (tmp_path / "copy" / "model.safetensors").exists()
     printed = capsys.readouterr().out.splitlines()
     assert printed[0].startswith("(2, 16)") and len(printed) == 17  # the shape line, then 16 streamed steps
+
+
+def test_training_example(capsys):
+    """The training example runs as written: three steps on packed stdlib rows, one compilation."""
+    code = _examples()[3]
+    assert "train_step(" in code
+    scope: dict = {}
+    exec(compile(code, str(README), "exec"), scope)  # noqa: S102
+    state, step = scope["state"], scope["train_step"]
+    assert int(state.step) == 3 and step._cache_size() == 1
+    losses = [float(line.split()[1]) for line in capsys.readouterr().out.splitlines()]
+    assert len(losses) == 3 and all(np.isfinite(losses))
+    assert losses[0] == pytest.approx(np.log(scope["config"].vocab_size), rel=0.1)  # a fresh model: near uniform
