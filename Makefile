@@ -19,8 +19,9 @@ lint: $(VENV)/.installed
 	$(PY) -m ruff check .
 	$(PY) -m ruff format --check .
 
+# One pytest worker per core (pytest-xdist), each test file on one worker so its module fixtures compile once.
 test: lint
-	$(PY) -m pytest -q
+	$(PY) -m pytest -q -n auto --dist loadfile
 
 format: $(VENV)/.installed
 	$(PY) -m ruff check --fix .
