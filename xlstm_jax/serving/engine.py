@@ -1,0 +1,872 @@
+"""A continuous-batching serving engine: a fixed number of decode slots, chunked prefill, a prefix-state cache.
+
+The engine keeps the states of ``num_slots`` requests stacked on the batch axis of one ``ModelStates``
+(L, num_slots, ...) on the device, with the logits each slot draws its next token from (num_slots, V). One
+iteration (:meth:`Engine.step`):
+
+1. handles cancellations: a cancelled request frees its slot at once and its stream ends with "cancelled";
+2. if a slot is free and a request waits, starts prefilling it: the longest cached prefix of its prompt is
+   looked up in the :class:`~xlstm_jax.serving.prefix_cache.PrefixCache`, and only the rest is prefilled;
+3. runs one chunk of ``prefill_chunk_tokens`` tokens of the request being prefilled (the prefill backend,
+   ``runtime.prefill_backend``, from the states so far; the chunk has a fixed shape, a short one is left-padded
+   with ``valid=False`` positions, which are exact no-op steps), so that a long prompt does not stall the
+   running streams; after its last chunk the request's states and logits are written into its slot;
+4. runs one jitted decode step over all slots: each active slot draws a token with its own sampling settings
+   and feeds it through the model (``decode=True``); free slots run as padding (``valid=False``) and do not
+   change. A request that emits a stop token or reaches ``max_tokens`` frees its slot.
+
+Nothing is recompiled as requests come and go: the decode step, the slot insertion (a dynamic update at a
+traced slot index) and the prefill chunk each have one shape. Per-slot sampling settings are arrays of
+shape (num_slots,) fed to the step. Token t of a request is drawn with the key ``fold_in(key(seed), t)``,
+exactly as :func:`xlstm_jax.generation.generate` draws step t of a batch of one, so a request's tokens do not
+depend on its slot or its neighbours.
+
+With ``prefix_cache_bytes > 0`` the states after every prefilled prompt, and after every finished request's
+prompt plus its generated tokens (the conversation so far), are kept in the prefix cache: a request that
+repeats or extends one prefills only its new tokens. :meth:`Engine.save_state` and :meth:`Engine.load_state`
+write a conversation's states to disk and read them back into the cache.
+
+Example:
+    >>> with Engine(config, params, num_slots=4, prefix_cache_bytes=1 << 30) as engine:
+    ...     stream = engine.submit([1, 2, 3], SamplingParams(temperature=0.7, seed=0, max_tokens=32))
+    ...     tokens = [event.token_id for event in stream if event.token_id is not None]
+"""
+
+from __future__ import annotations
+
+import asyncio
+import bisect
+import collections
+import contextlib
+import functools
+import logging
+import os
+import secrets
+import tempfile
+import threading
+import time
+import uuid
+from collections.abc import AsyncIterator, Iterator, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from xlstm_jax.generation import MAX_NEW_TOKENS, SamplingConfig
+from xlstm_jax.models.xlstm_parallel.config import _is_int, xLSTMLMConfig
+from xlstm_jax.models.xlstm_parallel.model import ModelStates, xLSTMLMModel
+from xlstm_jax.models.xlstm_parallel.runtime import RuntimeConfig
+from xlstm_jax.serving.prefix_cache import PrefixCache, PrefixEntry
+
+__all__ = [
+    "FINISH_REASONS",
+    "LATENCY_BUCKETS",
+    "Engine",
+    "EngineOverloaded",
+    "RequestStream",
+    "SamplingParams",
+    "TokenEvent",
+]
+
+logger = logging.getLogger(__name__)
+
+# Why a request ended: a stop token, max_tokens, cancel() (or the engine stopping), an error in the engine.
+FINISH_REASONS = ("stop", "length", "cancelled", "error")
+# Upper bounds (seconds) of the latency histograms of Engine.stats(); a last bucket +inf follows.
+LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0)
+# Seeds are any int in [0, MAX_SEED) (jax.random.key takes 64-bit seeds).
+MAX_SEED = 2**63
+
+
+@dataclass(frozen=True)
+class SamplingParams:
+    """One request's sampling settings.
+
+    Attributes:
+        temperature: 0 for greedy (argmax); otherwise logits are divided by it before sampling.
+        top_k: Keep only the k most likely tokens (0: all). Ties with the k-th are kept.
+        top_p: Keep the smallest set of most likely tokens whose probability reaches top_p (1: all).
+        seed: The PRNG seed of the request (an int in [0, 2**63)); None draws a random one. Token t is drawn
+            with ``fold_in(jax.random.key(seed), t)``.
+        max_tokens: Generate at most this many tokens (>= 1).
+        stop_token_ids: Ids that end the request (the stop token is the last event's ``token_id``).
+
+    Raises:
+        TypeError: a field of the wrong type (the field named).
+        ValueError: a field out of range (the field named).
+    """
+
+    temperature: float = 0.0
+    top_k: int = 0
+    top_p: float = 1.0
+    seed: int | None = None
+    max_tokens: int = 16
+    stop_token_ids: tuple[int, ...] = ()
+
+    def __post_init__(self) -> None:
+        checked = SamplingConfig(self.temperature, self.top_k, self.top_p)  # the one check of these three
+        object.__setattr__(self, "temperature", checked.temperature)
+        object.__setattr__(self, "top_k", checked.top_k)
+        object.__setattr__(self, "top_p", checked.top_p)
+        if self.seed is not None:
+            if not _is_int(self.seed):
+                raise TypeError(f"seed must be an int or None, got {type(self.seed).__name__} {self.seed!r}")
+            if not 0 <= self.seed < MAX_SEED:
+                raise ValueError(f"seed must be in [0, 2**63), got seed={self.seed}")
+            object.__setattr__(self, "seed", int(self.seed))
+        if not _is_int(self.max_tokens):
+            raise TypeError(f"max_tokens must be an int, got {type(self.max_tokens).__name__} {self.max_tokens!r}")
+        if not 1 <= self.max_tokens <= MAX_NEW_TOKENS:
+            raise ValueError(f"max_tokens must be in [1, {MAX_NEW_TOKENS}], got max_tokens={self.max_tokens}")
+        object.__setattr__(self, "max_tokens", int(self.max_tokens))
+        stop = self.stop_token_ids
+        if isinstance(stop, str | bytes) or not isinstance(stop, Sequence | np.ndarray):
+            raise TypeError(f"stop_token_ids must be a sequence of ints, got {type(stop).__name__} {stop!r}")
+        stop = tuple(stop)
+        wrong = [t for t in stop if not _is_int(t)]
+        if wrong:
+            raise TypeError(f"stop_token_ids must be ints, got {wrong}")
+        negative = [t for t in stop if t < 0]
+        if negative:
+            raise ValueError(f"stop_token_ids must be >= 0, got {negative}")
+        object.__setattr__(self, "stop_token_ids", tuple(int(t) for t in stop))
+
+
+@dataclass(frozen=True)
+class TokenEvent:
+    """One event of a request's stream.
+
+    Attributes:
+        token_id: The generated token, or None (only on a final event when nothing more was generated:
+            "cancelled" or "error").
+        finish_reason: None while the request runs; on its last event one of ``FINISH_REASONS``: "stop" (the
+            token is a stop token), "length" (the token is the max_tokens-th), "cancelled", "error".
+    """
+
+    token_id: int | None
+    finish_reason: str | None
+
+
+class EngineOverloaded(Exception):
+    """The waiting queue is full (``max_queue`` requests wait for a slot)."""
+
+
+@dataclass(eq=False)
+class _Request:
+    """What the engine keeps of one request."""
+
+    prompt: tuple[int, ...]
+    sampling: SamplingParams
+    key_data: np.ndarray  # the raw data of jax.random.key(seed)
+    stream: RequestStream
+    submitted: float = field(default_factory=time.perf_counter)
+    generated: list[int] = field(default_factory=list)
+    last_token_time: float | None = None
+    cancelled: bool = False
+
+
+class RequestStream:
+    """The output of one request: iterate it (or ``async for``) to get its :class:`TokenEvent` s.
+
+    The last event has a ``finish_reason``; iteration ends after it. Each event is delivered once (one consumer).
+    Leaving an ``async for`` early (the client went away) cancels the request.
+    """
+
+    def __init__(self, request_id: str, engine: Engine) -> None:
+        self.request_id = request_id
+        self._engine = engine
+        self._events: collections.deque[TokenEvent] = collections.deque()
+        self._cond = threading.Condition()
+        self._waiters: list[tuple[asyncio.AbstractEventLoop, asyncio.Event]] = []
+        self._closed = False  # the final event has been pushed
+        self._request: _Request | None = None
+
+    @property
+    def finished(self) -> bool:
+        """Whether the final event has been produced (it may not have been consumed yet)."""
+        with self._cond:
+            return self._closed
+
+    def cancel(self) -> None:
+        """Frees the request's slot at the next iteration; the stream then ends with "cancelled"."""
+        if self._request is not None:
+            self._request.cancelled = True
+        self._engine._wake_up()
+
+    def _push(self, event: TokenEvent) -> None:
+        with self._cond:
+            if self._closed:
+                return
+            self._events.append(event)
+            self._closed = event.finish_reason is not None
+            self._cond.notify_all()
+            waiters = list(self._waiters)
+        for loop, ready in waiters:
+            with contextlib.suppress(RuntimeError):  # a closed loop: nobody waits there any more
+                loop.call_soon_threadsafe(ready.set)
+
+    def __iter__(self) -> Iterator[TokenEvent]:
+        while True:
+            with self._cond:
+                while not self._events:
+                    self._cond.wait()
+                event = self._events.popleft()
+            yield event
+            if event.finish_reason is not None:
+                return
+
+    async def _aiter(self) -> AsyncIterator[TokenEvent]:
+        loop = asyncio.get_running_loop()
+        ready = asyncio.Event()
+        waiter = (loop, ready)
+        with self._cond:
+            self._waiters.append(waiter)
+        done = False
+        try:
+            while True:
+                ready.clear()
+                with self._cond:
+                    events = list(self._events)
+                    self._events.clear()
+                for event in events:
+                    yield event
+                    if event.finish_reason is not None:
+                        done = True
+                        return
+                if not events:
+                    await ready.wait()
+        finally:
+            with self._cond:
+                self._waiters.remove(waiter)
+            if not done:
+                self.cancel()
+
+    def __aiter__(self) -> AsyncIterator[TokenEvent]:
+        return self._aiter()
+
+
+def sample_rows(
+    logits: jax.Array,  # (B, V) float
+    keys: jax.Array,  # (B, *key_shape) uint32: raw key data, one key per row
+    t: jax.Array,  # (B,) int32: the index of the token drawn in each row
+    temperature: jax.Array,  # (B,) float32, 0 = greedy
+    top_k: jax.Array,  # (B,) int32, 0 = off
+    top_p: jax.Array,  # (B,) float32, 1 = off
+) -> jax.Array:
+    """Draws one token per row, each row with its own settings and key; returns (B,) int32.
+
+    Row b draws what ``sample_logits(logits[b:b+1], fold_in(key_b, t[b]), SamplingConfig(temperature[b],
+    top_k[b], top_p[b]))`` draws (greedy rows take the argmax), so a row's token depends on nothing else in
+    the batch.
+    """
+    V = logits.shape[-1]
+    greedy = jnp.argmax(logits, axis=-1).astype(jnp.int32)
+
+    def one(row, key_data, t, temperature, k, p):  # row (V,)
+        key = jax.random.fold_in(jax.random.wrap_key_data(key_data), t)
+        x = row.astype(jnp.float32) / jnp.where(temperature > 0, temperature, 1.0)
+        descending = jnp.sort(x)[::-1]
+        kth = descending[jnp.clip(k, 1, V) - 1]
+        x = jnp.where((k > 0) & (k < V) & (x < kth), -jnp.inf, x)
+        descending = jnp.sort(x)[::-1]
+        probs = jax.nn.softmax(descending)
+        mass_before = jnp.cumsum(probs) - probs  # probability of the strictly more likely tokens
+        keep = jnp.sum(mass_before < p)  # >= 1
+        x = jnp.where((p < 1) & (x < descending[keep - 1]), -jnp.inf, x)
+        return jax.random.categorical(key, x[None], axis=-1)[0].astype(jnp.int32)
+
+    drawn = jax.vmap(one)(logits, keys, t, temperature, top_k, top_p)
+    return jnp.where(temperature > 0, drawn, greedy)
+
+
+@functools.partial(jax.jit, static_argnames=("config", "runtime"), donate_argnames=("states", "logits"))
+def _decode_step(
+    config: xLSTMLMConfig,
+    runtime: RuntimeConfig,
+    params: Any,
+    states: ModelStates,  # (L, N, ...)
+    logits: jax.Array,  # (N, V) float32
+    active: jax.Array,  # (N,) bool
+    keys: jax.Array,  # (N, *key_shape) uint32
+    t: jax.Array,  # (N,) int32
+    temperature: jax.Array,  # (N,) float32
+    top_k: jax.Array,  # (N,) int32
+    top_p: jax.Array,  # (N,) float32
+) -> tuple[jax.Array, ModelStates, jax.Array]:
+    """Draws a token in every active slot and feeds it through the model; free slots are padding (unchanged)."""
+    tokens = jnp.where(active, sample_rows(logits, keys, t, temperature, top_k, top_p), 0)
+    new_logits, states = xLSTMLMModel(config, runtime).apply(
+        {"params": params}, tokens[:, None], states, active[:, None], decode=True, return_states=True
+    )
+    logits = jnp.where(active[:, None], new_logits[:, 0].astype(logits.dtype), logits)
+    return tokens, states, logits
+
+
+@functools.partial(jax.jit, static_argnames=("config", "runtime"))
+def _prefill_chunk(
+    config: xLSTMLMConfig,
+    runtime: RuntimeConfig,
+    params: Any,
+    states: ModelStates,  # (L, 1, ...), not donated: it may be a cached entry
+    input_ids: jax.Array,  # (1, C) int32
+    valid: jax.Array,  # (1, C) bool, False at left padding
+) -> tuple[jax.Array, ModelStates]:
+    """One prefill chunk from ``states``: the logits of its last position (1, V) float32 and the states after it."""
+    logits, states = xLSTMLMModel(config, runtime).apply(
+        {"params": params}, input_ids, states, valid, return_states=True, last_only=True
+    )
+    return logits[:, 0].astype(jnp.float32), states
+
+
+@functools.partial(jax.jit, donate_argnames=("states", "logits"))
+def _insert(
+    states: ModelStates, logits: jax.Array, slot: jax.Array, new_states: ModelStates, new_logits: jax.Array
+) -> tuple[ModelStates, jax.Array]:
+    """Writes a request's states (L, 1, ...) and logits (1, V) into slot ``slot`` (traced: one compilation)."""
+    states = ModelStates(
+        *(
+            jax.lax.dynamic_update_slice_in_dim(s, n.astype(s.dtype), slot, axis=1)
+            for s, n in zip(states, new_states, strict=True)
+        )
+    )
+    return states, jax.lax.dynamic_update_slice_in_dim(logits, new_logits.astype(logits.dtype), slot, axis=0)
+
+
+@jax.jit
+def _extract(states: ModelStates, logits: jax.Array, slot: jax.Array) -> PrefixEntry:
+    """A copy of slot ``slot``'s states (L, 1, ...) and logits (1, V)."""
+    return PrefixEntry(
+        ModelStates(*(jax.lax.dynamic_slice_in_dim(s, slot, 1, axis=1) for s in states)),
+        jax.lax.dynamic_slice_in_dim(logits, slot, 1, axis=0),
+    )
+
+
+def _key_data(seed: int) -> np.ndarray:
+    return np.asarray(jax.random.key_data(jax.random.key(seed)))
+
+
+class _Histogram:
+    """Counts of observations per bucket of ``LATENCY_BUCKETS`` (and +inf), their sum and number."""
+
+    def __init__(self) -> None:
+        self.counts = [0] * (len(LATENCY_BUCKETS) + 1)
+        self.sum = 0.0
+        self.count = 0
+
+    def observe(self, seconds: float) -> None:
+        self.counts[bisect.bisect_left(LATENCY_BUCKETS, seconds)] += 1
+        self.sum += seconds
+        self.count += 1
+
+    def as_dict(self) -> dict[str, Any]:
+        return {"buckets": list(LATENCY_BUCKETS), "counts": list(self.counts), "sum": self.sum, "count": self.count}
+
+
+@dataclass(eq=False)
+class _Prefill:
+    """The request being prefilled: its slot, the states so far, the tokens still to run."""
+
+    request: _Request
+    slot: int
+    states: ModelStates
+    logits: jax.Array | None
+    done: int  # prompt tokens whose states ``states`` holds
+
+
+class Engine:
+    """Serves generation requests with continuous batching over ``num_slots`` decode slots.
+
+    Args:
+        config: The model config.
+        params: The model parameters (laid out for ``runtime.scan_blocks``).
+        num_slots: The decode batch: how many requests generate at once.
+        runtime: How the model runs (``RuntimeConfig``; None for the default).
+        max_prompt_tokens: The longest prompt accepted.
+        prefill_chunk_tokens: Prompt tokens prefilled per iteration (the fixed chunk shape).
+        max_queue: How many requests may wait for a slot; :meth:`submit` raises ``EngineOverloaded`` beyond.
+        prefix_cache_bytes: The byte budget of the prefix-state cache (0: no cache).
+
+    Raises:
+        TypeError: config, runtime or an int argument of the wrong type.
+        ValueError: an int argument out of range.
+    """
+
+    def __init__(
+        self,
+        config: xLSTMLMConfig,
+        params: Any,
+        *,
+        num_slots: int = 8,
+        runtime: RuntimeConfig | None = None,
+        max_prompt_tokens: int = 4096,
+        prefill_chunk_tokens: int = 256,
+        max_queue: int = 64,
+        prefix_cache_bytes: int = 0,
+    ) -> None:
+        if not isinstance(config, xLSTMLMConfig):
+            raise TypeError(f"config must be an xLSTMLMConfig, got {type(config).__name__}")
+        runtime = RuntimeConfig() if runtime is None else runtime
+        if not isinstance(runtime, RuntimeConfig):
+            raise TypeError(f"runtime must be a RuntimeConfig or None, got {type(runtime).__name__}")
+        for name, value, low in (
+            ("num_slots", num_slots, 1),
+            ("max_prompt_tokens", max_prompt_tokens, 1),
+            ("prefill_chunk_tokens", prefill_chunk_tokens, 1),
+            ("max_queue", max_queue, 0),
+            ("prefix_cache_bytes", prefix_cache_bytes, 0),
+        ):
+            if not _is_int(value):
+                raise TypeError(f"{name} must be an int, got {type(value).__name__} {value!r}")
+            if value < low:
+                raise ValueError(f"{name} must be >= {low}, got {name}={value}")
+        self.config, self.params, self.runtime = config, params, runtime
+        self.num_slots = int(num_slots)
+        self.max_prompt_tokens = int(max_prompt_tokens)
+        self.prefill_chunk_tokens = int(prefill_chunk_tokens)
+        self.max_queue = int(max_queue)
+        self.prefix_cache = PrefixCache(int(prefix_cache_bytes))
+
+        N = self.num_slots
+        self._states = ModelStates.zeros(config, N)
+        self._logits = jnp.zeros((N, config.vocab_size), jnp.float32)
+        key_shape = _key_data(0).shape
+        self._active = np.zeros(N, bool)
+        self._keys = np.zeros((N, *key_shape), np.uint32)
+        self._t = np.zeros(N, np.int32)
+        self._temperature = np.zeros(N, np.float32)
+        self._top_k = np.zeros(N, np.int32)
+        self._top_p = np.ones(N, np.float32)
+        self._slots: list[_Request | None] = [None] * N  # the request that holds each slot (active or prefilling)
+
+        self._lock = threading.RLock()  # guards the queue, the slots table and the counters
+        self._step_lock = threading.Lock()  # one iteration at a time
+        self._wake = threading.Condition(threading.Lock())
+        self._waiting: collections.deque[_Request] = collections.deque()
+        self._prefill: _Prefill | None = None
+        self._thread: threading.Thread | None = None
+        self._stopping = threading.Event()
+        self.error: BaseException | None = None
+
+        self._tokens_generated = 0
+        self._finished: collections.Counter[str] = collections.Counter()
+        self._prefill_tokens = 0
+        self._prefill_chunks = 0
+        self._decode_steps = 0
+        self._ttft = _Histogram()
+        self._itl = _Histogram()
+
+    # ----------------------------------------------------------------------------------------- lifecycle
+
+    def start(self) -> None:
+        """Starts the background thread that runs iterations while there is work (no-op if running)."""
+        if self._thread is not None and self._thread.is_alive():
+            return
+        self._stopping.clear()
+        self._thread = threading.Thread(target=self._loop, name="xlstm-serving-engine", daemon=True)
+        self._thread.start()
+
+    def stop(self) -> None:
+        """Stops the background thread; requests still waiting or running end with "cancelled"."""
+        self._stopping.set()
+        self._wake_up()
+        if self._thread is not None:
+            self._thread.join()
+            self._thread = None
+        with self._step_lock, self._lock:
+            requests = [r for r in self._slots if r is not None] + list(self._waiting)
+            self._waiting.clear()
+            self._prefill = None
+            for slot, request in enumerate(self._slots):
+                if request is not None:
+                    self._free(slot)
+            for request in requests:
+                self._finish(request, "cancelled", None)
+
+    def __enter__(self) -> Engine:
+        self.start()
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self.stop()
+
+    def _wake_up(self) -> None:
+        with self._wake:
+            self._wake.notify_all()
+
+    def _loop(self) -> None:
+        while not self._stopping.is_set():
+            try:
+                worked = self.step()
+            except Exception as e:  # end every stream rather than leave clients waiting forever
+                logger.exception("serving engine iteration failed")
+                self.error = e
+                with self._lock:
+                    requests = [r for r in self._slots if r is not None] + list(self._waiting)
+                    self._waiting.clear()
+                    self._prefill = None
+                    for slot in range(self.num_slots):
+                        self._free(slot)
+                for request in requests:
+                    self._finish(request, "error", None)
+                return
+            if not worked:
+                with self._wake:
+                    if not self._has_work():
+                        self._wake.wait(timeout=0.1)
+
+    def _has_work(self) -> bool:
+        with self._lock:
+            return bool(self._waiting) or any(r is not None for r in self._slots)
+
+    # ------------------------------------------------------------------------------------------- requests
+
+    def _check_prompt(self, prompt_ids: Any, name: str = "prompt_ids") -> tuple[int, ...]:
+        if isinstance(prompt_ids, str | bytes):
+            raise TypeError(f"{name} must be token ids (a sequence of ints), got text; encode it first")
+        if isinstance(prompt_ids, np.ndarray | jax.Array):
+            if prompt_ids.ndim != 1 or not np.issubdtype(prompt_ids.dtype, np.integer):
+                raise TypeError(f"{name} must be a 1-D integer array, got {prompt_ids.dtype}{list(prompt_ids.shape)}")
+            prompt_ids = np.asarray(prompt_ids).tolist()
+        if not isinstance(prompt_ids, Sequence):
+            raise TypeError(f"{name} must be a sequence of ints, got {type(prompt_ids).__name__}")
+        wrong = [(i, t) for i, t in enumerate(prompt_ids) if not _is_int(t)]
+        if wrong:
+            raise TypeError(f"{name} must be ints, got {type(wrong[0][1]).__name__} {wrong[0][1]!r} at {wrong[0][0]}")
+        if not prompt_ids:
+            raise ValueError(f"{name} is empty: a prompt needs at least one token")
+        V = self.config.vocab_size
+        bad = [(i, t) for i, t in enumerate(prompt_ids) if not 0 <= t < V]
+        if bad:
+            raise ValueError(f"{name} token ids must lie in [0, vocab_size={V}); {name}[{bad[0][0]}] is {bad[0][1]}")
+        return tuple(int(t) for t in prompt_ids)
+
+    def submit(self, prompt_ids: Sequence[int], sampling: SamplingParams = SamplingParams()) -> RequestStream:
+        """Queues a request; returns its stream at once.
+
+        Args:
+            prompt_ids: The prompt's token ids (1 to ``max_prompt_tokens`` ids in [0, vocab_size)).
+            sampling: The request's sampling settings.
+
+        Raises:
+            TypeError: prompt_ids that are not token ids, or sampling that is not a SamplingParams.
+            ValueError: an empty prompt, a token id out of range, a prompt longer than max_prompt_tokens, or a
+                stop token id >= vocab_size.
+            EngineOverloaded: ``max_queue`` requests already wait.
+        """
+        if not isinstance(sampling, SamplingParams):
+            raise TypeError(f"sampling must be a SamplingParams, got {type(sampling).__name__}")
+        prompt = self._check_prompt(prompt_ids)
+        if len(prompt) > self.max_prompt_tokens:
+            raise ValueError(
+                f"the prompt has {len(prompt)} tokens, more than max_prompt_tokens={self.max_prompt_tokens}"
+            )
+        V = self.config.vocab_size
+        bad = [t for t in sampling.stop_token_ids if t >= V]
+        if bad:
+            raise ValueError(f"stop_token_ids must lie in [0, vocab_size={V}), got {bad}")
+        seed = sampling.seed if sampling.seed is not None else secrets.randbelow(MAX_SEED)
+        stream = RequestStream(uuid.uuid4().hex, self)
+        request = _Request(prompt, sampling, _key_data(seed), stream)
+        stream._request = request
+        with self._lock:
+            if len(self._waiting) >= self.max_queue:
+                raise EngineOverloaded(
+                    f"{len(self._waiting)} requests wait for a slot (max_queue={self.max_queue}); retry later"
+                )
+            self._waiting.append(request)
+        self._wake_up()
+        return stream
+
+    # ------------------------------------------------------------------------------------------ iteration
+
+    def step(self) -> bool:
+        """Runs one iteration (cancellations, admission, one prefill chunk, one decode step).
+
+        Returns:
+            Whether any work was done.
+        """
+        with self._step_lock:
+            worked = self._handle_cancelled()
+            worked |= self._admit()
+            worked |= self._prefill_one_chunk()
+            worked |= self._decode()
+            return worked
+
+    def _handle_cancelled(self) -> bool:
+        ended = []
+        with self._lock:
+            for request in [r for r in self._waiting if r.cancelled]:
+                self._waiting.remove(request)
+                ended.append(request)
+            for slot, request in enumerate(self._slots):
+                if request is not None and request.cancelled:
+                    if self._prefill is not None and self._prefill.request is request:
+                        self._prefill = None
+                    self._free(slot)
+                    ended.append(request)
+        for request in ended:
+            self._finish(request, "cancelled", None)
+        return bool(ended)
+
+    def _free(self, slot: int) -> None:
+        self._slots[slot] = None
+        self._active[slot] = False
+
+    def _admit(self) -> bool:
+        """Starts prefilling the next waiting request if a slot is free and nothing is being prefilled."""
+        with self._lock:
+            if self._prefill is not None or not self._waiting or None not in self._slots:
+                return False
+            request = self._waiting.popleft()
+            slot = self._slots.index(None)
+            self._slots[slot] = request
+        done, entry = self.prefix_cache.lookup(request.prompt) if self.prefix_cache.max_bytes else (0, None)
+        if entry is None:
+            self._prefill = _Prefill(request, slot, ModelStates.zeros(self.config, 1), None, 0)
+        else:
+            self._prefill = _Prefill(request, slot, entry.states, entry.logits, done)
+        return True
+
+    def _run_chunk(self, states: ModelStates, tokens: Sequence[int]) -> tuple[jax.Array, ModelStates]:
+        """Prefills ``tokens`` (at most ``prefill_chunk_tokens``) from ``states`` as one left-padded chunk."""
+        C = self.prefill_chunk_tokens
+        ids = np.zeros((1, C), np.int32)
+        valid = np.zeros((1, C), bool)
+        ids[0, C - len(tokens) :] = tokens
+        valid[0, C - len(tokens) :] = True
+        logits, states = _prefill_chunk(self.config, self.runtime, self.params, states, ids, valid)
+        with self._lock:
+            self._prefill_tokens += len(tokens)
+            self._prefill_chunks += 1
+        return logits, states
+
+    def _chunks(self, start: int, end: int) -> list[tuple[int, int]]:
+        """The chunks of positions [start, end): a short one first (left-padded, like a padded prompt), then full."""
+        C = self.prefill_chunk_tokens
+        first = start + ((end - start) % C or C)
+        return [(start, first)] + [(s, s + C) for s in range(first, end, C)]
+
+    def _prefill_one_chunk(self) -> bool:
+        job = self._prefill
+        if job is None:
+            return False
+        prompt = job.request.prompt
+        if job.done < len(prompt):
+            start, end = self._chunks(job.done, len(prompt))[0]
+            job.logits, job.states = self._run_chunk(job.states, prompt[start:end])
+            job.done = end
+            if end < len(prompt):
+                return True
+            if self.prefix_cache.max_bytes:
+                self.prefix_cache.put(prompt, PrefixEntry(job.states, job.logits))
+        request, slot = job.request, job.slot
+        self._states, self._logits = _insert(self._states, self._logits, np.int32(slot), job.states, job.logits)
+        sampling = request.sampling
+        with self._lock:
+            self._prefill = None
+            self._keys[slot] = request.key_data
+            self._t[slot] = 0
+            self._temperature[slot] = sampling.temperature
+            self._top_k[slot] = sampling.top_k
+            self._top_p[slot] = sampling.top_p
+            self._active[slot] = True
+        return True
+
+    def _decode(self) -> bool:
+        with self._lock:
+            if not self._active.any():
+                return False
+            args = (self._active.copy(), self._keys.copy(), self._t.copy(), self._temperature.copy())
+            args += (self._top_k.copy(), self._top_p.copy())
+        tokens, self._states, self._logits = _decode_step(
+            self.config, self.runtime, self.params, self._states, self._logits, *args
+        )
+        tokens = np.asarray(tokens)
+        now = time.perf_counter()
+        finished = []
+        with self._lock:
+            self._decode_steps += 1
+            for slot in np.flatnonzero(args[0]):
+                request = self._slots[slot]
+                token = int(tokens[slot])
+                request.generated.append(token)
+                self._t[slot] += 1
+                self._tokens_generated += 1
+                if request.last_token_time is None:
+                    self._ttft.observe(now - request.submitted)
+                else:
+                    self._itl.observe(now - request.last_token_time)
+                request.last_token_time = now
+                reason = None
+                if token in request.sampling.stop_token_ids:
+                    reason = "stop"
+                elif len(request.generated) >= request.sampling.max_tokens:
+                    reason = "length"
+                if reason is None:
+                    request.stream._push(TokenEvent(token, None))
+                else:
+                    finished.append((slot, request, token, reason))
+        for slot, request, token, reason in finished:
+            if self.prefix_cache.max_bytes:  # the conversation so far: the prompt and every token fed after it
+                entry = _extract(self._states, self._logits, np.int32(slot))
+                self.prefix_cache.put(request.prompt + tuple(request.generated), entry)
+            with self._lock:
+                self._free(int(slot))
+            self._finish(request, reason, token)
+        return True
+
+    def _finish(self, request: _Request, reason: str, token: int | None) -> None:
+        with self._lock:
+            self._finished[reason] += 1
+        request.stream._push(TokenEvent(token, reason))
+
+    # ---------------------------------------------------------------------------------------- prefix states
+
+    def _states_after(self, prompt: tuple[int, ...]) -> PrefixEntry:
+        """The states and logits after ``prompt``: from the cache, or prefilled from its longest cached prefix
+        (and then cached)."""
+        if self.prefix_cache.max_bytes:
+            done, entry = self.prefix_cache.lookup(prompt)
+        else:
+            done, entry = 0, None
+        if done == len(prompt):
+            return entry
+        states = ModelStates.zeros(self.config, 1) if entry is None else entry.states
+        logits = None
+        for start, end in self._chunks(done, len(prompt)):
+            logits, states = self._run_chunk(states, prompt[start:end])
+        entry = PrefixEntry(states, logits)
+        if self.prefix_cache.max_bytes:
+            self.prefix_cache.put(prompt, entry)
+        return entry
+
+    def cache_prefix(self, prompt_ids: Sequence[int]) -> int:
+        """Prefills ``prompt_ids`` (e.g. a shared system prompt) into the prefix cache now, in the caller's thread.
+
+        Returns:
+            The number of tokens prefilled (0 if the prefix was cached already).
+
+        Raises:
+            ValueError: no prefix cache (``prefix_cache_bytes=0``), or a bad prompt (see :meth:`submit`).
+        """
+        if not self.prefix_cache.max_bytes:
+            raise ValueError("cache_prefix needs a prefix cache: the engine has prefix_cache_bytes=0")
+        prompt = self._check_prompt(prompt_ids)
+        before = self._prefill_tokens
+        self._states_after(prompt)
+        return self._prefill_tokens - before
+
+    def save_state(self, prompt_ids: Sequence[int], path: str | os.PathLike) -> None:
+        """Writes the states after ``prompt_ids`` (a conversation so far) to ``path`` (npz), in one call.
+
+        The states come from the prefix cache when it holds them (e.g. a finished request's prompt plus its
+        generated tokens), else the prompt is prefilled. The file is written next to ``path`` under a temporary
+        name and renamed, so a reader never sees a partial file.
+
+        Raises:
+            ValueError: a bad prompt (see :meth:`submit`).
+        """
+        prompt = self._check_prompt(prompt_ids)
+        entry = self._states_after(prompt)
+        arrays = {"prompt_ids": np.asarray(prompt, np.int64)}
+        for name, x in (*zip(ModelStates._fields, entry.states, strict=True), ("logits", entry.logits)):
+            x = np.asarray(x)
+            arrays[name] = x.view(f"u{x.dtype.itemsize}")  # raw bits: exact for any float dtype (bfloat16 too)
+            arrays[f"{name}_dtype"] = np.asarray(str(x.dtype))
+        path = Path(path)
+        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+        try:
+            with os.fdopen(fd, "wb") as f:
+                np.savez(f, **arrays)
+            os.replace(tmp, path)
+        except BaseException:
+            Path(tmp).unlink(missing_ok=True)
+            raise
+
+    def load_state(self, path: str | os.PathLike) -> list[int]:
+        """Reads a file of :meth:`save_state` into the prefix cache; returns its prompt ids.
+
+        A request whose prompt extends the returned ids then prefills only its new tokens.
+
+        Raises:
+            ValueError: the file does not hold states of this model's shapes and state dtype, or the prefix
+                cache cannot hold them (``prefix_cache_bytes`` too small).
+        """
+        with np.load(Path(path), allow_pickle=False) as data:
+            missing = [k for k in ("prompt_ids", *ModelStates._fields, "logits") if k not in data.files]
+            if missing:
+                raise ValueError(f"{path} is not a saved conversation state: it lacks {missing}")
+            prompt = self._check_prompt(data["prompt_ids"].tolist(), name=f"prompt_ids in {path}")
+            loaded = {}
+            for name in (*ModelStates._fields, "logits"):
+                loaded[name] = data[name].view(jnp.dtype(str(data[f"{name}_dtype"])))
+        want = jax.eval_shape(lambda: ModelStates.zeros(self.config, 1))
+        expected = {name: (tuple(w.shape), w.dtype) for name, w in zip(ModelStates._fields, want, strict=True)}
+        expected["logits"] = ((1, self.config.vocab_size), jnp.dtype(jnp.float32))
+        for name, (shape, dtype) in expected.items():
+            got = loaded[name]
+            if tuple(got.shape) != shape or got.dtype != dtype:
+                raise ValueError(
+                    f"{path}: {name} is {got.dtype}{list(got.shape)}, but this model's is {dtype}{list(shape)}"
+                )
+        entry = PrefixEntry(
+            ModelStates(*(jnp.asarray(loaded[k]) for k in ModelStates._fields)), jnp.asarray(loaded["logits"])
+        )
+        if not self.prefix_cache.put(prompt, entry):
+            raise ValueError(
+                f"the prefix cache cannot hold the loaded state: prefix_cache_bytes={self.prefix_cache.max_bytes}, "
+                f"the state takes {sum(int(x.nbytes) for x in loaded.values())} bytes"
+            )
+        return list(prompt)
+
+    # ---------------------------------------------------------------------------------------------- stats
+
+    def stats(self) -> dict[str, Any]:
+        """Counters and gauges for monitoring.
+
+        Returns:
+            A dict with ``queue_length`` (requests waiting for a slot), ``slots_in_use`` (slots held by a request
+            being prefilled or generating), ``num_slots``, ``tokens_generated_total``, ``requests_finished_total``,
+            ``requests_finished_by_reason`` (a dict reason -> count), ``prefill_tokens_total`` (prompt tokens run
+            through the model, cache hits excluded), ``prefill_chunks_total``, ``decode_steps_total``,
+            ``prefix_cache_hits_total``, ``prefix_cache_misses_total``, ``prefix_cache_evictions_total``,
+            ``prefix_cache_entries``, ``prefix_cache_bytes``, ``prefix_cache_max_bytes``, and two latency
+            histograms in seconds, ``time_to_first_token_seconds`` (submit to first token) and
+            ``inter_token_latency_seconds`` (between a request's consecutive tokens), each a dict of
+            ``buckets`` (upper bounds, ``LATENCY_BUCKETS``), ``counts`` (observations per bucket, not cumulative,
+            one more than ``buckets``: the last is +inf), ``sum`` and ``count``.
+        """
+        cache = self.prefix_cache.stats()
+        with self._lock:
+            return {
+                "queue_length": len(self._waiting),
+                "slots_in_use": sum(r is not None for r in self._slots),
+                "num_slots": self.num_slots,
+                "tokens_generated_total": self._tokens_generated,
+                "requests_finished_total": sum(self._finished.values()),
+                "requests_finished_by_reason": dict(self._finished),
+                "prefill_tokens_total": self._prefill_tokens,
+                "prefill_chunks_total": self._prefill_chunks,
+                "decode_steps_total": self._decode_steps,
+                "prefix_cache_hits_total": cache["hits"],
+                "prefix_cache_misses_total": cache["misses"],
+                "prefix_cache_evictions_total": cache["evictions"],
+                "prefix_cache_entries": cache["entries"],
+                "prefix_cache_bytes": cache["bytes"],
+                "prefix_cache_max_bytes": cache["max_bytes"],
+                "time_to_first_token_seconds": self._ttft.as_dict(),
+                "inter_token_latency_seconds": self._itl.as_dict(),
+            }
+
+    @staticmethod
+    def compilations() -> dict[str, int]:
+        """How many programs each jitted function of the engine has compiled (for checking that nothing recompiles)."""
+        return {
+            "decode_step": _decode_step._cache_size(),
+            "prefill_chunk": _prefill_chunk._cache_size(),
+            "insert": _insert._cache_size(),
+            "extract": _extract._cache_size(),
+        }
