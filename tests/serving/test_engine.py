@@ -1,0 +1,237 @@
+"""The serving engine: outputs equal to generate, slots coming and going without recompilation, per-request
+sampling, cancellation, overload, the prefix-state cache and saved states."""
+
+from __future__ import annotations
+
+import asyncio
+import functools
+
+import jax
+import numpy as np
+import pytest
+
+from tests.models.fixture import load
+from xlstm_jax.generation import SamplingConfig, generate
+from xlstm_jax.serving import Engine, EngineOverloaded, SamplingParams, TokenEvent
+
+NUM_SLOTS = 3
+CHUNK = 8  # prefill chunk: the prompts below span one to three chunks, with a remainder
+PROMPTS = ([5, 6, 7], [(7 * i + 3) % 97 for i in range(19)], [3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13])
+
+
+@pytest.fixture(scope="module")
+def model():
+    return load()
+
+
+def _engine(model, **kwargs) -> Engine:
+    config, params, runtime = model
+    kwargs = {"num_slots": NUM_SLOTS, "prefill_chunk_tokens": CHUNK, "max_prompt_tokens": 64, **kwargs}
+    return Engine(config, params, runtime=runtime, **kwargs)
+
+
+@pytest.fixture(scope="module")
+def engine(model):
+    return _engine(model)
+
+
+@pytest.fixture(scope="module")
+def cached_engine(model):
+    return _engine(model, prefix_cache_bytes=1 << 20)
+
+
+@functools.cache
+def _reference(prompt: tuple[int, ...], n: int, temperature: float = 0.0, top_k: int = 0, top_p: float = 1.0, seed=0):
+    """``generate`` run alone on one prompt (no stop tokens)."""
+    config, params, runtime = load()
+    sampling = SamplingConfig(temperature, top_k, top_p)
+    out = generate(config, params, [list(prompt)], n, sampling=sampling, key=jax.random.key(seed), stop_tokens=[],
+                   runtime=runtime)  # fmt: skip
+    return out.tokens[0].tolist()
+
+
+def _drain(engine: Engine) -> None:
+    while engine.step():
+        pass
+
+
+def _tokens(stream) -> tuple[list[int], str]:
+    events = list(stream)
+    assert all(e.finish_reason is None for e in events[:-1])
+    return [e.token_id for e in events if e.token_id is not None], events[-1].finish_reason
+
+
+def test_greedy_concurrent_requests_equal_generate(engine):
+    lengths = (7, 4, 9)
+    streams = [engine.submit(p, SamplingParams(max_tokens=n)) for p, n in zip(PROMPTS, lengths, strict=True)]
+    for _ in range(5):  # the first two are prefilled and decoding when more arrive
+        engine.step()
+    assert engine.stats()["slots_in_use"] == NUM_SLOTS
+    late = [engine.submit(PROMPTS[1][:13], SamplingParams(max_tokens=5)), engine.submit([42], SamplingParams())]
+    assert engine.stats()["queue_length"] == 2  # every slot is taken
+    _drain(engine)
+    for p, n, s in zip(PROMPTS, lengths, streams, strict=True):
+        assert _tokens(s) == (_reference(tuple(p), n), "length")
+    assert _tokens(late[0]) == (_reference(tuple(PROMPTS[1][:13]), 5), "length")
+    assert _tokens(late[1]) == (_reference((42,), 16), "length")
+    stats = engine.stats()
+    assert stats["slots_in_use"] == 0 and stats["queue_length"] == 0
+    assert stats["tokens_generated_total"] >= sum(lengths) + 5 + 16
+
+
+def test_stop_tokens_and_max_tokens(engine):
+    ref = _reference(tuple(PROMPTS[2]), 9)
+    stop = ref[4]
+    first = ref.index(stop)
+    s_stop = engine.submit(PROMPTS[2], SamplingParams(max_tokens=9, stop_token_ids=(stop, 98)))
+    s_len = engine.submit(PROMPTS[2], SamplingParams(max_tokens=2, stop_token_ids=(98,) if 98 not in ref[:2] else ()))
+    _drain(engine)
+    assert _tokens(s_stop) == (ref[: first + 1], "stop")  # the stop token is the last event's token
+    assert _tokens(s_len) == (ref[:2], "length")
+
+
+def test_cancel_frees_the_slot(engine):
+    streams = [engine.submit(p, SamplingParams(max_tokens=1000)) for p in PROMPTS]
+    while engine.stats()["tokens_generated_total"] == 0 or engine.stats()["queue_length"]:
+        engine.step()
+    for _ in range(8):
+        engine.step()
+    assert engine.stats()["slots_in_use"] == NUM_SLOTS
+    streams[1].cancel()
+    engine.step()
+    assert engine.stats()["slots_in_use"] == NUM_SLOTS - 1
+    tokens, reason = _tokens(streams[1])
+    assert reason == "cancelled" and len(tokens) >= 1
+    newcomer = engine.submit(PROMPTS[0], SamplingParams(max_tokens=6))
+    engine.step()
+    assert engine.stats()["slots_in_use"] == NUM_SLOTS
+    for _ in range(12):
+        engine.step()
+    assert _tokens(newcomer) == (_reference(tuple(PROMPTS[0]), 6), "length")
+    waiting = engine.submit(PROMPTS[0], SamplingParams(max_tokens=3))
+    waiting.cancel()  # cancelled before it got a slot
+    for s in (streams[0], streams[2]):
+        s.cancel()
+    _drain(engine)
+    assert _tokens(waiting) == ([], "cancelled")
+    assert engine.stats()["slots_in_use"] == 0
+
+
+def test_no_recompilation_after_warmup(engine):
+    engine.submit(PROMPTS[0], SamplingParams(max_tokens=2))
+    _drain(engine)
+    before = Engine.compilations()
+    settings = [SamplingParams(max_tokens=3 + k % 4, temperature=0.5 * (k % 3), top_k=k % 5, top_p=1 - 0.1 * (k % 2),
+                               seed=k, stop_token_ids=(k,)) for k in range(10)]  # fmt: skip
+    streams = [engine.submit(PROMPTS[k % 3][: 2 + 2 * k], s) for k, s in enumerate(settings)]
+    _drain(engine)
+    assert all(list(s)[-1].finish_reason in ("stop", "length") for s in streams)
+    assert Engine.compilations() == before
+
+
+def test_seeded_sampling_does_not_depend_on_the_slot(engine):
+    params = SamplingParams(temperature=0.9, top_k=30, top_p=0.9, seed=1234, max_tokens=8)
+    alone = engine.submit(PROMPTS[2], params)  # slot 0, no neighbours
+    _drain(engine)
+    neighbours = [engine.submit(PROMPTS[0], SamplingParams(max_tokens=12, temperature=1.0, seed=s)) for s in (1, 2)]
+    engine.step()
+    crowded = engine.submit(PROMPTS[2], params)  # slot 2, next to two sampled requests
+    _drain(engine)
+    assert all(_tokens(s)[1] == "length" for s in neighbours)
+    tokens, _ = _tokens(alone)
+    assert _tokens(crowded) == (tokens, "length")
+    assert tokens == _reference(tuple(PROMPTS[2]), 8, 0.9, 30, 0.9, seed=1234)  # generate with key(seed)
+
+
+def test_overload_and_bad_requests(model):
+    config = model[0]
+    engine = _engine(model, max_queue=2)
+    engine.submit([1], SamplingParams())
+    engine.submit([2, 3], SamplingParams())
+    with pytest.raises(EngineOverloaded, match="max_queue=2"):
+        engine.submit([4], SamplingParams())
+    with pytest.raises(ValueError, match="empty"):
+        engine.submit([])
+    with pytest.raises(ValueError, match=r"vocab_size=99.*prompt_ids\[1\] is 99"):
+        engine.submit([1, config.vocab_size])
+    with pytest.raises(ValueError, match="max_prompt_tokens=64"):
+        engine.submit([1] * 65)
+    with pytest.raises(ValueError, match="stop_token_ids"):
+        engine.submit([1], SamplingParams(stop_token_ids=(config.vocab_size,)))
+    with pytest.raises(TypeError, match="prompt_ids"):
+        engine.submit("hello")
+    for field, value in (("temperature", -1.0), ("top_k", -1), ("top_p", 0.0), ("seed", -5), ("max_tokens", 0)):
+        with pytest.raises(ValueError, match=field):
+            SamplingParams(**{field: value})
+    with pytest.raises(ValueError, match="num_slots"):
+        _engine(model, num_slots=0)
+
+
+def test_prefix_cache_gives_identical_outputs_and_prefills_only_new_tokens(engine, cached_engine):
+    system = PROMPTS[1]  # 19 tokens
+    turn = [11, 12, 13, 14, 15]
+
+    def converse(eng: Engine) -> tuple[list[list[int]], list[int]]:
+        outputs, prefilled = [], []
+        prompt = list(system)
+        for _ in range(2):
+            before = eng.stats()["prefill_tokens_total"]
+            stream = eng.submit(prompt, SamplingParams(max_tokens=5))
+            _drain(eng)
+            tokens, _ = _tokens(stream)
+            outputs.append(tokens)
+            prefilled.append(eng.stats()["prefill_tokens_total"] - before)
+            prompt = prompt + tokens + turn  # the conversation so far and the next user turn
+        before = eng.stats()["prefill_tokens_total"]
+        again = eng.submit(system, SamplingParams(max_tokens=5))
+        _drain(eng)
+        outputs.append(_tokens(again)[0])
+        prefilled.append(eng.stats()["prefill_tokens_total"] - before)
+        return outputs, prefilled
+
+    plain, plain_prefilled = converse(engine)
+    cached, cached_prefilled = converse(cached_engine)
+    assert cached == plain
+    assert plain_prefilled == [19, 19 + 5 + 5, 19]
+    assert cached_prefilled == [19, 5, 0]  # only the new turn; nothing for a repeated prompt
+    assert cached_engine.stats()["prefix_cache_hits_total"] >= 2
+    assert 0 < cached_engine.stats()["prefix_cache_bytes"] <= 1 << 20
+
+
+def test_save_and_load_state(model, cached_engine, tmp_path):
+    conversation = PROMPTS[2] + [20, 21]
+    path = tmp_path / "conversation.npz"
+    cached_engine.save_state(conversation, path)
+    assert path.exists() and not [p for p in tmp_path.iterdir() if p != path]  # the temporary file is gone
+    saved = cached_engine.prefix_cache.get(conversation)
+    fresh = _engine(model, prefix_cache_bytes=1 << 20)
+    assert fresh.load_state(path) == conversation
+    loaded = fresh.prefix_cache.get(conversation)
+    for a, b in zip((*saved.states, saved.logits), (*loaded.states, loaded.logits), strict=True):
+        assert a.dtype == b.dtype and np.array_equal(np.asarray(a), np.asarray(b))  # bit-identical
+    stream = fresh.submit(conversation + [30, 31, 32], SamplingParams(max_tokens=4))
+    _drain(fresh)
+    assert fresh.stats()["prefill_tokens_total"] == 3
+    assert _tokens(stream)[0] == _reference(tuple(conversation + [30, 31, 32]), 4)
+    with pytest.raises(ValueError, match="prefix_cache_bytes=0"):
+        _engine(model).load_state(path)
+    bad = tmp_path / "bad.npz"
+    np.savez(bad, prompt_ids=np.asarray([1, 2]))
+    with pytest.raises(ValueError, match="lacks"):
+        fresh.load_state(bad)
+
+
+def test_background_thread_sync_and_async_streams(model):
+    with _engine(model) as engine:
+        stream = engine.submit(PROMPTS[0], SamplingParams(max_tokens=4))
+        assert _tokens(stream) == (_reference(tuple(PROMPTS[0]), 4), "length")
+
+        async def consume():
+            s = engine.submit(PROMPTS[2], SamplingParams(max_tokens=3))
+            return [e async for e in s]
+
+        events = asyncio.run(consume())
+        ref = _reference(tuple(PROMPTS[2]), 3)
+        assert events == [TokenEvent(ref[0], None), TokenEvent(ref[1], None), TokenEvent(ref[2], "length")]
+        left = engine.submit(PROMPTS[0], SamplingParams(max_tokens=10**6))
+    assert list(left)[-1].finish_reason == "cancelled"  # stop() ends what still runs
