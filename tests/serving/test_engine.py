@@ -118,14 +118,19 @@ def test_cancel_frees_the_slot(engine):
 
 
 def test_no_recompilation_after_warmup(engine):
-    engine.submit(PROMPTS[0], SamplingParams(max_tokens=2))
-    _drain(engine)
+    engine.warmup()
     before = Engine.compilations()
+    assert min(before["decode_step"], before["prefill_chunk"], before["insert"]) >= 1  # compiled by warmup
+    busy = engine.submit(PROMPTS[1], SamplingParams(max_tokens=40))
+    for _ in range(4):
+        engine.step()
+    engine.warmup()  # while a request runs: it must not change it
     settings = [SamplingParams(max_tokens=3 + k % 4, temperature=0.5 * (k % 3), top_k=k % 5, top_p=1 - 0.1 * (k % 2),
                                seed=k, stop_token_ids=(k,)) for k in range(10)]  # fmt: skip
     streams = [engine.submit(PROMPTS[k % 3][: 2 + 2 * k], s) for k, s in enumerate(settings)]
     _drain(engine)
     assert all(list(s)[-1].finish_reason in ("stop", "length") for s in streams)
+    assert _tokens(busy) == (_reference(tuple(PROMPTS[1]), 40), "length")
     assert Engine.compilations() == before
 
 

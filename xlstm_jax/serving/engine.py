@@ -485,6 +485,28 @@ class Engine:
             for request in requests:
                 self._finish(request, "cancelled", None)
 
+    def warmup(self) -> None:
+        """Compiles the engine's programs now (prefill chunk, slot insertion, decode step, and the slot copy of the
+        prefix cache), so that the first request does not wait for them; no request or cached state changes."""
+        N, C = self.num_slots, self.prefill_chunk_tokens
+        with self._step_lock:
+            logits, states = _prefill_chunk(
+                self.config, self.runtime, self.params, ModelStates.zeros(self.config, 1),
+                np.zeros((1, C), np.int32), np.zeros((1, C), bool),
+            )  # fmt: skip
+            with self._lock:
+                free = [j for j, r in enumerate(self._slots) if r is None]
+                args = (np.zeros(N, bool), self._keys.copy(), self._t.copy(), self._temperature.copy())
+                args += (self._top_k.copy(), self._top_p.copy())
+            if free:  # a free slot's contents are overwritten when a request takes it
+                self._states, self._logits = _insert(self._states, self._logits, np.int32(free[0]), states, logits)
+            tokens, self._states, self._logits = _decode_step(
+                self.config, self.runtime, self.params, self._states, self._logits, *args
+            )  # every slot is padding: nothing changes
+            if self.prefix_cache.max_bytes:
+                _extract(self._states, self._logits, np.int32(0))
+            jax.block_until_ready(tokens)
+
     def __enter__(self) -> Engine:
         self.start()
         return self
