@@ -117,6 +117,24 @@ def test_cancel_frees_the_slot(engine):
     assert engine.stats()["slots_in_use"] == 0
 
 
+def test_long_prompt_is_prefilled_between_decode_steps(engine):
+    running = engine.submit(PROMPTS[0], SamplingParams(max_tokens=12))
+    start = engine.stats()["tokens_generated_total"]
+    while engine.stats()["tokens_generated_total"] == start:  # until it decodes
+        engine.step()
+    long_prompt = PROMPTS[1] * 2 + [1, 2]  # 40 tokens: 5 chunks
+    late = engine.submit(long_prompt, SamplingParams(max_tokens=2))
+    for _ in range(5):  # admission and a chunk per iteration, and each iteration one token for the running stream
+        before = engine.stats()
+        engine.step()
+        after = engine.stats()
+        assert after["prefill_chunks_total"] == before["prefill_chunks_total"] + 1
+        assert after["tokens_generated_total"] == before["tokens_generated_total"] + 1
+    _drain(engine)
+    assert _tokens(running) == (_reference(tuple(PROMPTS[0]), 12), "length")
+    assert len(_tokens(late)[0]) == 2
+
+
 def test_no_recompilation_after_warmup(engine):
     engine.warmup()
     before = Engine.compilations()
@@ -238,5 +256,16 @@ def test_background_thread_sync_and_async_streams(model):
         events = asyncio.run(consume())
         ref = _reference(tuple(PROMPTS[2]), 3)
         assert events == [TokenEvent(ref[0], None), TokenEvent(ref[1], None), TokenEvent(ref[2], "length")]
+
+        async def leave_early():  # the client goes away after the first token: the request is cancelled
+            s = engine.submit(PROMPTS[2], SamplingParams(max_tokens=10**6))
+            events = s.__aiter__()
+            first = await events.__anext__()
+            await events.aclose()
+            return s, first
+
+        gone, first = asyncio.run(leave_early())
+        assert first == TokenEvent(ref[0], None)
+        assert list(gone)[-1] == TokenEvent(None, "cancelled")
         left = engine.submit(PROMPTS[0], SamplingParams(max_tokens=10**6))
     assert list(left)[-1].finish_reason == "cancelled"  # stop() ends what still runs
