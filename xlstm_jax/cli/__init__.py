@@ -35,6 +35,7 @@ SUBCOMMANDS = {
     "train": "xlstm_jax.cli.train",
     "generate": "xlstm_jax.cli.generate",
     "verify": "xlstm_jax.cli.verify",
+    "serve": "xlstm_jax.cli.serve",
 }
 DEFAULT_SUBCOMMAND = "demo"
 

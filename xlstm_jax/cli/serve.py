@@ -1,0 +1,226 @@
+"""Serve an xLSTM language model over an OpenAI-compatible HTTP API.
+
+``xlstm-jax serve MODEL_DIR [--host H] [--port P] [--num-slots N] ...``: MODEL_DIR is a Hugging Face xLSTM
+directory (``config.json``, safetensors weights and, unless ``--tokenizer`` names another, ``tokenizer.json``).
+The server answers ``/v1/completions``, ``/v1/chat/completions``, ``/v1/models``, ``/health`` and ``/metrics``
+(see :mod:`xlstm_jax.serving.api`) until Ctrl-C (a graceful shutdown, then exit status 130). Requests share
+the engine's ``--num-slots`` decode slots (see :mod:`xlstm_jax.serving.engine`); the engine's programs are
+compiled before the address is announced.
+
+Every argument is checked, the tokenizer and the chat template read and the address bound before the weights
+are loaded: a bad one is reported as ``error: ...`` with exit status 2.
+
+Examples:
+    $ xlstm-jax serve path/to/xLSTM-7b --port 8000 --num-slots 16 --prefix-cache-mb 2048
+    $ curl localhost:8000/v1/completions -d '{"model": "xLSTM-7b", "prompt": "The mLSTM", "max_tokens": 16}'
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import socket
+import sys
+from pathlib import Path
+from typing import Any
+
+from xlstm_jax.cli import CommandError, positive_int
+
+__all__ = ["HELP", "add_arguments", "run"]
+
+HELP = "serve an xLSTM language model over an OpenAI-compatible HTTP API"
+
+BYTES = "bytes"
+LOG_LEVELS = ("critical", "error", "warning", "info", "debug")
+
+
+def _port(text: str) -> int:
+    """An argparse ``type``: a TCP port, 0 (any free one) to 65535."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"must be an integer in [0, 65535], got {text!r}") from None
+    if not 0 <= value <= 65535:
+        raise argparse.ArgumentTypeError(f"must be an integer in [0, 65535], got {value}")
+    return value
+
+
+def _non_negative_float(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"must be a number >= 0, got {text!r}") from None
+    if not (math.isfinite(value) and value >= 0):
+        raise argparse.ArgumentTypeError(f"must be a number >= 0, got {text}")
+    return value
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    """The model directory, the address, the engine's capacity and the API's names."""
+    p = parser
+    p.add_argument("model_dir", metavar="MODEL_DIR", type=Path, help="Hugging Face xLSTM directory")
+    p.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1)")
+    p.add_argument("--port", type=_port, default=8000, help="TCP port, 0 for any free one (default 8000)")
+    p.add_argument("--model-name", default=None, help="the name requests give as 'model' (default: MODEL_DIR's name)")
+    p.add_argument(
+        "--tokenizer",
+        metavar="bytes|FILE",
+        default=None,
+        help="'bytes' (UTF-8 bytes, BOS 256, EOS 257) or a tokenizer.json (default MODEL_DIR/tokenizer.json)",
+    )
+    p.add_argument("--add-bos", action="store_true", help="start each text prompt with the config's bos_token_id")
+    p.add_argument(
+        "--chat-template",
+        default=None,
+        help="format string with {role} and {content}, rendered per chat message (default '<|{role}|>\\n{content}\\n')",
+    )
+    p.add_argument("--num-slots", type=positive_int, default=8, help="requests decoded together (default 8)")
+    p.add_argument(
+        "--max-prompt-tokens", type=positive_int, default=4096, help="longest prompt accepted, in tokens (default 4096)"
+    )
+    p.add_argument(
+        "--prefill-chunk-tokens", type=positive_int, default=256, help="prompt tokens run per engine step (default 256)"
+    )
+    p.add_argument(
+        "--max-queue", type=positive_int, default=64, help="requests waiting for a slot before 429s (default 64)"
+    )
+    p.add_argument(
+        "--prefix-cache-mb",
+        type=_non_negative_float,
+        default=0.0,
+        help="memory for the states of seen prompt prefixes, in MiB (default 0: no prefix cache)",
+    )
+    p.add_argument(
+        "--dtype",
+        choices=("float32", "bfloat16", "float16", "float64"),
+        default=None,
+        help="activation and parameter dtype (default: the checkpoint's; float64 needs JAX_ENABLE_X64=1)",
+    )
+    p.add_argument("--log-level", choices=LOG_LEVELS, default="info", help="the server's log level (default info)")
+
+
+def _read_config(model_dir: Path) -> dict[str, Any]:
+    if not model_dir.is_dir():
+        raise CommandError(f"MODEL_DIR {model_dir} is not a directory")
+    path = model_dir / "config.json"
+    if not path.is_file():
+        raise CommandError(f"{path} does not exist")
+    try:
+        config = json.loads(path.read_text())
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise CommandError(f"{path} is not readable JSON: {e}") from None
+    if not isinstance(config, dict):
+        raise CommandError(f"{path} must hold a JSON object, got {type(config).__name__}")
+    return config
+
+
+def _token_id(config: dict[str, Any], key: str) -> int | None:
+    value = config.get(key)
+    if value is None or (isinstance(value, int) and not isinstance(value, bool) and value >= 0):
+        return value
+    raise CommandError(f"config.json: {key} must be a token id (an int >= 0) or null, got {value!r}")
+
+
+def _tokenizer(args: argparse.Namespace, config: dict[str, Any]) -> Any:
+    """The tokenizer (checked against the config's vocabulary), read before the weights."""
+    from xlstm_jax.training.data import ByteTokenizer, load_tokenizer
+
+    bos_id, eos_id = _token_id(config, "bos_token_id"), _token_id(config, "eos_token_id")
+    if args.tokenizer == BYTES:
+        tokenizer = ByteTokenizer()
+    else:
+        path = args.model_dir / "tokenizer.json" if args.tokenizer is None else Path(args.tokenizer)
+        if not path.is_file():
+            raise CommandError(f"{path} does not exist (--tokenizer names another file, or 'bytes')")
+        try:
+            tokenizer = load_tokenizer(path, bos_id=bos_id, eos_id=eos_id)
+        except (TypeError, ValueError) as e:
+            raise CommandError(str(e)) from None
+    if args.add_bos and tokenizer.bos_id is None:
+        raise CommandError("--add-bos needs a bos_token_id in config.json")
+    vocab_size = config.get("vocab_size")
+    if isinstance(vocab_size, int) and tokenizer.vocab_size > vocab_size:
+        raise CommandError(
+            f"the tokenizer has {tokenizer.vocab_size} tokens, more than the model's vocab_size={vocab_size}"
+        )
+    return tokenizer
+
+
+def _listen(host: str, port: int) -> socket.socket:
+    """A socket bound to ``host:port`` (so that a taken port is reported before the weights load)."""
+    try:
+        infos = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)
+    except socket.gaierror as e:
+        raise CommandError(f"--host {host!r} is not an address to listen on: {e}") from None
+    family, kind, proto, _, address = infos[0]
+    sock = socket.socket(family, kind, proto)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    try:
+        sock.bind(address)
+    except OSError as e:
+        sock.close()
+        raise CommandError(f"cannot listen on {host}:{port}: {e.strerror or e}") from None
+    sock.set_inheritable(True)
+    return sock
+
+
+def run(args: argparse.Namespace) -> int:
+    """Checks the arguments, reads the tokenizer, binds the address, loads the model, then serves.
+
+    Returns 0 once the server stops; Ctrl-C stops it gracefully and then ends the command as interrupted (130).
+    """
+    import uvicorn
+
+    from xlstm_jax.models.xlstm_parallel.hf import load_hf
+    from xlstm_jax.models.xlstm_parallel.runtime import RuntimeConfig
+    from xlstm_jax.serving.api import create_app, render_chat
+    from xlstm_jax.serving.engine import Engine
+
+    if args.chat_template is not None:
+        try:
+            render_chat([], args.chat_template)
+        except (TypeError, ValueError) as e:
+            raise CommandError(f"--chat-template: {e}") from None
+    if args.dtype == "float64":
+        import jax
+
+        if not jax.config.jax_enable_x64:
+            raise CommandError("--dtype float64 needs 64-bit JAX: set JAX_ENABLE_X64=1")
+    config_json = _read_config(args.model_dir)
+    tokenizer = _tokenizer(args, config_json)
+    model_name = args.model_name or args.model_dir.resolve().name
+    sock = _listen(args.host, args.port)
+    try:
+        overrides = {} if args.dtype is None else {"dtype": args.dtype, "param_dtype": args.dtype}
+        runtime = RuntimeConfig()
+        try:
+            config, params = load_hf(args.model_dir, scan_blocks=runtime.scan_blocks, **overrides)
+            engine = Engine(
+                config,
+                params,
+                num_slots=args.num_slots,
+                runtime=runtime,
+                max_prompt_tokens=args.max_prompt_tokens,
+                prefill_chunk_tokens=args.prefill_chunk_tokens,
+                max_queue=args.max_queue,
+                prefix_cache_bytes=int(args.prefix_cache_mb * 2**20),
+            )
+        except (OSError, TypeError, ValueError) as e:  # a missing or corrupted file, a setting the engine rejects
+            raise CommandError(str(e)) from None
+        app = create_app(
+            engine, tokenizer, model_name=model_name, chat_template=args.chat_template, add_bos=args.add_bos
+        )
+        try:
+            engine.warmup()  # compiles here, not in the first request
+        except (TypeError, ValueError, RuntimeError) as e:
+            raise CommandError(f"the model cannot run with these settings: {e}") from None
+        host, port = sock.getsockname()[:2]
+        sys.stderr.write(f"serving {model_name!r} on http://{host}:{port} ({args.num_slots} slots)\n")
+        sys.stderr.flush()
+        server = uvicorn.Server(uvicorn.Config(app, log_level=args.log_level, timeout_graceful_shutdown=5))
+        with engine:
+            server.run(sockets=[sock])
+    finally:
+        sock.close()
+    return 0
