@@ -7,12 +7,15 @@ import asyncio
 import functools
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 import pytest
 
 from tests.models.fixture import load
 from xlstm_jax.generation import SamplingConfig, generate
+from xlstm_jax.models.xlstm_parallel.model import ModelStates
 from xlstm_jax.serving import Engine, EngineOverloaded, SamplingParams, TokenEvent
+from xlstm_jax.serving.prefix_cache import PrefixEntry, entry_nbytes
 
 NUM_SLOTS = 3
 CHUNK = 8  # prefill chunk: the prompts below span one to three chunks, with a remainder
@@ -220,6 +223,26 @@ def test_prefix_cache_gives_identical_outputs_and_prefills_only_new_tokens(engin
     assert cached_prefilled == [19, 5, 0]  # only the new turn; nothing for a repeated prompt
     assert cached_engine.stats()["prefix_cache_hits_total"] >= 2
     assert 0 < cached_engine.stats()["prefix_cache_bytes"] <= 1 << 20
+
+
+def test_prefix_cache_evicts_least_recently_used_by_bytes(model):
+    config = model[0]
+    entry = PrefixEntry(ModelStates.zeros(config, 1), jnp.zeros((1, config.vocab_size), jnp.float32))
+    engine = _engine(model, prefix_cache_bytes=2 * entry_nbytes(entry))  # room for two entries
+
+    def prefilled(prompt) -> int:
+        before = engine.stats()["prefill_tokens_total"]
+        engine.submit(prompt, SamplingParams(max_tokens=2))
+        _drain(engine)
+        return engine.stats()["prefill_tokens_total"] - before
+
+    a, b = PROMPTS[2], PROMPTS[0]
+    assert prefilled(a) == len(a)  # caches a, then a and its two generated tokens
+    assert prefilled(b) == len(b)  # caches b and b's conversation: both entries of a are evicted
+    assert engine.stats()["prefix_cache_evictions_total"] == 2
+    assert prefilled(b) == 0
+    assert prefilled(a) == len(a)
+    assert engine.stats()["prefix_cache_bytes"] <= 2 * entry_nbytes(entry)
 
 
 def test_save_and_load_state(model, cached_engine, tmp_path):
