@@ -190,6 +190,8 @@ def test_overload_and_bad_requests(model):
     for field, value in (("temperature", -1.0), ("top_k", -1), ("top_p", 0.0), ("seed", -5), ("max_tokens", 0)):
         with pytest.raises(ValueError, match=field):
             SamplingParams(**{field: value})
+    with pytest.raises(ValueError, match=r"seed must be in \[0, 2\*\*32\)"):
+        SamplingParams(seed=2**32)  # would collide with seed 0 under 32-bit JAX
     with pytest.raises(ValueError, match="num_slots"):
         _engine(model, num_slots=0)
 

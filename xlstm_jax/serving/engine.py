@@ -77,8 +77,9 @@ logger = logging.getLogger(__name__)
 FINISH_REASONS = ("stop", "length", "cancelled", "error")
 # Upper bounds (seconds) of the latency histograms of Engine.stats(); a last bucket +inf follows.
 LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0)
-# Seeds are any int in [0, MAX_SEED) (jax.random.key takes 64-bit seeds).
-MAX_SEED = 2**63
+# Seeds are any int in [0, MAX_SEED): jax.random.key keeps only the low 32 bits of a seed unless 64-bit JAX is on,
+# so larger seeds would silently collide.
+MAX_SEED = 2**32
 
 
 @dataclass(frozen=True)
@@ -89,7 +90,7 @@ class SamplingParams:
         temperature: 0 for greedy (argmax); otherwise logits are divided by it before sampling.
         top_k: Keep only the k most likely tokens (0: all). Ties with the k-th are kept.
         top_p: Keep the smallest set of most likely tokens whose probability reaches top_p (1: all).
-        seed: The PRNG seed of the request (an int in [0, 2**63)); None draws a random one. Token t is drawn
+        seed: The PRNG seed of the request (an int in [0, 2**32)); None draws a random one. Token t is drawn
             with ``fold_in(jax.random.key(seed), t)``.
         max_tokens: Generate at most this many tokens (>= 1).
         stop_token_ids: Ids that end the request (the stop token is the last event's ``token_id``).
@@ -115,7 +116,7 @@ class SamplingParams:
             if not _is_int(self.seed):
                 raise TypeError(f"seed must be an int or None, got {type(self.seed).__name__} {self.seed!r}")
             if not 0 <= self.seed < MAX_SEED:
-                raise ValueError(f"seed must be in [0, 2**63), got seed={self.seed}")
+                raise ValueError(f"seed must be in [0, 2**32), got seed={self.seed}")
             object.__setattr__(self, "seed", int(self.seed))
         if not _is_int(self.max_tokens):
             raise TypeError(f"max_tokens must be an int, got {type(self.max_tokens).__name__} {self.max_tokens!r}")
