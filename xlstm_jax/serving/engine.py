@@ -23,8 +23,15 @@ depend on its slot or its neighbours.
 
 With ``prefix_cache_bytes > 0`` the states after every prefilled prompt, and after every finished request's
 prompt plus its generated tokens (the conversation so far), are kept in the prefix cache: a request that
-repeats or extends one prefills only its new tokens. :meth:`Engine.save_state` and :meth:`Engine.load_state`
-write a conversation's states to disk and read them back into the cache.
+repeats or extends one prefills only its new tokens (a finished request's key holds every token it generated,
+its stop token included: those are the tokens its states have seen). :meth:`Engine.cache_prefix` prefills a
+shared prefix such as a system prompt ahead of time; :meth:`Engine.save_state` and :meth:`Engine.load_state`
+write a conversation's states to disk and read them back into the cache. Results do not depend on the cache:
+the states it holds are those a prefill of the same tokens would leave, up to floating-point rounding (the
+chunk boundaries, and the decode step instead of the prefill form for generated tokens).
+
+Requests are admitted and prefilled one at a time, in the order they arrive; a request's first token is drawn
+in the iteration that runs its last prefill chunk.
 
 Example:
     >>> with Engine(config, params, num_slots=4, prefix_cache_bytes=1 << 30) as engine:
