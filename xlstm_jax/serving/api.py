@@ -199,39 +199,47 @@ def render_chat(messages: Sequence[ChatMessage], chat_template: str = DEFAULT_CH
 class _Text:
     """The text of the generated ids so far, and how much of it may be sent.
 
-    Text is held back while it ends in an incomplete UTF-8 character, while decoding more tokens could still
-    change it, or while its end could be the start of a stop string. ``finished`` is set once a stop string
-    appears; the text then ends before it. Ids outside the tokenizer's ``vocab_size`` (a model's vocabulary
-    padded past its tokenizer's) add no text.
+    The text grows by decoding a window of the last ids, not all of them, so each token costs the same however
+    long the text is: the window runs from the ids before the last piece of text to the newest id, and the
+    text is extended by what decoding the newest ids adds to it. Text is held back while the window ends in an
+    incomplete UTF-8 character or adds nothing yet, and while the text's end could be the start of a stop
+    string. ``finished`` is set once a stop string appears; the text then ends before it. Ids outside the
+    tokenizer's ``vocab_size`` (a model's vocabulary padded past its tokenizer's) add no text.
     """
 
     def __init__(self, tokenizer: Any, stops: Sequence[str]) -> None:
         self.tokenizer = tokenizer
-        # A model's vocabulary may be larger than its tokenizer's (padded): ids past the tokenizer's give no text.
         self.vocab_size = getattr(tokenizer, "vocab_size", None)
         self.stops = [s for s in stops if s]
         self.ids: list[int] = []
+        self.start = 0  # the window: ids[start:] decode to ...
+        self.read = 0  # ... the text of ids[start:read] (already in self.text) and what the newer ids add
         self.text = ""  # the decoded text that is stable
         self.sent = 0  # characters of self.text handed out
         self.finished = False
+
+    def _extend(self, *, final: bool) -> None:
+        """Adds to ``self.text`` what the ids after ``read`` add to the window's text."""
+        if self.read == len(self.ids):
+            return
+        before = self.tokenizer.decode(self.ids[self.start : self.read]) if self.read > self.start else ""
+        after = self.tokenizer.decode(self.ids[self.start :])
+        if final or (len(after) > len(before) and not after.endswith("\ufffd")):
+            self.text += after[len(before) :]
+            self.start, self.read = self.read, len(self.ids)
 
     def push(self, token: int) -> str:
         """Adds a token id; returns the text that may now be sent."""
         if self.vocab_size is not None and not 0 <= token < self.vocab_size:
             return ""
         self.ids.append(token)
-        text = self.tokenizer.decode(self.ids)
-        if text.endswith("\ufffd") or not text.startswith(self.text):
-            return ""
-        self.text = text
+        self._extend(final=False)
         return self._release(final=False)
 
     def flush(self) -> str:
         """The text not sent yet, at the end of the generation."""
-        if self.ids and not self.finished:
-            text = self.tokenizer.decode(self.ids)
-            if text.startswith(self.text[: self.sent]):
-                self.text = text
+        if not self.finished:
+            self._extend(final=True)
         return self._release(final=True)
 
     def _release(self, *, final: bool) -> str:
