@@ -227,6 +227,22 @@ def test_prefix_cache_gives_identical_outputs_and_prefills_only_new_tokens(engin
     assert 0 < cached_engine.stats()["prefix_cache_bytes"] <= 1 << 20
 
 
+def test_cache_prefix_for_a_shared_system_prompt(engine, cached_engine):
+    system = [9, 8, 7, 6, 5, 4, 3, 2, 1, 2, 3]
+    assert cached_engine.cache_prefix(system) == len(system)
+    assert cached_engine.cache_prefix(system) == 0  # cached already
+    outputs = {}
+    for eng in (engine, cached_engine):
+        before = eng.stats()["prefill_tokens_total"]
+        streams = [eng.submit(system + user, SamplingParams(max_tokens=4)) for user in ([50], [60, 61, 62])]
+        _drain(eng)
+        outputs[eng is cached_engine] = ([_tokens(s) for s in streams], eng.stats()["prefill_tokens_total"] - before)
+    assert outputs[True][0] == outputs[False][0]
+    assert outputs[False][1] == 2 * len(system) + 4 and outputs[True][1] == 4  # only the users' tokens
+    with pytest.raises(ValueError, match="prefix_cache_bytes=0"):
+        engine.cache_prefix(system)
+
+
 def test_prefix_cache_evicts_least_recently_used_by_bytes(model):
     config = model[0]
     entry = PrefixEntry(ModelStates.zeros(config, 1), jnp.zeros((1, config.vocab_size), jnp.float32))
