@@ -383,6 +383,10 @@ BAD_REQUESTS = [
     ("/v1/completions", _completion(PROMPT, n=2), 400, "n"),
     ("/v1/completions", _completion(PROMPT, stop=5), 400, "stop"),
     ("/v1/completions", _completion(PROMPT, stream=[1]), 400, "stream"),
+    ("/v1/completions", _completion(PROMPT, best_of=2), 400, "best_of"),
+    ("/v1/completions", _completion(PROMPT, logprobs=2), 400, "logprobs"),
+    ("/v1/completions", _completion(PROMPT, echo=True), 400, "echo"),
+    ("/v1/chat/completions", _CHAT | {"logprobs": True}, 400, "logprobs"),
     ("/v1/chat/completions", _CHAT | {"n": 3}, 400, "n"),
     ("/v1/chat/completions", _CHAT | {"temperature": -0.5}, 400, "temperature"),
     ("/v1/chat/completions", _CHAT | {"messages": []}, 400, "messages"),
@@ -407,6 +411,11 @@ def test_bad_requests_get_4xx_naming_the_field_and_the_server_goes_on(served):
     assert response.status_code == 400 and response.json()["error"]["param"] == "body"
     assert s.client.get("/v1/nothing").status_code == 404 and "error" in s.client.get("/v1/nothing").json()
     assert s.client.get("/v1/completions").status_code == 405
+
+    # The body is JSON whatever the Content-Type says (curl -d sends a form's).
+    form = {"content-type": "application/x-www-form-urlencoded"}
+    response = s.client.post("/v1/completions", content=json.dumps(_completion(PROMPT, 2)), headers=form)
+    assert response.status_code == 200, response.text
 
     assert _idle(s)  # no bad request took a slot
     assert s.client.get("/health").json()["status"] == "ok"

@@ -9,9 +9,10 @@ Endpoints:
     ``POST /v1/completions``: ``prompt`` (a string, or a list of token ids), ``max_tokens`` (default 16),
         ``temperature`` (default 1, 0 for greedy), ``top_p`` (default 1), ``top_k`` (an extension; default 0:
         all), ``seed``, ``stop`` (a string or a list of strings, matched on the text: the text ends before the
-        first match, which is left out), ``stream``, ``stream_options.include_usage``, ``n`` (1 only) and
-        ``ignore_eos`` (an extension: do not stop at the tokenizer's end-of-sequence id). The response is
-        OpenAI's ``text_completion`` object with ``usage``.
+        first match, which is left out), ``stream``, ``stream_options.include_usage``, ``n`` and ``best_of`` (1
+        only), and ``ignore_eos`` (an extension: do not stop at the tokenizer's end-of-sequence id); ``logprobs``
+        and ``echo`` are refused (400), other OpenAI fields ignored. The body is read as JSON whatever its
+        Content-Type. The response is OpenAI's ``text_completion`` object with ``usage``.
     ``POST /v1/chat/completions``: ``messages`` (``role`` one of system, user, assistant; ``content`` a string)
         rendered with the chat template into one prompt, the same sampling fields (``max_completion_tokens``
         is taken as ``max_tokens``); OpenAI's ``chat.completion`` object.
@@ -77,7 +78,7 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Histogram, generate_latest
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from xlstm_jax.serving.engine import LATENCY_BUCKETS, EngineOverloaded, SamplingParams
@@ -120,12 +121,16 @@ class _SamplingFields(BaseModel):
     stream_options: StreamOptions | None = None
     n: int = 1
     ignore_eos: bool = False
+    # Accepted so that their absence can be checked: the server computes no log-probabilities.
+    logprobs: bool | int | None = None
+    best_of: int | None = None
 
 
 class CompletionRequest(_SamplingFields):
     """The body of ``POST /v1/completions``: ``prompt`` is a string or a list of token ids."""
 
     prompt: str | list[int]
+    echo: bool = False
 
 
 class ChatMessage(BaseModel):
@@ -375,6 +380,37 @@ class _CountRequests:
             self.counter.labels(path, str(status[0])).inc()
 
 
+def _invalid(errors: Sequence[Any]) -> APIError:
+    """The 400 of pydantic's (or FastAPI's) first validation error, naming the field."""
+    first = errors[0] if errors else {}
+    if first.get("type") == "json_invalid":
+        return APIError(400, f"the request body is not valid JSON: {first.get('msg', '')}", param="body")
+    loc = [str(part) for part in first.get("loc", ()) if part != "body"]
+    where = ".".join(loc) or "body"
+    return APIError(400, f"{where}: {first.get('msg', 'invalid value')}", param=loc[0] if loc else "body")
+
+
+async def _parse(request: Request, model: type[BaseModel]) -> Any:
+    """The request's body as ``model``: JSON whatever the Content-Type says (``curl -d`` sends a form's)."""
+    raw = await request.body()
+    try:
+        data = json.loads(raw)
+    except (UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise APIError(400, f"the request body is not valid JSON: {e}", param="body") from None
+    if not isinstance(data, dict):
+        raise APIError(400, f"the request body must be a JSON object, got {type(data).__name__}", param="body")
+    try:
+        return model.model_validate(data)
+    except ValidationError as e:
+        raise _invalid(e.errors()) from None
+
+
+def _body_schema(model: type[BaseModel]) -> dict[str, Any]:
+    """The OpenAPI description of a JSON body of ``model`` (the endpoints parse the body themselves)."""
+    schema = {"application/json": {"schema": model.model_json_schema()}}
+    return {"requestBody": {"content": schema, "required": True}}
+
+
 def _error_param(message: str, default: str) -> str:
     """The request field that a SamplingParams error names (its first word), else ``default``."""
     words = message.replace("=", " ").replace(":", " ").split()
@@ -487,15 +523,7 @@ def create_app(
 
     @app.exception_handler(RequestValidationError)
     async def validation_error(request: Request, e: RequestValidationError) -> JSONResponse:
-        first = e.errors()[0] if e.errors() else {}
-        loc = [str(part) for part in first.get("loc", ()) if part != "body"]
-        if first.get("type") == "json_invalid":
-            error = APIError(400, f"the request body is not valid JSON: {first.get('msg', '')}", param="body")
-        else:
-            param = loc[0] if loc else "body"
-            where = ".".join(loc) or "body"
-            error = APIError(400, f"{where}: {first.get('msg', 'invalid value')}", param=param)
-        return error.response()
+        return _invalid(e.errors()).response()
 
     @app.exception_handler(StarletteHTTPException)
     async def http_error(request: Request, e: StarletteHTTPException) -> JSONResponse:
@@ -514,6 +542,14 @@ def create_app(
             )  # fmt: skip
         if body.n != 1:
             raise APIError(400, f"n must be 1 (one choice per request), got {body.n}", param="n")
+        if body.best_of not in (None, 1):
+            raise APIError(
+                400, f"best_of must be 1 or absent (one choice per request), got {body.best_of}", param="best_of"
+            )
+        if body.logprobs not in (None, False, 0):
+            raise APIError(400, f"logprobs are not supported, got logprobs={body.logprobs}", param="logprobs")
+        if getattr(body, "echo", False):
+            raise APIError(400, "echo is not supported", param="echo")
 
     def sampling(body: _SamplingFields, max_tokens: int | None) -> SamplingParams:
         stop_ids = () if body.ignore_eos or eos_id is None else (int(eos_id),)
@@ -602,8 +638,9 @@ def create_app(
         headers = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
         return StreamingResponse(events(), media_type="text/event-stream", headers=headers)
 
-    @app.post("/v1/completions")
-    async def completions(body: CompletionRequest, request: Request) -> Response:
+    @app.post("/v1/completions", openapi_extra=_body_schema(CompletionRequest))
+    async def completions(request: Request) -> Response:
+        body = await _parse(request, CompletionRequest)
         check_model(body)
         params = sampling(body, body.max_tokens)
         if isinstance(body.prompt, str):
@@ -614,8 +651,9 @@ def create_app(
             prompt_ids = list(body.prompt)
         return await respond(request, submit(prompt_ids, params, body, "prompt"), body, chat=False)
 
-    @app.post("/v1/chat/completions")
-    async def chat_completions(body: ChatCompletionRequest, request: Request) -> Response:
+    @app.post("/v1/chat/completions", openapi_extra=_body_schema(ChatCompletionRequest))
+    async def chat_completions(request: Request) -> Response:
+        body = await _parse(request, ChatCompletionRequest)
         check_model(body)
         params = sampling(body, body.max_completion_tokens if body.max_tokens is None else body.max_tokens)
         prompt_ids = encode(render_chat(body.messages, template), "messages")
