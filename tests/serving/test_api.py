@@ -458,6 +458,8 @@ def test_health_models_and_metrics(served):
 
 def test_create_app_checks_its_arguments(served):
     s = served
+    with pytest.raises(TypeError, match="engine"):
+        create_app(object(), s.tokenizer, model_name=MODEL)
     with pytest.raises(TypeError, match="tokenizer"):
         create_app(s.engine, object(), model_name=MODEL)
     with pytest.raises(ValueError, match="model_name"):
@@ -492,3 +494,25 @@ def test_text_comes_out_in_pieces_that_join_to_the_whole_decode():
         out = _Text(tokenizer, ["never", stop])
         joined = "".join(out.push(i) for i in ids) + out.flush()
         assert joined == whole[: whole.index(stop)] and out.finished
+
+
+def test_add_bos_starts_text_prompts_with_bos(served):
+    """With add_bos, a text prompt runs as [bos_id] + its ids, and a prompt of token ids as it is."""
+    s = served
+    app = create_app(s.engine, s.tokenizer, model_name=MODEL, add_bos=True)
+    ids = [int(t) for t in s.tokenizer.encode(PROMPT)]
+
+    async def main() -> list[dict]:
+        transport = httpx.ASGITransport(app=app)
+        async with httpx.AsyncClient(transport=transport, base_url="http://app", timeout=60) as client:
+            bodies = (_completion(PROMPT, 4), _completion([s.tokenizer.bos_id, *ids], 4), _completion(ids, 4))
+            return [(await client.post("/v1/completions", json=body)).json() for body in bodies]
+
+    text, with_bos, without = asyncio.run(main())
+    assert text["usage"]["prompt_tokens"] == len(ids) + 1
+    assert (
+        text["choices"][0]["text"]
+        == with_bos["choices"][0]["text"]
+        == _decode(_greedy_ids((s.tokenizer.bos_id, *ids), 4))
+    )
+    assert without["choices"][0]["text"] == _decode(_greedy_ids(tuple(ids), 4))

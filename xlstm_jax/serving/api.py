@@ -311,6 +311,10 @@ class _EngineCollector:
                 self.tokens.popleft()
             return len(self.tokens) / RATE_WINDOW_S
 
+    def describe(self) -> list:
+        """Nothing to describe ahead of a scrape (so that registering does not read the engine)."""
+        return []
+
     def collect(self):
         stats = self.engine.stats()
         for key, doc in self._GAUGES.items():
@@ -495,9 +499,12 @@ def create_app(
         The FastAPI application.
 
     Raises:
-        TypeError / ValueError: a tokenizer without ``encode``/``decode``, an empty ``model_name``, a
-            ``chat_template`` that is not such a format string, or ``add_bos`` without the tokenizer's ``bos_id``.
+        TypeError / ValueError: an engine without ``submit``/``stats``, a tokenizer without ``encode``/``decode``,
+            an empty ``model_name``, a ``chat_template`` that is not such a format string, or ``add_bos`` without
+            the tokenizer's ``bos_id``.
     """
+    if not all(callable(getattr(engine, name, None)) for name in ("submit", "stats")):
+        raise TypeError(f"engine must be an Engine (with submit and stats), got {type(engine).__name__}")
     if not (callable(getattr(tokenizer, "encode", None)) and callable(getattr(tokenizer, "decode", None))):
         raise TypeError(f"tokenizer must have encode and decode, got {type(tokenizer).__name__}")
     if not isinstance(model_name, str) or not model_name:
