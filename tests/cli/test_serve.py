@@ -10,6 +10,7 @@ import signal
 import socket
 import subprocess
 import sys
+import threading
 from pathlib import Path
 
 import httpx
@@ -44,10 +45,16 @@ def test_serve_process_answers_until_interrupted():
     args = [sys.executable, "-m", "xlstm_jax", "serve", str(FIXTURE), "--port", "0", "--num-slots", "2"]
     args += ["--model-name", "tiny", "--log-level", "warning", "--prefill-chunk-tokens", "16"]
     process = subprocess.Popen(args, cwd=REPO, env=env, stderr=subprocess.PIPE, text=True)
+    watchdog = threading.Timer(240, process.kill)  # a hung server fails the test instead of blocking it
+    watchdog.start()
     try:
-        line = process.stderr.readline()
-        assert line.startswith("serving 'tiny' on http://127.0.0.1:"), line
-        url = line.split()[3]
+        seen = []
+        for line in process.stderr:  # JAX may warn first
+            seen.append(line)
+            if line.startswith("serving "):
+                break
+        assert seen and seen[-1].startswith("serving 'tiny' on http://127.0.0.1:"), "".join(seen)
+        url = seen[-1].split()[3]
         with httpx.Client(base_url=url, timeout=60) as client:
             assert client.get("/health").json()["status"] == "ok"
             body = {"model": "tiny", "prompt": PROMPT, "max_tokens": 5, "temperature": 0, "ignore_eos": True}
@@ -60,6 +67,7 @@ def test_serve_process_answers_until_interrupted():
         assert process.wait(timeout=60) == 130
         assert "Traceback" not in process.stderr.read()
     finally:
+        watchdog.cancel()
         if process.poll() is None:
             process.kill()
             process.wait()
