@@ -117,5 +117,7 @@ def test_a_taken_port_and_unreadable_weights(capsys, model_dir):
         port = str(taken.getsockname()[1])
         status, err = _run(capsys, str(model_dir), "--port", port)
         assert status == 2 and f"error: cannot listen on 127.0.0.1:{port}" in err
+    (model_dir / "tokenizer_config.json").write_text(json.dumps({"chat_template": "{% for m in messages %}"}))
     status, err = _run(capsys, str(model_dir), "--port", "0")  # the address is free: now the weights are read
     assert status == 2 and "model.safetensors" in err and "Traceback" not in err
+    assert "note: tokenizer_config.json has a Jinja chat_template, which is not rendered" in err

@@ -147,6 +147,19 @@ def _tokenizer(args: argparse.Namespace, config: dict[str, Any]) -> Any:
     return tokenizer
 
 
+def _note_jinja_template(model_dir: Path) -> None:
+    """Says so when the directory's ``tokenizer_config.json`` has a (Jinja) chat template, which is not used."""
+    try:
+        tokenizer_config = json.loads((model_dir / "tokenizer_config.json").read_text())
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError):  # no such file (or not one that we read)
+        return
+    if isinstance(tokenizer_config, dict) and tokenizer_config.get("chat_template"):
+        sys.stderr.write(
+            "note: tokenizer_config.json has a Jinja chat_template, which is not rendered (no jinja2); chats use "
+            "--chat-template or the default '<|{role}|>\\n{content}\\n'\n"
+        )
+
+
 def _listen(host: str, port: int) -> socket.socket:
     """A socket bound to ``host:port`` (so that a taken port is reported before the weights load)."""
     try:
@@ -190,6 +203,8 @@ def run(args: argparse.Namespace) -> int:
     config_json = _read_config(args.model_dir)
     tokenizer = _tokenizer(args, config_json)
     model_name = args.model_name or args.model_dir.resolve().name
+    if args.chat_template is None:
+        _note_jinja_template(args.model_dir)
     sock = _listen(args.host, args.port)
     try:
         overrides = {} if args.dtype is None else {"dtype": args.dtype, "param_dtype": args.dtype}
