@@ -60,6 +60,7 @@ __all__ = [
     "generate",
     "pad_prompts",
     "prefill",
+    "filter_logits",
     "sample_logits",
     "stream",
 ]
@@ -132,6 +133,38 @@ class SamplingConfig:
         return self.temperature == 0
 
 
+def filter_logits(
+    logits: jax.Array,  # (B, V) float
+    temperature: float | jax.Array,  # a float, or (B,) per row; rows with 0 (greedy) are not scaled
+    top_k: int | jax.Array,  # an int, or (B,) per row; 0 = off
+    top_p: float | jax.Array,  # a float, or (B,) per row; 1 = off
+) -> jax.Array:
+    """The logits a token is drawn from: scaled by 1/temperature, then -inf outside the top k and outside the
+    smallest set of most likely tokens whose probability reaches top_p; (B, V) float32.
+
+    Each setting is one value for every row or one per row (the serving engine's slots). A Python 0 for
+    ``top_k`` or 1 for ``top_p`` skips that filter at trace time.
+    """
+    B, V = logits.shape
+    rows = lambda value, dtype: jnp.broadcast_to(jnp.asarray(value, dtype), (B,))[:, None]
+    temperature = rows(temperature, jnp.float32)
+    x = logits.astype(jnp.float32) / jnp.where(temperature > 0, temperature, 1.0)
+    if not (isinstance(top_k, int) and top_k == 0):
+        k = rows(top_k, jnp.int32)
+        descending = jnp.sort(x, axis=-1)[:, ::-1]
+        kth = jnp.take_along_axis(descending, jnp.clip(k, 1, V) - 1, axis=-1)  # the k-th largest logit
+        x = jnp.where((k > 0) & (k < V) & (x < kth), -jnp.inf, x)
+    if not (isinstance(top_p, float | int) and top_p >= 1):
+        p = rows(top_p, jnp.float32)
+        descending = jnp.sort(x, axis=-1)[:, ::-1]
+        probs = jax.nn.softmax(descending, axis=-1)
+        mass_before = jnp.cumsum(probs, axis=-1) - probs  # probability of the strictly more likely tokens
+        keep = jnp.sum(mass_before < p, axis=-1, keepdims=True)  # >= 1: the first has mass 0
+        threshold = jnp.take_along_axis(descending, keep - 1, axis=-1)  # smallest kept logit
+        x = jnp.where((p < 1) & (x < threshold), -jnp.inf, x)
+    return x
+
+
 def sample_logits(
     logits: jax.Array,  # (B, V) float
     key: jax.Array,  # a PRNG key (unused when greedy)
@@ -140,17 +173,7 @@ def sample_logits(
     """Draws one token per row; returns (B,) int32."""
     if sampling.greedy:
         return jnp.argmax(logits, axis=-1).astype(jnp.int32)
-    logits = logits.astype(jnp.float32) / sampling.temperature
-    if 0 < sampling.top_k < logits.shape[-1]:
-        kth = jax.lax.top_k(logits, sampling.top_k)[0][..., -1:]  # (B, 1)
-        logits = jnp.where(logits < kth, -jnp.inf, logits)
-    if sampling.top_p < 1:
-        sorted_logits = jnp.sort(logits, axis=-1)[..., ::-1]  # (B, V) descending
-        probs = jax.nn.softmax(sorted_logits, axis=-1)
-        mass_before = jnp.cumsum(probs, axis=-1) - probs  # probability of the strictly more likely tokens
-        keep = jnp.sum(mass_before < sampling.top_p, axis=-1, keepdims=True)  # >= 1: the first has mass 0
-        threshold = jnp.take_along_axis(sorted_logits, keep - 1, axis=-1)  # smallest kept logit
-        logits = jnp.where(logits < threshold, -jnp.inf, logits)
+    logits = filter_logits(logits, sampling.temperature, sampling.top_k, sampling.top_p)
     return jax.random.categorical(key, logits, axis=-1).astype(jnp.int32)
 
 

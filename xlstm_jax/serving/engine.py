@@ -62,7 +62,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from xlstm_jax.generation import MAX_NEW_TOKENS, SamplingConfig
+from xlstm_jax.generation import MAX_NEW_TOKENS, SamplingConfig, filter_logits
 from xlstm_jax.models.xlstm_parallel.config import _is_int, xLSTMLMConfig
 from xlstm_jax.models.xlstm_parallel.model import ModelStates, xLSTMLMModel
 from xlstm_jax.models.xlstm_parallel.runtime import RuntimeConfig
@@ -270,23 +270,14 @@ def sample_rows(
     top_k[b], top_p[b]))`` draws (greedy rows take the argmax), so a row's token depends on nothing else in
     the batch.
     """
-    V = logits.shape[-1]
     greedy = jnp.argmax(logits, axis=-1).astype(jnp.int32)
+    x = filter_logits(logits, temperature, top_k, top_p)
 
-    def one(row, key_data, t, temperature, k, p):  # row (V,)
+    def one(row, key_data, t):  # row (V,)
         key = jax.random.fold_in(jax.random.wrap_key_data(key_data), t)
-        x = row.astype(jnp.float32) / jnp.where(temperature > 0, temperature, 1.0)
-        descending = jnp.sort(x)[::-1]
-        kth = descending[jnp.clip(k, 1, V) - 1]
-        x = jnp.where((k > 0) & (k < V) & (x < kth), -jnp.inf, x)
-        descending = jnp.sort(x)[::-1]
-        probs = jax.nn.softmax(descending)
-        mass_before = jnp.cumsum(probs) - probs  # probability of the strictly more likely tokens
-        keep = jnp.sum(mass_before < p)  # >= 1
-        x = jnp.where((p < 1) & (x < descending[keep - 1]), -jnp.inf, x)
-        return jax.random.categorical(key, x[None], axis=-1)[0].astype(jnp.int32)
+        return jax.random.categorical(key, row[None], axis=-1)[0].astype(jnp.int32)
 
-    drawn = jax.vmap(one)(logits, keys, t, temperature, top_k, top_p)
+    drawn = jax.vmap(one)(x, keys, t)
     return jnp.where(temperature > 0, drawn, greedy)
 
 
