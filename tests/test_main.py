@@ -19,7 +19,7 @@ def test_help_lists_the_subcommands():
         [sys.executable, "-m", "xlstm_jax", "--help"], capture_output=True, text=True, cwd=REPO, timeout=300
     )
     assert proc.returncode == 0, proc.stderr
-    assert set(SUBCOMMANDS) == {"demo", "train", "generate", "verify"}
+    assert set(SUBCOMMANDS) == {"demo", "train", "generate", "serve", "verify"}
     for name in SUBCOMMANDS:
         assert f"    {name} " in proc.stdout, proc.stdout
 
@@ -44,8 +44,8 @@ def test_no_subcommand_is_the_demo_on_its_defaults():
 
 
 def test_unknown_subcommand_is_a_usage_error(capsys):
-    assert main(["serve"]) == 2
-    assert "invalid choice: 'serve'" in capsys.readouterr().err
+    assert main(["bench"]) == 2
+    assert "invalid choice: 'bench'" in capsys.readouterr().err
     assert main(["--steps", "9"]) == 2
     assert "options follow a COMMAND, e.g. 'xlstm-jax demo --steps 9'" in capsys.readouterr().err
 
