@@ -1,0 +1,406 @@
+"""The serving engine under load: continuous batching against the bare decode step and static batching.
+
+Reproduces BENCHMARKS.md's serving table (the xLSTM-7B preset with random bfloat16 weights, on an H200)::
+
+    PYTHONPATH=. python3 benchmarks/serve.py --json serve.json
+
+and on a CPU with the tiny preset (a smoke test, seconds): ``PYTHONPATH=. python benchmarks/serve.py --tiny``.
+
+One set of ``--requests`` requests is drawn with ``--seed``: prompt lengths uniform in ``--prompt-len LO HI``,
+output lengths uniform in ``--output-len LO HI`` (both inclusive), prompt tokens uniform over the vocabulary.
+Every request is greedy with no stop token, so each produces exactly its output length. Tables:
+
+``step``: the bare decode step at batch ``--slots``, timed as ``benchmarks/generate.py`` times it: one
+:func:`xlstm_jax.generation.generate` call of the first static batch for N/2 + 1 and for N new tokens (N its
+token buffer), the time per token the difference over the extra tokens. ``--slots`` over that time is the
+step-limited output rate, the most any scheduler can draw from this step at that batch.
+
+``static``: the same requests through ``generate`` in batches of ``--slots`` in arrival order (prompts
+left-padded to the longest allowed prompt, one compilation), each batch decoding its longest output; output
+tokens/s counts the tokens the requests asked for (what a client receives), over the batches' summed time
+(compilation excluded by one untimed call per batch shape).
+
+``rates``: the :class:`xlstm_jax.serving.Engine` (``--slots`` decode slots, no prefix cache) with the requests
+arriving as a Poisson process at each rate of ``--rates`` (requests/s; ``inf``: all at once), seeded. A client
+coroutine per request submits it at its arrival time and reads its stream (``async for``); times are taken as
+the events arrive. Per rate: output tokens/s (all tokens over first arrival to last token), time to first
+token (submit to first event) and inter-token latency (between a request's consecutive events), each p50 and
+p99 over requests (TTFT) or gaps (ITL). ``full_tokens_per_s`` is the rate while every slot is held, from the
+engine's counters sampled every ``--monitor-ms`` (None when the slots were never all held); ``mean_batch``
+the tokens per decode step. A last row, ``saturated``, submits ``--slots`` requests at once, each generating
+``2 * output max`` tokens, so that all slots run together for a while: its ``full_tokens_per_s`` is the rate
+at ``--slots`` concurrent streams, set against the step-limited rate (``of_step``) and the static rate
+(``of_static``).
+
+``prefix``: a shared system prompt of ``--system-tokens`` random tokens followed by a user suffix of
+``--suffix-len LO HI`` tokens, ``--prefix-requests`` requests sent one after another (each after the last has
+finished, so no request queues), ``--prefix-output`` tokens each; time to first token with no prefix cache,
+and with a cache of ``--prefix-cache-bytes`` into which ``Engine.cache_prefix`` put the system prompt first.
+``speedup`` is the p50 without over the p50 with; ``hits`` the cache's hit count.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import gc
+import math
+import time
+from collections.abc import Sequence
+from typing import Any
+
+import jax
+import numpy as np
+
+from benchmarks.generate import PRESETS, decode_per_token, random_params
+from benchmarks.harness import Column, Report, add_arguments
+from xlstm_jax.generation import MIN_TOKEN_BUFFER, generate
+from xlstm_jax.models.xlstm_parallel.config import xLSTMLMConfig
+from xlstm_jax.models.xlstm_parallel.runtime import RuntimeConfig
+from xlstm_jax.serving import Engine, SamplingParams
+
+TINY = {  # --tiny: every size small enough for a CPU in seconds
+    "slots": 4,
+    "requests": 8,
+    "prompt_len": [3, 12],
+    "output_len": [8, 24],
+    "step_tokens": 64,
+    "monitor_ms": 2.0,
+    "rates": [50.0, math.inf],
+    "chunk_tokens": 8,
+    "system_tokens": 40,
+    "suffix_len": [2, 5],
+    "prefix_requests": 3,
+    "prefix_output": 2,
+    "repeats": 5,
+}
+
+
+def percentile(values: Sequence[float], q: float) -> float | None:
+    """The q-th percentile (linear interpolation) of ``values``; None when empty."""
+    return float(np.percentile(np.asarray(values, np.float64), q)) if len(values) else None
+
+
+def draw_requests(
+    n: int, prompt_len: Sequence[int], output_len: Sequence[int], vocab_size: int, seed: int
+) -> list[tuple[list[int], int]]:
+    """``n`` requests (prompt ids, output length), lengths uniform in the inclusive ranges, ids uniform."""
+    rng = np.random.default_rng(seed)
+    lengths = rng.integers(prompt_len[0], prompt_len[1] + 1, n)
+    outputs = rng.integers(output_len[0], output_len[1] + 1, n)
+    return [(rng.integers(0, vocab_size, int(s)).tolist(), int(o)) for s, o in zip(lengths, outputs, strict=True)]
+
+
+def poisson_offsets(n: int, rate: float, seed: int) -> np.ndarray:
+    """Arrival times (s from the first) of a Poisson process of ``rate`` requests/s; all 0 for ``inf``."""
+    if math.isinf(rate):
+        return np.zeros(n)
+    gaps = np.random.default_rng(seed).exponential(1.0 / rate, n)
+    gaps[0] = 0.0
+    return np.cumsum(gaps)
+
+
+async def _client(engine: Engine, prompt: list[int], max_tokens: int, seed: int) -> dict[str, Any]:
+    submitted = time.perf_counter()
+    stream = engine.submit(prompt, SamplingParams(max_tokens=max_tokens, seed=seed))
+    times, reason = [], None
+    async for event in stream:
+        if event.token_id is not None:
+            times.append(time.perf_counter())
+        reason = event.finish_reason
+    return {"submitted": submitted, "times": times, "reason": reason, "expected": max_tokens}
+
+
+async def _drive(
+    engine: Engine, requests: Sequence[tuple[list[int], int]], offsets: np.ndarray | None, monitor_s: float
+) -> tuple[list[dict[str, Any]], list[tuple[float, dict[str, Any]]]]:
+    """Submits each request at its offset (None: one after another) and reads every stream; samples stats()."""
+    samples: list[tuple[float, dict[str, Any]]] = []
+    done = asyncio.Event()
+
+    async def monitor() -> None:
+        while not done.is_set():
+            samples.append((time.perf_counter(), engine.stats()))
+            await asyncio.sleep(monitor_s)
+
+    watcher = asyncio.create_task(monitor())
+    start = time.perf_counter()
+    tasks = []
+    for i, (prompt, max_tokens) in enumerate(requests):
+        if offsets is None:
+            tasks.append(await _client(engine, prompt, max_tokens, i))
+            continue
+        delay = start + offsets[i] - time.perf_counter()
+        if delay > 0:
+            await asyncio.sleep(delay)
+        tasks.append(asyncio.create_task(_client(engine, prompt, max_tokens, i)))
+    records = tasks if offsets is None else list(await asyncio.gather(*tasks))
+    done.set()
+    await watcher
+    samples.append((time.perf_counter(), engine.stats()))
+    for r in records:
+        if r["reason"] != "length" or len(r["times"]) != r["expected"]:
+            raise RuntimeError(
+                f"a request ended with {r['reason']!r} after {len(r['times'])} tokens, not 'length' after "
+                f"{r['expected']} (engine error: {engine.error!r})"
+            )
+    return records, samples
+
+
+def summarize(records: list[dict[str, Any]], samples: list[tuple[float, dict[str, Any]]], slots: int) -> dict:
+    """Output rate, TTFT and ITL percentiles of a run's client records; the rate while every slot was held."""
+    ttft = [r["times"][0] - r["submitted"] for r in records]
+    itl = [b - a for r in records for a, b in zip(r["times"], r["times"][1:], strict=False)]
+    tokens = sum(len(r["times"]) for r in records)
+    span = max(r["times"][-1] for r in records) - min(r["submitted"] for r in records)
+    full_t = full_tokens = full_steps = 0.0
+    for (t0, s0), (t1, s1) in zip(samples, samples[1:], strict=False):
+        if s0["slots_in_use"] == slots and s1["slots_in_use"] == slots:
+            full_t += t1 - t0
+            full_tokens += s1["tokens_generated_total"] - s0["tokens_generated_total"]
+            full_steps += s1["decode_steps_total"] - s0["decode_steps_total"]
+    first, last = samples[0][1], samples[-1][1]
+    steps = last["decode_steps_total"] - first["decode_steps_total"]
+    return {
+        "requests": len(records),
+        "output_tokens": tokens,
+        "span_s": span,
+        "tokens_per_s": tokens / span,
+        "ttft_p50_s": percentile(ttft, 50),
+        "ttft_p99_s": percentile(ttft, 99),
+        "itl_p50_s": percentile(itl, 50),
+        "itl_p99_s": percentile(itl, 99),
+        "decode_steps": steps,
+        "mean_batch": (last["tokens_generated_total"] - first["tokens_generated_total"]) / steps if steps else None,
+        "prefill_chunks": last["prefill_chunks_total"] - first["prefill_chunks_total"],
+        "full_s": full_t,
+        "full_tokens_per_s": full_tokens / full_t if full_t > 0 else None,
+        "full_step_ms": 1e3 * full_t / full_steps if full_steps else None,
+    }
+
+
+STEP_COLUMNS = [
+    Column("batch", "batch", width=6),
+    Column("ms/step", "ms_per_step", ".3f"),
+    Column("tokens/s", "tokens_per_s", ".0f"),
+    Column("N/2+1 spread", "short_spread", ".2f"),
+    Column("N spread", "long_spread", ".2f"),
+    Column("first call s", "first_call_s", ".1f"),
+]
+STATIC_COLUMNS = [
+    Column("batches", "batches", width=7),
+    Column("requests", "requests", width=8),
+    Column("tokens", "output_tokens", width=8),
+    Column("s", "seconds", ".2f"),
+    Column("tokens/s", "tokens_per_s", ".0f"),
+    Column("of step", "of_step", ".3f"),
+]
+RATE_COLUMNS = [
+    Column("rate/s", "rate", width=9),
+    Column("requests", "requests", width=8),
+    Column("tokens/s", "tokens_per_s", ".0f"),
+    Column("full tok/s", "full_tokens_per_s", ".0f"),
+    Column("of step", "of_step", ".3f"),
+    Column("of static", "of_static", ".2f"),
+    Column("batch", "mean_batch", ".1f", width=6),
+    Column("TTFT p50 ms", "ttft_p50_s", ".1f", 1e3),
+    Column("TTFT p99 ms", "ttft_p99_s", ".1f", 1e3),
+    Column("ITL p50 ms", "itl_p50_s", ".2f", 1e3),
+    Column("ITL p99 ms", "itl_p99_s", ".2f", 1e3),
+]
+PREFIX_COLUMNS = [
+    Column("cache", "cache", width=6),
+    Column("requests", "requests", width=8),
+    Column("TTFT p50 ms", "ttft_p50_s", ".1f", 1e3),
+    Column("TTFT p99 ms", "ttft_p99_s", ".1f", 1e3),
+    Column("prefilled/req", "prefill_tokens_per_request", ".0f"),
+    Column("hits", "hits", width=5),
+    Column("speedup", "speedup", ".2f"),
+]
+
+
+def _pair(name: str):
+    def parse(values: list[int]) -> list[int]:
+        if len(values) != 2 or not 1 <= values[0] <= values[1]:
+            raise ValueError(f"{name} must be two integers 1 <= LO <= HI, got {values}")
+        return values
+
+    return parse
+
+
+def main(argv: Sequence[str] | None = None) -> dict:
+    """Runs the benchmark; returns the report's data (what ``--json`` writes)."""
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--preset", choices=sorted(PRESETS), default="xlstm_7b", help="model config (random weights)")
+    p.add_argument("--tiny", action="store_true", help="xLSTMLMConfig.tiny() and small sizes (a CPU smoke test)")
+    p.add_argument("--slots", type=int, default=128, help="the engine's num_slots and the static batch")
+    p.add_argument("--requests", type=int, default=256, help="requests per rate (and of the static batches)")
+    p.add_argument("--prompt-len", type=int, nargs=2, default=[64, 512], metavar=("LO", "HI"))
+    p.add_argument("--output-len", type=int, nargs=2, default=[64, 256], metavar=("LO", "HI"))
+    p.add_argument("--rates", type=float, nargs="+", default=[8.0, 32.0, 128.0, math.inf], help="requests/s")
+    p.add_argument("--chunk-tokens", type=int, default=256, help="the engine's prefill_chunk_tokens")
+    p.add_argument("--system-tokens", type=int, default=2000, help="the shared system prompt's length")
+    p.add_argument("--suffix-len", type=int, nargs=2, default=[16, 64], metavar=("LO", "HI"))
+    p.add_argument("--prefix-requests", type=int, default=16)
+    p.add_argument("--prefix-output", type=int, default=16, help="tokens generated per prefix-case request")
+    p.add_argument("--prefix-cache-bytes", type=int, default=8 << 30)
+    p.add_argument("--monitor-ms", type=float, default=10.0, help="how often the engine's counters are sampled")
+    p.add_argument("--step-tokens", type=int, default=None, help="N of the step's timing (default: the token buffer)")
+    p.add_argument("--seed", type=int, default=0)
+    add_arguments(p, repeats=3)
+    a = p.parse_args(argv)
+    if a.tiny:
+        defaults = p.parse_args([])
+        for key, value in TINY.items():  # only what the command line left at its default
+            if getattr(a, key) == getattr(defaults, key):
+                setattr(a, key, value)
+    for name in ("prompt_len", "output_len", "suffix_len"):
+        _pair("--" + name.replace("_", "-"))(getattr(a, name))
+    for name in ("slots", "requests", "chunk_tokens", "system_tokens", "prefix_requests", "prefix_output"):
+        if getattr(a, name) < 1:
+            raise ValueError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(a, name)}")
+    if any(not rate > 0 for rate in a.rates):
+        raise ValueError(f"--rates must be positive (or inf), got {a.rates}")
+
+    report = Report("serve", "benchmarks/serve.py", vars(a), a.json, argv)
+    config = xLSTMLMConfig.tiny() if a.tiny else PRESETS[a.preset]()
+    runtime = RuntimeConfig()
+    report.set(
+        "model", {"preset": "tiny" if a.tiny else a.preset, "params": config.num_params(), "config": repr(config)}
+    )
+    params = jax.block_until_ready(random_params(config, runtime, a.seed))
+    requests = draw_requests(a.requests, a.prompt_len, a.output_len, config.vocab_size, a.seed)
+    report.set("workload", {"prompt_len": a.prompt_len, "output_len": a.output_len, "distribution": "uniform"})
+
+    # -- the bare decode step at batch = slots, and static batching with generate ------------------------
+    batches = [requests[i : i + a.slots] for i in range(0, len(requests), a.slots)]
+
+    def run_batch(batch, tokens):
+        out = generate(
+            config, params, [prompt for prompt, _ in batch], tokens, stop_tokens=(), pad_to_multiple_of=a.prompt_len[1],
+            runtime=runtime,
+        )  # fmt: skip
+        return out.tokens, out.num_generated
+
+    step_batch = (batches[0] * math.ceil(a.slots / len(batches[0])))[: a.slots]  # exactly `slots` rows
+    buffer = max(MIN_TOKEN_BUFFER, 1 << (a.output_len[1] - 1).bit_length())
+    n_step = buffer if a.step_tokens is None else a.step_tokens
+    if n_step < 4:
+        raise ValueError(f"--step-tokens must be >= 4, got {n_step}")
+    per_token, facts = decode_per_token(lambda n: run_batch(step_batch, n), n_step, a.repeats, False)
+    if not per_token > 0:
+        raise RuntimeError(
+            f"the step's time came out {per_token * 1e3:.4f} ms (noise): raise --repeats or --step-tokens"
+        )
+    step_rate = a.slots / per_token
+    report.table("step", STEP_COLUMNS)
+    report.add("step", {"batch": a.slots, "ms_per_step": per_token * 1e3, "tokens_per_s": step_rate, **facts})
+
+    report.table("static", STATIC_COLUMNS)
+    shapes = {}  # one batch of each (rows, token buffer): compiled by an untimed call
+    for batch in batches:
+        longest = max(o for _, o in batch)
+        shapes.setdefault((len(batch), max(MIN_TOKEN_BUFFER, 1 << (longest - 1).bit_length())), (batch, longest))
+    for batch, longest in shapes.values():
+        jax.block_until_ready(run_batch(batch, longest))
+    static_s = 0.0
+    for batch in batches:
+        start = time.perf_counter()
+        tokens, num = jax.block_until_ready(run_batch(batch, max(o for _, o in batch)))
+        static_s += time.perf_counter() - start
+        if not np.all(np.asarray(num) == tokens.shape[1]):
+            raise RuntimeError(f"generate stopped early: {np.asarray(num)} tokens of {tokens.shape[1]}")
+    static_tokens = sum(o for _, o in requests)
+    static_rate = static_tokens / static_s
+    report.add(
+        "static",
+        {
+            "batches": len(batches),
+            "requests": len(requests),
+            "output_tokens": static_tokens,
+            "seconds": static_s,
+            "tokens_per_s": static_rate,
+            "of_step": static_rate / step_rate,
+        },
+    )
+    gc.collect()
+
+    # -- the engine under Poisson arrivals ---------------------------------------------------------------
+    monitor_s = a.monitor_ms / 1e3
+    longest = max(a.prompt_len[1], a.system_tokens + a.suffix_len[1])
+    queue = max(a.requests, a.slots)
+    engine = Engine(
+        config, params, num_slots=a.slots, runtime=runtime, max_prompt_tokens=longest,
+        prefill_chunk_tokens=a.chunk_tokens, max_queue=queue,
+    )  # fmt: skip
+    start = time.perf_counter()
+    engine.warmup()
+    report.set("engine_warmup_s", time.perf_counter() - start)
+    report.table("rates", RATE_COLUMNS)
+    saturated = [(prompt, 2 * a.output_len[1]) for prompt, _ in requests[: a.slots]]
+    cases = [(rate, requests, poisson_offsets(len(requests), rate, a.seed + n)) for n, rate in enumerate(a.rates)]
+    cases.append(("saturated", saturated, np.zeros(len(saturated))))
+    with engine:
+        for rate, work, offsets in cases:
+            records, samples = asyncio.run(_drive(engine, work, offsets, monitor_s))
+            row = {"rate": rate if isinstance(rate, str) else ("inf" if math.isinf(rate) else rate)}
+            row.update(summarize(records, samples, a.slots))
+            measured = row["full_tokens_per_s"] if rate == "saturated" else row["tokens_per_s"]
+            row.update(of_step=None, of_static=None)
+            if measured is not None:
+                row.update(of_step=measured / step_rate, of_static=measured / static_rate)
+            report.add("rates", row)
+
+        # -- a shared system prompt, without and with the prefix cache --------------------------------------
+        rng = np.random.default_rng(a.seed + 1)
+        system = rng.integers(0, config.vocab_size, a.system_tokens).tolist()
+        chats = [
+            (system + rng.integers(0, config.vocab_size, int(n)).tolist(), a.prefix_output)
+            for n in rng.integers(a.suffix_len[0], a.suffix_len[1] + 1, a.prefix_requests)
+        ]
+        report.table("prefix", PREFIX_COLUMNS)
+        before = engine.stats()
+        records, samples = asyncio.run(_drive(engine, chats, None, monitor_s))
+        after = engine.stats()
+        without = summarize(records, samples, a.slots)
+        without.update(
+            cache="off",
+            hits=after["prefix_cache_hits_total"] - before["prefix_cache_hits_total"],
+            prefill_tokens_per_request=(after["prefill_tokens_total"] - before["prefill_tokens_total"]) / len(chats),
+        )
+        report.add("prefix", without)
+    del engine
+    gc.collect()
+    cached = Engine(
+        config, params, num_slots=a.slots, runtime=runtime, max_prompt_tokens=longest,
+        prefill_chunk_tokens=a.chunk_tokens, max_queue=queue, prefix_cache_bytes=a.prefix_cache_bytes,
+    )  # fmt: skip
+    cached.warmup()
+    system_prefilled = cached.cache_prefix(system)
+    with cached:
+        before = cached.stats()
+        records, samples = asyncio.run(_drive(cached, chats, None, monitor_s))
+        after = cached.stats()
+    with_cache = summarize(records, samples, a.slots)
+    with_cache.update(
+        cache="on",
+        hits=after["prefix_cache_hits_total"] - before["prefix_cache_hits_total"],
+        prefill_tokens_per_request=(after["prefill_tokens_total"] - before["prefill_tokens_total"]) / len(chats),
+        system_prefilled=system_prefilled,
+        speedup=without["ttft_p50_s"] / with_cache["ttft_p50_s"],
+    )
+    report.add("prefix", with_cache)
+    report.set(
+        "targets",
+        {
+            "saturated_of_step": report.data["tables"]["rates"][-1]["of_step"],
+            "saturated_of_static": report.data["tables"]["rates"][-1]["of_static"],
+            "prefix_ttft_speedup": with_cache["speedup"],
+            "wanted": {"saturated_of_step": 0.85, "saturated_of_static": 2.0, "prefix_ttft_speedup": 5.0},
+        },
+    )
+    return report.data
+
+
+if __name__ == "__main__":
+    main()
