@@ -31,6 +31,7 @@ def test_every_table_is_written(tiny_run):
     assert set(tiny_run["tables"]) == {"step", "static", "rates", "prefix"}
     assert tiny_run["settings"]["tiny"] and tiny_run["model"]["preset"] == "tiny"
     assert set(tiny_run["targets"]) == {"saturated_of_step", "saturated_of_static", "prefix_ttft_speedup", "wanted"}
+    assert tiny_run["engine_compilations"] == {"decode_step": 1, "prefill_chunk": 1, "insert": 1, "extract": 1}
 
 
 def test_step_and_static_rates(tiny_run):
