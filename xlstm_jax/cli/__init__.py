@@ -22,9 +22,11 @@ from __future__ import annotations
 
 import argparse
 import importlib
+import math
 import os
 import sys
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
+from typing import Any
 
 __all__ = ["DEFAULT_SUBCOMMAND", "PROG", "SUBCOMMANDS", "CommandError", "build_parser", "main", "parse_args"]
 
@@ -44,15 +46,26 @@ class CommandError(Exception):
     """A bad argument or input file, found before the work starts: reported as ``error: ...``, exit status 2."""
 
 
-def positive_int(text: str) -> int:
-    """An argparse ``type``: an integer >= 1."""
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"must be an integer >= 1, got {text!r}") from None
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"must be an integer >= 1, got {value}")
-    return value
+def number_type(kind: type, accept: Callable[[Any], bool], description: str) -> Callable[[str], Any]:
+    """An argparse ``type``: ``text`` read as ``kind`` (int or float), kept if ``accept(value)``, else the error
+    ``must be {description}, got {text}``."""
+
+    def parse(text: str) -> Any:
+        try:
+            value = kind(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"must be {description}, got {text!r}") from None
+        if not accept(value):
+            raise argparse.ArgumentTypeError(f"must be {description}, got {text}")
+        return value
+
+    return parse
+
+
+positive_int = number_type(int, lambda v: v >= 1, "an integer >= 1")
+non_negative_int = number_type(int, lambda v: v >= 0, "an integer >= 0")
+positive_float = number_type(float, lambda v: math.isfinite(v) and v > 0, "a positive number")
+non_negative_float = number_type(float, lambda v: math.isfinite(v) and v >= 0, "a number >= 0")
 
 
 def prng_seed(text: str) -> int:

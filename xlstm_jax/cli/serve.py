@@ -19,13 +19,12 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
 import socket
 import sys
 from pathlib import Path
 from typing import Any
 
-from xlstm_jax.cli import CommandError, positive_int
+from xlstm_jax.cli import CommandError, non_negative_float, number_type, positive_int
 
 __all__ = ["HELP", "add_arguments", "run"]
 
@@ -35,25 +34,7 @@ BYTES = "bytes"
 LOG_LEVELS = ("critical", "error", "warning", "info", "debug")
 
 
-def _port(text: str) -> int:
-    """An argparse ``type``: a TCP port, 0 (any free one) to 65535."""
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"must be an integer in [0, 65535], got {text!r}") from None
-    if not 0 <= value <= 65535:
-        raise argparse.ArgumentTypeError(f"must be an integer in [0, 65535], got {value}")
-    return value
-
-
-def _non_negative_float(text: str) -> float:
-    try:
-        value = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"must be a number >= 0, got {text!r}") from None
-    if not (math.isfinite(value) and value >= 0):
-        raise argparse.ArgumentTypeError(f"must be a number >= 0, got {text}")
-    return value
+_port = number_type(int, lambda v: 0 <= v <= 65535, "an integer in [0, 65535]")  # 0: any free port
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -87,7 +68,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     )
     p.add_argument(
         "--prefix-cache-mb",
-        type=_non_negative_float,
+        type=non_negative_float,
         default=0.0,
         help="memory for the states of seen prompt prefixes, in MiB (default 0: no prefix cache)",
     )

@@ -27,31 +27,11 @@ import math
 import sys
 from typing import Any
 
-from xlstm_jax.cli import CommandError, positive_int, prng_seed
+from xlstm_jax.cli import CommandError, non_negative_int, positive_float, positive_int, prng_seed
 
 __all__ = ["HELP", "add_arguments", "config_from_arguments", "run"]
 
 HELP = "train an xLSTM language model (or fine-tune one from a Hugging Face directory)"
-
-
-def _non_negative_int(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"must be an integer >= 0, got {text!r}") from None
-    if value < 0:
-        raise argparse.ArgumentTypeError(f"must be an integer >= 0, got {value}")
-    return value
-
-
-def _positive_float(text: str) -> float:
-    try:
-        value = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"must be a positive number, got {text!r}") from None
-    if not (math.isfinite(value) and value > 0):
-        raise argparse.ArgumentTypeError(f"must be a positive number, got {text}")
-    return value
 
 
 def _float(text: str) -> float:
@@ -119,7 +99,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     data.add_argument("--data-kind", choices=DATA_KINDS, help="text files, a token-id file, or the Python stdlib")
     data.add_argument("--tokenizer", metavar="bytes|FILE", help="'bytes' (default) or a tokenizer.json")
     data.add_argument("--suffix", metavar="SUFFIX", action="append", help="only files ending so (repeatable)")
-    data.add_argument("--eos-id", type=_non_negative_int, help="token files: the id that ends each document")
+    data.add_argument("--eos-id", type=non_negative_int, help="token files: the id that ends each document")
     data.add_argument("--token-dtype", help="token files: the element type of a raw binary file, e.g. uint16")
     data.add_argument("--seq-len", type=positive_int, help="tokens per row (default 256)")
     data.add_argument("--batch-size", type=positive_int, help="rows per step over all devices (default 16)")
@@ -132,24 +112,24 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     run.add_argument("--seed", type=prng_seed, help="seed of the initialisation and the data order (default 0)")
 
     opt = p.add_argument_group("optimizer")
-    opt.add_argument("--lr", type=_positive_float, help="peak learning rate (default 3e-4)")
-    opt.add_argument("--warmup", type=_non_negative_int, help="warmup steps (default min(1000, steps // 10))")
+    opt.add_argument("--lr", type=positive_float, help="peak learning rate (default 3e-4)")
+    opt.add_argument("--warmup", type=non_negative_int, help="warmup steps (default min(1000, steps // 10))")
     opt.add_argument("--schedule", choices=SCHEDULES, help="learning-rate schedule after the warmup (default cosine)")
     opt.add_argument("--min-lr-ratio", type=_float, help="final learning rate / peak (default 0.1)")
     opt.add_argument("--weight-decay", type=_float, help="AdamW weight decay of the matrices (default 0.1)")
-    opt.add_argument("--clip-norm", type=_positive_float, help="global gradient-norm clip (default 1.0)")
+    opt.add_argument("--clip-norm", type=positive_float, help="global gradient-norm clip (default 1.0)")
 
     out = p.add_argument_group("checkpoints and logs")
     out.add_argument("--checkpoint-dir", metavar="DIR", help="where checkpoints go (default: none)")
     out.add_argument("--checkpoint-every", type=positive_int, help="steps between checkpoints (default 500)")
     out.add_argument("--checkpoint-keep", type=positive_int, help="newest checkpoints kept (default 3)")
     out.add_argument("--resume", action="store_true", default=None, help="continue from the newest checkpoint")
-    out.add_argument("--eval-every", type=_non_negative_int, help="steps between validation losses (0: never)")
+    out.add_argument("--eval-every", type=non_negative_int, help="steps between validation losses (0: never)")
     out.add_argument("--eval-batches", type=positive_int, help="validation batches per loss (default 8)")
     out.add_argument("--log-dir", metavar="DIR", help="metrics.jsonl and TensorBoard events (default: none)")
     out.add_argument("--log-every", type=positive_int, help="steps between metric records (default 10)")
     out.add_argument("--export-hf", metavar="DIR", help="write the trained model here as Hugging Face safetensors")
-    out.add_argument("--peak-tflops", type=_positive_float, help="peak TFLOP/s of one device for MFU")
+    out.add_argument("--peak-tflops", type=positive_float, help="peak TFLOP/s of one device for MFU")
     out.add_argument("--no-progress", action="store_true", help="no progress bar")
 
 
