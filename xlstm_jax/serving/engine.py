@@ -271,14 +271,17 @@ def sample_rows(
     the batch.
     """
     greedy = jnp.argmax(logits, axis=-1).astype(jnp.int32)
-    x = filter_logits(logits, temperature, top_k, top_p)
 
     def one(row, key_data, t):  # row (V,)
         key = jax.random.fold_in(jax.random.wrap_key_data(key_data), t)
         return jax.random.categorical(key, row[None], axis=-1)[0].astype(jnp.int32)
 
-    drawn = jax.vmap(one)(x, keys, t)
-    return jnp.where(temperature > 0, drawn, greedy)
+    def sampled() -> jax.Array:
+        drawn = jax.vmap(one)(filter_logits(logits, temperature, top_k, top_p), keys, t)
+        return jnp.where(temperature > 0, drawn, greedy)
+
+    # The filters sort every row's logits twice: skipped at run time when every slot is greedy.
+    return jax.lax.cond(jnp.any(temperature > 0), sampled, lambda: greedy)
 
 
 @functools.partial(jax.jit, static_argnames=("config", "runtime"), donate_argnames=("states", "logits"))
