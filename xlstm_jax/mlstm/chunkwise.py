@@ -31,7 +31,7 @@ product; the carried states stay in the state dtype (float32 by default).
 from __future__ import annotations
 
 import operator
-from typing import Any
+from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -49,7 +49,7 @@ from xlstm_jax.mlstm.parallel import (
 from xlstm_jax.mlstm.segments import check_segment_ids, document_starts
 from xlstm_jax.mlstm.states import cast_states, prepare_states
 
-__all__ = ["chunkwise_fw"]
+__all__ = ["ChunkedSequence", "chunk_sequence", "chunkwise_fw"]
 
 
 def check_chunk_size(chunk_size: Any, name: str = "chunk_size") -> int:
@@ -68,10 +68,10 @@ def check_chunk_size(chunk_size: Any, name: str = "chunk_size") -> int:
 
 def border_states(
     F_L: jax.Array,  # (B, NH, NC) each chunk's log decay (block_log_decay: -inf after a reset)
-    cbar: jax.Array,  # (B, NH, NC, DHQK, DHV) from block_summary
+    cbar: jax.Array | None,  # (B, NH, NC, DHQK, DHV) from block_summary, None for n and m only
     nbar: jax.Array,  # (B, NH, NC, DHQK)
     ml: jax.Array,  # (B, NH, NC)
-    c0: jax.Array,  # (B, NH, DHQK, DHV) initial states, in the state dtype
+    c0: jax.Array | None,  # (B, NH, DHQK, DHV) initial states, in the state dtype (None with cbar None)
     n0: jax.Array,  # (B, NH, DHQK)
     m0: jax.Array,  # (B, NH)
     border_dtype: Any,
@@ -89,20 +89,102 @@ def border_states(
 
     Returns:
         ``((c, n, m) after the last chunk, (c, n, m) before each chunk)``, the latter shaped
-        (B, NH, NC, DHQK, DHV), (B, NH, NC, DHQK), (B, NH, NC).
+        (B, NH, NC, DHQK, DHV), (B, NH, NC, DHQK), (B, NH, NC); both c are None without ``cbar``.
     """
-    state_dtype = c0.dtype
+    state_dtype = n0.dtype
     acc = jnp.promote_types(state_dtype, jnp.float32)
 
-    def step(carry, x):
-        c, n, m = (s.astype(acc) for s in carry)
-        border = (c.astype(border_dtype), n, m)
-        c, n, m = combine_states(c, n, m, *x)
-        return (c.astype(state_dtype), n.astype(state_dtype), m.astype(state_dtype)), border
+    def cast(x, dtype):
+        return None if x is None else x.astype(dtype)
 
-    xs = tuple(jnp.moveaxis(x, 2, 0) for x in (F_L, cbar, nbar, ml))
+    def step(carry, x):
+        c, n, m = (cast(s, acc) for s in carry)
+        border = (cast(c, border_dtype), n, m)
+        c, n, m = combine_states(c, n, m, *x)
+        return tuple(cast(s, state_dtype) for s in (c, n, m)), border
+
+    xs = tuple(None if x is None else jnp.moveaxis(x, 2, 0) for x in (F_L, cbar, nbar, ml))
     last, borders = jax.lax.scan(step, (c0, n0, m0), xs, unroll=min(unroll, F_L.shape[2]))
-    return last, tuple(jnp.moveaxis(x, 0, 2) for x in borders)
+    return last, tuple(None if x is None else jnp.moveaxis(x, 0, 2) for x in borders)
+
+
+class ChunkedSequence(NamedTuple):
+    """A checked sequence cut into NC chunks of L steps (:func:`chunk_sequence`); gates in the accumulation dtype."""
+
+    dims: Any  # (B, NH, S, DHQK, DHV) of the unpadded sequence
+    q: jax.Array  # (B, NH, NC, L, DHQK), padded with zeros
+    k: jax.Array  # (B, NH, NC, L, DHQK)
+    v: jax.Array  # (B, NH, NC, L, DHV)
+    F: jax.Array  # (B, NH, NC, L) cumulative log forget gates within each chunk (0 at resets and padding)
+    R: jax.Array  # (B, NH, NC, L) breaks (resets, document starts) within each chunk, inclusive
+    i: jax.Array  # (B, NH, NC, L) input gate pre-activations
+    log_start: jax.Array | None  # (B, NH, NC, L) document-start column (segments.break_gates), or None
+    valid: np.ndarray | None  # (NC, L) False at the padding steps, None without padding
+    states: tuple[jax.Array, jax.Array, jax.Array]  # (c0, n0, m0) in the state dtype
+    out_dtypes: Any  # the last states' dtypes (states.prepare_states)
+    operand_dtype: Any  # the matrix products' operand dtype (parallel.matmul_dtype)
+    L: int
+    NC: int
+
+
+def chunk_sequence(
+    q: jax.Array,
+    k: jax.Array,
+    v: jax.Array,
+    i: jax.Array,
+    f: jax.Array,
+    c_initial: jax.Array | None,
+    n_initial: jax.Array | None,
+    m_initial: jax.Array | None,
+    eps: float,
+    state_dtype: Any,
+    chunk_size: int,
+    segment_ids: jax.Array | None,
+) -> ChunkedSequence:
+    """Checks a sequence's arguments (as :func:`chunkwise_fw` documents them) and cuts it into chunks.
+
+    Padding steps have log f = 0 and are masked out of every sum, so they leave the states unchanged. The breaks
+    (resets and document starts; module docstring of :mod:`xlstm_jax.mlstm.parallel`) are found on the whole
+    sequence, so a document that starts on a chunk border breaks that chunk's first step.
+    """
+    dims, i, f = check_sequence_inputs(q, k, v, i, f, names=("q", "k", "v", "i", "f"))
+    check_eps(eps)
+    L = min(check_chunk_size(chunk_size), dims.S)
+    segment_ids = check_segment_ids(segment_ids, dims.B, dims.S)
+    starts = None if segment_ids is None else document_starts(segment_ids)[:, None, :]  # (B, 1, S)
+    (c0, n0, m0), out_dtypes = prepare_states(
+        c_initial,
+        n_initial,
+        m_initial,
+        dims,
+        resolve_state_dtype(state_dtype),
+        default_dtype=jnp.promote_types(f.dtype, jnp.float32),
+    )
+    state_dtype = c0.dtype
+    acc = jnp.promote_types(state_dtype, jnp.float32)  # gates and stabiliser never run in 16 bits
+    operand_dtype = matmul_dtype(jnp.result_type(q, k, v), acc)
+    B, NH, S, DHQK, DHV = dims
+    NC = -(-S // L)
+    pad = NC * L - S
+    i = i[..., 0].astype(acc)
+    log_f, breaks, log_start = sequence_log_gates(i, f[..., 0].astype(acc), m0.astype(acc), starts)  # (B, NH, S)
+    if pad:
+        seq_pad = ((0, 0), (0, 0), (0, pad))
+        q, k, v = (jnp.pad(x, (*seq_pad, (0, 0))) for x in (q, k, v))
+        log_f, i, breaks = (jnp.pad(x, seq_pad) for x in (log_f, i, breaks))
+        if log_start is not None:
+            log_start = jnp.pad(log_start, seq_pad, constant_values=-jnp.inf)
+        valid = (np.arange(NC * L) < S).reshape(NC, L)
+    else:
+        valid = None
+    q, k = (x.reshape(B, NH, NC, L, DHQK) for x in (q, k))
+    v = v.reshape(B, NH, NC, L, DHV)
+    F = jnp.cumsum(log_f.reshape(B, NH, NC, L), axis=-1)  # (B, NH, NC, L) within each chunk
+    R = jnp.cumsum(breaks.reshape(B, NH, NC, L), axis=-1)  # breaks within each chunk, inclusive
+    i = i.reshape(B, NH, NC, L)
+    if log_start is not None:
+        log_start = log_start.reshape(B, NH, NC, L)
+    return ChunkedSequence(dims, q, k, v, F, R, i, log_start, valid, (c0, n0, m0), out_dtypes, operand_dtype, L, NC)
 
 
 def chunkwise_fw(
@@ -168,48 +250,12 @@ def chunkwise_fw(
         >>> h.shape, c.shape
         ((1, 2, 100, 8), (1, 2, 4, 8))
     """
-    dims, i, f = check_sequence_inputs(q, k, v, i, f, names=("q", "k", "v", "i", "f"))
-    check_eps(eps)
-    L = min(check_chunk_size(chunk_size), dims.S)
+    x = chunk_sequence(q, k, v, i, f, c_initial, n_initial, m_initial, eps, state_dtype, chunk_size, segment_ids)
     unroll = check_chunk_size(scan_unroll, "scan_unroll")
-    segment_ids = check_segment_ids(segment_ids, dims.B, dims.S)
-    starts = None if segment_ids is None else document_starts(segment_ids)[:, None, :]  # (B, 1, S)
-    (c0, n0, m0), out_dtypes = prepare_states(
-        c_initial,
-        n_initial,
-        m_initial,
-        dims,
-        resolve_state_dtype(state_dtype),
-        default_dtype=jnp.promote_types(f.dtype, jnp.float32),
-    )
-    state_dtype = c0.dtype
-    acc = jnp.promote_types(state_dtype, jnp.float32)  # gates and stabiliser never run in 16 bits
-    operand_dtype = matmul_dtype(jnp.result_type(q, k, v), acc)
-    B, NH, S, DHQK, DHV = dims
-    NC = -(-S // L)
-    pad = NC * L - S
-
-    # Padding steps have log f = 0 and are masked out of every sum, so they leave the states unchanged.
-    # The breaks (resets and document starts; module docstring of xlstm_jax.mlstm.parallel) are found on the
-    # whole sequence, so a document that starts on a chunk border breaks that chunk's first step.
-    i = i[..., 0].astype(acc)
-    log_f, breaks, log_start = sequence_log_gates(i, f[..., 0].astype(acc), m0.astype(acc), starts)  # (B, NH, S)
-    if pad:
-        seq_pad = ((0, 0), (0, 0), (0, pad))
-        q, k, v = (jnp.pad(x, (*seq_pad, (0, 0))) for x in (q, k, v))
-        log_f, i, breaks = (jnp.pad(x, seq_pad) for x in (log_f, i, breaks))
-        if log_start is not None:
-            log_start = jnp.pad(log_start, seq_pad, constant_values=-jnp.inf)
-        valid = (np.arange(NC * L) < S).reshape(NC, L)
-    else:
-        valid = None
-    q, k = (x.reshape(B, NH, NC, L, DHQK) for x in (q, k))
-    v = v.reshape(B, NH, NC, L, DHV)
-    F = jnp.cumsum(log_f.reshape(B, NH, NC, L), axis=-1)  # (B, NH, NC, L) within each chunk
-    R = jnp.cumsum(breaks.reshape(B, NH, NC, L), axis=-1)  # breaks within each chunk, inclusive
-    i = i.reshape(B, NH, NC, L)
-    if log_start is not None:
-        log_start = log_start.reshape(B, NH, NC, L)
+    B, NH, S, DHQK, DHV = x.dims
+    q, k, v, F, R, i, log_start, valid = x.q, x.k, x.v, x.F, x.R, x.i, x.log_start, x.valid
+    c0, n0, m0 = x.states
+    operand_dtype, L, NC = x.operand_dtype, x.L, x.NC
 
     # 1. Each chunk's own contribution to the state at its end (its running max includes a document that
     # starts in it, with no key or value: a chunk with a start drops the border state but not that max).
@@ -227,4 +273,4 @@ def chunkwise_fw(
     h = h.reshape(B, NH, NC * L, DHV)[:, :, :S].astype(q.dtype)
     if not return_last_states:
         return h
-    return h, cast_states((c_last, n_last, m_last), out_dtypes)
+    return h, cast_states((c_last, n_last, m_last), x.out_dtypes)

@@ -64,6 +64,7 @@ from xlstm_jax.mlstm.states import cast_states, prepare_states
 
 __all__ = [
     "block_log_decay",
+    "block_log_weights",
     "block_readout",
     "block_summary",
     "block_update",
@@ -149,6 +150,39 @@ def _start_weights(
     return jnp.where(R_L[..., None] == R, F_L[..., None] - F + log_start, -jnp.inf)
 
 
+def block_log_weights(
+    F: jax.Array,  # (..., L) cumulative sum of log forget gates from the block's start, inclusive
+    i: jax.Array,  # (..., L) input gate pre-activations
+    m0: jax.Array,  # (...) the running max before the block
+    valid: np.ndarray | None = None,  # (L,) or broadcastable to (..., L): False marks padding steps
+    R: jax.Array | None = None,  # (..., L) inclusive count of breaks from the block's start, None for none
+    log_start: jax.Array | None = None,  # (..., L) document-start column (segments.break_gates), None for none
+) -> tuple[jax.Array, jax.Array, jax.Array]:
+    """The log gate weights of a block's read-out and its running max (module docstring).
+
+    Returns:
+        ``(log_d (..., L, L), log_w (..., L), m (..., L))``: ``log D[t, s] = F_t - F_s + i_s`` where s <= t, s is
+        valid and no break lies between them (else -inf); the initial state's ``log w_t = F_t + m0`` (-inf after
+        a break); and the recurrent running max ``m_t`` over both and the document-start columns.
+    """
+    L = F.shape[-1]
+    # Causal mask from iotas rather than a NumPy constant, so that this also runs inside a Pallas kernel.
+    mask = jax.lax.broadcasted_iota(jnp.int32, (L, L), 1) <= jax.lax.broadcasted_iota(jnp.int32, (L, L), 0)
+    if valid is not None:
+        mask = mask & valid[..., None, :]
+    if R is not None:
+        mask = mask & (R[..., :, None] == R[..., None, :])  # no break between s and t
+    F_ts = F[..., :, None] - F[..., None, :]  # (..., L, L)
+    log_d = jnp.where(mask, F_ts + i[..., None, :], -jnp.inf)  # (..., L, L)
+    log_w = F + m0[..., None]  # (..., L) weight of the initial state at each step
+    if R is not None:
+        log_w = jnp.where(R > 0, -jnp.inf, log_w)
+    m = jnp.maximum(log_w, jnp.max(log_d, axis=-1))  # (..., L) the recurrent running max
+    if log_start is not None:  # the zero state of the document that step t belongs to, if it started here
+        m = jnp.maximum(m, jnp.max(jnp.where(mask, F_ts + log_start[..., None, :], -jnp.inf), axis=-1))
+    return log_d, log_w, m
+
+
 def block_readout(
     q: jax.Array,  # (..., L, DHQK)
     k: jax.Array,  # (..., L, DHQK)
@@ -193,24 +227,11 @@ def block_readout(
         h (..., L, DHV) in F's dtype.
     """
     acc = F.dtype
-    L, DHQK = q.shape[-2], q.shape[-1]
+    DHQK = q.shape[-1]
     bad = _nonfinite_steps(k, v, acc)  # (..., L)
     k = jnp.where(bad[..., None] > 0, 0.0, k).astype(k.dtype)
     v = jnp.where(bad[..., None] > 0, 0.0, v).astype(v.dtype)
-    # Causal mask from iotas rather than a NumPy constant, so that this also runs inside a Pallas kernel.
-    mask = jax.lax.broadcasted_iota(jnp.int32, (L, L), 1) <= jax.lax.broadcasted_iota(jnp.int32, (L, L), 0)
-    if valid is not None:
-        mask = mask & valid[..., None, :]
-    if R is not None:
-        mask = mask & (R[..., :, None] == R[..., None, :])  # no break between s and t
-    F_ts = F[..., :, None] - F[..., None, :]  # (..., L, L)
-    log_d = jnp.where(mask, F_ts + i[..., None, :], -jnp.inf)  # (..., L, L)
-    log_w = F + m0[..., None]  # (..., L) weight of the initial state at each step
-    if R is not None:
-        log_w = jnp.where(R > 0, -jnp.inf, log_w)
-    m = jnp.maximum(log_w, jnp.max(log_d, axis=-1))  # (..., L) the recurrent running max
-    if log_start is not None:  # the zero state of the document that step t belongs to, if it started here
-        m = jnp.maximum(m, jnp.max(jnp.where(mask, F_ts + log_start[..., None, :], -jnp.inf), axis=-1))
+    log_d, log_w, m = block_log_weights(F, i, m0, valid, R, log_start)
     d = jnp.exp(log_d - m[..., None])
     w = jnp.exp(log_w - m)
 
@@ -230,7 +251,7 @@ def block_readout(
 
 def block_summary(
     k: jax.Array,  # (..., L, DHQK)
-    v: jax.Array,  # (..., L, DHV)
+    v: jax.Array | None,  # (..., L, DHV), or None for the normaliser and max only
     F: jax.Array,  # (..., L) inclusive cumulative sum of log forget gates from the block's start
     F_L: jax.Array,  # (...) F at the block's last step, F[..., -1]
     i: jax.Array,  # (..., L)
@@ -250,7 +271,7 @@ def block_summary(
     block, decayed by :func:`block_log_decay`.
 
     Returns:
-        ``(cbar (..., DHQK, DHV), nbar (..., DHQK), ml (...))`` in F's dtype.
+        ``(cbar (..., DHQK, DHV), nbar (..., DHQK), ml (...))`` in F's dtype; ``cbar`` is None when ``v`` is.
     """
     acc = F.dtype
     a = F_L[..., None] - F + i  # (..., L)
@@ -263,31 +284,31 @@ def block_summary(
     else:
         ml, shift = finite_max(jnp.maximum(a, _start_weights(F, F_L, log_start, R, R_L)))
     k_g = k.astype(acc) * jnp.exp(a - shift[..., None])[..., None]  # (..., L, DHQK)
-    cbar = _dot("...sd,...se->...de", k_g, v, operand_dtype, acc)
+    cbar = None if v is None else _dot("...sd,...se->...de", k_g, v, operand_dtype, acc)
     return cbar, jnp.sum(k_g, axis=-2), ml
 
 
 def combine_states(
-    c: jax.Array,  # (..., DHQK, DHV) states before a block
+    c: jax.Array | None,  # (..., DHQK, DHV) states before a block, or None to combine n and m only
     n: jax.Array,  # (..., DHQK)
     m: jax.Array,  # (...)
     F_L: jax.Array,  # (...) the block's log decay, block_log_decay (-inf after a reset)
-    cbar: jax.Array,  # (..., DHQK, DHV) from block_summary
+    cbar: jax.Array | None,  # (..., DHQK, DHV) from block_summary (None with c None)
     nbar: jax.Array,  # (..., DHQK)
     ml: jax.Array,  # (...)
-) -> tuple[jax.Array, jax.Array, jax.Array]:
+) -> tuple[jax.Array | None, jax.Array, jax.Array]:
     """The states after a block: ``m' = max(F_L + m, ml)``, ``c' = exp(F_L + m - m') c + exp(ml - m') cbar``.
 
     For a block of one step (``F_L = logsigmoid(f)``, ``ml = i``, ``cbar = k vᵀ``) this is the recurrent step
     of :func:`xlstm_jax.mlstm.stabilizer.step_gates`; ``m'`` is the recurrent running max at the block's end.
 
     Returns:
-        ``(c', n', m')`` in the dtypes of the arguments' promotion.
+        ``(c', n', m')`` in the dtypes of the arguments' promotion (``c'`` None when ``c`` is).
     """
     m_new = jnp.maximum(F_L + m, ml)
     decay = jnp.exp(F_L + m - m_new)
     gain = jnp.exp(ml - m_new)
-    c_new = decay[..., None, None] * c + gain[..., None, None] * cbar
+    c_new = None if c is None else decay[..., None, None] * c + gain[..., None, None] * cbar
     n_new = decay[..., None] * n + gain[..., None] * nbar
     return c_new, n_new, m_new
 
