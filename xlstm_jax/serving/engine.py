@@ -33,6 +33,18 @@ chunk boundaries, and the decode step instead of the prefill form for generated 
 Requests are admitted and prefilled one at a time, in the order they arrive; a request's first token is drawn
 in the iteration that runs its last prefill chunk.
 
+On a mesh (``Engine(..., mesh=mesh)``, the axes ``data``, ``fsdp``, ``tensor`` of
+:mod:`~xlstm_jax.models.xlstm_parallel.sharding`) the engine serves the sharded model: the parameters are laid out
+by ``param_specs`` (replicated over ``data``; heads, FFN columns and the vocabulary over ``tensor``; split over
+``fsdp``), the slot states (L, num_slots, ...) by ``state_specs`` (the slots over ``data``, and over ``fsdp`` too
+where it divides them; the heads over ``tensor``), and the per-slot logits, keys and sampling settings by their
+slot rows alike. A request being prefilled, and every prefix-cache entry, has its heads over ``tensor`` and its
+one row on every ``data`` device. The decode step, the prefill chunk, the slot insertion and the slot copy run
+under the mesh (``jax.set_mesh``) and pin their outputs to these layouts, so the slot states stay split across
+the devices and nothing recompiles as requests come and go. ``data`` must divide ``num_slots`` and ``tensor``
+the model's heads (:func:`check_mesh`). :meth:`Engine.save_state` gathers a conversation's states to the host;
+:meth:`Engine.load_state` lays them out again.
+
 Example:
     >>> with Engine(config, params, num_slots=4, prefix_cache_bytes=1 << 30) as engine:
     ...     stream = engine.submit([1, 2, 3], SamplingParams(temperature=0.7, seed=0, max_tokens=32))
@@ -53,7 +65,7 @@ import tempfile
 import threading
 import time
 import uuid
-from collections.abc import AsyncIterator, Iterator, Sequence
+from collections.abc import AsyncIterator, Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -61,11 +73,13 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 import numpy as np
+from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from xlstm_jax.generation import MAX_NEW_TOKENS, SamplingConfig, filter_logits
 from xlstm_jax.models.xlstm_parallel.config import _is_int, xLSTMLMConfig
 from xlstm_jax.models.xlstm_parallel.model import ModelStates, xLSTMLMModel
 from xlstm_jax.models.xlstm_parallel.runtime import RuntimeConfig
+from xlstm_jax.models.xlstm_parallel.sharding import MESH_AXES, shard_params, state_specs
 from xlstm_jax.serving.prefix_cache import PrefixCache, PrefixEntry
 
 __all__ = [
@@ -76,6 +90,7 @@ __all__ = [
     "RequestStream",
     "SamplingParams",
     "TokenEvent",
+    "check_mesh",
 ]
 
 logger = logging.getLogger(__name__)
@@ -284,10 +299,34 @@ def sample_rows(
     return jax.lax.cond(jnp.any(temperature > 0), sampled, lambda: greedy)
 
 
-@functools.partial(jax.jit, static_argnames=("config", "runtime"), donate_argnames=("states", "logits"))
+@dataclass(frozen=True)
+class _Layout:
+    """Where the engine's arrays live on a mesh (hashable: a static argument of the jitted functions).
+
+    Attributes:
+        slots: The slot states (L, N, ...): N over the batch axes, heads over ``tensor`` (``state_specs``).
+        row: One request's states (L, 1, ...): heads over ``tensor``, the row on every device.
+        slot_rows: Arrays of N rows, (N, ...): the rows over the batch axes, the rest whole (logits, tokens,
+            sampling settings, keys).
+        replicated: The whole array on every device (one request's logits (1, V)).
+    """
+
+    slots: ModelStates
+    row: ModelStates
+    slot_rows: NamedSharding
+    replicated: NamedSharding
+
+
+def _pin(x: Any, sharding: Any) -> Any:
+    """``x`` (an array or a pytree) constrained to ``sharding`` (a sharding or a matching tree of them)."""
+    return jax.lax.with_sharding_constraint(x, sharding)
+
+
+@functools.partial(jax.jit, static_argnames=("config", "runtime", "layout"), donate_argnames=("states", "logits"))
 def _decode_step(
     config: xLSTMLMConfig,
     runtime: RuntimeConfig,
+    layout: _Layout | None,
     params: Any,
     states: ModelStates,  # (L, N, ...)
     logits: jax.Array,  # (N, V) float32
@@ -304,13 +343,16 @@ def _decode_step(
         {"params": params}, tokens[:, None], states, active[:, None], decode=True, return_states=True
     )
     logits = jnp.where(active[:, None], new_logits[:, 0].astype(logits.dtype), logits)
+    if layout is not None:
+        tokens, states, logits = _pin((tokens, states, logits), (layout.slot_rows, layout.slots, layout.slot_rows))
     return tokens, states, logits
 
 
-@functools.partial(jax.jit, static_argnames=("config", "runtime"))
+@functools.partial(jax.jit, static_argnames=("config", "runtime", "layout"))
 def _prefill_chunk(
     config: xLSTMLMConfig,
     runtime: RuntimeConfig,
+    layout: _Layout | None,
     params: Any,
     states: ModelStates,  # (L, 1, ...), not donated: it may be a cached entry
     input_ids: jax.Array,  # (1, C) int32
@@ -320,12 +362,20 @@ def _prefill_chunk(
     logits, states = xLSTMLMModel(config, runtime).apply(
         {"params": params}, input_ids, states, valid, return_states=True, last_only=True
     )
-    return logits[:, 0].astype(jnp.float32), states
+    logits = logits[:, 0].astype(jnp.float32)
+    if layout is not None:
+        logits, states = _pin((logits, states), (layout.replicated, layout.row))
+    return logits, states
 
 
-@functools.partial(jax.jit, donate_argnames=("states", "logits"))
+@functools.partial(jax.jit, static_argnames=("layout",), donate_argnames=("states", "logits"))
 def _insert(
-    states: ModelStates, logits: jax.Array, slot: jax.Array, new_states: ModelStates, new_logits: jax.Array
+    layout: _Layout | None,
+    states: ModelStates,
+    logits: jax.Array,
+    slot: jax.Array,
+    new_states: ModelStates,
+    new_logits: jax.Array,
 ) -> tuple[ModelStates, jax.Array]:
     """Writes a request's states (L, 1, ...) and logits (1, V) into slot ``slot`` (traced: one compilation)."""
     states = ModelStates(
@@ -334,15 +384,73 @@ def _insert(
             for s, n in zip(states, new_states, strict=True)
         )
     )
-    return states, jax.lax.dynamic_update_slice_in_dim(logits, new_logits.astype(logits.dtype), slot, axis=0)
+    logits = jax.lax.dynamic_update_slice_in_dim(logits, new_logits.astype(logits.dtype), slot, axis=0)
+    if layout is not None:
+        states, logits = _pin((states, logits), (layout.slots, layout.slot_rows))
+    return states, logits
 
 
-@jax.jit
-def _extract(states: ModelStates, logits: jax.Array, slot: jax.Array) -> PrefixEntry:
-    """A copy of slot ``slot``'s states (L, 1, ...) and logits (1, V)."""
-    return PrefixEntry(
+@functools.partial(jax.jit, static_argnames=("layout",))
+def _extract(layout: _Layout | None, states: ModelStates, logits: jax.Array, slot: jax.Array) -> PrefixEntry:
+    """A copy of slot ``slot``'s states (L, 1, ...) and logits (1, V), laid out as a prefilled request's."""
+    entry = PrefixEntry(
         ModelStates(*(jax.lax.dynamic_slice_in_dim(s, slot, 1, axis=1) for s in states)),
         jax.lax.dynamic_slice_in_dim(logits, slot, 1, axis=0),
+    )
+    if layout is not None:
+        entry = PrefixEntry(_pin(entry.states, layout.row), _pin(entry.logits, layout.replicated))
+    return entry
+
+
+def check_mesh(mesh: Any, num_slots: int, num_heads: int) -> dict[str, int]:
+    """Checks that the engine can lay ``num_slots`` slots of a model with ``num_heads`` heads out on ``mesh``.
+
+    Args:
+        mesh: A ``jax.sharding.Mesh`` with the axes ``data``, ``fsdp``, ``tensor``.
+        num_slots: The engine's decode slots: split over ``data`` (and ``fsdp`` where it divides them too).
+        num_heads: The model's heads: split over ``tensor``.
+
+    Returns:
+        The mesh's axis sizes, e.g. ``{"data": 2, "fsdp": 2, "tensor": 2}``.
+
+    Raises:
+        TypeError: ``mesh`` is not a ``jax.sharding.Mesh``.
+        ValueError: the mesh lacks an axis, ``data`` does not divide ``num_slots``, or ``tensor`` does not divide
+            ``num_heads`` (the message names the numbers and the mesh shape).
+    """
+    if not isinstance(mesh, Mesh):
+        raise TypeError(f"mesh must be a jax.sharding.Mesh or None, got {type(mesh).__name__}")
+    missing = [name for name in MESH_AXES if name not in mesh.axis_names]
+    if missing:
+        raise ValueError(f"the mesh must have the axes {MESH_AXES}, got {tuple(mesh.axis_names)} (missing {missing})")
+    sizes = {name: int(size) for name, size in mesh.shape.items()}
+    shape = ", ".join(f"{name}={size}" for name, size in sizes.items())
+    if num_slots % sizes["data"]:
+        raise ValueError(
+            f"num_slots={num_slots} must be a multiple of the mesh's data axis (mesh shape {shape}): the slots are "
+            f"split over it"
+        )
+    if num_heads % sizes["tensor"]:
+        raise ValueError(
+            f"the model's num_heads={num_heads} must be a multiple of the mesh's tensor axis (mesh shape {shape}): "
+            f"the heads are split over it"
+        )
+    return sizes
+
+
+def _make_layout(config: xLSTMLMConfig, num_slots: int, mesh: Mesh) -> _Layout:
+    """The engine's layout on ``mesh``: the slot and row states by ``state_specs``, the per-slot arrays' rows over
+    the axes the slot states take."""
+
+    def named(specs: ModelStates) -> ModelStates:
+        return ModelStates(*(NamedSharding(mesh, spec) for spec in specs))
+
+    slots = state_specs(config, num_slots, mesh)
+    return _Layout(
+        slots=named(slots),
+        row=named(state_specs(config, 1, mesh)),
+        slot_rows=NamedSharding(mesh, PartitionSpec(slots.m[1])),  # m is (L, N, NH): its N entry
+        replicated=NamedSharding(mesh, PartitionSpec()),
     )
 
 
@@ -390,10 +498,16 @@ class Engine:
         prefill_chunk_tokens: Prompt tokens prefilled per iteration (the fixed chunk shape).
         max_queue: How many requests may wait for a slot; :meth:`submit` raises ``EngineOverloaded`` beyond.
         prefix_cache_bytes: The byte budget of the prefix-state cache (0: no cache).
+        mesh: None: one device. A ``jax.sharding.Mesh`` with the axes ``data``, ``fsdp``, ``tensor``: the
+            parameters are placed by ``sharding.param_specs`` (a no-op where ``load_hf(..., mesh=mesh)`` placed
+            them), the slot states by ``sharding.state_specs`` (slots over ``data`` and, where it divides them
+            too, ``fsdp``; heads over ``tensor``) and the per-slot logits and sampling settings over the slots'
+            axes; every program runs under the mesh (see the module docstring).
 
     Raises:
-        TypeError: config, runtime or an int argument of the wrong type.
-        ValueError: an int argument out of range.
+        TypeError: config, runtime, mesh or an int argument of the wrong type.
+        ValueError: an int argument out of range, or a mesh whose ``data`` axis does not divide ``num_slots``
+            or whose ``tensor`` axis does not divide the model's heads (see :func:`check_mesh`).
     """
 
     def __init__(
@@ -407,6 +521,7 @@ class Engine:
         prefill_chunk_tokens: int = 256,
         max_queue: int = 64,
         prefix_cache_bytes: int = 0,
+        mesh: Mesh | None = None,
     ) -> None:
         if not isinstance(config, xLSTMLMConfig):
             raise TypeError(f"config must be an xLSTMLMConfig, got {type(config).__name__}")
@@ -424,6 +539,11 @@ class Engine:
                 raise TypeError(f"{name} must be an int, got {type(value).__name__} {value!r}")
             if value < low:
                 raise ValueError(f"{name} must be >= {low}, got {name}={value}")
+        if mesh is not None:
+            check_mesh(mesh, int(num_slots), config.num_heads)
+            params = shard_params(params, mesh, config)
+        self.mesh = mesh
+        self._layout = None if mesh is None else _make_layout(config, int(num_slots), mesh)
         self.config, self.params, self.runtime = config, params, runtime
         self.num_slots = int(num_slots)
         self.max_prompt_tokens = int(max_prompt_tokens)
@@ -432,8 +552,8 @@ class Engine:
         self.prefix_cache = PrefixCache(int(prefix_cache_bytes))
 
         N = self.num_slots
-        self._states = ModelStates.zeros(config, N)
-        self._logits = jnp.zeros((N, config.vocab_size), jnp.float32)
+        self._states = self._place(ModelStates.zeros(config, N), lambda layout: layout.slots)
+        self._logits = self._place(jnp.zeros((N, config.vocab_size), jnp.float32), lambda layout: layout.slot_rows)
         key_shape = _key_data(0).shape
         self._active = np.zeros(N, bool)
         self._keys = np.zeros((N, *key_shape), np.uint32)
@@ -459,6 +579,32 @@ class Engine:
         self._decode_steps = 0
         self._ttft = _Histogram()
         self._itl = _Histogram()
+
+    # ------------------------------------------------------------------------------------------- layout
+
+    def _place(self, x: Any, where: Callable[[_Layout], Any]) -> Any:
+        """``x`` (an array or a pytree, on the host or the devices) laid out by ``where(layout)`` (a sharding or a
+        matching tree of them) on the mesh; on the default device without a mesh.
+
+        The programs' outputs pass here too: a program reports an output's sharding in its own (equivalent)
+        terms, and the jitted functions key their caches on the exact sharding of their inputs, so relabelling
+        (no copy where the layouts agree) keeps one compilation each.
+        """
+        return (
+            jax.tree_util.tree_map(jnp.asarray, x) if self._layout is None else jax.device_put(x, where(self._layout))
+        )
+
+    def _on_mesh(self) -> contextlib.AbstractContextManager:
+        """The context the engine's programs run under: the mesh (``jax.set_mesh``), or nothing without one."""
+        return contextlib.nullcontext() if self.mesh is None else jax.set_mesh(self.mesh)
+
+    def _replicated(self, x: Any) -> Any:
+        """A small host array (token ids, a slot index) on every device of the mesh; itself without a mesh."""
+        return x if self._layout is None else jax.device_put(x, self._layout.replicated)
+
+    def _zero_row(self) -> ModelStates:
+        """One request's initial states (L, 1, ...), laid out as a prefilled request's."""
+        return self._place(ModelStates.zeros(self.config, 1), lambda layout: layout.row)
 
     # ----------------------------------------------------------------------------------------- lifecycle
 
@@ -490,23 +636,18 @@ class Engine:
     def warmup(self) -> None:
         """Compiles the engine's programs now (prefill chunk, slot insertion, decode step, and the slot copy of the
         prefix cache), so that the first request does not wait for them; no request or cached state changes."""
-        N, C = self.num_slots, self.prefill_chunk_tokens
+        N = self.num_slots
         with self._step_lock:
-            logits, states = _prefill_chunk(
-                self.config, self.runtime, self.params, ModelStates.zeros(self.config, 1),
-                np.zeros((1, C), np.int32), np.zeros((1, C), bool),
-            )  # fmt: skip
+            logits, states = self._run_chunk(self._zero_row(), (), count=False)
             with self._lock:
                 free = [j for j, r in enumerate(self._slots) if r is None]
                 args = (np.zeros(N, bool), self._keys.copy(), self._t.copy(), self._temperature.copy())
                 args += (self._top_k.copy(), self._top_p.copy())
             if free:  # a free slot's contents are overwritten when a request takes it
-                self._states, self._logits = _insert(self._states, self._logits, np.int32(free[0]), states, logits)
-            tokens, self._states, self._logits = _decode_step(
-                self.config, self.runtime, self.params, self._states, self._logits, *args
-            )  # every slot is padding: nothing changes
+                self._insert(free[0], states, logits)
+            tokens = self._decode_slots(args)  # every slot is padding: nothing changes
             if self.prefix_cache.max_bytes:
-                _extract(self._states, self._logits, np.int32(0))
+                self._extract(0)
             jax.block_until_ready(tokens)
 
     def __enter__(self) -> Engine:
@@ -649,23 +790,55 @@ class Engine:
             self._slots[slot] = request
         done, entry = self.prefix_cache.lookup(request.prompt) if self.prefix_cache.max_bytes else (0, None)
         if entry is None:
-            self._prefill = _Prefill(request, slot, ModelStates.zeros(self.config, 1), None, 0)
+            self._prefill = _Prefill(request, slot, self._zero_row(), None, 0)
         else:
             self._prefill = _Prefill(request, slot, entry.states, entry.logits, done)
         return True
 
-    def _run_chunk(self, states: ModelStates, tokens: Sequence[int]) -> tuple[jax.Array, ModelStates]:
+    def _run_chunk(
+        self, states: ModelStates, tokens: Sequence[int], count: bool = True
+    ) -> tuple[jax.Array, ModelStates]:
         """Prefills ``tokens`` (at most ``prefill_chunk_tokens``) from ``states`` as one left-padded chunk."""
         C = self.prefill_chunk_tokens
         ids = np.zeros((1, C), np.int32)
         valid = np.zeros((1, C), bool)
-        ids[0, C - len(tokens) :] = tokens
-        valid[0, C - len(tokens) :] = True
-        logits, states = _prefill_chunk(self.config, self.runtime, self.params, states, ids, valid)
-        with self._lock:
-            self._prefill_tokens += len(tokens)
-            self._prefill_chunks += 1
+        if tokens:
+            ids[0, C - len(tokens) :] = tokens
+            valid[0, C - len(tokens) :] = True
+        with self._on_mesh():
+            ids, valid = self._replicated((ids, valid))
+            logits, states = _prefill_chunk(self.config, self.runtime, self._layout, self.params, states, ids, valid)
+            logits, states = self._place((logits, states), lambda layout: (layout.replicated, layout.row))
+        if count:
+            with self._lock:
+                self._prefill_tokens += len(tokens)
+                self._prefill_chunks += 1
         return logits, states
+
+    def _insert(self, slot: int, states: ModelStates, logits: jax.Array) -> None:
+        """Writes one request's states (L, 1, ...) and logits (1, V) into ``slot``."""
+        with self._on_mesh():
+            index = self._replicated(np.int32(slot))
+            states, logits = _insert(self._layout, self._states, self._logits, index, states, logits)
+            self._states, self._logits = self._place((states, logits), lambda layout: (layout.slots, layout.slot_rows))
+
+    def _extract(self, slot: int) -> PrefixEntry:
+        """A copy of ``slot``'s states and logits, laid out as a prefilled request's."""
+        with self._on_mesh():
+            entry = _extract(self._layout, self._states, self._logits, self._replicated(np.int32(slot)))
+            return self._place(entry, lambda layout: PrefixEntry(layout.row, layout.replicated))
+
+    def _decode_slots(self, args: tuple[np.ndarray, ...]) -> jax.Array:
+        """One decode step over every slot with the per-slot ``args`` (active, keys, t, temperature, top_k,
+        top_p); returns the drawn tokens (N,)."""
+        with self._on_mesh():
+            if self._layout is not None:
+                args = jax.device_put(args, self._layout.slot_rows)
+            tokens, states, logits = _decode_step(
+                self.config, self.runtime, self._layout, self.params, self._states, self._logits, *args
+            )
+            self._states, self._logits = self._place((states, logits), lambda layout: (layout.slots, layout.slot_rows))
+        return tokens
 
     def _chunks(self, start: int, end: int) -> list[tuple[int, int]]:
         """The chunks of positions [start, end): a short one first (left-padded, like a padded prompt), then full."""
@@ -687,7 +860,7 @@ class Engine:
             if self.prefix_cache.max_bytes:
                 self.prefix_cache.put(prompt, PrefixEntry(job.states, job.logits))
         request, slot = job.request, job.slot
-        self._states, self._logits = _insert(self._states, self._logits, np.int32(slot), job.states, job.logits)
+        self._insert(slot, job.states, job.logits)
         sampling = request.sampling
         with self._lock:
             self._prefill = None
@@ -705,10 +878,7 @@ class Engine:
                 return False
             args = (self._active.copy(), self._keys.copy(), self._t.copy(), self._temperature.copy())
             args += (self._top_k.copy(), self._top_p.copy())
-        tokens, self._states, self._logits = _decode_step(
-            self.config, self.runtime, self.params, self._states, self._logits, *args
-        )
-        tokens = np.asarray(tokens)
+        tokens = np.asarray(self._decode_slots(args))
         now = time.perf_counter()
         finished = []
         with self._lock:
@@ -735,7 +905,7 @@ class Engine:
                     finished.append((slot, request, token, reason))
         for slot, request, token, reason in finished:
             if self.prefix_cache.max_bytes:  # the conversation so far: the prompt and every token fed after it
-                entry = _extract(self._states, self._logits, np.int32(slot))
+                entry = self._extract(int(slot))
                 self.prefix_cache.put(request.prompt + tuple(request.generated), entry)
             with self._lock:
                 self._free(int(slot))
@@ -758,7 +928,7 @@ class Engine:
             done, entry = 0, None
         if done == len(prompt):
             return entry
-        states = ModelStates.zeros(self.config, 1) if entry is None else entry.states
+        states = self._zero_row() if entry is None else entry.states
         logits = None
         for start, end in self._chunks(done, len(prompt)):
             logits, states = self._run_chunk(states, prompt[start:end])
@@ -836,8 +1006,9 @@ class Engine:
                 raise ValueError(
                     f"{path}: {name} is {got.dtype}{list(got.shape)}, but this model's is {dtype}{list(shape)}"
                 )
-        entry = PrefixEntry(
-            ModelStates(*(jnp.asarray(loaded[k]) for k in ModelStates._fields)), jnp.asarray(loaded["logits"])
+        entry = self._place(
+            PrefixEntry(ModelStates(*(loaded[k] for k in ModelStates._fields)), loaded["logits"]),
+            lambda layout: PrefixEntry(layout.row, layout.replicated),
         )
         if not self.prefix_cache.put(prompt, entry):
             raise ValueError(
@@ -853,7 +1024,8 @@ class Engine:
 
         Returns:
             A dict with ``queue_length`` (requests waiting for a slot), ``slots_in_use`` (slots held by a request
-            being prefilled or generating), ``num_slots``, ``tokens_generated_total``, ``requests_finished_total``,
+            being prefilled or generating), ``running`` (requests generating: their slots decode), ``num_slots``,
+            ``tokens_generated_total``, ``requests_finished_total``,
             ``requests_finished_by_reason`` (a dict reason -> count), ``prefill_tokens_total`` (prompt tokens run
             through the model, cache hits excluded), ``prefill_chunks_total``, ``decode_steps_total``,
             ``prefix_cache_hits_total``, ``prefix_cache_misses_total``, ``prefix_cache_evictions_total``,
@@ -868,6 +1040,7 @@ class Engine:
             return {
                 "queue_length": len(self._waiting),
                 "slots_in_use": sum(r is not None for r in self._slots),
+                "running": int(self._active.sum()),
                 "num_slots": self.num_slots,
                 "tokens_generated_total": self._tokens_generated,
                 "requests_finished_total": sum(self._finished.values()),
