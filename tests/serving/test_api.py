@@ -348,6 +348,7 @@ def test_full_queue_answers_429_and_every_stream_is_freed(served):
             assert error["type"] == "rate_limit_error" and "max_queue" in error["message"]
             assert response.headers["retry-after"] == "1"
         assert s.client.get("/health").json()["queue_length"] == MAX_QUEUE
+        _wait_for(lambda: s.client.get("/health").json()["running"] == NUM_SLOTS, "both held streams to generate")
     finally:
         for response in held:
             response.close()
@@ -433,7 +434,8 @@ def test_health_models_and_metrics(served):
     _wait_for(lambda: _idle(s), "the slots to free")
     health = s.client.get("/health")
     assert health.status_code == 200
-    assert health.json() == {"status": "ok", "model": MODEL, "queue_length": 0, "slots_in_use": 0, "num_slots": 2}
+    want = {"status": "ok", "model": MODEL, "queue_length": 0, "slots_in_use": 0, "running": 0, "num_slots": 2}
+    assert health.json() == want
     assert [m["id"] for m in s.client.get("/v1/models").json()["data"]] == [MODEL]
 
     before = _metrics(s)
@@ -442,6 +444,7 @@ def test_health_models_and_metrics(served):
     m = _metrics(s)
     stats = s.engine.stats()
     assert m["xlstm_engine_queue_length"] == 0 and m["xlstm_engine_slots_in_use"] == 0
+    assert m["xlstm_engine_running"] == 0
     assert m["xlstm_engine_num_slots"] == NUM_SLOTS
     assert m["xlstm_engine_tokens_generated_total"] == stats["tokens_generated_total"]
     assert m["xlstm_engine_tokens_generated_total"] >= before["xlstm_engine_tokens_generated_total"] + 6

@@ -17,11 +17,11 @@ Endpoints:
         rendered with the chat template into one prompt, the same sampling fields (``max_completion_tokens``
         is taken as ``max_tokens``); OpenAI's ``chat.completion`` object.
     ``GET /v1/models``: the one model served.
-    ``GET /health``: ``{"status": "ok", "model", "queue_length", "slots_in_use", "num_slots"}``; status 503 with
-        ``"status": "error"`` once the engine's loop has failed.
+    ``GET /health``: ``{"status": "ok", "model", "queue_length", "slots_in_use", "running", "num_slots"}``
+        (``running``: requests generating); status 503 with ``"status": "error"`` once the engine's loop has failed.
     ``GET /metrics``: Prometheus text: the engine's gauges (``xlstm_engine_queue_length``,
-        ``xlstm_engine_slots_in_use``, ``xlstm_engine_num_slots``, the prefix cache's entries and bytes), its
-        counters (``xlstm_engine_tokens_generated_total``, ``..._requests_finished_total``,
+        ``xlstm_engine_slots_in_use``, ``xlstm_engine_running``, ``xlstm_engine_num_slots``, the prefix cache's
+        entries and bytes), its counters (``xlstm_engine_tokens_generated_total``, ``..._requests_finished_total``,
         ``..._prefill_tokens_total``, ``..._decode_steps_total``, ``..._prefix_cache_hits_total`` and its misses
         and evictions), its latency histograms (``xlstm_engine_time_to_first_token_seconds``,
         ``xlstm_engine_inter_token_latency_seconds``), and the API's own: ``xlstm_tokens_per_second`` (tokens sent
@@ -276,6 +276,7 @@ class _EngineCollector:
     _GAUGES = {
         "queue_length": "requests waiting for a slot",
         "slots_in_use": "slots held by a request (prefilling or generating)",
+        "running": "requests generating (their slots decode)",
         "num_slots": "decode slots of the engine",
         "prefix_cache_entries": "prompt prefixes whose states the prefix cache holds",
         "prefix_cache_bytes": "bytes held by the prefix cache",
@@ -676,7 +677,7 @@ def create_app(
         stats = engine.stats()
         failed = getattr(engine, "error", None) is not None
         body = {"status": "error" if failed else "ok", "model": model_name}
-        body |= {k: stats[k] for k in ("queue_length", "slots_in_use", "num_slots") if k in stats}
+        body |= {k: stats[k] for k in ("queue_length", "slots_in_use", "running", "num_slots") if k in stats}
         if failed:
             body["error"] = engine_error()
         return JSONResponse(body, status_code=503 if failed else 200)
