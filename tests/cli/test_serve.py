@@ -14,6 +14,7 @@ import threading
 from pathlib import Path
 
 import httpx
+import jax
 import numpy as np
 import pytest
 from tokenizers import Tokenizer
@@ -41,9 +42,11 @@ def model_dir(tmp_path) -> Path:
 
 
 def test_serve_process_answers_until_interrupted():
-    env = dict(os.environ, PYTHONUNBUFFERED="1")
+    """The server on a mesh of 2 CPU devices (the slots split over data) answers as generate on one device."""
+    flags = f"{os.environ.get('XLA_FLAGS', '')} --xla_force_host_platform_device_count=2".strip()
+    env = dict(os.environ, PYTHONUNBUFFERED="1", XLA_FLAGS=flags, JAX_PLATFORMS="cpu")
     args = [sys.executable, "-m", "xlstm_jax", "serve", str(FIXTURE), "--port", "0", "--num-slots", "2"]
-    args += ["--model-name", "tiny", "--log-level", "warning", "--prefill-chunk-tokens", "16"]
+    args += ["--model-name", "tiny", "--log-level", "warning", "--prefill-chunk-tokens", "16", "--mesh", "2,1,1"]
     process = subprocess.Popen(args, cwd=REPO, env=env, stderr=subprocess.PIPE, text=True)
     watchdog = threading.Timer(240, process.kill)  # a hung server fails the test instead of blocking it
     watchdog.start()
@@ -54,6 +57,7 @@ def test_serve_process_answers_until_interrupted():
             if line.startswith("serving "):
                 break
         assert seen and seen[-1].startswith("serving 'tiny' on http://127.0.0.1:"), "".join(seen)
+        assert seen[-1].rstrip().endswith("(2 slots, mesh data=2 x fsdp=1 x tensor=1)"), seen[-1]
         url = seen[-1].split()[3]
         with httpx.Client(base_url=url, timeout=60) as client:
             assert client.get("/health").json()["status"] == "ok"
@@ -83,6 +87,11 @@ def test_bad_arguments_and_files_are_errors_before_the_weights_load(capsys, mode
     assert status == 2 and "--num-slots" in err
     status, err = _run(capsys, str(model_dir), "--prefix-cache-mb", "-1")
     assert status == 2 and "--prefix-cache-mb" in err
+    status, err = _run(capsys, str(model_dir), "--mesh", "1,2")
+    assert status == 2 and "--mesh" in err and "must be data,fsdp,tensor" in err
+    devices = jax.device_count()
+    status, err = _run(capsys, str(model_dir), "--mesh", f"{devices + 1},1,1")
+    assert status == 2 and f"error: --mesh {devices + 1},1,1:" in err and f"the device count is {devices}" in err
     status, err = _run(capsys, str(model_dir), "--chat-template", "{role} only")
     assert status == 2 and "error: --chat-template" in err and "{content}" in err
     status, err = _run(capsys, str(model_dir), "--tokenizer", "bytes")  # 258 byte ids > the model's 99

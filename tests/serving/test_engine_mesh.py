@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import functools
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -19,7 +20,8 @@ import jax
 import numpy as np
 import pytest
 
-from tests.models.fixture import load
+from tests.models.fixture import FIXTURE, load
+from xlstm_jax.cli import main
 from xlstm_jax.generation import generate
 from xlstm_jax.models.xlstm_parallel.sharding import MeshConfig, make_mesh
 from xlstm_jax.serving import Engine, SamplingParams
@@ -137,7 +139,7 @@ def test_concurrent_requests_equal_generate_on_one_device(shape, num_slots, tmp_
 
 
 @needs_8
-def test_mesh_is_checked():
+def test_mesh_is_checked(tmp_path, capsys):
     config, params, runtime = load()
     with pytest.raises(ValueError, match=r"num_slots=6 .*data axis.*data=4, fsdp=2, tensor=1"):
         Engine(config, params, runtime=runtime, num_slots=6, mesh=make_mesh(MeshConfig(data=4, tensor=1)))
@@ -148,3 +150,12 @@ def test_mesh_is_checked():
     other = jax.make_mesh((8,), ("batch",))
     with pytest.raises(ValueError, match="missing"):
         Engine(config, params, runtime=runtime, num_slots=8, mesh=other)
+
+    # xlstm-jax serve checks the same before the weights are read (here they cannot be).
+    model_dir = tmp_path / "model"
+    shutil.copytree(FIXTURE, model_dir)
+    (model_dir / "model.safetensors").write_bytes(b"not safetensors")
+    for mesh, slots, want in (("2,2,2", "3", "num_slots=3 must be"), ("1,2,4", "4", "num_heads=2 must be")):
+        assert main(["serve", str(model_dir), "--port", "0", "--mesh", mesh, "--num-slots", slots]) == 2
+        err = capsys.readouterr().err
+        assert f"error: --mesh {mesh}: " in err and want in err and "safetensors" not in err, err

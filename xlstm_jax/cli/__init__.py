@@ -28,7 +28,16 @@ import sys
 from collections.abc import Callable, Sequence
 from typing import Any
 
-__all__ = ["DEFAULT_SUBCOMMAND", "PROG", "SUBCOMMANDS", "CommandError", "build_parser", "main", "parse_args"]
+__all__ = [
+    "DEFAULT_SUBCOMMAND",
+    "PROG",
+    "SUBCOMMANDS",
+    "CommandError",
+    "build_parser",
+    "main",
+    "mesh_shape",
+    "parse_args",
+]
 
 PROG = "xlstm-jax"
 # Subcommand name -> module. A new subcommand is one module and one line here.
@@ -66,6 +75,21 @@ positive_int = number_type(int, lambda v: v >= 1, "an integer >= 1")
 non_negative_int = number_type(int, lambda v: v >= 0, "an integer >= 0")
 positive_float = number_type(float, lambda v: math.isfinite(v) and v > 0, "a positive number")
 non_negative_float = number_type(float, lambda v: math.isfinite(v) and v >= 0, "a number >= 0")
+
+
+def mesh_shape(text: str) -> dict[str, int]:
+    """An argparse ``type``: ``data,fsdp,tensor``, three positive integers, one of which may be -1 (the remaining
+    devices); returns ``{"data": ..., "fsdp": ..., "tensor": ...}`` (the fields of ``MeshConfig``)."""
+    parts = text.split(",")
+    try:
+        sizes = [int(p) for p in parts]
+    except ValueError:
+        sizes = []
+    if len(parts) != 3 or len(sizes) != 3 or any(s < 1 and s != -1 for s in sizes):
+        raise argparse.ArgumentTypeError(
+            f"must be data,fsdp,tensor: three positive integers (one may be -1: the remaining devices), got {text!r}"
+        )
+    return dict(zip(("data", "fsdp", "tensor"), sizes, strict=True))
 
 
 def prng_seed(text: str) -> int:

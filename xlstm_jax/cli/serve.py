@@ -5,13 +5,16 @@ directory (``config.json``, safetensors weights and, unless ``--tokenizer`` name
 The server answers ``/v1/completions``, ``/v1/chat/completions``, ``/v1/models``, ``/health`` and ``/metrics``
 (see :mod:`xlstm_jax.serving.api`) until Ctrl-C (a graceful shutdown, then exit status 130). Requests share
 the engine's ``--num-slots`` decode slots (see :mod:`xlstm_jax.serving.engine`); the engine's programs are
-compiled before the address is announced.
+compiled before the address is announced. With ``--mesh DATA,FSDP,TENSOR`` the model is served sharded over the
+devices: each device reads its shards of the weights, the slots are split over ``data`` (and ``fsdp`` where it
+divides them too) and the heads over ``tensor`` (``data`` must divide ``--num-slots``, ``tensor`` the heads).
 
 Every argument is checked, the tokenizer and the chat template read and the address bound before the weights
 are loaded: a bad one is reported as ``error: ...`` with exit status 2.
 
 Examples:
     $ xlstm-jax serve path/to/xLSTM-7b --port 8000 --num-slots 16 --prefix-cache-mb 2048
+    $ xlstm-jax serve path/to/xLSTM-7b --num-slots 32 --mesh 4,1,2
     $ curl localhost:8000/v1/completions -d '{"model": "xLSTM-7b", "prompt": "The mLSTM", "max_tokens": 16}'
 """
 
@@ -24,7 +27,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from xlstm_jax.cli import CommandError, non_negative_float, number_type, positive_int
+from xlstm_jax.cli import CommandError, mesh_shape, non_negative_float, number_type, positive_int
 
 __all__ = ["HELP", "add_arguments", "run"]
 
@@ -77,6 +80,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         choices=("float32", "bfloat16", "float16", "float64"),
         default=None,
         help="activation and parameter dtype (default: the checkpoint's; float64 needs JAX_ENABLE_X64=1)",
+    )
+    p.add_argument(
+        "--mesh",
+        type=mesh_shape,
+        metavar="DATA,FSDP,TENSOR",
+        default=None,
+        help="serve the model sharded over a device mesh, e.g. 4,1,2 (-1: the remaining devices; default: one device)",
     )
     p.add_argument("--log-level", choices=LOG_LEVELS, default="info", help="the server's log level (default info)")
 
@@ -141,6 +151,24 @@ def _note_jinja_template(model_dir: Path) -> None:
         )
 
 
+def _mesh(args: argparse.Namespace, config: dict[str, Any]) -> Any:
+    """The device mesh of ``--mesh`` (None without it), checked against the devices, ``--num-slots`` and the
+    config's heads before the weights are read."""
+    if args.mesh is None:
+        return None
+    from xlstm_jax.models.xlstm_parallel.sharding import MeshConfig, make_mesh
+    from xlstm_jax.serving.engine import check_mesh
+
+    try:
+        mesh = make_mesh(MeshConfig(**args.mesh))
+        num_heads = config.get("num_heads")
+        if isinstance(num_heads, int) and not isinstance(num_heads, bool) and num_heads > 0:
+            check_mesh(mesh, args.num_slots, num_heads)
+    except ValueError as e:
+        raise CommandError(f"--mesh {','.join(map(str, args.mesh.values()))}: {e}") from None
+    return mesh
+
+
 def _listen(host: str, port: int) -> socket.socket:
     """A socket bound to ``host:port`` (so that a taken port is reported before the weights load)."""
     try:
@@ -186,12 +214,13 @@ def run(args: argparse.Namespace) -> int:
     model_name = args.model_name or args.model_dir.resolve().name
     if args.chat_template is None:
         _note_jinja_template(args.model_dir)
+    mesh = _mesh(args, config_json)
     sock = _listen(args.host, args.port)
     try:
         overrides = {} if args.dtype is None else {"dtype": args.dtype, "param_dtype": args.dtype}
         runtime = RuntimeConfig()
         try:
-            config, params = load_hf(args.model_dir, scan_blocks=runtime.scan_blocks, **overrides)
+            config, params = load_hf(args.model_dir, scan_blocks=runtime.scan_blocks, mesh=mesh, **overrides)
             engine = Engine(
                 config,
                 params,
@@ -201,6 +230,7 @@ def run(args: argparse.Namespace) -> int:
                 prefill_chunk_tokens=args.prefill_chunk_tokens,
                 max_queue=args.max_queue,
                 prefix_cache_bytes=int(args.prefix_cache_mb * 2**20),
+                mesh=mesh,
             )
         except (OSError, TypeError, ValueError) as e:  # a missing or corrupted file, a setting the engine rejects
             raise CommandError(str(e)) from None
@@ -212,7 +242,8 @@ def run(args: argparse.Namespace) -> int:
         except (TypeError, ValueError, RuntimeError) as e:
             raise CommandError(f"the model cannot run with these settings: {e}") from None
         host, port = sock.getsockname()[:2]
-        sys.stderr.write(f"serving {model_name!r} on http://{host}:{port} ({args.num_slots} slots)\n")
+        layout = "" if mesh is None else ", mesh " + " x ".join(f"{k}={v}" for k, v in mesh.shape.items())
+        sys.stderr.write(f"serving {model_name!r} on http://{host}:{port} ({args.num_slots} slots{layout})\n")
         sys.stderr.flush()
         server = uvicorn.Server(uvicorn.Config(app, log_level=args.log_level, timeout_graceful_shutdown=5))
         with engine:

@@ -27,7 +27,7 @@ import math
 import sys
 from typing import Any
 
-from xlstm_jax.cli import CommandError, non_negative_int, positive_float, positive_int, prng_seed
+from xlstm_jax.cli import CommandError, mesh_shape, non_negative_int, positive_float, positive_int, prng_seed
 
 __all__ = ["HELP", "add_arguments", "config_from_arguments", "run"]
 
@@ -42,20 +42,6 @@ def _float(text: str) -> float:
     if not math.isfinite(value):
         raise argparse.ArgumentTypeError(f"must be a finite number, got {text}")
     return value
-
-
-def _mesh(text: str) -> dict[str, int]:
-    """``data,fsdp,tensor``: three positive integers, one of which may be -1 (the remaining devices)."""
-    parts = text.split(",")
-    try:
-        sizes = [int(p) for p in parts]
-    except ValueError:
-        sizes = []
-    if len(parts) != 3 or len(sizes) != 3 or any(s < 1 and s != -1 for s in sizes):
-        raise argparse.ArgumentTypeError(
-            f"must be data,fsdp,tensor: three positive integers (one may be -1: the remaining devices), got {text!r}"
-        )
-    return dict(zip(("data", "fsdp", "tensor"), sizes, strict=True))
 
 
 def _override(text: str) -> tuple[str, Any]:
@@ -108,7 +94,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     run = p.add_argument_group("run")
     run.add_argument("--steps", type=positive_int, help="the step the run ends at (default 1000)")
     run.add_argument("--accum-steps", type=positive_int, help="micro-batches per step (default 1)")
-    run.add_argument("--mesh", type=_mesh, metavar="DATA,FSDP,TENSOR", help="device mesh (default 1,-1,1)")
+    run.add_argument("--mesh", type=mesh_shape, metavar="DATA,FSDP,TENSOR", help="device mesh (default 1,-1,1)")
     run.add_argument("--seed", type=prng_seed, help="seed of the initialisation and the data order (default 0)")
 
     opt = p.add_argument_group("optimizer")
