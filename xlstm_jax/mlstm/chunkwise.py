@@ -140,8 +140,12 @@ def chunk_sequence(
     state_dtype: Any,
     chunk_size: int,
     segment_ids: jax.Array | None,
+    pad_short: bool = False,
 ) -> ChunkedSequence:
     """Checks a sequence's arguments (as :func:`chunkwise_fw` documents them) and cuts it into chunks.
+
+    A sequence shorter than ``chunk_size`` is one chunk of S steps, or with ``pad_short`` one padded chunk of
+    ``chunk_size`` steps (for kernels with a fixed chunk size).
 
     Padding steps have log f = 0 and are masked out of every sum, so they leave the states unchanged. The breaks
     (resets and document starts; module docstring of :mod:`xlstm_jax.mlstm.parallel`) are found on the whole
@@ -149,7 +153,7 @@ def chunk_sequence(
     """
     dims, i, f = check_sequence_inputs(q, k, v, i, f, names=("q", "k", "v", "i", "f"))
     check_eps(eps)
-    L = min(check_chunk_size(chunk_size), dims.S)
+    L = check_chunk_size(chunk_size) if pad_short else min(check_chunk_size(chunk_size), dims.S)
     segment_ids = check_segment_ids(segment_ids, dims.B, dims.S)
     starts = None if segment_ids is None else document_starts(segment_ids)[:, None, :]  # (B, 1, S)
     (c0, n0, m0), out_dtypes = prepare_states(

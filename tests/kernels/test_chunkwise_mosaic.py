@@ -1,0 +1,140 @@
+"""The chunkwise Mosaic GPU kernel (``chunkwise_mosaic_fw``) against the float64 reference.
+
+On a Hopper GPU the kernel runs compiled; elsewhere it runs in Mosaic GPU's interpreter (where this JAX has one)
+on the same cases, and its CUDA lowering (layouts, swizzles, shared memory) is checked on the CPU. Cases: odd S
+(padding inside), S below one chunk, several chunks, initial states, extreme and closed gates, resets, packed
+documents on and across chunk borders, both column tilings; gradients (the XLA form's backward) through the
+custom_vjp; the errors for what the kernel does not run.
+"""
+
+from __future__ import annotations
+
+import functools
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from tests.kernels import ON_GPU
+from tests.mlstm.form_checks import check_forward, random_inputs
+from xlstm_jax.kernels.chunkwise_mosaic import (
+    CHUNK,
+    chunkwise_mosaic_fw,
+    chunkwise_mosaic_unsupported,
+    mosaic_chunkwise,
+    mosaic_interpret_params,
+)
+from xlstm_jax.kernels.recurrent_step_mosaic import device_supports_mosaic
+from xlstm_jax.mlstm.chunkwise import chunkwise_fw
+
+ON_HOPPER = ON_GPU and device_supports_mosaic()
+INTERPRET = not ON_HOPPER
+runs = pytest.mark.skipif(
+    INTERPRET and mosaic_interpret_params() is None,
+    reason="needs a Hopper GPU or a JAX with Mosaic GPU's interpreter",
+)
+
+
+def kernel(block_dhv: int = 32):
+    return functools.partial(chunkwise_mosaic_fw, block_dhv=block_dhv, interpret=INTERPRET)
+
+
+# (B, NH, S, DHQK, DHV, initial states, forget gates, input gates, block_dhv)
+CASES = [
+    (1, 2, 100, 64, 64, False, "mixed", "wide", 32),  # two chunks, the second padded
+    (2, 1, 150, 64, 128, True, "mixed", "extreme", 64),  # three chunks, initial states, input gates of ±50
+    (1, 1, 37, 128, 64, True, "closed", "wide", 32),  # shorter than one chunk
+    (1, 1, 64, 64, 32, True, "open", "extreme", 32),  # exactly one chunk, long memory
+]
+CASE_IDS = ["two-chunks", "states-extreme", "short", "one-chunk-open"]
+
+
+@runs
+@pytest.mark.parametrize(("B", "NH", "S", "DHQK", "DHV", "states", "fgate", "igate", "block_dhv"), CASES, ids=CASE_IDS)
+def test_matches_reference(B, NH, S, DHQK, DHV, states, fgate, igate, block_dhv):
+    """h and the last states (c from the kernel, n and m from the gate plan) against the float64 recurrence."""
+    x = random_inputs(S + DHV, B, NH, S, DHQK, DHV, states=states, fgate=fgate, igate=igate)
+    check_forward(kernel(block_dhv), x, "bfloat16")
+
+
+@runs
+def test_resets():
+    """Forget gates of -inf empty the state: in a chunk's first step, inside a chunk and in its last step."""
+    x = random_inputs(5, 1, 2, 130, 64, 32, states=True)
+    x["f"][0, 0, [CHUNK, 90, 2 * CHUNK - 1]] = -np.inf
+    x["f"][0, 1, 3] = -np.inf
+    check_forward(kernel(), x, "bfloat16")
+
+
+def _ids(lengths: list[int]) -> list[int]:
+    return [n for n, length in enumerate(lengths) for _ in range(length)]
+
+
+# S = 150, chunks of 64: row 0 has a document of 1 at the start, one ending on the first border, one filling
+# chunk 1 exactly, one of 1 on the second border and one crossing into the padded tail; row 1 has documents
+# crossing borders and two of 1 inside a chunk.
+SEGMENTS = np.array([_ids([1, 63, 64, 1, 21]), _ids([70, 1, 1, 78])])
+
+
+@runs
+@pytest.mark.parametrize("states", [True, False], ids=["states", "zeros"])
+def test_packed_documents(states):
+    """Each document as if run alone (the reference runs them one by one), with a reset inside one of them."""
+    x = random_inputs(11 + states, 2, 2, 150, 64, 32, states=states, igate="extreme")
+    x["f"][1, 1, 100] = -np.inf
+    check_forward(kernel(), x, "bfloat16", segment_ids=SEGMENTS)
+
+
+@runs
+def test_gradients_are_the_xla_forms():
+    """The custom_vjp's backward is the XLA chunkwise form's at the same chunk size: every input's gradient, the
+    initial states' included, equals jax.vjp of that form on the same bf16 inputs, for cotangents on h and on all
+    three last states."""
+    x = random_inputs(3, 1, 1, 80, 64, 32, states=True)
+    names = ("q", "k", "v", "i", "f")
+    args = [jnp.asarray(x[name], jnp.bfloat16) for name in names] + [
+        jnp.asarray(x[name], jnp.float32) for name in ("c0", "n0", "m0")
+    ]
+    ids = jnp.asarray(np.array([_ids([30, 50])]), jnp.int32)
+
+    def outputs(form, *a):
+        h, (c, n, m) = form(*a, return_last_states=True, segment_ids=ids)
+        return h.astype(jnp.float32), c, n, m
+
+    mosaic = functools.partial(outputs, kernel())
+    xla = functools.partial(outputs, functools.partial(chunkwise_fw, chunk_size=CHUNK))
+    rng = np.random.default_rng(0)
+    outs = mosaic(*args)
+    cotangents = tuple(jnp.asarray(rng.standard_normal(o.shape), jnp.float32) for o in outs)
+    grads = jax.jit(lambda *a: jax.vjp(mosaic, *a)[1](cotangents))(*args)
+    expected = jax.jit(lambda *a: jax.vjp(xla, *a)[1](cotangents))(*args)
+    for name, g, e in zip((*names, "c0", "n0", "m0"), grads, expected, strict=True):
+        np.testing.assert_array_equal(np.asarray(g, np.float32), np.asarray(e, np.float32), err_msg=name)
+
+
+def test_unsupported_calls_raise():
+    x = random_inputs(0, 1, 1, 8, 64, 32)
+    args = [jnp.asarray(x[name], jnp.bfloat16) for name in ("q", "k", "v", "i", "f")]
+    with pytest.raises(ValueError, match="inputs must be bfloat16 or float16"):
+        chunkwise_mosaic_fw(*(a.astype(jnp.float32) for a in args))
+    with pytest.raises(ValueError, match="block_dhv=48 must be 32 or 64 and divide DHV=32"):
+        chunkwise_mosaic_fw(*args, block_dhv=48)
+    assert chunkwise_mosaic_unsupported(96, 64, jnp.bfloat16, 32) == "DHQK=96 must be a multiple of 64"
+    assert chunkwise_mosaic_unsupported(256, 512, jnp.bfloat16, 64) is None
+    with pytest.raises(ValueError, match=r"k.shape=\(1, 1, 8, 64\) must be"):  # the shared checks come first
+        chunkwise_mosaic_fw(args[0][..., :32], *args[1:])
+
+
+@pytest.mark.parametrize("block_dhv", [32, 64])
+def test_lowers_for_cuda(block_dhv):
+    """Tracing and Mosaic GPU lowering at the xLSTM-7B head shape (DHQK=256; the layouts, the operands' shared
+    swizzle, the shared-memory budget) succeed on any machine."""
+    BH, S, DHQK, DHV, f32, A = 2, 2 * CHUNK, 256, 128, jnp.float32, jax.ShapeDtypeStruct
+    avals = (
+        A((BH, S, DHQK), jnp.bfloat16), A((BH, S, DHQK), jnp.bfloat16), A((BH, S, DHV), jnp.bfloat16),
+        A((BH, S // CHUNK * 8, CHUNK), f32), A((BH, S // CHUNK), f32), A((BH, DHQK, DHV), f32),
+    )  # fmt: skip
+    step = functools.partial(mosaic_chunkwise, eps=1e-6, block_dhv=block_dhv)
+    text = jax.jit(step).trace(*avals).lower(lowering_platforms=("cuda",)).as_text()
+    assert "mosaic_gpu" in text

@@ -1,0 +1,404 @@
+"""The chunkwise mLSTM forward as a Mosaic GPU kernel for Hopper: chunk tiles on chip, products on the WGMMA units.
+
+The same function as :func:`xlstm_jax.mlstm.chunkwise.chunkwise_fw` (initial states in, last states out, the
+``eps`` term, forget-gate resets and ``segment_ids`` document starts), split in two:
+
+1. The gate plan (XLA, :func:`chunk_plan`): everything that depends only on the gates and the normaliser state,
+   O(S) per head. The running max ``m_t`` of every step, the border states n and m (a scan over chunks of
+   :func:`~xlstm_jax.mlstm.parallel.combine_states` without c), and per step the factors the kernel needs: the
+   row and column halves of the in-chunk gate matrix's log, the break counts that mask it, the weight of the
+   border state, ``q̂·n`` of the border normaliser, the lower bound ``exp(-m_t)``, and each step's weight in the
+   state at its chunk's end; per chunk, the border state's decay.
+2. The kernel (:func:`mosaic_chunkwise`): one program (a CUDA block of one warpgroup) per head and block of
+   ``block_dhv`` columns of c. It walks the head's chunks in order in a TMA pipeline (the next chunks' q, k, v
+   tiles load while the current one computes), holding its (DHQK, block_dhv) slice of c in registers, in
+   float32, from the initial state to the last state. Per chunk of L = 64 steps::
+
+       P = (q kᵀ) ⊙ D · DHQK^-1/2                      # WGMMA, (L, L); D from the plan, masked causally
+       h = (w ⊙ q C + P v) / (max(|rowsum P + q̂n|, exp(-m)) + eps)   # two WGMMAs, (L, block_dhv)
+       C = decay · C + kᵀ (g ⊙ v)                      # WGMMA, (DHQK, block_dhv)
+
+   with C rounded to the inputs' dtype only where it enters ``q C`` (as in the XLA form). Every program of a
+   head computes the same (L, L) scores: the price of keeping c on chip with no state written per chunk.
+
+Limits. Hopper (TMA and WGMMA, compute capability 9.0). bf16 or f16 inputs (the WGMMA operand dtypes; float32
+inputs would run as TF32 and are left to the XLA form); DHQK a multiple of 64, DHV a multiple of
+``block_dhv`` (32 or 64). Non-finite values in k or v make h non-finite in their whole chunk (the XLA form keeps
+the steps before them finite). :func:`chunkwise_mosaic_unsupported` says why a call cannot run.
+
+Gradients: a ``custom_vjp`` whose backward pass is that of the XLA form (recomputed from the inputs).
+
+Interpret mode. ``interpret=True`` runs the kernel in Mosaic GPU's interpreter on any backend (slow; for tests
+on a CPU) where the JAX version has one (:func:`mosaic_interpret_params`).
+"""
+
+from __future__ import annotations
+
+import functools
+import math
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+from jax import lax
+from jax.experimental import pallas as pl
+from jax.experimental.pallas import mosaic_gpu as plgpu
+
+from xlstm_jax.kernels.recurrent_step_mosaic import load_ref
+from xlstm_jax.mlstm.chunkwise import ChunkedSequence, border_states, chunk_sequence, chunkwise_fw
+from xlstm_jax.mlstm.parallel import block_log_decay, block_log_weights, block_summary
+from xlstm_jax.mlstm.states import cast_states
+
+__all__ = [
+    "CHUNK",
+    "chunk_plan",
+    "chunkwise_mosaic_fw",
+    "chunkwise_mosaic_unsupported",
+    "mosaic_chunkwise",
+    "mosaic_interpret_params",
+]
+
+CHUNK = 64  # steps per chunk: the M of the WGMMA tiles of the scores and of h
+_ROWS = 64  # the WGMMA layout tiles rows in groups of 64
+_PLAN_ROWS = 8  # vectors per chunk in the plan (rows of a (8, L) float32 block; the last is unused)
+_ROW, _COL, _BREAKS, _INTER, _QN, _LOWER, _GAIN = range(7)  # the plan's rows
+
+
+def mosaic_interpret_params() -> Any:
+    """Parameters that run a Mosaic GPU kernel in JAX's interpreter, or None where this JAX lacks one."""
+    try:
+        from jax._src.pallas.mosaic_gpu.interpret.params import InterpretGPUParams
+    except ImportError:
+        return None
+    return InterpretGPUParams()
+
+
+def chunkwise_mosaic_unsupported(DHQK: int, DHV: int, dtype: Any, block_dhv: int) -> str | None:
+    """Why the kernel cannot run this head shape, dtype and tiling, or None if it can (no device check)."""
+    if jnp.dtype(dtype) not in (jnp.dtype(jnp.bfloat16), jnp.dtype(jnp.float16)):
+        return f"inputs must be bfloat16 or float16 (the WGMMA operand dtypes), got {jnp.dtype(dtype)}"
+    if DHQK % _ROWS:
+        return f"DHQK={DHQK} must be a multiple of {_ROWS}"
+    if block_dhv not in (32, 64) or DHV % block_dhv:
+        return f"block_dhv={block_dhv} must be 32 or 64 and divide DHV={DHV}"
+    return None
+
+
+def _swizzled(swizzle: int, itemsize: int) -> tuple[Any, Any]:
+    """Shared-memory transforms of a tile swizzled in groups of ``swizzle`` bytes (8-row tiles that wide)."""
+    return plgpu.TilingTransform((8, swizzle // itemsize)), plgpu.SwizzleTransform(swizzle)
+
+
+def _load(ref: Any, layout: Any, interpret: bool) -> jax.Array:
+    """``ref`` into registers in ``layout`` (the interpreter has no layouts, nor ``plgpu.load``)."""
+    return ref[...] if interpret else load_ref(ref, layout, optimized=False)
+
+
+def _product(a: Any, b: Any, shape: tuple[int, int]) -> jax.Array:
+    """``a @ b`` of two shared-memory operands on the WGMMA units, float32 accumulation, into registers."""
+
+    def run(acc):
+        plgpu.wgmma(acc, a, b)
+        plgpu.wgmma_wait(0)
+        return acc[...]
+
+    return pl.run_scoped(run, plgpu.ACC(shape, jnp.float32))
+
+
+def _chunk_body(
+    q_ref,  # (BH, S, DHQK) GMEM, S a multiple of L
+    k_ref,  # (BH, S, DHQK)
+    v_ref,  # (BH, S, DHV)
+    plan_ref,  # (BH, NC * 8, L) float32: chunk_plan's vectors
+    decay_ref,  # (BH, NC) float32: each chunk's decay of the border state
+    c0_ref,  # (BH, DHQK, DHV) float32
+    h_ref,  # (BH, S, DHV) out, in q's dtype
+    c_ref,  # (BH, DHQK, DHV) out, float32
+    *,
+    eps: float,
+    block_dhv: int,
+    depth: int,
+    interpret: bool,
+):
+    f32, dtype = jnp.float32, q_ref.dtype
+    _, S, DHQK = q_ref.shape
+    L, NV, NC = CHUNK, block_dhv, S // CHUNK
+    scale = 1.0 / math.sqrt(DHQK)
+    tile = plgpu.Layout.WGMMA
+    row_layout, col_layout = tile.reduce(1), tile.reduce(0)
+    bh, vb = lax.axis_index("bh"), lax.axis_index("vb")
+    itemsize = jnp.dtype(dtype).itemsize
+    columns = pl.ds(vb * NV, NV)
+
+    def load(ref, layout):
+        return _load(ref, layout, interpret)
+
+    def iota(dimension):  # (L, L) step indices along ``dimension``, in the scores' layout
+        if interpret:
+            return lax.broadcasted_iota(jnp.int32, (L, L), dimension)
+        return plgpu.broadcasted_iota(jnp.int32, (L, L), dimension, layout=tile)
+
+    # One swizzle for every product operand (WGMMA needs the two operands' swizzles equal): the widest that a
+    # row of block_dhv columns allows.
+    swizzle = min(128, NV * itemsize)
+    operand = _swizzled(swizzle, itemsize)
+
+    def body(q_bufs, k_bufs, v_bufs, plan_bufs, h_smem, c16_smem, p_smem, gv_smem, loaded, *kt):
+        def issue(j, slot):
+            """Starts the TMA copies of chunk j's tiles into buffer ``slot``."""
+            steps = pl.ds(j * L, L)
+            plgpu.copy_gmem_to_smem(q_ref.at[bh, steps], q_bufs.at[slot], loaded.at[slot])
+            plgpu.copy_gmem_to_smem(k_ref.at[bh, steps], k_bufs.at[slot], loaded.at[depth + slot])
+            plgpu.copy_gmem_to_smem(v_ref.at[bh, steps, columns], v_bufs.at[slot], loaded.at[2 * depth + slot])
+            plan_rows = pl.ds(j * _PLAN_ROWS, _PLAN_ROWS)
+            plgpu.copy_gmem_to_smem(plan_ref.at[bh, plan_rows], plan_bufs.at[slot], loaded.at[3 * depth + slot])
+
+        for j in range(min(depth, NC)):
+            issue(j, j)
+        c16_smem[...] = c_init.astype(dtype)
+        plgpu.commit_smem()
+
+        def chunk(j, c):
+            slot = lax.rem(j, depth)
+            for operand in range(4):
+                plgpu.barrier_wait(loaded.at[operand * depth + slot])
+            q_smem, k_smem, v_smem, plan_smem = q_bufs.at[slot], k_bufs.at[slot], v_bufs.at[slot], plan_bufs.at[slot]
+            if interpret:  # the interpreter has no transposed WGMMA operands: transpose through shared memory
+                kt[0][...] = k_smem[...].T
+                k_t = kt[0]
+            else:
+                k_t = plgpu.transpose_ref(k_smem, (1, 0))  # (DHQK, L)
+            scores = _product(q_smem, k_t, (L, L))
+            row = load(plan_smem.at[_ROW], row_layout)
+            col = load(plan_smem.at[_COL], col_layout)
+            breaks_t = load(plan_smem.at[_BREAKS], row_layout)
+            breaks_s = load(plan_smem.at[_BREAKS], col_layout)
+            t_ids, s_ids = iota(0), iota(1)
+            same = lax.broadcast_in_dim(breaks_t, (L, L), (0,)) == lax.broadcast_in_dim(breaks_s, (L, L), (1,))
+            log_d = lax.broadcast_in_dim(row, (L, L), (0,)) + lax.broadcast_in_dim(col, (L, L), (1,))
+            d = jnp.where((s_ids <= t_ids) & same, jnp.exp(log_d), 0.0)
+            p = scores * d * scale
+            p_smem[...] = p.astype(dtype)
+            plgpu.commit_smem()
+            inter = _product(q_smem, c16_smem, (L, NV))
+            intra = _product(p_smem, v_smem, (L, NV))
+            w = load(plan_smem.at[_INTER], row_layout)
+            qn = jnp.sum(p, axis=1) + load(plan_smem.at[_QN], row_layout)
+            den = jnp.maximum(jnp.abs(qn), load(plan_smem.at[_LOWER], row_layout)) + eps
+            num = lax.broadcast_in_dim(w, (L, NV), (0,)) * inter + intra
+            h = (num / lax.broadcast_in_dim(den, (L, NV), (0,))).astype(h_smem.dtype)
+            plgpu.wait_smem_to_gmem(0, wait_read_only=True)  # the previous chunk's h has left h_smem
+            h_smem[...] = h
+            plgpu.commit_smem()
+            plgpu.copy_smem_to_gmem(h_smem, h_ref.at[bh, pl.ds(j * L, L), columns])
+
+            gain = load(plan_smem.at[_GAIN], row_layout)
+            gv = load(v_smem, tile).astype(f32) * lax.broadcast_in_dim(gain, (L, NV), (0,))
+            gv_smem[...] = gv.astype(dtype)
+            plgpu.commit_smem()
+            c = decay_ref[bh, j] * c + _product(k_t, gv_smem, (DHQK, NV))
+            c16_smem[...] = c.astype(dtype)
+            plgpu.commit_smem()
+
+            @pl.when(j + depth < NC)
+            def _():
+                issue(j + depth, slot)  # every product reading this slot has completed
+
+            return c
+
+        c_last = lax.fori_loop(0, NC, chunk, c_init)
+        plgpu.wait_smem_to_gmem(0)
+        return c_last
+
+    # c in and out through a float32 buffer of its own scope, so that its shared memory is reused by the loop's.
+    c32 = plgpu.SMEM((DHQK, NV), f32, transforms=_swizzled(min(128, NV * 4), 4))
+
+    def load_c0(c32_smem, c_loaded):
+        plgpu.copy_gmem_to_smem(c0_ref.at[bh, :, columns], c32_smem, c_loaded)
+        plgpu.barrier_wait(c_loaded)
+        return load(c32_smem, tile)
+
+    def store_c(c32_smem):
+        c32_smem[...] = c_last
+        plgpu.commit_smem()
+        plgpu.copy_smem_to_gmem(c32_smem, c_ref.at[bh, :, columns])
+        plgpu.wait_smem_to_gmem(0)
+
+    c_init = pl.run_scoped(load_c0, c32, plgpu.Barrier(num_arrivals=1), collective_axes="wg")
+    c_last = pl.run_scoped(
+        body,
+        plgpu.SMEM((depth, L, DHQK), dtype, transforms=operand),
+        plgpu.SMEM((depth, L, DHQK), dtype, transforms=operand),
+        plgpu.SMEM((depth, L, NV), dtype, transforms=operand),
+        plgpu.SMEM((depth, _PLAN_ROWS, L), f32),
+        plgpu.SMEM((L, NV), h_ref.dtype, transforms=operand),
+        plgpu.SMEM((DHQK, NV), dtype, transforms=operand),
+        plgpu.SMEM((L, L), dtype, transforms=operand),
+        plgpu.SMEM((L, NV), dtype, transforms=operand),
+        plgpu.Barrier(num_arrivals=1, num_barriers=4 * depth),
+        *([plgpu.SMEM((DHQK, L), dtype)] if interpret else []),
+        collective_axes="wg",
+    )
+    pl.run_scoped(store_c, c32, collective_axes="wg")
+
+
+@functools.partial(jax.jit, static_argnames=("eps", "block_dhv", "depth", "interpret"))
+def mosaic_chunkwise(
+    q: jax.Array,  # (BH, S, DHQK), S a multiple of CHUNK
+    k: jax.Array,  # (BH, S, DHQK)
+    v: jax.Array,  # (BH, S, DHV)
+    plan: jax.Array,  # (BH, NC * 8, CHUNK) float32
+    decay: jax.Array,  # (BH, NC) float32
+    c0: jax.Array,  # (BH, DHQK, DHV) float32
+    *,
+    eps: float,
+    block_dhv: int = 32,
+    depth: int = 2,
+    interpret: bool = False,
+) -> tuple[jax.Array, jax.Array]:
+    """The kernel on ``BH`` flattened heads, from :func:`chunk_plan`'s plan; the caller checks shapes.
+
+    Returns:
+        ``(h (BH, S, DHV) in q's dtype, c after the last chunk (BH, DHQK, DHV) float32)``.
+    """
+    BH, S, DHQK = q.shape
+    DHV = v.shape[-1]
+    reason = chunkwise_mosaic_unsupported(DHQK, DHV, q.dtype, block_dhv)
+    if reason is not None:
+        raise ValueError(f"the Mosaic GPU chunkwise kernel cannot run this shape: {reason}")
+    params = None
+    if interpret:
+        params = mosaic_interpret_params()
+        if params is None:
+            raise ValueError("interpret=True needs a JAX with Mosaic GPU's interpreter (jax 0.10 or newer)")
+    body = functools.partial(_chunk_body, eps=eps, block_dhv=block_dhv, depth=depth, interpret=interpret)
+    kernel = pl.kernel(
+        body,
+        out_type=(jax.ShapeDtypeStruct((BH, S, DHV), q.dtype), jax.ShapeDtypeStruct((BH, DHQK, DHV), jnp.float32)),
+        mesh=plgpu.Mesh(grid=(BH, DHV // block_dhv), grid_names=("bh", "vb"), num_threads=1, thread_name="wg"),
+        name="mlstm_chunkwise_mosaic",
+        **({"interpret": params} if interpret else {}),
+    )
+    return kernel(q, k, v, plan, decay, c0)
+
+
+def chunk_plan(x: ChunkedSequence) -> tuple[jax.Array, jax.Array, tuple[jax.Array, jax.Array]]:
+    """The gate plan of a chunked sequence (module docstring): everything but the products with q, k and v.
+
+    Returns:
+        ``(plan (B, NH, NC, 8, L), decay (B, NH, NC), (n, m) after the last chunk)``, float32 (the accumulation
+        dtype); the plan's rows are, per step t and chunk: ``F_t - m_t``, ``i_t - F_t`` (-inf at padding), the
+        break count, ``DHQK^-1/2 exp(F_t + m_border - m_t)`` (0 after a break), ``q̂_t·n_border`` times that,
+        ``exp(-m_t)``, the step's weight in the state at the chunk's end, and zeros.
+    """
+    F, R, i, valid = x.F, x.R, x.i, x.valid
+    acc = F.dtype
+    c0, n0, m0 = x.states
+    F_L, R_L = F[..., -1], R[..., -1]
+    _, nbar, ml = block_summary(x.k, None, F, F_L, i, x.operand_dtype, valid, R, R_L, x.log_start)
+    log_decay = block_log_decay(F_L, R_L)
+    (_, n_last, m_last), (_, n_b, m_b) = border_states(log_decay, None, nbar, ml, None, n0, m0, x.operand_dtype)
+    n_b, m_b = n_b.astype(acc), m_b.astype(acc)
+    _, log_w, m = block_log_weights(F, i, m_b, valid, R, x.log_start)  # (B, NH, NC, L)
+    m_end = jnp.concatenate([m_b[..., 1:], m_last.astype(acc)[..., None]], axis=-1)  # (B, NH, NC)
+
+    def weight(log_x, log_max):  # exp(log_x - log_max), 0 where there is nothing to weigh (max -inf)
+        return jnp.where(jnp.isfinite(log_max), jnp.exp(log_x - log_max), 0.0)
+
+    scale = 1.0 / math.sqrt(x.q.shape[-1])
+    row = jnp.where(jnp.isfinite(m), F - m, -jnp.inf)
+    col = i - F if valid is None else jnp.where(valid, i - F, -jnp.inf)
+    inter = scale * weight(log_w, m)
+    q_n = jnp.einsum("...ld,...d->...l", x.q.astype(acc), n_b, precision=lax.Precision.HIGHEST)
+    a = F_L[..., None] - F + i  # each step's log weight at its chunk's end
+    a = jnp.where(R_L[..., None] == R, a, -jnp.inf)
+    if valid is not None:
+        a = jnp.where(valid, a, -jnp.inf)
+    gain = weight(a, m_end[..., None])
+    plan = jnp.stack([row, col, R, inter, inter * q_n, jnp.exp(-m), gain, jnp.zeros_like(F)], axis=-2)
+    decay = weight(log_decay + m_b, m_end)
+    return plan, decay, (n_last, m_last)
+
+
+def _forward(x: ChunkedSequence, eps: float, block_dhv: int, depth: int, interpret: bool):
+    """h (B, NH, S, DHV) and the last states (c, n, m) in the accumulation dtype."""
+    B, NH, S, DHQK, DHV = x.dims
+    NC, L = x.NC, x.L
+    plan, decay, (n_last, m_last) = chunk_plan(x)
+    c0 = x.states[0].astype(jnp.float32).reshape(B * NH, DHQK, DHV)
+    h, c_last = mosaic_chunkwise(
+        x.q.reshape(B * NH, NC * L, DHQK),
+        x.k.reshape(B * NH, NC * L, DHQK),
+        x.v.reshape(B * NH, NC * L, DHV),
+        plan.reshape(B * NH, NC * _PLAN_ROWS, L),
+        decay.reshape(B * NH, NC),
+        c0,
+        eps=eps,
+        block_dhv=block_dhv,
+        depth=depth,
+        interpret=interpret,
+    )
+    h = h.reshape(B, NH, NC * L, DHV)[:, :, :S]
+    return h, (c_last.reshape(B, NH, DHQK, DHV), n_last, m_last)
+
+
+def chunkwise_mosaic_fw(
+    q: jax.Array,  # (B, NH, S, DHQK)
+    k: jax.Array,  # (B, NH, S, DHQK)
+    v: jax.Array,  # (B, NH, S, DHV)
+    i: jax.Array,  # (B, NH, S) or (B, NH, S, 1)
+    f: jax.Array,  # (B, NH, S) or (B, NH, S, 1)
+    c_initial: jax.Array | None = None,  # (B, NH, DHQK, DHV)
+    n_initial: jax.Array | None = None,  # (B, NH, DHQK)
+    m_initial: jax.Array | None = None,  # (B, NH)
+    return_last_states: bool = False,
+    eps: float = 1e-6,
+    state_dtype: Any = None,
+    *,
+    segment_ids: jax.Array | None = None,  # (B, S) int
+    block_dhv: int = 32,
+    depth: int = 2,
+    interpret: bool = False,
+) -> jax.Array | tuple[jax.Array, tuple[jax.Array, jax.Array, jax.Array]]:
+    """The mLSTM on a whole sequence, chunkwise, with the products in a Mosaic GPU kernel (module docstring).
+
+    Arguments, results and errors as :func:`xlstm_jax.mlstm.chunkwise.chunkwise_fw` (the chunk size is fixed at
+    :data:`CHUNK`); differentiable (the backward pass is the XLA form's).
+
+    Args:
+        block_dhv: Columns of c per program, 32 or 64: more columns recompute the (L, L) scores fewer times,
+            fewer hold less of c in registers.
+        depth: Chunks in flight in the TMA pipeline.
+        interpret: Run in Mosaic GPU's interpreter (any backend; slow).
+
+    Raises:
+        ValueError: as chunkwise_fw, and where the kernel cannot run (:func:`chunkwise_mosaic_unsupported`).
+    """
+    x = chunk_sequence(q, k, v, i, f, c_initial, n_initial, m_initial, eps, state_dtype, CHUNK, segment_ids, True)
+    _, _, _, DHQK, DHV = x.dims
+    reason = chunkwise_mosaic_unsupported(DHQK, DHV, jnp.result_type(q, k, v), block_dhv)
+    if reason is not None:
+        raise ValueError(f"chunkwise_mosaic_fw cannot run this call: {reason}")
+    states_given = c_initial is not None
+
+    @jax.custom_vjp
+    def run(q, k, v, i, f, states):
+        c0, n0, m0 = states if states_given else (None, None, None)
+        x = chunk_sequence(q, k, v, i, f, c0, n0, m0, eps, state_dtype, CHUNK, segment_ids, True)
+        h, last = _forward(x, eps, block_dhv, depth, interpret)
+        return h.astype(q.dtype), cast_states(last, x.out_dtypes)
+
+    def run_fwd(q, k, v, i, f, states):
+        return run(q, k, v, i, f, states), (q, k, v, i, f, states)
+
+    def run_bwd(residuals, cotangents):
+        def xla(q, k, v, i, f, states):
+            c0, n0, m0 = states if states_given else (None, None, None)
+            return chunkwise_fw(q, k, v, i, f, c0, n0, m0, True, eps, state_dtype, CHUNK, segment_ids=segment_ids)
+
+        return jax.vjp(xla, *residuals)[1](cotangents)
+
+    run.defvjp(run_fwd, run_bwd)
+    states = (c_initial, n_initial, m_initial) if states_given else None
+    h, last = run(q, k, v, i, f, states)
+    return (h, last) if return_last_states else h
