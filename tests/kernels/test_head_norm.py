@@ -1,5 +1,9 @@
 """The mLSTM read-out kernel (``head_norm_gate_pallas``: per-head LayerNorm and output gate after a decode step)
-against float64 from the equations; interpret mode on the CPU, compiled on a GPU."""
+against float64 from the equations; interpret mode on the CPU, compiled on a GPU.
+
+Both kernels: the Triton kernel (Pallas interpret mode on the CPU, compiled on any GPU) and the Mosaic GPU kernel
+(``backend="mosaic"``: Mosaic GPU interpret mode on the CPU where JAX has it, compiled on a Hopper GPU; on the
+CPU it is also lowered for CUDA)."""
 
 from __future__ import annotations
 
@@ -11,8 +15,10 @@ import numpy as np
 import pytest
 
 from tests.kernels import INTERPRET, ON_GPU
+from tests.kernels.test_add_rms_norm import MOSAIC, MOSAIC_RUNS, ON_HOPPER, _kernels, needs_mosaic
 from tests.numerics import TOL, assert_close
 from xlstm_jax.kernels import head_norm_gate_pallas
+from xlstm_jax.kernels.head_norm_mosaic import mosaic_head_norm
 
 NORM_EPS, EPS = 1e-6, 1e-6
 
@@ -29,10 +35,10 @@ def read_out_ref(h, o, weight, norm_eps=NORM_EPS):
     return y.reshape(B, NH * DHV) * weight / (1 + np.exp(-o))
 
 
-def _inputs(rng, B, NH, DHV, dtype, extra_before=0):
+def _inputs(rng, B, NH, DHV, dtype, extra_before=0, extra_after=3):
     """h (B·NH, DHV), the fused array holding o after ``extra_before`` columns (B, W), weight (NH·DHV,)."""
     h = jnp.asarray(3 * rng.standard_normal((B * NH, DHV)), dtype)
-    o = jnp.asarray(2 * rng.standard_normal((B, extra_before + NH * DHV + 3)), dtype)
+    o = jnp.asarray(2 * rng.standard_normal((B, extra_before + NH * DHV + extra_after)), dtype)
     weight = jnp.asarray(1 + 0.3 * rng.standard_normal(NH * DHV), dtype)
     return h, o, weight
 
@@ -45,9 +51,30 @@ def _tol(dtype):
 @pytest.mark.parametrize(("B", "NH", "DHV", "extra_before"), [(1, 1, 16, 0), (3, 2, 32, 64), (2, 3, 16, 40)])
 def test_read_out_matches_float64(B, NH, DHV, extra_before, dtype):
     """From h itself; o read in place at a column offset that is a multiple of DHV (64) or sliced out (40)."""
+    assert_read_out_matches_float64(B, NH, DHV, extra_before, 3, dtype, "triton")
+
+
+@needs_mosaic
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+@pytest.mark.parametrize(
+    ("B", "NH", "DHV", "extra_before", "extra_after"),
+    [(1, 1, 128, 0, 0), (3, 2, 256, 256, 8), (2, 3, 384, 40, 3), (1, 2, 512, 0, 3)],
+    ids=["one-head", "in-place", "sliced-offset", "sliced-odd-rows"],
+)
+def test_mosaic_read_out_matches_float64(B, NH, DHV, extra_before, extra_after, dtype):
+    """The Mosaic kernel from h itself: o read in place (rows of W a multiple of 8 columns, the offset a multiple
+    of DHV) or sliced out first (an offset of 40 columns; rows of an odd length); one chunk, two, three of 128."""
+    assert_read_out_matches_float64(B, NH, DHV, extra_before, extra_after, dtype, "mosaic")
+
+
+def assert_read_out_matches_float64(B, NH, DHV, extra_before, extra_after, dtype, backend):
     rng = np.random.default_rng(B * 100 + DHV)
-    h, o, weight = _inputs(rng, B, NH, DHV, jnp.dtype(dtype), extra_before)
-    fn = functools.partial(head_norm_gate_pallas, num_heads=NH, o_offset=extra_before, interpret=INTERPRET)
+    h, o, weight = _inputs(rng, B, NH, DHV, jnp.dtype(dtype), extra_before, extra_after)
+    kw = {"num_heads": NH, "o_offset": extra_before, "interpret": INTERPRET, "backend": backend}
+    fn = functools.partial(head_norm_gate_pallas, **kw)
+    if backend == "mosaic":  # o read in place (no slicing before the kernel) where the rows stay 16-byte aligned
+        in_place = extra_before % DHV == 0 and o.shape[1] % 8 == 0
+        assert ("slice[" in str(jax.make_jaxpr(fn)(h, o, weight))) != in_place
     y = jax.jit(fn)(h, o, weight)
     assert y.shape == (B, NH * DHV) and y.dtype == jnp.dtype(dtype)
     o_cols = f64(o)[:, extra_before : extra_before + NH * DHV]
@@ -60,7 +87,18 @@ def test_read_out_matches_float64(B, NH, DHV, extra_before, dtype):
 def test_read_out_from_partial_sums_writes_the_states(dtype, layer):
     """From the step's partial sums over P=4 DHQK splits, combined with m' (extreme values included), and the
     step's n', m' written into slice ``layer`` of stacks of L=3 layers; the other layers unchanged."""
-    B, NH, DHQK, DHV, P, L = 2, 3, 32, 16, 4, 3
+    assert_partial_sums_and_states(dtype, layer, 32, 16, "triton")
+
+
+@needs_mosaic
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+@pytest.mark.parametrize("layer", [0, 2])
+def test_mosaic_read_out_from_partial_sums_writes_the_states(dtype, layer):
+    assert_partial_sums_and_states(dtype, layer, 128, 256, "mosaic")
+
+
+def assert_partial_sums_and_states(dtype, layer, DHQK, DHV, backend):
+    B, NH, P, L = 2, 3, 4, 3
     BH = B * NH
     rng = np.random.default_rng(layer)
     num = jnp.asarray(rng.standard_normal((BH, P, DHV)), jnp.float32)
@@ -70,7 +108,7 @@ def test_read_out_from_partial_sums_writes_the_states(dtype, layer):
     n_stack = jnp.asarray(rng.standard_normal((L, BH, DHQK)), jnp.float32)
     m_stack = jnp.asarray(rng.standard_normal((L, BH)), jnp.float32)
     _, o, weight = _inputs(rng, B, NH, DHV, jnp.dtype(dtype))
-    kw = {"num_heads": NH, "m": m, "eps": EPS, "interpret": INTERPRET}
+    kw = {"num_heads": NH, "m": m, "eps": EPS, "interpret": INTERPRET, "backend": backend}
     fn = jax.jit(
         lambda num, qn, o, w, n_new, ns, ms: head_norm_gate_pallas(
             (num, qn), o, w, states=(n_new, ns, ms, layer), **kw
@@ -127,6 +165,71 @@ def test_read_out_rejects_bad_input():
         head_norm_gate_pallas(h, o, weight, m=jnp.ones(4), states=states, **kw)
     with pytest.raises(TypeError, match="interpret must be a bool"):
         head_norm_gate_pallas(h, o, weight, num_heads=2, interpret=None)
+
+
+@pytest.mark.parametrize("states", [False, True], ids=["h", "partial-sums-and-states"])
+def test_mosaic_read_out_lowers_for_cuda_with_stacks_in_place(states):
+    """Tracing and Mosaic GPU lowering succeed on any machine; with states the stacks n and m (the last two
+    arguments) are aliased to the outputs n and m: donated, they are updated in place."""
+    B, NH, DHQK, DHV, P, L = 2, 3, 128, 512, 4, 3
+    BH, f32, bf16, S = B * NH, jnp.float32, jnp.bfloat16, jax.ShapeDtypeStruct
+    if states:
+        avals = (S((BH, P, DHV), f32), S((BH, P), f32), S((BH,), f32), S((BH, DHQK), f32))
+        avals += (S((B, 2 * NH * DHV), bf16), S((NH * DHV,), bf16), S((L, BH, DHQK), f32), S((L, BH), f32))
+
+        def fn(num, qn, m, n_new, o, weight, n, m_stack):
+            kw = {"NH": NH, "o_offset": NH * DHV, "eps": EPS, "norm_eps": NORM_EPS, "interpret": False}
+            return mosaic_head_norm(num, qn, m, (n_new, n, m_stack, 1), o, weight, **kw)
+
+        donate = (6, 7)
+    else:
+        avals = (S((BH, DHV), f32), S((B, NH * DHV), f32), S((NH * DHV,), f32))
+
+        def fn(h, o, weight):
+            kw = {"NH": NH, "o_offset": 0, "eps": EPS, "norm_eps": NORM_EPS, "interpret": False}
+            return mosaic_head_norm(h, None, None, None, o, weight, **kw)
+
+        donate = ()
+    text = jax.jit(fn, donate_argnums=donate).trace(*avals).lower(lowering_platforms=("cuda",)).as_text()
+    assert "mosaic_gpu" in text and "triton" not in text
+    aliased = [line for line in text.splitlines() if "func.func public @main" in line][0]
+    assert (f"%arg6: tensor<{L}x{BH}x{DHQK}xf32> {{tf.aliasing_output = 1 : i32}}" in aliased) == states
+    assert (f"%arg7: tensor<{L}x{BH}xf32> {{tf.aliasing_output = 2 : i32}}" in aliased) == states
+    assert states or "tf.aliasing_output" not in aliased
+
+
+@pytest.mark.parametrize("backend", ["triton", MOSAIC])
+def test_read_out_vmaps(backend):
+    """Under ``jax.vmap`` (an extra leading axis of h and o) the kernel gives what it gives on each slice."""
+    rng = np.random.default_rng(8)
+    hs, os, weights = zip(*(_inputs(rng, 2, 1, 128, jnp.float32, extra_after=0) for _ in range(3)), strict=True)
+    fn = functools.partial(head_norm_gate_pallas, weight=weights[0], num_heads=1, interpret=INTERPRET, backend=backend)
+    batched = jax.vmap(fn)(jnp.stack(hs), jnp.stack(os))
+    for b in range(3):
+        np.testing.assert_array_equal(np.asarray(batched[b]), np.asarray(fn(hs[b], os[b])))
+
+
+def test_read_out_backend_selection():
+    """``"auto"`` takes the Mosaic kernel compiled on Hopper where DHV (and DHQK with states) is a multiple of 128,
+    the Triton kernel otherwise and in interpret mode; ``"mosaic"`` the Mosaic kernel or an error naming the
+    dimension."""
+    rng = np.random.default_rng(9)
+    for DHV, mosaic_covers in ((128, True), (16, False)):
+        h, o, weight = _inputs(rng, 1, 2, DHV, jnp.float32)
+        call = functools.partial(head_norm_gate_pallas, num_heads=2, interpret=INTERPRET)
+        for backend, want in (("auto", ON_HOPPER and mosaic_covers), ("triton", False)):
+            kernels = _kernels(jax.make_jaxpr(functools.partial(call, backend=backend))(h, o, weight))
+            assert kernels == (["mpmd_map"] if want else ["pallas_call"])
+        if MOSAIC_RUNS and mosaic_covers:
+            assert _kernels(jax.make_jaxpr(functools.partial(call, backend="mosaic"))(h, o, weight)) == ["mpmd_map"]
+    with pytest.raises(ValueError, match="DHV=16 must be a multiple of 128"):
+        call(h, o, weight, backend="mosaic")
+    h, o, weight = _inputs(rng, 1, 2, 128, jnp.float32)
+    states = (jnp.ones((2, 32)), jnp.ones((3, 2, 32)), jnp.ones((3, 2)), 1)
+    with pytest.raises(ValueError, match="DHQK=32 .* must be a multiple of 128"):
+        call(h, o, weight, m=jnp.ones(2), states=states, backend="mosaic")
+    with pytest.raises(ValueError, match="backend='cuda' must be one of"):
+        call(h, o, weight, backend="cuda")
 
 
 @pytest.mark.skipif(ON_GPU, reason="checks the behaviour without a GPU")

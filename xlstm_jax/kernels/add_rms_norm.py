@@ -14,6 +14,10 @@ Grid ``(M, 1 + G)``: program ``(r, 0)`` writes row r of ``s`` and ``y``; program
 r's norm (its row is a few KB, read from L2) and writes gate ``j`` of row r, reading column j of the gate
 weight. All programs run at once, so the gate product costs one program's latency, not a serial walk over
 the (D, G) weight.
+
+Two kernels compute it from the same row math (below): the Triton kernel here (any GPU, and Pallas interpret
+mode) and a Mosaic GPU kernel for Hopper (:mod:`xlstm_jax.kernels.add_rms_norm_mosaic`), chosen by
+``add_rms_norm_pallas``'s ``backend`` argument.
 """
 
 from __future__ import annotations
@@ -26,7 +30,8 @@ import jax.numpy as jnp
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as pl_triton
 
-from xlstm_jax.kernels.config import check_kernel_dtypes, kernel_mode
+from xlstm_jax.kernels.config import STEP_BACKENDS, check_kernel_dtypes, kernel_mode
+from xlstm_jax.kernels.mosaic import use_mosaic
 
 __all__ = ["add_rms_norm_pallas", "rms_norm"]
 
@@ -39,6 +44,39 @@ def _block(K: int) -> int:
     return min(K & -K, _MAX_BLOCK)
 
 
+# ---------------------------------------------------------------------------------------------------------
+# The row math, shared by the Triton kernel below and the Mosaic GPU kernel (add_rms_norm_mosaic.py): each
+# function takes a piece of a row (the whole row, or one chunk of it), or the statistic of a whole row.
+# ---------------------------------------------------------------------------------------------------------
+def residual_sum(x: jax.Array, residuals: Sequence[jax.Array]) -> jax.Array:
+    """``x + residuals[0] + ...``, rounded to x's dtype after each add as the model's adds are."""
+    f32, dtype = jnp.float32, x.dtype
+    for r in residuals:
+        x = (x.astype(f32) + r.astype(f32)).astype(dtype)
+    return x
+
+
+def rms_scale(sum_sq: jax.Array, K: int, eps: float) -> jax.Array:
+    """``rsqrt(mean(s²) + eps)`` from a row's float32 sum of squares ``sum_sq`` over its K elements."""
+    return jax.lax.rsqrt(sum_sq / K + eps)
+
+
+def normed_row(s: jax.Array, weight: jax.Array, scale: jax.Array) -> jax.Array:
+    """``RMSNorm(s) * weight``: normalised in float32, cast to s's dtype, times the weight in s's dtype."""
+    f32, dtype = jnp.float32, s.dtype
+    y = (s.astype(f32) * scale).astype(dtype)
+    return (y.astype(f32) * weight.astype(dtype).astype(f32)).astype(dtype)
+
+
+def capped_gate(acc: jax.Array, bias: jax.Array, cap: float) -> jax.Array:
+    """``cap * tanh((acc + bias) / cap)`` in float32: a gate from its float32 product sum ``acc``."""
+    g = acc + bias.astype(jnp.float32)
+    return cap * jnp.tanh(g / cap)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Kernel body (Triton): program (r, 0) writes row r's s and y, program (r, 1 + j) its gate j.
+# ---------------------------------------------------------------------------------------------------------
 def _kernel(
     *refs, residuals: int, return_sum: bool, has_side: bool, eps: float, cap: float | None, block: int, num: int
 ):
@@ -50,7 +88,8 @@ def _kernel(
     s_ref = refs.pop(0) if return_sum else None
     y_ref = refs.pop(0)
     g_ref = refs.pop(0) if has_side else None
-    f32, dtype = jnp.float32, x_ref.dtype
+    f32 = jnp.float32
+    K = num * block
 
     def chunk(j):  # elements [j * block, (j + 1) * block) of the row
         return pl.ds(j * block if isinstance(j, int) else pl.multiple_of(j * block, block), block)
@@ -60,23 +99,13 @@ def _kernel(
             c = chunk(j)
             return x_ref[c], [r_ref[c] for r_ref in r_refs], nw_ref[c], (sw_ref[c] if gate else None)
 
-        def add(x, rs):  # s = x + residuals[0] + ..., rounded to x's dtype after each add as the model's adds are
-            for r in rs:
-                x = (x.astype(f32) + r.astype(f32)).astype(dtype)
-            return x
-
-        def normed(s, nw, scale):  # RMSNorm(s) * weight: normalised in float32, cast, times the weight in dtype
-            y = (s.astype(f32) * scale).astype(dtype)
-            return (y.astype(f32) * nw.astype(dtype).astype(f32)).astype(dtype)
-
         def finish(acc):  # the gate from its float32 sum: bias, soft cap
-            g = acc + sb_ref[...].astype(f32)
-            g_ref[...] = cap * jnp.tanh(g / cap)
+            g_ref[...] = capped_gate(acc, sb_ref[...], cap)
 
         if num == 1:  # the whole row at once (K <= 4096, e.g. xLSTM-7B): loaded once, every output from registers
             x, rs, nw, w = load(0)
-            s = add(x, rs)
-            y = normed(s, nw, jax.lax.rsqrt(jnp.mean(jnp.square(s.astype(f32))) + eps))
+            s = residual_sum(x, rs)
+            y = normed_row(s, nw, rms_scale(jnp.sum(jnp.square(s.astype(f32))), K, eps))
             if gate:
                 finish(jnp.sum(y.astype(f32) * w.astype(f32)))
                 return
@@ -88,14 +117,14 @@ def _kernel(
         # Longer rows: one pass for the statistic, one for the outputs (the row's chunks come again from L2).
         def stat(j, acc):
             x, rs, _, _ = load(j)
-            return acc + jnp.sum(jnp.square(add(x, rs).astype(f32)))
+            return acc + jnp.sum(jnp.square(residual_sum(x, rs).astype(f32)))
 
-        scale = jax.lax.rsqrt(jax.lax.fori_loop(0, num, stat, jnp.zeros((), f32)) / (num * block) + eps)
+        scale = rms_scale(jax.lax.fori_loop(0, num, stat, jnp.zeros((), f32)), K, eps)
 
         def out(j, acc):
             x, rs, nw, w = load(j)
-            s = add(x, rs)
-            y = normed(s, nw, scale)
+            s = residual_sum(x, rs)
+            y = normed_row(s, nw, scale)
             if gate:
                 return acc + jnp.sum(y.astype(f32) * w.astype(f32))
             if s_ref is not None:
@@ -115,6 +144,50 @@ def _kernel(
     pl.when(column > 0)(lambda: run(gate=True))
 
 
+# ---------------------------------------------------------------------------------------------------------
+# pallas_call wrapper (Triton).
+# ---------------------------------------------------------------------------------------------------------
+def _triton_call(x, residuals, weight, side, *, eps, write_sum, cap, interpret):
+    """``[s], y, [g]`` by the Triton kernel: grid (M, 1 + G), s only with ``write_sum``, g only with ``side``
+    (the transposed gate weight (G, K) and the bias (G,))."""
+    M, K = x.shape
+    G = 0 if side is None else side[0].shape[0]
+    row = pl.BlockSpec((None, K), lambda r, j: (r, 0))
+    inputs = [x, *residuals, weight]
+    in_specs = [row] * (1 + len(residuals)) + [pl.BlockSpec((K,), lambda r, j: (0,))]
+    out_shape = [jax.ShapeDtypeStruct((M, K), x.dtype)] * (1 + write_sum)
+    out_specs = [row] * len(out_shape)
+    if side is not None:  # program (r, 1 + j) reads column j of the gate weight and writes gate j of row r
+        gate = lambda j: jnp.maximum(j - 1, 0)  # noqa: E731 (program (r, 0) reads no gate column)
+        inputs += list(side)
+        in_specs += [pl.BlockSpec((None, K), lambda r, j: (gate(j), 0)), pl.BlockSpec((None,), lambda r, j: (gate(j),))]
+        out_shape.append(jax.ShapeDtypeStruct((M, G), jnp.float32))
+        out_specs.append(pl.BlockSpec((None, None), lambda r, j: (r, gate(j))))
+    kernel = functools.partial(
+        _kernel,
+        residuals=len(residuals),
+        return_sum=write_sum,
+        has_side=side is not None,
+        eps=eps,
+        cap=cap,
+        block=_block(K),
+        num=K // _block(K),
+    )
+    return pl.pallas_call(
+        kernel,
+        out_shape=out_shape,
+        grid=(M, 1 + G),
+        in_specs=in_specs,
+        out_specs=out_specs,
+        compiler_params=pl_triton.CompilerParams(num_warps=_NUM_WARPS, num_stages=1),
+        interpret=interpret,
+        name="add_rms_norm",
+    )(*inputs)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Public function.
+# ---------------------------------------------------------------------------------------------------------
 def add_rms_norm_pallas(
     x: jax.Array,  # (M, K)
     weight: jax.Array,  # (K,)
@@ -126,6 +199,7 @@ def add_rms_norm_pallas(
     side_bias: jax.Array | None = None,  # (G,)
     side_cap: float | None = None,
     interpret: bool | None = None,
+    backend: str = "auto",
 ) -> tuple[jax.Array | None, jax.Array, jax.Array | None]:
     """``s = x + residuals``, ``y = RMSNorm(s) * weight`` and optionally the soft-capped gate product, in one kernel.
 
@@ -139,19 +213,27 @@ def add_rms_norm_pallas(
         side_weight: Gate weight (K, G): also return ``g = cap * tanh((y @ side_weight + side_bias) / cap)``
             (M, G) in float32 (both operands upcast, as the model's float32 gate product); needs ``side_bias``
             (G,) and ``side_cap`` (static).
-        interpret: None: the compiled kernel on a GPU, the same computation in XLA elsewhere; True: Pallas
-            interpret mode; False: the compiled kernel (raises without a GPU).
+        interpret: None: the compiled kernel on a GPU, the same computation in XLA elsewhere; True: interpret
+            mode (Pallas interpret mode for the Triton kernel, Mosaic GPU interpret mode for the Mosaic one);
+            False: the compiled kernel (raises without a GPU).
+        backend: Which kernel: ``"auto"`` (the Mosaic GPU kernel compiled on a GPU of compute capability 9.0 or
+            newer where it covers K, the Triton kernel otherwise, and in interpret mode), ``"triton"`` or
+            ``"mosaic"`` (:mod:`xlstm_jax.kernels.add_rms_norm_mosaic`: K a multiple of 128, at most 8192).
+            The XLA computation (``interpret=None`` without a GPU) ignores it.
 
     Returns:
         ``(s, y, g)``: s (M, K) in x's dtype or None without ``return_sum`` (x itself without residuals), y (M, K)
         in x's dtype, g (M, G) float32 or None without ``side_weight``.
 
     Raises:
-        ValueError: shapes that do not fit, named in the message.
+        ValueError: shapes that do not fit, named in the message; an unknown backend; ``backend="mosaic"`` for a
+            K it does not cover, or in interpret mode with a JAX without Mosaic GPU interpret mode.
         TypeError: a dtype the kernel does not read, or residuals not in x's dtype.
+        RuntimeError: ``interpret=False`` without a GPU; ``backend="mosaic"`` compiled on a GPU older than Hopper.
 
-    The kernel is for decoding and has no gradient rule (the XLA fallback, ``interpret=None`` off a GPU, is
-    differentiable); ``jax.vmap`` adds a grid axis.
+    The kernels are for decoding and have no gradient rule (the XLA fallback, ``interpret=None`` off a GPU, is
+    differentiable). Under ``jax.vmap`` the Triton kernel gets a grid axis; the Mosaic kernel runs once per
+    mapped element (``lax.map``).
     """
     if x.ndim != 2:
         raise ValueError(f"add_rms_norm_pallas takes rows x (M, K), got x.shape={tuple(x.shape)}")
@@ -177,48 +259,25 @@ def add_rms_norm_pallas(
     elif side_bias is not None or side_cap is not None:
         raise ValueError("side_bias and side_cap need side_weight")
     check_kernel_dtypes(x=x, weight=weight, side_weight=side_weight, side_bias=side_bias)
+    if backend not in STEP_BACKENDS:
+        raise ValueError(f"backend={backend!r} must be one of {STEP_BACKENDS}")
     mode = kernel_mode(interpret)
     if mode == "xla":
         s, y, g = _xla(x, weight, residuals, eps, side_weight, side_bias, side_cap)
         return (s if return_sum else None), y, g
 
-    G = side_weight.shape[1] if has_side else 0
     write_sum = return_sum and bool(residuals)
-    row = pl.BlockSpec((None, K), lambda r, j: (r, 0))
-    inputs = [x, *residuals, weight]
-    in_specs = [row] * (1 + len(residuals)) + [pl.BlockSpec((K,), lambda r, j: (0,))]
-    out_shape = [jax.ShapeDtypeStruct((M, K), x.dtype)] * (1 + write_sum)
-    out_specs = [row] * len(out_shape)
-    if has_side:  # program (r, 1 + j) reads column j of the gate weight and writes gate j of row r
-        gate = lambda j: jnp.maximum(j - 1, 0)  # noqa: E731 (program (r, 0) reads no gate column)
-        # The weight transposed (G, K), so that a program's column is contiguous. Inside a decode loop the
-        # weight is loop-invariant and XLA hoists the transpose out of the loop.
-        inputs += [side_weight.T, side_bias]
-        in_specs += [pl.BlockSpec((None, K), lambda r, j: (gate(j), 0)), pl.BlockSpec((None,), lambda r, j: (gate(j),))]
-        out_shape.append(jax.ShapeDtypeStruct((M, G), jnp.float32))
-        out_specs.append(pl.BlockSpec((None, None), lambda r, j: (r, gate(j))))
-    kernel = functools.partial(
-        _kernel,
-        residuals=len(residuals),
-        return_sum=write_sum,
-        has_side=has_side,
-        eps=float(eps),
-        cap=None if side_cap is None else float(side_cap),
-        block=_block(K),
-        num=K // _block(K),
-    )
-    outs = list(
-        pl.pallas_call(
-            kernel,
-            out_shape=out_shape,
-            grid=(M, 1 + G),
-            in_specs=in_specs,
-            out_specs=out_specs,
-            compiler_params=pl_triton.CompilerParams(num_warps=_NUM_WARPS, num_stages=1),
-            interpret=mode == "interpret",
-            name="add_rms_norm",
-        )(*inputs)
-    )
+    # The gate weight transposed (G, K), so that a program's column is contiguous. Inside a decode loop the
+    # weight is loop-invariant and XLA hoists the transpose out of the loop.
+    side = (side_weight.T, side_bias) if has_side else None
+    kw = {"eps": float(eps), "write_sum": write_sum, "cap": None if side_cap is None else float(side_cap)}
+    from xlstm_jax.kernels import add_rms_norm_mosaic as mosaic  # here: it imports this module's row math
+
+    if use_mosaic("add_rms_norm_pallas", backend, mode, mosaic.mosaic_add_rms_norm_unsupported(K)):
+        outs = mosaic.mosaic_add_rms_norm(x, residuals, weight, side, interpret=mode == "interpret", **kw)
+    else:
+        outs = _triton_call(x, residuals, weight, side, interpret=mode == "interpret", **kw)
+    outs = list(outs)
     s = outs.pop(0) if write_sum else (x if return_sum else None)
     y = outs.pop(0)
     return s, y, (outs.pop(0) if has_side else None)

@@ -14,11 +14,17 @@ the work XLA would otherwise do in several kernels after it:
 - With ``states``, the head's n' and m' (fresh buffers written by the step kernel) are copied into the
   layer's slice of the stacked n and m, in place: one program owns each head's slice and the step that read
   the stacks has finished, so there is no race (unlike inside the step kernel), and no copy kernels follow.
+
+Two kernels compute it from the same head math (below): the Triton kernel here (any GPU, and Pallas interpret
+mode) and a Mosaic GPU kernel for Hopper (:mod:`xlstm_jax.kernels.head_norm_mosaic`), chosen by
+``head_norm_gate_pallas``'s ``backend`` argument.
 """
 
 from __future__ import annotations
 
 import functools
+import operator
+from collections.abc import Sequence
 from typing import Any
 
 import jax
@@ -26,15 +32,53 @@ import jax.numpy as jnp
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as pl_triton
 
-from xlstm_jax.kernels.config import check_kernel_dtypes, kernel_mode
+from xlstm_jax.kernels.config import STEP_BACKENDS, check_kernel_dtypes, kernel_mode
+from xlstm_jax.kernels.mosaic import use_mosaic
 from xlstm_jax.mlstm.checks import check_eps
-from xlstm_jax.mlstm.stabilizer import normalize_readout
+from xlstm_jax.mlstm.stabilizer import normalizer
 
 __all__ = ["head_norm_gate_pallas"]
 
 
 # ---------------------------------------------------------------------------------------------------------
-# Kernel body: one program = one head.
+# The head math, shared by the Triton kernel below and the Mosaic GPU kernel (head_norm_mosaic.py): a head's
+# vectors come as lists of chunks (one chunk: the whole head).
+# ---------------------------------------------------------------------------------------------------------
+def combined_head(num: jax.Array, qn: jax.Array, m: jax.Array, eps: float, dtype: Any) -> jax.Array:
+    """h from the step's partial sums, exactly as the step's epilogue: ``Σ num / (max(|Σ qn|, exp(-m')) + eps)``
+    from the summed numerator ``num`` (a chunk) and the scalars ``qn`` (summed) and m', rounded to ``dtype``.
+
+    h's normaliser (a positive scalar per head) cancels in the LayerNorm up to its eps; it is still applied, so
+    that the function is the unfused model's, whatever its eps."""
+    return (num / normalizer(qn, m, eps)).astype(dtype)
+
+
+def read_out_chunks(
+    h: Sequence[jax.Array], weight: Sequence[jax.Array], o: Sequence[jax.Array], norm_eps: float, dtype: Any
+) -> list[jax.Array]:
+    """``sigmoid(o) * (LayerNorm(h) * weight)`` of one head given as matching chunks of h, weight and o.
+
+    h is rounded to ``dtype`` first; the statistics are float32 over the whole head; the normalised value, its
+    product with the weight (cast to ``dtype``), ``sigmoid(o)`` and the product of the two are each rounded to
+    ``dtype``, as the model's ``MultiHeadLayerNorm`` and output gate in XLA round."""
+    f32 = jnp.float32
+    size = sum(c.shape[0] for c in h)
+    total = functools.partial(functools.reduce, operator.add)
+    y = [c.astype(dtype).astype(f32) for c in h]
+    mean = total(jnp.sum(c) for c in y) / size
+    y = [c - mean for c in y]
+    scale = jax.lax.rsqrt(total(jnp.sum(jnp.square(c)) for c in y) / size + norm_eps)
+    out = []
+    for c, w, o_c in zip(y, weight, o, strict=True):
+        c = (c * scale).astype(dtype)
+        c = (c.astype(f32) * w.astype(dtype).astype(f32)).astype(dtype)
+        gate = jax.nn.sigmoid(o_c.astype(f32)).astype(dtype)
+        out.append((gate.astype(f32) * c.astype(f32)).astype(dtype))
+    return out
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Kernel body (Triton): one program = one head.
 # ---------------------------------------------------------------------------------------------------------
 def _head_out_kernel(*refs, combine: bool, with_states: bool, eps: float, norm_eps: float):
     """One head: h from the step's partial sums (or h itself), per-head LayerNorm, times the weight, times
@@ -49,19 +93,12 @@ def _head_out_kernel(*refs, combine: bool, with_states: bool, eps: float, norm_e
         m_out_ref[...] = m_ref[...]
     else:
         o_ref, w_ref, y_ref = refs
-    f32, dtype = jnp.float32, y_ref.dtype
-    # h's normaliser (a positive scalar per head) cancels in the LayerNorm up to its eps; it is still applied,
-    # so that the function is the unfused model's, whatever its eps.
+    dtype = y_ref.dtype
     if combine:  # the exact combination of the DHQK splits, as the step's epilogue
-        h = normalize_readout(jnp.sum(num_ref[...], axis=0), jnp.sum(qn_ref[...]), m_ref[0], eps).astype(dtype)
+        h = combined_head(jnp.sum(num_ref[...], axis=0), jnp.sum(qn_ref[...]), m_ref[0], eps, dtype)
     else:
         h = h_ref[...]
-    y = h.astype(f32)
-    y = y - jnp.mean(y)
-    y = (y * jax.lax.rsqrt(jnp.mean(jnp.square(y)) + norm_eps)).astype(dtype)
-    y = (y.astype(f32) * w_ref[...].astype(dtype).astype(f32)).astype(dtype)
-    gate = jax.nn.sigmoid(o_ref[...].astype(f32)).astype(dtype)
-    y_ref[...] = (gate.astype(f32) * y.astype(f32)).astype(dtype)
+    (y_ref[...],) = read_out_chunks([h], [w_ref[...]], [o_ref[...]], norm_eps, dtype)
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -147,6 +184,7 @@ def head_norm_gate_pallas(
     eps: float = 1e-6,
     states: tuple[jax.Array, jax.Array, jax.Array, int] | None = None,
     interpret: bool = False,
+    backend: str = "auto",
 ) -> jax.Array | tuple[jax.Array, tuple[jax.Array, jax.Array]]:
     """The mLSTM layer's read-out ``sigmoid(o) * (LayerNorm_head(h) * weight)`` of one decode step, one kernel.
 
@@ -168,20 +206,29 @@ def head_norm_gate_pallas(
         states: ``(n' (BH, DHQK), n (L, BH, DHQK), m (L, BH), layer)``: also write the step's n' and m' into
             slice ``layer`` (a Python int) of the stacks n and m, in place (aliased: donate them under
             ``jax.jit``), and return the stacks.
-        interpret: True: Pallas interpret mode; False: compiled (needs a GPU).
+        interpret: True: interpret mode (Pallas interpret mode for the Triton kernel, Mosaic GPU interpret mode for
+            the Mosaic one); False: compiled (needs a GPU).
+        backend: Which kernel: ``"auto"`` (the Mosaic GPU kernel compiled on a GPU of compute capability 9.0 or
+            newer where it covers the head shape, the Triton kernel otherwise, and in interpret mode),
+            ``"triton"`` or ``"mosaic"`` (:mod:`xlstm_jax.kernels.head_norm_mosaic`: DHV, and DHQK with
+            ``states``, multiples of 128).
 
     Returns:
         y (B, NH·DHV) in o's dtype; with ``states``, ``(y, (n', m'))`` with the stacks' shapes.
 
     Raises:
-        ValueError: a shape does not match, an eps is not positive and finite, or layer is out of range.
+        ValueError: a shape does not match, an eps is not positive and finite, or layer is out of range; an
+            unknown backend; ``backend="mosaic"`` for a head shape it does not cover, or in interpret mode with a
+            JAX without Mosaic GPU interpret mode.
         TypeError: a dtype is not float32/bfloat16/float16, m or the stacks are not float32, an eps is traced,
             layer is not a Python int, or interpret is not a bool.
-        RuntimeError: ``interpret=False`` without a GPU.
+        RuntimeError: ``interpret=False`` without a GPU; ``backend="mosaic"`` compiled on a GPU older than Hopper.
     """
     if not isinstance(interpret, bool):
         raise TypeError(f"interpret must be a bool, got {interpret!r}")
     kernel_mode(interpret)  # raises without a GPU for interpret=False
+    if backend not in STEP_BACKENDS:
+        raise ValueError(f"backend={backend!r} must be one of {STEP_BACKENDS}")
     norm_eps, eps = _python_number("norm_eps", norm_eps), _python_number("eps", eps)
     partial = isinstance(h, tuple)
     num, qn = h if partial else (h, None)
@@ -226,6 +273,15 @@ def head_norm_gate_pallas(
             raise ValueError(f"layer={layer} must be in [0, L) for L={n_stack.shape[0]} stacked layers")
         if not all(x.dtype == jnp.float32 for x in (n_new, n_stack, m_stack)):
             raise TypeError(f"the states must be float32, got {n_new.dtype}, {n_stack.dtype}, {m_stack.dtype}")
+    from xlstm_jax.kernels import head_norm_mosaic as mosaic  # here: it imports this module's head math
+
+    unsupported = mosaic.mosaic_head_norm_unsupported(DHV, None if n_new is None else n_new.shape[-1])
+    if use_mosaic("head_norm_gate_pallas", backend, "interpret" if interpret else "compiled", unsupported):
+        if not mosaic.mosaic_reads_o_in_place(o.shape[1], o_offset, DHV):
+            o, o_offset = o[:, o_offset : o_offset + NH * DHV], 0
+        kw = {"NH": NH, "o_offset": o_offset, "eps": eps, "norm_eps": norm_eps, "interpret": interpret}
+        outs = mosaic.mosaic_head_norm(num, qn, m, states, o, weight, **kw)
+        return outs[0] if states is None else (outs[0], tuple(outs[1:]))
     if o_offset % DHV:
         o, o_offset = o[:, o_offset : o_offset + NH * DHV], 0
     m_new = None if m is None else m.reshape(BH, 1)

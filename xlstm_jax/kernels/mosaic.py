@@ -1,0 +1,102 @@
+"""Where the residual-norm and read-out kernels run as Mosaic GPU kernels, and Mosaic GPU interpret mode.
+
+``add_rms_norm_pallas`` and ``head_norm_gate_pallas`` each have a Triton kernel (any GPU, and Pallas interpret
+mode) and a Mosaic GPU kernel (Hopper), chosen by their ``backend`` argument through :func:`use_mosaic`. The
+Mosaic GPU kernels also run on a CPU in Mosaic GPU interpret mode where the installed JAX has it
+(:func:`mosaic_interpret_params`), which is how CI checks their numbers.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+import jax
+from jax import lax
+
+from xlstm_jax.kernels.config import STEP_BACKENDS
+from xlstm_jax.kernels.recurrent_step_mosaic import device_supports_mosaic
+
+__all__ = ["WARPGROUP", "chunk_length", "map_under_vmap", "mosaic_interpret_params", "use_mosaic"]
+
+WARPGROUP = 128  # threads of a Mosaic GPU program (one warpgroup); vectors are read in multiples of it
+
+
+def chunk_length(n: int) -> int:
+    """The length of the chunks in which a kernel reads a vector of n elements (a multiple of ``WARPGROUP``):
+    256 or, where n is an odd multiple of 128, 128. A chunk lands in registers 2 (or 1) values a thread in every
+    dtype, so that chunks of different dtypes (a bfloat16 row and its float32 weight) combine elementwise
+    without a change of layout (a whole 512-element bfloat16 vector would take 4 values a thread, its float32
+    weight 2)."""
+    return 2 * WARPGROUP if n % (2 * WARPGROUP) == 0 else WARPGROUP
+
+
+def mosaic_interpret_params() -> Any | None:
+    """The ``interpret=`` value that runs a Mosaic GPU ``pl.kernel`` on the CPU, or None where this JAX has none.
+
+    Mosaic GPU interpret mode (JAX 0.10) simulates the GPU's memories, threads and barriers on the CPU. It lives
+    in a private module, so its absence (older or newer JAX) is reported as None rather than an error.
+    """
+    try:
+        from jax._src.pallas.mosaic_gpu.interpret.params import InterpretGPUParams
+    except ImportError:
+        return None
+    return InterpretGPUParams()
+
+
+def use_mosaic(kernel: str, backend: str, mode: str, unsupported: str | None) -> bool:
+    """Whether ``kernel`` runs as its Mosaic GPU kernel (True) or its Triton kernel (False).
+
+    Args:
+        kernel: The function's name, for error messages.
+        backend: ``"auto"``: Mosaic when compiled on a GPU of compute capability 9.0 or newer for a shape the
+            Mosaic kernel covers, Triton otherwise (also in interpret mode). ``"triton"``: always Triton.
+            ``"mosaic"``: always Mosaic (compiled on Hopper, or Mosaic GPU interpret mode for ``mode ==
+            "interpret"``), or an error.
+        mode: Where the call runs, :func:`xlstm_jax.kernels.config.kernel_mode`'s ``"compiled"`` or
+            ``"interpret"``.
+        unsupported: Why the Mosaic kernel cannot run this call's shapes, or None if it can.
+
+    Raises:
+        ValueError: backend is not one of ``STEP_BACKENDS``; ``backend="mosaic"`` for shapes the Mosaic kernel
+            does not cover, or in interpret mode with a JAX that has no Mosaic GPU interpret mode.
+        RuntimeError: ``backend="mosaic"`` compiled on a device that is not a Hopper (or newer) GPU.
+    """
+    if backend not in STEP_BACKENDS:
+        raise ValueError(f"backend={backend!r} must be one of {STEP_BACKENDS}")
+    if backend == "triton":
+        return False
+    if backend == "auto":
+        return mode == "compiled" and unsupported is None and device_supports_mosaic()
+    if unsupported is not None:
+        raise ValueError(f"backend='mosaic': the Mosaic GPU kernel of {kernel} cannot run this call: {unsupported}")
+    if mode == "interpret" and mosaic_interpret_params() is None:
+        raise ValueError(
+            f"backend='mosaic' with interpret=True needs Mosaic GPU interpret mode, which JAX {jax.__version__} "
+            "does not have; use backend='triton' for Pallas interpret mode"
+        )
+    if mode == "compiled" and not device_supports_mosaic():
+        raise RuntimeError(
+            f"backend='mosaic' needs a GPU of compute capability 9.0 or newer (TMA), got {jax.devices()[0]}; use "
+            "backend='auto' or 'triton'"
+        )
+    return True
+
+
+def map_under_vmap(fn: Callable[..., Any]) -> Callable[..., Any]:
+    """``fn`` (array arguments, positional) made batchable: under ``jax.vmap`` it runs once per mapped element, in
+    a ``lax.map`` over the mapped arguments (a Mosaic GPU ``pl.kernel`` has no batching rule of its own)."""
+    wrapped = jax.custom_batching.custom_vmap(fn)
+
+    @wrapped.def_vmap
+    def _rule(axis_size, in_batched, *args):
+        del axis_size
+
+        def one(mapped):
+            it = iter(mapped)
+            return wrapped(*[next(it) if b else a for a, b in zip(args, in_batched, strict=True)])
+
+        out = lax.map(one, [a for a, b in zip(args, in_batched, strict=True) if b])
+        return out, jax.tree.map(lambda _: True, out)
+
+    return wrapped
