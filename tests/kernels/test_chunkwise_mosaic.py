@@ -27,6 +27,7 @@ from xlstm_jax.kernels.chunkwise_mosaic import (
 )
 from xlstm_jax.kernels.recurrent_step_mosaic import device_supports_mosaic
 from xlstm_jax.mlstm.chunkwise import chunkwise_fw
+from xlstm_jax.models.xlstm_parallel.blocks.mlstm.backend import create_mlstm_backend
 
 ON_HOPPER = ON_GPU and device_supports_mosaic()
 INTERPRET = not ON_HOPPER
@@ -138,3 +139,15 @@ def test_lowers_for_cuda(block_dhv):
     step = functools.partial(mosaic_chunkwise, eps=1e-6, block_dhv=block_dhv)
     text = jax.jit(step).trace(*avals).lower(lowering_platforms=("cuda",)).as_text()
     assert "mosaic_gpu" in text
+
+
+@runs
+def test_backend_runs_the_kernel():
+    """The ``chunkwise_mosaic`` backend calls the kernel for bf16 inputs (its name is in the jaxpr) and matches the
+    float64 reference; float32 inputs run the XLA form (no kernel in the jaxpr)."""
+    backend = create_mlstm_backend("chunkwise_mosaic", interpret=True if INTERPRET else None)
+    x = random_inputs(21, 1, 2, 70, 64, 32, states=True)
+    check_forward(backend, x, "bfloat16")
+    args = [jnp.asarray(x[name], jnp.bfloat16) for name in ("q", "k", "v", "i", "f")]
+    assert "mlstm_chunkwise_mosaic" in str(jax.make_jaxpr(backend)(*args))
+    assert "mlstm_chunkwise_mosaic" not in str(jax.make_jaxpr(backend)(*(a.astype(jnp.float32) for a in args)))

@@ -98,6 +98,7 @@ def test_backend_without_a_config_is_an_error(name):
 CPU_KWARGS = {
     "recurrent": {"use_scan": True},
     "chunkwise": {"chunk_size": 8},
+    "chunkwise_mosaic": {"chunk_size": 8},  # float32 inputs: the XLA form (the kernel's own tests run the kernel)
     "recurrent_pallas": {"interpret": INTERPRET, "kernel_config": SequenceKernelConfig(block_dhv=16, chunk_size=16)},
 }
 

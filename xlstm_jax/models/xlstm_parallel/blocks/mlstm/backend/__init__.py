@@ -4,6 +4,10 @@ from xlstm_jax.models.xlstm_parallel.blocks.mlstm.backend.chunkwise import (
     mLSTMBackendChunkwise,
     mLSTMBackendChunkwiseConfig,
 )
+from xlstm_jax.models.xlstm_parallel.blocks.mlstm.backend.chunkwise_mosaic import (
+    mLSTMBackendChunkwiseMosaic,
+    mLSTMBackendChunkwiseMosaicConfig,
+)
 from xlstm_jax.models.xlstm_parallel.blocks.mlstm.backend.config import mLSTMBackend, mLSTMBackendConfig
 from xlstm_jax.models.xlstm_parallel.blocks.mlstm.backend.parallel import (
     mLSTMBackendParallel,
@@ -25,6 +29,8 @@ __all__ = [
     "mLSTMBackend",
     "mLSTMBackendChunkwise",
     "mLSTMBackendChunkwiseConfig",
+    "mLSTMBackendChunkwiseMosaic",
+    "mLSTMBackendChunkwiseMosaicConfig",
     "mLSTMBackendConfig",
     "mLSTMBackendParallel",
     "mLSTMBackendParallelConfig",

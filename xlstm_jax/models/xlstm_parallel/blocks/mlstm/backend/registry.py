@@ -9,6 +9,7 @@ from __future__ import annotations
 from typing import Any
 
 from xlstm_jax.models.xlstm_parallel.blocks.mlstm.backend.chunkwise import mLSTMBackendChunkwise
+from xlstm_jax.models.xlstm_parallel.blocks.mlstm.backend.chunkwise_mosaic import mLSTMBackendChunkwiseMosaic
 from xlstm_jax.models.xlstm_parallel.blocks.mlstm.backend.config import mLSTMBackend
 from xlstm_jax.models.xlstm_parallel.blocks.mlstm.backend.parallel import mLSTMBackendParallel
 from xlstm_jax.models.xlstm_parallel.blocks.mlstm.backend.recurrent import mLSTMBackendRecurrent
@@ -21,6 +22,7 @@ BACKENDS: dict[str, type[mLSTMBackend]] = {
     "recurrent": mLSTMBackendRecurrent,
     "parallel_stabilized": mLSTMBackendParallel,
     "chunkwise": mLSTMBackendChunkwise,
+    "chunkwise_mosaic": mLSTMBackendChunkwiseMosaic,
     "recurrent_pallas": mLSTMBackendRecurrentPallas,
 }
 

@@ -1,0 +1,111 @@
+"""The mLSTM backend ``"chunkwise_mosaic"``: the chunkwise form with its products in a Mosaic GPU kernel on Hopper.
+
+Declares the backend around :func:`xlstm_jax.kernels.chunkwise_mosaic.chunkwise_mosaic_fw` (chunks of 64 steps,
+c kept on chip per head and column block). Where the kernel does not apply (no Hopper GPU, float32 inputs, a
+head shape it does not tile, a state dtype other than float32) the backend runs the XLA chunkwise form
+(:func:`xlstm_jax.mlstm.chunkwise.chunkwise_fw`) with ``chunk_size``: the same function. Under a mesh the kernel
+runs per device on its rows and heads (``shard_map``).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+
+from xlstm_jax.kernels.chunkwise_mosaic import chunkwise_mosaic_fw, chunkwise_mosaic_unsupported
+from xlstm_jax.kernels.recurrent_step_mosaic import device_supports_mosaic
+from xlstm_jax.mlstm.checks import resolve_state_dtype
+from xlstm_jax.mlstm.chunkwise import check_chunk_size, chunkwise_fw
+from xlstm_jax.models.xlstm_parallel.blocks.mlstm.backend.config import check_bool, mLSTMBackend, mLSTMBackendConfig
+from xlstm_jax.models.xlstm_parallel.sharding import shard_map_sequence_form
+
+__all__ = ["chunkwise_hopper_fw", "mLSTMBackendChunkwiseMosaic", "mLSTMBackendChunkwiseMosaicConfig"]
+
+
+def chunkwise_hopper_fw(
+    q: jax.Array,  # (B, NH, S, DHQK)
+    k: jax.Array,  # (B, NH, S, DHQK)
+    v: jax.Array,  # (B, NH, S, DHV)
+    i: jax.Array,  # (B, NH, S) or (B, NH, S, 1)
+    f: jax.Array,  # (B, NH, S) or (B, NH, S, 1)
+    c_initial: jax.Array | None = None,
+    n_initial: jax.Array | None = None,
+    m_initial: jax.Array | None = None,
+    return_last_states: bool = False,
+    eps: float = 1e-6,
+    state_dtype: Any = None,
+    *,
+    segment_ids: jax.Array | None = None,
+    chunk_size: int = 256,
+    block_dhv: int = 32,
+    interpret: bool | None = None,
+) -> Any:
+    """The chunkwise form: the Mosaic GPU kernel where it applies, else the XLA form with ``chunk_size``.
+
+    Arguments and results as :func:`xlstm_jax.mlstm.chunkwise.chunkwise_fw`. ``interpret``: None picks the kernel
+    on a Hopper GPU; True runs it in Mosaic GPU's interpreter (tests); False always runs the XLA form.
+    """
+    use_kernel = interpret if interpret is not None else device_supports_mosaic()
+    dtype = jnp.result_type(q, k, v)
+    states_dtype = resolve_state_dtype(state_dtype)
+    if c_initial is not None and states_dtype is None:
+        states_dtype = jnp.dtype(c_initial.dtype)
+    fits = chunkwise_mosaic_unsupported(q.shape[-1], v.shape[-1], dtype, block_dhv) is None
+    if use_kernel and fits and states_dtype in (None, jnp.dtype(jnp.float32)):
+        return chunkwise_mosaic_fw(
+            q, k, v, i, f, c_initial, n_initial, m_initial, return_last_states, eps, state_dtype,
+            segment_ids=segment_ids, block_dhv=block_dhv, interpret=bool(interpret),
+        )  # fmt: skip
+    return chunkwise_fw(
+        q, k, v, i, f, c_initial, n_initial, m_initial, return_last_states, eps, state_dtype, chunk_size,
+        segment_ids=segment_ids,
+    )  # fmt: skip
+
+
+@dataclass(frozen=True)
+class mLSTMBackendChunkwiseMosaicConfig(mLSTMBackendConfig):
+    """Settings of the Mosaic chunkwise backend (frozen, hashable).
+
+    Attributes:
+        context_length: The model's context length (-1: not set); set by ``assign_model_config_params``.
+        eps: Added to the normaliser after the max. Defaults to 1e-6.
+        state_dtype: Name of the state dtype, or None (float32, or the initial states' dtype). The kernel keeps
+            its states in float32; other state dtypes run the XLA form.
+        chunk_size: The XLA form's chunk size where the kernel does not run (the kernel's chunks are 64 steps).
+        block_dhv: Columns of c per kernel program: 32 or 64 (BENCHMARKS.md compares them).
+        interpret: None: the kernel on a Hopper GPU, the XLA form elsewhere; True: the kernel in Mosaic GPU's
+            interpreter (slow; for tests); False: always the XLA form.
+    """
+
+    chunk_size: int = 256
+    block_dhv: int = 32
+    interpret: bool | None = None
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        check_chunk_size(self.chunk_size)
+        if self.block_dhv not in (32, 64):
+            raise ValueError(f"block_dhv must be 32 or 64, got {self.block_dhv!r}")
+        if self.interpret is not None:
+            check_bool("interpret", self.interpret)
+
+
+class mLSTMBackendChunkwiseMosaic(mLSTMBackend):
+    """The mLSTM in chunkwise form with the Mosaic GPU kernel on Hopper (``chunkwise_hopper_fw``).
+
+    Example:
+        >>> backend = create_mlstm_backend("chunkwise_mosaic")
+        >>> h, (c, n, m) = backend(q, k, v, i, f, return_last_states=True)  # h (B, NH, S, DHV)
+    """
+
+    config: mLSTMBackendChunkwiseMosaicConfig
+    config_class = mLSTMBackendChunkwiseMosaicConfig
+    form = staticmethod(shard_map_sequence_form(chunkwise_hopper_fw))  # per device under a mesh
+
+    @property
+    def can_vmap_over_heads(self) -> bool:
+        """False: the kernel takes the heads dimension as part of its grid and is not tested under vmap."""
+        return False
