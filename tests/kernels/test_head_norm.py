@@ -209,6 +209,21 @@ def test_read_out_vmaps(backend):
         np.testing.assert_array_equal(np.asarray(batched[b]), np.asarray(fn(hs[b], os[b])))
 
 
+@pytest.mark.parametrize("backend", ["triton", MOSAIC])
+def test_read_out_rounds_h_to_the_output_dtype(backend):
+    """A float32 h with a bfloat16 o is rounded to bfloat16 first, as the XLA read-out does: the read-out equals
+    the one from the rounded h bit for bit."""
+    rng = np.random.default_rng(12)
+    _, o, weight = _inputs(rng, 2, 2, 128, jnp.bfloat16, extra_after=0)
+    h = jnp.asarray(3 * rng.standard_normal((4, 128)), jnp.float32)
+    fn = functools.partial(head_norm_gate_pallas, num_heads=2, interpret=INTERPRET, backend=backend)
+    y = fn(h, o, weight)
+    assert y.dtype == jnp.bfloat16
+    np.testing.assert_array_equal(
+        np.asarray(y, np.float32), np.asarray(fn(h.astype(jnp.bfloat16), o, weight), np.float32)
+    )
+
+
 def test_read_out_backend_selection():
     """``"auto"`` takes the Mosaic kernel compiled on Hopper where DHV (and DHQK with states) is a multiple of 128,
     the Triton kernel otherwise and in interpret mode; ``"mosaic"`` the Mosaic kernel or an error naming the
