@@ -23,8 +23,8 @@ from xlstm_jax.kernels.chunkwise_mosaic import (
     chunkwise_mosaic_fw,
     chunkwise_mosaic_unsupported,
     mosaic_chunkwise,
-    mosaic_interpret_params,
 )
+from xlstm_jax.kernels.mosaic import mosaic_interpret_params
 from xlstm_jax.kernels.recurrent_step_mosaic import device_supports_mosaic
 from xlstm_jax.mlstm.chunkwise import chunkwise_fw
 from xlstm_jax.models.xlstm_parallel.blocks.mlstm.backend import create_mlstm_backend

@@ -29,7 +29,7 @@ the steps before them finite). :func:`chunkwise_mosaic_unsupported` says why a c
 Gradients: a ``custom_vjp`` whose backward pass is that of the XLA form (recomputed from the inputs).
 
 Interpret mode. ``interpret=True`` runs the kernel in Mosaic GPU's interpreter on any backend (slow; for tests
-on a CPU) where the JAX version has one (:func:`mosaic_interpret_params`).
+on a CPU) where the JAX version has one (:func:`xlstm_jax.kernels.mosaic.mosaic_interpret_params`).
 """
 
 from __future__ import annotations
@@ -44,6 +44,7 @@ from jax import lax
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import mosaic_gpu as plgpu
 
+from xlstm_jax.kernels.mosaic import mosaic_interpret_params
 from xlstm_jax.kernels.recurrent_step_mosaic import load_ref
 from xlstm_jax.mlstm.chunkwise import ChunkedSequence, border_states, chunk_sequence, chunkwise_fw
 from xlstm_jax.mlstm.parallel import block_log_decay, block_log_weights, block_summary
@@ -55,22 +56,12 @@ __all__ = [
     "chunkwise_mosaic_fw",
     "chunkwise_mosaic_unsupported",
     "mosaic_chunkwise",
-    "mosaic_interpret_params",
 ]
 
 CHUNK = 64  # steps per chunk: the M of the WGMMA tiles of the scores and of h
 _ROWS = 64  # the WGMMA layout tiles rows in groups of 64
 _PLAN_ROWS = 8  # vectors per chunk in the plan (rows of a (8, L) float32 block; the last is unused)
 _ROW, _COL, _BREAKS, _INTER, _QN, _LOWER, _GAIN = range(7)  # the plan's rows
-
-
-def mosaic_interpret_params() -> Any:
-    """Parameters that run a Mosaic GPU kernel in JAX's interpreter, or None where this JAX lacks one."""
-    try:
-        from jax._src.pallas.mosaic_gpu.interpret.params import InterpretGPUParams
-    except ImportError:
-        return None
-    return InterpretGPUParams()
 
 
 def chunkwise_mosaic_unsupported(DHQK: int, DHV: int, dtype: Any, block_dhv: int) -> str | None:
