@@ -1,0 +1,92 @@
+"""benchmarks/chunkwise.py in its CPU smoke mode: the kernel interpreted, TFLA rows read back, the tiny prefill."""
+
+from __future__ import annotations
+
+import argparse
+import importlib.util
+import json
+
+import pytest
+
+from benchmarks import chunkwise
+from benchmarks.forms import RMS_BOUND, floor_counts
+from benchmarks.harness import NOMINAL_H200
+
+
+def _anchors_json(path, NH, median_s):
+    """A file in anchors.py's format (settings, table ``forms``) with one TFLA row at B=1, S=128, fwd."""
+    row = {"form": "tfla L=128", "S": 128, "mode": "fwd", "L": 128, "median_s": median_s, "spread": 0.1}
+    data = {"settings": {"B": 1, "NH": NH, "DHQK": 64, "DHV": 64}, "anchors": {"torch": "x"},
+            "tables": {"forms": [row], "checks": []}}  # fmt: skip
+    path.write_text(json.dumps(data))
+    return path
+
+
+@pytest.fixture(scope="module")
+def smoke(tmp_path_factory):
+    """One smoke run (fwd only, nominal ceilings) with a TFLA file that matches and one that does not."""
+    tmp = tmp_path_factory.mktemp("chunkwise")
+    good, other = _anchors_json(tmp / "good.json", 1, 2.5e-3), _anchors_json(tmp / "other.json", 4, 1.0)
+    argv = ["--smoke", "--modes", "fwd", "--ceilings", "nominal", "--tfla-json", str(good), str(other)]
+    chunkwise.main([*argv, "--json", str(tmp / "out.json")])
+    return json.loads((tmp / "out.json").read_text())
+
+
+def test_smoke_rows_rates_and_ratios(smoke):
+    rows = smoke["tables"]["chunkwise"]
+    assert [(r["form"], r["kind"]) for r in rows] == [("tfla L=128", "tfla"), ("xla L=32", "xla"),
+                                                      ("mosaic bdhv=32", "mosaic")]  # fmt: skip
+    tfla, xla, kernel = rows
+    assert all((r["B"], r["S"], r["mode"]) == (1, 128, "fwd") for r in rows)
+    for row in rows:
+        flops, nbytes = floor_counts(1, 1, 128, 64, 64, row["L"], 2, "fwd")
+        assert (row["flops"], row["bytes"]) == (flops, nbytes) and row["median_s"] > 0
+        assert row["matmul_fraction"] == pytest.approx(flops / row["median_s"] / NOMINAL_H200.matmul_flops_per_s)
+        assert row["tokens_per_s"] == pytest.approx(128 / row["median_s"])
+    assert kernel["L"] == 64 and xla["L"] == 32 and tfla["median_s"] == 2.5e-3
+    assert kernel["t_over_tfla"] == pytest.approx(kernel["median_s"] / 2.5e-3)
+    assert kernel["t_over_xla"] == pytest.approx(kernel["median_s"] / xla["median_s"])
+    assert xla["compile_s"] > 0 and kernel["compile_s"] > 0 and kernel["repeats"] == 2
+
+
+def test_smoke_checks_the_kernel_against_the_xla_form(smoke):
+    kernel = smoke["tables"]["chunkwise"][-1]
+    assert kernel["bound"] == RMS_BOUND["bfloat16"] and kernel["check_stride"] == 1
+    assert 0 < kernel["rel_err"] <= kernel["bound"] and kernel["ok"] is True
+
+
+def test_smoke_reads_only_matching_tfla_files_and_times_the_prefill(smoke):
+    assert smoke["tfla"]["rows"] == 1 and smoke["tfla"]["status"] == "read from 2 file(s)"
+    assert [run["B"] for run in smoke["tfla"]["runs"]] == [1]
+    (ignored,) = smoke["tfla"]["ignored"]
+    assert "other.json" in ignored and "(4, 64, 64)" in ignored
+    (row,) = smoke["tables"]["prefill"]
+    assert (row["backend"], row["B"], row["S"]) == ("chunkwise chunk_size=256", 1, 64)
+    assert row["tokens_per_s"] == pytest.approx(64 / row["median_s"]) and row["flops"] > 0
+    assert smoke["model"]["preset"] == "tiny" and smoke["ceilings"]["source"] == "nominal"
+
+
+@pytest.mark.skipif(importlib.util.find_spec("torch") is not None, reason="torch is installed: TFLA would run")
+def test_tfla_is_skipped_without_torch(tmp_path):
+    args = chunkwise.parse(["--smoke"])
+    status, paths = chunkwise.run_tfla(args, tmp_path, 10.0)
+    assert status.startswith("skipped: torch") and paths == []
+    (argv,) = chunkwise.tfla_argv(args, tmp_path)  # what the subprocess would get: one run for B=1
+    assert argv[:4] == ["--part", "seq", "--B", "1"] and argv[argv.index("--S") + 1] == "128"
+
+
+@pytest.mark.parametrize(
+    ("option", "value"),
+    [("--shapes", "8"), ("--shapes", "0x128"), ("--block-dhv", "16"), ("--prefill-backends", "nope"),
+     ("--prefill-backends", "chunkwise:chunk_size"), ("--prefill-backends", "chunkwise:bogus=1")],
+)  # fmt: skip
+def test_bad_options_are_refused(option, value):
+    with pytest.raises(SystemExit):
+        chunkwise.parse([option, value])
+
+
+def test_option_parsers():
+    assert chunkwise.shape("4x16384") == (4, 16384)
+    assert chunkwise.prefill_backend("chunkwise:chunk_size=64") == ("chunkwise", (("chunk_size", 64),))
+    with pytest.raises(argparse.ArgumentTypeError, match="BxS"):
+        chunkwise.shape("4x")
