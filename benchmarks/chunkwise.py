@@ -43,8 +43,9 @@ is sampled; the full h at B=8, S=32768 has 10⁹ elements), bound ``RMS_BOUND['b
 FLOPs and bytes (``benchmarks/forms.py``'s ``floor_counts`` at each row's chunk size L: 64 for the kernel,
 the row's L for XLA and TFLA): per head ``4·S·DHQK·DHV + S·L·(DHQK + DHV)`` matrix FLOPs (the chunk
 summaries, the read-out and the causal halves of the L x L blocks), times B·NH, 3x for fwdbwd; bytes q, k,
-v, i, f read and h written once, ``B·NH·S·(2·DHQK + 2·DHV + 2)`` elements of 2 bytes, 2x for fwdbwd. The
-floor is the longer of the FLOPs at the measured matrix rate and the bytes at the measured copy bandwidth.
+v, i, f read and h written once, ``B·NH·S·(2·DHQK + 2·DHV + 2)`` elements of 2 bytes (the float32 gates'
+extra 4 bytes per step and head, 0.1%, left out), 2x for fwdbwd. The floor is the longer of the FLOPs at
+the measured matrix rate and the bytes at the measured copy bandwidth.
 
 Table ``prefill``: tokens per second of the language model's prefill (``xlstm_jax.generation.prefill``,
 random bf16 weights of ``--preset``, default xLSTM-7B, blocks under ``nn.scan``, built and timed as in
@@ -146,6 +147,7 @@ def shape(text: str) -> tuple[int, int]:
 
 
 def _value(text: str) -> Any:
+    """A backend config field's value from text: an int, a float, true/false, or the text itself."""
     for kind in (int, float):
         try:
             return kind(text)
@@ -171,6 +173,7 @@ def prefill_backend(text: str) -> tuple[str, tuple[tuple[str, Any], ...]]:
 
 
 def parse(argv: Sequence[str] | None) -> argparse.Namespace:
+    """The parsed and checked options (``--smoke`` changes the defaults; explicit options still win)."""
     argv = list(sys.argv[1:] if argv is None else argv)
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--smoke", action="store_true", help="tiny shapes on a CPU, the kernel interpreted")
