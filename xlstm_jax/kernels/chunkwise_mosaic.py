@@ -110,6 +110,7 @@ def _chunk_body(
     block_dhv: int,
     depth: int,
     interpret: bool,
+    overlap: bool,
 ):
     f32, dtype = jnp.float32, q_ref.dtype
     _, S, DHQK = q_ref.shape
@@ -159,35 +160,68 @@ def _chunk_body(
                 k_t = kt[0]
             else:
                 k_t = plgpu.transpose_ref(k_smem, (1, 0))  # (DHQK, L)
-            scores = _product(q_smem, k_t, (L, L))
-            row = load(plan_smem.at[_ROW], row_layout)
-            col = load(plan_smem.at[_COL], col_layout)
-            breaks_t = load(plan_smem.at[_BREAKS], row_layout)
-            breaks_s = load(plan_smem.at[_BREAKS], col_layout)
-            t_ids, s_ids = iota(0), iota(1)
-            same = lax.broadcast_in_dim(breaks_t, (L, L), (0,)) == lax.broadcast_in_dim(breaks_s, (L, L), (1,))
-            log_d = lax.broadcast_in_dim(row, (L, L), (0,)) + lax.broadcast_in_dim(col, (L, L), (1,))
-            d = jnp.where((s_ids <= t_ids) & same, jnp.exp(log_d), 0.0)
-            p = scores * d * scale
-            p_smem[...] = p.astype(dtype)
-            plgpu.commit_smem()
-            inter = _product(q_smem, c16_smem, (L, NV))
-            intra = _product(p_smem, v_smem, (L, NV))
-            w = load(plan_smem.at[_INTER], row_layout)
-            qn = jnp.sum(p, axis=1) + load(plan_smem.at[_QN], row_layout)
-            den = jnp.maximum(jnp.abs(qn), load(plan_smem.at[_LOWER], row_layout)) + eps
-            num = lax.broadcast_in_dim(w, (L, NV), (0,)) * inter + intra
-            h = (num / lax.broadcast_in_dim(den, (L, NV), (0,))).astype(h_smem.dtype)
-            plgpu.wait_smem_to_gmem(0, wait_read_only=True)  # the previous chunk's h has left h_smem
-            h_smem[...] = h
-            plgpu.commit_smem()
-            plgpu.copy_smem_to_gmem(h_smem, h_ref.at[bh, pl.ds(j * L, L), columns])
 
-            gain = load(plan_smem.at[_GAIN], row_layout)
-            gv = load(v_smem, tile).astype(f32) * lax.broadcast_in_dim(gain, (L, NV), (0,))
-            gv_smem[...] = gv.astype(dtype)
-            plgpu.commit_smem()
-            c = decay_ref[bh, j] * c + _product(k_t, gv_smem, (DHQK, NV))
+            def scores_to_p(scores):
+                """The gated scores P (registers) from q kᵀ, and P into shared memory for P v."""
+                row = load(plan_smem.at[_ROW], row_layout)
+                col = load(plan_smem.at[_COL], col_layout)
+                breaks_t = load(plan_smem.at[_BREAKS], row_layout)
+                breaks_s = load(plan_smem.at[_BREAKS], col_layout)
+                t_ids, s_ids = iota(0), iota(1)
+                same = lax.broadcast_in_dim(breaks_t, (L, L), (0,)) == lax.broadcast_in_dim(breaks_s, (L, L), (1,))
+                log_d = lax.broadcast_in_dim(row, (L, L), (0,)) + lax.broadcast_in_dim(col, (L, L), (1,))
+                d = jnp.where((s_ids <= t_ids) & same, jnp.exp(log_d), 0.0)
+                p = scores * d * scale
+                p_smem[...] = p.astype(dtype)
+                return p
+
+            def gated_values():
+                """g ⊙ v into shared memory for the state update kᵀ (g ⊙ v)."""
+                gain = load(plan_smem.at[_GAIN], row_layout)
+                gv = load(v_smem, tile).astype(f32) * lax.broadcast_in_dim(gain, (L, NV), (0,))
+                gv_smem[...] = gv.astype(dtype)
+
+            def write_h(p, inter, intra):
+                w = load(plan_smem.at[_INTER], row_layout)
+                qn = jnp.sum(p, axis=1) + load(plan_smem.at[_QN], row_layout)
+                den = jnp.maximum(jnp.abs(qn), load(plan_smem.at[_LOWER], row_layout)) + eps
+                num = lax.broadcast_in_dim(w, (L, NV), (0,)) * inter + intra
+                h = (num / lax.broadcast_in_dim(den, (L, NV), (0,))).astype(h_smem.dtype)
+                plgpu.wait_smem_to_gmem(0, wait_read_only=True)  # the previous chunk's h has left h_smem
+                h_smem[...] = h
+                plgpu.commit_smem()
+                plgpu.copy_smem_to_gmem(h_smem, h_ref.at[bh, pl.ds(j * L, L), columns])
+
+            if overlap:
+                # Four products in flight in order: q kᵀ and q C at once; P v and kᵀ (g ⊙ v) once P and g ⊙ v are
+                # in shared memory, h computed while the state update's product runs.
+                def first(acc_s, acc_inter):
+                    plgpu.wgmma(acc_s, q_smem, k_t)
+                    plgpu.wgmma(acc_inter, q_smem, c16_smem)
+                    plgpu.wgmma_wait(1)  # q kᵀ done
+                    p = scores_to_p(acc_s[...])
+                    gated_values()
+                    plgpu.commit_smem()
+
+                    def second(acc_intra, acc_x):
+                        plgpu.wgmma(acc_intra, p_smem, v_smem)
+                        plgpu.wgmma(acc_x, k_t, gv_smem)
+                        plgpu.wgmma_wait(1)  # all but the state update done
+                        write_h(p, acc_inter[...], acc_intra[...])
+                        plgpu.wgmma_wait(0)
+                        return acc_x[...]
+
+                    return pl.run_scoped(second, plgpu.ACC((L, NV), f32), plgpu.ACC((DHQK, NV), f32))
+
+                update = pl.run_scoped(first, plgpu.ACC((L, L), f32), plgpu.ACC((L, NV), f32))
+            else:
+                p = scores_to_p(_product(q_smem, k_t, (L, L)))
+                plgpu.commit_smem()
+                write_h(p, _product(q_smem, c16_smem, (L, NV)), _product(p_smem, v_smem, (L, NV)))
+                gated_values()
+                plgpu.commit_smem()
+                update = _product(k_t, gv_smem, (DHQK, NV))
+            c = decay_ref[bh, j] * c + update
             c16_smem[...] = c.astype(dtype)
             plgpu.commit_smem()
 
@@ -233,7 +267,7 @@ def _chunk_body(
     pl.run_scoped(store_c, c32, collective_axes="wg")
 
 
-@functools.partial(jax.jit, static_argnames=("eps", "block_dhv", "depth", "interpret"))
+@functools.partial(jax.jit, static_argnames=("eps", "block_dhv", "depth", "interpret", "overlap"))
 def mosaic_chunkwise(
     q: jax.Array,  # (BH, S, DHQK), S a multiple of CHUNK
     k: jax.Array,  # (BH, S, DHQK)
@@ -246,6 +280,7 @@ def mosaic_chunkwise(
     block_dhv: int = 32,
     depth: int = 2,
     interpret: bool = False,
+    overlap: bool = True,
 ) -> tuple[jax.Array, jax.Array]:
     """The kernel on ``BH`` flattened heads, from :func:`chunk_plan`'s plan; the caller checks shapes.
 
@@ -262,7 +297,9 @@ def mosaic_chunkwise(
         params = mosaic_interpret_params()
         if params is None:
             raise ValueError("interpret=True needs a JAX with Mosaic GPU's interpreter (jax 0.10 or newer)")
-    body = functools.partial(_chunk_body, eps=eps, block_dhv=block_dhv, depth=depth, interpret=interpret)
+    body = functools.partial(
+        _chunk_body, eps=eps, block_dhv=block_dhv, depth=depth, interpret=interpret, overlap=overlap
+    )
     kernel = pl.kernel(
         body,
         out_type=(jax.ShapeDtypeStruct((BH, S, DHV), q.dtype), jax.ShapeDtypeStruct((BH, DHQK, DHV), jnp.float32)),
@@ -311,7 +348,7 @@ def chunk_plan(x: ChunkedSequence) -> tuple[jax.Array, jax.Array, tuple[jax.Arra
     return plan, decay, (n_last, m_last)
 
 
-def _forward(x: ChunkedSequence, eps: float, block_dhv: int, depth: int, interpret: bool):
+def _forward(x: ChunkedSequence, eps: float, block_dhv: int, depth: int, interpret: bool, overlap: bool):
     """h (B, NH, S, DHV) and the last states (c, n, m) in the accumulation dtype."""
     B, NH, S, DHQK, DHV = x.dims
     NC, L = x.NC, x.L
@@ -328,6 +365,7 @@ def _forward(x: ChunkedSequence, eps: float, block_dhv: int, depth: int, interpr
         block_dhv=block_dhv,
         depth=depth,
         interpret=interpret,
+        overlap=overlap,
     )
     h = h.reshape(B, NH, NC * L, DHV)[:, :, :S]
     return h, (c_last.reshape(B, NH, DHQK, DHV), n_last, m_last)
@@ -350,6 +388,7 @@ def chunkwise_mosaic_fw(
     block_dhv: int = 32,
     depth: int = 2,
     interpret: bool = False,
+    overlap: bool = True,
 ) -> jax.Array | tuple[jax.Array, tuple[jax.Array, jax.Array, jax.Array]]:
     """The mLSTM on a whole sequence, chunkwise, with the products in a Mosaic GPU kernel (module docstring).
 
@@ -376,7 +415,7 @@ def chunkwise_mosaic_fw(
     def run(q, k, v, i, f, states):
         c0, n0, m0 = states if states_given else (None, None, None)
         x = chunk_sequence(q, k, v, i, f, c0, n0, m0, eps, state_dtype, CHUNK, segment_ids, True)
-        h, last = _forward(x, eps, block_dhv, depth, interpret)
+        h, last = _forward(x, eps, block_dhv, depth, interpret, overlap)
         return h.astype(q.dtype), cast_states(last, x.out_dtypes)
 
     def run_fwd(q, k, v, i, f, states):
