@@ -65,12 +65,12 @@ def _body(*refs, residuals: int, write_sum: bool, has_side: bool, eps: float, ca
     def read(ref):  # a (K,) reference as its chunks, in registers
         return [ref.at[p][...] for p in pieces]
 
-    def total(values):  # a float32 sum over the row's chunks
-        return functools.reduce(operator.add, values)
+    def total(values):  # the sum over the row of chunks of float32 values: added chunkwise, one reduction
+        return jnp.sum(functools.reduce(operator.add, values))
 
     rows = zip(read(x_ref.at[row]), *(read(r.at[row]) for r in r_refs), strict=True)
     s = [residual_sum(x, rs) for x, *rs in rows]
-    scale = rms_scale(total(jnp.sum(jnp.square(c.astype(f32))) for c in s), K, eps)
+    scale = rms_scale(total(jnp.square(c.astype(f32)) for c in s), K, eps)
     y = [normed_row(c, w, scale) for c, w in zip(s, read(w_ref), strict=True)]
 
     def write_rows():
@@ -88,7 +88,7 @@ def _body(*refs, residuals: int, write_sum: bool, has_side: bool, eps: float, ca
     @pl.when(column > 0)
     def _():
         j = column - 1
-        acc = total(jnp.sum(c.astype(f32) * w.astype(f32)) for c, w in zip(y, read(sw_ref.at[j]), strict=True))
+        acc = total(c.astype(f32) * w.astype(f32) for c, w in zip(y, read(sw_ref.at[j]), strict=True))
         g_ref[row, j] = capped_gate(acc, sb_ref[j], cap)
 
 

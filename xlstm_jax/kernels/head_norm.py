@@ -63,11 +63,14 @@ def read_out_chunks(
     ``dtype``, as the model's ``MultiHeadLayerNorm`` and output gate in XLA round."""
     f32 = jnp.float32
     size = sum(c.shape[0] for c in h)
-    total = functools.partial(functools.reduce, operator.add)
+
+    def total(values):  # the sum over the head of chunks of float32 values: added chunkwise, one reduction
+        return jnp.sum(functools.reduce(operator.add, values))
+
     y = [c.astype(dtype).astype(f32) for c in h]
-    mean = total(jnp.sum(c) for c in y) / size
+    mean = total(y) / size
     y = [c - mean for c in y]
-    scale = jax.lax.rsqrt(total(jnp.sum(jnp.square(c)) for c in y) / size + norm_eps)
+    scale = jax.lax.rsqrt(total(jnp.square(c) for c in y) / size + norm_eps)
     out = []
     for c, w, o_c in zip(y, weight, o, strict=True):
         c = (c * scale).astype(dtype)
