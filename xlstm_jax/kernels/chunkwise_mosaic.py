@@ -60,8 +60,10 @@ __all__ = [
 
 CHUNK = 64  # steps per chunk: the M of the WGMMA tiles of the scores and of h
 _ROWS = 64  # the WGMMA layout tiles rows in groups of 64
-_PLAN_ROWS = 8  # vectors per chunk in the plan (rows of a (8, L) float32 block; the last is unused)
-_ROW, _COL, _BREAKS, _INTER, _QN, _LOWER, _GAIN = range(7)  # the plan's rows
+_PLAN_ROWS = 8  # vectors per chunk in the plan, rows of an (8, L) float32 block
+# The plan's rows. The break counts are there twice, read as row and as column vectors: one shared-memory vector
+# read in two register layouts defeats JAX 0.11's layout inference.
+_ROW, _COL, _BREAKS, _INTER, _QN, _LOWER, _GAIN, _BREAKS_COL = range(_PLAN_ROWS)
 
 
 def chunkwise_mosaic_unsupported(DHQK: int, DHV: int, dtype: Any, block_dhv: int) -> str | None:
@@ -125,6 +127,9 @@ def _chunk_body(
     def load(ref, layout):
         return _load(ref, layout, interpret)
 
+    def cast(x, layout):  # a layout annotation: JAX 0.11's layout inference needs them to settle this kernel
+        return x if interpret else plgpu.layout_cast(x, layout)
+
     def iota(dimension):  # (L, L) step indices along ``dimension``, in the scores' layout
         if interpret:
             return lax.broadcasted_iota(jnp.int32, (L, L), dimension)
@@ -147,7 +152,7 @@ def _chunk_body(
 
         for j in range(min(depth, NC)):
             issue(j, j)
-        c16_smem[...] = c_init.astype(dtype)
+        c16_smem[...] = cast(c_init.astype(dtype), tile)
         plgpu.commit_smem()
 
         def chunk(j, c):
@@ -159,34 +164,40 @@ def _chunk_body(
                 kt[0][...] = k_smem[...].T
                 k_t = kt[0]
             else:
-                k_t = plgpu.transpose_ref(k_smem, (1, 0))  # (DHQK, L)
+                k_t = k_smem.transpose((1, 0))  # (DHQK, L)
 
             def scores_to_p(scores):
                 """The gated scores P (registers) from q kᵀ, and P into shared memory for P v."""
                 row = load(plan_smem.at[_ROW], row_layout)
                 col = load(plan_smem.at[_COL], col_layout)
                 breaks_t = load(plan_smem.at[_BREAKS], row_layout)
-                breaks_s = load(plan_smem.at[_BREAKS], col_layout)
+                breaks_s = load(plan_smem.at[_BREAKS_COL], col_layout)
                 t_ids, s_ids = iota(0), iota(1)
-                same = lax.broadcast_in_dim(breaks_t, (L, L), (0,)) == lax.broadcast_in_dim(breaks_s, (L, L), (1,))
-                log_d = lax.broadcast_in_dim(row, (L, L), (0,)) + lax.broadcast_in_dim(col, (L, L), (1,))
-                d = jnp.where((s_ids <= t_ids) & same, jnp.exp(log_d), 0.0)
-                p = scores * d * scale
-                p_smem[...] = p.astype(dtype)
+                same = cast(lax.broadcast_in_dim(breaks_t, (L, L), (0,)), tile) == cast(
+                    lax.broadcast_in_dim(breaks_s, (L, L), (1,)), tile
+                )
+                log_d = cast(lax.broadcast_in_dim(row, (L, L), (0,)), tile) + cast(
+                    lax.broadcast_in_dim(col, (L, L), (1,)), tile
+                )
+                d = cast(jnp.where((s_ids <= t_ids) & same, jnp.exp(log_d), 0.0), tile)
+                p = cast(cast(scores, tile) * d * scale, tile)
+                p_smem[...] = cast(p.astype(dtype), tile)
                 return p
 
             def gated_values():
                 """g ⊙ v into shared memory for the state update kᵀ (g ⊙ v)."""
                 gain = load(plan_smem.at[_GAIN], row_layout)
-                gv = load(v_smem, tile).astype(f32) * lax.broadcast_in_dim(gain, (L, NV), (0,))
-                gv_smem[...] = gv.astype(dtype)
+                gv = load(v_smem, tile).astype(f32) * cast(lax.broadcast_in_dim(gain, (L, NV), (0,)), tile)
+                gv_smem[...] = cast(gv.astype(dtype), tile)
 
             def write_h(p, inter, intra):
                 w = load(plan_smem.at[_INTER], row_layout)
-                qn = jnp.sum(p, axis=1) + load(plan_smem.at[_QN], row_layout)
-                den = jnp.maximum(jnp.abs(qn), load(plan_smem.at[_LOWER], row_layout)) + eps
-                num = lax.broadcast_in_dim(w, (L, NV), (0,)) * inter + intra
-                h = (num / lax.broadcast_in_dim(den, (L, NV), (0,))).astype(h_smem.dtype)
+                qn = cast(cast(jnp.sum(p, axis=1), row_layout) + load(plan_smem.at[_QN], row_layout), row_layout)
+                den = cast(jnp.maximum(jnp.abs(qn), load(plan_smem.at[_LOWER], row_layout)) + eps, row_layout)
+                num = cast(
+                    cast(lax.broadcast_in_dim(w, (L, NV), (0,)), tile) * cast(inter, tile) + cast(intra, tile), tile
+                )
+                h = cast((num / cast(lax.broadcast_in_dim(den, (L, NV), (0,)), tile)).astype(h_smem.dtype), tile)
                 plgpu.wait_smem_to_gmem(0, wait_read_only=True)  # the previous chunk's h has left h_smem
                 h_smem[...] = h
                 plgpu.commit_smem()
@@ -221,8 +232,8 @@ def _chunk_body(
                 gated_values()
                 plgpu.commit_smem()
                 update = _product(k_t, gv_smem, (DHQK, NV))
-            c = decay_ref[bh, j] * c + update
-            c16_smem[...] = c.astype(dtype)
+            c = cast(decay_ref[bh, j] * c + cast(update, tile), tile)
+            c16_smem[...] = cast(c.astype(dtype), tile)
             plgpu.commit_smem()
 
             @pl.when(j + depth < NC)
@@ -317,7 +328,7 @@ def chunk_plan(x: ChunkedSequence) -> tuple[jax.Array, jax.Array, tuple[jax.Arra
         ``(plan (B, NH, NC, 8, L), decay (B, NH, NC), (n, m) after the last chunk)``, float32 (the accumulation
         dtype); the plan's rows are, per step t and chunk: ``F_t - m_t``, ``i_t - F_t`` (-inf at padding), the
         break count, ``DHQK^-1/2 exp(F_t + m_border - m_t)`` (0 after a break), ``q̂_t·n_border`` times that,
-        ``exp(-m_t)``, the step's weight in the state at the chunk's end, and zeros.
+        ``exp(-m_t)``, the step's weight in the state at the chunk's end, and the break count again.
     """
     F, R, i, valid = x.F, x.R, x.i, x.valid
     acc = F.dtype
@@ -343,7 +354,7 @@ def chunk_plan(x: ChunkedSequence) -> tuple[jax.Array, jax.Array, tuple[jax.Arra
     if valid is not None:
         a = jnp.where(valid, a, -jnp.inf)
     gain = weight(a, m_end[..., None])
-    plan = jnp.stack([row, col, R, inter, inter * q_n, jnp.exp(-m), gain, jnp.zeros_like(F)], axis=-2)
+    plan = jnp.stack([row, col, R, inter, inter * q_n, jnp.exp(-m), gain, R], axis=-2)
     decay = weight(log_decay + m_b, m_end)
     return plan, decay, (n_last, m_last)
 
