@@ -18,6 +18,7 @@ import pytest
 
 from tests.kernels import ON_GPU
 from tests.mlstm.form_checks import check_forward, random_inputs
+from tests.numerics import TOL
 from xlstm_jax.kernels.chunkwise_mosaic import (
     CHUNK,
     chunkwise_mosaic_fw,
@@ -89,9 +90,9 @@ def test_packed_documents(states):
 
 @runs
 def test_gradients_are_the_xla_forms():
-    """The custom_vjp's backward is the XLA chunkwise form's at the same chunk size: every input's gradient, the
+    """Under differentiation the XLA chunkwise form runs (at ``xla_chunk_size``): every input's gradient, the
     initial states' included, equals jax.vjp of that form on the same bf16 inputs, for cotangents on h and on all
-    three last states."""
+    three last states; the forward values under jax.vjp are the XLA form's, and agree with the kernel's."""
     x = random_inputs(3, 1, 1, 80, 64, 32, states=True)
     names = ("q", "k", "v", "i", "f")
     args = [jnp.asarray(x[name], jnp.bfloat16) for name in names] + [
@@ -103,8 +104,8 @@ def test_gradients_are_the_xla_forms():
         h, (c, n, m) = form(*a, return_last_states=True, segment_ids=ids)
         return h.astype(jnp.float32), c, n, m
 
-    mosaic = functools.partial(outputs, kernel())
-    xla = functools.partial(outputs, functools.partial(chunkwise_fw, chunk_size=CHUNK))
+    mosaic = functools.partial(outputs, functools.partial(kernel(), xla_chunk_size=16))
+    xla = functools.partial(outputs, functools.partial(chunkwise_fw, chunk_size=16))
     rng = np.random.default_rng(0)
     outs = mosaic(*args)
     cotangents = tuple(jnp.asarray(rng.standard_normal(o.shape), jnp.float32) for o in outs)
@@ -112,6 +113,12 @@ def test_gradients_are_the_xla_forms():
     expected = jax.jit(lambda *a: jax.vjp(xla, *a)[1](cotangents))(*args)
     for name, g, e in zip((*names, "c0", "n0", "m0"), grads, expected, strict=True):
         np.testing.assert_array_equal(np.asarray(g, np.float32), np.asarray(e, np.float32), err_msg=name)
+    under_vjp = jax.jit(lambda *a: jax.vjp(mosaic, *a)[0])(*args)
+    for name, a, b in zip("hcnm", under_vjp, jax.jit(xla)(*args), strict=True):
+        np.testing.assert_array_equal(np.asarray(a), np.asarray(b), err_msg=name)
+    for name, a, b in zip("hcnm", under_vjp, jax.jit(mosaic)(*args), strict=True):  # kernel against XLA form
+        scale = np.max(np.abs(np.asarray(b)))
+        assert np.max(np.abs(np.asarray(a) - np.asarray(b))) <= TOL["bfloat16/float32"].max_err * scale, name
 
 
 def test_unsupported_calls_raise():

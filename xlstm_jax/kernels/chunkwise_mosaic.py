@@ -26,7 +26,10 @@ inputs would run as TF32 and are left to the XLA form); DHQK a multiple of 64, D
 ``block_dhv`` (32 or 64). Non-finite values in k or v make h non-finite in their whole chunk (the XLA form keeps
 the steps before them finite). :func:`chunkwise_mosaic_unsupported` says why a call cannot run.
 
-Gradients: a ``custom_vjp`` whose backward pass is that of the XLA form (recomputed from the inputs).
+Gradients: a ``custom_vjp``. A call that is only evaluated runs the kernel; under differentiation (``jax.grad``,
+``jax.vjp``) the forward and backward passes are the XLA chunkwise form's (chunk size ``xla_chunk_size``), whose
+forward and backward together are faster than the kernel's forward followed by the XLA form's recomputation
+(BENCHMARKS.md, the Mosaic chunkwise kernel). The two forwards agree to rounding.
 
 Interpret mode. ``interpret=True`` runs the kernel in Mosaic GPU's interpreter on any backend (slow; for tests
 on a CPU) where the JAX version has one (:func:`xlstm_jax.kernels.mosaic.mosaic_interpret_params`).
@@ -112,7 +115,6 @@ def _chunk_body(
     block_dhv: int,
     depth: int,
     interpret: bool,
-    overlap: bool,
 ):
     f32, dtype = jnp.float32, q_ref.dtype
     _, S, DHQK = q_ref.shape
@@ -203,35 +205,27 @@ def _chunk_body(
                 plgpu.commit_smem()
                 plgpu.copy_smem_to_gmem(h_smem, h_ref.at[bh, pl.ds(j * L, L), columns])
 
-            if overlap:
-                # Four products in flight in order: q kᵀ and q C at once; P v and kᵀ (g ⊙ v) once P and g ⊙ v are
-                # in shared memory, h computed while the state update's product runs.
-                def first(acc_s, acc_inter):
-                    plgpu.wgmma(acc_s, q_smem, k_t)
-                    plgpu.wgmma(acc_inter, q_smem, c16_smem)
-                    plgpu.wgmma_wait(1)  # q kᵀ done
-                    p = scores_to_p(acc_s[...])
-                    gated_values()
-                    plgpu.commit_smem()
-
-                    def second(acc_intra, acc_x):
-                        plgpu.wgmma(acc_intra, p_smem, v_smem)
-                        plgpu.wgmma(acc_x, k_t, gv_smem)
-                        plgpu.wgmma_wait(1)  # all but the state update done
-                        write_h(p, acc_inter[...], acc_intra[...])
-                        plgpu.wgmma_wait(0)
-                        return acc_x[...]
-
-                    return pl.run_scoped(second, plgpu.ACC((L, NV), f32), plgpu.ACC((DHQK, NV), f32))
-
-                update = pl.run_scoped(first, plgpu.ACC((L, L), f32), plgpu.ACC((L, NV), f32))
-            else:
-                p = scores_to_p(_product(q_smem, k_t, (L, L)))
-                plgpu.commit_smem()
-                write_h(p, _product(q_smem, c16_smem, (L, NV)), _product(p_smem, v_smem, (L, NV)))
+            # Four products in flight in order: q kᵀ and q C at once; P v and kᵀ (g ⊙ v) once P and g ⊙ v are
+            # in shared memory, h computed while the state update's product runs.
+            def first(acc_s, acc_inter):
+                plgpu.wgmma(acc_s, q_smem, k_t)
+                plgpu.wgmma(acc_inter, q_smem, c16_smem)
+                plgpu.wgmma_wait(1)  # q kᵀ done
+                p = scores_to_p(acc_s[...])
                 gated_values()
                 plgpu.commit_smem()
-                update = _product(k_t, gv_smem, (DHQK, NV))
+
+                def second(acc_intra, acc_x):
+                    plgpu.wgmma(acc_intra, p_smem, v_smem)
+                    plgpu.wgmma(acc_x, k_t, gv_smem)
+                    plgpu.wgmma_wait(1)  # all but the state update done
+                    write_h(p, acc_inter[...], acc_intra[...])
+                    plgpu.wgmma_wait(0)
+                    return acc_x[...]
+
+                return pl.run_scoped(second, plgpu.ACC((L, NV), f32), plgpu.ACC((DHQK, NV), f32))
+
+            update = pl.run_scoped(first, plgpu.ACC((L, L), f32), plgpu.ACC((L, NV), f32))
             c = cast(decay_ref[bh, j] * c + cast(update, tile), tile)
             c16_smem[...] = cast(c.astype(dtype), tile)
             plgpu.commit_smem()
@@ -278,7 +272,7 @@ def _chunk_body(
     pl.run_scoped(store_c, c32, collective_axes="wg")
 
 
-@functools.partial(jax.jit, static_argnames=("eps", "block_dhv", "depth", "interpret", "overlap"))
+@functools.partial(jax.jit, static_argnames=("eps", "block_dhv", "depth", "interpret"))
 def mosaic_chunkwise(
     q: jax.Array,  # (BH, S, DHQK), S a multiple of CHUNK
     k: jax.Array,  # (BH, S, DHQK)
@@ -291,7 +285,6 @@ def mosaic_chunkwise(
     block_dhv: int = 32,
     depth: int = 2,
     interpret: bool = False,
-    overlap: bool = True,
 ) -> tuple[jax.Array, jax.Array]:
     """The kernel on ``BH`` flattened heads, from :func:`chunk_plan`'s plan; the caller checks shapes.
 
@@ -308,9 +301,7 @@ def mosaic_chunkwise(
         params = mosaic_interpret_params()
         if params is None:
             raise ValueError("interpret=True needs a JAX with Mosaic GPU's interpreter (jax 0.10 or newer)")
-    body = functools.partial(
-        _chunk_body, eps=eps, block_dhv=block_dhv, depth=depth, interpret=interpret, overlap=overlap
-    )
+    body = functools.partial(_chunk_body, eps=eps, block_dhv=block_dhv, depth=depth, interpret=interpret)
     kernel = pl.kernel(
         body,
         out_type=(jax.ShapeDtypeStruct((BH, S, DHV), q.dtype), jax.ShapeDtypeStruct((BH, DHQK, DHV), jnp.float32)),
@@ -359,7 +350,7 @@ def chunk_plan(x: ChunkedSequence) -> tuple[jax.Array, jax.Array, tuple[jax.Arra
     return plan, decay, (n_last, m_last)
 
 
-def _forward(x: ChunkedSequence, eps: float, block_dhv: int, depth: int, interpret: bool, overlap: bool):
+def _forward(x: ChunkedSequence, eps: float, block_dhv: int, depth: int, interpret: bool):
     """h (B, NH, S, DHV) and the last states (c, n, m) in the accumulation dtype."""
     B, NH, S, DHQK, DHV = x.dims
     NC, L = x.NC, x.L
@@ -376,7 +367,6 @@ def _forward(x: ChunkedSequence, eps: float, block_dhv: int, depth: int, interpr
         block_dhv=block_dhv,
         depth=depth,
         interpret=interpret,
-        overlap=overlap,
     )
     h = h.reshape(B, NH, NC * L, DHV)[:, :, :S]
     return h, (c_last.reshape(B, NH, DHQK, DHV), n_last, m_last)
@@ -399,18 +389,19 @@ def chunkwise_mosaic_fw(
     block_dhv: int = 32,
     depth: int = 2,
     interpret: bool = False,
-    overlap: bool = True,
+    xla_chunk_size: int = 256,
 ) -> jax.Array | tuple[jax.Array, tuple[jax.Array, jax.Array, jax.Array]]:
     """The mLSTM on a whole sequence, chunkwise, with the products in a Mosaic GPU kernel (module docstring).
 
-    Arguments, results and errors as :func:`xlstm_jax.mlstm.chunkwise.chunkwise_fw` (the chunk size is fixed at
-    :data:`CHUNK`); differentiable (the backward pass is the XLA form's).
+    Arguments, results and errors as :func:`xlstm_jax.mlstm.chunkwise.chunkwise_fw` (the kernel's chunk size is
+    fixed at :data:`CHUNK`). Differentiable: under differentiation the XLA form runs instead (module docstring).
 
     Args:
         block_dhv: Columns of c per program, 32 or 64: more columns recompute the (L, L) scores fewer times,
-            fewer hold less of c in registers.
+            fewer hold less of c in registers (32 is the faster on an H200; BENCHMARKS.md).
         depth: Chunks in flight in the TMA pipeline.
         interpret: Run in Mosaic GPU's interpreter (any backend; slow).
+        xla_chunk_size: The chunk size of the XLA form that runs under differentiation.
 
     Raises:
         ValueError: as chunkwise_fw, and where the kernel cannot run (:func:`chunkwise_mosaic_unsupported`).
@@ -426,18 +417,20 @@ def chunkwise_mosaic_fw(
     def run(q, k, v, i, f, states):
         c0, n0, m0 = states if states_given else (None, None, None)
         x = chunk_sequence(q, k, v, i, f, c0, n0, m0, eps, state_dtype, CHUNK, segment_ids, True)
-        h, last = _forward(x, eps, block_dhv, depth, interpret, overlap)
+        h, last = _forward(x, eps, block_dhv, depth, interpret)
         return h.astype(q.dtype), cast_states(last, x.out_dtypes)
 
+    def xla(q, k, v, i, f, states):
+        c0, n0, m0 = states if states_given else (None, None, None)
+        return chunkwise_fw(
+            q, k, v, i, f, c0, n0, m0, True, eps, state_dtype, xla_chunk_size, segment_ids=segment_ids
+        )  # fmt: skip
+
     def run_fwd(q, k, v, i, f, states):
-        return run(q, k, v, i, f, states), (q, k, v, i, f, states)
+        return jax.vjp(xla, q, k, v, i, f, states)  # the outputs, and the XLA form's pullback as the residual
 
-    def run_bwd(residuals, cotangents):
-        def xla(q, k, v, i, f, states):
-            c0, n0, m0 = states if states_given else (None, None, None)
-            return chunkwise_fw(q, k, v, i, f, c0, n0, m0, True, eps, state_dtype, CHUNK, segment_ids=segment_ids)
-
-        return jax.vjp(xla, *residuals)[1](cotangents)
+    def run_bwd(pullback, cotangents):
+        return pullback(cotangents)
 
     run.defvjp(run_fwd, run_bwd)
     states = (c_initial, n_initial, m_initial) if states_given else None

@@ -1,7 +1,8 @@
 """The mLSTM backend ``"chunkwise_mosaic"``: the chunkwise form with its products in a Mosaic GPU kernel on Hopper.
 
 Declares the backend around :func:`xlstm_jax.kernels.chunkwise_mosaic.chunkwise_mosaic_fw` (chunks of 64 steps,
-c kept on chip per head and column block). Where the kernel does not apply (no Hopper GPU, float32 inputs, a
+c kept on chip per head and column block) for prompts; gradients (training) run the XLA form. Where the
+kernel does not apply (no Hopper GPU, float32 inputs, a
 head shape it does not tile, a state dtype other than float32) the backend runs the XLA chunkwise form
 (:func:`xlstm_jax.mlstm.chunkwise.chunkwise_fw`) with ``chunk_size``: the same function. Under a mesh the kernel
 runs per device on its rows and heads (``shard_map``).
@@ -43,7 +44,8 @@ def chunkwise_hopper_fw(
     block_dhv: int = 32,
     interpret: bool | None = None,
 ) -> Any:
-    """The chunkwise form: the Mosaic GPU kernel where it applies, else the XLA form with ``chunk_size``.
+    """The chunkwise form: the Mosaic GPU kernel where it applies, else the XLA form with ``chunk_size`` (which also
+    runs under differentiation: :func:`~xlstm_jax.kernels.chunkwise_mosaic.chunkwise_mosaic_fw`).
 
     Arguments and results as :func:`xlstm_jax.mlstm.chunkwise.chunkwise_fw`. ``interpret``: None picks the kernel
     on a Hopper GPU; True runs it in Mosaic GPU's interpreter (tests); False always runs the XLA form.
@@ -57,7 +59,7 @@ def chunkwise_hopper_fw(
     if use_kernel and fits and states_dtype in (None, jnp.dtype(jnp.float32)):
         return chunkwise_mosaic_fw(
             q, k, v, i, f, c_initial, n_initial, m_initial, return_last_states, eps, state_dtype,
-            segment_ids=segment_ids, block_dhv=block_dhv, interpret=bool(interpret),
+            segment_ids=segment_ids, block_dhv=block_dhv, interpret=bool(interpret), xla_chunk_size=chunk_size,
         )  # fmt: skip
     return chunkwise_fw(
         q, k, v, i, f, c_initial, n_initial, m_initial, return_last_states, eps, state_dtype, chunk_size,
@@ -74,7 +76,8 @@ class mLSTMBackendChunkwiseMosaicConfig(mLSTMBackendConfig):
         eps: Added to the normaliser after the max. Defaults to 1e-6.
         state_dtype: Name of the state dtype, or None (float32, or the initial states' dtype). The kernel keeps
             its states in float32; other state dtypes run the XLA form.
-        chunk_size: The XLA form's chunk size where the kernel does not run (the kernel's chunks are 64 steps).
+        chunk_size: The XLA form's chunk size where the kernel does not run and under differentiation (the kernel's
+            chunks are 64 steps).
         block_dhv: Columns of c per kernel program: 32 or 64 (BENCHMARKS.md compares them).
         interpret: None: the kernel on a Hopper GPU, the XLA form elsewhere; True: the kernel in Mosaic GPU's
             interpreter (slow; for tests); False: always the XLA form.
