@@ -19,6 +19,7 @@ import pytest
 from tests.kernels import ON_GPU
 from tests.mlstm.form_checks import check_forward, random_inputs
 from tests.numerics import TOL
+from xlstm_jax.generation import prefill
 from xlstm_jax.kernels.chunkwise_mosaic import (
     CHUNK,
     chunkwise_mosaic_fw,
@@ -29,6 +30,9 @@ from xlstm_jax.kernels.mosaic import mosaic_interpret_params
 from xlstm_jax.kernels.recurrent_step_mosaic import device_supports_mosaic
 from xlstm_jax.mlstm.chunkwise import chunkwise_fw
 from xlstm_jax.models.xlstm_parallel.blocks.mlstm.backend import create_mlstm_backend
+from xlstm_jax.models.xlstm_parallel.config import xLSTMLMConfig
+from xlstm_jax.models.xlstm_parallel.runtime import RuntimeConfig
+from xlstm_jax.training.init import init_params
 
 ON_HOPPER = ON_GPU and device_supports_mosaic()
 INTERPRET = not ON_HOPPER
@@ -158,3 +162,22 @@ def test_backend_runs_the_kernel():
     args = [jnp.asarray(x[name], jnp.bfloat16) for name in ("q", "k", "v", "i", "f")]
     assert "mlstm_chunkwise_mosaic" in str(jax.make_jaxpr(backend)(*args))
     assert "mlstm_chunkwise_mosaic" not in str(jax.make_jaxpr(backend)(*(a.astype(jnp.float32) for a in args)))
+
+
+@runs
+def test_model_prefill_with_the_kernel():
+    """The language model's prefill with ``prefill_backend="chunkwise_mosaic"`` (one head of DHQK=64, DHV=128, bf16
+    compute, a padded chunk) gives the logits and states of the XLA chunkwise backend, within the bf16 bound."""
+    config = xLSTMLMConfig.tiny(num_heads=1, num_blocks=1, dtype="bfloat16")
+    params = init_params(config, jax.random.PRNGKey(0))
+    ids = jax.random.randint(jax.random.PRNGKey(1), (2, 70), 0, config.vocab_size)
+    kernel_runtime = RuntimeConfig(
+        prefill_backend="chunkwise_mosaic", prefill_backend_kwargs=(("interpret", True if INTERPRET else None),)
+    )
+    xla_runtime = RuntimeConfig(prefill_backend="chunkwise", prefill_backend_kwargs=(("chunk_size", CHUNK),))
+    logits, states = prefill(config, params, ids, runtime=kernel_runtime)
+    logits_xla, states_xla = prefill(config, params, ids, runtime=xla_runtime)
+    bound = TOL["bfloat16/float32"].max_err
+    for name, a, b in [("logits", logits, logits_xla), *zip("cnm", states, states_xla, strict=True)]:
+        a, b = np.asarray(a, np.float32), np.asarray(b, np.float32)
+        assert np.max(np.abs(a - b)) <= bound * np.max(np.abs(b)), name
