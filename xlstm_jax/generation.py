@@ -1,8 +1,8 @@
 """Text generation with the xLSTM language model: one prefill call, then a jitted decode loop.
 
 1. **Prefill** (:func:`prefill`): the whole (left-padded) prompt batch runs through the model once with the
-   prefill backend (``runtime.prefill_backend``, the chunkwise form by default), which returns the states of
-   every block after the prompt and the logits of its last position.
+   prefill backend (``runtime.prefill_backend``, by default the chunkwise form, as a Mosaic GPU kernel on
+   Hopper), which returns the states of every block after the prompt and the logits of its last position.
 2. **Decode**: repeat *draw a token, feed it through the model with the one-token decode step*
    (``runtime.step_backend``) until ``max_new_tokens`` tokens or until every sequence has emitted a stop
    token. :func:`generate` runs the whole loop as one ``lax.while_loop`` program; :func:`stream` calls the

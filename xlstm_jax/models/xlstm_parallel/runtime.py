@@ -88,7 +88,8 @@ class RuntimeConfig:
 
     Attributes:
         prefill_backend: Registry name (``BACKENDS``) of the mLSTM form for whole sequences (prompts,
-            training): ``"chunkwise"`` by default.
+            training): ``"chunkwise_mosaic"`` by default, the Mosaic GPU chunkwise kernel for prompts on Hopper
+            GPUs and the XLA chunkwise form (chunks of 256) elsewhere and under differentiation (training).
         prefill_backend_kwargs: Extra config fields of that backend, as ``((name, value), ...)`` (hashable),
             e.g. ``(("chunk_size", 64),)``.
         step_backend: The one-token decode step: ``"recurrent"`` (XLA), ``"recurrent_pallas"`` (the fused
@@ -103,7 +104,7 @@ class RuntimeConfig:
         remat: :class:`Remat` (or its value as a string): rematerialisation of each block in training.
     """
 
-    prefill_backend: str = "chunkwise"
+    prefill_backend: str = "chunkwise_mosaic"
     prefill_backend_kwargs: tuple[tuple[str, Any], ...] = ()
     step_backend: str = "auto"
     scan_blocks: bool = False
