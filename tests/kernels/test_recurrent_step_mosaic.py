@@ -1,7 +1,7 @@
 """The Mosaic GPU decode-step kernel (``StepKernelConfig(backend="mosaic")``).
 
-Mosaic GPU has no interpret mode in the JAX versions CI runs (0.10), so on a CPU these tests check that the
-kernel lowers for CUDA with c aliased in place, and the backend selection and its errors. On a Hopper GPU the
+The kernel's ``emit_pipeline`` does not run in JAX's Mosaic GPU interpreter, so on a CPU these tests check that
+the kernel lowers for CUDA with c aliased in place, and the backend selection and its errors. On a Hopper GPU the
 kernel runs compiled against the float64 reference, with the cases of the Triton kernel's tests.
 """
 

@@ -1,9 +1,11 @@
-"""Fused GPU kernels in JAX Pallas (Triton lowering; the decode step also in Mosaic GPU for Hopper): the mLSTM
-decode step and whole sequence, the mLSTM layer's read-out after a decode step (per-head norm and output gate),
-and the residual add with the RMSNorm (and mLSTM gate product) after it for the model's decode step.
+"""Fused GPU kernels in JAX Pallas: the mLSTM decode step and whole sequence, the chunkwise forward
+(:mod:`xlstm_jax.kernels.chunkwise_mosaic`), the mLSTM layer's read-out after a decode step (per-head norm and
+output gate), and the residual add with the RMSNorm (and mLSTM gate product) after it for the model's decode step.
+Mosaic GPU kernels on Hopper (the decode step, the chunkwise forward, the norms), Triton kernels elsewhere.
 
-On a machine without a GPU the kernels run in Pallas interpret mode (``interpret=True``); the step, sequence
-and residual-norm functions also compute the same in XLA there (``interpret=None``).
+On a machine without a GPU the Triton kernels run in Pallas interpret mode (``interpret=True``) and the Mosaic
+GPU kernels in JAX's Mosaic GPU interpreter where it exists; the step, sequence and residual-norm functions also
+compute the same in XLA there (``interpret=None``).
 """
 
 from xlstm_jax.kernels.add_rms_norm import add_rms_norm_pallas

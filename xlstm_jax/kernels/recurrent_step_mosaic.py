@@ -25,9 +25,9 @@ fresh buffers, written by the head's first column block only: every program of a
 writing them in place would race with the head's other programs (as in the Triton kernel).
 
 Limits. Needs a Hopper GPU (TMA, compute capability 9.0) and a JAX with ``pl.kernel`` and
-``plgpu.Mesh`` (0.10 or newer). There is no interpret mode in the JAX versions this library supports on a
-CPU, so CI checks that the kernel lowers (for CUDA, on the CPU); its numbers are checked compiled on an
-H200 by the same tests as the Triton kernel. ``block_dhqk`` must be a multiple of 64 (the WGMMA layout's
+``plgpu.Mesh`` (0.10 or newer). Its ``emit_pipeline`` does not run in JAX's Mosaic GPU interpreter, so CI
+checks that the kernel lowers (for CUDA, on the CPU); its numbers are checked compiled on an H200 by the same
+tests as the Triton kernel. ``block_dhqk`` must be a multiple of 64 (the WGMMA layout's
 rows) and ``block_dhv`` a multiple of 32 (128-byte swizzled float32 rows).
 """
 
