@@ -8,29 +8,21 @@ and on a CPU with the tiny preset (a smoke test, seconds): ``PYTHONPATH=. python
 
 One set of ``--requests`` requests is drawn with ``--seed``: prompt lengths uniform in ``--prompt-len LO HI``,
 output lengths uniform in ``--output-len LO HI`` (both inclusive), prompt tokens uniform over the vocabulary.
-Every request is greedy with no stop token, so each produces exactly its output length. Tables:
+Every request is greedy with no stop token, so each produces exactly its output length.
 
-``step``: the bare decode step at batch ``--slots``, timed as ``benchmarks/generate.py`` times it: one
-:func:`xlstm_jax.generation.generate` call of the first static batch for N/2 + 1 and for N new tokens (N its
-token buffer), the time per token the difference over the extra tokens. ``--slots`` over that time is the
-step-limited output rate, the most any scheduler can draw from this step at that batch.
+The run compiles two sets of programs, each once: the :class:`xlstm_jax.serving.Engine`'s (decode step, prefill
+chunk, slot insertion and copy; a second engine with a prefix cache shares them, as the engine's programs are
+cached per model, runtime and shape) and :func:`xlstm_jax.generation.generate`'s at the static batch's shape
+(prefill and decode loop; the step table's timing reuses them). The parts come in order of importance, and the
+JSON is rewritten after every row, so a run stopped part way keeps what it measured:
 
-``static``: the same requests through ``generate`` in batches of ``--slots`` in arrival order (prompts
-left-padded to the longest allowed prompt, one compilation), each batch decoding its longest output; output
-tokens/s counts the tokens the requests asked for (what a client receives), over the batches' summed time
-(compilation excluded by one untimed call per batch shape).
+``step``, row ``engine``: the engine's own decode step over all ``--slots`` slots (every slot active, greedy),
+the program it runs while serving, ``--engine-steps`` calls queued back to back (the device's time per step);
+row ``engine+sync``: the same with the host waiting for each step's tokens, as the serving loop does.
 
-``rates``: the :class:`xlstm_jax.serving.Engine` (``--slots`` decode slots, no prefix cache) with the requests
-arriving as a Poisson process at each rate of ``--rates`` (requests/s; ``inf``: all at once), seeded. A client
-coroutine per request submits it at its arrival time and reads its stream (``async for``); times are taken as
-the events arrive. Per rate: output tokens/s (all tokens over first arrival to last token), time to first
-token (submit to first event) and inter-token latency (between a request's consecutive events), each p50 and
-p99 over requests (TTFT) or gaps (ITL). ``full_tokens_per_s`` is the rate while every slot is held, from the
-engine's counters sampled every ``--monitor-ms`` (None when the slots were never all held); ``mean_batch``
-the tokens per decode step. A last row, ``saturated``, submits ``--slots`` requests at once, each generating
-``2 * output max`` tokens, so that all slots run together for a while: its ``full_tokens_per_s`` is the rate
-at ``--slots`` concurrent streams, set against the step-limited rate (``of_step``) and the static rate
-(``of_static``).
+``saturated``: ``--slots`` requests submitted at once, each generating ``2 * output max`` tokens, so that all
+slots run together for a while; ``full_tokens_per_s`` is the output rate while every slot is held, from the
+engine's counters sampled every ``--monitor-ms``: the rate at ``--slots`` concurrent streams.
 
 ``prefix``: a shared system prompt of ``--system-tokens`` random tokens followed by a user suffix of
 ``--suffix-len LO HI`` tokens, ``--prefix-requests`` requests sent one after another (each after the last has
@@ -38,9 +30,29 @@ finished, so no request queues), ``--prefix-output`` tokens each; time to first 
 and with a cache of ``--prefix-cache-bytes`` into which ``Engine.cache_prefix`` put the system prompt first.
 ``speedup`` is the p50 without over the p50 with; ``hits`` the cache's hit count.
 
-The JSON's ``targets`` sets the saturated rate against the step-limited and static rates and the prefix
-speedup beside the wanted 0.85, 2 and 5; ``engine_compilations`` (``Engine.compilations()``) shows that
-nothing recompiled as requests came and went.
+``static``: the requests through ``generate`` in batches of ``--slots`` in arrival order (prompts left-padded to
+the longest allowed prompt), each batch decoding its longest output; output tokens/s counts the tokens the
+requests asked for (what a client receives), over the batches' summed time (compilation excluded by one untimed
+call per batch shape).
+
+``step``, row ``generate``: the bare decode step at batch ``--slots``, timed as ``benchmarks/generate.py``
+times it: one ``generate`` call of the first static batch for N/2 + 1 and for N new tokens (N its token buffer,
+``--step-tokens``), the time per token the difference over the extra tokens. ``--slots`` over that time is the
+step-limited output rate, the most any scheduler can draw from this step at that batch.
+
+``rates``: the engine (no prefix cache) with the requests arriving as a Poisson process at each rate of
+``--rates`` (requests/s; ``inf``: all at once), seeded. A client coroutine per request submits it at its
+arrival time and reads its stream (``async for``); times are taken as the events arrive. Per rate: output
+tokens/s (all tokens over first arrival to last token), time to first token (submit to first event) and
+inter-token latency (between a request's consecutive events), each p50 and p99 over requests (TTFT) or gaps
+(ITL); ``mean_batch`` the tokens per decode step. A rate whose row would not end (its arrival span plus its
+tokens at the saturated row's output rate) within ``--budget-s`` of the run's start is skipped with a note.
+
+The JSON's ``targets`` (rewritten as each part ends) sets the saturated rate against the step-limited rate of
+``generate``'s step (``saturated_of_step``), of the engine's own step (``saturated_of_engine_step``) and the
+static rate, and the prefix speedup, beside the wanted 0.85, 2 and 5; ``phases`` holds the seconds each part
+took (compilation included); ``engine_compilations`` (``Engine.compilations()``) and ``generate_compilations``
+show that nothing compiled twice.
 """
 
 from __future__ import annotations
@@ -57,7 +69,8 @@ import jax
 import numpy as np
 
 from benchmarks.generate import PRESETS, decode_per_token, random_params
-from benchmarks.harness import Column, Report, add_arguments
+from benchmarks.harness import Column, Report, add_arguments, time_jitted
+from xlstm_jax import generation
 from xlstm_jax.generation import MIN_TOKEN_BUFFER, generate
 from xlstm_jax.models.xlstm_parallel.config import xLSTMLMConfig
 from xlstm_jax.models.xlstm_parallel.runtime import RuntimeConfig
@@ -67,8 +80,7 @@ TINY = {  # --tiny: every size small enough for a CPU in seconds
     "slots": 4,
     "requests": 8,
     "prompt_len": [3, 12],
-    "output_len": [8, 24],
-    "step_tokens": 64,
+    "output_len": [8, 64],
     "monitor_ms": 2.0,
     "rates": [50.0, math.inf],
     "chunk_tokens": 8,
@@ -77,6 +89,7 @@ TINY = {  # --tiny: every size small enough for a CPU in seconds
     "prefix_requests": 3,
     "prefix_output": 2,
     "repeats": 5,
+    "engine_steps": 8,
 }
 
 
@@ -184,12 +197,26 @@ def summarize(records: list[dict[str, Any]], samples: list[tuple[float, dict[str
 
 
 STEP_COLUMNS = [
+    Column("program", "program", width=11),
     Column("batch", "batch", width=6),
     Column("ms/step", "ms_per_step", ".3f"),
     Column("tokens/s", "tokens_per_s", ".0f"),
+    Column("spread", "spread", ".2f"),
     Column("N/2+1 spread", "short_spread", ".2f"),
     Column("N spread", "long_spread", ".2f"),
     Column("first call s", "first_call_s", ".1f"),
+]
+SATURATED_COLUMNS = [
+    Column("requests", "requests", width=8),
+    Column("tokens", "output_tokens", width=8),
+    Column("tokens/s", "tokens_per_s", ".0f"),
+    Column("full tok/s", "full_tokens_per_s", ".0f"),
+    Column("full ms/step", "full_step_ms", ".3f"),
+    Column("of engine step", "of_engine_step", ".3f"),
+    Column("batch", "mean_batch", ".1f", width=6),
+    Column("TTFT p50 ms", "ttft_p50_s", ".1f", 1e3),
+    Column("ITL p50 ms", "itl_p50_s", ".2f", 1e3),
+    Column("ITL p99 ms", "itl_p99_s", ".2f", 1e3),
 ]
 STATIC_COLUMNS = [
     Column("batches", "batches", width=7),
@@ -197,13 +224,11 @@ STATIC_COLUMNS = [
     Column("tokens", "output_tokens", width=8),
     Column("s", "seconds", ".2f"),
     Column("tokens/s", "tokens_per_s", ".0f"),
-    Column("of step", "of_step", ".3f"),
 ]
 RATE_COLUMNS = [
     Column("rate/s", "rate", width=9),
     Column("requests", "requests", width=8),
     Column("tokens/s", "tokens_per_s", ".0f"),
-    Column("full tok/s", "full_tokens_per_s", ".0f"),
     Column("of step", "of_step", ".3f"),
     Column("of static", "of_static", ".2f"),
     Column("batch", "mean_batch", ".1f", width=6),
@@ -232,8 +257,58 @@ def _pair(name: str):
     return parse
 
 
+def engine_step_rows(engine: Engine, steps: int, repeats: int) -> list[dict[str, Any]]:
+    """The engine's decode step over all its slots (all active, greedy), ``steps`` calls per sample.
+
+    Row ``engine`` queues the calls back to back (the device's time per step); row ``engine+sync`` waits for each
+    step's tokens on the host, as the serving loop does. The engine must be idle (not started): the steps
+    overwrite its slots' states and logits, which a request's admission overwrites again.
+    """
+    N = engine.num_slots
+    # The engine's private per-slot arrays are the shapes and dtypes its serving loop passes.
+    args = (np.ones(N, bool), engine._keys.copy(), engine._t.copy(), np.zeros(N, np.float32))
+    args += (np.zeros(N, np.int32), np.ones(N, np.float32))
+    rows = []
+    for program, run in (
+        ("engine", lambda: engine._decode_slots(args)),
+        ("engine+sync", lambda: np.asarray(engine._decode_slots(args))),
+    ):
+        timing = time_jitted(run, repeats=repeats, calls=steps)
+        rows.append(
+            {
+                "program": program,
+                "batch": N,
+                "ms_per_step": timing.median_s * 1e3,
+                "tokens_per_s": N / timing.median_s,
+                "spread": timing.spread,
+                "first_call_s": timing.warmup_s,
+                "steps": steps,
+            }
+        )
+    return rows
+
+
+def prefix_row(engine: Engine, chats: list[tuple[list[int], int]], monitor_s: float) -> dict[str, Any]:
+    """Sends ``chats`` one after another through ``engine``; their TTFT, prefix-cache hits, tokens prefilled."""
+    before = engine.stats()
+    with engine:
+        records, samples = asyncio.run(_drive(engine, chats, None, monitor_s))
+    after = engine.stats()
+    row = summarize(records, samples, engine.num_slots)
+    row.update(
+        hits=after["prefix_cache_hits_total"] - before["prefix_cache_hits_total"],
+        prefill_tokens_per_request=(after["prefill_tokens_total"] - before["prefill_tokens_total"]) / len(chats),
+    )
+    return row
+
+
+def _ratio(a: float | None, b: float | None) -> float | None:
+    return None if a is None or b is None else a / b
+
+
 def main(argv: Sequence[str] | None = None) -> dict:
     """Runs the benchmark; returns the report's data (what ``--json`` writes)."""
+    started = time.perf_counter()
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--preset", choices=sorted(PRESETS), default="xlstm_7b", help="model config (random weights)")
     p.add_argument("--tiny", action="store_true", help="xLSTMLMConfig.tiny() and small sizes (a CPU smoke test)")
@@ -249,7 +324,11 @@ def main(argv: Sequence[str] | None = None) -> dict:
     p.add_argument("--prefix-output", type=int, default=16, help="tokens generated per prefix-case request")
     p.add_argument("--prefix-cache-bytes", type=int, default=8 << 30)
     p.add_argument("--monitor-ms", type=float, default=10.0, help="how often the engine's counters are sampled")
-    p.add_argument("--step-tokens", type=int, default=None, help="N of the step's timing (default: the token buffer)")
+    p.add_argument("--step-tokens", type=int, default=None, help="N of generate's step timing (default: its buffer)")
+    p.add_argument("--engine-steps", type=int, default=32, help="engine decode steps per timed sample")
+    p.add_argument(
+        "--budget-s", type=float, default=450.0, help="rates rows must end (by estimate) this many s after the start"
+    )
     p.add_argument("--seed", type=int, default=0)
     add_arguments(p, repeats=3)
     a = p.parse_args(argv)
@@ -260,13 +339,32 @@ def main(argv: Sequence[str] | None = None) -> dict:
                 setattr(a, key, value)
     for name in ("prompt_len", "output_len", "suffix_len"):
         _pair("--" + name.replace("_", "-"))(getattr(a, name))
-    for name in ("slots", "requests", "chunk_tokens", "system_tokens", "prefix_requests", "prefix_output"):
+    for name in (
+        "slots", "requests", "chunk_tokens", "system_tokens", "prefix_requests", "prefix_output", "engine_steps",
+    ):  # fmt: skip
         if getattr(a, name) < 1:
             raise ValueError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(a, name)}")
     if any(not rate > 0 for rate in a.rates):
         raise ValueError(f"--rates must be positive (or inf), got {a.rates}")
+    if not a.budget_s > 0:
+        raise ValueError(f"--budget-s must be > 0, got {a.budget_s}")
+    buffer = max(MIN_TOKEN_BUFFER, 1 << (a.output_len[1] - 1).bit_length())
+    n_step = buffer if a.step_tokens is None else a.step_tokens
+    if n_step < 4:
+        raise ValueError(f"--step-tokens must be >= 4, got {n_step}")
 
     report = Report("serve", "benchmarks/serve.py", vars(a), a.json, argv)
+    phases: dict[str, float] = {}
+    clock = [time.perf_counter()]
+
+    def phase(name: str) -> None:
+        """Records the seconds since the last phase ended under ``name`` (and the run's elapsed seconds)."""
+        now = time.perf_counter()
+        phases[name] = now - clock[0]
+        phases["elapsed"] = now - started
+        clock[0] = now
+        report.set("phases", dict(phases))
+
     config = xLSTMLMConfig.tiny() if a.tiny else PRESETS[a.preset]()
     runtime = RuntimeConfig()
     report.set(
@@ -275,8 +373,71 @@ def main(argv: Sequence[str] | None = None) -> dict:
     params = jax.block_until_ready(random_params(config, runtime, a.seed))
     requests = draw_requests(a.requests, a.prompt_len, a.output_len, config.vocab_size, a.seed)
     report.set("workload", {"prompt_len": a.prompt_len, "output_len": a.output_len, "distribution": "uniform"})
+    targets: dict[str, Any] = {
+        "saturated_of_step": None,
+        "saturated_of_engine_step": None,
+        "saturated_of_static": None,
+        "prefix_ttft_speedup": None,
+        "wanted": {"saturated_of_step": 0.85, "saturated_of_static": 2.0, "prefix_ttft_speedup": 5.0},
+    }
+    phase("params")
 
-    # -- the bare decode step at batch = slots, and static batching with generate ------------------------
+    # -- the engine: its decode step, the saturated row, the prefix rows --------------------------------
+    monitor_s = a.monitor_ms / 1e3
+    longest = max(a.prompt_len[1], a.system_tokens + a.suffix_len[1])
+    queue = max(a.requests, a.slots)
+
+    def make_engine(prefix_cache_bytes: int) -> Engine:
+        engine = Engine(
+            config, params, num_slots=a.slots, runtime=runtime, max_prompt_tokens=longest,
+            prefill_chunk_tokens=a.chunk_tokens, max_queue=queue, prefix_cache_bytes=prefix_cache_bytes,
+        )  # fmt: skip
+        engine.warmup()
+        return engine
+
+    engine = make_engine(0)
+    phase("engine_warmup")
+    report.table("step", STEP_COLUMNS)
+    engine_rows = [report.add("step", row) for row in engine_step_rows(engine, a.engine_steps, a.repeats)]
+    engine_step_rate = engine_rows[0]["tokens_per_s"]
+    phase("engine_step")
+
+    report.table("saturated", SATURATED_COLUMNS)
+    saturated = [(prompt, 2 * a.output_len[1]) for prompt, _ in requests[: a.slots]]
+    with engine:
+        records, samples = asyncio.run(_drive(engine, saturated, np.zeros(len(saturated)), monitor_s))
+    sat = summarize(records, samples, a.slots)
+    sat["of_engine_step"] = _ratio(sat["full_tokens_per_s"], engine_step_rate)
+    report.add("saturated", sat)
+    targets["saturated_of_engine_step"] = sat["of_engine_step"]
+    report.set("targets", dict(targets))
+    phase("saturated")
+
+    rng = np.random.default_rng(a.seed + 1)
+    system = rng.integers(0, config.vocab_size, a.system_tokens).tolist()
+    chats = [
+        (system + rng.integers(0, config.vocab_size, int(n)).tolist(), a.prefix_output)
+        for n in rng.integers(a.suffix_len[0], a.suffix_len[1] + 1, a.prefix_requests)
+    ]
+    report.table("prefix", PREFIX_COLUMNS)
+    without = report.add("prefix", {"cache": "off", **prefix_row(engine, chats, monitor_s)})
+    del engine  # its slot states make room; a new engine reuses the compiled programs
+    gc.collect()
+    cached = make_engine(a.prefix_cache_bytes)  # the same compiled programs (and one more: the slot copy)
+    system_prefilled = cached.cache_prefix(system)
+    with_cache = prefix_row(cached, chats, monitor_s)
+    with_cache.update(
+        system_prefilled=system_prefilled, speedup=_ratio(without["ttft_p50_s"], with_cache["ttft_p50_s"])
+    )
+    report.add("prefix", {"cache": "on", **with_cache})
+    targets["prefix_ttft_speedup"] = with_cache["speedup"]
+    report.set("targets", dict(targets))
+    del cached
+    gc.collect()
+    report.set("engine_compilations", Engine.compilations())
+    phase("prefix")
+
+    # -- generate's decode step, then static batching with generate (the same compiled programs) ---------
     batches = [requests[i : i + a.slots] for i in range(0, len(requests), a.slots)]
 
     def run_batch(batch, tokens):
@@ -286,27 +447,37 @@ def main(argv: Sequence[str] | None = None) -> dict:
         )  # fmt: skip
         return out.tokens, out.num_generated
 
+    def token_buffer(tokens: int) -> int:
+        return max(MIN_TOKEN_BUFFER, 1 << (tokens - 1).bit_length())
+
     step_batch = (batches[0] * math.ceil(a.slots / len(batches[0])))[: a.slots]  # exactly `slots` rows
-    buffer = max(MIN_TOKEN_BUFFER, 1 << (a.output_len[1] - 1).bit_length())
-    n_step = buffer if a.step_tokens is None else a.step_tokens
-    if n_step < 4:
-        raise ValueError(f"--step-tokens must be >= 4, got {n_step}")
     per_token, facts = decode_per_token(lambda n: run_batch(step_batch, n), n_step, a.repeats, False)
     if not per_token > 0:
         raise RuntimeError(
             f"the step's time came out {per_token * 1e3:.4f} ms (noise): raise --repeats or --step-tokens"
         )
     step_rate = a.slots / per_token
-    report.table("step", STEP_COLUMNS)
-    report.add("step", {"batch": a.slots, "ms_per_step": per_token * 1e3, "tokens_per_s": step_rate, **facts})
+    report.table("step", STEP_COLUMNS)  # the table again: its last row
+    report.add(
+        "step",
+        {"program": "generate", "batch": a.slots, "ms_per_step": per_token * 1e3, "tokens_per_s": step_rate, **facts},
+    )
+    targets["saturated_of_step"] = _ratio(sat["full_tokens_per_s"], step_rate)
+    report.set("targets", dict(targets))
+    phase("generate_step")
 
     report.table("static", STATIC_COLUMNS)
-    shapes = {}  # one batch of each (rows, token buffer): compiled by an untimed call
+    shapes = {}  # one batch of each (rows, token buffer) not compiled yet: compiled by an untimed call
+    compiled = {(a.slots, token_buffer(n)) for n in (n_step // 2 + 1, n_step)}  # by the step's timing
     for batch in batches:
-        longest = max(o for _, o in batch)
-        shapes.setdefault((len(batch), max(MIN_TOKEN_BUFFER, 1 << (longest - 1).bit_length())), (batch, longest))
-    for batch, longest in shapes.values():
-        jax.block_until_ready(run_batch(batch, longest))
+        most = max(o for _, o in batch)
+        if (len(batch), token_buffer(most)) not in compiled:
+            shapes.setdefault((len(batch), token_buffer(most)), (batch, most))
+    first_calls = {}
+    for shape, (batch, most) in shapes.items():
+        start = time.perf_counter()
+        jax.block_until_ready(run_batch(batch, most))
+        first_calls[str(shape)] = time.perf_counter() - start
     static_s = 0.0
     for batch in batches:
         start = time.perf_counter()
@@ -324,86 +495,42 @@ def main(argv: Sequence[str] | None = None) -> dict:
             "output_tokens": static_tokens,
             "seconds": static_s,
             "tokens_per_s": static_rate,
-            "of_step": static_rate / step_rate,
+            "first_calls_s": first_calls,
         },
     )
-    gc.collect()
-
-    # -- the engine under Poisson arrivals ---------------------------------------------------------------
-    monitor_s = a.monitor_ms / 1e3
-    longest = max(a.prompt_len[1], a.system_tokens + a.suffix_len[1])
-    queue = max(a.requests, a.slots)
-    engine = Engine(
-        config, params, num_slots=a.slots, runtime=runtime, max_prompt_tokens=longest,
-        prefill_chunk_tokens=a.chunk_tokens, max_queue=queue,
-    )  # fmt: skip
-    start = time.perf_counter()
-    engine.warmup()
-    report.set("engine_warmup_s", time.perf_counter() - start)
-    report.table("rates", RATE_COLUMNS)
-    saturated = [(prompt, 2 * a.output_len[1]) for prompt, _ in requests[: a.slots]]
-    cases = [(rate, requests, poisson_offsets(len(requests), rate, a.seed + n)) for n, rate in enumerate(a.rates)]
-    cases.append(("saturated", saturated, np.zeros(len(saturated))))
-    with engine:
-        for rate, work, offsets in cases:
-            records, samples = asyncio.run(_drive(engine, work, offsets, monitor_s))
-            row = {"rate": rate if isinstance(rate, str) else ("inf" if math.isinf(rate) else rate)}
-            row.update(summarize(records, samples, a.slots))
-            measured = row["full_tokens_per_s"] if rate == "saturated" else row["tokens_per_s"]
-            row.update(of_step=None, of_static=None)
-            if measured is not None:
-                row.update(of_step=measured / step_rate, of_static=measured / static_rate)
-            report.add("rates", row)
-
-        # -- a shared system prompt, without and with the prefix cache --------------------------------------
-        rng = np.random.default_rng(a.seed + 1)
-        system = rng.integers(0, config.vocab_size, a.system_tokens).tolist()
-        chats = [
-            (system + rng.integers(0, config.vocab_size, int(n)).tolist(), a.prefix_output)
-            for n in rng.integers(a.suffix_len[0], a.suffix_len[1] + 1, a.prefix_requests)
-        ]
-        report.table("prefix", PREFIX_COLUMNS)
-        before = engine.stats()
-        records, samples = asyncio.run(_drive(engine, chats, None, monitor_s))
-        after = engine.stats()
-        without = summarize(records, samples, a.slots)
-        without.update(
-            cache="off",
-            hits=after["prefix_cache_hits_total"] - before["prefix_cache_hits_total"],
-            prefill_tokens_per_request=(after["prefill_tokens_total"] - before["prefill_tokens_total"]) / len(chats),
-        )
-        report.add("prefix", without)
-    del engine
-    gc.collect()
-    cached = Engine(
-        config, params, num_slots=a.slots, runtime=runtime, max_prompt_tokens=longest,
-        prefill_chunk_tokens=a.chunk_tokens, max_queue=queue, prefix_cache_bytes=a.prefix_cache_bytes,
-    )  # fmt: skip
-    cached.warmup()
-    system_prefilled = cached.cache_prefix(system)
-    with cached:
-        before = cached.stats()
-        records, samples = asyncio.run(_drive(cached, chats, None, monitor_s))
-        after = cached.stats()
-    with_cache = summarize(records, samples, a.slots)
-    with_cache.update(
-        cache="on",
-        hits=after["prefix_cache_hits_total"] - before["prefix_cache_hits_total"],
-        prefill_tokens_per_request=(after["prefill_tokens_total"] - before["prefill_tokens_total"]) / len(chats),
-        system_prefilled=system_prefilled,
-        speedup=without["ttft_p50_s"] / with_cache["ttft_p50_s"],
-    )
-    report.add("prefix", with_cache)
-    report.set("engine_compilations", Engine.compilations())
+    targets["saturated_of_static"] = _ratio(sat["full_tokens_per_s"], static_rate)
+    report.set("targets", dict(targets))
     report.set(
-        "targets",
-        {
-            "saturated_of_step": report.data["tables"]["rates"][-1]["of_step"],
-            "saturated_of_static": report.data["tables"]["rates"][-1]["of_static"],
-            "prefix_ttft_speedup": with_cache["speedup"],
-            "wanted": {"saturated_of_step": 0.85, "saturated_of_static": 2.0, "prefix_ttft_speedup": 5.0},
-        },
+        "generate_compilations",
+        {"prefill": generation._prefill._cache_size(), "decode_loop": generation._decode_loop._cache_size()},
     )
+    phase("static")
+
+    # -- the engine under Poisson arrivals, while --budget-s lasts ----------------------------------------
+    report.table("rates", RATE_COLUMNS)
+    deadline = started + a.budget_s
+    tokens = sum(o for _, o in requests)
+    engine = None
+    for n, rate in enumerate(a.rates):
+        label = "inf" if math.isinf(rate) else rate
+        offsets = poisson_offsets(len(requests), rate, a.seed + n)
+        estimate = float(offsets[-1]) + tokens / sat["tokens_per_s"]
+        left = deadline - time.perf_counter()
+        if estimate > left:
+            report.note(
+                f"rates {label}: skipped: its row would take about {estimate:.0f} s (arrivals over "
+                f"{offsets[-1]:.0f} s, {tokens} tokens at the saturated row's rate), {left:.0f} s of --budget-s left"
+            )
+            continue
+        if engine is None:
+            engine = make_engine(0)
+        with engine:
+            records, samples = asyncio.run(_drive(engine, requests, offsets, monitor_s))
+        row = {"rate": label, **summarize(records, samples, a.slots)}
+        row.update(of_step=row["tokens_per_s"] / step_rate, of_static=row["tokens_per_s"] / static_rate)
+        report.add("rates", row)
+    report.set("engine_compilations", Engine.compilations())
+    phase("rates")
     return report.data
 
 

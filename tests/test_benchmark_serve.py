@@ -27,42 +27,69 @@ def tiny_run(tmp_path_factory):
     return json.loads(path.read_text())
 
 
+def _requests():
+    t = serve.TINY
+    return serve.draw_requests(t["requests"], t["prompt_len"], t["output_len"], 99, 0)  # the tiny vocabulary
+
+
 def test_every_table_is_written(tiny_run):
-    assert set(tiny_run["tables"]) == {"step", "static", "rates", "prefix"}
+    assert set(tiny_run["tables"]) == {"step", "saturated", "prefix", "static", "rates"}
     assert tiny_run["settings"]["tiny"] and tiny_run["model"]["preset"] == "tiny"
-    assert set(tiny_run["targets"]) == {"saturated_of_step", "saturated_of_static", "prefix_ttft_speedup", "wanted"}
+    targets = {"saturated_of_step", "saturated_of_engine_step", "saturated_of_static", "prefix_ttft_speedup", "wanted"}
+    assert set(tiny_run["targets"]) == targets
+    # each program compiled once: the two engines share theirs, generate's step timing and static batches share
     assert tiny_run["engine_compilations"] == {"decode_step": 1, "prefill_chunk": 1, "insert": 1, "extract": 1}
+    assert tiny_run["generate_compilations"] == {"prefill": 1, "decode_loop": 1}
+    phases = tiny_run["phases"]
+    parts = ["params", "engine_warmup", "engine_step", "saturated", "prefix", "generate_step", "static", "rates"]
+    assert set(phases) == {*parts, "elapsed"} and all(phases[p] >= 0 for p in parts)
+    assert sum(phases[p] for p in parts) == pytest.approx(phases["elapsed"], rel=0.05)
+    assert "notes" not in tiny_run  # no rate was skipped
 
 
-def test_step_and_static_rates(tiny_run):
-    (step,) = tiny_run["tables"]["step"]
+def test_step_rows(tiny_run):
+    rows = tiny_run["tables"]["step"]
     slots = serve.TINY["slots"]
-    assert step["batch"] == slots and step["ms_per_step"] > 0
-    assert step["tokens_per_s"] == pytest.approx(slots / (step["ms_per_step"] / 1e3))
+    assert [r["program"] for r in rows] == ["engine", "engine+sync", "generate"]
+    for r in rows:
+        assert r["batch"] == slots and r["ms_per_step"] > 0
+        assert r["tokens_per_s"] == pytest.approx(slots / (r["ms_per_step"] / 1e3))
+    assert rows[0]["steps"] == rows[1]["steps"] == serve.TINY["engine_steps"]
+    assert rows[2]["tokens"] == [33, 64]  # N/2 + 1 and N, N the token buffer of the longest output
+
+
+def test_saturated_and_static(tiny_run):
+    t = serve.TINY
+    (sat,) = tiny_run["tables"]["saturated"]
+    assert sat["requests"] == t["slots"] and sat["output_tokens"] == t["slots"] * 2 * t["output_len"][1]
+    assert sat["full_tokens_per_s"] > 0 and 1 <= sat["mean_batch"] <= t["slots"]
+    engine, _, generate = tiny_run["tables"]["step"]
+    assert sat["of_engine_step"] == pytest.approx(sat["full_tokens_per_s"] / engine["tokens_per_s"])
     (static,) = tiny_run["tables"]["static"]
-    requests = serve.draw_requests(serve.TINY["requests"], serve.TINY["prompt_len"], serve.TINY["output_len"], 99, 0)
+    requests = _requests()
     assert static["output_tokens"] == sum(o for _, o in requests)
-    assert static["batches"] == -(-len(requests) // slots) and static["seconds"] > 0
+    assert static["batches"] == -(-len(requests) // t["slots"]) and static["seconds"] > 0
     assert static["tokens_per_s"] == pytest.approx(static["output_tokens"] / static["seconds"])
-    assert static["of_step"] == pytest.approx(static["tokens_per_s"] / step["tokens_per_s"])
+    targets = tiny_run["targets"]
+    assert targets["saturated_of_engine_step"] == sat["of_engine_step"]
+    assert targets["saturated_of_step"] == pytest.approx(sat["full_tokens_per_s"] / generate["tokens_per_s"])
+    assert targets["saturated_of_static"] == pytest.approx(sat["full_tokens_per_s"] / static["tokens_per_s"])
 
 
 def test_rates_rows(tiny_run):
     rows = tiny_run["tables"]["rates"]
     t = serve.TINY
-    assert [r["rate"] for r in rows] == [50.0, "inf", "saturated"]
-    requests = serve.draw_requests(t["requests"], t["prompt_len"], t["output_len"], 99, 0)
-    expected = [sum(o for _, o in requests)] * 2 + [t["slots"] * 2 * t["output_len"][1]]
-    assert [r["output_tokens"] for r in rows] == expected  # every request produced exactly its length
+    assert [r["rate"] for r in rows] == [50.0, "inf"]
+    assert [r["output_tokens"] for r in rows] == [sum(o for _, o in _requests())] * 2  # each produced its length
+    step = tiny_run["tables"]["step"][2]["tokens_per_s"]
+    static = tiny_run["tables"]["static"][0]["tokens_per_s"]
     for r in rows:
         assert r["tokens_per_s"] > 0 and r["span_s"] > 0
         assert 0 < r["ttft_p50_s"] <= r["ttft_p99_s"]
         assert 0 <= r["itl_p50_s"] <= r["itl_p99_s"]
         assert 1 <= r["mean_batch"] <= t["slots"] and r["decode_steps"] > 0
-    saturated = rows[-1]
-    assert saturated["full_tokens_per_s"] > 0 and saturated["of_step"] > 0 and saturated["of_static"] > 0
-    static = tiny_run["tables"]["static"][0]["tokens_per_s"]
-    assert saturated["of_static"] == pytest.approx(saturated["full_tokens_per_s"] / static)
+        assert r["of_step"] == pytest.approx(r["tokens_per_s"] / step)
+        assert r["of_static"] == pytest.approx(r["tokens_per_s"] / static)
 
 
 def test_prefix_cache_rows(tiny_run):
@@ -78,6 +105,16 @@ def test_prefix_cache_rows(tiny_run):
     for r in (off, on):
         assert 0 < r["ttft_p50_s"] <= r["ttft_p99_s"]
     assert on["speedup"] == pytest.approx(off["ttft_p50_s"] / on["ttft_p50_s"])
+    assert tiny_run["targets"]["prefix_ttft_speedup"] == on["speedup"]
+
+
+def test_spent_budget_skips_the_rates_with_notes():
+    data = serve.main(["--tiny", "--budget-s", "0.001", "--rates", "50", "inf", "--prefix-requests", "1"])
+    assert data["tables"]["rates"] == []
+    assert [n.split(":")[0] for n in data["notes"]] == ["rates 50.0", "rates inf"]
+    assert all("--budget-s" in n for n in data["notes"])
+    assert data["tables"]["saturated"] and data["tables"]["static"] and len(data["tables"]["prefix"]) == 2
+    assert data["targets"]["saturated_of_static"] is not None
 
 
 @pytest.mark.parametrize(
@@ -86,7 +123,9 @@ def test_prefix_cache_rows(tiny_run):
         (["--prompt-len", "9", "3"], "--prompt-len"),
         (["--suffix-len", "0", "3"], "--suffix-len"),
         (["--slots", "0"], "--slots"),
+        (["--engine-steps", "0"], "--engine-steps"),
         (["--rates", "4", "-1"], "--rates"),
+        (["--budget-s", "0"], "--budget-s"),
     ],
 )
 def test_bad_arguments(argv, match):
