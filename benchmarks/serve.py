@@ -30,15 +30,16 @@ finished, so no request queues), ``--prefix-output`` tokens each; time to first 
 and with a cache of ``--prefix-cache-bytes`` into which ``Engine.cache_prefix`` put the system prompt first.
 ``speedup`` is the p50 without over the p50 with; ``hits`` the cache's hit count.
 
-``static``: the requests through ``generate`` in batches of ``--slots`` in arrival order (prompts left-padded to
-the longest allowed prompt), each batch decoding its longest output; output tokens/s counts the tokens the
-requests asked for (what a client receives), over the batches' summed time (compilation excluded by one untimed
-call per batch shape).
-
 ``step``, row ``generate``: the bare decode step at batch ``--slots``, timed as ``benchmarks/generate.py``
 times it: one ``generate`` call of the first static batch for N/2 + 1 and for N new tokens (N its token buffer,
 ``--step-tokens``), the time per token the difference over the extra tokens. ``--slots`` over that time is the
 step-limited output rate, the most any scheduler can draw from this step at that batch.
+
+``static``: the requests through ``generate`` in batches of ``--slots`` in arrival order (prompts left-padded to
+the longest allowed prompt), each batch decoding its longest output; output tokens/s counts the tokens the
+requests asked for (what a client receives), over the batches' summed time (compilation excluded: the step
+timing's calls compiled the batch shape of ``--slots`` rows and its token buffer, one untimed call compiles any
+other).
 
 ``rates``: the engine (no prefix cache) with the requests arriving as a Poisson process at each rate of
 ``--rates`` (requests/s; ``inf``: all at once), seeded. A client coroutine per request submits it at its
@@ -365,6 +366,10 @@ def main(argv: Sequence[str] | None = None) -> dict:
         clock[0] = now
         report.set("phases", dict(phases))
 
+    def say(text: str) -> None:
+        """Prints what comes next with the run's elapsed seconds (a stopped run's log shows where it was)."""
+        print(f"# [{time.perf_counter() - started:.0f} s] {text}", flush=True)
+
     config = xLSTMLMConfig.tiny() if a.tiny else PRESETS[a.preset]()
     runtime = RuntimeConfig()
     report.set(
@@ -395,6 +400,7 @@ def main(argv: Sequence[str] | None = None) -> dict:
         engine.warmup()
         return engine
 
+    say("the engine: compiling its programs (Engine.warmup)")
     engine = make_engine(0)
     phase("engine_warmup")
     report.table("step", STEP_COLUMNS)
@@ -402,6 +408,7 @@ def main(argv: Sequence[str] | None = None) -> dict:
     engine_step_rate = engine_rows[0]["tokens_per_s"]
     phase("engine_step")
 
+    say(f"the saturated row: {a.slots} requests at once")
     report.table("saturated", SATURATED_COLUMNS)
     saturated = [(prompt, 2 * a.output_len[1]) for prompt, _ in requests[: a.slots]]
     with engine:
@@ -419,6 +426,7 @@ def main(argv: Sequence[str] | None = None) -> dict:
         (system + rng.integers(0, config.vocab_size, int(n)).tolist(), a.prefix_output)
         for n in rng.integers(a.suffix_len[0], a.suffix_len[1] + 1, a.prefix_requests)
     ]
+    say("the prefix rows")
     report.table("prefix", PREFIX_COLUMNS)
     without = report.add("prefix", {"cache": "off", **prefix_row(engine, chats, monitor_s)})
     del engine  # its slot states make room; a new engine reuses the compiled programs
@@ -450,6 +458,7 @@ def main(argv: Sequence[str] | None = None) -> dict:
     def token_buffer(tokens: int) -> int:
         return max(MIN_TOKEN_BUFFER, 1 << (tokens - 1).bit_length())
 
+    say("generate's decode step (its first call compiles generate)")
     step_batch = (batches[0] * math.ceil(a.slots / len(batches[0])))[: a.slots]  # exactly `slots` rows
     per_token, facts = decode_per_token(lambda n: run_batch(step_batch, n), n_step, a.repeats, False)
     if not per_token > 0:
@@ -466,6 +475,7 @@ def main(argv: Sequence[str] | None = None) -> dict:
     report.set("targets", dict(targets))
     phase("generate_step")
 
+    say("static batching")
     report.table("static", STATIC_COLUMNS)
     shapes = {}  # one batch of each (rows, token buffer) not compiled yet: compiled by an untimed call
     compiled = {(a.slots, token_buffer(n)) for n in (n_step // 2 + 1, n_step)}  # by the step's timing
@@ -522,6 +532,7 @@ def main(argv: Sequence[str] | None = None) -> dict:
                 f"{offsets[-1]:.0f} s, {tokens} tokens at the saturated row's rate), {left:.0f} s of --budget-s left"
             )
             continue
+        say(f"rate {label}: about {estimate:.0f} s")
         if engine is None:
             engine = make_engine(0)
         with engine:
