@@ -266,13 +266,10 @@ def engine_step_rows(engine: Engine, steps: int, repeats: int) -> list[dict[str,
     overwrite its slots' states and logits, which a request's admission overwrites again.
     """
     N = engine.num_slots
-    # The engine's private per-slot arrays are the shapes and dtypes its serving loop passes.
-    args = (np.ones(N, bool), engine._keys.copy(), engine._t.copy(), np.zeros(N, np.float32))
-    args += (np.zeros(N, np.int32), np.ones(N, np.float32))
     rows = []
     for program, run in (
-        ("engine", lambda: engine._decode_slots(args)),
-        ("engine+sync", lambda: np.asarray(engine._decode_slots(args))),
+        ("engine", engine.step_all_slots),
+        ("engine+sync", lambda: np.asarray(engine.step_all_slots())),
     ):
         timing = time_jitted(run, repeats=repeats, calls=steps)
         rows.append(

@@ -156,6 +156,22 @@ def test_no_recompilation_after_warmup(engine):
     assert Engine.compilations() == before
 
 
+def test_step_all_slots_is_the_serving_step_on_an_idle_engine(model):
+    """``step_all_slots`` runs the compiled serving step over every slot (no new compilation after warmup), draws
+    one greedy token per slot, and refuses an engine that holds a request."""
+    engine = _engine(model, num_slots=2)
+    engine.warmup()
+    before = Engine.compilations()
+    tokens = np.asarray(engine.step_all_slots())
+    assert tokens.shape == (2,) and tokens.dtype == np.int32
+    assert Engine.compilations() == before
+    engine.submit(PROMPTS[0], SamplingParams(max_tokens=2))
+    with pytest.raises(RuntimeError, match="idle engine"):
+        engine.step_all_slots()
+    _drain(engine)
+    engine.step_all_slots()  # idle again
+
+
 def test_seeded_sampling_does_not_depend_on_the_slot(engine):
     params = SamplingParams(temperature=0.9, top_k=30, top_p=0.9, seed=1234, max_tokens=8)
     alone = engine.submit(PROMPTS[2], params)  # slot 0, no neighbours

@@ -650,6 +650,27 @@ class Engine:
                 self._extract(0)
             jax.block_until_ready(tokens)
 
+    def step_all_slots(self) -> jax.Array:
+        """One decode step with every slot active and greedy, for timing the bare step at batch ``num_slots``.
+
+        The same compiled program as the serving loop's step. It overwrites every slot's states and logits, so it
+        runs only on an idle engine (not started, no request admitted, none waiting); a request admitted later
+        overwrites its slot again.
+
+        Returns:
+            The drawn tokens (num_slots,), not waited for (the step runs asynchronously).
+
+        Raises:
+            RuntimeError: the engine is running or holds requests.
+        """
+        if (self._thread is not None and self._thread.is_alive()) or self._has_work() or self._prefill is not None:
+            raise RuntimeError("step_all_slots needs an idle engine: not started, with no request admitted or waiting")
+        N = self.num_slots
+        with self._step_lock:
+            args = (np.ones(N, bool), self._keys.copy(), self._t.copy(), np.zeros(N, np.float32))
+            args += (np.zeros(N, np.int32), np.ones(N, np.float32))
+            return self._decode_slots(args)
+
     def __enter__(self) -> Engine:
         self.start()
         return self
