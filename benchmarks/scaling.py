@@ -12,11 +12,12 @@ On the first N local devices (``--devices N``; default all of them), four parts 
    ``u`` the step's change of the parameter; the largest over parameters), ``param err`` (the same for the
    parameters after the step, over ``max |p_1|``), ``tol`` (:func:`step_tolerance`), ``ok`` (all three within
    it). Table ``checkpoint``: ``mesh`` (where the state was saved), ``restored on`` (``1 device`` or
-   ``N devices``), ``equal`` (every parameter and optimiser moment bit-equal to the saved state) and
-   ``max abs diff``.
+   ``N devices``), ``equal`` (every array of the state, the parameters, optimiser moments, step and key,
+   bit-equal to the saved one) and ``max abs diff``.
 2. ``scaling``: tokens/s of ``benchmarks/train.py``'s 1.3B-class model (its config and batches; D=2048, 24
    blocks, 4 heads, vocabulary 50304, S=4096, chunk 256) on one device and on N devices, weak scaling:
-   ``--scaling-case B:remat`` gives the batch per device (the N-device step runs N*B rows) and the remat policy.
+   ``--scaling-case B:remat`` gives the batch per device (the N-device step runs N*B rows) and the remat policy
+   (default ``8:none``, train.py's first case).
    Table ``scaling`` columns: ``mesh``, ``devices``, ``B`` (global rows), ``step ms`` (median step),
    ``spread``, ``ktok/s`` (global tokens/s), ``efficiency`` (``tokens/s(N) / (N * tokens/s(1))``, the one-device
    row of the same run), ``>=0.9`` (whether the efficiency meets the 0.9 target), ``mfu`` (tokens/s times
@@ -24,12 +25,13 @@ On the first N local devices (``--devices N``; default all of them), four parts 
    ``program GiB`` (the compiled step's arguments, outputs and temporaries per device, from XLA's memory
    analysis).
 3. ``fit7b``: the ``xlstm_7b`` preset (float32 parameters and AdamW state, bfloat16 compute) trained with FSDP
-   over the N devices, at each ``--fit-cases B:remat`` (B per device; remat ``dots`` or ``full``). Table
-   ``fit7b`` columns: ``mesh``, ``B`` (global), ``S``, ``remat``, ``status`` (``ok``, ``OOM`` or ``error``),
-   ``step ms``, ``ktok/s``, ``mfu`` (as above), ``program GiB`` (as above) and ``peak GiB`` (the largest
-   ``peak_bytes_in_use`` of ``device.memory_stats()`` over the devices, since the process started; None where
-   the backend gives no statistics, as on a CPU). This part runs right after ``correctness``, before the
-   larger scaling and decode buffers, so that its peak is its own.
+   over the N devices, at each ``--fit-cases B:remat`` (B per device; remat ``dots`` or ``full``; default
+   ``2:full 2:dots``) at S = ``--fit-seq`` (4096). Table ``fit7b`` columns: ``mesh``, ``B`` (global), ``S``,
+   ``remat``, ``status`` (``ok``, ``OOM`` or ``error``), ``step ms``, ``ktok/s``, ``mfu`` (as above),
+   ``program GiB`` (as above) and ``peak GiB`` (the largest ``peak_bytes_in_use`` of
+   ``device.memory_stats()`` over the devices, since the process started; None where the backend gives no
+   statistics, as on a CPU). This part runs right after ``correctness``, before the larger scaling and
+   decode buffers, so that its peak is its own.
 4. ``decode``: xLSTM-7B (random bf16 weights, ``benchmarks/generate.py``'s ``random_params``) greedy decode
    with ``xlstm_jax.generation.generate``, timed as ``benchmarks/generate.py`` times it (``decode_per_token``:
    ``generate`` at N/2+1 and N new tokens, the difference per token; ``--tokens``): tensor parallelism over
@@ -61,7 +63,7 @@ On a machine of 2, 4 or 8 GPUs, everything in one run, or each part in its own r
     PYTHONPATH=. python3 benchmarks/scaling.py --parts decode --json scaling_decode.json
 
 and with fewer devices than the machine has, e.g. ``--devices 2``. On a CPU with 8 host devices (tiny shapes
-and the tiny preset everywhere, seconds)::
+and the tiny preset everywhere, one block each; about a minute on 2 CPU cores)::
 
     XLA_FLAGS=--xla_force_host_platform_device_count=8 PYTHONPATH=. python3 benchmarks/scaling.py --small
 
@@ -394,7 +396,7 @@ def run_scaling(report: Report, devices: Sequence[Any], a: argparse.Namespace, m
     train_args = argparse.Namespace(tiny=a.small, **dict.fromkeys(("D", "blocks", "heads", "vocab", "S", "chunk_size")))
     resolve_model_arguments(train_args)
     if a.small:
-        train_args.blocks = 1  # one block: a quarter of the tiny model's compile time
+        train_args.blocks = 1  # one block: half the tiny model's compile time
     config = model_config(train_args)
     S, chunk = train_args.S, train_args.chunk_size
     per_device, remat = a.scaling_case
@@ -525,7 +527,7 @@ def main(argv: Sequence[str] | None = None) -> dict:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--devices", type=int, default=None, help="use the first N local devices (default: all)")
     p.add_argument("--parts", nargs="+", choices=PARTS, default=list(PARTS), help="which parts to run")
-    p.add_argument("--small", action="store_true", help="tiny shapes and the tiny preset (a CPU check, seconds)")
+    p.add_argument("--small", action="store_true", help="tiny shapes, one-block tiny models (a CPU check)")
     p.add_argument("--scan-blocks", action="store_true", help="run the blocks under nn.scan (faster compilation)")
     p.add_argument("--warmup", type=int, default=2, help="untimed training steps after compilation")
     p.add_argument("--scaling-case", type=parse_case, default=None, help="B:remat, B per device (default 8:none)")
