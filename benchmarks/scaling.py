@@ -74,6 +74,7 @@ until ready, the state donated from step to step (``benchmarks/harness.py``'s ``
 from __future__ import annotations
 
 import argparse
+import contextlib
 import dataclasses
 import math
 import os
@@ -232,7 +233,7 @@ def timed_step(
             state = jax.jit(init)(jax.random.key(0))
             batch = jax.device_put(batch, devices[0])
         step = make_train_step(model, optimizer)
-        context: Any = _no_mesh()
+        context: Any = contextlib.nullcontext()
     else:
         mesh = make_mesh(mesh_config, devices)
         shardings = train_state_shardings(jax.eval_shape(init, jax.random.key(0)), config, mesh, optimizer)
@@ -252,16 +253,6 @@ def timed_step(
     row = {**timing.as_row(), "compile_s": compile_s, "program_gib": memory}
     row["tokens_per_s"] = B * S / timing.median_s
     return row
-
-
-class _no_mesh:
-    """A context manager that does nothing (the one-device runs: no context mesh)."""
-
-    def __enter__(self) -> None:
-        return None
-
-    def __exit__(self, *exc: Any) -> None:
-        return None
 
 
 def _failure(error: BaseException) -> dict[str, Any]:
@@ -498,7 +489,7 @@ def run_decode(report: Report, devices: Sequence[Any], a: argparse.Namespace) ->
         ids = np.asarray(jax.random.randint(jax.random.key(B), (B, DECODE_PROMPT), 0, config.vocab_size))
         try:
             if mesh_config is None:
-                weights, context = params, _no_mesh()
+                weights, context = params, contextlib.nullcontext()
             else:
                 mesh = make_mesh(mesh_config, devices[:count])
                 row["mesh_shape"] = shape_text(mesh)
@@ -552,14 +543,17 @@ def main(argv: Sequence[str] | None = None) -> dict:
         p.error(f"--repeats must be >= 1 and --warmup >= 0, got {a.repeats} and {a.warmup}")
     a.scaling_case = a.scaling_case or parse_case("1:none" if a.small else "8:none")
     a.fit_cases = a.fit_cases or [parse_case(c) for c in (("1:full",) if a.small else ("2:full", "2:dots"))]
-    a.fit_seq = a.fit_seq or (32 if a.small else 4096)
-    a.fit_chunk = a.fit_chunk or (16 if a.small else 256)
-    a.tokens = a.tokens or (4 if a.small else 64)
+    a.fit_seq = (32 if a.small else 4096) if a.fit_seq is None else a.fit_seq
+    a.fit_chunk = (16 if a.small else 256) if a.fit_chunk is None else a.fit_chunk
+    a.tokens = (4 if a.small else 64) if a.tokens is None else a.tokens
     if a.tokens < 2:
         p.error(f"--tokens must be >= 2, got {a.tokens}")
-    bad = [(name, b) for name, b in (("--fit-cases", c[0]) for c in a.fit_cases) if b < 1]
+    sizes = {"--correctness-batch": a.correctness_batch, "--correctness-seq": a.correctness_seq,
+             "--correctness-chunk": a.correctness_chunk, "--fit-seq": a.fit_seq, "--fit-chunk": a.fit_chunk,
+             "--dp-batch": a.dp_batch, "--tp-batches": min(a.tp_batches)}  # fmt: skip
+    bad = {name: value for name, value in sizes.items() if value < 1}
     if bad:
-        p.error(f"batches must be positive, got {bad}")
+        p.error(f"sizes must be positive integers, got {bad}")
     devices = jax.local_devices()[: a.devices]
     settings = {**vars(a), "scaling_case": f"{a.scaling_case[0]}:{a.scaling_case[1].value}",
                 "fit_cases": [f"{b}:{r.value}" for b, r in a.fit_cases]}  # fmt: skip
