@@ -170,7 +170,8 @@ def _mesh(args: argparse.Namespace, config: dict[str, Any]) -> Any:
 
 
 def _listen(host: str, port: int) -> socket.socket:
-    """A socket bound to ``host:port`` (so that a taken port is reported before the weights load)."""
+    """A socket listening on ``host:port`` (so that a taken port is reported before the weights load); uvicorn
+    accepts its connections once it runs."""
     try:
         infos = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)
     except socket.gaierror as e:
@@ -180,6 +181,7 @@ def _listen(host: str, port: int) -> socket.socket:
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
     try:
         sock.bind(address)
+        sock.listen(2048)  # connections queue from now on, so a client may connect as soon as "serving" is printed
     except OSError as e:
         sock.close()
         raise CommandError(f"cannot listen on {host}:{port}: {e.strerror or e}") from None
