@@ -81,7 +81,7 @@ TINY = {  # --tiny: every size small enough for a CPU in seconds
     "slots": 4,
     "requests": 8,
     "prompt_len": [3, 12],
-    "output_len": [8, 64],
+    "output_len": [8, 256],  # a token buffer of 256: generate's step time is a difference over 127 tokens
     "monitor_ms": 2.0,
     "rates": [50.0, math.inf],
     "chunk_tokens": 8,

@@ -55,7 +55,7 @@ def test_step_rows(tiny_run):
         assert r["batch"] == slots and r["ms_per_step"] > 0
         assert r["tokens_per_s"] == pytest.approx(slots / (r["ms_per_step"] / 1e3))
     assert rows[0]["steps"] == rows[1]["steps"] == serve.TINY["engine_steps"]
-    assert rows[2]["tokens"] == [33, 64]  # N/2 + 1 and N, N the token buffer of the longest output
+    assert rows[2]["tokens"] == [129, 256]  # N/2 + 1 and N, N the token buffer of the longest output
 
 
 def test_saturated_and_static(tiny_run):
