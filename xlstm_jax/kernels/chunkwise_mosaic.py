@@ -9,21 +9,29 @@ The same function as :func:`xlstm_jax.mlstm.chunkwise.chunkwise_fw` (initial sta
    row and column halves of the in-chunk gate matrix's log, the break counts that mask it, the weight of the
    border state, ``q̂·n`` of the border normaliser, the lower bound ``exp(-m_t)``, and each step's weight in the
    state at its chunk's end; per chunk, the border state's decay.
-2. The kernel (:func:`mosaic_chunkwise`): one program (a CUDA block of one warpgroup) per head and block of
-   ``block_dhv`` columns of c. It walks the head's chunks in order in a TMA pipeline (the next chunks' q, k, v
-   tiles load while the current one computes), holding its (DHQK, block_dhv) slice of c in registers, in
-   float32, from the initial state to the last state. Per chunk of L = 64 steps::
+2. The kernel (:func:`mosaic_chunkwise`): one program (a CUDA block of ``consumers`` warpgroups) per head and
+   block of ``consumers * block_dhv`` columns of c. It walks the head's chunks in order in a TMA pipeline (the
+   next chunks' q, k, v tiles load while the current one computes); each warpgroup holds its (DHQK, block_dhv)
+   slice of c in registers, in float32, from the initial state to the last state. Per chunk of L = 64 steps::
 
        P = (q kᵀ) ⊙ D · DHQK^-1/2                      # WGMMA, (L, L); D from the plan, masked causally
        h = (w ⊙ q C + P v) / (max(|rowsum P + q̂n|, exp(-m)) + eps)   # two WGMMAs, (L, block_dhv)
        C = decay · C + kᵀ (g ⊙ v)                      # WGMMA, (DHQK, block_dhv)
 
-   with C rounded to the inputs' dtype only where it enters ``q C`` (as in the XLA form). Every program of a
+   with C rounded to the inputs' dtype only where it enters ``q C`` (as in the XLA form). Every warpgroup of a
    head computes the same (L, L) scores: the price of keeping c on chip with no state written per chunk.
+
+   With ``consumers=2`` the two warpgroups of a program share one copy of the q, k and plan tiles in shared
+   memory (warpgroup 0 issues their copies) and each has its own v, h, P and C tiles; while one waits on its
+   products the other's run. A buffer slot is refilled once both warpgroups have arrived at its "consumed"
+   barrier. Shared memory per program (:func:`shared_memory_bytes`) at DHQK=256, block_dhv=32, depth=2, bf16:
+   q and k 2·2·64·256·2 B = 128 KiB and the plan 2·8·64·4 B = 4 KiB, shared; per warpgroup v 8 KiB, h 4 KiB,
+   C 16 KiB, P 8 KiB, g ⊙ v 4 KiB = 40 KiB; 172 KiB with one warpgroup, 212 KiB with two (Hopper allows 227).
 
 Limits. Hopper (TMA and WGMMA, compute capability 9.0). bf16 or f16 inputs (the WGMMA operand dtypes; float32
 inputs would run as TF32 and are left to the XLA form); DHQK a multiple of 64, DHV a multiple of
-``block_dhv`` (32 or 64). Non-finite values in k or v make h non-finite in their whole chunk (the XLA form keeps
+``consumers * block_dhv`` (block_dhv 32 or 64, consumers 1 or 2), the tiles within Hopper's 227 KiB of shared
+memory per block. Non-finite values in k or v make h non-finite in their whole chunk (the XLA form keeps
 the steps before them finite). :func:`chunkwise_mosaic_unsupported` says why a call cannot run.
 
 Gradients: a ``custom_vjp``. A call that is only evaluated runs the kernel; under differentiation (``jax.grad``,
@@ -59,6 +67,7 @@ __all__ = [
     "chunkwise_mosaic_fw",
     "chunkwise_mosaic_unsupported",
     "mosaic_chunkwise",
+    "shared_memory_bytes",
 ]
 
 CHUNK = 64  # steps per chunk: the M of the WGMMA tiles of the scores and of h
@@ -67,9 +76,24 @@ _PLAN_ROWS = 8  # vectors per chunk in the plan, rows of an (8, L) float32 block
 # The plan's rows. The break counts are there twice, read as row and as column vectors: one shared-memory vector
 # read in two register layouts defeats JAX 0.11's layout inference.
 _ROW, _COL, _BREAKS, _INTER, _QN, _LOWER, _GAIN, _BREAKS_COL = range(_PLAN_ROWS)
+_SMEM_LIMIT = 227 * 1024  # bytes of shared memory a CUDA block may use on Hopper
 
 
-def chunkwise_mosaic_unsupported(DHQK: int, DHV: int, dtype: Any, block_dhv: int) -> str | None:
+def shared_memory_bytes(DHQK: int, dtype: Any, block_dhv: int, depth: int = 2, consumers: int = 1) -> int:
+    """Bytes of shared memory of the kernel's chunk loop (its largest scope): the tiles, not the barriers.
+
+    Per pipeline slot q and k (L, DHQK) and the plan (8, L) float32, shared by the warpgroups; per warpgroup
+    ``depth`` v tiles (L, block_dhv), h (L, block_dhv), C rounded (DHQK, block_dhv), P (L, L), g ⊙ v (L, block_dhv).
+    """
+    item = jnp.dtype(dtype).itemsize
+    shared = depth * (2 * CHUNK * DHQK * item + _PLAN_ROWS * CHUNK * 4)
+    own = (depth + 2) * CHUNK * block_dhv * item + DHQK * block_dhv * item + CHUNK * CHUNK * item
+    return shared + consumers * own
+
+
+def chunkwise_mosaic_unsupported(
+    DHQK: int, DHV: int, dtype: Any, block_dhv: int, *, depth: int = 2, consumers: int = 1
+) -> str | None:
     """Why the kernel cannot run this head shape, dtype and tiling, or None if it can (no device check)."""
     if jnp.dtype(dtype) not in (jnp.dtype(jnp.bfloat16), jnp.dtype(jnp.float16)):
         return f"inputs must be bfloat16 or float16 (the WGMMA operand dtypes), got {jnp.dtype(dtype)}"
@@ -77,6 +101,21 @@ def chunkwise_mosaic_unsupported(DHQK: int, DHV: int, dtype: Any, block_dhv: int
         return f"DHQK={DHQK} must be a multiple of {_ROWS}"
     if block_dhv not in (32, 64) or DHV % block_dhv:
         return f"block_dhv={block_dhv} must be 32 or 64 and divide DHV={DHV}"
+    if consumers not in (1, 2):
+        return f"consumers={consumers!r} must be 1 or 2 (warpgroups per program)"
+    if DHV % (consumers * block_dhv):
+        return (
+            f"DHV={DHV} must be a multiple of consumers * block_dhv = {consumers * block_dhv} "
+            f"(consumers={consumers}, block_dhv={block_dhv})"
+        )
+    if not isinstance(depth, int) or depth < 1:
+        return f"depth={depth!r} must be a positive integer (chunks in flight)"
+    smem = shared_memory_bytes(DHQK, dtype, block_dhv, depth, consumers)
+    if smem > _SMEM_LIMIT:
+        return (
+            f"the tiles need {smem // 1024} KiB of shared memory at DHQK={DHQK}, block_dhv={block_dhv}, "
+            f"depth={depth}, consumers={consumers}; a Hopper block has {_SMEM_LIMIT // 1024} KiB"
+        )
     return None
 
 
@@ -114,6 +153,7 @@ def _chunk_body(
     eps: float,
     block_dhv: int,
     depth: int,
+    consumers: int,
     interpret: bool,
 ):
     f32, dtype = jnp.float32, q_ref.dtype
@@ -124,7 +164,24 @@ def _chunk_body(
     row_layout, col_layout = tile.reduce(1), tile.reduce(0)
     bh, vb = lax.axis_index("bh"), lax.axis_index("vb")
     itemsize = jnp.dtype(dtype).itemsize
-    columns = pl.ds(vb * NV, NV)
+    # With two warpgroups ("consumers"), per-warpgroup tiles have a leading axis of 2 and warpgroup 0 issues the
+    # copies of the tiles they share; one warpgroup leaves every tile and copy as it is.
+    split = consumers > 1
+    wg = lax.axis_index("wg") if split else 0
+    columns = pl.ds((vb * consumers + wg) * NV, NV) if split else pl.ds(vb * NV, NV)
+    v_barrier, plan_barrier = 2 + wg, 2 + consumers  # indices (times depth) into ``loaded``: q 0, k 1
+
+    def own(ref):  # this warpgroup's tile of a per-warpgroup allocation
+        return ref.at[wg] if split else ref
+
+    def per_warpgroup(shape, dtype, **kwargs):
+        return plgpu.SMEM((consumers, *shape) if split else shape, dtype, **kwargs)
+
+    def leader(f):  # runs f on warpgroup 0 only
+        if split:
+            pl.when(wg == 0)(f)
+        else:
+            f()
 
     def load(ref, layout):
         return _load(ref, layout, interpret)
@@ -142,15 +199,32 @@ def _chunk_body(
     swizzle = min(128, NV * itemsize)
     operand = _swizzled(swizzle, itemsize)
 
-    def body(q_bufs, k_bufs, v_bufs, plan_bufs, h_smem, c16_smem, p_smem, gv_smem, loaded, *kt):
-        def issue(j, slot):
-            """Starts the TMA copies of chunk j's tiles into buffer ``slot``."""
+    def body(q_bufs, k_bufs, v_bufs, plan_bufs, h_smem, c16_smem, p_smem, gv_smem, loaded, *rest):
+        consumed, kt = (rest[0], rest[1:]) if split else (None, rest)
+        v_bufs, h_smem, c16_smem, p_smem, gv_smem = map(own, (v_bufs, h_smem, c16_smem, p_smem, gv_smem))
+
+        def issue(j, slot, refill=False):
+            """Starts the TMA copies of chunk j's tiles into buffer ``slot`` (a refill: once it is consumed)."""
             steps = pl.ds(j * L, L)
-            plgpu.copy_gmem_to_smem(q_ref.at[bh, steps], q_bufs.at[slot], loaded.at[slot])
-            plgpu.copy_gmem_to_smem(k_ref.at[bh, steps], k_bufs.at[slot], loaded.at[depth + slot])
-            plgpu.copy_gmem_to_smem(v_ref.at[bh, steps, columns], v_bufs.at[slot], loaded.at[2 * depth + slot])
-            plan_rows = pl.ds(j * _PLAN_ROWS, _PLAN_ROWS)
-            plgpu.copy_gmem_to_smem(plan_ref.at[bh, plan_rows], plan_bufs.at[slot], loaded.at[3 * depth + slot])
+
+            def copy_v():
+                v_loaded = loaded.at[v_barrier * depth + slot]
+                plgpu.copy_gmem_to_smem(v_ref.at[bh, steps, columns], v_bufs.at[slot], v_loaded)
+
+            def copy_shared():
+                if refill and split:
+                    plgpu.barrier_wait(consumed.at[slot])  # both warpgroups are done with the slot
+                plgpu.copy_gmem_to_smem(q_ref.at[bh, steps], q_bufs.at[slot], loaded.at[slot])
+                plgpu.copy_gmem_to_smem(k_ref.at[bh, steps], k_bufs.at[slot], loaded.at[depth + slot])
+                if not split:
+                    copy_v()
+                plan_rows = pl.ds(j * _PLAN_ROWS, _PLAN_ROWS)
+                plan_loaded = loaded.at[plan_barrier * depth + slot]
+                plgpu.copy_gmem_to_smem(plan_ref.at[bh, plan_rows], plan_bufs.at[slot], plan_loaded)
+
+            leader(copy_shared)
+            if split:
+                copy_v()  # each warpgroup its own columns
 
         for j in range(min(depth, NC)):
             issue(j, j)
@@ -159,12 +233,12 @@ def _chunk_body(
 
         def chunk(j, c):
             slot = lax.rem(j, depth)
-            for operand in range(4):
+            for operand in (0, 1, v_barrier, plan_barrier):
                 plgpu.barrier_wait(loaded.at[operand * depth + slot])
             q_smem, k_smem, v_smem, plan_smem = q_bufs.at[slot], k_bufs.at[slot], v_bufs.at[slot], plan_bufs.at[slot]
             if interpret:  # the interpreter has no transposed WGMMA operands: transpose through shared memory
-                kt[0][...] = k_smem[...].T
-                k_t = kt[0]
+                k_t = own(kt[0])
+                k_t[...] = k_smem[...].T
             else:
                 k_t = k_smem.transpose((1, 0))  # (DHQK, L)
 
@@ -232,7 +306,9 @@ def _chunk_body(
 
             @pl.when(j + depth < NC)
             def _():
-                issue(j + depth, slot)  # every product reading this slot has completed
+                if split:  # every product of this warpgroup reading this slot has completed
+                    plgpu.barrier_arrive(consumed.at[slot])
+                issue(j + depth, slot, refill=True)
 
             return c
 
@@ -241,38 +317,44 @@ def _chunk_body(
         return c_last
 
     # c in and out through a float32 buffer of its own scope, so that its shared memory is reused by the loop's.
-    c32 = plgpu.SMEM((DHQK, NV), f32, transforms=_swizzled(min(128, NV * 4), 4))
+    c32 = per_warpgroup((DHQK, NV), f32, transforms=_swizzled(min(128, NV * 4), 4))
 
     def load_c0(c32_smem, c_loaded):
+        c32_smem, c_loaded = own(c32_smem), own(c_loaded)
         plgpu.copy_gmem_to_smem(c0_ref.at[bh, :, columns], c32_smem, c_loaded)
         plgpu.barrier_wait(c_loaded)
         return load(c32_smem, tile)
 
     def store_c(c32_smem):
+        c32_smem = own(c32_smem)
         c32_smem[...] = c_last
         plgpu.commit_smem()
         plgpu.copy_smem_to_gmem(c32_smem, c_ref.at[bh, :, columns])
         plgpu.wait_smem_to_gmem(0)
 
-    c_init = pl.run_scoped(load_c0, c32, plgpu.Barrier(num_arrivals=1), collective_axes="wg")
+    # Each scope starts with the warpgroups in step (Pallas puts a block barrier there), so one scope's shared
+    # memory is reused by the next only once every warpgroup has left the first.
+    c_loaded = plgpu.Barrier(num_arrivals=1, num_barriers=consumers) if split else plgpu.Barrier(num_arrivals=1)
+    c_init = pl.run_scoped(load_c0, c32, c_loaded, collective_axes="wg")
     c_last = pl.run_scoped(
         body,
         plgpu.SMEM((depth, L, DHQK), dtype, transforms=operand),
         plgpu.SMEM((depth, L, DHQK), dtype, transforms=operand),
-        plgpu.SMEM((depth, L, NV), dtype, transforms=operand),
+        per_warpgroup((depth, L, NV), dtype, transforms=operand),
         plgpu.SMEM((depth, _PLAN_ROWS, L), f32),
-        plgpu.SMEM((L, NV), h_ref.dtype, transforms=operand),
-        plgpu.SMEM((DHQK, NV), dtype, transforms=operand),
-        plgpu.SMEM((L, L), dtype, transforms=operand),
-        plgpu.SMEM((L, NV), dtype, transforms=operand),
-        plgpu.Barrier(num_arrivals=1, num_barriers=4 * depth),
-        *([plgpu.SMEM((DHQK, L), dtype)] if interpret else []),
+        per_warpgroup((L, NV), h_ref.dtype, transforms=operand),
+        per_warpgroup((DHQK, NV), dtype, transforms=operand),
+        per_warpgroup((L, L), dtype, transforms=operand),
+        per_warpgroup((L, NV), dtype, transforms=operand),
+        plgpu.Barrier(num_arrivals=1, num_barriers=(3 + consumers) * depth),
+        *([plgpu.Barrier(num_arrivals=consumers, num_barriers=depth)] if split else []),
+        *([per_warpgroup((DHQK, L), dtype)] if interpret else []),
         collective_axes="wg",
     )
     pl.run_scoped(store_c, c32, collective_axes="wg")
 
 
-@functools.partial(jax.jit, static_argnames=("eps", "block_dhv", "depth", "interpret"))
+@functools.partial(jax.jit, static_argnames=("eps", "block_dhv", "depth", "consumers", "interpret"))
 def mosaic_chunkwise(
     q: jax.Array,  # (BH, S, DHQK), S a multiple of CHUNK
     k: jax.Array,  # (BH, S, DHQK)
@@ -284,16 +366,19 @@ def mosaic_chunkwise(
     eps: float,
     block_dhv: int = 32,
     depth: int = 2,
+    consumers: int = 1,
     interpret: bool = False,
 ) -> tuple[jax.Array, jax.Array]:
     """The kernel on ``BH`` flattened heads, from :func:`chunk_plan`'s plan; the caller checks shapes.
+
+    ``consumers`` warpgroups per program (1 or 2), each with ``block_dhv`` columns of c (module docstring).
 
     Returns:
         ``(h (BH, S, DHV) in q's dtype, c after the last chunk (BH, DHQK, DHV) float32)``.
     """
     BH, S, DHQK = q.shape
     DHV = v.shape[-1]
-    reason = chunkwise_mosaic_unsupported(DHQK, DHV, q.dtype, block_dhv)
+    reason = chunkwise_mosaic_unsupported(DHQK, DHV, q.dtype, block_dhv, depth=depth, consumers=consumers)
     if reason is not None:
         raise ValueError(f"the Mosaic GPU chunkwise kernel cannot run this shape: {reason}")
     params = None
@@ -301,11 +386,15 @@ def mosaic_chunkwise(
         params = mosaic_interpret_params()
         if params is None:
             raise ValueError("interpret=True needs a JAX with Mosaic GPU's interpreter (jax 0.10 or newer)")
-    body = functools.partial(_chunk_body, eps=eps, block_dhv=block_dhv, depth=depth, interpret=interpret)
+    body = functools.partial(
+        _chunk_body, eps=eps, block_dhv=block_dhv, depth=depth, consumers=consumers, interpret=interpret
+    )
     kernel = pl.kernel(
         body,
         out_type=(jax.ShapeDtypeStruct((BH, S, DHV), q.dtype), jax.ShapeDtypeStruct((BH, DHQK, DHV), jnp.float32)),
-        mesh=plgpu.Mesh(grid=(BH, DHV // block_dhv), grid_names=("bh", "vb"), num_threads=1, thread_name="wg"),
+        mesh=plgpu.Mesh(
+            grid=(BH, DHV // (consumers * block_dhv)), grid_names=("bh", "vb"), num_threads=consumers, thread_name="wg"
+        ),
         name="mlstm_chunkwise_mosaic",
         **({"interpret": params} if interpret else {}),
     )
@@ -350,7 +439,7 @@ def chunk_plan(x: ChunkedSequence) -> tuple[jax.Array, jax.Array, tuple[jax.Arra
     return plan, decay, (n_last, m_last)
 
 
-def _forward(x: ChunkedSequence, eps: float, block_dhv: int, depth: int, interpret: bool):
+def _forward(x: ChunkedSequence, eps: float, block_dhv: int, depth: int, consumers: int, interpret: bool):
     """h (B, NH, S, DHV) and the last states (c, n, m) in the accumulation dtype."""
     B, NH, S, DHQK, DHV = x.dims
     NC, L = x.NC, x.L
@@ -366,6 +455,7 @@ def _forward(x: ChunkedSequence, eps: float, block_dhv: int, depth: int, interpr
         eps=eps,
         block_dhv=block_dhv,
         depth=depth,
+        consumers=consumers,
         interpret=interpret,
     )
     h = h.reshape(B, NH, NC * L, DHV)[:, :, :S]
@@ -388,6 +478,7 @@ def chunkwise_mosaic_fw(
     segment_ids: jax.Array | None = None,  # (B, S) int
     block_dhv: int = 32,
     depth: int = 2,
+    consumers: int = 1,
     interpret: bool = False,
     xla_chunk_size: int = 256,
 ) -> jax.Array | tuple[jax.Array, tuple[jax.Array, jax.Array, jax.Array]]:
@@ -400,6 +491,8 @@ def chunkwise_mosaic_fw(
         block_dhv: Columns of c per program, 32 or 64: more columns recompute the (L, L) scores fewer times,
             fewer hold less of c in registers (32 is the faster on an H200; BENCHMARKS.md).
         depth: Chunks in flight in the TMA pipeline.
+        consumers: Warpgroups per program, 1 or 2, each with its own ``block_dhv`` columns of c; two share the
+            q and k tiles in shared memory and overlap each other's products (module docstring; BENCHMARKS.md).
         interpret: Run in Mosaic GPU's interpreter (any backend; slow).
         xla_chunk_size: The chunk size of the XLA form that runs under differentiation.
 
@@ -408,7 +501,8 @@ def chunkwise_mosaic_fw(
     """
     x = chunk_sequence(q, k, v, i, f, c_initial, n_initial, m_initial, eps, state_dtype, CHUNK, segment_ids, True)
     _, _, _, DHQK, DHV = x.dims
-    reason = chunkwise_mosaic_unsupported(DHQK, DHV, jnp.result_type(q, k, v), block_dhv)
+    dtype = jnp.result_type(q, k, v)
+    reason = chunkwise_mosaic_unsupported(DHQK, DHV, dtype, block_dhv, depth=depth, consumers=consumers)
     if reason is not None:
         raise ValueError(f"chunkwise_mosaic_fw cannot run this call: {reason}")
     states_given = c_initial is not None
@@ -417,7 +511,7 @@ def chunkwise_mosaic_fw(
     def run(q, k, v, i, f, states):
         c0, n0, m0 = states if states_given else (None, None, None)
         x = chunk_sequence(q, k, v, i, f, c0, n0, m0, eps, state_dtype, CHUNK, segment_ids, True)
-        h, last = _forward(x, eps, block_dhv, depth, interpret)
+        h, last = _forward(x, eps, block_dhv, depth, consumers, interpret)
         return h.astype(q.dtype), cast_states(last, x.out_dtypes)
 
     def xla(q, k, v, i, f, states):
