@@ -26,8 +26,12 @@ Rows of the table ``chunkwise``, per shape and mode:
   with the reason in the JSON's ``tfla`` facts.
 * ``xla L=...``: ``xlstm_jax.mlstm.chunkwise_fw`` at each of ``--xla-chunk-sizes`` (default 256, its best
   chunk size at these shapes in BENCHMARKS.md), jitted.
-* ``mosaic bdhv=...``: ``xlstm_jax.kernels.chunkwise_mosaic.chunkwise_mosaic_fw`` (chunk size 64) at each of
-  ``--block-dhv`` (default 32 and 64), jitted; fwdbwd differentiates through its custom VJP (the XLA form's
+* ``mosaic bdhv=... [d=...] [wg=...]``: ``xlstm_jax.kernels.chunkwise_mosaic.chunkwise_mosaic_fw`` (chunk
+  size 64), jitted, one row per kernel variant: each of ``--block-dhv`` (columns of c per warpgroup, default
+  32), ``--depth`` (TMA pipeline depth, default 2; ``d=`` in the label unless only the default is asked for)
+  and ``--consumers`` (warpgroups per program, default 1 and 2; ``wg=`` in the label unless only 1 is asked
+  for). Variants the kernel cannot run at the head shape (``chunkwise_mosaic_unsupported``: shared memory,
+  divisibility) are left out with a note. fwdbwd differentiates through its custom VJP (the XLA form's
   backward pass).
 
 Columns: ``ms`` the median time of a call (``benchmarks/harness.py``'s ``time_jitted``: compilation apart,
@@ -61,6 +65,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import importlib.util
+import itertools
 import json
 import os
 import subprocess
@@ -79,7 +84,7 @@ from benchmarks.forms import RMS_BOUND, floor_counts, jitted, make_args, rel_rms
 from benchmarks.generate import PRESETS, prefill_flops, random_params
 from benchmarks.harness import Column, Report, add_arguments, ceilings_from_arguments, hardware_floor, time_jitted
 from xlstm_jax.generation import prefill
-from xlstm_jax.kernels.chunkwise_mosaic import CHUNK, chunkwise_mosaic_fw
+from xlstm_jax.kernels.chunkwise_mosaic import CHUNK, chunkwise_mosaic_fw, chunkwise_mosaic_unsupported
 from xlstm_jax.mlstm import chunkwise_fw
 from xlstm_jax.models.xlstm_parallel.blocks.mlstm.backend import BACKENDS
 from xlstm_jax.models.xlstm_parallel.runtime import RuntimeConfig
@@ -92,6 +97,8 @@ SMOKE = {  # --smoke: defaults for a CPU check in seconds (explicit options stil
     "DHQK": 64,
     "DHV": 64,
     "block_dhv": [32],
+    "depth": [2],
+    "consumers": [1],
     "xla_chunk_sizes": [32],
     "interpret": True,
     "preset": "tiny",
@@ -107,7 +114,7 @@ TFLA_CHILD = (
 TFLA_PACKAGES = ("torch", "triton", "mlstm_kernels")
 
 COLUMNS = [
-    Column("form", "form", width=14),
+    Column("form", "form", width=24),
     Column("B", "B", width=2),
     Column("S", "S", width=6),
     Column("mode", "mode", width=6),
@@ -182,8 +189,9 @@ def parse(argv: Sequence[str] | None) -> argparse.Namespace:
     p.add_argument("--DHQK", type=int, default=256)
     p.add_argument("--DHV", type=int, default=512)
     p.add_argument("--modes", nargs="+", default=["fwd", "fwdbwd"], choices=["fwd", "fwdbwd"])
-    p.add_argument("--block-dhv", type=int, nargs="*", default=[32, 64], help="the kernel's columns per program")
-    p.add_argument("--depth", type=int, default=2, help="the kernel's TMA pipeline depth")
+    p.add_argument("--block-dhv", type=int, nargs="*", default=[32], help="the kernel's columns per warpgroup")
+    p.add_argument("--depth", type=int, nargs="+", default=[2], help="the kernel's TMA pipeline depths")
+    p.add_argument("--consumers", type=int, nargs="+", default=[1, 2], help="the kernel's warpgroups per program")
     p.add_argument("--interpret", action="store_true", help="run the kernel in Mosaic GPU's interpreter")
     p.add_argument("--xla-chunk-sizes", type=int, nargs="*", default=[256], help="chunk sizes of the XLA form")
     p.add_argument("--check-stride", type=int, default=8, help="compare every this many columns of h")
@@ -203,17 +211,20 @@ def parse(argv: Sequence[str] | None) -> argparse.Namespace:
     if "--smoke" in argv:
         p.set_defaults(**SMOKE)
     a = p.parse_args(argv)
-    for name in ("NH", "DHQK", "DHV", "depth", "check_stride", "tfla_chunk_size", "prefill_chunk_size", "repeats"):
+    for name in ("NH", "DHQK", "DHV", "check_stride", "tfla_chunk_size", "prefill_chunk_size", "repeats"):
         if getattr(a, name) < 1:
             p.error(f"--{name.replace('_', '-')} must be >= 1, got {getattr(a, name)}")
     if a.prefill_repeats < 1:
         p.error(f"--prefill-repeats must be >= 1, got {a.prefill_repeats}")
-    for name in ("xla_chunk_sizes", "prefill_tokens"):
+    for name in ("xla_chunk_sizes", "prefill_tokens", "depth"):
         if any(n < 1 for n in getattr(a, name)):
             p.error(f"--{name.replace('_', '-')} must be positive, got {getattr(a, name)}")
     bad = [b for b in a.block_dhv if b not in (32, 64)]
     if bad:
         p.error(f"--block-dhv must be 32 or 64, got {bad}")
+    bad = [c for c in a.consumers if c not in (1, 2)]
+    if bad:
+        p.error(f"--consumers must be 1 or 2, got {bad}")
     return a
 
 
@@ -285,14 +296,30 @@ def inputs(B: int, S: int, a: argparse.Namespace) -> tuple[jax.Array, ...]:
     return q, k, v, i.astype(jnp.float32), f.astype(jnp.float32)
 
 
-def forms(a: argparse.Namespace) -> dict[str, tuple[Callable, int, str]]:
-    """``{row name: (form, chunk size, kind)}``, kind ``"xla"`` or ``"mosaic"``; XLA rows first."""
-    table: dict[str, tuple[Callable, int, str]] = {}
+def kernel_variants(a: argparse.Namespace) -> tuple[dict[str, dict[str, int]], list[str]]:
+    """The kernel variants of ``--block-dhv`` x ``--depth`` x ``--consumers`` that run at the head shape, as
+    ``{row name: {"block_dhv", "depth", "consumers"}}``, and a note for each that does not."""
+    variants, skipped = {}, []
+    for bdhv, depth, consumers in itertools.product(a.block_dhv, a.depth, a.consumers):
+        name = f"mosaic bdhv={bdhv}"
+        name += f" d={depth}" if a.depth != [2] else ""
+        name += f" wg={consumers}" if a.consumers != [1] else ""
+        why = chunkwise_mosaic_unsupported(a.DHQK, a.DHV, jnp.bfloat16, bdhv, depth=depth, consumers=consumers)
+        if why is None:
+            variants[name] = {"block_dhv": bdhv, "depth": depth, "consumers": consumers}
+        else:
+            skipped.append(f"{name}: left out, {why}")
+    return variants, skipped
+
+
+def forms(a: argparse.Namespace) -> dict[str, tuple[Callable, int, str, dict]]:
+    """``{row name: (form, chunk size, kind, settings)}``, kind ``"xla"`` or ``"mosaic"``; XLA rows first."""
+    table: dict[str, tuple[Callable, int, str, dict]] = {}
     for L in a.xla_chunk_sizes:
-        table[f"xla L={L}"] = (lambda *x, L=L: chunkwise_fw(*x, chunk_size=L), L, "xla")
-    for bdhv in a.block_dhv:
-        kernel = lambda *x, bdhv=bdhv: chunkwise_mosaic_fw(*x, block_dhv=bdhv, depth=a.depth, interpret=a.interpret)
-        table[f"mosaic bdhv={bdhv}"] = (kernel, CHUNK, "mosaic")
+        table[f"xla L={L}"] = (lambda *x, L=L: chunkwise_fw(*x, chunk_size=L), L, "xla", {})
+    for name, settings in kernel_variants(a)[0].items():
+        kernel = lambda *x, s=settings: chunkwise_mosaic_fw(*x, **s, interpret=a.interpret)
+        table[name] = (kernel, CHUNK, "mosaic", settings)
     return table
 
 
@@ -329,7 +356,7 @@ def bench_shape(report: Report, a: argparse.Namespace, B: int, S: int, tfla: dic
     def check(name: str, form: Callable) -> float:
         nonlocal h_ref
         if h_ref is None:
-            first = next(n for n, (_, _, kind) in table.items() if kind == "xla")
+            first = next(n for n, (_, _, kind, _) in table.items() if kind == "xla")
             fwd.setdefault(first, jax.jit(table[first][0]))
             h_ref = sample(fwd[first](*args), a.check_stride)
         if name not in errors:
@@ -338,7 +365,7 @@ def bench_shape(report: Report, a: argparse.Namespace, B: int, S: int, tfla: dic
         return errors[name]
 
     table = forms(a)
-    has_xla = any(kind == "xla" for _, _, kind in table.values())
+    has_xla = any(kind == "xla" for _, _, kind, _ in table.values())
     for mode in a.modes:
         times: dict[str, float] = {}
         if (B, S, mode) in tfla:
@@ -350,8 +377,8 @@ def bench_shape(report: Report, a: argparse.Namespace, B: int, S: int, tfla: dic
             row.update(rates(row, flops, nbytes, ceilings))
             times["tfla"] = row["median_s"]
             report.add("chunkwise", row)
-        for name, (form, L, kind) in table.items():
-            row = {"form": name, "kind": kind, "B": B, "S": S, "mode": mode, "L": L}
+        for name, (form, L, kind, settings) in table.items():
+            row = {"form": name, "kind": kind, "B": B, "S": S, "mode": mode, "L": L, **settings}
             try:
                 fn = fwd.setdefault(name, jax.jit(form)) if mode == "fwd" else jitted(form, mode, args)
                 timing = time_jitted(fn, *args, repeats=a.repeats)
@@ -438,6 +465,8 @@ def main(argv: Sequence[str] | None = None) -> dict:
         report.note(f"TFLA file ignored: {text}")
     ceilings = ceilings_from_arguments(a, report)
     report.table("chunkwise", COLUMNS)
+    for text in kernel_variants(a)[1]:
+        report.note(text)
     prefill_rows = bool(a.prefill_tokens and a.prefill_backends)
     for B, S in a.shapes:
         if time.time() > deadline - (a.prefill_reserve_s if prefill_rows else 0.0):
