@@ -3,8 +3,8 @@
 On a Hopper GPU the kernel runs compiled; elsewhere it runs in Mosaic GPU's interpreter (where this JAX has one)
 on the same cases, and its CUDA lowering (layouts, swizzles, shared memory) is checked on the CPU. Cases: odd S
 (padding inside), S below one chunk, several chunks, initial states, extreme and closed gates, resets, packed
-documents on and across chunk borders, both column tilings; gradients (the XLA form's backward) through the
-custom_vjp; the errors for what the kernel does not run.
+documents on and across chunk borders, both column tilings, one and two warpgroups per program; gradients (the
+XLA form's backward) through the custom_vjp; the errors for what the kernel does not run.
 """
 
 from __future__ import annotations
@@ -25,6 +25,7 @@ from xlstm_jax.kernels.chunkwise_mosaic import (
     chunkwise_mosaic_fw,
     chunkwise_mosaic_unsupported,
     mosaic_chunkwise,
+    shared_memory_bytes,
 )
 from xlstm_jax.kernels.mosaic import mosaic_interpret_params
 from xlstm_jax.kernels.recurrent_step_mosaic import device_supports_mosaic
@@ -42,26 +43,28 @@ runs = pytest.mark.skipif(
 )
 
 
-def kernel(block_dhv: int = 32):
-    return functools.partial(chunkwise_mosaic_fw, block_dhv=block_dhv, interpret=INTERPRET)
+def kernel(block_dhv: int = 32, consumers: int = 1):
+    return functools.partial(chunkwise_mosaic_fw, block_dhv=block_dhv, consumers=consumers, interpret=INTERPRET)
 
 
-# (B, NH, S, DHQK, DHV, initial states, forget gates, input gates, block_dhv)
+# (B, NH, S, DHQK, DHV, initial states, forget gates, input gates, block_dhv, consumers)
 CASES = [
-    (1, 2, 100, 64, 64, False, "mixed", "wide", 32),  # two chunks, the second padded
-    (2, 1, 150, 64, 128, True, "mixed", "extreme", 64),  # three chunks, initial states, input gates of ±50
-    (1, 1, 37, 128, 64, True, "closed", "wide", 32),  # shorter than one chunk
-    (1, 1, 64, 64, 32, True, "open", "extreme", 32),  # exactly one chunk, long memory
+    (1, 2, 100, 64, 64, False, "mixed", "wide", 32, 1),  # two chunks, the second padded
+    (2, 1, 150, 64, 128, True, "mixed", "extreme", 64, 1),  # three chunks, initial states, input gates of ±50
+    (1, 1, 37, 128, 64, True, "closed", "wide", 32, 1),  # shorter than one chunk
+    (1, 1, 64, 64, 32, True, "open", "extreme", 32, 1),  # exactly one chunk, long memory
+    (1, 1, 200, 64, 64, True, "mixed", "extreme", 32, 2),  # two warpgroups, four chunks (slots refilled)
 ]
-CASE_IDS = ["two-chunks", "states-extreme", "short", "one-chunk-open"]
+CASE_IDS = ["two-chunks", "states-extreme", "short", "one-chunk-open", "two-wg-states-extreme"]
+CASE_ARGS = ("B", "NH", "S", "DHQK", "DHV", "states", "fgate", "igate", "block_dhv", "consumers")
 
 
 @runs
-@pytest.mark.parametrize(("B", "NH", "S", "DHQK", "DHV", "states", "fgate", "igate", "block_dhv"), CASES, ids=CASE_IDS)
-def test_matches_reference(B, NH, S, DHQK, DHV, states, fgate, igate, block_dhv):
+@pytest.mark.parametrize(CASE_ARGS, CASES, ids=CASE_IDS)
+def test_matches_reference(B, NH, S, DHQK, DHV, states, fgate, igate, block_dhv, consumers):
     """h and the last states (c from the kernel, n and m from the gate plan) against the float64 recurrence."""
     x = random_inputs(S + DHV, B, NH, S, DHQK, DHV, states=states, fgate=fgate, igate=igate)
-    check_forward(kernel(block_dhv), x, "bfloat16")
+    check_forward(kernel(block_dhv, consumers), x, "bfloat16")
 
 
 @runs
@@ -84,12 +87,12 @@ SEGMENTS = np.array([_ids([1, 63, 64, 1, 21]), _ids([70, 1, 1, 78])])
 
 
 @runs
-@pytest.mark.parametrize("states", [True, False], ids=["states", "zeros"])
-def test_packed_documents(states):
+@pytest.mark.parametrize(("states", "consumers"), [(True, 1), (False, 1), (True, 2)], ids=["states", "zeros", "two-wg"])
+def test_packed_documents(states, consumers):
     """Each document as if run alone (the reference runs them one by one), with a reset inside one of them."""
-    x = random_inputs(11 + states, 2, 2, 150, 64, 32, states=states, igate="extreme")
+    x = random_inputs(11 + states, 2, 2, 150, 64, 32 * consumers, states=states, igate="extreme")
     x["f"][1, 1, 100] = -np.inf
-    check_forward(kernel(), x, "bfloat16", segment_ids=SEGMENTS)
+    check_forward(kernel(consumers=consumers), x, "bfloat16", segment_ids=SEGMENTS)
 
 
 @runs
@@ -134,20 +137,30 @@ def test_unsupported_calls_raise():
         chunkwise_mosaic_fw(*args, block_dhv=48)
     assert chunkwise_mosaic_unsupported(96, 64, jnp.bfloat16, 32) == "DHQK=96 must be a multiple of 64"
     assert chunkwise_mosaic_unsupported(256, 512, jnp.bfloat16, 64) is None
+    assert chunkwise_mosaic_unsupported(256, 512, jnp.bfloat16, 32, consumers=2) is None
+    with pytest.raises(ValueError, match=r"DHV=32 must be a multiple of consumers \* block_dhv = 64"):
+        chunkwise_mosaic_fw(*args, consumers=2)
+    with pytest.raises(ValueError, match="consumers=3 must be 1 or 2"):
+        chunkwise_mosaic_fw(*args, consumers=3)
+    too_big = chunkwise_mosaic_unsupported(256, 512, jnp.bfloat16, 64, consumers=2)
+    assert too_big is not None and "276 KiB of shared memory" in too_big and "227 KiB" in too_big
+    assert "shared memory" in chunkwise_mosaic_unsupported(256, 512, jnp.bfloat16, 32, depth=3)
+    assert shared_memory_bytes(256, jnp.bfloat16, 32) == 172 * 1024  # the module docstring's budget
+    assert shared_memory_bytes(256, jnp.bfloat16, 32, consumers=2) == 212 * 1024
     with pytest.raises(ValueError, match=r"k.shape=\(1, 1, 8, 64\) must be"):  # the shared checks come first
         chunkwise_mosaic_fw(args[0][..., :32], *args[1:])
 
 
-@pytest.mark.parametrize("block_dhv", [32, 64])
-def test_lowers_for_cuda(block_dhv):
+@pytest.mark.parametrize(("block_dhv", "consumers"), [(32, 1), (64, 1), (32, 2)])
+def test_lowers_for_cuda(block_dhv, consumers):
     """Tracing and Mosaic GPU lowering at the xLSTM-7B head shape (DHQK=256; the layouts, the operands' shared
-    swizzle, the shared-memory budget) succeed on any machine."""
+    swizzle, the shared-memory budget, two warpgroups' barriers) succeed on any machine."""
     BH, S, DHQK, DHV, f32, A = 2, 2 * CHUNK, 256, 128, jnp.float32, jax.ShapeDtypeStruct
     avals = (
         A((BH, S, DHQK), jnp.bfloat16), A((BH, S, DHQK), jnp.bfloat16), A((BH, S, DHV), jnp.bfloat16),
         A((BH, S // CHUNK * 8, CHUNK), f32), A((BH, S // CHUNK), f32), A((BH, DHQK, DHV), f32),
     )  # fmt: skip
-    step = functools.partial(mosaic_chunkwise, eps=1e-6, block_dhv=block_dhv)
+    step = functools.partial(mosaic_chunkwise, eps=1e-6, block_dhv=block_dhv, consumers=consumers)
     text = jax.jit(step).trace(*avals).lower(lowering_platforms=("cuda",)).as_text()
     assert "mosaic_gpu" in text
 
@@ -155,13 +168,20 @@ def test_lowers_for_cuda(block_dhv):
 @runs
 def test_backend_runs_the_kernel():
     """The ``chunkwise_mosaic`` backend calls the kernel for bf16 inputs (its name is in the jaxpr) and matches the
-    float64 reference; float32 inputs run the XLA form (no kernel in the jaxpr)."""
+    float64 reference; float32 inputs run the XLA form (no kernel in the jaxpr); ``consumers=2`` runs the kernel
+    with two warpgroups where DHV allows, else the XLA form."""
     backend = create_mlstm_backend("chunkwise_mosaic", interpret=True if INTERPRET else None)
     x = random_inputs(21, 1, 2, 70, 64, 32, states=True)
     check_forward(backend, x, "bfloat16")
     args = [jnp.asarray(x[name], jnp.bfloat16) for name in ("q", "k", "v", "i", "f")]
     assert "mlstm_chunkwise_mosaic" in str(jax.make_jaxpr(backend)(*args))
     assert "mlstm_chunkwise_mosaic" not in str(jax.make_jaxpr(backend)(*(a.astype(jnp.float32) for a in args)))
+    two = create_mlstm_backend("chunkwise_mosaic", consumers=2, interpret=True if INTERPRET else None)
+    assert "mlstm_chunkwise_mosaic" not in str(jax.make_jaxpr(two)(*args))  # DHV=32 < 2 * block_dhv: XLA form
+    wide = [*args[:2], jnp.concatenate([args[2], args[2]], axis=-1), *args[3:]]  # DHV=64
+    assert "num_threads=2" in str(jax.make_jaxpr(two)(*wide))
+    with pytest.raises(ValueError, match="consumers must be 1 or 2"):
+        create_mlstm_backend("chunkwise_mosaic", consumers=3)
 
 
 @runs

@@ -42,6 +42,7 @@ def chunkwise_hopper_fw(
     segment_ids: jax.Array | None = None,
     chunk_size: int = 256,
     block_dhv: int = 32,
+    consumers: int = 1,
     interpret: bool | None = None,
 ) -> Any:
     """The chunkwise form: the Mosaic GPU kernel where it applies, else the XLA form with ``chunk_size`` (which also
@@ -49,17 +50,19 @@ def chunkwise_hopper_fw(
 
     Arguments and results as :func:`xlstm_jax.mlstm.chunkwise.chunkwise_fw`. ``interpret``: None picks the kernel
     on a Hopper GPU; True runs it in Mosaic GPU's interpreter (tests); False always runs the XLA form.
+    ``block_dhv`` and ``consumers``: the kernel's columns of c per warpgroup and warpgroups per program.
     """
     use_kernel = interpret if interpret is not None else device_supports_mosaic()
     dtype = jnp.result_type(q, k, v)
     states_dtype = resolve_state_dtype(state_dtype)
     if c_initial is not None and states_dtype is None:
         states_dtype = jnp.dtype(c_initial.dtype)
-    fits = chunkwise_mosaic_unsupported(q.shape[-1], v.shape[-1], dtype, block_dhv) is None
+    fits = chunkwise_mosaic_unsupported(q.shape[-1], v.shape[-1], dtype, block_dhv, consumers=consumers) is None
     if use_kernel and fits and states_dtype in (None, jnp.dtype(jnp.float32)):
         return chunkwise_mosaic_fw(
             q, k, v, i, f, c_initial, n_initial, m_initial, return_last_states, eps, state_dtype,
-            segment_ids=segment_ids, block_dhv=block_dhv, interpret=bool(interpret), xla_chunk_size=chunk_size,
+            segment_ids=segment_ids, block_dhv=block_dhv, consumers=consumers, interpret=bool(interpret),
+            xla_chunk_size=chunk_size,
         )  # fmt: skip
     return chunkwise_fw(
         q, k, v, i, f, c_initial, n_initial, m_initial, return_last_states, eps, state_dtype, chunk_size,
@@ -78,13 +81,17 @@ class mLSTMBackendChunkwiseMosaicConfig(mLSTMBackendConfig):
             its states in float32; other state dtypes run the XLA form.
         chunk_size: The XLA form's chunk size where the kernel does not run and under differentiation (the kernel's
             chunks are 64 steps).
-        block_dhv: Columns of c per kernel program: 32 or 64 (BENCHMARKS.md compares them).
+        block_dhv: Columns of c per kernel warpgroup: 32 or 64 (BENCHMARKS.md compares them).
+        consumers: Warpgroups per kernel program, 1 or 2, sharing the q and k tiles (BENCHMARKS.md). Where
+            DHV is not a multiple of ``consumers * block_dhv``, or the tiles exceed the shared memory (2 with
+            block_dhv=64 at DHQK=256), the XLA form runs.
         interpret: None: the kernel on a Hopper GPU, the XLA form elsewhere; True: the kernel in Mosaic GPU's
             interpreter (slow; for tests); False: always the XLA form.
     """
 
     chunk_size: int = 256
     block_dhv: int = 32
+    consumers: int = 1
     interpret: bool | None = None
 
     def __post_init__(self) -> None:
@@ -92,6 +99,8 @@ class mLSTMBackendChunkwiseMosaicConfig(mLSTMBackendConfig):
         check_chunk_size(self.chunk_size)
         if self.block_dhv not in (32, 64):
             raise ValueError(f"block_dhv must be 32 or 64, got {self.block_dhv!r}")
+        if self.consumers not in (1, 2) or isinstance(self.consumers, bool):
+            raise ValueError(f"consumers must be 1 or 2 (warpgroups per kernel program), got {self.consumers!r}")
         if self.interpret is not None:
             check_bool("interpret", self.interpret)
 
