@@ -38,7 +38,13 @@ def test_every_table_is_written(tiny_run):
     targets = {"saturated_of_step", "saturated_of_engine_step", "saturated_of_static", "prefix_ttft_speedup", "wanted"}
     assert set(tiny_run["targets"]) == targets
     # each program compiled once: the two engines share theirs, generate's step timing and static batches share
-    assert tiny_run["engine_compilations"] == {"decode_step": 1, "prefill_chunk": 1, "insert": 1, "extract": 1}
+    assert tiny_run["engine_compilations"] == {
+        "decode_step": 1,
+        "prefill_chunk": 1,
+        "first_token": 1,
+        "insert": 1,
+        "extract": 1,
+    }
     assert tiny_run["generate_compilations"] == {"prefill": 1, "decode_loop": 1}
     phases = tiny_run["phases"]
     parts = ["params", "engine_warmup", "engine_step", "saturated", "prefix", "generate_step", "static", "rates"]

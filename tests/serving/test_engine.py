@@ -82,6 +82,47 @@ def test_greedy_concurrent_requests_equal_generate(engine):
     assert stats["tokens_generated_total"] >= sum(lengths) + 5 + 16
 
 
+def test_stops_seen_a_step_late_leave_the_conversation_state_exact(cached_engine):
+    """The host reads a step's tokens while the next step runs, so it learns of a stop token one step late; the
+    step after a stop must leave the slot alone, or the cached conversation would have seen one token too many."""
+    neighbour = cached_engine.submit(PROMPTS[0], SamplingParams(max_tokens=20))  # keeps steps queued meanwhile
+    # (prompt, index of the stop token in its greedy output or None, max_tokens); distinct conversations
+    cases = {"middle": (PROMPTS[2], 3, 9), "first": (PROMPTS[2][1:], 0, 9), "one token": (PROMPTS[2][2:], None, 1)}
+    for name, (prompt, stop_at, max_tokens) in cases.items():
+        prompt = tuple(prompt)
+        ref = _reference(prompt, 9)
+        stop_ids = () if stop_at is None else (ref[stop_at],)
+        stream = cached_engine.submit(prompt, SamplingParams(max_tokens=max_tokens, stop_token_ids=stop_ids))
+        while not stream.finished:
+            cached_engine.step()
+        tokens, reason = _tokens(stream)
+        want = ref[: ref.index(ref[stop_at]) + 1] if stop_at is not None else ref[:1]
+        assert (tokens, reason) == (want, "length" if stop_at is None else "stop"), name
+        turn = [31, 32, 33]
+        before = cached_engine.stats()["prefill_tokens_total"]
+        after = cached_engine.submit(list(prompt) + tokens + turn, SamplingParams(max_tokens=4))
+        _drain(cached_engine)
+        assert cached_engine.stats()["prefill_tokens_total"] - before == len(turn), name  # the conversation hit
+        assert _tokens(after)[0] == _reference(prompt + tuple(tokens + turn), 4), name
+    _drain(cached_engine)
+    assert _tokens(neighbour) == (_reference(tuple(PROMPTS[0]), 20), "length")
+
+
+def test_short_chunks_run_in_smaller_shapes(model):
+    """A prompt's short first chunk runs in the smallest of prefill_chunk_tokens, its half, ... (>= 16) that holds
+    it; outputs equal generate, and warmup compiles every shape."""
+    engine = _engine(model, prefill_chunk_tokens=32)
+    engine.warmup()
+    before = Engine.compilations()
+    prompts = [PROMPTS[0], PROMPTS[1], PROMPTS[1] * 2 + [1, 2]]  # 3, 19 and 40 = 8 + 32 tokens
+    streams = [engine.submit(p, SamplingParams(max_tokens=5)) for p in prompts]
+    _drain(engine)
+    for p, s in zip(prompts, streams, strict=True):
+        assert _tokens(s) == (_reference(tuple(p), 5), "length")
+    assert engine.stats()["prefill_chunks_total"] == 4
+    assert Engine.compilations() == before
+
+
 def test_stop_tokens_and_max_tokens(engine):
     ref = _reference(tuple(PROMPTS[2]), 9)
     stop = ref[4]
@@ -122,18 +163,21 @@ def test_cancel_frees_the_slot(engine):
 
 def test_long_prompt_is_prefilled_between_decode_steps(engine):
     running = engine.submit(PROMPTS[0], SamplingParams(max_tokens=12))
-    start = engine.stats()["tokens_generated_total"]
-    while engine.stats()["tokens_generated_total"] == start:  # until it decodes
+    while engine.stats()["running"] == 0:  # until it decodes
         engine.step()
+    assert engine.stats()["tokens_generated_total"] >= 1  # its first token went out when its prefill ended
     long_prompt = PROMPTS[1] * 2 + [1, 2]  # 40 tokens: 5 chunks
     late = engine.submit(long_prompt, SamplingParams(max_tokens=2))
-    for k in range(5):  # a chunk per iteration, and each iteration a token for the running stream
+    # An iteration queues a decode step and hands out the tokens of the step before it. The first hands out none
+    # (the step before fed the running stream's first token, sent with its prefill), the next one each, and the
+    # last also the long prompt's first token, drawn after its last chunk.
+    for k, new_tokens in enumerate((0, 1, 1, 1, 2)):  # a chunk and a decode step per iteration
         before = engine.stats()
         engine.step()
         after = engine.stats()
         assert after["prefill_chunks_total"] == before["prefill_chunks_total"] + 1
-        new_tokens = 1 if k < 4 else 2  # after its last chunk the long prompt decodes in the same iteration
-        assert after["tokens_generated_total"] == before["tokens_generated_total"] + new_tokens
+        assert after["decode_steps_total"] == before["decode_steps_total"] + 1
+        assert after["tokens_generated_total"] == before["tokens_generated_total"] + new_tokens, k
     _drain(engine)
     assert _tokens(running) == (_reference(tuple(PROMPTS[0]), 12), "length")
     assert len(_tokens(late)[0]) == 2
@@ -206,6 +250,8 @@ def test_overload_and_bad_requests(model):
     for field, value in (("temperature", -1.0), ("top_k", -1), ("top_p", 0.0), ("seed", -5), ("max_tokens", 0)):
         with pytest.raises(ValueError, match=field):
             SamplingParams(**{field: value})
+    with pytest.raises(ValueError, match="at most 16 ids"):
+        SamplingParams(stop_token_ids=tuple(range(17)))  # the decode step's stop table has 16 columns
     with pytest.raises(ValueError, match=r"seed must be in \[0, 2\*\*32\)"):
         SamplingParams(seed=2**32)  # would collide with seed 0 under 32-bit JAX
     with pytest.raises(ValueError, match="num_slots"):

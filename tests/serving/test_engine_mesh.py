@@ -90,7 +90,13 @@ def test_concurrent_requests_equal_generate_on_one_device(shape, num_slots, tmp_
                     max_prompt_tokens=64, prefix_cache_bytes=1 << 20, mesh=mesh)  # fmt: skip
     engine.warmup()
     warm = Engine.compilations()
-    assert {k: warm[k] - before[k] for k in warm} == {"decode_step": 1, "prefill_chunk": 1, "insert": 1, "extract": 1}
+    assert {k: warm[k] - before[k] for k in warm} == {
+        "decode_step": 1,
+        "prefill_chunk": 1,
+        "first_token": 1,
+        "insert": 1,
+        "extract": 1,
+    }
 
     # The parameters are laid out by param_specs: the fused qkvo columns over tensor, the width over fsdp.
     kernel = engine.params["blocks_0"]["mlstm_layer"]["qkvo_kernel"]

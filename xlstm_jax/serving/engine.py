@@ -7,19 +7,28 @@ iteration (:meth:`Engine.step`):
 1. handles cancellations: a cancelled request frees its slot at once and its stream ends with "cancelled";
 2. if a slot is free and a request waits, starts prefilling it: the longest cached prefix of its prompt is
    looked up in the :class:`~xlstm_jax.serving.prefix_cache.PrefixCache`, and only the rest is prefilled;
-3. runs one chunk of ``prefill_chunk_tokens`` tokens of the request being prefilled (the prefill backend,
-   ``runtime.prefill_backend``, from the states so far; the chunk has a fixed shape, a short one is left-padded
-   with ``valid=False`` positions, which are exact no-op steps), so that a long prompt does not stall the
-   running streams; after its last chunk the request's states and logits are written into its slot;
-4. runs one jitted decode step over all slots: each active slot draws a token with its own sampling settings
-   and feeds it through the model (``decode=True``); free slots run as padding (``valid=False``) and do not
-   change. A request that emits a stop token or reaches ``max_tokens`` frees its slot.
+3. runs one chunk of at most ``prefill_chunk_tokens`` tokens of the request being prefilled (the prefill backend,
+   ``runtime.prefill_backend``, from the states so far), so that a long prompt does not stall the running
+   streams. A prompt's chunks are its remainder first, then full chunks; the short one runs in the smallest of
+   the shapes ``prefill_chunk_tokens``, its half, its quarter, ... (down to 16 tokens) that holds it,
+   left-padded with ``valid=False`` positions, which are exact no-op steps. After the last chunk the request's
+   first token is drawn from the prompt's logits and sent at once, and the request's states and logits are
+   written into its slot;
+4. queues one jitted decode step over all slots, then hands out the tokens of the step queued before it: the
+   host reads one step's tokens while the device runs the next, so the device does not wait for the host
+   between steps. Each running slot draws a token with its own sampling settings (a slot's first step feeds
+   the token drawn after its prefill instead) and feeds it through the model (``decode=True``); free slots run
+   as padding (``valid=False``) and do not change. A request that emits a stop token or reaches
+   ``max_tokens`` frees its slot. The step checks the stop ids itself (a table of ``MAX_STOP_TOKENS`` per
+   slot) and marks the slot done, so the step queued before the host saw the stop token leaves the slot's
+   states as they were; the last step of ``max_tokens`` is known when it is queued.
 
 Nothing is recompiled as requests come and go: the decode step, the slot insertion (a dynamic update at a
-traced slot index) and the prefill chunk each have one shape. Per-slot sampling settings are arrays of
-shape (num_slots,) fed to the step. Token t of a request is drawn with the key ``fold_in(key(seed), t)``,
-exactly as :func:`xlstm_jax.generation.generate` draws step t of a batch of one, so a request's tokens do not
-depend on its slot or its neighbours.
+traced slot index), the first token's draw and each prefill chunk shape have one compilation each
+(:meth:`Engine.warmup` compiles them all). Per-slot sampling settings are arrays of shape (num_slots,) fed to
+the step. Token t of a request is drawn with the key ``fold_in(key(seed), t)``, exactly as
+:func:`xlstm_jax.generation.generate` draws step t of a batch of one, so a request's tokens do not depend on its
+slot or its neighbours.
 
 With ``prefix_cache_bytes > 0`` the states after every prefilled prompt, and after every finished request's
 prompt plus its generated tokens (the conversation so far), are kept in the prefix cache: a request that
@@ -31,7 +40,8 @@ the states it holds are those a prefill of the same tokens would leave, up to fl
 chunk boundaries, and the decode step instead of the prefill form for generated tokens).
 
 Requests are admitted and prefilled one at a time, in the order they arrive; a request's first token is drawn
-in the iteration that runs its last prefill chunk.
+and sent in the iteration that runs its last prefill chunk (a first token that ends the request, a stop token or
+``max_tokens=1``, is sent with its finish reason after the decode step that feeds it).
 
 On a mesh (``Engine(..., mesh=mesh)``, the axes ``data``, ``fsdp``, ``tensor`` of
 :mod:`~xlstm_jax.models.xlstm_parallel.sharding`) the engine serves the sharded model: the parameters are laid out
@@ -85,6 +95,7 @@ from xlstm_jax.serving.prefix_cache import PrefixCache, PrefixEntry
 __all__ = [
     "FINISH_REASONS",
     "LATENCY_BUCKETS",
+    "MAX_STOP_TOKENS",
     "Engine",
     "EngineOverloaded",
     "RequestStream",
@@ -102,6 +113,11 @@ LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0,
 # Seeds are any int in [0, MAX_SEED): jax.random.key keeps only the low 32 bits of a seed unless 64-bit JAX is on,
 # so larger seeds would silently collide.
 MAX_SEED = 2**32
+# The shortest prefill chunk shape: a prompt's short first chunk runs in the smallest of prefill_chunk_tokens,
+# its half, its quarter, ... (down to this) that holds it.
+_MIN_CHUNK_TOKENS = 16
+# A request's stop ids are checked inside the decode step, in a table of this many columns per slot.
+MAX_STOP_TOKENS = 16
 
 
 @dataclass(frozen=True)
@@ -115,7 +131,8 @@ class SamplingParams:
         seed: The PRNG seed of the request (an int in [0, 2**32)); None draws a random one. Token t is drawn
             with ``fold_in(jax.random.key(seed), t)``.
         max_tokens: Generate at most this many tokens (>= 1).
-        stop_token_ids: Ids that end the request (the stop token is the last event's ``token_id``).
+        stop_token_ids: Ids that end the request (the stop token is the last event's ``token_id``); at most
+            ``MAX_STOP_TOKENS``.
 
     Raises:
         TypeError: a field of the wrong type (the field named).
@@ -155,6 +172,8 @@ class SamplingParams:
         negative = [t for t in stop if t < 0]
         if negative:
             raise ValueError(f"stop_token_ids must be >= 0, got {negative}")
+        if len(set(stop)) > MAX_STOP_TOKENS:
+            raise ValueError(f"stop_token_ids may hold at most {MAX_STOP_TOKENS} ids, got {len(set(stop))}")
         object.__setattr__(self, "stop_token_ids", tuple(int(t) for t in stop))
 
 
@@ -189,6 +208,7 @@ class _Request:
     generated: list[int] = field(default_factory=list)
     last_token_time: float | None = None
     cancelled: bool = False
+    early: bool = False  # its first token went out when its prefill ended (the decode step then only feeds it)
 
 
 class RequestStream:
@@ -322,7 +342,9 @@ def _pin(x: Any, sharding: Any) -> Any:
     return jax.lax.with_sharding_constraint(x, sharding)
 
 
-@functools.partial(jax.jit, static_argnames=("config", "runtime", "layout"), donate_argnames=("states", "logits"))
+@functools.partial(
+    jax.jit, static_argnames=("config", "runtime", "layout"), donate_argnames=("states", "logits", "done")
+)
 def _decode_step(
     config: xLSTMLMConfig,
     runtime: RuntimeConfig,
@@ -330,22 +352,50 @@ def _decode_step(
     params: Any,
     states: ModelStates,  # (L, N, ...)
     logits: jax.Array,  # (N, V) float32
+    done: jax.Array,  # (N,) bool: the slot drew a stop token in an earlier step
     active: jax.Array,  # (N,) bool
+    forced: jax.Array,  # (N,) int32: the token to feed instead of drawing one (-1: draw)
     keys: jax.Array,  # (N, *key_shape) uint32
     t: jax.Array,  # (N,) int32
     temperature: jax.Array,  # (N,) float32
     top_k: jax.Array,  # (N,) int32
     top_p: jax.Array,  # (N,) float32
-) -> tuple[jax.Array, ModelStates, jax.Array]:
-    """Draws a token in every active slot and feeds it through the model; free slots are padding (unchanged)."""
-    tokens = jnp.where(active, sample_rows(logits, keys, t, temperature, top_k, top_p), 0)
+    stop_ids: jax.Array,  # (N, MAX_STOP_TOKENS) int32, -1 where unused
+) -> tuple[jax.Array, ModelStates, jax.Array, jax.Array]:
+    """Draws a token in every running slot (active and not done) and feeds it through the model; the other slots
+    are padding (unchanged) and return the token -1. A slot whose token is one of its stop ids is done from then
+    on, so a step queued before the host has seen that token leaves the slot's states as they were.
+
+    Returns:
+        ``(tokens (N,) int32, states, logits, done)``.
+    """
+    run = active & ~done
+    drawn = sample_rows(logits, keys, t, temperature, top_k, top_p)
+    tokens = jnp.where(run, jnp.where(forced >= 0, forced, drawn), -1)
     new_logits, states = xLSTMLMModel(config, runtime).apply(
-        {"params": params}, tokens[:, None], states, active[:, None], decode=True, return_states=True
+        {"params": params}, jnp.maximum(tokens, 0)[:, None], states, run[:, None], decode=True, return_states=True
     )
-    logits = jnp.where(active[:, None], new_logits[:, 0].astype(logits.dtype), logits)
+    logits = jnp.where(run[:, None], new_logits[:, 0].astype(logits.dtype), logits)
+    done = done | (run & jnp.any(tokens[:, None] == stop_ids, axis=1))
     if layout is not None:
-        tokens, states, logits = _pin((tokens, states, logits), (layout.slot_rows, layout.slots, layout.slot_rows))
-    return tokens, states, logits
+        tokens, states, logits, done = _pin(
+            (tokens, states, logits, done), (layout.slot_rows, layout.slots, layout.slot_rows, layout.slot_rows)
+        )
+    return tokens, states, logits, done
+
+
+@functools.partial(jax.jit, static_argnames=("layout",))
+def _first_token(
+    layout: _Layout | None,
+    logits: jax.Array,  # (1, V) float32: a prefilled prompt's
+    keys: jax.Array,  # (1, *key_shape) uint32
+    temperature: jax.Array,  # (1,) float32
+    top_k: jax.Array,  # (1,) int32
+    top_p: jax.Array,  # (1,) float32
+) -> jax.Array:
+    """A request's first token (1,) int32, drawn from its prompt's logits as a decode step would draw it (t=0)."""
+    token = sample_rows(logits, keys, jnp.zeros((1,), jnp.int32), temperature, top_k, top_p)
+    return token if layout is None else _pin(token, layout.replicated)
 
 
 @functools.partial(jax.jit, static_argnames=("config", "runtime", "layout"))
@@ -368,16 +418,18 @@ def _prefill_chunk(
     return logits, states
 
 
-@functools.partial(jax.jit, static_argnames=("layout",), donate_argnames=("states", "logits"))
+@functools.partial(jax.jit, static_argnames=("layout",), donate_argnames=("states", "logits", "done"))
 def _insert(
     layout: _Layout | None,
     states: ModelStates,
     logits: jax.Array,
+    done: jax.Array,
     slot: jax.Array,
     new_states: ModelStates,
     new_logits: jax.Array,
-) -> tuple[ModelStates, jax.Array]:
-    """Writes a request's states (L, 1, ...) and logits (1, V) into slot ``slot`` (traced: one compilation)."""
+) -> tuple[ModelStates, jax.Array, jax.Array]:
+    """Writes a request's states (L, 1, ...) and logits (1, V) into slot ``slot`` (traced: one compilation), and
+    clears the slot's done flag."""
     states = ModelStates(
         *(
             jax.lax.dynamic_update_slice_in_dim(s, n.astype(s.dtype), slot, axis=1)
@@ -385,9 +437,10 @@ def _insert(
         )
     )
     logits = jax.lax.dynamic_update_slice_in_dim(logits, new_logits.astype(logits.dtype), slot, axis=0)
+    done = jax.lax.dynamic_update_slice_in_dim(done, jnp.zeros((1,), bool), slot, axis=0)
     if layout is not None:
-        states, logits = _pin((states, logits), (layout.slots, layout.slot_rows))
-    return states, logits
+        states, logits, done = _pin((states, logits, done), (layout.slots, layout.slot_rows, layout.slot_rows))
+    return states, logits, done
 
 
 @functools.partial(jax.jit, static_argnames=("layout",))
@@ -495,7 +548,8 @@ class Engine:
         num_slots: The decode batch: how many requests generate at once.
         runtime: How the model runs (``RuntimeConfig``; None for the default).
         max_prompt_tokens: The longest prompt accepted.
-        prefill_chunk_tokens: Prompt tokens prefilled per iteration (the fixed chunk shape).
+        prefill_chunk_tokens: Prompt tokens prefilled per iteration at most (the longest chunk shape; shorter
+            chunks run in its half, quarter, ... down to 16 tokens).
         max_queue: How many requests may wait for a slot; :meth:`submit` raises ``EngineOverloaded`` beyond.
         prefix_cache_bytes: The byte budget of the prefix-state cache (0: no cache).
         mesh: None: one device. A ``jax.sharding.Mesh`` with the axes ``data``, ``fsdp``, ``tensor``: the
@@ -561,6 +615,16 @@ class Engine:
         self._temperature = np.zeros(N, np.float32)
         self._top_k = np.zeros(N, np.int32)
         self._top_p = np.ones(N, np.float32)
+        self._forced = np.full(N, -1, np.int32)
+        self._stop_ids = np.full((N, MAX_STOP_TOKENS), -1, np.int32)
+        self._done = self._place(jnp.zeros(N, bool), lambda layout: layout.slot_rows)
+        # Decode steps queued on the device whose tokens the host has not handed out yet, with the slots they ran:
+        # (tokens, [(slot, request, t)]).
+        self._inflight: collections.deque[tuple[jax.Array, list[tuple[int, _Request, int]]]] = collections.deque()
+        sizes = [self.prefill_chunk_tokens]
+        while sizes[-1] % 2 == 0 and sizes[-1] // 2 >= _MIN_CHUNK_TOKENS:
+            sizes.append(sizes[-1] // 2)
+        self._chunk_sizes = sorted(sizes)  # the prefill chunk's shapes: a short chunk runs in the smallest that fits
         self._slots: list[_Request | None] = [None] * N  # the request that holds each slot (active or prefilling)
 
         self._lock = threading.RLock()  # guards the queue, the slots table and the counters
@@ -627,6 +691,7 @@ class Engine:
             requests = [r for r in self._slots if r is not None] + list(self._waiting)
             self._waiting.clear()
             self._prefill = None
+            self._inflight.clear()
             for slot, request in enumerate(self._slots):
                 if request is not None:
                     self._free(slot)
@@ -634,15 +699,17 @@ class Engine:
                 self._finish(request, "cancelled", None)
 
     def warmup(self) -> None:
-        """Compiles the engine's programs now (prefill chunk, slot insertion, decode step, and the slot copy of the
-        prefix cache), so that the first request does not wait for them; no request or cached state changes."""
+        """Compiles the engine's programs now (the prefill chunk in each of its shapes, the first token's draw, slot
+        insertion, the decode step, and the slot copy of the prefix cache), so that the first request does not
+        wait for them; no request or cached state changes."""
         N = self.num_slots
         with self._step_lock:
-            logits, states = self._run_chunk(self._zero_row(), (), count=False)
+            for size in self._chunk_sizes:
+                logits, states = self._run_chunk(self._zero_row(), (), count=False, size=size)
+            self._draw_first(logits, _key_data(0), SamplingParams())
             with self._lock:
                 free = [j for j, r in enumerate(self._slots) if r is None]
-                args = (np.zeros(N, bool), self._keys.copy(), self._t.copy(), self._temperature.copy())
-                args += (self._top_k.copy(), self._top_p.copy())
+                args = self._step_args(np.zeros(N, bool))
             if free:  # a free slot's contents are overwritten when a request takes it
                 self._insert(free[0], states, logits)
             tokens = self._decode_slots(args)  # every slot is padding: nothing changes
@@ -667,8 +734,9 @@ class Engine:
             raise RuntimeError("step_all_slots needs an idle engine: not started, with no request admitted or waiting")
         N = self.num_slots
         with self._step_lock:
-            args = (np.ones(N, bool), self._keys.copy(), self._t.copy(), np.zeros(N, np.float32))
-            args += (np.zeros(N, np.int32), np.ones(N, np.float32))
+            self._done = self._place(jnp.zeros(N, bool), lambda layout: layout.slot_rows)
+            args = (np.ones(N, bool), np.full(N, -1, np.int32), self._keys.copy(), self._t.copy())
+            args += (np.zeros(N, np.float32), np.zeros(N, np.int32), np.ones(N, np.float32), self._stop_ids * 0 - 1)
             return self._decode_slots(args)
 
     def __enter__(self) -> Engine:
@@ -693,6 +761,7 @@ class Engine:
                     requests = [r for r in self._slots if r is not None] + list(self._waiting)
                     self._waiting.clear()
                     self._prefill = None
+                    self._inflight.clear()
                     for slot in range(self.num_slots):
                         self._free(slot)
                 for request in requests:
@@ -705,7 +774,7 @@ class Engine:
 
     def _has_work(self) -> bool:
         with self._lock:
-            return bool(self._waiting) or any(r is not None for r in self._slots)
+            return bool(self._waiting) or bool(self._inflight) or any(r is not None for r in self._slots)
 
     # ------------------------------------------------------------------------------------------- requests
 
@@ -817,15 +886,17 @@ class Engine:
         return True
 
     def _run_chunk(
-        self, states: ModelStates, tokens: Sequence[int], count: bool = True
+        self, states: ModelStates, tokens: Sequence[int], count: bool = True, size: int | None = None
     ) -> tuple[jax.Array, ModelStates]:
-        """Prefills ``tokens`` (at most ``prefill_chunk_tokens``) from ``states`` as one left-padded chunk."""
-        C = self.prefill_chunk_tokens
-        ids = np.zeros((1, C), np.int32)
-        valid = np.zeros((1, C), bool)
+        """Prefills ``tokens`` (at most ``prefill_chunk_tokens``) from ``states`` as one left-padded chunk of the
+        smallest chunk shape that holds them (``size``: of that shape)."""
+        if size is None:
+            size = self._chunk_sizes[bisect.bisect_left(self._chunk_sizes, len(tokens))]
+        ids = np.zeros((1, size), np.int32)
+        valid = np.zeros((1, size), bool)
         if tokens:
-            ids[0, C - len(tokens) :] = tokens
-            valid[0, C - len(tokens) :] = True
+            ids[0, size - len(tokens) :] = tokens
+            valid[0, size - len(tokens) :] = True
         with self._on_mesh():
             ids, valid = self._replicated((ids, valid))
             logits, states = _prefill_chunk(self.config, self.runtime, self._layout, self.params, states, ids, valid)
@@ -836,12 +907,21 @@ class Engine:
                 self._prefill_chunks += 1
         return logits, states
 
+    def _draw_first(self, logits: jax.Array, key_data: np.ndarray, sampling: SamplingParams) -> int:
+        """A request's first token, drawn from its prompt's logits (1, V) on the device; waits for it."""
+        args = (key_data[None], np.float32([sampling.temperature]), np.int32([sampling.top_k]))
+        args += (np.float32([sampling.top_p]),)
+        with self._on_mesh():
+            return int(np.asarray(_first_token(self._layout, logits, *self._replicated(args)))[0])
+
     def _insert(self, slot: int, states: ModelStates, logits: jax.Array) -> None:
-        """Writes one request's states (L, 1, ...) and logits (1, V) into ``slot``."""
+        """Writes one request's states (L, 1, ...) and logits (1, V) into ``slot``, and clears its done flag."""
         with self._on_mesh():
             index = self._replicated(np.int32(slot))
-            states, logits = _insert(self._layout, self._states, self._logits, index, states, logits)
-            self._states, self._logits = self._place((states, logits), lambda layout: (layout.slots, layout.slot_rows))
+            out = _insert(self._layout, self._states, self._logits, self._done, index, states, logits)
+            self._states, self._logits, self._done = self._place(
+                out, lambda layout: (layout.slots, layout.slot_rows, layout.slot_rows)
+            )
 
     def _extract(self, slot: int) -> PrefixEntry:
         """A copy of ``slot``'s states and logits, laid out as a prefilled request's."""
@@ -849,16 +929,24 @@ class Engine:
             entry = _extract(self._layout, self._states, self._logits, self._replicated(np.int32(slot)))
             return self._place(entry, lambda layout: PrefixEntry(layout.row, layout.replicated))
 
+    def _step_args(self, active: np.ndarray) -> tuple[np.ndarray, ...]:
+        """The decode step's per-slot arguments for the slots ``active`` (N,) bool, from the host's tables (called
+        under the lock): active, forced tokens, keys, t, temperature, top_k, top_p, stop ids."""
+        args = (active, self._forced.copy(), self._keys.copy(), self._t.copy(), self._temperature.copy())
+        return args + (self._top_k.copy(), self._top_p.copy(), self._stop_ids.copy())
+
     def _decode_slots(self, args: tuple[np.ndarray, ...]) -> jax.Array:
-        """One decode step over every slot with the per-slot ``args`` (active, keys, t, temperature, top_k,
-        top_p); returns the drawn tokens (N,)."""
+        """Queues one decode step over every slot with the per-slot ``args`` (:meth:`_step_args`); returns the
+        drawn tokens (N,) (-1 where a slot did not run), not waited for."""
         with self._on_mesh():
             if self._layout is not None:
                 args = jax.device_put(args, self._layout.slot_rows)
-            tokens, states, logits = _decode_step(
-                self.config, self.runtime, self._layout, self.params, self._states, self._logits, *args
+            tokens, *out = _decode_step(
+                self.config, self.runtime, self._layout, self.params, self._states, self._logits, self._done, *args
             )
-            self._states, self._logits = self._place((states, logits), lambda layout: (layout.slots, layout.slot_rows))
+            self._states, self._logits, self._done = self._place(
+                tuple(out), lambda layout: (layout.slots, layout.slot_rows, layout.slot_rows)
+            )
         return tokens
 
     def _chunks(self, start: int, end: int) -> list[tuple[int, int]]:
@@ -880,58 +968,95 @@ class Engine:
                 return True
             if self.prefix_cache.max_bytes:
                 self.prefix_cache.put(prompt, PrefixEntry(job.states, job.logits))
-        request, slot = job.request, job.slot
+        request, slot, sampling = job.request, job.slot, job.request.sampling
+        # The first token is drawn now and goes out at once, unless it ends the request: then it goes out with its
+        # finish reason after the slot's first decode step has fed it (the states a conversation cache keeps).
+        token = self._draw_first(job.logits, request.key_data, sampling)
+        request.early = token not in sampling.stop_token_ids and sampling.max_tokens > 1
+        if request.early:
+            self._hand_out_token(request, token, final=False)
         self._insert(slot, job.states, job.logits)
-        sampling = request.sampling
+        stop = sorted(set(sampling.stop_token_ids))
         with self._lock:
             self._prefill = None
             self._keys[slot] = request.key_data
             self._t[slot] = 0
+            self._forced[slot] = token  # the slot's first step feeds this token rather than drawing it again
             self._temperature[slot] = sampling.temperature
             self._top_k[slot] = sampling.top_k
             self._top_p[slot] = sampling.top_p
+            self._stop_ids[slot] = -1
+            self._stop_ids[slot, : len(stop)] = stop
             self._active[slot] = True
         return True
 
-    def _decode(self) -> bool:
-        with self._lock:
-            if not self._active.any():
-                return False
-            args = (self._active.copy(), self._keys.copy(), self._t.copy(), self._temperature.copy())
-            args += (self._top_k.copy(), self._top_p.copy())
-        tokens = np.asarray(self._decode_slots(args))
+    def _hand_out_token(self, request: _Request, token: int, final: bool) -> None:
+        """Records a request's next token; sends it unless it is the ``final`` one (:meth:`_finish` sends that)."""
         now = time.perf_counter()
-        finished = []
         with self._lock:
-            self._decode_steps += 1
-            for slot in np.flatnonzero(args[0]):
-                request = self._slots[slot]
-                token = int(tokens[slot])
-                request.generated.append(token)
-                self._t[slot] += 1
-                self._tokens_generated += 1
-                if request.last_token_time is None:
-                    self._ttft.observe(now - request.submitted)
-                else:
-                    self._itl.observe(now - request.last_token_time)
-                request.last_token_time = now
-                reason = None
-                if token in request.sampling.stop_token_ids:
-                    reason = "stop"
-                elif len(request.generated) >= request.sampling.max_tokens:
-                    reason = "length"
-                if reason is None:
-                    request.stream._push(TokenEvent(token, None))
-                else:
-                    finished.append((slot, request, token, reason))
+            request.generated.append(token)
+            self._tokens_generated += 1
+            if request.last_token_time is None:
+                self._ttft.observe(now - request.submitted)
+            else:
+                self._itl.observe(now - request.last_token_time)
+            request.last_token_time = now
+        if not final:
+            request.stream._push(TokenEvent(token, None))
+
+    def _decode(self) -> bool:
+        """Queues one decode step over the running slots, then hands out the tokens of the step queued before it:
+        the host reads one step's tokens while the next runs, so the device does not wait for the host.
+
+        A slot's last step is known when it is queued (``max_tokens``), so no later step runs it; a stop token is
+        known to the host one step late, but the step marks the slot done on the device, so the step queued after
+        it leaves the slot as it was.
+        """
+        with self._lock:
+            running = self._active.copy()
+            batch = [(int(j), self._slots[j], int(self._t[j])) for j in np.flatnonzero(running)]
+            if batch:
+                args = self._step_args(running)
+                for j, request, t in batch:
+                    self._t[j] = t + 1
+                    self._forced[j] = -1
+                    if t + 1 >= request.sampling.max_tokens:
+                        self._active[j] = False  # this step draws its last token
+                self._decode_steps += 1
+        if batch:
+            self._inflight.append((self._decode_slots(args), batch))
+        if len(self._inflight) > 1 or (self._inflight and not batch):
+            self._hand_out(*self._inflight.popleft())
+            return True
+        return bool(batch)
+
+    def _hand_out(self, tokens: jax.Array, batch: list[tuple[int, _Request, int]]) -> None:
+        """Sends the tokens (N,) of one decode step to the requests that ran in it; frees the slots of those that
+        end (a stop token, or max_tokens)."""
+        tokens = np.asarray(tokens)
+        finished = []
+        for slot, request, t in batch:
+            with self._lock:
+                if self._slots[slot] is not request or request.cancelled:
+                    continue  # ended (cancelled, or freed and taken by another request) after the step was queued
+            token = int(tokens[slot])
+            if token < 0 or (t == 0 and request.early):
+                continue  # done on the device; or the first token, sent when the prefill ended
+            reason = None
+            if token in request.sampling.stop_token_ids:
+                reason = "stop"
+            elif len(request.generated) + 1 >= request.sampling.max_tokens:
+                reason = "length"
+            self._hand_out_token(request, token, final=reason is not None)
+            if reason is not None:
+                finished.append((slot, request, token, reason))
         for slot, request, token, reason in finished:
             if self.prefix_cache.max_bytes:  # the conversation so far: the prompt and every token fed after it
-                entry = self._extract(int(slot))
+                entry = self._extract(slot)
                 self.prefix_cache.put(request.prompt + tuple(request.generated), entry)
             with self._lock:
-                self._free(int(slot))
+                self._free(slot)
             self._finish(request, reason, token)
-        return True
 
     def _finish(self, request: _Request, reason: str, token: int | None) -> None:
         with self._lock:
@@ -1085,6 +1210,7 @@ class Engine:
         return {
             "decode_step": _decode_step._cache_size(),
             "prefill_chunk": _prefill_chunk._cache_size(),
+            "first_token": _first_token._cache_size(),
             "insert": _insert._cache_size(),
             "extract": _extract._cache_size(),
         }
