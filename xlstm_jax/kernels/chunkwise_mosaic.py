@@ -96,7 +96,11 @@ def shared_memory_bytes(DHQK: int, dtype: Any, block_dhv: int, depth: int = 2, c
 def chunkwise_mosaic_unsupported(
     DHQK: int, DHV: int, dtype: Any, block_dhv: int, *, depth: int = 2, consumers: int = 1
 ) -> str | None:
-    """Why the kernel cannot run this head shape, dtype and tiling, or None if it can (no device check)."""
+    """Why the kernel cannot run this head shape, dtype and tiling, or None if it can (no device check).
+
+    The tiling: ``block_dhv`` columns of c per warpgroup, ``depth`` chunks in flight, ``consumers`` warpgroups per
+    program; the tiles must fit in a Hopper block's shared memory (:func:`shared_memory_bytes`).
+    """
     if jnp.dtype(dtype) not in (jnp.dtype(jnp.bfloat16), jnp.dtype(jnp.float16)):
         return f"inputs must be bfloat16 or float16 (the WGMMA operand dtypes), got {jnp.dtype(dtype)}"
     if DHQK % _ROWS:
