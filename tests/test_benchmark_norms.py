@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 
+import jax
 import pytest
 
 from benchmarks import norms
@@ -75,6 +76,16 @@ def test_head_input_forms():
     shapes = norms.Shapes.from_config(norms.model_config(False))  # xLSTM-7B: DHQK=256 in 4 splits on the step
     assert [norms.head_partial_splits(M, shapes, "model") for M in (1, 16, 31, 32, 128, 8192)] == [4, 4, 4, 0, 0, 0]
     assert norms.head_partial_splits(128, shapes, "partial") == 4 and norms.head_partial_splits(1, shapes, "h") == 0
+
+
+def test_head_readout_from_h_matches_xla():
+    """The read-out's other input form (h from the Mosaic step), Triton kernel against XLA."""
+    shapes = norms.Shapes.from_config(norms.model_config(True))
+    case = norms.make_case("head_readout", 1, shapes, "bfloat16", "h", seed=0)
+    assert case.facts == {"h_form": "h", "P": None} and case.inputs[0].shape == (2, 128)
+    ref, out = (jax.jit(norms.call_fn(case, v, shapes, True))(*case.inputs) for v in ("xla", "triton"))
+    row = norms.errors(case, ref, out, "bfloat16")
+    assert row["ok"] is True and row["err_nm"] == 0.0 and row["bounds"]["y"] == norms.BOUNDS["y"]["bfloat16"]
 
 
 @pytest.mark.parametrize("argv", [["--rows", "0"], ["--loop", "0"], ["--ops", "nope"], ["--dtype", "int8"]])
