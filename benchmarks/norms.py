@@ -227,14 +227,14 @@ def make_case(op: str, M: int, sh: Shapes, dtype: Any, head_input: str, seed: in
 
 def call_fn(case: Case, variant: str, sh: Shapes, interpret: bool) -> Callable[..., tuple[jax.Array, ...]]:
     """``inputs -> outputs`` of ``case.op`` by ``variant``: the XLA function, or the kernel by backend."""
-    f32, eps, norm_eps = F32, sh.norm_eps, sh.norm_eps
+    norm_eps = sh.norm_eps  # the RMSNorm's and the per-head norm's eps; sh.eps is the cell's (the normaliser)
     if case.op in ("mlstm_norm", "ffn_norm"):
         gates = case.op == "mlstm_norm"
 
         def add_norm(x, weight, *rest):
             residuals, side = (rest[:1], rest[1:]) if gates else (rest, ())
             if variant != "xla":
-                kw = {"eps": eps, "return_sum": not gates, "interpret": interpret, "backend": variant}
+                kw = {"eps": norm_eps, "return_sum": not gates, "interpret": interpret, "backend": variant}
                 if gates:
                     kw.update(side_weight=side[0], side_bias=side[1], side_cap=sh.cap)
                 s, y, g = add_rms_norm_pallas(x, weight, residuals, **kw)
@@ -242,11 +242,11 @@ def call_fn(case: Case, variant: str, sh: Shapes, interpret: bool) -> Callable[.
             s = x
             for r in residuals:
                 s = s + r
-            y = rms_norm(s, weight, eps)
+            y = rms_norm(s, weight, norm_eps)
             if not gates:
                 return s, y
             side_weight, side_bias = side  # the unfused layer's gates: a float32 product, bias, soft cap
-            g = project(y, side_weight, f32, jax.lax.Precision.HIGHEST) + side_bias.astype(f32)
+            g = project(y, side_weight, F32, jax.lax.Precision.HIGHEST) + side_bias.astype(F32)
             return y, soft_cap(g, sh.cap)
 
         return add_norm
