@@ -22,6 +22,7 @@ from tests.numerics import TOL
 from xlstm_jax.generation import prefill
 from xlstm_jax.kernels.chunkwise_mosaic import (
     CHUNK,
+    auto_consumers,
     chunkwise_mosaic_fw,
     chunkwise_mosaic_unsupported,
     mosaic_chunkwise,
@@ -149,6 +150,16 @@ def test_unsupported_calls_raise():
     assert shared_memory_bytes(256, jnp.bfloat16, 32, consumers=2) == 212 * 1024
     with pytest.raises(ValueError, match=r"k.shape=\(1, 1, 8, 64\) must be"):  # the shared checks come first
         chunkwise_mosaic_fw(args[0][..., :32], *args[1:])
+
+
+def test_auto_consumers_keeps_small_grids_on_one_warpgroup():
+    """consumers=None: two warpgroups where their grid still has a full wave of 128 programs and the tiles fit."""
+    bf16 = jnp.bfloat16
+    assert auto_consumers(64, 256, 512, bf16) == 2  # B=8, NH=8: 512 programs of two warpgroups
+    assert auto_consumers(16, 256, 512, bf16) == 2  # exactly 128
+    assert auto_consumers(8, 256, 512, bf16) == 1  # B=1 prefill of xLSTM-7B: 64 programs would leave SMs idle
+    assert auto_consumers(64, 256, 96, bf16) == 1  # DHV not a multiple of 2 * 32
+    assert auto_consumers(64, 256, 512, bf16, block_dhv=64) == 1  # two would not fit in shared memory
 
 
 @pytest.mark.parametrize(("block_dhv", "consumers"), [(32, 1), (64, 1), (32, 2)])

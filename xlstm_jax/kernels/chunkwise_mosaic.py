@@ -66,6 +66,7 @@ __all__ = [
     "CHUNK",
     "chunk_plan",
     "chunkwise_mosaic_fw",
+    "auto_consumers",
     "chunkwise_mosaic_unsupported",
     "mosaic_chunkwise",
     "shared_memory_bytes",
@@ -124,6 +125,20 @@ def chunkwise_mosaic_unsupported(
             f"{_SMEM_RESERVE // 1024} KiB of it kept for barriers"
         )
     return None
+
+
+_FULL_WAVE = 128  # programs: about one per SM of an H100 or H200 (132 SMs)
+
+
+def auto_consumers(BH: int, DHQK: int, DHV: int, dtype: Any, block_dhv: int = 32, depth: int = 2) -> int:
+    """The warpgroups per program that ``consumers=None`` picks for ``BH`` heads (batch times heads).
+
+    Two where their grid, ``BH * DHV / (2 * block_dhv)`` programs, still fills the GPU (at least ``_FULL_WAVE``)
+    and the tiling fits; one otherwise, so that a small batch keeps its programs spread over every SM. On an
+    H200 two warpgroups are 1.3x faster at B·NH=64 and about as fast as one at B·NH=8 (BENCHMARKS.md).
+    """
+    two = chunkwise_mosaic_unsupported(DHQK, DHV, dtype, block_dhv, depth=depth, consumers=2) is None
+    return 2 if two and BH * DHV // (2 * block_dhv) >= _FULL_WAVE else 1
 
 
 def _swizzled(swizzle: int, itemsize: int) -> tuple[Any, Any]:
@@ -485,7 +500,7 @@ def chunkwise_mosaic_fw(
     segment_ids: jax.Array | None = None,  # (B, S) int
     block_dhv: int = 32,
     depth: int = 2,
-    consumers: int = 1,
+    consumers: int | None = None,
     interpret: bool = False,
     xla_chunk_size: int = 256,
 ) -> jax.Array | tuple[jax.Array, tuple[jax.Array, jax.Array, jax.Array]]:
@@ -500,6 +515,7 @@ def chunkwise_mosaic_fw(
         depth: Chunks in flight in the TMA pipeline.
         consumers: Warpgroups per program, 1 or 2, each with its own ``block_dhv`` columns of c; two share the
             q and k tiles in shared memory and overlap each other's products (module docstring; BENCHMARKS.md).
+            None: :func:`auto_consumers` picks by the number of heads.
         interpret: Run in Mosaic GPU's interpreter (any backend; slow).
         xla_chunk_size: The chunk size of the XLA form that runs under differentiation.
 
@@ -509,6 +525,8 @@ def chunkwise_mosaic_fw(
     x = chunk_sequence(q, k, v, i, f, c_initial, n_initial, m_initial, eps, state_dtype, CHUNK, segment_ids, True)
     _, _, _, DHQK, DHV = x.dims
     dtype = jnp.result_type(q, k, v)
+    if consumers is None:
+        consumers = auto_consumers(x.dims[0] * x.dims[1], DHQK, DHV, dtype, block_dhv, depth)
     reason = chunkwise_mosaic_unsupported(DHQK, DHV, dtype, block_dhv, depth=depth, consumers=consumers)
     if reason is not None:
         raise ValueError(f"chunkwise_mosaic_fw cannot run this call: {reason}")

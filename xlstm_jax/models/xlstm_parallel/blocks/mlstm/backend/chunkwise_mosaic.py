@@ -16,7 +16,7 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 
-from xlstm_jax.kernels.chunkwise_mosaic import chunkwise_mosaic_fw, chunkwise_mosaic_unsupported
+from xlstm_jax.kernels.chunkwise_mosaic import auto_consumers, chunkwise_mosaic_fw, chunkwise_mosaic_unsupported
 from xlstm_jax.kernels.recurrent_step_mosaic import device_supports_mosaic
 from xlstm_jax.mlstm.checks import resolve_state_dtype
 from xlstm_jax.mlstm.chunkwise import check_chunk_size, chunkwise_fw
@@ -42,7 +42,7 @@ def chunkwise_hopper_fw(
     segment_ids: jax.Array | None = None,
     chunk_size: int = 256,
     block_dhv: int = 32,
-    consumers: int = 1,
+    consumers: int | None = None,
     interpret: bool | None = None,
 ) -> Any:
     """The chunkwise form: the Mosaic GPU kernel where it applies, else the XLA form with ``chunk_size`` (which also
@@ -50,14 +50,18 @@ def chunkwise_hopper_fw(
 
     Arguments and results as :func:`xlstm_jax.mlstm.chunkwise.chunkwise_fw`. ``interpret``: None picks the kernel
     on a Hopper GPU; True runs it in Mosaic GPU's interpreter (tests); False always runs the XLA form.
-    ``block_dhv`` and ``consumers``: the kernel's columns of c per warpgroup and warpgroups per program.
+    ``block_dhv`` and ``consumers``: the kernel's columns of c per warpgroup and warpgroups per program (None:
+    :func:`~xlstm_jax.kernels.chunkwise_mosaic.auto_consumers`).
     """
     use_kernel = interpret if interpret is not None else device_supports_mosaic()
     dtype = jnp.result_type(q, k, v)
     states_dtype = resolve_state_dtype(state_dtype)
     if c_initial is not None and states_dtype is None:
         states_dtype = jnp.dtype(c_initial.dtype)
-    fits = chunkwise_mosaic_unsupported(q.shape[-1], v.shape[-1], dtype, block_dhv, consumers=consumers) is None
+    DHQK, DHV = q.shape[-1], v.shape[-1]
+    if consumers is None:
+        consumers = auto_consumers(q.shape[0] * q.shape[1], DHQK, DHV, dtype, block_dhv)
+    fits = chunkwise_mosaic_unsupported(DHQK, DHV, dtype, block_dhv, consumers=consumers) is None
     if use_kernel and fits and states_dtype in (None, jnp.dtype(jnp.float32)):
         return chunkwise_mosaic_fw(
             q, k, v, i, f, c_initial, n_initial, m_initial, return_last_states, eps, state_dtype,
@@ -82,7 +86,8 @@ class mLSTMBackendChunkwiseMosaicConfig(mLSTMBackendConfig):
         chunk_size: The XLA form's chunk size where the kernel does not run and under differentiation (the kernel's
             chunks are 64 steps).
         block_dhv: Columns of c per kernel warpgroup: 32 or 64 (BENCHMARKS.md compares them).
-        consumers: Warpgroups per kernel program, 1 or 2, sharing the q and k tiles (BENCHMARKS.md). Where
+        consumers: Warpgroups per kernel program, 1 or 2, sharing the q and k tiles (BENCHMARKS.md); None picks by
+            the number of heads per device (``auto_consumers``: 2 where their grid still fills the GPU). Where
             DHV is not a multiple of ``consumers * block_dhv``, or the tiles exceed the shared memory (2 with
             block_dhv=64 at DHQK=256), the XLA form runs.
         interpret: None: the kernel on a Hopper GPU, the XLA form elsewhere; True: the kernel in Mosaic GPU's
@@ -91,7 +96,7 @@ class mLSTMBackendChunkwiseMosaicConfig(mLSTMBackendConfig):
 
     chunk_size: int = 256
     block_dhv: int = 32
-    consumers: int = 1
+    consumers: int | None = None
     interpret: bool | None = None
 
     def __post_init__(self) -> None:
@@ -99,7 +104,7 @@ class mLSTMBackendChunkwiseMosaicConfig(mLSTMBackendConfig):
         check_chunk_size(self.chunk_size)
         if self.block_dhv not in (32, 64):
             raise ValueError(f"block_dhv must be 32 or 64, got {self.block_dhv!r}")
-        if self.consumers not in (1, 2) or isinstance(self.consumers, bool):
+        if self.consumers is not None and (self.consumers not in (1, 2) or isinstance(self.consumers, bool)):
             raise ValueError(f"consumers must be 1 or 2 (warpgroups per kernel program), got {self.consumers!r}")
         if self.interpret is not None:
             check_bool("interpret", self.interpret)
