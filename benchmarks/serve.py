@@ -27,8 +27,12 @@ engine's counters sampled every ``--monitor-ms``: the rate at ``--slots`` concur
 ``prefix``: a shared system prompt of ``--system-tokens`` random tokens followed by a user suffix of
 ``--suffix-len LO HI`` tokens, ``--prefix-requests`` requests sent one after another (each after the last has
 finished, so no request queues), ``--prefix-output`` tokens each; time to first token with no prefix cache,
-and with a cache of ``--prefix-cache-bytes`` into which ``Engine.cache_prefix`` put the system prompt first.
-``speedup`` is the p50 without over the p50 with; ``hits`` the cache's hit count.
+and with a cache of ``--prefix-cache-bytes`` into which ``Engine.cache_prefix`` put the system prompt first:
+row ``on`` with the engine's default chunk shapes (``--chunk-tokens`` and its halvings down to 16), row
+``on, C`` with the one shape ``--chunk-tokens``. ``speedup`` is the p50 without over the p50 with; ``hits`` the
+cache's hit count; ``engine TTFT`` the mean of the engine's own histogram (submit to the token's send, no
+client in it). Table ``chunks``: one prefill chunk in each shape, ``cache_prefix`` of a new random prompt
+that fills it, waited for (median of ``--repeats``).
 
 ``step``, row ``generate``: the bare decode step at batch ``--slots``, timed as ``benchmarks/generate.py``
 times it: one ``generate`` call of the first static batch for N/2 + 1 and for N new tokens (N its token buffer,
@@ -49,7 +53,8 @@ inter-token latency (between a request's consecutive events), each p50 and p99 o
 (ITL); ``mean_batch`` the tokens per decode step. A rate whose row would not end (its arrival span plus its
 tokens at the saturated row's output rate) within ``--budget-s`` of the run's start is skipped with a note.
 
-The JSON's ``targets`` (rewritten as each part ends) sets the saturated rate against the step-limited rate of
+``--parts`` runs a subset (step, saturated, prefix, generate, static, rates; rates needs saturated, generate and
+static). The JSON's ``targets`` (rewritten as each part ends) sets the saturated rate against the step-limited rate of
 ``generate``'s step (``saturated_of_step``), of the engine's own step (``saturated_of_engine_step``) and the
 static rate, and the prefix speedup, beside the wanted 0.85, 2 and 5; ``phases`` holds the seconds each part
 took (compilation included); ``engine_compilations`` (``Engine.compilations()``) and ``generate_compilations``
@@ -84,7 +89,7 @@ TINY = {  # --tiny: every size small enough for a CPU in seconds
     "output_len": [8, 256],  # a token buffer of 256: generate's step time is a difference over 127 tokens
     "monitor_ms": 2.0,
     "rates": [50.0, math.inf],
-    "chunk_tokens": 8,
+    "chunk_tokens": 32,  # chunk shapes 16 and 32
     "system_tokens": 40,
     "suffix_len": [2, 5],
     "prefix_requests": 3,
@@ -239,14 +244,23 @@ RATE_COLUMNS = [
     Column("ITL p99 ms", "itl_p99_s", ".2f", 1e3),
 ]
 PREFIX_COLUMNS = [
-    Column("cache", "cache", width=6),
+    Column("cache", "cache", width=10),
     Column("requests", "requests", width=8),
     Column("TTFT p50 ms", "ttft_p50_s", ".1f", 1e3),
     Column("TTFT p99 ms", "ttft_p99_s", ".1f", 1e3),
+    Column("engine TTFT ms", "engine_ttft_mean_s", ".1f", 1e3),
     Column("prefilled/req", "prefill_tokens_per_request", ".0f"),
     Column("hits", "hits", width=5),
     Column("speedup", "speedup", ".2f"),
 ]
+
+
+CHUNK_COLUMNS = [
+    Column("tokens", "tokens", width=6),
+    Column("ms", "ms", ".2f"),
+    Column("spread", "spread", ".2f"),
+]
+PARTS = ("step", "saturated", "prefix", "generate", "static", "rates")
 
 
 def _pair(name: str):
@@ -293,11 +307,76 @@ def prefix_row(engine: Engine, chats: list[tuple[list[int], int]], monitor_s: fl
         records, samples = asyncio.run(_drive(engine, chats, None, monitor_s))
     after = engine.stats()
     row = summarize(records, samples, engine.num_slots)
+    ttft = [
+        after["time_to_first_token_seconds"][k] - before["time_to_first_token_seconds"][k] for k in ("sum", "count")
+    ]
     row.update(
         hits=after["prefix_cache_hits_total"] - before["prefix_cache_hits_total"],
         prefill_tokens_per_request=(after["prefill_tokens_total"] - before["prefill_tokens_total"]) / len(chats),
+        engine_ttft_mean_s=ttft[0] / ttft[1] if ttft[1] else None,
     )
     return row
+
+
+def saturated_row(
+    engine: Engine, requests: list[tuple[list[int], int]], tokens: int, engine_step_rate: float | None, monitor_s: float
+) -> dict[str, Any]:
+    """``requests`` (their prompts) submitted at once, each generating ``tokens`` tokens: the rate while every
+    slot is held."""
+    with engine:
+        records, samples = asyncio.run(
+            _drive(engine, [(prompt, tokens) for prompt, _ in requests], np.zeros(len(requests)), monitor_s)
+        )
+    sat = summarize(records, samples, engine.num_slots)
+    sat["of_engine_step"] = _ratio(sat["full_tokens_per_s"], engine_step_rate)
+    return sat
+
+
+def prefix_part(engine: Engine, make_engine, vocab_size: int, a, monitor_s: float, report, targets) -> Engine:
+    """The prefix rows (no cache; the cache with every chunk shape; the cache with one shape) and the chunk
+    table; returns the last engine made."""
+    rng = np.random.default_rng(a.seed + 1)
+    system = rng.integers(0, vocab_size, a.system_tokens).tolist()
+    chats = [
+        (system + rng.integers(0, vocab_size, int(n)).tolist(), a.prefix_output)
+        for n in rng.integers(a.suffix_len[0], a.suffix_len[1] + 1, a.prefix_requests)
+    ]
+    report.table("prefix", PREFIX_COLUMNS)
+    without = report.add("prefix", {"cache": "off", **prefix_row(engine, chats, monitor_s)})
+    rows = {}
+    for label, kwargs in (("on", {}), (f"on, {a.chunk_tokens}", {"min_prefill_chunk_tokens": a.chunk_tokens})):
+        del engine  # its slot states make room; a new engine reuses the compiled programs
+        gc.collect()
+        engine = make_engine(a.prefix_cache_bytes, **kwargs)  # compiles only the slot copy, once
+        system_prefilled = engine.cache_prefix(system)
+        row = prefix_row(engine, chats, monitor_s)
+        row.update(system_prefilled=system_prefilled, speedup=_ratio(without["ttft_p50_s"], row["ttft_p50_s"]))
+        rows[label] = report.add("prefix", {"cache": label, **row})
+        if label == "on":
+            targets["prefix_ttft_speedup"] = row["speedup"]
+            report.set("targets", dict(targets))
+            report.table("chunks", CHUNK_COLUMNS)
+            for chunk in chunk_rows(engine, vocab_size, a.repeats, a.seed + 2):
+                report.add("chunks", chunk)
+    return engine
+
+
+def chunk_rows(engine: Engine, vocab_size: int, repeats: int, seed: int) -> list[dict[str, Any]]:
+    """The time of one prefill chunk in each of the engine's shapes: ``cache_prefix`` of a new random prompt that
+    fills the shape, waited for (one chunk from zero states, in the caller's thread), median of ``repeats``."""
+    rng = np.random.default_rng(seed)
+    rows = []
+    for size in engine.prefill_chunk_shapes:
+        times = []
+        for _ in range(repeats):
+            prompt = rng.integers(0, vocab_size, size).tolist()
+            start = time.perf_counter()
+            engine.cache_prefix(prompt)
+            jax.block_until_ready(engine.prefix_cache.get(prompt))
+            times.append(time.perf_counter() - start)
+        median = float(np.median(times))
+        rows.append({"tokens": size, "ms": median * 1e3, "spread": (max(times) - min(times)) / median})
+    return rows
 
 
 def _ratio(a: float | None, b: float | None) -> float | None:
@@ -328,8 +407,12 @@ def main(argv: Sequence[str] | None = None) -> dict:
         "--budget-s", type=float, default=450.0, help="rates rows must end (by estimate) this many s after the start"
     )
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--parts", nargs="+", choices=PARTS, default=list(PARTS), help="the parts to run (default: all)")
     add_arguments(p, repeats=3)
     a = p.parse_args(argv)
+    parts = set(a.parts)
+    if "rates" in parts and not {"saturated", "generate", "static"} <= parts:
+        p.error("--parts rates needs saturated, generate and static too (its estimate and ratios use them)")
     if a.tiny:
         defaults = p.parse_args([])
         for key, value in TINY.items():  # only what the command line left at its default
@@ -389,10 +472,10 @@ def main(argv: Sequence[str] | None = None) -> dict:
     longest = max(a.prompt_len[1], a.system_tokens + a.suffix_len[1])
     queue = max(a.requests, a.slots)
 
-    def make_engine(prefix_cache_bytes: int) -> Engine:
+    def make_engine(prefix_cache_bytes: int, **kwargs: Any) -> Engine:
         engine = Engine(
             config, params, num_slots=a.slots, runtime=runtime, max_prompt_tokens=longest,
-            prefill_chunk_tokens=a.chunk_tokens, max_queue=queue, prefix_cache_bytes=prefix_cache_bytes,
+            prefill_chunk_tokens=a.chunk_tokens, max_queue=queue, prefix_cache_bytes=prefix_cache_bytes, **kwargs,
         )  # fmt: skip
         engine.warmup()
         return engine
@@ -400,49 +483,31 @@ def main(argv: Sequence[str] | None = None) -> dict:
     say("the engine: compiling its programs (Engine.warmup)")
     engine = make_engine(0)
     phase("engine_warmup")
-    report.table("step", STEP_COLUMNS)
-    engine_rows = [report.add("step", row) for row in engine_step_rows(engine, a.engine_steps, a.repeats)]
-    engine_step_rate = engine_rows[0]["tokens_per_s"]
-    phase("engine_step")
-
-    say(f"the saturated row: {a.slots} requests at once")
-    report.table("saturated", SATURATED_COLUMNS)
-    saturated = [(prompt, 2 * a.output_len[1]) for prompt, _ in requests[: a.slots]]
-    with engine:
-        records, samples = asyncio.run(_drive(engine, saturated, np.zeros(len(saturated)), monitor_s))
-    sat = summarize(records, samples, a.slots)
-    sat["of_engine_step"] = _ratio(sat["full_tokens_per_s"], engine_step_rate)
-    report.add("saturated", sat)
-    targets["saturated_of_engine_step"] = sat["of_engine_step"]
-    report.set("targets", dict(targets))
-    phase("saturated")
-
-    rng = np.random.default_rng(a.seed + 1)
-    system = rng.integers(0, config.vocab_size, a.system_tokens).tolist()
-    chats = [
-        (system + rng.integers(0, config.vocab_size, int(n)).tolist(), a.prefix_output)
-        for n in rng.integers(a.suffix_len[0], a.suffix_len[1] + 1, a.prefix_requests)
-    ]
-    say("the prefix rows")
-    report.table("prefix", PREFIX_COLUMNS)
-    without = report.add("prefix", {"cache": "off", **prefix_row(engine, chats, monitor_s)})
-    del engine  # its slot states make room; a new engine reuses the compiled programs
-    gc.collect()
-    cached = make_engine(a.prefix_cache_bytes)  # the same compiled programs (and one more: the slot copy)
-    system_prefilled = cached.cache_prefix(system)
-    with_cache = prefix_row(cached, chats, monitor_s)
-    with_cache.update(
-        system_prefilled=system_prefilled, speedup=_ratio(without["ttft_p50_s"], with_cache["ttft_p50_s"])
-    )
-    report.add("prefix", {"cache": "on", **with_cache})
-    targets["prefix_ttft_speedup"] = with_cache["speedup"]
-    report.set("targets", dict(targets))
-    del cached
+    engine_step_rate, sat = None, None
+    if "step" in parts:
+        report.table("step", STEP_COLUMNS)
+        engine_rows = [report.add("step", row) for row in engine_step_rows(engine, a.engine_steps, a.repeats)]
+        engine_step_rate = engine_rows[0]["tokens_per_s"]
+        phase("engine_step")
+    if "saturated" in parts:
+        say(f"the saturated row: {a.slots} requests at once")
+        sat = saturated_row(engine, requests[: a.slots], 2 * a.output_len[1], engine_step_rate, monitor_s)
+        report.table("saturated", SATURATED_COLUMNS)
+        report.add("saturated", sat)
+        targets["saturated_of_engine_step"] = sat["of_engine_step"]
+        report.set("targets", dict(targets))
+        phase("saturated")
+    if "prefix" in parts:
+        say("the prefix rows")
+        engine = prefix_part(engine, make_engine, config.vocab_size, a, monitor_s, report, targets)
+        phase("prefix")
+    del engine  # its slot states make room
     gc.collect()
     report.set("engine_compilations", Engine.compilations())
-    phase("prefix")
 
     # -- generate's decode step, then static batching with generate (the same compiled programs) ---------
+    if not parts & {"generate", "static", "rates"}:
+        return report.data
     batches = [requests[i : i + a.slots] for i in range(0, len(requests), a.slots)]
 
     def run_batch(batch, tokens):
@@ -455,27 +520,33 @@ def main(argv: Sequence[str] | None = None) -> dict:
     def token_buffer(tokens: int) -> int:
         return max(MIN_TOKEN_BUFFER, 1 << (tokens - 1).bit_length())
 
-    say("generate's decode step (its first call compiles generate)")
-    step_batch = (batches[0] * math.ceil(a.slots / len(batches[0])))[: a.slots]  # exactly `slots` rows
-    per_token, facts = decode_per_token(lambda n: run_batch(step_batch, n), n_step, a.repeats, False)
-    if not per_token > 0:
-        raise RuntimeError(
-            f"the step's time came out {per_token * 1e3:.4f} ms (noise): raise --repeats or --step-tokens"
-        )
-    step_rate = a.slots / per_token
-    report.table("step", STEP_COLUMNS)  # the table again: its last row
-    report.add(
-        "step",
-        {"program": "generate", "batch": a.slots, "ms_per_step": per_token * 1e3, "tokens_per_s": step_rate, **facts},
-    )
-    targets["saturated_of_step"] = _ratio(sat["full_tokens_per_s"], step_rate)
-    report.set("targets", dict(targets))
-    phase("generate_step")
+    full_rate = None if sat is None else sat["full_tokens_per_s"]
+    compiled = set()
+    if "generate" in parts:
+        say("generate's decode step (its first call compiles generate)")
+        step_batch = (batches[0] * math.ceil(a.slots / len(batches[0])))[: a.slots]  # exactly `slots` rows
+        per_token, facts = decode_per_token(lambda n: run_batch(step_batch, n), n_step, a.repeats, False)
+        if not per_token > 0:
+            raise RuntimeError(
+                f"the step's time came out {per_token * 1e3:.4f} ms (noise): raise --repeats or --step-tokens"
+            )
+        step_rate = a.slots / per_token
+        report.table("step", STEP_COLUMNS)  # the table again: its last row
+        report.add(
+            "step",
+            {"program": "generate", "batch": a.slots, "ms_per_step": per_token * 1e3, "tokens_per_s": step_rate,
+             **facts},
+        )  # fmt: skip
+        targets["saturated_of_step"] = _ratio(full_rate, step_rate)
+        report.set("targets", dict(targets))
+        compiled = {(a.slots, token_buffer(n)) for n in (n_step // 2 + 1, n_step)}  # by the step's timing
+        phase("generate_step")
+    if "static" not in parts:
+        return report.data
 
     say("static batching")
     report.table("static", STATIC_COLUMNS)
     shapes = {}  # one batch of each (rows, token buffer) not compiled yet: compiled by an untimed call
-    compiled = {(a.slots, token_buffer(n)) for n in (n_step // 2 + 1, n_step)}  # by the step's timing
     for batch in batches:
         most = max(o for _, o in batch)
         if (len(batch), token_buffer(most)) not in compiled:
@@ -505,13 +576,15 @@ def main(argv: Sequence[str] | None = None) -> dict:
             "first_calls_s": first_calls,
         },
     )
-    targets["saturated_of_static"] = _ratio(sat["full_tokens_per_s"], static_rate)
+    targets["saturated_of_static"] = _ratio(full_rate, static_rate)
     report.set("targets", dict(targets))
     report.set(
         "generate_compilations",
         {"prefill": generation._prefill._cache_size(), "decode_loop": generation._decode_loop._cache_size()},
     )
     phase("static")
+    if "rates" not in parts:
+        return report.data
 
     # -- the engine under Poisson arrivals, while --budget-s lasts ----------------------------------------
     report.table("rates", RATE_COLUMNS)

@@ -33,14 +33,14 @@ def _requests():
 
 
 def test_every_table_is_written(tiny_run):
-    assert set(tiny_run["tables"]) == {"step", "saturated", "prefix", "static", "rates"}
+    assert set(tiny_run["tables"]) == {"step", "saturated", "prefix", "chunks", "static", "rates"}
     assert tiny_run["settings"]["tiny"] and tiny_run["model"]["preset"] == "tiny"
     targets = {"saturated_of_step", "saturated_of_engine_step", "saturated_of_static", "prefix_ttft_speedup", "wanted"}
     assert set(tiny_run["targets"]) == targets
     # each program compiled once: the two engines share theirs, generate's step timing and static batches share
     assert tiny_run["engine_compilations"] == {
         "decode_step": 1,
-        "prefill_chunk": 1,
+        "prefill_chunk": 2,  # chunk shapes 16 and 32
         "first_token": 1,
         "insert": 1,
         "extract": 1,
@@ -99,19 +99,31 @@ def test_rates_rows(tiny_run):
 
 
 def test_prefix_cache_rows(tiny_run):
-    off, on = tiny_run["tables"]["prefix"]
+    off, on, one_shape = tiny_run["tables"]["prefix"]
     t = serve.TINY
-    assert (off["cache"], on["cache"]) == ("off", "on")
-    assert off["requests"] == on["requests"] == t["prefix_requests"]
-    assert off["hits"] == 0 and on["hits"] >= t["prefix_requests"]
-    assert on["system_prefilled"] == t["system_tokens"]
+    assert (off["cache"], on["cache"], one_shape["cache"]) == ("off", "on", "on, 32")
+    assert off["requests"] == on["requests"] == one_shape["requests"] == t["prefix_requests"]
+    assert off["hits"] == 0 and on["hits"] >= t["prefix_requests"] and one_shape["hits"] >= t["prefix_requests"]
     lo, hi = t["suffix_len"]
     assert t["system_tokens"] + lo <= off["prefill_tokens_per_request"] <= t["system_tokens"] + hi
-    assert lo <= on["prefill_tokens_per_request"] <= hi  # only the suffix after the cached system prompt
-    for r in (off, on):
+    for r in (on, one_shape):
+        assert r["system_prefilled"] == t["system_tokens"]
+        assert lo <= r["prefill_tokens_per_request"] <= hi  # only the suffix after the cached system prompt
+        assert r["speedup"] == pytest.approx(off["ttft_p50_s"] / r["ttft_p50_s"])
+    for r in (off, on, one_shape):
         assert 0 < r["ttft_p50_s"] <= r["ttft_p99_s"]
-    assert on["speedup"] == pytest.approx(off["ttft_p50_s"] / on["ttft_p50_s"])
+        assert 0 < r["engine_ttft_mean_s"] <= r["ttft_p99_s"]  # the engine's own clock: submit to the token sent
     assert tiny_run["targets"]["prefix_ttft_speedup"] == on["speedup"]
+    chunks = tiny_run["tables"]["chunks"]
+    assert [c["tokens"] for c in chunks] == [16, 32] and all(c["ms"] > 0 and c["spread"] >= 0 for c in chunks)
+
+
+def test_parts_run_alone():
+    data = serve.main(["--tiny", "--parts", "prefix", "--prefix-requests", "1"])
+    assert set(data["tables"]) == {"prefix", "chunks"}
+    assert set(data["phases"]) == {"params", "engine_warmup", "prefix", "elapsed"}
+    with pytest.raises(SystemExit):  # the rates' estimate and ratios need the saturated row, generate and static
+        serve.main(["--tiny", "--parts", "rates"])
 
 
 def test_spent_budget_skips_the_rates_with_notes():
@@ -119,7 +131,7 @@ def test_spent_budget_skips_the_rates_with_notes():
     assert data["tables"]["rates"] == []
     assert [n.split(":")[0] for n in data["notes"]] == ["rates 50.0", "rates inf"]
     assert all("--budget-s" in n for n in data["notes"])
-    assert data["tables"]["saturated"] and data["tables"]["static"] and len(data["tables"]["prefix"]) == 2
+    assert data["tables"]["saturated"] and data["tables"]["static"] and len(data["tables"]["prefix"]) == 3
     assert data["targets"]["saturated_of_static"] is not None
 
 

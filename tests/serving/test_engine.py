@@ -109,9 +109,9 @@ def test_stops_seen_a_step_late_leave_the_conversation_state_exact(cached_engine
 
 
 def test_short_chunks_run_in_smaller_shapes(model):
-    """A prompt's short first chunk runs in the smallest of prefill_chunk_tokens, its half, ... (>= 16) that holds
-    it; outputs equal generate, and warmup compiles every shape."""
-    engine = _engine(model, prefill_chunk_tokens=32)
+    """A prompt's short first chunk runs in the smallest of prefill_chunk_tokens, its half, ... (down to
+    min_prefill_chunk_tokens) that holds it; outputs equal generate, and warmup compiles every shape."""
+    engine = _engine(model, prefill_chunk_tokens=32, min_prefill_chunk_tokens=8)  # shapes 8, 16, 32
     engine.warmup()
     before = Engine.compilations()
     prompts = [PROMPTS[0], PROMPTS[1], PROMPTS[1] * 2 + [1, 2]]  # 3, 19 and 40 = 8 + 32 tokens
@@ -256,6 +256,8 @@ def test_overload_and_bad_requests(model):
         SamplingParams(seed=2**32)  # would collide with seed 0 under 32-bit JAX
     with pytest.raises(ValueError, match="num_slots"):
         _engine(model, num_slots=0)
+    with pytest.raises(ValueError, match="min_prefill_chunk_tokens"):
+        _engine(model, min_prefill_chunk_tokens=0)
 
 
 def test_prefix_cache_gives_identical_outputs_and_prefills_only_new_tokens(engine, cached_engine):

@@ -10,10 +10,10 @@ iteration (:meth:`Engine.step`):
 3. runs one chunk of at most ``prefill_chunk_tokens`` tokens of the request being prefilled (the prefill backend,
    ``runtime.prefill_backend``, from the states so far), so that a long prompt does not stall the running
    streams. A prompt's chunks are its remainder first, then full chunks; the short one runs in the smallest of
-   the shapes ``prefill_chunk_tokens``, its half, its quarter, ... (down to 16 tokens) that holds it,
-   left-padded with ``valid=False`` positions, which are exact no-op steps. After the last chunk the request's
-   first token is drawn from the prompt's logits and sent at once, and the request's states and logits are
-   written into its slot;
+   the shapes ``prefill_chunk_tokens``, its half, its quarter, ... (down to ``min_prefill_chunk_tokens``) that
+   holds it, left-padded with ``valid=False`` positions, which are exact no-op steps. After the last chunk the
+   request's first token is drawn from the prompt's logits and sent at once, and the request's states and
+   logits are written into its slot;
 4. queues one jitted decode step over all slots, then hands out the tokens of the step queued before it: the
    host reads one step's tokens while the device runs the next, so the device does not wait for the host
    between steps. Each running slot draws a token with its own sampling settings (a slot's first step feeds
@@ -113,9 +113,6 @@ LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0,
 # Seeds are any int in [0, MAX_SEED): jax.random.key keeps only the low 32 bits of a seed unless 64-bit JAX is on,
 # so larger seeds would silently collide.
 MAX_SEED = 2**32
-# The shortest prefill chunk shape: a prompt's short first chunk runs in the smallest of prefill_chunk_tokens,
-# its half, its quarter, ... (down to this) that holds it.
-_MIN_CHUNK_TOKENS = 16
 # A request's stop ids are checked inside the decode step, in a table of this many columns per slot.
 MAX_STOP_TOKENS = 16
 
@@ -548,8 +545,10 @@ class Engine:
         num_slots: The decode batch: how many requests generate at once.
         runtime: How the model runs (``RuntimeConfig``; None for the default).
         max_prompt_tokens: The longest prompt accepted.
-        prefill_chunk_tokens: Prompt tokens prefilled per iteration at most (the longest chunk shape; shorter
-            chunks run in its half, quarter, ... down to 16 tokens).
+        prefill_chunk_tokens: Prompt tokens prefilled per iteration at most (the longest chunk shape).
+        min_prefill_chunk_tokens: The shortest chunk shape: a prompt's short first chunk runs in the smallest of
+            ``prefill_chunk_tokens``, its half, its quarter, ... (halving while even, down to this) that holds
+            it. ``prefill_chunk_tokens`` or more: one shape.
         max_queue: How many requests may wait for a slot; :meth:`submit` raises ``EngineOverloaded`` beyond.
         prefix_cache_bytes: The byte budget of the prefix-state cache (0: no cache).
         mesh: None: one device. A ``jax.sharding.Mesh`` with the axes ``data``, ``fsdp``, ``tensor``: the
@@ -562,6 +561,10 @@ class Engine:
         TypeError: config, runtime, mesh or an int argument of the wrong type.
         ValueError: an int argument out of range, or a mesh whose ``data`` axis does not divide ``num_slots``
             or whose ``tensor`` axis does not divide the model's heads (see :func:`check_mesh`).
+
+    Attributes:
+        prefill_chunk_shapes: The prefill chunk's compiled lengths, ascending (``prefill_chunk_tokens`` and its
+            halvings down to ``min_prefill_chunk_tokens``).
     """
 
     def __init__(
@@ -573,6 +576,7 @@ class Engine:
         runtime: RuntimeConfig | None = None,
         max_prompt_tokens: int = 4096,
         prefill_chunk_tokens: int = 256,
+        min_prefill_chunk_tokens: int = 16,
         max_queue: int = 64,
         prefix_cache_bytes: int = 0,
         mesh: Mesh | None = None,
@@ -586,6 +590,7 @@ class Engine:
             ("num_slots", num_slots, 1),
             ("max_prompt_tokens", max_prompt_tokens, 1),
             ("prefill_chunk_tokens", prefill_chunk_tokens, 1),
+            ("min_prefill_chunk_tokens", min_prefill_chunk_tokens, 1),
             ("max_queue", max_queue, 0),
             ("prefix_cache_bytes", prefix_cache_bytes, 0),
         ):
@@ -622,9 +627,9 @@ class Engine:
         # (tokens, [(slot, request, t)]).
         self._inflight: collections.deque[tuple[jax.Array, list[tuple[int, _Request, int]]]] = collections.deque()
         sizes = [self.prefill_chunk_tokens]
-        while sizes[-1] % 2 == 0 and sizes[-1] // 2 >= _MIN_CHUNK_TOKENS:
+        while sizes[-1] % 2 == 0 and sizes[-1] // 2 >= min_prefill_chunk_tokens:
             sizes.append(sizes[-1] // 2)
-        self._chunk_sizes = sorted(sizes)  # the prefill chunk's shapes: a short chunk runs in the smallest that fits
+        self.prefill_chunk_shapes = tuple(sorted(sizes))  # a short chunk runs in the smallest that holds it
         self._slots: list[_Request | None] = [None] * N  # the request that holds each slot (active or prefilling)
 
         self._lock = threading.RLock()  # guards the queue, the slots table and the counters
@@ -704,7 +709,7 @@ class Engine:
         wait for them; no request or cached state changes."""
         N = self.num_slots
         with self._step_lock:
-            for size in self._chunk_sizes:
+            for size in self.prefill_chunk_shapes:
                 logits, states = self._run_chunk(self._zero_row(), (), count=False, size=size)
             self._draw_first(logits, _key_data(0), SamplingParams())
             with self._lock:
@@ -891,7 +896,7 @@ class Engine:
         """Prefills ``tokens`` (at most ``prefill_chunk_tokens``) from ``states`` as one left-padded chunk of the
         smallest chunk shape that holds them (``size``: of that shape)."""
         if size is None:
-            size = self._chunk_sizes[bisect.bisect_left(self._chunk_sizes, len(tokens))]
+            size = self.prefill_chunk_shapes[bisect.bisect_left(self.prefill_chunk_shapes, len(tokens))]
         ids = np.zeros((1, size), np.int32)
         valid = np.zeros((1, size), bool)
         if tokens:
