@@ -26,14 +26,13 @@ Rows of the table ``chunkwise``, per shape and mode:
   with the reason in the JSON's ``tfla`` facts.
 * ``xla L=...``: ``xlstm_jax.mlstm.chunkwise_fw`` at each of ``--xla-chunk-sizes`` (default 256, its best
   chunk size at these shapes in BENCHMARKS.md), jitted.
-* ``mosaic bdhv=... [d=...] [wg=...] [share]``: ``xlstm_jax.kernels.chunkwise_mosaic.chunkwise_mosaic_fw``
-  (chunk size 64), jitted, one row per kernel variant: each of ``--block-dhv`` (columns of c per warpgroup,
-  default 32), ``--depth`` (TMA pipeline depth, default 2; ``d=`` in the label unless only the default is asked
-  for), ``--consumers`` (warpgroups per program, default 1 and 2; ``wg=`` in the label unless only 1 is asked
-  for) and ``--share-scores`` (0 or 1, default 0; 1 applies to two warpgroups, which then split the scores:
-  ``share_scores=True``, ``share`` in the label). Variants the kernel cannot run at the head shape
-  (``chunkwise_mosaic_unsupported``: shared memory, divisibility) are left out with a note. fwdbwd
-  differentiates through its custom VJP (the XLA form's backward pass).
+* ``mosaic bdhv=... [d=...] [wg=...]``: ``xlstm_jax.kernels.chunkwise_mosaic.chunkwise_mosaic_fw`` (chunk
+  size 64), jitted, one row per kernel variant: each of ``--block-dhv`` (columns of c per warpgroup, default
+  32), ``--depth`` (TMA pipeline depth, default 2; ``d=`` in the label unless only the default is asked for)
+  and ``--consumers`` (warpgroups per program, default 1 and 2; ``wg=`` in the label unless only 1 is asked
+  for). Variants the kernel cannot run at the head shape (``chunkwise_mosaic_unsupported``: shared memory,
+  divisibility) are left out with a note. fwdbwd differentiates through its custom VJP (the XLA form's
+  backward pass).
 
 Columns: ``ms`` the median time of a call (``benchmarks/harness.py``'s ``time_jitted``: compilation apart,
 ``--repeats`` samples); ``spread`` (max - min) / median; ``compile s``; ``Mtok/s`` B·S over the time;
@@ -100,7 +99,6 @@ SMOKE = {  # --smoke: defaults for a CPU check in seconds (explicit options stil
     "block_dhv": [32],
     "depth": [2],
     "consumers": [1],
-    "share_scores": [0],
     "xla_chunk_sizes": [32],
     "interpret": True,
     "preset": "tiny",
@@ -194,8 +192,6 @@ def parse(argv: Sequence[str] | None) -> argparse.Namespace:
     p.add_argument("--block-dhv", type=int, nargs="*", default=[32], help="the kernel's columns per warpgroup")
     p.add_argument("--depth", type=int, nargs="+", default=[2], help="the kernel's TMA pipeline depths")
     p.add_argument("--consumers", type=int, nargs="+", default=[1, 2], help="the kernel's warpgroups per program")
-    p.add_argument("--share-scores", type=int, nargs="+", default=[0], choices=(0, 1),
-                   help="1: two-warpgroup variants that split the scores too (share_scores=True)")  # fmt: skip
     p.add_argument("--interpret", action="store_true", help="run the kernel in Mosaic GPU's interpreter")
     p.add_argument("--xla-chunk-sizes", type=int, nargs="*", default=[256], help="chunk sizes of the XLA form")
     p.add_argument("--check-stride", type=int, default=8, help="compare every this many columns of h")
@@ -301,24 +297,16 @@ def inputs(B: int, S: int, a: argparse.Namespace) -> tuple[jax.Array, ...]:
 
 
 def kernel_variants(a: argparse.Namespace) -> tuple[dict[str, dict[str, int]], list[str]]:
-    """The kernel variants of ``--block-dhv`` x ``--depth`` x ``--consumers`` x ``--share-scores`` (1 only with two
-    warpgroups) that run at the head shape, as ``{row name: {"block_dhv", "depth", "consumers"[, "share_scores"]}}``,
-    and a note for each that does not."""
+    """The kernel variants of ``--block-dhv`` x ``--depth`` x ``--consumers`` that run at the head shape, as
+    ``{row name: {"block_dhv", "depth", "consumers"}}``, and a note for each that does not."""
     variants, skipped = {}, []
-    for bdhv, depth, consumers, share in itertools.product(a.block_dhv, a.depth, a.consumers, a.share_scores):
-        if share and consumers != 2:
-            continue
+    for bdhv, depth, consumers in itertools.product(a.block_dhv, a.depth, a.consumers):
         name = f"mosaic bdhv={bdhv}"
         name += f" d={depth}" if a.depth != [2] else ""
         name += f" wg={consumers}" if a.consumers != [1] else ""
-        name += " share" if share else ""
-        why = chunkwise_mosaic_unsupported(
-            a.DHQK, a.DHV, jnp.bfloat16, bdhv, depth=depth, consumers=consumers, share_scores=bool(share)
-        )
+        why = chunkwise_mosaic_unsupported(a.DHQK, a.DHV, jnp.bfloat16, bdhv, depth=depth, consumers=consumers)
         if why is None:
             variants[name] = {"block_dhv": bdhv, "depth": depth, "consumers": consumers}
-            if share:
-                variants[name]["share_scores"] = True
         else:
             skipped.append(f"{name}: left out, {why}")
     return variants, skipped

@@ -3,8 +3,7 @@
 On a Hopper GPU the kernel runs compiled; elsewhere it runs in Mosaic GPU's interpreter (where this JAX has one)
 on the same cases, and its CUDA lowering (layouts, swizzles, shared memory) is checked on the CPU. Cases: odd S
 (padding inside), S below one chunk, several chunks, initial states, extreme and closed gates, resets, packed
-documents on and across chunk borders, both column tilings, one and two warpgroups per program, the two sharing
-the scores (``share_scores``); gradients (the
+documents on and across chunk borders, both column tilings, one and two warpgroups per program; gradients (the
 XLA form's backward) through the custom_vjp; the errors for what the kernel does not run.
 """
 
@@ -45,31 +44,28 @@ runs = pytest.mark.skipif(
 )
 
 
-def kernel(block_dhv: int = 32, consumers: int = 1, share_scores: bool = False):
-    return functools.partial(
-        chunkwise_mosaic_fw, block_dhv=block_dhv, consumers=consumers, share_scores=share_scores, interpret=INTERPRET
-    )
+def kernel(block_dhv: int = 32, consumers: int = 1):
+    return functools.partial(chunkwise_mosaic_fw, block_dhv=block_dhv, consumers=consumers, interpret=INTERPRET)
 
 
-# (B, NH, S, DHQK, DHV, initial states, forget gates, input gates, block_dhv, consumers, share_scores)
+# (B, NH, S, DHQK, DHV, initial states, forget gates, input gates, block_dhv, consumers)
 CASES = [
-    (1, 2, 100, 64, 64, False, "mixed", "wide", 32, 1, False),  # two chunks, the second padded
-    (2, 1, 150, 64, 128, True, "mixed", "extreme", 64, 1, False),  # three chunks, initial states, input gates of ±50
-    (1, 1, 37, 128, 64, True, "closed", "wide", 32, 1, False),  # shorter than one chunk
-    (1, 1, 64, 64, 32, True, "open", "extreme", 32, 1, False),  # exactly one chunk, long memory
-    (1, 1, 200, 64, 64, True, "mixed", "extreme", 32, 2, False),  # two warpgroups, four chunks (slots refilled)
-    (1, 1, 230, 128, 64, True, "mixed", "extreme", 32, 2, True),  # two sharing the scores: both P buffers reused
+    (1, 2, 100, 64, 64, False, "mixed", "wide", 32, 1),  # two chunks, the second padded
+    (2, 1, 150, 64, 128, True, "mixed", "extreme", 64, 1),  # three chunks, initial states, input gates of ±50
+    (1, 1, 37, 128, 64, True, "closed", "wide", 32, 1),  # shorter than one chunk
+    (1, 1, 64, 64, 32, True, "open", "extreme", 32, 1),  # exactly one chunk, long memory
+    (1, 1, 200, 64, 64, True, "mixed", "extreme", 32, 2),  # two warpgroups, four chunks (slots refilled)
 ]
-CASE_IDS = ["two-chunks", "states-extreme", "short", "one-chunk-open", "two-wg-states-extreme", "two-wg-share"]
-CASE_ARGS = ("B", "NH", "S", "DHQK", "DHV", "states", "fgate", "igate", "block_dhv", "consumers", "share")
+CASE_IDS = ["two-chunks", "states-extreme", "short", "one-chunk-open", "two-wg-states-extreme"]
+CASE_ARGS = ("B", "NH", "S", "DHQK", "DHV", "states", "fgate", "igate", "block_dhv", "consumers")
 
 
 @runs
 @pytest.mark.parametrize(CASE_ARGS, CASES, ids=CASE_IDS)
-def test_matches_reference(B, NH, S, DHQK, DHV, states, fgate, igate, block_dhv, consumers, share):
+def test_matches_reference(B, NH, S, DHQK, DHV, states, fgate, igate, block_dhv, consumers):
     """h and the last states (c from the kernel, n and m from the gate plan) against the float64 recurrence."""
     x = random_inputs(S + DHV, B, NH, S, DHQK, DHV, states=states, fgate=fgate, igate=igate)
-    check_forward(kernel(block_dhv, consumers, share), x, "bfloat16")
+    check_forward(kernel(block_dhv, consumers), x, "bfloat16")
 
 
 @runs
@@ -92,16 +88,12 @@ SEGMENTS = np.array([_ids([1, 63, 64, 1, 21]), _ids([70, 1, 1, 78])])
 
 
 @runs
-@pytest.mark.parametrize(
-    ("states", "consumers", "share"),
-    [(True, 1, False), (False, 1, False), (True, 2, False), (False, 2, True)],
-    ids=["states", "zeros", "two-wg", "two-wg-share-zeros"],
-)
-def test_packed_documents(states, consumers, share):
+@pytest.mark.parametrize(("states", "consumers"), [(True, 1), (False, 1), (True, 2)], ids=["states", "zeros", "two-wg"])
+def test_packed_documents(states, consumers):
     """Each document as if run alone (the reference runs them one by one), with a reset inside one of them."""
     x = random_inputs(11 + states, 2, 2, 150, 64, 32 * consumers, states=states, igate="extreme")
     x["f"][1, 1, 100] = -np.inf
-    check_forward(kernel(consumers=consumers, share_scores=share), x, "bfloat16", segment_ids=SEGMENTS)
+    check_forward(kernel(consumers=consumers), x, "bfloat16", segment_ids=SEGMENTS)
 
 
 @runs
@@ -156,16 +148,6 @@ def test_unsupported_calls_raise():
     assert "shared memory" in chunkwise_mosaic_unsupported(256, 512, jnp.bfloat16, 32, depth=3)
     assert shared_memory_bytes(256, jnp.bfloat16, 32) == 172 * 1024  # the module docstring's budget
     assert shared_memory_bytes(256, jnp.bfloat16, 32, consumers=2) == 212 * 1024
-    # shared scores: P's halves per chunk parity (16 KiB, as two warpgroups' P) and their row sums (1 KiB)
-    assert shared_memory_bytes(256, jnp.bfloat16, 32, consumers=2, share_scores=True) == 213 * 1024
-    assert chunkwise_mosaic_unsupported(256, 512, jnp.bfloat16, 32, consumers=2, share_scores=True) is None
-    wide = [*args[:2], jnp.concatenate([args[2]] * 4, axis=-1), *args[3:]]  # DHV=128
-    with pytest.raises(ValueError, match="share_scores=True needs consumers=2 .*got consumers=1"):
-        chunkwise_mosaic_fw(*wide, consumers=1, share_scores=True)
-    with pytest.raises(ValueError, match="share_scores=True needs block_dhv=32 .*got block_dhv=64"):
-        chunkwise_mosaic_fw(*wide, block_dhv=64, consumers=2, share_scores=True)
-    with pytest.raises(ValueError, match="share_scores=True needs consumers=2"):  # the kernel's own check
-        jax.eval_shape(functools.partial(mosaic_chunkwise, eps=1e-6, share_scores=True), *_kernel_avals(64, 64))
     with pytest.raises(ValueError, match=r"k.shape=\(1, 1, 8, 64\) must be"):  # the shared checks come first
         chunkwise_mosaic_fw(args[0][..., :32], *args[1:])
 
@@ -180,24 +162,17 @@ def test_auto_consumers_keeps_small_grids_on_one_warpgroup():
     assert auto_consumers(64, 256, 512, bf16, block_dhv=64) == 1  # two would not fit in shared memory
 
 
-def _kernel_avals(DHQK: int, DHV: int, BH: int = 2, S: int = 2 * CHUNK) -> tuple[jax.ShapeDtypeStruct, ...]:
-    """The shapes and dtypes of ``mosaic_chunkwise``'s inputs."""
-    f32, A = jnp.float32, jax.ShapeDtypeStruct
-    return (
+@pytest.mark.parametrize(("block_dhv", "consumers"), [(32, 1), (64, 1), (32, 2)])
+def test_lowers_for_cuda(block_dhv, consumers):
+    """Tracing and Mosaic GPU lowering at the xLSTM-7B head shape (DHQK=256; the layouts, the operands' shared
+    swizzle, the shared-memory budget, two warpgroups' barriers) succeed on any machine."""
+    BH, S, DHQK, DHV, f32, A = 2, 2 * CHUNK, 256, 128, jnp.float32, jax.ShapeDtypeStruct
+    avals = (
         A((BH, S, DHQK), jnp.bfloat16), A((BH, S, DHQK), jnp.bfloat16), A((BH, S, DHV), jnp.bfloat16),
         A((BH, S // CHUNK * 8, CHUNK), f32), A((BH, S // CHUNK), f32), A((BH, DHQK, DHV), f32),
     )  # fmt: skip
-
-
-@pytest.mark.parametrize(
-    ("block_dhv", "consumers", "share"), [(32, 1, False), (64, 1, False), (32, 2, False), (32, 2, True)]
-)
-def test_lowers_for_cuda(block_dhv, consumers, share):
-    """Tracing and Mosaic GPU lowering at the xLSTM-7B head shape (DHQK=256; the layouts, the operands' shared
-    swizzle, the shared-memory budget, two warpgroups' barriers, the halves of shared scores) succeed on any
-    machine."""
-    step = functools.partial(mosaic_chunkwise, eps=1e-6, block_dhv=block_dhv, consumers=consumers, share_scores=share)
-    text = jax.jit(step).trace(*_kernel_avals(256, 128)).lower(lowering_platforms=("cuda",)).as_text()
+    step = functools.partial(mosaic_chunkwise, eps=1e-6, block_dhv=block_dhv, consumers=consumers)
+    text = jax.jit(step).trace(*avals).lower(lowering_platforms=("cuda",)).as_text()
     assert "mosaic_gpu" in text
 
 

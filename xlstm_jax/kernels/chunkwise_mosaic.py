@@ -29,21 +29,11 @@ The same function as :func:`xlstm_jax.mlstm.chunkwise.chunkwise_fw` (initial sta
    C 16 KiB, P 8 KiB, g ⊙ v 4 KiB = 40 KiB; 172 KiB with one warpgroup, 212 KiB with two, which Mosaic GPU lays
    out with its barriers in 174 and 214 KiB (Hopper allows 227).
 
-   With ``share_scores=True`` (two warpgroups, block_dhv=32) the two split the scores instead of both computing
-   them: warpgroup w computes the columns s of its half of the chunk, q kᵀ[:, w·L/2:(w+1)·L/2] (K = DHQK, half the
-   products), gates them and writes its (L, L/2) half of P, and the half's row sums in float32, to shared memory;
-   after a barrier both arrive at, each computes P v as two products, one per half of P, and adds the other's row
-   sums to its own for the normaliser. The halves and row sums are kept per chunk parity, so a warpgroup rewrites
-   chunk j's buffers (at chunk j + 2) only after the other has passed chunk j + 1's barrier, done with chunk j.
-   Shared memory: the two warpgroups' P buffers become the two parities' halves (16 KiB either way) plus 1 KiB of
-   row sums, 213 KiB, laid out in 215 KiB.
-
 Limits. Hopper (TMA and WGMMA, compute capability 9.0). bf16 or f16 inputs (the WGMMA operand dtypes; float32
 inputs would run as TF32 and are left to the XLA form); DHQK a multiple of 64, DHV a multiple of
-``consumers * block_dhv`` (block_dhv 32 or 64, consumers 1 or 2; shared scores need consumers 2 and block_dhv
-32), the tiles within Hopper's 227 KiB of shared memory per block. Non-finite values in k or v make h non-finite
-in their whole chunk (the XLA form keeps the steps before them finite). :func:`chunkwise_mosaic_unsupported` says
-why a call cannot run.
+``consumers * block_dhv`` (block_dhv 32 or 64, consumers 1 or 2), the tiles within Hopper's 227 KiB of shared
+memory per block. Non-finite values in k or v make h non-finite in their whole chunk (the XLA form keeps
+the steps before them finite). :func:`chunkwise_mosaic_unsupported` says why a call cannot run.
 
 Gradients: a ``custom_vjp``. A call that is only evaluated runs the kernel; under differentiation (``jax.grad``,
 ``jax.vjp``) the forward and backward passes are the XLA chunkwise form's (chunk size ``xla_chunk_size``), whose
@@ -92,34 +82,25 @@ _SMEM_LIMIT = 227 * 1024  # bytes of shared memory a CUDA block may use on Hoppe
 _SMEM_RESERVE = 4 * 1024  # kept for the barriers and alignment that Mosaic GPU adds to the tiles (about 2 KiB)
 
 
-def shared_memory_bytes(
-    DHQK: int, dtype: Any, block_dhv: int, depth: int = 2, consumers: int = 1, *, share_scores: bool = False
-) -> int:
+def shared_memory_bytes(DHQK: int, dtype: Any, block_dhv: int, depth: int = 2, consumers: int = 1) -> int:
     """Bytes of shared memory of the kernel's chunk loop (its largest scope): the tiles, not the barriers.
 
     Per pipeline slot q and k (L, DHQK) and the plan (8, L) float32, shared by the warpgroups; per warpgroup
     ``depth`` v tiles (L, block_dhv), h (L, block_dhv), C rounded (DHQK, block_dhv), P (L, L), g ⊙ v (L, block_dhv).
-    With ``share_scores`` P is not per warpgroup: per chunk parity (2) each warpgroup's half (L, L/2) and its row
-    sums (L,) float32.
     """
     item = jnp.dtype(dtype).itemsize
     shared = depth * (2 * CHUNK * DHQK * item + _PLAN_ROWS * CHUNK * 4)
-    own = (depth + 2) * CHUNK * block_dhv * item + DHQK * block_dhv * item
-    if share_scores:
-        shared += 2 * consumers * (CHUNK * (CHUNK // 2) * item + CHUNK * 4)
-    else:
-        own += CHUNK * CHUNK * item
+    own = (depth + 2) * CHUNK * block_dhv * item + DHQK * block_dhv * item + CHUNK * CHUNK * item
     return shared + consumers * own
 
 
 def chunkwise_mosaic_unsupported(
-    DHQK: int, DHV: int, dtype: Any, block_dhv: int, *, depth: int = 2, consumers: int = 1, share_scores: bool = False
+    DHQK: int, DHV: int, dtype: Any, block_dhv: int, *, depth: int = 2, consumers: int = 1
 ) -> str | None:
     """Why the kernel cannot run this head shape, dtype and tiling, or None if it can (no device check).
 
     The tiling: ``block_dhv`` columns of c per warpgroup, ``depth`` chunks in flight, ``consumers`` warpgroups per
-    program, ``share_scores`` (the two warpgroups split the scores; needs ``consumers=2`` and ``block_dhv=32``); the
-    tiles must fit in a Hopper block's shared memory (:func:`shared_memory_bytes`).
+    program; the tiles must fit in a Hopper block's shared memory (:func:`shared_memory_bytes`).
     """
     if jnp.dtype(dtype) not in (jnp.dtype(jnp.bfloat16), jnp.dtype(jnp.float16)):
         return f"inputs must be bfloat16 or float16 (the WGMMA operand dtypes), got {jnp.dtype(dtype)}"
@@ -136,19 +117,11 @@ def chunkwise_mosaic_unsupported(
         )
     if not isinstance(depth, int) or depth < 1:
         return f"depth={depth!r} must be a positive integer (chunks in flight)"
-    if share_scores and consumers != 2:
-        return f"share_scores=True needs consumers=2 (two warpgroups split the scores), got consumers={consumers}"
-    if share_scores and block_dhv != 32:
-        return (
-            f"share_scores=True needs block_dhv=32 (the halves of P, {CHUNK // 2} columns, share the operands' "
-            f"swizzle), got block_dhv={block_dhv}"
-        )
-    smem = shared_memory_bytes(DHQK, dtype, block_dhv, depth, consumers, share_scores=share_scores)
+    smem = shared_memory_bytes(DHQK, dtype, block_dhv, depth, consumers)
     if smem + _SMEM_RESERVE > _SMEM_LIMIT:
-        shared = ", share_scores=True" if share_scores else ""
         return (
             f"the tiles need {smem // 1024} KiB of shared memory at DHQK={DHQK}, block_dhv={block_dhv}, "
-            f"depth={depth}, consumers={consumers}{shared}; a Hopper block has {_SMEM_LIMIT // 1024} KiB, "
+            f"depth={depth}, consumers={consumers}; a Hopper block has {_SMEM_LIMIT // 1024} KiB, "
             f"{_SMEM_RESERVE // 1024} KiB of it kept for barriers"
         )
     return None
@@ -203,7 +176,6 @@ def _chunk_body(
     block_dhv: int,
     depth: int,
     consumers: int,
-    share_scores: bool,
     interpret: bool,
 ):
     f32, dtype = jnp.float32, q_ref.dtype
@@ -239,31 +211,19 @@ def _chunk_body(
     def cast(x, layout):  # a layout annotation: JAX 0.11's layout inference needs them to settle this kernel
         return x if interpret else plgpu.layout_cast(x, layout)
 
-    def iota(dimension, columns):  # (L, columns) step indices along ``dimension``, in the scores' layout
+    def iota(dimension):  # (L, L) step indices along ``dimension``, in the scores' layout
         if interpret:
-            return lax.broadcasted_iota(jnp.int32, (L, columns), dimension)
-        return plgpu.broadcasted_iota(jnp.int32, (L, columns), dimension, layout=tile)
+            return lax.broadcasted_iota(jnp.int32, (L, L), dimension)
+        return plgpu.broadcasted_iota(jnp.int32, (L, L), dimension, layout=tile)
 
     # One swizzle for every product operand (WGMMA needs the two operands' swizzles equal): the widest that a
     # row of block_dhv columns allows.
     swizzle = min(128, NV * itemsize)
     operand = _swizzled(swizzle, itemsize)
 
-    # With share_scores each warpgroup computes half of the scores' columns (the steps s of its half of the chunk)
-    # and writes its half of P, and the row sums of that half, into shared buffers that both read: one per chunk
-    # parity, so that a warpgroup writes chunk j + 2's half only after passing chunk j + 1's "P ready" barrier,
-    # that is once the other warpgroup has finished chunk j's products and row sums.
-    half = L // 2
-    width = half if share_scores else L  # columns of the scores that this warpgroup computes
-    first_column = wg * half if share_scores else 0
-
     def body(q_bufs, k_bufs, v_bufs, plan_bufs, h_smem, c16_smem, p_smem, gv_smem, loaded, *rest):
-        rest = list(rest)
-        consumed = rest.pop(0) if split else None
-        sums, p_ready = (rest.pop(0), rest.pop(0)) if share_scores else (None, None)
-        kt = rest
-        v_bufs, h_smem, c16_smem, gv_smem = map(own, (v_bufs, h_smem, c16_smem, gv_smem))
-        p_smem = p_smem if share_scores else own(p_smem)
+        consumed, kt = (rest[0], rest[1:]) if split else (None, rest)
+        v_bufs, h_smem, c16_smem, p_smem, gv_smem = map(own, (v_bufs, h_smem, c16_smem, p_smem, gv_smem))
 
         def issue(j, slot, refill=False):
             """Starts the TMA copies of chunk j's tiles into buffer ``slot`` (a refill: once it is consumed)."""
@@ -301,42 +261,25 @@ def _chunk_body(
             if interpret:  # the interpreter has no transposed WGMMA operands: transpose through shared memory
                 k_t = own(kt[0])
                 k_t[...] = k_smem[...].T
-                k_scores = k_t.at[:, pl.ds(first_column, width)] if share_scores else k_t
             else:
                 k_t = k_smem.transpose((1, 0))  # (DHQK, L)
-                k_scores = k_smem.at[pl.ds(first_column, width)].transpose((1, 0)) if share_scores else k_t
-            if share_scores:  # this chunk's P halves and row sums: (2, L, L/2) and (2, L)
-                parity = lax.rem(j, 2)
-                p_halves, sum_halves = p_smem.at[parity], sums.at[parity]
-                p_out = p_halves.at[wg]
-                p_operands = [(p_halves.at[h], v_smem.at[pl.ds(h * half, half)]) for h in range(2)]
-            else:
-                p_out, p_operands = p_smem, [(p_smem, v_smem)]
 
             def scores_to_p(scores):
                 """The gated scores P (registers) from q kᵀ, and P into shared memory for P v."""
-
-                def columns_s(ref):  # this warpgroup's steps s of a plan row
-                    return ref.at[pl.ds(first_column, width)] if share_scores else ref
-
                 row = load(plan_smem.at[_ROW], row_layout)
-                col = load(columns_s(plan_smem.at[_COL]), col_layout)
+                col = load(plan_smem.at[_COL], col_layout)
                 breaks_t = load(plan_smem.at[_BREAKS], row_layout)
-                breaks_s = load(columns_s(plan_smem.at[_BREAKS_COL]), col_layout)
-                t_ids, s_ids = iota(0, width), iota(1, width)
-                if share_scores:
-                    s_ids = cast(s_ids + first_column, tile)
-                same = cast(lax.broadcast_in_dim(breaks_t, (L, width), (0,)), tile) == cast(
-                    lax.broadcast_in_dim(breaks_s, (L, width), (1,)), tile
+                breaks_s = load(plan_smem.at[_BREAKS_COL], col_layout)
+                t_ids, s_ids = iota(0), iota(1)
+                same = cast(lax.broadcast_in_dim(breaks_t, (L, L), (0,)), tile) == cast(
+                    lax.broadcast_in_dim(breaks_s, (L, L), (1,)), tile
                 )
-                log_d = cast(lax.broadcast_in_dim(row, (L, width), (0,)), tile) + cast(
-                    lax.broadcast_in_dim(col, (L, width), (1,)), tile
+                log_d = cast(lax.broadcast_in_dim(row, (L, L), (0,)), tile) + cast(
+                    lax.broadcast_in_dim(col, (L, L), (1,)), tile
                 )
                 d = cast(jnp.where((s_ids <= t_ids) & same, jnp.exp(log_d), 0.0), tile)
                 p = cast(cast(scores, tile) * d * scale, tile)
-                p_out[...] = cast(p.astype(dtype), tile)
-                if share_scores:  # the other warpgroup's h needs this half's row sums, in float32
-                    sum_halves.at[wg][...] = cast(jnp.sum(p, axis=1), row_layout)
+                p_smem[...] = cast(p.astype(dtype), tile)
                 return p
 
             def gated_values():
@@ -347,10 +290,7 @@ def _chunk_body(
 
             def write_h(p, inter, intra):
                 w = load(plan_smem.at[_INTER], row_layout)
-                row_sums = cast(jnp.sum(p, axis=1), row_layout)
-                if share_scores:
-                    row_sums = cast(row_sums + load(sum_halves.at[1 - wg], row_layout), row_layout)
-                qn = cast(row_sums + load(plan_smem.at[_QN], row_layout), row_layout)
+                qn = cast(cast(jnp.sum(p, axis=1), row_layout) + load(plan_smem.at[_QN], row_layout), row_layout)
                 den = cast(jnp.maximum(jnp.abs(qn), load(plan_smem.at[_LOWER], row_layout)) + eps, row_layout)
                 num = cast(
                     cast(lax.broadcast_in_dim(w, (L, NV), (0,)), tile) * cast(inter, tile) + cast(intra, tile), tile
@@ -362,22 +302,17 @@ def _chunk_body(
                 plgpu.copy_smem_to_gmem(h_smem, h_ref.at[bh, pl.ds(j * L, L), columns])
 
             # Four products in flight in order: q kᵀ and q C at once; P v and kᵀ (g ⊙ v) once P and g ⊙ v are
-            # in shared memory, h computed while the state update's product runs. Shared scores: P v is two
-            # products, one per half of P, once both warpgroups have written theirs.
+            # in shared memory, h computed while the state update's product runs.
             def first(acc_s, acc_inter):
-                plgpu.wgmma(acc_s, q_smem, k_scores)
+                plgpu.wgmma(acc_s, q_smem, k_t)
                 plgpu.wgmma(acc_inter, q_smem, c16_smem)
                 plgpu.wgmma_wait(1)  # q kᵀ done
                 p = scores_to_p(acc_s[...])
                 gated_values()
                 plgpu.commit_smem()
-                if share_scores:  # both halves of P and their row sums are in shared memory
-                    plgpu.barrier_arrive(p_ready)
-                    plgpu.barrier_wait(p_ready)
 
                 def second(acc_intra, acc_x):
-                    for p_half, v_rows in p_operands:
-                        plgpu.wgmma(acc_intra, p_half, v_rows)
+                    plgpu.wgmma(acc_intra, p_smem, v_smem)
                     plgpu.wgmma(acc_x, k_t, gv_smem)
                     plgpu.wgmma_wait(1)  # all but the state update done
                     write_h(p, acc_inter[...], acc_intra[...])
@@ -386,7 +321,7 @@ def _chunk_body(
 
                 return pl.run_scoped(second, plgpu.ACC((L, NV), f32), plgpu.ACC((DHQK, NV), f32))
 
-            update = pl.run_scoped(first, plgpu.ACC((L, width), f32), plgpu.ACC((L, NV), f32))
+            update = pl.run_scoped(first, plgpu.ACC((L, L), f32), plgpu.ACC((L, NV), f32))
             c = cast(decay_ref[bh, j] * c + cast(update, tile), tile)
             c16_smem[...] = cast(c.astype(dtype), tile)
             plgpu.commit_smem()
@@ -431,21 +366,17 @@ def _chunk_body(
         plgpu.SMEM((depth, _PLAN_ROWS, L), f32),
         per_warpgroup((L, NV), h_ref.dtype, transforms=operand),
         per_warpgroup((DHQK, NV), dtype, transforms=operand),
-        # P: per warpgroup, or with shared scores per chunk parity both warpgroups' halves
-        plgpu.SMEM((2, consumers, L, half), dtype, transforms=operand)
-        if share_scores
-        else per_warpgroup((L, L), dtype, transforms=operand),
+        per_warpgroup((L, L), dtype, transforms=operand),
         per_warpgroup((L, NV), dtype, transforms=operand),
         plgpu.Barrier(num_arrivals=1, num_barriers=(3 + consumers) * depth),
         *([plgpu.Barrier(num_arrivals=consumers, num_barriers=depth)] if split else []),
-        *([plgpu.SMEM((2, consumers, L), f32), plgpu.Barrier(num_arrivals=consumers)] if share_scores else []),
         *([per_warpgroup((DHQK, L), dtype)] if interpret else []),
         collective_axes="wg",
     )
     pl.run_scoped(store_c, c32, collective_axes="wg")
 
 
-@functools.partial(jax.jit, static_argnames=("eps", "block_dhv", "depth", "consumers", "share_scores", "interpret"))
+@functools.partial(jax.jit, static_argnames=("eps", "block_dhv", "depth", "consumers", "interpret"))
 def mosaic_chunkwise(
     q: jax.Array,  # (BH, S, DHQK), S a multiple of CHUNK
     k: jax.Array,  # (BH, S, DHQK)
@@ -458,22 +389,18 @@ def mosaic_chunkwise(
     block_dhv: int = 32,
     depth: int = 2,
     consumers: int = 1,
-    share_scores: bool = False,
     interpret: bool = False,
 ) -> tuple[jax.Array, jax.Array]:
     """The kernel on ``BH`` flattened heads, from :func:`chunk_plan`'s plan; the caller checks shapes.
 
-    ``consumers`` warpgroups per program (1 or 2), each with ``block_dhv`` columns of c; ``share_scores``: the two
-    warpgroups compute half of each chunk's scores each and share P (module docstring).
+    ``consumers`` warpgroups per program (1 or 2), each with ``block_dhv`` columns of c (module docstring).
 
     Returns:
         ``(h (BH, S, DHV) in q's dtype, c after the last chunk (BH, DHQK, DHV) float32)``.
     """
     BH, S, DHQK = q.shape
     DHV = v.shape[-1]
-    reason = chunkwise_mosaic_unsupported(
-        DHQK, DHV, q.dtype, block_dhv, depth=depth, consumers=consumers, share_scores=share_scores
-    )
+    reason = chunkwise_mosaic_unsupported(DHQK, DHV, q.dtype, block_dhv, depth=depth, consumers=consumers)
     if reason is not None:
         raise ValueError(f"the Mosaic GPU chunkwise kernel cannot run this shape: {reason}")
     params = None
@@ -482,13 +409,7 @@ def mosaic_chunkwise(
         if params is None:
             raise ValueError("interpret=True needs a JAX with Mosaic GPU's interpreter (jax 0.10 or newer)")
     body = functools.partial(
-        _chunk_body,
-        eps=eps,
-        block_dhv=block_dhv,
-        depth=depth,
-        consumers=consumers,
-        share_scores=share_scores,
-        interpret=interpret,
+        _chunk_body, eps=eps, block_dhv=block_dhv, depth=depth, consumers=consumers, interpret=interpret
     )
     kernel = pl.kernel(
         body,
@@ -540,9 +461,7 @@ def chunk_plan(x: ChunkedSequence) -> tuple[jax.Array, jax.Array, tuple[jax.Arra
     return plan, decay, (n_last, m_last)
 
 
-def _forward(
-    x: ChunkedSequence, eps: float, block_dhv: int, depth: int, consumers: int, share_scores: bool, interpret: bool
-):
+def _forward(x: ChunkedSequence, eps: float, block_dhv: int, depth: int, consumers: int, interpret: bool):
     """h (B, NH, S, DHV) and the last states (c, n, m) in the accumulation dtype."""
     B, NH, S, DHQK, DHV = x.dims
     NC, L = x.NC, x.L
@@ -559,7 +478,6 @@ def _forward(
         block_dhv=block_dhv,
         depth=depth,
         consumers=consumers,
-        share_scores=share_scores,
         interpret=interpret,
     )
     h = h.reshape(B, NH, NC * L, DHV)[:, :, :S]
@@ -583,7 +501,6 @@ def chunkwise_mosaic_fw(
     block_dhv: int = 32,
     depth: int = 2,
     consumers: int | None = None,
-    share_scores: bool = False,
     interpret: bool = False,
     xla_chunk_size: int = 256,
 ) -> jax.Array | tuple[jax.Array, tuple[jax.Array, jax.Array, jax.Array]]:
@@ -598,10 +515,7 @@ def chunkwise_mosaic_fw(
         depth: Chunks in flight in the TMA pipeline.
         consumers: Warpgroups per program, 1 or 2, each with its own ``block_dhv`` columns of c; two share the
             q and k tiles in shared memory and overlap each other's products (module docstring; BENCHMARKS.md).
-            None: :func:`auto_consumers` picks by the number of heads (2 with ``share_scores``).
-        share_scores: With two warpgroups, each computes the scores q kᵀ of half of each chunk's steps s (not
-            all of them) and the two share P through shared memory: half the score products per program
-            (module docstring). Needs ``consumers=2`` (or None) and ``block_dhv=32``.
+            None: :func:`auto_consumers` picks by the number of heads.
         interpret: Run in Mosaic GPU's interpreter (any backend; slow).
         xla_chunk_size: The chunk size of the XLA form that runs under differentiation.
 
@@ -612,10 +526,8 @@ def chunkwise_mosaic_fw(
     _, _, _, DHQK, DHV = x.dims
     dtype = jnp.result_type(q, k, v)
     if consumers is None:
-        consumers = 2 if share_scores else auto_consumers(x.dims[0] * x.dims[1], DHQK, DHV, dtype, block_dhv, depth)
-    reason = chunkwise_mosaic_unsupported(
-        DHQK, DHV, dtype, block_dhv, depth=depth, consumers=consumers, share_scores=share_scores
-    )
+        consumers = auto_consumers(x.dims[0] * x.dims[1], DHQK, DHV, dtype, block_dhv, depth)
+    reason = chunkwise_mosaic_unsupported(DHQK, DHV, dtype, block_dhv, depth=depth, consumers=consumers)
     if reason is not None:
         raise ValueError(f"chunkwise_mosaic_fw cannot run this call: {reason}")
     states_given = c_initial is not None
@@ -624,7 +536,7 @@ def chunkwise_mosaic_fw(
     def run(q, k, v, i, f, states):
         c0, n0, m0 = states if states_given else (None, None, None)
         x = chunk_sequence(q, k, v, i, f, c0, n0, m0, eps, state_dtype, CHUNK, segment_ids, True)
-        h, last = _forward(x, eps, block_dhv, depth, consumers, share_scores, interpret)
+        h, last = _forward(x, eps, block_dhv, depth, consumers, interpret)
         return h.astype(q.dtype), cast_states(last, x.out_dtypes)
 
     def xla(q, k, v, i, f, states):
