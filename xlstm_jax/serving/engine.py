@@ -741,7 +741,8 @@ class Engine:
         with self._step_lock:
             self._done = self._place(jnp.zeros(N, bool), lambda layout: layout.slot_rows)
             args = (np.ones(N, bool), np.full(N, -1, np.int32), self._keys.copy(), self._t.copy())
-            args += (np.zeros(N, np.float32), np.zeros(N, np.int32), np.ones(N, np.float32), self._stop_ids * 0 - 1)
+            args += (np.zeros(N, np.float32), np.zeros(N, np.int32), np.ones(N, np.float32))
+            args += (np.full_like(self._stop_ids, -1),)
             return self._decode_slots(args)
 
     def __enter__(self) -> Engine:
@@ -1040,10 +1041,9 @@ class Engine:
         end (a stop token, or max_tokens)."""
         tokens = np.asarray(tokens)
         finished = []
+        with self._lock:  # the requests that still hold their slots: others ended after the step was queued
+            batch = [(slot, r, t) for slot, r, t in batch if self._slots[slot] is r and not r.cancelled]
         for slot, request, t in batch:
-            with self._lock:
-                if self._slots[slot] is not request or request.cancelled:
-                    continue  # ended (cancelled, or freed and taken by another request) after the step was queued
             token = int(tokens[slot])
             if token < 0 or (t == 0 and request.early):
                 continue  # done on the device; or the first token, sent when the prefill ended
