@@ -45,6 +45,8 @@ requests asked for (what a client receives), over the batches' summed time (comp
 timing's calls compiled the batch shape of ``--slots`` rows and its token buffer, one untimed call compiles any
 other).
 
+The engine prefills up to ``--prefill-rows`` waiting requests together (``max_prefill_rows``).
+
 ``rates``: the engine (no prefix cache) with the requests arriving as a Poisson process at each rate of
 ``--rates`` (requests/s; ``inf``: all at once), seeded. A client coroutine per request submits it at its
 arrival time and reads its stream (``async for``); times are taken as the events arrive. Per rate: output
@@ -395,6 +397,7 @@ def main(argv: Sequence[str] | None = None) -> dict:
     p.add_argument("--output-len", type=int, nargs=2, default=[64, 256], metavar=("LO", "HI"))
     p.add_argument("--rates", type=float, nargs="+", default=[8.0, 32.0, 128.0, math.inf], help="requests/s")
     p.add_argument("--chunk-tokens", type=int, default=256, help="the engine's prefill_chunk_tokens")
+    p.add_argument("--prefill-rows", type=int, default=4, help="the engine's max_prefill_rows")
     p.add_argument("--system-tokens", type=int, default=2000, help="the shared system prompt's length")
     p.add_argument("--suffix-len", type=int, nargs=2, default=[16, 64], metavar=("LO", "HI"))
     p.add_argument("--prefix-requests", type=int, default=16)
@@ -421,7 +424,8 @@ def main(argv: Sequence[str] | None = None) -> dict:
     for name in ("prompt_len", "output_len", "suffix_len"):
         _pair("--" + name.replace("_", "-"))(getattr(a, name))
     for name in (
-        "slots", "requests", "chunk_tokens", "system_tokens", "prefix_requests", "prefix_output", "engine_steps",
+        "slots", "requests", "chunk_tokens", "prefill_rows", "system_tokens", "prefix_requests", "prefix_output",
+        "engine_steps",
     ):  # fmt: skip
         if getattr(a, name) < 1:
             raise ValueError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(a, name)}")
@@ -475,7 +479,8 @@ def main(argv: Sequence[str] | None = None) -> dict:
     def make_engine(prefix_cache_bytes: int, **kwargs: Any) -> Engine:
         engine = Engine(
             config, params, num_slots=a.slots, runtime=runtime, max_prompt_tokens=longest,
-            prefill_chunk_tokens=a.chunk_tokens, max_queue=queue, prefix_cache_bytes=prefix_cache_bytes, **kwargs,
+            prefill_chunk_tokens=a.chunk_tokens, max_prefill_rows=a.prefill_rows, max_queue=queue,
+            prefix_cache_bytes=prefix_cache_bytes, **kwargs,
         )  # fmt: skip
         engine.warmup()
         return engine

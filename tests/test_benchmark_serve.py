@@ -40,7 +40,7 @@ def test_every_table_is_written(tiny_run):
     # each program compiled once: the two engines share theirs, generate's step timing and static batches share
     assert tiny_run["engine_compilations"] == {
         "decode_step": 1,
-        "prefill_chunk": 2,  # chunk shapes 16 and 32
+        "prefill_chunk": 4,  # a request alone in 16 or 32 tokens; 2 and 4 requests (--prefill-rows) in 32
         "first_token": 1,
         "insert": 1,
         "extract": 1,

@@ -46,7 +46,18 @@ def test_serve_process_answers_until_interrupted():
     flags = f"{os.environ.get('XLA_FLAGS', '')} --xla_force_host_platform_device_count=2".strip()
     env = dict(os.environ, PYTHONUNBUFFERED="1", XLA_FLAGS=flags, JAX_PLATFORMS="cpu")
     args = [sys.executable, "-m", "xlstm_jax", "serve", str(FIXTURE), "--port", "0", "--num-slots", "2"]
-    args += ["--model-name", "tiny", "--log-level", "warning", "--prefill-chunk-tokens", "16", "--mesh", "2,1,1"]
+    args += [
+        "--model-name",
+        "tiny",
+        "--log-level",
+        "warning",
+        "--prefill-chunk-tokens",
+        "16",
+        "--max-prefill-rows",
+        "2",
+        "--mesh",
+        "2,1,1",
+    ]
     process = subprocess.Popen(args, cwd=REPO, env=env, stderr=subprocess.PIPE, text=True)
     watchdog = threading.Timer(240, process.kill)  # a hung server fails the test instead of blocking it
     watchdog.start()

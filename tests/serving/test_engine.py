@@ -109,9 +109,10 @@ def test_stops_seen_a_step_late_leave_the_conversation_state_exact(cached_engine
 
 
 def test_short_chunks_run_in_smaller_shapes(model):
-    """A prompt's short first chunk runs in the smallest of prefill_chunk_tokens, its half, ... (down to
-    min_prefill_chunk_tokens) that holds it; outputs equal generate, and warmup compiles every shape."""
-    engine = _engine(model, prefill_chunk_tokens=32, min_prefill_chunk_tokens=8)  # shapes 8, 16, 32
+    """A prompt's short first chunk, prefilled alone, runs in the smallest of prefill_chunk_tokens, its half, ...
+    (down to min_prefill_chunk_tokens) that holds it; outputs equal generate, and warmup compiles every shape."""
+    engine = _engine(model, prefill_chunk_tokens=32, min_prefill_chunk_tokens=8, max_prefill_rows=1)  # 8, 16, 32
+    assert engine.prefill_chunk_shapes == (8, 16, 32) and engine.prefill_row_shapes == ()
     engine.warmup()
     before = Engine.compilations()
     prompts = [PROMPTS[0], PROMPTS[1], PROMPTS[1] * 2 + [1, 2]]  # 3, 19 and 40 = 8 + 32 tokens
@@ -120,6 +121,29 @@ def test_short_chunks_run_in_smaller_shapes(model):
     for p, s in zip(prompts, streams, strict=True):
         assert _tokens(s) == (_reference(tuple(p), 5), "length")
     assert engine.stats()["prefill_chunks_total"] == 4
+    assert Engine.compilations() == before
+
+
+def test_waiting_requests_are_prefilled_together(model):
+    """Requests that wait together are prefilled as one batch (up to max_prefill_rows, in 2, 4, ... rows), each from
+    its own states and at its own position in its prompt; outputs equal generate, with nothing compiled after
+    warmup."""
+    engine = _engine(model, num_slots=6, max_prefill_rows=3)
+    assert engine.prefill_row_shapes == (2, 3)
+    engine.warmup()
+    before = Engine.compilations()
+    # 3, 19 (3 + 8 + 8), 11 (3 + 8), 5, 40 (8 + 4 * 8) and 2 tokens: the first three start together, the others
+    # join as rows free up, so a batch mixes first chunks (left-padded) with later ones.
+    prompts = [*PROMPTS, PROMPTS[2][:5], PROMPTS[1] * 2 + [1, 2], [9, 8]]
+    streams = [engine.submit(p, SamplingParams(max_tokens=4)) for p in prompts]
+    chunks = []
+    while engine.step():
+        chunks.append(engine.stats()["prefill_chunks_total"])
+    for p, s in zip(prompts, streams, strict=True):
+        assert _tokens(s) == (_reference(tuple(p), 4), "length")
+    # Batches: {3, 19, 11} -> {19, 11, 5} -> {19, 40, 2} -> {40} x 4: 7 programs for 12 chunks.
+    assert engine.stats()["prefill_chunks_total"] == 7
+    assert engine.stats()["prefill_tokens_total"] == sum(map(len, prompts))
     assert Engine.compilations() == before
 
 

@@ -67,6 +67,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "--prefill-chunk-tokens", type=positive_int, default=256, help="prompt tokens run per engine step (default 256)"
     )
     p.add_argument(
+        "--max-prefill-rows",
+        type=positive_int,
+        default=4,
+        help="waiting requests prefilled together per engine step (default 4)",
+    )
+    p.add_argument(
         "--max-queue", type=positive_int, default=64, help="requests waiting for a slot before 429s (default 64)"
     )
     p.add_argument(
@@ -230,6 +236,7 @@ def run(args: argparse.Namespace) -> int:
                 runtime=runtime,
                 max_prompt_tokens=args.max_prompt_tokens,
                 prefill_chunk_tokens=args.prefill_chunk_tokens,
+                max_prefill_rows=args.max_prefill_rows,
                 max_queue=args.max_queue,
                 prefix_cache_bytes=int(args.prefix_cache_mb * 2**20),
                 mesh=mesh,

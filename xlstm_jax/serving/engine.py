@@ -5,15 +5,19 @@ The engine keeps the states of ``num_slots`` requests stacked on the batch axis 
 iteration (:meth:`Engine.step`):
 
 1. handles cancellations: a cancelled request frees its slot at once and its stream ends with "cancelled";
-2. if a slot is free and a request waits, starts prefilling it: the longest cached prefix of its prompt is
-   looked up in the :class:`~xlstm_jax.serving.prefix_cache.PrefixCache`, and only the rest is prefilled;
-3. runs one chunk of at most ``prefill_chunk_tokens`` tokens of the request being prefilled (the prefill backend,
-   ``runtime.prefill_backend``, from the states so far), so that a long prompt does not stall the running
-   streams. A prompt's chunks are its remainder first, then full chunks; the short one runs in the smallest of
-   the shapes ``prefill_chunk_tokens``, its half, its quarter, ... (down to ``min_prefill_chunk_tokens``) that
-   holds it, left-padded with ``valid=False`` positions, which are exact no-op steps. After the last chunk the
-   request's first token is drawn from the prompt's logits and sent at once, and the request's states and
-   logits are written into its slot;
+2. while a slot is free, a request waits and fewer than ``max_prefill_rows`` requests are being prefilled, starts
+   prefilling the next one: the longest cached prefix of its prompt is looked up in the
+   :class:`~xlstm_jax.serving.prefix_cache.PrefixCache`, and only the rest is prefilled;
+3. runs the next chunk, of at most ``prefill_chunk_tokens`` tokens, of every request being prefilled (the
+   prefill backend, ``runtime.prefill_backend``, from each one's states so far) as one batch, so that a long
+   prompt does not stall the running streams and a burst of requests is admitted in few iterations. A prompt's
+   chunks are its remainder first, then full chunks, left-padded with ``valid=False`` positions, which are
+   exact no-op steps. Several requests run as one batch of ``prefill_chunk_tokens`` columns and 2, 4, ... rows
+   (``Engine.prefill_row_shapes``, padded with empty rows); a request alone runs in the smallest of the shapes
+   ``prefill_chunk_tokens``, its half, its quarter, ... (down to ``min_prefill_chunk_tokens``) that holds its
+   chunk, so a short prompt or a cached prefix's new turn is not padded to a full chunk. After a request's last
+   chunk its first token is drawn from the prompt's logits and sent at once, and its states and logits are
+   written into its slot;
 4. queues one jitted decode step over all slots, then hands out the tokens of the step queued before it: the
    host reads one step's tokens while the device runs the next, so the device does not wait for the host
    between steps. Each running slot draws a token with its own sampling settings (a slot's first step feeds
@@ -24,7 +28,7 @@ iteration (:meth:`Engine.step`):
    states as they were; the last step of ``max_tokens`` is known when it is queued.
 
 Nothing is recompiled as requests come and go: the decode step, the slot insertion (a dynamic update at a
-traced slot index), the first token's draw and each prefill chunk shape have one compilation each
+traced slot index), the first token's draw and each prefill chunk shape and row count have one compilation each
 (:meth:`Engine.warmup` compiles them all). Per-slot sampling settings are arrays of shape (num_slots,) fed to
 the step. Token t of a request is drawn with the key ``fold_in(key(seed), t)``, exactly as
 :func:`xlstm_jax.generation.generate` draws step t of a batch of one, so a request's tokens do not depend on its
@@ -39,8 +43,8 @@ write a conversation's states to disk and read them back into the cache. Results
 the states it holds are those a prefill of the same tokens would leave, up to floating-point rounding (the
 chunk boundaries, and the decode step instead of the prefill form for generated tokens).
 
-Requests are admitted and prefilled one at a time, in the order they arrive; a request's first token is drawn
-and sent in the iteration that runs its last prefill chunk (a first token that ends the request, a stop token or
+Requests are admitted in the order they arrive; a request's first token is drawn and sent in the iteration that
+runs its last prefill chunk (a first token that ends the request, a stop token or
 ``max_tokens=1``, is sent with its finish reason after the decode step that feeds it).
 
 On a mesh (``Engine(..., mesh=mesh)``, the axes ``data``, ``fsdp``, ``tensor`` of
@@ -401,18 +405,27 @@ def _prefill_chunk(
     runtime: RuntimeConfig,
     layout: _Layout | None,
     params: Any,
-    states: ModelStates,  # (L, 1, ...), not donated: it may be a cached entry
-    input_ids: jax.Array,  # (1, C) int32
-    valid: jax.Array,  # (1, C) bool, False at left padding
-) -> tuple[jax.Array, ModelStates]:
-    """One prefill chunk from ``states``: the logits of its last position (1, V) float32 and the states after it."""
+    rows: tuple[ModelStates, ...],  # r requests' states (L, 1, ...) each, not donated: one may be a cached entry
+    input_ids: jax.Array,  # (r, C) int32
+    valid: jax.Array,  # (r, C) bool, False at left padding
+) -> tuple[tuple[jax.Array, ...], tuple[ModelStates, ...]]:
+    """One prefill chunk of r requests at once, each from its own states, as one batch of r rows.
+
+    Returns:
+        Per request, the logits of its chunk's last position (1, V) float32, and its states after the chunk.
+    """
+    states = ModelStates(*(jnp.concatenate(parts, axis=1) for parts in zip(*rows, strict=True)))
     logits, states = xLSTMLMModel(config, runtime).apply(
         {"params": params}, input_ids, states, valid, return_states=True, last_only=True
     )
     logits = logits[:, 0].astype(jnp.float32)
+    out_logits = tuple(logits[i : i + 1] for i in range(len(rows)))
+    out_rows = tuple(ModelStates(*(s[:, i : i + 1] for s in states)) for i in range(len(rows)))
     if layout is not None:
-        logits, states = _pin((logits, states), (layout.replicated, layout.row))
-    return logits, states
+        out_logits, out_rows = _pin(
+            (out_logits, out_rows), ((layout.replicated,) * len(rows), (layout.row,) * len(rows))
+        )
+    return out_logits, out_rows
 
 
 @functools.partial(jax.jit, static_argnames=("layout",), donate_argnames=("states", "logits", "done"))
@@ -546,9 +559,14 @@ class Engine:
         runtime: How the model runs (``RuntimeConfig``; None for the default).
         max_prompt_tokens: The longest prompt accepted.
         prefill_chunk_tokens: Prompt tokens prefilled per iteration at most (the longest chunk shape).
-        min_prefill_chunk_tokens: The shortest chunk shape: a prompt's short first chunk runs in the smallest of
-            ``prefill_chunk_tokens``, its half, its quarter, ... (halving while even, down to this) that holds
-            it. ``prefill_chunk_tokens`` or more: one shape.
+        min_prefill_chunk_tokens: The shortest chunk shape: a prompt's short first chunk, prefilled alone, runs in
+            the smallest of ``prefill_chunk_tokens``, its half, its quarter, ... (halving while even, down to this)
+            that holds it. ``prefill_chunk_tokens`` or more: one shape.
+        max_prefill_rows: How many requests are prefilled together: each iteration runs the next chunk of every
+            request being prefilled (up to this many) as one batch of ``prefill_chunk_tokens`` columns, whose
+            row count is the smallest of 2, 4, 8, ... (and this number) that holds them. More rows admit a burst
+            of requests in fewer iterations; each iteration's prefill then delays the running streams' next token
+            by the time of a batch that size. 1: one request at a time.
         max_queue: How many requests may wait for a slot; :meth:`submit` raises ``EngineOverloaded`` beyond.
         prefix_cache_bytes: The byte budget of the prefix-state cache (0: no cache).
         mesh: None: one device. A ``jax.sharding.Mesh`` with the axes ``data``, ``fsdp``, ``tensor``: the
@@ -563,8 +581,10 @@ class Engine:
             or whose ``tensor`` axis does not divide the model's heads (see :func:`check_mesh`).
 
     Attributes:
-        prefill_chunk_shapes: The prefill chunk's compiled lengths, ascending (``prefill_chunk_tokens`` and its
-            halvings down to ``min_prefill_chunk_tokens``).
+        prefill_chunk_shapes: The compiled lengths of a chunk prefilled alone, ascending (``prefill_chunk_tokens``
+            and its halvings down to ``min_prefill_chunk_tokens``).
+        prefill_row_shapes: The compiled row counts of a batched chunk (of ``prefill_chunk_tokens`` columns),
+            ascending: 2, 4, ... up to ``max_prefill_rows`` (empty for 1).
     """
 
     def __init__(
@@ -577,6 +597,7 @@ class Engine:
         max_prompt_tokens: int = 4096,
         prefill_chunk_tokens: int = 256,
         min_prefill_chunk_tokens: int = 16,
+        max_prefill_rows: int = 4,
         max_queue: int = 64,
         prefix_cache_bytes: int = 0,
         mesh: Mesh | None = None,
@@ -591,6 +612,7 @@ class Engine:
             ("max_prompt_tokens", max_prompt_tokens, 1),
             ("prefill_chunk_tokens", prefill_chunk_tokens, 1),
             ("min_prefill_chunk_tokens", min_prefill_chunk_tokens, 1),
+            ("max_prefill_rows", max_prefill_rows, 1),
             ("max_queue", max_queue, 0),
             ("prefix_cache_bytes", prefix_cache_bytes, 0),
         ):
@@ -611,6 +633,7 @@ class Engine:
         self.prefix_cache = PrefixCache(int(prefix_cache_bytes))
 
         N = self.num_slots
+        self._zeros: ModelStates | None = None  # _zero_row's
         self._states = self._place(ModelStates.zeros(config, N), lambda layout: layout.slots)
         self._logits = self._place(jnp.zeros((N, config.vocab_size), jnp.float32), lambda layout: layout.slot_rows)
         key_shape = _key_data(0).shape
@@ -630,13 +653,18 @@ class Engine:
         while sizes[-1] % 2 == 0 and sizes[-1] // 2 >= min_prefill_chunk_tokens:
             sizes.append(sizes[-1] // 2)
         self.prefill_chunk_shapes = tuple(sorted(sizes))  # a short chunk runs in the smallest that holds it
+        self.max_prefill_rows = int(max_prefill_rows)
+        rows = [2]
+        while rows[-1] < self.max_prefill_rows:
+            rows.append(min(2 * rows[-1], self.max_prefill_rows))
+        self.prefill_row_shapes = tuple(rows) if self.max_prefill_rows > 1 else ()
         self._slots: list[_Request | None] = [None] * N  # the request that holds each slot (active or prefilling)
 
         self._lock = threading.RLock()  # guards the queue, the slots table and the counters
         self._step_lock = threading.Lock()  # one iteration at a time
         self._wake = threading.Condition(threading.Lock())
         self._waiting: collections.deque[_Request] = collections.deque()
-        self._prefill: _Prefill | None = None
+        self._prefill: list[_Prefill] = []  # the requests being prefilled, in arrival order
         self._thread: threading.Thread | None = None
         self._stopping = threading.Event()
         self.error: BaseException | None = None
@@ -672,8 +700,11 @@ class Engine:
         return x if self._layout is None else jax.device_put(x, self._layout.replicated)
 
     def _zero_row(self) -> ModelStates:
-        """One request's initial states (L, 1, ...), laid out as a prefilled request's."""
-        return self._place(ModelStates.zeros(self.config, 1), lambda layout: layout.row)
+        """One request's initial states (L, 1, ...), laid out as a prefilled request's: one array made once and
+        shared (no program donates a request's states)."""
+        if self._zeros is None:
+            self._zeros = self._place(ModelStates.zeros(self.config, 1), lambda layout: layout.row)
+        return self._zeros
 
     # ----------------------------------------------------------------------------------------- lifecycle
 
@@ -695,7 +726,7 @@ class Engine:
         with self._step_lock, self._lock:
             requests = [r for r in self._slots if r is not None] + list(self._waiting)
             self._waiting.clear()
-            self._prefill = None
+            self._prefill = []
             self._inflight.clear()
             for slot, request in enumerate(self._slots):
                 if request is not None:
@@ -704,13 +735,15 @@ class Engine:
                 self._finish(request, "cancelled", None)
 
     def warmup(self) -> None:
-        """Compiles the engine's programs now (the prefill chunk in each of its shapes, the first token's draw, slot
-        insertion, the decode step, and the slot copy of the prefix cache), so that the first request does not
-        wait for them; no request or cached state changes."""
+        """Compiles the engine's programs now (the prefill chunk in each of its shapes and row counts, the first
+        token's draw, slot insertion, the decode step, and the slot copy of the prefix cache), so that the first
+        request does not wait for them; no request or cached state changes."""
         N = self.num_slots
         with self._step_lock:
+            for rows in self.prefill_row_shapes:
+                self._run_chunks([self._zero_row()] * rows, [()] * rows, count=False)
             for size in self.prefill_chunk_shapes:
-                logits, states = self._run_chunk(self._zero_row(), (), count=False, size=size)
+                [(logits, states)] = self._run_chunks([self._zero_row()], [()], count=False, size=size)
             self._draw_first(logits, _key_data(0), SamplingParams())
             with self._lock:
                 free = [j for j, r in enumerate(self._slots) if r is None]
@@ -735,7 +768,7 @@ class Engine:
         Raises:
             RuntimeError: the engine is running or holds requests.
         """
-        if (self._thread is not None and self._thread.is_alive()) or self._has_work() or self._prefill is not None:
+        if (self._thread is not None and self._thread.is_alive()) or self._has_work() or self._prefill:
             raise RuntimeError("step_all_slots needs an idle engine: not started, with no request admitted or waiting")
         N = self.num_slots
         with self._step_lock:
@@ -766,7 +799,7 @@ class Engine:
                 with self._lock:
                     requests = [r for r in self._slots if r is not None] + list(self._waiting)
                     self._waiting.clear()
-                    self._prefill = None
+                    self._prefill = []
                     self._inflight.clear()
                     for slot in range(self.num_slots):
                         self._free(slot)
@@ -844,7 +877,8 @@ class Engine:
     # ------------------------------------------------------------------------------------------ iteration
 
     def step(self) -> bool:
-        """Runs one iteration (cancellations, admission, one prefill chunk, one decode step).
+        """Runs one iteration (cancellations, admission, one prefill chunk of the requests being prefilled, one
+        decode step).
 
         Returns:
             Whether any work was done.
@@ -852,7 +886,7 @@ class Engine:
         with self._step_lock:
             worked = self._handle_cancelled()
             worked |= self._admit()
-            worked |= self._prefill_one_chunk()
+            worked |= self._prefill_step()
             worked |= self._decode()
             return worked
 
@@ -864,8 +898,7 @@ class Engine:
                 ended.append(request)
             for slot, request in enumerate(self._slots):
                 if request is not None and request.cancelled:
-                    if self._prefill is not None and self._prefill.request is request:
-                        self._prefill = None
+                    self._prefill = [job for job in self._prefill if job.request is not request]
                     self._free(slot)
                     ended.append(request)
         for request in ended:
@@ -877,41 +910,63 @@ class Engine:
         self._active[slot] = False
 
     def _admit(self) -> bool:
-        """Starts prefilling the next waiting request if a slot is free and nothing is being prefilled."""
+        """Starts prefilling waiting requests, in arrival order, while a slot is free and fewer than
+        ``max_prefill_rows`` requests are being prefilled."""
+        admitted = []
         with self._lock:
-            if self._prefill is not None or not self._waiting or None not in self._slots:
-                return False
-            request = self._waiting.popleft()
-            slot = self._slots.index(None)
-            self._slots[slot] = request
-        done, entry = self.prefix_cache.lookup(request.prompt) if self.prefix_cache.max_bytes else (0, None)
-        if entry is None:
-            self._prefill = _Prefill(request, slot, self._zero_row(), None, 0)
-        else:
-            self._prefill = _Prefill(request, slot, entry.states, entry.logits, done)
-        return True
+            while self._waiting and None in self._slots and len(self._prefill) + len(admitted) < self.max_prefill_rows:
+                request = self._waiting.popleft()
+                slot = self._slots.index(None)
+                self._slots[slot] = request
+                admitted.append((request, slot))
+        for request, slot in admitted:
+            done, entry = self.prefix_cache.lookup(request.prompt) if self.prefix_cache.max_bytes else (0, None)
+            if entry is None:
+                self._prefill.append(_Prefill(request, slot, self._zero_row(), None, 0))
+            else:
+                self._prefill.append(_Prefill(request, slot, entry.states, entry.logits, done))
+        return bool(admitted)
 
-    def _run_chunk(
-        self, states: ModelStates, tokens: Sequence[int], count: bool = True, size: int | None = None
-    ) -> tuple[jax.Array, ModelStates]:
-        """Prefills ``tokens`` (at most ``prefill_chunk_tokens``) from ``states`` as one left-padded chunk of the
-        smallest chunk shape that holds them (``size``: of that shape)."""
-        if size is None:
-            size = self.prefill_chunk_shapes[bisect.bisect_left(self.prefill_chunk_shapes, len(tokens))]
-        ids = np.zeros((1, size), np.int32)
-        valid = np.zeros((1, size), bool)
-        if tokens:
-            ids[0, size - len(tokens) :] = tokens
-            valid[0, size - len(tokens) :] = True
+    def _run_chunks(
+        self,
+        rows: Sequence[ModelStates],
+        tokens: Sequence[Sequence[int]],
+        count: bool = True,
+        size: int | None = None,
+    ) -> list[tuple[jax.Array, ModelStates]]:
+        """Prefills ``tokens[i]`` (at most ``prefill_chunk_tokens`` each) from ``rows[i]`` for every i, as one
+        left-padded batch: alone in the smallest chunk shape that holds the tokens (``size``: of that shape), else
+        in the smallest row count of ``prefill_row_shapes`` that holds them (padded with empty rows), at
+        ``prefill_chunk_tokens`` columns. Returns each row's last logits (1, V) and states after the chunk."""
+        r = len(rows)
+        if r == 1:
+            if size is None:
+                size = self.prefill_chunk_shapes[bisect.bisect_left(self.prefill_chunk_shapes, len(tokens[0]))]
+            height = 1
+        else:
+            size = self.prefill_chunk_tokens
+            height = self.prefill_row_shapes[bisect.bisect_left(self.prefill_row_shapes, r)]
+            rows = [*rows, *[self._zero_row()] * (height - r)]
+        ids = np.zeros((height, size), np.int32)
+        valid = np.zeros((height, size), bool)
+        for i, row_tokens in enumerate(tokens):
+            if row_tokens:
+                ids[i, size - len(row_tokens) :] = row_tokens
+                valid[i, size - len(row_tokens) :] = True
         with self._on_mesh():
             ids, valid = self._replicated((ids, valid))
-            logits, states = _prefill_chunk(self.config, self.runtime, self._layout, self.params, states, ids, valid)
-            logits, states = self._place((logits, states), lambda layout: (layout.replicated, layout.row))
+            logits, states = _prefill_chunk(
+                self.config, self.runtime, self._layout, self.params, tuple(rows), ids, valid
+            )
+            out = [
+                self._place((lg, st), lambda layout: (layout.replicated, layout.row))
+                for lg, st in zip(logits[:r], states[:r], strict=True)
+            ]
         if count:
             with self._lock:
-                self._prefill_tokens += len(tokens)
+                self._prefill_tokens += sum(len(t) for t in tokens)
                 self._prefill_chunks += 1
-        return logits, states
+        return out
 
     def _draw_first(self, logits: jax.Array, key_data: np.ndarray, sampling: SamplingParams) -> int:
         """A request's first token, drawn from its prompt's logits (1, V) on the device; waits for it."""
@@ -961,19 +1016,30 @@ class Engine:
         first = start + ((end - start) % C or C)
         return [(start, first)] + [(s, s + C) for s in range(first, end, C)]
 
-    def _prefill_one_chunk(self) -> bool:
-        job = self._prefill
-        if job is None:
+    def _prefill_step(self) -> bool:
+        """Runs the next chunk of every request being prefilled, as one batch; each request whose prompt is then
+        complete draws and sends its first token and moves into its slot."""
+        if not self._prefill:
             return False
-        prompt = job.request.prompt
-        if job.done < len(prompt):
-            start, end = self._chunks(job.done, len(prompt))[0]
-            job.logits, job.states = self._run_chunk(job.states, prompt[start:end])
-            job.done = end
-            if end < len(prompt):
-                return True
-            if self.prefix_cache.max_bytes:
-                self.prefix_cache.put(prompt, PrefixEntry(job.states, job.logits))
+        pending = [job for job in self._prefill if job.done < len(job.request.prompt)]
+        if pending:
+            spans = [self._chunks(job.done, len(job.request.prompt))[0] for job in pending]
+            out = self._run_chunks(
+                [job.states for job in pending],
+                [job.request.prompt[a:b] for job, (a, b) in zip(pending, spans, strict=True)],
+            )
+            for job, (_, end), (logits, states) in zip(pending, spans, out, strict=True):
+                job.logits, job.states, job.done = logits, states, end
+                if end == len(job.request.prompt) and self.prefix_cache.max_bytes:
+                    self.prefix_cache.put(job.request.prompt, PrefixEntry(states, logits))
+        ready = [job for job in self._prefill if job.done == len(job.request.prompt)]
+        self._prefill = [job for job in self._prefill if job.done < len(job.request.prompt)]
+        for job in ready:
+            self._start_decoding(job)
+        return True
+
+    def _start_decoding(self, job: _Prefill) -> None:
+        """Draws a prefilled request's first token, sends it, and writes the request into its slot."""
         request, slot, sampling = job.request, job.slot, job.request.sampling
         # The first token is drawn now and goes out at once, unless it ends the request: then it goes out with its
         # finish reason after the slot's first decode step has fed it (the states a conversation cache keeps).
@@ -984,7 +1050,6 @@ class Engine:
         self._insert(slot, job.states, job.logits)
         stop = sorted(set(sampling.stop_token_ids))
         with self._lock:
-            self._prefill = None
             self._keys[slot] = request.key_data
             self._t[slot] = 0
             self._forced[slot] = token  # the slot's first step feeds this token rather than drawing it again
@@ -994,7 +1059,6 @@ class Engine:
             self._stop_ids[slot] = -1
             self._stop_ids[slot, : len(stop)] = stop
             self._active[slot] = True
-        return True
 
     def _hand_out_token(self, request: _Request, token: int, final: bool) -> None:
         """Records a request's next token; sends it unless it is the ``final`` one (:meth:`_finish` sends that)."""
@@ -1082,7 +1146,7 @@ class Engine:
         states = self._zero_row() if entry is None else entry.states
         logits = None
         for start, end in self._chunks(done, len(prompt)):
-            logits, states = self._run_chunk(states, prompt[start:end])
+            [(logits, states)] = self._run_chunks([states], [prompt[start:end]])
         entry = PrefixEntry(states, logits)
         if self.prefix_cache.max_bytes:
             self.prefix_cache.put(prompt, entry)
@@ -1176,15 +1240,15 @@ class Engine:
         Returns:
             A dict with ``queue_length`` (requests waiting for a slot), ``slots_in_use`` (slots held by a request
             being prefilled or generating), ``running`` (requests generating: their slots decode), ``num_slots``,
-            ``tokens_generated_total``, ``requests_finished_total``,
-            ``requests_finished_by_reason`` (a dict reason -> count), ``prefill_tokens_total`` (prompt tokens run
-            through the model, cache hits excluded), ``prefill_chunks_total``, ``decode_steps_total``,
-            ``prefix_cache_hits_total``, ``prefix_cache_misses_total``, ``prefix_cache_evictions_total``,
-            ``prefix_cache_entries``, ``prefix_cache_bytes``, ``prefix_cache_max_bytes``, and two latency
-            histograms in seconds, ``time_to_first_token_seconds`` (submit to first token) and
-            ``inter_token_latency_seconds`` (between a request's consecutive tokens), each a dict of
-            ``buckets`` (upper bounds, ``LATENCY_BUCKETS``), ``counts`` (observations per bucket, not cumulative,
-            one more than ``buckets``: the last is +inf), ``sum`` and ``count``.
+            ``tokens_generated_total``, ``requests_finished_total``, ``requests_finished_by_reason`` (a dict
+            reason -> count), ``prefill_tokens_total`` (prompt tokens run through the model, cache hits
+            excluded), ``prefill_chunks_total`` (prefill programs run: a batch of several requests' chunks counts
+            once), ``decode_steps_total``, ``prefix_cache_hits_total``, ``prefix_cache_misses_total``,
+            ``prefix_cache_evictions_total``, ``prefix_cache_entries``, ``prefix_cache_bytes``,
+            ``prefix_cache_max_bytes``, and two latency histograms in seconds, ``time_to_first_token_seconds``
+            (submit to first token) and ``inter_token_latency_seconds`` (between a request's consecutive tokens),
+            each a dict of ``buckets`` (upper bounds, ``LATENCY_BUCKETS``), ``counts`` (observations per bucket,
+            not cumulative, one more than ``buckets``: the last is +inf), ``sum`` and ``count``.
         """
         cache = self.prefix_cache.stats()
         with self._lock:
