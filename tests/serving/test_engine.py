@@ -282,6 +282,10 @@ def test_overload_and_bad_requests(model):
         _engine(model, num_slots=0)
     with pytest.raises(ValueError, match="min_prefill_chunk_tokens"):
         _engine(model, min_prefill_chunk_tokens=0)
+    with pytest.raises(ValueError, match="max_prefill_rows"):
+        _engine(model, max_prefill_rows=0)
+    with pytest.raises(TypeError, match="max_prefill_rows"):
+        _engine(model, max_prefill_rows=2.0)
 
 
 def test_prefix_cache_gives_identical_outputs_and_prefills_only_new_tokens(engine, cached_engine):
