@@ -32,7 +32,8 @@ row ``on`` with the engine's default chunk shapes (``--chunk-tokens`` and its ha
 ``on, C`` with the one shape ``--chunk-tokens``. ``speedup`` is the p50 without over the p50 with; ``hits`` the
 cache's hit count; ``engine TTFT`` the mean of the engine's own histogram (submit to the token's send, no
 client in it). Table ``chunks``: one prefill chunk in each shape, ``cache_prefix`` of a new random prompt
-that fills it, waited for (median of ``--repeats``).
+that fills it, waited for (median of ``--repeats``), and from a device trace of one more (GPU only) the summed
+time of its kernels, their number and the fraction of the chunk's span the GPU was busy.
 
 ``step``, row ``generate``: the bare decode step at batch ``--slots``, timed as ``benchmarks/generate.py``
 times it: one ``generate`` call of the first static batch for N/2 + 1 and for N new tokens (N its token buffer,
@@ -77,7 +78,7 @@ import jax
 import numpy as np
 
 from benchmarks.generate import PRESETS, decode_per_token, random_params
-from benchmarks.harness import Column, Report, add_arguments, time_jitted
+from benchmarks.harness import Column, Report, add_arguments, device_trace, time_jitted
 from xlstm_jax import generation
 from xlstm_jax.generation import MIN_TOKEN_BUFFER, generate
 from xlstm_jax.models.xlstm_parallel.config import xLSTMLMConfig
@@ -261,6 +262,9 @@ CHUNK_COLUMNS = [
     Column("tokens", "tokens", width=6),
     Column("ms", "ms", ".2f"),
     Column("spread", "spread", ".2f"),
+    Column("kernel ms", "kernel_ms", ".2f"),
+    Column("kernels", "kernels", ".0f"),
+    Column("busy", "busy", ".2f"),
 ]
 PARTS = ("step", "saturated", "prefix", "generate", "static", "rates")
 
@@ -365,19 +369,34 @@ def prefix_part(engine: Engine, make_engine, vocab_size: int, a, monitor_s: floa
 
 def chunk_rows(engine: Engine, vocab_size: int, repeats: int, seed: int) -> list[dict[str, Any]]:
     """The time of one prefill chunk in each of the engine's shapes: ``cache_prefix`` of a new random prompt that
-    fills the shape, waited for (one chunk from zero states, in the caller's thread), median of ``repeats``."""
+    fills the shape, waited for (one chunk from zero states, in the caller's thread), median of ``repeats``; and,
+    from a device trace of one more chunk (GPU only; None elsewhere), the summed time of its kernels, how many
+    it launched and the fraction of the chunk's span the GPU was busy: a wall time well above the kernel time
+    is time the GPU waited for the host."""
     rng = np.random.default_rng(seed)
+
+    def one(size: int) -> float:
+        prompt = rng.integers(0, vocab_size, size).tolist()
+        start = time.perf_counter()
+        engine.cache_prefix(prompt)
+        jax.block_until_ready(engine.prefix_cache.get(prompt))
+        return time.perf_counter() - start
+
     rows = []
     for size in engine.prefill_chunk_shapes:
-        times = []
-        for _ in range(repeats):
-            prompt = rng.integers(0, vocab_size, size).tolist()
-            start = time.perf_counter()
-            engine.cache_prefix(prompt)
-            jax.block_until_ready(engine.prefix_cache.get(prompt))
-            times.append(time.perf_counter() - start)
+        times = [one(size) for _ in range(repeats)]
         median = float(np.median(times))
-        rows.append({"tokens": size, "ms": median * 1e3, "spread": (max(times) - min(times)) / median})
+        trace = device_trace(lambda size=size: one(size), units=1)
+        rows.append(
+            {
+                "tokens": size,
+                "ms": median * 1e3,
+                "spread": (max(times) - min(times)) / median,
+                "kernel_ms": trace["kernel_us"] / 1e3 if trace else None,
+                "kernels": trace.get("kernels"),
+                "busy": trace.get("busy"),
+            }
+        )
     return rows
 
 
