@@ -177,7 +177,7 @@ def test_vmap_over_heads(name, kwargs):
 def _run(backend, x, lo, hi, states):
     """The backend on steps [lo, hi) of ``x`` (float64), starting from ``states``."""
     args = [jnp.asarray(x[key][:, :, lo:hi]) for key in INPUTS]
-    return backend(*args, *states, return_last_states=True)
+    return jax.jit(functools.partial(backend, return_last_states=True))(*args, *states)
 
 
 def _decode(x, lo, hi, states):
@@ -185,9 +185,10 @@ def _decode(x, lo, hi, states):
     c, n, m = states
     m = m[..., None]
     hs = []
+    step = jax.jit(recurrent_step_fw)
     for t in range(lo, hi):
         q, k, v, i, f = (jnp.asarray(x[key][:, :, t]) for key in INPUTS)
-        h, (c, n, m) = recurrent_step_fw(c, n, m, q, k, v, i[..., None], f[..., None])
+        h, (c, n, m) = step(c, n, m, q, k, v, i[..., None], f[..., None])
         hs.append(h)
     return jnp.stack(hs, axis=2), (c, n, m[..., 0])
 
@@ -251,14 +252,14 @@ def test_no_op_steps_leave_states_untouched(name, kwargs):
         jnp.concatenate([jnp.full(a.shape[:2] + (pad,) + a.shape[3:], noop.get(n, 1.0)), a], axis=2)
         for n, a in zip(INPUTS, args, strict=True)
     ]
-    backend = create_mlstm_backend(name, **kwargs)
-    h, last = backend(*args, *states, return_last_states=True)
-    h_pad, last_pad = backend(*padded, *states, return_last_states=True)
+    backend = jax.jit(functools.partial(create_mlstm_backend(name, **kwargs), return_last_states=True))
+    h, last = backend(*args, *states)
+    h_pad, last_pad = backend(*padded, *states)
     assert np.all(np.isfinite(np.asarray(h_pad))), "no-op steps produced non-finite outputs"
     assert_close("h after no-op steps", np.asarray(h, np.float64), h_pad[:, :, pad:], TOL["float32"])
     for s, a, b in zip("cnm", last, last_pad, strict=True):
         assert_close(f"{s} after no-op steps", np.asarray(a, np.float64), b, TOL["float32"])
     # Only no-op steps: the states come back unchanged.
-    _, only = backend(*(a[:, :, :pad] for a in padded), *states, return_last_states=True)
+    _, only = backend(*(a[:, :, :pad] for a in padded), *states)
     for s, a, b in zip("cnm", states, only, strict=True):
         assert_close(f"{s} after only no-op steps", np.asarray(a, np.float64), b, TOL["float32"])
