@@ -21,7 +21,7 @@ lint: $(VENV)/.installed
 
 # One pytest worker per core (pytest-xdist), each test file on one worker so its module fixtures compile once.
 # The tests' programs are tiny: XLA's CPU compiler skips its LLVM optimisations, which cost most of their
-# compile time (XLA's own passes still run, no fast-math; about a third off the suite's time).
+# compile time (XLA's own passes still run, no fast-math): the suite in 12 instead of 14.5 minutes on 2 cores.
 TEST_XLA_FLAGS := --xla_backend_optimization_level=0 --xla_llvm_disable_expensive_passes=true
 test: lint
 	XLA_FLAGS="$$XLA_FLAGS $(TEST_XLA_FLAGS)" $(PY) -m pytest -q -n auto --dist loadfile
