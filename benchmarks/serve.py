@@ -46,7 +46,9 @@ requests asked for (what a client receives), over the batches' summed time (comp
 timing's calls compiled the batch shape of ``--slots`` rows and its token buffer, one untimed call compiles any
 other).
 
-The engine prefills up to ``--prefill-rows`` waiting requests together (``max_prefill_rows``).
+The engine prefills up to ``--prefill-rows`` waiting requests together (``max_prefill_rows``); with several
+values the first serves every part and the rates part runs once per value (column ``rows``), on the same
+arrivals.
 
 ``rates``: the engine (no prefix cache) with the requests arriving as a Poisson process at each rate of
 ``--rates`` (requests/s; ``inf``: all at once), seeded. A client coroutine per request submits it at its
@@ -236,6 +238,7 @@ STATIC_COLUMNS = [
 ]
 RATE_COLUMNS = [
     Column("rate/s", "rate", width=9),
+    Column("rows", "prefill_rows", width=4),
     Column("requests", "requests", width=8),
     Column("tokens/s", "tokens_per_s", ".0f"),
     Column("of step", "of_step", ".3f"),
@@ -416,7 +419,10 @@ def main(argv: Sequence[str] | None = None) -> dict:
     p.add_argument("--output-len", type=int, nargs=2, default=[64, 256], metavar=("LO", "HI"))
     p.add_argument("--rates", type=float, nargs="+", default=[8.0, 32.0, 128.0, math.inf], help="requests/s")
     p.add_argument("--chunk-tokens", type=int, default=256, help="the engine's prefill_chunk_tokens")
-    p.add_argument("--prefill-rows", type=int, default=4, help="the engine's max_prefill_rows")
+    p.add_argument(
+        "--prefill-rows", type=int, nargs="+", default=[4],
+        help="the engine's max_prefill_rows: the first for every part; the rates part runs once per value",
+    )  # fmt: skip
     p.add_argument("--system-tokens", type=int, default=2000, help="the shared system prompt's length")
     p.add_argument("--suffix-len", type=int, nargs=2, default=[16, 64], metavar=("LO", "HI"))
     p.add_argument("--prefix-requests", type=int, default=16)
@@ -443,11 +449,12 @@ def main(argv: Sequence[str] | None = None) -> dict:
     for name in ("prompt_len", "output_len", "suffix_len"):
         _pair("--" + name.replace("_", "-"))(getattr(a, name))
     for name in (
-        "slots", "requests", "chunk_tokens", "prefill_rows", "system_tokens", "prefix_requests", "prefix_output",
-        "engine_steps",
+        "slots", "requests", "chunk_tokens", "system_tokens", "prefix_requests", "prefix_output", "engine_steps",
     ):  # fmt: skip
         if getattr(a, name) < 1:
             raise ValueError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(a, name)}")
+    if min(a.prefill_rows) < 1:
+        raise ValueError(f"--prefill-rows must be >= 1, got {a.prefill_rows}")
     if any(not rate > 0 for rate in a.rates):
         raise ValueError(f"--rates must be positive (or inf), got {a.rates}")
     if not a.budget_s > 0:
@@ -498,8 +505,8 @@ def main(argv: Sequence[str] | None = None) -> dict:
     def make_engine(prefix_cache_bytes: int, **kwargs: Any) -> Engine:
         engine = Engine(
             config, params, num_slots=a.slots, runtime=runtime, max_prompt_tokens=longest,
-            prefill_chunk_tokens=a.chunk_tokens, max_prefill_rows=a.prefill_rows, max_queue=queue,
-            prefix_cache_bytes=prefix_cache_bytes, **kwargs,
+            prefill_chunk_tokens=a.chunk_tokens, max_queue=queue, prefix_cache_bytes=prefix_cache_bytes,
+            **{"max_prefill_rows": a.prefill_rows[0], **kwargs},
         )  # fmt: skip
         engine.warmup()
         return engine
@@ -614,26 +621,29 @@ def main(argv: Sequence[str] | None = None) -> dict:
     report.table("rates", RATE_COLUMNS)
     deadline = started + a.budget_s
     tokens = sum(o for _, o in requests)
-    engine = None
-    for n, rate in enumerate(a.rates):
-        label = "inf" if math.isinf(rate) else rate
-        offsets = poisson_offsets(len(requests), rate, a.seed + n)
-        estimate = float(offsets[-1]) + tokens / sat["tokens_per_s"]
-        left = deadline - time.perf_counter()
-        if estimate > left:
-            report.note(
-                f"rates {label}: skipped: its row would take about {estimate:.0f} s (arrivals over "
-                f"{offsets[-1]:.0f} s, {tokens} tokens at the saturated row's rate), {left:.0f} s of --budget-s left"
-            )
-            continue
-        say(f"rate {label}: about {estimate:.0f} s")
-        if engine is None:
-            engine = make_engine(0)
-        with engine:
-            records, samples = asyncio.run(_drive(engine, requests, offsets, monitor_s))
-        row = {"rate": label, **summarize(records, samples, a.slots)}
-        row.update(of_step=row["tokens_per_s"] / step_rate, of_static=row["tokens_per_s"] / static_rate)
-        report.add("rates", row)
+    for rows in a.prefill_rows:
+        engine = None
+        for n, rate in enumerate(a.rates):
+            label = "inf" if math.isinf(rate) else rate
+            offsets = poisson_offsets(len(requests), rate, a.seed + n)  # the same arrivals for every rows value
+            estimate = float(offsets[-1]) + tokens / sat["tokens_per_s"]
+            left = deadline - time.perf_counter()
+            if estimate > left:
+                report.note(
+                    f"rates {label}, prefill rows {rows}: skipped: its row would take about {estimate:.0f} s "
+                    f"(arrivals over {offsets[-1]:.0f} s, {tokens} tokens at the saturated row's rate), "
+                    f"{left:.0f} s of --budget-s left"
+                )
+                continue
+            say(f"rate {label}, prefill rows {rows}: about {estimate:.0f} s")
+            if engine is None:
+                gc.collect()  # the last engine's slot states make room
+                engine = make_engine(0, max_prefill_rows=rows)
+            with engine:
+                records, samples = asyncio.run(_drive(engine, requests, offsets, monitor_s))
+            row = {"rate": label, "prefill_rows": rows, **summarize(records, samples, a.slots)}
+            row.update(of_step=row["tokens_per_s"] / step_rate, of_static=row["tokens_per_s"] / static_rate)
+            report.add("rates", row)
     report.set("engine_compilations", Engine.compilations())
     phase("rates")
     return report.data

@@ -20,7 +20,7 @@ def tiny_run(tmp_path_factory):
     path = tmp_path_factory.mktemp("serve") / "serve.json"
     env = {**os.environ, "PYTHONPATH": str(ROOT), "JAX_PLATFORMS": "cpu"}
     done = subprocess.run(
-        [sys.executable, "benchmarks/serve.py", "--tiny", "--json", str(path)],
+        [sys.executable, "benchmarks/serve.py", "--tiny", "--prefill-rows", "4", "1", "--json", str(path)],
         cwd=ROOT, env=env, capture_output=True, text=True, timeout=300,
     )  # fmt: skip
     assert done.returncode == 0, done.stderr[-3000:]
@@ -85,8 +85,8 @@ def test_saturated_and_static(tiny_run):
 def test_rates_rows(tiny_run):
     rows = tiny_run["tables"]["rates"]
     t = serve.TINY
-    assert [r["rate"] for r in rows] == [50.0, "inf"]
-    assert [r["output_tokens"] for r in rows] == [sum(o for _, o in _requests())] * 2  # each produced its length
+    assert [(r["rate"], r["prefill_rows"]) for r in rows] == [(50.0, 4), ("inf", 4), (50.0, 1), ("inf", 1)]
+    assert [r["output_tokens"] for r in rows] == [sum(o for _, o in _requests())] * 4  # each produced its length
     step = tiny_run["tables"]["step"][2]["tokens_per_s"]
     static = tiny_run["tables"]["static"][0]["tokens_per_s"]
     for r in rows:
@@ -131,7 +131,7 @@ def test_parts_run_alone():
 def test_spent_budget_skips_the_rates_with_notes():
     data = serve.main(["--tiny", "--budget-s", "0.001", "--rates", "50", "inf", "--prefix-requests", "1"])
     assert data["tables"]["rates"] == []
-    assert [n.split(":")[0] for n in data["notes"]] == ["rates 50.0", "rates inf"]
+    assert [n.split(":")[0] for n in data["notes"]] == ["rates 50.0, prefill rows 4", "rates inf, prefill rows 4"]
     assert all("--budget-s" in n for n in data["notes"])
     assert data["tables"]["saturated"] and data["tables"]["static"] and len(data["tables"]["prefix"]) == 3
     assert data["targets"]["saturated_of_static"] is not None
@@ -143,6 +143,7 @@ def test_spent_budget_skips_the_rates_with_notes():
         (["--prompt-len", "9", "3"], "--prompt-len"),
         (["--suffix-len", "0", "3"], "--suffix-len"),
         (["--slots", "0"], "--slots"),
+        (["--prefill-rows", "4", "0"], "--prefill-rows"),
         (["--engine-steps", "0"], "--engine-steps"),
         (["--rates", "4", "-1"], "--rates"),
         (["--budget-s", "0"], "--budget-s"),
