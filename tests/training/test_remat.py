@@ -50,11 +50,15 @@ def remat_case():
     segment_ids = jnp.array([[1] * 5 + [2] * 7, [1] * 12])
     runtime = RuntimeConfig(prefill_backend_kwargs=(("chunk_size", 4),))
 
+    params = {}  # per scan_blocks: the same tree and values with or without remat, so initialised once
+
     def grad(runtime):
         model = xLSTMLMModel(config, runtime)
-        params = model.init(jax.random.key(0), ids)["params"]  # the same tree and values with or without remat
+        if runtime.scan_blocks not in params:  # jitted: eager Flax initialisation dispatches op by op
+            params[runtime.scan_blocks] = jax.jit(model.init)(jax.random.key(0), ids)["params"]
         loss = lambda p: jnp.mean(model.apply({"params": p}, ids, segment_ids=segment_ids) ** 2)
-        return jax.make_jaxpr(jax.grad(loss))(params), jax.jit(jax.grad(loss))(params)
+        traced = jax.jit(jax.grad(loss)).trace(params[runtime.scan_blocks])  # one trace: the jaxpr and the program
+        return traced.jaxpr, traced.lower().compile()(params[runtime.scan_blocks])
 
     return config, runtime, grad
 
