@@ -44,9 +44,7 @@ def test_mesh_run_equals_one_device_and_resumes_on_one(tmp_path):
         return ["train", "--config", str(config), "--checkpoint-dir", str(tmp_path / name / "ckpt"), "--log-dir",
                 str(tmp_path / name / "logs"), "--mesh", mesh, "--steps", str(steps), "--no-progress"]  # fmt: skip
 
-    # The suite's own XLA flags (make test's cheaper compilation) carry over; 8 host devices are added to them.
-    flags = f"{os.environ.get('XLA_FLAGS', '')} --xla_force_host_platform_device_count=8".strip()
-    env = {**os.environ, "XLA_FLAGS": flags, "JAX_PLATFORMS": "cpu"}
+    env = {**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=8", "JAX_PLATFORMS": "cpu"}
     code = f"import sys; from xlstm_jax.cli import main; sys.exit(main({args('mesh', '2,2,2', 2)!r}))"
     proc = subprocess.run([sys.executable, "-c", code], env=env, cwd=REPO, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-3000:]
