@@ -192,7 +192,7 @@ def test_padding_steps_are_exact_no_ops(form):
     c0 = jnp.asarray(rng.standard_normal((B, NH, DHQK, DHV)), jnp.float32)
     n0 = jnp.asarray(rng.standard_normal((B, NH, DHQK)), jnp.float32)
     m0 = jnp.asarray(rng.uniform(-20.0, 15.0, (B, NH)), jnp.float32)
-    h, states = _forms()[form](q, k, v, i, f, c0, n0, m0)
+    h, states = jax.jit(_forms()[form])(q, k, v, i, f, c0, n0, m0)  # jitted: eager dispatch compiles op by op
     assert np.all(np.isfinite(np.asarray(h)))
     for name, x, x0 in zip("cnm", states, (c0, n0, m0), strict=True):
         np.testing.assert_array_equal(np.asarray(x), np.asarray(x0), err_msg=f"{form}: state {name}")
