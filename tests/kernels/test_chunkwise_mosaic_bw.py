@@ -162,20 +162,22 @@ def _vjp(form, args, cotangents):
     return outs, pullback(cotangents)
 
 
-# (seed, B, NH, S, initial states, segments, XLA chunk size)
+# (seed, B, NH, S, initial states, input gates, segments, XLA chunk size)
 SPLIT_CASES = [
-    (4, 1, 2, 67, False, None, 16),
-    (5, 2, 1, 130, True, np.array([_ids([1, 62, 3, 1, 63]), _ids([100, 30])]), 32),
+    (4, 1, 2, 67, False, "wide", None, 16),
+    (5, 2, 1, 130, True, "extreme", np.array([_ids([1, 62, 3, 1, 63]), _ids([100, 30])]), 32),
 ]
 
 
-@pytest.mark.parametrize(("seed", "B", "NH", "S", "states", "segments", "chunk_size"), SPLIT_CASES, ids=["67", "130"])
-def test_split_gradients_are_the_xla_forms(seed, B, NH, S, states, segments, chunk_size):
+@pytest.mark.parametrize(
+    ("seed", "B", "NH", "S", "states", "igate", "segments", "chunk_size"), SPLIT_CASES, ids=["67", "130"]
+)
+def test_split_gradients_are_the_xla_forms(seed, B, NH, S, states, igate, segments, chunk_size):
     """``chunkwise_split_fw`` (plan through autodiff, products by hand) against ``jax.vjp`` of the XLA chunkwise form
-    (another chunk size) in float64, with a reset and extreme input gates: outputs, and the gradients of q, k, v, i,
+    (another chunk size) in float64, with a reset: outputs, and the gradients of q, k, v, i,
     f and of the initial states for cotangents on h and on all three last states."""
     DHQK, DHV = 6, 5
-    x = random_inputs(seed, B, NH, S, DHQK, DHV, states=states, igate="extreme")
+    x = random_inputs(seed, B, NH, S, DHQK, DHV, states=states, igate=igate)
     x["f"][0, -1, S // 2] = -np.inf
     names = NAMES + (STATES if states else ())
     rng = np.random.default_rng(seed)

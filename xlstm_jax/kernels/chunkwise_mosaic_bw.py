@@ -16,7 +16,7 @@ the identity in float32 and float64)::
     num = INTER ⊙ (q r(C_j)) + r(P) v,  qn = P 1 + QN,  den = max(|qn|, LOWER) + eps,  h = num / den
     C_{j+1} = decay_j C_j + kᵀ r(GAIN ⊙ v)                                   (C_0 = c0)
 
-The backward, from dh and dC_NC = dc_last (every product one of the chunk's tiles; ``scale = DHQK^-1/2``)::
+The backward, from dh and dC_NC = dc_last (every product between one chunk's tiles; ``scale = DHQK^-1/2``)::
 
     dnum  = dh / den                                     dden = -Σ_v dh ⊙ h / den
     dqn   = dden · a · sign(qn),  dLOWER = dden · (1 - a),  a = 1 if |qn| > LOWER, 1/2 if equal, else 0
@@ -36,11 +36,12 @@ It runs in three stages, each one pass a kernel makes:
 (b) the border cotangents dC_{j+1}, by a reverse scan over chunks: dnum of a chunk needs only its scores'
     row sums (den), not C, so this pass splits over columns of C like the forward kernel;
 (c) every chunk's own gradients from C_j and dC_{j+1} (:func:`_chunk_gradients`), independent of the other
-    chunks (here vmapped over chunks); it needs all DHV columns of dnum for dP, so a kernel runs it per chunk.
+    chunks (here vmapped over chunks); dP and dden sum over all DHV columns, so a kernel runs it per chunk (a
+    program that holds every column of a head can fuse (b) and (c) into one reverse pass).
 
-The gradients of the products are exact in float64 (equal to ``jax.vjp`` of :func:`chunk_products` to rounding;
-``tests/kernels/test_chunkwise_mosaic_bw.py``). For bfloat16 inputs the backward's products take the operands as
-they come (the forward's roundings, float32 cotangents), a choice for the kernel to revisit.
+In float64 the hand-derived gradients equal ``jax.vjp`` of :func:`chunk_products` to rounding
+(``tests/kernels/test_chunkwise_mosaic_bw.py``). For bfloat16 inputs the backward's products take the operands as
+they come (the forward's rounded tiles, float32 cotangents); where a backward kernel rounds is its own choice.
 """
 
 from __future__ import annotations
@@ -137,14 +138,17 @@ def _state_update(k, v, plan, acc):
 
 
 def _chunk_forward(q, k, v, plan, c, eps):
-    """One chunk: ``(h (L, DHV), num (L, DHV), den (L,), P (L, L))`` in c's dtype from the border state c."""
+    """One chunk from its border state c (module docstring), in c's dtype.
+
+    Returns:
+        ``(h (L, DHV), S, D, P (L, L), qn, den (L,), q r(C) (L, DHV))``: h and what its backward reuses.
+    """
     acc = c.dtype
-    _, _, p = _scores(q, k, plan, acc)
-    _, den = _normaliser(p, plan, eps)
-    num = plan[_INTER][:, None] * _dot("td,de->te", q, c.astype(q.dtype), acc) + _dot(
-        "ts,se->te", p.astype(v.dtype), v, acc
-    )
-    return num / den[:, None], num, den, p
+    s, d, p = _scores(q, k, plan, acc)
+    qn, den = _normaliser(p, plan, eps)
+    inter = _dot("td,de->te", q, c.astype(q.dtype), acc)
+    h = (plan[_INTER][:, None] * inter + _dot("ts,se->te", p.astype(v.dtype), v, acc)) / den[:, None]
+    return h, s, d, p, qn, den, inter
 
 
 def chunk_products(
@@ -203,6 +207,9 @@ def chunk_borders(
 ) -> tuple[jax.Array, jax.Array]:
     """The memory states before every chunk and after the last (stage (a)): the state update alone, no scores.
 
+    Args:
+        k, v, plan, decay, c0: As :func:`chunk_products`.
+
     Returns:
         ``(C_j before each chunk (BH, NC, DHQK, DHV), c after the last chunk (BH, DHQK, DHV))``, in c0's dtype
         promoted to float32.
@@ -238,11 +245,8 @@ def _chunk_gradients(q, k, v, plan, c, dc_next, dh, eps):
         ``(dq (L, DHQK), dk (L, DHQK), dv (L, DHV), dplan (8, L), ddecay ())`` in c's dtype.
     """
     acc, DHQK = c.dtype, q.shape[-1]
-    s, d, p = _scores(q, k, plan, acc)
-    qn, den = _normaliser(p, plan, eps)
+    h, s, d, p, qn, den, inter = _chunk_forward(q, k, v, plan, c, eps)
     c_r, p_r = c.astype(q.dtype), p.astype(v.dtype)
-    inter = _dot("td,de->te", q, c_r, acc)
-    h = (plan[_INTER][:, None] * inter + _dot("ts,se->te", p_r, v, acc)) / den[:, None]
     dh = dh.astype(acc)
     dnum = dh / den[:, None]
     dden = -jnp.sum(dh * h, axis=1) / den
@@ -362,6 +366,16 @@ def chunkwise_split_fw(
     Returns:
         h (B, NH, S, DHV) in q's dtype, or ``(h, (c, n, m))`` with the last states shaped (B, NH, DHQK, DHV),
         (B, NH, DHQK), (B, NH) in the initial states' dtypes (the state dtype without).
+
+    Raises:
+        ValueError, TypeError: as :func:`~xlstm_jax.mlstm.chunkwise.chunkwise_fw`.
+
+    Example:
+        >>> B, NH, S, DHQK, DHV = 1, 2, 100, 4, 8
+        >>> q = k = jnp.ones((B, NH, S, DHQK)); v = jnp.ones((B, NH, S, DHV)); i = f = jnp.ones((B, NH, S))
+        >>> dq = jax.grad(lambda q: chunkwise_split_fw(q, k, v, i, f).sum())(q)
+        >>> dq.shape
+        (1, 2, 100, 4)
     """
     x = chunk_sequence(q, k, v, i, f, c_initial, n_initial, m_initial, eps, state_dtype, CHUNK, segment_ids, True)
     states_given = c_initial is not None
