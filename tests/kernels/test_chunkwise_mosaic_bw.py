@@ -1,0 +1,224 @@
+"""The chunkwise Mosaic kernel's products in XLA and their hand-derived backward (``chunkwise_mosaic_bw``).
+
+``chunk_products`` against the kernel (Mosaic GPU's interpreter, bf16); ``chunk_products_vjp`` against ``jax.vjp``
+of ``chunk_products`` in float64 on plans of the real ``chunk_plan`` (initial states, extreme and closed gates,
+resets, packed documents across chunk borders and of one step) and on a plan with normaliser ties and -inf rows;
+``chunkwise_split_fw`` (plan through autodiff, products by hand) against ``jax.vjp`` of the XLA chunkwise form and
+against central differences of the float64 reference.
+"""
+
+from __future__ import annotations
+
+import functools
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from tests.mlstm.form_checks import check_forward, check_gradients, random_inputs
+from tests.numerics import TOL, assert_close
+from xlstm_jax.kernels.chunkwise_mosaic import (
+    _BREAKS,
+    _BREAKS_COL,
+    _INTER,
+    _LOWER,
+    _PLAN_ROWS,
+    _QN,
+    _ROW,
+    CHUNK,
+    chunk_plan,
+    mosaic_chunkwise,
+)
+from xlstm_jax.kernels.chunkwise_mosaic_bw import chunk_borders, chunk_products, chunk_products_vjp, chunkwise_split_fw
+from xlstm_jax.kernels.mosaic import mosaic_interpret_params
+from xlstm_jax.mlstm.chunkwise import chunk_sequence, chunkwise_fw
+
+EPS = 1e-6
+NAMES = ("q", "k", "v", "i", "f")
+STATES = ("c0", "n0", "m0")
+
+
+def _ids(lengths: list[int]) -> list[int]:
+    return [n for n, length in enumerate(lengths) for _ in range(length)]
+
+
+# S = 150, chunks of 64: row 0 has a document of 1 at the start, one ending on the first border, one filling chunk 1
+# exactly, one of 1 on the second border and one crossing into the padded tail; row 1 has one crossing the first
+# border and two of 1 inside a chunk.
+SEGMENTS = np.array([_ids([1, 63, 64, 1, 21]), _ids([70, 1, 1, 78])])
+
+
+@jax.jit
+def _operands(args, states, segment_ids):
+    """The kernel's operands (q, k, v, plan, decay, c0), heads flattened, from ``chunk_plan`` of the inputs."""
+    seq = chunk_sequence(*args, *(states or (None,) * 3), EPS, None, CHUNK, segment_ids, True)
+    plan, decay, _ = chunk_plan(seq)
+    B, NH, _, DHQK, DHV = seq.dims
+    BH, S = B * NH, seq.NC * seq.L
+    return (
+        seq.q.reshape(BH, S, DHQK),
+        seq.k.reshape(BH, S, DHQK),
+        seq.v.reshape(BH, S, DHV),
+        plan.reshape(BH, seq.NC * _PLAN_ROWS, seq.L),
+        decay.reshape(BH, seq.NC),
+        seq.states[0].astype(plan.dtype).reshape(BH, DHQK, DHV),
+    )
+
+
+def operands(x: dict[str, np.ndarray], dtype, segment_ids=None):
+    """:func:`_operands` of the inputs ``x`` in ``dtype`` (initial states in ``dtype`` promoted to float32)."""
+    args = tuple(jnp.asarray(x[name], dtype) for name in NAMES)
+    state_dtype = jnp.promote_types(dtype, jnp.float32)
+    states = tuple(jnp.asarray(x[name], state_dtype) for name in STATES) if "c0" in x else None
+    ids = None if segment_ids is None else jnp.asarray(segment_ids, jnp.int32)
+    return _operands(args, states, ids)
+
+
+@pytest.mark.skipif(mosaic_interpret_params() is None, reason="needs a JAX with Mosaic GPU's interpreter")
+def test_products_match_the_kernel():
+    """bf16, two chunks (the second padded), initial states, a document crossing the border: h and the last state
+    of ``chunk_products`` equal the kernel's (Mosaic GPU's interpreter) within the bf16 bound."""
+    x = random_inputs(7, 1, 1, 100, 64, 32, states=True, igate="extreme")
+    ops = operands(x, jnp.bfloat16, np.array([_ids([40, 60])]))
+    h, c = jax.jit(functools.partial(chunk_products, eps=EPS))(*ops)
+    h_kernel, c_kernel = mosaic_chunkwise(*ops, eps=EPS, interpret=True)
+    assert h.dtype == h_kernel.dtype == jnp.bfloat16 and c.dtype == c_kernel.dtype == jnp.float32
+    assert_close("h", np.asarray(h_kernel, np.float32), h, TOL["bfloat16/float32"])
+    assert_close("c (last state)", c_kernel, c, TOL["bfloat16/float32"])
+
+
+def _ties(ops):
+    """The plan with normaliser ties: in rows t = 3, 4 of every chunk ROW = -inf (so P's row is exactly 0 and
+    qn = QN), |QN| = LOWER = 0.7 with either sign; INTER = 0.5 keeps h non-zero there."""
+    q, k, v, plan, decay, c0 = ops
+    plan = plan.reshape(*plan.shape[:1], -1, _PLAN_ROWS, plan.shape[-1])
+    plan = plan.at[:, :, _ROW, 3:5].set(-jnp.inf).at[:, :, _INTER, 3:5].set(0.5)
+    plan = plan.at[:, :, _QN, 3].set(0.7).at[:, :, _QN, 4].set(-0.7).at[:, :, _LOWER, 3:5].set(0.7)
+    return q, k, v, plan.reshape(ops[3].shape), decay, c0
+
+
+@jax.jit
+def _autodiff(ops, dh, dc):
+    return jax.vjp(functools.partial(chunk_products, eps=EPS), *ops)[1]((dh, dc))
+
+
+@jax.jit
+def _by_hand(ops, dh, dc, borders):
+    return chunk_products_vjp(*ops, EPS, dh, dc, borders)
+
+
+# (seed, B, NH, initial states, forget gates, input gates, resets, segments, ties, borders given); all S = 150
+# (three chunks, the last padded), DHQK = 6, DHV = 5, B * NH = 2, so that the cases share their compilations.
+VJP_CASES = [
+    (1, 2, 1, True, "mixed", "extreme", True, SEGMENTS, False, True),  # documents, states, resets
+    (2, 1, 2, False, "open", "wide", False, None, False, False),  # long memory, no initial states
+    (3, 2, 1, True, "closed", "extreme", False, None, True, False),  # ties, -inf rows
+]
+
+
+@pytest.mark.parametrize(
+    ("seed", "B", "NH", "states", "fgate", "igate", "resets", "segments", "ties", "borders"),
+    VJP_CASES,
+    ids=["documents-states-resets", "open-no-states", "ties"],
+)
+def test_products_vjp_is_autodiffs(seed, B, NH, states, fgate, igate, resets, segments, ties, borders):
+    """Every gradient of ``chunk_products_vjp`` (q, k, v, the plan, the decays, c0) equals ``jax.vjp`` of
+    ``chunk_products`` in float64, for cotangents on h and on the last state; the break rows of the plan get
+    exactly 0; passing the border states (``chunk_borders``) gives the same gradients as computing them."""
+    x = random_inputs(seed, B, NH, 150, 6, 5, states=states, fgate=fgate, igate=igate)
+    if resets:
+        x["f"][0, 0, [CHUNK, 90]] = -np.inf
+        x["f"][-1, -1, 5] = -np.inf
+    with jax.enable_x64(True):
+        ops = operands(x, jnp.float64, segments)
+        if ties:
+            ops = _ties(ops)
+        rng = np.random.default_rng(seed)
+        dh, dc = (jnp.asarray(rng.standard_normal(o.shape)) for o in (ops[2], ops[5]))
+        expected = _autodiff(ops, dh, dc)
+        grads = _by_hand(ops, dh, dc, None)
+        given = _by_hand(ops, dh, dc, jax.jit(chunk_borders)(*ops[1:])[0]) if borders else grads
+    for name, e, g, b in zip(("dq", "dk", "dv", "dplan", "ddecay", "dc0"), expected, grads, given, strict=True):
+        assert g.dtype == e.dtype == jnp.float64, name
+        assert_close(name, e, g, TOL["float64"])
+        np.testing.assert_array_equal(np.asarray(b), np.asarray(g), err_msg=name)
+    assert float(np.max(np.abs(expected[4]))) > 0  # the decays' gradients are not all zero
+    dplan = np.asarray(grads[3]).reshape(2, -1, _PLAN_ROWS, CHUNK)
+    assert not np.any(dplan[:, :, [_BREAKS, _BREAKS_COL]])
+    if ties:
+        assert np.all(dplan[:, :, _ROW, 3:5] == 0)  # -inf in ROW
+        assert np.all(dplan[:, :, _LOWER, 3:5] != 0) and np.all(dplan[:, :, _QN, 3:5] != 0)  # the tie, split
+
+
+def _outputs(form, *args, segment_ids=None):
+    h, (c, n, m) = form(*args, return_last_states=True, segment_ids=segment_ids)
+    return h, c, n, m
+
+
+@functools.partial(jax.jit, static_argnums=0)
+def _vjp(form, args, cotangents):
+    outs, pullback = jax.vjp(form, *args)
+    return outs, pullback(cotangents)
+
+
+# (seed, B, NH, S, initial states, input gates, segments, XLA chunk size)
+SPLIT_CASES = [
+    (4, 1, 2, 67, False, "wide", None, 16),
+    (5, 2, 1, 130, True, "extreme", np.array([_ids([1, 62, 3, 1, 63]), _ids([100, 30])]), 32),
+]
+
+
+@pytest.mark.parametrize(
+    ("seed", "B", "NH", "S", "states", "igate", "segments", "chunk_size"), SPLIT_CASES, ids=["67", "130"]
+)
+def test_split_gradients_are_the_xla_forms(seed, B, NH, S, states, igate, segments, chunk_size):
+    """``chunkwise_split_fw`` (plan through autodiff, products by hand) against ``jax.vjp`` of the XLA chunkwise form
+    (another chunk size) in float64, with a reset: outputs, and the gradients of q, k, v, i,
+    f and of the initial states for cotangents on h and on all three last states."""
+    DHQK, DHV = 6, 5
+    x = random_inputs(seed, B, NH, S, DHQK, DHV, states=states, igate=igate)
+    x["f"][0, -1, S // 2] = -np.inf
+    names = NAMES + (STATES if states else ())
+    rng = np.random.default_rng(seed)
+    shapes = ((B, NH, S, DHV), (B, NH, DHQK, DHV), (B, NH, DHQK), (B, NH))
+    with jax.enable_x64(True):
+        args = tuple(jnp.asarray(x[name]) for name in names)
+        cotangents = tuple(jnp.asarray(rng.standard_normal(shape)) for shape in shapes)
+        ids = None if segments is None else jnp.asarray(segments, jnp.int32)
+        forms = (chunkwise_split_fw, functools.partial(chunkwise_fw, chunk_size=chunk_size))
+        if not states:  # the forms take absent initial states as None
+            forms = tuple(functools.partial(form, c_initial=None, n_initial=None, m_initial=None) for form in forms)
+        (outs, grads), (outs_xla, expected) = (
+            _vjp(functools.partial(_outputs, form, segment_ids=ids), args, cotangents) for form in forms
+        )
+    for name, e, o in zip("hcnm", outs_xla, outs, strict=True):
+        assert_close(name, e, o, TOL["float64"])
+    for name, e, g in zip(names, expected, grads, strict=True):
+        assert_close(f"d {name}", e, g, TOL["float64"])
+
+
+def test_split_matches_the_reference():
+    """Forward and gradients of ``chunkwise_split_fw`` against the float64 reference (gradients by central
+    differences): S = 67 with a padded second chunk, initial states, documents of 1 step and across the border."""
+    x = random_inputs(6, 1, 1, 67, 2, 2, states=True, igate="extreme")
+    segments = np.array([_ids([20, 1, 30, 16])])
+    check_forward(chunkwise_split_fw, x, "float64", segment_ids=segments)
+    check_gradients(chunkwise_split_fw, x, "float64", segment_ids=segments)
+
+
+def test_bad_shapes_raise():
+    x = random_inputs(0, 1, 1, 64, 4, 3)
+    q, k, v, plan, decay, c0 = operands(x, jnp.float32)
+    with pytest.raises(ValueError, match=r"q.shape=\(64, 4\) must be \(BH, S, DHQK\)"):
+        chunk_products(q[0], k, v, plan, decay, c0, EPS)
+    with pytest.raises(ValueError, match=r"must have S = NC \* L = 64 steps"):
+        chunk_products(q[:, :60], k[:, :60], v[:, :60], plan, decay, c0, EPS)
+    with pytest.raises(ValueError, match=r"decay.shape=\(1, 2\) must be \(BH, NC\)=\(1, 1\)"):
+        chunk_products(q, k, v, plan, jnp.concatenate([decay, decay], 1), c0, EPS)
+    with pytest.raises(ValueError, match=r"c0.shape=\(1, 3, 4\) must be \(BH, DHQK, DHV\)=\(1, 4, 3\)"):
+        chunk_products(q, k, v, plan, decay, c0.transpose(0, 2, 1), EPS)
+    with pytest.raises(ValueError, match=r"dh.shape=\(1, 64, 4\) must be \(1, 64, 3\)"):
+        chunk_products_vjp(q, k, v, plan, decay, c0, EPS, q, c0)
+    with pytest.raises(ValueError, match=r"borders.shape=\(1, 4, 3\) must be"):
+        chunk_products_vjp(q, k, v, plan, decay, c0, EPS, v, c0, borders=c0)

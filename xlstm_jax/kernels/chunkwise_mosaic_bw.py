@@ -1,0 +1,427 @@
+"""The backward pass of the chunkwise Mosaic kernel's products, derived by hand, in XLA, laid out as kernels run it.
+
+:mod:`xlstm_jax.kernels.chunkwise_mosaic` splits the chunkwise mLSTM into the gate plan (XLA, O(S) per head,
+:func:`~xlstm_jax.kernels.chunkwise_mosaic.chunk_plan`) and the products (the kernel,
+:func:`~xlstm_jax.kernels.chunkwise_mosaic.mosaic_chunkwise`). This module holds, on the kernel's operand layout:
+
+- :func:`chunk_products`: the kernel's function in XLA (a ``lax.scan`` over chunks), the reference for the kernel;
+- :func:`chunk_products_vjp`: its gradients, in the decomposition a backward kernel runs;
+- :func:`chunkwise_split_fw`: the whole cell (plan and products) with that backward: ``jax.vjp`` of the plan (it
+  stays in XLA) composed with :func:`chunk_products_vjp`.
+
+The forward, per chunk j of L steps and head (plan rows as in ``chunk_plan``; ``r(·)`` rounds to the inputs' dtype,
+the identity in float32 and float64)::
+
+    S = q kᵀ,  D_ts = exp(ROW_t + COL_s) where s <= t and BREAKS_t == BREAKS_s, else 0,  P = S ⊙ D · DHQK^-1/2
+    num = INTER ⊙ (q r(C_j)) + r(P) v,  qn = P 1 + QN,  den = max(|qn|, LOWER) + eps,  h = num / den
+    C_{j+1} = decay_j C_j + kᵀ r(GAIN ⊙ v)                                   (C_0 = c0)
+
+The backward, from dh and dC_NC = dc_last (every product between one chunk's tiles; ``scale = DHQK^-1/2``)::
+
+    dnum  = dh / den                                     dden = -Σ_v dh ⊙ h / den
+    dqn   = dden · a · sign(qn),  dLOWER = dden · (1 - a),  a = 1 if |qn| > LOWER, 1/2 if equal, else 0
+            (jnp.maximum splits a tie in half; jnp.abs takes sign(0) = +1: the conventions of jax.vjp)
+    dINTER = Σ_v dnum ⊙ (q r(C_j)),  dQN = dqn
+    dP    = dnum vᵀ + dqn 1ᵀ                             dS = dP ⊙ D · scale
+    dlogD = dP ⊙ P  (0 where D is masked or 0: -inf in ROW or COL gives 0)
+    dROW  = dlogD 1,  dCOL = 1ᵀ dlogD,  dBREAKS = dBREAKS_COL = 0
+    dq    = (INTER ⊙ dnum) r(C_j)ᵀ + dS k                dk = dSᵀ q + r(GAIN ⊙ v) dC_{j+1}ᵀ
+    dv    = r(P)ᵀ dnum + GAIN ⊙ (k dC_{j+1})             dGAIN = Σ_v v ⊙ (k dC_{j+1})
+    ddecay_j = <dC_{j+1}, C_j>,  dC_j = decay_j dC_{j+1} + qᵀ (INTER ⊙ dnum),  dc0 = dC_0
+
+It runs in three stages, each one pass a kernel makes:
+
+(a) the border states C_j before every chunk, by a forward scan of the state update alone (no (L, L) products;
+    :func:`chunk_borders`), unless the caller has them;
+(b) the border cotangents dC_{j+1}, by a reverse scan over chunks: dnum of a chunk needs only its scores'
+    row sums (den), not C, so this pass splits over columns of C like the forward kernel;
+(c) every chunk's own gradients from C_j and dC_{j+1} (:func:`_chunk_gradients`), independent of the other
+    chunks (here vmapped over chunks); dP and dden sum over all DHV columns, so a kernel runs it per chunk (a
+    program that holds every column of a head can fuse (b) and (c) into one reverse pass).
+
+In float64 the hand-derived gradients equal ``jax.vjp`` of :func:`chunk_products` to rounding
+(``tests/kernels/test_chunkwise_mosaic_bw.py``). For bfloat16 inputs the backward's products take the operands as
+they come (the forward's rounded tiles, float32 cotangents); where a backward kernel rounds is its own choice.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+from jax import lax
+
+from xlstm_jax.kernels.chunkwise_mosaic import (
+    _BREAKS,
+    _BREAKS_COL,
+    _COL,
+    _GAIN,
+    _INTER,
+    _LOWER,
+    _PLAN_ROWS,
+    _QN,
+    _ROW,
+    CHUNK,
+    chunk_plan,
+)
+from xlstm_jax.mlstm.chunkwise import chunk_sequence
+from xlstm_jax.mlstm.states import cast_states
+
+__all__ = ["chunk_borders", "chunk_products", "chunk_products_vjp", "chunkwise_split_fw"]
+
+
+def _dot(spec: str, a: jax.Array, b: jax.Array, acc: Any) -> jax.Array:
+    """A product of two tiles with ``acc`` accumulation (float32 or float64), at full precision."""
+    return jnp.einsum(spec, a, b, preferred_element_type=acc, precision=lax.Precision.HIGHEST)
+
+
+def _check(q, k, v, plan, decay, c0) -> tuple[int, int, int, int, int, int]:
+    """Checks the kernel's operand shapes; returns ``(BH, S, DHQK, DHV, NC, L)``."""
+    if q.ndim != 3:
+        raise ValueError(f"q.shape={q.shape} must be (BH, S, DHQK)")
+    BH, S, DHQK = q.shape
+    if k.shape != q.shape:
+        raise ValueError(f"k.shape={k.shape} must equal q.shape={q.shape}")
+    if v.ndim != 3 or v.shape[:2] != (BH, S):
+        raise ValueError(f"v.shape={v.shape} must be (BH, S, DHV) with (BH, S)={(BH, S)}")
+    DHV = v.shape[-1]
+    if plan.ndim != 3 or plan.shape[0] != BH or plan.shape[1] % _PLAN_ROWS or plan.shape[2] < 1:
+        raise ValueError(f"plan.shape={plan.shape} must be (BH, NC * {_PLAN_ROWS}, L) with BH={BH}")
+    NC, L = plan.shape[1] // _PLAN_ROWS, plan.shape[2]
+    if S != NC * L:
+        raise ValueError(f"q.shape={q.shape} must have S = NC * L = {NC * L} steps for plan.shape={plan.shape}")
+    if decay.shape != (BH, NC):
+        raise ValueError(f"decay.shape={decay.shape} must be (BH, NC)={(BH, NC)}")
+    if c0.shape != (BH, DHQK, DHV):
+        raise ValueError(f"c0.shape={c0.shape} must be (BH, DHQK, DHV)={(BH, DHQK, DHV)}")
+    return BH, S, DHQK, DHV, NC, L
+
+
+def _chunks(q, k, v, plan, NC, L):
+    """The operands cut into chunks: (BH, NC, L, ·) tiles and the plan as (BH, NC, 8, L)."""
+    BH = q.shape[0]
+    return (
+        q.reshape(BH, NC, L, -1),
+        k.reshape(BH, NC, L, -1),
+        v.reshape(BH, NC, L, -1),
+        plan.reshape(BH, NC, _PLAN_ROWS, L),
+    )
+
+
+def _scores(q, k, plan, acc):
+    """One chunk's scores: ``(S, D, P)``, each (L, L) in ``acc`` (module docstring)."""
+    L, DHQK = q.shape
+    s = _dot("td,sd->ts", q, k, acc)
+    t_ids, s_ids = lax.broadcasted_iota(jnp.int32, (L, L), 0), lax.broadcasted_iota(jnp.int32, (L, L), 1)
+    mask = (s_ids <= t_ids) & (plan[_BREAKS][:, None] == plan[_BREAKS_COL][None, :])
+    # The log masked before exp (not the exp after): the same D, and no 0 · inf in autodiff of the masked entries.
+    d = jnp.exp(jnp.where(mask, plan[_ROW][:, None] + plan[_COL][None, :], -jnp.inf))
+    return s, d, s * d * (1.0 / math.sqrt(DHQK))
+
+
+def _normaliser(p, plan, eps):
+    """``(qn, den)`` of one chunk, (L,) each, from its gated scores P."""
+    qn = jnp.sum(p, axis=1) + plan[_QN]
+    return qn, jnp.maximum(jnp.abs(qn), plan[_LOWER]) + eps
+
+
+def _gated_values(v, plan, acc):
+    """``r(GAIN ⊙ v)`` (L, DHV): each step's value weighted by its gain into the state at the chunk's end."""
+    return (plan[_GAIN][:, None] * v.astype(acc)).astype(v.dtype)
+
+
+def _state_update(k, v, plan, acc):
+    """``kᵀ r(GAIN ⊙ v)`` (DHQK, DHV): the chunk's contribution to the state at its end."""
+    return _dot("td,te->de", k, _gated_values(v, plan, acc), acc)
+
+
+def _chunk_forward(q, k, v, plan, c, eps):
+    """One chunk from its border state c (module docstring), in c's dtype.
+
+    Returns:
+        ``(h (L, DHV), S, D, P (L, L), qn, den (L,), q r(C) (L, DHV))``: h and what its backward reuses.
+    """
+    acc = c.dtype
+    s, d, p = _scores(q, k, plan, acc)
+    qn, den = _normaliser(p, plan, eps)
+    inter = _dot("td,de->te", q, c.astype(q.dtype), acc)
+    h = (plan[_INTER][:, None] * inter + _dot("ts,se->te", p.astype(v.dtype), v, acc)) / den[:, None]
+    return h, s, d, p, qn, den, inter
+
+
+def chunk_products(
+    q: jax.Array,  # (BH, S, DHQK), S = NC * L
+    k: jax.Array,  # (BH, S, DHQK)
+    v: jax.Array,  # (BH, S, DHV)
+    plan: jax.Array,  # (BH, NC * 8, L)
+    decay: jax.Array,  # (BH, NC)
+    c0: jax.Array,  # (BH, DHQK, DHV)
+    eps: float,
+) -> tuple[jax.Array, jax.Array]:
+    """The Mosaic chunkwise kernel's function in XLA: a ``lax.scan`` over chunks (module docstring).
+
+    The operands as :func:`~xlstm_jax.kernels.chunkwise_mosaic.mosaic_chunkwise` takes them (any L, any dtype):
+    matrix products take the inputs' dtype as operands and accumulate in c0's dtype promoted to float32 (``acc``),
+    where C, P and ``GAIN ⊙ v`` are rounded to the inputs' dtype before they enter a product, as in the kernel.
+
+    Args:
+        q: Queries (BH, S, DHQK), heads flattened, S a multiple of L.
+        k: Keys (BH, S, DHQK).
+        v: Values (BH, S, DHV).
+        plan: The gate plan (BH, NC * 8, L) of ``chunk_plan``, float32 or wider.
+        decay: Each chunk's decay of its border state (BH, NC).
+        c0: The memory state before the first chunk (BH, DHQK, DHV).
+        eps: Added to the normaliser after the max.
+
+    Returns:
+        ``(h (BH, S, DHV) in q's dtype, c after the last chunk (BH, DHQK, DHV) in acc)``.
+
+    Raises:
+        ValueError: the shapes do not fit together.
+    """
+    BH, S, DHQK, DHV, NC, L = _check(q, k, v, plan, decay, c0)
+    acc = jnp.promote_types(c0.dtype, jnp.float32)
+    qc, kc, vc, pc = _chunks(q, k, v, plan, NC, L)
+
+    def head(q, k, v, plan, decay, c0):
+        def step(c, x):
+            q, k, v, plan, decay = x
+            h = _chunk_forward(q, k, v, plan, c, eps)[0]
+            return decay * c + _state_update(k, v, plan, acc), h
+
+        c_last, h = lax.scan(step, c0, (q, k, v, plan, decay.astype(acc)))
+        return h.reshape(S, DHV), c_last
+
+    h, c_last = jax.vmap(head)(qc, kc, vc, pc, decay, c0.astype(acc))
+    return h.astype(q.dtype), c_last
+
+
+def chunk_borders(
+    k: jax.Array,  # (BH, S, DHQK)
+    v: jax.Array,  # (BH, S, DHV)
+    plan: jax.Array,  # (BH, NC * 8, L)
+    decay: jax.Array,  # (BH, NC)
+    c0: jax.Array,  # (BH, DHQK, DHV)
+) -> tuple[jax.Array, jax.Array]:
+    """The memory states before every chunk and after the last (stage (a)): the state update alone, no scores.
+
+    Args:
+        k, v, plan, decay, c0: As :func:`chunk_products`.
+
+    Returns:
+        ``(C_j before each chunk (BH, NC, DHQK, DHV), c after the last chunk (BH, DHQK, DHV))``, in c0's dtype
+        promoted to float32.
+
+    Raises:
+        ValueError: the shapes do not fit together.
+    """
+    BH, S, DHQK, DHV, NC, L = _check(k, k, v, plan, decay, c0)
+    acc = jnp.promote_types(c0.dtype, jnp.float32)
+    _, kc, vc, pc = _chunks(k, k, v, plan, NC, L)
+
+    def head(k, v, plan, decay, c0):
+        def step(c, x):
+            k, v, plan, decay = x
+            return decay * c + _state_update(k, v, plan, acc), c
+
+        c_last, borders = lax.scan(step, c0, (k, v, plan, decay))
+        return borders, c_last
+
+    return jax.vmap(head)(kc, vc, pc, decay.astype(acc), c0.astype(acc))
+
+
+def _dnum(q, k, plan, dh, eps, acc):
+    """``dnum = dh / den`` (L, DHV) of one chunk: its scores' row sums are all it needs of the forward."""
+    _, den = _normaliser(_scores(q, k, plan, acc)[2], plan, eps)
+    return dh.astype(acc) / den[:, None]
+
+
+def _chunk_gradients(q, k, v, plan, c, dc_next, dh, eps):
+    """One chunk's gradients (stage (c)) from its border state C_j = c and dC_{j+1} = dc_next (module docstring).
+
+    Returns:
+        ``(dq (L, DHQK), dk (L, DHQK), dv (L, DHV), dplan (8, L), ddecay ())`` in c's dtype.
+    """
+    acc, DHQK = c.dtype, q.shape[-1]
+    h, s, d, p, qn, den, inter = _chunk_forward(q, k, v, plan, c, eps)
+    c_r, p_r = c.astype(q.dtype), p.astype(v.dtype)
+    dh = dh.astype(acc)
+    dnum = dh / den[:, None]
+    dden = -jnp.sum(dh * h, axis=1) / den
+    above = jnp.where(jnp.abs(qn) > plan[_LOWER], 1.0, jnp.where(jnp.abs(qn) == plan[_LOWER], 0.5, 0.0)).astype(acc)
+    dqn = dden * above * jnp.where(qn >= 0, 1.0, -1.0).astype(acc)
+    dlower = dden * (1.0 - above)
+    d_inter = plan[_INTER][:, None] * dnum
+    dp = _dot("te,se->ts", dnum, v, acc) + dqn[:, None]
+    ds = dp * d * (1.0 / math.sqrt(DHQK))
+    dlog_d = dp * p  # the masked entries and those with -inf in ROW or COL have P = 0
+    dgv = _dot("td,de->te", k, dc_next, acc)  # (L, DHV): the state update's cotangent on r(GAIN ⊙ v)
+    dq = _dot("te,de->td", d_inter, c_r, acc) + _dot("ts,sd->td", ds, k, acc)
+    dk = _dot("ts,td->sd", ds, q, acc) + _dot("te,de->td", _gated_values(v, plan, acc), dc_next, acc)
+    dv = _dot("ts,te->se", p_r, dnum, acc) + plan[_GAIN][:, None] * dgv
+    zero = jnp.zeros_like(qn)
+    rows = {
+        _ROW: jnp.sum(dlog_d, axis=1),
+        _COL: jnp.sum(dlog_d, axis=0),
+        _BREAKS: zero,
+        _INTER: jnp.sum(dnum * inter, axis=1),
+        _QN: dqn,
+        _LOWER: dlower,
+        _GAIN: jnp.sum(v.astype(acc) * dgv, axis=1),
+        _BREAKS_COL: zero,
+    }
+    dplan = jnp.stack([rows[r] for r in range(_PLAN_ROWS)])
+    return dq, dk, dv, dplan, jnp.sum(dc_next * c)
+
+
+def chunk_products_vjp(
+    q: jax.Array,  # (BH, S, DHQK), S = NC * L
+    k: jax.Array,  # (BH, S, DHQK)
+    v: jax.Array,  # (BH, S, DHV)
+    plan: jax.Array,  # (BH, NC * 8, L)
+    decay: jax.Array,  # (BH, NC)
+    c0: jax.Array,  # (BH, DHQK, DHV)
+    eps: float,
+    dh: jax.Array,  # (BH, S, DHV)
+    dc_last: jax.Array,  # (BH, DHQK, DHV)
+    borders: jax.Array | None = None,  # (BH, NC, DHQK, DHV)
+) -> tuple[jax.Array, jax.Array, jax.Array, jax.Array, jax.Array, jax.Array]:
+    """The gradients of :func:`chunk_products`, derived by hand, in three stages (module docstring).
+
+    Args:
+        q, k, v, plan, decay, c0, eps: As :func:`chunk_products`.
+        dh: The cotangent of h (BH, S, DHV).
+        dc_last: The cotangent of the last state (BH, DHQK, DHV).
+        borders: The states before every chunk (:func:`chunk_borders`) where the caller has them; None computes
+            them (stage (a)).
+
+    Returns:
+        ``(dq, dk, dv, dplan, ddecay, dc0)`` shaped and typed like ``(q, k, v, plan, decay, c0)``; the rows of
+        ``dplan`` that hold break counts are 0.
+
+    Raises:
+        ValueError: the shapes do not fit together.
+    """
+    BH, S, DHQK, DHV, NC, L = _check(q, k, v, plan, decay, c0)
+    for name, x, shape in (("dh", dh, v.shape), ("dc_last", dc_last, c0.shape)):
+        if x.shape != shape:
+            raise ValueError(f"{name}.shape={x.shape} must be {shape}")
+    if borders is None:
+        borders = chunk_borders(k, v, plan, decay, c0)[0]
+    elif borders.shape != (BH, NC, DHQK, DHV):
+        raise ValueError(f"borders.shape={borders.shape} must be (BH, NC, DHQK, DHV)={(BH, NC, DHQK, DHV)}")
+    acc = jnp.promote_types(c0.dtype, jnp.float32)
+    qc, kc, vc, pc = _chunks(q, k, v, plan, NC, L)
+    dhc = dh.reshape(BH, NC, L, DHV)
+
+    def reverse(q, k, v, plan, decay, dh, dc_last):  # stage (b), one head
+        def step(dc_next, x):
+            q, k, v, plan, decay, dh = x
+            d_inter = plan[_INTER][:, None] * _dnum(q, k, plan, dh, eps, acc)
+            return decay * dc_next + _dot("td,te->de", q, d_inter, acc), dc_next
+
+        dc0, dc_next = lax.scan(step, dc_last, (q, k, v, plan, decay, dh), reverse=True)
+        return dc_next, dc0
+
+    dc_next, dc0 = jax.vmap(reverse)(qc, kc, vc, pc, decay.astype(acc), dhc, dc_last.astype(acc))
+    chunk = jax.vmap(jax.vmap(lambda q, k, v, p, c, dc, dh: _chunk_gradients(q, k, v, p, c, dc, dh, eps)))  # (c)
+    dq, dk, dv, dplan, ddecay = chunk(qc, kc, vc, pc, borders.astype(acc), dc_next, dhc)
+    return (
+        dq.reshape(q.shape).astype(q.dtype),
+        dk.reshape(k.shape).astype(k.dtype),
+        dv.reshape(v.shape).astype(v.dtype),
+        dplan.reshape(plan.shape).astype(plan.dtype),
+        ddecay.astype(decay.dtype),
+        dc0.astype(c0.dtype),
+    )
+
+
+def chunkwise_split_fw(
+    q: jax.Array,  # (B, NH, S, DHQK)
+    k: jax.Array,  # (B, NH, S, DHQK)
+    v: jax.Array,  # (B, NH, S, DHV)
+    i: jax.Array,  # (B, NH, S) or (B, NH, S, 1)
+    f: jax.Array,  # (B, NH, S) or (B, NH, S, 1)
+    c_initial: jax.Array | None = None,  # (B, NH, DHQK, DHV)
+    n_initial: jax.Array | None = None,  # (B, NH, DHQK)
+    m_initial: jax.Array | None = None,  # (B, NH)
+    return_last_states: bool = False,
+    eps: float = 1e-6,
+    state_dtype: Any = None,
+    *,
+    segment_ids: jax.Array | None = None,  # (B, S) int
+) -> jax.Array | tuple[jax.Array, tuple[jax.Array, jax.Array, jax.Array]]:
+    """The mLSTM on a whole sequence in the Mosaic kernel's split, in XLA, with the hand-derived backward.
+
+    The gate plan (``chunk_plan``, chunks of :data:`~xlstm_jax.kernels.chunkwise_mosaic.CHUNK` steps, the last
+    padded) and :func:`chunk_products` on the kernel's operands; a ``custom_vjp`` whose backward is ``jax.vjp`` of
+    the plan (the O(S) gate work, which stays in XLA) composed with :func:`chunk_products_vjp`. Products
+    accumulate in the state dtype promoted to float32 (float64 for float64 states).
+
+    Arguments, results and errors as :func:`xlstm_jax.mlstm.chunkwise.chunkwise_fw` (without ``chunk_size`` and
+    ``scan_unroll``).
+
+    Returns:
+        h (B, NH, S, DHV) in q's dtype, or ``(h, (c, n, m))`` with the last states shaped (B, NH, DHQK, DHV),
+        (B, NH, DHQK), (B, NH) in the initial states' dtypes (the state dtype without).
+
+    Raises:
+        ValueError, TypeError: as :func:`~xlstm_jax.mlstm.chunkwise.chunkwise_fw`.
+
+    Example:
+        >>> B, NH, S, DHQK, DHV = 1, 2, 100, 4, 8
+        >>> q = k = jnp.ones((B, NH, S, DHQK)); v = jnp.ones((B, NH, S, DHV)); i = f = jnp.ones((B, NH, S))
+        >>> dq = jax.grad(lambda q: chunkwise_split_fw(q, k, v, i, f).sum())(q)
+        >>> dq.shape
+        (1, 2, 100, 4)
+    """
+    x = chunk_sequence(q, k, v, i, f, c_initial, n_initial, m_initial, eps, state_dtype, CHUNK, segment_ids, True)
+    states_given = c_initial is not None
+    dtype = jnp.result_type(q, k, v)
+
+    def plan_part(q, k, v, i, f, states):
+        """The kernel's operands (BH-flattened) and the last n and m: everything but the products."""
+        c0, n0, m0 = states if states_given else (None, None, None)
+        x = chunk_sequence(q, k, v, i, f, c0, n0, m0, eps, state_dtype, CHUNK, segment_ids, True)
+        B, NH, S, DHQK, DHV = x.dims
+        NC, L = x.NC, x.L
+        plan, decay, nm_last = chunk_plan(x)
+        acc = jnp.promote_types(x.states[0].dtype, jnp.float32)
+        operands = (
+            x.q.astype(dtype).reshape(B * NH, NC * L, DHQK),
+            x.k.astype(dtype).reshape(B * NH, NC * L, DHQK),
+            x.v.astype(dtype).reshape(B * NH, NC * L, DHV),
+            plan.reshape(B * NH, NC * _PLAN_ROWS, L),
+            decay.reshape(B * NH, NC),
+            x.states[0].astype(acc).reshape(B * NH, DHQK, DHV),
+        )
+        return operands, nm_last
+
+    def outputs(h, c_last, nm_last):
+        """h cut to the sequence and the last states in their dtypes."""
+        B, NH, S, DHQK, DHV = x.dims
+        h = h.reshape(B, NH, -1, DHV)[:, :, :S].astype(q.dtype)
+        return h, cast_states((c_last.reshape(B, NH, DHQK, DHV), *nm_last), x.out_dtypes)
+
+    def forward(q, k, v, i, f, states):
+        (operands, nm_last), plan_vjp = jax.vjp(plan_part, q, k, v, i, f, states)
+        h, c_last = chunk_products(*operands, eps)
+        out, outputs_vjp = jax.vjp(outputs, h, c_last, nm_last)
+        return out, (operands, plan_vjp, outputs_vjp)
+
+    @jax.custom_vjp
+    def run(q, k, v, i, f, states):
+        return forward(q, k, v, i, f, states)[0]
+
+    def run_bwd(residuals, cotangents):
+        operands, plan_vjp, outputs_vjp = residuals
+        dh, dc_last, dnm_last = outputs_vjp(cotangents)
+        d_operands = chunk_products_vjp(*operands, eps, dh, dc_last)
+        return plan_vjp((d_operands, dnm_last))
+
+    run.defvjp(forward, run_bwd)
+    states = (c_initial, n_initial, m_initial) if states_given else None
+    h, last = run(q, k, v, i, f, states)
+    return (h, last) if return_last_states else h
