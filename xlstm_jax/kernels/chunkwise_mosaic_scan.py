@@ -1,0 +1,295 @@
+"""A chunk-by-chunk state scan as a Mosaic GPU kernel for Hopper: the border states of the chunkwise mLSTM.
+
+Per flattened head ``bh`` and chunk j of L = 64 steps (``a_j`` the (L, DHA) tile of a, ``b_j`` the (L, DHB) tile of
+b, ``r(·)`` the rounding to the inputs' dtype), :func:`mosaic_state_scan` runs one of two recurrences::
+
+    reverse=False:  X_0 = x0;   borders_j = r(X_j),      X_{j+1} = decay_j X_j     + a_jᵀ r(gain_j ⊙ b_j)
+    reverse=True:   X_NC = x0;  borders_j = r(X_{j+1}),  X_j     = decay_j X_{j+1} + a_jᵀ r(gain_j ⊙ b_j)
+
+and returns every chunk's border and the state after the last step of the scan (X_NC, or X_0 in reverse). It is
+the state update of :func:`xlstm_jax.kernels.chunkwise_mosaic.mosaic_chunkwise` alone (no (L, L) scores), and
+gives the backward of the chunkwise kernel (the equations in :mod:`xlstm_jax.kernels.chunkwise_mosaic_bw`) its
+two scans:
+
+- forward, ``a = k``, ``b = v``, ``gain`` the plan's GAIN row, ``x0 = c0``: the border states r(C_j) that every
+  chunk's gradients read, and the last state c;
+- reverse, ``a = q``, ``b = dh``, ``gain = INTER / den``, ``x0`` the last state's cotangent: the border
+  cotangents r(dC_{j+1}), and the initial state's cotangent dC_0.
+
+One program (one warpgroup) per head and block of ``block_dhv`` columns of X, which it holds in registers in
+float32 from ``x0`` to the last state. Its chunks' a, b and gain tiles arrive through a TMA pipeline ``depth``
+chunks deep (in the order the scan visits them); per chunk, ``r(gain ⊙ b)`` goes to shared memory, the product
+``aᵀ r(gain ⊙ b)`` runs on the WGMMA units (float32 accumulation) while ``r(X)`` is written to the borders
+through a staging tile and a TMA store, and then ``X = decay · X + product``.
+
+Shared memory per program (:func:`state_scan_shared_memory_bytes`), at DHA=256, block_dhv=32, depth=2, bf16: per
+slot a 64·256·2 B = 32 KiB, b 64·32·2 B = 4 KiB and gain 64·4 B = 256 B; r(gain ⊙ b) 4 KiB and the borders'
+staging tile 256·32·2 B = 16 KiB: 92.5 KiB in the chunk loop (X in and out goes through a float32 tile of
+32 KiB in scopes of its own). Hopper allows 227 KiB per block; a few KiB of it are kept for the barriers and
+alignment that Mosaic GPU adds (:func:`state_scan_unsupported`).
+
+Limits. Hopper (TMA and WGMMA). a and b bf16 or f16 (the WGMMA operand dtypes); DHA a multiple of 64, DHB a
+multiple of ``block_dhv`` (32 or 64). ``interpret=True`` runs the kernel in Mosaic GPU's interpreter on any
+backend (slow; for tests on a CPU) where the JAX version has one
+(:func:`xlstm_jax.kernels.mosaic.mosaic_interpret_params`).
+"""
+
+from __future__ import annotations
+
+import functools
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+from jax import lax
+from jax.experimental import pallas as pl
+from jax.experimental.pallas import mosaic_gpu as plgpu
+
+from xlstm_jax.kernels.chunkwise_mosaic import _ROWS, _SMEM_LIMIT, _SMEM_RESERVE, CHUNK, _load, _swizzled
+from xlstm_jax.kernels.mosaic import mosaic_interpret_params
+
+__all__ = ["mosaic_state_scan", "state_scan_shared_memory_bytes", "state_scan_unsupported"]
+
+
+def state_scan_shared_memory_bytes(DHA: int, dtype: Any, block_dhv: int, depth: int = 2) -> int:
+    """Bytes of shared memory of the scan's chunk loop (its largest scope): the tiles, not the barriers.
+
+    Per pipeline slot the a tile (L, DHA), the b tile (L, block_dhv) and the gains (1, L) float32; once, the
+    gated tile r(gain ⊙ b) (L, block_dhv) and the borders' staging tile (DHA, block_dhv). The float32 tile that
+    carries X in and out, (DHA, block_dhv), lives in scopes of its own and is never the larger.
+    """
+    item = jnp.dtype(dtype).itemsize
+    slots = depth * (CHUNK * DHA * item + CHUNK * block_dhv * item + CHUNK * 4)
+    return slots + CHUNK * block_dhv * item + DHA * block_dhv * item
+
+
+def state_scan_unsupported(DHA: int, DHB: int, dtype: Any, block_dhv: int, depth: int) -> str | None:
+    """Why :func:`mosaic_state_scan` cannot run this shape, dtype and tiling, or None if it can (no device check).
+
+    Args:
+        DHA: Rows of the state (the width of a).
+        DHB: Columns of the state (the width of b).
+        dtype: The dtype of a and b.
+        block_dhv: Columns of the state per program.
+        depth: Chunks in flight in the TMA pipeline.
+    """
+    if jnp.dtype(dtype) not in (jnp.dtype(jnp.bfloat16), jnp.dtype(jnp.float16)):
+        return f"inputs must be bfloat16 or float16 (the WGMMA operand dtypes), got {jnp.dtype(dtype)}"
+    if DHA <= 0 or DHA % _ROWS:
+        return f"DHA={DHA} must be a positive multiple of {_ROWS}"
+    if block_dhv not in (32, 64) or DHB <= 0 or DHB % block_dhv:
+        return f"block_dhv={block_dhv} must be 32 or 64 and divide DHB={DHB}"
+    if not isinstance(depth, int) or depth < 1:
+        return f"depth={depth!r} must be a positive integer (chunks in flight)"
+    smem = state_scan_shared_memory_bytes(DHA, dtype, block_dhv, depth)
+    if smem + _SMEM_RESERVE > _SMEM_LIMIT:
+        return (
+            f"the tiles need {smem / 1024:g} KiB of shared memory at DHA={DHA}, block_dhv={block_dhv}, "
+            f"depth={depth}; a Hopper block has {_SMEM_LIMIT // 1024} KiB, {_SMEM_RESERVE // 1024} KiB of it "
+            "kept for barriers"
+        )
+    return None
+
+
+def _scan_body(
+    a_ref,  # (BH, S, DHA) GMEM, S a multiple of L
+    b_ref,  # (BH, S, DHB)
+    gain_ref,  # (BH, NC, L) float32
+    decay_ref,  # (BH, NC) float32
+    x0_ref,  # (BH, DHA, DHB) float32
+    borders_ref,  # (BH, NC * DHA, DHB) out, in a's dtype
+    x_ref,  # (BH, DHA, DHB) out, float32
+    *,
+    reverse: bool,
+    block_dhv: int,
+    depth: int,
+    interpret: bool,
+):
+    f32, dtype = jnp.float32, a_ref.dtype
+    _, S, DHA = a_ref.shape
+    L, NV, NC = CHUNK, block_dhv, S // CHUNK
+    tile = plgpu.Layout.WGMMA
+    row_layout = tile.reduce(1)
+    bh, vb = lax.axis_index("bh"), lax.axis_index("vb")
+    itemsize = jnp.dtype(dtype).itemsize
+    columns = pl.ds(vb * NV, NV)
+
+    def load(ref, layout):
+        return _load(ref, layout, interpret)
+
+    def cast(x, layout):  # a layout annotation for JAX 0.11's layout inference
+        return x if interpret else plgpu.layout_cast(x, layout)
+
+    def chunk_of(i):  # the chunk that the scan visits i-th
+        return NC - 1 - i if reverse else i
+
+    # One swizzle for every product operand (WGMMA needs the two operands' swizzles equal): the widest that a
+    # row of block_dhv columns allows.
+    swizzle = min(128, NV * itemsize)
+    operand = _swizzled(swizzle, itemsize)
+
+    def body(a_bufs, b_bufs, gain_bufs, gb_smem, border_smem, loaded, *rest):
+        def issue(i, slot):
+            """Starts the TMA copies of the tiles of the i-th chunk visited into buffer ``slot``."""
+            j = chunk_of(i)
+            steps = pl.ds(j * L, L)
+            plgpu.copy_gmem_to_smem(a_ref.at[bh, steps], a_bufs.at[slot], loaded.at[slot])
+            plgpu.copy_gmem_to_smem(b_ref.at[bh, steps, columns], b_bufs.at[slot], loaded.at[depth + slot])
+            plgpu.copy_gmem_to_smem(gain_ref.at[bh, pl.ds(j, 1)], gain_bufs.at[slot], loaded.at[2 * depth + slot])
+
+        for i in range(min(depth, NC)):
+            issue(i, i)
+
+        def chunk(i, x):
+            j, slot = chunk_of(i), lax.rem(i, depth)
+            for operand_index in range(3):
+                plgpu.barrier_wait(loaded.at[operand_index * depth + slot])
+            a_smem, b_smem, gain_smem = a_bufs.at[slot], b_bufs.at[slot], gain_bufs.at[slot]
+            if interpret:  # the interpreter has no transposed WGMMA operands: transpose through shared memory
+                a_t = rest[0]
+                a_t[...] = a_smem[...].T
+            else:
+                a_t = a_smem.transpose((1, 0))  # (DHA, L)
+
+            # r(gain ⊙ b) into shared memory for the product aᵀ r(gain ⊙ b).
+            gain = load(gain_smem.at[0], row_layout)
+            gb = load(b_smem, tile).astype(f32) * cast(lax.broadcast_in_dim(gain, (L, NV), (0,)), tile)
+            gb_smem[...] = cast(gb.astype(dtype), tile)
+            plgpu.commit_smem()
+
+            def product(acc):
+                plgpu.wgmma(acc, a_t, gb_smem)
+                # While the product runs: this chunk's border r(X), once the previous border has left the tile.
+                plgpu.wait_smem_to_gmem(0, wait_read_only=True)
+                border_smem[...] = cast(x.astype(border_smem.dtype), tile)
+                plgpu.commit_smem()
+                plgpu.copy_smem_to_gmem(border_smem, borders_ref.at[bh, pl.ds(j * DHA, DHA), columns])
+                plgpu.wgmma_wait(0)
+                return acc[...]
+
+            update = pl.run_scoped(product, plgpu.ACC((DHA, NV), f32))
+            x = cast(decay_ref[bh, j] * x + cast(update, tile), tile)
+
+            @pl.when(i + depth < NC)
+            def _():
+                issue(i + depth, slot)  # every read of the slot (the gated tile, the product) has completed
+
+            return x
+
+        x_last = lax.fori_loop(0, NC, chunk, x_init)
+        plgpu.wait_smem_to_gmem(0)
+        return x_last
+
+    # X in and out through a float32 tile of its own scope, so that its shared memory is reused by the loop's.
+    x32 = plgpu.SMEM((DHA, NV), f32, transforms=_swizzled(min(128, NV * 4), 4))
+
+    def load_x0(x32_smem, x_loaded):
+        plgpu.copy_gmem_to_smem(x0_ref.at[bh, :, columns], x32_smem, x_loaded)
+        plgpu.barrier_wait(x_loaded)
+        return load(x32_smem, tile)
+
+    def store_x(x32_smem):
+        x32_smem[...] = x_last
+        plgpu.commit_smem()
+        plgpu.copy_smem_to_gmem(x32_smem, x_ref.at[bh, :, columns])
+        plgpu.wait_smem_to_gmem(0)
+
+    x_init = pl.run_scoped(load_x0, x32, plgpu.Barrier(num_arrivals=1), collective_axes="wg")
+    x_last = pl.run_scoped(
+        body,
+        plgpu.SMEM((depth, L, DHA), dtype, transforms=operand),
+        plgpu.SMEM((depth, L, NV), dtype, transforms=operand),
+        plgpu.SMEM((depth, 1, L), f32),
+        plgpu.SMEM((L, NV), dtype, transforms=operand),
+        plgpu.SMEM((DHA, NV), borders_ref.dtype, transforms=operand),
+        plgpu.Barrier(num_arrivals=1, num_barriers=3 * depth),
+        *([plgpu.SMEM((DHA, L), dtype)] if interpret else []),
+        collective_axes="wg",
+    )
+    pl.run_scoped(store_x, x32, collective_axes="wg")
+
+
+def _check(a, b, gain, decay, x0, block_dhv: int, depth: int) -> None:
+    """ValueError naming the argument where the shapes or dtypes do not fit the scan."""
+    for name, x, ndim in (("a", a, 3), ("b", b, 3), ("gain", gain, 3), ("decay", decay, 2), ("x0", x0, 3)):
+        if x.ndim != ndim:
+            raise ValueError(f"{name}.shape={x.shape} must have {ndim} axes")
+    BH, S, DHA = a.shape
+    if S == 0 or S % CHUNK:
+        raise ValueError(f"a.shape={a.shape}: the steps S={S} must be a positive multiple of {CHUNK}")
+    NC, DHB = S // CHUNK, b.shape[-1]
+    if b.shape[:2] != (BH, S):
+        raise ValueError(f"b.shape={b.shape} must be (BH, S, DHB) = ({BH}, {S}, DHB) as a.shape={a.shape}")
+    if b.dtype != a.dtype:
+        raise ValueError(f"b.dtype={b.dtype} must equal a.dtype={a.dtype}")
+    expected = {"gain": (BH, NC, CHUNK), "decay": (BH, NC), "x0": (BH, DHA, DHB)}
+    for name, x in (("gain", gain), ("decay", decay), ("x0", x0)):
+        if x.shape != expected[name]:
+            raise ValueError(
+                f"{name}.shape={x.shape} must be {expected[name]} for a.shape={a.shape} and b.shape={b.shape}"
+            )
+        if x.dtype != jnp.float32:
+            raise ValueError(f"{name}.dtype={x.dtype} must be float32")
+    reason = state_scan_unsupported(DHA, DHB, a.dtype, block_dhv, depth)
+    if reason is not None:
+        raise ValueError(
+            f"mosaic_state_scan cannot run a.shape={a.shape}, b.shape={b.shape} ({a.dtype}): {reason}"
+        )  # fmt: skip
+
+
+@functools.partial(jax.jit, static_argnames=("reverse", "block_dhv", "depth", "interpret"))
+def mosaic_state_scan(
+    a: jax.Array,  # (BH, S, DHA), S a multiple of CHUNK
+    b: jax.Array,  # (BH, S, DHB)
+    gain: jax.Array,  # (BH, NC, CHUNK) float32
+    decay: jax.Array,  # (BH, NC) float32
+    x0: jax.Array,  # (BH, DHA, DHB) float32
+    *,
+    reverse: bool,
+    block_dhv: int = 32,
+    depth: int = 2,
+    interpret: bool = False,
+) -> tuple[jax.Array, jax.Array]:
+    """The chunk-by-chunk state scan on ``BH`` flattened heads (module docstring), in a Mosaic GPU kernel.
+
+    Args:
+        a: (BH, S, DHA) bfloat16 or float16, S = NC * CHUNK: the left factors of the updates (k, or q in reverse).
+        b: (BH, S, DHB), a's dtype: the right factors (v, or dh in reverse).
+        gain: (BH, NC, CHUNK) float32: each step's weight on its row of b.
+        decay: (BH, NC) float32: each chunk's factor on the state it carries over.
+        x0: (BH, DHA, DHB) float32: the state the scan starts from (before chunk 0, or after chunk NC-1 in
+            reverse).
+        reverse: Scan from the last chunk to the first.
+        block_dhv: Columns of the state per program, 32 or 64.
+        depth: Chunks in flight in the TMA pipeline.
+        interpret: Run in Mosaic GPU's interpreter (any backend; slow).
+
+    Returns:
+        ``(borders (BH, NC * DHA, DHB) in a's dtype, x_last (BH, DHA, DHB) float32)``: rows ``j * DHA`` to
+        ``(j + 1) * DHA`` of borders hold r(X_j) (forward) or r(X_{j+1}) (reverse), the state on chunk j's side
+        where the scan enters it; x_last is X_NC (forward) or X_0 (reverse).
+
+    Raises:
+        ValueError: shapes or dtypes that do not fit (naming the argument), or a shape, dtype or tiling the kernel
+            does not run (:func:`state_scan_unsupported`).
+    """
+    _check(a, b, gain, decay, x0, block_dhv, depth)
+    BH, S, DHA = a.shape
+    DHB = b.shape[-1]
+    params = None
+    if interpret:
+        params = mosaic_interpret_params()
+        if params is None:
+            raise ValueError("interpret=True needs a JAX with Mosaic GPU's interpreter (jax 0.10 or newer)")
+    body = functools.partial(_scan_body, reverse=reverse, block_dhv=block_dhv, depth=depth, interpret=interpret)
+    kernel = pl.kernel(
+        body,
+        out_type=(
+            jax.ShapeDtypeStruct((BH, S // CHUNK * DHA, DHB), a.dtype),
+            jax.ShapeDtypeStruct((BH, DHA, DHB), jnp.float32),
+        ),
+        mesh=plgpu.Mesh(grid=(BH, DHB // block_dhv), grid_names=("bh", "vb"), num_threads=1, thread_name="wg"),
+        name="mlstm_state_scan_mosaic_reverse" if reverse else "mlstm_state_scan_mosaic",
+        **({"interpret": params} if interpret else {}),
+    )
+    return kernel(a, b, gain, decay, x0)
