@@ -1,0 +1,148 @@
+"""The Mosaic GPU state scan (``mosaic_state_scan``) against a float64 loop over chunks of its two recurrences.
+
+On a Hopper GPU the kernel runs compiled; elsewhere it runs in Mosaic GPU's interpreter (where this JAX has one),
+and its CUDA lowering (layouts, swizzles, the transposed operand) is checked on the CPU. Cases: both directions,
+both column tilings, pipelines shallower than, as deep as and deeper than the chunks, bf16 and f16, decays of 0
+and 1, gains of 0 (a whole chunk's and single steps'), a nonzero initial state; the errors for what it does not
+run.
+"""
+
+from __future__ import annotations
+
+import functools
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from tests.kernels import ON_GPU
+from tests.numerics import TOL, assert_close
+from xlstm_jax.kernels.chunkwise_mosaic import CHUNK
+from xlstm_jax.kernels.chunkwise_mosaic_scan import (
+    mosaic_state_scan,
+    state_scan_shared_memory_bytes,
+    state_scan_unsupported,
+)
+from xlstm_jax.kernels.mosaic import mosaic_interpret_params
+from xlstm_jax.kernels.recurrent_step_mosaic import device_supports_mosaic
+
+ON_HOPPER = ON_GPU and device_supports_mosaic()
+INTERPRET = not ON_HOPPER
+runs = pytest.mark.skipif(
+    INTERPRET and mosaic_interpret_params() is None,
+    reason="needs a Hopper GPU or a JAX with Mosaic GPU's interpreter",
+)
+
+BH, NC, DHA, DHB = 2, 3, 64, 64
+
+
+def scan_inputs(seed: int, dtype) -> tuple[jax.Array, ...]:
+    """Random a, b (in ``dtype``), gain, decay, x0 (float32), never zeros but for the chosen gates: decays of 0 and
+    1 in both heads (at the scan's start and end in either direction), a chunk of zero gains, zero gains at single
+    steps."""
+    rng = np.random.default_rng(seed)
+    a = rng.standard_normal((BH, NC * CHUNK, DHA))
+    b = rng.standard_normal((BH, NC * CHUNK, DHB))
+    gain = rng.uniform(0.1, 2.0, (BH, NC, CHUNK))
+    gain[0, 1] = 0.0
+    gain[1, 2, ::5] = 0.0
+    decay = rng.uniform(0.2, 0.95, (BH, NC))
+    decay[0, 0], decay[0, 2], decay[1, 0], decay[1, 1] = 1.0, 0.0, 0.0, 1.0
+    x0 = rng.standard_normal((BH, DHA, DHB))
+    return tuple(jnp.asarray(x, dtype) for x in (a, b)) + tuple(jnp.asarray(x, jnp.float32) for x in (gain, decay, x0))
+
+
+def reference(a, b, gain, decay, x0, reverse: bool) -> tuple[np.ndarray, np.ndarray]:
+    """The recurrences in float64 from the same inputs, gain ⊙ b rounded to the inputs' dtype (as the kernel
+    feeds it to the matrix units): borders (BH, NC, DHA, DHB) unrounded, and the last state."""
+    A, B = np.asarray(a, np.float64), np.asarray(b, np.float64)
+    G, D = np.asarray(gain, np.float64), np.asarray(decay, np.float64)
+    borders = np.zeros((BH, NC, DHA, DHB))
+    last = np.zeros((BH, DHA, DHB))
+    for h in range(BH):
+        x = np.asarray(x0[h], np.float64)
+        for j in reversed(range(NC)) if reverse else range(NC):
+            rows = slice(j * CHUNK, (j + 1) * CHUNK)
+            gb = np.asarray(jnp.asarray(G[h, j][:, None] * B[h, rows], jnp.float32).astype(a.dtype), np.float64)
+            borders[h, j] = x
+            x = D[h, j] * x + A[h, rows].T @ gb
+        last[h] = x
+    return borders, last
+
+
+# (reverse, block_dhv, depth, dtype)
+CASES = [
+    (False, 32, 2, jnp.bfloat16),  # two column blocks, one slot refilled
+    (True, 32, 2, jnp.bfloat16),
+    (False, 64, 1, jnp.bfloat16),  # one column block, every slot refilled
+    (True, 64, 4, jnp.float16),  # a pipeline deeper than the chunks
+]
+CASE_IDS = ["forward", "reverse", "forward-depth1-wide", "reverse-depth4-wide-f16"]
+
+
+@runs
+@pytest.mark.parametrize(("reverse", "block_dhv", "depth", "dtype"), CASES, ids=CASE_IDS)
+def test_matches_reference(reverse, block_dhv, depth, dtype):
+    """Every border (rounded to the inputs' dtype) and the last state (float32) against the float64 loop, within
+    the bf16 bound (f16 rounds finer)."""
+    args = scan_inputs(block_dhv + depth + reverse, dtype)
+    borders, last = mosaic_state_scan(*args, reverse=reverse, block_dhv=block_dhv, depth=depth, interpret=INTERPRET)
+    assert borders.shape == (BH, NC * DHA, DHB) and borders.dtype == dtype
+    assert last.shape == (BH, DHA, DHB) and last.dtype == jnp.float32
+    ref_borders, ref_last = reference(*args, reverse)
+    tol = TOL["bfloat16/float32"]
+    assert_close("borders", ref_borders, np.asarray(borders, np.float32).reshape(BH, NC, DHA, DHB), tol)
+    assert_close("last state", ref_last, last, tol)
+
+
+@pytest.mark.parametrize(("reverse", "block_dhv"), [(False, 32), (True, 64)])
+def test_lowers_for_cuda(reverse, block_dhv):
+    """Tracing and Mosaic GPU lowering at the xLSTM-7B head shape (DHA=256; layouts, the operands' shared swizzle,
+    the transposed a operand) succeed on any machine."""
+    S, f32, A = 2 * CHUNK, jnp.float32, jax.ShapeDtypeStruct
+    avals = (
+        A((BH, S, 256), jnp.bfloat16), A((BH, S, 128), jnp.bfloat16), A((BH, 2, CHUNK), f32), A((BH, 2), f32),
+        A((BH, 256, 128), f32),
+    )  # fmt: skip
+    step = functools.partial(mosaic_state_scan, reverse=reverse, block_dhv=block_dhv)
+    text = jax.jit(step).trace(*avals).lower(lowering_platforms=("cuda",)).as_text()
+    assert "mosaic_gpu" in text
+
+
+def test_bad_inputs_raise():
+    """Shapes and dtypes that do not fit raise ValueError naming the argument; state_scan_unsupported explains."""
+    a, b, gain, decay, x0 = scan_inputs(0, jnp.bfloat16)
+    scan = functools.partial(mosaic_state_scan, reverse=False, interpret=INTERPRET)
+    with pytest.raises(ValueError, match="inputs must be bfloat16 or float16"):
+        scan(a.astype(jnp.float32), b.astype(jnp.float32), gain, decay, x0)
+    with pytest.raises(ValueError, match=r"b.dtype=float16 must equal a.dtype=bfloat16"):
+        scan(a, b.astype(jnp.float16), gain, decay, x0)
+    with pytest.raises(ValueError, match=r"a.shape=\(2, 190, 64\): the steps S=190 must be a positive multiple"):
+        scan(a[:, :190], b[:, :190], gain, decay, x0)
+    with pytest.raises(ValueError, match=r"a.shape=\(192, 64\) must have 3 axes"):
+        scan(a[0], b, gain, decay, x0)
+    with pytest.raises(ValueError, match=r"b.shape=\(1, 192, 64\) must be \(BH, S, DHB\) = \(2, 192, DHB\)"):
+        scan(a, b[:1], gain, decay, x0)
+    with pytest.raises(ValueError, match=r"gain.shape=\(2, 3, 32\) must be \(2, 3, 64\)"):
+        scan(a, b, gain[..., :32], decay, x0)
+    with pytest.raises(ValueError, match=r"decay.shape=\(2, 2\) must be \(2, 3\)"):
+        scan(a, b, gain, decay[:, :2], x0)
+    with pytest.raises(ValueError, match=r"x0.shape=\(2, 64, 32\) must be \(2, 64, 64\)"):
+        scan(a, b, gain, decay, x0[..., :32])
+    with pytest.raises(ValueError, match="gain.dtype=bfloat16 must be float32"):
+        scan(a, b, gain.astype(jnp.bfloat16), decay, x0)
+    with pytest.raises(ValueError, match=r"a.shape=\(2, 192, 32\).*DHA=32 must be a positive multiple of 64"):
+        scan(a[..., :32], b, gain, decay, x0[:, :32])
+    with pytest.raises(ValueError, match="block_dhv=48 must be 32 or 64 and divide DHB=64"):
+        scan(a, b, gain, decay, x0, block_dhv=48)
+    assert state_scan_unsupported(256, 512, jnp.bfloat16, 64, 2) is None
+    assert state_scan_unsupported(96, 64, jnp.bfloat16, 32, 2) == "DHA=96 must be a positive multiple of 64"
+    assert state_scan_unsupported(64, 96, jnp.bfloat16, 64, 2) == "block_dhv=64 must be 32 or 64 and divide DHB=96"
+    assert (
+        state_scan_unsupported(64, 64, jnp.bfloat16, 32, 0) == "depth=0 must be a positive integer (chunks in flight)"
+    )
+    assert "float32" in state_scan_unsupported(64, 64, jnp.float32, 32, 2)
+    assert state_scan_shared_memory_bytes(256, jnp.bfloat16, 32) == 92.5 * 1024  # the module docstring's budget
+    too_big = state_scan_unsupported(256, 512, jnp.bfloat16, 64, 5)
+    assert too_big is not None and "241.25 KiB of shared memory" in too_big and "227 KiB" in too_big
