@@ -1,0 +1,458 @@
+"""Every chunk's own gradients of the chunkwise mLSTM as a Mosaic GPU kernel for Hopper (stage (c) of the backward).
+
+The backward of :mod:`xlstm_jax.kernels.chunkwise_mosaic_bw` runs in three passes: the border states r(C_j) before
+every chunk, the border cotangents r(dC_{j+1}) after every chunk (two scans), and per chunk the gradients of its
+products from those two borders, independent of the other chunks. :func:`mosaic_chunk_gradients` is that last
+pass: one program (one warpgroup) per head and chunk of L = 64 steps. Per chunk, with ``scale = DHQK^-1/2``,
+``r(·)`` the rounding to the inputs' dtype and every product on the WGMMA units (operands in the inputs' dtype,
+float32 accumulation)::
+
+    S = q kᵀ,  D_ts = exp(ROW_t + COL_s) where s <= t and BREAKS_t == BREAKS_s, else 0,  P = S ⊙ D · scale
+    dP = RDEN ⊙ (dh vᵀ) + DQN 1ᵀ,  dS = dP ⊙ D · scale,  dlogD = dP ⊙ P
+    dROW = dlogD 1,  dCOL = 1ᵀ dlogD
+    dq = r(dS) k + r(W ⊙ dh) C_jᵀ                        dINTER = RDEN ⊙ Σ_v dh ⊙ (q C_j)
+    dk = r(dS)ᵀ q + r(GAIN ⊙ v) dC_{j+1}ᵀ                dGAIN = Σ_v v ⊙ (k dC_{j+1})
+    dv = r(P)ᵀ r(RDEN ⊙ dh) + GAIN ⊙ (k dC_{j+1})        dDECAY = <dC_{j+1}, C_j>
+
+(``RDEN = 1/den``, ``W = INTER/den`` and ``DQN``, the normaliser's cotangent, come from XLA: the same values as
+``_chunk_gradients`` of :mod:`~xlstm_jax.kernels.chunkwise_mosaic_bw`, whose module docstring derives them.)
+
+The program keeps q and k (L, DHQK) in shared memory and walks the DHV columns in blocks of ``block_dhv`` three
+times, each a TMA pipeline of two slots:
+
+A. dh and v blocks: ``dh vᵀ`` (L, L) accumulates on the WGMMA units; then P, dP, dS, dlogD, dROW and dCOL in
+   registers, r(P) and r(dS) into shared memory.
+B. C_j, dC_{j+1} and dh blocks: ``r(W ⊙ dh) C_jᵀ`` accumulates into dq (L, DHQK) float32, ``q C_j`` per block
+   gives dINTER and the border tiles' elementwise product dDECAY; then ``r(dS) k`` completes dq.
+C. dC_{j+1}, v and dh blocks: ``r(GAIN ⊙ v) dC_{j+1}ᵀ`` accumulates into dk, and each block of dv is written;
+   then ``r(dS)ᵀ q`` completes dk.
+
+dq and dk have loops of their own because one (L, DHQK) float32 accumulator is 128 registers a thread at
+DHQK = 256: two would not fit beside the rest.
+
+Shared memory (:func:`chunk_gradients_smem_bytes`), at DHQK = 256, block_dhv = 32, bf16: for the whole program q
+and k 2·64·256·2 B = 64 KiB, the input and output vectors 2·8·64·4 B = 4 KiB, r(P) and r(dS) 2·64·64·2 B = 16 KiB
+(84 KiB); then the largest of the three loops' scopes, B: two slots of C_j and dC_{j+1} 2·2·256·32·2 B = 64 KiB,
+of dh 8 KiB, r(W ⊙ dh) 4 KiB (76 KiB; A needs 16 KiB, C 60 KiB, dq's and dk's output tiles 32 KiB): 160 KiB
+in all, within Hopper's 227 KiB less a 4 KiB reserve for barriers. block_dhv = 64 needs 236 KiB at DHQK = 256
+and runs for DHQK <= 192.
+
+Operands (heads flattened, NC = S / 64 chunks): q, k (BH, S, DHQK) and v, dh (BH, S, DHV) in bf16 or f16; the
+borders r(C_j) and r(dC_{j+1}) as (BH, NC · DHQK, DHV) in the same dtype; per chunk 8 float32 vectors of L as
+(BH, NC · 8, L), rows :data:`ROW`, :data:`COL`, :data:`BREAKS`, :data:`BREAKS_COL` (the break counts again, read
+as a column vector), :data:`GAIN`, :data:`RDEN`, :data:`W`, :data:`DQN`.
+
+Interpret mode. ``interpret=True`` runs the kernel in Mosaic GPU's interpreter on any backend (slow; for tests on
+a CPU) where the JAX version has one (:func:`xlstm_jax.kernels.mosaic.mosaic_interpret_params`).
+"""
+
+from __future__ import annotations
+
+import functools
+import math
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+from jax import lax
+from jax.experimental import pallas as pl
+from jax.experimental.pallas import mosaic_gpu as plgpu
+
+from xlstm_jax.kernels.chunkwise_mosaic import _SMEM_LIMIT, _SMEM_RESERVE, CHUNK, _load, _product, _swizzled
+from xlstm_jax.kernels.mosaic import mosaic_interpret_params
+
+__all__ = [
+    "BREAKS",
+    "BREAKS_COL",
+    "COL",
+    "DQN",
+    "D_COL",
+    "D_DECAY",
+    "D_GAIN",
+    "D_INTER",
+    "D_ROW",
+    "GAIN",
+    "RDEN",
+    "ROW",
+    "VEC_ROWS",
+    "W",
+    "chunk_gradients_smem_bytes",
+    "chunk_gradients_unsupported",
+    "mosaic_chunk_gradients",
+]
+
+VEC_ROWS = 8  # float32 vectors of L per chunk, in the input ``vec`` and the output ``dvec``
+# The input vectors' rows: the gate plan's log halves and break counts (as chunk_plan's), each step's gain into the
+# state at the chunk's end, 1/den, INTER/den, and the cotangent of the normaliser's q·n term.
+ROW, COL, BREAKS, BREAKS_COL, GAIN, RDEN, W, DQN = range(VEC_ROWS)
+# The output vectors' rows; rows 5 to 7 are 0.
+D_ROW, D_COL, D_INTER, D_GAIN, D_DECAY = range(5)
+_DEPTH = 2  # pipeline slots of every column-block loop
+_ROWS = 64  # the WGMMA layout tiles rows in groups of 64
+
+
+def chunk_gradients_smem_bytes(DHQK: int, dtype: Any, block_dhv: int) -> int:
+    """Bytes of shared memory of the kernel's largest scope: the tiles, not the barriers (module docstring)."""
+    L, NV, item = CHUNK, block_dhv, jnp.dtype(dtype).itemsize
+    program = 2 * L * DHQK * item + 2 * VEC_ROWS * L * 4 + 2 * L * L * item  # q, k; vec, dvec; r(P), r(dS)
+    loop_a = 2 * _DEPTH * L * NV * item  # dh, v
+    loop_b = 2 * _DEPTH * DHQK * NV * item + _DEPTH * L * NV * item + L * NV * item  # C, dC; dh; r(W ⊙ dh)
+    loop_c = _DEPTH * DHQK * NV * item + 2 * _DEPTH * L * NV * item + 3 * L * NV * item  # dC; v, dh; 3 tiles
+    out = L * DHQK * item  # dq or dk on its way out
+    return program + max(loop_a, loop_b, loop_c, out)
+
+
+def chunk_gradients_unsupported(DHQK: int, DHV: int, dtype: Any, block_dhv: int) -> str | None:
+    """Why the kernel cannot run this head shape, dtype and column block, or None if it can (no device check)."""
+    if jnp.dtype(dtype) not in (jnp.dtype(jnp.bfloat16), jnp.dtype(jnp.float16)):
+        return f"inputs must be bfloat16 or float16 (the WGMMA operand dtypes), got {jnp.dtype(dtype)}"
+    if DHQK % _ROWS or not 0 < DHQK <= 256:
+        return f"DHQK={DHQK} must be a multiple of {_ROWS} and at most 256 (dq's accumulator in registers)"
+    if block_dhv not in (32, 64) or DHV % block_dhv or DHV <= 0:
+        return f"block_dhv={block_dhv} must be 32 or 64 and divide DHV={DHV}"
+    smem = chunk_gradients_smem_bytes(DHQK, dtype, block_dhv)
+    if smem + _SMEM_RESERVE > _SMEM_LIMIT:
+        return (
+            f"the tiles need {smem // 1024} KiB of shared memory at DHQK={DHQK}, block_dhv={block_dhv}; a Hopper "
+            f"block has {_SMEM_LIMIT // 1024} KiB, {_SMEM_RESERVE // 1024} KiB of it kept for barriers"
+        )
+    return None
+
+
+def _gradients_body(
+    q_ref,  # (BH, S, DHQK) GMEM
+    k_ref,  # (BH, S, DHQK)
+    v_ref,  # (BH, S, DHV)
+    dh_ref,  # (BH, S, DHV)
+    borders_ref,  # (BH, NC * DHQK, DHV): r(C_j)
+    dborders_ref,  # (BH, NC * DHQK, DHV): r(dC_{j+1})
+    vec_ref,  # (BH, NC * 8, L) float32
+    dq_ref,  # (BH, S, DHQK) out
+    dk_ref,  # (BH, S, DHQK) out
+    dv_ref,  # (BH, S, DHV) out
+    dvec_ref,  # (BH, NC * 8, L) float32 out
+    *,
+    block_dhv: int,
+    interpret: bool,
+):
+    f32, dtype = jnp.float32, q_ref.dtype
+    _, _, DHQK = q_ref.shape
+    DHV = v_ref.shape[-1]
+    L, NV, NB = CHUNK, block_dhv, DHV // block_dhv
+    scale = 1.0 / math.sqrt(DHQK)
+    tile = plgpu.Layout.WGMMA
+    row_layout, col_layout = tile.reduce(1), tile.reduce(0)
+    bh, j = lax.axis_index("bh"), lax.axis_index("chunk")
+    steps = pl.ds(j * L, L)
+    border_rows = pl.ds(j * DHQK, DHQK)
+    itemsize = jnp.dtype(dtype).itemsize
+    # One swizzle for every product operand (WGMMA needs the two operands' swizzles equal).
+    operand = _swizzled(min(128, NV * itemsize), itemsize)
+
+    def load(ref, layout):
+        return _load(ref, layout, interpret)
+
+    def cast(x, layout):  # a layout annotation for JAX's layout inference (the interpreter has no layouts)
+        return x if interpret else plgpu.layout_cast(x, layout)
+
+    def rows(x, width):  # a row vector (L,) broadcast along the columns of an (L, width) tile
+        return cast(lax.broadcast_in_dim(x, (L, width), (0,)), tile)
+
+    def zeros_row():
+        return cast(jnp.zeros((L,), f32), row_layout)
+
+    def iota(dimension):  # (L, L) step indices along ``dimension``, in the scores' layout
+        if interpret:
+            return lax.broadcasted_iota(jnp.int32, (L, L), dimension)
+        return plgpu.broadcasted_iota(jnp.int32, (L, L), dimension, layout=tile)
+
+    def program(q_smem, k_smem, vec_smem, dvec_smem, p_smem, ds_smem, loaded, *scratch):
+        def transposed(ref, index):
+            """``ref``ᵀ as a WGMMA operand: a transposed view, or in the interpreter a transposed copy."""
+            if not interpret:
+                return ref.transpose((1, 0))
+            scratch[index][...] = ref[...].T
+            return scratch[index]
+
+        plgpu.copy_gmem_to_smem(q_ref.at[bh, steps], q_smem, loaded.at[0])
+        plgpu.copy_gmem_to_smem(k_ref.at[bh, steps], k_smem, loaded.at[1])
+        plgpu.copy_gmem_to_smem(vec_ref.at[bh, pl.ds(j * VEC_ROWS, VEC_ROWS)], vec_smem, loaded.at[2])
+        for barrier in range(3):
+            plgpu.barrier_wait(loaded.at[barrier])
+
+        def vector(r):
+            return load(vec_smem.at[r], row_layout)
+
+        def blocks(sources, scratch_shapes, step, carry):
+            """Runs ``step(b, tiles, scratch, carry)`` over the DHV column blocks b in a two-slot TMA pipeline.
+
+            ``sources`` are functions of a column slice giving the GMEM views to copy, ``tiles`` the current
+            block's copies in shared memory. ``step`` ends with every read of its tiles complete (its products
+            waited for, a ``commit_smem`` after its loads), so that the slot can be refilled.
+            """
+            n = len(sources)
+
+            def scoped(*refs):
+                buffers, barriers, extra = refs[:n], refs[n], refs[n + 1 :]
+
+                def issue(b, slot):
+                    for i, source in enumerate(sources):
+                        barrier = barriers.at[i * _DEPTH + slot]
+                        plgpu.copy_gmem_to_smem(source(pl.ds(b * NV, NV)), buffers[i].at[slot], barrier)
+
+                for b in range(min(_DEPTH, NB)):
+                    issue(b, b)
+
+                def body(b, acc):
+                    slot = lax.rem(b, _DEPTH)
+                    for i in range(n):
+                        plgpu.barrier_wait(barriers.at[i * _DEPTH + slot])
+                    acc = step(b, [buffer.at[slot] for buffer in buffers], extra, acc)
+
+                    @pl.when(b + _DEPTH < NB)
+                    def _():
+                        issue(b + _DEPTH, slot)
+
+                    return acc
+
+                out = lax.fori_loop(0, NB, body, carry)
+                plgpu.wait_smem_to_gmem(0)  # the step's outputs have left shared memory
+                return out
+
+            shapes = [source(pl.ds(0, NV)).shape[-2:] for source in sources]
+            return pl.run_scoped(
+                scoped,
+                *[plgpu.SMEM((_DEPTH, *shape), dtype, transforms=operand) for shape in shapes],
+                plgpu.Barrier(num_arrivals=1, num_barriers=n * _DEPTH),
+                *[plgpu.SMEM(shape, dtype, transforms=operand) for shape in scratch_shapes],
+            )
+
+        # A: dh vᵀ over the column blocks, then the (L, L) tiles.
+        def loop_a(acc):
+            def step(b, tiles, extra, carry):
+                dh_smem, v_smem = tiles
+                plgpu.wgmma(acc, dh_smem, transposed(v_smem, 1))
+                plgpu.wgmma_wait(0)
+                return carry
+
+            blocks([lambda c: dh_ref.at[bh, steps, c], lambda c: v_ref.at[bh, steps, c]], [], step, ())
+            return acc[...]
+
+        dh_v = pl.run_scoped(loop_a, plgpu.ACC((L, L), f32))
+        scores = _product(q_smem, transposed(k_smem, 0), (L, L))
+        same = cast(lax.broadcast_in_dim(vector(BREAKS), (L, L), (0,)), tile) == cast(
+            lax.broadcast_in_dim(load(vec_smem.at[BREAKS_COL], col_layout), (L, L), (1,)), tile
+        )
+        log_d = cast(lax.broadcast_in_dim(vector(ROW), (L, L), (0,)), tile) + cast(
+            lax.broadcast_in_dim(load(vec_smem.at[COL], col_layout), (L, L), (1,)), tile
+        )
+        d = cast(jnp.where((iota(1) <= iota(0)) & same, jnp.exp(log_d), 0.0), tile)
+        p = cast(cast(scores, tile) * d * scale, tile)
+        dp = cast(rows(vector(RDEN), L) * cast(dh_v, tile) + rows(vector(DQN), L), tile)
+        p_smem[...] = cast(p.astype(dtype), tile)
+        ds_smem[...] = cast((dp * d * scale).astype(dtype), tile)
+        dlog_d = cast(dp * p, tile)
+        dvec_smem.at[D_ROW][...] = cast(jnp.sum(dlog_d, axis=1), row_layout)
+        dvec_smem.at[D_COL][...] = cast(jnp.sum(dlog_d, axis=0), col_layout)
+        plgpu.commit_smem()
+
+        def write(x, out_ref, staging):
+            """An (L, ·) float32 tile to ``out_ref`` through the ``staging`` tile, in the outputs' dtype."""
+            plgpu.wait_smem_to_gmem(0, wait_read_only=True)  # the previous tile has left ``staging``
+            staging[...] = cast(x.astype(dtype), tile)
+            plgpu.commit_smem()
+            plgpu.copy_smem_to_gmem(staging, out_ref)
+
+        def write_scoped(x, out_ref):
+            def scoped(staging):
+                write(x, out_ref, staging)
+                plgpu.wait_smem_to_gmem(0)
+
+            pl.run_scoped(scoped, plgpu.SMEM(x.shape, dtype, transforms=operand))
+
+        # B: dq, dINTER and dDECAY from the border states C_j and dh.
+        def loop_b(acc_dq):
+            def step(b, tiles, extra, carry):
+                c_smem, dc_smem, dh_smem = tiles
+                (wdh_smem,) = extra
+                inter, decay = carry
+                dh = cast(load(dh_smem, tile).astype(f32), tile)
+                wdh_smem[...] = cast((rows(vector(W), NV) * dh).astype(dtype), tile)
+                for r in range(DHQK // _ROWS):  # <dC, C> of the blocks, 64 rows of DHQK at a time
+                    part = pl.ds(r * _ROWS, _ROWS)
+                    c = cast(load(c_smem.at[part], tile).astype(f32), tile)
+                    dc = cast(load(dc_smem.at[part], tile).astype(f32), tile)
+                    decay = cast(decay + cast(jnp.sum(c * dc, axis=1), row_layout), row_layout)
+                plgpu.commit_smem()
+
+                def products(acc_qc):
+                    plgpu.wgmma(acc_dq, wdh_smem, transposed(c_smem, 2))
+                    plgpu.wgmma(acc_qc, q_smem, c_smem)
+                    plgpu.wgmma_wait(0)
+                    return acc_qc[...]
+
+                q_c = pl.run_scoped(products, plgpu.ACC((L, NV), f32))
+                inter = cast(inter + cast(jnp.sum(dh * cast(q_c, tile), axis=1), row_layout), row_layout)
+                return inter, decay
+
+            sources = [
+                lambda c: borders_ref.at[bh, border_rows, c],
+                lambda c: dborders_ref.at[bh, border_rows, c],
+                lambda c: dh_ref.at[bh, steps, c],
+            ]
+            inter, decay = blocks(sources, [(L, NV)], step, (zeros_row(), zeros_row()))
+            plgpu.wgmma(acc_dq, ds_smem, k_smem)
+            plgpu.wgmma_wait(0)
+            return acc_dq[...], inter, decay
+
+        dq, inter, decay = pl.run_scoped(loop_b, plgpu.ACC((L, DHQK), f32))
+        dvec_smem.at[D_INTER][...] = cast(vector(RDEN) * inter, row_layout)
+        total = jnp.sum(cast(lax.broadcast_in_dim(decay, (L, L), (0,)), tile), axis=0)  # every entry the sum
+        dvec_smem.at[D_DECAY][...] = cast(total, col_layout)
+        write_scoped(dq, dq_ref.at[bh, steps])
+
+        # C: dk, dv and dGAIN from the border cotangents dC_{j+1}, v and dh.
+        def loop_c(acc_dk):
+            def step(b, tiles, extra, carry):
+                dc_smem, v_smem, dh_smem = tiles
+                gv_smem, rdh_smem, dv_smem = extra
+                gain = vector(GAIN)
+                v = cast(load(v_smem, tile).astype(f32), tile)
+                gv_smem[...] = cast((rows(gain, NV) * v).astype(dtype), tile)
+                rdh = rows(vector(RDEN), NV) * cast(load(dh_smem, tile).astype(f32), tile)
+                rdh_smem[...] = cast(rdh.astype(dtype), tile)
+                plgpu.commit_smem()
+
+                def products(acc_pdh, acc_kdc):
+                    plgpu.wgmma(acc_dk, gv_smem, transposed(dc_smem, 3))
+                    plgpu.wgmma(acc_pdh, transposed(p_smem, 4), rdh_smem)
+                    plgpu.wgmma(acc_kdc, k_smem, dc_smem)
+                    plgpu.wgmma_wait(0)
+                    return acc_pdh[...], acc_kdc[...]
+
+                p_dh, k_dc = pl.run_scoped(products, plgpu.ACC((L, NV), f32), plgpu.ACC((L, NV), f32))
+                k_dc = cast(k_dc, tile)
+                dv = cast(cast(p_dh, tile) + rows(gain, NV) * k_dc, tile)
+                write(dv, dv_ref.at[bh, steps, pl.ds(b * NV, NV)], dv_smem)
+                return cast(carry + cast(jnp.sum(v * k_dc, axis=1), row_layout), row_layout)
+
+            sources = [
+                lambda c: dborders_ref.at[bh, border_rows, c],
+                lambda c: v_ref.at[bh, steps, c],
+                lambda c: dh_ref.at[bh, steps, c],
+            ]
+            dgain = blocks(sources, [(L, NV)] * 3, step, zeros_row())
+            plgpu.wgmma(acc_dk, transposed(ds_smem, 5), q_smem)
+            plgpu.wgmma_wait(0)
+            return acc_dk[...], dgain
+
+        dk, dgain = pl.run_scoped(loop_c, plgpu.ACC((L, DHQK), f32))
+        dvec_smem.at[D_GAIN][...] = cast(dgain, row_layout)
+        for r in range(D_DECAY + 1, VEC_ROWS):
+            dvec_smem.at[r][...] = zeros_row()
+        write_scoped(dk, dk_ref.at[bh, steps])
+        plgpu.commit_smem()
+        plgpu.copy_smem_to_gmem(dvec_smem, dvec_ref.at[bh, pl.ds(j * VEC_ROWS, VEC_ROWS)])
+        plgpu.wait_smem_to_gmem(0)
+
+    # The interpreter's transposed copies (no transposed WGMMA operands there): kᵀ, vᵀ, C_jᵀ, dC_{j+1}ᵀ, r(P)ᵀ, r(dS)ᵀ.
+    transposes = [(DHQK, L), (NV, L), (NV, DHQK), (NV, DHQK), (L, L), (L, L)] if interpret else []
+    pl.run_scoped(
+        program,
+        plgpu.SMEM((L, DHQK), dtype, transforms=operand),
+        plgpu.SMEM((L, DHQK), dtype, transforms=operand),
+        plgpu.SMEM((VEC_ROWS, L), f32),
+        plgpu.SMEM((VEC_ROWS, L), f32),
+        plgpu.SMEM((L, L), dtype, transforms=operand),
+        plgpu.SMEM((L, L), dtype, transforms=operand),
+        plgpu.Barrier(num_arrivals=1, num_barriers=3),
+        *[plgpu.SMEM(shape, dtype) for shape in transposes],
+    )
+
+
+def _check(q, k, v, dh, borders, dborders, vec) -> tuple[int, int, int, int, int]:
+    """Checks the operands' shapes and dtypes; returns ``(BH, S, DHQK, DHV, NC)``."""
+    if q.ndim != 3 or q.shape[1] % CHUNK or q.shape[1] == 0:
+        raise ValueError(f"q.shape={q.shape} must be (BH, S, DHQK) with S a positive multiple of {CHUNK}")
+    BH, S, DHQK = q.shape
+    NC = S // CHUNK
+    if k.shape != q.shape:
+        raise ValueError(f"k.shape={k.shape} must equal q.shape={q.shape}")
+    if v.ndim != 3 or v.shape[:2] != (BH, S):
+        raise ValueError(f"v.shape={v.shape} must be (BH, S, DHV) with (BH, S)={(BH, S)}")
+    DHV = v.shape[-1]
+    expected = {
+        "dh": (dh, (BH, S, DHV)),
+        "borders": (borders, (BH, NC * DHQK, DHV)),
+        "dborders": (dborders, (BH, NC * DHQK, DHV)),
+        "vec": (vec, (BH, NC * VEC_ROWS, CHUNK)),
+    }
+    for name, (x, shape) in expected.items():
+        if x.shape != shape:
+            raise ValueError(f"{name}.shape={x.shape} must be {shape}")
+    for name, x in (("k", k), ("v", v), ("dh", dh), ("borders", borders), ("dborders", dborders)):
+        if x.dtype != q.dtype:
+            raise ValueError(f"{name}.dtype={x.dtype} must equal q.dtype={q.dtype}")
+    if vec.dtype != jnp.float32:
+        raise ValueError(f"vec.dtype={vec.dtype} must be float32")
+    return BH, S, DHQK, DHV, NC
+
+
+@functools.partial(jax.jit, static_argnames=("block_dhv", "interpret"))
+def mosaic_chunk_gradients(
+    q: jax.Array,  # (BH, S, DHQK), S = NC * 64
+    k: jax.Array,  # (BH, S, DHQK)
+    v: jax.Array,  # (BH, S, DHV)
+    dh: jax.Array,  # (BH, S, DHV)
+    borders: jax.Array,  # (BH, NC * DHQK, DHV)
+    dborders: jax.Array,  # (BH, NC * DHQK, DHV)
+    vec: jax.Array,  # (BH, NC * 8, 64) float32
+    *,
+    block_dhv: int = 32,
+    interpret: bool = False,
+) -> tuple[jax.Array, jax.Array, jax.Array, jax.Array]:
+    """Every chunk's gradients of its products from the border states and cotangents (module docstring).
+
+    Args:
+        q: Queries (BH, S, DHQK), heads flattened, S a multiple of 64, bf16 or f16.
+        k: Keys (BH, S, DHQK), q's dtype.
+        v: Values (BH, S, DHV), q's dtype.
+        dh: The cotangent of h (BH, S, DHV), q's dtype.
+        borders: r(C_j), the memory state before each chunk j, as (BH, NC * DHQK, DHV) in q's dtype.
+        dborders: r(dC_{j+1}), the cotangent of the state after each chunk j, (BH, NC * DHQK, DHV) in q's dtype.
+        vec: Per chunk the 8 float32 vectors of 64 steps (rows ``ROW`` to ``DQN``), (BH, NC * 8, 64).
+        block_dhv: Columns of v, dh and the borders per block, 32 or 64.
+        interpret: Run in Mosaic GPU's interpreter (any backend; slow).
+
+    Returns:
+        ``(dq (BH, S, DHQK), dk (BH, S, DHQK), dv (BH, S, DHV))`` in q's dtype and ``dvec`` (BH, NC * 8, 64)
+        float32: per chunk the rows ``D_ROW``, ``D_COL``, ``D_INTER``, ``D_GAIN``, ``D_DECAY`` (the chunk's
+        ``<dC_{j+1}, C_j>`` in every entry) and three rows of 0.
+
+    Raises:
+        ValueError: the shapes or dtypes do not fit together, the kernel cannot run them
+            (:func:`chunk_gradients_unsupported`), or interpret mode is asked of a JAX without it.
+    """
+    BH, S, DHQK, DHV, NC = _check(q, k, v, dh, borders, dborders, vec)
+    reason = chunk_gradients_unsupported(DHQK, DHV, q.dtype, block_dhv)
+    if reason is not None:
+        raise ValueError(f"the Mosaic GPU chunk gradients kernel cannot run this call: {reason}")
+    params = None
+    if interpret:
+        params = mosaic_interpret_params()
+        if params is None:
+            raise ValueError("interpret=True needs a JAX with Mosaic GPU's interpreter (jax 0.10 or newer)")
+    body = functools.partial(_gradients_body, block_dhv=block_dhv, interpret=interpret)
+    kernel = pl.kernel(
+        body,
+        out_type=(
+            jax.ShapeDtypeStruct((BH, S, DHQK), q.dtype),
+            jax.ShapeDtypeStruct((BH, S, DHQK), q.dtype),
+            jax.ShapeDtypeStruct((BH, S, DHV), q.dtype),
+            jax.ShapeDtypeStruct((BH, NC * VEC_ROWS, CHUNK), jnp.float32),
+        ),
+        mesh=plgpu.Mesh(grid=(BH, NC), grid_names=("bh", "chunk")),
+        name="mlstm_chunk_gradients_mosaic",
+        **({"interpret": params} if interpret else {}),
+    )
+    return kernel(q, k, v, dh, borders, dborders, vec)
