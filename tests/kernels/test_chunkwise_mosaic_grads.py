@@ -117,24 +117,25 @@ def _ids(lengths: list[int]) -> list[int]:
     return [n for n, length in enumerate(lengths) for _ in range(length)]
 
 
-# (seed, B, NH, S, initial states, input gates, resets, segments, block_dhv); DHQK = DHV = 64, two chunks.
+# (seed, B, NH, S, DHQK, DHV, initial states, input gates, resets, segments, block_dhv); two chunks each.
 CASES = [
-    (1, 1, 2, 128, False, "wide", False, None, 32),
-    (2, 2, 1, 100, True, "extreme", True, np.array([_ids([1, 62, 3, 34]), _ids([70, 1, 29])]), 32),
+    # one column block (no refills), dDECAY over two 64-row slices of DHQK
+    (1, 1, 2, 128, 128, 64, False, "wide", False, None, 64),
+    # three column blocks: slot 0 refilled once, its barriers' phases odd at the end of a loop
+    (2, 2, 1, 100, 64, 96, True, "extreme", True, np.array([_ids([1, 62, 3, 34]), _ids([70, 1, 29])]), 32),
 ]
 
 
 @runs
 @pytest.mark.parametrize(
-    ("seed", "B", "NH", "S", "states", "igate", "resets", "segments", "block_dhv"),
+    ("seed", "B", "NH", "S", "DHQK", "DHV", "states", "igate", "resets", "segments", "block_dhv"),
     CASES,
-    ids=["two-chunks", "padded-states-documents-resets"],
+    ids=["one-block", "padded-states-documents-resets-three-blocks"],
 )
-def test_matches_chunk_gradients(seed, B, NH, S, states, igate, resets, segments, block_dhv):
+def test_matches_chunk_gradients(seed, B, NH, S, DHQK, DHV, states, igate, resets, segments, block_dhv):
     """dq, dk, dv and every per-step vector (dROW, dCOL, dINTER, dGAIN, the chunk's dDECAY) of the kernel equal
     ``_chunk_gradients`` within the bf16 bound (the kernel also rounds dS, P and dh's weightings to bf16 where
     they enter its products); the unused rows are exactly 0 and dDECAY is one value per chunk."""
-    DHQK = DHV = 64
     x = random_inputs(seed, B, NH, S, DHQK, DHV, states=states, igate=igate)
     if resets:
         x["f"][0, 0, [10, CHUNK]] = -np.inf
