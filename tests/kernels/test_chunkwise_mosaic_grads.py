@@ -164,16 +164,18 @@ def test_matches_chunk_gradients(seed, B, NH, S, DHQK, DHV, states, igate, reset
     assert not np.any(dvec[:, :, D_DECAY + 1 :])
 
 
-def test_lowers_for_cuda():
-    """Tracing and Mosaic GPU lowering at the xLSTM-7B head shape (DHQK=256, DHV=512 in blocks of 32: the layouts,
-    the operands' shared swizzle, the shared-memory scopes) succeed on any machine."""
-    BH, NC, DHQK, DHV, bf16, A = 2, 2, 256, 512, jnp.bfloat16, jax.ShapeDtypeStruct
+@pytest.mark.parametrize(("DHQK", "DHV", "block_dhv"), [(256, 512, 32), (128, 128, 64)])
+def test_lowers_for_cuda(DHQK, DHV, block_dhv):
+    """Tracing and Mosaic GPU lowering (the layouts, the operands' shared swizzle, the shared-memory scopes) succeed
+    on any machine: at the xLSTM-7B head shape in blocks of 32 columns, and in blocks of 64."""
+    BH, NC, bf16, A = 2, 2, jnp.bfloat16, jax.ShapeDtypeStruct
     S = NC * CHUNK
     avals = (
         A((BH, S, DHQK), bf16), A((BH, S, DHQK), bf16), A((BH, S, DHV), bf16), A((BH, S, DHV), bf16),
         A((BH, NC * DHQK, DHV), bf16), A((BH, NC * DHQK, DHV), bf16), A((BH, NC * VEC_ROWS, CHUNK), jnp.float32),
     )  # fmt: skip
-    text = jax.jit(mosaic_chunk_gradients).trace(*avals).lower(lowering_platforms=("cuda",)).as_text()
+    step = functools.partial(mosaic_chunk_gradients, block_dhv=block_dhv)
+    text = jax.jit(step).trace(*avals).lower(lowering_platforms=("cuda",)).as_text()
     assert "mosaic_gpu" in text
 
 
