@@ -31,8 +31,10 @@ Rows of the table ``chunkwise``, per shape and mode:
   32), ``--depth`` (TMA pipeline depth, default 2; ``d=`` in the label unless only the default is asked for)
   and ``--consumers`` (warpgroups per program, default 1 and 2; ``wg=`` in the label unless only 1 is asked
   for). Variants the kernel cannot run at the head shape (``chunkwise_mosaic_unsupported``: shared memory,
-  divisibility) are left out with a note. fwdbwd differentiates through its custom VJP (the XLA form's
-  backward pass).
+  divisibility) are left out with a note. fwdbwd differentiates through its custom VJP, once per
+  ``--backward`` (``bw=`` in the label unless only ``xla`` is asked for): ``xla``, the XLA form's forward and
+  backward; ``mosaic``, the kernel's forward and the Mosaic GPU backward kernels. fwd rows are timed once per
+  variant (the backward does not change the forward).
 
 Columns: ``ms`` the median time of a call (``benchmarks/harness.py``'s ``time_jitted``: compilation apart,
 ``--repeats`` samples); ``spread`` (max - min) / median; ``compile s``; ``Mtok/s`` B·S over the time;
@@ -42,7 +44,9 @@ the time; ``t/tfla`` and ``t/xla`` (mosaic rows) the kernel's time over TFLA's a
 row's at the same shape and mode (below 1: the kernel is faster); ``rel err`` and ``ok`` (mosaic rows) the
 relative RMS error of the kernel's h against the XLA form's h (the first of ``--xla-chunk-sizes``) on the
 same inputs, over every ``--check-stride``-th column of h (default 8: every block of ``block_dhv`` columns
-is sampled; the full h at B=8, S=32768 has 10⁹ elements), bound ``RMS_BOUND['bfloat16']`` of forms.py.
+is sampled; the full h at B=8, S=32768 has 10⁹ elements), bound ``RMS_BOUND['bfloat16']`` of forms.py; in
+fwdbwd rows the largest of the five gradients' relative RMS errors against the XLA form's gradients (the
+same stride over their last axis).
 
 FLOPs and bytes (``benchmarks/forms.py``'s ``floor_counts`` at each row's chunk size L: 64 for the kernel,
 the row's L for XLA and TFLA): per head ``4·S·DHQK·DHV + S·L·(DHQK + DHV)`` matrix FLOPs (the chunk
@@ -84,7 +88,7 @@ from benchmarks.forms import RMS_BOUND, floor_counts, jitted, make_args, rel_rms
 from benchmarks.generate import PRESETS, prefill_flops, random_params
 from benchmarks.harness import Column, Report, add_arguments, ceilings_from_arguments, hardware_floor, time_jitted
 from xlstm_jax.generation import prefill
-from xlstm_jax.kernels.chunkwise_mosaic import CHUNK, chunkwise_mosaic_fw, chunkwise_mosaic_unsupported
+from xlstm_jax.kernels.chunkwise_mosaic import BACKWARDS, CHUNK, chunkwise_mosaic_fw, chunkwise_mosaic_unsupported
 from xlstm_jax.mlstm import chunkwise_fw
 from xlstm_jax.models.xlstm_parallel.blocks.mlstm.backend import BACKENDS
 from xlstm_jax.models.xlstm_parallel.runtime import RuntimeConfig
@@ -192,6 +196,8 @@ def parse(argv: Sequence[str] | None) -> argparse.Namespace:
     p.add_argument("--block-dhv", type=int, nargs="*", default=[32], help="the kernel's columns per warpgroup")
     p.add_argument("--depth", type=int, nargs="+", default=[2], help="the kernel's TMA pipeline depths")
     p.add_argument("--consumers", type=int, nargs="+", default=[1, 2], help="the kernel's warpgroups per program")
+    p.add_argument("--backward", nargs="+", default=["xla", "mosaic"], choices=list(BACKWARDS),
+                   help="what runs under the kernel's differentiation (fwdbwd rows)")  # fmt: skip
     p.add_argument("--interpret", action="store_true", help="run the kernel in Mosaic GPU's interpreter")
     p.add_argument("--xla-chunk-sizes", type=int, nargs="*", default=[256], help="chunk sizes of the XLA form")
     p.add_argument("--check-stride", type=int, default=8, help="compare every this many columns of h")
@@ -298,15 +304,16 @@ def inputs(B: int, S: int, a: argparse.Namespace) -> tuple[jax.Array, ...]:
 
 def kernel_variants(a: argparse.Namespace) -> tuple[dict[str, dict[str, int]], list[str]]:
     """The kernel variants of ``--block-dhv`` x ``--depth`` x ``--consumers`` that run at the head shape, as
-    ``{row name: {"block_dhv", "depth", "consumers"}}``, and a note for each that does not."""
+    ``{row name: {"block_dhv", "depth", "consumers", "backward"}}``, and a note for each that does not."""
     variants, skipped = {}, []
-    for bdhv, depth, consumers in itertools.product(a.block_dhv, a.depth, a.consumers):
+    for bdhv, depth, consumers, backward in itertools.product(a.block_dhv, a.depth, a.consumers, a.backward):
         name = f"mosaic bdhv={bdhv}"
         name += f" d={depth}" if a.depth != [2] else ""
         name += f" wg={consumers}" if a.consumers != [1] else ""
+        name += f" bw={backward}" if a.backward != ["xla"] else ""
         why = chunkwise_mosaic_unsupported(a.DHQK, a.DHV, jnp.bfloat16, bdhv, depth=depth, consumers=consumers)
         if why is None:
-            variants[name] = {"block_dhv": bdhv, "depth": depth, "consumers": consumers}
+            variants[name] = {"block_dhv": bdhv, "depth": depth, "consumers": consumers, "backward": backward}
         else:
             skipped.append(f"{name}: left out, {why}")
     return variants, skipped
@@ -364,6 +371,16 @@ def bench_shape(report: Report, a: argparse.Namespace, B: int, S: int, tfla: dic
             errors[name] = rel_rms(h_ref, sample(fwd[name](*args), a.check_stride))
         return errors[name]
 
+    grads_ref: list[np.ndarray] = []
+
+    def check_grads(name: str, fn: Callable) -> float:
+        """The largest relative RMS error of the five gradients of ``fn`` against the first XLA row's."""
+        if not grads_ref:
+            first = next(n for n, (_, _, kind, _) in table.items() if kind == "xla")
+            grads_ref.extend(sample(g, a.check_stride) for g in jitted(table[first][0], "fwdbwd", args)(*args))
+        grads = [sample(g, a.check_stride) for g in fn(*args)]
+        return max(rel_rms(r, g) for r, g in zip(grads_ref, grads, strict=True))
+
     table = forms(a)
     has_xla = any(kind == "xla" for _, _, kind, _ in table.values())
     for mode in a.modes:
@@ -378,6 +395,8 @@ def bench_shape(report: Report, a: argparse.Namespace, B: int, S: int, tfla: dic
             times["tfla"] = row["median_s"]
             report.add("chunkwise", row)
         for name, (form, L, kind, settings) in table.items():
+            if mode == "fwd" and settings.get("backward", a.backward[0]) != a.backward[0]:
+                continue  # the same forward as the first backward's row
             row = {"form": name, "kind": kind, "B": B, "S": S, "mode": mode, "L": L, **settings}
             try:
                 fn = fwd.setdefault(name, jax.jit(form)) if mode == "fwd" else jitted(form, mode, args)
@@ -387,7 +406,7 @@ def bench_shape(report: Report, a: argparse.Namespace, B: int, S: int, tfla: dic
                 continue
             if kind == "mosaic" and has_xla:
                 try:
-                    err = check(name, form)
+                    err = check(name, form) if mode == "fwd" else check_grads(name, fn)
                     row.update(rel_err=err, bound=bound, ok=err <= bound, check_stride=a.check_stride)
                 except Exception as exc:
                     report.note(f"{name} B={B} S={S}: check FAILED {type(exc).__name__}: {str(exc)[:300]}")

@@ -18,7 +18,7 @@ import pytest
 
 from tests.kernels import ON_GPU
 from tests.mlstm.form_checks import check_forward, random_inputs
-from tests.numerics import TOL
+from tests.numerics import TOL, assert_close
 from xlstm_jax.generation import prefill
 from xlstm_jax.kernels.chunkwise_mosaic import (
     CHUNK,
@@ -28,6 +28,7 @@ from xlstm_jax.kernels.chunkwise_mosaic import (
     mosaic_chunkwise,
     shared_memory_bytes,
 )
+from xlstm_jax.kernels.chunkwise_mosaic_bw import chunkwise_split_fw
 from xlstm_jax.kernels.mosaic import mosaic_interpret_params
 from xlstm_jax.kernels.recurrent_step_mosaic import device_supports_mosaic
 from xlstm_jax.mlstm.chunkwise import chunkwise_fw
@@ -129,6 +130,51 @@ def test_gradients_are_the_xla_forms():
         assert np.max(np.abs(np.asarray(a) - np.asarray(b))) <= TOL["bfloat16/float32"].max_err * scale, name
 
 
+def _grad_case(seed: int, B: int, NH: int, states: bool, segments: bool):
+    """bf16 inputs (S = 150: three chunks, the last padded; DHQK = DHV = 64), float32 initial states, a reset."""
+    x = random_inputs(seed, B, NH, 150, 64, 64, states=states, igate="extreme")
+    x["f"][0, 0, [CHUNK, 90]] = -np.inf
+    args = [jnp.asarray(x[name], jnp.bfloat16) for name in ("q", "k", "v", "i", "f")]
+    if states:
+        args += [jnp.asarray(x[name], jnp.float32) for name in ("c0", "n0", "m0")]
+    ids = jnp.asarray(SEGMENTS[:B], jnp.int32) if segments else None
+    return args, ids
+
+
+def _outputs(form, ids, *a):
+    states = a[5:] if len(a) > 5 else (None, None, None)
+    h, (c, n, m) = form(*a[:5], *states, return_last_states=True, segment_ids=ids)
+    return h.astype(jnp.promote_types(a[0].dtype, jnp.float32)), c, n, m
+
+
+@runs
+@pytest.mark.parametrize(("states", "segments"), [(True, True), (False, False)], ids=["states-documents", "zeros"])
+def test_mosaic_backward_matches_float64(states, segments):
+    """``backward="mosaic"``: the gradients of every input (q, k, v, i, f and the initial states) for random
+    cotangents on h and on all three last states, against float64 autodiff of the same split with its
+    hand-derived backward (``chunkwise_split_fw``, checked against the float64 reference's central differences in
+    test_chunkwise_mosaic_bw.py) on the same bf16-rounded inputs; each gradient scaled by its largest element.
+    Extreme input gates, a reset, packed documents across chunk borders, with and without initial states."""
+    args, ids = _grad_case(13 + states, 2, 1, states, segments)
+    mosaic = functools.partial(_outputs, functools.partial(kernel(), backward="mosaic"), ids)
+    outs = jax.jit(mosaic)(*args)
+    rng = np.random.default_rng(5)
+    cotangents = tuple(jnp.asarray(rng.standard_normal(o.shape), jnp.float32) for o in outs)
+    grads = jax.jit(lambda *a: jax.vjp(mosaic, *a)[1](cotangents))(*args)
+    with jax.enable_x64(True):
+        wide = [jnp.asarray(np.asarray(a, np.float32), jnp.float64) for a in args]
+        split = functools.partial(_outputs, chunkwise_split_fw, None if ids is None else ids)
+        expected = jax.jit(lambda *a: jax.vjp(split, *a)[1](tuple(c.astype(jnp.float64) for c in cotangents)))(*wide)
+        expected = [np.asarray(e) for e in expected]
+    names = ("q", "k", "v", "i", "f", "c0", "n0", "m0")
+    for name, g, e in zip(names, grads, expected, strict=False):
+        scale = None
+        if name == "m0":  # dm0 sums <dc0, c0> + <dn0, n0>-sized terms that cancel: measured against their size
+            c0, n0 = (np.asarray(a, np.float64) for a in args[5:7])
+            scale = np.sum(np.abs(expected[5] * c0), axis=(-2, -1)) + np.sum(np.abs(expected[6] * n0), axis=-1)
+        assert_close(f"d{name}", e, g, TOL["bfloat16-grad"], scale)
+
+
 def test_unsupported_calls_raise():
     x = random_inputs(0, 1, 1, 8, 64, 32)
     args = [jnp.asarray(x[name], jnp.bfloat16) for name in ("q", "k", "v", "i", "f")]
@@ -162,16 +208,17 @@ def test_auto_consumers_keeps_small_grids_on_one_warpgroup():
     assert auto_consumers(64, 256, 512, bf16, block_dhv=64) == 1  # two would not fit in shared memory
 
 
-@pytest.mark.parametrize(("block_dhv", "consumers"), [(32, 1), (64, 1), (32, 2)])
-def test_lowers_for_cuda(block_dhv, consumers):
+@pytest.mark.parametrize(("block_dhv", "consumers", "h_dtype"), [(32, 1, None), (64, 1, None), (32, 2, jnp.float32)])
+def test_lowers_for_cuda(block_dhv, consumers, h_dtype):
     """Tracing and Mosaic GPU lowering at the xLSTM-7B head shape (DHQK=256; the layouts, the operands' shared
-    swizzle, the shared-memory budget, two warpgroups' barriers) succeed on any machine."""
+    swizzle, the shared-memory budget, two warpgroups' barriers, h in float32 as under differentiation) succeed on
+    any machine."""
     BH, S, DHQK, DHV, f32, A = 2, 2 * CHUNK, 256, 128, jnp.float32, jax.ShapeDtypeStruct
     avals = (
         A((BH, S, DHQK), jnp.bfloat16), A((BH, S, DHQK), jnp.bfloat16), A((BH, S, DHV), jnp.bfloat16),
         A((BH, S // CHUNK * 8, CHUNK), f32), A((BH, S // CHUNK), f32), A((BH, DHQK, DHV), f32),
     )  # fmt: skip
-    step = functools.partial(mosaic_chunkwise, eps=1e-6, block_dhv=block_dhv, consumers=consumers)
+    step = functools.partial(mosaic_chunkwise, eps=1e-6, block_dhv=block_dhv, consumers=consumers, h_dtype=h_dtype)
     text = jax.jit(step).trace(*avals).lower(lowering_platforms=("cuda",)).as_text()
     assert "mosaic_gpu" in text
 

@@ -35,10 +35,11 @@ inputs would run as TF32 and are left to the XLA form); DHQK a multiple of 64, D
 memory per block. Non-finite values in k or v make h non-finite in their whole chunk (the XLA form keeps
 the steps before them finite). :func:`chunkwise_mosaic_unsupported` says why a call cannot run.
 
-Gradients: a ``custom_vjp``. A call that is only evaluated runs the kernel; under differentiation (``jax.grad``,
-``jax.vjp``) the forward and backward passes are the XLA chunkwise form's (chunk size ``xla_chunk_size``), whose
-forward and backward together are faster than the kernel's forward followed by the XLA form's recomputation
-(BENCHMARKS.md, the Mosaic chunkwise kernel). The two forwards agree to rounding.
+Gradients: a ``custom_vjp``, chosen by ``backward``. A call that is only evaluated runs the kernel. Under
+differentiation (``jax.grad``, ``jax.vjp``) ``backward="xla"`` runs the XLA chunkwise form forward and backward
+(chunk size ``xla_chunk_size``; the two forwards agree to rounding); ``backward="mosaic"`` runs this kernel forward
+and the Mosaic GPU backward kernels (:mod:`xlstm_jax.kernels.chunkwise_mosaic_bw`: two state scans and a
+per-chunk gradient kernel), composed with autodiff of the gate plan. BENCHMARKS.md compares the two.
 
 Interpret mode. ``interpret=True`` runs the kernel in Mosaic GPU's interpreter on any backend (slow; for tests
 on a CPU) where the JAX version has one (:func:`xlstm_jax.kernels.mosaic.mosaic_interpret_params`).
@@ -63,6 +64,7 @@ from xlstm_jax.mlstm.parallel import block_log_decay, block_log_weights, block_s
 from xlstm_jax.mlstm.states import cast_states
 
 __all__ = [
+    "BACKWARDS",
     "CHUNK",
     "chunk_plan",
     "chunkwise_mosaic_fw",
@@ -82,20 +84,25 @@ _SMEM_LIMIT = 227 * 1024  # bytes of shared memory a CUDA block may use on Hoppe
 _SMEM_RESERVE = 4 * 1024  # kept for the barriers and alignment that Mosaic GPU adds to the tiles (about 2 KiB)
 
 
-def shared_memory_bytes(DHQK: int, dtype: Any, block_dhv: int, depth: int = 2, consumers: int = 1) -> int:
+def shared_memory_bytes(
+    DHQK: int, dtype: Any, block_dhv: int, depth: int = 2, consumers: int = 1, h_dtype: Any = None
+) -> int:
     """Bytes of shared memory of the kernel's chunk loop (its largest scope): the tiles, not the barriers.
 
     Per pipeline slot q and k (L, DHQK) and the plan (8, L) float32, shared by the warpgroups; per warpgroup
-    ``depth`` v tiles (L, block_dhv), h (L, block_dhv), C rounded (DHQK, block_dhv), P (L, L), g ⊙ v (L, block_dhv).
+    ``depth`` v tiles (L, block_dhv), h (L, block_dhv) in ``h_dtype`` (None: ``dtype``), C rounded
+    (DHQK, block_dhv), P (L, L), g ⊙ v (L, block_dhv).
     """
     item = jnp.dtype(dtype).itemsize
+    h_item = jnp.dtype(h_dtype or dtype).itemsize
     shared = depth * (2 * CHUNK * DHQK * item + _PLAN_ROWS * CHUNK * 4)
-    own = (depth + 2) * CHUNK * block_dhv * item + DHQK * block_dhv * item + CHUNK * CHUNK * item
+    own = (depth + 1) * CHUNK * block_dhv * item + CHUNK * block_dhv * h_item
+    own += DHQK * block_dhv * item + CHUNK * CHUNK * item
     return shared + consumers * own
 
 
 def chunkwise_mosaic_unsupported(
-    DHQK: int, DHV: int, dtype: Any, block_dhv: int, *, depth: int = 2, consumers: int = 1
+    DHQK: int, DHV: int, dtype: Any, block_dhv: int, *, depth: int = 2, consumers: int = 1, h_dtype: Any = None
 ) -> str | None:
     """Why the kernel cannot run this head shape, dtype and tiling, or None if it can (no device check).
 
@@ -117,16 +124,20 @@ def chunkwise_mosaic_unsupported(
         )
     if not isinstance(depth, int) or depth < 1:
         return f"depth={depth!r} must be a positive integer (chunks in flight)"
-    smem = shared_memory_bytes(DHQK, dtype, block_dhv, depth, consumers)
+    if h_dtype is not None and jnp.dtype(h_dtype) not in (jnp.dtype(dtype), jnp.dtype(jnp.float32)):
+        return f"h_dtype={jnp.dtype(h_dtype)} must be the inputs' dtype or float32"
+    smem = shared_memory_bytes(DHQK, dtype, block_dhv, depth, consumers, h_dtype)
     if smem + _SMEM_RESERVE > _SMEM_LIMIT:
+        h_text = "" if h_dtype is None else f", h in {jnp.dtype(h_dtype)}"
         return (
             f"the tiles need {smem // 1024} KiB of shared memory at DHQK={DHQK}, block_dhv={block_dhv}, "
-            f"depth={depth}, consumers={consumers}; a Hopper block has {_SMEM_LIMIT // 1024} KiB, "
+            f"depth={depth}, consumers={consumers}{h_text}; a Hopper block has {_SMEM_LIMIT // 1024} KiB, "
             f"{_SMEM_RESERVE // 1024} KiB of it kept for barriers"
         )
     return None
 
 
+BACKWARDS = ("xla", "mosaic")  # what runs under differentiation (chunkwise_mosaic_fw's ``backward``)
 _FULL_WAVE = 128  # programs: about one per SM of an H100 or H200 (132 SMs)
 
 
@@ -185,7 +196,7 @@ def _chunk_body(
     tile = plgpu.Layout.WGMMA
     row_layout, col_layout = tile.reduce(1), tile.reduce(0)
     bh, vb = lax.axis_index("bh"), lax.axis_index("vb")
-    itemsize = jnp.dtype(dtype).itemsize
+    itemsize, h_itemsize = jnp.dtype(dtype).itemsize, jnp.dtype(h_ref.dtype).itemsize
     # With two warpgroups ("consumers"), per-warpgroup tiles have a leading axis of 2 and warpgroup 0 issues the
     # copies of the tiles they share; one warpgroup leaves every tile and copy as it is.
     split = consumers > 1
@@ -364,7 +375,7 @@ def _chunk_body(
         plgpu.SMEM((depth, L, DHQK), dtype, transforms=operand),
         per_warpgroup((depth, L, NV), dtype, transforms=operand),
         plgpu.SMEM((depth, _PLAN_ROWS, L), f32),
-        per_warpgroup((L, NV), h_ref.dtype, transforms=operand),
+        per_warpgroup((L, NV), h_ref.dtype, transforms=_swizzled(min(128, NV * h_itemsize), h_itemsize)),
         per_warpgroup((DHQK, NV), dtype, transforms=operand),
         per_warpgroup((L, L), dtype, transforms=operand),
         per_warpgroup((L, NV), dtype, transforms=operand),
@@ -376,7 +387,7 @@ def _chunk_body(
     pl.run_scoped(store_c, c32, collective_axes="wg")
 
 
-@functools.partial(jax.jit, static_argnames=("eps", "block_dhv", "depth", "consumers", "interpret"))
+@functools.partial(jax.jit, static_argnames=("eps", "block_dhv", "depth", "consumers", "interpret", "h_dtype"))
 def mosaic_chunkwise(
     q: jax.Array,  # (BH, S, DHQK), S a multiple of CHUNK
     k: jax.Array,  # (BH, S, DHQK)
@@ -390,17 +401,21 @@ def mosaic_chunkwise(
     depth: int = 2,
     consumers: int = 1,
     interpret: bool = False,
+    h_dtype: Any = None,
 ) -> tuple[jax.Array, jax.Array]:
     """The kernel on ``BH`` flattened heads, from :func:`chunk_plan`'s plan; the caller checks shapes.
 
     ``consumers`` warpgroups per program (1 or 2), each with ``block_dhv`` columns of c (module docstring).
+    ``h_dtype``: h's dtype, None for q's, or float32 (the backward's normaliser gradient reads h unrounded).
 
     Returns:
-        ``(h (BH, S, DHV) in q's dtype, c after the last chunk (BH, DHQK, DHV) float32)``.
+        ``(h (BH, S, DHV) in h_dtype, c after the last chunk (BH, DHQK, DHV) float32)``.
     """
     BH, S, DHQK = q.shape
     DHV = v.shape[-1]
-    reason = chunkwise_mosaic_unsupported(DHQK, DHV, q.dtype, block_dhv, depth=depth, consumers=consumers)
+    reason = chunkwise_mosaic_unsupported(
+        DHQK, DHV, q.dtype, block_dhv, depth=depth, consumers=consumers, h_dtype=h_dtype
+    )  # fmt: skip
     if reason is not None:
         raise ValueError(f"the Mosaic GPU chunkwise kernel cannot run this shape: {reason}")
     params = None
@@ -413,7 +428,10 @@ def mosaic_chunkwise(
     )
     kernel = pl.kernel(
         body,
-        out_type=(jax.ShapeDtypeStruct((BH, S, DHV), q.dtype), jax.ShapeDtypeStruct((BH, DHQK, DHV), jnp.float32)),
+        out_type=(
+            jax.ShapeDtypeStruct((BH, S, DHV), h_dtype or q.dtype),
+            jax.ShapeDtypeStruct((BH, DHQK, DHV), jnp.float32),
+        ),
         mesh=plgpu.Mesh(
             grid=(BH, DHV // (consumers * block_dhv)), grid_names=("bh", "vb"), num_threads=consumers, thread_name="wg"
         ),
@@ -503,6 +521,7 @@ def chunkwise_mosaic_fw(
     consumers: int | None = None,
     interpret: bool = False,
     xla_chunk_size: int = 256,
+    backward: str = "xla",
 ) -> jax.Array | tuple[jax.Array, tuple[jax.Array, jax.Array, jax.Array]]:
     """The mLSTM on a whole sequence, chunkwise, with the products in a Mosaic GPU kernel (module docstring).
 
@@ -517,11 +536,17 @@ def chunkwise_mosaic_fw(
             q and k tiles in shared memory and overlap each other's products (module docstring; BENCHMARKS.md).
             None: :func:`auto_consumers` picks by the number of heads.
         interpret: Run in Mosaic GPU's interpreter (any backend; slow).
-        xla_chunk_size: The chunk size of the XLA form that runs under differentiation.
+        xla_chunk_size: The chunk size of the XLA form that runs under differentiation with ``backward="xla"``.
+        backward: What runs under differentiation. ``"xla"``: the XLA chunkwise form, forward and backward.
+            ``"mosaic"``: this kernel forward, and the Mosaic GPU backward kernels
+            (:func:`xlstm_jax.kernels.chunkwise_mosaic_bw.mosaic_products_vjp`) composed with autodiff of the gate
+            plan.
 
     Raises:
         ValueError: as chunkwise_fw, and where the kernel cannot run (:func:`chunkwise_mosaic_unsupported`).
     """
+    if backward not in BACKWARDS:
+        raise ValueError(f"backward={backward!r} must be one of {BACKWARDS}")
     x = chunk_sequence(q, k, v, i, f, c_initial, n_initial, m_initial, eps, state_dtype, CHUNK, segment_ids, True)
     _, _, _, DHQK, DHV = x.dims
     dtype = jnp.result_type(q, k, v)
@@ -530,6 +555,28 @@ def chunkwise_mosaic_fw(
     reason = chunkwise_mosaic_unsupported(DHQK, DHV, dtype, block_dhv, depth=depth, consumers=consumers)
     if reason is not None:
         raise ValueError(f"chunkwise_mosaic_fw cannot run this call: {reason}")
+    if backward == "mosaic":
+        # Imported here: the backward module builds on this one's plan and kernel.
+        from xlstm_jax.kernels.chunkwise_mosaic_bw import mosaic_products_vjp, split_cell
+
+        tiling = {"block_dhv": block_dhv, "depth": depth, "interpret": interpret}
+        # Under differentiation h leaves the kernel in float32: the normaliser's gradient, -Σ dh ⊙ h / den, cancels
+        # against dh·v where one step dominates its row, and h rounded to bf16 would carry 2^-9 of |dh·v| into it.
+        wide = jnp.float32
+        grad_consumers = consumers
+        if chunkwise_mosaic_unsupported(DHQK, DHV, dtype, block_dhv, depth=depth, consumers=consumers, h_dtype=wide):
+            grad_consumers = 1  # two warpgroups' float32 h tiles may not fit beside the rest
+
+        def products(q, k, v, plan, decay, c0, h_dtype=None, consumers=consumers):
+            return mosaic_chunkwise(q, k, v, plan, decay, c0, eps=eps, consumers=consumers, h_dtype=h_dtype, **tiling)
+
+        def products_vjp(q, k, v, plan, decay, c0, h, dh, dc_last):
+            return mosaic_products_vjp(q, k, v, plan, decay, c0, eps, h, dh, dc_last, **tiling)
+
+        return split_cell(
+            products, products_vjp, q, k, v, i, f, c_initial, n_initial, m_initial, return_last_states, eps,
+            state_dtype, segment_ids, functools.partial(products, h_dtype=wide, consumers=grad_consumers),
+        )  # fmt: skip
     states_given = c_initial is not None
 
     @jax.custom_vjp

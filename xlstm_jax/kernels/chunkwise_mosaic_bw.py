@@ -47,6 +47,7 @@ they come (the forward's rounded tiles, float32 cotangents); where a backward ke
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from typing import Any
 
 import jax
@@ -69,7 +70,14 @@ from xlstm_jax.kernels.chunkwise_mosaic import (
 from xlstm_jax.mlstm.chunkwise import chunk_sequence
 from xlstm_jax.mlstm.states import cast_states
 
-__all__ = ["chunk_borders", "chunk_products", "chunk_products_vjp", "chunkwise_split_fw"]
+__all__ = [
+    "chunk_borders",
+    "chunk_products",
+    "chunk_products_vjp",
+    "chunkwise_split_fw",
+    "mosaic_products_vjp",
+    "split_cell",
+]
 
 
 def _dot(spec: str, a: jax.Array, b: jax.Array, acc: Any) -> jax.Array:
@@ -238,6 +246,18 @@ def _dnum(q, k, plan, dh, eps, acc):
     return dh.astype(acc) / den[:, None]
 
 
+def _normaliser_vjp(qn, den, lower, h, dh):
+    """``(dqn, dLOWER)`` (..., L) from ``den = max(|qn|, LOWER) + eps``, h and dh (..., L, DHV) (module docstring).
+
+    ``dden = -Σ_v dh ⊙ h / den``; a tie ``|qn| == LOWER`` splits dden in half and ``sign(0) = +1`` (jax.vjp's
+    conventions for ``jnp.maximum`` and ``jnp.abs``).
+    """
+    acc = den.dtype
+    dden = -jnp.sum(dh.astype(acc) * h.astype(acc), axis=-1) / den
+    above = jnp.where(jnp.abs(qn) > lower, 1.0, jnp.where(jnp.abs(qn) == lower, 0.5, 0.0)).astype(acc)
+    return dden * above * jnp.where(qn >= 0, 1.0, -1.0).astype(acc), dden * (1.0 - above)
+
+
 def _chunk_gradients(q, k, v, plan, c, dc_next, dh, eps):
     """One chunk's gradients (stage (c)) from its border state C_j = c and dC_{j+1} = dc_next (module docstring).
 
@@ -249,10 +269,7 @@ def _chunk_gradients(q, k, v, plan, c, dc_next, dh, eps):
     c_r, p_r = c.astype(q.dtype), p.astype(v.dtype)
     dh = dh.astype(acc)
     dnum = dh / den[:, None]
-    dden = -jnp.sum(dh * h, axis=1) / den
-    above = jnp.where(jnp.abs(qn) > plan[_LOWER], 1.0, jnp.where(jnp.abs(qn) == plan[_LOWER], 0.5, 0.0)).astype(acc)
-    dqn = dden * above * jnp.where(qn >= 0, 1.0, -1.0).astype(acc)
-    dlower = dden * (1.0 - above)
+    dqn, dlower = _normaliser_vjp(qn, den, plan[_LOWER], h, dh)
     d_inter = plan[_INTER][:, None] * dnum
     dp = _dot("te,se->ts", dnum, v, acc) + dqn[:, None]
     ds = dp * d * (1.0 / math.sqrt(DHQK))
@@ -338,44 +355,126 @@ def chunk_products_vjp(
     )
 
 
-def chunkwise_split_fw(
-    q: jax.Array,  # (B, NH, S, DHQK)
-    k: jax.Array,  # (B, NH, S, DHQK)
-    v: jax.Array,  # (B, NH, S, DHV)
-    i: jax.Array,  # (B, NH, S) or (B, NH, S, 1)
-    f: jax.Array,  # (B, NH, S) or (B, NH, S, 1)
-    c_initial: jax.Array | None = None,  # (B, NH, DHQK, DHV)
-    n_initial: jax.Array | None = None,  # (B, NH, DHQK)
-    m_initial: jax.Array | None = None,  # (B, NH)
-    return_last_states: bool = False,
-    eps: float = 1e-6,
-    state_dtype: Any = None,
+def mosaic_products_vjp(
+    q: jax.Array,  # (BH, S, DHQK), S = NC * CHUNK
+    k: jax.Array,  # (BH, S, DHQK)
+    v: jax.Array,  # (BH, S, DHV)
+    plan: jax.Array,  # (BH, NC * 8, CHUNK) float32
+    decay: jax.Array,  # (BH, NC) float32
+    c0: jax.Array,  # (BH, DHQK, DHV) float32
+    eps: float,
+    h: jax.Array,  # (BH, S, DHV): the forward kernel's h
+    dh: jax.Array,  # (BH, S, DHV)
+    dc_last: jax.Array,  # (BH, DHQK, DHV)
     *,
-    segment_ids: jax.Array | None = None,  # (B, S) int
-) -> jax.Array | tuple[jax.Array, tuple[jax.Array, jax.Array, jax.Array]]:
-    """The mLSTM on a whole sequence in the Mosaic kernel's split, in XLA, with the hand-derived backward.
+    block_dhv: int = 32,
+    depth: int = 2,
+    interpret: bool = False,
+) -> tuple[jax.Array, jax.Array, jax.Array, jax.Array, jax.Array, jax.Array]:
+    """The gradients of the Mosaic chunkwise kernel's products on the Mosaic GPU backward kernels.
 
-    The gate plan (``chunk_plan``, chunks of :data:`~xlstm_jax.kernels.chunkwise_mosaic.CHUNK` steps, the last
-    padded) and :func:`chunk_products` on the kernel's operands; a ``custom_vjp`` whose backward is ``jax.vjp`` of
-    the plan (the O(S) gate work, which stays in XLA) composed with :func:`chunk_products_vjp`. Products
-    accumulate in the state dtype promoted to float32 (float64 for float64 states).
+    The stages of :func:`chunk_products_vjp` with the products in kernels: (a) the border states r(C_j) by
+    :func:`~xlstm_jax.kernels.chunkwise_mosaic_scan.mosaic_state_scan`; per step in XLA, from the chunks' score
+    row sums and the forward's h, ``1/den``, ``INTER/den`` and the normaliser's gradients; (b) the border
+    cotangents r(dC_{j+1}) and dc0 by the same scan in reverse; (c) every chunk's dq, dk, dv and the gradients
+    of its plan rows and decay by :func:`~xlstm_jax.kernels.chunkwise_mosaic_grads.mosaic_chunk_gradients`.
 
-    Arguments, results and errors as :func:`xlstm_jax.mlstm.chunkwise.chunkwise_fw` (without ``chunk_size`` and
-    ``scan_unroll``).
+    Args:
+        q, k, v, plan, decay, c0, eps: The forward kernel's operands (bf16 or f16 tiles, float32 plan and states).
+        h: The forward kernel's h (BH, S, DHV), in q's dtype: the normaliser's gradient reads it.
+        dh: The cotangent of h (BH, S, DHV), rounded to q's dtype for the products.
+        dc_last: The cotangent of the last state (BH, DHQK, DHV).
+        block_dhv, depth: Columns of a state per program and chunks in flight of the scans and the gradient kernel.
+        interpret: Run the kernels in Mosaic GPU's interpreter.
 
     Returns:
-        h (B, NH, S, DHV) in q's dtype, or ``(h, (c, n, m))`` with the last states shaped (B, NH, DHQK, DHV),
-        (B, NH, DHQK), (B, NH) in the initial states' dtypes (the state dtype without).
+        ``(dq, dk, dv, dplan, ddecay, dc0)`` shaped like ``(q, k, v, plan, decay, c0)``: dq, dk, dv in q's dtype,
+        the rest float32; the rows of ``dplan`` that hold break counts are 0.
 
     Raises:
-        ValueError, TypeError: as :func:`~xlstm_jax.mlstm.chunkwise.chunkwise_fw`.
+        ValueError: the shapes do not fit together, or a kernel cannot run them.
+    """
+    from xlstm_jax.kernels.chunkwise_mosaic_grads import mosaic_chunk_gradients
+    from xlstm_jax.kernels.chunkwise_mosaic_scan import mosaic_state_scan
 
-    Example:
-        >>> B, NH, S, DHQK, DHV = 1, 2, 100, 4, 8
-        >>> q = k = jnp.ones((B, NH, S, DHQK)); v = jnp.ones((B, NH, S, DHV)); i = f = jnp.ones((B, NH, S))
-        >>> dq = jax.grad(lambda q: chunkwise_split_fw(q, k, v, i, f).sum())(q)
-        >>> dq.shape
-        (1, 2, 100, 4)
+    BH, S, DHQK, DHV, NC, L = _check(q, k, v, plan, decay, c0)
+    for name, x, shape in (("h", h, v.shape), ("dh", dh, v.shape), ("dc_last", dc_last, c0.shape)):
+        if x.shape != shape:
+            raise ValueError(f"{name}.shape={x.shape} must be {shape}")
+    f32 = jnp.float32
+    dtype = q.dtype
+    qc, kc, _, pc = _chunks(q, k, v, plan, NC, L)
+    row = lambda r: pc[:, :, r]  # noqa: E731  (BH, NC, L)
+    scan = {"block_dhv": block_dhv, "depth": depth, "interpret": interpret}
+    borders, _ = mosaic_state_scan(k, v, row(_GAIN), decay, c0, reverse=False, **scan)
+    per_chunk = lambda q, k, plan: _normaliser(_scores(q, k, plan, f32)[2], plan, eps)  # noqa: E731
+    qn, den = jax.vmap(jax.vmap(per_chunk))(qc, kc, pc)  # (BH, NC, L) each
+    hc, dhc = h.reshape(BH, NC, L, DHV), dh.reshape(BH, NC, L, DHV)
+    dqn, dlower = _normaliser_vjp(qn, den, row(_LOWER), hc, dhc)
+    rden = 1.0 / den
+    w = row(_INTER) * rden
+    dh = dh.astype(dtype)
+    dborders, dc0 = mosaic_state_scan(q, dh, w, decay, dc_last.astype(f32), reverse=True, **scan)
+    vectors = (row(_ROW), row(_COL), row(_BREAKS), row(_BREAKS_COL), row(_GAIN), rden, w, dqn)
+    vec = jnp.stack(vectors, axis=2).reshape(BH, NC * _PLAN_ROWS, L)
+    dq, dk, dv, dvec = mosaic_chunk_gradients(
+        q, k, v, dh, borders, dborders, vec, block_dhv=block_dhv, interpret=interpret
+    )  # fmt: skip
+    dvec = dvec.reshape(BH, NC, _PLAN_ROWS, L)
+    zero = jnp.zeros_like(dqn)
+    rows = {
+        _ROW: dvec[:, :, 0],
+        _COL: dvec[:, :, 1],
+        _BREAKS: zero,
+        _INTER: dvec[:, :, 2],
+        _QN: dqn,
+        _LOWER: dlower,
+        _GAIN: dvec[:, :, 3],
+        _BREAKS_COL: zero,
+    }
+    dplan = jnp.stack([rows[r] for r in range(_PLAN_ROWS)], axis=2).reshape(plan.shape)
+    return dq, dk, dv, dplan, dvec[:, :, 4, 0], dc0
+
+
+Products = Callable[..., tuple[jax.Array, jax.Array]]
+
+
+def split_cell(
+    products: Products,
+    products_vjp: Callable[..., tuple[jax.Array, ...]],
+    q: jax.Array,
+    k: jax.Array,
+    v: jax.Array,
+    i: jax.Array,
+    f: jax.Array,
+    c_initial: jax.Array | None,
+    n_initial: jax.Array | None,
+    m_initial: jax.Array | None,
+    return_last_states: bool,
+    eps: float,
+    state_dtype: Any,
+    segment_ids: jax.Array | None,
+    products_for_grad: Products | None = None,
+) -> jax.Array | tuple[jax.Array, tuple[jax.Array, jax.Array, jax.Array]]:
+    """The mLSTM on a whole sequence split into the gate plan and the products, with the products' own backward.
+
+    The gate plan (``chunk_plan``, chunks of :data:`~xlstm_jax.kernels.chunkwise_mosaic.CHUNK` steps, the last
+    padded) runs in XLA and is differentiated by autodiff; the products and their gradients are given: a
+    ``custom_vjp`` whose backward composes ``jax.vjp`` of the plan with ``products_vjp``.
+
+    Args:
+        products: ``products(q, k, v, plan, decay, c0) -> (h, c_last)`` on the kernel's operands (heads flattened,
+            S padded to whole chunks).
+        products_vjp: ``products_vjp(q, k, v, plan, decay, c0, h, dh, dc_last) -> (dq, dk, dv, dplan, ddecay,
+            dc0)``: the gradients of ``products``, given its h.
+        products_for_grad: What runs instead of ``products`` under differentiation (the same function; for
+            example with h in a wider dtype for ``products_vjp``); None: ``products``.
+        q, k, v, i, f, c_initial, n_initial, m_initial, return_last_states, eps, state_dtype, segment_ids: As
+            :func:`~xlstm_jax.mlstm.chunkwise.chunkwise_fw`.
+
+    Returns:
+        h (B, NH, S, DHV) in q's dtype, or ``(h, (c, n, m))`` with the last states in the initial states' dtypes
+        (the state dtype without).
     """
     x = chunk_sequence(q, k, v, i, f, c_initial, n_initial, m_initial, eps, state_dtype, CHUNK, segment_ids, True)
     states_given = c_initial is not None
@@ -405,23 +504,75 @@ def chunkwise_split_fw(
         h = h.reshape(B, NH, -1, DHV)[:, :, :S].astype(q.dtype)
         return h, cast_states((c_last.reshape(B, NH, DHQK, DHV), *nm_last), x.out_dtypes)
 
-    def forward(q, k, v, i, f, states):
+    def forward(q, k, v, i, f, states, products=products_for_grad or products):
         (operands, nm_last), plan_vjp = jax.vjp(plan_part, q, k, v, i, f, states)
-        h, c_last = chunk_products(*operands, eps)
+        h, c_last = products(*operands)
         out, outputs_vjp = jax.vjp(outputs, h, c_last, nm_last)
-        return out, (operands, plan_vjp, outputs_vjp)
+        return out, (operands, h, plan_vjp, outputs_vjp)
 
     @jax.custom_vjp
     def run(q, k, v, i, f, states):
-        return forward(q, k, v, i, f, states)[0]
+        return forward(q, k, v, i, f, states, products)[0]
 
     def run_bwd(residuals, cotangents):
-        operands, plan_vjp, outputs_vjp = residuals
+        operands, h, plan_vjp, outputs_vjp = residuals
         dh, dc_last, dnm_last = outputs_vjp(cotangents)
-        d_operands = chunk_products_vjp(*operands, eps, dh, dc_last)
+        d_operands = products_vjp(*operands, h, dh, dc_last)
+        d_operands = tuple(d.astype(o.dtype) for d, o in zip(d_operands, operands, strict=True))
         return plan_vjp((d_operands, dnm_last))
 
-    run.defvjp(forward, run_bwd)
+    run.defvjp(lambda *args: forward(*args), run_bwd)
     states = (c_initial, n_initial, m_initial) if states_given else None
     h, last = run(q, k, v, i, f, states)
     return (h, last) if return_last_states else h
+
+
+def chunkwise_split_fw(
+    q: jax.Array,  # (B, NH, S, DHQK)
+    k: jax.Array,  # (B, NH, S, DHQK)
+    v: jax.Array,  # (B, NH, S, DHV)
+    i: jax.Array,  # (B, NH, S) or (B, NH, S, 1)
+    f: jax.Array,  # (B, NH, S) or (B, NH, S, 1)
+    c_initial: jax.Array | None = None,  # (B, NH, DHQK, DHV)
+    n_initial: jax.Array | None = None,  # (B, NH, DHQK)
+    m_initial: jax.Array | None = None,  # (B, NH)
+    return_last_states: bool = False,
+    eps: float = 1e-6,
+    state_dtype: Any = None,
+    *,
+    segment_ids: jax.Array | None = None,  # (B, S) int
+) -> jax.Array | tuple[jax.Array, tuple[jax.Array, jax.Array, jax.Array]]:
+    """The mLSTM on a whole sequence in the Mosaic kernel's split, in XLA, with the hand-derived backward.
+
+    :func:`split_cell` with :func:`chunk_products` and :func:`chunk_products_vjp`: products accumulate in the state
+    dtype promoted to float32 (float64 for float64 states).
+
+    Arguments, results and errors as :func:`xlstm_jax.mlstm.chunkwise.chunkwise_fw` (without ``chunk_size`` and
+    ``scan_unroll``).
+
+    Returns:
+        h (B, NH, S, DHV) in q's dtype, or ``(h, (c, n, m))`` with the last states shaped (B, NH, DHQK, DHV),
+        (B, NH, DHQK), (B, NH) in the initial states' dtypes (the state dtype without).
+
+    Raises:
+        ValueError, TypeError: as :func:`~xlstm_jax.mlstm.chunkwise.chunkwise_fw`.
+
+    Example:
+        >>> B, NH, S, DHQK, DHV = 1, 2, 100, 4, 8
+        >>> q = k = jnp.ones((B, NH, S, DHQK)); v = jnp.ones((B, NH, S, DHV)); i = f = jnp.ones((B, NH, S))
+        >>> dq = jax.grad(lambda q: chunkwise_split_fw(q, k, v, i, f).sum())(q)
+        >>> dq.shape
+        (1, 2, 100, 4)
+    """
+
+    def products(q, k, v, plan, decay, c0):
+        return chunk_products(q, k, v, plan, decay, c0, eps)
+
+    def products_vjp(q, k, v, plan, decay, c0, h, dh, dc_last):
+        del h  # chunk_products_vjp recomputes it in the accumulation dtype
+        return chunk_products_vjp(q, k, v, plan, decay, c0, eps, dh, dc_last)
+
+    return split_cell(
+        products, products_vjp, q, k, v, i, f, c_initial, n_initial, m_initial, return_last_states, eps, state_dtype,
+        segment_ids,
+    )  # fmt: skip

@@ -16,7 +16,12 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 
-from xlstm_jax.kernels.chunkwise_mosaic import auto_consumers, chunkwise_mosaic_fw, chunkwise_mosaic_unsupported
+from xlstm_jax.kernels.chunkwise_mosaic import (
+    BACKWARDS,
+    auto_consumers,
+    chunkwise_mosaic_fw,
+    chunkwise_mosaic_unsupported,
+)
 from xlstm_jax.kernels.recurrent_step_mosaic import device_supports_mosaic
 from xlstm_jax.mlstm.checks import resolve_state_dtype
 from xlstm_jax.mlstm.chunkwise import check_chunk_size, chunkwise_fw
@@ -44,6 +49,7 @@ def chunkwise_hopper_fw(
     block_dhv: int = 32,
     consumers: int | None = None,
     interpret: bool | None = None,
+    backward: str = "xla",
 ) -> Any:
     """The chunkwise form: the Mosaic GPU kernel where it applies, else the XLA form with ``chunk_size`` (which also
     runs under differentiation: :func:`~xlstm_jax.kernels.chunkwise_mosaic.chunkwise_mosaic_fw`).
@@ -51,7 +57,8 @@ def chunkwise_hopper_fw(
     Arguments and results as :func:`xlstm_jax.mlstm.chunkwise.chunkwise_fw`. ``interpret``: None picks the kernel
     on a Hopper GPU; True runs it in Mosaic GPU's interpreter (tests); False always runs the XLA form.
     ``block_dhv`` and ``consumers``: the kernel's columns of c per warpgroup and warpgroups per program (None:
-    :func:`~xlstm_jax.kernels.chunkwise_mosaic.auto_consumers`).
+    :func:`~xlstm_jax.kernels.chunkwise_mosaic.auto_consumers`). ``backward``: what runs under differentiation
+    where the kernel runs, the XLA form (``"xla"``) or the Mosaic GPU backward kernels (``"mosaic"``).
     """
     use_kernel = interpret if interpret is not None else device_supports_mosaic()
     dtype = jnp.result_type(q, k, v)
@@ -66,7 +73,7 @@ def chunkwise_hopper_fw(
         return chunkwise_mosaic_fw(
             q, k, v, i, f, c_initial, n_initial, m_initial, return_last_states, eps, state_dtype,
             segment_ids=segment_ids, block_dhv=block_dhv, consumers=consumers, interpret=bool(interpret),
-            xla_chunk_size=chunk_size,
+            xla_chunk_size=chunk_size, backward=backward,
         )  # fmt: skip
     return chunkwise_fw(
         q, k, v, i, f, c_initial, n_initial, m_initial, return_last_states, eps, state_dtype, chunk_size,
@@ -92,12 +99,16 @@ class mLSTMBackendChunkwiseMosaicConfig(mLSTMBackendConfig):
             block_dhv=64 at DHQK=256), the XLA form runs.
         interpret: None: the kernel on a Hopper GPU, the XLA form elsewhere; True: the kernel in Mosaic GPU's
             interpreter (slow; for tests); False: always the XLA form.
+        backward: Under differentiation where the kernel runs: ``"xla"``, the XLA form forward and backward
+            (``chunk_size``); ``"mosaic"``, the kernel forward and the Mosaic GPU backward kernels
+            (BENCHMARKS.md compares them).
     """
 
     chunk_size: int = 256
     block_dhv: int = 32
     consumers: int | None = None
     interpret: bool | None = None
+    backward: str = "xla"
 
     def __post_init__(self) -> None:
         super().__post_init__()
@@ -108,6 +119,8 @@ class mLSTMBackendChunkwiseMosaicConfig(mLSTMBackendConfig):
             raise ValueError(f"consumers must be 1 or 2 (warpgroups per kernel program), got {self.consumers!r}")
         if self.interpret is not None:
             check_bool("interpret", self.interpret)
+        if self.backward not in BACKWARDS:
+            raise ValueError(f"backward must be one of {BACKWARDS}, got {self.backward!r}")
 
 
 class mLSTMBackendChunkwiseMosaic(mLSTMBackend):
