@@ -86,6 +86,13 @@ def test_products_match_the_kernel():
     assert h.dtype == h_kernel.dtype == jnp.bfloat16 and c.dtype == c_kernel.dtype == jnp.float32
     assert_close("h", np.asarray(h_kernel, np.float32), h, TOL["bfloat16/float32"])
     assert_close("c (last state)", c_kernel, c, TOL["bfloat16/float32"])
+    # Under differentiation: h in float32 and the border states r(C_j) before every chunk.
+    h32, c32, borders = mosaic_chunkwise(*ops, eps=EPS, interpret=True, h_dtype=jnp.float32, borders=True)
+    assert h32.dtype == jnp.float32 and borders.dtype == jnp.bfloat16
+    np.testing.assert_array_equal(np.asarray(c32), np.asarray(c_kernel))
+    np.testing.assert_array_equal(np.asarray(h32.astype(jnp.bfloat16)), np.asarray(h_kernel))
+    expected = chunk_borders(*ops[1:])[0]  # (BH, NC, DHQK, DHV) float32
+    assert_close("borders", np.asarray(borders, np.float32), expected.reshape(borders.shape), TOL["bfloat16/float32"])
 
 
 def _ties(ops):

@@ -182,6 +182,7 @@ def _chunk_body(
     c0_ref,  # (BH, DHQK, DHV) float32
     h_ref,  # (BH, S, DHV) out, in q's dtype
     c_ref,  # (BH, DHQK, DHV) out, float32
+    borders_ref=None,  # (BH, NC * DHQK, DHV) out, in q's dtype: r(C_j) before every chunk, when asked for
     *,
     eps: float,
     block_dhv: int,
@@ -268,6 +269,8 @@ def _chunk_body(
             slot = lax.rem(j, depth)
             for operand in (0, 1, v_barrier, plan_barrier):
                 plgpu.barrier_wait(loaded.at[operand * depth + slot])
+            if borders_ref is not None:  # r(C_j), committed at the end of the last chunk, out while this one runs
+                plgpu.copy_smem_to_gmem(c16_smem, borders_ref.at[bh, pl.ds(j * DHQK, DHQK), columns])
             q_smem, k_smem, v_smem, plan_smem = q_bufs.at[slot], k_bufs.at[slot], v_bufs.at[slot], plan_bufs.at[slot]
             if interpret:  # the interpreter has no transposed WGMMA operands: transpose through shared memory
                 k_t = own(kt[0])
@@ -334,6 +337,8 @@ def _chunk_body(
 
             update = pl.run_scoped(first, plgpu.ACC((L, L), f32), plgpu.ACC((L, NV), f32))
             c = cast(decay_ref[bh, j] * c + cast(update, tile), tile)
+            if borders_ref is not None:
+                plgpu.wait_smem_to_gmem(0, wait_read_only=True)  # r(C_j) has left c16_smem
             c16_smem[...] = cast(c.astype(dtype), tile)
             plgpu.commit_smem()
 
@@ -387,7 +392,9 @@ def _chunk_body(
     pl.run_scoped(store_c, c32, collective_axes="wg")
 
 
-@functools.partial(jax.jit, static_argnames=("eps", "block_dhv", "depth", "consumers", "interpret", "h_dtype"))
+@functools.partial(
+    jax.jit, static_argnames=("eps", "block_dhv", "depth", "consumers", "interpret", "h_dtype", "borders")
+)
 def mosaic_chunkwise(
     q: jax.Array,  # (BH, S, DHQK), S a multiple of CHUNK
     k: jax.Array,  # (BH, S, DHQK)
@@ -402,14 +409,18 @@ def mosaic_chunkwise(
     consumers: int = 1,
     interpret: bool = False,
     h_dtype: Any = None,
-) -> tuple[jax.Array, jax.Array]:
+    borders: bool = False,
+) -> tuple[jax.Array, ...]:
     """The kernel on ``BH`` flattened heads, from :func:`chunk_plan`'s plan; the caller checks shapes.
 
     ``consumers`` warpgroups per program (1 or 2), each with ``block_dhv`` columns of c (module docstring).
     ``h_dtype``: h's dtype, None for q's, or float32 (the backward's normaliser gradient reads h unrounded).
+    ``borders``: also write the state before every chunk, rounded to q's dtype as it enters ``q C`` (the
+    backward's border states; a TMA store of the tile the kernel already holds, per chunk).
 
     Returns:
-        ``(h (BH, S, DHV) in h_dtype, c after the last chunk (BH, DHQK, DHV) float32)``.
+        ``(h (BH, S, DHV) in h_dtype, c after the last chunk (BH, DHQK, DHV) float32)``, and with ``borders``
+        ``r(C_j)`` before every chunk j, (BH, NC * DHQK, DHV) in q's dtype, third.
     """
     BH, S, DHQK = q.shape
     DHV = v.shape[-1]
@@ -431,6 +442,7 @@ def mosaic_chunkwise(
         out_type=(
             jax.ShapeDtypeStruct((BH, S, DHV), h_dtype or q.dtype),
             jax.ShapeDtypeStruct((BH, DHQK, DHV), jnp.float32),
+            *([jax.ShapeDtypeStruct((BH, S // CHUNK * DHQK, DHV), q.dtype)] if borders else []),
         ),
         mesh=plgpu.Mesh(
             grid=(BH, DHV // (consumers * block_dhv)), grid_names=("bh", "vb"), num_threads=consumers, thread_name="wg"
@@ -567,15 +579,20 @@ def chunkwise_mosaic_fw(
         if chunkwise_mosaic_unsupported(DHQK, DHV, dtype, block_dhv, depth=depth, consumers=consumers, h_dtype=wide):
             grad_consumers = 1  # two warpgroups' float32 h tiles may not fit beside the rest
 
-        def products(q, k, v, plan, decay, c0, h_dtype=None, consumers=consumers):
-            return mosaic_chunkwise(q, k, v, plan, decay, c0, eps=eps, consumers=consumers, h_dtype=h_dtype, **tiling)
+        def products(q, k, v, plan, decay, c0):
+            return mosaic_chunkwise(q, k, v, plan, decay, c0, eps=eps, consumers=consumers, **tiling)
 
-        def products_vjp(q, k, v, plan, decay, c0, h, dh, dc_last):
-            return mosaic_products_vjp(q, k, v, plan, decay, c0, eps, h, dh, dc_last, **tiling)
+        def products_for_grad(q, k, v, plan, decay, c0):  # h in float32 and the border states as the residual
+            return mosaic_chunkwise(
+                q, k, v, plan, decay, c0, eps=eps, consumers=grad_consumers, h_dtype=wide, borders=True, **tiling
+            )  # fmt: skip
+
+        def products_vjp(q, k, v, plan, decay, c0, h, borders, dh, dc_last):
+            return mosaic_products_vjp(q, k, v, plan, decay, c0, eps, h, dh, dc_last, borders=borders, **tiling)
 
         return split_cell(
             products, products_vjp, q, k, v, i, f, c_initial, n_initial, m_initial, return_last_states, eps,
-            state_dtype, segment_ids, functools.partial(products, h_dtype=wide, consumers=grad_consumers),
+            state_dtype, segment_ids, products_for_grad,
         )  # fmt: skip
     states_given = c_initial is not None
 

@@ -367,6 +367,7 @@ def mosaic_products_vjp(
     dh: jax.Array,  # (BH, S, DHV)
     dc_last: jax.Array,  # (BH, DHQK, DHV)
     *,
+    borders: jax.Array | None = None,  # (BH, NC * DHQK, DHV)
     block_dhv: int = 32,
     depth: int = 2,
     interpret: bool = False,
@@ -384,6 +385,8 @@ def mosaic_products_vjp(
         h: The forward kernel's h (BH, S, DHV), in q's dtype: the normaliser's gradient reads it.
         dh: The cotangent of h (BH, S, DHV), rounded to q's dtype for the products.
         dc_last: The cotangent of the last state (BH, DHQK, DHV).
+        borders: The border states r(C_j) (BH, NC * DHQK, DHV) in q's dtype where the forward wrote them
+            (``mosaic_chunkwise(..., borders=True)``); None computes them (stage (a)).
         block_dhv, depth: Columns of a state per program and chunks in flight of the scans and the gradient kernel.
         interpret: Run the kernels in Mosaic GPU's interpreter.
 
@@ -406,7 +409,10 @@ def mosaic_products_vjp(
     qc, kc, _, pc = _chunks(q, k, v, plan, NC, L)
     row = lambda r: pc[:, :, r]  # noqa: E731  (BH, NC, L)
     scan = {"block_dhv": block_dhv, "depth": depth, "interpret": interpret}
-    borders, _ = mosaic_state_scan(k, v, row(_GAIN), decay, c0, reverse=False, **scan)
+    if borders is None:
+        borders, _ = mosaic_state_scan(k, v, row(_GAIN), decay, c0, reverse=False, **scan)
+    elif borders.shape != (BH, NC * DHQK, DHV) or borders.dtype != dtype:
+        raise ValueError(f"borders {borders.shape} {borders.dtype} must be {(BH, NC * DHQK, DHV)} {dtype}")
     per_chunk = lambda q, k, plan: _normaliser(_scores(q, k, plan, f32)[2], plan, eps)  # noqa: E731
     qn, den = jax.vmap(jax.vmap(per_chunk))(qc, kc, pc)  # (BH, NC, L) each
     hc, dhc = h.reshape(BH, NC, L, DHV), dh.reshape(BH, NC, L, DHV)
@@ -465,10 +471,11 @@ def split_cell(
     Args:
         products: ``products(q, k, v, plan, decay, c0) -> (h, c_last)`` on the kernel's operands (heads flattened,
             S padded to whole chunks).
-        products_vjp: ``products_vjp(q, k, v, plan, decay, c0, h, dh, dc_last) -> (dq, dk, dv, dplan, ddecay,
-            dc0)``: the gradients of ``products``, given its h.
-        products_for_grad: What runs instead of ``products`` under differentiation (the same function; for
-            example with h in a wider dtype for ``products_vjp``); None: ``products``.
+        products_vjp: ``products_vjp(q, k, v, plan, decay, c0, h, residual, dh, dc_last) -> (dq, dk, dv, dplan,
+            ddecay, dc0)``: the gradients of ``products``, given its h and ``residual``.
+        products_for_grad: What runs instead of ``products`` under differentiation: the same function returning
+            ``(h, c_last, residual)`` (for example h in a wider dtype and the border states, for
+            ``products_vjp``); None: ``products`` with no residual.
         q, k, v, i, f, c_initial, n_initial, m_initial, return_last_states, eps, state_dtype, segment_ids: As
             :func:`~xlstm_jax.mlstm.chunkwise.chunkwise_fw`.
 
@@ -504,20 +511,20 @@ def split_cell(
         h = h.reshape(B, NH, -1, DHV)[:, :, :S].astype(q.dtype)
         return h, cast_states((c_last.reshape(B, NH, DHQK, DHV), *nm_last), x.out_dtypes)
 
-    def forward(q, k, v, i, f, states, products=products_for_grad or products):
+    def forward(q, k, v, i, f, states, products=products_for_grad or (lambda *ops: (*products(*ops), None))):
         (operands, nm_last), plan_vjp = jax.vjp(plan_part, q, k, v, i, f, states)
-        h, c_last = products(*operands)
+        h, c_last, residual = products(*operands)
         out, outputs_vjp = jax.vjp(outputs, h, c_last, nm_last)
-        return out, (operands, h, plan_vjp, outputs_vjp)
+        return out, (operands, h, residual, plan_vjp, outputs_vjp)
 
     @jax.custom_vjp
     def run(q, k, v, i, f, states):
-        return forward(q, k, v, i, f, states, products)[0]
+        return forward(q, k, v, i, f, states, lambda *ops: (*products(*ops), None))[0]
 
     def run_bwd(residuals, cotangents):
-        operands, h, plan_vjp, outputs_vjp = residuals
+        operands, h, residual, plan_vjp, outputs_vjp = residuals
         dh, dc_last, dnm_last = outputs_vjp(cotangents)
-        d_operands = products_vjp(*operands, h, dh, dc_last)
+        d_operands = products_vjp(*operands, h, residual, dh, dc_last)
         d_operands = tuple(d.astype(o.dtype) for d, o in zip(d_operands, operands, strict=True))
         return plan_vjp((d_operands, dnm_last))
 
@@ -568,8 +575,8 @@ def chunkwise_split_fw(
     def products(q, k, v, plan, decay, c0):
         return chunk_products(q, k, v, plan, decay, c0, eps)
 
-    def products_vjp(q, k, v, plan, decay, c0, h, dh, dc_last):
-        del h  # chunk_products_vjp recomputes it in the accumulation dtype
+    def products_vjp(q, k, v, plan, decay, c0, h, residual, dh, dc_last):
+        del h, residual  # chunk_products_vjp recomputes h in the accumulation dtype
         return chunk_products_vjp(q, k, v, plan, decay, c0, eps, dh, dc_last)
 
     return split_cell(
