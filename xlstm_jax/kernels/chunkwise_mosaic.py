@@ -260,10 +260,12 @@ def _chunk_body(
             if split:
                 copy_v()  # each warpgroup its own columns
 
-        for j in range(min(depth, NC)):
-            issue(j, j)
+        # c0 into its tile before any copy into this scope: the loads of c0 from the last scope's tile (which these
+        # tiles reuse) are then ordered before the copies by the fence.
         c16_smem[...] = cast(c_init.astype(dtype), tile)
         plgpu.commit_smem()
+        for j in range(min(depth, NC)):
+            issue(j, j)
 
         def chunk(j, c):
             slot = lax.rem(j, depth)

@@ -129,6 +129,11 @@ def _scan_body(
     operand = _swizzled(swizzle, itemsize)
 
     def body(a_bufs, b_bufs, gain_bufs, gb_smem, border_smem, loaded, *rest):
+        # The first border r(X) from the registers before any copy into this scope: the loads of x0 from the
+        # last scope's tile (which these tiles reuse) are then ordered before the copies by the fence.
+        border_smem[...] = cast(x_init.astype(border_smem.dtype), tile)
+        plgpu.commit_smem()
+
         def issue(i, slot):
             """Starts the TMA copies of the tiles of the i-th chunk visited into buffer ``slot``."""
             j = chunk_of(i)
@@ -159,10 +164,15 @@ def _scan_body(
 
             def product(acc):
                 plgpu.wgmma(acc, a_t, gb_smem)
-                # While the product runs: this chunk's border r(X), once the previous border has left the tile.
-                plgpu.wait_smem_to_gmem(0, wait_read_only=True)
-                border_smem[...] = cast(x.astype(border_smem.dtype), tile)
-                plgpu.commit_smem()
+
+                # While the product runs: this chunk's border r(X) (the first written before the loop), once the
+                # previous border has left the tile.
+                @pl.when(i > 0)
+                def _():
+                    plgpu.wait_smem_to_gmem(0, wait_read_only=True)
+                    border_smem[...] = cast(x.astype(border_smem.dtype), tile)
+                    plgpu.commit_smem()
+
                 plgpu.copy_smem_to_gmem(border_smem, borders_ref.at[bh, pl.ds(j * DHA, DHA), columns])
                 plgpu.wgmma_wait(0)
                 return acc[...]
