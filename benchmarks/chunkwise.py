@@ -34,7 +34,7 @@ Rows of the table ``chunkwise``, per shape and mode:
   divisibility) are left out with a note. fwdbwd differentiates through its custom VJP, once per
   ``--backward`` (``bw=`` in the label unless only ``xla`` is asked for): ``xla``, the XLA form's forward and
   backward; ``mosaic``, the kernel's forward and the Mosaic GPU backward kernels. fwd rows are timed once per
-  variant (the backward does not change the forward).
+  variant and carry no ``bw=`` (the backward does not change the forward).
 
 Columns: ``ms`` the median time of a call (``benchmarks/harness.py``'s ``time_jitted``: compilation apart,
 ``--repeats`` samples); ``spread`` (max - min) / median; ``compile s``; ``Mtok/s`` B·S over the time;
@@ -46,7 +46,9 @@ relative RMS error of the kernel's h against the XLA form's h (the first of ``--
 same inputs, over every ``--check-stride``-th column of h (default 8: every block of ``block_dhv`` columns
 is sampled; the full h at B=8, S=32768 has 10⁹ elements), bound ``RMS_BOUND['bfloat16']`` of forms.py; in
 fwdbwd rows the largest of the five gradients' relative RMS errors against the XLA form's gradients (the
-same stride over their last axis).
+same stride over their last axis); there also ``max err``, the largest error of one element over its
+gradient's largest (bound ``GRAD_MAX_BOUND``), and ``differ``, the elements that differ between two calls on the
+same inputs (0 for a deterministic kernel; ``ok`` needs all three).
 
 FLOPs and bytes (``benchmarks/forms.py``'s ``floor_counts`` at each row's chunk size L: 64 for the kernel,
 the row's L for XLA and TFLA): per head ``4·S·DHQK·DHV + S·L·(DHQK + DHV)`` matrix FLOPs (the chunk
@@ -132,8 +134,15 @@ COLUMNS = [
     Column("t/tfla", "t_over_tfla", ".2f", width=6),
     Column("t/xla", "t_over_xla", ".2f", width=6),
     Column("rel err", "rel_err", ".1e", width=7),
+    Column("max err", "max_err", ".1e", width=7),
+    Column("differ", "nondeterministic", "d", width=6),
     Column("ok", "ok", width=5),
 ]
+# The largest error of one gradient element, over its gradient's largest, that a fwdbwd row may show against the
+# XLA form's bf16 gradients: each of the two bf16 backwards errs by up to TOL['bfloat16-grad'] (2e-2, its
+# derivation in tests/numerics.py) of the largest against exact arithmetic, so they may differ by twice that; 5e-2
+# rounds up. A wrong element (a race, a missed term) errs by O(1).
+GRAD_MAX_BOUND = 5e-2
 PREFILL_COLUMNS = [
     Column("backend", "backend", width=28),
     Column("S", "S", width=6),
@@ -373,13 +382,20 @@ def bench_shape(report: Report, a: argparse.Namespace, B: int, S: int, tfla: dic
 
     grads_ref: list[np.ndarray] = []
 
-    def check_grads(name: str, fn: Callable) -> float:
-        """The largest relative RMS error of the five gradients of ``fn`` against the first XLA row's."""
+    def check_grads(name: str, fn: Callable) -> dict:
+        """The five gradients of ``fn`` against the first XLA row's: the largest relative RMS error, the largest
+        error of one element over its gradient's largest (a few wrong elements hide in an RMS), and the elements
+        that differ between two calls (a race between a kernel's threads or copies makes them differ)."""
         if not grads_ref:
             first = next(n for n, (_, _, kind, _) in table.items() if kind == "xla")
             grads_ref.extend(sample(g, a.check_stride) for g in jitted(table[first][0], "fwdbwd", args)(*args))
         grads = [sample(g, a.check_stride) for g in fn(*args)]
-        return max(rel_rms(r, g) for r, g in zip(grads_ref, grads, strict=True))
+        again = [sample(g, a.check_stride) for g in fn(*args)]
+        rms = max(rel_rms(r, g) for r, g in zip(grads_ref, grads, strict=True))
+        worst = max(float(np.max(np.abs(g - r)) / np.max(np.abs(r))) for r, g in zip(grads_ref, grads, strict=True))
+        differ = sum(int(np.sum(g != h)) for g, h in zip(grads, again, strict=True))
+        ok = rms <= bound and worst <= GRAD_MAX_BOUND and differ == 0
+        return {"rel_err": rms, "max_err": worst, "max_bound": GRAD_MAX_BOUND, "nondeterministic": differ, "ok": ok}
 
     table = forms(a)
     has_xla = any(kind == "xla" for _, _, kind, _ in table.values())
@@ -395,9 +411,12 @@ def bench_shape(report: Report, a: argparse.Namespace, B: int, S: int, tfla: dic
             times["tfla"] = row["median_s"]
             report.add("chunkwise", row)
         for name, (form, L, kind, settings) in table.items():
-            if mode == "fwd" and settings.get("backward", a.backward[0]) != a.backward[0]:
-                continue  # the same forward as the first backward's row
-            row = {"form": name, "kind": kind, "B": B, "S": S, "mode": mode, "L": L, **settings}
+            label, fields = name, dict(settings)
+            if mode == "fwd" and kind == "mosaic":  # the backward does not change the forward: one row, no bw=
+                if fields.pop("backward") != a.backward[0]:
+                    continue
+                label = name.split(" bw=")[0]
+            row = {"form": label, "kind": kind, "B": B, "S": S, "mode": mode, "L": L, **fields}
             try:
                 fn = fwd.setdefault(name, jax.jit(form)) if mode == "fwd" else jitted(form, mode, args)
                 timing = time_jitted(fn, *args, repeats=a.repeats)
@@ -406,8 +425,11 @@ def bench_shape(report: Report, a: argparse.Namespace, B: int, S: int, tfla: dic
                 continue
             if kind == "mosaic" and has_xla:
                 try:
-                    err = check(name, form) if mode == "fwd" else check_grads(name, fn)
-                    row.update(rel_err=err, bound=bound, ok=err <= bound, check_stride=a.check_stride)
+                    if mode == "fwd":
+                        err = check(name, form)
+                        row.update(rel_err=err, bound=bound, ok=err <= bound, check_stride=a.check_stride)
+                    else:
+                        row.update(check_grads(name, fn), bound=bound, check_stride=a.check_stride)
                 except Exception as exc:
                     report.note(f"{name} B={B} S={S}: check FAILED {type(exc).__name__}: {str(exc)[:300]}")
             row.update(timing.as_row())

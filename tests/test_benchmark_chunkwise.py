@@ -49,6 +49,18 @@ def test_smoke_rows_rates_and_ratios(smoke):
     assert xla["compile_s"] > 0 and kernel["compile_s"] > 0 and kernel["repeats"] == 2
 
 
+def test_fwdbwd_rows_check_the_gradients(tmp_path):
+    """fwdbwd with both backwards: one row per backward, each checked against the XLA form's gradients (relative
+    RMS, largest element, and two calls compared element by element)."""
+    argv = ["--smoke", "--modes", "fwdbwd", "--ceilings", "nominal", "--tfla", "skip", "--prefill-tokens"]
+    chunkwise.main([*argv, "--json", str(tmp_path / "out.json")])
+    rows = json.loads((tmp_path / "out.json").read_text())["tables"]["chunkwise"]
+    assert [r["form"] for r in rows] == ["xla L=32", "mosaic bdhv=32 bw=xla", "mosaic bdhv=32 bw=mosaic"]
+    for row in rows[1:]:
+        assert 0 < row["rel_err"] <= row["bound"] and 0 < row["max_err"] <= row["max_bound"] == chunkwise.GRAD_MAX_BOUND
+        assert row["nondeterministic"] == 0 and row["ok"] is True
+
+
 def test_smoke_checks_the_kernel_against_the_xla_form(smoke):
     kernel = smoke["tables"]["chunkwise"][-1]
     assert kernel["bound"] == RMS_BOUND["bfloat16"] and kernel["check_stride"] == 1
