@@ -4,8 +4,8 @@ On a Hopper GPU the kernel runs compiled; elsewhere it runs in Mosaic GPU's inte
 on the same cases, and its CUDA lowering (layouts, swizzles, shared memory) is checked on the CPU. Cases: odd S
 (padding inside), S below one chunk, several chunks, initial states, extreme and closed gates, resets, packed
 documents on and across chunk borders, both column tilings, one and two warpgroups per program; gradients (the
-XLA form's backward, and the Mosaic GPU backward kernels with ``backward="mosaic"``) through the custom_vjp; the errors for
-what the kernel does not run.
+XLA form's backward, and the Mosaic GPU backward kernels with ``backward="mosaic"``) through the custom_vjp; the
+errors for what the kernel does not run.
 """
 
 from __future__ import annotations
