@@ -67,6 +67,8 @@ from xlstm_jax.kernels.chunkwise_mosaic import (
     CHUNK,
     chunk_plan,
 )
+from xlstm_jax.kernels.chunkwise_mosaic_grads import D_COL, D_DECAY, D_GAIN, D_INTER, D_ROW, mosaic_chunk_gradients
+from xlstm_jax.kernels.chunkwise_mosaic_scan import mosaic_state_scan
 from xlstm_jax.mlstm.chunkwise import chunk_sequence
 from xlstm_jax.mlstm.states import cast_states
 
@@ -278,19 +280,27 @@ def _chunk_gradients(q, k, v, plan, c, dc_next, dh, eps):
     dq = _dot("te,de->td", d_inter, c_r, acc) + _dot("ts,sd->td", ds, k, acc)
     dk = _dot("ts,td->sd", ds, q, acc) + _dot("te,de->td", _gated_values(v, plan, acc), dc_next, acc)
     dv = _dot("ts,te->se", p_r, dnum, acc) + plan[_GAIN][:, None] * dgv
-    zero = jnp.zeros_like(qn)
+    d_row, d_col = jnp.sum(dlog_d, axis=1), jnp.sum(dlog_d, axis=0)
+    d_inter, d_gain = jnp.sum(dnum * inter, axis=1), jnp.sum(v.astype(acc) * dgv, axis=1)
+    dplan = _plan_rows(d_row, d_col, d_inter, dqn, dlower, d_gain, axis=0)
+    return dq, dk, dv, dplan, jnp.sum(dc_next * c)
+
+
+def _plan_rows(d_row, d_col, d_inter, d_qn, d_lower, d_gain, axis):
+    """The plan's gradient from its rows' (each (..., L)), stacked at ``axis`` in the plan's order; the break
+    counts' rows are 0 (they only select, through comparisons)."""
+    zero = jnp.zeros_like(d_row)
     rows = {
-        _ROW: jnp.sum(dlog_d, axis=1),
-        _COL: jnp.sum(dlog_d, axis=0),
+        _ROW: d_row,
+        _COL: d_col,
         _BREAKS: zero,
-        _INTER: jnp.sum(dnum * inter, axis=1),
-        _QN: dqn,
-        _LOWER: dlower,
-        _GAIN: jnp.sum(v.astype(acc) * dgv, axis=1),
+        _INTER: d_inter,
+        _QN: d_qn,
+        _LOWER: d_lower,
+        _GAIN: d_gain,
         _BREAKS_COL: zero,
     }
-    dplan = jnp.stack([rows[r] for r in range(_PLAN_ROWS)])
-    return dq, dk, dv, dplan, jnp.sum(dc_next * c)
+    return jnp.stack([rows[r] for r in range(_PLAN_ROWS)], axis=axis)
 
 
 def chunk_products_vjp(
@@ -397,9 +407,6 @@ def mosaic_products_vjp(
     Raises:
         ValueError: the shapes do not fit together, or a kernel cannot run them.
     """
-    from xlstm_jax.kernels.chunkwise_mosaic_grads import mosaic_chunk_gradients
-    from xlstm_jax.kernels.chunkwise_mosaic_scan import mosaic_state_scan
-
     BH, S, DHQK, DHV, NC, L = _check(q, k, v, plan, decay, c0)
     for name, x, shape in (("h", h, v.shape), ("dh", dh, v.shape), ("dc_last", dc_last, c0.shape)):
         if x.shape != shape:
@@ -421,25 +428,16 @@ def mosaic_products_vjp(
     w = row(_INTER) * rden
     dh = dh.astype(dtype)
     dborders, dc0 = mosaic_state_scan(q, dh, w, decay, dc_last.astype(f32), reverse=True, **scan)
+    # mosaic_chunk_gradients' vector rows, in its order: ROW, COL, BREAKS, BREAKS_COL, GAIN, RDEN, W, DQN
     vectors = (row(_ROW), row(_COL), row(_BREAKS), row(_BREAKS_COL), row(_GAIN), rden, w, dqn)
     vec = jnp.stack(vectors, axis=2).reshape(BH, NC * _PLAN_ROWS, L)
     dq, dk, dv, dvec = mosaic_chunk_gradients(
         q, k, v, dh, borders, dborders, vec, block_dhv=block_dhv, interpret=interpret
     )  # fmt: skip
     dvec = dvec.reshape(BH, NC, _PLAN_ROWS, L)
-    zero = jnp.zeros_like(dqn)
-    rows = {
-        _ROW: dvec[:, :, 0],
-        _COL: dvec[:, :, 1],
-        _BREAKS: zero,
-        _INTER: dvec[:, :, 2],
-        _QN: dqn,
-        _LOWER: dlower,
-        _GAIN: dvec[:, :, 3],
-        _BREAKS_COL: zero,
-    }
-    dplan = jnp.stack([rows[r] for r in range(_PLAN_ROWS)], axis=2).reshape(plan.shape)
-    return dq, dk, dv, dplan, dvec[:, :, 4, 0], dc0
+    d_row, d_col, d_inter, d_gain, d_decay = (dvec[:, :, r] for r in (D_ROW, D_COL, D_INTER, D_GAIN, D_DECAY))
+    dplan = _plan_rows(d_row, d_col, d_inter, dqn, dlower, d_gain, axis=2).reshape(plan.shape)
+    return dq, dk, dv, dplan, d_decay[..., 0], dc0
 
 
 Products = Callable[..., tuple[jax.Array, jax.Array]]
