@@ -54,6 +54,7 @@ BAD_FLAGS = [
     (["--lr", "-1"], "argument --lr: must be a positive number, got -1"),
     (["--schedule", "linear"], "argument --schedule: invalid choice: 'linear'"),
     (["--remat", "some"], "argument --remat: invalid choice: 'some'"),
+    (["--mlstm-backward", "triton"], "argument --mlstm-backward: invalid choice: 'triton'"),
     (["--tokenizer", "/nonexistent/tokenizer.json"], "data.tokenizer='/nonexistent/tokenizer.json' is neither"),
     (["--data-kind", "tokens"], "is not a file"),
     (["--data-kind", "stdlib"], "data.paths must be empty with data.kind='stdlib'"),

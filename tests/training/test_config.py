@@ -72,6 +72,15 @@ def test_splits_over_the_mesh(corpus, changes, num_devices, message):
     assert message in _problems(_config(corpus, **changes), num_devices)
 
 
+def test_mlstm_backward(corpus):
+    """The cell's backward where its Mosaic kernel runs: "xla" or "mosaic", anything else a problem."""
+    assert _config(corpus).mlstm_backward == "xla"
+    _config(corpus, mlstm_backward="mosaic").validate(1)
+    assert "mlstm_backward must be one of ['xla', 'mosaic'], got 'cuda'" in _problems(
+        _config(corpus, mlstm_backward="cuda"), 1
+    )
+
+
 def test_splits_that_fit(corpus):
     _config(corpus, mesh=MeshConfig(data=2, fsdp=2, tensor=2), accum_steps=2).validate(8)
 

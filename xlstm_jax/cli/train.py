@@ -79,6 +79,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     model.add_argument(
         "--scan-blocks", action=argparse.BooleanOptionalAction, default=None, help="blocks under nn.scan"
     )
+    model.add_argument(
+        "--mlstm-backward",
+        choices=["xla", "mosaic"],
+        help="the mLSTM backward where its Mosaic GPU kernel runs (Hopper): XLA (default) or the Mosaic kernels",
+    )
 
     data = p.add_argument_group("data")
     data.add_argument("--data", metavar="PATH", nargs="+", help="text files, folders or glob patterns; or a token file")
@@ -123,6 +128,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 _FIELDS = {
     "remat": (None, "remat"),
     "scan_blocks": (None, "scan_blocks"),
+    "mlstm_backward": (None, "mlstm_backward"),
     "data": ("data", "paths"),
     "data_kind": ("data", "kind"),
     "tokenizer": ("data", "tokenizer"),

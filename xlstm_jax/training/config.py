@@ -48,6 +48,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from xlstm_jax.kernels.chunkwise_mosaic import BACKWARDS
 from xlstm_jax.models.xlstm_parallel.config import xLSTMLMConfig
 from xlstm_jax.models.xlstm_parallel.hf import CONFIG_NAME, INDEX_NAME, WEIGHTS_NAME, config_from_hf
 from xlstm_jax.models.xlstm_parallel.runtime import Remat
@@ -249,6 +250,9 @@ class TrainConfig:
         accum_steps: Micro-batches per step (gradient accumulation): ``data.batch_size / accum_steps`` rows each.
         remat: Rematerialisation of each block: ``"none"``, ``"full"`` or ``"dots"`` (``Remat``).
         scan_blocks: Run the blocks under ``nn.scan`` (faster compilation of deep models).
+        mlstm_backward: The mLSTM cell's backward pass where its Mosaic GPU forward kernel runs (Hopper):
+            ``"xla"``, the XLA chunkwise form forward and backward, or ``"mosaic"``, the kernel forward and the
+            Mosaic GPU backward kernels (BENCHMARKS.md). Elsewhere the XLA form runs either way.
         checkpoint_dir: Where checkpoints go (None: no checkpoints).
         checkpoint_every: Save every this many steps (and at the end).
         checkpoint_keep: Keep the newest this many checkpoints.
@@ -274,6 +278,7 @@ class TrainConfig:
     accum_steps: int = 1
     remat: str = "none"
     scan_blocks: bool = False
+    mlstm_backward: str = "xla"
     checkpoint_dir: str | None = None
     checkpoint_every: int = 500
     checkpoint_keep: int = 3
@@ -515,6 +520,8 @@ class TrainConfig:
             out.append(f"seed must be < 2**32, got {self.seed}")
         if self.remat not in [r.value for r in Remat]:
             out.append(f"remat must be one of {[r.value for r in Remat]}, got {self.remat!r}")
+        if self.mlstm_backward not in BACKWARDS:
+            out.append(f"mlstm_backward must be one of {list(BACKWARDS)}, got {self.mlstm_backward!r}")
         for name in ("scan_blocks", "resume"):
             if not isinstance(getattr(self, name), bool):
                 out.append(f"{name} must be true or false, got {getattr(self, name)!r}")

@@ -336,7 +336,11 @@ def train(
     else:  # fine-tuning: the directory's config as load_hf reads it (a tied head may load untied)
         overrides = {"param_dtype": "float32", **dict(config.model_overrides)}
         model_config, hf_params = load_hf(config.model, scan_blocks=config.scan_blocks, **overrides)
-    runtime = RuntimeConfig(remat=config.remat, scan_blocks=config.scan_blocks)
+    runtime = RuntimeConfig(
+        remat=config.remat,
+        scan_blocks=config.scan_blocks,
+        prefill_backend_kwargs=(("backward", config.mlstm_backward),),
+    )
 
     source = data.source(model_config)
     eval_batches = _validation_batches(config, source, model_config.vocab_size) if config.eval_every else []
