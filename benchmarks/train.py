@@ -2,7 +2,8 @@
 
 Times the library's training step (``xlstm_jax.training.step.make_train_step`` with ``make_optimizer``'s
 AdamW, without gradient clipping as the anchor) on a 1.3B-class model (D=2048, 24 blocks, 4 heads of
-DHQK=256 and DHV=512, vocabulary 50304, float32 parameters, bfloat16 compute, the chunkwise form) at S=4096,
+DHQK=256 and DHV=512, vocabulary 50304, float32 parameters, bfloat16 compute, the XLA chunkwise form, or with
+``--mlstm-backward mosaic`` the Mosaic GPU chunkwise kernels forward and backward on Hopper) at S=4096,
 for each (batch, remat policy) case of ``--cases`` (``B:remat``, remat one of ``none``, ``dots``, ``full``:
 ``RuntimeConfig.remat``). A case that runs out of device memory is kept in the table as ``OOM``; a case that
 would end past ``--time-budget`` seconds from the start (judged by the longest case so far) is listed as
@@ -174,9 +175,10 @@ def primitives(jaxpr: Any) -> set[str]:
 
 def run_case(config: xLSTMLMConfig, a: argparse.Namespace, B: int, remat: Remat) -> dict[str, Any]:
     """Times the training step at batch B with ``remat``; the row's timing fields (raises on failure)."""
+    backend = ("chunkwise", ()) if a.mlstm_backward == "xla" else ("chunkwise_mosaic", (("backward", "mosaic"),))
     runtime = RuntimeConfig(
-        prefill_backend="chunkwise",
-        prefill_backend_kwargs=(("chunk_size", a.chunk_size),),
+        prefill_backend=backend[0],
+        prefill_backend_kwargs=(("chunk_size", a.chunk_size), *backend[1]),
         scan_blocks=a.scan_blocks,
         remat=remat,
     )
@@ -245,6 +247,13 @@ def main(argv: Sequence[str] | None = None) -> dict:
     add_model_arguments(p)
     p.add_argument("--cases", nargs="+", type=parse_case, default=None, help=f"B:remat pairs (default {DEFAULT_CASES})")
     p.add_argument("--scan-blocks", action="store_true", help="run the blocks under nn.scan (faster compilation)")
+    p.add_argument(
+        "--mlstm-backward",
+        choices=("xla", "mosaic"),
+        default="xla",
+        help="the mLSTM cell: the XLA chunkwise form (xla), or on Hopper the Mosaic GPU forward and backward kernels "
+        "(mosaic; the XLA form elsewhere)",
+    )
     p.add_argument("--warmup", type=int, default=2, help="untimed steps after compilation")
     p.add_argument(
         "--time-budget",
