@@ -3,8 +3,8 @@
 On a Hopper GPU the kernel runs compiled; elsewhere it runs in Mosaic GPU's interpreter (where this JAX has one),
 and its CUDA lowering (layouts, swizzles, the transposed operand) is checked on the CPU. Cases: both directions,
 both column tilings, pipelines shallower than, as deep as and deeper than the chunks, bf16 and f16, decays of 0
-and 1, gains of 0 (a whole chunk's and single steps'), a nonzero initial state; the errors for what it does not
-run.
+and 1, gains of 0 (a whole chunk's and single steps'), a nonzero initial state; two warpgroups per program (one
+program per head, and two), their slots refilled several times; the errors for what it does not run.
 """
 
 from __future__ import annotations
@@ -37,7 +37,7 @@ runs = pytest.mark.skipif(
 BH, NC, DHA, DHB = 2, 3, 64, 64
 
 
-def scan_inputs(seed: int, dtype) -> tuple[jax.Array, ...]:
+def scan_inputs(seed: int, dtype, NC: int = NC, DHB: int = DHB) -> tuple[jax.Array, ...]:
     """Random a, b (in ``dtype``), gain, decay, x0 (float32), never zeros but for the chosen gates: decays of 0 and
     1 in both heads (at the scan's start and end in either direction), a chunk of zero gains, zero gains at single
     steps."""
@@ -46,9 +46,9 @@ def scan_inputs(seed: int, dtype) -> tuple[jax.Array, ...]:
     b = rng.standard_normal((BH, NC * CHUNK, DHB))
     gain = rng.uniform(0.1, 2.0, (BH, NC, CHUNK))
     gain[0, 1] = 0.0
-    gain[1, 2, ::5] = 0.0
+    gain[1, NC - 1, ::5] = 0.0
     decay = rng.uniform(0.2, 0.95, (BH, NC))
-    decay[0, 0], decay[0, 2], decay[1, 0], decay[1, 1] = 1.0, 0.0, 0.0, 1.0
+    decay[0, 0], decay[0, NC - 1], decay[1, 0], decay[1, NC - 2] = 1.0, 0.0, 0.0, 1.0
     x0 = rng.standard_normal((BH, DHA, DHB))
     return tuple(jnp.asarray(x, dtype) for x in (a, b)) + tuple(jnp.asarray(x, jnp.float32) for x in (gain, decay, x0))
 
@@ -58,6 +58,7 @@ def reference(a, b, gain, decay, x0, reverse: bool) -> tuple[np.ndarray, np.ndar
     feeds it to the matrix units): borders (BH, NC, DHA, DHB) unrounded, and the last state."""
     A, B = np.asarray(a, np.float64), np.asarray(b, np.float64)
     G, D = np.asarray(gain, np.float64), np.asarray(decay, np.float64)
+    NC, DHB = D.shape[1], B.shape[-1]
     borders = np.zeros((BH, NC, DHA, DHB))
     last = np.zeros((BH, DHA, DHB))
     for h in range(BH):
@@ -71,23 +72,39 @@ def reference(a, b, gain, decay, x0, reverse: bool) -> tuple[np.ndarray, np.ndar
     return borders, last
 
 
-# (reverse, block_dhv, depth, dtype)
+# (reverse, block_dhv, depth, dtype, consumers, NC, DHB)
 CASES = [
-    (False, 32, 2, jnp.bfloat16),  # two column blocks, one slot refilled
-    (True, 32, 2, jnp.bfloat16),
-    (False, 64, 1, jnp.bfloat16),  # one column block, every slot refilled
-    (True, 64, 4, jnp.float16),  # a pipeline deeper than the chunks
+    (False, 32, 2, jnp.bfloat16, 1, NC, DHB),  # two column blocks, one slot refilled
+    (True, 32, 2, jnp.bfloat16, 1, NC, DHB),
+    (False, 64, 1, jnp.bfloat16, 1, NC, DHB),  # one column block, every slot refilled
+    (True, 64, 4, jnp.float16, 1, NC, DHB),  # a pipeline deeper than the chunks
+    # Two warpgroups: one program per head (DHB=64), or two (DHB=128); five chunks refill every slot, some twice.
+    (False, 32, 2, jnp.bfloat16, 2, 5, 64),
+    (True, 32, 2, jnp.bfloat16, 2, 5, 64),
+    (False, 32, 3, jnp.bfloat16, 2, 5, 128),
+    (True, 32, 3, jnp.float16, 2, 5, 128),
 ]
-CASE_IDS = ["forward", "reverse", "forward-depth1-wide", "reverse-depth4-wide-f16"]
+CASE_IDS = [
+    "forward",
+    "reverse",
+    "forward-depth1-wide",
+    "reverse-depth4-wide-f16",
+    "forward-two-wg",
+    "reverse-two-wg",
+    "forward-two-wg-depth3-two-programs",
+    "reverse-two-wg-depth3-two-programs-f16",
+]
 
 
 @runs
-@pytest.mark.parametrize(("reverse", "block_dhv", "depth", "dtype"), CASES, ids=CASE_IDS)
-def test_matches_reference(reverse, block_dhv, depth, dtype):
+@pytest.mark.parametrize(("reverse", "block_dhv", "depth", "dtype", "consumers", "NC", "DHB"), CASES, ids=CASE_IDS)
+def test_matches_reference(reverse, block_dhv, depth, dtype, consumers, NC, DHB):
     """Every border (rounded to the inputs' dtype) and the last state (float32) against the float64 loop, within
     the bf16 bound (f16 rounds finer)."""
-    args = scan_inputs(block_dhv + depth + reverse, dtype)
-    borders, last = mosaic_state_scan(*args, reverse=reverse, block_dhv=block_dhv, depth=depth, interpret=INTERPRET)
+    args = scan_inputs(block_dhv + depth + reverse + 10 * (consumers - 1), dtype, NC, DHB)
+    borders, last = mosaic_state_scan(
+        *args, reverse=reverse, block_dhv=block_dhv, depth=depth, consumers=consumers, interpret=INTERPRET
+    )
     assert borders.shape == (BH, NC * DHA, DHB) and borders.dtype == dtype
     assert last.shape == (BH, DHA, DHB) and last.dtype == jnp.float32
     ref_borders, ref_last = reference(*args, reverse)
@@ -96,16 +113,19 @@ def test_matches_reference(reverse, block_dhv, depth, dtype):
     assert_close("last state", ref_last, last, tol)
 
 
-@pytest.mark.parametrize(("reverse", "block_dhv"), [(False, 32), (True, 64)])
-def test_lowers_for_cuda(reverse, block_dhv):
+@pytest.mark.parametrize(
+    ("reverse", "block_dhv", "consumers", "DHB"), [(False, 32, 1, 128), (True, 64, 1, 128), (True, 32, 2, 512)]
+)
+def test_lowers_for_cuda(reverse, block_dhv, consumers, DHB):
     """Tracing and Mosaic GPU lowering at the xLSTM-7B head shape (DHA=256; layouts, the operands' shared swizzle,
-    the transposed a operand) succeed on any machine."""
+    the transposed a operand; with two warpgroups their shared and own tiles and barriers) succeed on any
+    machine."""
     S, f32, A = 2 * CHUNK, jnp.float32, jax.ShapeDtypeStruct
     avals = (
-        A((BH, S, 256), jnp.bfloat16), A((BH, S, 128), jnp.bfloat16), A((BH, 2, CHUNK), f32), A((BH, 2), f32),
-        A((BH, 256, 128), f32),
+        A((BH, S, 256), jnp.bfloat16), A((BH, S, DHB), jnp.bfloat16), A((BH, 2, CHUNK), f32), A((BH, 2), f32),
+        A((BH, 256, DHB), f32),
     )  # fmt: skip
-    step = functools.partial(mosaic_state_scan, reverse=reverse, block_dhv=block_dhv)
+    step = functools.partial(mosaic_state_scan, reverse=reverse, block_dhv=block_dhv, consumers=consumers)
     text = jax.jit(step).trace(*avals).lower(lowering_platforms=("cuda",)).as_text()
     assert "mosaic_gpu" in text
 
@@ -136,6 +156,10 @@ def test_bad_inputs_raise():
         scan(a[..., :32], b, gain, decay, x0[:, :32])
     with pytest.raises(ValueError, match="block_dhv=48 must be 32 or 64 and divide DHB=64"):
         scan(a, b, gain, decay, x0, block_dhv=48)
+    with pytest.raises(ValueError, match=r"DHB=64 must be a multiple of consumers \* block_dhv = 128"):
+        scan(a, b, gain, decay, x0, block_dhv=64, consumers=2)
+    with pytest.raises(ValueError, match="consumers=3 must be 1 or 2"):
+        scan(a, b, gain, decay, x0, consumers=3)
     assert state_scan_unsupported(256, 512, jnp.bfloat16, 64, 2) is None
     assert state_scan_unsupported(96, 64, jnp.bfloat16, 32, 2) == "DHA=96 must be a positive multiple of 64"
     assert state_scan_unsupported(64, 96, jnp.bfloat16, 64, 2) == "block_dhv=64 must be 32 or 64 and divide DHB=96"
@@ -146,3 +170,9 @@ def test_bad_inputs_raise():
     assert state_scan_shared_memory_bytes(256, jnp.bfloat16, 32) == 92.5 * 1024  # the module docstring's budget
     too_big = state_scan_unsupported(256, 512, jnp.bfloat16, 64, 5)
     assert too_big is not None and "241.25 KiB of shared memory" in too_big and "227 KiB" in too_big
+    assert state_scan_unsupported(256, 512, jnp.bfloat16, 32, 2, consumers=2) is None
+    assert state_scan_shared_memory_bytes(256, jnp.bfloat16, 32, consumers=2) == 120.5 * 1024  # the docstring's
+    # Two warpgroups, block_dhv=64, depth 1: the two float32 tiles of X in and out outweigh the chunk loop's tiles.
+    assert state_scan_shared_memory_bytes(320, jnp.bfloat16, 64, 1, consumers=2) == 2 * 320 * 64 * 4
+    too_big = state_scan_unsupported(256, 512, jnp.bfloat16, 64, 3, consumers=2)
+    assert too_big is not None and "224.75 KiB of shared memory" in too_big and "consumers=2" in too_big

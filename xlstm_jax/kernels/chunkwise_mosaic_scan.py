@@ -16,21 +16,29 @@ two scans:
 - reverse, ``a = q``, ``b = dh``, ``gain = INTER / den``, ``x0`` the last state's cotangent: the border
   cotangents r(dC_{j+1}), and the initial state's cotangent dC_0.
 
-One program (one warpgroup) per head and block of ``block_dhv`` columns of X, which it holds in registers in
-float32 from ``x0`` to the last state. Its chunks' a, b and gain tiles arrive through a TMA pipeline ``depth``
-chunks deep (in the order the scan visits them); per chunk, ``r(gain ⊙ b)`` goes to shared memory, the product
-``aᵀ r(gain ⊙ b)`` runs on the WGMMA units (float32 accumulation) while ``r(X)`` is written to the borders
-through a staging tile and a TMA store, and then ``X = decay · X + product``.
+One program (a CUDA block of ``consumers`` warpgroups) per head and block of ``consumers * block_dhv`` columns
+of X; each warpgroup holds its ``block_dhv`` columns in registers in float32 from ``x0`` to the last state. The
+chunks' a, b and gain tiles arrive through a TMA pipeline ``depth`` chunks deep (in the order the scan visits
+them); per chunk, ``r(gain ⊙ b)`` goes to shared memory, the product ``aᵀ r(gain ⊙ b)`` runs on the WGMMA units
+(float32 accumulation) while ``r(X)`` is written to the borders through a staging tile and a TMA store, and then
+``X = decay · X + product``.
+
+With ``consumers=2`` the two warpgroups of a program share one copy of the a and gain tiles per pipeline slot
+(warpgroup 0 issues their copies) and each has its own b, r(gain ⊙ b) and staging tiles; while one waits on its
+product, its border store or its copies, the other's run. A slot is refilled once both warpgroups have arrived
+at its "consumed" barrier.
 
 Shared memory per program (:func:`state_scan_shared_memory_bytes`), at DHA=256, block_dhv=32, depth=2, bf16: per
-slot a 64·256·2 B = 32 KiB, b 64·32·2 B = 4 KiB and gain 64·4 B = 256 B; r(gain ⊙ b) 4 KiB and the borders'
-staging tile 256·32·2 B = 16 KiB: 92.5 KiB in the chunk loop (X in and out goes through a float32 tile of
-32 KiB in scopes of its own). Hopper allows 227 KiB per block; a few KiB of it are kept for the barriers and
-alignment that Mosaic GPU adds (:func:`state_scan_unsupported`).
+slot a 64·256·2 B = 32 KiB and gain 64·4 B = 256 B, shared; per warpgroup the b tiles 2·64·32·2 B = 8 KiB,
+r(gain ⊙ b) 4 KiB and the borders' staging tile 256·32·2 B = 16 KiB, 28 KiB: 92.5 KiB in the chunk loop with one
+warpgroup, 120.5 KiB with two. X in and out goes through float32 tiles of 256·32·4 B = 32 KiB per warpgroup in
+scopes of their own (the larger scope only with two warpgroups, block_dhv=64 and depth=1). Hopper allows 227 KiB
+per block; a few KiB of it are kept for the barriers and alignment that Mosaic GPU adds
+(:func:`state_scan_unsupported`).
 
 Limits. Hopper (TMA and WGMMA). a and b bf16 or f16 (the WGMMA operand dtypes); DHA a multiple of 64, DHB a
-multiple of ``block_dhv`` (32 or 64). ``interpret=True`` runs the kernel in Mosaic GPU's interpreter on any
-backend (slow; for tests on a CPU) where the JAX version has one
+multiple of ``consumers * block_dhv`` (block_dhv 32 or 64, consumers 1 or 2). ``interpret=True`` runs the kernel
+in Mosaic GPU's interpreter on any backend (slow; for tests on a CPU) where the JAX version has one
 (:func:`xlstm_jax.kernels.mosaic.mosaic_interpret_params`).
 """
 
@@ -51,27 +59,33 @@ from xlstm_jax.kernels.mosaic import mosaic_interpret_params
 __all__ = ["mosaic_state_scan", "state_scan_shared_memory_bytes", "state_scan_unsupported"]
 
 
-def state_scan_shared_memory_bytes(DHA: int, dtype: Any, block_dhv: int, depth: int = 2) -> int:
-    """Bytes of shared memory of the scan's chunk loop (its largest scope): the tiles, not the barriers.
+def state_scan_shared_memory_bytes(DHA: int, dtype: Any, block_dhv: int, depth: int = 2, consumers: int = 1) -> int:
+    """Bytes of shared memory of the scan's largest scope, the tiles without the barriers, per program.
 
-    Per pipeline slot the a tile (L, DHA), the b tile (L, block_dhv) and the gains (1, L) float32; once, the
-    gated tile r(gain ⊙ b) (L, block_dhv) and the borders' staging tile (DHA, block_dhv). The float32 tile that
-    carries X in and out, (DHA, block_dhv), lives in scopes of its own and is never the larger.
+    The chunk loop's scope: per pipeline slot the a tile (L, DHA) and the gains (1, L) float32, shared by the
+    warpgroups; per warpgroup ``depth`` b tiles (L, block_dhv), the gated tile r(gain ⊙ b) (L, block_dhv) and the
+    borders' staging tile (DHA, block_dhv). The float32 tiles that carry X in and out, (DHA, block_dhv) per
+    warpgroup, live in scopes of their own; with one warpgroup they are never the larger, with two they can be
+    (block_dhv=64, depth=1), and the larger scope counts.
     """
     item = jnp.dtype(dtype).itemsize
-    slots = depth * (CHUNK * DHA * item + CHUNK * block_dhv * item + CHUNK * 4)
-    return slots + CHUNK * block_dhv * item + DHA * block_dhv * item
+    shared = depth * (CHUNK * DHA * item + CHUNK * 4)
+    own = depth * CHUNK * block_dhv * item + CHUNK * block_dhv * item + DHA * block_dhv * item
+    return max(shared + consumers * own, consumers * DHA * block_dhv * 4)
 
 
-def state_scan_unsupported(DHA: int, DHB: int, dtype: Any, block_dhv: int, depth: int) -> str | None:
+def state_scan_unsupported(
+    DHA: int, DHB: int, dtype: Any, block_dhv: int, depth: int, consumers: int = 1
+) -> str | None:
     """Why :func:`mosaic_state_scan` cannot run this shape, dtype and tiling, or None if it can (no device check).
 
     Args:
         DHA: Rows of the state (the width of a).
         DHB: Columns of the state (the width of b).
         dtype: The dtype of a and b.
-        block_dhv: Columns of the state per program.
+        block_dhv: Columns of the state per warpgroup.
         depth: Chunks in flight in the TMA pipeline.
+        consumers: Warpgroups per program, 1 or 2.
     """
     if jnp.dtype(dtype) not in (jnp.dtype(jnp.bfloat16), jnp.dtype(jnp.float16)):
         return f"inputs must be bfloat16 or float16 (the WGMMA operand dtypes), got {jnp.dtype(dtype)}"
@@ -79,14 +93,21 @@ def state_scan_unsupported(DHA: int, DHB: int, dtype: Any, block_dhv: int, depth
         return f"DHA={DHA} must be a positive multiple of {_ROWS}"
     if block_dhv not in (32, 64) or DHB <= 0 or DHB % block_dhv:
         return f"block_dhv={block_dhv} must be 32 or 64 and divide DHB={DHB}"
+    if consumers not in (1, 2):
+        return f"consumers={consumers!r} must be 1 or 2 (warpgroups per program)"
+    if DHB % (consumers * block_dhv):
+        return (
+            f"DHB={DHB} must be a multiple of consumers * block_dhv = {consumers * block_dhv} "
+            f"(consumers={consumers}, block_dhv={block_dhv})"
+        )
     if not isinstance(depth, int) or depth < 1:
         return f"depth={depth!r} must be a positive integer (chunks in flight)"
-    smem = state_scan_shared_memory_bytes(DHA, dtype, block_dhv, depth)
+    smem = state_scan_shared_memory_bytes(DHA, dtype, block_dhv, depth, consumers)
     if smem + _SMEM_RESERVE > _SMEM_LIMIT:
         return (
             f"the tiles need {smem / 1024:g} KiB of shared memory at DHA={DHA}, block_dhv={block_dhv}, "
-            f"depth={depth}; a Hopper block has {_SMEM_LIMIT // 1024} KiB, {_SMEM_RESERVE // 1024} KiB of it "
-            "kept for barriers"
+            f"depth={depth}, consumers={consumers}; a Hopper block has {_SMEM_LIMIT // 1024} KiB, "
+            f"{_SMEM_RESERVE // 1024} KiB of it kept for barriers"
         )
     return None
 
@@ -103,6 +124,7 @@ def _scan_body(
     reverse: bool,
     block_dhv: int,
     depth: int,
+    consumers: int,
     interpret: bool,
 ):
     f32, dtype = jnp.float32, a_ref.dtype
@@ -112,7 +134,24 @@ def _scan_body(
     row_layout = tile.reduce(1)
     bh, vb = lax.axis_index("bh"), lax.axis_index("vb")
     itemsize = jnp.dtype(dtype).itemsize
-    columns = pl.ds(vb * NV, NV)
+    # With two warpgroups ("consumers"), per-warpgroup tiles have a leading axis of 2 and warpgroup 0 issues the
+    # copies of the a and gain tiles they share; one warpgroup leaves every tile and copy as it is.
+    split = consumers > 1
+    wg = lax.axis_index("wg") if split else 0
+    columns = pl.ds((vb * consumers + wg) * NV, NV) if split else pl.ds(vb * NV, NV)
+    b_barrier, gain_barrier = 1 + wg, 1 + consumers  # indices (times depth) into ``loaded``: a 0
+
+    def own(ref):  # this warpgroup's tile of a per-warpgroup allocation
+        return ref.at[wg] if split else ref
+
+    def per_warpgroup(shape, dtype, **kwargs):
+        return plgpu.SMEM((consumers, *shape) if split else shape, dtype, **kwargs)
+
+    def leader(f):  # runs f on warpgroup 0 only
+        if split:
+            pl.when(wg == 0)(f)
+        else:
+            f()
 
     def load(ref, layout):
         return _load(ref, layout, interpret)
@@ -129,29 +168,47 @@ def _scan_body(
     operand = _swizzled(swizzle, itemsize)
 
     def body(a_bufs, b_bufs, gain_bufs, gb_smem, border_smem, loaded, *rest):
+        consumed, at = (rest[0], rest[1:]) if split else (None, rest)
+        b_bufs, gb_smem, border_smem = map(own, (b_bufs, gb_smem, border_smem))
         # The first border r(X) from the registers before any copy into this scope: the loads of x0 from the
-        # last scope's tile (which these tiles reuse) are then ordered before the copies by the fence.
+        # last scope's tile (which these tiles reuse) are then ordered before the copies by the fence. (With two
+        # warpgroups each does so before its own copies; the other's loads precede the scope's block barrier.)
         border_smem[...] = cast(x_init.astype(border_smem.dtype), tile)
         plgpu.commit_smem()
 
-        def issue(i, slot):
-            """Starts the TMA copies of the tiles of the i-th chunk visited into buffer ``slot``."""
+        def issue(i, slot, refill=False):
+            """Starts the TMA copies of the tiles of the i-th chunk visited into buffer ``slot`` (a refill: once it
+            is consumed)."""
             j = chunk_of(i)
             steps = pl.ds(j * L, L)
-            plgpu.copy_gmem_to_smem(a_ref.at[bh, steps], a_bufs.at[slot], loaded.at[slot])
-            plgpu.copy_gmem_to_smem(b_ref.at[bh, steps, columns], b_bufs.at[slot], loaded.at[depth + slot])
-            plgpu.copy_gmem_to_smem(gain_ref.at[bh, pl.ds(j, 1)], gain_bufs.at[slot], loaded.at[2 * depth + slot])
+
+            def copy_b():
+                b_loaded = loaded.at[b_barrier * depth + slot]
+                plgpu.copy_gmem_to_smem(b_ref.at[bh, steps, columns], b_bufs.at[slot], b_loaded)
+
+            def copy_shared():
+                if refill and split:
+                    plgpu.barrier_wait(consumed.at[slot])  # both warpgroups are done with the slot
+                plgpu.copy_gmem_to_smem(a_ref.at[bh, steps], a_bufs.at[slot], loaded.at[slot])
+                if not split:
+                    copy_b()
+                gain_loaded = loaded.at[gain_barrier * depth + slot]
+                plgpu.copy_gmem_to_smem(gain_ref.at[bh, pl.ds(j, 1)], gain_bufs.at[slot], gain_loaded)
+
+            leader(copy_shared)
+            if split:
+                copy_b()  # each warpgroup its own columns
 
         for i in range(min(depth, NC)):
             issue(i, i)
 
         def chunk(i, x):
             j, slot = chunk_of(i), lax.rem(i, depth)
-            for operand_index in range(3):
+            for operand_index in (0, b_barrier, gain_barrier):
                 plgpu.barrier_wait(loaded.at[operand_index * depth + slot])
             a_smem, b_smem, gain_smem = a_bufs.at[slot], b_bufs.at[slot], gain_bufs.at[slot]
             if interpret:  # the interpreter has no transposed WGMMA operands: transpose through shared memory
-                a_t = rest[0]
+                a_t = own(at[0])
                 a_t[...] = a_smem[...].T
             else:
                 a_t = a_smem.transpose((1, 0))  # (DHA, L)
@@ -181,8 +238,10 @@ def _scan_body(
             x = cast(decay_ref[bh, j] * x + cast(update, tile), tile)
 
             @pl.when(i + depth < NC)
-            def _():
-                issue(i + depth, slot)  # every read of the slot (the gated tile, the product) has completed
+            def _():  # every read of the slot (the gated tile, the product) has completed
+                if split:
+                    plgpu.barrier_arrive(consumed.at[slot])
+                issue(i + depth, slot, refill=True)
 
             return x
 
@@ -190,36 +249,42 @@ def _scan_body(
         plgpu.wait_smem_to_gmem(0)
         return x_last
 
-    # X in and out through a float32 tile of its own scope, so that its shared memory is reused by the loop's.
-    x32 = plgpu.SMEM((DHA, NV), f32, transforms=_swizzled(min(128, NV * 4), 4))
+    # X in and out through float32 tiles of their own scope, so that their shared memory is reused by the loop's.
+    x32 = per_warpgroup((DHA, NV), f32, transforms=_swizzled(min(128, NV * 4), 4))
 
     def load_x0(x32_smem, x_loaded):
+        x32_smem, x_loaded = own(x32_smem), own(x_loaded)
         plgpu.copy_gmem_to_smem(x0_ref.at[bh, :, columns], x32_smem, x_loaded)
         plgpu.barrier_wait(x_loaded)
         return load(x32_smem, tile)
 
     def store_x(x32_smem):
+        x32_smem = own(x32_smem)
         x32_smem[...] = x_last
         plgpu.commit_smem()
         plgpu.copy_smem_to_gmem(x32_smem, x_ref.at[bh, :, columns])
         plgpu.wait_smem_to_gmem(0)
 
-    x_init = pl.run_scoped(load_x0, x32, plgpu.Barrier(num_arrivals=1), collective_axes="wg")
+    # Each scope starts with the warpgroups in step (Pallas puts a block barrier there), so one scope's shared
+    # memory is reused by the next only once every warpgroup has left the first.
+    x_loaded = plgpu.Barrier(num_arrivals=1, num_barriers=consumers) if split else plgpu.Barrier(num_arrivals=1)
+    x_init = pl.run_scoped(load_x0, x32, x_loaded, collective_axes="wg")
     x_last = pl.run_scoped(
         body,
         plgpu.SMEM((depth, L, DHA), dtype, transforms=operand),
-        plgpu.SMEM((depth, L, NV), dtype, transforms=operand),
+        per_warpgroup((depth, L, NV), dtype, transforms=operand),
         plgpu.SMEM((depth, 1, L), f32),
-        plgpu.SMEM((L, NV), dtype, transforms=operand),
-        plgpu.SMEM((DHA, NV), borders_ref.dtype, transforms=operand),
-        plgpu.Barrier(num_arrivals=1, num_barriers=3 * depth),
-        *([plgpu.SMEM((DHA, L), dtype)] if interpret else []),
+        per_warpgroup((L, NV), dtype, transforms=operand),
+        per_warpgroup((DHA, NV), borders_ref.dtype, transforms=operand),
+        plgpu.Barrier(num_arrivals=1, num_barriers=(2 + consumers) * depth),
+        *([plgpu.Barrier(num_arrivals=consumers, num_barriers=depth)] if split else []),
+        *([per_warpgroup((DHA, L), dtype)] if interpret else []),
         collective_axes="wg",
     )
     pl.run_scoped(store_x, x32, collective_axes="wg")
 
 
-def _check(a, b, gain, decay, x0, block_dhv: int, depth: int) -> None:
+def _check(a, b, gain, decay, x0, block_dhv: int, depth: int, consumers: int) -> None:
     """ValueError naming the argument where the shapes or dtypes do not fit the scan."""
     for name, x, ndim in (("a", a, 3), ("b", b, 3), ("gain", gain, 3), ("decay", decay, 2), ("x0", x0, 3)):
         if x.ndim != ndim:
@@ -240,14 +305,14 @@ def _check(a, b, gain, decay, x0, block_dhv: int, depth: int) -> None:
             )
         if x.dtype != jnp.float32:
             raise ValueError(f"{name}.dtype={x.dtype} must be float32")
-    reason = state_scan_unsupported(DHA, DHB, a.dtype, block_dhv, depth)
+    reason = state_scan_unsupported(DHA, DHB, a.dtype, block_dhv, depth, consumers)
     if reason is not None:
         raise ValueError(
             f"mosaic_state_scan cannot run a.shape={a.shape}, b.shape={b.shape} ({a.dtype}): {reason}"
         )  # fmt: skip
 
 
-@functools.partial(jax.jit, static_argnames=("reverse", "block_dhv", "depth", "interpret"))
+@functools.partial(jax.jit, static_argnames=("reverse", "block_dhv", "depth", "consumers", "interpret"))
 def mosaic_state_scan(
     a: jax.Array,  # (BH, S, DHA), S a multiple of CHUNK
     b: jax.Array,  # (BH, S, DHB)
@@ -258,6 +323,7 @@ def mosaic_state_scan(
     reverse: bool,
     block_dhv: int = 32,
     depth: int = 2,
+    consumers: int = 1,
     interpret: bool = False,
 ) -> tuple[jax.Array, jax.Array]:
     """The chunk-by-chunk state scan on ``BH`` flattened heads (module docstring), in a Mosaic GPU kernel.
@@ -270,8 +336,10 @@ def mosaic_state_scan(
         x0: (BH, DHA, DHB) float32: the state the scan starts from (before chunk 0, or after chunk NC-1 in
             reverse).
         reverse: Scan from the last chunk to the first.
-        block_dhv: Columns of the state per program, 32 or 64.
+        block_dhv: Columns of the state per warpgroup, 32 or 64.
         depth: Chunks in flight in the TMA pipeline.
+        consumers: Warpgroups per program, 1 or 2, each with its own ``block_dhv`` columns of the state; two share
+            the a and gain tiles in shared memory and overlap each other's products and waits (module docstring).
         interpret: Run in Mosaic GPU's interpreter (any backend; slow).
 
     Returns:
@@ -283,7 +351,7 @@ def mosaic_state_scan(
         ValueError: shapes or dtypes that do not fit (naming the argument), or a shape, dtype or tiling the kernel
             does not run (:func:`state_scan_unsupported`).
     """
-    _check(a, b, gain, decay, x0, block_dhv, depth)
+    _check(a, b, gain, decay, x0, block_dhv, depth, consumers)
     BH, S, DHA = a.shape
     DHB = b.shape[-1]
     params = None
@@ -291,14 +359,18 @@ def mosaic_state_scan(
         params = mosaic_interpret_params()
         if params is None:
             raise ValueError("interpret=True needs a JAX with Mosaic GPU's interpreter (jax 0.10 or newer)")
-    body = functools.partial(_scan_body, reverse=reverse, block_dhv=block_dhv, depth=depth, interpret=interpret)
+    body = functools.partial(
+        _scan_body, reverse=reverse, block_dhv=block_dhv, depth=depth, consumers=consumers, interpret=interpret
+    )
     kernel = pl.kernel(
         body,
         out_type=(
             jax.ShapeDtypeStruct((BH, S // CHUNK * DHA, DHB), a.dtype),
             jax.ShapeDtypeStruct((BH, DHA, DHB), jnp.float32),
         ),
-        mesh=plgpu.Mesh(grid=(BH, DHB // block_dhv), grid_names=("bh", "vb"), num_threads=1, thread_name="wg"),
+        mesh=plgpu.Mesh(
+            grid=(BH, DHB // (consumers * block_dhv)), grid_names=("bh", "vb"), num_threads=consumers, thread_name="wg"
+        ),
         name="mlstm_state_scan_mosaic_reverse" if reverse else "mlstm_state_scan_mosaic",
         **({"interpret": params} if interpret else {}),
     )
