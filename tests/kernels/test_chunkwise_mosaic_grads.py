@@ -117,25 +117,32 @@ def _ids(lengths: list[int]) -> list[int]:
     return [n for n, length in enumerate(lengths) for _ in range(length)]
 
 
-# (seed, B, NH, S, DHQK, DHV, initial states, input gates, resets, segments, block_dhv); two chunks each.
-CASES = [
+# (seed, B, NH, S, DHQK, DHV, initial states, input gates, resets, segments, block_dhv, consumers); two chunks each.
+_DOCUMENTS = np.array([_ids([1, 62, 3, 34]), _ids([70, 1, 29])])
+CASES = {
     # one column block (no refills), dDECAY over two 64-row slices of DHQK
-    (1, 1, 2, 128, 128, 64, False, "wide", False, None, 64),
+    "one-block": (1, 1, 2, 128, 128, 64, False, "wide", False, None, 64, 1),
+    # two warpgroups: the same problem in two blocks of 32 columns (blocks of 64 do not fit beside loop B's)
+    "two-blocks-two-warpgroups": (1, 1, 2, 128, 128, 64, False, "wide", False, None, 32, 2),
     # three column blocks: slot 0 refilled once, its barriers' phases odd at the end of a loop
-    (2, 2, 1, 100, 64, 96, True, "extreme", True, np.array([_ids([1, 62, 3, 34]), _ids([70, 1, 29])]), 32),
-]
+    "padded-states-documents-resets-three-blocks": (2, 2, 1, 100, 64, 96, True, "extreme", True, _DOCUMENTS, 32, 1),
+    "padded-states-documents-resets-three-blocks-two-warpgroups": (
+        2, 2, 1, 100, 64, 96, True, "extreme", True, _DOCUMENTS, 32, 2,
+    ),
+}  # fmt: skip
 
 
 @runs
 @pytest.mark.parametrize(
-    ("seed", "B", "NH", "S", "DHQK", "DHV", "states", "igate", "resets", "segments", "block_dhv"),
-    CASES,
-    ids=["one-block", "padded-states-documents-resets-three-blocks"],
+    ("seed", "B", "NH", "S", "DHQK", "DHV", "states", "igate", "resets", "segments", "block_dhv", "consumers"),
+    list(CASES.values()),
+    ids=list(CASES),
 )
-def test_matches_chunk_gradients(seed, B, NH, S, DHQK, DHV, states, igate, resets, segments, block_dhv):
+def test_matches_chunk_gradients(seed, B, NH, S, DHQK, DHV, states, igate, resets, segments, block_dhv, consumers):
     """dq, dk, dv and every per-step vector (dROW, dCOL, dINTER, dGAIN, the chunk's dDECAY) of the kernel equal
     ``_chunk_gradients`` within the bf16 bound (the kernel also rounds dS, P and dh's weightings to bf16 where
-    they enter its products); the unused rows are exactly 0 and dDECAY is one value per chunk."""
+    they enter its products), with one warpgroup per program and with two (dq's and dk's loops at once); the
+    unused rows are exactly 0 and dDECAY is one value per chunk."""
     x = random_inputs(seed, B, NH, S, DHQK, DHV, states=states, igate=igate)
     if resets:
         x["f"][0, 0, [10, CHUNK]] = -np.inf
@@ -149,7 +156,7 @@ def test_matches_chunk_gradients(seed, B, NH, S, DHQK, DHV, states, igate, reset
     assert all(bool(jnp.all(jnp.isfinite(a.astype(jnp.float32)))) for a in args[3:6])
     vec = np.asarray(args[6]).reshape(BH, -1, VEC_ROWS, CHUNK)
     assert np.all(np.isfinite(np.delete(vec, [ROW, COL], axis=2)))  # -inf in ROW and COL masks, as in the plan
-    out = mosaic_chunk_gradients(*args, block_dhv=block_dhv, interpret=INTERPRET)
+    out = mosaic_chunk_gradients(*args, block_dhv=block_dhv, consumers=consumers, interpret=INTERPRET)
     for name, o, a in zip(("dq", "dk", "dv"), out[:3], args[:3], strict=True):
         assert o.shape == a.shape and o.dtype == jnp.bfloat16, name
     tol = TOL["bfloat16/float32"]
@@ -164,17 +171,20 @@ def test_matches_chunk_gradients(seed, B, NH, S, DHQK, DHV, states, igate, reset
     assert not np.any(dvec[:, :, D_DECAY + 1 :])
 
 
-@pytest.mark.parametrize(("DHQK", "DHV", "block_dhv"), [(256, 512, 32), (128, 128, 64)])
-def test_lowers_for_cuda(DHQK, DHV, block_dhv):
+@pytest.mark.parametrize(
+    ("DHQK", "DHV", "block_dhv", "consumers"), [(256, 512, 32, 1), (128, 128, 64, 1), (256, 512, 32, 2)]
+)
+def test_lowers_for_cuda(DHQK, DHV, block_dhv, consumers):
     """Tracing and Mosaic GPU lowering (the layouts, the operands' shared swizzle, the shared-memory scopes) succeed
-    on any machine: at the xLSTM-7B head shape in blocks of 32 columns, and in blocks of 64."""
+    on any machine: at the xLSTM-7B head shape in blocks of 32 columns with one and with two warpgroups, and in
+    blocks of 64."""
     BH, NC, bf16, A = 2, 2, jnp.bfloat16, jax.ShapeDtypeStruct
     S = NC * CHUNK
     avals = (
         A((BH, S, DHQK), bf16), A((BH, S, DHQK), bf16), A((BH, S, DHV), bf16), A((BH, S, DHV), bf16),
         A((BH, NC * DHQK, DHV), bf16), A((BH, NC * DHQK, DHV), bf16), A((BH, NC * VEC_ROWS, CHUNK), jnp.float32),
     )  # fmt: skip
-    step = functools.partial(mosaic_chunk_gradients, block_dhv=block_dhv)
+    step = functools.partial(mosaic_chunk_gradients, block_dhv=block_dhv, consumers=consumers)
     text = jax.jit(step).trace(*avals).lower(lowering_platforms=("cuda",)).as_text()
     assert "mosaic_gpu" in text
 
@@ -213,3 +223,13 @@ def test_bad_calls_raise():
     assert chunk_gradients_smem_bytes(256, bf16, 32) == 160 * 1024  # the module docstring's budget
     too_big = chunk_gradients_unsupported(256, 512, jnp.float16, 64)
     assert too_big is not None and "236 KiB of shared memory" in too_big
+    # Two warpgroups: loops B and C share a scope, 84 + 76 + 60 KiB at the xLSTM-7B head shape (module docstring).
+    assert chunk_gradients_unsupported(256, 512, bf16, 32, 2) is None
+    assert chunk_gradients_smem_bytes(256, bf16, 32, 2) == 220 * 1024
+    assert chunk_gradients_unsupported(128, 128, bf16, 64, 2) == (
+        "the tiles need 228 KiB of shared memory at DHQK=128, block_dhv=64, consumers=2; a Hopper block has 227 KiB, "
+        "4 KiB of it kept for barriers"
+    )
+    assert chunk_gradients_unsupported(64, 64, bf16, 32, 3) == "consumers=3 must be 1 or 2 (warpgroups per program)"
+    with pytest.raises(ValueError, match=r"cannot run this call: consumers=0 must be 1 or 2"):
+        run(*args, consumers=0)

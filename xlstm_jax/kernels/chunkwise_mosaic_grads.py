@@ -3,9 +3,9 @@
 The backward of :mod:`xlstm_jax.kernels.chunkwise_mosaic_bw` runs in three passes: the border states r(C_j) before
 every chunk, the border cotangents r(dC_{j+1}) after every chunk (two scans), and per chunk the gradients of its
 products from those two borders, independent of the other chunks. :func:`mosaic_chunk_gradients` is that last
-pass: one program (one warpgroup) per head and chunk of L = 64 steps. Per chunk, with ``scale = DHQK^-1/2``,
-``r(·)`` the rounding to the inputs' dtype and every product on the WGMMA units (operands in the inputs' dtype,
-float32 accumulation)::
+pass: one program (a CUDA block of ``consumers`` warpgroups, 1 or 2) per head and chunk of L = 64 steps. Per
+chunk, with ``scale = DHQK^-1/2``, ``r(·)`` the rounding to the inputs' dtype and every product on the WGMMA units
+(operands in the inputs' dtype, float32 accumulation)::
 
     S = q kᵀ,  D_ts = exp(ROW_t + COL_s) where s <= t and BREAKS_t == BREAKS_s, else 0,  P = S ⊙ D · scale
     dP = RDEN ⊙ (dh vᵀ) + DQN 1ᵀ,  dS = dP ⊙ D · scale,  dlogD = dP ⊙ P
@@ -28,14 +28,22 @@ C. dC_{j+1}, v and dh blocks: ``r(GAIN ⊙ v) dC_{j+1}ᵀ`` accumulates into dk,
    then ``r(dS)ᵀ q`` completes dk.
 
 dq and dk have loops of their own because one (L, DHQK) float32 accumulator is 128 registers a thread at
-DHQK = 256: two would not fit beside the rest.
+DHQK = 256: two would not fit beside the rest in one warpgroup.
+
+With ``consumers=2`` (opt-in) the program has two warpgroups, each with its own accumulator. Warpgroup 0 issues the
+q, k and vector copies and runs A while warpgroup 1 waits at a barrier for r(P), r(dS), dROW and dCOL; then
+warpgroup 0 runs B and warpgroup 1 runs C at once, each streaming its own tiles, so that dq and dk are built
+together. Once both have arrived at a last barrier (every product reading q and k complete), warpgroup 0 stages dq
+in q's tile and warpgroup 1 dk in k's, and warpgroup 0 writes the vectors.
 
 Shared memory (:func:`chunk_gradients_smem_bytes`), at DHQK = 256, block_dhv = 32, bf16: for the whole program q
 and k 2·64·256·2 B = 64 KiB, the input and output vectors 2·8·64·4 B = 4 KiB, r(P) and r(dS) 2·64·64·2 B = 16 KiB
 (84 KiB); then the largest of the three loops' scopes, B: two slots of C_j and dC_{j+1} 2·2·256·32·2 B = 64 KiB,
 of dh 8 KiB, r(W ⊙ dh) 4 KiB (76 KiB; A needs 16 KiB, C 60 KiB, dq's and dk's output tiles 32 KiB): 160 KiB
 in all, within Hopper's 227 KiB less a 4 KiB reserve for barriers. block_dhv = 64 needs 236 KiB at DHQK = 256
-and runs for DHQK <= 192.
+and runs for DHQK <= 192. With two warpgroups B's and C's tiles share one scope and dq and dk need no tiles of
+their own: 84 + 76 + 60 = 220 KiB at DHQK = 256, block_dhv = 32 (within the 223 KiB); block_dhv = 64 runs only for
+DHQK = 64.
 
 Operands (heads flattened, NC = S / 64 chunks): q, k (BH, S, DHQK) and v, dh (BH, S, DHV) in bf16 or f16; the
 borders r(C_j) and r(dC_{j+1}) as (BH, NC · DHQK, DHV) in the same dtype; per chunk 8 float32 vectors of L as
@@ -91,30 +99,40 @@ _DEPTH = 2  # pipeline slots of every column-block loop
 _ROWS = 64  # the WGMMA layout tiles rows in groups of 64
 
 
-def chunk_gradients_smem_bytes(DHQK: int, dtype: Any, block_dhv: int) -> int:
-    """Bytes of shared memory of the kernel's largest scope: the tiles, not the barriers (module docstring)."""
+def chunk_gradients_smem_bytes(DHQK: int, dtype: Any, block_dhv: int, consumers: int = 1) -> int:
+    """Bytes of shared memory of the kernel's largest scope: the tiles, not the barriers (module docstring).
+
+    With one warpgroup the loops' scopes follow one another and the largest counts; with two, loops B and C
+    share one scope (and dq and dk leave through the q and k tiles).
+    """
     L, NV, item = CHUNK, block_dhv, jnp.dtype(dtype).itemsize
     program = 2 * L * DHQK * item + 2 * VEC_ROWS * L * 4 + 2 * L * L * item  # q, k; vec, dvec; r(P), r(dS)
     loop_a = 2 * _DEPTH * L * NV * item  # dh, v
     loop_b = 2 * _DEPTH * DHQK * NV * item + _DEPTH * L * NV * item + L * NV * item  # C, dC; dh; r(W ⊙ dh)
     loop_c = _DEPTH * DHQK * NV * item + 2 * _DEPTH * L * NV * item + 3 * L * NV * item  # dC; v, dh; 3 tiles
     out = L * DHQK * item  # dq or dk on its way out
+    if consumers > 1:
+        return program + max(loop_a, loop_b + loop_c)
     return program + max(loop_a, loop_b, loop_c, out)
 
 
-def chunk_gradients_unsupported(DHQK: int, DHV: int, dtype: Any, block_dhv: int) -> str | None:
-    """Why the kernel cannot run this head shape, dtype and column block, or None if it can (no device check)."""
+def chunk_gradients_unsupported(DHQK: int, DHV: int, dtype: Any, block_dhv: int, consumers: int = 1) -> str | None:
+    """Why the kernel cannot run this head shape, dtype, column block and number of warpgroups (``consumers``),
+    or None if it can (no device check)."""
     if jnp.dtype(dtype) not in (jnp.dtype(jnp.bfloat16), jnp.dtype(jnp.float16)):
         return f"inputs must be bfloat16 or float16 (the WGMMA operand dtypes), got {jnp.dtype(dtype)}"
     if DHQK % _ROWS or not 0 < DHQK <= 256:
         return f"DHQK={DHQK} must be a multiple of {_ROWS} and at most 256 (dq's accumulator in registers)"
     if block_dhv not in (32, 64) or DHV % block_dhv or DHV <= 0:
         return f"block_dhv={block_dhv} must be 32 or 64 and divide DHV={DHV}"
-    smem = chunk_gradients_smem_bytes(DHQK, dtype, block_dhv)
+    if consumers not in (1, 2):
+        return f"consumers={consumers!r} must be 1 or 2 (warpgroups per program)"
+    smem = chunk_gradients_smem_bytes(DHQK, dtype, block_dhv, consumers)
     if smem + _SMEM_RESERVE > _SMEM_LIMIT:
         return (
-            f"the tiles need {smem // 1024} KiB of shared memory at DHQK={DHQK}, block_dhv={block_dhv}; a Hopper "
-            f"block has {_SMEM_LIMIT // 1024} KiB, {_SMEM_RESERVE // 1024} KiB of it kept for barriers"
+            f"the tiles need {smem // 1024} KiB of shared memory at DHQK={DHQK}, block_dhv={block_dhv}, "
+            f"consumers={consumers}; a Hopper block has {_SMEM_LIMIT // 1024} KiB, {_SMEM_RESERVE // 1024} KiB of "
+            "it kept for barriers"
         )
     return None
 
@@ -133,6 +151,7 @@ def _gradients_body(
     dvec_ref,  # (BH, NC * 8, L) float32 out
     *,
     block_dhv: int,
+    consumers: int,
     interpret: bool,
 ):
     f32, dtype = jnp.float32, q_ref.dtype
@@ -148,6 +167,15 @@ def _gradients_body(
     itemsize = jnp.dtype(dtype).itemsize
     # One swizzle for every product operand (WGMMA needs the two operands' swizzles equal).
     operand = _swizzled(min(128, NV * itemsize), itemsize)
+    # With two warpgroups ("consumers") warpgroup 0 issues the copies of the tiles they share.
+    split = consumers > 1
+    wg = lax.axis_index("wg") if split else 0
+
+    def leader(f):  # runs f on warpgroup 0 only
+        if split:
+            pl.when(wg == 0)(f)
+        else:
+            f()
 
     def load(ref, layout):
         return _load(ref, layout, interpret)
@@ -174,21 +202,34 @@ def _gradients_body(
             scratch[index][...] = ref[...].T
             return scratch[index]
 
-        plgpu.copy_gmem_to_smem(q_ref.at[bh, steps], q_smem, loaded.at[0])
-        plgpu.copy_gmem_to_smem(k_ref.at[bh, steps], k_smem, loaded.at[1])
-        plgpu.copy_gmem_to_smem(vec_ref.at[bh, pl.ds(j * VEC_ROWS, VEC_ROWS)], vec_smem, loaded.at[2])
+        def copy_inputs():
+            plgpu.copy_gmem_to_smem(q_ref.at[bh, steps], q_smem, loaded.at[0])
+            plgpu.copy_gmem_to_smem(k_ref.at[bh, steps], k_smem, loaded.at[1])
+            plgpu.copy_gmem_to_smem(vec_ref.at[bh, pl.ds(j * VEC_ROWS, VEC_ROWS)], vec_smem, loaded.at[2])
+
+        leader(copy_inputs)
         for barrier in range(3):
             plgpu.barrier_wait(loaded.at[barrier])
 
         def vector(r):
             return load(vec_smem.at[r], row_layout)
 
-        def blocks(sources, scratch_shapes, step, carry):
+        def pipeline(sources, scratch_shapes):
+            """The shared memory of a :func:`blocks` loop: ``_DEPTH`` slots per source, their barriers, scratch."""
+            shapes = [source(pl.ds(0, NV)).shape[-2:] for source in sources]
+            return [
+                *[plgpu.SMEM((_DEPTH, *shape), dtype, transforms=operand) for shape in shapes],
+                plgpu.Barrier(num_arrivals=1, num_barriers=len(sources) * _DEPTH),
+                *[plgpu.SMEM(shape, dtype, transforms=operand) for shape in scratch_shapes],
+            ]
+
+        def blocks(sources, scratch_shapes, step, carry, refs=None):
             """Runs ``step(b, tiles, scratch, carry)`` over the DHV column blocks b in a two-slot TMA pipeline.
 
             ``sources`` are functions of a column slice giving the GMEM views to copy, ``tiles`` the current
             block's copies in shared memory. ``step`` ends with every read of its tiles complete (its products
-            waited for, a ``commit_smem`` after its loads), so that the slot can be refilled.
+            waited for, a ``commit_smem`` after its loads), so that the slot can be refilled. The shared memory
+            (:func:`pipeline`) is ``refs`` where given (allocated by the caller), else a scope of its own.
             """
             n = len(sources)
 
@@ -219,42 +260,52 @@ def _gradients_body(
                 plgpu.wait_smem_to_gmem(0)  # the step's outputs have left shared memory
                 return out
 
-            shapes = [source(pl.ds(0, NV)).shape[-2:] for source in sources]
-            return pl.run_scoped(
-                scoped,
-                *[plgpu.SMEM((_DEPTH, *shape), dtype, transforms=operand) for shape in shapes],
-                plgpu.Barrier(num_arrivals=1, num_barriers=n * _DEPTH),
-                *[plgpu.SMEM(shape, dtype, transforms=operand) for shape in scratch_shapes],
-            )
+            if refs is not None:
+                return scoped(*refs)
+            return pl.run_scoped(scoped, *pipeline(sources, scratch_shapes))
+
+        sources_a = [lambda c: dh_ref.at[bh, steps, c], lambda c: v_ref.at[bh, steps, c]]
+        sources_b = [
+            lambda c: borders_ref.at[bh, border_rows, c],
+            lambda c: dborders_ref.at[bh, border_rows, c],
+            lambda c: dh_ref.at[bh, steps, c],
+        ]
+        sources_c = [
+            lambda c: dborders_ref.at[bh, border_rows, c],
+            lambda c: v_ref.at[bh, steps, c],
+            lambda c: dh_ref.at[bh, steps, c],
+        ]
+        scratch_b, scratch_c = [(L, NV)], [(L, NV)] * 3
 
         # A: dh vᵀ over the column blocks, then the (L, L) tiles.
-        def loop_a(acc):
-            def step(b, tiles, extra, carry):
-                dh_smem, v_smem = tiles
-                plgpu.wgmma(acc, dh_smem, transposed(v_smem, 1))
-                plgpu.wgmma_wait(0)
-                return carry
+        def tiles(refs=None):
+            def loop_a(acc):
+                def step(b, tiles, extra, carry):
+                    dh_smem, v_smem = tiles
+                    plgpu.wgmma(acc, dh_smem, transposed(v_smem, 1))
+                    plgpu.wgmma_wait(0)
+                    return carry
 
-            blocks([lambda c: dh_ref.at[bh, steps, c], lambda c: v_ref.at[bh, steps, c]], [], step, ())
-            return acc[...]
+                blocks(sources_a, [], step, (), refs)
+                return acc[...]
 
-        dh_v = pl.run_scoped(loop_a, plgpu.ACC((L, L), f32))
-        scores = _product(q_smem, transposed(k_smem, 0), (L, L))
-        same = cast(lax.broadcast_in_dim(vector(BREAKS), (L, L), (0,)), tile) == cast(
-            lax.broadcast_in_dim(load(vec_smem.at[BREAKS_COL], col_layout), (L, L), (1,)), tile
-        )
-        log_d = cast(lax.broadcast_in_dim(vector(ROW), (L, L), (0,)), tile) + cast(
-            lax.broadcast_in_dim(load(vec_smem.at[COL], col_layout), (L, L), (1,)), tile
-        )
-        d = cast(jnp.where((iota(1) <= iota(0)) & same, jnp.exp(log_d), 0.0), tile)
-        p = cast(cast(scores, tile) * d * scale, tile)
-        dp = cast(rows(vector(RDEN), L) * cast(dh_v, tile) + rows(vector(DQN), L), tile)
-        p_smem[...] = cast(p.astype(dtype), tile)
-        ds_smem[...] = cast((dp * d * scale).astype(dtype), tile)
-        dlog_d = cast(dp * p, tile)
-        dvec_smem.at[D_ROW][...] = cast(jnp.sum(dlog_d, axis=1), row_layout)
-        dvec_smem.at[D_COL][...] = cast(jnp.sum(dlog_d, axis=0), col_layout)
-        plgpu.commit_smem()
+            dh_v = pl.run_scoped(loop_a, plgpu.ACC((L, L), f32))
+            scores = _product(q_smem, transposed(k_smem, 0), (L, L))
+            same = cast(lax.broadcast_in_dim(vector(BREAKS), (L, L), (0,)), tile) == cast(
+                lax.broadcast_in_dim(load(vec_smem.at[BREAKS_COL], col_layout), (L, L), (1,)), tile
+            )
+            log_d = cast(lax.broadcast_in_dim(vector(ROW), (L, L), (0,)), tile) + cast(
+                lax.broadcast_in_dim(load(vec_smem.at[COL], col_layout), (L, L), (1,)), tile
+            )
+            d = cast(jnp.where((iota(1) <= iota(0)) & same, jnp.exp(log_d), 0.0), tile)
+            p = cast(cast(scores, tile) * d * scale, tile)
+            dp = cast(rows(vector(RDEN), L) * cast(dh_v, tile) + rows(vector(DQN), L), tile)
+            p_smem[...] = cast(p.astype(dtype), tile)
+            ds_smem[...] = cast((dp * d * scale).astype(dtype), tile)
+            dlog_d = cast(dp * p, tile)
+            dvec_smem.at[D_ROW][...] = cast(jnp.sum(dlog_d, axis=1), row_layout)
+            dvec_smem.at[D_COL][...] = cast(jnp.sum(dlog_d, axis=0), col_layout)
+            plgpu.commit_smem()
 
         def write(x, out_ref, staging):
             """An (L, ·) float32 tile to ``out_ref`` through the ``staging`` tile, in the outputs' dtype."""
@@ -271,7 +322,7 @@ def _gradients_body(
             pl.run_scoped(scoped, plgpu.SMEM(x.shape, dtype, transforms=operand))
 
         # B: dq, dINTER and dDECAY from the border states C_j and dh.
-        def loop_b(acc_dq):
+        def loop_b(acc_dq, refs=None):
             def step(b, tiles, extra, carry):
                 c_smem, dc_smem, dh_smem = tiles
                 (wdh_smem,) = extra
@@ -295,24 +346,21 @@ def _gradients_body(
                 inter = cast(inter + cast(jnp.sum(dh * cast(q_c, tile), axis=1), row_layout), row_layout)
                 return inter, decay
 
-            sources = [
-                lambda c: borders_ref.at[bh, border_rows, c],
-                lambda c: dborders_ref.at[bh, border_rows, c],
-                lambda c: dh_ref.at[bh, steps, c],
-            ]
-            inter, decay = blocks(sources, [(L, NV)], step, (zeros_row(), zeros_row()))
+            inter, decay = blocks(sources_b, scratch_b, step, (zeros_row(), zeros_row()), refs)
             plgpu.wgmma(acc_dq, ds_smem, k_smem)
             plgpu.wgmma_wait(0)
             return acc_dq[...], inter, decay
 
-        dq, inter, decay = pl.run_scoped(loop_b, plgpu.ACC((L, DHQK), f32))
-        dvec_smem.at[D_INTER][...] = cast(vector(RDEN) * inter, row_layout)
-        total = jnp.sum(cast(lax.broadcast_in_dim(decay, (L, L), (0,)), tile), axis=0)  # every entry the sum
-        dvec_smem.at[D_DECAY][...] = cast(total, col_layout)
-        write_scoped(dq, dq_ref.at[bh, steps])
+        def dq_rows(refs=None):
+            """dq (registers) from loop B, its rows dINTER and dDECAY into ``dvec_smem``."""
+            dq, inter, decay = pl.run_scoped(functools.partial(loop_b, refs=refs), plgpu.ACC((L, DHQK), f32))
+            dvec_smem.at[D_INTER][...] = cast(vector(RDEN) * inter, row_layout)
+            total = jnp.sum(cast(lax.broadcast_in_dim(decay, (L, L), (0,)), tile), axis=0)  # every entry the sum
+            dvec_smem.at[D_DECAY][...] = cast(total, col_layout)
+            return dq
 
         # C: dk, dv and dGAIN from the border cotangents dC_{j+1}, v and dh.
-        def loop_c(acc_dk):
+        def loop_c(acc_dk, refs=None):
             def step(b, tiles, extra, carry):
                 dc_smem, v_smem, dh_smem = tiles
                 gv_smem, rdh_smem, dv_smem = extra
@@ -336,26 +384,75 @@ def _gradients_body(
                 write(dv, dv_ref.at[bh, steps, pl.ds(b * NV, NV)], dv_smem)
                 return cast(carry + cast(jnp.sum(v * k_dc, axis=1), row_layout), row_layout)
 
-            sources = [
-                lambda c: dborders_ref.at[bh, border_rows, c],
-                lambda c: v_ref.at[bh, steps, c],
-                lambda c: dh_ref.at[bh, steps, c],
-            ]
-            dgain = blocks(sources, [(L, NV)] * 3, step, zeros_row())
+            dgain = blocks(sources_c, scratch_c, step, zeros_row(), refs)
             plgpu.wgmma(acc_dk, transposed(ds_smem, 5), q_smem)
             plgpu.wgmma_wait(0)
             return acc_dk[...], dgain
 
-        dk, dgain = pl.run_scoped(loop_c, plgpu.ACC((L, DHQK), f32))
-        dvec_smem.at[D_GAIN][...] = cast(dgain, row_layout)
-        for r in range(D_DECAY + 1, VEC_ROWS):
-            dvec_smem.at[r][...] = zeros_row()
-        write_scoped(dk, dk_ref.at[bh, steps])
-        plgpu.commit_smem()
-        plgpu.copy_smem_to_gmem(dvec_smem, dvec_ref.at[bh, pl.ds(j * VEC_ROWS, VEC_ROWS)])
-        plgpu.wait_smem_to_gmem(0)
+        def dk_rows(refs=None):
+            """dk (registers) from loop C, its row dGAIN and the unused rows' zeros into ``dvec_smem``."""
+            dk, dgain = pl.run_scoped(functools.partial(loop_c, refs=refs), plgpu.ACC((L, DHQK), f32))
+            dvec_smem.at[D_GAIN][...] = cast(dgain, row_layout)
+            for r in range(D_DECAY + 1, VEC_ROWS):
+                dvec_smem.at[r][...] = zeros_row()
+            return dk
 
-    # The interpreter's transposed copies (no transposed WGMMA operands there): kᵀ, vᵀ, C_jᵀ, dC_{j+1}ᵀ, r(P)ᵀ, r(dS)ᵀ.
+        def write_dvec():
+            plgpu.commit_smem()
+            plgpu.copy_smem_to_gmem(dvec_smem, dvec_ref.at[bh, pl.ds(j * VEC_ROWS, VEC_ROWS)])
+
+        if not split:  # one warpgroup: A, B and C in turn, each loop's tiles in a scope of its own
+            tiles()
+            write_scoped(dq_rows(), dq_ref.at[bh, steps])
+            write_scoped(dk_rows(), dk_ref.at[bh, steps])
+            write_dvec()
+            plgpu.wait_smem_to_gmem(0)
+            return
+
+        # Two warpgroups: warpgroup 0 runs A and says so at ``loaded.at[3]``; then B on warpgroup 0 and C on
+        # warpgroup 1 at once, in one scope holding both loops' tiles. Each stages its result in the q or k tile
+        # once both are done with q and k (the ``done`` barrier), and warpgroup 0 writes ``dvec``.
+        def scope_a(*refs):
+            def run():
+                tiles(refs)
+                plgpu.barrier_arrive(loaded.at[3])
+
+            leader(run)
+
+        pl.run_scoped(scope_a, *pipeline(sources_a, []), collective_axes="wg")
+
+        def scope_bc(*refs):
+            n_b = len(sources_b) + 1 + len(scratch_b)
+            refs_b, refs_c, done = refs[:n_b], refs[n_b:-1], refs[-1]
+
+            def finish(x, staging, out_ref):
+                plgpu.commit_smem()  # this warpgroup's rows of dvec, for warpgroup 0's copy
+                plgpu.barrier_arrive(done)
+                plgpu.barrier_wait(done)  # every product reading q and k has completed
+                write(x, out_ref, staging)
+
+            @pl.when(wg == 0)
+            def _():
+                finish(dq_rows(refs_b), q_smem, dq_ref.at[bh, steps])
+                write_dvec()
+                plgpu.wait_smem_to_gmem(0)
+
+            @pl.when(wg == 1)
+            def _():
+                plgpu.barrier_wait(loaded.at[3])  # r(P), r(dS) and the rows dROW and dCOL are in shared memory
+                finish(dk_rows(refs_c), k_smem, dk_ref.at[bh, steps])
+                plgpu.wait_smem_to_gmem(0)
+
+        pl.run_scoped(
+            scope_bc,
+            *pipeline(sources_b, scratch_b),
+            *pipeline(sources_c, scratch_c),
+            plgpu.Barrier(num_arrivals=2),
+            collective_axes="wg",
+        )
+
+    # The interpreter's transposed copies (no transposed WGMMA operands there): kᵀ, vᵀ, C_jᵀ, dC_{j+1}ᵀ, r(P)ᵀ, r(dS)ᵀ;
+    # with two warpgroups, warpgroup 0 uses the first three and warpgroup 1 the last three.
     transposes = [(DHQK, L), (NV, L), (NV, DHQK), (NV, DHQK), (L, L), (L, L)] if interpret else []
     pl.run_scoped(
         program,
@@ -365,8 +462,9 @@ def _gradients_body(
         plgpu.SMEM((VEC_ROWS, L), f32),
         plgpu.SMEM((L, L), dtype, transforms=operand),
         plgpu.SMEM((L, L), dtype, transforms=operand),
-        plgpu.Barrier(num_arrivals=1, num_barriers=3),
+        plgpu.Barrier(num_arrivals=1, num_barriers=3 + split),  # q, k, vec loaded; with two warpgroups, A done
         *[plgpu.SMEM(shape, dtype) for shape in transposes],
+        **({"collective_axes": "wg"} if split else {}),
     )
 
 
@@ -398,7 +496,7 @@ def _check(q, k, v, dh, borders, dborders, vec) -> tuple[int, int, int, int, int
     return BH, S, DHQK, DHV, NC
 
 
-@functools.partial(jax.jit, static_argnames=("block_dhv", "interpret"))
+@functools.partial(jax.jit, static_argnames=("block_dhv", "consumers", "interpret"))
 def mosaic_chunk_gradients(
     q: jax.Array,  # (BH, S, DHQK), S = NC * 64
     k: jax.Array,  # (BH, S, DHQK)
@@ -409,6 +507,7 @@ def mosaic_chunk_gradients(
     vec: jax.Array,  # (BH, NC * 8, 64) float32
     *,
     block_dhv: int = 32,
+    consumers: int = 1,
     interpret: bool = False,
 ) -> tuple[jax.Array, jax.Array, jax.Array, jax.Array]:
     """Every chunk's gradients of its products from the border states and cotangents (module docstring).
@@ -422,6 +521,8 @@ def mosaic_chunk_gradients(
         dborders: r(dC_{j+1}), the cotangent of the state after each chunk j, (BH, NC * DHQK, DHV) in q's dtype.
         vec: Per chunk the 8 float32 vectors of 64 steps (rows ``ROW`` to ``DQN``), (BH, NC * 8, 64).
         block_dhv: Columns of v, dh and the borders per block, 32 or 64.
+        consumers: Warpgroups per program, 1 or 2. With 2, dq's loop and dk's loop run at once on one warpgroup
+            each (module docstring).
         interpret: Run in Mosaic GPU's interpreter (any backend; slow).
 
     Returns:
@@ -434,7 +535,7 @@ def mosaic_chunk_gradients(
             (:func:`chunk_gradients_unsupported`), or interpret mode is asked of a JAX without it.
     """
     BH, S, DHQK, DHV, NC = _check(q, k, v, dh, borders, dborders, vec)
-    reason = chunk_gradients_unsupported(DHQK, DHV, q.dtype, block_dhv)
+    reason = chunk_gradients_unsupported(DHQK, DHV, q.dtype, block_dhv, consumers)
     if reason is not None:
         raise ValueError(f"the Mosaic GPU chunk gradients kernel cannot run this call: {reason}")
     params = None
@@ -442,7 +543,10 @@ def mosaic_chunk_gradients(
         params = mosaic_interpret_params()
         if params is None:
             raise ValueError("interpret=True needs a JAX with Mosaic GPU's interpreter (jax 0.10 or newer)")
-    body = functools.partial(_gradients_body, block_dhv=block_dhv, interpret=interpret)
+    body = functools.partial(_gradients_body, block_dhv=block_dhv, consumers=consumers, interpret=interpret)
+    mesh = plgpu.Mesh(grid=(BH, NC), grid_names=("bh", "chunk"))
+    if consumers > 1:
+        mesh = plgpu.Mesh(grid=(BH, NC), grid_names=("bh", "chunk"), num_threads=consumers, thread_name="wg")
     kernel = pl.kernel(
         body,
         out_type=(
@@ -451,7 +555,7 @@ def mosaic_chunk_gradients(
             jax.ShapeDtypeStruct((BH, S, DHV), q.dtype),
             jax.ShapeDtypeStruct((BH, NC * VEC_ROWS, CHUNK), jnp.float32),
         ),
-        mesh=plgpu.Mesh(grid=(BH, NC), grid_names=("bh", "chunk")),
+        mesh=mesh,
         name="mlstm_chunk_gradients_mosaic",
         **({"interpret": params} if interpret else {}),
     )
