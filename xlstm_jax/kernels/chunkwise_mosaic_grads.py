@@ -42,8 +42,8 @@ and k 2·64·256·2 B = 64 KiB, the input and output vectors 2·8·64·4 B = 4 K
 of dh 8 KiB, r(W ⊙ dh) 4 KiB (76 KiB; A needs 16 KiB, C 60 KiB, dq's and dk's output tiles 32 KiB): 160 KiB
 in all, within Hopper's 227 KiB less a 4 KiB reserve for barriers. block_dhv = 64 needs 236 KiB at DHQK = 256
 and runs for DHQK <= 192. With two warpgroups B's and C's tiles share one scope and dq and dk need no tiles of
-their own: 84 + 76 + 60 = 220 KiB at DHQK = 256, block_dhv = 32 (within the 223 KiB); block_dhv = 64 runs only for
-DHQK = 64.
+their own: 84 + 76 + 60 = 220 KiB at DHQK = 256, block_dhv = 32 (within the 223 KiB; Mosaic GPU adds 2 KiB of
+scratch for reductions to the largest scope, 222 KiB, and the barriers); block_dhv = 64 runs only for DHQK = 64.
 
 Operands (heads flattened, NC = S / 64 chunks): q, k (BH, S, DHQK) and v, dh (BH, S, DHV) in bf16 or f16; the
 borders r(C_j) and r(dC_{j+1}) as (BH, NC · DHQK, DHV) in the same dtype; per chunk 8 float32 vectors of L as
