@@ -157,6 +157,38 @@ def _swizzled(swizzle: int, itemsize: int) -> tuple[Any, Any]:
     return plgpu.TilingTransform((8, swizzle // itemsize)), plgpu.SwizzleTransform(swizzle)
 
 
+class _Warpgroups:
+    """The warpgroups ("consumers") of one kernel program, its thread axis ``"wg"``, each with ``NV`` columns of
+    the column block ``vb``. With two, per-warpgroup tiles have a leading axis of 2 and warpgroup 0 issues the
+    copies of the tiles they share; one warpgroup leaves every tile and copy as it is."""
+
+    def __init__(self, consumers: int, vb: Any, NV: int):
+        self.consumers, self.split = consumers, consumers > 1
+        self.wg = lax.axis_index("wg") if self.split else 0
+        self.columns = pl.ds((vb * consumers + self.wg) * NV, NV) if self.split else pl.ds(vb * NV, NV)
+
+    def own(self, ref: Any) -> Any:
+        """This warpgroup's tile of a per-warpgroup allocation."""
+        return ref.at[self.wg] if self.split else ref
+
+    def smem(self, shape: tuple[int, ...], dtype: Any, **kwargs: Any) -> Any:
+        """A per-warpgroup shared-memory allocation."""
+        return plgpu.SMEM((self.consumers, *shape) if self.split else shape, dtype, **kwargs)
+
+    def barrier(self) -> Any:
+        """One single-arrival barrier per warpgroup."""
+        if self.split:
+            return plgpu.Barrier(num_arrivals=1, num_barriers=self.consumers)
+        return plgpu.Barrier(num_arrivals=1)
+
+    def leader(self, f: Any) -> None:
+        """Runs f on warpgroup 0 only."""
+        if self.split:
+            pl.when(self.wg == 0)(f)
+        else:
+            f()
+
+
 def _load(ref: Any, layout: Any, interpret: bool) -> jax.Array:
     """``ref`` into registers in ``layout`` (the interpreter has no layouts, nor ``plgpu.load``)."""
     return ref[...] if interpret else load_ref(ref, layout, optimized=False)
@@ -198,24 +230,11 @@ def _chunk_body(
     row_layout, col_layout = tile.reduce(1), tile.reduce(0)
     bh, vb = lax.axis_index("bh"), lax.axis_index("vb")
     itemsize, h_itemsize = jnp.dtype(dtype).itemsize, jnp.dtype(h_ref.dtype).itemsize
-    # With two warpgroups ("consumers"), per-warpgroup tiles have a leading axis of 2 and warpgroup 0 issues the
-    # copies of the tiles they share; one warpgroup leaves every tile and copy as it is.
-    split = consumers > 1
-    wg = lax.axis_index("wg") if split else 0
-    columns = pl.ds((vb * consumers + wg) * NV, NV) if split else pl.ds(vb * NV, NV)
+    group = _Warpgroups(consumers, vb, NV)
+    split, wg, columns, own, per_warpgroup, leader = (
+        group.split, group.wg, group.columns, group.own, group.smem, group.leader
+    )  # fmt: skip
     v_barrier, plan_barrier = 2 + wg, 2 + consumers  # indices (times depth) into ``loaded``: q 0, k 1
-
-    def own(ref):  # this warpgroup's tile of a per-warpgroup allocation
-        return ref.at[wg] if split else ref
-
-    def per_warpgroup(shape, dtype, **kwargs):
-        return plgpu.SMEM((consumers, *shape) if split else shape, dtype, **kwargs)
-
-    def leader(f):  # runs f on warpgroup 0 only
-        if split:
-            pl.when(wg == 0)(f)
-        else:
-            f()
 
     def load(ref, layout):
         return _load(ref, layout, interpret)
@@ -374,7 +393,7 @@ def _chunk_body(
 
     # Each scope starts with the warpgroups in step (Pallas puts a block barrier there), so one scope's shared
     # memory is reused by the next only once every warpgroup has left the first.
-    c_loaded = plgpu.Barrier(num_arrivals=1, num_barriers=consumers) if split else plgpu.Barrier(num_arrivals=1)
+    c_loaded = group.barrier()
     c_init = pl.run_scoped(load_c0, c32, c_loaded, collective_axes="wg")
     c_last = pl.run_scoped(
         body,

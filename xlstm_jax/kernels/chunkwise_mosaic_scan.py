@@ -53,7 +53,7 @@ from jax import lax
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import mosaic_gpu as plgpu
 
-from xlstm_jax.kernels.chunkwise_mosaic import _ROWS, _SMEM_LIMIT, _SMEM_RESERVE, CHUNK, _load, _swizzled
+from xlstm_jax.kernels.chunkwise_mosaic import _ROWS, _SMEM_LIMIT, _SMEM_RESERVE, CHUNK, _load, _swizzled, _Warpgroups
 from xlstm_jax.kernels.mosaic import mosaic_interpret_params
 
 __all__ = ["mosaic_state_scan", "state_scan_shared_memory_bytes", "state_scan_unsupported"]
@@ -136,22 +136,11 @@ def _scan_body(
     itemsize = jnp.dtype(dtype).itemsize
     # With two warpgroups ("consumers"), per-warpgroup tiles have a leading axis of 2 and warpgroup 0 issues the
     # copies of the a and gain tiles they share; one warpgroup leaves every tile and copy as it is.
-    split = consumers > 1
-    wg = lax.axis_index("wg") if split else 0
-    columns = pl.ds((vb * consumers + wg) * NV, NV) if split else pl.ds(vb * NV, NV)
+    group = _Warpgroups(consumers, vb, NV)
+    split, wg, columns, own, per_warpgroup, leader = (
+        group.split, group.wg, group.columns, group.own, group.smem, group.leader
+    )  # fmt: skip
     b_barrier, gain_barrier = 1 + wg, 1 + consumers  # indices (times depth) into ``loaded``: a 0
-
-    def own(ref):  # this warpgroup's tile of a per-warpgroup allocation
-        return ref.at[wg] if split else ref
-
-    def per_warpgroup(shape, dtype, **kwargs):
-        return plgpu.SMEM((consumers, *shape) if split else shape, dtype, **kwargs)
-
-    def leader(f):  # runs f on warpgroup 0 only
-        if split:
-            pl.when(wg == 0)(f)
-        else:
-            f()
 
     def load(ref, layout):
         return _load(ref, layout, interpret)
@@ -267,7 +256,7 @@ def _scan_body(
 
     # Each scope starts with the warpgroups in step (Pallas puts a block barrier there), so one scope's shared
     # memory is reused by the next only once every warpgroup has left the first.
-    x_loaded = plgpu.Barrier(num_arrivals=1, num_barriers=consumers) if split else plgpu.Barrier(num_arrivals=1)
+    x_loaded = group.barrier()
     x_init = pl.run_scoped(load_x0, x32, x_loaded, collective_axes="wg")
     x_last = pl.run_scoped(
         body,
