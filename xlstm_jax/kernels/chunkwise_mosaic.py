@@ -163,7 +163,7 @@ class _Warpgroups:
     copies of the tiles they share; one warpgroup leaves every tile and copy as it is."""
 
     def __init__(self, consumers: int, vb: Any, NV: int):
-        self.consumers, self.split = consumers, consumers > 1
+        self.consumers, self.split, self.NV = consumers, consumers > 1, NV
         self.wg = lax.axis_index("wg") if self.split else 0
         self.columns = pl.ds((vb * consumers + self.wg) * NV, NV) if self.split else pl.ds(vb * NV, NV)
 
@@ -187,6 +187,35 @@ class _Warpgroups:
             pl.when(self.wg == 0)(f)
         else:
             f()
+
+    # A float32 state (rows, NV) goes in and out through a tile of a scope of its own, so that its shared memory is
+    # reused by the next scope's. Each scope starts with the warpgroups in step (Pallas puts a block barrier
+    # there), so one scope's memory is reused by the next only once every warpgroup has left the first.
+    def _state_tile(self, rows: int) -> Any:
+        return self.smem((rows, self.NV), jnp.float32, transforms=_swizzled(min(128, self.NV * 4), 4))
+
+    def state_in(self, src: Any, bh: Any, load: Any) -> jax.Array:
+        """This warpgroup's columns of head ``bh`` of the state ``src`` (BH, rows, ·) in registers (``load``)."""
+
+        def scoped(tile, loaded):
+            tile, loaded = self.own(tile), self.own(loaded)
+            plgpu.copy_gmem_to_smem(src.at[bh, :, self.columns], tile, loaded)
+            plgpu.barrier_wait(loaded)
+            return load(tile)
+
+        return pl.run_scoped(scoped, self._state_tile(src.shape[1]), self.barrier(), collective_axes="wg")
+
+    def state_out(self, x: jax.Array, dst: Any, bh: Any) -> None:
+        """The registers ``x`` to this warpgroup's columns of head ``bh`` of ``dst`` (BH, rows, ·)."""
+
+        def scoped(tile):
+            tile = self.own(tile)
+            tile[...] = x
+            plgpu.commit_smem()
+            plgpu.copy_smem_to_gmem(tile, dst.at[bh, :, self.columns])
+            plgpu.wait_smem_to_gmem(0)
+
+        pl.run_scoped(scoped, self._state_tile(dst.shape[1]), collective_axes="wg")
 
 
 def _load(ref: Any, layout: Any, interpret: bool) -> jax.Array:
@@ -375,26 +404,7 @@ def _chunk_body(
         plgpu.wait_smem_to_gmem(0)
         return c_last
 
-    # c in and out through a float32 buffer of its own scope, so that its shared memory is reused by the loop's.
-    c32 = per_warpgroup((DHQK, NV), f32, transforms=_swizzled(min(128, NV * 4), 4))
-
-    def load_c0(c32_smem, c_loaded):
-        c32_smem, c_loaded = own(c32_smem), own(c_loaded)
-        plgpu.copy_gmem_to_smem(c0_ref.at[bh, :, columns], c32_smem, c_loaded)
-        plgpu.barrier_wait(c_loaded)
-        return load(c32_smem, tile)
-
-    def store_c(c32_smem):
-        c32_smem = own(c32_smem)
-        c32_smem[...] = c_last
-        plgpu.commit_smem()
-        plgpu.copy_smem_to_gmem(c32_smem, c_ref.at[bh, :, columns])
-        plgpu.wait_smem_to_gmem(0)
-
-    # Each scope starts with the warpgroups in step (Pallas puts a block barrier there), so one scope's shared
-    # memory is reused by the next only once every warpgroup has left the first.
-    c_loaded = group.barrier()
-    c_init = pl.run_scoped(load_c0, c32, c_loaded, collective_axes="wg")
+    c_init = group.state_in(c0_ref, bh, lambda ref: load(ref, tile))
     c_last = pl.run_scoped(
         body,
         plgpu.SMEM((depth, L, DHQK), dtype, transforms=operand),
@@ -410,7 +420,7 @@ def _chunk_body(
         *([per_warpgroup((DHQK, L), dtype)] if interpret else []),
         collective_axes="wg",
     )
-    pl.run_scoped(store_c, c32, collective_axes="wg")
+    group.state_out(c_last, c_ref, bh)
 
 
 @functools.partial(

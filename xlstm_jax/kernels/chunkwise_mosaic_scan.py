@@ -238,26 +238,7 @@ def _scan_body(
         plgpu.wait_smem_to_gmem(0)
         return x_last
 
-    # X in and out through float32 tiles of their own scope, so that their shared memory is reused by the loop's.
-    x32 = per_warpgroup((DHA, NV), f32, transforms=_swizzled(min(128, NV * 4), 4))
-
-    def load_x0(x32_smem, x_loaded):
-        x32_smem, x_loaded = own(x32_smem), own(x_loaded)
-        plgpu.copy_gmem_to_smem(x0_ref.at[bh, :, columns], x32_smem, x_loaded)
-        plgpu.barrier_wait(x_loaded)
-        return load(x32_smem, tile)
-
-    def store_x(x32_smem):
-        x32_smem = own(x32_smem)
-        x32_smem[...] = x_last
-        plgpu.commit_smem()
-        plgpu.copy_smem_to_gmem(x32_smem, x_ref.at[bh, :, columns])
-        plgpu.wait_smem_to_gmem(0)
-
-    # Each scope starts with the warpgroups in step (Pallas puts a block barrier there), so one scope's shared
-    # memory is reused by the next only once every warpgroup has left the first.
-    x_loaded = group.barrier()
-    x_init = pl.run_scoped(load_x0, x32, x_loaded, collective_axes="wg")
+    x_init = group.state_in(x0_ref, bh, lambda ref: load(ref, tile))
     x_last = pl.run_scoped(
         body,
         plgpu.SMEM((depth, L, DHA), dtype, transforms=operand),
@@ -270,7 +251,7 @@ def _scan_body(
         *([per_warpgroup((DHA, L), dtype)] if interpret else []),
         collective_axes="wg",
     )
-    pl.run_scoped(store_x, x32, collective_axes="wg")
+    group.state_out(x_last, x_ref, bh)
 
 
 def _check(a, b, gain, decay, x0, block_dhv: int, depth: int, consumers: int) -> None:
