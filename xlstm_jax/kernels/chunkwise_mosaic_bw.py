@@ -7,7 +7,11 @@
 - :func:`chunk_products`: the kernel's function in XLA (a ``lax.scan`` over chunks), the reference for the kernel;
 - :func:`chunk_products_vjp`: its gradients, in the decomposition a backward kernel runs;
 - :func:`chunkwise_split_fw`: the whole cell (plan and products) with that backward: ``jax.vjp`` of the plan (it
-  stays in XLA) composed with :func:`chunk_products_vjp`.
+  stays in XLA) composed with :func:`chunk_products_vjp`;
+- :func:`mosaic_products_vjp`: the same gradients on the Mosaic GPU backward kernels
+  (:mod:`~xlstm_jax.kernels.chunkwise_mosaic_scan`, :mod:`~xlstm_jax.kernels.chunkwise_mosaic_grads`);
+- :func:`split_cell`: the ``custom_vjp`` that composes any products and their backward with the plan, shared by
+  :func:`chunkwise_split_fw` and ``chunkwise_mosaic_fw(..., backward="mosaic")``.
 
 The forward, per chunk j of L steps and head (plan rows as in ``chunk_plan``; ``r(·)`` rounds to the inputs' dtype,
 the identity in float32 and float64)::
