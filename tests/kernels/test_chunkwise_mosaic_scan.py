@@ -10,6 +10,7 @@ program per head, and two), their slots refilled several times; the errors for w
 from __future__ import annotations
 
 import functools
+import os
 
 import jax
 import jax.numpy as jnp
@@ -24,7 +25,7 @@ from xlstm_jax.kernels.chunkwise_mosaic_scan import (
     state_scan_shared_memory_bytes,
     state_scan_unsupported,
 )
-from xlstm_jax.kernels.mosaic import mosaic_interpret_params
+from xlstm_jax.kernels.mosaic import interpreter_threads, mosaic_interpret_params, require_mosaic_interpreter
 from xlstm_jax.kernels.recurrent_step_mosaic import device_supports_mosaic
 
 ON_HOPPER = ON_GPU and device_supports_mosaic()
@@ -176,3 +177,21 @@ def test_bad_inputs_raise():
     assert state_scan_shared_memory_bytes(320, jnp.bfloat16, 64, 1, consumers=2) == 2 * 320 * 64 * 4
     too_big = state_scan_unsupported(256, 512, jnp.bfloat16, 64, 3, consumers=2)
     assert too_big is not None and "224.75 KiB of shared memory" in too_big and "consumers=2" in too_big
+
+
+@pytest.mark.skipif(mosaic_interpret_params() is None, reason="needs a JAX with Mosaic GPU's interpreter")
+def test_interpret_mode_needs_a_pool_thread_per_warpgroup_and_one_more(monkeypatch):
+    """Two warpgroups on an XLA CPU pool of two threads can deadlock in the interpreter: a clear error instead,
+    naming the fix; one warpgroup runs inline and needs no pool thread."""
+    args = scan_inputs(3, jnp.bfloat16, NC, 128)
+    monkeypatch.setenv("NPROC", "2")
+    assert interpreter_threads() == 2
+    with pytest.raises(
+        RuntimeError, match=r"2 threads needs at least 3 threads in XLA's CPU pool, which has 2: set NPROC=3"
+    ):
+        mosaic_state_scan(*args, reverse=False, consumers=2, interpret=True)
+    assert require_mosaic_interpreter(1) is not None
+    monkeypatch.setenv("NPROC", "3")
+    assert require_mosaic_interpreter(2) is not None
+    monkeypatch.delenv("NPROC")
+    assert interpreter_threads() == len(os.sched_getaffinity(0))

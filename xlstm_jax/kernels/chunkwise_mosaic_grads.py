@@ -51,7 +51,9 @@ borders r(C_j) and r(dC_{j+1}) as (BH, NC · DHQK, DHV) in the same dtype; per c
 as a column vector), :data:`GAIN`, :data:`RDEN`, :data:`W`, :data:`DQN`.
 
 Interpret mode. ``interpret=True`` runs the kernel in Mosaic GPU's interpreter on any backend (slow; for tests on
-a CPU) where the JAX version has one (:func:`xlstm_jax.kernels.mosaic.mosaic_interpret_params`).
+a CPU) where the JAX version has one; two
+warpgroups (``consumers=2``) need three threads in XLA's CPU pool
+(:func:`xlstm_jax.kernels.mosaic.require_mosaic_interpreter`).
 """
 
 from __future__ import annotations
@@ -67,7 +69,7 @@ from jax.experimental import pallas as pl
 from jax.experimental.pallas import mosaic_gpu as plgpu
 
 from xlstm_jax.kernels.chunkwise_mosaic import _SMEM_LIMIT, _SMEM_RESERVE, CHUNK, _load, _product, _swizzled
-from xlstm_jax.kernels.mosaic import mosaic_interpret_params
+from xlstm_jax.kernels.mosaic import require_mosaic_interpreter
 
 __all__ = [
     "BREAKS",
@@ -538,11 +540,7 @@ def mosaic_chunk_gradients(
     reason = chunk_gradients_unsupported(DHQK, DHV, q.dtype, block_dhv, consumers)
     if reason is not None:
         raise ValueError(f"the Mosaic GPU chunk gradients kernel cannot run this call: {reason}")
-    params = None
-    if interpret:
-        params = mosaic_interpret_params()
-        if params is None:
-            raise ValueError("interpret=True needs a JAX with Mosaic GPU's interpreter (jax 0.10 or newer)")
+    params = require_mosaic_interpreter(consumers) if interpret else None
     body = functools.partial(_gradients_body, block_dhv=block_dhv, consumers=consumers, interpret=interpret)
     mesh = plgpu.Mesh(grid=(BH, NC), grid_names=("bh", "chunk"))
     if consumers > 1:

@@ -38,8 +38,9 @@ per block; a few KiB of it are kept for the barriers and alignment that Mosaic G
 
 Limits. Hopper (TMA and WGMMA). a and b bf16 or f16 (the WGMMA operand dtypes); DHA a multiple of 64, DHB a
 multiple of ``consumers * block_dhv`` (block_dhv 32 or 64, consumers 1 or 2). ``interpret=True`` runs the kernel
-in Mosaic GPU's interpreter on any backend (slow; for tests on a CPU) where the JAX version has one
-(:func:`xlstm_jax.kernels.mosaic.mosaic_interpret_params`).
+in Mosaic GPU's interpreter on any backend (slow; for tests on a CPU) where the JAX version has one; two
+warpgroups (``consumers=2``) need three threads in XLA's CPU pool
+(:func:`xlstm_jax.kernels.mosaic.require_mosaic_interpreter`).
 """
 
 from __future__ import annotations
@@ -54,7 +55,7 @@ from jax.experimental import pallas as pl
 from jax.experimental.pallas import mosaic_gpu as plgpu
 
 from xlstm_jax.kernels.chunkwise_mosaic import _ROWS, _SMEM_LIMIT, _SMEM_RESERVE, CHUNK, _load, _swizzled, _Warpgroups
-from xlstm_jax.kernels.mosaic import mosaic_interpret_params
+from xlstm_jax.kernels.mosaic import require_mosaic_interpreter
 
 __all__ = ["mosaic_state_scan", "state_scan_shared_memory_bytes", "state_scan_unsupported"]
 
@@ -324,11 +325,7 @@ def mosaic_state_scan(
     _check(a, b, gain, decay, x0, block_dhv, depth, consumers)
     BH, S, DHA = a.shape
     DHB = b.shape[-1]
-    params = None
-    if interpret:
-        params = mosaic_interpret_params()
-        if params is None:
-            raise ValueError("interpret=True needs a JAX with Mosaic GPU's interpreter (jax 0.10 or newer)")
+    params = require_mosaic_interpreter(consumers) if interpret else None
     body = functools.partial(
         _scan_body, reverse=reverse, block_dhv=block_dhv, depth=depth, consumers=consumers, interpret=interpret
     )

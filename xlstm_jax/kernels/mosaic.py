@@ -8,6 +8,7 @@ Mosaic GPU kernels also run on a CPU in Mosaic GPU interpret mode where the inst
 
 from __future__ import annotations
 
+import os
 from collections.abc import Callable
 from typing import Any
 
@@ -17,7 +18,15 @@ from jax import lax
 from xlstm_jax.kernels.config import STEP_BACKENDS
 from xlstm_jax.kernels.recurrent_step_mosaic import device_supports_mosaic
 
-__all__ = ["WARPGROUP", "chunk_length", "map_under_vmap", "mosaic_interpret_params", "use_mosaic"]
+__all__ = [
+    "WARPGROUP",
+    "chunk_length",
+    "interpreter_threads",
+    "map_under_vmap",
+    "mosaic_interpret_params",
+    "require_mosaic_interpreter",
+    "use_mosaic",
+]
 
 WARPGROUP = 128  # threads of a Mosaic GPU program (one warpgroup); vectors are read in multiples of it
 
@@ -42,6 +51,44 @@ def mosaic_interpret_params() -> Any | None:
     except ImportError:
         return None
     return InterpretGPUParams()
+
+
+def interpreter_threads() -> int:
+    """The threads of XLA's CPU thread pool, on which Mosaic GPU interpret mode runs the kernel's threads.
+
+    XLA sizes the pool when JAX starts its CPU backend: the ``NPROC`` environment variable where it is set, else
+    the CPUs this process may run on. This reads the same sources now, so it is exact where ``NPROC`` is not
+    changed after JAX starts.
+    """
+    nproc = os.environ.get("NPROC", "")
+    return int(nproc) if nproc.isdigit() and int(nproc) > 0 else len(os.sched_getaffinity(0))
+
+
+def require_mosaic_interpreter(threads: int) -> Any:
+    """``mosaic_interpret_params()`` for a kernel of ``threads`` warpgroup threads, or a clear error.
+
+    The interpreter runs a kernel of several threads as one computation per thread, each of which blocks a thread
+    of XLA's CPU pool while it waits at a barrier; the call that launches them may hold one more. With fewer pool
+    threads than ``threads + 1`` the kernel can deadlock (it did, on a 2-CPU machine, for two warpgroups), so that
+    is an error here rather than a hang.
+
+    Raises:
+        ValueError: This JAX has no Mosaic GPU interpret mode.
+        RuntimeError: XLA's CPU pool (:func:`interpreter_threads`) is too small for ``threads``.
+    """
+    params = mosaic_interpret_params()
+    if params is None:
+        raise ValueError(
+            f"interpret=True needs a JAX with Mosaic GPU's interpreter (jax 0.10 or newer), not {jax.__version__}"
+        )
+    available = interpreter_threads()
+    if threads > 1 and available < threads + 1:
+        raise RuntimeError(
+            f"Mosaic GPU interpret mode of a kernel of {threads} threads needs at least {threads + 1} threads in "
+            f"XLA's CPU pool, which has {available}: set NPROC={threads + 1} (or more) in the environment before "
+            "JAX starts"
+        )
+    return params
 
 
 def use_mosaic(kernel: str, backend: str, mode: str, unsupported: str | None) -> bool:
