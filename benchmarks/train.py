@@ -2,8 +2,8 @@
 
 Times the library's training step (``xlstm_jax.training.step.make_train_step`` with ``make_optimizer``'s
 AdamW, without gradient clipping as the anchor) on a 1.3B-class model (D=2048, 24 blocks, 4 heads of
-DHQK=256 and DHV=512, vocabulary 50304, float32 parameters, bfloat16 compute, the XLA chunkwise form, or with
-``--mlstm-backward mosaic`` the Mosaic GPU chunkwise kernels forward and backward on Hopper) at S=4096,
+DHQK=256 and DHV=512, vocabulary 50304, float32 parameters, bfloat16 compute, the Mosaic GPU chunkwise kernels
+forward and backward on Hopper, or with ``--mlstm-backward xla`` (and off Hopper) the XLA chunkwise form) at S=4096,
 for each (batch, remat policy) case of ``--cases`` (``B:remat``, remat one of ``none``, ``dots``, ``full``:
 ``RuntimeConfig.remat``). A case that runs out of device memory is kept in the table as ``OOM``; a case that
 would end past ``--time-budget`` seconds from the start (judged by the longest case so far) is listed as
@@ -250,9 +250,9 @@ def main(argv: Sequence[str] | None = None) -> dict:
     p.add_argument(
         "--mlstm-backward",
         choices=("xla", "mosaic"),
-        default="xla",
-        help="the mLSTM cell: the XLA chunkwise form (xla), or on Hopper the Mosaic GPU forward and backward kernels "
-        "(mosaic; the XLA form elsewhere)",
+        default="mosaic",
+        help="the mLSTM cell: on Hopper the Mosaic GPU forward and backward kernels (mosaic, the default; the XLA "
+        "form elsewhere), or the XLA chunkwise form (xla)",
     )
     p.add_argument("--warmup", type=int, default=2, help="untimed steps after compilation")
     p.add_argument(

@@ -29,7 +29,7 @@ from xlstm_jax.kernels.chunkwise_mosaic import (
     mosaic_chunkwise,
     shared_memory_bytes,
 )
-from xlstm_jax.kernels.chunkwise_mosaic_bw import chunkwise_split_fw
+from xlstm_jax.kernels.chunkwise_mosaic_bw import chunkwise_split_fw, mosaic_backward_unsupported
 from xlstm_jax.kernels.mosaic import mosaic_interpret_params
 from xlstm_jax.kernels.recurrent_step_mosaic import device_supports_mosaic
 from xlstm_jax.mlstm.chunkwise import chunkwise_fw
@@ -100,9 +100,10 @@ def test_packed_documents(states, consumers):
 
 @runs
 def test_gradients_are_the_xla_forms():
-    """Under differentiation the XLA chunkwise form runs (at ``xla_chunk_size``): every input's gradient, the
-    initial states' included, equals jax.vjp of that form on the same bf16 inputs, for cotangents on h and on all
-    three last states; the forward values under jax.vjp are the XLA form's, and agree with the kernel's."""
+    """``backward="xla"``: under differentiation the XLA chunkwise form runs (at ``xla_chunk_size``): every
+    input's gradient, the initial states' included, equals jax.vjp of that form on the same bf16 inputs, for
+    cotangents on h and on all three last states; the forward values under jax.vjp are the XLA form's, and agree
+    with the kernel's."""
     x = random_inputs(3, 1, 1, 80, 64, 32, states=True)
     names = ("q", "k", "v", "i", "f")
     args = [jnp.asarray(x[name], jnp.bfloat16) for name in names] + [
@@ -114,7 +115,7 @@ def test_gradients_are_the_xla_forms():
         h, (c, n, m) = form(*a, return_last_states=True, segment_ids=ids)
         return h.astype(jnp.float32), c, n, m
 
-    mosaic = functools.partial(outputs, functools.partial(kernel(), xla_chunk_size=16))
+    mosaic = functools.partial(outputs, functools.partial(kernel(), xla_chunk_size=16, backward="xla"))
     xla = functools.partial(outputs, functools.partial(chunkwise_fw, chunk_size=16))
     rng = np.random.default_rng(0)
     outs = mosaic(*args)
@@ -200,6 +201,33 @@ def test_mosaic_backward_is_deterministic_at_scale():
         np.testing.assert_array_equal(np.asarray(a), np.asarray(b), err_msg=f"d{name} differs between two calls")
         a, e = np.asarray(a, np.float64), np.asarray(e, np.float64)
         assert np.max(np.abs(a - e)) <= bound * np.max(np.abs(e)), f"d{name}"
+
+
+def _kernels_in_gradient(DHQK: int, **kwargs) -> set[str]:
+    """The Mosaic GPU kernels in the jaxpr of a gradient through ``chunkwise_mosaic_fw`` (traced, not run)."""
+    x = random_inputs(1, 1, 1, 70, DHQK, 64)
+    args = [jnp.asarray(x[name], jnp.bfloat16) for name in ("q", "k", "v")]
+    args += [jnp.asarray(x[name], jnp.float32) for name in ("i", "f")]
+    form = functools.partial(chunkwise_mosaic_fw, interpret=True, **kwargs)
+    jaxpr = jax.make_jaxpr(jax.grad(lambda *a: jnp.sum(form(*a).astype(jnp.float32)), argnums=(0, 1, 2)))(*args)
+    names = ("mlstm_chunkwise_mosaic", "mlstm_state_scan_mosaic", "mlstm_chunk_gradients_mosaic")
+    return {name for name in names if f"name={name}" in str(jaxpr) or f"'{name}'" in str(jaxpr)}
+
+
+@pytest.mark.skipif(mosaic_interpret_params() is None, reason="needs a JAX with Mosaic GPU's interpreter")
+def test_backward_defaults_to_the_kernels_where_they_cover_the_shape():
+    """The default ``backward="mosaic"`` differentiates through the backward kernels; a head shape they do not
+    cover (DHQK=320 > 256: dq's accumulator in registers) differentiates through the XLA form, as ``"xla"`` does."""
+    assert mosaic_backward_unsupported(256, 512, jnp.bfloat16, 32, 2) is None
+    assert "DHQK=320" in mosaic_backward_unsupported(320, 64, jnp.bfloat16, 32, 2)
+    assert chunkwise_mosaic_unsupported(320, 64, jnp.bfloat16, 32) is None  # the forward kernel does run it
+    assert _kernels_in_gradient(64) == {
+        "mlstm_chunkwise_mosaic",
+        "mlstm_state_scan_mosaic",
+        "mlstm_chunk_gradients_mosaic",
+    }
+    assert _kernels_in_gradient(64, backward="xla") == set()
+    assert _kernels_in_gradient(320) == set()
 
 
 def test_unsupported_calls_raise():

@@ -74,8 +74,8 @@ def test_splits_over_the_mesh(corpus, changes, num_devices, message):
 
 def test_mlstm_backward(corpus):
     """The cell's backward where its Mosaic kernel runs: "xla" or "mosaic", anything else a problem."""
-    assert _config(corpus).mlstm_backward == "xla"
-    _config(corpus, mlstm_backward="mosaic").validate(1)
+    assert _config(corpus).mlstm_backward == "mosaic"
+    _config(corpus, mlstm_backward="xla").validate(1)
     assert "mlstm_backward must be one of ['xla', 'mosaic'], got 'cuda'" in _problems(
         _config(corpus, mlstm_backward="cuda"), 1
     )

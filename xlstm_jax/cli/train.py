@@ -82,7 +82,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     model.add_argument(
         "--mlstm-backward",
         choices=["xla", "mosaic"],
-        help="the mLSTM backward where its Mosaic GPU kernel runs (Hopper): XLA (default) or the Mosaic kernels",
+        help="the mLSTM backward where its Mosaic GPU kernel runs (Hopper): the Mosaic kernels (default) or XLA",
     )
 
     data = p.add_argument_group("data")

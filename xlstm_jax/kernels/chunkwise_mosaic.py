@@ -36,13 +36,16 @@ memory per block. Non-finite values in k or v make h non-finite in their whole c
 the steps before them finite). :func:`chunkwise_mosaic_unsupported` says why a call cannot run.
 
 Gradients: a ``custom_vjp``, chosen by ``backward``. A call that is only evaluated runs the kernel. Under
-differentiation (``jax.grad``, ``jax.vjp``) ``backward="xla"`` runs the XLA chunkwise form forward and backward
-(chunk size ``xla_chunk_size``; the two forwards agree to rounding); ``backward="mosaic"`` runs this kernel forward
-and the Mosaic GPU backward kernels (:mod:`xlstm_jax.kernels.chunkwise_mosaic_bw`: two state scans and a
-per-chunk gradient kernel), composed with autodiff of the gate plan. BENCHMARKS.md compares the two.
+differentiation (``jax.grad``, ``jax.vjp``) ``backward="mosaic"`` (the default) runs this kernel forward and the
+Mosaic GPU backward kernels (:mod:`xlstm_jax.kernels.chunkwise_mosaic_bw`: two state scans and a per-chunk
+gradient kernel), composed with autodiff of the gate plan, wherever those kernels cover the shape (DHQK up to 256);
+``backward="xla"``, and any shape they do not cover, runs the XLA chunkwise form forward and backward (chunk size
+``xla_chunk_size``; the two forwards agree to rounding). BENCHMARKS.md compares the two.
 
 Interpret mode. ``interpret=True`` runs the kernel in Mosaic GPU's interpreter on any backend (slow; for tests
-on a CPU) where the JAX version has one (:func:`xlstm_jax.kernels.mosaic.mosaic_interpret_params`).
+on a CPU) where the JAX version has one; two
+warpgroups (``consumers=2``) need three threads in XLA's CPU pool
+(:func:`xlstm_jax.kernels.mosaic.require_mosaic_interpreter`).
 """
 
 from __future__ import annotations
@@ -57,7 +60,7 @@ from jax import lax
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import mosaic_gpu as plgpu
 
-from xlstm_jax.kernels.mosaic import mosaic_interpret_params
+from xlstm_jax.kernels.mosaic import require_mosaic_interpreter
 from xlstm_jax.kernels.recurrent_step_mosaic import load_ref
 from xlstm_jax.mlstm.chunkwise import ChunkedSequence, border_states, chunk_sequence, chunkwise_fw
 from xlstm_jax.mlstm.parallel import block_log_decay, block_log_weights, block_summary
@@ -460,11 +463,7 @@ def mosaic_chunkwise(
     )  # fmt: skip
     if reason is not None:
         raise ValueError(f"the Mosaic GPU chunkwise kernel cannot run this shape: {reason}")
-    params = None
-    if interpret:
-        params = mosaic_interpret_params()
-        if params is None:
-            raise ValueError("interpret=True needs a JAX with Mosaic GPU's interpreter (jax 0.10 or newer)")
+    params = require_mosaic_interpreter(consumers) if interpret else None
     body = functools.partial(
         _chunk_body, eps=eps, block_dhv=block_dhv, depth=depth, consumers=consumers, interpret=interpret
     )
@@ -564,12 +563,12 @@ def chunkwise_mosaic_fw(
     consumers: int | None = None,
     interpret: bool = False,
     xla_chunk_size: int = 256,
-    backward: str = "xla",
+    backward: str = "mosaic",
 ) -> jax.Array | tuple[jax.Array, tuple[jax.Array, jax.Array, jax.Array]]:
     """The mLSTM on a whole sequence, chunkwise, with the products in a Mosaic GPU kernel (module docstring).
 
     Arguments, results and errors as :func:`xlstm_jax.mlstm.chunkwise.chunkwise_fw` (the kernel's chunk size is
-    fixed at :data:`CHUNK`). Differentiable: under differentiation the XLA form runs instead (module docstring).
+    fixed at :data:`CHUNK`). Differentiable: ``backward`` picks the backward pass (module docstring).
 
     Args:
         block_dhv: Columns of c per program, 32 or 64: more columns recompute the (L, L) scores fewer times,
@@ -580,10 +579,11 @@ def chunkwise_mosaic_fw(
             None: :func:`auto_consumers` picks by the number of heads.
         interpret: Run in Mosaic GPU's interpreter (any backend; slow).
         xla_chunk_size: The chunk size of the XLA form that runs under differentiation with ``backward="xla"``.
-        backward: What runs under differentiation. ``"xla"``: the XLA chunkwise form, forward and backward.
-            ``"mosaic"``: this kernel forward, and the Mosaic GPU backward kernels
-            (:func:`xlstm_jax.kernels.chunkwise_mosaic_bw.mosaic_products_vjp`) composed with autodiff of the gate
-            plan.
+        backward: What runs under differentiation. ``"mosaic"``: this kernel forward, and the Mosaic GPU backward
+            kernels (:func:`xlstm_jax.kernels.chunkwise_mosaic_bw.mosaic_products_vjp`) composed with autodiff of
+            the gate plan, where they cover the shape
+            (:func:`~xlstm_jax.kernels.chunkwise_mosaic_bw.mosaic_backward_unsupported`: DHQK at most 256), else
+            as ``"xla"``. ``"xla"``: the XLA chunkwise form, forward and backward.
 
     Raises:
         ValueError: as chunkwise_fw, and where the kernel cannot run (:func:`chunkwise_mosaic_unsupported`).
@@ -598,10 +598,10 @@ def chunkwise_mosaic_fw(
     reason = chunkwise_mosaic_unsupported(DHQK, DHV, dtype, block_dhv, depth=depth, consumers=consumers)
     if reason is not None:
         raise ValueError(f"chunkwise_mosaic_fw cannot run this call: {reason}")
-    if backward == "mosaic":
-        # Imported here: the backward module builds on this one's plan and kernel.
-        from xlstm_jax.kernels.chunkwise_mosaic_bw import mosaic_products_vjp, split_cell
+    # Imported here: the backward module builds on this one's plan and kernel.
+    from xlstm_jax.kernels.chunkwise_mosaic_bw import mosaic_backward_unsupported, mosaic_products_vjp, split_cell
 
+    if backward == "mosaic" and mosaic_backward_unsupported(DHQK, DHV, dtype, block_dhv, depth) is None:
         tiling = {"block_dhv": block_dhv, "depth": depth, "interpret": interpret}
         # Under differentiation h leaves the kernel in float32: the normaliser's gradient, -Σ dh ⊙ h / den, cancels
         # against dh·v where one step dominates its row, and h rounded to bf16 would carry 2^-9 of |dh·v| into it.

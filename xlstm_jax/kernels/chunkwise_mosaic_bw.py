@@ -70,9 +70,18 @@ from xlstm_jax.kernels.chunkwise_mosaic import (
     _ROW,
     CHUNK,
     chunk_plan,
+    chunkwise_mosaic_unsupported,
 )
-from xlstm_jax.kernels.chunkwise_mosaic_grads import D_COL, D_DECAY, D_GAIN, D_INTER, D_ROW, mosaic_chunk_gradients
-from xlstm_jax.kernels.chunkwise_mosaic_scan import mosaic_state_scan
+from xlstm_jax.kernels.chunkwise_mosaic_grads import (
+    D_COL,
+    D_DECAY,
+    D_GAIN,
+    D_INTER,
+    D_ROW,
+    chunk_gradients_unsupported,
+    mosaic_chunk_gradients,
+)
+from xlstm_jax.kernels.chunkwise_mosaic_scan import mosaic_state_scan, state_scan_unsupported
 from xlstm_jax.mlstm.chunkwise import chunk_sequence
 from xlstm_jax.mlstm.states import cast_states
 
@@ -81,6 +90,7 @@ __all__ = [
     "chunk_products",
     "chunk_products_vjp",
     "chunkwise_split_fw",
+    "mosaic_backward_unsupported",
     "mosaic_products_vjp",
     "split_cell",
 ]
@@ -366,6 +376,17 @@ def chunk_products_vjp(
         dplan.reshape(plan.shape).astype(plan.dtype),
         ddecay.astype(decay.dtype),
         dc0.astype(c0.dtype),
+    )
+
+
+def mosaic_backward_unsupported(DHQK: int, DHV: int, dtype: Any, block_dhv: int, depth: int) -> str | None:
+    """Why the Mosaic GPU backward (:func:`mosaic_products_vjp`, behind the forward kernel with float32 h and the
+    border states, one warpgroup) cannot run this head shape, dtype and tiling, or None if it can (no device
+    check). The gradient kernel holds dq in registers, so DHQK is at most 256 there."""
+    return (
+        chunkwise_mosaic_unsupported(DHQK, DHV, dtype, block_dhv, depth=depth, consumers=1, h_dtype=jnp.float32)
+        or state_scan_unsupported(DHQK, DHV, dtype, block_dhv, depth)
+        or chunk_gradients_unsupported(DHQK, DHV, dtype, block_dhv)
     )
 
 

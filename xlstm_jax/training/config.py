@@ -251,8 +251,9 @@ class TrainConfig:
         remat: Rematerialisation of each block: ``"none"``, ``"full"`` or ``"dots"`` (``Remat``).
         scan_blocks: Run the blocks under ``nn.scan`` (faster compilation of deep models).
         mlstm_backward: The mLSTM cell's backward pass where its Mosaic GPU forward kernel runs (Hopper):
-            ``"xla"``, the XLA chunkwise form forward and backward, or ``"mosaic"``, the kernel forward and the
-            Mosaic GPU backward kernels (BENCHMARKS.md). Elsewhere the XLA form runs either way.
+            ``"mosaic"``, the kernel forward and the Mosaic GPU backward kernels (where they cover the head
+            shape), or ``"xla"``, the XLA chunkwise form forward and backward (BENCHMARKS.md). Elsewhere the XLA
+            form runs either way.
         checkpoint_dir: Where checkpoints go (None: no checkpoints).
         checkpoint_every: Save every this many steps (and at the end).
         checkpoint_keep: Keep the newest this many checkpoints.
@@ -278,7 +279,7 @@ class TrainConfig:
     accum_steps: int = 1
     remat: str = "none"
     scan_blocks: bool = False
-    mlstm_backward: str = "xla"
+    mlstm_backward: str = "mosaic"
     checkpoint_dir: str | None = None
     checkpoint_every: int = 500
     checkpoint_keep: int = 3

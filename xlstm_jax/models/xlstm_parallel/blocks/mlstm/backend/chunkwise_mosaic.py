@@ -49,7 +49,7 @@ def chunkwise_hopper_fw(
     block_dhv: int = 32,
     consumers: int | None = None,
     interpret: bool | None = None,
-    backward: str = "xla",
+    backward: str = "mosaic",
 ) -> Any:
     """The chunkwise form: the Mosaic GPU kernel where it applies, else the XLA form with ``chunk_size`` (which also
     runs under differentiation: :func:`~xlstm_jax.kernels.chunkwise_mosaic.chunkwise_mosaic_fw`).
@@ -58,7 +58,8 @@ def chunkwise_hopper_fw(
     on a Hopper GPU; True runs it in Mosaic GPU's interpreter (tests); False always runs the XLA form.
     ``block_dhv`` and ``consumers``: the kernel's columns of c per warpgroup and warpgroups per program (None:
     :func:`~xlstm_jax.kernels.chunkwise_mosaic.auto_consumers`). ``backward``: what runs under differentiation
-    where the kernel runs, the XLA form (``"xla"``) or the Mosaic GPU backward kernels (``"mosaic"``).
+    where the kernel runs, the Mosaic GPU backward kernels (``"mosaic"``, where they cover the shape) or the XLA
+    form (``"xla"``).
     """
     use_kernel = interpret if interpret is not None else device_supports_mosaic()
     dtype = jnp.result_type(q, k, v)
@@ -99,16 +100,16 @@ class mLSTMBackendChunkwiseMosaicConfig(mLSTMBackendConfig):
             block_dhv=64 at DHQK=256), the XLA form runs.
         interpret: None: the kernel on a Hopper GPU, the XLA form elsewhere; True: the kernel in Mosaic GPU's
             interpreter (slow; for tests); False: always the XLA form.
-        backward: Under differentiation where the kernel runs: ``"xla"``, the XLA form forward and backward
-            (``chunk_size``); ``"mosaic"``, the kernel forward and the Mosaic GPU backward kernels
-            (BENCHMARKS.md compares them).
+        backward: Under differentiation where the kernel runs: ``"mosaic"``, the kernel forward and the Mosaic
+            GPU backward kernels where they cover the shape (DHQK up to 256), else the XLA form; ``"xla"``, the
+            XLA form forward and backward (``chunk_size``). BENCHMARKS.md compares them.
     """
 
     chunk_size: int = 256
     block_dhv: int = 32
     consumers: int | None = None
     interpret: bool | None = None
-    backward: str = "xla"
+    backward: str = "mosaic"
 
     def __post_init__(self) -> None:
         super().__post_init__()
