@@ -33,8 +33,10 @@ Rows of the table ``chunkwise``, per shape and mode:
   for). Variants the kernel cannot run at the head shape (``chunkwise_mosaic_unsupported``: shared memory,
   divisibility) are left out with a note. fwdbwd differentiates through its custom VJP, once per
   ``--backward`` (``bw=`` in the label unless only ``xla`` is asked for): ``xla``, the XLA form's forward and
-  backward; ``mosaic``, the kernel's forward and the Mosaic GPU backward kernels. fwd rows are timed once per
-  variant and carry no ``bw=`` (the backward does not change the forward).
+  backward; ``mosaic``, the kernel's forward and the Mosaic GPU backward kernels, once per
+  ``--backward-consumers`` (their warpgroups per program, default 1; ``bwg=`` in the label unless only 1 is
+  asked for). fwd rows are timed once per variant and carry no ``bw=`` (the backward does not change the
+  forward).
 
 Columns: ``ms`` the median time of a call (``benchmarks/harness.py``'s ``time_jitted``: compilation apart,
 ``--repeats`` samples); ``spread`` (max - min) / median; ``compile s``; ``Mtok/s`` B·S over the time;
@@ -207,6 +209,8 @@ def parse(argv: Sequence[str] | None) -> argparse.Namespace:
     p.add_argument("--consumers", type=int, nargs="+", default=[1, 2], help="the kernel's warpgroups per program")
     p.add_argument("--backward", nargs="+", default=["xla", "mosaic"], choices=list(BACKWARDS),
                    help="what runs under the kernel's differentiation (fwdbwd rows)")  # fmt: skip
+    p.add_argument("--backward-consumers", type=int, nargs="+", default=[1], choices=[1, 2],
+                   help="warpgroups per program of the Mosaic backward kernels (bw=mosaic rows)")  # fmt: skip
     p.add_argument("--interpret", action="store_true", help="run the kernel in Mosaic GPU's interpreter")
     p.add_argument("--xla-chunk-sizes", type=int, nargs="*", default=[256], help="chunk sizes of the XLA form")
     p.add_argument("--check-stride", type=int, default=8, help="compare every this many columns of h")
@@ -313,16 +317,25 @@ def inputs(B: int, S: int, a: argparse.Namespace) -> tuple[jax.Array, ...]:
 
 def kernel_variants(a: argparse.Namespace) -> tuple[dict[str, dict[str, int]], list[str]]:
     """The kernel variants of ``--block-dhv`` x ``--depth`` x ``--consumers`` that run at the head shape, as
-    ``{row name: {"block_dhv", "depth", "consumers", "backward"}}``, and a note for each that does not."""
+    ``{row name: {"block_dhv", "depth", "consumers", "backward", "backward_consumers"}}`` (each ``--backward``,
+    ``mosaic`` once per ``--backward-consumers``), and a note for each that does not."""
     variants, skipped = {}, []
-    for bdhv, depth, consumers, backward in itertools.product(a.block_dhv, a.depth, a.consumers, a.backward):
+    backwards = [(b, w) for b in a.backward for w in (a.backward_consumers if b == "mosaic" else [1])]
+    for bdhv, depth, consumers, (backward, bwg) in itertools.product(a.block_dhv, a.depth, a.consumers, backwards):
         name = f"mosaic bdhv={bdhv}"
         name += f" d={depth}" if a.depth != [2] else ""
         name += f" wg={consumers}" if a.consumers != [1] else ""
         name += f" bw={backward}" if a.backward != ["xla"] else ""
+        name += f" bwg={bwg}" if backward == "mosaic" and a.backward_consumers != [1] else ""
         why = chunkwise_mosaic_unsupported(a.DHQK, a.DHV, jnp.bfloat16, bdhv, depth=depth, consumers=consumers)
         if why is None:
-            variants[name] = {"block_dhv": bdhv, "depth": depth, "consumers": consumers, "backward": backward}
+            variants[name] = {
+                "block_dhv": bdhv,
+                "depth": depth,
+                "consumers": consumers,
+                "backward": backward,
+                "backward_consumers": bwg,
+            }
         else:
             skipped.append(f"{name}: left out, {why}")
     return variants, skipped
@@ -413,7 +426,8 @@ def bench_shape(report: Report, a: argparse.Namespace, B: int, S: int, tfla: dic
         for name, (form, L, kind, settings) in table.items():
             label, fields = name, dict(settings)
             if mode == "fwd" and kind == "mosaic":  # the backward does not change the forward: one row, no bw=
-                if fields.pop("backward") != a.backward[0]:
+                first = (a.backward[0], a.backward_consumers[0] if a.backward[0] == "mosaic" else 1)
+                if (fields.pop("backward"), fields.pop("backward_consumers")) != first:
                     continue
                 label = name.split(" bw=")[0]
             row = {"form": label, "kind": kind, "B": B, "S": S, "mode": mode, "L": L, **fields}

@@ -50,12 +50,18 @@ def test_smoke_rows_rates_and_ratios(smoke):
 
 
 def test_fwdbwd_rows_check_the_gradients(tmp_path):
-    """fwdbwd with both backwards: one row per backward, each checked against the XLA form's gradients (relative
-    RMS, largest element, and two calls compared element by element)."""
+    """fwdbwd with both backwards, the Mosaic one with one and two warpgroups: one row each, each checked against
+    the XLA form's gradients (relative RMS, largest element, and two calls compared element by element)."""
     argv = ["--smoke", "--modes", "fwdbwd", "--ceilings", "nominal", "--tfla", "skip", "--prefill-tokens"]
-    chunkwise.main([*argv, "--json", str(tmp_path / "out.json")])
+    chunkwise.main([*argv, "--backward-consumers", "1", "2", "--json", str(tmp_path / "out.json")])
     rows = json.loads((tmp_path / "out.json").read_text())["tables"]["chunkwise"]
-    assert [r["form"] for r in rows] == ["xla L=32", "mosaic bdhv=32 bw=xla", "mosaic bdhv=32 bw=mosaic"]
+    assert [r["form"] for r in rows] == [
+        "xla L=32",
+        "mosaic bdhv=32 bw=xla",
+        "mosaic bdhv=32 bw=mosaic bwg=1",
+        "mosaic bdhv=32 bw=mosaic bwg=2",
+    ]
+    assert [r.get("backward_consumers") for r in rows] == [None, 1, 1, 2]
     for row in rows[1:]:
         assert 0 < row["rel_err"] <= row["bound"] and 0 < row["max_err"] <= row["max_bound"] == chunkwise.GRAD_MAX_BOUND
         assert row["nondeterministic"] == 0 and row["ok"] is True

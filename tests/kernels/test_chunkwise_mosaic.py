@@ -30,6 +30,8 @@ from xlstm_jax.kernels.chunkwise_mosaic import (
     shared_memory_bytes,
 )
 from xlstm_jax.kernels.chunkwise_mosaic_bw import chunkwise_split_fw, mosaic_backward_unsupported
+from xlstm_jax.kernels.chunkwise_mosaic_grads import chunk_gradients_unsupported
+from xlstm_jax.kernels.chunkwise_mosaic_scan import state_scan_unsupported
 from xlstm_jax.kernels.mosaic import mosaic_interpret_params
 from xlstm_jax.kernels.recurrent_step_mosaic import device_supports_mosaic
 from xlstm_jax.mlstm.chunkwise import chunkwise_fw
@@ -150,15 +152,24 @@ def _outputs(form, ids, *a):
 
 
 @runs
-@pytest.mark.parametrize(("states", "segments"), [(True, True), (False, False)], ids=["states-documents", "zeros"])
-def test_mosaic_backward_matches_float64(states, segments):
+@pytest.mark.parametrize(
+    ("states", "segments", "consumers"),
+    [(True, True, 1), (False, False, 1), (True, True, 2)],
+    ids=["states-documents", "zeros", "two-wg-states-documents"],
+)
+def test_mosaic_backward_matches_float64(states, segments, consumers):
     """``backward="mosaic"``: the gradients of every input (q, k, v, i, f and the initial states) for random
     cotangents on h and on all three last states, against float64 autodiff of the same split with its
     hand-derived backward (``chunkwise_split_fw``, checked against the float64 reference's central differences in
     test_chunkwise_mosaic_bw.py) on the same bf16-rounded inputs; each gradient scaled by its largest element.
-    Extreme input gates, a reset, packed documents across chunk borders, with and without initial states."""
+    Extreme input gates, a reset, packed documents across chunk borders, with and without initial states; the
+    backward kernels with one and with two warpgroups per program."""
     args, ids = _grad_case(13 + states, 2, 1, states, segments)
-    mosaic = functools.partial(_outputs, functools.partial(kernel(), backward="mosaic"), ids)
+    if consumers == 2:  # both backward kernels do run two warpgroups at this shape (DHQK = DHV = 64)
+        assert state_scan_unsupported(64, 64, jnp.bfloat16, 32, 2, consumers=2) is None
+        assert chunk_gradients_unsupported(64, 64, jnp.bfloat16, 32, consumers=2) is None
+    form = functools.partial(kernel(), backward="mosaic", backward_consumers=consumers)
+    mosaic = functools.partial(_outputs, form, ids)
     outs = jax.jit(mosaic)(*args)
     rng = np.random.default_rng(5)
     cotangents = tuple(jnp.asarray(rng.standard_normal(o.shape), jnp.float32) for o in outs)
@@ -244,6 +255,8 @@ def test_unsupported_calls_raise():
         chunkwise_mosaic_fw(*args, consumers=2)
     with pytest.raises(ValueError, match="consumers=3 must be 1 or 2"):
         chunkwise_mosaic_fw(*args, consumers=3)
+    with pytest.raises(ValueError, match="backward_consumers=3 must be 1 or 2"):
+        chunkwise_mosaic_fw(*args, backward_consumers=3)
     too_big = chunkwise_mosaic_unsupported(256, 512, jnp.bfloat16, 64, consumers=2)
     assert too_big is not None and "276 KiB of shared memory" in too_big and "227 KiB" in too_big
     assert "shared memory" in chunkwise_mosaic_unsupported(256, 512, jnp.bfloat16, 32, depth=3)

@@ -564,6 +564,7 @@ def chunkwise_mosaic_fw(
     interpret: bool = False,
     xla_chunk_size: int = 256,
     backward: str = "mosaic",
+    backward_consumers: int = 1,
 ) -> jax.Array | tuple[jax.Array, tuple[jax.Array, jax.Array, jax.Array]]:
     """The mLSTM on a whole sequence, chunkwise, with the products in a Mosaic GPU kernel (module docstring).
 
@@ -584,12 +585,16 @@ def chunkwise_mosaic_fw(
             the gate plan, where they cover the shape
             (:func:`~xlstm_jax.kernels.chunkwise_mosaic_bw.mosaic_backward_unsupported`: DHQK at most 256), else
             as ``"xla"``. ``"xla"``: the XLA chunkwise form, forward and backward.
+        backward_consumers: Warpgroups per program of the backward kernels with ``backward="mosaic"``, 1 or 2
+            (each kernel runs one where two do not fit: ``mosaic_products_vjp``).
 
     Raises:
         ValueError: as chunkwise_fw, and where the kernel cannot run (:func:`chunkwise_mosaic_unsupported`).
     """
     if backward not in BACKWARDS:
         raise ValueError(f"backward={backward!r} must be one of {BACKWARDS}")
+    if backward_consumers not in (1, 2) or isinstance(backward_consumers, bool):
+        raise ValueError(f"backward_consumers={backward_consumers!r} must be 1 or 2 (warpgroups per program)")
     x = chunk_sequence(q, k, v, i, f, c_initial, n_initial, m_initial, eps, state_dtype, CHUNK, segment_ids, True)
     _, _, _, DHQK, DHV = x.dims
     dtype = jnp.result_type(q, k, v)
@@ -619,7 +624,9 @@ def chunkwise_mosaic_fw(
             )  # fmt: skip
 
         def products_vjp(q, k, v, plan, decay, c0, h, borders, dh, dc_last):
-            return mosaic_products_vjp(q, k, v, plan, decay, c0, eps, h, dh, dc_last, borders=borders, **tiling)
+            return mosaic_products_vjp(
+                q, k, v, plan, decay, c0, eps, h, dh, dc_last, borders=borders, consumers=backward_consumers, **tiling
+            )  # fmt: skip
 
         return split_cell(
             products, products_vjp, q, k, v, i, f, c_initial, n_initial, m_initial, return_last_states, eps,

@@ -405,6 +405,7 @@ def mosaic_products_vjp(
     borders: jax.Array | None = None,  # (BH, NC * DHQK, DHV)
     block_dhv: int = 32,
     depth: int = 2,
+    consumers: int = 1,
     interpret: bool = False,
 ) -> tuple[jax.Array, jax.Array, jax.Array, jax.Array, jax.Array, jax.Array]:
     """The gradients of the Mosaic chunkwise kernel's products on the Mosaic GPU backward kernels.
@@ -423,6 +424,8 @@ def mosaic_products_vjp(
         borders: The border states r(C_j) (BH, NC * DHQK, DHV) in q's dtype where the forward wrote them
             (``mosaic_chunkwise(..., borders=True)``); None computes them (stage (a)).
         block_dhv, depth: Columns of a state per program and chunks in flight of the scans and the gradient kernel.
+        consumers: Warpgroups per program of the scans and the gradient kernel, 1 or 2; a kernel that cannot run
+            two at this shape (its ``*_unsupported`` says why) runs one.
         interpret: Run the kernels in Mosaic GPU's interpreter.
 
     Returns:
@@ -440,7 +443,12 @@ def mosaic_products_vjp(
     dtype = q.dtype
     qc, kc, _, pc = _chunks(q, k, v, plan, NC, L)
     row = lambda r: pc[:, :, r]  # noqa: E731  (BH, NC, L)
-    scan = {"block_dhv": block_dhv, "depth": depth, "interpret": interpret}
+    if consumers not in (1, 2):
+        raise ValueError(f"consumers={consumers!r} must be 1 or 2 (warpgroups per program)")
+    two = consumers == 2
+    scan_consumers = 2 if two and state_scan_unsupported(DHQK, DHV, dtype, block_dhv, depth, 2) is None else 1
+    grad_consumers = 2 if two and chunk_gradients_unsupported(DHQK, DHV, dtype, block_dhv, 2) is None else 1
+    scan = {"block_dhv": block_dhv, "depth": depth, "consumers": scan_consumers, "interpret": interpret}
     if borders is None:
         borders, _ = mosaic_state_scan(k, v, row(_GAIN), decay, c0, reverse=False, **scan)
     elif borders.shape != (BH, NC * DHQK, DHV) or borders.dtype != dtype:
@@ -457,7 +465,7 @@ def mosaic_products_vjp(
     vectors = (row(_ROW), row(_COL), row(_BREAKS), row(_BREAKS_COL), row(_GAIN), rden, w, dqn)
     vec = jnp.stack(vectors, axis=2).reshape(BH, NC * _PLAN_ROWS, L)
     dq, dk, dv, dvec = mosaic_chunk_gradients(
-        q, k, v, dh, borders, dborders, vec, block_dhv=block_dhv, interpret=interpret
+        q, k, v, dh, borders, dborders, vec, block_dhv=block_dhv, consumers=grad_consumers, interpret=interpret
     )  # fmt: skip
     dvec = dvec.reshape(BH, NC, _PLAN_ROWS, L)
     d_row, d_col, d_inter, d_gain, d_decay = (dvec[:, :, r] for r in (D_ROW, D_COL, D_INTER, D_GAIN, D_DECAY))
