@@ -194,4 +194,4 @@ def test_interpret_mode_needs_a_pool_thread_per_warpgroup_and_one_more(monkeypat
     monkeypatch.setenv("NPROC", "3")
     assert require_mosaic_interpreter(2) is not None
     monkeypatch.delenv("NPROC")
-    assert interpreter_threads() == len(os.sched_getaffinity(0))
+    assert interpreter_threads() == len(os.sched_getaffinity(0))  # the CPUs this process may run on (Linux)

@@ -61,7 +61,9 @@ def interpreter_threads() -> int:
     changed after JAX starts.
     """
     nproc = os.environ.get("NPROC", "")
-    return int(nproc) if nproc.isdigit() and int(nproc) > 0 else len(os.sched_getaffinity(0))
+    if nproc.isdigit() and int(nproc) > 0:
+        return int(nproc)
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
 
 
 def require_mosaic_interpreter(threads: int) -> Any:
