@@ -25,9 +25,11 @@ element and time step (c update f'c + (i'k)v: 3; read-out q̂·c: 2), ``5·B·NH
 vector rate (the bytes, q, k, v, i, f read and h written once, at the copy bandwidth, if longer); and each
 variant's own: a kernel of chunk size L computes full L x L blocks, ``2·B·NH·S·(L·DHQK + L·DHV +
 2·DHQK·DHV)`` matrix-product FLOPs (q·kᵀ, scores·v, q·C, kᵀv), at the bf16 matrix rate, and the chunkwise
-form the counts of ``benchmarks/forms.py``; the bytes again if longer. At S >= ``--grad-min-S`` the default
-kernel's gradient (forward kernel, backward by the chunkwise form) is timed too, against 3x the FLOPs and 2x
-the bytes.
+form the counts of ``benchmarks/forms.py``; the bytes again if longer. On Hopper (or interpreted) the
+``mosaic`` row is ``recurrent_sequence_pallas(backend="mosaic")``, the Mosaic GPU chunkwise kernel that
+``backend="auto"`` runs there (chunks of 64). At S >= ``--grad-min-S`` the gradients are timed too, against 3x
+the FLOPs and 2x the bytes: ``default fwd+bwd``, the Triton kernel's default tiling forward and the chunkwise
+form's backward; ``mosaic fwd+bwd``, the Mosaic forward and backward kernels.
 
 Checks: every variant against the XLA form on the same inputs, max |diff| / max |ref|, bounds in
 :data:`BOUNDS` with their reasons.
@@ -59,6 +61,8 @@ from benchmarks.harness import (
     time_loop,
 )
 from xlstm_jax.kernels import SequenceKernelConfig, StepKernelConfig, recurrent_sequence_pallas, recurrent_step_pallas
+from xlstm_jax.kernels.chunkwise_mosaic import chunkwise_mosaic_unsupported
+from xlstm_jax.kernels.recurrent_step_mosaic import device_supports_mosaic
 from xlstm_jax.mlstm import chunkwise_fw, recurrent_sequence_fw, recurrent_step_fw
 
 F32, BF16 = jnp.float32, jnp.bfloat16
@@ -333,13 +337,21 @@ def bench_seq(report: Report, a: argparse.Namespace, ceilings: Ceilings, interpr
         for name, cfg in seq_sweep(DHQK, DHV, a.sweep).items():
             fn = lambda *q, cfg=cfg: recurrent_sequence_pallas(*q, config=cfg, interpret=interpret)
             variants[name] = (fn, seq_floor(shape, ceilings, cfg.chunk_size))
+        # backend="auto" on Hopper: the Mosaic GPU chunkwise kernel (chunks of 64), timed beside the Triton tilings
+        mosaic = chunkwise_mosaic_unsupported(DHQK, DHV, BF16, 32) is None and (interpret or device_supports_mosaic())
+        if mosaic:
+            fn = lambda *q: recurrent_sequence_pallas(*q, backend="mosaic", interpret=interpret)
+            variants["mosaic"] = (fn, seq_floor(shape, ceilings, 64))
         if a.grad_min_S <= S:
             default = SequenceKernelConfig.get_default(DHQK, DHV)
-            loss = lambda *q: jnp.sum(recurrent_sequence_pallas(*q, interpret=interpret).astype(F32))
-            variants["default fwd+bwd"] = (
-                jax.grad(loss, argnums=(0, 1, 2, 3, 4)),
-                seq_floor(shape, ceilings, default.chunk_size, grad=True),
+            backends = {"default fwd+bwd": ("triton", default.chunk_size)} | (
+                {"mosaic fwd+bwd": ("mosaic", 64)} if mosaic else {}
             )
+            for name, (backend, L) in backends.items():
+                loss = lambda *q, b=backend: jnp.sum(
+                    recurrent_sequence_pallas(*q, backend=b, interpret=interpret).astype(F32)
+                )
+                variants[name] = (jax.grad(loss, argnums=(0, 1, 2, 3, 4)), seq_floor(shape, ceilings, L, grad=True))
         h_ref = t_scan = None
         for name, (form, floor) in variants.items():
             if a.variants and name not in a.variants and name != "xla-scan":
@@ -355,7 +367,7 @@ def bench_seq(report: Report, a: argparse.Namespace, ceilings: Ceilings, interpr
                     h_ref, t_scan = fn(*x), timing.median_s
                 else:
                     timing = time_jitted(fn, *x, repeats=a.repeats, calls=a.calls)
-                    if name != "default fwd+bwd":
+                    if not name.endswith("fwd+bwd"):
                         err = max_rel_err(h_ref, fn(*x))
                         row.update(err=err, ok=err <= BOUNDS["sequence h"])
             except Exception as exc:  # a config that does not compile is reported, not fatal
@@ -366,7 +378,7 @@ def bench_seq(report: Report, a: argparse.Namespace, ceilings: Ceilings, interpr
                 floor_s=floor.seconds,
                 floor_bound=floor.bound,
                 floor_fraction=floor.fraction(timing.median_s),
-                step_floor_fraction=seq_floor(shape, ceilings, 1, grad=name == "default fwd+bwd").fraction(
+                step_floor_fraction=seq_floor(shape, ceilings, 1, grad=name.endswith("fwd+bwd")).fraction(
                     timing.median_s
                 ),
                 scan_over_this=t_scan / timing.median_s if t_scan else None,

@@ -18,6 +18,9 @@ from tests.mlstm.form_checks import check_forward, check_gradients, random_input
 from tests.numerics import TOL, assert_close
 from tests.reference import recurrent_ref
 from xlstm_jax.kernels import SequenceKernelConfig, recurrent_sequence_pallas
+from xlstm_jax.kernels.chunkwise_mosaic import chunkwise_mosaic_fw
+from xlstm_jax.kernels.mosaic import mosaic_interpret_params
+from xlstm_jax.kernels.recurrent_step_mosaic import device_supports_mosaic
 from xlstm_jax.mlstm.recurrent import recurrent_sequence_fw
 from xlstm_jax.models.xlstm_parallel.blocks.mlstm.backend import BACKENDS, create_mlstm_backend
 from xlstm_jax.models.xlstm_parallel.blocks.mlstm.backend.recurrent_pallas import (
@@ -25,6 +28,7 @@ from xlstm_jax.models.xlstm_parallel.blocks.mlstm.backend.recurrent_pallas impor
     mLSTMBackendRecurrentPallasConfig,
 )
 
+ON_HOPPER = ON_GPU and device_supports_mosaic()
 # Blocks of 16 steps, four programs across DHV=64; and the literal step-by-step recurrence.
 NARROW = SequenceKernelConfig(block_dhv=16, chunk_size=16, num_warps=1)
 STEPS = SequenceKernelConfig(block_dhv=16, chunk_size=1, num_warps=2, num_stages=2)
@@ -159,3 +163,63 @@ def test_unsupported_head_dims_raise_on_every_platform(DHQK, DHV, interpret):
     backend = create_mlstm_backend("recurrent_pallas", interpret=interpret)
     with pytest.raises(ValueError, match=pattern):
         jax.jit(backend)(*args)
+
+
+# The Mosaic GPU path (backend="mosaic"/"auto" on Hopper): the chunkwise Mosaic kernel, interpreted on a CPU.
+MOSAIC_RUNS = ON_HOPPER or mosaic_interpret_params() is not None
+SEGMENTS = np.repeat(np.array([[0, 1, 2], [3, 4, 5]]), [40, 60, 50], axis=1)  # documents across 64-step chunks
+
+
+@pytest.mark.skipif(not MOSAIC_RUNS, reason="needs a Hopper GPU or a JAX with Mosaic GPU's interpreter")
+@pytest.mark.parametrize("segments", [False, True], ids=["states", "states-documents"])
+def test_mosaic_backend_matches_reference(segments):
+    """backend="mosaic": bf16 h and float32 last states against the float64 reference, with initial states,
+    extreme input gates, an odd S (the last chunk padded) and packed documents; the same call as
+    ``chunkwise_mosaic_fw`` on the same inputs."""
+    x = random_inputs(21 + segments, 2, 1, 150, 64, 64, states=True, igate="extreme")
+    ids = SEGMENTS if segments else None
+    form = functools.partial(recurrent_sequence_pallas, backend="mosaic", interpret=not ON_HOPPER)
+    check_forward(form, x, "bfloat16", segment_ids=ids)
+    args = [jnp.asarray(x[name], jnp.bfloat16) for name in ("q", "k", "v", "i", "f")]
+    states = [jnp.asarray(x[name], jnp.float32) for name in ("c0", "n0", "m0")]
+    seg = None if ids is None else jnp.asarray(ids, jnp.int32)
+    h, last = form(*args, *states, return_last_states=True, segment_ids=seg)
+    h_kernel, last_kernel = chunkwise_mosaic_fw(
+        *args, *states, return_last_states=True, state_dtype="float32", segment_ids=seg, interpret=not ON_HOPPER
+    )  # fmt: skip
+    np.testing.assert_array_equal(np.asarray(h, np.float32), np.asarray(h_kernel, np.float32))
+    for a, b in zip(last, last_kernel, strict=True):
+        np.testing.assert_array_equal(a, b)
+
+
+def _runs_mosaic(**kwargs) -> bool:
+    """Whether ``recurrent_sequence_pallas`` on bf16 inputs (DHQK = DHV = 64) traces the Mosaic kernel."""
+    x = random_inputs(3, 1, 1, 70, 64, 64)
+    args = [jnp.asarray(x[name], jnp.bfloat16) for name in ("q", "k", "v", "i", "f")]
+    jaxpr = jax.make_jaxpr(functools.partial(recurrent_sequence_pallas, **kwargs))(*args)
+    return "mlstm_chunkwise_mosaic" in str(jaxpr)
+
+
+@pytest.mark.skipif(mosaic_interpret_params() is None, reason="needs a JAX with Mosaic GPU's interpreter")
+def test_backend_choice_and_errors():
+    """ "auto" interprets the Triton kernel (the Mosaic kernel only compiled on Hopper); "mosaic" asks for the
+    Mosaic kernel, and is an error for float32 inputs, a Triton tiling or an unknown name."""
+    assert _runs_mosaic(backend="mosaic", interpret=True)
+    assert not _runs_mosaic(backend="auto", interpret=True)
+    assert not _runs_mosaic(backend="triton", interpret=True)
+    x = random_inputs(3, 1, 1, 70, 64, 64)
+    args32 = [jnp.asarray(x[name], jnp.float32) for name in ("q", "k", "v", "i", "f")]
+    with pytest.raises(ValueError, match="cannot run this call: inputs must be bfloat16 or float16"):
+        recurrent_sequence_pallas(*args32, backend="mosaic", interpret=True)
+    args = [a.astype(jnp.bfloat16) for a in args32]
+    with pytest.raises(ValueError, match="config is a tiling of the Triton kernel"):
+        recurrent_sequence_pallas(*args, backend="mosaic", config=NARROW, interpret=True)
+    with pytest.raises(ValueError, match=r"backend='cuda' must be one of \('auto', 'triton', 'mosaic'\)"):
+        recurrent_sequence_pallas(*args, backend="cuda")
+    with pytest.raises(ValueError, match="kernel_backend must be one of"):
+        mLSTMBackendRecurrentPallasConfig(kernel_backend="cuda")
+    backend = create_mlstm_backend("recurrent_pallas", interpret=True, kernel_backend="mosaic")
+    h = backend.apply({}, *args)
+    np.testing.assert_array_equal(
+        np.asarray(h), np.asarray(recurrent_sequence_pallas(*args, backend="mosaic", interpret=True))
+    )

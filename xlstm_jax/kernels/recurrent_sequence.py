@@ -24,6 +24,13 @@ product (the ``bfloat16/float32`` entry of ``tests/numerics.py`` accounts for th
 Gradients: :func:`recurrent_sequence_pallas` has a ``custom_vjp``. Its backward recomputes the forward with
 the XLA chunkwise form (:func:`xlstm_jax.mlstm.chunkwise.chunkwise_fw`, the same function) and
 differentiates that. There is no backward kernel.
+
+On Hopper (``backend="auto"``) the same algorithm runs as the Mosaic GPU chunkwise kernel
+(:func:`xlstm_jax.kernels.chunkwise_mosaic.chunkwise_mosaic_fw`: each program keeps its float32 tile of c on chip
+for the whole sequence and advances it 64 steps at a time on the WGMMA units, fed by TMA copies) wherever that
+kernel covers the call: bf16 or f16 inputs, DHQK a multiple of 64, no Triton tiling (``config``) given. It
+differentiates through its own Mosaic GPU backward kernels. The Triton kernel stays the path for other GPUs, for
+float32 inputs and for the head sizes only it covers.
 """
 
 from __future__ import annotations
@@ -37,7 +44,15 @@ import jax.numpy as jnp
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as pl_triton
 
-from xlstm_jax.kernels.config import SequenceKernelConfig, check_head_dims, check_kernel_dtypes, kernel_mode
+from xlstm_jax.kernels.chunkwise_mosaic import chunkwise_mosaic_fw, chunkwise_mosaic_unsupported
+from xlstm_jax.kernels.config import (
+    STEP_BACKENDS,
+    SequenceKernelConfig,
+    check_head_dims,
+    check_kernel_dtypes,
+    kernel_mode,
+)
+from xlstm_jax.kernels.mosaic import use_mosaic
 from xlstm_jax.mlstm.checks import check_eps, check_sequence_inputs, resolve_state_dtype
 from xlstm_jax.mlstm.chunkwise import chunkwise_fw
 from xlstm_jax.mlstm.parallel import block_readout, block_update, matmul_dtype
@@ -252,6 +267,7 @@ def recurrent_sequence_pallas(
     config: SequenceKernelConfig | None = None,
     interpret: bool | None = None,
     segment_ids: jax.Array | None = None,  # (B, S) int
+    backend: str = "auto",
 ) -> jax.Array | tuple[jax.Array, tuple[jax.Array, jax.Array, jax.Array]]:
     """The mLSTM recurrent form on a full sequence in one fused Pallas kernel, with float32 states.
 
@@ -280,24 +296,32 @@ def recurrent_sequence_pallas(
             starts a document from zero states (c, n and m), also inside a block of steps; only the row's first
             document starts from the initial states (:mod:`xlstm_jax.mlstm.segments`). None: one document per
             row. The last states are those of the row's last document.
+        backend: Which kernel (module docstring): ``"auto"``, the Mosaic GPU chunkwise kernel compiled on a GPU
+            of compute capability 9.0 or newer where it covers the call and no ``config`` is given, the Triton
+            kernel otherwise (also in interpret mode); ``"triton"``; ``"mosaic"`` (compiled on Hopper, or in
+            Mosaic GPU's interpreter with ``interpret=True``; an error where it does not apply). In the Mosaic
+            kernel a NaN or inf in k or v makes h non-finite for its whole chunk of 64 steps.
 
     Returns:
         h (B, NH, S, DHV) in queries' dtype, or ``(h, (c_last, n_last, m_last))`` with shapes
         (B, NH, DHQK, DHV), (B, NH, DHQK), (B, NH) if ``return_last_states``.
 
     Raises:
-        ValueError: a shape does not match, initial states are given partly, DHQK or DHV is not a kernel size
+        ValueError: an unknown backend, or one that cannot run the call; a shape does not match, initial states
+            are given partly, DHQK or DHV is not a kernel size
             (``xlstm_jax.kernels.config.kernel_supports_head_dims``; raised on every platform, also where
             ``interpret=None`` would run the XLA form), eps is not positive and finite, or state_dtype is not
             None or float32, or segment_ids is not (B, S).
         TypeError: an input is not float32/bfloat16/float16, eps is traced, or segment_ids is not integer.
-        RuntimeError: ``interpret=False`` without a GPU.
+        RuntimeError: ``interpret=False`` without a GPU; ``backend="mosaic"`` compiled on a GPU older than Hopper.
 
     Example:
         >>> h, (c, n, m) = recurrent_sequence_pallas(q, k, v, i, f, return_last_states=True)
     """
     dims, i, f = check_sequence_inputs(queries, keys, values, igate_preact, fgate_preact)
     check_eps(eps)
+    if backend not in STEP_BACKENDS:
+        raise ValueError(f"backend={backend!r} must be one of {STEP_BACKENDS}")
     if isinstance(eps, jax.core.Tracer):
         raise TypeError("eps must be a Python number for the Pallas sequence kernel (it is compiled in), got a tracer")
     resolved = resolve_state_dtype(state_dtype)
@@ -316,6 +340,12 @@ def recurrent_sequence_pallas(
             return_last_states=return_last_states, eps=eps, state_dtype=_F32, use_scan=True,
             segment_ids=segment_ids,
         )  # fmt: skip
+    elif use_mosaic("recurrent_sequence_pallas", backend, mode, _mosaic_unsupported(dims, queries.dtype, config)):
+        states = (c0, n0, m0) if has_initial else (None, None, None)
+        out = chunkwise_mosaic_fw(
+            queries, keys, values, i[..., 0], f[..., 0], *states, return_last_states=return_last_states, eps=eps,
+            state_dtype=_F32, segment_ids=segment_ids, interpret=mode == "interpret",
+        )  # fmt: skip
     else:
         if config is None:
             config = SequenceKernelConfig.get_default(dims.DHQK, dims.DHV)
@@ -331,6 +361,13 @@ def recurrent_sequence_pallas(
         return out
     h, states = out
     return h, cast_states(states, out_dtypes)
+
+
+def _mosaic_unsupported(dims: Any, dtype: Any, config: SequenceKernelConfig | None) -> str | None:
+    """Why the Mosaic GPU chunkwise kernel does not run this call in place of the Triton kernel, or None."""
+    if config is not None:
+        return "config is a tiling of the Triton kernel"
+    return chunkwise_mosaic_unsupported(dims.DHQK, dims.DHV, dtype, 32)
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(7, 8, 9, 10))

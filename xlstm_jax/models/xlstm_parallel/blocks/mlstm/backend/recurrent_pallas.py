@@ -2,7 +2,8 @@
 
 Declares the backend around :func:`xlstm_jax.kernels.recurrent_sequence_pallas`: the function of the
 documented recurrent backend with float32 states, one kernel launch per call instead of several XLA kernels
-per time step. Without a GPU it runs the XLA recurrent form unless ``interpret=True``. Head sizes the kernel
+per time step (on Hopper the Mosaic GPU chunkwise kernel where it covers the call). Without a GPU it runs the
+XLA recurrent form unless ``interpret=True``. Head sizes the kernel
 does not cover (``xlstm_jax.kernels.config.kernel_supports_head_dims``) raise a ValueError on every
 platform: choosing this backend asks for the kernel.
 """
@@ -14,7 +15,7 @@ from typing import Any
 
 import jax.numpy as jnp
 
-from xlstm_jax.kernels.config import SequenceKernelConfig
+from xlstm_jax.kernels.config import STEP_BACKENDS, SequenceKernelConfig
 from xlstm_jax.kernels.recurrent_sequence import recurrent_sequence_pallas
 from xlstm_jax.mlstm.checks import resolve_state_dtype
 from xlstm_jax.models.xlstm_parallel.blocks.mlstm.backend.config import mLSTMBackend, mLSTMBackendConfig
@@ -35,10 +36,13 @@ class mLSTMBackendRecurrentPallasConfig(mLSTMBackendConfig):
             head shape, ``SequenceKernelConfig.get_default(DHQK, DHV)``.
         interpret: None: the compiled kernel on a GPU and the XLA recurrent form elsewhere; True: Pallas
             interpret mode (slow; for tests); False: the compiled kernel (raises without a GPU).
+        kernel_backend: The kernel's ``backend``: ``"auto"`` (the Mosaic GPU chunkwise kernel on Hopper where it
+            covers the call, the Triton kernel otherwise), ``"triton"`` or ``"mosaic"``.
     """
 
     kernel_config: SequenceKernelConfig | None = None
     interpret: bool | None = None
+    kernel_backend: str = "auto"
 
     def __post_init__(self) -> None:
         super().__post_init__()
@@ -50,11 +54,15 @@ class mLSTMBackendRecurrentPallasConfig(mLSTMBackendConfig):
             )
         if self.interpret is not None and not isinstance(self.interpret, bool):
             raise TypeError(f"interpret must be None or a bool, got {self.interpret!r}")
+        if self.kernel_backend not in STEP_BACKENDS:
+            raise ValueError(f"kernel_backend must be one of {STEP_BACKENDS}, got {self.kernel_backend!r}")
 
     def form_kwargs(self) -> dict[str, Any]:
-        """The keyword arguments of ``recurrent_sequence_pallas`` (``kernel_config`` is its ``config``)."""
+        """The keyword arguments of ``recurrent_sequence_pallas`` (``kernel_config`` is its ``config``,
+        ``kernel_backend`` its ``backend``)."""
         kwargs = super().form_kwargs()
         kwargs["config"] = kwargs.pop("kernel_config")
+        kwargs["backend"] = kwargs.pop("kernel_backend")
         return kwargs
 
 
