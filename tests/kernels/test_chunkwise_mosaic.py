@@ -37,8 +37,11 @@ from xlstm_jax.kernels.recurrent_step_mosaic import device_supports_mosaic
 from xlstm_jax.mlstm.chunkwise import chunkwise_fw
 from xlstm_jax.models.xlstm_parallel.blocks.mlstm.backend import create_mlstm_backend
 from xlstm_jax.models.xlstm_parallel.config import xLSTMLMConfig
+from xlstm_jax.models.xlstm_parallel.model import xLSTMLMModel
 from xlstm_jax.models.xlstm_parallel.runtime import RuntimeConfig
 from xlstm_jax.training.init import init_params
+from xlstm_jax.training.optim import OptimizerConfig, make_optimizer
+from xlstm_jax.training.step import create_train_state, cross_entropy, make_train_step
 
 ON_HOPPER = ON_GPU and device_supports_mosaic()
 INTERPRET = not ON_HOPPER
@@ -327,3 +330,50 @@ def test_model_prefill_with_the_kernel():
     for name, a, b in [("logits", logits, logits_xla), *zip("cnm", states, states_xla, strict=True)]:
         a, b = np.asarray(a, np.float32), np.asarray(b, np.float32)
         assert np.max(np.abs(a - b)) <= bound * np.max(np.abs(b)), name
+
+
+@runs
+def test_model_training_step_with_the_kernels():
+    """One training step of the language model with ``prefill_backend="chunkwise_mosaic"`` (the kernel forward and
+    the Mosaic GPU backward kernels; one head of DHQK=64, DHV=128, bf16 compute, packed documents, a padded
+    chunk): the loss and every parameter's gradient equal the XLA chunkwise backend's within twice the bf16
+    gradient bound (both sides round to bf16), and the jitted step runs on it."""
+    config = xLSTMLMConfig.tiny(num_heads=1, num_blocks=1, dtype="bfloat16")
+    params = init_params(config, jax.random.PRNGKey(0))
+    rng = np.random.default_rng(2)
+    ids = rng.integers(3, config.vocab_size, (2, 71)).astype(np.int32)
+    batch = {
+        "input_ids": ids[:, :-1],
+        "targets": ids[:, 1:],
+        "segment_ids": np.repeat(np.array([[1, 2], [1, 1]], np.int32), [45, 25], axis=1),
+        "loss_mask": np.ones((2, 70), np.float32),
+    }
+    kernel_runtime = RuntimeConfig(
+        prefill_backend="chunkwise_mosaic", prefill_backend_kwargs=(("interpret", True if INTERPRET else None),)
+    )
+    xla_runtime = RuntimeConfig(prefill_backend="chunkwise", prefill_backend_kwargs=(("chunk_size", CHUNK),))
+
+    def loss_and_grads(runtime):
+        model = xLSTMLMModel(config, runtime)
+
+        def loss(p):
+            logits = model.apply({"params": p}, batch["input_ids"], segment_ids=batch["segment_ids"])
+            total, count = cross_entropy(logits, batch["targets"], batch["loss_mask"])
+            return total / count
+
+        kernels = {n for n in ("mlstm_chunkwise_mosaic", "mlstm_chunk_gradients_mosaic") if n in str(
+            jax.make_jaxpr(jax.grad(loss))(params))}  # fmt: skip
+        return jax.jit(jax.value_and_grad(loss))(params), kernels
+
+    ((loss, grads), kernels), ((loss_xla, grads_xla), none) = map(loss_and_grads, (kernel_runtime, xla_runtime))
+    assert kernels == {"mlstm_chunkwise_mosaic", "mlstm_chunk_gradients_mosaic"} and none == set()
+    bound = 2 * TOL["bfloat16-grad"].max_err
+    assert abs(float(loss) - float(loss_xla)) <= TOL["bfloat16/float32"].max_err * abs(float(loss_xla))
+    flat, flat_xla = jax.tree_util.tree_leaves_with_path(grads), jax.tree_util.tree_leaves(grads_xla)
+    for (path, g), e in zip(flat, flat_xla, strict=True):
+        g, e = np.asarray(g, np.float64), np.asarray(e, np.float64)
+        assert np.max(np.abs(g - e)) <= bound * np.max(np.abs(e)), jax.tree_util.keystr(path)
+    optimizer = make_optimizer(OptimizerConfig(learning_rate=1e-3, warmup_steps=1, total_steps=4))
+    step = make_train_step(xLSTMLMModel(config, kernel_runtime), optimizer, donate=False)
+    _, metrics = step(create_train_state(params, optimizer, 0), {k: jnp.asarray(v) for k, v in batch.items()})
+    assert float(metrics["loss"]) == pytest.approx(float(loss), rel=1e-6)
