@@ -44,7 +44,8 @@ PROMPTS = [
 LONG = 100_000  # max_tokens of requests that are cancelled long before they could finish
 
 
-def _wait_for(condition, what: str, timeout: float = 20.0) -> None:
+def _wait_for(condition, what: str, timeout: float = 60.0) -> None:
+    """Polls ``condition`` until it holds; a minute allows for a first compilation on a busy 2-CPU machine."""
     deadline = time.monotonic() + timeout
     while not condition():
         if time.monotonic() > deadline:
