@@ -43,8 +43,7 @@ gradient kernel), composed with autodiff of the gate plan, wherever those kernel
 ``xla_chunk_size``; the two forwards agree to rounding). BENCHMARKS.md compares the two.
 
 Interpret mode. ``interpret=True`` runs the kernel in Mosaic GPU's interpreter on any backend (slow; for tests
-on a CPU) where the JAX version has one; two
-warpgroups (``consumers=2``) need three threads in XLA's CPU pool
+on a CPU) where the JAX version has one; two warpgroups (``consumers=2``) need three threads in XLA's CPU pool
 (:func:`xlstm_jax.kernels.mosaic.require_mosaic_interpreter`).
 """
 

@@ -51,8 +51,7 @@ borders r(C_j) and r(dC_{j+1}) as (BH, NC · DHQK, DHV) in the same dtype; per c
 as a column vector), :data:`GAIN`, :data:`RDEN`, :data:`W`, :data:`DQN`.
 
 Interpret mode. ``interpret=True`` runs the kernel in Mosaic GPU's interpreter on any backend (slow; for tests on
-a CPU) where the JAX version has one; two
-warpgroups (``consumers=2``) need three threads in XLA's CPU pool
+a CPU) where the JAX version has one; two warpgroups (``consumers=2``) need three threads in XLA's CPU pool
 (:func:`xlstm_jax.kernels.mosaic.require_mosaic_interpreter`).
 """
 

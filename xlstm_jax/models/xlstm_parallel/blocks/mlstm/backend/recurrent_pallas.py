@@ -3,9 +3,9 @@
 Declares the backend around :func:`xlstm_jax.kernels.recurrent_sequence_pallas`: the function of the
 documented recurrent backend with float32 states, one kernel launch per call instead of several XLA kernels
 per time step (on Hopper the Mosaic GPU chunkwise kernel where it covers the call). Without a GPU it runs the
-XLA recurrent form unless ``interpret=True``. Head sizes the kernel
-does not cover (``xlstm_jax.kernels.config.kernel_supports_head_dims``) raise a ValueError on every
-platform: choosing this backend asks for the kernel.
+XLA recurrent form unless ``interpret=True``. Head sizes the kernel does not cover
+(``xlstm_jax.kernels.config.kernel_supports_head_dims``) raise a ValueError on every platform: choosing this
+backend asks for the kernel.
 """
 
 from __future__ import annotations
