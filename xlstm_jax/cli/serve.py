@@ -268,8 +268,8 @@ def _server_class() -> type:
     """uvicorn's ``Server`` that remembers a Ctrl-C (imported here: uvicorn loads only for ``serve``).
 
     uvicorn shuts down gracefully on SIGINT and then raises the signal again from inside its event loop, where
-    asyncio's runner handles it; that does not always reach the caller as ``KeyboardInterrupt`` (a run of the
-    test suite saw the command exit 0). ``interrupted`` keeps the fact for the exit status.
+    asyncio's runner handles it; that does not always reach the caller as ``KeyboardInterrupt`` (the command
+    could exit 0). ``interrupted`` keeps the fact for the exit status.
     """
     import signal
 
