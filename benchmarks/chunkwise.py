@@ -34,7 +34,7 @@ Rows of the table ``chunkwise``, per shape and mode:
   divisibility) are left out with a note. fwdbwd differentiates through its custom VJP, once per
   ``--backward`` (``bw=`` in the label unless only ``xla`` is asked for): ``xla``, the XLA form's forward and
   backward; ``mosaic``, the kernel's forward and the Mosaic GPU backward kernels, once per
-  ``--backward-consumers`` (their warpgroups per program, default 1; ``bwg=`` in the label unless only 1 is
+  ``--backward-consumers`` (their warpgroups per program, default 2; ``bwg=`` in the label unless only 2 is
   asked for). fwd rows are timed once per variant and carry no ``bw=`` (the backward does not change the
   forward).
 
@@ -209,7 +209,7 @@ def parse(argv: Sequence[str] | None) -> argparse.Namespace:
     p.add_argument("--consumers", type=int, nargs="+", default=[1, 2], help="the kernel's warpgroups per program")
     p.add_argument("--backward", nargs="+", default=["xla", "mosaic"], choices=list(BACKWARDS),
                    help="what runs under the kernel's differentiation (fwdbwd rows)")  # fmt: skip
-    p.add_argument("--backward-consumers", type=int, nargs="+", default=[1], choices=[1, 2],
+    p.add_argument("--backward-consumers", type=int, nargs="+", default=[2], choices=[1, 2],
                    help="warpgroups per program of the Mosaic backward kernels (bw=mosaic rows)")  # fmt: skip
     p.add_argument("--interpret", action="store_true", help="run the kernel in Mosaic GPU's interpreter")
     p.add_argument("--xla-chunk-sizes", type=int, nargs="*", default=[256], help="chunk sizes of the XLA form")
@@ -326,7 +326,7 @@ def kernel_variants(a: argparse.Namespace) -> tuple[dict[str, dict[str, int]], l
         name += f" d={depth}" if a.depth != [2] else ""
         name += f" wg={consumers}" if a.consumers != [1] else ""
         name += f" bw={backward}" if a.backward != ["xla"] else ""
-        name += f" bwg={bwg}" if backward == "mosaic" and a.backward_consumers != [1] else ""
+        name += f" bwg={bwg}" if backward == "mosaic" and a.backward_consumers != [2] else ""
         why = chunkwise_mosaic_unsupported(a.DHQK, a.DHV, jnp.bfloat16, bdhv, depth=depth, consumers=consumers)
         if why is None:
             variants[name] = {

@@ -563,7 +563,7 @@ def chunkwise_mosaic_fw(
     interpret: bool = False,
     xla_chunk_size: int = 256,
     backward: str = "mosaic",
-    backward_consumers: int = 1,
+    backward_consumers: int = 2,
 ) -> jax.Array | tuple[jax.Array, tuple[jax.Array, jax.Array, jax.Array]]:
     """The mLSTM on a whole sequence, chunkwise, with the products in a Mosaic GPU kernel (module docstring).
 
@@ -585,7 +585,8 @@ def chunkwise_mosaic_fw(
             (:func:`~xlstm_jax.kernels.chunkwise_mosaic_bw.mosaic_backward_unsupported`: DHQK at most 256), else
             as ``"xla"``. ``"xla"``: the XLA chunkwise form, forward and backward.
         backward_consumers: Warpgroups per program of the backward kernels with ``backward="mosaic"``, 1 or 2
-            (each kernel runs one where two do not fit: ``mosaic_products_vjp``).
+            (each kernel runs one where two do not fit: ``mosaic_products_vjp``). 2, the faster on an H200
+            (BENCHMARKS.md).
 
     Raises:
         ValueError: as chunkwise_fw, and where the kernel cannot run (:func:`chunkwise_mosaic_unsupported`).

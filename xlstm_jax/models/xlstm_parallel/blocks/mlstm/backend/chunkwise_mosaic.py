@@ -1,8 +1,8 @@
 """The mLSTM backend ``"chunkwise_mosaic"``: the chunkwise form with its products in a Mosaic GPU kernel on Hopper.
 
 Declares the backend around :func:`xlstm_jax.kernels.chunkwise_mosaic.chunkwise_mosaic_fw` (chunks of 64 steps,
-c kept on chip per head and column block) for prompts; gradients (training) run the XLA form. Where the
-kernel does not apply (no Hopper GPU, float32 inputs, a
+c kept on chip per head and column block), for prompts and, with its Mosaic GPU backward kernels, for training.
+Where the kernel does not apply (no Hopper GPU, float32 inputs, a
 head shape it does not tile, a state dtype other than float32) the backend runs the XLA chunkwise form
 (:func:`xlstm_jax.mlstm.chunkwise.chunkwise_fw`) with ``chunk_size``: the same function. Under a mesh the kernel
 runs per device on its rows and heads (``shard_map``).
@@ -50,6 +50,7 @@ def chunkwise_hopper_fw(
     consumers: int | None = None,
     interpret: bool | None = None,
     backward: str = "mosaic",
+    backward_consumers: int = 2,
 ) -> Any:
     """The chunkwise form: the Mosaic GPU kernel where it applies, else the XLA form with ``chunk_size`` (which also
     runs under differentiation: :func:`~xlstm_jax.kernels.chunkwise_mosaic.chunkwise_mosaic_fw`).
@@ -59,7 +60,7 @@ def chunkwise_hopper_fw(
     ``block_dhv`` and ``consumers``: the kernel's columns of c per warpgroup and warpgroups per program (None:
     :func:`~xlstm_jax.kernels.chunkwise_mosaic.auto_consumers`). ``backward``: what runs under differentiation
     where the kernel runs, the Mosaic GPU backward kernels (``"mosaic"``, where they cover the shape) or the XLA
-    form (``"xla"``).
+    form (``"xla"``); ``backward_consumers``: the backward kernels' warpgroups per program, 1 or 2.
     """
     use_kernel = interpret if interpret is not None else device_supports_mosaic()
     dtype = jnp.result_type(q, k, v)
@@ -74,7 +75,7 @@ def chunkwise_hopper_fw(
         return chunkwise_mosaic_fw(
             q, k, v, i, f, c_initial, n_initial, m_initial, return_last_states, eps, state_dtype,
             segment_ids=segment_ids, block_dhv=block_dhv, consumers=consumers, interpret=bool(interpret),
-            xla_chunk_size=chunk_size, backward=backward,
+            xla_chunk_size=chunk_size, backward=backward, backward_consumers=backward_consumers,
         )  # fmt: skip
     return chunkwise_fw(
         q, k, v, i, f, c_initial, n_initial, m_initial, return_last_states, eps, state_dtype, chunk_size,
@@ -103,6 +104,8 @@ class mLSTMBackendChunkwiseMosaicConfig(mLSTMBackendConfig):
         backward: Under differentiation where the kernel runs: ``"mosaic"``, the kernel forward and the Mosaic
             GPU backward kernels where they cover the shape (DHQK up to 256), else the XLA form; ``"xla"``, the
             XLA form forward and backward (``chunk_size``). BENCHMARKS.md compares them.
+        backward_consumers: Warpgroups per program of the Mosaic GPU backward kernels, 1 or 2 (2, the faster on
+            an H200: BENCHMARKS.md; each kernel runs one where two do not fit).
     """
 
     chunk_size: int = 256
@@ -110,6 +113,7 @@ class mLSTMBackendChunkwiseMosaicConfig(mLSTMBackendConfig):
     consumers: int | None = None
     interpret: bool | None = None
     backward: str = "mosaic"
+    backward_consumers: int = 2
 
     def __post_init__(self) -> None:
         super().__post_init__()
@@ -122,6 +126,8 @@ class mLSTMBackendChunkwiseMosaicConfig(mLSTMBackendConfig):
             check_bool("interpret", self.interpret)
         if self.backward not in BACKWARDS:
             raise ValueError(f"backward must be one of {BACKWARDS}, got {self.backward!r}")
+        if self.backward_consumers not in (1, 2) or isinstance(self.backward_consumers, bool):
+            raise ValueError(f"backward_consumers must be 1 or 2 (warpgroups), got {self.backward_consumers!r}")
 
 
 class mLSTMBackendChunkwiseMosaic(mLSTMBackend):
