@@ -11,6 +11,7 @@ errors for what the kernel does not run.
 from __future__ import annotations
 
 import functools
+import re
 
 import jax
 import jax.numpy as jnp
@@ -244,6 +245,26 @@ def test_backward_defaults_to_the_kernels_where_they_cover_the_shape():
     assert _kernels_in_gradient(320) == set()
 
 
+@pytest.mark.skipif(mosaic_interpret_params() is None, reason="needs a JAX with Mosaic GPU's interpreter")
+def test_backend_backward_runs_two_warpgroups_by_default():
+    """The backend's gradients run the backward kernels with two warpgroups per program by default (the faster on
+    an H200, BENCHMARKS.md), one with ``backward_consumers=1``; other values are refused."""
+    x = random_inputs(1, 1, 1, 70, 64, 64)
+    args = [jnp.asarray(x[name], jnp.bfloat16) for name in ("q", "k", "v")]
+    args += [jnp.asarray(x[name], jnp.float32) for name in ("i", "f")]
+
+    def threads(**kwargs) -> list[str]:
+        backend = create_mlstm_backend("chunkwise_mosaic", interpret=True, **kwargs)
+        loss = lambda *a: jnp.sum(backend(*a).astype(jnp.float32))  # noqa: E731
+        return re.findall(r"num_threads=(\d)", str(jax.make_jaxpr(jax.grad(loss, argnums=(0, 1, 2)))(*args)))
+
+    assert create_mlstm_backend("chunkwise_mosaic").config.backward_consumers == 2
+    assert threads().count("2") == 2  # the state scan and the gradient kernel; the forward kernel runs one here
+    assert threads(backward_consumers=1).count("2") == 0
+    with pytest.raises(ValueError, match="backward_consumers must be 1 or 2"):
+        create_mlstm_backend("chunkwise_mosaic", backward_consumers=3)
+
+
 def test_unsupported_calls_raise():
     x = random_inputs(0, 1, 1, 8, 64, 32)
     args = [jnp.asarray(x[name], jnp.bfloat16) for name in ("q", "k", "v", "i", "f")]
@@ -377,3 +398,36 @@ def test_model_training_step_with_the_kernels():
     step = make_train_step(xLSTMLMModel(config, kernel_runtime), optimizer, donate=False)
     _, metrics = step(create_train_state(params, optimizer, 0), {k: jnp.asarray(v) for k, v in batch.items()})
     assert float(metrics["loss"]) == pytest.approx(float(loss), rel=1e-6)
+
+
+@pytest.mark.skipif(
+    not ON_HOPPER, reason="compiled only: jax.checkpoint cannot rematerialise the interpreter's callbacks"
+)
+@pytest.mark.parametrize("backward", ["mosaic", "xla"])
+def test_model_training_step_under_remat(backward):
+    """The training step with the kernels under per-block remat (``dots`` and ``full``) gives the loss of the step
+    without remat, called jitted and compiled ahead of time (as ``benchmarks/train.py`` does), with packed
+    documents whose ids are traced arguments of the step."""
+    config = xLSTMLMConfig.tiny(num_heads=1, num_blocks=2, dtype="bfloat16")
+    params = init_params(config, jax.random.PRNGKey(0))
+    ids = np.random.default_rng(3).integers(3, config.vocab_size, (2, 71)).astype(np.int32)
+    batch = {
+        "input_ids": jnp.asarray(ids[:, :-1]),
+        "targets": jnp.asarray(ids[:, 1:]),
+        "segment_ids": jnp.asarray(np.repeat(np.array([[1, 2], [1, 1]], np.int32), [45, 25], axis=1)),
+        "loss_mask": jnp.ones((2, 70), jnp.float32),
+    }
+    optimizer = make_optimizer(OptimizerConfig(learning_rate=1e-3, warmup_steps=1, total_steps=4))
+    losses = {}
+    for remat in ("none", "dots", "full"):
+        runtime = RuntimeConfig(
+            prefill_backend="chunkwise_mosaic", prefill_backend_kwargs=(("backward", backward),), remat=remat
+        )
+        step = make_train_step(xLSTMLMModel(config, runtime), optimizer, donate=False)
+        state = create_train_state(params, optimizer, 0)
+        compiled = jax.jit(lambda s, b: step(s, b)).lower(state, batch).compile()  # noqa: B023
+        (_, jitted), (_, ahead) = step(state, batch), compiled(state, batch)
+        losses[remat] = (float(jitted["loss"]), float(ahead["loss"]))
+    for remat in ("dots", "full"):
+        for got in losses[remat]:
+            assert got == pytest.approx(losses["none"][0], rel=TOL["bfloat16/float32"].max_err), remat

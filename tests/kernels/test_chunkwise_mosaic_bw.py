@@ -205,6 +205,27 @@ def test_split_gradients_are_the_xla_forms(seed, B, NH, S, states, igate, segmen
         assert_close(f"d {name}", e, g, TOL["float64"])
 
 
+@pytest.mark.parametrize("policy", ["dots_saveable", "nothing_saveable"])
+def test_split_gradients_under_remat(policy):
+    """Under ``jax.checkpoint`` (the model's remat), with the document ids traced arguments of the jitted function,
+    the split's gradients equal those without remat: no traced value escapes the custom VJP."""
+    x = random_inputs(7, 1, 2, 70, 3, 4, states=True, igate="wide")
+    names = NAMES + STATES
+    segments = np.array([_ids([40, 1, 29])])
+    with jax.enable_x64(True):
+        args = tuple(jnp.asarray(x[name]) for name in names)
+
+        def loss(args, ids):
+            h, (c, n, m) = chunkwise_split_fw(*args, return_last_states=True, segment_ids=ids)
+            return jnp.sum(h * h) + jnp.sum(c) + jnp.sum(n) + jnp.sum(m)
+
+        remat = jax.checkpoint(loss, policy=getattr(jax.checkpoint_policies, policy))
+        ids = jnp.asarray(segments, jnp.int32)
+        expected, grads = (jax.jit(jax.grad(fn))(args, ids) for fn in (loss, remat))
+    for name, e, g in zip(names, expected, grads, strict=True):
+        assert_close(f"d {name}", e, g, TOL["float64"])
+
+
 def test_split_matches_the_reference():
     """Forward and gradients of ``chunkwise_split_fw`` against the float64 reference (gradients by central
     differences): S = 67 with a padded second chunk, initial states, documents of 1 step and across the border."""

@@ -634,26 +634,28 @@ def chunkwise_mosaic_fw(
         )  # fmt: skip
     states_given = c_initial is not None
 
+    # segment_ids is an argument of the custom_vjp, not a closure (a closed-over tracer escapes under jax.checkpoint).
     @jax.custom_vjp
-    def run(q, k, v, i, f, states):
+    def run(q, k, v, i, f, states, segment_ids):
         c0, n0, m0 = states if states_given else (None, None, None)
         x = chunk_sequence(q, k, v, i, f, c0, n0, m0, eps, state_dtype, CHUNK, segment_ids, True)
         h, last = _forward(x, eps, block_dhv, depth, consumers, interpret)
         return h.astype(q.dtype), cast_states(last, x.out_dtypes)
 
-    def xla(q, k, v, i, f, states):
+    def xla(q, k, v, i, f, states, segment_ids):
         c0, n0, m0 = states if states_given else (None, None, None)
         return chunkwise_fw(
             q, k, v, i, f, c0, n0, m0, True, eps, state_dtype, xla_chunk_size, segment_ids=segment_ids
         )  # fmt: skip
 
-    def run_fwd(q, k, v, i, f, states):
-        return jax.vjp(xla, q, k, v, i, f, states)  # the outputs, and the XLA form's pullback as the residual
+    def run_fwd(q, k, v, i, f, states, segment_ids):
+        # The outputs, and the XLA form's pullback as the residual.
+        return jax.vjp(lambda *a: xla(*a, segment_ids), q, k, v, i, f, states)
 
     def run_bwd(pullback, cotangents):
-        return pullback(cotangents)
+        return (*pullback(cotangents), None)  # document ids are not differentiable
 
     run.defvjp(run_fwd, run_bwd)
     states = (c_initial, n_initial, m_initial) if states_given else None
-    h, last = run(q, k, v, i, f, states)
+    h, last = run(q, k, v, i, f, states, segment_ids)
     return (h, last) if return_last_states else h

@@ -518,7 +518,7 @@ def split_cell(
     states_given = c_initial is not None
     dtype = jnp.result_type(q, k, v)
 
-    def plan_part(q, k, v, i, f, states):
+    def plan_part(q, k, v, i, f, states, segment_ids):
         """The kernel's operands (BH-flattened) and the last n and m: everything but the products."""
         c0, n0, m0 = states if states_given else (None, None, None)
         x = chunk_sequence(q, k, v, i, f, c0, n0, m0, eps, state_dtype, CHUNK, segment_ids, True)
@@ -542,26 +542,28 @@ def split_cell(
         h = h.reshape(B, NH, -1, DHV)[:, :, :S].astype(q.dtype)
         return h, cast_states((c_last.reshape(B, NH, DHQK, DHV), *nm_last), x.out_dtypes)
 
-    def forward(q, k, v, i, f, states, products=products_for_grad or (lambda *ops: (*products(*ops), None))):
-        (operands, nm_last), plan_vjp = jax.vjp(plan_part, q, k, v, i, f, states)
+    # segment_ids is an argument of the custom_vjp, not a closure: a traced value closed over would escape its trace
+    # where the call is rematerialised (jax.checkpoint) or otherwise re-traced.
+    def forward(q, k, v, i, f, states, segment_ids, products=products_for_grad or (lambda *o: (*products(*o), None))):
+        (operands, nm_last), plan_vjp = jax.vjp(lambda *a: plan_part(*a, segment_ids), q, k, v, i, f, states)
         h, c_last, residual = products(*operands)
         out, outputs_vjp = jax.vjp(outputs, h, c_last, nm_last)
         return out, (operands, h, residual, plan_vjp, outputs_vjp)
 
     @jax.custom_vjp
-    def run(q, k, v, i, f, states):
-        return forward(q, k, v, i, f, states, lambda *ops: (*products(*ops), None))[0]
+    def run(q, k, v, i, f, states, segment_ids):
+        return forward(q, k, v, i, f, states, segment_ids, lambda *ops: (*products(*ops), None))[0]
 
     def run_bwd(residuals, cotangents):
         operands, h, residual, plan_vjp, outputs_vjp = residuals
         dh, dc_last, dnm_last = outputs_vjp(cotangents)
         d_operands = products_vjp(*operands, h, residual, dh, dc_last)
         d_operands = tuple(d.astype(o.dtype) for d, o in zip(d_operands, operands, strict=True))
-        return plan_vjp((d_operands, dnm_last))
+        return (*plan_vjp((d_operands, dnm_last)), None)  # document ids are not differentiable
 
     run.defvjp(lambda *args: forward(*args), run_bwd)
     states = (c_initial, n_initial, m_initial) if states_given else None
-    h, last = run(q, k, v, i, f, states)
+    h, last = run(q, k, v, i, f, states, segment_ids)
     return (h, last) if return_last_states else h
 
 
