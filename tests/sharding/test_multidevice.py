@@ -27,6 +27,7 @@ from jax.sharding import NamedSharding, PartitionSpec
 from tests.numerics import TOL, assert_close, make_inputs
 from xlstm_jax.generation import generate
 from xlstm_jax.kernels.recurrent_sequence import recurrent_sequence_pallas
+from xlstm_jax.models.xlstm_parallel.blocks import dense
 from xlstm_jax.models.xlstm_parallel.config import xLSTMLMConfig
 from xlstm_jax.models.xlstm_parallel.hf import load_hf
 from xlstm_jax.models.xlstm_parallel.model import xLSTMLMModel
@@ -209,6 +210,21 @@ def test_sharded_model_equals_single_device(reference, shape):
     np.testing.assert_array_equal(np.asarray(out.num_generated), np.asarray(ref.num_generated))
     assert_close("generated logits", np.asarray(ref.logits, np.float64), np.asarray(out.logits), TOL["float32-model"])
     _assert_trees_close("generated states", ref.states, out.states, TOL["float32-model"])
+
+
+@pytest.mark.parametrize("shape", [(2, 2, 2), (1, 1, 8)], ids=lambda s: "x".join(map(str, s)))
+def test_per_block_projections_on_a_tensor_split_mesh(reference, shape, monkeypatch):
+    """The fused kernels' per-block products (``project_split`` from ``SPLIT_MIN_ROWS`` rows on, here forced)
+    slice kernels whose columns ``tensor`` splits contiguously: loss, logits and gradients stay the reference's."""
+    monkeypatch.setattr(dense, "SPLIT_MIN_ROWS", 1)
+    mesh = make_mesh(MeshConfig(data=shape[0], fsdp=shape[1], tensor=shape[2]))
+    params = shard_params(reference["params"], mesh, CONFIG)
+    with jax.set_mesh(mesh):
+        batch = jax.device_put(BATCH, batch_sharding(mesh))
+        (loss, logits), grads = jax.jit(jax.value_and_grad(_loss, has_aux=True))(params, batch)  # traced anew
+    assert_close("loss", np.float64(reference["loss"]), np.asarray(loss), TOL["float32-model"])
+    assert_close("logits", np.asarray(reference["logits"], np.float64), np.asarray(logits), TOL["float32-model"])
+    _assert_trees_close("grad", reference["grads"], grads, TOL["float32-model"])
 
 
 def test_activations_and_states_take_their_logical_layout():

@@ -20,12 +20,14 @@ forms take a block's own max with ``stabilizer.finite_max``), ``tests/models/tes
 bit-identical states for every backend and step form, and ``tests/models/test_model.py`` finite gradients
 with padding.
 
-Fused projections: the four wide input projections are one matrix product with one fused kernel
-parameter ``qkvo_kernel`` (D, 2 qk_dim + 2 v_dim), columns in the order q, k, v, o; the two gate
-projections are one product with ``if_kernel`` (D, 2 NH) and ``if_bias`` (2 NH,), i then f. A product
-reads x once and launches one kernel instead of several (at batch 1 decode each product is a
-matrix-vector product bound by reading its weights, so the launches and tails of the small ones are what
-fusing saves). The gates are kept out of the wide product: they need a float32 result, and 16 more
+Fused projections: the four wide input projections share one fused kernel parameter ``qkvo_kernel``
+(D, 2 qk_dim + 2 v_dim), columns in the order q, k, v, o; the two gate projections are one product with
+``if_kernel`` (D, 2 NH) and ``if_bias`` (2 NH,), i then f. In decode the four are one product: it reads x
+once and launches one kernel instead of several (at batch 1 each product is a matrix-vector product bound
+by reading its weights, so the launches and tails of the small ones are what fusing saves). In prefill
+and training they are one product each from ``dense.SPLIT_MIN_ROWS`` rows on (``dense.project_split``:
+the fused product's backward would concatenate the four cotangents into one activation-sized tensor).
+The gates are kept out of the wide product: they need a float32 result, and 16 more
 columns make its width 12304 = 16 x 769 for xLSTM-7B, for which XLA's Triton GEMM picked 16-column tiles
 and ran at about half the bandwidth of the other products on an H200. The
 weights are stored fused, so nothing is concatenated at run time; :mod:`...hf` splits and joins the
@@ -46,7 +48,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from xlstm_jax.models.xlstm_parallel.blocks.dense import Dense, project
+from xlstm_jax.models.xlstm_parallel.blocks.dense import Dense, project, project_split
 from xlstm_jax.models.xlstm_parallel.blocks.mlstm.backend import BACKENDS, create_mlstm_backend
 from xlstm_jax.models.xlstm_parallel.blocks.mlstm.backend.config import mLSTMBackend
 from xlstm_jax.models.xlstm_parallel.blocks.norm import MultiHeadLayerNorm, RMSNorm, add_rms_norm
@@ -136,9 +138,11 @@ class mLSTMLayer(nn.Module):
         if_bias = self.param("if_bias", nn.initializers.zeros, (2 * NH,), cfg.jnp_param_dtype)
         x = x.astype(cfg.compute_dtype)
 
+        def precision(dtype: Any) -> Any:
+            return jax.lax.Precision.HIGHEST if jnp.dtype(dtype).itemsize >= 4 else None  # no TF32
+
         def product(x: jax.Array, kernel: jax.Array, dtype: Any) -> jax.Array:  # (B, S, D) x (D, F) -> (B, S, F)
-            precision = jax.lax.Precision.HIGHEST if jnp.dtype(dtype).itemsize >= 4 else None  # no TF32
-            return project(x, kernel, dtype, precision)
+            return project(x, kernel, dtype, precision(dtype))
 
         gate_dtype = jnp.promote_types(cfg.compute_dtype, jnp.float32)  # float32, or wider for a wider model
         if norm is None:
@@ -147,7 +151,6 @@ class mLSTMLayer(nn.Module):
         else:  # the same function: the adds, the norm and the gates in one kernel
             side = {"side_weight": if_kernel, "side_bias": if_bias, "side_cap": cfg.gate_soft_cap}
             _, x, gates = add_rms_norm(norm, x, residuals, return_sum=False, interpret=self.runtime.interpret, **side)
-        qkvo = product(x, qkvo_kernel, cfg.compute_dtype)  # (B, S, 2 QK + 2 V)
         if valid is not None:
             pad = jnp.repeat(jnp.array([PAD_IGATE, jnp.inf], gates.dtype), NH)  # i, then f (the module docstring)
             gates = jnp.where(valid[..., None], gates, pad)
@@ -163,9 +166,10 @@ class mLSTMLayer(nn.Module):
             cfg.embedding_dim, cfg.compute_dtype, cfg.jnp_param_dtype, cfg.matmul_precision, name="out_proj"
         )
 
-        q, k, v, o = jnp.split(qkvo, [QK, 2 * QK, 2 * QK + V], axis=-1)
         layer = self.layer_index
         if self.decode:
+            qkvo = product(x, qkvo_kernel, cfg.compute_dtype)  # (B, 1, 2 QK + 2 V)
+            o = qkvo[..., 2 * QK + V :]
             if S != 1:
                 raise ValueError(f"the decode step takes one token per call, got x.shape={tuple(x.shape)}")
             # fused decode: the step also computes the per-head norm and the output gate (its read-out kernel)
@@ -177,6 +181,8 @@ class mLSTMLayer(nn.Module):
                 return out_proj(h[:, None]), (c, n, m)
             h = h[:, :, None]
         else:
+            sizes = (QK, QK, V, V)
+            q, k, v, o = project_split(x, qkvo_kernel, sizes, cfg.compute_dtype, precision(cfg.compute_dtype))
 
             def heads(t: jax.Array, dh: int) -> jax.Array:  # (B, S, NH * dh) -> (B, NH, S, dh)
                 return t.reshape(B, S, NH, dh).transpose(0, 2, 1, 3)
