@@ -35,6 +35,8 @@ benchmarks/train.py --tiny``.
 
 Timing: compilation apart (``compile_s``), ``--warmup`` untimed steps, then the median of ``--repeats``
 steps, each blocked until ready, the state carried (donated) from step to step (``benchmarks/harness.py``).
+``--trace`` traces one more step per case: the GPU's summed kernel time and their span against the timed
+step (the difference is time the device spends outside the step's kernels), and the costliest kernels.
 """
 
 from __future__ import annotations
@@ -195,7 +197,7 @@ def run_case(config: xLSTMLMConfig, a: argparse.Namespace, B: int, remat: Remat)
 
     # time_jitted's carry feeds (state, metrics) back as the first two arguments; the batch stays.
     step = jax.jit(lambda state, metrics, batch: train_step(state, batch), donate_argnums=(0,))
-    timing = time_jitted(step, state, metrics, batch, repeats=a.repeats, warmup=a.warmup, carry=True)
+    timing = time_jitted(step, state, metrics, batch, repeats=a.repeats, warmup=a.warmup, carry=True, trace=a.trace)
     del state
     return {**timing.as_row(), "remat_in_step": bool(REMAT_PRIMITIVES & primitives(jaxpr.jaxpr))}
 
@@ -255,6 +257,12 @@ def main(argv: Sequence[str] | None = None) -> dict:
         "form elsewhere), or the XLA chunkwise form (xla)",
     )
     p.add_argument("--warmup", type=int, default=2, help="untimed steps after compilation")
+    p.add_argument(
+        "--trace",
+        action="store_true",
+        help="trace one more step per case (jax.profiler): the GPU's kernel time, their span and the costliest "
+        "kernels (trace_* fields; none on a CPU)",
+    )
     p.add_argument(
         "--time-budget",
         type=float,
@@ -339,6 +347,14 @@ def main(argv: Sequence[str] | None = None) -> dict:
         for mode in ("eager", "compiled"):
             row[f"x_{mode}"] = tokens_per_s / torch_best[mode] if mode in torch_best else None
         report.add("train", row)
+        if row.get("trace_kernel_us") is not None:
+            print(
+                f"# profile B={B} remat={remat.value}: {row['trace_kernels']:.0f} kernels, "
+                f"{row['trace_kernel_us'] / 1e3:.1f} ms of kernels in a span of {row['trace_span_us'] / 1e3:.1f} ms "
+                f"(the timed step: {row['median_s'] * 1e3:.1f} ms); costliest:"
+            )
+            for us, launches, kernel in row["trace_top"]:
+                print(f"#   {us / 1e3:8.2f} ms  x{launches:4.0f}  {kernel[:100]}")
         if remat is not Remat.NONE and not row["remat_in_step"]:
             report.note(f"B={B} remat={remat.value}: no jax.checkpoint in the step: the model ignored the remat policy")
 

@@ -18,7 +18,7 @@ def test_train_smoke(tmp_path):
     """One case of the real training step (remat 'dots'): timed, its MFU from the model's FLOPs per token."""
     path = tmp_path / "train.json"
     argv = ["--tiny", "--blocks", "1", "--S", "32", "--cases", "2:dots", "--torch", "skip", "--ceilings", "nominal"]
-    train.main([*argv, "--repeats", "2", "--warmup", "1", "--json", str(path)])
+    train.main([*argv, "--repeats", "2", "--warmup", "1", "--trace", "--json", str(path)])
     data = json.loads(path.read_text())
     config = xLSTMLMConfig.tiny(num_blocks=1, dtype="bfloat16", param_dtype="float32")
     fpt = flops_per_token(config, 32, chunk_size=16)
@@ -30,6 +30,7 @@ def test_train_smoke(tmp_path):
     assert row["tokens_per_s"] == pytest.approx(2 * 32 / row["median_s"], rel=1e-12)
     assert row["mfu_jax"] == pytest.approx(row["tokens_per_s"] * fpt / NOMINAL_H200.matmul_flops_per_s, rel=1e-12)
     assert row["mfu"] is None and row["x_eager"] is None and row["x_compiled"] is None  # no anchor
+    assert not any(k.startswith("trace_") for k in row)  # --trace: no GPU stream to read on a CPU
     (summary,) = data["tables"]["summary"]
     assert (summary["B"], summary["remat"], summary["targets_met"]) == (2, "dots", None)
     assert summary["met"]["mfu"] is None and summary["met"]["x_compiled"] is None
