@@ -254,6 +254,28 @@ def test_seeded_sampling_does_not_depend_on_the_slot(engine):
     assert tokens == _reference(tuple(PROMPTS[2]), 8, 0.9, 30, 0.9, seed=1234)  # generate with key(seed)
 
 
+def test_prompt_ids_are_checked_id_by_id_and_as_an_array(model):
+    """submit takes Python and NumPy ints alike (checked as one array) and names the first bad id otherwise."""
+    V = model[0].vocab_size
+    engine = _engine(model, max_queue=8)
+    stream = engine.submit([np.int32(3), 1, np.uint8(2)])
+    assert stream._request.prompt == (3, 1, 2) and all(type(t) is int for t in stream._request.prompt)
+    assert engine.submit(range(4))._request.prompt == (0, 1, 2, 3)
+    cases = [
+        ([1, True], TypeError, r"must be ints, got bool True at 1"),  # a bool is not a token id
+        ([1, np.bool_(True)], TypeError, r"must be ints, got bool .*True.* at 1"),
+        ([4, 2.0], TypeError, r"got float 2.0 at 1"),
+        ([4, -1, V], ValueError, rf"vocab_size={V}\); prompt_ids\[1\] is -1"),
+        ([4, V, -1], ValueError, rf"prompt_ids\[1\] is {V}"),
+        ([4, 2**70], ValueError, rf"prompt_ids\[1\] is {2**70}"),  # beyond int64: the id-by-id checks
+        ([4, np.uint64(2**64 - 1)], ValueError, rf"prompt_ids\[1\] is {2**64 - 1}"),
+        ([], ValueError, "empty"),
+    ]
+    for ids, error, match in cases:
+        with pytest.raises(error, match=match):
+            engine.submit(ids)
+
+
 def test_overload_and_bad_requests(model):
     config = model[0]
     engine = _engine(model, max_queue=2)

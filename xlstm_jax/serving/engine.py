@@ -517,6 +517,18 @@ def _make_layout(config: xLSTMLMConfig, num_slots: int, mesh: Mesh) -> _Layout:
     )
 
 
+def _int_array(values: Sequence[Any]) -> np.ndarray | None:
+    """``values`` as an int64 array when every one is a Python int or a NumPy integer (bools are not) that int64
+    holds; else None (also for no values)."""
+    kinds = set(map(type, values))
+    if not kinds or not all(kind is int or issubclass(kind, np.integer) for kind in kinds):
+        return None
+    try:
+        return np.fromiter(values, np.int64, len(values))
+    except OverflowError:  # an int beyond int64 (uint64's top half included): out of any vocabulary's range
+        return None
+
+
 def _key_data(seed: int) -> np.ndarray:
     return np.asarray(jax.random.key_data(jax.random.key(seed)))
 
@@ -826,12 +838,20 @@ class Engine:
             prompt_ids = np.asarray(prompt_ids).tolist()
         if not isinstance(prompt_ids, Sequence):
             raise TypeError(f"{name} must be a sequence of ints, got {type(prompt_ids).__name__}")
+        V = self.config.vocab_size
+        ids = _int_array(prompt_ids)
+        if ids is not None:  # every id an int: one array check (a 2,000-token prompt in tens of microseconds)
+            bad = np.flatnonzero((ids < 0) | (ids >= V))
+            if bad.size:
+                i = int(bad[0])
+                raise ValueError(f"{name} token ids must lie in [0, vocab_size={V}); {name}[{i}] is {prompt_ids[i]}")
+            return tuple(ids.tolist())
+        # Otherwise the checks one id at a time, which name the first offending entry.
         wrong = [(i, t) for i, t in enumerate(prompt_ids) if not _is_int(t)]
         if wrong:
             raise TypeError(f"{name} must be ints, got {type(wrong[0][1]).__name__} {wrong[0][1]!r} at {wrong[0][0]}")
         if not prompt_ids:
             raise ValueError(f"{name} is empty: a prompt needs at least one token")
-        V = self.config.vocab_size
         bad = [(i, t) for i, t in enumerate(prompt_ids) if not 0 <= t < V]
         if bad:
             raise ValueError(f"{name} token ids must lie in [0, vocab_size={V}); {name}[{bad[0][0]}] is {bad[0][1]}")
@@ -1022,6 +1042,7 @@ class Engine:
         if not self._prefill:
             return False
         pending = [job for job in self._prefill if job.done < len(job.request.prompt)]
+        finished_here = []  # prompts whose last chunk runs now (a prompt found whole in the cache is there already)
         if pending:
             spans = [self._chunks(job.done, len(job.request.prompt))[0] for job in pending]
             out = self._run_chunks(
@@ -1030,12 +1051,15 @@ class Engine:
             )
             for job, (_, end), (logits, states) in zip(pending, spans, out, strict=True):
                 job.logits, job.states, job.done = logits, states, end
-                if end == len(job.request.prompt) and self.prefix_cache.max_bytes:
-                    self.prefix_cache.put(job.request.prompt, PrefixEntry(states, logits))
+                if end == len(job.request.prompt):
+                    finished_here.append(job)
         ready = [job for job in self._prefill if job.done == len(job.request.prompt)]
         self._prefill = [job for job in self._prefill if job.done < len(job.request.prompt)]
         for job in ready:
             self._start_decoding(job)
+        if self.prefix_cache.max_bytes:  # after the first tokens went out: the cache's bookkeeping is not theirs
+            for job in finished_here:
+                self.prefix_cache.put(job.request.prompt, PrefixEntry(job.states, job.logits))
         return True
 
     def _start_decoding(self, job: _Prefill) -> None:

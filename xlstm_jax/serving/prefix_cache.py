@@ -88,7 +88,7 @@ class PrefixCache:
         Returns:
             Whether the entry was stored (False when it alone exceeds ``max_bytes``, or for an empty prefix).
         """
-        key = tuple(int(t) for t in prefix)
+        key = tuple(map(int, prefix))
         size = entry_nbytes(entry)
         if not key or size > self.max_bytes:
             return False
@@ -112,7 +112,7 @@ class PrefixCache:
 
     def get(self, prefix: Sequence[int]) -> PrefixEntry | None:
         """The entry of exactly ``prefix`` (marked as recently used), or None; counts no hit or miss."""
-        key = tuple(int(t) for t in prefix)
+        key = tuple(map(int, prefix))
         with self._lock:
             item = self._entries.get(key)
             if item is None:
@@ -127,7 +127,7 @@ class PrefixCache:
             ``(length, entry)``: the prefix length and its entry, or ``(0, None)`` when none is cached.
             Counts a hit or a miss.
         """
-        prompt = tuple(int(t) for t in prompt)
+        prompt = tuple(map(int, prompt))
         limit = len(prompt) if max_length is None else min(max_length, len(prompt))
         with self._lock:
             for length in sorted((n for n in self._lengths if n <= limit), reverse=True):
