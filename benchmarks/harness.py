@@ -30,11 +30,13 @@ from __future__ import annotations
 
 import argparse
 import collections
+import contextlib
 import datetime
 import json
 import math
 import platform
 import shlex
+import shutil
 import statistics
 import subprocess
 import sys
@@ -55,12 +57,14 @@ __all__ = [
     "Ceilings",
     "Column",
     "Floor",
+    "GpuMonitor",
     "Report",
     "Timing",
     "add_arguments",
     "ceilings_from_arguments",
     "device_trace",
     "environment",
+    "gpu_sample_stats",
     "hardware_floor",
     "measure_ceilings",
     "time_jitted",
@@ -173,6 +177,7 @@ def time_jitted(
     carry: bool = False,
     compiler_options: dict[str, Any] | None = None,
     trace: bool = False,
+    monitor: contextlib.AbstractContextManager | None = None,
 ) -> Timing:
     """Times ``fn(*args)``: compilation apart, then the median of ``repeats`` samples blocked until ready.
 
@@ -188,6 +193,7 @@ def time_jitted(
             as it has elements), for functions that donate their inputs, such as a step over a state.
         compiler_options: XLA options of this one compilation (``fn`` must be a ``jax.jit`` function).
         trace: Run one more sample under ``jax.profiler`` and keep its :func:`device_trace` (per unit).
+        monitor: A context manager entered around the timed samples only (e.g. a :class:`GpuMonitor`).
 
     Returns:
         The :class:`Timing` of one unit: one call divided by ``iterations``.
@@ -227,10 +233,11 @@ def time_jitted(
 
     units = calls * iterations
     samples = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        sample()
-        samples.append((time.perf_counter() - start) / units)
+    with monitor or contextlib.nullcontext():
+        for _ in range(repeats):
+            start = time.perf_counter()
+            sample()
+            samples.append((time.perf_counter() - start) / units)
     median = statistics.median(samples)
     return Timing(
         median_s=median,
@@ -400,6 +407,76 @@ def hardware_floor(
     return Floor(
         max(by_bytes, by_flops), float(bytes_moved), float(flops), "bytes" if by_bytes >= by_flops else "flops"
     )
+
+
+# ---------------------------------------------------------------------------------------------------------
+# The GPU's clock and power while timing
+# ---------------------------------------------------------------------------------------------------------
+class GpuMonitor:
+    """Samples one GPU's SM clock, power draw and temperature with ``nvidia-smi`` while entered.
+
+    A GPU that reaches its power limit lowers its clock, and the same program then takes longer: the samples say
+    whether a timing ran at full clock. After the block, :attr:`stats` holds :func:`gpu_sample_stats` of the
+    samples; it stays empty where ``nvidia-smi`` is missing (a CPU) or printed no sample.
+
+    Args:
+        interval_ms: ``nvidia-smi --loop-ms``: the time between samples (at best; it is a separate process).
+        gpu: The GPU's index for ``nvidia-smi --id``.
+    """
+
+    QUERY = "clocks.sm,power.draw,temperature.gpu"
+
+    def __init__(self, interval_ms: int = 100, gpu: int = 0) -> None:
+        self.interval_ms = interval_ms
+        self.gpu = gpu
+        self.stats: dict[str, float] = {}
+        self._process: subprocess.Popen | None = None
+
+    def __enter__(self) -> GpuMonitor:
+        self.stats = {}
+        exe = shutil.which("nvidia-smi")
+        if exe is not None:
+            command = [exe, f"--id={self.gpu}", f"--query-gpu={self.QUERY}", "--format=csv,noheader,nounits"]
+            command.append(f"--loop-ms={self.interval_ms}")
+            self._process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        process, self._process = self._process, None
+        if process is None:
+            return
+        process.terminate()
+        try:
+            out, _ = process.communicate(timeout=5)
+        except subprocess.TimeoutExpired:
+            process.kill()
+            out, _ = process.communicate()
+        self.stats = gpu_sample_stats(out.splitlines())
+
+
+def gpu_sample_stats(lines: Sequence[str]) -> dict[str, float]:
+    """Summary of ``nvidia-smi`` CSV samples ``"clock MHz, power W, temperature C"`` (lines that do not parse, such
+    as ``[N/A]``, are skipped): ``gpu_samples``, the SM clock's median, min and max (``gpu_sm_mhz_*``), the power's
+    median and max (``gpu_power_w_*``) and the highest temperature (``gpu_temp_c_max``); empty without samples."""
+    rows = []
+    for line in lines:
+        try:
+            sm, power, temp = (float(part) for part in line.split(","))
+        except ValueError:
+            continue
+        rows.append((sm, power, temp))
+    if not rows:
+        return {}
+    sm, power, temp = (np.array(column) for column in zip(*rows, strict=True))
+    return {
+        "gpu_samples": len(rows),
+        "gpu_sm_mhz_median": float(np.median(sm)),
+        "gpu_sm_mhz_min": float(sm.min()),
+        "gpu_sm_mhz_max": float(sm.max()),
+        "gpu_power_w_median": float(np.median(power)),
+        "gpu_power_w_max": float(power.max()),
+        "gpu_temp_c_max": float(temp.max()),
+    }
 
 
 # ---------------------------------------------------------------------------------------------------------

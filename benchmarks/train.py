@@ -37,6 +37,8 @@ Timing: compilation apart (``compile_s``), ``--warmup`` untimed steps, then the 
 steps, each blocked until ready, the state carried (donated) from step to step (``benchmarks/harness.py``).
 ``--trace`` traces one more step per case: the GPU's summed kernel time and their span against the timed
 step (the difference is time the device spends outside the step's kernels), and the costliest kernels.
+Where ``nvidia-smi`` runs, each row (the anchor's too) holds the GPU's SM clock, power and temperature during
+the timed steps (``gpu_*``, ``harness.GpuMonitor``): a GPU at its power limit lowers its clock.
 """
 
 from __future__ import annotations
@@ -59,7 +61,7 @@ os.environ.setdefault("XLA_PYTHON_CLIENT_MEM_FRACTION", "0.95")
 import jax
 import jax.numpy as jnp
 
-from benchmarks.harness import Column, Report, add_arguments, ceilings_from_arguments, time_jitted
+from benchmarks.harness import Column, GpuMonitor, Report, add_arguments, ceilings_from_arguments, time_jitted
 from xlstm_jax.models.xlstm_parallel.config import xLSTMLMConfig
 from xlstm_jax.models.xlstm_parallel.model import xLSTMLMModel
 from xlstm_jax.models.xlstm_parallel.runtime import Remat, RuntimeConfig
@@ -197,9 +199,12 @@ def run_case(config: xLSTMLMConfig, a: argparse.Namespace, B: int, remat: Remat)
 
     # time_jitted's carry feeds (state, metrics) back as the first two arguments; the batch stays.
     step = jax.jit(lambda state, metrics, batch: train_step(state, batch), donate_argnums=(0,))
-    timing = time_jitted(step, state, metrics, batch, repeats=a.repeats, warmup=a.warmup, carry=True, trace=a.trace)
+    monitor = GpuMonitor()  # the GPU's clock and power during the timed steps
+    timing = time_jitted(
+        step, state, metrics, batch, repeats=a.repeats, warmup=a.warmup, carry=True, trace=a.trace, monitor=monitor
+    )
     del state
-    return {**timing.as_row(), "remat_in_step": bool(REMAT_PRIMITIVES & primitives(jaxpr.jaxpr))}
+    return {**timing.as_row(), "remat_in_step": bool(REMAT_PRIMITIVES & primitives(jaxpr.jaxpr)), **monitor.stats}
 
 
 def run_anchor(a: argparse.Namespace) -> tuple[dict[str, Any] | None, str]:
@@ -347,6 +352,12 @@ def main(argv: Sequence[str] | None = None) -> dict:
         for mode in ("eager", "compiled"):
             row[f"x_{mode}"] = tokens_per_s / torch_best[mode] if mode in torch_best else None
         report.add("train", row)
+        if row.get("gpu_samples"):
+            print(
+                f"# GPU during the timed steps: SM clock {row['gpu_sm_mhz_median']:.0f} MHz median "
+                f"({row['gpu_sm_mhz_min']:.0f}-{row['gpu_sm_mhz_max']:.0f}), power {row['gpu_power_w_median']:.0f} W "
+                f"median ({row['gpu_power_w_max']:.0f} max), {row['gpu_temp_c_max']:.0f} C max"
+            )
         if row.get("trace_kernel_us") is not None:
             print(
                 f"# profile B={B} remat={remat.value}: {row['trace_kernels']:.0f} kernels, "

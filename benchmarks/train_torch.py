@@ -41,7 +41,7 @@ from typing import Any, NoReturn
 os.environ.setdefault("DISABLE_LLVM_OPT", "1")  # the TFLA kernels under Triton 3.6; set before triton is imported
 os.environ.setdefault("XLA_PYTHON_CLIENT_PREALLOCATE", "false")  # JAX (the harness's environment) beside torch
 
-from benchmarks.harness import Column, Report, time_jitted
+from benchmarks.harness import Column, GpuMonitor, Report, time_jitted
 from benchmarks.train import add_model_arguments, model_config, resolve_model_arguments
 from xlstm_jax.models.xlstm_parallel.config import xLSTMLMConfig
 from xlstm_jax.training.flops import flops_per_token
@@ -235,7 +235,8 @@ def main(argv: Sequence[str] | None = None) -> dict:
         try:
             model = build_model(config, a, device)
             step, last_loss = make_step(model, B, a.S, mode == "compiled", device)
-            timing = time_jitted(step, repeats=a.repeats, warmup=a.warmup)
+            monitor = GpuMonitor()  # the GPU's clock and power during the timed steps
+            timing = time_jitted(step, repeats=a.repeats, warmup=a.warmup, monitor=monitor)
         except torch.cuda.OutOfMemoryError as error:
             report.add("train", {**row, "status": "OOM", "error": str(error)[:2000]})
             report.note(f"{mode} B={B}: out of memory")
@@ -245,6 +246,7 @@ def main(argv: Sequence[str] | None = None) -> dict:
         else:
             tokens_per_s = B * a.S / timing.median_s
             row.update(status="ok", **timing.as_row(), tokens_per_s=tokens_per_s, mfu=tokens_per_s * fpt / rate)
+            row.update(monitor.stats)
             row["loss"] = float(last_loss[0])  # of the last step: finite, and near log(V) on random tokens
             if device == "cuda":
                 row["peak_gib"] = torch.cuda.max_memory_allocated() / 2**30  # of this mode (reset before it)

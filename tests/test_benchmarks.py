@@ -8,6 +8,8 @@ import importlib
 import importlib.util
 import json
 import math
+import os
+import time
 from pathlib import Path
 
 import jax
@@ -133,6 +135,55 @@ def test_time_jitted_feeds_each_result_back_when_carrying():
     timing = harness.time_jitted(step, jnp.int32(0), jnp.int32(1), repeats=2, warmup=1, calls=3, carry=True)
     assert seen == list(range(7))  # 1 warm-up call, then 2 samples of 3 calls, each from the last result
     assert timing.compile_s is None and timing.units == 3
+
+
+def test_time_jitted_enters_the_monitor_around_the_timed_samples_only():
+    calls, inside = [], []
+
+    class Monitor:
+        def __enter__(self):
+            inside.append(len(calls))
+
+        def __exit__(self, *exc):
+            inside.append(len(calls))
+
+    harness.time_jitted(lambda: calls.append(1), repeats=3, warmup=2, calls=2, monitor=Monitor())
+    assert inside == [2, 8]  # entered after the 2 warm-up calls, left after 3 samples of 2 calls
+
+
+def test_gpu_sample_stats_skips_what_does_not_parse():
+    lines = ["1980, 512.25, 61", "[N/A], 400.00, 60", "", "1755, 699.50, 66", "1830, 650.00, 64", "garbage"]
+    stats = harness.gpu_sample_stats(lines)
+    assert stats == {
+        "gpu_samples": 3,
+        "gpu_sm_mhz_median": 1830.0,
+        "gpu_sm_mhz_min": 1755.0,
+        "gpu_sm_mhz_max": 1980.0,
+        "gpu_power_w_median": 650.0,
+        "gpu_power_w_max": 699.5,
+        "gpu_temp_c_max": 66.0,
+    }
+    assert harness.gpu_sample_stats(["[N/A], [N/A], [N/A]"]) == {}
+
+
+def test_gpu_monitor_reads_a_sampling_process_until_the_block_ends(tmp_path, monkeypatch):
+    """GpuMonitor starts nvidia-smi, stops it when the block ends and keeps what it printed. An executable of that
+    name on PATH stands in for the tool here (it prints samples until terminated), as no GPU is on a CI machine."""
+    tool = tmp_path / "nvidia-smi"
+    tool.write_text('#!/bin/sh\necho "$@" > "$0.args"\nwhile true; do echo "1500, 650.5, 70"; sleep 0.01; done\n')
+    tool.chmod(0o755)
+    monkeypatch.setenv("PATH", f"{tmp_path}:{os.environ['PATH']}")
+    with harness.GpuMonitor(interval_ms=10, gpu=1) as monitor:
+        time.sleep(0.3)
+    assert monitor.stats["gpu_samples"] >= 2 and monitor.stats["gpu_sm_mhz_median"] == 1500.0
+    assert monitor.stats["gpu_power_w_max"] == 650.5 and monitor.stats["gpu_temp_c_max"] == 70.0
+    args = (tmp_path / "nvidia-smi.args").read_text().split()
+    query = f"--query-gpu={harness.GpuMonitor.QUERY}"
+    assert args == ["--id=1", query, "--format=csv,noheader,nounits", "--loop-ms=10"]
+    monkeypatch.setenv("PATH", str(tmp_path / "empty"))  # no nvidia-smi at all: nothing sampled, nothing fails
+    with harness.GpuMonitor() as monitor:
+        pass
+    assert monitor.stats == {}
 
 
 def test_time_loop_runs_the_body_in_one_loop():
