@@ -37,6 +37,7 @@ import math
 import platform
 import shlex
 import shutil
+import signal
 import statistics
 import subprocess
 import sys
@@ -438,6 +439,8 @@ class GpuMonitor:
         if exe is not None:
             command = [exe, f"--id={self.gpu}", f"--query-gpu={self.QUERY}", "--format=csv,noheader,nounits"]
             command.append(f"--loop-ms={self.interval_ms}")
+            if shutil.which("stdbuf"):  # a line per sample even into a pipe, so that stopping it loses none
+                command = ["stdbuf", "-oL", *command]
             self._process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
         return self
 
@@ -445,7 +448,7 @@ class GpuMonitor:
         process, self._process = self._process, None
         if process is None:
             return
-        process.terminate()
+        process.send_signal(signal.SIGINT)  # what ends nvidia-smi's loop (Ctrl+C); a stronger signal if it lingers
         try:
             out, _ = process.communicate(timeout=5)
         except subprocess.TimeoutExpired:
