@@ -496,7 +496,8 @@ def device_trace(run: Callable[[], Any], units: int, top: int = 10) -> dict[str,
     Returns:
         ``main`` (the kernel with the largest summed time) and ``main_us`` (its median duration),
         ``other_us`` (all other kernels' time per unit), ``kernels`` (launches per unit), ``kernel_us``
-        (summed kernel time per unit), ``span_us`` (first start to last end, per unit), ``busy`` (kernel
+        (summed kernel time per unit), ``span_us`` (first start to last end, per unit), ``wall_us`` (the
+        host's time for ``run()`` under the profiler, per unit), ``busy`` (kernel
         time over span) and ``top`` (the costliest kernels: µs per unit, launches per unit, name); an
         empty dict when no GPU stream shows in the trace (on a CPU).
     """
@@ -504,7 +505,9 @@ def device_trace(run: Callable[[], Any], units: int, top: int = 10) -> dict[str,
 
     directory = tempfile.mkdtemp()
     jax.profiler.start_trace(directory)
+    start = time.perf_counter()
     run()
+    wall = (time.perf_counter() - start) * 1e6
     jax.profiler.stop_trace()
     files = sorted(Path(directory).rglob("*.xplane.pb"))
     if not files:
@@ -531,6 +534,7 @@ def device_trace(run: Callable[[], Any], units: int, top: int = 10) -> dict[str,
         "kernels": len(events) / units,
         "kernel_us": busy / units,
         "span_us": span / units,
+        "wall_us": wall / units,
         "busy": busy / span if span > 0 else float("nan"),
         "top": [(sum(d) / units, len(d) / units, name) for name, d in costliest],
     }

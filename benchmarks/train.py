@@ -34,9 +34,15 @@ native kernels where torch is installed, minutes for its torch.compile, else not
 benchmarks/train.py --tiny``.
 
 Timing: compilation apart (``compile_s``), ``--warmup`` untimed steps, then the median of ``--repeats``
-steps, each blocked until ready, the state carried (donated) from step to step (``benchmarks/harness.py``).
-``--trace`` traces one more step per case: the GPU's summed kernel time and their span against the timed
-step (the difference is time the device spends outside the step's kernels), and the costliest kernels.
+samples, the state carried (donated) from step to step (``benchmarks/harness.py``). A sample is ``--queue``
+steps dispatched back to back and blocked on once, per step: 1 blocks after every step; more lets the host
+dispatch the next step while the device runs the last one, as ``xlstm-jax train`` does (it reads the metrics
+back every ``log_every`` steps). Several ``--queue`` values give one row each from one compilation, and the
+anchor is timed the same way for each (its steps without ``torch.cuda.synchronize()`` between them); a row's
+torch ratios are against the anchor's row with the same ``queue``.
+``--trace`` traces one more sample per row: the GPU's summed kernel time and their span against the timed
+step (the difference is time the device spends outside the step's kernels), the traced sample's own wall
+time, and the costliest kernels.
 Where ``nvidia-smi`` runs, each row (the anchor's too) holds the GPU's SM clock, power and temperature during
 the timed steps (``gpu_*``, ``harness.GpuMonitor``): a GPU at its power limit lowers its clock.
 """
@@ -85,20 +91,22 @@ REMAT_PRIMITIVES = {"remat2", "checkpoint"}  # jax.checkpoint's primitive (its n
 DEFAULT_CASES = ("8:none", "4:none", "8:dots", "16:dots", "16:full")
 TINY_CASES = ("2:none", "2:full")
 
-COLUMNS = [Column("B", "B", width=4), Column("remat", "remat", width=6), Column("status", "status", width=8),
+COLUMNS = [Column("B", "B", width=4), Column("remat", "remat", width=6), Column("queue", "queue", width=5),
+           Column("status", "status", width=8),
            Column("step ms", "median_s", ".1f", 1e3), Column("spread", "spread", ".2f"),
            Column("ktok/s", "tokens_per_s", ".2f", 1e-3), Column("mfu", "mfu", ".3f"),
            Column("mfu_jax", "mfu_jax", ".3f"), Column("x_eager", "x_eager", ".2f"),
            Column("x_compiled", "x_compiled", ".2f"), Column("compile s", "compile_s", ".1f"),
            Column("peak GiB", "peak_gib", ".1f")]  # fmt: skip
-TORCH_COLUMNS = [Column("mode", "mode", width=9), Column("B", "B", width=4), Column("status", "status", width=8),
+TORCH_COLUMNS = [Column("mode", "mode", width=9), Column("B", "B", width=4), Column("queue", "queue", width=5),
+                 Column("status", "status", width=8),
                  Column("step ms", "median_s", ".1f", 1e3), Column("spread", "spread", ".2f"),
                  Column("ktok/s", "tokens_per_s", ".2f", 1e-3), Column("mfu", "mfu", ".3f"),
                  Column("mfu_jax", "mfu_jax", ".3f"), Column("warmup s", "warmup_s", ".1f"),
                  Column("loss", "loss", ".3f")]  # fmt: skip
 MATMUL_COLUMNS = [Column("source", "source", width=14), Column("n", "n", width=6),
                   Column("TFLOP/s", "flops_per_s", ".1f", 1e-12)]  # fmt: skip
-SUMMARY_COLUMNS = [Column("B", "B", width=4), Column("remat", "remat", width=6),
+SUMMARY_COLUMNS = [Column("B", "B", width=4), Column("remat", "remat", width=6), Column("queue", "queue", width=5),
                    Column("ktok/s", "tokens_per_s", ".2f", 1e-3), Column("mfu", "mfu", ".3f"),
                    Column("x_eager", "x_eager", ".2f"), Column("x_compiled", "x_compiled", ".2f"),
                    Column("targets met", "targets_met", width=11)]  # fmt: skip
@@ -177,8 +185,9 @@ def primitives(jaxpr: Any) -> set[str]:
     return names
 
 
-def run_case(config: xLSTMLMConfig, a: argparse.Namespace, B: int, remat: Remat) -> dict[str, Any]:
-    """Times the training step at batch B with ``remat``; the row's timing fields (raises on failure)."""
+def run_case(config: xLSTMLMConfig, a: argparse.Namespace, B: int, remat: Remat) -> list[dict[str, Any]]:
+    """Times the training step at batch B with ``remat``, once per ``--queue`` value (one compilation): each
+    row's timing fields (raises on failure)."""
     backend = ("chunkwise", ()) if a.mlstm_backward == "xla" else ("chunkwise_mosaic", (("backward", "mosaic"),))
     runtime = RuntimeConfig(
         prefill_backend=backend[0],
@@ -199,12 +208,23 @@ def run_case(config: xLSTMLMConfig, a: argparse.Namespace, B: int, remat: Remat)
 
     # time_jitted's carry feeds (state, metrics) back as the first two arguments; the batch stays.
     step = jax.jit(lambda state, metrics, batch: train_step(state, batch), donate_argnums=(0,))
-    monitor = GpuMonitor()  # the GPU's clock and power during the timed steps
-    timing = time_jitted(
-        step, state, metrics, batch, repeats=a.repeats, warmup=a.warmup, carry=True, trace=a.trace, monitor=monitor
-    )
+    start = time.perf_counter()
+    compiled = step.lower(state, metrics, batch).compile()
+    compile_s = time.perf_counter() - start
+    remat_in_step = bool(REMAT_PRIMITIVES & primitives(jaxpr.jaxpr))
+    rows = []
+    for queue in a.queue:
+        monitor = GpuMonitor()  # the GPU's clock and power during the timed steps
+        timing = time_jitted(
+            compiled, state, metrics, batch, repeats=a.repeats, warmup=a.warmup, calls=queue, carry=True,
+            trace=a.trace, monitor=monitor,
+        )  # fmt: skip
+        # time_jitted's last call donated the state it was given: continue from a fresh one.
+        state = init(jax.random.key(0))
+        row = {**timing.as_row(), "compile_s": compile_s, "queue": queue, "remat_in_step": remat_in_step}
+        rows.append({**row, **monitor.stats})
     del state
-    return {**timing.as_row(), "remat_in_step": bool(REMAT_PRIMITIVES & primitives(jaxpr.jaxpr)), **monitor.stats}
+    return rows
 
 
 def run_anchor(a: argparse.Namespace) -> tuple[dict[str, Any] | None, str]:
@@ -218,7 +238,8 @@ def run_anchor(a: argparse.Namespace) -> tuple[dict[str, Any] | None, str]:
         argv += ["--modes", *a.torch_modes, "--eager-batch", str(a.torch_eager_batch)]
         argv += ["--compiled-batch", str(a.torch_compiled_batch), "--warmup", str(a.torch_warmup)]
         argv += ["--torch-chunk-size", str(a.torch_chunk_size), "--weight-mode", a.torch_weight_mode]
-        argv += ["--repeats", str(a.repeats), "--json", str(path), *(["--tiny"] if a.tiny else [])]
+        argv += ["--repeats", str(a.repeats), "--queue", *map(str, a.queue)]
+        argv += ["--json", str(path), *(["--tiny"] if a.tiny else [])]
         env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")]))}
         command = [sys.executable, str(ROOT / "benchmarks" / "train_torch.py"), *argv]
         print(f"# torch anchor: {' '.join(command[1:])}", flush=True)
@@ -231,21 +252,61 @@ def run_anchor(a: argparse.Namespace) -> tuple[dict[str, Any] | None, str]:
         return (json.loads(path.read_text()) if path.exists() else None), status
 
 
-def anchor_rates(anchor: dict[str, Any] | None) -> tuple[float | None, dict[str, float]]:
-    """(torch's bf16 matrix rate, {mode: tokens/s of its fastest successful row}) from the anchor's data."""
+def anchor_rates(anchor: dict[str, Any] | None) -> tuple[float | None, dict[tuple[str, int], float]]:
+    """(torch's bf16 matrix rate, {(mode, queue): tokens/s of its fastest successful row}) from the anchor's
+    data (rows without ``queue`` were timed one step per sample: queue 1)."""
     if anchor is None:
         return None, {}
     rate = anchor.get("matmul_flops_per_s")
-    best: dict[str, float] = {}
+    best: dict[tuple[str, int], float] = {}
     for row in anchor.get("tables", {}).get("train", []):
         if row.get("status") == "ok":
-            best[row["mode"]] = max(best.get(row["mode"], 0.0), row["tokens_per_s"])
+            key = (row["mode"], row.get("queue", 1))
+            best[key] = max(best.get(key, 0.0), row["tokens_per_s"])
     return rate, best
 
 
 def rates(tokens_per_s: float, fpt: float, torch_rate: float | None, jax_rate: float) -> dict[str, float | None]:
     """MFU against torch's and JAX's matrix rates."""
     return {"mfu": tokens_per_s * fpt / torch_rate if torch_rate else None, "mfu_jax": tokens_per_s * fpt / jax_rate}
+
+
+def add_row(
+    report: Report,
+    row: dict[str, Any],
+    fpt: float,
+    torch_rate: float | None,
+    torch_best: dict[tuple[str, int], float],
+    jax_rate: float,
+) -> None:
+    """Adds a timed case's row (tokens/s, MFU, ratios against the anchor's rows of the same ``queue``) and
+    prints what the GPU monitor and the trace saw."""
+    B, remat, queue = row["B"], row["remat"], row["queue"]
+    tokens_per_s = B * row["S"] / row["median_s"]
+    row.update(status="ok", tokens_per_s=tokens_per_s, flops_per_token=fpt, peak_gib=peak_gib())
+    row.update(rates(tokens_per_s, fpt, torch_rate, jax_rate))
+    for mode in ("eager", "compiled"):
+        anchor = torch_best.get((mode, queue))
+        row[f"x_{mode}"] = tokens_per_s / anchor if anchor else None
+    report.add("train", row)
+    if row.get("gpu_samples"):
+        print(
+            f"# GPU during the timed steps (B={B} remat={remat} queue={queue}): SM clock "
+            f"{row['gpu_sm_mhz_median']:.0f} MHz median ({row['gpu_sm_mhz_min']:.0f}-{row['gpu_sm_mhz_max']:.0f}), "
+            f"power {row['gpu_power_w_median']:.0f} W median ({row['gpu_power_w_max']:.0f} max), "
+            f"{row['gpu_temp_c_max']:.0f} C max"
+        )
+    if row.get("trace_kernel_us") is not None:
+        print(
+            f"# profile B={B} remat={remat} queue={queue}, per step: {row['trace_kernels']:.0f} kernels, "
+            f"{row['trace_kernel_us'] / 1e3:.1f} ms of kernels in a span of {row['trace_span_us'] / 1e3:.1f} ms, "
+            f"{row['trace_wall_us'] / 1e3:.1f} ms of wall time traced (the timed step: {row['median_s'] * 1e3:.1f} "
+            "ms); costliest:"
+        )
+        for us, launches, kernel in row["trace_top"]:
+            print(f"#   {us / 1e3:8.2f} ms  x{launches:4.0f}  {kernel[:100]}")
+    if remat != Remat.NONE.value and not row["remat_in_step"]:
+        report.note(f"B={B} remat={remat}: no jax.checkpoint in the step: the model ignored the remat policy")
 
 
 def main(argv: Sequence[str] | None = None) -> dict:
@@ -261,7 +322,15 @@ def main(argv: Sequence[str] | None = None) -> dict:
         help="the mLSTM cell: on Hopper the Mosaic GPU forward and backward kernels (mosaic, the default; the XLA "
         "form elsewhere), or the XLA chunkwise form (xla)",
     )
-    p.add_argument("--warmup", type=int, default=2, help="untimed steps after compilation")
+    p.add_argument("--warmup", type=int, default=2, help="untimed samples after compilation")
+    p.add_argument(
+        "--queue",
+        type=int,
+        nargs="+",
+        default=[1],
+        help="steps dispatched back to back in each timed sample, blocked on once (one row per value, the anchor "
+        "timed the same way): 1 blocks after every step",
+    )
     p.add_argument(
         "--trace",
         action="store_true",
@@ -291,8 +360,8 @@ def main(argv: Sequence[str] | None = None) -> dict:
     a.torch_chunk_size = a.torch_chunk_size or (16 if a.tiny else 128)
     a.torch_eager_batch = a.torch_eager_batch or (2 if a.tiny else 4)
     a.torch_compiled_batch = a.torch_compiled_batch or (2 if a.tiny else 8)
-    if min(a.repeats, a.torch_warmup) < 1 or a.warmup < 0:
-        p.error("--repeats and --torch-warmup must be >= 1, --warmup >= 0")
+    if min(a.repeats, a.torch_warmup, *a.queue) < 1 or a.warmup < 0:
+        p.error("--repeats, --queue and --torch-warmup must be >= 1, --warmup >= 0")
     start = time.perf_counter()
     config = model_config(a)
     fpt = flops_per_token(config, a.S, chunk_size=a.chunk_size)
@@ -338,7 +407,7 @@ def main(argv: Sequence[str] | None = None) -> dict:
             )
             continue
         try:
-            timing = run_case(config, a, B, remat)
+            timings = run_case(config, a, B, remat)
         except Exception as error:  # every failure becomes a row, and the run goes on to the next case
             longest = max(longest, time.perf_counter() - case_start)
             status = "OOM" if out_of_memory(error) else "error"
@@ -346,34 +415,15 @@ def main(argv: Sequence[str] | None = None) -> dict:
             report.note(f"B={B} remat={remat.value}: {status} ({type(error).__name__}: {str(error)[:300]})")
             continue
         longest = max(longest, time.perf_counter() - case_start)
-        tokens_per_s = B * a.S / timing["median_s"]
-        row.update(status="ok", **timing, tokens_per_s=tokens_per_s, flops_per_token=fpt, peak_gib=peak_gib())
-        row.update(rates(tokens_per_s, fpt, torch_rate, jax_rate))
-        for mode in ("eager", "compiled"):
-            row[f"x_{mode}"] = tokens_per_s / torch_best[mode] if mode in torch_best else None
-        report.add("train", row)
-        if row.get("gpu_samples"):
-            print(
-                f"# GPU during the timed steps: SM clock {row['gpu_sm_mhz_median']:.0f} MHz median "
-                f"({row['gpu_sm_mhz_min']:.0f}-{row['gpu_sm_mhz_max']:.0f}), power {row['gpu_power_w_median']:.0f} W "
-                f"median ({row['gpu_power_w_max']:.0f} max), {row['gpu_temp_c_max']:.0f} C max"
-            )
-        if row.get("trace_kernel_us") is not None:
-            print(
-                f"# profile B={B} remat={remat.value}: {row['trace_kernels']:.0f} kernels, "
-                f"{row['trace_kernel_us'] / 1e3:.1f} ms of kernels in a span of {row['trace_span_us'] / 1e3:.1f} ms "
-                f"(the timed step: {row['median_s'] * 1e3:.1f} ms); costliest:"
-            )
-            for us, launches, kernel in row["trace_top"]:
-                print(f"#   {us / 1e3:8.2f} ms  x{launches:4.0f}  {kernel[:100]}")
-        if remat is not Remat.NONE and not row["remat_in_step"]:
-            report.note(f"B={B} remat={remat.value}: no jax.checkpoint in the step: the model ignored the remat policy")
+        for timing in timings:
+            add_row(report, {**row, **timing}, fpt, torch_rate, torch_best, jax_rate)
 
     report.table("summary", SUMMARY_COLUMNS)
     done = [r for r in report.data["tables"]["train"] if r["status"] == "ok"]
     if done:
         best = max(done, key=lambda r: r["tokens_per_s"])
-        summary = {k: best.get(k) for k in ("B", "remat", "tokens_per_s", "mfu", "mfu_jax", "x_eager", "x_compiled")}
+        keys = ("B", "remat", "queue", "tokens_per_s", "mfu", "mfu_jax", "x_eager", "x_compiled")
+        summary = {k: best.get(k) for k in keys}
         met = {k: None if summary[k] is None else summary[k] >= target for k, target in TARGETS.items()}
         summary.update(targets=TARGETS, met=met, targets_met=all(met.values()) if None not in met.values() else None)
         report.add("summary", summary)

@@ -13,9 +13,10 @@ returned and fails.
 Also torch's bf16 matrix rate: ``torch.mm`` of random n x n bf16 matrices for each n of ``--matmul-sizes``,
 the best rate being the MFU ceiling of this anchor and of ``benchmarks/train.py`` (``matmul_flops_per_s``).
 
-Timing (``benchmarks/harness.py``'s ``time_jitted`` on a callable): ``--warmup`` untimed steps (the first
-compiles: its time is ``warmup_s``), then the median of ``--repeats`` steps, each ended by
-``torch.cuda.synchronize()``. A mode that runs out of memory is kept as ``OOM``.
+Timing (``benchmarks/harness.py``'s ``time_jitted`` on a callable): ``--warmup`` untimed samples (the first
+compiles: its time is ``warmup_s``), then the median of ``--repeats`` samples, per step. A sample is
+``--queue`` steps launched back to back and ended by one ``torch.cuda.synchronize()`` (one row per value: 1
+synchronises after every step). A mode that runs out of memory is kept as ``OOM``.
 
 ``benchmarks/train.py`` runs this script in its own process (so that its GPU memory is released before JAX
 starts) and merges the JSON into its own. Alone, on a GPU machine with the wheels of ``xlstm`` and
@@ -32,6 +33,7 @@ missing and exits with status 2.
 from __future__ import annotations
 
 import argparse
+import functools
 import gc
 import os
 import sys
@@ -50,7 +52,8 @@ TRITON_KERNELS = {"chunkwise_kernel": "chunkwise--triton_xl_chunk", "sequence_ke
                   "step_kernel": "triton"}  # fmt: skip
 NATIVE_KERNELS = {"chunkwise_kernel": "chunkwise--native_autograd", "sequence_kernel": "native_sequence__native",
                   "step_kernel": "native"}  # fmt: skip
-COLUMNS = [Column("mode", "mode", width=9), Column("B", "B", width=4), Column("status", "status", width=8),
+COLUMNS = [Column("mode", "mode", width=9), Column("B", "B", width=4), Column("queue", "queue", width=5),
+           Column("status", "status", width=8),
            Column("step ms", "median_s", ".1f", 1e3), Column("spread", "spread", ".2f"),
            Column("ktok/s", "tokens_per_s", ".2f", 1e-3), Column("mfu", "mfu", ".3f"),
            Column("warmup s", "warmup_s", ".1f"), Column("loss", "loss", ".3f")]  # fmt: skip
@@ -110,9 +113,10 @@ def build_model(config: xLSTMLMConfig, a: argparse.Namespace, device: str) -> An
     return model
 
 
-def make_step(model: Any, B: int, S: int, compiled: bool, device: str) -> tuple[Callable[[], None], list]:
-    """One training step on a fixed random batch (B, S): autocast forward, cross-entropy, backward, fused AdamW;
-    and a list that holds the last step's loss (a tensor)."""
+def make_step(model: Any, B: int, S: int, compiled: bool, device: str) -> tuple[Callable[[int], None], list]:
+    """``steps(n)``: n training steps on a fixed random batch (B, S) (autocast forward, cross-entropy, backward,
+    fused AdamW), launched back to back and synchronised once at the end; and a list that holds the last step's
+    loss (a tensor)."""
     import torch
     import torch.nn.functional as F
 
@@ -130,16 +134,17 @@ def make_step(model: Any, B: int, S: int, compiled: bool, device: str) -> tuple[
     loss = torch.compile(loss_fn) if compiled else loss_fn
     last = [None]
 
-    def step() -> None:
-        optimizer.zero_grad(set_to_none=True)
-        value = loss(x, y)
-        value.backward()
-        optimizer.step()
-        last[0] = value.detach()
+    def steps(n: int) -> None:
+        for _ in range(n):
+            optimizer.zero_grad(set_to_none=True)
+            value = loss(x, y)
+            value.backward()
+            optimizer.step()
+            last[0] = value.detach()
         if device == "cuda":
             torch.cuda.synchronize()
 
-    return step, last
+    return steps, last
 
 
 def matmul_rates(report: Report, sizes: Sequence[int], device: str, repeats: int) -> float:
@@ -187,7 +192,8 @@ def main(argv: Sequence[str] | None = None) -> dict:
     p.add_argument("--weight-mode", choices=("single", "fused"), default="single", help="xlstm_large's projections")
     p.add_argument("--matmul-sizes", type=int, nargs="+", default=None, help="default 4096 8192 16384 (256: --tiny)")
     p.add_argument("--warmup", type=int, default=2, help="untimed steps (at least 1: the first compiles)")
-    p.add_argument("--repeats", type=int, default=5, help="timed steps")
+    p.add_argument("--repeats", type=int, default=5, help="timed samples")
+    p.add_argument("--queue", type=int, nargs="+", default=[1], help="steps per sample, synchronised once (a row each)")
     p.add_argument("--json", default=None, help="write the results to this JSON file")
     a = p.parse_args(argv)
     resolve_model_arguments(a)
@@ -195,8 +201,8 @@ def main(argv: Sequence[str] | None = None) -> dict:
     a.compiled_batch = a.compiled_batch or (2 if a.tiny else 8)
     a.torch_chunk_size = a.torch_chunk_size or (16 if a.tiny else 128)
     a.matmul_sizes = a.matmul_sizes or ([256] if a.tiny else [4096, 8192, 16384])
-    if min(a.warmup, a.repeats) < 1:
-        p.error("--warmup and --repeats must be >= 1")
+    if min(a.warmup, a.repeats, *a.queue) < 1:
+        p.error("--warmup, --repeats and --queue must be >= 1")
     try:
         import torch
         import xlstm
@@ -229,29 +235,34 @@ def main(argv: Sequence[str] | None = None) -> dict:
     report.table("train", COLUMNS)
     for mode in a.modes:
         B = a.compiled_batch if mode == "compiled" else a.eager_batch
-        row: dict[str, Any] = {"mode": mode, "B": B, "S": a.S, "flops_per_token": fpt}
         if device == "cuda":
             torch.cuda.reset_peak_memory_stats()
-        try:
-            model = build_model(config, a, device)
-            step, last_loss = make_step(model, B, a.S, mode == "compiled", device)
-            monitor = GpuMonitor()  # the GPU's clock and power during the timed steps
-            timing = time_jitted(step, repeats=a.repeats, warmup=a.warmup, monitor=monitor)
-        except torch.cuda.OutOfMemoryError as error:
-            report.add("train", {**row, "status": "OOM", "error": str(error)[:2000]})
-            report.note(f"{mode} B={B}: out of memory")
-        except Exception as error:  # every failure becomes a row, and the run goes on to the next mode
-            report.add("train", {**row, "status": "error", "error": f"{type(error).__name__}: {str(error)[:2000]}"})
-            report.note(f"{mode} B={B}: {type(error).__name__}: {str(error)[:300]}")
-        else:
+        model = steps = last_loss = None
+        for queue in a.queue:
+            row: dict[str, Any] = {"mode": mode, "B": B, "queue": queue, "S": a.S, "flops_per_token": fpt}
+            try:
+                if steps is None:
+                    model = build_model(config, a, device)
+                    steps, last_loss = make_step(model, B, a.S, mode == "compiled", device)
+                monitor = GpuMonitor()  # the GPU's clock and power during the timed steps
+                sample = functools.partial(steps, queue)
+                timing = time_jitted(sample, repeats=a.repeats, warmup=a.warmup, iterations=queue, monitor=monitor)
+            except torch.cuda.OutOfMemoryError as error:
+                report.add("train", {**row, "status": "OOM", "error": str(error)[:2000]})
+                report.note(f"{mode} B={B} queue={queue}: out of memory")
+                break
+            except Exception as error:  # every failure becomes a row, and the run goes on to the next mode
+                report.add("train", {**row, "status": "error", "error": f"{type(error).__name__}: {str(error)[:2000]}"})
+                report.note(f"{mode} B={B} queue={queue}: {type(error).__name__}: {str(error)[:300]}")
+                break
             tokens_per_s = B * a.S / timing.median_s
             row.update(status="ok", **timing.as_row(), tokens_per_s=tokens_per_s, mfu=tokens_per_s * fpt / rate)
             row.update(monitor.stats)
             row["loss"] = float(last_loss[0])  # of the last step: finite, and near log(V) on random tokens
             if device == "cuda":
-                row["peak_gib"] = torch.cuda.max_memory_allocated() / 2**30  # of this mode (reset before it)
+                row["peak_gib"] = torch.cuda.max_memory_allocated() / 2**30  # of this mode so far (reset before it)
             report.add("train", row)
-        model = step = last_loss = None
+        model = steps = last_loss = None
         release(device)
     return report.data
 

@@ -6,6 +6,7 @@ import argparse
 import importlib.util
 import json
 
+import jax
 import pytest
 
 from benchmarks import train
@@ -36,6 +37,44 @@ def test_train_smoke(tmp_path):
     assert summary["met"]["mfu"] is None and summary["met"]["x_compiled"] is None
 
 
+def test_each_queue_is_a_row_with_the_ratios_of_the_anchors_row_of_the_same_queue(tmp_path, monkeypatch):
+    """--queue 1 2: one compilation, a row per value, each compared with the anchor's row of its queue; the
+    summary takes the fastest row."""
+    anchor = {
+        "matmul_flops_per_s": 1e15,
+        "tables": {
+            "train": [
+                {"mode": "compiled", "queue": 1, "status": "ok", "tokens_per_s": 1.0},
+                {"mode": "compiled", "queue": 2, "status": "ok", "tokens_per_s": 2.0},
+                {"mode": "eager", "queue": 1, "status": "ok", "tokens_per_s": 4.0},
+            ],
+            "matmul": [],
+        },
+    }
+    torch_json = tmp_path / "torch.json"
+    torch_json.write_text(json.dumps(anchor))
+    compiles = []
+    real_compile = jax.stages.Lowered.compile
+    monkeypatch.setattr(
+        jax.stages.Lowered, "compile", lambda self, *a, **k: compiles.append(1) or real_compile(self, *a, **k)
+    )
+    path = tmp_path / "train.json"
+    argv = ["--tiny", "--blocks", "1", "--S", "32", "--cases", "2:none", "--torch-json", str(torch_json)]
+    train.main(
+        [*argv, "--ceilings", "nominal", "--repeats", "2", "--warmup", "1", "--queue", "1", "2", "--json", str(path)]
+    )
+    data = json.loads(path.read_text())
+    rows = data["tables"]["train"]
+    assert [(r["queue"], r["status"], r["units"]) for r in rows] == [(1, "ok", 1), (2, "ok", 2)]
+    assert len(compiles) == 1 and rows[0]["compile_s"] == rows[1]["compile_s"] > 0
+    for row in rows:
+        assert row["x_compiled"] == pytest.approx(row["tokens_per_s"] / row["queue"], rel=1e-12)
+        assert row["mfu"] == pytest.approx(row["tokens_per_s"] * row["flops_per_token"] / 1e15, rel=1e-12)
+    assert rows[0]["x_eager"] == pytest.approx(rows[0]["tokens_per_s"] / 4.0) and rows[1]["x_eager"] is None
+    (summary,) = data["tables"]["summary"]
+    assert summary["queue"] == max(rows, key=lambda r: r["tokens_per_s"])["queue"]
+
+
 @pytest.mark.parametrize("text", ["8", "8:", "0:none", "x:none", "8:some", "-1:full"])
 def test_bad_cases_are_refused(text):
     with pytest.raises(argparse.ArgumentTypeError, match="B:remat"):
@@ -51,8 +90,9 @@ def test_anchor_rates_take_each_modes_fastest_successful_row():
         {"mode": "eager", "status": "ok", "tokens_per_s": 35e3},
         {"mode": "compiled", "status": "error"},
     ]
+    rows.append({"mode": "eager", "queue": 3, "status": "ok", "tokens_per_s": 37e3})
     rate, best = train.anchor_rates({"matmul_flops_per_s": 7.8e14, "tables": {"train": rows}})
-    assert rate == 7.8e14 and best == {"eager": 35e3}
+    assert rate == 7.8e14 and best == {("eager", 1): 35e3, ("eager", 3): 37e3}  # rows without queue: 1
     assert train.anchor_rates(None) == (None, {})
     fields = train.rates(50e3, 8e9, 8e14, 4e14)
     assert fields == {"mfu": pytest.approx(0.5), "mfu_jax": pytest.approx(1.0)}
