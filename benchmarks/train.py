@@ -5,9 +5,10 @@ AdamW, without gradient clipping as the anchor) on a 1.3B-class model (D=2048, 2
 DHQK=256 and DHV=512, vocabulary 50304, float32 parameters, bfloat16 compute, the Mosaic GPU chunkwise kernels
 forward and backward on Hopper, or with ``--mlstm-backward xla`` (and off Hopper) the XLA chunkwise form) at S=4096,
 for each (batch, remat policy) case of ``--cases`` (``B:remat``, remat one of ``none``, ``dots``, ``full``:
-``RuntimeConfig.remat``). A case that runs out of device memory is kept in the table as ``OOM``; a case that
-would end past ``--time-budget`` seconds from the start (judged by the longest case so far) is listed as
-skipped. Batches are random tokens (one document per row, every target counted).
+``RuntimeConfig.remat``; ``B:remat:accum`` runs the batch as ``accum`` micro-batches of B / accum rows, their
+gradients accumulated: ``make_train_step``'s ``accum_steps``). A case that runs out of device memory is kept in
+the table as ``OOM``; a case that would end past ``--time-budget`` seconds from the start (judged by the
+longest case so far) is listed as skipped. Batches are random tokens (one document per row, every target counted).
 
 The PyTorch anchor runs first, in its own process (``benchmarks/train_torch.py``, so that its memory is
 gone when JAX starts): the same model in NX-AI's ``xlstm`` package (``xlstm_large``) with ``mlstm_kernels``'
@@ -91,7 +92,8 @@ REMAT_PRIMITIVES = {"remat2", "checkpoint"}  # jax.checkpoint's primitive (its n
 DEFAULT_CASES = ("8:none", "4:none", "8:dots", "16:dots", "16:full")
 TINY_CASES = ("2:none", "2:full")
 
-COLUMNS = [Column("B", "B", width=4), Column("remat", "remat", width=6), Column("queue", "queue", width=5),
+COLUMNS = [Column("B", "B", width=4), Column("remat", "remat", width=6), Column("accum", "accum", width=5),
+           Column("queue", "queue", width=5),
            Column("status", "status", width=8),
            Column("step ms", "median_s", ".1f", 1e3), Column("spread", "spread", ".2f"),
            Column("ktok/s", "tokens_per_s", ".2f", 1e-3), Column("mfu", "mfu", ".3f"),
@@ -106,7 +108,8 @@ TORCH_COLUMNS = [Column("mode", "mode", width=9), Column("B", "B", width=4), Col
                  Column("loss", "loss", ".3f")]  # fmt: skip
 MATMUL_COLUMNS = [Column("source", "source", width=14), Column("n", "n", width=6),
                   Column("TFLOP/s", "flops_per_s", ".1f", 1e-12)]  # fmt: skip
-SUMMARY_COLUMNS = [Column("B", "B", width=4), Column("remat", "remat", width=6), Column("queue", "queue", width=5),
+SUMMARY_COLUMNS = [Column("B", "B", width=4), Column("remat", "remat", width=6), Column("accum", "accum", width=5),
+           Column("queue", "queue", width=5),
                    Column("ktok/s", "tokens_per_s", ".2f", 1e-3), Column("mfu", "mfu", ".3f"),
                    Column("x_eager", "x_eager", ".2f"), Column("x_compiled", "x_compiled", ".2f"),
                    Column("targets met", "targets_met", width=11)]  # fmt: skip
@@ -139,13 +142,19 @@ def model_config(args: argparse.Namespace) -> xLSTMLMConfig:
     )
 
 
-def parse_case(text: str) -> tuple[int, Remat]:
-    """``"B:remat"`` -> ``(B, Remat)``."""
-    batch, sep, remat = text.partition(":")
+def parse_case(text: str) -> tuple[int, Remat, int]:
+    """``"B:remat"`` or ``"B:remat:accum"`` -> ``(B, Remat, accum)``: a batch of B rows, run as ``accum``
+    micro-batches of B / accum rows (gradient accumulation; 1 when not given)."""
+    parts = text.split(":")
     remats = [r.value for r in Remat]
-    if not sep or not batch.isdigit() or int(batch) < 1 or remat not in remats:
-        raise argparse.ArgumentTypeError(f"a case is B:remat with B a positive int and remat in {remats}, got {text!r}")
-    return int(batch), Remat(remat)
+    batch, remat, accum = (*parts, "1") if len(parts) == 2 else (*parts, "", "", "")[:3]
+    good = len(parts) in (2, 3) and batch.isdigit() and accum.isdigit() and remat in remats
+    if not good or int(batch) < 1 or int(accum) < 1 or int(batch) % int(accum):
+        raise argparse.ArgumentTypeError(
+            f"a case is B:remat or B:remat:accum with B and accum positive ints, accum dividing B, and remat in "
+            f"{remats}, got {text!r}"
+        )
+    return int(batch), Remat(remat), int(accum)
 
 
 def random_batch(B: int, S: int, vocab: int, seed: int) -> dict[str, jax.Array]:
@@ -185,9 +194,11 @@ def primitives(jaxpr: Any) -> set[str]:
     return names
 
 
-def run_case(config: xLSTMLMConfig, a: argparse.Namespace, B: int, remat: Remat) -> list[dict[str, Any]]:
-    """Times the training step at batch B with ``remat``, once per ``--queue`` value (one compilation): each
-    row's timing fields (raises on failure)."""
+def run_case(
+    config: xLSTMLMConfig, a: argparse.Namespace, B: int, remat: Remat, accum: int = 1
+) -> list[dict[str, Any]]:
+    """Times the training step at batch B (``accum`` micro-batches) with ``remat``, once per ``--queue`` value
+    (one compilation): each row's timing fields (raises on failure)."""
     backend = ("chunkwise", ()) if a.mlstm_backward == "xla" else ("chunkwise_mosaic", (("backward", "mosaic"),))
     runtime = RuntimeConfig(
         prefill_backend=backend[0],
@@ -202,7 +213,7 @@ def run_case(config: xLSTMLMConfig, a: argparse.Namespace, B: int, remat: Remat)
     init = jax.jit(lambda key: create_train_state(init_params(config, key, scan_blocks=a.scan_blocks), optimizer, 0))
     state = init(jax.random.key(0))
     batch = random_batch(B, a.S, a.vocab, seed=B)
-    train_step = make_train_step(model, optimizer)
+    train_step = make_train_step(model, optimizer, accum_steps=accum)
     jaxpr, shapes = jax.make_jaxpr(train_step, return_shape=True)(state, batch)
     metrics = jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), shapes[1])
 
@@ -313,7 +324,13 @@ def main(argv: Sequence[str] | None = None) -> dict:
     """Runs the anchor and the JAX cases; returns the report's data (what ``--json`` writes)."""
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     add_model_arguments(p)
-    p.add_argument("--cases", nargs="+", type=parse_case, default=None, help=f"B:remat pairs (default {DEFAULT_CASES})")
+    p.add_argument(
+        "--cases",
+        nargs="+",
+        type=parse_case,
+        default=None,
+        help=f"B:remat or B:remat:accum (micro-batches) (default {DEFAULT_CASES})",
+    )
     p.add_argument("--scan-blocks", action="store_true", help="run the blocks under nn.scan (faster compilation)")
     p.add_argument(
         "--mlstm-backward",
@@ -371,7 +388,7 @@ def main(argv: Sequence[str] | None = None) -> dict:
         anchor, anchor_status = run_anchor(a)
     else:
         anchor, anchor_status = None, "skipped (--torch skip)"
-    settings = {**vars(a), "cases": [f"{B}:{r.value}" for B, r in a.cases]}
+    settings = {**vars(a), "cases": [f"{B}:{r.value}:{n}" for B, r, n in a.cases]}
     report = Report("train", "benchmarks/train.py", settings, a.json, argv)  # JAX starts on the device here
     report.set("model", {**dataclasses.asdict(config), "num_params": config.num_params(), "flops_per_token": fpt})
     report.set("torch_anchor_status", anchor_status)
@@ -396,8 +413,8 @@ def main(argv: Sequence[str] | None = None) -> dict:
 
     report.table("train", COLUMNS)
     longest = 0.0  # the longest case so far, seconds: the next one is expected to take as long
-    for B, remat in a.cases:
-        row: dict[str, Any] = {"B": B, "remat": remat.value, "S": a.S, "chunk_size": a.chunk_size}
+    for B, remat, accum in a.cases:
+        row: dict[str, Any] = {"B": B, "remat": remat.value, "accum": accum, "S": a.S, "chunk_size": a.chunk_size}
         case_start = time.perf_counter()
         if case_start - start + longest > a.time_budget:
             report.add("train", {**row, "status": "skipped"})
@@ -407,7 +424,7 @@ def main(argv: Sequence[str] | None = None) -> dict:
             )
             continue
         try:
-            timings = run_case(config, a, B, remat)
+            timings = run_case(config, a, B, remat, accum)
         except Exception as error:  # every failure becomes a row, and the run goes on to the next case
             longest = max(longest, time.perf_counter() - case_start)
             status = "OOM" if out_of_memory(error) else "error"
@@ -422,7 +439,7 @@ def main(argv: Sequence[str] | None = None) -> dict:
     done = [r for r in report.data["tables"]["train"] if r["status"] == "ok"]
     if done:
         best = max(done, key=lambda r: r["tokens_per_s"])
-        keys = ("B", "remat", "queue", "tokens_per_s", "mfu", "mfu_jax", "x_eager", "x_compiled")
+        keys = ("B", "remat", "accum", "queue", "tokens_per_s", "mfu", "mfu_jax", "x_eager", "x_compiled")
         summary = {k: best.get(k) for k in keys}
         met = {k: None if summary[k] is None else summary[k] >= target for k, target in TARGETS.items()}
         summary.update(targets=TARGETS, met=met, targets_met=all(met.values()) if None not in met.values() else None)

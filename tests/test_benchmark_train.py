@@ -18,7 +18,7 @@ from xlstm_jax.training.flops import flops_per_token
 def test_train_smoke(tmp_path):
     """One case of the real training step (remat 'dots'): timed, its MFU from the model's FLOPs per token."""
     path = tmp_path / "train.json"
-    argv = ["--tiny", "--blocks", "1", "--S", "32", "--cases", "2:dots", "--torch", "skip", "--ceilings", "nominal"]
+    argv = ["--tiny", "--blocks", "1", "--S", "32", "--cases", "2:dots:2", "--torch", "skip", "--ceilings", "nominal"]
     train.main([*argv, "--repeats", "2", "--warmup", "1", "--trace", "--json", str(path)])
     data = json.loads(path.read_text())
     config = xLSTMLMConfig.tiny(num_blocks=1, dtype="bfloat16", param_dtype="float32")
@@ -26,7 +26,7 @@ def test_train_smoke(tmp_path):
     assert data["model"]["flops_per_token"] == fpt and data["model"]["num_params"] == config.num_params()
     assert data["torch_anchor_status"] == "skipped (--torch skip)" and data["tables"]["torch"] == []
     (row,) = data["tables"]["train"]
-    assert (row["B"], row["remat"], row["status"], row["S"], row["chunk_size"]) == (2, "dots", "ok", 32, 16)
+    assert (row["B"], row["remat"], row["accum"], row["status"], row["S"]) == (2, "dots", 2, "ok", 32)
     assert row["repeats"] == 2 and row["compile_s"] > 0 and row["median_s"] > 0
     assert row["tokens_per_s"] == pytest.approx(2 * 32 / row["median_s"], rel=1e-12)
     assert row["mfu_jax"] == pytest.approx(row["tokens_per_s"] * fpt / NOMINAL_H200.matmul_flops_per_s, rel=1e-12)
@@ -75,7 +75,14 @@ def test_each_queue_is_a_row_with_the_ratios_of_the_anchors_row_of_the_same_queu
     assert summary["queue"] == max(rows, key=lambda r: r["tokens_per_s"])["queue"]
 
 
-@pytest.mark.parametrize("text", ["8", "8:", "0:none", "x:none", "8:some", "-1:full"])
+def test_cases_parse_with_and_without_micro_batches():
+    assert train.parse_case("16:dots") == (16, train.Remat.DOTS, 1)
+    assert train.parse_case("16:none:2") == (16, train.Remat.NONE, 2)
+
+
+@pytest.mark.parametrize(
+    "text", ["8", "8:", "0:none", "x:none", "8:some", "-1:full", "8:none:3", "8:none:0", "8:none:2:1"]
+)
 def test_bad_cases_are_refused(text):
     with pytest.raises(argparse.ArgumentTypeError, match="B:remat"):
         train.parse_case(text)
