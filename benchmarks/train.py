@@ -89,7 +89,7 @@ MODEL_ARGUMENTS = (
     ("chunk-size", int, 256, 16),
 )
 REMAT_PRIMITIVES = {"remat2", "checkpoint"}  # jax.checkpoint's primitive (its name in jax 0.10, and in older ones)
-DEFAULT_CASES = ("8:none", "4:none", "8:dots", "16:dots", "16:full")
+DEFAULT_CASES = ("16:none:2", "8:none", "8:dots", "16:dots", "16:full")
 TINY_CASES = ("2:none", "2:full")
 
 COLUMNS = [Column("B", "B", width=4), Column("remat", "remat", width=6), Column("accum", "accum", width=5),
