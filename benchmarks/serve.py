@@ -32,8 +32,9 @@ row ``on`` with the engine's default chunk shapes (``--chunk-tokens`` and its ha
 ``on, C`` with the one shape ``--chunk-tokens``. ``speedup`` is the p50 without over the p50 with; ``hits`` the
 cache's hit count; ``engine TTFT`` the mean of the engine's own histogram (submit to the token's send, no
 client in it). Table ``chunks``: one prefill chunk in each shape, ``cache_prefix`` of a new random prompt
-that fills it, waited for (median of ``--repeats``), and from a device trace of one more (GPU only) the summed
-time of its kernels, their number and the fraction of the chunk's span the GPU was busy.
+that fills it, waited for (median of ``--repeats``); ``program ms``, the chunk program alone on the engine's
+buffers (no copies in or out, no host work of the engine's); and from a device trace of one more chunk (GPU
+only) the summed time of its kernels, their number and the fraction of the chunk's span the GPU was busy.
 
 ``step``, row ``generate``: the bare decode step at batch ``--slots``, timed as ``benchmarks/generate.py``
 times it: one ``generate`` call of the first static batch for N/2 + 1 and for N new tokens (N its token buffer,
@@ -86,6 +87,7 @@ from xlstm_jax.generation import MIN_TOKEN_BUFFER, generate
 from xlstm_jax.models.xlstm_parallel.config import xLSTMLMConfig
 from xlstm_jax.models.xlstm_parallel.runtime import RuntimeConfig
 from xlstm_jax.serving import Engine, SamplingParams
+from xlstm_jax.serving import engine as serving_engine
 
 TINY = {  # --tiny: every size small enough for a CPU in seconds
     "slots": 4,
@@ -265,6 +267,7 @@ CHUNK_COLUMNS = [
     Column("tokens", "tokens", width=6),
     Column("ms", "ms", ".2f"),
     Column("spread", "spread", ".2f"),
+    Column("program ms", "program_ms", ".2f"),
     Column("kernel ms", "kernel_ms", ".2f"),
     Column("kernels", "kernels", ".0f"),
     Column("busy", "busy", ".2f"),
@@ -375,7 +378,7 @@ def chunk_rows(engine: Engine, vocab_size: int, repeats: int, seed: int) -> list
     fills the shape, waited for (one chunk from zero states, in the caller's thread), median of ``repeats``; and,
     from a device trace of one more chunk (GPU only; None elsewhere), the summed time of its kernels, how many
     it launched and the fraction of the chunk's span the GPU was busy: a wall time well above the kernel time
-    is time the GPU waited for the host."""
+    is time the GPU waited for the host. ``program_ms``: the chunk program alone (:func:`chunk_program_s`)."""
     rng = np.random.default_rng(seed)
 
     def one(size: int) -> float:
@@ -395,12 +398,33 @@ def chunk_rows(engine: Engine, vocab_size: int, repeats: int, seed: int) -> list
                 "tokens": size,
                 "ms": median * 1e3,
                 "spread": (max(times) - min(times)) / median,
+                "program_ms": chunk_program_s(engine, size, repeats) * 1e3,
                 "kernel_ms": trace["kernel_us"] / 1e3 if trace else None,
                 "kernels": trace.get("kernels"),
                 "busy": trace.get("busy"),
             }
         )
     return rows
+
+
+def chunk_program_s(engine: Engine, size: int, repeats: int) -> float:
+    """The engine's prefill chunk program for one request of ``size`` tokens alone, on the engine's own buffers of
+    that shape (the ones every such chunk runs in), without the copies in and out or the engine's host work:
+    median of ``repeats`` calls, each waited for, seconds. (The engine's internals, read here for timing only.)"""
+    times = []
+    with engine._chunk_lock:
+        work, tokens = engine._chunk_work.pop(1), engine._chunk_tokens.pop((1, size))
+        try:
+            for _ in range(repeats):
+                start = time.perf_counter()
+                work, tokens = serving_engine._prefill_chunk(
+                    engine.config, engine.runtime, engine._layout, engine.params, work, tokens
+                )
+                jax.block_until_ready(work)
+                times.append(time.perf_counter() - start)
+        finally:
+            engine._chunk_work[1], engine._chunk_tokens[(1, size)] = work, tokens
+    return float(np.median(times))
 
 
 def _ratio(a: float | None, b: float | None) -> float | None:

@@ -40,7 +40,9 @@ def test_every_table_is_written(tiny_run):
     # each program compiled once: the two engines share theirs, generate's step timing and static batches share
     assert tiny_run["engine_compilations"] == {
         "decode_step": 1,
-        "prefill_chunk": 4,  # a request alone in 16 or 32 tokens; 2 and 4 requests (--prefill-rows) in 32
+        "load_chunk": 4,  # a request alone in 16 or 32 tokens; 2 and 4 requests (--prefill-rows) in 32
+        "prefill_chunk": 4,
+        "split_chunk": 3,  # 1, 2 and 4 rows
         "first_token": 1,
         "insert": 1,
         "extract": 1,
@@ -118,6 +120,7 @@ def test_prefix_cache_rows(tiny_run):
     assert [c["tokens"] for c in chunks] == [16, 32] and all(c["ms"] > 0 and c["spread"] >= 0 for c in chunks)
     for c in chunks:  # no GPU stream in a CPU's trace: the device columns are empty
         assert (c["kernel_ms"], c["kernels"], c["busy"]) == (None, None, None)
+        assert 0 < c["program_ms"] < c["ms"] * 10
 
 
 def test_parts_run_alone():

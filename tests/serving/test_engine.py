@@ -124,6 +124,30 @@ def test_short_chunks_run_in_smaller_shapes(model):
     assert Engine.compilations() == before
 
 
+def test_prefill_chunks_run_in_the_same_buffers_every_time(model):
+    """Every prefill chunk program reads and writes one set of buffers per shape (donated, written in place), so
+    that a GPU's recorded command buffers never see a buffer move; requests batched, alone, from the prefix cache
+    and from cache_prefix all go through them, with outputs equal to generate."""
+    engine = _engine(model, num_slots=4, max_prefill_rows=2, min_prefill_chunk_tokens=4, prefix_cache_bytes=1 << 20)
+    engine.warmup()
+    assert sorted(engine._chunk_work) == [1, 2]  # one request alone; two together
+    assert sorted(engine._chunk_tokens) == [(1, 4), (1, 8), (2, 8)]
+
+    def addresses():  # by row count, and by (row count, tokens)
+        buffers = {**engine._chunk_work, **engine._chunk_tokens}
+        return {key: [x.unsafe_buffer_pointer() for x in jax.tree.leaves(b)] for key, b in buffers.items()}
+
+    before = addresses()
+    engine.cache_prefix(PROMPTS[1])  # 3 + 8 + 8 tokens, alone
+    prompts = [PROMPTS[1] + [1, 2], PROMPTS[0], PROMPTS[2]]  # a cache hit (2 new tokens), then two together
+    streams = [engine.submit(p, SamplingParams(max_tokens=3)) for p in prompts]
+    _drain(engine)
+    for p, s in zip(prompts, streams, strict=True):
+        assert _tokens(s) == (_reference(tuple(p), 3), "length")
+    assert engine.stats()["prefix_cache_hits_total"] >= 1
+    assert addresses() == before
+
+
 def test_waiting_requests_are_prefilled_together(model):
     """Requests that wait together are prefilled as one batch (up to max_prefill_rows, in 2, 4, ... rows), each from
     its own states and at its own position in its prompt; outputs equal generate, with nothing compiled after

@@ -92,7 +92,10 @@ def test_concurrent_requests_equal_generate_on_one_device(shape, num_slots, tmp_
     warm = Engine.compilations()
     assert {k: warm[k] - before[k] for k in warm} == {
         "decode_step": 1,
-        "prefill_chunk": 3,  # one request alone (one chunk shape: CHUNK is below the shortest), 2 and 4 rows
+        # One request alone (one chunk shape: CHUNK is below the shortest), 2 and 4 rows: loaded, run, split.
+        "load_chunk": 3,
+        "prefill_chunk": 3,
+        "split_chunk": 3,
         "first_token": 1,
         "insert": 1,
         "extract": 1,
@@ -103,6 +106,14 @@ def test_concurrent_requests_equal_generate_on_one_device(shape, num_slots, tmp_
     D, W = config.embedding_dim, 2 * config.qk_dim + 2 * config.v_dim
     assert _shard_shapes(kernel) == {(D // fsdp, W // tensor)}
 
+    def chunk_buffers():  # every shard's address: the chunk programs write their buffers in place on the mesh too
+        buffers = {**engine._chunk_work, **engine._chunk_tokens}  # by row count, and by (row count, tokens)
+        return {
+            key: [s.data.unsafe_buffer_pointer() for x in jax.tree.leaves(b) for s in x.addressable_shards]
+            for key, b in buffers.items()
+        }
+
+    buffers = chunk_buffers()
     streams = [engine.submit(p, SamplingParams(max_tokens=n)) for p, n in REQUESTS[:2]]
     for _ in range(4):  # both are prefilled together (the second in two chunks) and decoding when the others arrive
         engine.step()
@@ -113,6 +124,7 @@ def test_concurrent_requests_equal_generate_on_one_device(shape, num_slots, tmp_
         assert _tokens(stream) == _reference(tuple(prompt))[:n], prompt
     assert Engine.compilations() == warm  # nothing recompiled as requests came and went
     assert engine.stats()["running"] == 0
+    assert chunk_buffers() == buffers
 
     # The slot states: slots over (data, fsdp) where both divide them, heads over tensor; logits by slot rows.
     L, NH, split = config.num_blocks, config.num_heads, data * fsdp

@@ -82,7 +82,7 @@ import uuid
 from collections.abc import AsyncIterator, Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -399,32 +399,82 @@ def _first_token(
     return token if layout is None else _pin(token, layout.replicated)
 
 
-@functools.partial(jax.jit, static_argnames=("config", "runtime", "layout"))
+class _ChunkWork(NamedTuple):
+    """The states and logits a prefill chunk of h rows runs on, rewritten in place (donated) by every chunk.
+
+    XLA launches a GPU program's kernels as command buffers (CUDA graphs) and records each again, at a cost on the
+    host, whenever a buffer it uses has moved. A chunk's outputs used to be new buffers every call (they are kept:
+    as the next chunk's input, in the prefix cache), so every block's commands were recorded anew each chunk.
+    Here the chunk program reads and writes the same buffers every call, and two small programs copy the rows in
+    and out (:func:`_load_chunk`, :func:`_split_chunk`).
+    """
+
+    states: ModelStates  # (L, h, ...)
+    logits: jax.Array  # (h, V) float32: each row's logits at its chunk's last position
+
+
+class _ChunkTokens(NamedTuple):
+    """A chunk's token ids (h, C) int32 and their mask (h, C) bool (False at left padding), rewritten in place."""
+
+    input_ids: jax.Array
+    valid: jax.Array
+
+
+# keep_unused: a donated buffer the program does not read (the logits here, and below) stays an argument, so the
+# output of its shape is written into it rather than into a new buffer.
+@functools.partial(jax.jit, static_argnames=("layout",), donate_argnames=("work", "tokens"), keep_unused=True)
+def _load_chunk(
+    layout: _Layout | None,
+    work: _ChunkWork,
+    tokens: _ChunkTokens,
+    rows: tuple[ModelStates, ...],  # h requests' states (L, 1, ...) each, not donated: one may be a cached entry
+    input_ids: jax.Array,  # (h, C) int32
+    valid: jax.Array,  # (h, C) bool
+) -> tuple[_ChunkWork, _ChunkTokens]:
+    """Writes h requests' states and a chunk's tokens into the chunk's buffers (their donated storage)."""
+    parts = zip(*rows, strict=True)  # per state array: the rows' parts
+    states = ModelStates(*(jnp.concatenate(p, axis=1).astype(w.dtype) for p, w in zip(parts, work.states, strict=True)))
+    out = _ChunkWork(states, work.logits), _ChunkTokens(input_ids.astype(jnp.int32), valid.astype(bool))
+    if layout is not None:
+        out = _pin(out, (_ChunkWork(layout.row, layout.replicated), _ChunkTokens(layout.replicated, layout.replicated)))
+    return out
+
+
+@functools.partial(
+    jax.jit, static_argnames=("config", "runtime", "layout"), donate_argnames=("work", "tokens"), keep_unused=True
+)
 def _prefill_chunk(
     config: xLSTMLMConfig,
     runtime: RuntimeConfig,
     layout: _Layout | None,
     params: Any,
-    rows: tuple[ModelStates, ...],  # r requests' states (L, 1, ...) each, not donated: one may be a cached entry
-    input_ids: jax.Array,  # (r, C) int32
-    valid: jax.Array,  # (r, C) bool, False at left padding
-) -> tuple[tuple[jax.Array, ...], tuple[ModelStates, ...]]:
-    """One prefill chunk of r requests at once, each from its own states, as one batch of r rows.
+    work: _ChunkWork,  # the h rows' states before the chunk; logits unused
+    tokens: _ChunkTokens,
+) -> tuple[_ChunkWork, _ChunkTokens]:
+    """One prefill chunk of h requests at once, each from its own states, as one batch of h rows, in place.
 
     Returns:
-        Per request, the logits of its chunk's last position (1, V) float32, and its states after the chunk.
+        The rows' states after the chunk and the logits of its last position (h, V) float32, in ``work``'s
+        storage; ``tokens`` unchanged.
     """
-    states = ModelStates(*(jnp.concatenate(parts, axis=1) for parts in zip(*rows, strict=True)))
     logits, states = xLSTMLMModel(config, runtime).apply(
-        {"params": params}, input_ids, states, valid, return_states=True, last_only=True
+        {"params": params}, tokens.input_ids, work.states, tokens.valid, return_states=True, last_only=True
     )
-    logits = logits[:, 0].astype(jnp.float32)
-    out_logits = tuple(logits[i : i + 1] for i in range(len(rows)))
-    out_rows = tuple(ModelStates(*(s[:, i : i + 1] for s in states)) for i in range(len(rows)))
+    states = ModelStates(*(s.astype(w.dtype) for s, w in zip(states, work.states, strict=True)))
+    out = _ChunkWork(states, logits[:, 0].astype(jnp.float32))
     if layout is not None:
-        out_logits, out_rows = _pin(
-            (out_logits, out_rows), ((layout.replicated,) * len(rows), (layout.row,) * len(rows))
-        )
+        out = _pin(out, _ChunkWork(layout.row, layout.replicated))
+    return out, tokens
+
+
+@functools.partial(jax.jit, static_argnames=("layout",))
+def _split_chunk(layout: _Layout | None, work: _ChunkWork) -> tuple[tuple[jax.Array, ...], tuple[ModelStates, ...]]:
+    """Copies of each row's logits (1, V) and states (L, 1, ...) out of a chunk's buffers."""
+    h = work.logits.shape[0]
+    out_logits = tuple(work.logits[i : i + 1] for i in range(h))
+    out_rows = tuple(ModelStates(*(s[:, i : i + 1] for s in work.states)) for i in range(h))
+    if layout is not None:
+        out_logits, out_rows = _pin((out_logits, out_rows), ((layout.replicated,) * h, (layout.row,) * h))
     return out_logits, out_rows
 
 
@@ -578,7 +628,8 @@ class Engine:
             request being prefilled (up to this many) as one batch of ``prefill_chunk_tokens`` columns, whose
             row count is the smallest of 2, 4, 8, ... (and this number) that holds them. More rows admit a burst
             of requests in fewer iterations; each iteration's prefill then delays the running streams' next token
-            by the time of a batch that size. 1: one request at a time.
+            by the time of a batch that size. 1: one request at a time. The chunks run in buffers kept on the
+            device, one request's states (and logits) for each row of 1 and of each row count.
         max_queue: How many requests may wait for a slot; :meth:`submit` raises ``EngineOverloaded`` beyond.
         prefix_cache_bytes: The byte budget of the prefix-state cache (0: no cache).
         mesh: None: one device. A ``jax.sharding.Mesh`` with the axes ``data``, ``fsdp``, ``tensor``: the
@@ -646,6 +697,11 @@ class Engine:
 
         N = self.num_slots
         self._zeros: ModelStates | None = None  # _zero_row's
+        # The buffers prefill chunks run in, per row count and per (row count, chunk tokens); _chunk_lock guards
+        # them (the serving thread and cache_prefix's caller both prefill).
+        self._chunk_work: dict[int, _ChunkWork] = {}
+        self._chunk_tokens: dict[tuple[int, int], _ChunkTokens] = {}
+        self._chunk_lock = threading.Lock()
         self._states = self._place(ModelStates.zeros(config, N), lambda layout: layout.slots)
         self._logits = self._place(jnp.zeros((N, config.vocab_size), jnp.float32), lambda layout: layout.slot_rows)
         key_shape = _key_data(0).shape
@@ -710,6 +766,18 @@ class Engine:
     def _replicated(self, x: Any) -> Any:
         """A small host array (token ids, a slot index) on every device of the mesh; itself without a mesh."""
         return x if self._layout is None else jax.device_put(x, self._layout.replicated)
+
+    def _new_chunk_work(self, height: int) -> _ChunkWork:
+        """Zeroed buffers for a prefill chunk of ``height`` rows: their states and last logits."""
+        work = _ChunkWork(
+            ModelStates.zeros(self.config, height), jnp.zeros((height, self.config.vocab_size), jnp.float32)
+        )
+        return self._place(work, lambda layout: _ChunkWork(layout.row, layout.replicated))
+
+    def _new_chunk_tokens(self, height: int, size: int) -> _ChunkTokens:
+        """Zeroed buffers for a prefill chunk's (height, size) token ids and mask."""
+        tokens = _ChunkTokens(jnp.zeros((height, size), jnp.int32), jnp.zeros((height, size), bool))
+        return self._place(tokens, lambda layout: _ChunkTokens(layout.replicated, layout.replicated))
 
     def _zero_row(self) -> ModelStates:
         """One request's initial states (L, 1, ...), laid out as a prefilled request's: one array made once and
@@ -969,10 +1037,19 @@ class Engine:
             if row_tokens:
                 ids[i, size - len(row_tokens) :] = row_tokens
                 valid[i, size - len(row_tokens) :] = True
-        with self._on_mesh():
+        with self._chunk_lock, self._on_mesh():
+            # The chunk's buffers of this shape (made on first use), taken out while the programs donate them.
+            work = self._chunk_work.pop(height, None) or self._new_chunk_work(height)
+            chunk_tokens = self._chunk_tokens.pop((height, size), None) or self._new_chunk_tokens(height, size)
             ids, valid = self._replicated((ids, valid))
-            logits, states = _prefill_chunk(
-                self.config, self.runtime, self._layout, self.params, tuple(rows), ids, valid
+            work, chunk_tokens = _load_chunk(self._layout, work, chunk_tokens, tuple(rows), ids, valid)
+            work, chunk_tokens = _prefill_chunk(
+                self.config, self.runtime, self._layout, self.params, work, chunk_tokens
+            )
+            logits, states = _split_chunk(self._layout, work)
+            self._chunk_work[height] = self._place(work, lambda layout: _ChunkWork(layout.row, layout.replicated))
+            self._chunk_tokens[(height, size)] = self._place(
+                chunk_tokens, lambda layout: _ChunkTokens(layout.replicated, layout.replicated)
             )
             out = [
                 self._place((lg, st), lambda layout: (layout.replicated, layout.row))
@@ -1298,7 +1375,9 @@ class Engine:
         """How many programs each jitted function of the engine has compiled (for checking that nothing recompiles)."""
         return {
             "decode_step": _decode_step._cache_size(),
+            "load_chunk": _load_chunk._cache_size(),
             "prefill_chunk": _prefill_chunk._cache_size(),
+            "split_chunk": _split_chunk._cache_size(),
             "first_token": _first_token._cache_size(),
             "insert": _insert._cache_size(),
             "extract": _extract._cache_size(),
