@@ -98,7 +98,7 @@ from benchmarks.train import model_config, out_of_memory, parse_case, random_bat
 from xlstm_jax.generation import generate
 from xlstm_jax.models.xlstm_parallel.config import xLSTMLMConfig
 from xlstm_jax.models.xlstm_parallel.model import xLSTMLMModel
-from xlstm_jax.models.xlstm_parallel.runtime import RuntimeConfig
+from xlstm_jax.models.xlstm_parallel.runtime import Remat, RuntimeConfig
 from xlstm_jax.models.xlstm_parallel.sharding import MeshConfig, batch_sharding, make_mesh, shard_params
 from xlstm_jax.training.checkpoint import TrainCheckpointer
 from xlstm_jax.training.flops import flops_per_token
@@ -110,6 +110,14 @@ PARTS = ("correctness", "scaling", "fit7b", "decode")
 ORDER = ("correctness", "fit7b", "scaling", "decode")  # fit7b early: its peak memory is then its own
 EFFICIENCY_TARGET = 0.9
 BF16_U = 2.0**-9  # bfloat16's unit roundoff
+
+
+def parse_remat_case(text: str) -> tuple[int, Remat]:
+    """``"B:remat"`` -> ``(B, Remat)`` (train.py's case syntax; these steps take no micro-batches)."""
+    B, remat, accum = parse_case(text)
+    if accum != 1 or text.count(":") != 1:
+        raise argparse.ArgumentTypeError(f"a case here is B:remat (no micro-batches), got {text!r}")
+    return B, remat
 
 
 def step_tolerance(tokens: int) -> float:
@@ -521,8 +529,8 @@ def main(argv: Sequence[str] | None = None) -> dict:
     p.add_argument("--small", action="store_true", help="tiny shapes, one-block tiny models (a CPU check)")
     p.add_argument("--scan-blocks", action="store_true", help="run the blocks under nn.scan (faster compilation)")
     p.add_argument("--warmup", type=int, default=2, help="untimed training steps after compilation")
-    p.add_argument("--scaling-case", type=parse_case, default=None, help="B:remat, B per device (default 8:none)")
-    p.add_argument("--fit-cases", nargs="+", type=parse_case, default=None,
+    p.add_argument("--scaling-case", type=parse_remat_case, default=None, help="B:remat, B per device (default 8:none)")
+    p.add_argument("--fit-cases", nargs="+", type=parse_remat_case, default=None,
                    help="B:remat cases of the 7B step, B per device (default 2:full 2:dots)")  # fmt: skip
     p.add_argument("--fit-seq", type=int, default=None, help="S of the 7B step (default 4096; 32 with --small)")
     p.add_argument("--fit-chunk", type=int, default=None, help="chunk size of the 7B step (256; 16 with --small)")
@@ -541,8 +549,8 @@ def main(argv: Sequence[str] | None = None) -> dict:
         p.error(f"--devices must be in [1, {available}] (the local devices), got {a.devices}")
     if a.repeats < 1 or a.warmup < 0:
         p.error(f"--repeats must be >= 1 and --warmup >= 0, got {a.repeats} and {a.warmup}")
-    a.scaling_case = a.scaling_case or parse_case("1:none" if a.small else "8:none")
-    a.fit_cases = a.fit_cases or [parse_case(c) for c in (("1:full",) if a.small else ("2:full", "2:dots"))]
+    a.scaling_case = a.scaling_case or parse_remat_case("1:none" if a.small else "8:none")
+    a.fit_cases = a.fit_cases or [parse_remat_case(c) for c in (("1:full",) if a.small else ("2:full", "2:dots"))]
     a.fit_seq = (32 if a.small else 4096) if a.fit_seq is None else a.fit_seq
     a.fit_chunk = (16 if a.small else 256) if a.fit_chunk is None else a.fit_chunk
     a.tokens = (4 if a.small else 64) if a.tokens is None else a.tokens

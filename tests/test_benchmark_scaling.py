@@ -98,3 +98,15 @@ def test_decode_cases(result):
     tensor = result["tables"]["decode"][1]
     assert tensor["mesh_shape"] == "1x1x2"
     assert tensor["speedup"] == pytest.approx(result["tables"]["decode"][0]["ms_per_token"] / tensor["ms_per_token"])
+
+
+def test_cases_take_no_micro_batches():
+    import argparse
+
+    from benchmarks.scaling import parse_remat_case
+    from xlstm_jax.models.xlstm_parallel.runtime import Remat
+
+    assert parse_remat_case("8:dots") == (8, Remat.DOTS)
+    for text in ("8:dots:2", "8:dots:1", "8"):
+        with pytest.raises(argparse.ArgumentTypeError):
+            parse_remat_case(text)
