@@ -403,10 +403,10 @@ class _ChunkWork(NamedTuple):
     """The states and logits a prefill chunk of h rows runs on, rewritten in place (donated) by every chunk.
 
     XLA launches a GPU program's kernels as command buffers (CUDA graphs) and records each again, at a cost on the
-    host, whenever a buffer it uses has moved. A chunk's outputs used to be new buffers every call (they are kept:
-    as the next chunk's input, in the prefix cache), so every block's commands were recorded anew each chunk.
-    Here the chunk program reads and writes the same buffers every call, and two small programs copy the rows in
-    and out (:func:`_load_chunk`, :func:`_split_chunk`).
+    host, whenever a buffer it uses has moved. Were a chunk's outputs new buffers every call (they are kept: as the
+    next chunk's input, in the prefix cache), every block's commands would be recorded anew at every chunk. So the
+    chunk program reads and writes the same buffers every call, and two small programs copy the rows in and out
+    (:func:`_load_chunk`, :func:`_split_chunk`).
     """
 
     states: ModelStates  # (L, h, ...)
