@@ -114,9 +114,9 @@ BF16_U = 2.0**-9  # bfloat16's unit roundoff
 
 def parse_remat_case(text: str) -> tuple[int, Remat]:
     """``"B:remat"`` -> ``(B, Remat)`` (train.py's case syntax; these steps take no micro-batches)."""
-    B, remat, accum = parse_case(text)
-    if accum != 1 or text.count(":") != 1:
+    if text.count(":") != 1:
         raise argparse.ArgumentTypeError(f"a case here is B:remat (no micro-batches), got {text!r}")
+    B, remat, _ = parse_case(text)
     return B, remat
 
 

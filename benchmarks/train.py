@@ -109,7 +109,7 @@ TORCH_COLUMNS = [Column("mode", "mode", width=9), Column("B", "B", width=4), Col
 MATMUL_COLUMNS = [Column("source", "source", width=14), Column("n", "n", width=6),
                   Column("TFLOP/s", "flops_per_s", ".1f", 1e-12)]  # fmt: skip
 SUMMARY_COLUMNS = [Column("B", "B", width=4), Column("remat", "remat", width=6), Column("accum", "accum", width=5),
-           Column("queue", "queue", width=5),
+                   Column("queue", "queue", width=5),
                    Column("ktok/s", "tokens_per_s", ".2f", 1e-3), Column("mfu", "mfu", ".3f"),
                    Column("x_eager", "x_eager", ".2f"), Column("x_compiled", "x_compiled", ".2f"),
                    Column("targets met", "targets_met", width=11)]  # fmt: skip
@@ -146,9 +146,11 @@ def parse_case(text: str) -> tuple[int, Remat, int]:
     """``"B:remat"`` or ``"B:remat:accum"`` -> ``(B, Remat, accum)``: a batch of B rows, run as ``accum``
     micro-batches of B / accum rows (gradient accumulation; 1 when not given)."""
     parts = text.split(":")
+    if len(parts) == 2:
+        parts.append("1")
     remats = [r.value for r in Remat]
-    batch, remat, accum = (*parts, "1") if len(parts) == 2 else (*parts, "", "", "")[:3]
-    good = len(parts) in (2, 3) and batch.isdigit() and accum.isdigit() and remat in remats
+    good = len(parts) == 3 and parts[0].isdigit() and parts[2].isdigit() and parts[1] in remats
+    batch, remat, accum = parts if good else ("0", "", "0")
     if not good or int(batch) < 1 or int(accum) < 1 or int(batch) % int(accum):
         raise argparse.ArgumentTypeError(
             f"a case is B:remat or B:remat:accum with B and accum positive ints, accum dividing B, and remat in "
@@ -224,14 +226,14 @@ def run_case(
     compile_s = time.perf_counter() - start
     remat_in_step = bool(REMAT_PRIMITIVES & primitives(jaxpr.jaxpr))
     rows = []
-    for queue in a.queue:
+    for n, queue in enumerate(a.queue):
+        if n:  # the last timing donated the state it was given: continue from a fresh one
+            state = init(jax.random.key(0))
         monitor = GpuMonitor()  # the GPU's clock and power during the timed steps
         timing = time_jitted(
             compiled, state, metrics, batch, repeats=a.repeats, warmup=a.warmup, calls=queue, carry=True,
             trace=a.trace, monitor=monitor,
         )  # fmt: skip
-        # time_jitted's last call donated the state it was given: continue from a fresh one.
-        state = init(jax.random.key(0))
         row = {**timing.as_row(), "compile_s": compile_s, "queue": queue, "remat_in_step": remat_in_step}
         rows.append({**row, **monitor.stats})
     del state
@@ -351,8 +353,8 @@ def main(argv: Sequence[str] | None = None) -> dict:
     p.add_argument(
         "--trace",
         action="store_true",
-        help="trace one more step per case (jax.profiler): the GPU's kernel time, their span and the costliest "
-        "kernels (trace_* fields; none on a CPU)",
+        help="trace one more sample per row (jax.profiler): the GPU's kernel time, their span, the sample's wall "
+        "time and the costliest kernels, per step (trace_* fields; none on a CPU)",
     )
     p.add_argument(
         "--time-budget",
