@@ -26,15 +26,16 @@ engine's counters sampled every ``--monitor-ms``: the rate at ``--slots`` concur
 
 ``prefix``: a shared system prompt of ``--system-tokens`` random tokens followed by a user suffix of
 ``--suffix-len LO HI`` tokens, ``--prefix-requests`` requests sent one after another (each after the last has
-finished, so no request queues), ``--prefix-output`` tokens each; time to first token with no prefix cache,
-and with a cache of ``--prefix-cache-bytes`` into which ``Engine.cache_prefix`` put the system prompt first:
-row ``on`` with the engine's default chunk shapes (``--chunk-tokens`` and its halvings down to 16), row
-``on, C`` with the one shape ``--chunk-tokens``. ``speedup`` is the p50 without over the p50 with; ``hits`` the
-cache's hit count; ``engine TTFT`` the mean of the engine's own histogram (submit to the token's send, no
-client in it). Table ``chunks``: one prefill chunk in each shape, ``cache_prefix`` of a new random prompt
-that fills it, waited for (median of ``--repeats``); ``program ms``, the chunk program alone on the engine's
-buffers (no copies in or out, no host work of the engine's); and from a device trace of one more chunk (GPU
-only) the summed time of its kernels, their number and the fraction of the chunk's span the GPU was busy.
+finished, so no request queues), ``--prefix-output`` tokens each; time to first token with no prefix cache, and
+with a cache of ``--prefix-cache-bytes`` into which ``Engine.cache_prefix`` put the system prompt first: row
+``on`` with the engine's default chunk shapes (``--chunk-tokens`` and its halvings down to 16), row ``on, C`` with
+the one shape ``--chunk-tokens``, row ``on, switch 5 ms`` as ``on`` at Python's default switch interval (the run
+sets ``--switch-interval-ms``, 0.5 by default, as ``xlstm-jax serve`` does). ``speedup`` is the p50 without over
+the p50 with; ``hits`` the cache's hit count; ``engine TTFT`` the mean of the engine's own histogram (submit to
+the token's send, no client in it). Table ``chunks``: one prefill chunk in each shape, ``cache_prefix`` of a new
+random prompt that fills it, waited for (median of ``--repeats``); ``program ms``, the chunk program alone on the
+engine's buffers (no copies in or out, no host work of the engine's); and from a device trace of one more chunk
+(GPU only) the summed time of its kernels, their number and the fraction of the chunk's span the GPU was busy.
 
 ``step``, row ``generate``: the bare decode step at batch ``--slots``, timed as ``benchmarks/generate.py``
 times it: one ``generate`` call of the first static batch for N/2 + 1 and for N new tokens (N its token buffer,
@@ -73,6 +74,7 @@ import argparse
 import asyncio
 import gc
 import math
+import sys
 import time
 from collections.abc import Sequence
 from typing import Any
@@ -86,8 +88,7 @@ from xlstm_jax import generation
 from xlstm_jax.generation import MIN_TOKEN_BUFFER, generate
 from xlstm_jax.models.xlstm_parallel.config import xLSTMLMConfig
 from xlstm_jax.models.xlstm_parallel.runtime import RuntimeConfig
-from xlstm_jax.serving import Engine, SamplingParams
-from xlstm_jax.serving import engine as serving_engine
+from xlstm_jax.serving import SWITCH_INTERVAL_S, Engine, SamplingParams
 
 TINY = {  # --tiny: every size small enough for a CPU in seconds
     "slots": 4,
@@ -272,6 +273,7 @@ CHUNK_COLUMNS = [
     Column("kernels", "kernels", ".0f"),
     Column("busy", "busy", ".2f"),
 ]
+PYTHON_SWITCH_MS = 5.0  # the interpreter's default switch interval
 PARTS = ("step", "saturated", "prefix", "generate", "static", "rates")
 
 
@@ -356,12 +358,21 @@ def prefix_part(engine: Engine, make_engine, vocab_size: int, a, monitor_s: floa
     report.table("prefix", PREFIX_COLUMNS)
     without = report.add("prefix", {"cache": "off", **prefix_row(engine, chats, monitor_s)})
     rows = {}
-    for label, kwargs in (("on", {}), (f"on, {a.chunk_tokens}", {"min_prefill_chunk_tokens": a.chunk_tokens})):
+    variants = (
+        ("on", {}, a.switch_interval_ms),
+        (f"on, {a.chunk_tokens}", {"min_prefill_chunk_tokens": a.chunk_tokens}, a.switch_interval_ms),
+        (f"on, switch {PYTHON_SWITCH_MS:g} ms", {}, PYTHON_SWITCH_MS),
+    )
+    for label, kwargs, switch_ms in variants:
         del engine  # its slot states make room; a new engine reuses the compiled programs
         gc.collect()
         engine = make_engine(a.prefix_cache_bytes, **kwargs)  # compiles only the slot copy, once
         system_prefilled = engine.cache_prefix(system)
-        row = prefix_row(engine, chats, monitor_s)
+        sys.setswitchinterval(switch_ms / 1e3)
+        try:
+            row = prefix_row(engine, chats, monitor_s)
+        finally:
+            sys.setswitchinterval(a.switch_interval_ms / 1e3)
         row.update(system_prefilled=system_prefilled, speedup=_ratio(without["ttft_p50_s"], row["ttft_p50_s"]))
         rows[label] = report.add("prefix", {"cache": label, **row})
         if label == "on":
@@ -417,7 +428,7 @@ def chunk_program_s(engine: Engine, size: int, repeats: int) -> float:
         try:
             for _ in range(repeats):
                 start = time.perf_counter()
-                work, tokens = serving_engine._prefill_chunk(
+                work, tokens = engine._chunk_program(size)(
                     engine.config, engine.runtime, engine._layout, engine.params, work, tokens
                 )
                 jax.block_until_ready(work)
@@ -432,7 +443,16 @@ def _ratio(a: float | None, b: float | None) -> float | None:
 
 
 def main(argv: Sequence[str] | None = None) -> dict:
-    """Runs the benchmark; returns the report's data (what ``--json`` writes)."""
+    """Runs the benchmark; returns the report's data (what ``--json`` writes). The interpreter's switch interval
+    is ``--switch-interval-ms`` during the run and restored after it."""
+    previous = sys.getswitchinterval()
+    try:
+        return _main(argv)
+    finally:
+        sys.setswitchinterval(previous)
+
+
+def _main(argv: Sequence[str] | None) -> dict:
     started = time.perf_counter()
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--preset", choices=sorted(PRESETS), default="xlstm_7b", help="model config (random weights)")
@@ -458,6 +478,10 @@ def main(argv: Sequence[str] | None = None) -> dict:
     p.add_argument(
         "--budget-s", type=float, default=450.0, help="rates rows must end (by estimate) this many s after the start"
     )
+    p.add_argument(
+        "--switch-interval-ms", type=float, default=SWITCH_INTERVAL_S * 1e3,
+        help="sys.setswitchinterval for the run, as `xlstm-jax serve` sets it (the prefix part also runs Python's 5)",
+    )  # fmt: skip
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--parts", nargs="+", choices=PARTS, default=list(PARTS), help="the parts to run (default: all)")
     add_arguments(p, repeats=3)
@@ -483,6 +507,9 @@ def main(argv: Sequence[str] | None = None) -> dict:
         raise ValueError(f"--rates must be positive (or inf), got {a.rates}")
     if not a.budget_s > 0:
         raise ValueError(f"--budget-s must be > 0, got {a.budget_s}")
+    if not a.switch_interval_ms > 0:
+        raise ValueError(f"--switch-interval-ms must be > 0, got {a.switch_interval_ms}")
+    sys.setswitchinterval(a.switch_interval_ms / 1e3)
     buffer = max(MIN_TOKEN_BUFFER, 1 << (a.output_len[1] - 1).bit_length())
     n_step = buffer if a.step_tokens is None else a.step_tokens
     if n_step < 4:

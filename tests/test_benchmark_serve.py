@@ -41,7 +41,8 @@ def test_every_table_is_written(tiny_run):
     assert tiny_run["engine_compilations"] == {
         "decode_step": 1,
         "load_chunk": 4,  # a request alone in 16 or 32 tokens; 2 and 4 requests (--prefill-rows) in 32
-        "prefill_chunk": 4,
+        "prefill_chunk": 3,  # 32 tokens in 1, 2 and 4 rows
+        "prefill_short_chunk": 1,  # a request alone in 16
         "split_chunk": 3,  # 1, 2 and 4 rows
         "first_token": 1,
         "insert": 1,
@@ -101,18 +102,19 @@ def test_rates_rows(tiny_run):
 
 
 def test_prefix_cache_rows(tiny_run):
-    off, on, one_shape = tiny_run["tables"]["prefix"]
+    off, *cached = tiny_run["tables"]["prefix"]
+    on = cached[0]
     t = serve.TINY
-    assert (off["cache"], on["cache"], one_shape["cache"]) == ("off", "on", "on, 32")
-    assert off["requests"] == on["requests"] == one_shape["requests"] == t["prefix_requests"]
-    assert off["hits"] == 0 and on["hits"] >= t["prefix_requests"] and one_shape["hits"] >= t["prefix_requests"]
+    assert [r["cache"] for r in (off, *cached)] == ["off", "on", "on, 32", "on, switch 5 ms"]
+    assert {r["requests"] for r in (off, *cached)} == {t["prefix_requests"]}
+    assert off["hits"] == 0 and all(r["hits"] >= t["prefix_requests"] for r in cached)
     lo, hi = t["suffix_len"]
     assert t["system_tokens"] + lo <= off["prefill_tokens_per_request"] <= t["system_tokens"] + hi
-    for r in (on, one_shape):
+    for r in cached:
         assert r["system_prefilled"] == t["system_tokens"]
         assert lo <= r["prefill_tokens_per_request"] <= hi  # only the suffix after the cached system prompt
         assert r["speedup"] == pytest.approx(off["ttft_p50_s"] / r["ttft_p50_s"])
-    for r in (off, on, one_shape):
+    for r in (off, *cached):
         assert 0 < r["ttft_p50_s"] <= r["ttft_p99_s"]
         assert 0 < r["engine_ttft_mean_s"] <= r["ttft_p99_s"]  # the engine's own clock: submit to the token sent
     assert tiny_run["targets"]["prefix_ttft_speedup"] == on["speedup"]
@@ -124,7 +126,10 @@ def test_prefix_cache_rows(tiny_run):
 
 
 def test_parts_run_alone():
-    data = serve.main(["--tiny", "--parts", "prefix", "--prefix-requests", "1"])
+    before = sys.getswitchinterval()
+    data = serve.main(["--tiny", "--parts", "prefix", "--prefix-requests", "1", "--switch-interval-ms", "2"])
+    assert sys.getswitchinterval() == before  # the run's interval is undone
+    assert data["settings"]["switch_interval_ms"] == 2
     assert set(data["tables"]) == {"prefix", "chunks"}
     assert set(data["phases"]) == {"params", "engine_warmup", "prefix", "elapsed"}
     with pytest.raises(SystemExit):  # the rates' estimate and ratios need the saturated row, generate and static
@@ -136,7 +141,7 @@ def test_spent_budget_skips_the_rates_with_notes():
     assert data["tables"]["rates"] == []
     assert [n.split(":")[0] for n in data["notes"]] == ["rates 50.0, prefill rows 4", "rates inf, prefill rows 4"]
     assert all("--budget-s" in n for n in data["notes"])
-    assert data["tables"]["saturated"] and data["tables"]["static"] and len(data["tables"]["prefix"]) == 3
+    assert data["tables"]["saturated"] and data["tables"]["static"] and len(data["tables"]["prefix"]) == 4
     assert data["targets"]["saturated_of_static"] is not None
 
 

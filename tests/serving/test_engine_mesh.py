@@ -95,6 +95,7 @@ def test_concurrent_requests_equal_generate_on_one_device(shape, num_slots, tmp_
         # One request alone (one chunk shape: CHUNK is below the shortest), 2 and 4 rows: loaded, run, split.
         "load_chunk": 3,
         "prefill_chunk": 3,
+        "prefill_short_chunk": 0,
         "split_chunk": 3,
         "first_token": 1,
         "insert": 1,

@@ -205,7 +205,7 @@ def run(args: argparse.Namespace) -> int:
     from xlstm_jax.models.xlstm_parallel.hf import load_hf
     from xlstm_jax.models.xlstm_parallel.runtime import RuntimeConfig
     from xlstm_jax.serving.api import create_app, render_chat
-    from xlstm_jax.serving.engine import Engine
+    from xlstm_jax.serving.engine import SWITCH_INTERVAL_S, Engine
 
     if args.chat_template is not None:
         try:
@@ -255,6 +255,7 @@ def run(args: argparse.Namespace) -> int:
         sys.stderr.write(f"serving {model_name!r} on http://{host}:{port} ({args.num_slots} slots{layout})\n")
         sys.stderr.flush()
         server = _server_class()(uvicorn.Config(app, log_level=args.log_level, timeout_graceful_shutdown=5))
+        sys.setswitchinterval(SWITCH_INTERVAL_S)  # the engine's thread and uvicorn's hand tokens over quickly
         with engine:
             server.run(sockets=[sock])
             if server.interrupted:  # uvicorn's own re-raise of the signal can end as a cancelled task instead

@@ -3,6 +3,7 @@
 from xlstm_jax.serving.engine import (
     FINISH_REASONS,
     LATENCY_BUCKETS,
+    SWITCH_INTERVAL_S,
     Engine,
     EngineOverloaded,
     RequestStream,
@@ -14,6 +15,7 @@ from xlstm_jax.serving.prefix_cache import PrefixCache, PrefixEntry
 __all__ = [
     "FINISH_REASONS",
     "LATENCY_BUCKETS",
+    "SWITCH_INTERVAL_S",
     "Engine",
     "EngineOverloaded",
     "PrefixCache",

@@ -15,7 +15,8 @@ iteration (:meth:`Engine.step`):
    exact no-op steps. Several requests run as one batch of ``prefill_chunk_tokens`` columns and 2, 4, ... rows
    (``Engine.prefill_row_shapes``, padded with empty rows); a request alone runs in the smallest of the shapes
    ``prefill_chunk_tokens``, its half, its quarter, ... (down to ``min_prefill_chunk_tokens``) that holds its
-   chunk, so a short prompt or a cached prefix's new turn is not padded to a full chunk. After a request's last
+   chunk, so a short prompt or a cached prefix's new turn is not padded to a full chunk (the shorter shapes run
+   without XLA's command buffers: see ``_prefill_short_chunk``). After a request's last
    chunk its first token is drawn from the prompt's logits and sent at once, and its states and logits are
    written into its slot;
 4. queues one jitted decode step over all slots, then hands out the tokens of the step queued before it: the
@@ -33,6 +34,13 @@ traced slot index), the first token's draw and each prefill chunk shape and row 
 the step. Token t of a request is drawn with the key ``fold_in(key(seed), t)``, exactly as
 :func:`xlstm_jax.generation.generate` draws step t of a batch of one, so a request's tokens do not depend on its
 slot or its neighbours.
+
+Threads. The engine iterates in a thread of its own beside its clients (an HTTP server's event loop, a benchmark's
+coroutines), and each hand-over of tokens wakes a client that must then take Python's interpreter lock from a
+busy engine thread, or the reverse. At the interpreter's default switch interval (5 ms) such a hand-over can wait
+up to 5 ms, on the path of every first token; ``xlstm-jax serve`` and ``benchmarks/serve.py`` set
+``sys.setswitchinterval(SWITCH_INTERVAL_S)`` (0.5 ms) for that reason. The engine itself leaves the interpreter's
+settings alone.
 
 With ``prefix_cache_bytes > 0`` the states after every prefilled prompt, and after every finished request's
 prompt plus its generated tokens (the conversation so far), are kept in the prefix cache: a request that
@@ -103,6 +111,7 @@ __all__ = [
     "Engine",
     "EngineOverloaded",
     "RequestStream",
+    "SWITCH_INTERVAL_S",
     "SamplingParams",
     "TokenEvent",
     "check_mesh",
@@ -110,6 +119,8 @@ __all__ = [
 
 logger = logging.getLogger(__name__)
 
+# What a serving process sets sys.setswitchinterval to (seconds; the module docstring's "Threads").
+SWITCH_INTERVAL_S = 5e-4
 # Why a request ended: a stop token, max_tokens, cancel() (or the engine stopping), an error in the engine.
 FINISH_REASONS = ("stop", "length", "cancelled", "error")
 # Upper bounds (seconds) of the latency histograms of Engine.stats(); a last bucket +inf follows.
@@ -440,10 +451,7 @@ def _load_chunk(
     return out
 
 
-@functools.partial(
-    jax.jit, static_argnames=("config", "runtime", "layout"), donate_argnames=("work", "tokens"), keep_unused=True
-)
-def _prefill_chunk(
+def _prefill_chunk_fn(
     config: xLSTMLMConfig,
     runtime: RuntimeConfig,
     layout: _Layout | None,
@@ -465,6 +473,20 @@ def _prefill_chunk(
     if layout is not None:
         out = _pin(out, _ChunkWork(layout.row, layout.replicated))
     return out, tokens
+
+
+_jit_chunk = functools.partial(
+    jax.jit, static_argnames=("config", "runtime", "layout"), donate_argnames=("work", "tokens"), keep_unused=True
+)
+# The chunk program in the full shape (prefill_chunk_tokens columns: every batched chunk, and a long prompt's chunks,
+# which follow one another on the device), launched as XLA's command buffers (CUDA graphs).
+_prefill_chunk = _jit_chunk(_prefill_chunk_fn)
+# The shorter shapes: a request's lone first chunk, on which its first token waits (a cached prefix's new tokens, a
+# short prompt). Compiled without command buffers: XLA records a program's command buffers again whenever a buffer
+# they use has moved, which the program's scratch buffers do between chunks as other requests' states come and go,
+# and recording the ~1000 kernels of a 7B chunk costs more on the host than launching them one by one
+# (BENCHMARKS.md, serving). A chunk that follows others on the device hides its launches; a lone one does not.
+_prefill_short_chunk = _jit_chunk(_prefill_chunk_fn, compiler_options={"xla_gpu_enable_command_buffer": ""})
 
 
 @functools.partial(jax.jit, static_argnames=("layout",))
@@ -1043,7 +1065,7 @@ class Engine:
             chunk_tokens = self._chunk_tokens.pop((height, size), None) or self._new_chunk_tokens(height, size)
             ids, valid = self._replicated((ids, valid))
             work, chunk_tokens = _load_chunk(self._layout, work, chunk_tokens, tuple(rows), ids, valid)
-            work, chunk_tokens = _prefill_chunk(
+            work, chunk_tokens = self._chunk_program(size)(
                 self.config, self.runtime, self._layout, self.params, work, chunk_tokens
             )
             logits, states = _split_chunk(self._layout, work)
@@ -1060,6 +1082,11 @@ class Engine:
                 self._prefill_tokens += sum(len(t) for t in tokens)
                 self._prefill_chunks += 1
         return out
+
+    def _chunk_program(self, size: int) -> Callable[..., tuple[_ChunkWork, _ChunkTokens]]:
+        """The jitted chunk program that runs chunks of ``size`` columns (``_prefill_chunk`` at the full size,
+        ``_prefill_short_chunk`` below it)."""
+        return _prefill_chunk if size == self.prefill_chunk_tokens else _prefill_short_chunk
 
     def _draw_first(self, logits: jax.Array, key_data: np.ndarray, sampling: SamplingParams) -> int:
         """A request's first token, drawn from its prompt's logits (1, V) on the device; waits for it."""
@@ -1377,6 +1404,7 @@ class Engine:
             "decode_step": _decode_step._cache_size(),
             "load_chunk": _load_chunk._cache_size(),
             "prefill_chunk": _prefill_chunk._cache_size(),
+            "prefill_short_chunk": _prefill_short_chunk._cache_size(),
             "split_chunk": _split_chunk._cache_size(),
             "first_token": _first_token._cache_size(),
             "insert": _insert._cache_size(),
