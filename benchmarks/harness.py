@@ -8,7 +8,7 @@ stopped part way keeps what it measured. The file holds::
 
     {"benchmark": "forms",
      "environment": {"date", "platform", "device", "device_count", "jax", "jaxlib", "python", "command",
-                     "argv", "commit"},
+                     "argv", "commit", "host": {"cpu", "cpus", "python_loop_ms"}},
      "settings": {the parsed arguments},
      "ceilings": {"copy_bytes_per_s", "matmul_flops_per_s", "vector_flops_per_s", "source"},
      "tables": {"name": [row, ...]},
@@ -34,6 +34,7 @@ import contextlib
 import datetime
 import json
 import math
+import os
 import platform
 import shlex
 import shutil
@@ -96,6 +97,30 @@ def _commit() -> str | None:
     return head + ("-dirty" if dirty else "")
 
 
+def _cpu_model() -> str | None:
+    """The host CPU's model name (Linux's /proc/cpuinfo), or the platform's processor string; None if neither."""
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or None
+
+
+def python_loop_ms(repeats: int = 5) -> float:
+    """Milliseconds of a fixed pure-Python loop (median of ``repeats``): the host's single-thread speed, which the
+    host-bound figures (dispatch, a lone prefill chunk's launches) scale with, as one number to compare machines."""
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        total = 0
+        for i in range(200_000):
+            total += i * i
+        times.append(time.perf_counter() - start)
+    return float(np.median(times)) * 1e3
+
+
 def environment(script: str, argv: Sequence[str] | None = None) -> dict[str, Any]:
     """Where and when a run happens, and the command that repeats it.
 
@@ -106,7 +131,8 @@ def environment(script: str, argv: Sequence[str] | None = None) -> dict[str, Any
     Returns:
         ``date`` (UTC, ISO 8601), ``platform`` (JAX's default backend), ``device`` (the first device's
         kind), ``device_count``, ``jax``, ``jaxlib``, ``python``, ``command`` (one shell line, run from the
-        repository root), ``argv`` and ``commit`` (None outside a git checkout).
+        repository root), ``argv``, ``commit`` (None outside a git checkout) and ``host``: the CPU's model,
+        its logical CPU count and :func:`python_loop_ms`.
     """
     argv = list(sys.argv[1:] if argv is None else argv)
     device = jax.devices()[0]
@@ -121,6 +147,7 @@ def environment(script: str, argv: Sequence[str] | None = None) -> dict[str, Any
         "command": shlex.join(["PYTHONPATH=.", "python3", script, *argv]),
         "argv": argv,
         "commit": _commit(),
+        "host": {"cpu": _cpu_model(), "cpus": os.cpu_count(), "python_loop_ms": python_loop_ms()},
     }
 
 

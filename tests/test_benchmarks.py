@@ -116,6 +116,8 @@ def test_harness_writes_the_run_as_strict_json(tmp_path):
     assert env["jax"] == jax.__version__ and env["jaxlib"] == jaxlib.__version__
     assert env["command"] == "PYTHONPATH=. python3 benchmarks/tiny.py --S 16 --json " + str(path)
     assert env["argv"] == argv
+    assert env["host"]["cpus"] == os.cpu_count() and env["host"]["python_loop_ms"] > 0
+    assert env["host"]["cpu"] is None or isinstance(env["host"]["cpu"], str)
     matmul, loop = data["tables"]["t"]
     assert matmul["nan"] is None
     assert matmul["repeats"] == 3 and matmul["units"] == 2 and len(matmul["samples_s"]) == 3
