@@ -56,6 +56,7 @@ Example:
     >>> engine = Engine(config, params, num_slots=4)
     >>> engine.start()
     >>> app = create_app(engine, load_tokenizer("xLSTM-7b"), model_name="xlstm-7b")
+    >>> sys.setswitchinterval(SWITCH_INTERVAL_S)  # as `xlstm-jax serve` does: see the engine's "Threads"
     >>> uvicorn.run(app, port=8000)
     $ curl localhost:8000/v1/completions -d '{"model": "xlstm-7b", "prompt": "The mLSTM", "max_tokens": 8}'
 """
