@@ -30,9 +30,10 @@ finished, so no request queues), ``--prefix-output`` tokens each; time to first 
 with a cache of ``--prefix-cache-bytes`` into which ``Engine.cache_prefix`` put the system prompt first: row
 ``on`` with the engine's default chunk shapes (``--chunk-tokens`` and its halvings down to 16), row ``on, C`` with
 the one shape ``--chunk-tokens``, row ``on, switch 5 ms`` as ``on`` at Python's default switch interval (the run
-sets ``--switch-interval-ms``, 0.5 by default, as ``xlstm-jax serve`` does). ``speedup`` is the p50 without over
-the p50 with; ``hits`` the cache's hit count; ``engine TTFT`` the mean of the engine's own histogram (submit to
-the token's send, no client in it). Table ``chunks``: one prefill chunk in each shape, ``cache_prefix`` of a new
+sets ``--switch-interval-ms``, 0.5 by default, as ``xlstm-jax serve`` does), row ``on, short chunks as command
+buffers`` as ``on`` with ``Engine(short_chunk_command_buffers=True)``. ``speedup`` is the p50 without over the p50
+with; ``hits`` the cache's hit count; ``engine TTFT`` the mean of the engine's own histogram (submit to the
+token's send, no client in it). Table ``chunks``: one prefill chunk in each shape, ``cache_prefix`` of a new
 random prompt that fills it, waited for (median of ``--repeats``); ``program ms``, the chunk program alone on the
 engine's buffers (no copies in or out, no host work of the engine's); and from a device trace of one more chunk
 (GPU only) the summed time of its kernels, their number and the fraction of the chunk's span the GPU was busy.
@@ -362,6 +363,7 @@ def prefix_part(engine: Engine, make_engine, vocab_size: int, a, monitor_s: floa
         ("on", {}, a.switch_interval_ms),
         (f"on, {a.chunk_tokens}", {"min_prefill_chunk_tokens": a.chunk_tokens}, a.switch_interval_ms),
         (f"on, switch {PYTHON_SWITCH_MS:g} ms", {}, PYTHON_SWITCH_MS),
+        ("on, short chunks as command buffers", {"short_chunk_command_buffers": True}, a.switch_interval_ms),
     )
     for label, kwargs, switch_ms in variants:
         del engine  # its slot states make room; a new engine reuses the compiled programs

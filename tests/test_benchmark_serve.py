@@ -41,7 +41,7 @@ def test_every_table_is_written(tiny_run):
     assert tiny_run["engine_compilations"] == {
         "decode_step": 1,
         "load_chunk": 4,  # a request alone in 16 or 32 tokens; 2 and 4 requests (--prefill-rows) in 32
-        "prefill_chunk": 3,  # 32 tokens in 1, 2 and 4 rows
+        "prefill_chunk": 4,  # 32 tokens in 1, 2 and 4 rows; 16 in 1 (short_chunk_command_buffers)
         "prefill_short_chunk": 1,  # a request alone in 16
         "split_chunk": 3,  # 1, 2 and 4 rows
         "first_token": 1,
@@ -105,7 +105,8 @@ def test_prefix_cache_rows(tiny_run):
     off, *cached = tiny_run["tables"]["prefix"]
     on = cached[0]
     t = serve.TINY
-    assert [r["cache"] for r in (off, *cached)] == ["off", "on", "on, 32", "on, switch 5 ms"]
+    labels = ["off", "on", "on, 32", "on, switch 5 ms", "on, short chunks as command buffers"]
+    assert [r["cache"] for r in (off, *cached)] == labels
     assert {r["requests"] for r in (off, *cached)} == {t["prefix_requests"]}
     assert off["hits"] == 0 and all(r["hits"] >= t["prefix_requests"] for r in cached)
     lo, hi = t["suffix_len"]
@@ -141,7 +142,7 @@ def test_spent_budget_skips_the_rates_with_notes():
     assert data["tables"]["rates"] == []
     assert [n.split(":")[0] for n in data["notes"]] == ["rates 50.0, prefill rows 4", "rates inf, prefill rows 4"]
     assert all("--budget-s" in n for n in data["notes"])
-    assert data["tables"]["saturated"] and data["tables"]["static"] and len(data["tables"]["prefix"]) == 4
+    assert data["tables"]["saturated"] and data["tables"]["static"] and len(data["tables"]["prefix"]) == 5
     assert data["targets"]["saturated_of_static"] is not None
 
 

@@ -646,6 +646,11 @@ class Engine:
         min_prefill_chunk_tokens: The shortest chunk shape: a prompt's short first chunk, prefilled alone, runs in
             the smallest of ``prefill_chunk_tokens``, its half, its quarter, ... (halving while even, down to this)
             that holds it. ``prefill_chunk_tokens`` or more: one shape.
+        short_chunk_command_buffers: Whether the chunk shapes below ``prefill_chunk_tokens`` run as XLA's command
+            buffers (CUDA graphs), as the full shape does. False (the default): their kernels are launched one by
+            one, which costs a lone 7B chunk less than recording its command buffers again whenever its scratch
+            buffers have moved (``_prefill_short_chunk``); True where they do not move (for example with XLA's
+            ``--xla_gpu_temp_buffer_use_separate_color``).
         max_prefill_rows: How many requests are prefilled together: each iteration runs the next chunk of every
             request being prefilled (up to this many) as one batch of ``prefill_chunk_tokens`` columns, whose
             row count is the smallest of 2, 4, 8, ... (and this number) that holds them. More rows admit a burst
@@ -682,6 +687,7 @@ class Engine:
         max_prompt_tokens: int = 4096,
         prefill_chunk_tokens: int = 256,
         min_prefill_chunk_tokens: int = 16,
+        short_chunk_command_buffers: bool = False,
         max_prefill_rows: int = 4,
         max_queue: int = 64,
         prefix_cache_bytes: int = 0,
@@ -705,6 +711,10 @@ class Engine:
                 raise TypeError(f"{name} must be an int, got {type(value).__name__} {value!r}")
             if value < low:
                 raise ValueError(f"{name} must be >= {low}, got {name}={value}")
+        if not isinstance(short_chunk_command_buffers, bool):
+            raise TypeError(
+                f"short_chunk_command_buffers must be a bool, got {type(short_chunk_command_buffers).__name__}"
+            )
         if mesh is not None:
             check_mesh(mesh, int(num_slots), config.num_heads)
             params = shard_params(params, mesh, config)
@@ -714,6 +724,7 @@ class Engine:
         self.num_slots = int(num_slots)
         self.max_prompt_tokens = int(max_prompt_tokens)
         self.prefill_chunk_tokens = int(prefill_chunk_tokens)
+        self.short_chunk_command_buffers = short_chunk_command_buffers
         self.max_queue = int(max_queue)
         self.prefix_cache = PrefixCache(int(prefix_cache_bytes))
 
@@ -1084,9 +1095,11 @@ class Engine:
         return out
 
     def _chunk_program(self, size: int) -> Callable[..., tuple[_ChunkWork, _ChunkTokens]]:
-        """The jitted chunk program that runs chunks of ``size`` columns (``_prefill_chunk`` at the full size,
-        ``_prefill_short_chunk`` below it)."""
-        return _prefill_chunk if size == self.prefill_chunk_tokens else _prefill_short_chunk
+        """The jitted chunk program that runs chunks of ``size`` columns: ``_prefill_chunk`` at the full size (and
+        every size with ``short_chunk_command_buffers``), ``_prefill_short_chunk`` below it."""
+        if size == self.prefill_chunk_tokens or self.short_chunk_command_buffers:
+            return _prefill_chunk
+        return _prefill_short_chunk
 
     def _draw_first(self, logits: jax.Array, key_data: np.ndarray, sampling: SamplingParams) -> int:
         """A request's first token, drawn from its prompt's logits (1, V) on the device; waits for it."""
