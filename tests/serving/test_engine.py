@@ -179,6 +179,14 @@ def test_waiting_requests_are_prefilled_together(model):
     assert Engine.compilations() == before
 
 
+@pytest.mark.parametrize("seed", [0, 1, 2**31, 2**32 - 1])
+def test_request_keys_are_jax_keys_of_their_seeds(seed):
+    """A request's key data, computed on the host's CPU device, is jax.random.key(seed)'s on the default device."""
+    data = serving_engine._key_data(seed)
+    assert isinstance(data, np.ndarray)
+    np.testing.assert_array_equal(data, np.asarray(jax.random.key_data(jax.random.key(seed))))
+
+
 def test_stop_tokens_and_max_tokens(engine):
     ref = _reference(tuple(PROMPTS[2]), 9)
     stop = ref[4]

@@ -601,8 +601,20 @@ def _int_array(values: Sequence[Any]) -> np.ndarray | None:
         return None
 
 
+@functools.cache
+def _host_device() -> jax.Device | None:
+    """JAX's CPU device, or None where JAX runs without its CPU backend (``JAX_PLATFORMS`` excluding it)."""
+    try:
+        return jax.devices("cpu")[0]
+    except RuntimeError:
+        return None
+
+
 def _key_data(seed: int) -> np.ndarray:
-    return np.asarray(jax.random.key_data(jax.random.key(seed)))
+    """The raw data of ``jax.random.key(seed)``, computed on the host's CPU device: on a GPU it would queue behind
+    the decode steps in flight and wait for them, in :meth:`Engine.submit`, on the path of the first token."""
+    with jax.default_device(_host_device()):
+        return np.asarray(jax.random.key_data(jax.random.key(seed)))
 
 
 class _Histogram:
@@ -788,9 +800,9 @@ class Engine:
         terms, and the jitted functions key their caches on the exact sharding of their inputs, so relabelling
         (no copy where the layouts agree) keeps one compilation each.
         """
-        return (
-            jax.tree_util.tree_map(jnp.asarray, x) if self._layout is None else jax.device_put(x, where(self._layout))
-        )
+        if self._layout is None:  # an array already on the device passes as it is (jnp.asarray costs ~30 us)
+            return jax.tree_util.tree_map(lambda a: a if isinstance(a, jax.Array) else jnp.asarray(a), x)
+        return jax.device_put(x, where(self._layout))
 
     def _on_mesh(self) -> contextlib.AbstractContextManager:
         """The context the engine's programs run under: the mesh (``jax.set_mesh``), or nothing without one."""
