@@ -431,6 +431,11 @@ class _ChunkTokens(NamedTuple):
     valid: jax.Array
 
 
+def _chunk_layouts(layout: _Layout) -> tuple[_ChunkWork, _ChunkTokens]:
+    """The shardings of a chunk's buffers: each row's states as a request's, the logits and tokens replicated."""
+    return _ChunkWork(layout.row, layout.replicated), _ChunkTokens(layout.replicated, layout.replicated)
+
+
 # keep_unused: a donated buffer the program does not read (the logits here, and below) stays an argument, so the
 # output of its shape is written into it rather than into a new buffer.
 @functools.partial(jax.jit, static_argnames=("layout",), donate_argnames=("work", "tokens"), keep_unused=True)
@@ -447,7 +452,7 @@ def _load_chunk(
     states = ModelStates(*(jnp.concatenate(p, axis=1).astype(w.dtype) for p, w in zip(parts, work.states, strict=True)))
     out = _ChunkWork(states, work.logits), _ChunkTokens(input_ids.astype(jnp.int32), valid.astype(bool))
     if layout is not None:
-        out = _pin(out, (_ChunkWork(layout.row, layout.replicated), _ChunkTokens(layout.replicated, layout.replicated)))
+        out = _pin(out, _chunk_layouts(layout))
     return out
 
 
@@ -471,7 +476,7 @@ def _prefill_chunk_fn(
     states = ModelStates(*(s.astype(w.dtype) for s, w in zip(states, work.states, strict=True)))
     out = _ChunkWork(states, logits[:, 0].astype(jnp.float32))
     if layout is not None:
-        out = _pin(out, _ChunkWork(layout.row, layout.replicated))
+        out = _pin(out, _chunk_layouts(layout)[0])
     return out, tokens
 
 
@@ -817,12 +822,12 @@ class Engine:
         work = _ChunkWork(
             ModelStates.zeros(self.config, height), jnp.zeros((height, self.config.vocab_size), jnp.float32)
         )
-        return self._place(work, lambda layout: _ChunkWork(layout.row, layout.replicated))
+        return self._place(work, lambda layout: _chunk_layouts(layout)[0])
 
     def _new_chunk_tokens(self, height: int, size: int) -> _ChunkTokens:
         """Zeroed buffers for a prefill chunk's (height, size) token ids and mask."""
         tokens = _ChunkTokens(jnp.zeros((height, size), jnp.int32), jnp.zeros((height, size), bool))
-        return self._place(tokens, lambda layout: _ChunkTokens(layout.replicated, layout.replicated))
+        return self._place(tokens, lambda layout: _chunk_layouts(layout)[1])
 
     def _zero_row(self) -> ModelStates:
         """One request's initial states (L, 1, ...), laid out as a prefilled request's: one array made once and
@@ -1092,10 +1097,8 @@ class Engine:
                 self.config, self.runtime, self._layout, self.params, work, chunk_tokens
             )
             logits, states = _split_chunk(self._layout, work)
-            self._chunk_work[height] = self._place(work, lambda layout: _ChunkWork(layout.row, layout.replicated))
-            self._chunk_tokens[(height, size)] = self._place(
-                chunk_tokens, lambda layout: _ChunkTokens(layout.replicated, layout.replicated)
-            )
+            work, chunk_tokens = self._place((work, chunk_tokens), _chunk_layouts)
+            self._chunk_work[height], self._chunk_tokens[(height, size)] = work, chunk_tokens
             out = [
                 self._place((lg, st), lambda layout: (layout.replicated, layout.row))
                 for lg, st in zip(logits[:r], states[:r], strict=True)
