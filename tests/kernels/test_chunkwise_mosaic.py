@@ -52,8 +52,10 @@ runs = pytest.mark.skipif(
 )
 
 
-def kernel(block_dhv: int = 32, consumers: int = 1):
-    return functools.partial(chunkwise_mosaic_fw, block_dhv=block_dhv, consumers=consumers, interpret=INTERPRET)
+def kernel(block_dhv: int = 32, consumers: int = 1, scores: str = "in_kernel"):
+    return functools.partial(
+        chunkwise_mosaic_fw, block_dhv=block_dhv, consumers=consumers, interpret=INTERPRET, scores=scores
+    )  # fmt: skip
 
 
 # (B, NH, S, DHQK, DHV, initial states, forget gates, input gates, block_dhv, consumers)
@@ -68,21 +70,27 @@ CASE_IDS = ["two-chunks", "states-extreme", "short", "one-chunk-open", "two-wg-s
 CASE_ARGS = ("B", "NH", "S", "DHQK", "DHV", "states", "fgate", "igate", "block_dhv", "consumers")
 
 
+SCORES_ARGS = pytest.mark.parametrize("scores", ["in_kernel", "precomputed"])
+
+
 @runs
+@SCORES_ARGS
 @pytest.mark.parametrize(CASE_ARGS, CASES, ids=CASE_IDS)
-def test_matches_reference(B, NH, S, DHQK, DHV, states, fgate, igate, block_dhv, consumers):
-    """h and the last states (c from the kernel, n and m from the gate plan) against the float64 recurrence."""
+def test_matches_reference(B, NH, S, DHQK, DHV, states, fgate, igate, block_dhv, consumers, scores):
+    """h and the last states (c from the kernel, n and m from the gate plan) against the float64 recurrence, with
+    the chunks' scores computed in the kernel and precomputed."""
     x = random_inputs(S + DHV, B, NH, S, DHQK, DHV, states=states, fgate=fgate, igate=igate)
-    check_forward(kernel(block_dhv, consumers), x, "bfloat16")
+    check_forward(kernel(block_dhv, consumers, scores), x, "bfloat16")
 
 
 @runs
-def test_resets():
+@SCORES_ARGS
+def test_resets(scores):
     """Forget gates of -inf empty the state: in a chunk's first step, inside a chunk and in its last step."""
     x = random_inputs(5, 1, 2, 130, 64, 32, states=True)
     x["f"][0, 0, [CHUNK, 90, 2 * CHUNK - 1]] = -np.inf
     x["f"][0, 1, 3] = -np.inf
-    check_forward(kernel(), x, "bfloat16")
+    check_forward(kernel(scores=scores), x, "bfloat16")
 
 
 def _ids(lengths: list[int]) -> list[int]:
@@ -96,12 +104,16 @@ SEGMENTS = np.array([_ids([1, 63, 64, 1, 21]), _ids([70, 1, 1, 78])])
 
 
 @runs
-@pytest.mark.parametrize(("states", "consumers"), [(True, 1), (False, 1), (True, 2)], ids=["states", "zeros", "two-wg"])
-def test_packed_documents(states, consumers):
+@pytest.mark.parametrize(
+    ("states", "consumers", "scores"),
+    [(True, 1, "in_kernel"), (False, 1, "in_kernel"), (True, 2, "in_kernel"), (True, 2, "precomputed")],
+    ids=["states", "zeros", "two-wg", "two-wg-precomputed"],
+)
+def test_packed_documents(states, consumers, scores):
     """Each document as if run alone (the reference runs them one by one), with a reset inside one of them."""
     x = random_inputs(11 + states, 2, 2, 150, 64, 32 * consumers, states=states, igate="extreme")
     x["f"][1, 1, 100] = -np.inf
-    check_forward(kernel(consumers=consumers), x, "bfloat16", segment_ids=SEGMENTS)
+    check_forward(kernel(consumers=consumers, scores=scores), x, "bfloat16", segment_ids=SEGMENTS)
 
 
 @runs
@@ -157,22 +169,24 @@ def _outputs(form, ids, *a):
 
 @runs
 @pytest.mark.parametrize(
-    ("states", "segments", "consumers"),
-    [(True, True, 1), (False, False, 1), (True, True, 2)],
-    ids=["states-documents", "zeros", "two-wg-states-documents"],
-)
-def test_mosaic_backward_matches_float64(states, segments, consumers):
+    ("states", "segments", "consumers", "scores"),
+    [(True, True, 1, "in_kernel"), (False, False, 1, "in_kernel"), (True, True, 2, "in_kernel"),
+     (True, True, 2, "precomputed")],
+    ids=["states-documents", "zeros", "two-wg-states-documents", "precomputed-states-documents"],
+)  # fmt: skip
+def test_mosaic_backward_matches_float64(states, segments, consumers, scores):
     """``backward="mosaic"``: the gradients of every input (q, k, v, i, f and the initial states) for random
     cotangents on h and on all three last states, against float64 autodiff of the same split with its
     hand-derived backward (``chunkwise_split_fw``, checked against the float64 reference's central differences in
     test_chunkwise_mosaic_bw.py) on the same bf16-rounded inputs; each gradient scaled by its largest element.
     Extreme input gates, a reset, packed documents across chunk borders, with and without initial states; the
-    backward kernels with one and with two warpgroups per program."""
+    backward kernels with one and with two warpgroups per program; the forward's scores in the kernel and
+    precomputed (which also gives the backward its h and border states)."""
     args, ids = _grad_case(13 + states, 2, 1, states, segments)
     if consumers == 2:  # both backward kernels do run two warpgroups at this shape (DHQK = DHV = 64)
         assert state_scan_unsupported(64, 64, jnp.bfloat16, 32, 2, consumers=2) is None
         assert chunk_gradients_unsupported(64, 64, jnp.bfloat16, 32, consumers=2) is None
-    form = functools.partial(kernel(), backward="mosaic", backward_consumers=consumers)
+    form = functools.partial(kernel(scores=scores), backward="mosaic", backward_consumers=consumers)
     mosaic = functools.partial(_outputs, form, ids)
     outs = jax.jit(mosaic)(*args)
     rng = np.random.default_rng(5)
@@ -193,7 +207,8 @@ def test_mosaic_backward_matches_float64(states, segments, consumers):
 
 
 @pytest.mark.skipif(not ON_HOPPER, reason="a race shows only compiled, with many programs (a Hopper GPU)")
-def test_mosaic_backward_is_deterministic_at_scale():
+@SCORES_ARGS
+def test_mosaic_backward_is_deterministic_at_scale(scores):
     """``backward="mosaic"`` at the xLSTM-7B head shape with hundreds of programs per kernel (B=2, NH=8, S=1024):
     two calls give the same gradients bit for bit, and every element is within twice the bf16 gradient bound of
     the XLA chunkwise form's bf16 gradients (each of the two errs by up to TOL["bfloat16-grad"])."""
@@ -208,7 +223,7 @@ def test_mosaic_backward_is_deterministic_at_scale():
     def grads(form):
         return jax.jit(jax.grad(lambda *a: jnp.sum(form(*a).astype(jnp.float32) * ct), argnums=(0, 1, 2, 3, 4)))
 
-    mosaic = grads(functools.partial(chunkwise_mosaic_fw, backward="mosaic"))
+    mosaic = grads(functools.partial(chunkwise_mosaic_fw, backward="mosaic", scores=scores))
     first, second = mosaic(q, k, v, i, f), mosaic(q, k, v, i, f)
     expected = grads(functools.partial(chunkwise_fw, chunk_size=256))(q, k, v, i, f)
     bound = 2 * TOL["bfloat16-grad"].max_err
@@ -286,6 +301,14 @@ def test_unsupported_calls_raise():
     assert "shared memory" in chunkwise_mosaic_unsupported(256, 512, jnp.bfloat16, 32, depth=3)
     assert shared_memory_bytes(256, jnp.bfloat16, 32) == 172 * 1024  # the module docstring's budget
     assert shared_memory_bytes(256, jnp.bfloat16, 32, consumers=2) == 212 * 1024
+    # Precomputed scores: P per pipeline slot (shared), a 2-row plan, no per-warpgroup P (the module docstring's).
+    assert shared_memory_bytes(256, jnp.bfloat16, 32, scores="precomputed") == 177 * 1024
+    assert shared_memory_bytes(256, jnp.bfloat16, 32, consumers=2, scores="precomputed") == 209 * 1024
+    assert chunkwise_mosaic_unsupported(256, 512, jnp.bfloat16, 32, scores="xla") == (
+        "scores='xla' must be one of ('in_kernel', 'precomputed')"
+    )
+    with pytest.raises(ValueError, match="scores='xla' must be one of"):
+        chunkwise_mosaic_fw(*args, scores="xla")
     with pytest.raises(ValueError, match=r"k.shape=\(1, 1, 8, 64\) must be"):  # the shared checks come first
         chunkwise_mosaic_fw(args[0][..., :32], *args[1:])
 
@@ -300,17 +323,31 @@ def test_auto_consumers_keeps_small_grids_on_one_warpgroup():
     assert auto_consumers(64, 256, 512, bf16, block_dhv=64) == 1  # two would not fit in shared memory
 
 
-@pytest.mark.parametrize(("block_dhv", "consumers", "h_dtype"), [(32, 1, None), (64, 1, None), (32, 2, jnp.float32)])
-def test_lowers_for_cuda(block_dhv, consumers, h_dtype):
+@pytest.mark.parametrize(
+    ("block_dhv", "consumers", "h_dtype", "scores", "borders"),
+    [
+        (32, 1, None, "in_kernel", False),
+        (64, 1, None, "in_kernel", False),
+        (32, 2, jnp.float32, "in_kernel", True),
+        (32, 1, None, "precomputed", False),
+        (64, 1, None, "precomputed", False),
+        (32, 2, jnp.float32, "precomputed", True),
+    ],
+)
+def test_lowers_for_cuda(block_dhv, consumers, h_dtype, scores, borders):
     """Tracing and Mosaic GPU lowering at the xLSTM-7B head shape (DHQK=256; the layouts, the operands' shared
-    swizzle, the shared-memory budget, two warpgroups' barriers, h in float32 as under differentiation) succeed on
-    any machine."""
+    swizzle, the shared-memory budget, two warpgroups' barriers, h in float32 and the border states as under
+    differentiation, the state update accumulated onto the decayed state with precomputed scores) succeed on any
+    machine."""
     BH, S, DHQK, DHV, f32, A = 2, 2 * CHUNK, 256, 128, jnp.float32, jax.ShapeDtypeStruct
     avals = (
         A((BH, S, DHQK), jnp.bfloat16), A((BH, S, DHQK), jnp.bfloat16), A((BH, S, DHV), jnp.bfloat16),
         A((BH, S // CHUNK * 8, CHUNK), f32), A((BH, S // CHUNK), f32), A((BH, DHQK, DHV), f32),
     )  # fmt: skip
-    step = functools.partial(mosaic_chunkwise, eps=1e-6, block_dhv=block_dhv, consumers=consumers, h_dtype=h_dtype)
+    step = functools.partial(
+        mosaic_chunkwise, eps=1e-6, block_dhv=block_dhv, consumers=consumers, h_dtype=h_dtype, scores=scores,
+        borders=borders,
+    )  # fmt: skip
     text = jax.jit(step).trace(*avals).lower(lowering_platforms=("cuda",)).as_text()
     assert "mosaic_gpu" in text
 

@@ -21,13 +21,25 @@ The same function as :func:`xlstm_jax.mlstm.chunkwise.chunkwise_fw` (initial sta
    with C rounded to the inputs' dtype only where it enters ``q C`` (as in the XLA form). Every warpgroup of a
    head computes the same (L, L) scores: the price of keeping c on chip with no state written per chunk.
 
+   ``scores="precomputed"`` moves that price out of the kernel: XLA computes every chunk's gated scores and
+   its steps' denominators once per head (:func:`normalised_scores`: batched (L, DHQK) x (DHQK, L) products,
+   (BH, S, L) bf16 out, 1/8 of h's bytes at DHV=512), and the kernel reads ``P / den`` per chunk as it reads q
+   and k, shared by its warpgroups. Per chunk and warpgroup that leaves three products, no exponentials and no
+   row sums::
+
+       h = w' ⊙ q C + (P / den) v                      # two WGMMAs, w' = w / den from the readout
+       C = decay · C + kᵀ (g ⊙ v)                      # one WGMMA, accumulated onto decay · C
+
+   (at DHQK=256, block_dhv=32 the products a warpgroup issues per chunk drop from 4.5 to 2.4 MFLOP).
+
    With ``consumers=2`` the two warpgroups of a program share one copy of the q, k and plan tiles in shared
    memory (warpgroup 0 issues their copies) and each has its own v, h, P and C tiles; while one waits on its
    products the other's run. A buffer slot is refilled once both warpgroups have arrived at its "consumed"
    barrier. Shared memory per program (:func:`shared_memory_bytes`) at DHQK=256, block_dhv=32, depth=2, bf16:
    q and k 2·2·64·256·2 B = 128 KiB and the plan 2·8·64·4 B = 4 KiB, shared; per warpgroup v 8 KiB, h 4 KiB,
    C 16 KiB, P 8 KiB, g ⊙ v 4 KiB = 40 KiB; 172 KiB with one warpgroup, 212 KiB with two, which Mosaic GPU lays
-   out with its barriers in 174 and 214 KiB (Hopper allows 227).
+   out with its barriers in 174 and 214 KiB (Hopper allows 227). With precomputed scores P is one 8 KiB tile
+   per slot, shared, and the plan has 2 rows: 177 KiB with one warpgroup, 209 KiB with two.
 
 Limits. Hopper (TMA and WGMMA, compute capability 9.0). bf16 or f16 inputs (the WGMMA operand dtypes; float32
 inputs would run as TF32 and are left to the XLA form); DHQK a multiple of 64, DHV a multiple of
@@ -68,11 +80,13 @@ from xlstm_jax.mlstm.states import cast_states
 __all__ = [
     "BACKWARDS",
     "CHUNK",
+    "SCORES",
     "chunk_plan",
     "chunkwise_mosaic_fw",
     "auto_consumers",
     "chunkwise_mosaic_unsupported",
     "mosaic_chunkwise",
+    "normalised_scores",
     "shared_memory_bytes",
 ]
 
@@ -82,35 +96,60 @@ _PLAN_ROWS = 8  # vectors per chunk in the plan, rows of an (8, L) float32 block
 # The plan's rows. The break counts are there twice, read as row and as column vectors: one shared-memory vector
 # read in two register layouts defeats JAX 0.11's layout inference.
 _ROW, _COL, _BREAKS, _INTER, _QN, _LOWER, _GAIN, _BREAKS_COL = range(_PLAN_ROWS)
+# With ``scores="precomputed"`` the kernel reads a readout of two rows per chunk instead (normalised_scores).
+_READOUT_ROWS = 2
+_W, _G = range(_READOUT_ROWS)  # the border state's weight over the denominator; the step's gain (GAIN above)
+SCORES = ("in_kernel", "precomputed")  # where the chunk's gated scores are computed (mosaic_chunkwise's ``scores``)
 _SMEM_LIMIT = 227 * 1024  # bytes of shared memory a CUDA block may use on Hopper
 _SMEM_RESERVE = 4 * 1024  # kept for the barriers and alignment that Mosaic GPU adds to the tiles (about 2 KiB)
 
 
 def shared_memory_bytes(
-    DHQK: int, dtype: Any, block_dhv: int, depth: int = 2, consumers: int = 1, h_dtype: Any = None
+    DHQK: int,
+    dtype: Any,
+    block_dhv: int,
+    depth: int = 2,
+    consumers: int = 1,
+    h_dtype: Any = None,
+    scores: str = "in_kernel",
 ) -> int:
     """Bytes of shared memory of the kernel's chunk loop (its largest scope): the tiles, not the barriers.
 
     Per pipeline slot q and k (L, DHQK) and the plan (8, L) float32, shared by the warpgroups; per warpgroup
     ``depth`` v tiles (L, block_dhv), h (L, block_dhv) in ``h_dtype`` (None: ``dtype``), C rounded
-    (DHQK, block_dhv), P (L, L), g ⊙ v (L, block_dhv).
+    (DHQK, block_dhv), P (L, L), g ⊙ v (L, block_dhv). With ``scores="precomputed"`` P arrives per pipeline slot,
+    shared, and the plan has 2 rows.
     """
     item = jnp.dtype(dtype).itemsize
     h_item = jnp.dtype(h_dtype or dtype).itemsize
-    shared = depth * (2 * CHUNK * DHQK * item + _PLAN_ROWS * CHUNK * 4)
+    precomputed = scores == "precomputed"
+    rows = _READOUT_ROWS if precomputed else _PLAN_ROWS
+    p_tile = CHUNK * CHUNK * item
+    shared = depth * (2 * CHUNK * DHQK * item + rows * CHUNK * 4 + (p_tile if precomputed else 0))
     own = (depth + 1) * CHUNK * block_dhv * item + CHUNK * block_dhv * h_item
-    own += DHQK * block_dhv * item + CHUNK * CHUNK * item
+    own += DHQK * block_dhv * item + (0 if precomputed else p_tile)
     return shared + consumers * own
 
 
 def chunkwise_mosaic_unsupported(
-    DHQK: int, DHV: int, dtype: Any, block_dhv: int, *, depth: int = 2, consumers: int = 1, h_dtype: Any = None
+    DHQK: int,
+    DHV: int,
+    dtype: Any,
+    block_dhv: int,
+    *,
+    depth: int = 2,
+    consumers: int = 1,
+    h_dtype: Any = None,
+    scores: str = "in_kernel",
 ) -> str | None:
     """Why the kernel cannot run this head shape, dtype and tiling, or None if it can (no device check).
 
     The tiling: ``block_dhv`` columns of c per warpgroup, ``depth`` chunks in flight, ``consumers`` warpgroups per
-    program; the tiles must fit in a Hopper block's shared memory (:func:`shared_memory_bytes`).
+    program, ``scores`` where the chunk's scores are computed (:data:`SCORES`); the tiles must fit in a Hopper
+    block's shared memory (:func:`shared_memory_bytes`).
     """
+    if scores not in SCORES:
+        return f"scores={scores!r} must be one of {SCORES}"
     if jnp.dtype(dtype) not in (jnp.dtype(jnp.bfloat16), jnp.dtype(jnp.float16)):
         return f"inputs must be bfloat16 or float16 (the WGMMA operand dtypes), got {jnp.dtype(dtype)}"
     if DHQK % _ROWS:
@@ -128,9 +167,10 @@ def chunkwise_mosaic_unsupported(
         return f"depth={depth!r} must be a positive integer (chunks in flight)"
     if h_dtype is not None and jnp.dtype(h_dtype) not in (jnp.dtype(dtype), jnp.dtype(jnp.float32)):
         return f"h_dtype={jnp.dtype(h_dtype)} must be the inputs' dtype or float32"
-    smem = shared_memory_bytes(DHQK, dtype, block_dhv, depth, consumers, h_dtype)
+    smem = shared_memory_bytes(DHQK, dtype, block_dhv, depth, consumers, h_dtype, scores)
     if smem + _SMEM_RESERVE > _SMEM_LIMIT:
         h_text = "" if h_dtype is None else f", h in {jnp.dtype(h_dtype)}"
+        h_text += "" if scores == "in_kernel" else f", scores={scores!r}"
         return (
             f"the tiles need {smem // 1024} KiB of shared memory at DHQK={DHQK}, block_dhv={block_dhv}, "
             f"depth={depth}, consumers={consumers}{h_text}; a Hopper block has {_SMEM_LIMIT // 1024} KiB, "
@@ -143,14 +183,16 @@ BACKWARDS = ("xla", "mosaic")  # what runs under differentiation (chunkwise_mosa
 _FULL_WAVE = 128  # programs: about one per SM of an H100 or H200 (132 SMs)
 
 
-def auto_consumers(BH: int, DHQK: int, DHV: int, dtype: Any, block_dhv: int = 32, depth: int = 2) -> int:
+def auto_consumers(
+    BH: int, DHQK: int, DHV: int, dtype: Any, block_dhv: int = 32, depth: int = 2, scores: str = "in_kernel"
+) -> int:
     """The warpgroups per program that ``consumers=None`` picks for ``BH`` heads (batch times heads).
 
     Two where their grid, ``BH * DHV / (2 * block_dhv)`` programs, still fills the GPU (at least ``_FULL_WAVE``)
     and the tiling fits; one otherwise, so that a small batch keeps its programs spread over every SM. On an
     H200 two warpgroups are 1.3x faster at B·NH=64 and about as fast as one at B·NH=8 (BENCHMARKS.md).
     """
-    two = chunkwise_mosaic_unsupported(DHQK, DHV, dtype, block_dhv, depth=depth, consumers=2) is None
+    two = chunkwise_mosaic_unsupported(DHQK, DHV, dtype, block_dhv, depth=depth, consumers=2, scores=scores) is None
     return 2 if two and BH * DHV // (2 * block_dhv) >= _FULL_WAVE else 1
 
 
@@ -240,22 +282,27 @@ def _chunk_body(
     q_ref,  # (BH, S, DHQK) GMEM, S a multiple of L
     k_ref,  # (BH, S, DHQK)
     v_ref,  # (BH, S, DHV)
-    plan_ref,  # (BH, NC * 8, L) float32: chunk_plan's vectors
+    plan_ref,  # (BH, NC * 8, L) float32: chunk_plan's vectors; precomputed: (BH, NC * 2, L), the readout
     decay_ref,  # (BH, NC) float32: each chunk's decay of the border state
     c0_ref,  # (BH, DHQK, DHV) float32
-    h_ref,  # (BH, S, DHV) out, in q's dtype
-    c_ref,  # (BH, DHQK, DHV) out, float32
-    borders_ref=None,  # (BH, NC * DHQK, DHV) out, in q's dtype: r(C_j) before every chunk, when asked for
-    *,
+    *refs,  # precomputed: P / den (BH, NC * L, L) in q's dtype; then the outputs h, c and maybe the borders
     eps: float,
     block_dhv: int,
     depth: int,
     consumers: int,
     interpret: bool,
+    precomputed: bool,
 ):
+    # The outputs: h (BH, S, DHV) in h's dtype; c (BH, DHQK, DHV) float32; with borders, r(C_j) before every chunk
+    # (BH, NC * DHQK, DHV) in q's dtype.
+    p_ref, refs = (refs[0], refs[1:]) if precomputed else (None, refs)
+    h_ref, c_ref, *rest = refs
+    borders_ref = rest[0] if rest else None
     f32, dtype = jnp.float32, q_ref.dtype
     _, S, DHQK = q_ref.shape
     L, NV, NC = CHUNK, block_dhv, S // CHUNK
+    rows = _READOUT_ROWS if precomputed else _PLAN_ROWS  # of the plan, per chunk
+    shapes = ((L, NV), (L, NV), (DHQK, NV))  # precomputed scores' accumulators: q C, (P / den) v, the state
     scale = 1.0 / math.sqrt(DHQK)
     tile = plgpu.Layout.WGMMA
     row_layout, col_layout = tile.reduce(1), tile.reduce(0)
@@ -265,7 +312,9 @@ def _chunk_body(
     split, wg, columns, own, per_warpgroup, leader = (
         group.split, group.wg, group.columns, group.own, group.smem, group.leader
     )  # fmt: skip
-    v_barrier, plan_barrier = 2 + wg, 2 + consumers  # indices (times depth) into ``loaded``: q 0, k 1
+    # Indices (times depth) into ``loaded``: q 0, k 1, each warpgroup's v, the plan, and the precomputed P.
+    v_barrier, plan_barrier, p_barrier = 2 + wg, 2 + consumers, 3 + consumers
+    operands = (0, 1, v_barrier, plan_barrier, *((p_barrier,) if precomputed else ()))
 
     def load(ref, layout):
         return _load(ref, layout, interpret)
@@ -283,9 +332,14 @@ def _chunk_body(
     swizzle = min(128, NV * itemsize)
     operand = _swizzled(swizzle, itemsize)
 
+    def accumulated(acc, wait_n):  # an accumulator once at most wait_n products are in flight
+        return acc[...] if interpret else plgpu.wgmma_accumulator_load(acc, wait_n=wait_n)
+
     def body(q_bufs, k_bufs, v_bufs, plan_bufs, h_smem, c16_smem, p_smem, gv_smem, loaded, *rest):
         consumed, kt = (rest[0], rest[1:]) if split else (None, rest)
-        v_bufs, h_smem, c16_smem, p_smem, gv_smem = map(own, (v_bufs, h_smem, c16_smem, p_smem, gv_smem))
+        v_bufs, h_smem, c16_smem, gv_smem = map(own, (v_bufs, h_smem, c16_smem, gv_smem))
+        if not precomputed:  # each warpgroup's own P; precomputed, one per pipeline slot, shared
+            p_smem = own(p_smem)
 
         def issue(j, slot, refill=False):
             """Starts the TMA copies of chunk j's tiles into buffer ``slot`` (a refill: once it is consumed)."""
@@ -302,9 +356,12 @@ def _chunk_body(
                 plgpu.copy_gmem_to_smem(k_ref.at[bh, steps], k_bufs.at[slot], loaded.at[depth + slot])
                 if not split:
                     copy_v()
-                plan_rows = pl.ds(j * _PLAN_ROWS, _PLAN_ROWS)
+                plan_rows = pl.ds(j * rows, rows)
                 plan_loaded = loaded.at[plan_barrier * depth + slot]
                 plgpu.copy_gmem_to_smem(plan_ref.at[bh, plan_rows], plan_bufs.at[slot], plan_loaded)
+                if precomputed:
+                    p_loaded = loaded.at[p_barrier * depth + slot]
+                    plgpu.copy_gmem_to_smem(p_ref.at[bh, steps], p_smem.at[slot], p_loaded)
 
             leader(copy_shared)
             if split:
@@ -319,7 +376,7 @@ def _chunk_body(
 
         def chunk(j, c):
             slot = lax.rem(j, depth)
-            for operand in (0, 1, v_barrier, plan_barrier):
+            for operand in operands:
                 plgpu.barrier_wait(loaded.at[operand * depth + slot])
             if borders_ref is not None:  # r(C_j), committed at the end of the last chunk, out while this one runs
                 plgpu.copy_smem_to_gmem(c16_smem, borders_ref.at[bh, pl.ds(j * DHQK, DHQK), columns])
@@ -350,45 +407,78 @@ def _chunk_body(
 
             def gated_values():
                 """g ⊙ v into shared memory for the state update kᵀ (g ⊙ v)."""
-                gain = load(plan_smem.at[_GAIN], row_layout)
+                gain = load(plan_smem.at[_G if precomputed else _GAIN], row_layout)
                 gv = load(v_smem, tile).astype(f32) * cast(lax.broadcast_in_dim(gain, (L, NV), (0,)), tile)
                 gv_smem[...] = cast(gv.astype(dtype), tile)
 
-            def write_h(p, inter, intra):
+            def normalised(p, inter, intra):
+                """h = (w ⊙ q C + P v) / den, den from P's row sums (in-kernel scores)."""
                 w = load(plan_smem.at[_INTER], row_layout)
                 qn = cast(cast(jnp.sum(p, axis=1), row_layout) + load(plan_smem.at[_QN], row_layout), row_layout)
                 den = cast(jnp.maximum(jnp.abs(qn), load(plan_smem.at[_LOWER], row_layout)) + eps, row_layout)
                 num = cast(
                     cast(lax.broadcast_in_dim(w, (L, NV), (0,)), tile) * cast(inter, tile) + cast(intra, tile), tile
                 )
-                h = cast((num / cast(lax.broadcast_in_dim(den, (L, NV), (0,)), tile)).astype(h_smem.dtype), tile)
+                return cast(num / cast(lax.broadcast_in_dim(den, (L, NV), (0,)), tile), tile)
+
+            def write_h(h):
+                h = cast(h.astype(h_smem.dtype), tile)
                 plgpu.wait_smem_to_gmem(0, wait_read_only=True)  # the previous chunk's h has left h_smem
                 h_smem[...] = h
                 plgpu.commit_smem()
                 plgpu.copy_smem_to_gmem(h_smem, h_ref.at[bh, pl.ds(j * L, L), columns])
 
-            # Four products in flight in order: q kᵀ and q C at once; P v and kᵀ (g ⊙ v) once P and g ⊙ v are
-            # in shared memory, h computed while the state update's product runs.
-            def first(acc_s, acc_inter):
-                plgpu.wgmma(acc_s, q_smem, k_t)
-                plgpu.wgmma(acc_inter, q_smem, c16_smem)
-                plgpu.wgmma_wait(1)  # q kᵀ done
-                p = scores_to_p(acc_s[...])
-                gated_values()
-                plgpu.commit_smem()
+            def in_kernel_scores(c):
+                # Four products in flight in order: q kᵀ and q C at once; P v and kᵀ (g ⊙ v) once P and g ⊙ v are
+                # in shared memory, h computed while the state update's product runs.
+                def first(acc_s, acc_inter):
+                    plgpu.wgmma(acc_s, q_smem, k_t)
+                    plgpu.wgmma(acc_inter, q_smem, c16_smem)
+                    plgpu.wgmma_wait(1)  # q kᵀ done
+                    p = scores_to_p(acc_s[...])
+                    gated_values()
+                    plgpu.commit_smem()
 
-                def second(acc_intra, acc_x):
-                    plgpu.wgmma(acc_intra, p_smem, v_smem)
-                    plgpu.wgmma(acc_x, k_t, gv_smem)
-                    plgpu.wgmma_wait(1)  # all but the state update done
-                    write_h(p, acc_inter[...], acc_intra[...])
-                    plgpu.wgmma_wait(0)
-                    return acc_x[...]
+                    def second(acc_intra, acc_x):
+                        plgpu.wgmma(acc_intra, p_smem, v_smem)
+                        plgpu.wgmma(acc_x, k_t, gv_smem)
+                        # All but the state update done: h is written while it runs.
+                        write_h(normalised(p, accumulated(acc_inter, 1), accumulated(acc_intra, 1)))
+                        return acc_x[...]
 
-                return pl.run_scoped(second, plgpu.ACC((L, NV), f32), plgpu.ACC((DHQK, NV), f32))
+                    return pl.run_scoped(second, plgpu.ACC((L, NV), f32), plgpu.ACC((DHQK, NV), f32))
 
-            update = pl.run_scoped(first, plgpu.ACC((L, L), f32), plgpu.ACC((L, NV), f32))
-            c = cast(decay_ref[bh, j] * c + cast(update, tile), tile)
+                update = pl.run_scoped(first, plgpu.ACC((L, L), f32), plgpu.ACC((L, NV), f32))
+                return cast(decay_ref[bh, j] * c + cast(update, tile), tile)
+
+            def precomputed_scores(c):
+                # Three products in flight in order: q C and (P / den) v at once, then the state update (its
+                # accumulator starts at decay · C) once g ⊙ v is in shared memory; h = w ⊙ q C + (P / den) v is
+                # written while the update runs.
+                def products(accs):
+                    acc_inter, acc_intra, acc_c = accs
+                    plgpu.wgmma(acc_inter, q_smem, c16_smem)
+                    plgpu.wgmma(acc_intra, p_smem.at[slot], v_smem)
+                    gated_values()
+                    plgpu.commit_smem()
+                    plgpu.wgmma(acc_c, k_t, gv_smem)
+                    inter, intra = accumulated(acc_inter, 1), accumulated(acc_intra, 1)
+                    w = load(plan_smem.at[_W], row_layout)
+                    write_h(cast(cast(lax.broadcast_in_dim(w, (L, NV), (0,)), tile) * inter + intra, tile))
+
+                decayed = cast(decay_ref[bh, j] * c, tile)
+                if interpret:  # the interpreter has no run_state: the same sums, the decayed state added after
+                    update = pl.run_scoped(
+                        lambda *accs: products(accs) or accs[2][...], *(plgpu.ACC(shape, f32) for shape in shapes)
+                    )  # fmt: skip
+                    return decayed + update
+                zeros = cast(jnp.zeros((L, NV), f32), tile)
+                _, _, c = pl.run_state(products)(
+                    (plgpu.ACC.init(zeros), plgpu.ACC.init(zeros), plgpu.ACC.init(decayed))
+                )
+                return cast(c, tile)
+
+            c = precomputed_scores(c) if precomputed else in_kernel_scores(c)
             if borders_ref is not None:
                 plgpu.wait_smem_to_gmem(0, wait_read_only=True)  # r(C_j) has left c16_smem
             c16_smem[...] = cast(c.astype(dtype), tile)
@@ -412,12 +502,14 @@ def _chunk_body(
         plgpu.SMEM((depth, L, DHQK), dtype, transforms=operand),
         plgpu.SMEM((depth, L, DHQK), dtype, transforms=operand),
         per_warpgroup((depth, L, NV), dtype, transforms=operand),
-        plgpu.SMEM((depth, _PLAN_ROWS, L), f32),
+        plgpu.SMEM((depth, rows, L), f32),
         per_warpgroup((L, NV), h_ref.dtype, transforms=_swizzled(min(128, NV * h_itemsize), h_itemsize)),
         per_warpgroup((DHQK, NV), dtype, transforms=operand),
-        per_warpgroup((L, L), dtype, transforms=operand),
+        plgpu.SMEM((depth, L, L), dtype, transforms=operand)
+        if precomputed
+        else per_warpgroup((L, L), dtype, transforms=operand),
         per_warpgroup((L, NV), dtype, transforms=operand),
-        plgpu.Barrier(num_arrivals=1, num_barriers=(3 + consumers) * depth),
+        plgpu.Barrier(num_arrivals=1, num_barriers=(p_barrier + precomputed) * depth),  # q, k, each v, plan[, P]
         *([plgpu.Barrier(num_arrivals=consumers, num_barriers=depth)] if split else []),
         *([per_warpgroup((DHQK, L), dtype)] if interpret else []),
         collective_axes="wg",
@@ -425,8 +517,39 @@ def _chunk_body(
     group.state_out(c_last, c_ref, bh)
 
 
+def normalised_scores(q: jax.Array, k: jax.Array, plan: jax.Array, eps: float) -> tuple[jax.Array, jax.Array]:
+    """Every chunk's gated scores over its steps' denominators, and the readout the kernel needs with them (XLA).
+
+    What the kernel computes per chunk with ``scores="in_kernel"`` (module docstring), once per head instead of
+    once per warpgroup: ``P = (q kᵀ) ⊙ D · DHQK^-1/2`` (float32 products of the inputs), each step's denominator
+    ``den = max(|rowsum P + q̂·n_border|, exp(-m)) + eps``, and ``h = w' ⊙ q C + (P / den) v`` with
+    ``w' = w / den``.
+
+    Args:
+        q, k: (BH, S, DHQK), S a multiple of :data:`CHUNK`.
+        plan: (BH, NC * 8, L) float32, :func:`chunk_plan`'s rows.
+
+    Returns:
+        ``(P / den (BH, S, L) in q's dtype (chunk j's (L, L) block in rows j·L...), readout (BH, NC * 2, L)
+        float32)``, the readout's rows per chunk ``w / den`` and the steps' gains.
+    """
+    BH, S, DHQK = q.shape
+    L, NC, f32 = CHUNK, S // CHUNK, jnp.float32
+    rows = plan.reshape(BH, NC, _PLAN_ROWS, L)
+    row, col, breaks = rows[:, :, _ROW], rows[:, :, _COL], rows[:, :, _BREAKS]
+    scores = jnp.einsum(
+        "bcld,bcsd->bcls", q.reshape(BH, NC, L, DHQK), k.reshape(BH, NC, L, DHQK), preferred_element_type=f32
+    )  # fmt: skip
+    keep = jnp.tril(jnp.ones((L, L), bool)) & (breaks[..., :, None] == breaks[..., None, :])
+    d = jnp.where(keep, jnp.exp(row[..., :, None] + col[..., None, :]), 0.0)
+    p = scores * d * (1.0 / math.sqrt(DHQK))
+    den = jnp.maximum(jnp.abs(p.sum(axis=-1) + rows[:, :, _QN]), rows[:, :, _LOWER]) + eps
+    readout = jnp.stack([rows[:, :, _INTER] / den, rows[:, :, _GAIN]], axis=2)
+    return (p / den[..., None]).astype(q.dtype).reshape(BH, S, L), readout.reshape(BH, NC * _READOUT_ROWS, L)
+
+
 @functools.partial(
-    jax.jit, static_argnames=("eps", "block_dhv", "depth", "consumers", "interpret", "h_dtype", "borders")
+    jax.jit, static_argnames=("eps", "block_dhv", "depth", "consumers", "interpret", "h_dtype", "borders", "scores")
 )
 def mosaic_chunkwise(
     q: jax.Array,  # (BH, S, DHQK), S a multiple of CHUNK
@@ -443,6 +566,7 @@ def mosaic_chunkwise(
     interpret: bool = False,
     h_dtype: Any = None,
     borders: bool = False,
+    scores: str = "in_kernel",
 ) -> tuple[jax.Array, ...]:
     """The kernel on ``BH`` flattened heads, from :func:`chunk_plan`'s plan; the caller checks shapes.
 
@@ -450,6 +574,9 @@ def mosaic_chunkwise(
     ``h_dtype``: h's dtype, None for q's, or float32 (the backward's normaliser gradient reads h unrounded).
     ``borders``: also write the state before every chunk, rounded to q's dtype as it enters ``q C`` (the
     backward's border states; a TMA store of the tile the kernel already holds, per chunk).
+    ``scores``: ``"in_kernel"``, every warpgroup computes its chunk's gated scores and denominators;
+    ``"precomputed"``, XLA computes them once per head before the kernel (:func:`normalised_scores`), which reads
+    ``P / den`` as a tile per chunk.
 
     Returns:
         ``(h (BH, S, DHV) in h_dtype, c after the last chunk (BH, DHQK, DHV) float32)``, and with ``borders``
@@ -458,14 +585,16 @@ def mosaic_chunkwise(
     BH, S, DHQK = q.shape
     DHV = v.shape[-1]
     reason = chunkwise_mosaic_unsupported(
-        DHQK, DHV, q.dtype, block_dhv, depth=depth, consumers=consumers, h_dtype=h_dtype
+        DHQK, DHV, q.dtype, block_dhv, depth=depth, consumers=consumers, h_dtype=h_dtype, scores=scores
     )  # fmt: skip
     if reason is not None:
         raise ValueError(f"the Mosaic GPU chunkwise kernel cannot run this shape: {reason}")
     params = require_mosaic_interpreter(consumers) if interpret else None
+    precomputed = scores == "precomputed"
     body = functools.partial(
-        _chunk_body, eps=eps, block_dhv=block_dhv, depth=depth, consumers=consumers, interpret=interpret
-    )
+        _chunk_body, eps=eps, block_dhv=block_dhv, depth=depth, consumers=consumers, interpret=interpret,
+        precomputed=precomputed,
+    )  # fmt: skip
     kernel = pl.kernel(
         body,
         out_type=(
@@ -479,6 +608,9 @@ def mosaic_chunkwise(
         name="mlstm_chunkwise_mosaic",
         **({"interpret": params} if interpret else {}),
     )
+    if precomputed:
+        p, readout = normalised_scores(q, k, plan, eps)
+        return kernel(q, k, v, readout, decay, c0, p)
     return kernel(q, k, v, plan, decay, c0)
 
 
@@ -520,7 +652,7 @@ def chunk_plan(x: ChunkedSequence) -> tuple[jax.Array, jax.Array, tuple[jax.Arra
     return plan, decay, (n_last, m_last)
 
 
-def _forward(x: ChunkedSequence, eps: float, block_dhv: int, depth: int, consumers: int, interpret: bool):
+def _forward(x: ChunkedSequence, eps: float, block_dhv: int, depth: int, consumers: int, interpret: bool, scores: str):
     """h (B, NH, S, DHV) and the last states (c, n, m) in the accumulation dtype."""
     B, NH, S, DHQK, DHV = x.dims
     NC, L = x.NC, x.L
@@ -538,6 +670,7 @@ def _forward(x: ChunkedSequence, eps: float, block_dhv: int, depth: int, consume
         depth=depth,
         consumers=consumers,
         interpret=interpret,
+        scores=scores,
     )
     h = h.reshape(B, NH, NC * L, DHV)[:, :, :S]
     return h, (c_last.reshape(B, NH, DHQK, DHV), n_last, m_last)
@@ -564,6 +697,7 @@ def chunkwise_mosaic_fw(
     xla_chunk_size: int = 256,
     backward: str = "mosaic",
     backward_consumers: int = 2,
+    scores: str = "in_kernel",
 ) -> jax.Array | tuple[jax.Array, tuple[jax.Array, jax.Array, jax.Array]]:
     """The mLSTM on a whole sequence, chunkwise, with the products in a Mosaic GPU kernel (module docstring).
 
@@ -587,20 +721,27 @@ def chunkwise_mosaic_fw(
         backward_consumers: Warpgroups per program of the backward kernels with ``backward="mosaic"``, 1 or 2
             (each kernel runs one where two do not fit: ``mosaic_products_vjp``). 2, the faster on an H200
             (BENCHMARKS.md).
+        scores: Where each chunk's gated scores and denominators are computed (:data:`SCORES`):
+            ``"in_kernel"``, by every warpgroup for its columns; ``"precomputed"``, once per head in XLA before
+            the kernel (:func:`normalised_scores`), which then reads them (BENCHMARKS.md compares the two).
 
     Raises:
         ValueError: as chunkwise_fw, and where the kernel cannot run (:func:`chunkwise_mosaic_unsupported`).
     """
     if backward not in BACKWARDS:
         raise ValueError(f"backward={backward!r} must be one of {BACKWARDS}")
+    if scores not in SCORES:
+        raise ValueError(f"scores={scores!r} must be one of {SCORES}")
     if backward_consumers not in (1, 2) or isinstance(backward_consumers, bool):
         raise ValueError(f"backward_consumers={backward_consumers!r} must be 1 or 2 (warpgroups per program)")
     x = chunk_sequence(q, k, v, i, f, c_initial, n_initial, m_initial, eps, state_dtype, CHUNK, segment_ids, True)
     _, _, _, DHQK, DHV = x.dims
     dtype = jnp.result_type(q, k, v)
     if consumers is None:
-        consumers = auto_consumers(x.dims[0] * x.dims[1], DHQK, DHV, dtype, block_dhv, depth)
-    reason = chunkwise_mosaic_unsupported(DHQK, DHV, dtype, block_dhv, depth=depth, consumers=consumers)
+        consumers = auto_consumers(x.dims[0] * x.dims[1], DHQK, DHV, dtype, block_dhv, depth, scores)
+    reason = chunkwise_mosaic_unsupported(
+        DHQK, DHV, dtype, block_dhv, depth=depth, consumers=consumers, scores=scores
+    )  # fmt: skip
     if reason is not None:
         raise ValueError(f"chunkwise_mosaic_fw cannot run this call: {reason}")
     # Imported here: the backward module builds on this one's plan and kernel.
@@ -608,19 +749,23 @@ def chunkwise_mosaic_fw(
 
     if backward == "mosaic" and mosaic_backward_unsupported(DHQK, DHV, dtype, block_dhv, depth) is None:
         tiling = {"block_dhv": block_dhv, "depth": depth, "interpret": interpret}
+        forward_tiling = {**tiling, "scores": scores}
         # Under differentiation h leaves the kernel in float32: the normaliser's gradient, -Σ dh ⊙ h / den, cancels
         # against dh·v where one step dominates its row, and h rounded to bf16 would carry 2^-9 of |dh·v| into it.
         wide = jnp.float32
         grad_consumers = consumers
-        if chunkwise_mosaic_unsupported(DHQK, DHV, dtype, block_dhv, depth=depth, consumers=consumers, h_dtype=wide):
+        if chunkwise_mosaic_unsupported(
+            DHQK, DHV, dtype, block_dhv, depth=depth, consumers=consumers, h_dtype=wide, scores=scores
+        ):  # fmt: skip
             grad_consumers = 1  # two warpgroups' float32 h tiles may not fit beside the rest
 
         def products(q, k, v, plan, decay, c0):
-            return mosaic_chunkwise(q, k, v, plan, decay, c0, eps=eps, consumers=consumers, **tiling)
+            return mosaic_chunkwise(q, k, v, plan, decay, c0, eps=eps, consumers=consumers, **forward_tiling)
 
         def products_for_grad(q, k, v, plan, decay, c0):  # h in float32 and the border states as the residual
             return mosaic_chunkwise(
-                q, k, v, plan, decay, c0, eps=eps, consumers=grad_consumers, h_dtype=wide, borders=True, **tiling
+                q, k, v, plan, decay, c0, eps=eps, consumers=grad_consumers, h_dtype=wide, borders=True,
+                **forward_tiling,
             )  # fmt: skip
 
         def products_vjp(q, k, v, plan, decay, c0, h, borders, dh, dc_last):
@@ -639,7 +784,7 @@ def chunkwise_mosaic_fw(
     def run(q, k, v, i, f, states, segment_ids):
         c0, n0, m0 = states if states_given else (None, None, None)
         x = chunk_sequence(q, k, v, i, f, c0, n0, m0, eps, state_dtype, CHUNK, segment_ids, True)
-        h, last = _forward(x, eps, block_dhv, depth, consumers, interpret)
+        h, last = _forward(x, eps, block_dhv, depth, consumers, interpret, scores)
         return h.astype(q.dtype), cast_states(last, x.out_dtypes)
 
     def xla(q, k, v, i, f, states, segment_ids):
