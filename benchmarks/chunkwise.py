@@ -26,12 +26,13 @@ Rows of the table ``chunkwise``, per shape and mode:
   with the reason in the JSON's ``tfla`` facts.
 * ``xla L=...``: ``xlstm_jax.mlstm.chunkwise_fw`` at each of ``--xla-chunk-sizes`` (default 256, its best
   chunk size at these shapes in BENCHMARKS.md), jitted.
-* ``mosaic bdhv=... [d=...] [wg=...]``: ``xlstm_jax.kernels.chunkwise_mosaic.chunkwise_mosaic_fw`` (chunk
-  size 64), jitted, one row per kernel variant: each of ``--block-dhv`` (columns of c per warpgroup, default
-  32), ``--depth`` (TMA pipeline depth, default 2; ``d=`` in the label unless only the default is asked for)
-  and ``--consumers`` (warpgroups per program, default 1 and 2; ``wg=`` in the label unless only 1 is asked
-  for). Variants the kernel cannot run at the head shape (``chunkwise_mosaic_unsupported``: shared memory,
-  divisibility) are left out with a note. fwdbwd differentiates through its custom VJP, once per
+* ``mosaic bdhv=... [d=...] [wg=...] [sc=...]``: ``xlstm_jax.kernels.chunkwise_mosaic.chunkwise_mosaic_fw``
+  (chunk size 64), jitted, one row per kernel variant: each of ``--block-dhv`` (columns of c per warpgroup,
+  default 32), ``--depth`` (TMA pipeline depth, default 2; ``d=`` in the label unless only the default is
+  asked for), ``--consumers`` (warpgroups per program, default 1 and 2; ``wg=`` in the label unless only 1 is
+  asked for) and ``--scores`` (where the chunks' gated scores are computed, default ``in_kernel``; ``sc=`` in
+  the label unless only that is asked for). Variants the kernel cannot run at the head shape
+  (``chunkwise_mosaic_unsupported``: shared memory, divisibility) are left out with a note. fwdbwd differentiates through its custom VJP, once per
   ``--backward`` (``bw=`` in the label unless only ``xla`` is asked for): ``xla``, the XLA form's forward and
   backward; ``mosaic``, the kernel's forward and the Mosaic GPU backward kernels, once per
   ``--backward-consumers`` (their warpgroups per program, default 2; ``bwg=`` in the label unless only 2 is
@@ -92,7 +93,13 @@ from benchmarks.forms import RMS_BOUND, floor_counts, jitted, make_args, rel_rms
 from benchmarks.generate import PRESETS, prefill_flops, random_params
 from benchmarks.harness import Column, Report, add_arguments, ceilings_from_arguments, hardware_floor, time_jitted
 from xlstm_jax.generation import prefill
-from xlstm_jax.kernels.chunkwise_mosaic import BACKWARDS, CHUNK, chunkwise_mosaic_fw, chunkwise_mosaic_unsupported
+from xlstm_jax.kernels.chunkwise_mosaic import (
+    BACKWARDS,
+    CHUNK,
+    SCORES,
+    chunkwise_mosaic_fw,
+    chunkwise_mosaic_unsupported,
+)
 from xlstm_jax.mlstm import chunkwise_fw
 from xlstm_jax.models.xlstm_parallel.blocks.mlstm.backend import BACKENDS
 from xlstm_jax.models.xlstm_parallel.runtime import RuntimeConfig
@@ -207,6 +214,8 @@ def parse(argv: Sequence[str] | None) -> argparse.Namespace:
     p.add_argument("--block-dhv", type=int, nargs="*", default=[32], help="the kernel's columns per warpgroup")
     p.add_argument("--depth", type=int, nargs="+", default=[2], help="the kernel's TMA pipeline depths")
     p.add_argument("--consumers", type=int, nargs="+", default=[1, 2], help="the kernel's warpgroups per program")
+    p.add_argument("--scores", nargs="+", default=["in_kernel"], choices=list(SCORES),
+                   help="where the kernel's chunk scores are computed")  # fmt: skip
     p.add_argument("--backward", nargs="+", default=["xla", "mosaic"], choices=list(BACKWARDS),
                    help="what runs under the kernel's differentiation (fwdbwd rows)")  # fmt: skip
     p.add_argument("--backward-consumers", type=int, nargs="+", default=[2], choices=[1, 2],
@@ -316,23 +325,28 @@ def inputs(B: int, S: int, a: argparse.Namespace) -> tuple[jax.Array, ...]:
 
 
 def kernel_variants(a: argparse.Namespace) -> tuple[dict[str, dict[str, int]], list[str]]:
-    """The kernel variants of ``--block-dhv`` x ``--depth`` x ``--consumers`` that run at the head shape, as
-    ``{row name: {"block_dhv", "depth", "consumers", "backward", "backward_consumers"}}`` (each ``--backward``,
-    ``mosaic`` once per ``--backward-consumers``), and a note for each that does not."""
+    """The kernel variants of ``--block-dhv`` x ``--depth`` x ``--consumers`` x ``--scores`` that run at the head
+    shape, as ``{row name: {"block_dhv", "depth", "consumers", "scores", "backward", "backward_consumers"}}`` (each
+    ``--backward``, ``mosaic`` once per ``--backward-consumers``), and a note for each that does not."""
     variants, skipped = {}, []
     backwards = [(b, w) for b in a.backward for w in (a.backward_consumers if b == "mosaic" else [1])]
-    for bdhv, depth, consumers, (backward, bwg) in itertools.product(a.block_dhv, a.depth, a.consumers, backwards):
+    grid = itertools.product(a.block_dhv, a.depth, a.consumers, a.scores, backwards)
+    for bdhv, depth, consumers, scores, (backward, bwg) in grid:
         name = f"mosaic bdhv={bdhv}"
         name += f" d={depth}" if a.depth != [2] else ""
         name += f" wg={consumers}" if a.consumers != [1] else ""
+        name += f" sc={scores}" if a.scores != ["in_kernel"] else ""
         name += f" bw={backward}" if a.backward != ["xla"] else ""
         name += f" bwg={bwg}" if backward == "mosaic" and a.backward_consumers != [2] else ""
-        why = chunkwise_mosaic_unsupported(a.DHQK, a.DHV, jnp.bfloat16, bdhv, depth=depth, consumers=consumers)
+        why = chunkwise_mosaic_unsupported(
+            a.DHQK, a.DHV, jnp.bfloat16, bdhv, depth=depth, consumers=consumers, scores=scores
+        )  # fmt: skip
         if why is None:
             variants[name] = {
                 "block_dhv": bdhv,
                 "depth": depth,
                 "consumers": consumers,
+                "scores": scores,
                 "backward": backward,
                 "backward_consumers": bwg,
             }

@@ -67,6 +67,25 @@ def test_fwdbwd_rows_check_the_gradients(tmp_path):
         assert row["nondeterministic"] == 0 and row["ok"] is True
 
 
+def test_scores_variants_are_rows_of_their_own(tmp_path):
+    """``--scores in_kernel precomputed``: one fwd row per variant, labelled ``sc=``, each checked against the XLA
+    form; a variant that does not fit in shared memory at the head shape is a note, not a row."""
+    argv = ["--smoke", "--modes", "fwd", "--ceilings", "nominal", "--tfla", "skip", "--prefill-tokens"]
+    chunkwise.main([*argv, "--scores", "in_kernel", "precomputed", "--json", str(tmp_path / "out.json")])
+    rows = json.loads((tmp_path / "out.json").read_text())["tables"]["chunkwise"]
+    assert [(r["form"], r.get("scores")) for r in rows] == [
+        ("xla L=32", None),
+        ("mosaic bdhv=32 sc=in_kernel", "in_kernel"),
+        ("mosaic bdhv=32 sc=precomputed", "precomputed"),
+    ]
+    assert all(0 < r["rel_err"] <= r["bound"] and r["ok"] is True for r in rows[1:])
+    args = chunkwise.parse(["--DHQK", "256", "--DHV", "512", "--block-dhv", "64", "--consumers", "2",
+                            "--scores", "precomputed"])  # fmt: skip
+    variants, skipped = chunkwise.kernel_variants(args)
+    assert variants == {} and len(skipped) == 2  # bw=xla and bw=mosaic
+    assert all("sc=precomputed" in note and "KiB of shared memory" in note for note in skipped)
+
+
 def test_smoke_checks_the_kernel_against_the_xla_form(smoke):
     kernel = smoke["tables"]["chunkwise"][-1]
     assert kernel["bound"] == RMS_BOUND["bfloat16"] and kernel["check_stride"] == 1

@@ -356,7 +356,7 @@ def test_lowers_for_cuda(block_dhv, consumers, h_dtype, scores, borders):
 def test_backend_runs_the_kernel():
     """The ``chunkwise_mosaic`` backend calls the kernel for bf16 inputs (its name is in the jaxpr) and matches the
     float64 reference; float32 inputs run the XLA form (no kernel in the jaxpr); ``consumers=2`` runs the kernel
-    with two warpgroups where DHV allows, else the XLA form."""
+    with two warpgroups where DHV allows, else the XLA form; ``scores="precomputed"`` matches the reference too."""
     backend = create_mlstm_backend("chunkwise_mosaic", interpret=True if INTERPRET else None)
     x = random_inputs(21, 1, 2, 70, 64, 32, states=True)
     check_forward(backend, x, "bfloat16")
@@ -369,6 +369,12 @@ def test_backend_runs_the_kernel():
     assert "num_threads=2" in str(jax.make_jaxpr(two)(*wide))
     with pytest.raises(ValueError, match="consumers must be 1 or 2"):
         create_mlstm_backend("chunkwise_mosaic", consumers=3)
+    precomputed = create_mlstm_backend(
+        "chunkwise_mosaic", scores="precomputed", interpret=True if INTERPRET else None
+    )  # fmt: skip
+    check_forward(precomputed, x, "bfloat16")
+    with pytest.raises(ValueError, match=r"scores must be one of \('in_kernel', 'precomputed'\), got 'xla'"):
+        create_mlstm_backend("chunkwise_mosaic", scores="xla")
 
 
 @runs

@@ -18,6 +18,7 @@ import jax.numpy as jnp
 
 from xlstm_jax.kernels.chunkwise_mosaic import (
     BACKWARDS,
+    SCORES,
     auto_consumers,
     chunkwise_mosaic_fw,
     chunkwise_mosaic_unsupported,
@@ -51,6 +52,7 @@ def chunkwise_hopper_fw(
     interpret: bool | None = None,
     backward: str = "mosaic",
     backward_consumers: int = 2,
+    scores: str = "in_kernel",
 ) -> Any:
     """The chunkwise form: the Mosaic GPU kernel where it applies, else the XLA form with ``chunk_size`` (which also
     runs under differentiation: :func:`~xlstm_jax.kernels.chunkwise_mosaic.chunkwise_mosaic_fw`).
@@ -60,7 +62,8 @@ def chunkwise_hopper_fw(
     ``block_dhv`` and ``consumers``: the kernel's columns of c per warpgroup and warpgroups per program (None:
     :func:`~xlstm_jax.kernels.chunkwise_mosaic.auto_consumers`). ``backward``: what runs under differentiation
     where the kernel runs, the Mosaic GPU backward kernels (``"mosaic"``, where they cover the shape) or the XLA
-    form (``"xla"``); ``backward_consumers``: the backward kernels' warpgroups per program, 1 or 2.
+    form (``"xla"``); ``backward_consumers``: the backward kernels' warpgroups per program, 1 or 2. ``scores``:
+    where the kernel's chunk scores are computed, ``"in_kernel"`` or ``"precomputed"`` (once per head in XLA).
     """
     use_kernel = interpret if interpret is not None else device_supports_mosaic()
     dtype = jnp.result_type(q, k, v)
@@ -69,13 +72,13 @@ def chunkwise_hopper_fw(
         states_dtype = jnp.dtype(c_initial.dtype)
     DHQK, DHV = q.shape[-1], v.shape[-1]
     if consumers is None:
-        consumers = auto_consumers(q.shape[0] * q.shape[1], DHQK, DHV, dtype, block_dhv)
-    fits = chunkwise_mosaic_unsupported(DHQK, DHV, dtype, block_dhv, consumers=consumers) is None
+        consumers = auto_consumers(q.shape[0] * q.shape[1], DHQK, DHV, dtype, block_dhv, scores=scores)
+    fits = chunkwise_mosaic_unsupported(DHQK, DHV, dtype, block_dhv, consumers=consumers, scores=scores) is None
     if use_kernel and fits and states_dtype in (None, jnp.dtype(jnp.float32)):
         return chunkwise_mosaic_fw(
             q, k, v, i, f, c_initial, n_initial, m_initial, return_last_states, eps, state_dtype,
             segment_ids=segment_ids, block_dhv=block_dhv, consumers=consumers, interpret=bool(interpret),
-            xla_chunk_size=chunk_size, backward=backward, backward_consumers=backward_consumers,
+            xla_chunk_size=chunk_size, backward=backward, backward_consumers=backward_consumers, scores=scores,
         )  # fmt: skip
     return chunkwise_fw(
         q, k, v, i, f, c_initial, n_initial, m_initial, return_last_states, eps, state_dtype, chunk_size,
@@ -106,6 +109,9 @@ class mLSTMBackendChunkwiseMosaicConfig(mLSTMBackendConfig):
             XLA form forward and backward (``chunk_size``). BENCHMARKS.md compares them.
         backward_consumers: Warpgroups per program of the Mosaic GPU backward kernels, 1 or 2 (2, the faster on
             an H200: BENCHMARKS.md; each kernel runs one where two do not fit).
+        scores: Where the kernel's chunk scores and denominators are computed: ``"in_kernel"``, by every
+            warpgroup; ``"precomputed"``, once per head in XLA before the kernel
+            (:func:`~xlstm_jax.kernels.chunkwise_mosaic.normalised_scores`).
     """
 
     chunk_size: int = 256
@@ -114,6 +120,7 @@ class mLSTMBackendChunkwiseMosaicConfig(mLSTMBackendConfig):
     interpret: bool | None = None
     backward: str = "mosaic"
     backward_consumers: int = 2
+    scores: str = "in_kernel"
 
     def __post_init__(self) -> None:
         super().__post_init__()
@@ -128,6 +135,8 @@ class mLSTMBackendChunkwiseMosaicConfig(mLSTMBackendConfig):
             raise ValueError(f"backward must be one of {BACKWARDS}, got {self.backward!r}")
         if self.backward_consumers not in (1, 2) or isinstance(self.backward_consumers, bool):
             raise ValueError(f"backward_consumers must be 1 or 2 (warpgroups), got {self.backward_consumers!r}")
+        if self.scores not in SCORES:
+            raise ValueError(f"scores must be one of {SCORES}, got {self.scores!r}")
 
 
 class mLSTMBackendChunkwiseMosaic(mLSTMBackend):
