@@ -21,6 +21,7 @@ from tests.numerics import TOL, assert_close
 from xlstm_jax.kernels.chunkwise_mosaic import (
     _BREAKS,
     _BREAKS_COL,
+    _COL,
     _INTER,
     _LOWER,
     _PLAN_ROWS,
@@ -93,6 +94,39 @@ def test_products_match_the_kernel():
     np.testing.assert_array_equal(np.asarray(h32.astype(jnp.bfloat16)), np.asarray(h_kernel))
     expected = chunk_borders(*ops[1:])[0]  # (BH, NC, DHQK, DHV) float32
     assert_close("borders", np.asarray(borders, np.float32), expected.reshape(borders.shape), TOL["bfloat16/float32"])
+    # Precomputed scores: the same h, last state and borders, and the steps' (qn, den) for the backward.
+    pre = functools.partial(mosaic_chunkwise, eps=EPS, interpret=True, scores="precomputed")
+    h_pre, c_pre = pre(*ops)
+    assert_close("h (precomputed)", np.asarray(h_pre, np.float32), h, TOL["bfloat16/float32"])
+    assert_close("c (precomputed)", c_pre, c, TOL["bfloat16/float32"])
+    h32, c32, borders, (qn, den) = pre(*ops, h_dtype=jnp.float32, borders=True, normaliser=True)
+    np.testing.assert_array_equal(np.asarray(h32.astype(jnp.bfloat16)), np.asarray(h_pre))
+    assert_close("borders (precomputed)", np.asarray(borders, np.float32), expected.reshape(borders.shape),
+                 TOL["bfloat16/float32"])  # fmt: skip
+    q, k, _, plan, _, _ = ops
+    expected_qn, expected_den, size = _step_normaliser(q, k, plan)
+    # float32: each P element a sum of DHQK exact bf16 products times D and the scale (DHQK + 2 roundings of 2^-24),
+    # then qn a sum of L + 1 terms: within (DHQK + L + 3) · 2^-24 of the terms' sizes; den adds one rounding (+ eps).
+    bound = (q.shape[-1] + CHUNK + 3) * 2.0**-24 * size
+    assert np.all(np.abs(np.asarray(qn) - expected_qn) <= bound)
+    assert np.all(np.abs(np.asarray(den) - expected_den) <= bound + 2.0**-24 * expected_den)
+    with pytest.raises(ValueError, match="normaliser=True needs scores='precomputed'"):
+        mosaic_chunkwise(*ops, eps=EPS, interpret=True, normaliser=True)
+
+
+def _step_normaliser(q, k, plan):
+    """Each step's (qn, den) in float64 from the chunks' scores (the module docstring's equations), and the size of
+    the terms summed into qn (Σ|P| + |QN|)."""
+    BH, S, DHQK = q.shape
+    NC = S // CHUNK
+    q, k = (np.asarray(x, np.float64).reshape(BH, NC, CHUNK, DHQK) for x in (q, k))
+    rows = np.asarray(plan, np.float64).reshape(BH, NC, _PLAN_ROWS, CHUNK)
+    keep = np.tril(np.ones((CHUNK, CHUNK), bool)) & (rows[:, :, _BREAKS, :, None] == rows[:, :, _BREAKS, None, :])
+    with np.errstate(over="ignore"):
+        d = np.where(keep, np.exp(rows[:, :, _ROW, :, None] + rows[:, :, _COL, None, :]), 0.0)
+    p = np.einsum("bctd,bcsd->bcts", q, k) * d / np.sqrt(DHQK)
+    qn = p.sum(-1) + rows[:, :, _QN]
+    return qn, np.maximum(np.abs(qn), rows[:, :, _LOWER]) + EPS, np.abs(p).sum(-1) + np.abs(rows[:, :, _QN])
 
 
 def _ties(ops):

@@ -517,7 +517,32 @@ def _chunk_body(
     group.state_out(c_last, c_ref, bh)
 
 
-def normalised_scores(q: jax.Array, k: jax.Array, plan: jax.Array, eps: float) -> tuple[jax.Array, jax.Array]:
+def _dot(spec: str, a: jax.Array, b: jax.Array, acc: Any) -> jax.Array:
+    """A product of two tiles with ``acc`` accumulation (float32 or float64), at full precision."""
+    return jnp.einsum(spec, a, b, preferred_element_type=acc, precision=lax.Precision.HIGHEST)
+
+
+def _scores(q, k, plan, acc):
+    """One chunk's scores from its (L, DHQK) q and k tiles and (8, L) plan rows: ``(S, D, P)``, each (L, L) in ``acc``
+    (``S = q kᵀ``, ``D`` the masked gate matrix, ``P = S ⊙ D · DHQK^-1/2``)."""
+    L, DHQK = q.shape
+    s = _dot("td,sd->ts", q, k, acc)
+    t_ids, s_ids = lax.broadcasted_iota(jnp.int32, (L, L), 0), lax.broadcasted_iota(jnp.int32, (L, L), 1)
+    mask = (s_ids <= t_ids) & (plan[_BREAKS][:, None] == plan[_BREAKS_COL][None, :])
+    # The log masked before exp (not the exp after): the same D, and no 0 · inf in autodiff of the masked entries.
+    d = jnp.exp(jnp.where(mask, plan[_ROW][:, None] + plan[_COL][None, :], -jnp.inf))
+    return s, d, s * d * (1.0 / math.sqrt(DHQK))
+
+
+def _normaliser(p, plan, eps):
+    """``(qn, den)`` of one chunk, (L,) each, from its gated scores P."""
+    qn = jnp.sum(p, axis=1) + plan[_QN]
+    return qn, jnp.maximum(jnp.abs(qn), plan[_LOWER]) + eps
+
+
+def normalised_scores(
+    q: jax.Array, k: jax.Array, plan: jax.Array, eps: float
+) -> tuple[jax.Array, jax.Array, tuple[jax.Array, jax.Array]]:
     """Every chunk's gated scores over its steps' denominators, and the readout the kernel needs with them (XLA).
 
     What the kernel computes per chunk with ``scores="in_kernel"`` (module docstring), once per head instead of
@@ -531,25 +556,35 @@ def normalised_scores(q: jax.Array, k: jax.Array, plan: jax.Array, eps: float) -
 
     Returns:
         ``(P / den (BH, S, L) in q's dtype (chunk j's (L, L) block in rows j·L...), readout (BH, NC * 2, L)
-        float32)``, the readout's rows per chunk ``w / den`` and the steps' gains.
+        float32, (qn, den))``: the readout's rows per chunk ``w / den`` and the steps' gains; ``qn = rowsum P +
+        q̂·n_border`` and den per step, (BH, NC, L) float32 each (what the backward's normaliser gradient reads).
     """
     BH, S, DHQK = q.shape
-    L, NC, f32 = CHUNK, S // CHUNK, jnp.float32
-    rows = plan.reshape(BH, NC, _PLAN_ROWS, L)
-    row, col, breaks = rows[:, :, _ROW], rows[:, :, _COL], rows[:, :, _BREAKS]
-    scores = jnp.einsum(
-        "bcld,bcsd->bcls", q.reshape(BH, NC, L, DHQK), k.reshape(BH, NC, L, DHQK), preferred_element_type=f32
-    )  # fmt: skip
-    keep = jnp.tril(jnp.ones((L, L), bool)) & (breaks[..., :, None] == breaks[..., None, :])
-    d = jnp.where(keep, jnp.exp(row[..., :, None] + col[..., None, :]), 0.0)
-    p = scores * d * (1.0 / math.sqrt(DHQK))
-    den = jnp.maximum(jnp.abs(p.sum(axis=-1) + rows[:, :, _QN]), rows[:, :, _LOWER]) + eps
-    readout = jnp.stack([rows[:, :, _INTER] / den, rows[:, :, _GAIN]], axis=2)
-    return (p / den[..., None]).astype(q.dtype).reshape(BH, S, L), readout.reshape(BH, NC * _READOUT_ROWS, L)
+    L, NC = CHUNK, S // CHUNK
+
+    def one(q, k, plan):  # one chunk: (L, DHQK) tiles and (8, L) rows
+        _, _, p = _scores(q, k, plan, jnp.float32)
+        qn, den = _normaliser(p, plan, eps)
+        return (p / den[:, None]).astype(q.dtype), jnp.stack([plan[_INTER] / den, plan[_GAIN]]), (qn, den)
+
+    chunks = (q.reshape(BH, NC, L, DHQK), k.reshape(BH, NC, L, DHQK), plan.reshape(BH, NC, _PLAN_ROWS, L))
+    p, readout, normaliser = jax.vmap(jax.vmap(one))(*chunks)
+    return p.reshape(BH, S, L), readout.reshape(BH, NC * _READOUT_ROWS, L), normaliser
 
 
 @functools.partial(
-    jax.jit, static_argnames=("eps", "block_dhv", "depth", "consumers", "interpret", "h_dtype", "borders", "scores")
+    jax.jit,
+    static_argnames=(
+        "eps",
+        "block_dhv",
+        "depth",
+        "consumers",
+        "interpret",
+        "h_dtype",
+        "borders",
+        "scores",
+        "normaliser",
+    ),
 )
 def mosaic_chunkwise(
     q: jax.Array,  # (BH, S, DHQK), S a multiple of CHUNK
@@ -567,6 +602,7 @@ def mosaic_chunkwise(
     h_dtype: Any = None,
     borders: bool = False,
     scores: str = "in_kernel",
+    normaliser: bool = False,
 ) -> tuple[jax.Array, ...]:
     """The kernel on ``BH`` flattened heads, from :func:`chunk_plan`'s plan; the caller checks shapes.
 
@@ -576,11 +612,13 @@ def mosaic_chunkwise(
     backward's border states; a TMA store of the tile the kernel already holds, per chunk).
     ``scores``: ``"in_kernel"``, every warpgroup computes its chunk's gated scores and denominators;
     ``"precomputed"``, XLA computes them once per head before the kernel (:func:`normalised_scores`), which reads
-    ``P / den`` as a tile per chunk.
+    ``P / den`` as a tile per chunk. ``normaliser`` (precomputed scores only): also return the steps' ``(qn, den)``
+    that :func:`normalised_scores` computed, for the backward.
 
     Returns:
         ``(h (BH, S, DHV) in h_dtype, c after the last chunk (BH, DHQK, DHV) float32)``, and with ``borders``
-        ``r(C_j)`` before every chunk j, (BH, NC * DHQK, DHV) in q's dtype, third.
+        ``r(C_j)`` before every chunk j, (BH, NC * DHQK, DHV) in q's dtype, third; with ``normaliser``,
+        ``(qn, den)`` (BH, NC, L) float32 each, last.
     """
     BH, S, DHQK = q.shape
     DHV = v.shape[-1]
@@ -589,8 +627,12 @@ def mosaic_chunkwise(
     )  # fmt: skip
     if reason is not None:
         raise ValueError(f"the Mosaic GPU chunkwise kernel cannot run this shape: {reason}")
-    params = require_mosaic_interpreter(consumers) if interpret else None
     precomputed = scores == "precomputed"
+    if normaliser and not precomputed:
+        raise ValueError(
+            f"normaliser=True needs scores='precomputed' (the normaliser is computed in XLA there), got {scores!r}"
+        )
+    params = require_mosaic_interpreter(consumers) if interpret else None
     body = functools.partial(
         _chunk_body, eps=eps, block_dhv=block_dhv, depth=depth, consumers=consumers, interpret=interpret,
         precomputed=precomputed,
@@ -608,10 +650,11 @@ def mosaic_chunkwise(
         name="mlstm_chunkwise_mosaic",
         **({"interpret": params} if interpret else {}),
     )
-    if precomputed:
-        p, readout = normalised_scores(q, k, plan, eps)
-        return kernel(q, k, v, readout, decay, c0, p)
-    return kernel(q, k, v, plan, decay, c0)
+    if not precomputed:
+        return kernel(q, k, v, plan, decay, c0)
+    p, readout, qn_den = normalised_scores(q, k, plan, eps)
+    out = kernel(q, k, v, readout, decay, c0, p)
+    return (*out, qn_den) if normaliser else out
 
 
 def chunk_plan(x: ChunkedSequence) -> tuple[jax.Array, jax.Array, tuple[jax.Array, jax.Array]]:
@@ -762,15 +805,21 @@ def chunkwise_mosaic_fw(
         def products(q, k, v, plan, decay, c0):
             return mosaic_chunkwise(q, k, v, plan, decay, c0, eps=eps, consumers=consumers, **forward_tiling)
 
-        def products_for_grad(q, k, v, plan, decay, c0):  # h in float32 and the border states as the residual
-            return mosaic_chunkwise(
-                q, k, v, plan, decay, c0, eps=eps, consumers=grad_consumers, h_dtype=wide, borders=True,
-                **forward_tiling,
-            )  # fmt: skip
+        precomputed = scores == "precomputed"
 
-        def products_vjp(q, k, v, plan, decay, c0, h, borders, dh, dc_last):
+        def products_for_grad(q, k, v, plan, decay, c0):
+            """h in float32; the residual: the border states and, with precomputed scores, the normaliser."""
+            h, c_last, borders, *normaliser = mosaic_chunkwise(
+                q, k, v, plan, decay, c0, eps=eps, consumers=grad_consumers, h_dtype=wide, borders=True,
+                normaliser=precomputed, **forward_tiling,
+            )  # fmt: skip
+            return h, c_last, (borders, normaliser[0] if normaliser else None)
+
+        def products_vjp(q, k, v, plan, decay, c0, h, residual, dh, dc_last):
+            borders, normaliser = residual
             return mosaic_products_vjp(
-                q, k, v, plan, decay, c0, eps, h, dh, dc_last, borders=borders, consumers=backward_consumers, **tiling
+                q, k, v, plan, decay, c0, eps, h, dh, dc_last, borders=borders, normaliser=normaliser,
+                consumers=backward_consumers, **tiling,
             )  # fmt: skip
 
         return split_cell(

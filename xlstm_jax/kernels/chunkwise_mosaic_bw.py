@@ -69,6 +69,9 @@ from xlstm_jax.kernels.chunkwise_mosaic import (
     _QN,
     _ROW,
     CHUNK,
+    _dot,
+    _normaliser,
+    _scores,
     chunk_plan,
     chunkwise_mosaic_unsupported,
 )
@@ -94,11 +97,6 @@ __all__ = [
     "mosaic_products_vjp",
     "split_cell",
 ]
-
-
-def _dot(spec: str, a: jax.Array, b: jax.Array, acc: Any) -> jax.Array:
-    """A product of two tiles with ``acc`` accumulation (float32 or float64), at full precision."""
-    return jnp.einsum(spec, a, b, preferred_element_type=acc, precision=lax.Precision.HIGHEST)
 
 
 def _check(q, k, v, plan, decay, c0) -> tuple[int, int, int, int, int, int]:
@@ -132,23 +130,6 @@ def _chunks(q, k, v, plan, NC, L):
         v.reshape(BH, NC, L, -1),
         plan.reshape(BH, NC, _PLAN_ROWS, L),
     )
-
-
-def _scores(q, k, plan, acc):
-    """One chunk's scores: ``(S, D, P)``, each (L, L) in ``acc`` (module docstring)."""
-    L, DHQK = q.shape
-    s = _dot("td,sd->ts", q, k, acc)
-    t_ids, s_ids = lax.broadcasted_iota(jnp.int32, (L, L), 0), lax.broadcasted_iota(jnp.int32, (L, L), 1)
-    mask = (s_ids <= t_ids) & (plan[_BREAKS][:, None] == plan[_BREAKS_COL][None, :])
-    # The log masked before exp (not the exp after): the same D, and no 0 · inf in autodiff of the masked entries.
-    d = jnp.exp(jnp.where(mask, plan[_ROW][:, None] + plan[_COL][None, :], -jnp.inf))
-    return s, d, s * d * (1.0 / math.sqrt(DHQK))
-
-
-def _normaliser(p, plan, eps):
-    """``(qn, den)`` of one chunk, (L,) each, from its gated scores P."""
-    qn = jnp.sum(p, axis=1) + plan[_QN]
-    return qn, jnp.maximum(jnp.abs(qn), plan[_LOWER]) + eps
 
 
 def _gated_values(v, plan, acc):
@@ -403,6 +384,7 @@ def mosaic_products_vjp(
     dc_last: jax.Array,  # (BH, DHQK, DHV)
     *,
     borders: jax.Array | None = None,  # (BH, NC * DHQK, DHV)
+    normaliser: tuple[jax.Array, jax.Array] | None = None,  # (qn, den), (BH, NC, CHUNK) float32 each
     block_dhv: int = 32,
     depth: int = 2,
     consumers: int = 1,
@@ -423,6 +405,9 @@ def mosaic_products_vjp(
         dc_last: The cotangent of the last state (BH, DHQK, DHV).
         borders: The border states r(C_j) (BH, NC * DHQK, DHV) in q's dtype where the forward wrote them
             (``mosaic_chunkwise(..., borders=True)``); None computes them (stage (a)).
+        normaliser: Each step's ``(qn, den)`` (BH, NC, L) float32 where the forward computed them
+            (``mosaic_chunkwise(..., scores="precomputed", normaliser=True)``); None computes them in XLA from
+            the chunks' scores.
         block_dhv, depth: Columns of a state per program and chunks in flight of the scans and the gradient kernel.
         consumers: Warpgroups per program of the scans and the gradient kernel, 1 or 2; a kernel that cannot run
             two at this shape (its ``*_unsupported`` says why) runs one.
@@ -453,8 +438,13 @@ def mosaic_products_vjp(
         borders, _ = mosaic_state_scan(k, v, row(_GAIN), decay, c0, reverse=False, **scan)
     elif borders.shape != (BH, NC * DHQK, DHV) or borders.dtype != dtype:
         raise ValueError(f"borders {borders.shape} {borders.dtype} must be {(BH, NC * DHQK, DHV)} {dtype}")
-    per_chunk = lambda q, k, plan: _normaliser(_scores(q, k, plan, f32)[2], plan, eps)  # noqa: E731
-    qn, den = jax.vmap(jax.vmap(per_chunk))(qc, kc, pc)  # (BH, NC, L) each
+    if normaliser is None:
+        per_chunk = lambda q, k, plan: _normaliser(_scores(q, k, plan, f32)[2], plan, eps)  # noqa: E731
+        normaliser = jax.vmap(jax.vmap(per_chunk))(qc, kc, pc)
+    elif any(x.shape != (BH, NC, L) or x.dtype != f32 for x in normaliser):
+        shapes = [(x.shape, str(x.dtype)) for x in normaliser]
+        raise ValueError(f"normaliser (qn, den) {shapes} must be two {(BH, NC, L)} float32 arrays")
+    qn, den = normaliser  # (BH, NC, L) each
     hc, dhc = h.reshape(BH, NC, L, DHV), dh.reshape(BH, NC, L, DHV)
     dqn, dlower = _normaliser_vjp(qn, den, row(_LOWER), hc, dhc)
     rden = 1.0 / den
