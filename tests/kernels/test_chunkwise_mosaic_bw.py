@@ -31,7 +31,13 @@ from xlstm_jax.kernels.chunkwise_mosaic import (
     chunk_plan,
     mosaic_chunkwise,
 )
-from xlstm_jax.kernels.chunkwise_mosaic_bw import chunk_borders, chunk_products, chunk_products_vjp, chunkwise_split_fw
+from xlstm_jax.kernels.chunkwise_mosaic_bw import (
+    chunk_borders,
+    chunk_products,
+    chunk_products_vjp,
+    chunkwise_split_fw,
+    mosaic_products_vjp,
+)
 from xlstm_jax.kernels.mosaic import mosaic_interpret_params
 from xlstm_jax.mlstm.chunkwise import chunk_sequence, chunkwise_fw
 
@@ -284,3 +290,9 @@ def test_bad_shapes_raise():
         chunk_products_vjp(q, k, v, plan, decay, c0, EPS, q, c0)
     with pytest.raises(ValueError, match=r"borders.shape=\(1, 4, 3\) must be"):
         chunk_products_vjp(q, k, v, plan, decay, c0, EPS, v, c0, borders=c0)
+    ops = operands(random_inputs(0, 1, 1, 64, 64, 32), jnp.bfloat16)
+    borders = jnp.zeros((1, 64, 32), jnp.bfloat16)  # one chunk's r(C_0)
+    h = jnp.zeros((1, 64, 32), jnp.float32)
+    bad = (jnp.zeros((1, 1, CHUNK), jnp.float32), jnp.ones((1, 1, CHUNK), jnp.bfloat16))
+    with pytest.raises(ValueError, match=r"normaliser \(qn, den\) .* must be two \(1, 1, 64\) float32 arrays"):
+        mosaic_products_vjp(*ops, EPS, h, h, ops[5], borders=borders, normaliser=bad, interpret=True)
