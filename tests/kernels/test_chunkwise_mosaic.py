@@ -85,6 +85,17 @@ def test_matches_reference(B, NH, S, DHQK, DHV, states, fgate, igate, block_dhv,
 
 @runs
 @SCORES_ARGS
+def test_head_size_512_with_one_chunk_in_flight(scores):
+    """DHQK=512 (the largest head the issue asks for) fits a Hopper block only with one chunk in flight (depth=1:
+    q and k alone are 128 KiB per slot); against the float64 recurrence, with initial states and extreme gates."""
+    assert chunkwise_mosaic_unsupported(512, 64, jnp.bfloat16, 32, scores=scores) is not None  # depth=2
+    assert chunkwise_mosaic_unsupported(512, 64, jnp.bfloat16, 32, depth=1, scores=scores) is None
+    x = random_inputs(17, 1, 1, 100, 512, 64, states=True, igate="extreme")
+    check_forward(functools.partial(kernel(scores=scores), depth=1), x, "bfloat16")
+
+
+@runs
+@SCORES_ARGS
 def test_resets(scores):
     """Forget gates of -inf empty the state: in a chunk's first step, inside a chunk and in its last step."""
     x = random_inputs(5, 1, 2, 130, 64, 32, states=True)
@@ -324,29 +335,30 @@ def test_auto_consumers_keeps_small_grids_on_one_warpgroup():
 
 
 @pytest.mark.parametrize(
-    ("block_dhv", "consumers", "h_dtype", "scores", "borders"),
+    ("block_dhv", "consumers", "h_dtype", "scores", "borders", "DHQK", "depth"),
     [
-        (32, 1, None, "in_kernel", False),
-        (64, 1, None, "in_kernel", False),
-        (32, 2, jnp.float32, "in_kernel", True),
-        (32, 1, None, "precomputed", False),
-        (64, 1, None, "precomputed", False),
-        (32, 2, jnp.float32, "precomputed", True),
+        (32, 1, None, "in_kernel", False, 256, 2),
+        (64, 1, None, "in_kernel", False, 256, 2),
+        (32, 2, jnp.float32, "in_kernel", True, 256, 2),
+        (32, 1, None, "precomputed", False, 256, 2),
+        (64, 1, None, "precomputed", False, 256, 2),
+        (32, 2, jnp.float32, "precomputed", True, 256, 2),
+        (32, 1, None, "precomputed", False, 512, 1),
     ],
 )
-def test_lowers_for_cuda(block_dhv, consumers, h_dtype, scores, borders):
+def test_lowers_for_cuda(block_dhv, consumers, h_dtype, scores, borders, DHQK, depth):
     """Tracing and Mosaic GPU lowering at the xLSTM-7B head shape (DHQK=256; the layouts, the operands' shared
     swizzle, the shared-memory budget, two warpgroups' barriers, h in float32 and the border states as under
-    differentiation, the state update accumulated onto the decayed state with precomputed scores) succeed on any
-    machine."""
-    BH, S, DHQK, DHV, f32, A = 2, 2 * CHUNK, 256, 128, jnp.float32, jax.ShapeDtypeStruct
+    differentiation, the state update accumulated onto the decayed state with precomputed scores; DHQK=512 with
+    one chunk in flight) succeed on any machine."""
+    BH, S, DHV, f32, A = 2, 2 * CHUNK, 128, jnp.float32, jax.ShapeDtypeStruct
     avals = (
         A((BH, S, DHQK), jnp.bfloat16), A((BH, S, DHQK), jnp.bfloat16), A((BH, S, DHV), jnp.bfloat16),
         A((BH, S // CHUNK * 8, CHUNK), f32), A((BH, S // CHUNK), f32), A((BH, DHQK, DHV), f32),
     )  # fmt: skip
     step = functools.partial(
         mosaic_chunkwise, eps=1e-6, block_dhv=block_dhv, consumers=consumers, h_dtype=h_dtype, scores=scores,
-        borders=borders,
+        borders=borders, depth=depth,
     )  # fmt: skip
     text = jax.jit(step).trace(*avals).lower(lowering_platforms=("cuda",)).as_text()
     assert "mosaic_gpu" in text
