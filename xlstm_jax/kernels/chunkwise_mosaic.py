@@ -44,8 +44,9 @@ The same function as :func:`xlstm_jax.mlstm.chunkwise.chunkwise_fw` (initial sta
 Limits. Hopper (TMA and WGMMA, compute capability 9.0). bf16 or f16 inputs (the WGMMA operand dtypes; float32
 inputs would run as TF32 and are left to the XLA form); DHQK a multiple of 64, DHV a multiple of
 ``consumers * block_dhv`` (block_dhv 32 or 64, consumers 1 or 2), the tiles within Hopper's 227 KiB of shared
-memory per block (DHQK=512 fits with one chunk in flight, ``depth=1``: its q and k tiles are 128 KiB per slot). Non-finite values in k or v make h non-finite in their whole chunk (the XLA form keeps
-the steps before them finite). :func:`chunkwise_mosaic_unsupported` says why a call cannot run.
+memory per block (DHQK=512 fits with one chunk in flight, ``depth=1``: its q and k tiles are 128 KiB per slot).
+Non-finite values in k or v make h non-finite in their whole chunk (the XLA form keeps the steps before them
+finite). :func:`chunkwise_mosaic_unsupported` says why a call cannot run.
 
 Gradients: a ``custom_vjp``, chosen by ``backward``. A call that is only evaluated runs the kernel. Under
 differentiation (``jax.grad``, ``jax.vjp``) ``backward="mosaic"`` (the default) runs this kernel forward and the
