@@ -34,10 +34,10 @@ Rows of the table ``chunkwise``, per shape and mode:
   the label unless only that is asked for). Variants the kernel cannot run at the head shape
   (``chunkwise_mosaic_unsupported``: shared memory, divisibility) are left out with a note. fwdbwd
   differentiates through its custom VJP, once per ``--backward`` (``bw=`` in the label unless only ``xla`` is
-  asked for): ``xla``, the XLA form's forward and backward; ``mosaic``, the kernel's forward and the Mosaic GPU backward kernels, once per
-  ``--backward-consumers`` (their warpgroups per program, default 2; ``bwg=`` in the label unless only 2 is
-  asked for). fwd rows are timed once per variant and carry no ``bw=`` (the backward does not change the
-  forward).
+  asked for): ``xla``, the XLA form's forward and backward; ``mosaic``, the kernel's forward and the Mosaic
+  GPU backward kernels, once per ``--backward-consumers`` (their warpgroups per program, default 2; ``bwg=`` in
+  the label unless only 2 is asked for). fwd rows are timed once per variant and carry no ``bw=`` (the
+  backward does not change the forward).
 
 Columns: ``ms`` the median time of a call (``benchmarks/harness.py``'s ``time_jitted``: compilation apart,
 ``--repeats`` samples); ``spread`` (max - min) / median; ``compile s``; ``Mtok/s`` B·S over the time;
