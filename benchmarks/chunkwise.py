@@ -36,8 +36,9 @@ Rows of the table ``chunkwise``, per shape and mode:
   differentiates through its custom VJP, once per ``--backward`` (``bw=`` in the label unless only ``xla`` is
   asked for): ``xla``, the XLA form's forward and backward; ``mosaic``, the kernel's forward and the Mosaic
   GPU backward kernels, once per ``--backward-consumers`` (their warpgroups per program, default 2; ``bwg=`` in
-  the label unless only 2 is asked for). fwd rows are timed once per variant and carry no ``bw=`` (the
-  backward does not change the forward).
+  the label unless only 2 is asked for) and ``--scan-block-dhv`` (the reverse state scan's columns per
+  warpgroup, default 32; ``sbd=`` unless only 32 is asked for). fwd rows are timed once per variant and carry
+  no ``bw=`` (the backward does not change the forward).
 
 Columns: ``ms`` the median time of a call (``benchmarks/harness.py``'s ``time_jitted``: compilation apart,
 ``--repeats`` samples); ``spread`` (max - min) / median; ``compile s``; ``Mtok/s`` B·S over the time;
@@ -220,6 +221,8 @@ def parse(argv: Sequence[str] | None) -> argparse.Namespace:
                    help="what runs under the kernel's differentiation (fwdbwd rows)")  # fmt: skip
     p.add_argument("--backward-consumers", type=int, nargs="+", default=[2], choices=[1, 2],
                    help="warpgroups per program of the Mosaic backward kernels (bw=mosaic rows)")  # fmt: skip
+    p.add_argument("--scan-block-dhv", type=int, nargs="+", default=[32], choices=[32, 64],
+                   help="columns per warpgroup of the Mosaic backward's reverse scan (bw=mosaic rows)")  # fmt: skip
     p.add_argument("--interpret", action="store_true", help="run the kernel in Mosaic GPU's interpreter")
     p.add_argument("--xla-chunk-sizes", type=int, nargs="*", default=[256], help="chunk sizes of the XLA form")
     p.add_argument("--check-stride", type=int, default=8, help="compare every this many columns of h")
@@ -326,18 +329,25 @@ def inputs(B: int, S: int, a: argparse.Namespace) -> tuple[jax.Array, ...]:
 
 def kernel_variants(a: argparse.Namespace) -> tuple[dict[str, dict[str, int]], list[str]]:
     """The kernel variants of ``--block-dhv`` x ``--depth`` x ``--consumers`` x ``--scores`` that run at the head
-    shape, as ``{row name: {"block_dhv", "depth", "consumers", "scores", "backward", "backward_consumers"}}`` (each
-    ``--backward``, ``mosaic`` once per ``--backward-consumers``), and a note for each that does not."""
+    shape, as ``{row name: {"block_dhv", "depth", "consumers", "scores", "backward", "backward_consumers",
+    "backward_scan_block_dhv"}}`` (each ``--backward``, ``mosaic`` once per ``--backward-consumers`` and
+    ``--scan-block-dhv``), and a note for each that does not."""
     variants, skipped = {}, []
-    backwards = [(b, w) for b in a.backward for w in (a.backward_consumers if b == "mosaic" else [1])]
+    backwards = [
+        (b, w, sb)
+        for b in a.backward
+        for w in (a.backward_consumers if b == "mosaic" else [1])
+        for sb in (a.scan_block_dhv if b == "mosaic" else [None])
+    ]
     grid = itertools.product(a.block_dhv, a.depth, a.consumers, a.scores, backwards)
-    for bdhv, depth, consumers, scores, (backward, bwg) in grid:
+    for bdhv, depth, consumers, scores, (backward, bwg, scan_block) in grid:
         name = f"mosaic bdhv={bdhv}"
         name += f" d={depth}" if a.depth != [2] else ""
         name += f" wg={consumers}" if a.consumers != [1] else ""
         name += f" sc={scores}" if a.scores != ["in_kernel"] else ""
         name += f" bw={backward}" if a.backward != ["xla"] else ""
         name += f" bwg={bwg}" if backward == "mosaic" and a.backward_consumers != [2] else ""
+        name += f" sbd={scan_block}" if backward == "mosaic" and a.scan_block_dhv != [32] else ""
         why = chunkwise_mosaic_unsupported(
             a.DHQK, a.DHV, jnp.bfloat16, bdhv, depth=depth, consumers=consumers, scores=scores
         )  # fmt: skip
@@ -349,6 +359,7 @@ def kernel_variants(a: argparse.Namespace) -> tuple[dict[str, dict[str, int]], l
                 "scores": scores,
                 "backward": backward,
                 "backward_consumers": bwg,
+                "backward_scan_block_dhv": scan_block,
             }
         else:
             skipped.append(f"{name}: left out, {why}")
@@ -440,8 +451,14 @@ def bench_shape(report: Report, a: argparse.Namespace, B: int, S: int, tfla: dic
         for name, (form, L, kind, settings) in table.items():
             label, fields = name, dict(settings)
             if mode == "fwd" and kind == "mosaic":  # the backward does not change the forward: one row, no bw=
-                first = (a.backward[0], a.backward_consumers[0] if a.backward[0] == "mosaic" else 1)
-                if (fields.pop("backward"), fields.pop("backward_consumers")) != first:
+                mosaic_first = a.backward[0] == "mosaic"
+                first = (
+                    a.backward[0],
+                    a.backward_consumers[0] if mosaic_first else 1,
+                    a.scan_block_dhv[0] if mosaic_first else None,
+                )
+                backward = [fields.pop(k) for k in ("backward", "backward_consumers", "backward_scan_block_dhv")]
+                if tuple(backward) != first:
                     continue
                 label = name.split(" bw=")[0]
             row = {"form": label, "kind": kind, "B": B, "S": S, "mode": mode, "L": L, **fields}

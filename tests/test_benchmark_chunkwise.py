@@ -67,6 +67,18 @@ def test_fwdbwd_rows_check_the_gradients(tmp_path):
         assert row["nondeterministic"] == 0 and row["ok"] is True
 
 
+def test_scan_block_variants_are_labelled_and_passed_on():
+    """``--scan-block-dhv 32 64`` makes one ``bw=mosaic`` variant per scan block (``sbd=`` in the label, the value
+    passed as ``backward_scan_block_dhv``); ``bw=xla`` variants have none."""
+    variants, skipped = chunkwise.kernel_variants(chunkwise.parse(["--consumers", "2", "--scan-block-dhv", "32", "64"]))
+    assert skipped == []
+    assert {name: v["backward_scan_block_dhv"] for name, v in variants.items()} == {
+        "mosaic bdhv=32 wg=2 bw=xla": None,
+        "mosaic bdhv=32 wg=2 bw=mosaic sbd=32": 32,
+        "mosaic bdhv=32 wg=2 bw=mosaic sbd=64": 64,
+    }
+
+
 def test_scores_variants_are_rows_of_their_own(tmp_path):
     """``--scores in_kernel precomputed``: one fwd row per variant, labelled ``sc=``, each checked against the XLA
     form; a variant that does not fit in shared memory at the head shape is a note, not a row."""

@@ -180,24 +180,27 @@ def _outputs(form, ids, *a):
 
 @runs
 @pytest.mark.parametrize(
-    ("states", "segments", "consumers", "scores"),
-    [(True, True, 1, "in_kernel"), (False, False, 1, "in_kernel"), (True, True, 2, "in_kernel"),
-     (True, True, 2, "precomputed")],
-    ids=["states-documents", "zeros", "two-wg-states-documents", "precomputed-states-documents"],
+    ("states", "segments", "consumers", "scores", "scan_block"),
+    [(True, True, 1, "in_kernel", None), (False, False, 1, "in_kernel", None), (True, True, 2, "in_kernel", None),
+     (True, True, 2, "precomputed", 64)],
+    ids=["states-documents", "zeros", "two-wg-states-documents", "precomputed-scan64-states-documents"],
 )  # fmt: skip
-def test_mosaic_backward_matches_float64(states, segments, consumers, scores):
+def test_mosaic_backward_matches_float64(states, segments, consumers, scores, scan_block):
     """``backward="mosaic"``: the gradients of every input (q, k, v, i, f and the initial states) for random
     cotangents on h and on all three last states, against float64 autodiff of the same split with its
     hand-derived backward (``chunkwise_split_fw``, checked against the float64 reference's central differences in
     test_chunkwise_mosaic_bw.py) on the same bf16-rounded inputs; each gradient scaled by its largest element.
     Extreme input gates, a reset, packed documents across chunk borders, with and without initial states; the
     backward kernels with one and with two warpgroups per program; the forward's scores in the kernel and
-    precomputed (which also gives the backward its h and border states)."""
+    precomputed (which also gives the backward its h, border states and normaliser), with the reverse state scan
+    on 64 columns per warpgroup."""
     args, ids = _grad_case(13 + states, 2, 1, states, segments)
     if consumers == 2:  # both backward kernels do run two warpgroups at this shape (DHQK = DHV = 64)
         assert state_scan_unsupported(64, 64, jnp.bfloat16, 32, 2, consumers=2) is None
         assert chunk_gradients_unsupported(64, 64, jnp.bfloat16, 32, consumers=2) is None
-    form = functools.partial(kernel(scores=scores), backward="mosaic", backward_consumers=consumers)
+    form = functools.partial(
+        kernel(scores=scores), backward="mosaic", backward_consumers=consumers, backward_scan_block_dhv=scan_block
+    )  # fmt: skip
     mosaic = functools.partial(_outputs, form, ids)
     outs = jax.jit(mosaic)(*args)
     rng = np.random.default_rng(5)
@@ -307,6 +310,8 @@ def test_unsupported_calls_raise():
         chunkwise_mosaic_fw(*args, consumers=3)
     with pytest.raises(ValueError, match="backward_consumers=3 must be 1 or 2"):
         chunkwise_mosaic_fw(*args, backward_consumers=3)
+    with pytest.raises(ValueError, match="backward_scan_block_dhv=48 must be None, 32 or 64"):
+        chunkwise_mosaic_fw(*args, backward_scan_block_dhv=48)
     too_big = chunkwise_mosaic_unsupported(256, 512, jnp.bfloat16, 64, consumers=2)
     assert too_big is not None and "276 KiB of shared memory" in too_big and "227 KiB" in too_big
     assert "shared memory" in chunkwise_mosaic_unsupported(256, 512, jnp.bfloat16, 32, depth=3)

@@ -296,3 +296,8 @@ def test_bad_shapes_raise():
     bad = (jnp.zeros((1, 1, CHUNK), jnp.float32), jnp.ones((1, 1, CHUNK), jnp.bfloat16))
     with pytest.raises(ValueError, match=r"normaliser \(qn, den\) .* must be two \(1, 1, 64\) float32 arrays"):
         mosaic_products_vjp(*ops, EPS, h, h, ops[5], borders=borders, normaliser=bad, interpret=True)
+    with pytest.raises(
+        ValueError,
+        match="the state scans cannot run scan_block_dhv=64: block_dhv=64 must be 32 or 64 and divide DHB=32",
+    ):
+        mosaic_products_vjp(*ops, EPS, h, h, ops[5], borders=borders, scan_block_dhv=64, interpret=True)

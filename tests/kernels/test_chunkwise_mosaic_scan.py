@@ -115,12 +115,13 @@ def test_matches_reference(reverse, block_dhv, depth, dtype, consumers, NC, DHB)
 
 
 @pytest.mark.parametrize(
-    ("reverse", "block_dhv", "consumers", "DHB"), [(False, 32, 1, 128), (True, 64, 1, 128), (True, 32, 2, 512)]
+    ("reverse", "block_dhv", "consumers", "DHB"),
+    [(False, 32, 1, 128), (True, 64, 1, 128), (True, 32, 2, 512), (True, 64, 2, 512)],
 )
 def test_lowers_for_cuda(reverse, block_dhv, consumers, DHB):
     """Tracing and Mosaic GPU lowering at the xLSTM-7B head shape (DHA=256; layouts, the operands' shared swizzle,
-    the transposed a operand; with two warpgroups their shared and own tiles and barriers) succeed on any
-    machine."""
+    the transposed a operand; with two warpgroups their shared and own tiles and barriers; the product accumulated
+    onto the decayed state) succeed on any machine."""
     S, f32, A = 2 * CHUNK, jnp.float32, jax.ShapeDtypeStruct
     avals = (
         A((BH, S, 256), jnp.bfloat16), A((BH, S, DHB), jnp.bfloat16), A((BH, 2, CHUNK), f32), A((BH, 2), f32),

@@ -742,6 +742,7 @@ def chunkwise_mosaic_fw(
     backward: str = "mosaic",
     backward_consumers: int = 2,
     scores: str = "in_kernel",
+    backward_scan_block_dhv: int | None = None,
 ) -> jax.Array | tuple[jax.Array, tuple[jax.Array, jax.Array, jax.Array]]:
     """The mLSTM on a whole sequence, chunkwise, with the products in a Mosaic GPU kernel (module docstring).
 
@@ -768,6 +769,8 @@ def chunkwise_mosaic_fw(
         scores: Where each chunk's gated scores and denominators are computed (:data:`SCORES`):
             ``"in_kernel"``, by every warpgroup for its columns; ``"precomputed"``, once per head in XLA before
             the kernel (:func:`normalised_scores`), which then reads them (BENCHMARKS.md compares the two).
+        backward_scan_block_dhv: With ``backward="mosaic"``, the columns per warpgroup of the backward's reverse
+            state scan, 32 or 64 (None: ``block_dhv``); the gradient kernel keeps ``block_dhv``.
 
     Raises:
         ValueError: as chunkwise_fw, and where the kernel cannot run (:func:`chunkwise_mosaic_unsupported`).
@@ -776,6 +779,8 @@ def chunkwise_mosaic_fw(
         raise ValueError(f"backward={backward!r} must be one of {BACKWARDS}")
     if scores not in SCORES:
         raise ValueError(f"scores={scores!r} must be one of {SCORES}")
+    if backward_scan_block_dhv not in (None, 32, 64):
+        raise ValueError(f"backward_scan_block_dhv={backward_scan_block_dhv!r} must be None, 32 or 64")
     if backward_consumers not in (1, 2) or isinstance(backward_consumers, bool):
         raise ValueError(f"backward_consumers={backward_consumers!r} must be 1 or 2 (warpgroups per program)")
     x = chunk_sequence(q, k, v, i, f, c_initial, n_initial, m_initial, eps, state_dtype, CHUNK, segment_ids, True)
@@ -820,7 +825,7 @@ def chunkwise_mosaic_fw(
             borders, normaliser = residual
             return mosaic_products_vjp(
                 q, k, v, plan, decay, c0, eps, h, dh, dc_last, borders=borders, normaliser=normaliser,
-                consumers=backward_consumers, **tiling,
+                consumers=backward_consumers, scan_block_dhv=backward_scan_block_dhv, **tiling,
             )  # fmt: skip
 
         return split_cell(

@@ -389,6 +389,7 @@ def mosaic_products_vjp(
     depth: int = 2,
     consumers: int = 1,
     interpret: bool = False,
+    scan_block_dhv: int | None = None,
 ) -> tuple[jax.Array, jax.Array, jax.Array, jax.Array, jax.Array, jax.Array]:
     """The gradients of the Mosaic chunkwise kernel's products on the Mosaic GPU backward kernels.
 
@@ -409,6 +410,9 @@ def mosaic_products_vjp(
             (``mosaic_chunkwise(..., scores="precomputed", normaliser=True)``); None computes them in XLA from
             the chunks' scores.
         block_dhv, depth: Columns of a state per program and chunks in flight of the scans and the gradient kernel.
+        scan_block_dhv: The scans' columns per warpgroup where they differ from ``block_dhv`` (32 or 64; None:
+            ``block_dhv``): the state scans hold one (DHQK, block) float32 accumulator a warpgroup, the gradient
+            kernel's tiles do not fit 64 columns at DHQK=256.
         consumers: Warpgroups per program of the scans and the gradient kernel, 1 or 2; a kernel that cannot run
             two at this shape (its ``*_unsupported`` says why) runs one.
         interpret: Run the kernels in Mosaic GPU's interpreter.
@@ -431,9 +435,13 @@ def mosaic_products_vjp(
     if consumers not in (1, 2):
         raise ValueError(f"consumers={consumers!r} must be 1 or 2 (warpgroups per program)")
     two = consumers == 2
-    scan_consumers = 2 if two and state_scan_unsupported(DHQK, DHV, dtype, block_dhv, depth, 2) is None else 1
+    scan_block = block_dhv if scan_block_dhv is None else scan_block_dhv
+    reason = state_scan_unsupported(DHQK, DHV, dtype, scan_block, depth)
+    if reason is not None:
+        raise ValueError(f"mosaic_products_vjp: the state scans cannot run scan_block_dhv={scan_block}: {reason}")
+    scan_consumers = 2 if two and state_scan_unsupported(DHQK, DHV, dtype, scan_block, depth, 2) is None else 1
     grad_consumers = 2 if two and chunk_gradients_unsupported(DHQK, DHV, dtype, block_dhv, 2) is None else 1
-    scan = {"block_dhv": block_dhv, "depth": depth, "consumers": scan_consumers, "interpret": interpret}
+    scan = {"block_dhv": scan_block, "depth": depth, "consumers": scan_consumers, "interpret": interpret}
     if borders is None:
         borders, _ = mosaic_state_scan(k, v, row(_GAIN), decay, c0, reverse=False, **scan)
     elif borders.shape != (BH, NC * DHQK, DHV) or borders.dtype != dtype:

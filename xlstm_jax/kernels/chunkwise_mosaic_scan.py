@@ -221,11 +221,13 @@ def _scan_body(
                     plgpu.commit_smem()
 
                 plgpu.copy_smem_to_gmem(border_smem, borders_ref.at[bh, pl.ds(j * DHA, DHA), columns])
-                plgpu.wgmma_wait(0)
-                return acc[...]
 
-            update = pl.run_scoped(product, plgpu.ACC((DHA, NV), f32))
-            x = cast(decay_ref[bh, j] * x + cast(update, tile), tile)
+            # The product accumulates onto decay · X: X and its update share the accumulator's registers.
+            decayed = cast(decay_ref[bh, j] * x, tile)
+            if interpret:  # the interpreter has no run_state: the same sum, the decayed state added after
+                x = cast(decayed + pl.run_scoped(lambda acc: product(acc) or acc[...], plgpu.ACC((DHA, NV), f32)), tile)
+            else:
+                x = cast(pl.run_state(product)(plgpu.ACC.init(decayed)), tile)
 
             @pl.when(i + depth < NC)
             def _():  # every read of the slot (the gated tile, the product) has completed
