@@ -179,12 +179,16 @@ def test_waiting_requests_are_prefilled_together(model):
     assert Engine.compilations() == before
 
 
-@pytest.mark.parametrize("seed", [0, 1, 2**31, 2**32 - 1])
-def test_request_keys_are_jax_keys_of_their_seeds(seed):
-    """A request's key data, computed on the host's CPU device, is jax.random.key(seed)'s on the default device."""
-    data = serving_engine._key_data(seed)
-    assert isinstance(data, np.ndarray)
-    np.testing.assert_array_equal(data, np.asarray(jax.random.key_data(jax.random.key(seed))))
+@pytest.mark.parametrize("impl", ["threefry2x32", "rbg"])
+@pytest.mark.parametrize("seed", [0, 1, 12345, 2**31, 2**32 - 1])
+def test_request_keys_are_jax_keys_of_their_seeds(seed, impl):
+    """A request's key data (written out for threefry keys, computed on the host's CPU device for others) is
+    jax.random.key(seed)'s on the default device, in its dtype and shape."""
+    with jax.default_prng_impl(impl):
+        data = serving_engine._key_data(seed)
+        expected = np.asarray(jax.random.key_data(jax.random.key(seed)))
+    assert isinstance(data, np.ndarray) and data.dtype == expected.dtype and data.shape == expected.shape
+    np.testing.assert_array_equal(data, expected)
 
 
 def test_stop_tokens_and_max_tokens(engine):

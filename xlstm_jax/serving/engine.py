@@ -616,8 +616,15 @@ def _host_device() -> jax.Device | None:
 
 
 def _key_data(seed: int) -> np.ndarray:
-    """The raw data of ``jax.random.key(seed)``, computed on the host's CPU device: on a GPU it would queue behind
-    the decode steps in flight and wait for them, in :meth:`Engine.submit`, on the path of the first token."""
+    """The raw data of ``jax.random.key(seed)`` for a seed in [0, MAX_SEED), without waiting for a device.
+
+    With JAX's default keys (threefry2x32) that is ``[0, seed]``: threefry seeds a key with the seed's high and low
+    32-bit words. It is written here directly, since computing it is a JAX computation of about 0.3 ms in
+    :meth:`Engine.submit`, in the caller's thread (an HTTP server's event loop) and on the path of the first
+    token. Other key implementations are computed on the host's CPU device (on a GPU the computation would
+    queue behind the decode steps in flight and wait for them)."""
+    if jax.config.jax_default_prng_impl == "threefry2x32":
+        return np.array([0, seed], np.uint32)
     with jax.default_device(_host_device()):
         return np.asarray(jax.random.key_data(jax.random.key(seed)))
 
