@@ -463,11 +463,13 @@ def test_model_training_step_with_the_kernels():
 @pytest.mark.skipif(
     not ON_HOPPER, reason="compiled only: jax.checkpoint cannot rematerialise the interpreter's callbacks"
 )
-@pytest.mark.parametrize("backward", ["mosaic", "xla"])
-def test_model_training_step_under_remat(backward):
+@pytest.mark.parametrize(
+    ("backward", "scores"), [("mosaic", "in_kernel"), ("xla", "in_kernel"), ("mosaic", "precomputed")]
+)
+def test_model_training_step_under_remat(backward, scores):
     """The training step with the kernels under per-block remat (``dots`` and ``full``) gives the loss of the step
     without remat, called jitted and compiled ahead of time (as ``benchmarks/train.py`` does), with packed
-    documents whose ids are traced arguments of the step."""
+    documents whose ids are traced arguments of the step; also with the chunks' scores precomputed."""
     config = xLSTMLMConfig.tiny(num_heads=1, num_blocks=2, dtype="bfloat16")
     params = init_params(config, jax.random.PRNGKey(0))
     ids = np.random.default_rng(3).integers(3, config.vocab_size, (2, 71)).astype(np.int32)
@@ -481,7 +483,9 @@ def test_model_training_step_under_remat(backward):
     losses = {}
     for remat in ("none", "dots", "full"):
         runtime = RuntimeConfig(
-            prefill_backend="chunkwise_mosaic", prefill_backend_kwargs=(("backward", backward),), remat=remat
+            prefill_backend="chunkwise_mosaic",
+            prefill_backend_kwargs=(("backward", backward), ("scores", scores)),
+            remat=remat,
         )
         step = make_train_step(xLSTMLMModel(config, runtime), optimizer, donate=False)
         state = create_train_state(params, optimizer, 0)
