@@ -395,14 +395,17 @@ def test_backend_runs_the_kernel():
 
 
 @runs
-def test_model_prefill_with_the_kernel():
+@SCORES_ARGS
+def test_model_prefill_with_the_kernel(scores):
     """The language model's prefill with ``prefill_backend="chunkwise_mosaic"`` (one head of DHQK=64, DHV=128, bf16
-    compute, a padded chunk) gives the logits and states of the XLA chunkwise backend, within the bf16 bound."""
+    compute, a padded chunk; the chunks' scores in the kernel and precomputed) gives the logits and states of the
+    XLA chunkwise backend, within the bf16 bound."""
     config = xLSTMLMConfig.tiny(num_heads=1, num_blocks=1, dtype="bfloat16")
     params = init_params(config, jax.random.PRNGKey(0))
     ids = jax.random.randint(jax.random.PRNGKey(1), (2, 70), 0, config.vocab_size)
     kernel_runtime = RuntimeConfig(
-        prefill_backend="chunkwise_mosaic", prefill_backend_kwargs=(("interpret", True if INTERPRET else None),)
+        prefill_backend="chunkwise_mosaic",
+        prefill_backend_kwargs=(("interpret", True if INTERPRET else None), ("scores", scores)),
     )
     xla_runtime = RuntimeConfig(prefill_backend="chunkwise", prefill_backend_kwargs=(("chunk_size", CHUNK),))
     logits, states = prefill(config, params, ids, runtime=kernel_runtime)
