@@ -298,6 +298,6 @@ def test_bad_shapes_raise():
         mosaic_products_vjp(*ops, EPS, h, h, ops[5], borders=borders, normaliser=bad, interpret=True)
     with pytest.raises(
         ValueError,
-        match="the state scans cannot run scan_block_dhv=64: block_dhv=64 must be 32 or 64 and divide DHB=32",
+        match=r"mosaic_state_scan cannot run .*: block_dhv=64 must be 32 or 64 and divide DHB=32",
     ):
         mosaic_products_vjp(*ops, EPS, h, h, ops[5], borders=borders, scan_block_dhv=64, interpret=True)

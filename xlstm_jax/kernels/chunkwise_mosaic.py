@@ -279,6 +279,22 @@ def _product(a: Any, b: Any, shape: tuple[int, int]) -> jax.Array:
     return pl.run_scoped(run, plgpu.ACC(shape, jnp.float32))
 
 
+def _accumulate(products: Any, inits: tuple[jax.Array, ...], interpret: bool) -> tuple[jax.Array, ...]:
+    """Runs ``products(accs)`` on WGMMA accumulators that start at ``inits`` (float32, in the WGMMA layout) and
+    returns their values once every product has completed: ``pl.run_state`` with initialised accumulators, so an
+    accumulator and the value it starts from share registers. The interpreter has no ``run_state``: there the
+    accumulators start at zero and ``inits`` are added after (the same sums in another order)."""
+    if not interpret:
+        return pl.run_state(products)(tuple(plgpu.ACC.init(x) for x in inits))
+
+    def run(*accs):
+        products(accs)
+        return tuple(acc[...] for acc in accs)
+
+    sums = pl.run_scoped(run, *(plgpu.ACC(x.shape, jnp.float32) for x in inits))
+    return tuple(x + y for x, y in zip(inits, sums, strict=True))
+
+
 def _chunk_body(
     q_ref,  # (BH, S, DHQK) GMEM, S a multiple of L
     k_ref,  # (BH, S, DHQK)
@@ -303,7 +319,6 @@ def _chunk_body(
     _, S, DHQK = q_ref.shape
     L, NV, NC = CHUNK, block_dhv, S // CHUNK
     rows = _READOUT_ROWS if precomputed else _PLAN_ROWS  # of the plan, per chunk
-    shapes = ((L, NV), (L, NV), (DHQK, NV))  # precomputed scores' accumulators: q C, (P / den) v, the state
     scale = 1.0 / math.sqrt(DHQK)
     tile = plgpu.Layout.WGMMA
     row_layout, col_layout = tile.reduce(1), tile.reduce(0)
@@ -467,16 +482,8 @@ def _chunk_body(
                     w = load(plan_smem.at[_W], row_layout)
                     write_h(cast(cast(lax.broadcast_in_dim(w, (L, NV), (0,)), tile) * inter + intra, tile))
 
-                decayed = cast(decay_ref[bh, j] * c, tile)
-                if interpret:  # the interpreter has no run_state: the same sums, the decayed state added after
-                    update = pl.run_scoped(
-                        lambda *accs: products(accs) or accs[2][...], *(plgpu.ACC(shape, f32) for shape in shapes)
-                    )  # fmt: skip
-                    return decayed + update
                 zeros = cast(jnp.zeros((L, NV), f32), tile)
-                _, _, c = pl.run_state(products)(
-                    (plgpu.ACC.init(zeros), plgpu.ACC.init(zeros), plgpu.ACC.init(decayed))
-                )
+                _, _, c = _accumulate(products, (zeros, zeros, cast(decay_ref[bh, j] * c, tile)), interpret)
                 return cast(c, tile)
 
             c = precomputed_scores(c) if precomputed else in_kernel_scores(c)

@@ -436,9 +436,6 @@ def mosaic_products_vjp(
         raise ValueError(f"consumers={consumers!r} must be 1 or 2 (warpgroups per program)")
     two = consumers == 2
     scan_block = block_dhv if scan_block_dhv is None else scan_block_dhv
-    reason = state_scan_unsupported(DHQK, DHV, dtype, scan_block, depth)
-    if reason is not None:
-        raise ValueError(f"mosaic_products_vjp: the state scans cannot run scan_block_dhv={scan_block}: {reason}")
     scan_consumers = 2 if two and state_scan_unsupported(DHQK, DHV, dtype, scan_block, depth, 2) is None else 1
     grad_consumers = 2 if two and chunk_gradients_unsupported(DHQK, DHV, dtype, block_dhv, 2) is None else 1
     scan = {"block_dhv": scan_block, "depth": depth, "consumers": scan_consumers, "interpret": interpret}

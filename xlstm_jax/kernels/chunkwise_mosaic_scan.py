@@ -54,7 +54,16 @@ from jax import lax
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import mosaic_gpu as plgpu
 
-from xlstm_jax.kernels.chunkwise_mosaic import _ROWS, _SMEM_LIMIT, _SMEM_RESERVE, CHUNK, _load, _swizzled, _Warpgroups
+from xlstm_jax.kernels.chunkwise_mosaic import (
+    _ROWS,
+    _SMEM_LIMIT,
+    _SMEM_RESERVE,
+    CHUNK,
+    _accumulate,
+    _load,
+    _swizzled,
+    _Warpgroups,
+)
 from xlstm_jax.kernels.mosaic import require_mosaic_interpreter
 
 __all__ = ["mosaic_state_scan", "state_scan_shared_memory_bytes", "state_scan_unsupported"]
@@ -223,11 +232,8 @@ def _scan_body(
                 plgpu.copy_smem_to_gmem(border_smem, borders_ref.at[bh, pl.ds(j * DHA, DHA), columns])
 
             # The product accumulates onto decay · X: X and its update share the accumulator's registers.
-            decayed = cast(decay_ref[bh, j] * x, tile)
-            if interpret:  # the interpreter has no run_state: the same sum, the decayed state added after
-                x = cast(decayed + pl.run_scoped(lambda acc: product(acc) or acc[...], plgpu.ACC((DHA, NV), f32)), tile)
-            else:
-                x = cast(pl.run_state(product)(plgpu.ACC.init(decayed)), tile)
+            (x,) = _accumulate(lambda accs: product(*accs), (cast(decay_ref[bh, j] * x, tile),), interpret)
+            x = cast(x, tile)
 
             @pl.when(i + depth < NC)
             def _():  # every read of the slot (the gated tile, the product) has completed
