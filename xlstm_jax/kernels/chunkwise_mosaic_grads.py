@@ -17,33 +17,34 @@ chunk, with ``scale = DHQK^-1/2``, ``r(·)`` the rounding to the inputs' dtype a
 (``RDEN = 1/den``, ``W = INTER/den`` and ``DQN``, the normaliser's cotangent, come from XLA: the same values as
 ``_chunk_gradients`` of :mod:`~xlstm_jax.kernels.chunkwise_mosaic_bw`, whose module docstring derives them.)
 
-The program keeps q and k (L, DHQK) in shared memory and walks the DHV columns in blocks of ``block_dhv`` three
-times, each a TMA pipeline of two slots:
+The program keeps q and k (L, DHQK) in shared memory and walks the DHV columns in blocks of ``block_dhv``, each
+loop a TMA pipeline of two slots:
 
-A. dh and v blocks: ``dh vᵀ`` (L, L) accumulates on the WGMMA units; then P, dP, dS, dlogD, dROW and dCOL in
-   registers, r(P) and r(dS) into shared memory.
-B. C_j, dC_{j+1} and dh blocks: ``r(W ⊙ dh) C_jᵀ`` accumulates into dq (L, DHQK) float32, ``q C_j`` per block
-   gives dINTER and the border tiles' elementwise product dDECAY; then ``r(dS) k`` completes dq.
-C. dC_{j+1}, v and dh blocks: ``r(GAIN ⊙ v) dC_{j+1}ᵀ`` accumulates into dk, and each block of dv is written;
-   then ``r(dS)ᵀ q`` completes dk.
+- first, while the first tiles arrive: ``q kᵀ`` and the gates give P, and r(P) goes to shared memory;
+- dq's loop, over C_j, dC_{j+1}, dh and v blocks: ``r(W ⊙ dh) C_jᵀ`` accumulates into dq (L, DHQK) float32 and
+  ``dh vᵀ`` into (L, L); ``q C_j`` per block gives dINTER, the border tiles' elementwise product dDECAY. After
+  it, dP, dS, dlogD, dROW and dCOL from ``dh vᵀ`` and the scores (computed again: one (L, L) product instead of
+  P held in registers through the loop), r(dS) into shared memory, and ``r(dS) k`` completes dq;
+- dk's loop, over dC_{j+1}, v and dh blocks: ``r(GAIN ⊙ v) dC_{j+1}ᵀ`` accumulates into dk, and each block of dv
+  is written; then ``r(dS)ᵀ q`` completes dk.
 
-dq and dk have loops of their own because one (L, DHQK) float32 accumulator is 128 registers a thread at
-DHQK = 256: two would not fit beside the rest in one warpgroup.
-
-With ``consumers=2`` (opt-in) the program has two warpgroups, each with its own accumulator. Warpgroup 0 issues the
-q, k and vector copies and runs A while warpgroup 1 waits at a barrier for r(P), r(dS), dROW and dCOL; then
-warpgroup 0 runs B and warpgroup 1 runs C at once, each streaming its own tiles, so that dq and dk are built
-together. Once both have arrived at a last barrier (every product reading q and k complete), warpgroup 0 stages dq
-in q's tile and warpgroup 1 dk in k's, and warpgroup 0 writes the vectors.
+With one warpgroup (``consumers=1``) the two loops run in turn, because one (L, DHQK) float32 accumulator is 128
+registers a thread at DHQK = 256 and two would not fit beside the rest (dq's loop already holds dq and dh vᵀ,
+160 of the 255 registers a thread can have). With two (``consumers=2``) they run at
+once, one per warpgroup, over one pipeline: warpgroup 0 copies C_j, dC_{j+1}, dh and v once per block and runs
+dq's loop, warpgroup 1 runs dk's loop on the same slots, and a slot is refilled once both have arrived at its
+"consumed" barrier. Every tile is then read from global memory once per program (with one warpgroup dC_{j+1},
+dh and v twice). Warpgroup 1 waits at barriers for r(P) before its loop and for r(dS) after it. Once both have
+arrived at a last barrier (every product reading q and k complete), warpgroup 0 stages dq in q's tile and
+warpgroup 1 dk in k's, and warpgroup 0 writes the vectors.
 
 Shared memory (:func:`chunk_gradients_smem_bytes`), at DHQK = 256, block_dhv = 32, bf16: for the whole program q
 and k 2·64·256·2 B = 64 KiB, the input and output vectors 2·8·64·4 B = 4 KiB, r(P) and r(dS) 2·64·64·2 B = 16 KiB
-(84 KiB); then the largest of the three loops' scopes, B: two slots of C_j and dC_{j+1} 2·2·256·32·2 B = 64 KiB,
-of dh 8 KiB, r(W ⊙ dh) 4 KiB (76 KiB; A needs 16 KiB, C 60 KiB, dq's and dk's output tiles 32 KiB): 160 KiB
-in all, within Hopper's 227 KiB less a 4 KiB reserve for barriers. block_dhv = 64 needs 236 KiB at DHQK = 256
-and runs for DHQK <= 192. With two warpgroups B's and C's tiles share one scope and dq and dk need no tiles of
-their own: 84 + 76 + 60 = 220 KiB at DHQK = 256, block_dhv = 32 (within the 223 KiB; Mosaic GPU adds 2 KiB of
-scratch for reductions to the largest scope, 222 KiB, and the barriers); block_dhv = 64 runs only for DHQK = 64.
+(84 KiB). One warpgroup: the larger loop's scope, dq's: two slots of C_j and dC_{j+1} 2·2·256·32·2 B = 64 KiB, of
+dh and v 16 KiB, r(W ⊙ dh) 4 KiB (84 KiB; dk's loop needs 60 KiB, dq's and dk's output tiles 32 KiB): 168 KiB in
+all, within Hopper's 227 KiB less a 4 KiB reserve for barriers. block_dhv = 64 needs 252 KiB at DHQK = 256 and runs
+for DHQK <= 192. Two warpgroups: the shared slots 80 KiB and both loops' four scratch tiles 16 KiB, 180 KiB; dq
+and dk need no tiles of their own. block_dhv = 64 runs for DHQK <= 128 there.
 
 Operands (heads flattened, NC = S / 64 chunks): q, k (BH, S, DHQK) and v, dh (BH, S, DHV) in bf16 or f16; the
 borders r(C_j) and r(dC_{j+1}) as (BH, NC · DHQK, DHV) in the same dtype; per chunk 8 float32 vectors of L as
@@ -103,18 +104,18 @@ _ROWS = 64  # the WGMMA layout tiles rows in groups of 64
 def chunk_gradients_smem_bytes(DHQK: int, dtype: Any, block_dhv: int, consumers: int = 1) -> int:
     """Bytes of shared memory of the kernel's largest scope: the tiles, not the barriers (module docstring).
 
-    With one warpgroup the loops' scopes follow one another and the largest counts; with two, loops B and C
-    share one scope (and dq and dk leave through the q and k tiles).
+    With one warpgroup dq's loop and dk's loop have scopes of their own and the larger counts; with two, one
+    pipeline of C_j, dC_{j+1}, dh and v feeds both, beside both loops' scratch tiles.
     """
     L, NV, item = CHUNK, block_dhv, jnp.dtype(dtype).itemsize
     program = 2 * L * DHQK * item + 2 * VEC_ROWS * L * 4 + 2 * L * L * item  # q, k; vec, dvec; r(P), r(dS)
-    loop_a = 2 * _DEPTH * L * NV * item  # dh, v
-    loop_b = 2 * _DEPTH * DHQK * NV * item + _DEPTH * L * NV * item + L * NV * item  # C, dC; dh; r(W ⊙ dh)
-    loop_c = _DEPTH * DHQK * NV * item + 2 * _DEPTH * L * NV * item + 3 * L * NV * item  # dC; v, dh; 3 tiles
-    out = L * DHQK * item  # dq or dk on its way out
+    slots_q = _DEPTH * (2 * DHQK * NV + 2 * L * NV) * item  # C, dC; dh, v
     if consumers > 1:
-        return program + max(loop_a, loop_b + loop_c)
-    return program + max(loop_a, loop_b, loop_c, out)
+        return program + slots_q + 4 * L * NV * item  # r(W ⊙ dh); r(GAIN ⊙ v), r(RDEN ⊙ dh), dv
+    loop_q = slots_q + L * NV * item
+    loop_k = _DEPTH * (DHQK * NV + 2 * L * NV) * item + 3 * L * NV * item  # dC; v, dh; 3 scratch tiles
+    out = L * DHQK * item  # dq or dk on its way out
+    return program + max(loop_q, loop_k, out)
 
 
 def chunk_gradients_unsupported(DHQK: int, DHV: int, dtype: Any, block_dhv: int, consumers: int = 1) -> str | None:
@@ -215,82 +216,8 @@ def _gradients_body(
         def vector(r):
             return load(vec_smem.at[r], row_layout)
 
-        def pipeline(sources, scratch_shapes):
-            """The shared memory of a :func:`blocks` loop: ``_DEPTH`` slots per source, their barriers, scratch."""
-            shapes = [source(pl.ds(0, NV)).shape[-2:] for source in sources]
-            return [
-                *[plgpu.SMEM((_DEPTH, *shape), dtype, transforms=operand) for shape in shapes],
-                plgpu.Barrier(num_arrivals=1, num_barriers=len(sources) * _DEPTH),
-                *[plgpu.SMEM(shape, dtype, transforms=operand) for shape in scratch_shapes],
-            ]
-
-        def blocks(sources, scratch_shapes, step, carry, refs=None):
-            """Runs ``step(b, tiles, scratch, carry)`` over the DHV column blocks b in a two-slot TMA pipeline.
-
-            ``sources`` are functions of a column slice giving the GMEM views to copy, ``tiles`` the current
-            block's copies in shared memory. ``step`` ends with every read of its tiles complete (its products
-            waited for, a ``commit_smem`` after its loads), so that the slot can be refilled. The shared memory
-            (:func:`pipeline`) is ``refs`` where given (allocated by the caller), else a scope of its own.
-            """
-            n = len(sources)
-
-            def scoped(*refs):
-                buffers, barriers, extra = refs[:n], refs[n], refs[n + 1 :]
-
-                def issue(b, slot):
-                    for i, source in enumerate(sources):
-                        barrier = barriers.at[i * _DEPTH + slot]
-                        plgpu.copy_gmem_to_smem(source(pl.ds(b * NV, NV)), buffers[i].at[slot], barrier)
-
-                for b in range(min(_DEPTH, NB)):
-                    issue(b, b)
-
-                def body(b, acc):
-                    slot = lax.rem(b, _DEPTH)
-                    for i in range(n):
-                        plgpu.barrier_wait(barriers.at[i * _DEPTH + slot])
-                    acc = step(b, [buffer.at[slot] for buffer in buffers], extra, acc)
-
-                    @pl.when(b + _DEPTH < NB)
-                    def _():
-                        issue(b + _DEPTH, slot)
-
-                    return acc
-
-                out = lax.fori_loop(0, NB, body, carry)
-                plgpu.wait_smem_to_gmem(0)  # the step's outputs have left shared memory
-                return out
-
-            if refs is not None:
-                return scoped(*refs)
-            return pl.run_scoped(scoped, *pipeline(sources, scratch_shapes))
-
-        sources_a = [lambda c: dh_ref.at[bh, steps, c], lambda c: v_ref.at[bh, steps, c]]
-        sources_b = [
-            lambda c: borders_ref.at[bh, border_rows, c],
-            lambda c: dborders_ref.at[bh, border_rows, c],
-            lambda c: dh_ref.at[bh, steps, c],
-        ]
-        sources_c = [
-            lambda c: dborders_ref.at[bh, border_rows, c],
-            lambda c: v_ref.at[bh, steps, c],
-            lambda c: dh_ref.at[bh, steps, c],
-        ]
-        scratch_b, scratch_c = [(L, NV)], [(L, NV)] * 3
-
-        # A: dh vᵀ over the column blocks, then the (L, L) tiles.
-        def tiles(refs=None):
-            def loop_a(acc):
-                def step(b, tiles, extra, carry):
-                    dh_smem, v_smem = tiles
-                    plgpu.wgmma(acc, dh_smem, transposed(v_smem, 1))
-                    plgpu.wgmma_wait(0)
-                    return carry
-
-                blocks(sources_a, [], step, (), refs)
-                return acc[...]
-
-            dh_v = pl.run_scoped(loop_a, plgpu.ACC((L, L), f32))
+        def gated_scores():
+            """``(P, D)``, both (L, L) float32 in registers: q kᵀ on the WGMMA units, then the gates."""
             scores = _product(q_smem, transposed(k_smem, 0), (L, L))
             same = cast(lax.broadcast_in_dim(vector(BREAKS), (L, L), (0,)), tile) == cast(
                 lax.broadcast_in_dim(load(vec_smem.at[BREAKS_COL], col_layout), (L, L), (1,)), tile
@@ -299,14 +226,93 @@ def _gradients_body(
                 lax.broadcast_in_dim(load(vec_smem.at[COL], col_layout), (L, L), (1,)), tile
             )
             d = cast(jnp.where((iota(1) <= iota(0)) & same, jnp.exp(log_d), 0.0), tile)
-            p = cast(cast(scores, tile) * d * scale, tile)
-            dp = cast(rows(vector(RDEN), L) * cast(dh_v, tile) + rows(vector(DQN), L), tile)
+            return cast(cast(scores, tile) * d * scale, tile), d
+
+        def write_p():
+            """r(P) into shared memory, for dv's product."""
+            p, _ = gated_scores()
             p_smem[...] = cast(p.astype(dtype), tile)
+            plgpu.commit_smem()
+
+        def write_ds(dh_v):
+            """r(dS) into shared memory and the rows dROW and dCOL, from ``dh vᵀ`` (the scores again: P in float32
+            costs one small product, not 32 registers a thread held through the column blocks)."""
+            p, d = gated_scores()
+            dp = cast(rows(vector(RDEN), L) * cast(dh_v, tile) + rows(vector(DQN), L), tile)
             ds_smem[...] = cast((dp * d * scale).astype(dtype), tile)
             dlog_d = cast(dp * p, tile)
             dvec_smem.at[D_ROW][...] = cast(jnp.sum(dlog_d, axis=1), row_layout)
             dvec_smem.at[D_COL][...] = cast(jnp.sum(dlog_d, axis=0), col_layout)
             plgpu.commit_smem()
+
+        # The column-block loops' tiles, by name: the sources are functions of a column slice giving the GMEM view.
+        sources = {
+            "c": lambda c: borders_ref.at[bh, border_rows, c],
+            "dc": lambda c: dborders_ref.at[bh, border_rows, c],
+            "dh": lambda c: dh_ref.at[bh, steps, c],
+            "v": lambda c: v_ref.at[bh, steps, c],
+        }
+        q_tiles, q_scratch = ("c", "dc", "dh", "v"), ("wdh",)  # dq's loop
+        k_tiles, k_scratch = ("dc", "v", "dh"), ("gv", "rdh", "dv")  # dk's loop
+
+        def pipeline(names, scratch_names, shared=False):
+            """The shared memory of a :func:`blocks` loop: ``_DEPTH`` slots per tile, their barriers, the scratch
+            tiles (L, NV), and where the loop is ``shared`` by two warpgroups the slots' "consumed" barriers."""
+            shapes = [sources[name](pl.ds(0, NV)).shape[-2:] for name in names]
+            return [
+                *[plgpu.SMEM((_DEPTH, *shape), dtype, transforms=operand) for shape in shapes],
+                plgpu.Barrier(num_arrivals=1, num_barriers=len(names) * _DEPTH),
+                *[plgpu.SMEM((L, NV), dtype, transforms=operand) for _ in scratch_names],
+                *([plgpu.Barrier(num_arrivals=2, num_barriers=_DEPTH)] if shared else []),
+            ]
+
+        def blocks(refs, names, scratch_names, step, carry, *, issues=True, prologue=None):
+            """Runs ``step(b, tiles, scratch, carry)`` over the DHV column blocks b in a two-slot TMA pipeline.
+
+            ``refs`` are the allocations of :func:`pipeline` (``names``, ``scratch_names``); ``tiles`` and
+            ``scratch`` map the names to the current block's copies and to the scratch tiles. ``step`` ends with
+            every read of its tiles complete (its products waited for, a ``commit_smem`` after its loads), so that
+            the slot can be refilled. Only where ``issues`` does this warpgroup copy the tiles; in a shared loop
+            a slot is refilled once both warpgroups have arrived at its "consumed" barrier. ``prologue`` runs once
+            the first copies are on their way.
+            """
+            n, m = len(names), len(scratch_names)
+            buffers, barriers = refs[:n], refs[n]
+            scratch_tiles = dict(zip(scratch_names, refs[n + 1 : n + 1 + m], strict=True))
+            consumed = refs[n + 1 + m] if len(refs) > n + 1 + m else None
+
+            def issue(b, slot, refill=False):
+                if refill and consumed is not None:
+                    plgpu.barrier_wait(consumed.at[slot])  # both warpgroups are done with the slot
+                for i, name in enumerate(names):
+                    barrier = barriers.at[i * _DEPTH + slot]
+                    plgpu.copy_gmem_to_smem(sources[name](pl.ds(b * NV, NV)), buffers[i].at[slot], barrier)
+
+            if issues:
+                for b in range(min(_DEPTH, NB)):
+                    issue(b, b)
+            if prologue is not None:
+                prologue()
+
+            def body(b, acc):
+                slot = lax.rem(b, _DEPTH)
+                for i in range(n):
+                    plgpu.barrier_wait(barriers.at[i * _DEPTH + slot])
+                tiles = {name: buffer.at[slot] for name, buffer in zip(names, buffers, strict=True)}
+                acc = step(b, tiles, scratch_tiles, acc)
+
+                @pl.when(b + _DEPTH < NB)
+                def _():
+                    if consumed is not None:  # every read of this warpgroup from the slot has completed
+                        plgpu.barrier_arrive(consumed.at[slot])
+                    if issues:
+                        issue(b + _DEPTH, slot, refill=True)
+
+                return acc
+
+            out = lax.fori_loop(0, NB, body, carry)
+            plgpu.wait_smem_to_gmem(0)  # the step's outputs have left shared memory
+            return out
 
         def write(x, out_ref, staging):
             """An (L, ·) float32 tile to ``out_ref`` through the ``staging`` tile, in the outputs' dtype."""
@@ -322,11 +328,11 @@ def _gradients_body(
 
             pl.run_scoped(scoped, plgpu.SMEM(x.shape, dtype, transforms=operand))
 
-        # B: dq, dINTER and dDECAY from the border states C_j and dh.
-        def loop_b(acc_dq, refs=None):
-            def step(b, tiles, extra, carry):
-                c_smem, dc_smem, dh_smem = tiles
-                (wdh_smem,) = extra
+        # dq's loop: dq's border term, dh vᵀ, dINTER and dDECAY from C_j, dC_{j+1}, dh and v; then dS and dq.
+        def q_step(acc_dq, acc_dh_v):
+            def step(b, tiles, scratch_tiles, carry):
+                c_smem, dc_smem, dh_smem, v_smem = (tiles[name] for name in q_tiles)
+                wdh_smem = scratch_tiles["wdh"]
                 inter, decay = carry
                 dh = cast(load(dh_smem, tile).astype(f32), tile)
                 wdh_smem[...] = cast((rows(vector(W), NV) * dh).astype(dtype), tile)
@@ -339,6 +345,7 @@ def _gradients_body(
 
                 def products(acc_qc):
                     plgpu.wgmma(acc_dq, wdh_smem, transposed(c_smem, 2))
+                    plgpu.wgmma(acc_dh_v, dh_smem, transposed(v_smem, 1))
                     plgpu.wgmma(acc_qc, q_smem, c_smem)
                     plgpu.wgmma_wait(0)
                     return acc_qc[...]
@@ -347,24 +354,33 @@ def _gradients_body(
                 inter = cast(inter + cast(jnp.sum(dh * cast(q_c, tile), axis=1), row_layout), row_layout)
                 return inter, decay
 
-            inter, decay = blocks(sources_b, scratch_b, step, (zeros_row(), zeros_row()), refs)
-            plgpu.wgmma(acc_dq, ds_smem, k_smem)
-            plgpu.wgmma_wait(0)
-            return acc_dq[...], inter, decay
+            return step
 
-        def dq_rows(refs=None):
-            """dq (registers) from loop B, its rows dINTER and dDECAY into ``dvec_smem``."""
-            dq, inter, decay = pl.run_scoped(functools.partial(loop_b, refs=refs), plgpu.ACC((L, DHQK), f32))
+        def dq_side(refs, layout=(q_tiles, q_scratch), *, prologue=None, ds_written=None):
+            """dq (registers) from dq's loop, with r(dS), dROW and dCOL (``ds_written`` once they are in shared
+            memory) and the rows dINTER and dDECAY into shared memory."""
+
+            def run(acc_dq, acc_dh_v):
+                step = q_step(acc_dq, acc_dh_v)
+                inter, decay = blocks(refs, *layout, step, (zeros_row(), zeros_row()), prologue=prologue)
+                write_ds(acc_dh_v[...])
+                if ds_written is not None:
+                    ds_written()
+                plgpu.wgmma(acc_dq, ds_smem, k_smem)
+                plgpu.wgmma_wait(0)
+                return acc_dq[...], inter, decay
+
+            dq, inter, decay = pl.run_scoped(run, plgpu.ACC((L, DHQK), f32), plgpu.ACC((L, L), f32))
             dvec_smem.at[D_INTER][...] = cast(vector(RDEN) * inter, row_layout)
             total = jnp.sum(cast(lax.broadcast_in_dim(decay, (L, L), (0,)), tile), axis=0)  # every entry the sum
             dvec_smem.at[D_DECAY][...] = cast(total, col_layout)
             return dq
 
-        # C: dk, dv and dGAIN from the border cotangents dC_{j+1}, v and dh.
-        def loop_c(acc_dk, refs=None):
-            def step(b, tiles, extra, carry):
-                dc_smem, v_smem, dh_smem = tiles
-                gv_smem, rdh_smem, dv_smem = extra
+        # dk's loop: dk's border term, dv and dGAIN from dC_{j+1}, v, dh and r(P); then dk from r(dS).
+        def k_step(acc_dk):
+            def step(b, tiles, scratch_tiles, carry):
+                dc_smem, v_smem, dh_smem = (tiles[name] for name in k_tiles)
+                gv_smem, rdh_smem, dv_smem = (scratch_tiles[name] for name in k_scratch)
                 gain = vector(GAIN)
                 v = cast(load(v_smem, tile).astype(f32), tile)
                 gv_smem[...] = cast((rows(gain, NV) * v).astype(dtype), tile)
@@ -385,14 +401,22 @@ def _gradients_body(
                 write(dv, dv_ref.at[bh, steps, pl.ds(b * NV, NV)], dv_smem)
                 return cast(carry + cast(jnp.sum(v * k_dc, axis=1), row_layout), row_layout)
 
-            dgain = blocks(sources_c, scratch_c, step, zeros_row(), refs)
-            plgpu.wgmma(acc_dk, transposed(ds_smem, 5), q_smem)
-            plgpu.wgmma_wait(0)
-            return acc_dk[...], dgain
+            return step
 
-        def dk_rows(refs=None):
-            """dk (registers) from loop C, its row dGAIN and the unused rows' zeros into ``dvec_smem``."""
-            dk, dgain = pl.run_scoped(functools.partial(loop_c, refs=refs), plgpu.ACC((L, DHQK), f32))
+        def dk_side(refs, layout=(k_tiles, k_scratch), *, issues=True, prologue=None, ds_ready=None):
+            """dk (registers) from dk's loop (r(P) in shared memory once ``prologue`` returns; r(dS) once
+            ``ds_ready`` returns), its row dGAIN and the unused rows' zeros into shared memory."""
+
+            def run(acc_dk):
+                step = k_step(acc_dk)
+                dgain = blocks(refs, *layout, step, zeros_row(), issues=issues, prologue=prologue)
+                if ds_ready is not None:
+                    ds_ready()
+                plgpu.wgmma(acc_dk, transposed(ds_smem, 5), q_smem)
+                plgpu.wgmma_wait(0)
+                return acc_dk[...], dgain
+
+            dk, dgain = pl.run_scoped(run, plgpu.ACC((L, DHQK), f32))
             dvec_smem.at[D_GAIN][...] = cast(dgain, row_layout)
             for r in range(D_DECAY + 1, VEC_ROWS):
                 dvec_smem.at[r][...] = zeros_row()
@@ -402,29 +426,22 @@ def _gradients_body(
             plgpu.commit_smem()
             plgpu.copy_smem_to_gmem(dvec_smem, dvec_ref.at[bh, pl.ds(j * VEC_ROWS, VEC_ROWS)])
 
-        if not split:  # one warpgroup: A, B and C in turn, each loop's tiles in a scope of its own
-            tiles()
-            write_scoped(dq_rows(), dq_ref.at[bh, steps])
-            write_scoped(dk_rows(), dk_ref.at[bh, steps])
+        if not split:  # one warpgroup: dq's loop (r(P) while its first tiles arrive), then dk's, each in a scope
+            dq = pl.run_scoped(lambda *refs: dq_side(refs, prologue=write_p), *pipeline(q_tiles, q_scratch))
+            write_scoped(dq, dq_ref.at[bh, steps])
+            write_scoped(
+                pl.run_scoped(lambda *refs: dk_side(refs), *pipeline(k_tiles, k_scratch)), dk_ref.at[bh, steps]
+            )
             write_dvec()
             plgpu.wait_smem_to_gmem(0)
             return
 
-        # Two warpgroups: warpgroup 0 runs A and says so at ``loaded.at[3]``; then B on warpgroup 0 and C on
-        # warpgroup 1 at once, in one scope holding both loops' tiles. Each stages its result in the q or k tile
-        # once both are done with q and k (the ``done`` barrier), and warpgroup 0 writes ``dvec``.
-        def scope_a(*refs):
-            def run():
-                tiles(refs)
-                plgpu.barrier_arrive(loaded.at[3])
-
-            leader(run)
-
-        pl.run_scoped(scope_a, *pipeline(sources_a, []), collective_axes="wg")
-
-        def scope_bc(*refs):
-            n_b = len(sources_b) + 1 + len(scratch_b)
-            refs_b, refs_c, done = refs[:n_b], refs[n_b:-1], refs[-1]
+        # Two warpgroups, one pass over the column blocks: warpgroup 0 copies every tile once into one shared
+        # pipeline and runs dq's loop, warpgroup 1 dk's loop on the same slots. Warpgroup 0 writes r(P) while the
+        # first tiles arrive (``loaded.at[3]``) and r(dS) after its loop (``loaded.at[4]``). Each stages its result
+        # in the q or k tile once both are done with q and k (the ``done`` barrier); warpgroup 0 writes ``dvec``.
+        def scope(*refs):
+            refs, done = refs[:-1], refs[-1]
 
             def finish(x, staging, out_ref):
                 plgpu.commit_smem()  # this warpgroup's rows of dvec, for warpgroup 0's copy
@@ -432,25 +449,31 @@ def _gradients_body(
                 plgpu.barrier_wait(done)  # every product reading q and k has completed
                 write(x, out_ref, staging)
 
+            def p_written():
+                write_p()
+                plgpu.barrier_arrive(loaded.at[3])
+
             @pl.when(wg == 0)
             def _():
-                finish(dq_rows(refs_b), q_smem, dq_ref.at[bh, steps])
+                dq = dq_side(refs, layout, prologue=p_written, ds_written=lambda: plgpu.barrier_arrive(loaded.at[4]))
+                finish(dq, q_smem, dq_ref.at[bh, steps])
                 write_dvec()
                 plgpu.wait_smem_to_gmem(0)
 
             @pl.when(wg == 1)
             def _():
-                plgpu.barrier_wait(loaded.at[3])  # r(P), r(dS) and the rows dROW and dCOL are in shared memory
-                finish(dk_rows(refs_c), k_smem, dk_ref.at[bh, steps])
+                dk = dk_side(
+                    refs,
+                    layout,
+                    issues=False,
+                    prologue=lambda: plgpu.barrier_wait(loaded.at[3]),
+                    ds_ready=lambda: plgpu.barrier_wait(loaded.at[4]),
+                )
+                finish(dk, k_smem, dk_ref.at[bh, steps])
                 plgpu.wait_smem_to_gmem(0)
 
-        pl.run_scoped(
-            scope_bc,
-            *pipeline(sources_b, scratch_b),
-            *pipeline(sources_c, scratch_c),
-            plgpu.Barrier(num_arrivals=2),
-            collective_axes="wg",
-        )
+        layout = (q_tiles, q_scratch + k_scratch)  # the shared pipeline's tiles: dq's loop's, every scratch tile
+        pl.run_scoped(scope, *pipeline(*layout, shared=True), plgpu.Barrier(num_arrivals=2), collective_axes="wg")
 
     # The interpreter's transposed copies (no transposed WGMMA operands there): kᵀ, vᵀ, C_jᵀ, dC_{j+1}ᵀ, r(P)ᵀ, r(dS)ᵀ;
     # with two warpgroups, warpgroup 0 uses the first three and warpgroup 1 the last three.
@@ -463,7 +486,7 @@ def _gradients_body(
         plgpu.SMEM((VEC_ROWS, L), f32),
         plgpu.SMEM((L, L), dtype, transforms=operand),
         plgpu.SMEM((L, L), dtype, transforms=operand),
-        plgpu.Barrier(num_arrivals=1, num_barriers=3 + split),  # q, k, vec loaded; with two warpgroups, A done
+        plgpu.Barrier(num_arrivals=1, num_barriers=3 + 2 * split),  # q, k, vec loaded; two warpgroups: r(P), r(dS)
         *[plgpu.SMEM(shape, dtype) for shape in transposes],
         **({"collective_axes": "wg"} if split else {}),
     )
