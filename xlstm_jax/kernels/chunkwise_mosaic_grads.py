@@ -334,8 +334,11 @@ def _gradients_body(
                 c_smem, dc_smem, dh_smem, v_smem = (tiles[name] for name in q_tiles)
                 wdh_smem = scratch_tiles["wdh"]
                 inter, decay = carry
-                dh = cast(load(dh_smem, tile).astype(f32), tile)
-                wdh_smem[...] = cast((rows(vector(W), NV) * dh).astype(dtype), tile)
+
+                def dh():  # loaded where it is used, not held through the loop below (160 registers are in use)
+                    return cast(load(dh_smem, tile).astype(f32), tile)
+
+                wdh_smem[...] = cast((rows(vector(W), NV) * dh()).astype(dtype), tile)
                 for r in range(DHQK // _ROWS):  # <dC, C> of the blocks, 64 rows of DHQK at a time
                     part = pl.ds(r * _ROWS, _ROWS)
                     c = cast(load(c_smem.at[part], tile).astype(f32), tile)
@@ -351,7 +354,7 @@ def _gradients_body(
                     return acc_qc[...]
 
                 q_c = pl.run_scoped(products, plgpu.ACC((L, NV), f32))
-                inter = cast(inter + cast(jnp.sum(dh * cast(q_c, tile), axis=1), row_layout), row_layout)
+                inter = cast(inter + cast(jnp.sum(dh() * cast(q_c, tile), axis=1), row_layout), row_layout)
                 return inter, decay
 
             return step
