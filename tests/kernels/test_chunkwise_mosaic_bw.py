@@ -198,6 +198,28 @@ def test_products_vjp_is_autodiffs(seed, B, NH, states, fgate, igate, resets, se
         assert np.all(dplan[:, :, _LOWER, 3:5] != 0) and np.all(dplan[:, :, _QN, 3:5] != 0)  # the tie, split
 
 
+def test_bf16_gradients_of_the_plan_against_float64():
+    """With bf16 operands (float32 accumulation) the gradient of the plan stays within the bf16 bound of the
+    float64 gradient on the same values, in particular the rows of the gate halves (dROW) where one score
+    dominates a row whose den is small: there dROW is the small difference of two large terms, and the
+    normaliser's gradient must take P as dP does (rounded in one term only, P's rounding times 1/den reached
+    4e-2 of the largest dROW in this case)."""
+    x = random_inputs(1, 1, 2, 128, 128, 64, states=False, igate="wide")
+    ops = operands(x, jnp.bfloat16)
+    rng = np.random.default_rng(1)
+    dh = jnp.asarray(rng.standard_normal(ops[2].shape), jnp.bfloat16)
+    dc = jnp.asarray(rng.standard_normal(ops[5].shape), jnp.float32)
+    got = _by_hand(ops, dh, dc, None)[3]
+    with jax.enable_x64(True):
+        wide = tuple(o.astype(jnp.float64) for o in ops)
+        expected = _by_hand(wide, dh.astype(jnp.float64), dc.astype(jnp.float64), None)[3]
+    got, expected = (np.asarray(a).reshape(2, -1, _PLAN_ROWS, CHUNK) for a in (got, expected))
+    assert got.dtype == np.float32
+    for name, r in (("dROW", _ROW), ("dCOL", _COL), ("dINTER", _INTER), ("dQN", _QN), ("dLOWER", _LOWER)):
+        assert float(np.max(np.abs(expected[:, :, r]))) > 0, name
+        assert_close(name, expected[:, :, r], got[:, :, r], TOL["bfloat16/float32"])
+
+
 def _outputs(form, *args, segment_ids=None):
     h, (c, n, m) = form(*args, return_last_states=True, segment_ids=segment_ids)
     return h, c, n, m
@@ -292,12 +314,12 @@ def test_bad_shapes_raise():
         chunk_products_vjp(q, k, v, plan, decay, c0, EPS, v, c0, borders=c0)
     ops = operands(random_inputs(0, 1, 1, 64, 64, 32), jnp.bfloat16)
     borders = jnp.zeros((1, 64, 32), jnp.bfloat16)  # one chunk's r(C_0)
-    h = jnp.zeros((1, 64, 32), jnp.float32)
+    dh = jnp.zeros((1, 64, 32), jnp.float32)
     bad = (jnp.zeros((1, 1, CHUNK), jnp.float32), jnp.ones((1, 1, CHUNK), jnp.bfloat16))
     with pytest.raises(ValueError, match=r"normaliser \(qn, den\) .* must be two \(1, 1, 64\) float32 arrays"):
-        mosaic_products_vjp(*ops, EPS, h, h, ops[5], borders=borders, normaliser=bad, interpret=True)
+        mosaic_products_vjp(*ops, EPS, dh, ops[5], borders=borders, normaliser=bad, interpret=True)
     with pytest.raises(
         ValueError,
         match=r"mosaic_state_scan cannot run .*: block_dhv=64 must be 32 or 64 and divide DHB=32",
     ):
-        mosaic_products_vjp(*ops, EPS, h, h, ops[5], borders=borders, scan_block_dhv=64, interpret=True)
+        mosaic_products_vjp(*ops, EPS, dh, ops[5], borders=borders, scan_block_dhv=64, interpret=True)

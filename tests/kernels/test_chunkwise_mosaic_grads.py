@@ -21,10 +21,22 @@ from tests.kernels import ON_GPU
 from tests.kernels.test_chunkwise_mosaic_bw import operands
 from tests.mlstm.form_checks import random_inputs
 from tests.numerics import TOL, assert_close
-from xlstm_jax.kernels.chunkwise_mosaic import _BREAKS, _BREAKS_COL, _COL, _GAIN, _INTER, _PLAN_ROWS, _QN, _ROW, CHUNK
+from xlstm_jax.kernels.chunkwise_mosaic import (
+    _BREAKS,
+    _BREAKS_COL,
+    _COL,
+    _GAIN,
+    _INTER,
+    _LOWER,
+    _PLAN_ROWS,
+    _QN,
+    _ROW,
+    CHUNK,
+)
 from xlstm_jax.kernels.chunkwise_mosaic_bw import (
     _chunk_forward,
     _chunk_gradients,
+    _den_slope,
     chunk_borders,
     chunk_products_vjp,
 )
@@ -36,8 +48,10 @@ from xlstm_jax.kernels.chunkwise_mosaic_grads import (
     D_DECAY,
     D_GAIN,
     D_INTER,
+    D_LOWER,
+    D_QN,
     D_ROW,
-    DQN,
+    DDEN_DQN,
     GAIN,
     RDEN,
     ROW,
@@ -88,18 +102,18 @@ def _problem(ops, dh, dc_last):
     dborders = jnp.stack([dc_1, dc_last], axis=1).astype(q.dtype)  # r(dC_{j+1}), (BH, NC, DHQK, DHV)
 
     def chunk(q, k, v, plan, c, dc, dh):
-        den = _chunk_forward(q, k, v, plan, c, EPS)[5]
+        qn, den = _chunk_forward(q, k, v, plan, c, EPS)[4:6]
         dq, dk, dv, dplan, ddecay = _chunk_gradients(q, k, v, plan, c, dc, dh, EPS)
         rows = {
             ROW: plan[_ROW], COL: plan[_COL], BREAKS: plan[_BREAKS], BREAKS_COL: plan[_BREAKS_COL],
-            GAIN: plan[_GAIN], RDEN: 1.0 / den, W: plan[_INTER] / den, DQN: dplan[_QN],
+            GAIN: plan[_GAIN], RDEN: 1.0 / den, W: plan[_INTER] / den, DDEN_DQN: _den_slope(qn, plan[_LOWER]),
         }  # fmt: skip
         vec = jnp.stack([rows[r] for r in range(VEC_ROWS)])
         d_rows = {
             D_ROW: dplan[_ROW], D_COL: dplan[_COL], D_INTER: dplan[_INTER], D_GAIN: dplan[_GAIN],
-            D_DECAY: jnp.full((L,), ddecay),
+            D_DECAY: jnp.full((L,), ddecay), D_QN: dplan[_QN], D_LOWER: dplan[_LOWER],
         }  # fmt: skip
-        dvec = jnp.concatenate([jnp.stack([d_rows[r] for r in range(D_DECAY + 1)]), jnp.zeros((3, L))])
+        dvec = jnp.concatenate([jnp.stack([d_rows[r] for r in range(D_LOWER + 1)]), jnp.zeros((1, L))])
         return dq, dk, dv, vec, dvec
 
     tiles = lambda x: x.reshape(BH, NC, L, -1)  # noqa: E731
@@ -140,7 +154,8 @@ CASES = {
     ids=list(CASES),
 )
 def test_matches_chunk_gradients(seed, B, NH, S, DHQK, DHV, states, igate, resets, segments, block_dhv, consumers):
-    """dq, dk, dv and every per-step vector (dROW, dCOL, dINTER, dGAIN, the chunk's dDECAY) of the kernel equal
+    """dq, dk, dv and every per-step vector (dROW, dCOL, dINTER, dGAIN, the chunk's dDECAY, the normaliser's dQN and
+    dLOWER, which the kernel computes from its own products) of the kernel equal
     ``_chunk_gradients`` within the bf16 bound (the kernel also rounds dS, P and dh's weightings to bf16 where
     they enter its products), with one warpgroup per program and with two (dq's and dk's loops at once); the
     unused rows are exactly 0 and dDECAY is one value per chunk."""
@@ -165,11 +180,12 @@ def test_matches_chunk_gradients(seed, B, NH, S, DHQK, DHV, states, igate, reset
         assert_close(name, e, o, tol)
     dvec, dvec_expected = (np.asarray(a).reshape(BH, -1, VEC_ROWS, CHUNK) for a in (out[3], expected[3]))
     assert out[3].dtype == jnp.float32 and out[3].shape == args[6].shape
-    for name, r in (("dROW", D_ROW), ("dCOL", D_COL), ("dINTER", D_INTER), ("dGAIN", D_GAIN), ("dDECAY", D_DECAY)):
+    rows = {"dROW": D_ROW, "dCOL": D_COL, "dINTER": D_INTER, "dGAIN": D_GAIN, "dDECAY": D_DECAY}
+    for name, r in {**rows, "dQN": D_QN, "dLOWER": D_LOWER}.items():
         assert float(np.max(np.abs(dvec_expected[:, :, r]))) > 0, name  # a real check, not of zeros
         assert_close(name, dvec_expected[:, :, r], dvec[:, :, r], tol)
     np.testing.assert_array_equal(dvec[:, :, D_DECAY], dvec[:, :, D_DECAY, :1].repeat(CHUNK, axis=-1))
-    assert not np.any(dvec[:, :, D_DECAY + 1 :])
+    assert not np.any(dvec[:, :, D_LOWER + 1 :])
 
 
 @pytest.mark.parametrize(

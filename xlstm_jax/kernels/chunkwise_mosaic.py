@@ -615,7 +615,7 @@ def mosaic_chunkwise(
     """The kernel on ``BH`` flattened heads, from :func:`chunk_plan`'s plan; the caller checks shapes.
 
     ``consumers`` warpgroups per program (1 or 2), each with ``block_dhv`` columns of c (module docstring).
-    ``h_dtype``: h's dtype, None for q's, or float32 (the backward's normaliser gradient reads h unrounded).
+    ``h_dtype``: h's dtype, None for q's, or float32 (h before its rounding, as tests compare it).
     ``borders``: also write the state before every chunk, rounded to q's dtype as it enters ``q C`` (the
     backward's border states; a TMA store of the tile the kernel already holds, per chunk).
     ``scores``: ``"in_kernel"``, every warpgroup computes its chunk's gated scores and denominators;
@@ -806,14 +806,6 @@ def chunkwise_mosaic_fw(
     if backward == "mosaic" and mosaic_backward_unsupported(DHQK, DHV, dtype, block_dhv, depth) is None:
         tiling = {"block_dhv": block_dhv, "depth": depth, "interpret": interpret}
         forward_tiling = {**tiling, "scores": scores}
-        # Under differentiation h leaves the kernel in float32: the normaliser's gradient, -Σ dh ⊙ h / den, cancels
-        # against dh·v where one step dominates its row, and h rounded to bf16 would carry 2^-9 of |dh·v| into it.
-        wide = jnp.float32
-        grad_consumers = consumers
-        if chunkwise_mosaic_unsupported(
-            DHQK, DHV, dtype, block_dhv, depth=depth, consumers=consumers, h_dtype=wide, scores=scores
-        ):  # fmt: skip
-            grad_consumers = 1  # two warpgroups' float32 h tiles may not fit beside the rest
 
         def products(q, k, v, plan, decay, c0):
             return mosaic_chunkwise(q, k, v, plan, decay, c0, eps=eps, consumers=consumers, **forward_tiling)
@@ -821,17 +813,18 @@ def chunkwise_mosaic_fw(
         precomputed = scores == "precomputed"
 
         def products_for_grad(q, k, v, plan, decay, c0):
-            """h in float32; the residual: the border states and, with precomputed scores, the normaliser."""
+            """The residual: the border states and, with precomputed scores, the normaliser (the backward reads no
+            h: the gradient kernel has the normaliser's gradient from its own products)."""
             h, c_last, borders, *normaliser = mosaic_chunkwise(
-                q, k, v, plan, decay, c0, eps=eps, consumers=grad_consumers, h_dtype=wide, borders=True,
-                normaliser=precomputed, **forward_tiling,
+                q, k, v, plan, decay, c0, eps=eps, consumers=consumers, borders=True, normaliser=precomputed,
+                **forward_tiling,
             )  # fmt: skip
             return h, c_last, (borders, normaliser[0] if normaliser else None)
 
-        def products_vjp(q, k, v, plan, decay, c0, h, residual, dh, dc_last):
+        def products_vjp(q, k, v, plan, decay, c0, residual, dh, dc_last):
             borders, normaliser = residual
             return mosaic_products_vjp(
-                q, k, v, plan, decay, c0, eps, h, dh, dc_last, borders=borders, normaliser=normaliser,
+                q, k, v, plan, decay, c0, eps, dh, dc_last, borders=borders, normaliser=normaliser,
                 consumers=backward_consumers, scan_block_dhv=backward_scan_block_dhv, **tiling,
             )  # fmt: skip
 

@@ -22,11 +22,13 @@ the identity in float32 and float64)::
 
 The backward, from dh and dC_NC = dc_last (every product between one chunk's tiles; ``scale = DHQK^-1/2``)::
 
-    dnum  = dh / den                                     dden = -Σ_v dh ⊙ h / den
+    dnum  = dh / den,  dINTER = Σ_v dnum ⊙ (q r(C_j))
+    dden  = -Σ_v dh ⊙ h / den = -(Σ_v dnum ⊙ num) / den = -(INTER ⊙ dINTER + (P ⊙ dnum vᵀ) 1) / den
+            (num with P unrounded: in float64 the same; in bf16 the gradient of the function before P's rounding,
+            which dROW's cancellation would otherwise carry, times 1/den, into steps whose den is small)
     dqn   = dden · a · sign(qn),  dLOWER = dden · (1 - a),  a = 1 if |qn| > LOWER, 1/2 if equal, else 0
             (jnp.maximum splits a tie in half; jnp.abs takes sign(0) = +1: the conventions of jax.vjp)
-    dINTER = Σ_v dnum ⊙ (q r(C_j)),  dQN = dqn
-    dP    = dnum vᵀ + dqn 1ᵀ                             dS = dP ⊙ D · scale
+    dQN   = dqn,  dP = dnum vᵀ + dqn 1ᵀ,                 dS = dP ⊙ D · scale
     dlogD = dP ⊙ P  (0 where D is masked or 0: -inf in ROW or COL gives 0)
     dROW  = dlogD 1,  dCOL = 1ᵀ dlogD,  dBREAKS = dBREAKS_COL = 0
     dq    = (INTER ⊙ dnum) r(C_j)ᵀ + dS k                dk = dSᵀ q + r(GAIN ⊙ v) dC_{j+1}ᵀ
@@ -80,6 +82,8 @@ from xlstm_jax.kernels.chunkwise_mosaic_grads import (
     D_DECAY,
     D_GAIN,
     D_INTER,
+    D_LOWER,
+    D_QN,
     D_ROW,
     chunk_gradients_unsupported,
     mosaic_chunk_gradients,
@@ -243,16 +247,11 @@ def _dnum(q, k, plan, dh, eps, acc):
     return dh.astype(acc) / den[:, None]
 
 
-def _normaliser_vjp(qn, den, lower, h, dh):
-    """``(dqn, dLOWER)`` (..., L) from ``den = max(|qn|, LOWER) + eps``, h and dh (..., L, DHV) (module docstring).
-
-    ``dden = -Σ_v dh ⊙ h / den``; a tie ``|qn| == LOWER`` splits dden in half and ``sign(0) = +1`` (jax.vjp's
-    conventions for ``jnp.maximum`` and ``jnp.abs``).
-    """
-    acc = den.dtype
-    dden = -jnp.sum(dh.astype(acc) * h.astype(acc), axis=-1) / den
-    above = jnp.where(jnp.abs(qn) > lower, 1.0, jnp.where(jnp.abs(qn) == lower, 0.5, 0.0)).astype(acc)
-    return dden * above * jnp.where(qn >= 0, 1.0, -1.0).astype(acc), dden * (1.0 - above)
+def _den_slope(qn, lower):
+    """``∂den/∂qn`` (..., L) of ``den = max(|qn|, LOWER) + eps``: sign(qn) where |qn| is the larger, half of it at a
+    tie, 0 where LOWER is the larger; ``∂den/∂LOWER = 1 - |∂den/∂qn|`` (module docstring)."""
+    above = jnp.where(jnp.abs(qn) > lower, 1.0, jnp.where(jnp.abs(qn) == lower, 0.5, 0.0)).astype(qn.dtype)
+    return above * jnp.where(qn >= 0, 1.0, -1.0).astype(qn.dtype)
 
 
 def _chunk_gradients(q, k, v, plan, c, dc_next, dh, eps):
@@ -262,21 +261,25 @@ def _chunk_gradients(q, k, v, plan, c, dc_next, dh, eps):
         ``(dq (L, DHQK), dk (L, DHQK), dv (L, DHV), dplan (8, L), ddecay ())`` in c's dtype.
     """
     acc, DHQK = c.dtype, q.shape[-1]
-    h, s, d, p, qn, den, inter = _chunk_forward(q, k, v, plan, c, eps)
+    _, s, d, p, qn, den, inter = _chunk_forward(q, k, v, plan, c, eps)
     c_r, p_r = c.astype(q.dtype), p.astype(v.dtype)
     dh = dh.astype(acc)
     dnum = dh / den[:, None]
-    dqn, dlower = _normaliser_vjp(qn, den, plan[_LOWER], h, dh)
-    d_inter = plan[_INTER][:, None] * dnum
-    dp = _dot("te,se->ts", dnum, v, acc) + dqn[:, None]
+    dnum_v = _dot("te,se->ts", dnum, v, acc)
+    d_inter = jnp.sum(dnum * inter, axis=1)
+    # dden = -(Σ_v dnum ⊙ num) / den from the products at hand (module docstring), with P unrounded.
+    dden = -(plan[_INTER] * d_inter + jnp.sum(p * dnum_v, axis=1)) / den
+    slope = _den_slope(qn, plan[_LOWER])
+    dqn, dlower = dden * slope, dden * (1.0 - jnp.abs(slope))
+    dp = dnum_v + dqn[:, None]
     ds = dp * d * (1.0 / math.sqrt(DHQK))
     dlog_d = dp * p  # the masked entries and those with -inf in ROW or COL have P = 0
     dgv = _dot("td,de->te", k, dc_next, acc)  # (L, DHV): the state update's cotangent on r(GAIN ⊙ v)
-    dq = _dot("te,de->td", d_inter, c_r, acc) + _dot("ts,sd->td", ds, k, acc)
+    dq = _dot("te,de->td", plan[_INTER][:, None] * dnum, c_r, acc) + _dot("ts,sd->td", ds, k, acc)
     dk = _dot("ts,td->sd", ds, q, acc) + _dot("te,de->td", _gated_values(v, plan, acc), dc_next, acc)
     dv = _dot("ts,te->se", p_r, dnum, acc) + plan[_GAIN][:, None] * dgv
     d_row, d_col = jnp.sum(dlog_d, axis=1), jnp.sum(dlog_d, axis=0)
-    d_inter, d_gain = jnp.sum(dnum * inter, axis=1), jnp.sum(v.astype(acc) * dgv, axis=1)
+    d_gain = jnp.sum(v.astype(acc) * dgv, axis=1)
     dplan = _plan_rows(d_row, d_col, d_inter, dqn, dlower, d_gain, axis=0)
     return dq, dk, dv, dplan, jnp.sum(dc_next * c)
 
@@ -361,11 +364,11 @@ def chunk_products_vjp(
 
 
 def mosaic_backward_unsupported(DHQK: int, DHV: int, dtype: Any, block_dhv: int, depth: int) -> str | None:
-    """Why the Mosaic GPU backward (:func:`mosaic_products_vjp`, behind the forward kernel with float32 h and the
-    border states, one warpgroup) cannot run this head shape, dtype and tiling, or None if it can (no device
-    check). The gradient kernel holds dq in registers, so DHQK is at most 256 there."""
+    """Why the Mosaic GPU backward (:func:`mosaic_products_vjp`, behind the forward kernel writing the border
+    states, one warpgroup) cannot run this head shape, dtype and tiling, or None if it can (no device check). The
+    gradient kernel holds dq in registers, so DHQK is at most 256 there."""
     return (
-        chunkwise_mosaic_unsupported(DHQK, DHV, dtype, block_dhv, depth=depth, consumers=1, h_dtype=jnp.float32)
+        chunkwise_mosaic_unsupported(DHQK, DHV, dtype, block_dhv, depth=depth, consumers=1)
         or state_scan_unsupported(DHQK, DHV, dtype, block_dhv, depth)
         or chunk_gradients_unsupported(DHQK, DHV, dtype, block_dhv)
     )
@@ -379,7 +382,6 @@ def mosaic_products_vjp(
     decay: jax.Array,  # (BH, NC) float32
     c0: jax.Array,  # (BH, DHQK, DHV) float32
     eps: float,
-    h: jax.Array,  # (BH, S, DHV): the forward kernel's h
     dh: jax.Array,  # (BH, S, DHV)
     dc_last: jax.Array,  # (BH, DHQK, DHV)
     *,
@@ -395,13 +397,13 @@ def mosaic_products_vjp(
 
     The stages of :func:`chunk_products_vjp` with the products in kernels: (a) the border states r(C_j) by
     :func:`~xlstm_jax.kernels.chunkwise_mosaic_scan.mosaic_state_scan`; per step in XLA, from the chunks' score
-    row sums and the forward's h, ``1/den``, ``INTER/den`` and the normaliser's gradients; (b) the border
-    cotangents r(dC_{j+1}) and dc0 by the same scan in reverse; (c) every chunk's dq, dk, dv and the gradients
-    of its plan rows and decay by :func:`~xlstm_jax.kernels.chunkwise_mosaic_grads.mosaic_chunk_gradients`.
+    row sums, ``1/den``, ``INTER/den`` and den's slope in qn; (b) the border cotangents r(dC_{j+1}) and dc0 by
+    the same scan in reverse; (c) every chunk's dq, dk, dv and the gradients of its plan rows (the normaliser's
+    too, from the products it has: no h is read) and decay by
+    :func:`~xlstm_jax.kernels.chunkwise_mosaic_grads.mosaic_chunk_gradients`.
 
     Args:
         q, k, v, plan, decay, c0, eps: The forward kernel's operands (bf16 or f16 tiles, float32 plan and states).
-        h: The forward kernel's h (BH, S, DHV), in q's dtype: the normaliser's gradient reads it.
         dh: The cotangent of h (BH, S, DHV), rounded to q's dtype for the products.
         dc_last: The cotangent of the last state (BH, DHQK, DHV).
         borders: The border states r(C_j) (BH, NC * DHQK, DHV) in q's dtype where the forward wrote them
@@ -425,7 +427,7 @@ def mosaic_products_vjp(
         ValueError: the shapes do not fit together, or a kernel cannot run them.
     """
     BH, S, DHQK, DHV, NC, L = _check(q, k, v, plan, decay, c0)
-    for name, x, shape in (("h", h, v.shape), ("dh", dh, v.shape), ("dc_last", dc_last, c0.shape)):
+    for name, x, shape in (("dh", dh, v.shape), ("dc_last", dc_last, c0.shape)):
         if x.shape != shape:
             raise ValueError(f"{name}.shape={x.shape} must be {shape}")
     f32 = jnp.float32
@@ -450,20 +452,19 @@ def mosaic_products_vjp(
         shapes = [(x.shape, str(x.dtype)) for x in normaliser]
         raise ValueError(f"normaliser (qn, den) {shapes} must be two {(BH, NC, L)} float32 arrays")
     qn, den = normaliser  # (BH, NC, L) each
-    hc, dhc = h.reshape(BH, NC, L, DHV), dh.reshape(BH, NC, L, DHV)
-    dqn, dlower = _normaliser_vjp(qn, den, row(_LOWER), hc, dhc)
     rden = 1.0 / den
     w = row(_INTER) * rden
     dh = dh.astype(dtype)
     dborders, dc0 = mosaic_state_scan(q, dh, w, decay, dc_last.astype(f32), reverse=True, **scan)
-    # mosaic_chunk_gradients' vector rows, in its order: ROW, COL, BREAKS, BREAKS_COL, GAIN, RDEN, W, DQN
-    vectors = (row(_ROW), row(_COL), row(_BREAKS), row(_BREAKS_COL), row(_GAIN), rden, w, dqn)
+    # mosaic_chunk_gradients' vector rows, in its order: ROW, COL, BREAKS, BREAKS_COL, GAIN, RDEN, W, DDEN_DQN
+    vectors = (row(_ROW), row(_COL), row(_BREAKS), row(_BREAKS_COL), row(_GAIN), rden, w, _den_slope(qn, row(_LOWER)))
     vec = jnp.stack(vectors, axis=2).reshape(BH, NC * _PLAN_ROWS, L)
     dq, dk, dv, dvec = mosaic_chunk_gradients(
         q, k, v, dh, borders, dborders, vec, block_dhv=block_dhv, consumers=grad_consumers, interpret=interpret
     )  # fmt: skip
     dvec = dvec.reshape(BH, NC, _PLAN_ROWS, L)
-    d_row, d_col, d_inter, d_gain, d_decay = (dvec[:, :, r] for r in (D_ROW, D_COL, D_INTER, D_GAIN, D_DECAY))
+    rows = (D_ROW, D_COL, D_INTER, D_GAIN, D_DECAY, D_QN, D_LOWER)
+    d_row, d_col, d_inter, d_gain, d_decay, dqn, dlower = (dvec[:, :, r] for r in rows)
     dplan = _plan_rows(d_row, d_col, d_inter, dqn, dlower, d_gain, axis=2).reshape(plan.shape)
     return dq, dk, dv, dplan, d_decay[..., 0], dc0
 
@@ -497,11 +498,11 @@ def split_cell(
     Args:
         products: ``products(q, k, v, plan, decay, c0) -> (h, c_last)`` on the kernel's operands (heads flattened,
             S padded to whole chunks).
-        products_vjp: ``products_vjp(q, k, v, plan, decay, c0, h, residual, dh, dc_last) -> (dq, dk, dv, dplan,
-            ddecay, dc0)``: the gradients of ``products``, given its h and ``residual``.
+        products_vjp: ``products_vjp(q, k, v, plan, decay, c0, residual, dh, dc_last) -> (dq, dk, dv, dplan,
+            ddecay, dc0)``: the gradients of ``products``, given its ``residual``.
         products_for_grad: What runs instead of ``products`` under differentiation: the same function returning
-            ``(h, c_last, residual)`` (for example h in a wider dtype and the border states, for
-            ``products_vjp``); None: ``products`` with no residual.
+            ``(h, c_last, residual)`` (for example with the border states, for ``products_vjp``); None:
+            ``products`` with no residual.
         q, k, v, i, f, c_initial, n_initial, m_initial, return_last_states, eps, state_dtype, segment_ids: As
             :func:`~xlstm_jax.mlstm.chunkwise.chunkwise_fw`.
 
@@ -543,16 +544,16 @@ def split_cell(
         (operands, nm_last), plan_vjp = jax.vjp(lambda *a: plan_part(*a, segment_ids), q, k, v, i, f, states)
         h, c_last, residual = products(*operands)
         out, outputs_vjp = jax.vjp(outputs, h, c_last, nm_last)
-        return out, (operands, h, residual, plan_vjp, outputs_vjp)
+        return out, (operands, residual, plan_vjp, outputs_vjp)
 
     @jax.custom_vjp
     def run(q, k, v, i, f, states, segment_ids):
         return forward(q, k, v, i, f, states, segment_ids, lambda *ops: (*products(*ops), None))[0]
 
     def run_bwd(residuals, cotangents):
-        operands, h, residual, plan_vjp, outputs_vjp = residuals
+        operands, residual, plan_vjp, outputs_vjp = residuals
         dh, dc_last, dnm_last = outputs_vjp(cotangents)
-        d_operands = products_vjp(*operands, h, residual, dh, dc_last)
+        d_operands = products_vjp(*operands, residual, dh, dc_last)
         d_operands = tuple(d.astype(o.dtype) for d, o in zip(d_operands, operands, strict=True))
         return (*plan_vjp((d_operands, dnm_last)), None)  # document ids are not differentiable
 
@@ -603,8 +604,8 @@ def chunkwise_split_fw(
     def products(q, k, v, plan, decay, c0):
         return chunk_products(q, k, v, plan, decay, c0, eps)
 
-    def products_vjp(q, k, v, plan, decay, c0, h, residual, dh, dc_last):
-        del h, residual  # chunk_products_vjp recomputes h in the accumulation dtype
+    def products_vjp(q, k, v, plan, decay, c0, residual, dh, dc_last):
+        del residual  # chunk_products_vjp recomputes what it needs in the accumulation dtype
         return chunk_products_vjp(q, k, v, plan, decay, c0, eps, dh, dc_last)
 
     return split_cell(

@@ -8,14 +8,20 @@ chunk, with ``scale = DHQK^-1/2``, ``r(·)`` the rounding to the inputs' dtype a
 (operands in the inputs' dtype, float32 accumulation)::
 
     S = q kᵀ,  D_ts = exp(ROW_t + COL_s) where s <= t and BREAKS_t == BREAKS_s, else 0,  P = S ⊙ D · scale
-    dP = RDEN ⊙ (dh vᵀ) + DQN 1ᵀ,  dS = dP ⊙ D · scale,  dlogD = dP ⊙ P
+    X = Σ_v dh ⊙ (q C_j),  dden = -RDEN ⊙ (W ⊙ X + RDEN ⊙ (P ⊙ dh vᵀ) 1)
+    dQN = dden ⊙ DDEN_DQN,  dLOWER = dden ⊙ (1 - |DDEN_DQN|)
+    dP = RDEN ⊙ (dh vᵀ) + dQN 1ᵀ,  dS = dP ⊙ D · scale,  dlogD = dP ⊙ P
     dROW = dlogD 1,  dCOL = 1ᵀ dlogD
     dq = r(dS) k + r(W ⊙ dh) C_jᵀ                        dINTER = RDEN ⊙ Σ_v dh ⊙ (q C_j)
     dk = r(dS)ᵀ q + r(GAIN ⊙ v) dC_{j+1}ᵀ                dGAIN = Σ_v v ⊙ (k dC_{j+1})
     dv = r(P)ᵀ r(RDEN ⊙ dh) + GAIN ⊙ (k dC_{j+1})        dDECAY = <dC_{j+1}, C_j>
 
-(``RDEN = 1/den``, ``W = INTER/den`` and ``DQN``, the normaliser's cotangent, come from XLA: the same values as
-``_chunk_gradients`` of :mod:`~xlstm_jax.kernels.chunkwise_mosaic_bw`, whose module docstring derives them.)
+(``RDEN = 1/den``, ``W = INTER/den`` and ``DDEN_DQN``, the slope of ``den = max(|qn|, LOWER) + eps`` in qn
+(sign(qn), 1/2 of it at a tie, 0 where LOWER is the larger), come from XLA: the same values as
+``_chunk_gradients`` of :mod:`~xlstm_jax.kernels.chunkwise_mosaic_bw`, whose module docstring derives the
+gradients. There the normaliser's cotangent ``dden = -Σ_v dh ⊙ h / den``, with ``h = num / den`` and
+``num = INTER ⊙ (q C_j) + P v``, is the dden above: from products the kernel has in float32 anyway, so the
+backward reads no h.)
 
 The program keeps q and k (L, DHQK) in shared memory and walks the DHV columns in blocks of ``block_dhv``, each
 loop a TMA pipeline of two slots:
@@ -49,7 +55,7 @@ and dk need no tiles of their own. block_dhv = 64 runs for DHQK <= 128 there.
 Operands (heads flattened, NC = S / 64 chunks): q, k (BH, S, DHQK) and v, dh (BH, S, DHV) in bf16 or f16; the
 borders r(C_j) and r(dC_{j+1}) as (BH, NC · DHQK, DHV) in the same dtype; per chunk 8 float32 vectors of L as
 (BH, NC · 8, L), rows :data:`ROW`, :data:`COL`, :data:`BREAKS`, :data:`BREAKS_COL` (the break counts again, read
-as a column vector), :data:`GAIN`, :data:`RDEN`, :data:`W`, :data:`DQN`.
+as a column vector), :data:`GAIN`, :data:`RDEN`, :data:`W`, :data:`DDEN_DQN`.
 
 Interpret mode. ``interpret=True`` runs the kernel in Mosaic GPU's interpreter on any backend (slow; for tests on
 a CPU) where the JAX version has one; two warpgroups (``consumers=2``) need three threads in XLA's CPU pool
@@ -75,11 +81,13 @@ __all__ = [
     "BREAKS",
     "BREAKS_COL",
     "COL",
-    "DQN",
+    "DDEN_DQN",
     "D_COL",
     "D_DECAY",
     "D_GAIN",
     "D_INTER",
+    "D_LOWER",
+    "D_QN",
     "D_ROW",
     "GAIN",
     "RDEN",
@@ -93,10 +101,10 @@ __all__ = [
 
 VEC_ROWS = 8  # float32 vectors of L per chunk, in the input ``vec`` and the output ``dvec``
 # The input vectors' rows: the gate plan's log halves and break counts (as chunk_plan's), each step's gain into the
-# state at the chunk's end, 1/den, INTER/den, and the cotangent of the normaliser's q·n term.
-ROW, COL, BREAKS, BREAKS_COL, GAIN, RDEN, W, DQN = range(VEC_ROWS)
-# The output vectors' rows; rows 5 to 7 are 0.
-D_ROW, D_COL, D_INTER, D_GAIN, D_DECAY = range(5)
+# state at the chunk's end, 1/den, INTER/den, and den's slope in qn (module docstring).
+ROW, COL, BREAKS, BREAKS_COL, GAIN, RDEN, W, DDEN_DQN = range(VEC_ROWS)
+# The output vectors' rows; row 7 is 0.
+D_ROW, D_COL, D_INTER, D_GAIN, D_DECAY, D_QN, D_LOWER = range(7)
 _DEPTH = 2  # pipeline slots of every column-block loop
 _ROWS = 64  # the WGMMA layout tiles rows in groups of 64
 
@@ -216,33 +224,43 @@ def _gradients_body(
         def vector(r):
             return load(vec_smem.at[r], row_layout)
 
-        def gated_scores():
-            """``(P, D)``, both (L, L) float32 in registers: q kᵀ on the WGMMA units, then the gates."""
-            scores = _product(q_smem, transposed(k_smem, 0), (L, L))
+        def gates():
+            """D (L, L) float32 in registers: exp(ROW_t + COL_s) on the causal steps of one document, else 0."""
             same = cast(lax.broadcast_in_dim(vector(BREAKS), (L, L), (0,)), tile) == cast(
                 lax.broadcast_in_dim(load(vec_smem.at[BREAKS_COL], col_layout), (L, L), (1,)), tile
             )
             log_d = cast(lax.broadcast_in_dim(vector(ROW), (L, L), (0,)), tile) + cast(
                 lax.broadcast_in_dim(load(vec_smem.at[COL], col_layout), (L, L), (1,)), tile
             )
-            d = cast(jnp.where((iota(1) <= iota(0)) & same, jnp.exp(log_d), 0.0), tile)
-            return cast(cast(scores, tile) * d * scale, tile), d
+            return cast(jnp.where((iota(1) <= iota(0)) & same, jnp.exp(log_d), 0.0), tile)
+
+        def gated_scores():
+            """P (L, L) float32 in registers: q kᵀ on the WGMMA units, gated."""
+            scores = _product(q_smem, transposed(k_smem, 0), (L, L))
+            return cast(cast(scores, tile) * gates() * scale, tile)
 
         def write_p():
             """r(P) into shared memory, for dv's product."""
-            p, _ = gated_scores()
-            p_smem[...] = cast(p.astype(dtype), tile)
+            p_smem[...] = cast(gated_scores().astype(dtype), tile)
             plgpu.commit_smem()
 
-        def write_ds(dh_v):
-            """r(dS) into shared memory and the rows dROW and dCOL, from ``dh vᵀ`` (the scores again: P in float32
-            costs one small product, not 32 registers a thread held through the column blocks)."""
-            p, d = gated_scores()
-            dp = cast(rows(vector(RDEN), L) * cast(dh_v, tile) + rows(vector(DQN), L), tile)
-            ds_smem[...] = cast((dp * d * scale).astype(dtype), tile)
+        def write_ds(dh_v, inter):
+            """From ``dh vᵀ`` and X (``inter``, Σ_v dh ⊙ q C_j): the rows dQN and dLOWER, r(dS) into shared memory
+            and the rows dROW and dCOL. dq's accumulator is live here, so at most two (L, L) float32 values are:
+            P comes from the scores again (one small product), and D is computed again for dS."""
+            p = gated_scores()
+            rden = vector(RDEN)
+            num_dh = vector(W) * inter + rden * cast(jnp.sum(p * cast(dh_v, tile), axis=1), row_layout)
+            dden = cast(-rden * num_dh, row_layout)  # -Σ_v dh ⊙ h / den
+            slope = vector(DDEN_DQN)
+            dqn = cast(dden * slope, row_layout)
+            dvec_smem.at[D_QN][...] = dqn
+            dvec_smem.at[D_LOWER][...] = cast(dden * (1.0 - jnp.abs(slope)), row_layout)
+            dp = cast(rows(rden, L) * cast(dh_v, tile) + rows(dqn, L), tile)
             dlog_d = cast(dp * p, tile)
             dvec_smem.at[D_ROW][...] = cast(jnp.sum(dlog_d, axis=1), row_layout)
             dvec_smem.at[D_COL][...] = cast(jnp.sum(dlog_d, axis=0), col_layout)
+            ds_smem[...] = cast((dp * gates() * scale).astype(dtype), tile)
             plgpu.commit_smem()
 
         # The column-block loops' tiles, by name: the sources are functions of a column slice giving the GMEM view.
@@ -360,13 +378,13 @@ def _gradients_body(
             return step
 
         def dq_side(refs, layout=(q_tiles, q_scratch), *, prologue=None, ds_written=None):
-            """dq (registers) from dq's loop, with r(dS), dROW and dCOL (``ds_written`` once they are in shared
-            memory) and the rows dINTER and dDECAY into shared memory."""
+            """dq (registers) from dq's loop, with r(dS), dROW, dCOL, dQN and dLOWER (``ds_written`` once they are
+            in shared memory) and the rows dINTER and dDECAY into shared memory."""
 
             def run(acc_dq, acc_dh_v):
                 step = q_step(acc_dq, acc_dh_v)
                 inter, decay = blocks(refs, *layout, step, (zeros_row(), zeros_row()), prologue=prologue)
-                write_ds(acc_dh_v[...])
+                write_ds(acc_dh_v[...], inter)
                 if ds_written is not None:
                     ds_written()
                 plgpu.wgmma(acc_dq, ds_smem, k_smem)
@@ -421,7 +439,7 @@ def _gradients_body(
 
             dk, dgain = pl.run_scoped(run, plgpu.ACC((L, DHQK), f32))
             dvec_smem.at[D_GAIN][...] = cast(dgain, row_layout)
-            for r in range(D_DECAY + 1, VEC_ROWS):
+            for r in range(D_LOWER + 1, VEC_ROWS):
                 dvec_smem.at[r][...] = zeros_row()
             return dk
 
@@ -546,7 +564,7 @@ def mosaic_chunk_gradients(
         dh: The cotangent of h (BH, S, DHV), q's dtype.
         borders: r(C_j), the memory state before each chunk j, as (BH, NC * DHQK, DHV) in q's dtype.
         dborders: r(dC_{j+1}), the cotangent of the state after each chunk j, (BH, NC * DHQK, DHV) in q's dtype.
-        vec: Per chunk the 8 float32 vectors of 64 steps (rows ``ROW`` to ``DQN``), (BH, NC * 8, 64).
+        vec: Per chunk the 8 float32 vectors of 64 steps (rows ``ROW`` to ``DDEN_DQN``), (BH, NC * 8, 64).
         block_dhv: Columns of v, dh and the borders per block, 32 or 64.
         consumers: Warpgroups per program, 1 or 2. With 2, dq's loop and dk's loop run at once on one warpgroup
             each (module docstring).
@@ -555,7 +573,7 @@ def mosaic_chunk_gradients(
     Returns:
         ``(dq (BH, S, DHQK), dk (BH, S, DHQK), dv (BH, S, DHV))`` in q's dtype and ``dvec`` (BH, NC * 8, 64)
         float32: per chunk the rows ``D_ROW``, ``D_COL``, ``D_INTER``, ``D_GAIN``, ``D_DECAY`` (the chunk's
-        ``<dC_{j+1}, C_j>`` in every entry) and three rows of 0.
+        ``<dC_{j+1}, C_j>`` in every entry), ``D_QN``, ``D_LOWER`` and a row of 0.
 
     Raises:
         ValueError: the shapes or dtypes do not fit together, the kernel cannot run them
