@@ -340,22 +340,23 @@ def test_auto_consumers_keeps_small_grids_on_one_warpgroup():
 
 
 @pytest.mark.parametrize(
-    ("block_dhv", "consumers", "h_dtype", "scores", "borders", "DHQK", "depth"),
+    ("block_dhv", "consumers", "h_dtype", "scores", "grad", "DHQK", "depth"),
     [
         (32, 1, None, "in_kernel", False, 256, 2),
         (64, 1, None, "in_kernel", False, 256, 2),
-        (32, 2, jnp.float32, "in_kernel", True, 256, 2),
+        (32, 2, None, "in_kernel", True, 256, 2),
+        (32, 1, jnp.float32, "in_kernel", False, 256, 2),
         (32, 1, None, "precomputed", False, 256, 2),
         (64, 1, None, "precomputed", False, 256, 2),
-        (32, 2, jnp.float32, "precomputed", True, 256, 2),
+        (32, 2, None, "precomputed", True, 256, 2),
         (32, 1, None, "precomputed", False, 512, 1),
     ],
 )
-def test_lowers_for_cuda(block_dhv, consumers, h_dtype, scores, borders, DHQK, depth):
+def test_lowers_for_cuda(block_dhv, consumers, h_dtype, scores, grad, DHQK, depth):
     """Tracing and Mosaic GPU lowering at the xLSTM-7B head shape (DHQK=256; the layouts, the operands' shared
-    swizzle, the shared-memory budget, two warpgroups' barriers, h in float32 and the border states as under
-    differentiation, the state update accumulated onto the decayed state with precomputed scores; DHQK=512 with
-    one chunk in flight) succeed on any machine."""
+    swizzle, the shared-memory budget, two warpgroups' barriers, the border states and each step's (qn, den) as
+    under differentiation (``grad``), h in float32, the state update accumulated onto the decayed state with
+    precomputed scores; DHQK=512 with one chunk in flight) succeed on any machine."""
     BH, S, DHV, f32, A = 2, 2 * CHUNK, 128, jnp.float32, jax.ShapeDtypeStruct
     avals = (
         A((BH, S, DHQK), jnp.bfloat16), A((BH, S, DHQK), jnp.bfloat16), A((BH, S, DHV), jnp.bfloat16),
@@ -363,7 +364,7 @@ def test_lowers_for_cuda(block_dhv, consumers, h_dtype, scores, borders, DHQK, d
     )  # fmt: skip
     step = functools.partial(
         mosaic_chunkwise, eps=1e-6, block_dhv=block_dhv, consumers=consumers, h_dtype=h_dtype, scores=scores,
-        borders=borders, depth=depth,
+        borders=grad, normaliser=grad, depth=depth,
     )  # fmt: skip
     text = jax.jit(step).trace(*avals).lower(lowering_platforms=("cuda",)).as_text()
     assert "mosaic_gpu" in text

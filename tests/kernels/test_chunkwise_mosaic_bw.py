@@ -105,19 +105,42 @@ def test_products_match_the_kernel():
     h_pre, c_pre = pre(*ops)
     assert_close("h (precomputed)", np.asarray(h_pre, np.float32), h, TOL["bfloat16/float32"])
     assert_close("c (precomputed)", c_pre, c, TOL["bfloat16/float32"])
-    h32, c32, borders, (qn, den) = pre(*ops, h_dtype=jnp.float32, borders=True, normaliser=True)
+    h32, c32, borders, qn_den_pre = pre(*ops, h_dtype=jnp.float32, borders=True, normaliser=True)
     np.testing.assert_array_equal(np.asarray(h32.astype(jnp.bfloat16)), np.asarray(h_pre))
     assert_close("borders (precomputed)", np.asarray(borders, np.float32), expected.reshape(borders.shape),
                  TOL["bfloat16/float32"])  # fmt: skip
+    # In-kernel scores: the kernel's own (qn, den), written by each head's first column block, beside h and c.
+    h_in, c_in, _, qn_den_in = mosaic_chunkwise(*ops, eps=EPS, interpret=True, borders=True, normaliser=True)
+    np.testing.assert_array_equal(np.asarray(h_in), np.asarray(h_kernel))
+    np.testing.assert_array_equal(np.asarray(c_in), np.asarray(c_kernel))
     q, k, _, plan, _, _ = ops
     expected_qn, expected_den, size = _step_normaliser(q, k, plan)
     # float32: each P element a sum of DHQK exact bf16 products times D and the scale (DHQK + 2 roundings of 2^-24),
     # then qn a sum of L + 1 terms: within (DHQK + L + 3) · 2^-24 of the terms' sizes; den adds one rounding (+ eps).
     bound = (q.shape[-1] + CHUNK + 3) * 2.0**-24 * size
+    for qn, den in (qn_den_pre, qn_den_in):
+        assert qn.shape == den.shape == expected_qn.shape and qn.dtype == den.dtype == jnp.float32
+        assert np.all(np.abs(np.asarray(qn) - expected_qn) <= bound)
+        assert np.all(np.abs(np.asarray(den) - expected_den) <= bound + 2.0**-24 * expected_den)
+
+
+@pytest.mark.skipif(mosaic_interpret_params() is None, reason="needs a JAX with Mosaic GPU's interpreter")
+def test_in_kernel_normaliser_from_the_first_column_block():
+    """With in-kernel scores, two heads of four column blocks (two programs of two warpgroups each): the (qn, den)
+    that each head's first block writes cover every step and equal the float64 values within the float32 bound,
+    and h and the last state are those of the call without them."""
+    x = random_inputs(8, 1, 2, 128, 64, 128, states=True, igate="wide")
+    ops = operands(x, jnp.bfloat16)
+    run = functools.partial(mosaic_chunkwise, eps=EPS, interpret=True, consumers=2)
+    h, c = run(*ops)
+    h_n, c_n, (qn, den) = run(*ops, normaliser=True)
+    np.testing.assert_array_equal(np.asarray(h_n), np.asarray(h))
+    np.testing.assert_array_equal(np.asarray(c_n), np.asarray(c))
+    q, k, _, plan, _, _ = ops
+    expected_qn, expected_den, size = _step_normaliser(q, k, plan)
+    bound = (q.shape[-1] + CHUNK + 3) * 2.0**-24 * size  # as in test_products_match_the_kernel
     assert np.all(np.abs(np.asarray(qn) - expected_qn) <= bound)
     assert np.all(np.abs(np.asarray(den) - expected_den) <= bound + 2.0**-24 * expected_den)
-    with pytest.raises(ValueError, match="normaliser=True needs scores='precomputed'"):
-        mosaic_chunkwise(*ops, eps=EPS, interpret=True, normaliser=True)
 
 
 def _step_normaliser(q, k, plan):

@@ -113,13 +113,15 @@ def shared_memory_bytes(
     consumers: int = 1,
     h_dtype: Any = None,
     scores: str = "in_kernel",
+    normaliser: bool = False,
 ) -> int:
     """Bytes of shared memory of the kernel's chunk loop (its largest scope): the tiles, not the barriers.
 
     Per pipeline slot q and k (L, DHQK) and the plan (8, L) float32, shared by the warpgroups; per warpgroup
     ``depth`` v tiles (L, block_dhv), h (L, block_dhv) in ``h_dtype`` (None: ``dtype``), C rounded
     (DHQK, block_dhv), P (L, L), g ⊙ v (L, block_dhv). With ``scores="precomputed"`` P arrives per pipeline slot,
-    shared, and the plan has 2 rows.
+    shared, and the plan has 2 rows. With in-kernel scores, ``normaliser`` adds the (2, L) float32 tile that takes
+    each chunk's (qn, den) out.
     """
     item = jnp.dtype(dtype).itemsize
     h_item = jnp.dtype(h_dtype or dtype).itemsize
@@ -129,7 +131,7 @@ def shared_memory_bytes(
     shared = depth * (2 * CHUNK * DHQK * item + rows * CHUNK * 4 + (p_tile if precomputed else 0))
     own = (depth + 1) * CHUNK * block_dhv * item + CHUNK * block_dhv * h_item
     own += DHQK * block_dhv * item + (0 if precomputed else p_tile)
-    return shared + consumers * own
+    return shared + consumers * own + (2 * CHUNK * 4 if normaliser and not precomputed else 0)
 
 
 def chunkwise_mosaic_unsupported(
@@ -142,12 +144,14 @@ def chunkwise_mosaic_unsupported(
     consumers: int = 1,
     h_dtype: Any = None,
     scores: str = "in_kernel",
+    normaliser: bool = False,
 ) -> str | None:
     """Why the kernel cannot run this head shape, dtype and tiling, or None if it can (no device check).
 
     The tiling: ``block_dhv`` columns of c per warpgroup, ``depth`` chunks in flight, ``consumers`` warpgroups per
-    program, ``scores`` where the chunk's scores are computed (:data:`SCORES`); the tiles must fit in a Hopper
-    block's shared memory (:func:`shared_memory_bytes`).
+    program, ``scores`` where the chunk's scores are computed (:data:`SCORES`), ``normaliser`` whether each step's
+    (qn, den) leaves the kernel too; the tiles must fit in a Hopper block's shared memory
+    (:func:`shared_memory_bytes`).
     """
     if scores not in SCORES:
         return f"scores={scores!r} must be one of {SCORES}"
@@ -168,7 +172,7 @@ def chunkwise_mosaic_unsupported(
         return f"depth={depth!r} must be a positive integer (chunks in flight)"
     if h_dtype is not None and jnp.dtype(h_dtype) not in (jnp.dtype(dtype), jnp.dtype(jnp.float32)):
         return f"h_dtype={jnp.dtype(h_dtype)} must be the inputs' dtype or float32"
-    smem = shared_memory_bytes(DHQK, dtype, block_dhv, depth, consumers, h_dtype, scores)
+    smem = shared_memory_bytes(DHQK, dtype, block_dhv, depth, consumers, h_dtype, scores, normaliser)
     if smem + _SMEM_RESERVE > _SMEM_LIMIT:
         h_text = "" if h_dtype is None else f", h in {jnp.dtype(h_dtype)}"
         h_text += "" if scores == "in_kernel" else f", scores={scores!r}"
@@ -309,12 +313,15 @@ def _chunk_body(
     consumers: int,
     interpret: bool,
     precomputed: bool,
+    borders: bool,
+    normaliser: bool,
 ):
     # The outputs: h (BH, S, DHV) in h's dtype; c (BH, DHQK, DHV) float32; with borders, r(C_j) before every chunk
-    # (BH, NC * DHQK, DHV) in q's dtype.
+    # (BH, NC * DHQK, DHV) in q's dtype; with normaliser (in-kernel scores), each chunk's (qn, den) (BH, NC * 2, L).
     p_ref, refs = (refs[0], refs[1:]) if precomputed else (None, refs)
     h_ref, c_ref, *rest = refs
-    borders_ref = rest[0] if rest else None
+    borders_ref = rest.pop(0) if borders else None
+    norm_ref = rest.pop(0) if normaliser else None
     f32, dtype = jnp.float32, q_ref.dtype
     _, S, DHQK = q_ref.shape
     L, NV, NC = CHUNK, block_dhv, S // CHUNK
@@ -352,6 +359,7 @@ def _chunk_body(
         return acc[...] if interpret else plgpu.wgmma_accumulator_load(acc, wait_n=wait_n)
 
     def body(q_bufs, k_bufs, v_bufs, plan_bufs, h_smem, c16_smem, p_smem, gv_smem, loaded, *rest):
+        norm_smem, rest = (rest[0], rest[1:]) if normaliser else (None, rest)
         consumed, kt = (rest[0], rest[1:]) if split else (None, rest)
         v_bufs, h_smem, c16_smem, gv_smem = map(own, (v_bufs, h_smem, c16_smem, gv_smem))
         if not precomputed:  # each warpgroup's own P; precomputed, one per pipeline slot, shared
@@ -428,21 +436,33 @@ def _chunk_body(
                 gv_smem[...] = cast(gv.astype(dtype), tile)
 
             def normalised(p, inter, intra):
-                """h = (w ⊙ q C + P v) / den, den from P's row sums (in-kernel scores)."""
+                """``(h, (qn, den))``: h = (w ⊙ q C + P v) / den, den from P's row sums (in-kernel scores)."""
                 w = load(plan_smem.at[_INTER], row_layout)
                 qn = cast(cast(jnp.sum(p, axis=1), row_layout) + load(plan_smem.at[_QN], row_layout), row_layout)
                 den = cast(jnp.maximum(jnp.abs(qn), load(plan_smem.at[_LOWER], row_layout)) + eps, row_layout)
                 num = cast(
                     cast(lax.broadcast_in_dim(w, (L, NV), (0,)), tile) * cast(inter, tile) + cast(intra, tile), tile
                 )
-                return cast(num / cast(lax.broadcast_in_dim(den, (L, NV), (0,)), tile), tile)
+                return cast(num / cast(lax.broadcast_in_dim(den, (L, NV), (0,)), tile), tile), (qn, den)
 
-            def write_h(h):
+            def write_h(h, qn_den=None):
+                """h to its rows and columns; ``qn_den`` (in-kernel scores, with ``normaliser``) to this chunk's rows
+                of the (qn, den) output, from the head's first column block's first warpgroup (all compute it)."""
                 h = cast(h.astype(h_smem.dtype), tile)
-                plgpu.wait_smem_to_gmem(0, wait_read_only=True)  # the previous chunk's h has left h_smem
+                plgpu.wait_smem_to_gmem(0, wait_read_only=True)  # the previous chunk's h (and qn, den) have left
                 h_smem[...] = h
+                first = vb == 0 if not split else jnp.logical_and(vb == 0, wg == 0)
+                if norm_ref is not None:
+
+                    @pl.when(first)
+                    def _():
+                        for r, x in enumerate(qn_den):
+                            norm_smem.at[r][...] = cast(x, row_layout)
+
                 plgpu.commit_smem()
                 plgpu.copy_smem_to_gmem(h_smem, h_ref.at[bh, pl.ds(j * L, L), columns])
+                if norm_ref is not None:
+                    pl.when(first)(lambda: plgpu.copy_smem_to_gmem(norm_smem, norm_ref.at[bh, pl.ds(j * 2, 2)]))
 
             def in_kernel_scores(c):
                 # Four products in flight in order: q kᵀ and q C at once; P v and kᵀ (g ⊙ v) once P and g ⊙ v are
@@ -459,7 +479,7 @@ def _chunk_body(
                         plgpu.wgmma(acc_intra, p_smem, v_smem)
                         plgpu.wgmma(acc_x, k_t, gv_smem)
                         # All but the state update done: h is written while it runs.
-                        write_h(normalised(p, accumulated(acc_inter, 1), accumulated(acc_intra, 1)))
+                        write_h(*normalised(p, accumulated(acc_inter, 1), accumulated(acc_intra, 1)))
                         return acc_x[...]
 
                     return pl.run_scoped(second, plgpu.ACC((L, NV), f32), plgpu.ACC((DHQK, NV), f32))
@@ -518,6 +538,7 @@ def _chunk_body(
         else per_warpgroup((L, L), dtype, transforms=operand),
         per_warpgroup((L, NV), dtype, transforms=operand),
         plgpu.Barrier(num_arrivals=1, num_barriers=(p_barrier + precomputed) * depth),  # q, k, each v, plan[, P]
+        *([plgpu.SMEM((2, L), f32)] if normaliser else []),  # (qn, den) on their way out
         *([plgpu.Barrier(num_arrivals=consumers, num_barriers=depth)] if split else []),
         *([per_warpgroup((DHQK, L), dtype)] if interpret else []),
         collective_axes="wg",
@@ -620,8 +641,9 @@ def mosaic_chunkwise(
     backward's border states; a TMA store of the tile the kernel already holds, per chunk).
     ``scores``: ``"in_kernel"``, every warpgroup computes its chunk's gated scores and denominators;
     ``"precomputed"``, XLA computes them once per head before the kernel (:func:`normalised_scores`), which reads
-    ``P / den`` as a tile per chunk. ``normaliser`` (precomputed scores only): also return the steps' ``(qn, den)``
-    that :func:`normalised_scores` computed, for the backward.
+    ``P / den`` as a tile per chunk. ``normaliser``: also return the steps' ``(qn, den)`` for the backward, as
+    :func:`normalised_scores` computed them, or with in-kernel scores as the kernel did (the head's first column
+    block writes them).
 
     Returns:
         ``(h (BH, S, DHV) in h_dtype, c after the last chunk (BH, DHQK, DHV) float32)``, and with ``borders``
@@ -631,26 +653,26 @@ def mosaic_chunkwise(
     BH, S, DHQK = q.shape
     DHV = v.shape[-1]
     reason = chunkwise_mosaic_unsupported(
-        DHQK, DHV, q.dtype, block_dhv, depth=depth, consumers=consumers, h_dtype=h_dtype, scores=scores
+        DHQK, DHV, q.dtype, block_dhv, depth=depth, consumers=consumers, h_dtype=h_dtype, scores=scores,
+        normaliser=normaliser,
     )  # fmt: skip
     if reason is not None:
         raise ValueError(f"the Mosaic GPU chunkwise kernel cannot run this shape: {reason}")
     precomputed = scores == "precomputed"
-    if normaliser and not precomputed:
-        raise ValueError(
-            f"normaliser=True needs scores='precomputed' (the normaliser is computed in XLA there), got {scores!r}"
-        )
+    in_kernel_normaliser = normaliser and not precomputed
     params = require_mosaic_interpreter(consumers) if interpret else None
     body = functools.partial(
         _chunk_body, eps=eps, block_dhv=block_dhv, depth=depth, consumers=consumers, interpret=interpret,
-        precomputed=precomputed,
+        precomputed=precomputed, borders=borders, normaliser=in_kernel_normaliser,
     )  # fmt: skip
+    NC = S // CHUNK
     kernel = pl.kernel(
         body,
         out_type=(
             jax.ShapeDtypeStruct((BH, S, DHV), h_dtype or q.dtype),
             jax.ShapeDtypeStruct((BH, DHQK, DHV), jnp.float32),
-            *([jax.ShapeDtypeStruct((BH, S // CHUNK * DHQK, DHV), q.dtype)] if borders else []),
+            *([jax.ShapeDtypeStruct((BH, NC * DHQK, DHV), q.dtype)] if borders else []),
+            *([jax.ShapeDtypeStruct((BH, NC * 2, CHUNK), jnp.float32)] if in_kernel_normaliser else []),
         ),
         mesh=plgpu.Mesh(
             grid=(BH, DHV // (consumers * block_dhv)), grid_names=("bh", "vb"), num_threads=consumers, thread_name="wg"
@@ -659,7 +681,11 @@ def mosaic_chunkwise(
         **({"interpret": params} if interpret else {}),
     )
     if not precomputed:
-        return kernel(q, k, v, plan, decay, c0)
+        out = kernel(q, k, v, plan, decay, c0)
+        if not normaliser:
+            return out
+        rows = out[-1].reshape(BH, NC, 2, CHUNK)
+        return (*out[:-1], (rows[:, :, 0], rows[:, :, 1]))
     p, readout, qn_den = normalised_scores(q, k, plan, eps)
     out = kernel(q, k, v, readout, decay, c0, p)
     return (*out, qn_den) if normaliser else out
@@ -810,16 +836,20 @@ def chunkwise_mosaic_fw(
         def products(q, k, v, plan, decay, c0):
             return mosaic_chunkwise(q, k, v, plan, decay, c0, eps=eps, consumers=consumers, **forward_tiling)
 
-        precomputed = scores == "precomputed"
+        grad_consumers = consumers
+        if chunkwise_mosaic_unsupported(
+            DHQK, DHV, dtype, block_dhv, depth=depth, consumers=consumers, scores=scores, normaliser=True
+        ):  # fmt: skip
+            grad_consumers = 1  # the (qn, den) tile may not fit beside two warpgroups' tiles
 
         def products_for_grad(q, k, v, plan, decay, c0):
-            """The residual: the border states and, with precomputed scores, the normaliser (the backward reads no
-            h: the gradient kernel has the normaliser's gradient from its own products)."""
-            h, c_last, borders, *normaliser = mosaic_chunkwise(
-                q, k, v, plan, decay, c0, eps=eps, consumers=consumers, borders=True, normaliser=precomputed,
+            """The residual: the border states and each step's (qn, den) (the backward reads no h: the gradient
+            kernel has the normaliser's gradient from its own products)."""
+            h, c_last, borders, normaliser = mosaic_chunkwise(
+                q, k, v, plan, decay, c0, eps=eps, consumers=grad_consumers, borders=True, normaliser=True,
                 **forward_tiling,
             )  # fmt: skip
-            return h, c_last, (borders, normaliser[0] if normaliser else None)
+            return h, c_last, (borders, normaliser)
 
         def products_vjp(q, k, v, plan, decay, c0, residual, dh, dc_last):
             borders, normaliser = residual

@@ -365,10 +365,10 @@ def chunk_products_vjp(
 
 def mosaic_backward_unsupported(DHQK: int, DHV: int, dtype: Any, block_dhv: int, depth: int) -> str | None:
     """Why the Mosaic GPU backward (:func:`mosaic_products_vjp`, behind the forward kernel writing the border
-    states, one warpgroup) cannot run this head shape, dtype and tiling, or None if it can (no device check). The
-    gradient kernel holds dq in registers, so DHQK is at most 256 there."""
+    states and each step's (qn, den), one warpgroup) cannot run this head shape, dtype and tiling, or None if it
+    can (no device check). The gradient kernel holds dq in registers, so DHQK is at most 256 there."""
     return (
-        chunkwise_mosaic_unsupported(DHQK, DHV, dtype, block_dhv, depth=depth, consumers=1)
+        chunkwise_mosaic_unsupported(DHQK, DHV, dtype, block_dhv, depth=depth, consumers=1, normaliser=True)
         or state_scan_unsupported(DHQK, DHV, dtype, block_dhv, depth)
         or chunk_gradients_unsupported(DHQK, DHV, dtype, block_dhv)
     )
@@ -396,10 +396,10 @@ def mosaic_products_vjp(
     """The gradients of the Mosaic chunkwise kernel's products on the Mosaic GPU backward kernels.
 
     The stages of :func:`chunk_products_vjp` with the products in kernels: (a) the border states r(C_j) by
-    :func:`~xlstm_jax.kernels.chunkwise_mosaic_scan.mosaic_state_scan`; per step in XLA, from the chunks' score
-    row sums, ``1/den``, ``INTER/den`` and den's slope in qn; (b) the border cotangents r(dC_{j+1}) and dc0 by
-    the same scan in reverse; (c) every chunk's dq, dk, dv and the gradients of its plan rows (the normaliser's
-    too, from the products it has: no h is read) and decay by
+    :func:`~xlstm_jax.kernels.chunkwise_mosaic_scan.mosaic_state_scan`; per step in XLA, from the forward's
+    (qn, den) or else the chunks' scores, ``1/den``, ``INTER/den`` and den's slope in qn; (b) the border
+    cotangents r(dC_{j+1}) and dc0 by the same scan in reverse; (c) every chunk's dq, dk, dv and the gradients of
+    its plan rows (the normaliser's too, from the products it has: no h is read) and decay by
     :func:`~xlstm_jax.kernels.chunkwise_mosaic_grads.mosaic_chunk_gradients`.
 
     Args:
@@ -409,8 +409,7 @@ def mosaic_products_vjp(
         borders: The border states r(C_j) (BH, NC * DHQK, DHV) in q's dtype where the forward wrote them
             (``mosaic_chunkwise(..., borders=True)``); None computes them (stage (a)).
         normaliser: Each step's ``(qn, den)`` (BH, NC, L) float32 where the forward computed them
-            (``mosaic_chunkwise(..., scores="precomputed", normaliser=True)``); None computes them in XLA from
-            the chunks' scores.
+            (``mosaic_chunkwise(..., normaliser=True)``); None computes them in XLA from the chunks' scores.
         block_dhv, depth: Columns of a state per program and chunks in flight of the scans and the gradient kernel.
         scan_block_dhv: The scans' columns per warpgroup where they differ from ``block_dhv`` (32 or 64; None:
             ``block_dhv``): the state scans hold one (DHQK, block) float32 accumulator a warpgroup, the gradient
