@@ -84,6 +84,8 @@ CASES = [
     (True, 32, 2, jnp.bfloat16, 2, 5, 64),
     (False, 32, 3, jnp.bfloat16, 2, 5, 128),
     (True, 32, 3, jnp.float16, 2, 5, 128),
+    # 64 columns per warpgroup with two (the backward's backward_scan_block_dhv=64)
+    (True, 64, 2, jnp.bfloat16, 2, 3, 128),
 ]
 CASE_IDS = [
     "forward",
@@ -94,6 +96,7 @@ CASE_IDS = [
     "reverse-two-wg",
     "forward-two-wg-depth3-two-programs",
     "reverse-two-wg-depth3-two-programs-f16",
+    "reverse-two-wg-64-columns",
 ]
 
 

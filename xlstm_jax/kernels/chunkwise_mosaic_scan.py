@@ -19,9 +19,11 @@ two scans:
 One program (a CUDA block of ``consumers`` warpgroups) per head and block of ``consumers * block_dhv`` columns
 of X; each warpgroup holds its ``block_dhv`` columns in registers in float32 from ``x0`` to the last state. The
 chunks' a, b and gain tiles arrive through a TMA pipeline ``depth`` chunks deep (in the order the scan visits
-them); per chunk, ``r(gain ⊙ b)`` goes to shared memory, the product ``aᵀ r(gain ⊙ b)`` runs on the WGMMA units
-(float32 accumulation) while ``r(X)`` is written to the borders through a staging tile and a TMA store, and then
-``X = decay · X + product``.
+them); per chunk, ``r(gain ⊙ b)`` goes to shared memory, and the product ``aᵀ r(gain ⊙ b)`` runs on the WGMMA
+units accumulating onto ``decay · X`` in float32 (X and its update share one register set) while the chunk's
+border ``r(X)``, staged at the end of the chunk before (or before the loop), leaves by a TMA store; then the new
+X is staged for the next chunk's border. X is thus never held beside the accumulator: a warpgroup needs
+``DHA · block_dhv / 128`` float32 registers a thread for it, 128 at DHA=256, block_dhv=64.
 
 With ``consumers=2`` the two warpgroups of a program share one copy of the a and gain tiles per pipeline slot
 (warpgroup 0 issues their copies) and each has its own b, r(gain ⊙ b) and staging tiles; while one waits on its
@@ -218,22 +220,24 @@ def _scan_body(
             gb_smem[...] = cast(gb.astype(dtype), tile)
             plgpu.commit_smem()
 
-            def product(acc):
-                plgpu.wgmma(acc, a_t, gb_smem)
+            # This chunk's border r(X), staged in the tile before the loop or at the end of the last chunk, goes
+            # out while the product runs.
+            plgpu.copy_smem_to_gmem(border_smem, borders_ref.at[bh, pl.ds(j * DHA, DHA), columns])
 
-                # While the product runs: this chunk's border r(X) (the first written before the loop), once the
-                # previous border has left the tile.
-                @pl.when(i > 0)
-                def _():
-                    plgpu.wait_smem_to_gmem(0, wait_read_only=True)
-                    border_smem[...] = cast(x.astype(border_smem.dtype), tile)
-                    plgpu.commit_smem()
+            # The product accumulates onto decay · X: X and its update share the accumulator's registers, and X is
+            # not needed beside them (its border is already staged), so a warpgroup holds one (DHA, block_dhv)
+            # float32 set: 128 registers a thread at DHA=256, block_dhv=64.
+            def product(accs):
+                plgpu.wgmma(accs[0], a_t, gb_smem)
 
-                plgpu.copy_smem_to_gmem(border_smem, borders_ref.at[bh, pl.ds(j * DHA, DHA), columns])
-
-            # The product accumulates onto decay · X: X and its update share the accumulator's registers.
-            (x,) = _accumulate(lambda accs: product(*accs), (cast(decay_ref[bh, j] * x, tile),), interpret)
+            (x,) = _accumulate(product, (cast(decay_ref[bh, j] * x, tile),), interpret)
             x = cast(x, tile)
+
+            @pl.when(i + 1 < NC)
+            def _():  # the next chunk's border, once this chunk's has left the tile
+                plgpu.wait_smem_to_gmem(0, wait_read_only=True)
+                border_smem[...] = cast(x.astype(border_smem.dtype), tile)
+                plgpu.commit_smem()
 
             @pl.when(i + depth < NC)
             def _():  # every read of the slot (the gated tile, the product) has completed
