@@ -28,9 +28,11 @@ loop a TMA pipeline of two slots:
 
 - first, while the first tiles arrive: ``q kᵀ`` and the gates give P, and r(P) goes to shared memory;
 - dq's loop, over C_j, dC_{j+1}, dh and v blocks: ``r(W ⊙ dh) C_jᵀ`` accumulates into dq (L, DHQK) float32 and
-  ``dh vᵀ`` into (L, L); ``q C_j`` per block gives dINTER, the border tiles' elementwise product dDECAY. After
-  it, dP, dS, dlogD, dROW and dCOL from ``dh vᵀ`` and the scores (computed again: one (L, L) product instead of
-  P held in registers through the loop), r(dS) into shared memory, and ``r(dS) k`` completes dq;
+  ``dh vᵀ`` into (L, L); ``q C_j`` per block gives X and dINTER, the border tiles' elementwise product dDECAY.
+  After it, from ``dh vᵀ``, X and the scores (computed again: one (L, L) product instead of P held in registers
+  through the loop), the normaliser's dQN and dLOWER, then dP, dS, dlogD, dROW and dCOL, r(dS) into shared
+  memory (D computed again too: with dq's accumulator live, at most two (L, L) float32 values are), and
+  ``r(dS) k`` completes dq;
 - dk's loop, over dC_{j+1}, v and dh blocks: ``r(GAIN ⊙ v) dC_{j+1}ᵀ`` accumulates into dk, and each block of dv
   is written; then ``r(dS)ᵀ q`` completes dk.
 
