@@ -451,18 +451,20 @@ def _chunk_body(
                 h = cast(h.astype(h_smem.dtype), tile)
                 plgpu.wait_smem_to_gmem(0, wait_read_only=True)  # the previous chunk's h (and qn, den) have left
                 h_smem[...] = h
-                first = vb == 0 if not split else jnp.logical_and(vb == 0, wg == 0)
-                if norm_ref is not None:
+                if norm_ref is None:
+                    plgpu.commit_smem()
+                    plgpu.copy_smem_to_gmem(h_smem, h_ref.at[bh, pl.ds(j * L, L), columns])
+                    return
+                first = jnp.logical_and(vb == 0, wg == 0) if split else vb == 0
 
-                    @pl.when(first)
-                    def _():
-                        for r, x in enumerate(qn_den):
-                            norm_smem.at[r][...] = cast(x, row_layout)
+                @pl.when(first)
+                def _():
+                    for r, x in enumerate(qn_den):
+                        norm_smem.at[r][...] = cast(x, row_layout)
 
                 plgpu.commit_smem()
                 plgpu.copy_smem_to_gmem(h_smem, h_ref.at[bh, pl.ds(j * L, L), columns])
-                if norm_ref is not None:
-                    pl.when(first)(lambda: plgpu.copy_smem_to_gmem(norm_smem, norm_ref.at[bh, pl.ds(j * 2, 2)]))
+                pl.when(first)(lambda: plgpu.copy_smem_to_gmem(norm_smem, norm_ref.at[bh, pl.ds(j * 2, 2)]))
 
             def in_kernel_scores(c):
                 # Four products in flight in order: q kᵀ and q C at once; P v and kᵀ (g ⊙ v) once P and g ⊙ v are
