@@ -294,6 +294,30 @@ def test_backend_backward_runs_two_warpgroups_by_default():
         create_mlstm_backend("chunkwise_mosaic", backward_consumers=3)
 
 
+@pytest.mark.skipif(mosaic_interpret_params() is None, reason="needs a JAX with Mosaic GPU's interpreter")
+def test_backend_backward_scan_block():
+    """``backward_scan_block_dhv=64`` in the backend's config reaches the backward's reverse state scan (half its
+    column programs at DHV=128 with two warpgroups) and leaves the gradient kernel's blocks; other values are
+    refused."""
+    x = random_inputs(1, 1, 1, 70, 64, 128)
+    args = [jnp.asarray(x[name], jnp.bfloat16) for name in ("q", "k", "v")]
+    args += [jnp.asarray(x[name], jnp.float32) for name in ("i", "f")]
+
+    def grids(**kwargs) -> dict[str, tuple[int, int]]:
+        backend = create_mlstm_backend("chunkwise_mosaic", interpret=True, **kwargs)
+        loss = lambda *a: jnp.sum(backend(*a).astype(jnp.float32))  # noqa: E731
+        text = str(jax.make_jaxpr(jax.grad(loss, argnums=(0, 1, 2)))(*args))
+        found = re.findall(r"grid=\((\d+), (\d+)\).{0,400}?name=(mlstm_\w+)", text, re.S)
+        return {name: (int(a), int(b)) for a, b, name in found}
+
+    assert create_mlstm_backend("chunkwise_mosaic").config.backward_scan_block_dhv is None
+    default, wide = grids(), grids(backward_scan_block_dhv=64)
+    assert default["mlstm_state_scan_mosaic_reverse"] == (1, 2) and wide["mlstm_state_scan_mosaic_reverse"] == (1, 1)
+    assert default["mlstm_chunk_gradients_mosaic"] == wide["mlstm_chunk_gradients_mosaic"]
+    with pytest.raises(ValueError, match="backward_scan_block_dhv must be None, 32 or 64, got 48"):
+        create_mlstm_backend("chunkwise_mosaic", backward_scan_block_dhv=48)
+
+
 def test_unsupported_calls_raise():
     x = random_inputs(0, 1, 1, 8, 64, 32)
     args = [jnp.asarray(x[name], jnp.bfloat16) for name in ("q", "k", "v", "i", "f")]

@@ -53,6 +53,7 @@ def chunkwise_hopper_fw(
     backward: str = "mosaic",
     backward_consumers: int = 2,
     scores: str = "in_kernel",
+    backward_scan_block_dhv: int | None = None,
 ) -> Any:
     """The chunkwise form: the Mosaic GPU kernel where it applies, else the XLA form with ``chunk_size`` (which also
     runs under differentiation: :func:`~xlstm_jax.kernels.chunkwise_mosaic.chunkwise_mosaic_fw`).
@@ -64,6 +65,7 @@ def chunkwise_hopper_fw(
     where the kernel runs, the Mosaic GPU backward kernels (``"mosaic"``, where they cover the shape) or the XLA
     form (``"xla"``); ``backward_consumers``: the backward kernels' warpgroups per program, 1 or 2. ``scores``:
     where the kernel's chunk scores are computed, ``"in_kernel"`` or ``"precomputed"`` (once per head in XLA).
+    ``backward_scan_block_dhv``: the columns per warpgroup of the backward's reverse state scan (None: ``block_dhv``).
     """
     use_kernel = interpret if interpret is not None else device_supports_mosaic()
     dtype = jnp.result_type(q, k, v)
@@ -79,6 +81,7 @@ def chunkwise_hopper_fw(
             q, k, v, i, f, c_initial, n_initial, m_initial, return_last_states, eps, state_dtype,
             segment_ids=segment_ids, block_dhv=block_dhv, consumers=consumers, interpret=bool(interpret),
             xla_chunk_size=chunk_size, backward=backward, backward_consumers=backward_consumers, scores=scores,
+            backward_scan_block_dhv=backward_scan_block_dhv,
         )  # fmt: skip
     return chunkwise_fw(
         q, k, v, i, f, c_initial, n_initial, m_initial, return_last_states, eps, state_dtype, chunk_size,
@@ -112,6 +115,8 @@ class mLSTMBackendChunkwiseMosaicConfig(mLSTMBackendConfig):
         scores: Where the kernel's chunk scores and denominators are computed: ``"in_kernel"``, by every
             warpgroup; ``"precomputed"``, once per head in XLA before the kernel
             (:func:`~xlstm_jax.kernels.chunkwise_mosaic.normalised_scores`).
+        backward_scan_block_dhv: Columns per warpgroup of the Mosaic GPU backward's reverse state scan, 32 or 64
+            (None: ``block_dhv``); the gradient kernel keeps ``block_dhv``. BENCHMARKS.md compares them.
     """
 
     chunk_size: int = 256
@@ -121,6 +126,7 @@ class mLSTMBackendChunkwiseMosaicConfig(mLSTMBackendConfig):
     backward: str = "mosaic"
     backward_consumers: int = 2
     scores: str = "in_kernel"
+    backward_scan_block_dhv: int | None = None
 
     def __post_init__(self) -> None:
         super().__post_init__()
@@ -137,6 +143,10 @@ class mLSTMBackendChunkwiseMosaicConfig(mLSTMBackendConfig):
             raise ValueError(f"backward_consumers must be 1 or 2 (warpgroups), got {self.backward_consumers!r}")
         if self.scores not in SCORES:
             raise ValueError(f"scores must be one of {SCORES}, got {self.scores!r}")
+        if self.backward_scan_block_dhv is not None and (
+            self.backward_scan_block_dhv not in (32, 64) or isinstance(self.backward_scan_block_dhv, bool)
+        ):
+            raise ValueError(f"backward_scan_block_dhv must be None, 32 or 64, got {self.backward_scan_block_dhv!r}")
 
 
 class mLSTMBackendChunkwiseMosaic(mLSTMBackend):
