@@ -37,22 +37,27 @@ loop a TMA pipeline of two slots:
   is written; then ``r(dS)ᵀ q`` completes dk.
 
 With one warpgroup (``consumers=1``) the two loops run in turn, because one (L, DHQK) float32 accumulator is 128
-registers a thread at DHQK = 256 and two would not fit beside the rest (dq's loop already holds dq and dh vᵀ,
-160 of the 255 registers a thread can have). With two (``consumers=2``) they run at
-once, one per warpgroup, over one pipeline: warpgroup 0 copies C_j, dC_{j+1}, dh and v once per block and runs
-dq's loop, warpgroup 1 runs dk's loop on the same slots, and a slot is refilled once both have arrived at its
-"consumed" barrier. Every tile is then read from global memory once per program (with one warpgroup dC_{j+1},
-dh and v twice). Warpgroup 1 waits at barriers for r(P) before its loop and for r(dS) after it. Once both have
-arrived at a last barrier (every product reading q and k complete), warpgroup 0 stages dq in q's tile and
-warpgroup 1 dk in k's, and warpgroup 0 writes the vectors.
+registers a thread at DHQK = 256 and two would not fit beside the rest (see Registers below). With two
+(``consumers=2``) they run at once, one per warpgroup, over one pipeline: warpgroup 0 copies C_j, dC_{j+1}, dh and v
+once per block and runs dq's loop, warpgroup 1 runs dk's loop on the same slots, and a slot is refilled once both
+have arrived at its "consumed" barrier. Every tile is then read from global memory once per program (with one
+warpgroup dC_{j+1}, dh and v twice). Warpgroup 1 waits at barriers for r(P) before its loop and for r(dS) after it.
+Once both have arrived at a last barrier (every product reading q and k complete), warpgroup 0 stages dq in q's tile
+and warpgroup 1 dk in k's, and warpgroup 0 writes the vectors.
+
+Registers. dq's accumulator (128 float32 registers a thread at DHQK = 256) is live from dq's loop to the end of
+dq; the loop adds dh vᵀ's accumulator (32) and per block about 32 more. r(P) is written before the accumulators
+are opened (while the first tiles arrive), and after the loop dh vᵀ goes to shared memory in float32 (its
+accumulator's last read), so that computing dS holds at most two (L, L) float32 values beside dq: about 192 registers
+a thread at the peak, of the 255 a thread can have.
 
 Shared memory (:func:`chunk_gradients_smem_bytes`), at DHQK = 256, block_dhv = 32, bf16: for the whole program q
-and k 2·64·256·2 B = 64 KiB, the input and output vectors 2·8·64·4 B = 4 KiB, r(P) and r(dS) 2·64·64·2 B = 16 KiB
-(84 KiB). One warpgroup: the larger loop's scope, dq's: two slots of C_j and dC_{j+1} 2·2·256·32·2 B = 64 KiB, of
-dh and v 16 KiB, r(W ⊙ dh) 4 KiB (84 KiB; dk's loop needs 60 KiB, dq's and dk's output tiles 32 KiB): 168 KiB in
-all, within Hopper's 227 KiB less a 4 KiB reserve for barriers. block_dhv = 64 needs 252 KiB at DHQK = 256 and runs
-for DHQK <= 192. Two warpgroups: the shared slots 80 KiB and both loops' four scratch tiles 16 KiB, 180 KiB; dq
-and dk need no tiles of their own. block_dhv = 64 runs for DHQK <= 128 there.
+and k 2·64·256·2 B = 64 KiB, the input and output vectors 2·8·64·4 B = 4 KiB, r(P) and r(dS) 2·64·64·2 B = 16 KiB,
+dh vᵀ 64·64·4 B = 16 KiB (100 KiB). One warpgroup: the larger loop's scope, dq's: two slots of C_j and dC_{j+1}
+2·2·256·32·2 B = 64 KiB, of dh and v 16 KiB, r(W ⊙ dh) 4 KiB (84 KiB; dk's loop needs 60 KiB, dq's and dk's
+output tiles 32 KiB): 184 KiB in all, within Hopper's 227 KiB less a 4 KiB reserve for barriers. block_dhv = 64
+needs 268 KiB at DHQK = 256 and runs for DHQK <= 192. Two warpgroups: the shared slots 80 KiB and both loops' four
+scratch tiles 16 KiB, 196 KiB; dq and dk need no tiles of their own. block_dhv = 64 runs for DHQK <= 128 there.
 
 Operands (heads flattened, NC = S / 64 chunks): q, k (BH, S, DHQK) and v, dh (BH, S, DHV) in bf16 or f16; the
 borders r(C_j) and r(dC_{j+1}) as (BH, NC · DHQK, DHV) in the same dtype; per chunk 8 float32 vectors of L as
@@ -118,7 +123,7 @@ def chunk_gradients_smem_bytes(DHQK: int, dtype: Any, block_dhv: int, consumers:
     pipeline of C_j, dC_{j+1}, dh and v feeds both, beside both loops' scratch tiles.
     """
     L, NV, item = CHUNK, block_dhv, jnp.dtype(dtype).itemsize
-    program = 2 * L * DHQK * item + 2 * VEC_ROWS * L * 4 + 2 * L * L * item  # q, k; vec, dvec; r(P), r(dS)
+    program = 2 * L * DHQK * item + 2 * VEC_ROWS * L * 4 + 2 * L * L * item + L * L * 4  # q, k; vectors; P, dS; dh vᵀ
     slots_q = _DEPTH * (2 * DHQK * NV + 2 * L * NV) * item  # C, dC; dh, v
     if consumers > 1:
         return program + slots_q + 4 * L * NV * item  # r(W ⊙ dh); r(GAIN ⊙ v), r(RDEN ⊙ dh), dv
@@ -206,7 +211,7 @@ def _gradients_body(
             return lax.broadcasted_iota(jnp.int32, (L, L), dimension)
         return plgpu.broadcasted_iota(jnp.int32, (L, L), dimension, layout=tile)
 
-    def program(q_smem, k_smem, vec_smem, dvec_smem, p_smem, ds_smem, loaded, *scratch):
+    def program(q_smem, k_smem, vec_smem, dvec_smem, p_smem, ds_smem, dh_v_smem, loaded, *scratch):
         def transposed(ref, index):
             """``ref``ᵀ as a WGMMA operand: a transposed view, or in the interpreter a transposed copy."""
             if not interpret:
@@ -246,11 +251,13 @@ def _gradients_body(
             p_smem[...] = cast(gated_scores().astype(dtype), tile)
             plgpu.commit_smem()
 
-        def write_ds(dh_v, inter):
-            """From ``dh vᵀ`` and X (``inter``, Σ_v dh ⊙ q C_j): the rows dQN and dLOWER, r(dS) into shared memory
-            and the rows dROW and dCOL. dq's accumulator is live here, so at most two (L, L) float32 values are:
-            P comes from the scores again (one small product), and D is computed again for dS."""
+        def write_ds(inter):
+            """From ``dh vᵀ`` (staged in shared memory) and X (``inter``, Σ_v dh ⊙ q C_j): the rows dQN and dLOWER,
+            r(dS) into shared memory and the rows dROW and dCOL. dq's accumulator is live here, so at most two (L, L)
+            float32 values are: P comes from the scores again (one small product), dh vᵀ is loaded once P is formed,
+            and D is computed again for dS."""
             p = gated_scores()
+            dh_v = load(dh_v_smem, tile)
             rden = vector(RDEN)
             num_dh = vector(W) * inter + rden * cast(jnp.sum(p * cast(dh_v, tile), axis=1), row_layout)
             dden = cast(-rden * num_dh, row_layout)  # -Σ_v dh ⊙ h / den
@@ -286,39 +293,46 @@ def _gradients_body(
                 *([plgpu.Barrier(num_arrivals=2, num_barriers=_DEPTH)] if shared else []),
             ]
 
-        def blocks(refs, names, scratch_names, step, carry, *, issues=True, prologue=None):
-            """Runs ``step(b, tiles, scratch, carry)`` over the DHV column blocks b in a two-slot TMA pipeline.
-
-            ``refs`` are the allocations of :func:`pipeline` (``names``, ``scratch_names``); ``tiles`` and
-            ``scratch`` map the names to the current block's copies and to the scratch tiles. ``step`` ends with
-            every read of its tiles complete (its products waited for, a ``commit_smem`` after its loads), so that
-            the slot can be refilled. Only where ``issues`` does this warpgroup copy the tiles; in a shared loop
-            a slot is refilled once both warpgroups have arrived at its "consumed" barrier. ``prologue`` runs once
-            the first copies are on their way.
-            """
+        def parts(refs, layout):
+            """A :func:`pipeline` scope's refs: the slots per tile, their barriers, the scratch tiles by name, and
+            the "consumed" barriers (None unless the pipeline is shared)."""
+            names, scratch_names = layout
             n, m = len(names), len(scratch_names)
-            buffers, barriers = refs[:n], refs[n]
             scratch_tiles = dict(zip(scratch_names, refs[n + 1 : n + 1 + m], strict=True))
-            consumed = refs[n + 1 + m] if len(refs) > n + 1 + m else None
+            return refs[:n], refs[n], scratch_tiles, refs[n + 1 + m] if len(refs) > n + 1 + m else None
 
-            def issue(b, slot, refill=False):
-                if refill and consumed is not None:
-                    plgpu.barrier_wait(consumed.at[slot])  # both warpgroups are done with the slot
-                for i, name in enumerate(names):
-                    barrier = barriers.at[i * _DEPTH + slot]
-                    plgpu.copy_gmem_to_smem(sources[name](pl.ds(b * NV, NV)), buffers[i].at[slot], barrier)
+        def issue(refs, layout, b, slot, refill=False):
+            """Starts the copies of column block b into ``slot`` (a refill: once the slot is consumed)."""
+            buffers, barriers, _, consumed = parts(refs, layout)
+            if refill and consumed is not None:
+                plgpu.barrier_wait(consumed.at[slot])  # both warpgroups are done with the slot
+            for i, name in enumerate(layout[0]):
+                barrier = barriers.at[i * _DEPTH + slot]
+                plgpu.copy_gmem_to_smem(sources[name](pl.ds(b * NV, NV)), buffers[i].at[slot], barrier)
 
-            if issues:
-                for b in range(min(_DEPTH, NB)):
-                    issue(b, b)
-            if prologue is not None:
-                prologue()
+        def prime(refs, layout):
+            """The first ``_DEPTH`` column blocks' copies, before :func:`blocks` (and before its caller opens the
+            accumulators, so that what runs while the copies arrive has the registers)."""
+            for b in range(min(_DEPTH, NB)):
+                issue(refs, layout, b, b)
+
+        def blocks(refs, layout, step, carry, *, issues=True):
+            """Runs ``step(b, tiles, scratch, carry)`` over the DHV column blocks b in a two-slot TMA pipeline
+            (:func:`prime` has issued the first copies).
+
+            ``refs`` are the allocations of :func:`pipeline` (``layout``: the tiles' and the scratch tiles' names);
+            ``tiles`` and ``scratch`` map the names to the current block's copies and to the scratch tiles. ``step``
+            ends with every read of its tiles complete (its products waited for, a ``commit_smem`` after its
+            loads), so that the slot can be refilled. Only where ``issues`` does this warpgroup copy the tiles; in a
+            shared loop a slot is refilled once both warpgroups have arrived at its "consumed" barrier.
+            """
+            buffers, barriers, scratch_tiles, consumed = parts(refs, layout)
 
             def body(b, acc):
                 slot = lax.rem(b, _DEPTH)
-                for i in range(n):
+                for i in range(len(buffers)):
                     plgpu.barrier_wait(barriers.at[i * _DEPTH + slot])
-                tiles = {name: buffer.at[slot] for name, buffer in zip(names, buffers, strict=True)}
+                tiles = {name: buffer.at[slot] for name, buffer in zip(layout[0], buffers, strict=True)}
                 acc = step(b, tiles, scratch_tiles, acc)
 
                 @pl.when(b + _DEPTH < NB)
@@ -326,7 +340,7 @@ def _gradients_body(
                     if consumed is not None:  # every read of this warpgroup from the slot has completed
                         plgpu.barrier_arrive(consumed.at[slot])
                     if issues:
-                        issue(b + _DEPTH, slot, refill=True)
+                        issue(refs, layout, b + _DEPTH, slot, refill=True)
 
                 return acc
 
@@ -381,12 +395,16 @@ def _gradients_body(
 
         def dq_side(refs, layout=(q_tiles, q_scratch), *, prologue=None, ds_written=None):
             """dq (registers) from dq's loop, with r(dS), dROW, dCOL, dQN and dLOWER (``ds_written`` once they are
-            in shared memory) and the rows dINTER and dDECAY into shared memory."""
+            in shared memory) and the rows dINTER and dDECAY into shared memory. ``prologue`` runs while the first
+            tiles arrive, before the accumulators are open."""
+            prime(refs, layout)
+            if prologue is not None:
+                prologue()
 
             def run(acc_dq, acc_dh_v):
-                step = q_step(acc_dq, acc_dh_v)
-                inter, decay = blocks(refs, *layout, step, (zeros_row(), zeros_row()), prologue=prologue)
-                write_ds(acc_dh_v[...], inter)
+                inter, decay = blocks(refs, layout, q_step(acc_dq, acc_dh_v), (zeros_row(), zeros_row()))
+                dh_v_smem[...] = cast(acc_dh_v[...], tile)  # its last read: out of the registers for what follows
+                write_ds(inter)
                 if ds_written is not None:
                     ds_written()
                 plgpu.wgmma(acc_dq, ds_smem, k_smem)
@@ -428,11 +446,14 @@ def _gradients_body(
 
         def dk_side(refs, layout=(k_tiles, k_scratch), *, issues=True, prologue=None, ds_ready=None):
             """dk (registers) from dk's loop (r(P) in shared memory once ``prologue`` returns; r(dS) once
-            ``ds_ready`` returns), its row dGAIN and the unused rows' zeros into shared memory."""
+            ``ds_ready`` returns), its row dGAIN and the unused row's zeros into shared memory."""
+            if issues:
+                prime(refs, layout)
+            if prologue is not None:
+                prologue()
 
             def run(acc_dk):
-                step = k_step(acc_dk)
-                dgain = blocks(refs, *layout, step, zeros_row(), issues=issues, prologue=prologue)
+                dgain = blocks(refs, layout, k_step(acc_dk), zeros_row(), issues=issues)
                 if ds_ready is not None:
                     ds_ready()
                 plgpu.wgmma(acc_dk, transposed(ds_smem, 5), q_smem)
@@ -509,6 +530,7 @@ def _gradients_body(
         plgpu.SMEM((VEC_ROWS, L), f32),
         plgpu.SMEM((L, L), dtype, transforms=operand),
         plgpu.SMEM((L, L), dtype, transforms=operand),
+        plgpu.SMEM((L, L), f32, transforms=_swizzled(min(128, L * 4), 4)),  # dh vᵀ, staged
         plgpu.Barrier(num_arrivals=1, num_barriers=3 + 2 * split),  # q, k, vec loaded; two warpgroups: r(P), r(dS)
         *[plgpu.SMEM(shape, dtype) for shape in transposes],
         **({"collective_axes": "wg"} if split else {}),
