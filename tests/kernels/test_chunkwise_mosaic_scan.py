@@ -38,7 +38,7 @@ runs = pytest.mark.skipif(
 BH, NC, DHA, DHB = 2, 3, 64, 64
 
 
-def scan_inputs(seed: int, dtype, NC: int = NC, DHB: int = DHB) -> tuple[jax.Array, ...]:
+def scan_inputs(seed: int, dtype, NC: int = NC, DHB: int = DHB, DHA: int = DHA) -> tuple[jax.Array, ...]:
     """Random a, b (in ``dtype``), gain, decay, x0 (float32), never zeros but for the chosen gates: decays of 0 and
     1 in both heads (at the scan's start and end in either direction), a chunk of zero gains, zero gains at single
     steps."""
@@ -59,7 +59,7 @@ def reference(a, b, gain, decay, x0, reverse: bool) -> tuple[np.ndarray, np.ndar
     feeds it to the matrix units): borders (BH, NC, DHA, DHB) unrounded, and the last state."""
     A, B = np.asarray(a, np.float64), np.asarray(b, np.float64)
     G, D = np.asarray(gain, np.float64), np.asarray(decay, np.float64)
-    NC, DHB = D.shape[1], B.shape[-1]
+    NC, DHA, DHB = D.shape[1], A.shape[-1], B.shape[-1]
     borders = np.zeros((BH, NC, DHA, DHB))
     last = np.zeros((BH, DHA, DHB))
     for h in range(BH):
@@ -114,6 +114,24 @@ def test_matches_reference(reverse, block_dhv, depth, dtype, consumers, NC, DHB)
     ref_borders, ref_last = reference(*args, reverse)
     tol = TOL["bfloat16/float32"]
     assert_close("borders", ref_borders, np.asarray(borders, np.float32).reshape(BH, NC, DHA, DHB), tol)
+    assert_close("last state", ref_last, last, tol)
+
+
+@runs
+@pytest.mark.parametrize(("reverse", "consumers"), [(True, 2), (False, 1)])
+def test_border_staged_before_the_product(reverse, consumers):
+    """At DHA=256 with 64 columns per warpgroup the state and its accumulator would need 256 registers a thread
+    side by side, so each border is staged at the end of the chunk before instead of during the product: every
+    border and the last state still match the float64 loop."""
+    DHA_WIDE, DHB_WIDE = 256, 64 * consumers
+    args = scan_inputs(5 + consumers, jnp.bfloat16, NC, DHB_WIDE, DHA_WIDE)
+    borders, last = mosaic_state_scan(
+        *args, reverse=reverse, block_dhv=64, depth=2, consumers=consumers, interpret=INTERPRET
+    )  # fmt: skip
+    ref_borders, ref_last = reference(*args, reverse)
+    tol = TOL["bfloat16/float32"]
+    got = np.asarray(borders, np.float32).reshape(BH, NC, DHA_WIDE, DHB_WIDE)
+    assert_close("borders", ref_borders, got, tol)
     assert_close("last state", ref_last, last, tol)
 
 

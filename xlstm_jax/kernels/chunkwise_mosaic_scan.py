@@ -21,9 +21,10 @@ of X; each warpgroup holds its ``block_dhv`` columns in registers in float32 fro
 chunks' a, b and gain tiles arrive through a TMA pipeline ``depth`` chunks deep (in the order the scan visits
 them); per chunk, ``r(gain ⊙ b)`` goes to shared memory, and the product ``aᵀ r(gain ⊙ b)`` runs on the WGMMA
 units accumulating onto ``decay · X`` in float32 (X and its update share one register set) while the chunk's
-border ``r(X)``, staged at the end of the chunk before (or before the loop), leaves by a TMA store; then the new
-X is staged for the next chunk's border. X is thus never held beside the accumulator: a warpgroup needs
-``DHA · block_dhv / 128`` float32 registers a thread for it, 128 at DHA=256, block_dhv=64.
+border ``r(X)`` is staged in a tile from the registers and leaves by a TMA store. Where X beside its accumulator
+would need more than 128 float32 registers a thread (``2 · DHA · block_dhv / 128``: 256 at DHA=256,
+block_dhv=64) the border is staged instead at the end of the chunk before (or before the loop), so that one set
+is live, 128 registers there; the staging then precedes the product rather than overlapping it.
 
 With ``consumers=2`` the two warpgroups of a program share one copy of the a and gain tiles per pipeline slot
 (warpgroup 0 issues their copies) and each has its own b, r(gain ⊙ b) and staging tiles; while one waits on its
@@ -168,6 +169,8 @@ def _scan_body(
     swizzle = min(128, NV * itemsize)
     operand = _swizzled(swizzle, itemsize)
 
+    overlap = 2 * DHA * NV // 128 <= 128  # X and its accumulator side by side: float32 registers a thread
+
     def body(a_bufs, b_bufs, gain_bufs, gb_smem, border_smem, loaded, *rest):
         consumed, at = (rest[0], rest[1:]) if split else (None, rest)
         b_bufs, gb_smem, border_smem = map(own, (b_bufs, gb_smem, border_smem))
@@ -220,24 +223,25 @@ def _scan_body(
             gb_smem[...] = cast(gb.astype(dtype), tile)
             plgpu.commit_smem()
 
-            # This chunk's border r(X), staged in the tile before the loop or at the end of the last chunk, goes
-            # out while the product runs.
-            plgpu.copy_smem_to_gmem(border_smem, borders_ref.at[bh, pl.ds(j * DHA, DHA), columns])
-
-            # The product accumulates onto decay · X: X and its update share the accumulator's registers, and X is
-            # not needed beside them (its border is already staged), so a warpgroup holds one (DHA, block_dhv)
-            # float32 set: 128 registers a thread at DHA=256, block_dhv=64.
-            def product(accs):
-                plgpu.wgmma(accs[0], a_t, gb_smem)
-
-            (x,) = _accumulate(product, (cast(decay_ref[bh, j] * x, tile),), interpret)
-            x = cast(x, tile)
-
-            @pl.when(i + 1 < NC)
-            def _():  # the next chunk's border, once this chunk's has left the tile
+            def stage(x):  # r(X) into the border tile, once the last border has left it
                 plgpu.wait_smem_to_gmem(0, wait_read_only=True)
                 border_smem[...] = cast(x.astype(border_smem.dtype), tile)
                 plgpu.commit_smem()
+
+            # The product accumulates onto decay · X (X and its update share the accumulator's registers) while this
+            # chunk's border r(X) goes out. Where X fits beside its accumulator (2 · DHA · block_dhv / 128 float32
+            # registers a thread, at most 128) X is staged in the tile during the product; else it was staged at
+            # the end of the chunk before, so that one set is live (128 registers at DHA=256, block_dhv=64).
+            def product(accs):
+                plgpu.wgmma(accs[0], a_t, gb_smem)
+                if overlap:
+                    pl.when(i > 0)(lambda: stage(x))  # the first border was staged before the loop
+                plgpu.copy_smem_to_gmem(border_smem, borders_ref.at[bh, pl.ds(j * DHA, DHA), columns])
+
+            (x,) = _accumulate(product, (cast(decay_ref[bh, j] * x, tile),), interpret)
+            x = cast(x, tile)
+            if not overlap:
+                pl.when(i + 1 < NC)(lambda: stage(x))  # the next chunk's border
 
             @pl.when(i + depth < NC)
             def _():  # every read of the slot (the gated tile, the product) has completed
