@@ -364,22 +364,21 @@ def test_auto_consumers_keeps_small_grids_on_one_warpgroup():
 
 
 @pytest.mark.parametrize(
-    ("block_dhv", "consumers", "h_dtype", "scores", "grad", "DHQK", "depth"),
+    ("block_dhv", "consumers", "scores", "grad", "DHQK", "depth"),
     [
-        (32, 1, None, "in_kernel", False, 256, 2),
-        (64, 1, None, "in_kernel", False, 256, 2),
-        (32, 2, None, "in_kernel", True, 256, 2),
-        (32, 1, jnp.float32, "in_kernel", False, 256, 2),
-        (32, 1, None, "precomputed", False, 256, 2),
-        (64, 1, None, "precomputed", False, 256, 2),
-        (32, 2, None, "precomputed", True, 256, 2),
-        (32, 1, None, "precomputed", False, 512, 1),
+        (32, 1, "in_kernel", False, 256, 2),
+        (64, 1, "in_kernel", False, 256, 2),
+        (32, 2, "in_kernel", True, 256, 2),
+        (32, 1, "precomputed", False, 256, 2),
+        (64, 1, "precomputed", False, 256, 2),
+        (32, 2, "precomputed", True, 256, 2),
+        (32, 1, "precomputed", False, 512, 1),
     ],
 )
-def test_lowers_for_cuda(block_dhv, consumers, h_dtype, scores, grad, DHQK, depth):
+def test_lowers_for_cuda(block_dhv, consumers, scores, grad, DHQK, depth):
     """Tracing and Mosaic GPU lowering at the xLSTM-7B head shape (DHQK=256; the layouts, the operands' shared
     swizzle, the shared-memory budget, two warpgroups' barriers, the border states and each step's (qn, den) as
-    under differentiation (``grad``), h in float32, the state update accumulated onto the decayed state with
+    under differentiation (``grad``), the state update accumulated onto the decayed state with
     precomputed scores; DHQK=512 with one chunk in flight) succeed on any machine."""
     BH, S, DHV, f32, A = 2, 2 * CHUNK, 128, jnp.float32, jax.ShapeDtypeStruct
     avals = (
@@ -387,7 +386,7 @@ def test_lowers_for_cuda(block_dhv, consumers, h_dtype, scores, grad, DHQK, dept
         A((BH, S // CHUNK * 8, CHUNK), f32), A((BH, S // CHUNK), f32), A((BH, DHQK, DHV), f32),
     )  # fmt: skip
     step = functools.partial(
-        mosaic_chunkwise, eps=1e-6, block_dhv=block_dhv, consumers=consumers, h_dtype=h_dtype, scores=scores,
+        mosaic_chunkwise, eps=1e-6, block_dhv=block_dhv, consumers=consumers, scores=scores,
         borders=grad, normaliser=grad, depth=depth,
     )  # fmt: skip
     text = jax.jit(step).trace(*avals).lower(lowering_platforms=("cuda",)).as_text()

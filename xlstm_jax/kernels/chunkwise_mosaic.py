@@ -111,25 +111,23 @@ def shared_memory_bytes(
     block_dhv: int,
     depth: int = 2,
     consumers: int = 1,
-    h_dtype: Any = None,
     scores: str = "in_kernel",
     normaliser: bool = False,
 ) -> int:
     """Bytes of shared memory of the kernel's chunk loop (its largest scope): the tiles, not the barriers.
 
     Per pipeline slot q and k (L, DHQK) and the plan (8, L) float32, shared by the warpgroups; per warpgroup
-    ``depth`` v tiles (L, block_dhv), h (L, block_dhv) in ``h_dtype`` (None: ``dtype``), C rounded
+    ``depth`` v tiles (L, block_dhv), h (L, block_dhv), C rounded
     (DHQK, block_dhv), P (L, L), g ⊙ v (L, block_dhv). With ``scores="precomputed"`` P arrives per pipeline slot,
     shared, and the plan has 2 rows. With in-kernel scores, ``normaliser`` adds the (2, L) float32 tile that takes
     each chunk's (qn, den) out.
     """
     item = jnp.dtype(dtype).itemsize
-    h_item = jnp.dtype(h_dtype or dtype).itemsize
     precomputed = scores == "precomputed"
     rows = _READOUT_ROWS if precomputed else _PLAN_ROWS
     p_tile = CHUNK * CHUNK * item
     shared = depth * (2 * CHUNK * DHQK * item + rows * CHUNK * 4 + (p_tile if precomputed else 0))
-    own = (depth + 1) * CHUNK * block_dhv * item + CHUNK * block_dhv * h_item
+    own = (depth + 2) * CHUNK * block_dhv * item  # v tiles, h
     own += DHQK * block_dhv * item + (0 if precomputed else p_tile)
     return shared + consumers * own + (2 * CHUNK * 4 if normaliser and not precomputed else 0)
 
@@ -142,7 +140,6 @@ def chunkwise_mosaic_unsupported(
     *,
     depth: int = 2,
     consumers: int = 1,
-    h_dtype: Any = None,
     scores: str = "in_kernel",
     normaliser: bool = False,
 ) -> str | None:
@@ -170,15 +167,12 @@ def chunkwise_mosaic_unsupported(
         )
     if not isinstance(depth, int) or depth < 1:
         return f"depth={depth!r} must be a positive integer (chunks in flight)"
-    if h_dtype is not None and jnp.dtype(h_dtype) not in (jnp.dtype(dtype), jnp.dtype(jnp.float32)):
-        return f"h_dtype={jnp.dtype(h_dtype)} must be the inputs' dtype or float32"
-    smem = shared_memory_bytes(DHQK, dtype, block_dhv, depth, consumers, h_dtype, scores, normaliser)
+    smem = shared_memory_bytes(DHQK, dtype, block_dhv, depth, consumers, scores, normaliser)
     if smem + _SMEM_RESERVE > _SMEM_LIMIT:
-        h_text = "" if h_dtype is None else f", h in {jnp.dtype(h_dtype)}"
-        h_text += "" if scores == "in_kernel" else f", scores={scores!r}"
+        detail = "" if scores == "in_kernel" else f", scores={scores!r}"
         return (
             f"the tiles need {smem // 1024} KiB of shared memory at DHQK={DHQK}, block_dhv={block_dhv}, "
-            f"depth={depth}, consumers={consumers}{h_text}; a Hopper block has {_SMEM_LIMIT // 1024} KiB, "
+            f"depth={depth}, consumers={consumers}{detail}; a Hopper block has {_SMEM_LIMIT // 1024} KiB, "
             f"{_SMEM_RESERVE // 1024} KiB of it kept for barriers"
         )
     return None
@@ -330,7 +324,7 @@ def _chunk_body(
     tile = plgpu.Layout.WGMMA
     row_layout, col_layout = tile.reduce(1), tile.reduce(0)
     bh, vb = lax.axis_index("bh"), lax.axis_index("vb")
-    itemsize, h_itemsize = jnp.dtype(dtype).itemsize, jnp.dtype(h_ref.dtype).itemsize
+    itemsize = jnp.dtype(dtype).itemsize
     group = _Warpgroups(consumers, vb, NV)
     split, wg, columns, own, per_warpgroup, leader = (
         group.split, group.wg, group.columns, group.own, group.smem, group.leader
@@ -448,7 +442,7 @@ def _chunk_body(
             def write_h(h, qn_den=None):
                 """h to its rows and columns; ``qn_den`` (in-kernel scores, with ``normaliser``) to this chunk's rows
                 of the (qn, den) output, from the head's first column block's first warpgroup (all compute it)."""
-                h = cast(h.astype(h_smem.dtype), tile)
+                h = cast(h.astype(dtype), tile)
                 plgpu.wait_smem_to_gmem(0, wait_read_only=True)  # the previous chunk's h (and qn, den) have left
                 h_smem[...] = h
                 if norm_ref is None:
@@ -533,7 +527,7 @@ def _chunk_body(
         plgpu.SMEM((depth, L, DHQK), dtype, transforms=operand),
         per_warpgroup((depth, L, NV), dtype, transforms=operand),
         plgpu.SMEM((depth, rows, L), f32),
-        per_warpgroup((L, NV), h_ref.dtype, transforms=_swizzled(min(128, NV * h_itemsize), h_itemsize)),
+        per_warpgroup((L, NV), dtype, transforms=operand),
         per_warpgroup((DHQK, NV), dtype, transforms=operand),
         plgpu.SMEM((depth, L, L), dtype, transforms=operand)
         if precomputed
@@ -611,7 +605,6 @@ def normalised_scores(
         "depth",
         "consumers",
         "interpret",
-        "h_dtype",
         "borders",
         "scores",
         "normaliser",
@@ -630,7 +623,6 @@ def mosaic_chunkwise(
     depth: int = 2,
     consumers: int = 1,
     interpret: bool = False,
-    h_dtype: Any = None,
     borders: bool = False,
     scores: str = "in_kernel",
     normaliser: bool = False,
@@ -638,7 +630,6 @@ def mosaic_chunkwise(
     """The kernel on ``BH`` flattened heads, from :func:`chunk_plan`'s plan; the caller checks shapes.
 
     ``consumers`` warpgroups per program (1 or 2), each with ``block_dhv`` columns of c (module docstring).
-    ``h_dtype``: h's dtype, None for q's, or float32 (h before its rounding, as tests compare it).
     ``borders``: also write the state before every chunk, rounded to q's dtype as it enters ``q C`` (the
     backward's border states; a TMA store of the tile the kernel already holds, per chunk).
     ``scores``: ``"in_kernel"``, every warpgroup computes its chunk's gated scores and denominators;
@@ -648,14 +639,14 @@ def mosaic_chunkwise(
     block writes them).
 
     Returns:
-        ``(h (BH, S, DHV) in h_dtype, c after the last chunk (BH, DHQK, DHV) float32)``, and with ``borders``
+        ``(h (BH, S, DHV) in q's dtype, c after the last chunk (BH, DHQK, DHV) float32)``, and with ``borders``
         ``r(C_j)`` before every chunk j, (BH, NC * DHQK, DHV) in q's dtype, third; with ``normaliser``,
         ``(qn, den)`` (BH, NC, L) float32 each, last.
     """
     BH, S, DHQK = q.shape
     DHV = v.shape[-1]
     reason = chunkwise_mosaic_unsupported(
-        DHQK, DHV, q.dtype, block_dhv, depth=depth, consumers=consumers, h_dtype=h_dtype, scores=scores,
+        DHQK, DHV, q.dtype, block_dhv, depth=depth, consumers=consumers, scores=scores,
         normaliser=normaliser,
     )  # fmt: skip
     if reason is not None:
@@ -671,7 +662,7 @@ def mosaic_chunkwise(
     kernel = pl.kernel(
         body,
         out_type=(
-            jax.ShapeDtypeStruct((BH, S, DHV), h_dtype or q.dtype),
+            jax.ShapeDtypeStruct((BH, S, DHV), q.dtype),
             jax.ShapeDtypeStruct((BH, DHQK, DHV), jnp.float32),
             *([jax.ShapeDtypeStruct((BH, NC * DHQK, DHV), q.dtype)] if borders else []),
             *([jax.ShapeDtypeStruct((BH, NC * 2, CHUNK), jnp.float32)] if in_kernel_normaliser else []),

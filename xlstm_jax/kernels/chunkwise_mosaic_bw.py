@@ -386,7 +386,7 @@ def mosaic_products_vjp(
     dc_last: jax.Array,  # (BH, DHQK, DHV)
     *,
     borders: jax.Array | None = None,  # (BH, NC * DHQK, DHV)
-    normaliser: tuple[jax.Array, jax.Array] | None = None,  # (qn, den), (BH, NC, CHUNK) float32 each
+    normaliser: tuple[jax.Array, jax.Array],  # (qn, den), (BH, NC, CHUNK) float32 each
     block_dhv: int = 32,
     depth: int = 2,
     consumers: int = 1,
@@ -397,7 +397,7 @@ def mosaic_products_vjp(
 
     The stages of :func:`chunk_products_vjp` with the products in kernels: (a) the border states r(C_j) by
     :func:`~xlstm_jax.kernels.chunkwise_mosaic_scan.mosaic_state_scan`; per step in XLA, from the forward's
-    (qn, den) or else the chunks' scores, ``1/den``, ``INTER/den`` and den's slope in qn; (b) the border
+    (qn, den), ``1/den``, ``INTER/den`` and den's slope in qn; (b) the border
     cotangents r(dC_{j+1}) and dc0 by the same scan in reverse; (c) every chunk's dq, dk, dv and the gradients of
     its plan rows (the normaliser's too, from the products it has: no h is read) and decay by
     :func:`~xlstm_jax.kernels.chunkwise_mosaic_grads.mosaic_chunk_gradients`.
@@ -408,8 +408,8 @@ def mosaic_products_vjp(
         dc_last: The cotangent of the last state (BH, DHQK, DHV).
         borders: The border states r(C_j) (BH, NC * DHQK, DHV) in q's dtype where the forward wrote them
             (``mosaic_chunkwise(..., borders=True)``); None computes them (stage (a)).
-        normaliser: Each step's ``(qn, den)`` (BH, NC, L) float32 where the forward computed them
-            (``mosaic_chunkwise(..., normaliser=True)``); None computes them in XLA from the chunks' scores.
+        normaliser: Each step's ``(qn, den)`` (BH, NC, L) float32, as the forward computed them
+            (``mosaic_chunkwise(..., normaliser=True)``).
         block_dhv, depth: Columns of a state per program and chunks in flight of the scans and the gradient kernel.
         scan_block_dhv: The scans' columns per warpgroup where they differ from ``block_dhv`` (32 or 64; None:
             ``block_dhv``): the state scans hold one (DHQK, block) float32 accumulator a warpgroup, the gradient
@@ -444,10 +444,7 @@ def mosaic_products_vjp(
         borders, _ = mosaic_state_scan(k, v, row(_GAIN), decay, c0, reverse=False, **scan)
     elif borders.shape != (BH, NC * DHQK, DHV) or borders.dtype != dtype:
         raise ValueError(f"borders {borders.shape} {borders.dtype} must be {(BH, NC * DHQK, DHV)} {dtype}")
-    if normaliser is None:
-        per_chunk = lambda q, k, plan: _normaliser(_scores(q, k, plan, f32)[2], plan, eps)  # noqa: E731
-        normaliser = jax.vmap(jax.vmap(per_chunk))(qc, kc, pc)
-    elif any(x.shape != (BH, NC, L) or x.dtype != f32 for x in normaliser):
+    if any(x.shape != (BH, NC, L) or x.dtype != f32 for x in normaliser):
         shapes = [(x.shape, str(x.dtype)) for x in normaliser]
         raise ValueError(f"normaliser (qn, den) {shapes} must be two {(BH, NC, L)} float32 arrays")
     qn, den = normaliser  # (BH, NC, L) each
