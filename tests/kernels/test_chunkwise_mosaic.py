@@ -30,7 +30,7 @@ from xlstm_jax.kernels.chunkwise_mosaic import (
     mosaic_chunkwise,
     shared_memory_bytes,
 )
-from xlstm_jax.kernels.chunkwise_mosaic_bw import chunkwise_split_fw, mosaic_backward_unsupported
+from xlstm_jax.kernels.chunkwise_mosaic_bw import backward_block_dhv, chunkwise_split_fw, mosaic_backward_unsupported
 from xlstm_jax.kernels.chunkwise_mosaic_grads import chunk_gradients_unsupported
 from xlstm_jax.kernels.chunkwise_mosaic_scan import state_scan_unsupported
 from xlstm_jax.kernels.mosaic import mosaic_interpret_params
@@ -272,6 +272,20 @@ def test_backward_defaults_to_the_kernels_where_they_cover_the_shape():
     }
     assert _kernels_in_gradient(64, backward="xla") == set()
     assert _kernels_in_gradient(320) == set()
+
+
+@pytest.mark.skipif(mosaic_interpret_params() is None, reason="needs a JAX with Mosaic GPU's interpreter")
+def test_backward_kernels_take_their_own_block_behind_a_wide_forward():
+    """Behind a forward of 64 columns at DHQK=256, whose backward tiles would not fit 64 columns (the gradient
+    kernel's need 268 KiB of shared memory), the backward kernels run 32 columns rather than the XLA form."""
+    bf16 = jnp.bfloat16
+    assert "268 KiB" in chunk_gradients_unsupported(256, 512, bf16, 64)
+    assert backward_block_dhv(256, 512, bf16, 64, 2) == 32
+    assert backward_block_dhv(128, 128, bf16, 64, 2) == 64  # fits: the forward's block
+    assert backward_block_dhv(256, 512, bf16, 32, 2) == 32
+    assert mosaic_backward_unsupported(256, 512, bf16, 64, 2, "precomputed") is None
+    every = {"mlstm_chunkwise_mosaic", "mlstm_state_scan_mosaic", "mlstm_chunk_gradients_mosaic"}
+    assert _kernels_in_gradient(256, block_dhv=64, consumers=1, scores="precomputed") == every
 
 
 @pytest.mark.skipif(mosaic_interpret_params() is None, reason="needs a JAX with Mosaic GPU's interpreter")

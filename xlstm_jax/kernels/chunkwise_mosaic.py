@@ -796,7 +796,9 @@ def chunkwise_mosaic_fw(
             ``"in_kernel"``, by every warpgroup for its columns; ``"precomputed"``, once per head in XLA before
             the kernel (:func:`normalised_scores`), which then reads them (BENCHMARKS.md compares the two).
         backward_scan_block_dhv: With ``backward="mosaic"``, the columns per warpgroup of the backward's reverse
-            state scan, 32 or 64 (None: ``block_dhv``); the gradient kernel keeps ``block_dhv``.
+            state scan, 32 or 64 (None: the backward kernels' block,
+            :func:`~xlstm_jax.kernels.chunkwise_mosaic_bw.backward_block_dhv`: ``block_dhv`` where their tiles fit,
+            else 32); the gradient kernel runs that block.
 
     Raises:
         ValueError: as chunkwise_fw, and where the kernel cannot run (:func:`chunkwise_mosaic_unsupported`).
@@ -820,11 +822,17 @@ def chunkwise_mosaic_fw(
     if reason is not None:
         raise ValueError(f"chunkwise_mosaic_fw cannot run this call: {reason}")
     # Imported here: the backward module builds on this one's plan and kernel.
-    from xlstm_jax.kernels.chunkwise_mosaic_bw import mosaic_backward_unsupported, mosaic_products_vjp, split_cell
+    from xlstm_jax.kernels.chunkwise_mosaic_bw import (
+        backward_block_dhv,
+        mosaic_backward_unsupported,
+        mosaic_products_vjp,
+        split_cell,
+    )
 
-    if backward == "mosaic" and mosaic_backward_unsupported(DHQK, DHV, dtype, block_dhv, depth) is None:
-        tiling = {"block_dhv": block_dhv, "depth": depth, "interpret": interpret}
-        forward_tiling = {**tiling, "scores": scores}
+    if backward == "mosaic" and mosaic_backward_unsupported(DHQK, DHV, dtype, block_dhv, depth, scores) is None:
+        tiling = {"block_dhv": backward_block_dhv(DHQK, DHV, dtype, block_dhv, depth), "depth": depth}
+        tiling["interpret"] = interpret
+        forward_tiling = {**tiling, "block_dhv": block_dhv, "scores": scores}
 
         def products(q, k, v, plan, decay, c0):
             return mosaic_chunkwise(q, k, v, plan, decay, c0, eps=eps, consumers=consumers, **forward_tiling)

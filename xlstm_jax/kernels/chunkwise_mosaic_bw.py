@@ -97,6 +97,7 @@ __all__ = [
     "chunk_products",
     "chunk_products_vjp",
     "chunkwise_split_fw",
+    "backward_block_dhv",
     "mosaic_backward_unsupported",
     "mosaic_products_vjp",
     "split_cell",
@@ -363,14 +364,31 @@ def chunk_products_vjp(
     )
 
 
-def mosaic_backward_unsupported(DHQK: int, DHV: int, dtype: Any, block_dhv: int, depth: int) -> str | None:
-    """Why the Mosaic GPU backward (:func:`mosaic_products_vjp`, behind the forward kernel writing the border
-    states and each step's (qn, den), one warpgroup) cannot run this head shape, dtype and tiling, or None if it
-    can (no device check). The gradient kernel holds dq in registers, so DHQK is at most 256 there."""
-    return (
-        chunkwise_mosaic_unsupported(DHQK, DHV, dtype, block_dhv, depth=depth, consumers=1, normaliser=True)
-        or state_scan_unsupported(DHQK, DHV, dtype, block_dhv, depth)
-        or chunk_gradients_unsupported(DHQK, DHV, dtype, block_dhv)
+def _backward_kernels_unsupported(DHQK: int, DHV: int, dtype: Any, block_dhv: int, depth: int) -> str | None:
+    """Why the state scans or the gradient kernel cannot run ``block_dhv`` columns a program, or None."""
+    return state_scan_unsupported(DHQK, DHV, dtype, block_dhv, depth) or chunk_gradients_unsupported(
+        DHQK, DHV, dtype, block_dhv
+    )
+
+
+def backward_block_dhv(DHQK: int, DHV: int, dtype: Any, block_dhv: int, depth: int) -> int:
+    """The backward kernels' columns per program behind a forward kernel of ``block_dhv`` columns: the same where
+    their tiles fit, else 32 (at DHQK=256 the gradient kernel's tiles need 268 KiB of shared memory at 64)."""
+    return block_dhv if _backward_kernels_unsupported(DHQK, DHV, dtype, block_dhv, depth) is None else 32
+
+
+def mosaic_backward_unsupported(
+    DHQK: int, DHV: int, dtype: Any, block_dhv: int, depth: int, scores: str = "in_kernel"
+) -> str | None:
+    """Why the Mosaic GPU backward (:func:`mosaic_products_vjp`, behind the forward kernel of ``block_dhv`` columns
+    and ``scores`` writing the border states and each step's (qn, den) with one warpgroup) cannot run this head
+    shape, dtype and tiling, or None if it can (no device check). Its kernels run :func:`backward_block_dhv`
+    columns; the gradient kernel holds dq in registers, so DHQK is at most 256 there."""
+    forward = chunkwise_mosaic_unsupported(
+        DHQK, DHV, dtype, block_dhv, depth=depth, consumers=1, scores=scores, normaliser=True
+    )  # fmt: skip
+    return forward or _backward_kernels_unsupported(
+        DHQK, DHV, dtype, backward_block_dhv(DHQK, DHV, dtype, block_dhv, depth), depth
     )
 
 

@@ -65,7 +65,8 @@ def chunkwise_hopper_fw(
     where the kernel runs, the Mosaic GPU backward kernels (``"mosaic"``, where they cover the shape) or the XLA
     form (``"xla"``); ``backward_consumers``: the backward kernels' warpgroups per program, 1 or 2. ``scores``:
     where the kernel's chunk scores are computed, ``"in_kernel"`` or ``"precomputed"`` (once per head in XLA).
-    ``backward_scan_block_dhv``: the columns per warpgroup of the backward's reverse state scan (None: ``block_dhv``).
+    ``backward_scan_block_dhv``: the columns per warpgroup of the backward's reverse state scan (None: the
+    backward kernels' block, ``block_dhv`` where their tiles fit, else 32).
     """
     use_kernel = interpret if interpret is not None else device_supports_mosaic()
     dtype = jnp.result_type(q, k, v)
@@ -116,7 +117,8 @@ class mLSTMBackendChunkwiseMosaicConfig(mLSTMBackendConfig):
             warpgroup; ``"precomputed"``, once per head in XLA before the kernel
             (:func:`~xlstm_jax.kernels.chunkwise_mosaic.normalised_scores`).
         backward_scan_block_dhv: Columns per warpgroup of the Mosaic GPU backward's reverse state scan, 32 or 64
-            (None: ``block_dhv``); the gradient kernel keeps ``block_dhv``. BENCHMARKS.md compares them.
+            (None: the backward kernels' block, ``block_dhv`` where their tiles fit, else 32: at DHQK=256 the
+            gradient kernel's tiles fit 32 columns only). BENCHMARKS.md compares them.
     """
 
     chunk_size: int = 256
