@@ -70,7 +70,9 @@ def test_fwdbwd_rows_check_the_gradients(tmp_path):
 def test_scan_block_variants_are_labelled_and_passed_on():
     """``--scan-block-dhv 32 64`` makes one ``bw=mosaic`` variant per scan block (``sbd=`` in the label, the value
     passed as ``backward_scan_block_dhv``); ``bw=xla`` variants have none."""
-    variants, skipped = chunkwise.kernel_variants(chunkwise.parse(["--consumers", "2", "--scan-block-dhv", "32", "64"]))
+    variants, skipped = chunkwise.kernel_variants(
+        chunkwise.parse(["--block-dhv", "32", "--consumers", "2", "--scan-block-dhv", "32", "64"])
+    )
     assert skipped == []
     assert {name: v["backward_scan_block_dhv"] for name, v in variants.items()} == {
         "mosaic bdhv=32 wg=2 bw=xla": None,
@@ -95,7 +97,7 @@ def test_scores_variants_are_rows_of_their_own(tmp_path):
                             "--scores", "precomputed"])  # fmt: skip
     variants, skipped = chunkwise.kernel_variants(args)
     assert variants == {} and len(skipped) == 2  # bw=xla and bw=mosaic
-    assert all("sc=precomputed" in note and "KiB of shared memory" in note for note in skipped)
+    assert all("bdhv=64 wg=2" in note and "sc=" not in note and "KiB of shared memory" in note for note in skipped)
 
 
 def test_smoke_checks_the_kernel_against_the_xla_form(smoke):

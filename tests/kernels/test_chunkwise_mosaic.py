@@ -25,6 +25,7 @@ from xlstm_jax.generation import prefill
 from xlstm_jax.kernels.chunkwise_mosaic import (
     CHUNK,
     auto_consumers,
+    auto_tiling,
     chunkwise_mosaic_fw,
     chunkwise_mosaic_unsupported,
     mosaic_chunkwise,
@@ -377,6 +378,21 @@ def test_auto_consumers_keeps_small_grids_on_one_warpgroup():
     assert auto_consumers(64, 256, 512, bf16, block_dhv=64) == 1  # two would not fit in shared memory
 
 
+def test_auto_tiling_takes_wide_blocks_where_the_grid_still_fills():
+    """block_dhv=None: 64 columns with one warpgroup where the scores are precomputed and BH * DHV / 64 programs
+    still make a full wave; else 32 columns with ``auto_consumers``. Given values are kept."""
+    bf16 = jnp.bfloat16
+    assert auto_tiling(64, 256, 512, bf16) == (64, 1)  # B=8, NH=8: 512 programs
+    assert auto_tiling(16, 256, 512, bf16) == (64, 1)  # exactly 128
+    assert auto_tiling(8, 256, 512, bf16) == (32, 1)  # B=1 prefill of xLSTM-7B: 128 programs of 32 columns
+    assert auto_tiling(64, 256, 512, bf16, scores="in_kernel") == (32, 2)  # 64 columns recompute scores (spills)
+    assert auto_tiling(64, 256, 512, bf16, consumers=2) == (32, 2)  # two warpgroups of 64 do not fit
+    assert auto_tiling(64, 256, 512, bf16, block_dhv=32) == (32, 2)
+    assert auto_tiling(64, 512, 512, bf16) == (32, 1)  # DHQK=512: the tiles fit one chunk in flight only
+    assert create_mlstm_backend("chunkwise_mosaic").config.scores == "precomputed"
+    assert create_mlstm_backend("chunkwise_mosaic").config.block_dhv is None
+
+
 @pytest.mark.parametrize(
     ("block_dhv", "consumers", "scores", "grad", "DHQK", "depth"),
     [
@@ -385,6 +401,7 @@ def test_auto_consumers_keeps_small_grids_on_one_warpgroup():
         (32, 2, "in_kernel", True, 256, 2),
         (32, 1, "precomputed", False, 256, 2),
         (64, 1, "precomputed", False, 256, 2),
+        (64, 1, "precomputed", True, 256, 2),
         (32, 2, "precomputed", True, 256, 2),
         (32, 1, "precomputed", False, 512, 1),
     ],

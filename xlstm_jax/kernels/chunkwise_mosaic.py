@@ -85,6 +85,7 @@ __all__ = [
     "chunk_plan",
     "chunkwise_mosaic_fw",
     "auto_consumers",
+    "auto_tiling",
     "chunkwise_mosaic_unsupported",
     "mosaic_chunkwise",
     "normalised_scores",
@@ -193,6 +194,34 @@ def auto_consumers(
     """
     two = chunkwise_mosaic_unsupported(DHQK, DHV, dtype, block_dhv, depth=depth, consumers=2, scores=scores) is None
     return 2 if two and BH * DHV // (2 * block_dhv) >= _FULL_WAVE else 1
+
+
+def auto_tiling(
+    BH: int,
+    DHQK: int,
+    DHV: int,
+    dtype: Any,
+    block_dhv: int | None = None,
+    consumers: int | None = None,
+    depth: int = 2,
+    scores: str = "precomputed",
+) -> tuple[int, int]:
+    """The ``(block_dhv, consumers)`` that None picks for ``BH`` heads (batch times heads), either given kept.
+
+    With precomputed scores, 64 columns and one warpgroup where that grid, ``BH * DHV / 64`` programs, fills the
+    GPU (at least ``_FULL_WAVE``) and the tiles fit: the widest products, no scores recomputed, c and its update
+    in 128 registers a thread (2.03 ms against 2.41 for 32 columns and two warpgroups at B=8, NH=8, S=8192 on an
+    H200; BENCHMARKS.md). Otherwise 32 columns with :func:`auto_consumers`' warpgroups, so that a small batch (the
+    7B prefill at batch 1: 8 heads) keeps its programs spread over every SM.
+    """
+    if block_dhv is None:
+        wide = scores == "precomputed" and consumers in (None, 1) and BH * DHV // 64 >= _FULL_WAVE
+        if wide and chunkwise_mosaic_unsupported(DHQK, DHV, dtype, 64, depth=depth, scores=scores) is None:
+            return 64, 1
+        block_dhv = 32
+    if consumers is None:
+        consumers = auto_consumers(BH, DHQK, DHV, dtype, block_dhv, depth, scores)
+    return block_dhv, consumers
 
 
 def _swizzled(swizzle: int, itemsize: int) -> tuple[Any, Any]:
@@ -760,14 +789,14 @@ def chunkwise_mosaic_fw(
     state_dtype: Any = None,
     *,
     segment_ids: jax.Array | None = None,  # (B, S) int
-    block_dhv: int = 32,
+    block_dhv: int | None = None,
     depth: int = 2,
     consumers: int | None = None,
     interpret: bool = False,
     xla_chunk_size: int = 256,
     backward: str = "mosaic",
     backward_consumers: int = 2,
-    scores: str = "in_kernel",
+    scores: str = "precomputed",
     backward_scan_block_dhv: int | None = None,
 ) -> jax.Array | tuple[jax.Array, tuple[jax.Array, jax.Array, jax.Array]]:
     """The mLSTM on a whole sequence, chunkwise, with the products in a Mosaic GPU kernel (module docstring).
@@ -776,12 +805,13 @@ def chunkwise_mosaic_fw(
     fixed at :data:`CHUNK`). Differentiable: ``backward`` picks the backward pass (module docstring).
 
     Args:
-        block_dhv: Columns of c per program, 32 or 64: more columns recompute the (L, L) scores fewer times,
-            fewer hold less of c in registers (32 is the faster on an H200; BENCHMARKS.md).
+        block_dhv: Columns of c per warpgroup, 32 or 64: more columns make wider products (and, with the scores
+            in the kernel, recompute them fewer times), fewer hold less of c in registers. None:
+            :func:`auto_tiling` picks by the number of heads and ``scores`` (BENCHMARKS.md compares them).
         depth: Chunks in flight in the TMA pipeline.
         consumers: Warpgroups per program, 1 or 2, each with its own ``block_dhv`` columns of c; two share the
             q and k tiles in shared memory and overlap each other's products (module docstring; BENCHMARKS.md).
-            None: :func:`auto_consumers` picks by the number of heads.
+            None: :func:`auto_tiling` picks by the number of heads.
         interpret: Run in Mosaic GPU's interpreter (any backend; slow).
         xla_chunk_size: The chunk size of the XLA form that runs under differentiation with ``backward="xla"``.
         backward: What runs under differentiation. ``"mosaic"``: this kernel forward, and the Mosaic GPU backward
@@ -793,8 +823,9 @@ def chunkwise_mosaic_fw(
             (each kernel runs one where two do not fit: ``mosaic_products_vjp``). 2, the faster on an H200
             (BENCHMARKS.md).
         scores: Where each chunk's gated scores and denominators are computed (:data:`SCORES`):
-            ``"in_kernel"``, by every warpgroup for its columns; ``"precomputed"``, once per head in XLA before
-            the kernel (:func:`normalised_scores`), which then reads them (BENCHMARKS.md compares the two).
+            ``"in_kernel"``, by every warpgroup for its columns; ``"precomputed"`` (the default, the faster on an
+            H200 forward and backward: BENCHMARKS.md), once per head in XLA before the kernel
+            (:func:`normalised_scores`), which then reads them.
         backward_scan_block_dhv: With ``backward="mosaic"``, the columns per warpgroup of the backward's reverse
             state scan, 32 or 64 (None: the backward kernels' block,
             :func:`~xlstm_jax.kernels.chunkwise_mosaic_bw.backward_block_dhv`: ``block_dhv`` where their tiles fit,
@@ -814,8 +845,7 @@ def chunkwise_mosaic_fw(
     x = chunk_sequence(q, k, v, i, f, c_initial, n_initial, m_initial, eps, state_dtype, CHUNK, segment_ids, True)
     _, _, _, DHQK, DHV = x.dims
     dtype = jnp.result_type(q, k, v)
-    if consumers is None:
-        consumers = auto_consumers(x.dims[0] * x.dims[1], DHQK, DHV, dtype, block_dhv, depth, scores)
+    block_dhv, consumers = auto_tiling(x.dims[0] * x.dims[1], DHQK, DHV, dtype, block_dhv, consumers, depth, scores)
     reason = chunkwise_mosaic_unsupported(
         DHQK, DHV, dtype, block_dhv, depth=depth, consumers=consumers, scores=scores
     )  # fmt: skip

@@ -367,7 +367,7 @@ def _mosaic_unsupported(dims: Any, dtype: Any, config: SequenceKernelConfig | No
     """Why the Mosaic GPU chunkwise kernel does not run this call in place of the Triton kernel, or None."""
     if config is not None:
         return "config is a tiling of the Triton kernel"
-    return chunkwise_mosaic_unsupported(dims.DHQK, dims.DHV, dtype, 32)
+    return chunkwise_mosaic_unsupported(dims.DHQK, dims.DHV, dtype, 32, scores="precomputed")  # its default scores
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(7, 8, 9, 10))

@@ -19,7 +19,7 @@ import jax.numpy as jnp
 from xlstm_jax.kernels.chunkwise_mosaic import (
     BACKWARDS,
     SCORES,
-    auto_consumers,
+    auto_tiling,
     chunkwise_mosaic_fw,
     chunkwise_mosaic_unsupported,
 )
@@ -47,12 +47,12 @@ def chunkwise_hopper_fw(
     *,
     segment_ids: jax.Array | None = None,
     chunk_size: int = 256,
-    block_dhv: int = 32,
+    block_dhv: int | None = None,
     consumers: int | None = None,
     interpret: bool | None = None,
     backward: str = "mosaic",
     backward_consumers: int = 2,
-    scores: str = "in_kernel",
+    scores: str = "precomputed",
     backward_scan_block_dhv: int | None = None,
 ) -> Any:
     """The chunkwise form: the Mosaic GPU kernel where it applies, else the XLA form with ``chunk_size`` (which also
@@ -61,10 +61,10 @@ def chunkwise_hopper_fw(
     Arguments and results as :func:`xlstm_jax.mlstm.chunkwise.chunkwise_fw`. ``interpret``: None picks the kernel
     on a Hopper GPU; True runs it in Mosaic GPU's interpreter (tests); False always runs the XLA form.
     ``block_dhv`` and ``consumers``: the kernel's columns of c per warpgroup and warpgroups per program (None:
-    :func:`~xlstm_jax.kernels.chunkwise_mosaic.auto_consumers`). ``backward``: what runs under differentiation
+    :func:`~xlstm_jax.kernels.chunkwise_mosaic.auto_tiling`). ``backward``: what runs under differentiation
     where the kernel runs, the Mosaic GPU backward kernels (``"mosaic"``, where they cover the shape) or the XLA
     form (``"xla"``); ``backward_consumers``: the backward kernels' warpgroups per program, 1 or 2. ``scores``:
-    where the kernel's chunk scores are computed, ``"in_kernel"`` or ``"precomputed"`` (once per head in XLA).
+    where the kernel's chunk scores are computed, ``"precomputed"`` (once per head in XLA) or ``"in_kernel"``.
     ``backward_scan_block_dhv``: the columns per warpgroup of the backward's reverse state scan (None: the
     backward kernels' block, ``block_dhv`` where their tiles fit, else 32).
     """
@@ -74,8 +74,7 @@ def chunkwise_hopper_fw(
     if c_initial is not None and states_dtype is None:
         states_dtype = jnp.dtype(c_initial.dtype)
     DHQK, DHV = q.shape[-1], v.shape[-1]
-    if consumers is None:
-        consumers = auto_consumers(q.shape[0] * q.shape[1], DHQK, DHV, dtype, block_dhv, scores=scores)
+    block_dhv, consumers = auto_tiling(q.shape[0] * q.shape[1], DHQK, DHV, dtype, block_dhv, consumers, scores=scores)
     fits = chunkwise_mosaic_unsupported(DHQK, DHV, dtype, block_dhv, consumers=consumers, scores=scores) is None
     if use_kernel and fits and states_dtype in (None, jnp.dtype(jnp.float32)):
         return chunkwise_mosaic_fw(
@@ -101,9 +100,12 @@ class mLSTMBackendChunkwiseMosaicConfig(mLSTMBackendConfig):
             its states in float32; other state dtypes run the XLA form.
         chunk_size: The XLA form's chunk size where the kernel does not run and under differentiation (the kernel's
             chunks are 64 steps).
-        block_dhv: Columns of c per kernel warpgroup: 32 or 64 (BENCHMARKS.md compares them).
+        block_dhv: Columns of c per kernel warpgroup: 32 or 64; None picks by the number of heads per device
+            and ``scores`` (``auto_tiling``: 64 with one warpgroup where precomputed scores leave that grid
+            filling the GPU, else 32). BENCHMARKS.md compares them.
         consumers: Warpgroups per kernel program, 1 or 2, sharing the q and k tiles (BENCHMARKS.md); None picks by
-            the number of heads per device (``auto_consumers``: 2 where their grid still fills the GPU). Where
+            the number of heads per device (``auto_tiling``: 2 with 32 columns where their grid still fills the
+            GPU). Where
             DHV is not a multiple of ``consumers * block_dhv``, or the tiles exceed the shared memory (2 with
             block_dhv=64 at DHQK=256), the XLA form runs.
         interpret: None: the kernel on a Hopper GPU, the XLA form elsewhere; True: the kernel in Mosaic GPU's
@@ -113,28 +115,28 @@ class mLSTMBackendChunkwiseMosaicConfig(mLSTMBackendConfig):
             XLA form forward and backward (``chunk_size``). BENCHMARKS.md compares them.
         backward_consumers: Warpgroups per program of the Mosaic GPU backward kernels, 1 or 2 (2, the faster on
             an H200: BENCHMARKS.md; each kernel runs one where two do not fit).
-        scores: Where the kernel's chunk scores and denominators are computed: ``"in_kernel"``, by every
-            warpgroup; ``"precomputed"``, once per head in XLA before the kernel
-            (:func:`~xlstm_jax.kernels.chunkwise_mosaic.normalised_scores`).
+        scores: Where the kernel's chunk scores and denominators are computed: ``"precomputed"`` (the default,
+            the faster on an H200 forward and backward: BENCHMARKS.md), once per head in XLA before the kernel
+            (:func:`~xlstm_jax.kernels.chunkwise_mosaic.normalised_scores`); ``"in_kernel"``, by every warpgroup.
         backward_scan_block_dhv: Columns per warpgroup of the Mosaic GPU backward's reverse state scan, 32 or 64
             (None: the backward kernels' block, ``block_dhv`` where their tiles fit, else 32: at DHQK=256 the
             gradient kernel's tiles fit 32 columns only). BENCHMARKS.md compares them.
     """
 
     chunk_size: int = 256
-    block_dhv: int = 32
+    block_dhv: int | None = None
     consumers: int | None = None
     interpret: bool | None = None
     backward: str = "mosaic"
     backward_consumers: int = 2
-    scores: str = "in_kernel"
+    scores: str = "precomputed"
     backward_scan_block_dhv: int | None = None
 
     def __post_init__(self) -> None:
         super().__post_init__()
         check_chunk_size(self.chunk_size)
-        if self.block_dhv not in (32, 64):
-            raise ValueError(f"block_dhv must be 32 or 64, got {self.block_dhv!r}")
+        if self.block_dhv not in (None, 32, 64) or isinstance(self.block_dhv, bool):
+            raise ValueError(f"block_dhv must be None, 32 or 64, got {self.block_dhv!r}")
         if self.consumers is not None and (self.consumers not in (1, 2) or isinstance(self.consumers, bool)):
             raise ValueError(f"consumers must be 1 or 2 (warpgroups per kernel program), got {self.consumers!r}")
         if self.interpret is not None:
