@@ -32,7 +32,8 @@ Rows of the table ``chunkwise``, per shape and mode:
   asked for), ``--consumers`` (warpgroups per program, default 1 and 2; ``wg=`` in the label unless only 1 is
   asked for) and ``--scores`` (where the chunks' gated scores are computed, default ``precomputed``; ``sc=`` in
   the label unless only that is asked for). Variants the kernel cannot run at the head shape
-  (``chunkwise_mosaic_unsupported``: shared memory, divisibility) are left out with a note. fwdbwd
+  (``chunkwise_mosaic_unsupported``: shared memory, divisibility) are left out with a note, as are ``bw=mosaic``
+  variants whose gradient the Mosaic backward cannot take (``mosaic_backward_unsupported``). fwdbwd
   differentiates through its custom VJP, once per ``--backward`` (``bw=`` in the label unless only ``xla`` is
   asked for): ``xla``, the XLA form's forward and backward; ``mosaic``, the kernel's forward and the Mosaic
   GPU backward kernels, once per ``--backward-consumers`` (their warpgroups per program, default 2; ``bwg=`` in
@@ -101,6 +102,7 @@ from xlstm_jax.kernels.chunkwise_mosaic import (
     chunkwise_mosaic_fw,
     chunkwise_mosaic_unsupported,
 )
+from xlstm_jax.kernels.chunkwise_mosaic_bw import mosaic_backward_unsupported
 from xlstm_jax.mlstm import chunkwise_fw
 from xlstm_jax.models.xlstm_parallel.blocks.mlstm.backend import BACKENDS
 from xlstm_jax.models.xlstm_parallel.runtime import RuntimeConfig
@@ -351,6 +353,9 @@ def kernel_variants(a: argparse.Namespace) -> tuple[dict[str, dict[str, int]], l
         why = chunkwise_mosaic_unsupported(
             a.DHQK, a.DHV, jnp.bfloat16, bdhv, depth=depth, consumers=consumers, scores=scores
         )  # fmt: skip
+        if why is None and backward == "mosaic" and "fwdbwd" in a.modes:
+            why = mosaic_backward_unsupported(a.DHQK, a.DHV, jnp.bfloat16, bdhv, depth, scores)
+            why = None if why is None else f"the Mosaic backward cannot run it (the XLA form's would): {why}"
         if why is None:
             variants[name] = {
                 "block_dhv": bdhv,

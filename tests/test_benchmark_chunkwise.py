@@ -141,3 +141,14 @@ def test_option_parsers():
     assert chunkwise.prefill_backend("chunkwise:chunk_size=64") == ("chunkwise", (("chunk_size", 64),))
     with pytest.raises(argparse.ArgumentTypeError, match="BxS"):
         chunkwise.shape("4x")
+
+
+def test_a_backward_that_would_be_the_xla_forms_is_not_a_mosaic_row():
+    """A ``bw=mosaic`` variant whose gradient the Mosaic backward cannot take (DHQK=512: dq's accumulator would
+    not fit the registers) is a note, not a row timing the XLA form's backward under the Mosaic label."""
+    argv = ["--DHQK", "512", "--DHV", "512", "--depth", "1", "--block-dhv", "32", "--consumers", "1"]
+    variants, skipped = chunkwise.kernel_variants(chunkwise.parse([*argv, "--backward", "xla", "mosaic"]))
+    assert list(variants) == ["mosaic bdhv=32 d=1 bw=xla"]
+    assert len(skipped) == 1 and "bw=mosaic" in skipped[0] and "DHQK=512" in skipped[0]
+    fwd_only = chunkwise.parse([*argv, "--modes", "fwd", "--backward", "mosaic"])
+    assert list(chunkwise.kernel_variants(fwd_only)[0]) == ["mosaic bdhv=32 d=1 bw=mosaic"]  # its forward runs
