@@ -860,9 +860,9 @@ def chunkwise_mosaic_fw(
     )
 
     if backward == "mosaic" and mosaic_backward_unsupported(DHQK, DHV, dtype, block_dhv, depth, scores) is None:
-        tiling = {"block_dhv": backward_block_dhv(DHQK, DHV, dtype, block_dhv, depth), "depth": depth}
-        tiling["interpret"] = interpret
-        forward_tiling = {**tiling, "block_dhv": block_dhv, "scores": scores}
+        forward_tiling = {"block_dhv": block_dhv, "depth": depth, "interpret": interpret, "scores": scores}
+        backward_block = backward_block_dhv(DHQK, DHV, dtype, block_dhv, depth)
+        tiling = {"block_dhv": backward_block, "depth": depth, "interpret": interpret}  # the backward kernels'
 
         def products(q, k, v, plan, decay, c0):
             return mosaic_chunkwise(q, k, v, plan, decay, c0, eps=eps, consumers=consumers, **forward_tiling)
