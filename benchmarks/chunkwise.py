@@ -55,6 +55,13 @@ same stride over their last axis); there also ``max err``, the largest error of 
 gradient's largest (bound ``GRAD_MAX_BOUND``), and ``differ``, the elements that differ between two calls on the
 same inputs (0 for a deterministic kernel; ``ok`` needs all three).
 
+``--trace`` runs one more call of every timed row under ``jax.profiler`` (``harness.device_trace``): the row gets
+``kernel ms`` (the GPU's kernels in that call, summed), ``mosaic ms`` (those of the Mosaic GPU kernels: names
+with ``mosaic`` in them, the forward kernel and the backward's state scans and gradient kernel; the rest is
+XLA's: the gate plan, the scores, the gradient's element-wise work)
+and ``busy`` (kernel time over the span from the first kernel's start to the last one's end: below 1, the GPU
+waits on the host or on loop control between kernels), and its costliest kernels are printed under it.
+
 FLOPs and bytes (``benchmarks/forms.py``'s ``floor_counts`` at each row's chunk size L: 64 for the kernel,
 the row's L for XLA and TFLA): per head ``4·S·DHQK·DHV + S·L·(DHQK + DHV)`` matrix FLOPs (the chunk
 summaries, the read-out and the causal halves of the L x L blocks), times B·NH, 3x for fwdbwd; bytes q, k,
@@ -149,7 +156,11 @@ COLUMNS = [
     Column("max err", "max_err", ".1e", width=7),
     Column("differ", "nondeterministic", "d", width=6),
     Column("ok", "ok", width=5),
+    Column("kernel ms", "trace_kernel_us", ".3f", 1e-3, width=9),
+    Column("mosaic ms", "trace_mosaic_us", ".3f", 1e-3, width=9),
+    Column("busy", "trace_busy", ".2f", width=5),
 ]
+MOSAIC_KERNELS = "mosaic"  # in the names of the Mosaic GPU kernels (mlstm_*_mosaic*): --trace's mosaic ms
 # The largest error of one gradient element, over its gradient's largest, that a fwdbwd row may show against the
 # XLA form's bf16 gradients: each of the two bf16 backwards errs by up to TOL['bfloat16-grad'] (2e-2, its
 # derivation in tests/numerics.py) of the largest against exact arithmetic, so they may differ by twice that; 5e-2
@@ -228,6 +239,7 @@ def parse(argv: Sequence[str] | None) -> argparse.Namespace:
     p.add_argument("--interpret", action="store_true", help="run the kernel in Mosaic GPU's interpreter")
     p.add_argument("--xla-chunk-sizes", type=int, nargs="*", default=[256], help="chunk sizes of the XLA form")
     p.add_argument("--check-stride", type=int, default=8, help="compare every this many columns of h")
+    p.add_argument("--trace", action="store_true", help="trace one more call per row: its kernels' time and share")
     p.add_argument("--tfla", choices=("run", "skip"), default="run", help="time TFLA in a subprocess first")
     p.add_argument("--tfla-json", nargs="+", help="read TFLA's rows from these anchors.py JSON files instead")
     p.add_argument("--tfla-chunk-size", type=int, default=128)
@@ -404,6 +416,26 @@ def rates(row: dict, flops: float, nbytes: float, ceilings: Any) -> dict:
     }
 
 
+TRACE_TOP = 1000  # kernels kept per traced row: all of them, so that --trace's mosaic ms sums every launch
+TRACE_PRINTED = 8  # of which the costliest printed under the row
+
+
+def split_trace(row: dict) -> None:
+    """Adds ``trace_mosaic_us`` to a row traced with every kernel kept: the Mosaic GPU kernels' summed time per
+    call; keeps only the costliest ``TRACE_PRINTED`` kernels in ``trace_top``."""
+    top = row.get("trace_top")
+    if not top:
+        return
+    row["trace_mosaic_us"] = sum(us for us, _, name in top if MOSAIC_KERNELS in name.lower())
+    row["trace_top"] = top[:TRACE_PRINTED]
+
+
+def print_trace(row: dict) -> None:
+    """The costliest kernels of a traced row, under its line of the table."""
+    for us, launches, name in row.get("trace_top") or []:
+        print(f"#   {us / 1e3:8.3f} ms  x{launches:<6g} {name[:100]}", flush=True)
+
+
 def bench_shape(report: Report, a: argparse.Namespace, B: int, S: int, tfla: dict, ceilings: Any) -> None:
     """The table's rows at one shape: TFLA's (read back), the XLA form's, the kernel's, per mode."""
     args = inputs(B, S, a)
@@ -469,7 +501,7 @@ def bench_shape(report: Report, a: argparse.Namespace, B: int, S: int, tfla: dic
             row = {"form": label, "kind": kind, "B": B, "S": S, "mode": mode, "L": L, **fields}
             try:
                 fn = fwd.setdefault(name, jax.jit(form)) if mode == "fwd" else jitted(form, mode, args)
-                timing = time_jitted(fn, *args, repeats=a.repeats)
+                timing = time_jitted(fn, *args, repeats=a.repeats, trace=a.trace, trace_top=TRACE_TOP)
             except Exception as exc:  # out of memory, or the kernel off a Hopper GPU: recorded, the run goes on
                 report.note(f"{name} B={B} S={S} {mode}: {type(exc).__name__}: {str(exc)[:300]}")
                 continue
@@ -483,6 +515,7 @@ def bench_shape(report: Report, a: argparse.Namespace, B: int, S: int, tfla: dic
                 except Exception as exc:
                     report.note(f"{name} B={B} S={S}: check FAILED {type(exc).__name__}: {str(exc)[:300]}")
             row.update(timing.as_row())
+            split_trace(row)
             row.update(rates(row, *floor_counts(B, a.NH, S, a.DHQK, a.DHV, L, 2, mode), ceilings))
             if kind == "xla":
                 times["xla"] = min(times.get("xla", float("inf")), timing.median_s)
@@ -492,6 +525,7 @@ def bench_shape(report: Report, a: argparse.Namespace, B: int, S: int, tfla: dic
                     t_over_xla=timing.median_s / times["xla"] if "xla" in times else None,
                 )
             report.add("chunkwise", row)
+            print_trace(row)
             del fn
 
 

@@ -206,6 +206,7 @@ def time_jitted(
     compiler_options: dict[str, Any] | None = None,
     trace: bool = False,
     monitor: contextlib.AbstractContextManager | None = None,
+    trace_top: int = 10,
 ) -> Timing:
     """Times ``fn(*args)``: compilation apart, then the median of ``repeats`` samples blocked until ready.
 
@@ -221,6 +222,7 @@ def time_jitted(
             as it has elements), for functions that donate their inputs, such as a step over a state.
         compiler_options: XLA options of this one compilation (``fn`` must be a ``jax.jit`` function).
         trace: Run one more sample under ``jax.profiler`` and keep its :func:`device_trace` (per unit).
+        trace_top: How many of the traced sample's costliest kernels the trace lists.
         monitor: A context manager entered around the timed samples only (e.g. a :class:`GpuMonitor`).
 
     Returns:
@@ -277,7 +279,7 @@ def time_jitted(
         repeats=repeats,
         units=units,
         samples_s=tuple(samples),
-        trace=device_trace(sample, units) if trace else None,  # after the samples: the GPU's clock is up
+        trace=device_trace(sample, units, trace_top) if trace else None,  # after the samples: the GPU's clock is up
     )
 
 

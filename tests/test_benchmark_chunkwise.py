@@ -152,3 +152,21 @@ def test_a_backward_that_would_be_the_xla_forms_is_not_a_mosaic_row():
     assert len(skipped) == 1 and "bw=mosaic" in skipped[0] and "DHQK=512" in skipped[0]
     fwd_only = chunkwise.parse([*argv, "--modes", "fwd", "--backward", "mosaic"])
     assert list(chunkwise.kernel_variants(fwd_only)[0]) == ["mosaic bdhv=32 d=1 bw=mosaic"]  # its forward runs
+
+
+def test_trace_splits_the_mosaic_kernels_from_the_rest(tmp_path, capsys):
+    """``--trace``: a row traced on a GPU gets the Mosaic kernels' summed time apart from the others' and keeps its
+    costliest kernels; on a CPU (no GPU stream in the trace) the rows carry no trace fields."""
+    top = [(900.0, 1.0, "mlstm_chunkwise_mosaic"), (300.0, 2.0, "fusion_3")]
+    top += [(50.0, 1.0, "mlstm_state_scan_mosaic_reverse")]
+    top += [(1.0, 1.0, f"fusion_{j}") for j in range(20)]
+    row = {"trace_top": top, "trace_kernel_us": sum(us for us, _, _ in top)}
+    chunkwise.split_trace(row)
+    assert row["trace_mosaic_us"] == 950.0
+    assert row["trace_top"] == top[: chunkwise.TRACE_PRINTED]
+    chunkwise.print_trace(row)
+    assert "0.900 ms" in capsys.readouterr().out
+    argv = ["--smoke", "--modes", "fwd", "--ceilings", "nominal", "--tfla", "skip", "--prefill-tokens", "--trace"]
+    chunkwise.main([*argv, "--json", str(tmp_path / "out.json")])
+    rows = json.loads((tmp_path / "out.json").read_text())["tables"]["chunkwise"]
+    assert len(rows) == 2 and all(r["median_s"] > 0 and "trace_mosaic_us" not in r for r in rows)
