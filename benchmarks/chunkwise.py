@@ -58,9 +58,9 @@ same inputs (0 for a deterministic kernel; ``ok`` needs all three).
 ``--trace`` runs one more call of every timed row under ``jax.profiler`` (``harness.device_trace``): the row gets
 ``kernel ms`` (the GPU's kernels in that call, summed), ``mosaic ms`` (those of the Mosaic GPU kernels: names
 with ``mosaic`` in them, the forward kernel and the backward's state scans and gradient kernel; the rest is
-XLA's: the gate plan, the scores, the gradient's element-wise work)
-and ``busy`` (kernel time over the span from the first kernel's start to the last one's end: below 1, the GPU
-waits on the host or on loop control between kernels), and its costliest kernels are printed under it.
+XLA's: the gate plan, the scores, the gradient's element-wise work) and ``busy`` (kernel time over the span
+from the first kernel's start to the last one's end: below 1, the GPU waits on the host or on loop control
+between kernels), and its costliest kernels are printed under it.
 
 FLOPs and bytes (``benchmarks/forms.py``'s ``floor_counts`` at each row's chunk size L: 64 for the kernel,
 the row's L for XLA and TFLA): per head ``4·S·DHQK·DHV + S·L·(DHQK + DHV)`` matrix FLOPs (the chunk

@@ -222,8 +222,8 @@ def time_jitted(
             as it has elements), for functions that donate their inputs, such as a step over a state.
         compiler_options: XLA options of this one compilation (``fn`` must be a ``jax.jit`` function).
         trace: Run one more sample under ``jax.profiler`` and keep its :func:`device_trace` (per unit).
-        trace_top: How many of the traced sample's costliest kernels the trace lists.
         monitor: A context manager entered around the timed samples only (e.g. a :class:`GpuMonitor`).
+        trace_top: How many of the traced sample's costliest kernels the trace lists.
 
     Returns:
         The :class:`Timing` of one unit: one call divided by ``iterations``.
