@@ -24,7 +24,9 @@ from tests.numerics import TOL, assert_close
 from xlstm_jax.generation import prefill
 from xlstm_jax.kernels.chunkwise_mosaic import (
     CHUNK,
+    IN_KERNEL_SCORES_MAX_CHUNKS,
     auto_consumers,
+    auto_scores,
     auto_tiling,
     chunkwise_mosaic_fw,
     chunkwise_mosaic_unsupported,
@@ -389,8 +391,25 @@ def test_auto_tiling_takes_wide_blocks_where_the_grid_still_fills():
     assert auto_tiling(64, 256, 512, bf16, consumers=2) == (32, 2)  # two warpgroups of 64 do not fit
     assert auto_tiling(64, 256, 512, bf16, block_dhv=32) == (32, 2)
     assert auto_tiling(64, 512, 512, bf16) == (32, 1)  # DHQK=512: the tiles fit one chunk in flight only
-    assert create_mlstm_backend("chunkwise_mosaic").config.scores == "precomputed"
+    assert create_mlstm_backend("chunkwise_mosaic").config.scores is None  # auto_scores, by S
     assert create_mlstm_backend("chunkwise_mosaic").config.block_dhv is None
+
+
+def test_auto_scores_keeps_short_sequences_in_the_kernel():
+    """scores=None: the scores in the kernel for at most 4 chunks (a served prompt's chunk: fewer kernels to
+    launch), precomputed beyond; the call traces exactly as with the picked value given."""
+    assert IN_KERNEL_SCORES_MAX_CHUNKS * CHUNK == 256
+    assert [auto_scores(S) for S in (1, 64, 65, 256)] == ["in_kernel"] * 4
+    assert [auto_scores(S) for S in (257, 2048, 8192)] == ["precomputed"] * 3
+    for S, picked, other in [(70, "in_kernel", "precomputed"), (300, "precomputed", "in_kernel")]:
+        x = random_inputs(3, 1, 2, S, 64, 32, states=True)
+        args = [jnp.asarray(x[name], jnp.bfloat16) for name in ("q", "k", "v")]
+        args += [jnp.asarray(x[name], jnp.float32) for name in ("i", "f", "c0", "n0", "m0")]
+
+        def jaxpr(args=args, **kwargs) -> str:
+            return str(jax.make_jaxpr(functools.partial(chunkwise_mosaic_fw, interpret=True, **kwargs))(*args))
+
+        assert jaxpr() == jaxpr(scores=picked) != jaxpr(scores=other), S
 
 
 @pytest.mark.parametrize(
@@ -445,7 +464,7 @@ def test_backend_runs_the_kernel():
         "chunkwise_mosaic", scores="precomputed", interpret=True if INTERPRET else None
     )  # fmt: skip
     check_forward(precomputed, x, "bfloat16")
-    with pytest.raises(ValueError, match=r"scores must be one of \('in_kernel', 'precomputed'\), got 'xla'"):
+    with pytest.raises(ValueError, match=r"scores must be None or one of \('in_kernel', 'precomputed'\), got 'xla'"):
         create_mlstm_backend("chunkwise_mosaic", scores="xla")
 
 

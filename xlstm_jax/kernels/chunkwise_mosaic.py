@@ -81,10 +81,12 @@ from xlstm_jax.mlstm.states import cast_states
 __all__ = [
     "BACKWARDS",
     "CHUNK",
+    "IN_KERNEL_SCORES_MAX_CHUNKS",
     "SCORES",
     "chunk_plan",
     "chunkwise_mosaic_fw",
     "auto_consumers",
+    "auto_scores",
     "auto_tiling",
     "chunkwise_mosaic_unsupported",
     "mosaic_chunkwise",
@@ -194,6 +196,26 @@ def auto_consumers(
     """
     two = chunkwise_mosaic_unsupported(DHQK, DHV, dtype, block_dhv, depth=depth, consumers=2, scores=scores) is None
     return 2 if two and BH * DHV // (2 * block_dhv) >= _FULL_WAVE else 1
+
+
+# Sequences of at most this many chunks compute their scores in the kernel when ``scores`` is None
+# (:func:`auto_scores`).
+IN_KERNEL_SCORES_MAX_CHUNKS = 4
+
+
+def auto_scores(S: int) -> str:
+    """Where ``scores=None`` computes the chunks' gated scores for a sequence of ``S`` steps (:data:`SCORES`).
+
+    ``"in_kernel"`` for at most :data:`IN_KERNEL_SCORES_MAX_CHUNKS` chunks (256 steps), ``"precomputed"`` beyond.
+    Precomputing costs a fixed number of XLA kernels before each call (the scores' product, their row sums, the
+    transposed readout, the cast: 4 to 6 more kernels per mLSTM layer in xLSTM-7B's chunk programs of 16 to 256
+    tokens compiled for an H200, ``benchmarks/launches.py``), and saves each program recomputing its head's
+    scores, a cost that grows with the chunks (at DHQK=256 about 2 MFLOP a chunk, a fraction of a microsecond on
+    an SM). A short call (a served prompt's chunk, whose first token waits on it and whose launches the host pays
+    for one by one) is better off without the extra kernels; a long one (training, a long prompt) with them
+    (2.03 against 2.41 ms at B=8, NH=8, S=8192 on an H200; BENCHMARKS.md). The limit of 4 chunks is not timed.
+    """
+    return "in_kernel" if -(-S // CHUNK) <= IN_KERNEL_SCORES_MAX_CHUNKS else "precomputed"
 
 
 def auto_tiling(
@@ -796,7 +818,7 @@ def chunkwise_mosaic_fw(
     xla_chunk_size: int = 256,
     backward: str = "mosaic",
     backward_consumers: int = 2,
-    scores: str = "precomputed",
+    scores: str | None = None,
     backward_scan_block_dhv: int | None = None,
 ) -> jax.Array | tuple[jax.Array, tuple[jax.Array, jax.Array, jax.Array]]:
     """The mLSTM on a whole sequence, chunkwise, with the products in a Mosaic GPU kernel (module docstring).
@@ -823,9 +845,10 @@ def chunkwise_mosaic_fw(
             (each kernel runs one where two do not fit: ``mosaic_products_vjp``). 2, the faster on an H200
             (BENCHMARKS.md).
         scores: Where each chunk's gated scores and denominators are computed (:data:`SCORES`):
-            ``"in_kernel"``, by every warpgroup for its columns; ``"precomputed"`` (the default, the faster on an
-            H200 forward and backward: BENCHMARKS.md), once per head in XLA before the kernel
-            (:func:`normalised_scores`), which then reads them.
+            ``"in_kernel"``, by every warpgroup for its columns; ``"precomputed"`` (the faster on an H200 forward
+            and backward at long S: BENCHMARKS.md), once per head in XLA before the kernel
+            (:func:`normalised_scores`), which then reads them. None (the default): :func:`auto_scores` picks by
+            S, in the kernel for at most 4 chunks (256 steps), precomputed beyond.
         backward_scan_block_dhv: With ``backward="mosaic"``, the columns per warpgroup of the backward's reverse
             state scan, 32 or 64 (None: the backward kernels' block,
             :func:`~xlstm_jax.kernels.chunkwise_mosaic_bw.backward_block_dhv`: ``block_dhv`` where their tiles fit,
@@ -836,15 +859,16 @@ def chunkwise_mosaic_fw(
     """
     if backward not in BACKWARDS:
         raise ValueError(f"backward={backward!r} must be one of {BACKWARDS}")
-    if scores not in SCORES:
-        raise ValueError(f"scores={scores!r} must be one of {SCORES}")
+    if scores is not None and scores not in SCORES:
+        raise ValueError(f"scores={scores!r} must be one of {SCORES} or None")
     if backward_scan_block_dhv not in (None, 32, 64):
         raise ValueError(f"backward_scan_block_dhv={backward_scan_block_dhv!r} must be None, 32 or 64")
     if backward_consumers not in (1, 2) or isinstance(backward_consumers, bool):
         raise ValueError(f"backward_consumers={backward_consumers!r} must be 1 or 2 (warpgroups per program)")
     x = chunk_sequence(q, k, v, i, f, c_initial, n_initial, m_initial, eps, state_dtype, CHUNK, segment_ids, True)
-    _, _, _, DHQK, DHV = x.dims
+    _, _, S, DHQK, DHV = x.dims
     dtype = jnp.result_type(q, k, v)
+    scores = auto_scores(S) if scores is None else scores
     block_dhv, consumers = auto_tiling(x.dims[0] * x.dims[1], DHQK, DHV, dtype, block_dhv, consumers, depth, scores)
     reason = chunkwise_mosaic_unsupported(
         DHQK, DHV, dtype, block_dhv, depth=depth, consumers=consumers, scores=scores

@@ -19,6 +19,7 @@ import jax.numpy as jnp
 from xlstm_jax.kernels.chunkwise_mosaic import (
     BACKWARDS,
     SCORES,
+    auto_scores,
     auto_tiling,
     chunkwise_mosaic_fw,
     chunkwise_mosaic_unsupported,
@@ -52,7 +53,7 @@ def chunkwise_hopper_fw(
     interpret: bool | None = None,
     backward: str = "mosaic",
     backward_consumers: int = 2,
-    scores: str = "precomputed",
+    scores: str | None = None,
     backward_scan_block_dhv: int | None = None,
 ) -> Any:
     """The chunkwise form: the Mosaic GPU kernel where it applies, else the XLA form with ``chunk_size`` (which also
@@ -64,7 +65,8 @@ def chunkwise_hopper_fw(
     :func:`~xlstm_jax.kernels.chunkwise_mosaic.auto_tiling`). ``backward``: what runs under differentiation
     where the kernel runs, the Mosaic GPU backward kernels (``"mosaic"``, where they cover the shape) or the XLA
     form (``"xla"``); ``backward_consumers``: the backward kernels' warpgroups per program, 1 or 2. ``scores``:
-    where the kernel's chunk scores are computed, ``"precomputed"`` (once per head in XLA) or ``"in_kernel"``.
+    where the kernel's chunk scores are computed, ``"precomputed"`` (once per head in XLA), ``"in_kernel"`` or None
+    (:func:`~xlstm_jax.kernels.chunkwise_mosaic.auto_scores`: in the kernel for at most 256 steps).
     ``backward_scan_block_dhv``: the columns per warpgroup of the backward's reverse state scan (None: the
     backward kernels' block, ``block_dhv`` where their tiles fit, else 32).
     """
@@ -74,6 +76,7 @@ def chunkwise_hopper_fw(
     if c_initial is not None and states_dtype is None:
         states_dtype = jnp.dtype(c_initial.dtype)
     DHQK, DHV = q.shape[-1], v.shape[-1]
+    scores = auto_scores(q.shape[2]) if scores is None else scores
     block_dhv, consumers = auto_tiling(q.shape[0] * q.shape[1], DHQK, DHV, dtype, block_dhv, consumers, scores=scores)
     fits = chunkwise_mosaic_unsupported(DHQK, DHV, dtype, block_dhv, consumers=consumers, scores=scores) is None
     if use_kernel and fits and states_dtype in (None, jnp.dtype(jnp.float32)):
@@ -115,9 +118,12 @@ class mLSTMBackendChunkwiseMosaicConfig(mLSTMBackendConfig):
             XLA form forward and backward (``chunk_size``). BENCHMARKS.md compares them.
         backward_consumers: Warpgroups per program of the Mosaic GPU backward kernels, 1 or 2 (2, the faster on
             an H200: BENCHMARKS.md; each kernel runs one where two do not fit).
-        scores: Where the kernel's chunk scores and denominators are computed: ``"precomputed"`` (the default,
-            the faster on an H200 forward and backward: BENCHMARKS.md), once per head in XLA before the kernel
-            (:func:`~xlstm_jax.kernels.chunkwise_mosaic.normalised_scores`); ``"in_kernel"``, by every warpgroup.
+        scores: Where the kernel's chunk scores and denominators are computed: ``"precomputed"`` (the faster on
+            an H200 forward and backward at long S: BENCHMARKS.md), once per head in XLA before the kernel
+            (:func:`~xlstm_jax.kernels.chunkwise_mosaic.normalised_scores`); ``"in_kernel"``, by every warpgroup;
+            None (the default) picks by the sequence length
+            (:func:`~xlstm_jax.kernels.chunkwise_mosaic.auto_scores`): in the kernel for at most 4 chunks of 64
+            steps, where precomputing them costs more kernel launches than it saves work.
         backward_scan_block_dhv: Columns per warpgroup of the Mosaic GPU backward's reverse state scan, 32 or 64
             (None: the backward kernels' block, ``block_dhv`` where their tiles fit, else 32: at DHQK=256 the
             gradient kernel's tiles fit 32 columns only). BENCHMARKS.md compares them.
@@ -129,7 +135,7 @@ class mLSTMBackendChunkwiseMosaicConfig(mLSTMBackendConfig):
     interpret: bool | None = None
     backward: str = "mosaic"
     backward_consumers: int = 2
-    scores: str = "precomputed"
+    scores: str | None = None
     backward_scan_block_dhv: int | None = None
 
     def __post_init__(self) -> None:
@@ -145,8 +151,8 @@ class mLSTMBackendChunkwiseMosaicConfig(mLSTMBackendConfig):
             raise ValueError(f"backward must be one of {BACKWARDS}, got {self.backward!r}")
         if self.backward_consumers not in (1, 2) or isinstance(self.backward_consumers, bool):
             raise ValueError(f"backward_consumers must be 1 or 2 (warpgroups), got {self.backward_consumers!r}")
-        if self.scores not in SCORES:
-            raise ValueError(f"scores must be one of {SCORES}, got {self.scores!r}")
+        if self.scores is not None and self.scores not in SCORES:
+            raise ValueError(f"scores must be None or one of {SCORES}, got {self.scores!r}")
         if self.backward_scan_block_dhv is not None and (
             self.backward_scan_block_dhv not in (32, 64) or isinstance(self.backward_scan_block_dhv, bool)
         ):
