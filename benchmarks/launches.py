@@ -20,9 +20,12 @@ and ``JAX_PLATFORMS=cpu`` (the plugin then compiles without initialising a devic
 
 (on a GPU machine without ``JAX_PLATFORMS``: it compiles for the GPU present).
 
-Each row: a chunk of ``tokens`` tokens of ``--preset`` (random-weight shapes only: nothing is computed) with the
-``chunkwise_mosaic`` backend's ``scores`` setting (``auto``: its default, ``auto_scores``). ``--device cpu``
-compiles for the CPU instead (a smoke run of this script; a CPU program's operations are not a GPU's kernels).
+Table ``chunks``, a row per chunk of ``--tokens`` tokens of ``--preset`` (shapes only: nothing is computed) and
+``chunkwise_mosaic`` ``scores`` setting (``auto``: its default, ``auto_scores``). Table ``cell``, a row per
+``--cells`` shape BxS and pass: the ``chunkwise_mosaic`` cell alone at the preset's heads, forward and forward
+plus backward (:func:`cell_program_hlo`), the programs ``benchmarks/chunkwise.py`` times. A loop's body counts
+once per iteration (:func:`count_kernels`; ``loop iterations``). ``--device cpu`` compiles for the CPU instead
+(a smoke run of this script; a CPU program's operations are not a GPU's kernels).
 """
 
 from __future__ import annotations
@@ -41,6 +44,7 @@ import jax.numpy as jnp
 from benchmarks.generate import PRESETS
 from benchmarks.harness import Column, Report
 from xlstm_jax.kernels.chunkwise_mosaic import SCORES
+from xlstm_jax.models.xlstm_parallel.blocks.mlstm.backend import create_mlstm_backend
 from xlstm_jax.models.xlstm_parallel.model import ModelStates, xLSTMLMModel
 from xlstm_jax.models.xlstm_parallel.runtime import RuntimeConfig
 
@@ -73,23 +77,27 @@ runtime_version { major: 12 minor: 8 }
 device_description_str: "NVIDIA H200"
 """
 
-# Entry-computation operations that launch nothing: they name, group or reinterpret buffers.
+# Operations that launch nothing: they name, group or reinterpret buffers.
 _NO_LAUNCH = frozenset({"parameter", "get-tuple-element", "tuple", "bitcast", "constant", "after-all"})
 _GEMM_FUSIONS = ("__triton_gemm", "__triton_nested_gemm_fusion", "__cudnn$fusion")
 KINDS = ("fusion", "gemm", "pallas", "other")
 _OP = re.compile(r"^\s*(?:ROOT )?%(\S+) = .*? ([a-z][a-z0-9-]*)\(")
+_COMPUTATION = re.compile(r"^(ENTRY )?%([\w.-]+) [^\n]*\{\n(.*?)\n\}$", re.S | re.M)
 
 
-def entry_operations(hlo: str) -> list[tuple[str, str]]:
-    """``(name, kind)`` of every operation of a compiled HLO module's entry computation that launches work on the
-    device, in program order; kind is one of :data:`KINDS`."""
-    start = hlo.find("\nENTRY ")
-    if start < 0:
+def computations(hlo: str) -> dict[str, str]:
+    """The bodies of a compiled HLO module's computations by name; the entry computation's under ``"ENTRY"``."""
+    found = {"ENTRY" if m.group(1) else m.group(2): m.group(3) for m in _COMPUTATION.finditer(hlo)}
+    if "ENTRY" not in found:
         raise ValueError("the HLO text has no ENTRY computation")
-    body = hlo[start + 1 :]
-    body = body[: body.find("\n}")]
+    return found
+
+
+def operations(body: str) -> list[tuple[str, str, str]]:
+    """``(name, kind, line)`` of every operation of a computation's body that launches work on the device, in
+    program order: kind is one of :data:`KINDS`, or ``"while"`` for a loop."""
     ops = []
-    for line in body.splitlines()[1:]:
+    for line in body.splitlines():
         match = _OP.match(line)
         if match is None or match.group(2) in _NO_LAUNCH:
             continue
@@ -101,9 +109,14 @@ def entry_operations(hlo: str) -> list[tuple[str, str]]:
         elif op == "fusion":
             kind = "gemm" if fusion_kind is not None and fusion_kind.group(1) in _GEMM_FUSIONS else "fusion"
         else:
-            kind = "other"
-        ops.append((name, kind))
+            kind = "while" if op == "while" else "other"
+        ops.append((name, kind, line))
     return ops
+
+
+def entry_operations(hlo: str) -> list[tuple[str, str]]:
+    """``(name, kind)`` of the entry computation's operations that launch work (:func:`operations`)."""
+    return [(name, kind) for name, kind, _ in operations(computations(hlo)["ENTRY"])]
 
 
 def _custom_call_kind(target: str) -> str:
@@ -114,9 +127,29 @@ def _custom_call_kind(target: str) -> str:
 
 
 def count_kernels(hlo: str) -> dict[str, int]:
-    """The entry computation's launching operations by kind (:data:`KINDS`) and in total (``kernels``)."""
-    counts = collections.Counter(kind for _, kind in entry_operations(hlo))
-    return {"kernels": sum(counts.values()), **{kind: counts.get(kind, 0) for kind in KINDS}}
+    """The kernels one call of a compiled program launches, by kind (:data:`KINDS`) and in total (``kernels``),
+    with ``loops``, the loop iterations it runs.
+
+    A loop (``while``) of known trip count n runs its body n times: its body's launches count n times (XLA runs
+    such a loop without evaluating its condition, whose kernels are not counted). A loop of unknown trip count is
+    an error here, as its launches cannot be counted from the program.
+    """
+    bodies = computations(hlo)
+    counts: collections.Counter = collections.Counter()
+
+    def count(name: str, times: int) -> None:
+        for _, kind, line in operations(bodies[name]):
+            if kind != "while":
+                counts[kind] += times
+                continue
+            trips = re.search(r'"known_trip_count":\{"n":"(\d+)"', line)
+            if trips is None:
+                raise ValueError(f"a loop of unknown trip count: {line.strip()[:200]}")
+            counts["loops"] += times * int(trips.group(1))
+            count(re.search(r"body=%([\w.-]+)", line).group(1), times * int(trips.group(1)))
+
+    count("ENTRY", 1)
+    return {"kernels": sum(counts[k] for k in KINDS), **{k: counts[k] for k in KINDS}, "loops": counts["loops"]}
 
 
 def h200_device() -> Any:
@@ -195,22 +228,58 @@ def chunk_program_hlo(preset: str, tokens: int, scores: str | None, device: Any,
     return lowered.compile().as_text()
 
 
-COLUMNS = [
-    Column("tokens", "tokens", "d", width=6),
-    Column("scores", "scores", width=11),
+def cell_program_hlo(preset: str, B: int, S: int, grad: bool, device: Any, deviceless: bool) -> str:
+    """The compiled HLO text of the ``chunkwise_mosaic`` backend with its defaults (on Hopper the Mosaic GPU
+    kernels, elsewhere the XLA form) at ``preset``'s heads, B rows of S steps, bf16 q, k, v and float32 gates, no
+    initial states, for ``device``: the forward, or with ``grad`` the gradients of ``sum(h)`` in every input
+    (forward and backward)."""
+    config = PRESETS[preset]()
+    NH, DHQK, DHV = config.num_heads, config.qk_head_dim, config.v_head_dim
+    sharding = jax.sharding.SingleDeviceSharding(device)
+    shapes = [(DHQK, jnp.bfloat16), (DHQK, jnp.bfloat16), (DHV, jnp.bfloat16), (None, jnp.float32), (None, jnp.float32)]
+    args = [jax.ShapeDtypeStruct((B, NH, S, *([d] if d else [])), t, sharding=sharding) for d, t in shapes]
+
+    backend = create_mlstm_backend("chunkwise_mosaic")
+
+    def loss(*x):
+        return jnp.sum(backend(*x).astype(jnp.float32))
+
+    program = jax.jit(jax.grad(loss, argnums=tuple(range(5))) if grad else backend)
+    with traced_for_gpu(deviceless):
+        lowered = program.lower(*args)
+    return lowered.compile().as_text()
+
+
+def cell(text: str) -> tuple[int, int]:
+    """``"BxS"`` as (B, S), both positive."""
+    parts = text.lower().split("x")
+    if len(parts) != 2 or not all(p.isdigit() and int(p) > 0 for p in parts):
+        raise argparse.ArgumentTypeError(f"a cell shape is BxS with positive B and S, e.g. 8x2048; got {text!r}")
+    return int(parts[0]), int(parts[1])
+
+
+KIND_COLUMNS = [
     Column("kernels", "kernels", "d", width=7),
     Column("fusions", "fusion", "d", width=7),
     Column("GEMMs", "gemm", "d", width=6),
     Column("Pallas", "pallas", "d", width=6),
     Column("other", "other", "d", width=6),
+    Column("loop iterations", "loops", "d", width=6),
+]
+CHUNK_COLUMNS = [
+    Column("tokens", "tokens", "d", width=6),
+    Column("scores", "scores", width=11),
+    *KIND_COLUMNS,
     Column("per layer", "per_layer", ".1f", width=9),
 ]
+CELL_COLUMNS = [Column("B", "B", "d", width=3), Column("S", "S", "d", width=6), Column("pass", "pass"), *KIND_COLUMNS]
 
 
 def main(argv: Sequence[str] | None = None) -> dict:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawTextHelpFormatter)
     p.add_argument("--preset", choices=sorted(PRESETS), default="xlstm_7b", help="model config (shapes only)")
-    p.add_argument("--tokens", type=int, nargs="+", default=[16, 32, 64, 128, 256], help="chunk lengths")
+    p.add_argument("--tokens", type=int, nargs="*", default=[16, 32, 64, 128, 256], help="chunk lengths")
+    p.add_argument("--cells", type=cell, nargs="*", default=[(8, 2048), (8, 8192)], help="BxS of the cell programs")
     p.add_argument("--scores", nargs="+", default=["auto", *SCORES], choices=["auto", *SCORES])
     p.add_argument("--device", choices=["h200", "cpu"], default="h200", help="h200: the GPU present, else deviceless")
     p.add_argument("--json", default=None, help="write the results to this JSON file")
@@ -232,7 +301,8 @@ def main(argv: Sequence[str] | None = None) -> dict:
     how = "without a GPU: its GEMMs are not autotuned" if deviceless else "on this machine"
     report.note(f"compiled for {target}, {how}")
     layers = PRESETS[a.preset]().num_blocks
-    report.table("chunks", COLUMNS)
+    if a.tokens:
+        report.table("chunks", CHUNK_COLUMNS)
     for tokens in a.tokens:
         for scores in a.scores:
             hlo = chunk_program_hlo(a.preset, tokens, None if scores == "auto" else scores, device, deviceless)
@@ -240,6 +310,12 @@ def main(argv: Sequence[str] | None = None) -> dict:
             report.add(
                 "chunks", {"tokens": tokens, "scores": scores, **counts, "per_layer": counts["kernels"] / layers}
             )
+    if a.cells:
+        report.table("cell", CELL_COLUMNS)
+    for B, S in a.cells:
+        for grad in (False, True):
+            counts = count_kernels(cell_program_hlo(a.preset, B, S, grad, device, deviceless))
+            report.add("cell", {"B": B, "S": S, "pass": "fwd+bwd" if grad else "fwd", **counts})
     return report.data
 
 

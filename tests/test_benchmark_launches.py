@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import argparse
 import json
 
 import pytest
@@ -60,7 +61,56 @@ def test_entry_operations_name_and_kind_each_launch():
         ("triton_call.2", "pallas"),
         ("copy.5", "other"),
     ]
-    assert launches.count_kernels(HLO) == {"kernels": 8, "fusion": 3, "gemm": 2, "pallas": 2, "other": 1}
+    assert launches.count_kernels(HLO) == {"kernels": 8, "fusion": 3, "gemm": 2, "pallas": 2, "other": 1, "loops": 0}
+
+
+# A loop of 4 iterations whose body launches a fusion and a copy, and whose body holds a loop of 3 iterations of
+# one fusion; the condition computations launch nothing that is counted.
+LOOPS = "\n".join(
+    [
+        "HloModule jit_loops, is_scheduled=true",
+        "",
+        "%inner_body (p: (s32[], f32[8])) -> (s32[], f32[8]) {",
+        "  %p = (s32[], f32[8]{0}) parameter(0)",
+        "  %x = f32[8]{0} get-tuple-element(%p), index=1",
+        "  %f = f32[8]{0} fusion(%x), kind=kLoop, calls=%fused_select",
+        "  ROOT %t = (s32[], f32[8]{0}) tuple(%i, %f)",
+        "}",
+        "",
+        "%outer_body (p: (s32[], f32[8])) -> (s32[], f32[8]) {",
+        "  %p = (s32[], f32[8]{0}) parameter(0)",
+        "  %x = f32[8]{0} get-tuple-element(%p), index=1",
+        "  %g = f32[8]{0} fusion(%x), kind=kLoop, calls=%fused_select",
+        "  %c = f32[8]{0} copy(%g)",
+        "  %w = (s32[], f32[8]{0}) while(%p), condition=%cond, body=%inner_body, "
+        'backend_config={"known_trip_count":{"n":"3"}}',
+        "  ROOT %t = (s32[], f32[8]{0}) tuple(%i, %c)",
+        "}",
+        "",
+        "ENTRY %main (x: f32[8]) -> f32[8] {",
+        "  %x = f32[8]{0} parameter(0)",
+        "  %e = f32[8]{0} fusion(%x), kind=kLoop, calls=%fused_select",
+        "  %w.8 = (s32[], f32[8]{0}) while(%t0), condition=%cond, body=%outer_body, "
+        'backend_config={"known_trip_count":{"n":"4"}}',
+        "  ROOT %r = f32[8]{0} get-tuple-element(%w.8), index=1",
+        "}",
+        "",
+    ]
+)
+
+
+def test_count_kernels_runs_each_loop_body_its_trip_count():
+    # entry 1 fusion; 4 x (1 fusion + 1 copy + 3 x 1 fusion) = 16 fusions and 4 copies; 4 + 12 iterations
+    assert launches.count_kernels(LOOPS) == {
+        "kernels": 21,
+        "fusion": 17,
+        "gemm": 0,
+        "pallas": 0,
+        "other": 4,
+        "loops": 16,
+    }
+    with pytest.raises(ValueError, match="unknown trip count"):
+        launches.count_kernels(LOOPS.replace('backend_config={"known_trip_count":{"n":"3"}}', ""))
 
 
 def test_entry_operations_refuses_text_without_an_entry():
@@ -72,8 +122,10 @@ def test_cpu_smoke_run(tmp_path):
     """The tiny model's chunk programs compiled for the CPU: a row per length and scores setting whose kinds add
     up to its kernels (on a CPU the kernel backend runs the XLA form: both settings compile the same program)."""
     path = tmp_path / "launches.json"
-    launches.main(["--device", "cpu", "--preset", "tiny", "--tokens", "5", "16", "--json", str(path)])
-    rows = json.loads(path.read_text())["tables"]["chunks"]
+    argv = ["--device", "cpu", "--preset", "tiny", "--tokens", "5", "16", "--cells", "2x70", "--json", str(path)]
+    launches.main(argv)
+    tables = json.loads(path.read_text())["tables"]
+    rows = tables["chunks"]
     assert [(r["tokens"], r["scores"]) for r in rows] == [
         (t, s) for t in (5, 16) for s in ("auto", "in_kernel", "precomputed")
     ]
@@ -82,3 +134,14 @@ def test_cpu_smoke_run(tmp_path):
         assert row["kernels"] == sum(row[kind] for kind in launches.KINDS) > layers
         assert row["per_layer"] == pytest.approx(row["kernels"] / layers)
     assert len({r["kernels"] for r in rows if r["tokens"] == 16}) == 1
+    cells = tables["cell"]
+    assert [(r["B"], r["S"], r["pass"]) for r in cells] == [(2, 70, "fwd"), (2, 70, "fwd+bwd")]
+    assert all(r["kernels"] == sum(r[kind] for kind in launches.KINDS) > 0 for r in cells)
+    assert cells[1]["kernels"] > cells[0]["kernels"]  # the backward launches more
+
+
+def test_cell_shapes_are_checked():
+    assert launches.cell("8x2048") == (8, 2048)
+    for bad in ("8", "0x64", "8x", "axb"):
+        with pytest.raises(argparse.ArgumentTypeError, match="BxS"):
+            launches.cell(bad)
