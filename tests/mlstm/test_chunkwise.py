@@ -147,3 +147,65 @@ def test_long_sequence_does_not_drift():
         assert_close(f"{form}: h", h_ref, h, TOL["float32"], scale=scale)
         for name, ref, out in zip("cnm", states_ref, states, strict=True):
             assert_close(f"{form}: {name} (last state)", ref, out, TOL["float32"])
+
+
+def _summaries(NC: int, seed: int = 0):
+    """Random chunk summaries (B=2, NH=3, DHQK=5) in float64: log decays with resets, nbar, ml, n0, m0."""
+    keys = jax.random.split(jax.random.key(seed), 5)
+    shape = (2, 3, NC)
+    log_decay = jax.nn.log_sigmoid(3.0 * jax.random.normal(keys[0], shape, jnp.float64))
+    log_decay = log_decay.at[0, 1, NC // 3].set(-jnp.inf).at[1, 2, NC - 1].set(-jnp.inf)
+    nbar = jax.random.normal(keys[1], (*shape, 5), jnp.float64)
+    ml = 4.0 * jax.random.normal(keys[2], shape, jnp.float64)
+    ml = ml.at[1, 0, NC // 2].set(-jnp.inf)  # a chunk whose input gates are all closed: it adds nothing
+    n0 = jax.random.normal(keys[3], (2, 3, 5), jnp.float64)
+    m0 = jax.random.normal(keys[4], (2, 3), jnp.float64)
+    return log_decay, nbar, ml, n0, m0
+
+
+@pytest.mark.parametrize("NC", [1, 2, 7, 37])
+def test_border_normalisers_equal_the_scan(NC):
+    """The associative scan's n and m before every chunk and after the last equal border_states' without c, and so
+    do their gradients (float64, random summaries with resets and a closed chunk)."""
+    from xlstm_jax.mlstm.chunkwise import border_normalisers, border_states
+
+    with jax.enable_x64(True):
+        args = _summaries(NC)
+
+        def scan(log_decay, nbar, ml, n0, m0):
+            (_, n_last, m_last), (_, n_b, m_b) = border_states(log_decay, None, nbar, ml, None, n0, m0, jnp.float64)
+            return n_last, m_last, n_b, m_b
+
+        def tree(log_decay, nbar, ml, n0, m0):
+            (n_last, m_last), (n_b, m_b) = border_normalisers(log_decay, nbar, ml, n0, m0)
+            return n_last, m_last, n_b, m_b
+
+        for x, y in zip(tree(*args), scan(*args), strict=True):
+            assert x.shape == y.shape and x.dtype == y.dtype
+            np.testing.assert_allclose(np.asarray(x), np.asarray(y), rtol=1e-12, atol=1e-12)
+
+        def loss(fn, *a):  # a weighted sum of every output, so that each element's gradient is checked
+            return sum(jnp.sum(jnp.sin(x + j)) for j, x in enumerate(fn(*a)))
+
+        grads = jax.grad(functools.partial(loss, tree), argnums=range(5))(*args)
+        expected = jax.grad(functools.partial(loss, scan), argnums=range(5))(*args)
+        for g, e in zip(grads, expected, strict=True):
+            assert np.all(np.isfinite(np.asarray(g)))
+            np.testing.assert_allclose(np.asarray(g), np.asarray(e), rtol=1e-10, atol=1e-12)
+
+
+def test_border_normalisers_after_a_reset_into_closed_gates():
+    """A reset followed by a chunk of closed input gates empties the state (n = 0, m = -inf) and the next open
+    chunk starts from it as from zero, where the step-by-step recurrence's exp(-inf - (-inf)) is NaN."""
+    from xlstm_jax.mlstm.chunkwise import border_normalisers
+
+    with jax.enable_x64(True):
+        log_decay, nbar, ml, n0, m0 = _summaries(6)
+        log_decay = log_decay.at[...].set(-0.5).at[:, :, 2].set(-jnp.inf)
+        ml = jnp.nan_to_num(ml, neginf=1.0).at[:, :, 2].set(-jnp.inf)  # the other chunks' inputs open
+        (n_last, m_last), (n_b, m_b) = border_normalisers(log_decay, nbar, ml, n0, m0)
+        assert np.all(np.asarray(m_b[:, :, 3]) == -np.inf) and np.all(np.asarray(n_b[:, :, 3]) == 0.0)
+        # After chunk 3 the state is chunk 3's own summary; after chunk 4, chunk 4's on top of it.
+        np.testing.assert_allclose(np.asarray(m_b[:, :, 4]), np.asarray(ml[:, :, 3]), rtol=1e-14)
+        np.testing.assert_allclose(np.asarray(n_b[:, :, 4]), np.asarray(nbar[:, :, 3]), rtol=1e-14)
+        assert np.all(np.isfinite(np.asarray(n_last))) and np.all(np.isfinite(np.asarray(m_last)))

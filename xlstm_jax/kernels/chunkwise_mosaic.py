@@ -4,9 +4,9 @@ The same function as :func:`xlstm_jax.mlstm.chunkwise.chunkwise_fw` (initial sta
 ``eps`` term, forget-gate resets and ``segment_ids`` document starts), split in two:
 
 1. The gate plan (XLA, :func:`chunk_plan`): everything that depends only on the gates and the normaliser state,
-   O(S) per head. The running max ``m_t`` of every step, the border states n and m (a scan over chunks of
-   :func:`~xlstm_jax.mlstm.parallel.combine_states` without c), and per step the factors the kernel needs: the
-   row and column halves of the in-chunk gate matrix's log, the break counts that mask it, the weight of the
+   O(S) per head. The running max ``m_t`` of every step, the border states n and m (an associative scan over
+   chunks, :func:`~xlstm_jax.mlstm.chunkwise.border_normalisers`: no loop), and per step the factors the kernel
+   needs: the row and column halves of the in-chunk gate matrix's log, the break counts that mask it, the weight of the
    border state, ``q̂·n`` of the border normaliser, the lower bound ``exp(-m_t)``, and each step's weight in the
    state at its chunk's end; per chunk, the border state's decay.
 2. The kernel (:func:`mosaic_chunkwise`): one program (a CUDA block of ``consumers`` warpgroups) per head and
@@ -74,7 +74,7 @@ from jax.experimental.pallas import mosaic_gpu as plgpu
 
 from xlstm_jax.kernels.mosaic import require_mosaic_interpreter
 from xlstm_jax.kernels.recurrent_step_mosaic import load_ref
-from xlstm_jax.mlstm.chunkwise import ChunkedSequence, border_states, chunk_sequence, chunkwise_fw
+from xlstm_jax.mlstm.chunkwise import ChunkedSequence, border_normalisers, chunk_sequence, chunkwise_fw
 from xlstm_jax.mlstm.parallel import block_log_decay, block_log_weights, block_summary
 from xlstm_jax.mlstm.states import cast_states
 
@@ -750,7 +750,7 @@ def chunk_plan(x: ChunkedSequence) -> tuple[jax.Array, jax.Array, tuple[jax.Arra
     F_L, R_L = F[..., -1], R[..., -1]
     _, nbar, ml = block_summary(x.k, None, F, F_L, i, x.operand_dtype, valid, R, R_L, x.log_start)
     log_decay = block_log_decay(F_L, R_L)
-    (_, n_last, m_last), (_, n_b, m_b) = border_states(log_decay, None, nbar, ml, None, n0, m0, x.operand_dtype)
+    (n_last, m_last), (n_b, m_b) = border_normalisers(log_decay, nbar, ml, n0, m0)
     n_b, m_b = n_b.astype(acc), m_b.astype(acc)
     _, log_w, m = block_log_weights(F, i, m_b, valid, R, x.log_start)  # (B, NH, NC, L)
     m_end = jnp.concatenate([m_b[..., 1:], m_last.astype(acc)[..., None]], axis=-1)  # (B, NH, NC)

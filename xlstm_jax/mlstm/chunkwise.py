@@ -108,6 +108,51 @@ def border_states(
     return last, tuple(None if x is None else jnp.moveaxis(x, 0, 2) for x in borders)
 
 
+def border_normalisers(
+    F_L: jax.Array,  # (B, NH, NC) each chunk's log decay (block_log_decay: -inf after a reset)
+    nbar: jax.Array,  # (B, NH, NC, DHQK) from block_summary
+    ml: jax.Array,  # (B, NH, NC)
+    n0: jax.Array,  # (B, NH, DHQK) initial states, in the state dtype
+    m0: jax.Array,  # (B, NH)
+) -> tuple[tuple[jax.Array, jax.Array], tuple[jax.Array, jax.Array]]:
+    """The normaliser and max before every chunk and after the last: :func:`border_states` without c, as an
+    associative scan (no loop).
+
+    A chunk acts on (n, m) as ``m' = max(F_L + m, ml)``, ``n' = exp(F_L + m - m') n + exp(ml - m') nbar``
+    (:func:`~xlstm_jax.mlstm.parallel.combine_states`). Two chunks in a row act as one with ``F_L = F_1 + F_2``,
+    ``ml = max(F_2 + ml_1, ml_2)`` and ``nbar = exp(F_2 + ml_1 - ml) nbar_1 + exp(ml_2 - ml) nbar_2``, an
+    associative composition; the initial state is a chunk that drops what comes before it (``F_L = -inf``,
+    ``ml = m0``, ``nbar = n0``). ``lax.associative_scan`` composes the NC + 1 of them in O(log NC) rounds of
+    element-wise work on (NC, DHQK) arrays, where a ``lax.scan`` runs NC steps (on a GPU, a loop iteration costs
+    tens of microseconds). Log-gate sums span at most the chunks between two borders, as in the scan.
+
+    Where the scan's ``m`` would be ``-inf`` (a reset followed by input gates all ``-inf`` to the chunk's end: the
+    recurrence's ``exp(-inf - (-inf))`` is NaN from there on), this gives ``n = 0`` and ``m = -inf``, and the next
+    chunk with an open input gate starts from them as from an empty state.
+
+    Returns:
+        ``((n, m) after the last chunk, (n, m) before each chunk)``, the latter (B, NH, NC, DHQK) and (B, NH, NC),
+        in the state dtype promoted to float32.
+    """
+    acc = jnp.promote_types(n0.dtype, jnp.float32)
+    first = jnp.full((*F_L.shape[:2], 1), -jnp.inf, acc)
+    a = jnp.concatenate([first, F_L.astype(acc)], axis=2)
+    m = jnp.concatenate([m0.astype(acc)[..., None], ml.astype(acc)], axis=2)
+    n = jnp.concatenate([n0.astype(acc)[:, :, None], nbar.astype(acc)], axis=2)
+
+    def compose(earlier, later):
+        (a1, m1, n1), (a2, m2, n2) = earlier, later
+        m_new = jnp.maximum(a2 + m1, m2)
+        # exp(-inf) where nothing is weighed (m_new -inf): the masked exponent keeps NaN out of the gradients.
+        finite = jnp.isfinite(m_new)
+        w1 = jnp.exp(jnp.where(finite, a2 + m1 - m_new, -jnp.inf))
+        w2 = jnp.exp(jnp.where(finite, m2 - m_new, -jnp.inf))
+        return a1 + a2, m_new, w1[..., None] * n1 + w2[..., None] * n2
+
+    _, m, n = jax.lax.associative_scan(compose, (a, m, n), axis=2)
+    return (n[:, :, -1], m[:, :, -1]), (n[:, :, :-1], m[:, :, :-1])
+
+
 class ChunkedSequence(NamedTuple):
     """A checked sequence cut into NC chunks of L steps (:func:`chunk_sequence`); gates in the accumulation dtype."""
 
