@@ -762,7 +762,9 @@ def chunk_plan(x: ChunkedSequence) -> tuple[jax.Array, jax.Array, tuple[jax.Arra
     row = jnp.where(jnp.isfinite(m), F - m, -jnp.inf)
     col = i - F if valid is None else jnp.where(valid, i - F, -jnp.inf)
     inter = scale * weight(log_w, m)
-    q_n = jnp.einsum("...ld,...d->...l", x.q.astype(acc), n_b, precision=lax.Precision.HIGHEST)
+    # q̂·n of the border normaliser as a product and a sum, which XLA fuses into one pass over the bf16 q (a float32
+    # matrix-vector product may first write q in float32 for a library call, and its transpose dq too).
+    q_n = jnp.sum(x.q.astype(acc) * n_b[..., None, :], axis=-1)
     a = F_L[..., None] - F + i  # each step's log weight at its chunk's end
     a = jnp.where(R_L[..., None] == R, a, -jnp.inf)
     if valid is not None:
