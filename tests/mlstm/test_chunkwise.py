@@ -163,10 +163,11 @@ def _summaries(NC: int, seed: int = 0):
     return log_decay, nbar, ml, n0, m0
 
 
-@pytest.mark.parametrize("NC", [1, 2, 7, 37])
+@pytest.mark.parametrize("NC", [1, 2, 4, 5, 7, 37])
 def test_border_normalisers_equal_the_scan(NC):
     """The associative scan's n and m before every chunk and after the last equal border_states' without c, and so
-    do their gradients (float64, random summaries with resets and a closed chunk)."""
+    do their gradients (float64, random summaries with resets and a closed chunk); up to 4 chunks they are composed
+    one after another, beyond by lax.associative_scan."""
     from xlstm_jax.mlstm.chunkwise import border_normalisers, border_states
 
     with jax.enable_x64(True):
@@ -194,11 +195,15 @@ def test_border_normalisers_equal_the_scan(NC):
             np.testing.assert_allclose(np.asarray(g), np.asarray(e), rtol=1e-10, atol=1e-12)
 
 
-def test_border_normalisers_after_a_reset_into_closed_gates():
+@pytest.mark.parametrize("folded", [False, True])
+def test_border_normalisers_after_a_reset_into_closed_gates(folded, monkeypatch):
     """A reset followed by a chunk of closed input gates empties the state (n = 0, m = -inf) and the next open
-    chunk starts from it as from zero, where the step-by-step recurrence's exp(-inf - (-inf)) is NaN."""
+    chunk starts from it as from zero, where the step-by-step recurrence's exp(-inf - (-inf)) is NaN; by the
+    associative scan and with the 6 chunks composed one after another."""
+    from xlstm_jax.mlstm import chunkwise
     from xlstm_jax.mlstm.chunkwise import border_normalisers
 
+    monkeypatch.setattr(chunkwise, "_FOLDED_CHUNKS", 6 if folded else 0)
     with jax.enable_x64(True):
         log_decay, nbar, ml, n0, m0 = _summaries(6)
         log_decay = log_decay.at[...].set(-0.5).at[:, :, 2].set(-jnp.inf)

@@ -108,6 +108,10 @@ def border_states(
     return last, tuple(None if x is None else jnp.moveaxis(x, 0, 2) for x in borders)
 
 
+# border_normalisers composes up to this many chunks one after another rather than by an associative scan.
+_FOLDED_CHUNKS = 4
+
+
 def border_normalisers(
     F_L: jax.Array,  # (B, NH, NC) each chunk's log decay (block_log_decay: -inf after a reset)
     nbar: jax.Array,  # (B, NH, NC, DHQK) from block_summary
@@ -124,7 +128,10 @@ def border_normalisers(
     associative composition; the initial state is a chunk that drops what comes before it (``F_L = -inf``,
     ``ml = m0``, ``nbar = n0``). ``lax.associative_scan`` composes the NC + 1 of them in O(log NC) rounds of
     element-wise work on (NC, DHQK) arrays, where a ``lax.scan`` runs NC steps (on a GPU, a loop iteration costs
-    tens of microseconds). Log-gate sums span at most the chunks between two borders, as in the scan.
+    tens of microseconds). Up to :data:`_FOLDED_CHUNKS` chunks (a served prompt's chunk) are composed one after
+    another instead, which XLA fuses with the work around them (xLSTM-7B's 64-token prefill chunk compiled for an
+    H200: 1061 kernels, 1093 with the scan; ``benchmarks/launches.py``). Log-gate sums span at most the chunks
+    between two borders, as in the scan.
 
     Where the scan's ``m`` would be ``-inf`` (a reset followed by input gates all ``-inf`` to the chunk's end: the
     recurrence's ``exp(-inf - (-inf))`` is NaN from there on), this gives ``n = 0`` and ``m = -inf``, and the next
@@ -149,7 +156,13 @@ def border_normalisers(
         w2 = jnp.exp(jnp.where(finite, m2 - m_new, -jnp.inf))
         return a1 + a2, m_new, w1[..., None] * n1 + w2[..., None] * n2
 
-    _, m, n = jax.lax.associative_scan(compose, (a, m, n), axis=2)
+    if F_L.shape[2] > _FOLDED_CHUNKS:
+        _, m, n = jax.lax.associative_scan(compose, (a, m, n), axis=2)
+    else:  # a few chunks: the same compositions one after another, which XLA fuses with their neighbours
+        out = [(a[:, :, 0], m[:, :, 0], n[:, :, 0])]
+        for j in range(1, a.shape[2]):
+            out.append(compose(out[-1], (a[:, :, j], m[:, :, j], n[:, :, j])))
+        m, n = jnp.stack([o[1] for o in out], axis=2), jnp.stack([o[2] for o in out], axis=2)
     return (n[:, :, -1], m[:, :, -1]), (n[:, :, :-1], m[:, :, :-1])
 
 
