@@ -204,10 +204,10 @@ class mLSTMLayer(nn.Module):
                 segment_ids=segment_ids,
             )
             if layer is not None:
-                # Every read of the layer's old states (by h and the new states) is done before their slices are
-                # overwritten, so XLA writes them in place: a read it could schedule after the write made it copy
-                # the stack first (a copy of m's stack per layer in xLSTM-7B's 256-token prefill chunk).
-                h, c, n, m, state = jax.lax.optimization_barrier((h, c, n, m, state))
+                # The new states and the stacks pass one barrier before the slices are written, which orders the
+                # new states' reads of the old ones before the writes: XLA then writes in place, where it copied
+                # m's stack once per layer in xLSTM-7B's 256-token prefill chunk (benchmarks/launches.py).
+                c, n, m, state = jax.lax.optimization_barrier((c, n, m, state))
                 c, n, m = (t.at[layer].set(u) for t, u in zip(state, (c, n, m), strict=True))
         h = h.astype(cfg.compute_dtype).transpose(0, 2, 1, 3)  # (B, S, NH, DHV)
         y = out_proj(nn.sigmoid(o) * head_norm_module(h))
