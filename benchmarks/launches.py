@@ -41,6 +41,7 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 
+from benchmarks.chunkwise import shape
 from benchmarks.generate import PRESETS
 from benchmarks.harness import Column, Report
 from xlstm_jax.kernels.chunkwise_mosaic import SCORES
@@ -250,14 +251,6 @@ def cell_program_hlo(preset: str, B: int, S: int, grad: bool, device: Any, devic
     return lowered.compile().as_text()
 
 
-def cell(text: str) -> tuple[int, int]:
-    """``"BxS"`` as (B, S), both positive."""
-    parts = text.lower().split("x")
-    if len(parts) != 2 or not all(p.isdigit() and int(p) > 0 for p in parts):
-        raise argparse.ArgumentTypeError(f"a cell shape is BxS with positive B and S, e.g. 8x2048; got {text!r}")
-    return int(parts[0]), int(parts[1])
-
-
 KIND_COLUMNS = [
     Column("kernels", "kernels", "d", width=7),
     Column("fusions", "fusion", "d", width=7),
@@ -279,7 +272,7 @@ def main(argv: Sequence[str] | None = None) -> dict:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawTextHelpFormatter)
     p.add_argument("--preset", choices=sorted(PRESETS), default="xlstm_7b", help="model config (shapes only)")
     p.add_argument("--tokens", type=int, nargs="*", default=[16, 32, 64, 128, 256], help="chunk lengths")
-    p.add_argument("--cells", type=cell, nargs="*", default=[(8, 2048), (8, 8192)], help="BxS of the cell programs")
+    p.add_argument("--cells", type=shape, nargs="*", default=[(8, 2048), (8, 8192)], help="BxS of the cell programs")
     p.add_argument("--scores", nargs="+", default=["auto", *SCORES], choices=["auto", *SCORES])
     p.add_argument("--device", choices=["h200", "cpu"], default="h200", help="h200: the GPU present, else deviceless")
     p.add_argument("--json", default=None, help="write the results to this JSON file")

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import argparse
 import json
 
 import pytest
@@ -138,10 +137,3 @@ def test_cpu_smoke_run(tmp_path):
     assert [(r["B"], r["S"], r["pass"]) for r in cells] == [(2, 70, "fwd"), (2, 70, "fwd+bwd")]
     assert all(r["kernels"] == sum(r[kind] for kind in launches.KINDS) > 0 for r in cells)
     assert cells[1]["kernels"] > cells[0]["kernels"]  # the backward launches more
-
-
-def test_cell_shapes_are_checked():
-    assert launches.cell("8x2048") == (8, 2048)
-    for bad in ("8", "0x64", "8x", "axb"):
-        with pytest.raises(argparse.ArgumentTypeError, match="BxS"):
-            launches.cell(bad)
