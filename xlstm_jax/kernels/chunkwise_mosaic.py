@@ -213,7 +213,8 @@ def auto_scores(S: int) -> str:
     scores, a cost that grows with the chunks (at DHQK=256 about 2 MFLOP a chunk, a fraction of a microsecond on
     an SM). A short call (a served prompt's chunk, whose first token waits on it and whose launches the host pays
     for one by one) is better off without the extra kernels; a long one (training, a long prompt) with them
-    (2.03 against 2.41 ms at B=8, NH=8, S=8192 on an H200; BENCHMARKS.md). The limit of 4 chunks is not timed.
+    (forward 2.315 against 2.509 ms at B=8, NH=8, S=8192 on an H200 with the same tiling, and they let 64 columns
+    fit a warpgroup: BENCHMARKS.md). The limit of 4 chunks is not timed.
     """
     return "in_kernel" if -(-S // CHUNK) <= IN_KERNEL_SCORES_MAX_CHUNKS else "precomputed"
 
