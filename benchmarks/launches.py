@@ -115,11 +115,6 @@ def operations(body: str) -> list[tuple[str, str, str]]:
     return ops
 
 
-def entry_operations(hlo: str) -> list[tuple[str, str]]:
-    """``(name, kind)`` of the entry computation's operations that launch work (:func:`operations`)."""
-    return [(name, kind) for name, kind, _ in operations(computations(hlo)["ENTRY"])]
-
-
 def _custom_call_kind(target: str) -> str:
     """cuBLAS and cuBLASLt products are GEMMs; Mosaic GPU and Triton (Pallas) calls are Pallas kernels."""
     if "cublas" in target or "gemm" in target:
