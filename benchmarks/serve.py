@@ -24,19 +24,21 @@ row ``engine+sync``: the same with the host waiting for each step's tokens, as t
 slots run together for a while; ``full_tokens_per_s`` is the output rate while every slot is held, from the
 engine's counters sampled every ``--monitor-ms``: the rate at ``--slots`` concurrent streams.
 
-``prefix``: a shared system prompt of ``--system-tokens`` random tokens followed by a user suffix of
-``--suffix-len LO HI`` tokens, ``--prefix-requests`` requests sent one after another (each after the last has
-finished, so no request queues), ``--prefix-output`` tokens each; time to first token with no prefix cache, and
-with a cache of ``--prefix-cache-bytes`` into which ``Engine.cache_prefix`` put the system prompt first: row
-``on`` with the engine's default chunk shapes (``--chunk-tokens`` and its halvings down to 16), row ``on, C`` with
-the one shape ``--chunk-tokens``, row ``on, switch 5 ms`` as ``on`` at Python's default switch interval (the run
-sets ``--switch-interval-ms``, 0.5 by default, as ``xlstm-jax serve`` does), row ``on, short chunks as command
-buffers`` as ``on`` with ``Engine(short_chunk_command_buffers=True)``. ``speedup`` is the p50 without over the p50
-with; ``hits`` the cache's hit count; ``engine TTFT`` the mean of the engine's own histogram (submit to the
-token's send, no client in it). Table ``chunks``: one prefill chunk in each shape, ``cache_prefix`` of a new
+``prefix``: a shared system prompt of ``--system-tokens`` random tokens followed by a user suffix of ``--suffix-len
+LO HI`` tokens, ``--prefix-requests`` requests sent one after another (each after the last has finished, so no
+request queues), ``--prefix-output`` tokens each; time to first token with no prefix cache, and with a cache of
+``--prefix-cache-bytes`` into which ``Engine.cache_prefix`` put the system prompt first: row ``on`` with the
+engine's default chunk shapes (``--chunk-tokens`` and its halvings down to 16), row ``on, C`` with the one shape
+``--chunk-tokens``, row ``on, switch 5 ms`` as ``on`` at Python's default switch interval (the run sets
+``--switch-interval-ms``, 0.5 by default, as ``xlstm-jax serve`` does), row ``on, short chunks as command buffers``
+as ``on`` with ``Engine(short_chunk_command_buffers=True)``; where XLA can keep a program's scratch buffers in place
+(``stable_scratch_supported()``), rows ``off, stable scratch`` and ``on, stable scratch`` with
+``Engine(stable_scratch=True)``. ``speedup`` is the p50 of the ``off`` row of the same build (stable scratch or not)
+over the p50 with; ``hits`` the cache's hit count; ``engine TTFT`` the mean of the engine's own histogram (submit to
+the token's send, no client in it). Table ``chunks``: one prefill chunk in each shape, ``cache_prefix`` of a new
 random prompt that fills it, waited for (median of ``--repeats``); ``program ms``, the chunk program alone on the
-engine's buffers (no copies in or out, no host work of the engine's); and from a device trace of one more chunk
-(GPU only) the summed time of its kernels, their number and the fraction of the chunk's span the GPU was busy.
+engine's buffers (no copies in or out, no host work of the engine's); and from a device trace of one more chunk (GPU
+only) the summed time of its kernels, their number and the fraction of the chunk's span the GPU was busy.
 
 ``step``, row ``generate``: the bare decode step at batch ``--slots``, timed as ``benchmarks/generate.py``
 times it: one ``generate`` call of the first static batch for N/2 + 1 and for N new tokens (N its token buffer,
@@ -90,6 +92,7 @@ from xlstm_jax.generation import MIN_TOKEN_BUFFER, generate
 from xlstm_jax.models.xlstm_parallel.config import xLSTMLMConfig
 from xlstm_jax.models.xlstm_parallel.runtime import RuntimeConfig
 from xlstm_jax.serving import SWITCH_INTERVAL_S, Engine, SamplingParams
+from xlstm_jax.serving.engine import stable_scratch_supported
 
 TINY = {  # --tiny: every size small enough for a CPU in seconds
     "slots": 4,
@@ -357,26 +360,33 @@ def prefix_part(engine: Engine, make_engine, vocab_size: int, a, monitor_s: floa
         for n in rng.integers(a.suffix_len[0], a.suffix_len[1] + 1, a.prefix_requests)
     ]
     report.table("prefix", PREFIX_COLUMNS)
-    without = report.add("prefix", {"cache": "off", **prefix_row(engine, chats, monitor_s)})
-    rows = {}
-    variants = (
-        ("on", {}, a.switch_interval_ms),
-        (f"on, {a.chunk_tokens}", {"min_prefill_chunk_tokens": a.chunk_tokens}, a.switch_interval_ms),
-        (f"on, switch {PYTHON_SWITCH_MS:g} ms", {}, PYTHON_SWITCH_MS),
-        ("on, short chunks as command buffers", {"short_chunk_command_buffers": True}, a.switch_interval_ms),
-    )
-    for label, kwargs, switch_ms in variants:
+    offs = {False: report.add("prefix", {"cache": "off", **prefix_row(engine, chats, monitor_s)})}
+    on = a.prefix_cache_bytes
+    variants = [("on", on, {}, a.switch_interval_ms)]
+    if stable_scratch_supported():  # every chunk shape as command buffers recorded once, with and without the cache
+        variants += [("off, stable scratch", 0, {"stable_scratch": True}, a.switch_interval_ms)]
+        variants += [("on, stable scratch", on, {"stable_scratch": True}, a.switch_interval_ms)]
+    variants += [
+        (f"on, {a.chunk_tokens}", on, {"min_prefill_chunk_tokens": a.chunk_tokens}, a.switch_interval_ms),
+        (f"on, switch {PYTHON_SWITCH_MS:g} ms", on, {}, PYTHON_SWITCH_MS),
+        ("on, short chunks as command buffers", on, {"short_chunk_command_buffers": True}, a.switch_interval_ms),
+    ]
+    for label, cache_bytes, kwargs, switch_ms in variants:
         del engine  # its slot states make room; a new engine reuses the compiled programs
         gc.collect()
-        engine = make_engine(a.prefix_cache_bytes, **kwargs)  # compiles only the slot copy, once
-        system_prefilled = engine.cache_prefix(system)
+        engine = make_engine(cache_bytes, **kwargs)  # compiles only the slot copy, once
+        system_prefilled = engine.cache_prefix(system) if cache_bytes else None
         sys.setswitchinterval(switch_ms / 1e3)
         try:
             row = prefix_row(engine, chats, monitor_s)
         finally:
             sys.setswitchinterval(a.switch_interval_ms / 1e3)
-        row.update(system_prefilled=system_prefilled, speedup=_ratio(without["ttft_p50_s"], row["ttft_p50_s"]))
-        rows[label] = report.add("prefix", {"cache": label, **row})
+        stable = kwargs.get("stable_scratch", False)
+        if not cache_bytes:  # the uncached row the cached rows of the same build are set against
+            offs[stable] = report.add("prefix", {"cache": label, **row})
+            continue
+        row.update(system_prefilled=system_prefilled, speedup=_ratio(offs[stable]["ttft_p50_s"], row["ttft_p50_s"]))
+        report.add("prefix", {"cache": label, **row})
         if label == "on":
             targets["prefix_ttft_speedup"] = row["speedup"]
             report.set("targets", dict(targets))

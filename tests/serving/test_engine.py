@@ -16,6 +16,7 @@ from xlstm_jax.generation import SamplingConfig, generate
 from xlstm_jax.models.xlstm_parallel.model import ModelStates
 from xlstm_jax.serving import Engine, EngineOverloaded, SamplingParams, TokenEvent
 from xlstm_jax.serving import engine as serving_engine
+from xlstm_jax.serving.engine import stable_scratch_supported
 from xlstm_jax.serving.prefix_cache import PrefixEntry, entry_nbytes
 
 NUM_SLOTS = 3
@@ -109,18 +110,32 @@ def test_stops_seen_a_step_late_leave_the_conversation_state_exact(cached_engine
     assert _tokens(neighbour) == (_reference(tuple(PROMPTS[0]), 20), "length")
 
 
+_STABLE = [
+    pytest.param(
+        True, marks=pytest.mark.skipif(not stable_scratch_supported(), reason="XLA without update mode SKIP_TEMP")
+    ),
+    False,
+]
+
+
+@pytest.mark.parametrize("stable", _STABLE)
 @pytest.mark.parametrize("command_buffers", [False, True])
-def test_short_chunks_run_in_smaller_shapes(model, command_buffers):
+def test_short_chunks_run_in_smaller_shapes(model, stable, command_buffers):
     """A prompt's short first chunk, prefilled alone, runs in the smallest of prefill_chunk_tokens, its half, ...
-    (down to min_prefill_chunk_tokens) that holds it, in the program without command buffers unless asked for;
-    outputs equal generate, and warmup compiles every shape."""
+    (down to min_prefill_chunk_tokens) that holds it: with stable scratch every shape in the one program; else the
+    short shapes in the program without command buffers unless asked for. Outputs equal generate, and warmup
+    compiles every shape."""
     engine = _engine(
-        model, prefill_chunk_tokens=32, min_prefill_chunk_tokens=8, max_prefill_rows=1,
+        model, prefill_chunk_tokens=32, min_prefill_chunk_tokens=8, max_prefill_rows=1, stable_scratch=stable,
         short_chunk_command_buffers=command_buffers,
     )  # fmt: skip
     assert engine.prefill_chunk_shapes == (8, 16, 32) and engine.prefill_row_shapes == ()
-    short = serving_engine._prefill_chunk if command_buffers else serving_engine._prefill_short_chunk
-    assert [engine._chunk_program(n) for n in (8, 16, 32)] == [short, short, serving_engine._prefill_chunk]
+    if stable:
+        want = [serving_engine._prefill_chunk_stable] * 3
+    else:
+        short = serving_engine._prefill_chunk if command_buffers else serving_engine._prefill_short_chunk
+        want = [short, short, serving_engine._prefill_chunk]
+    assert [engine._chunk_program(n) for n in (8, 16, 32)] == want
     engine.warmup()
     before = Engine.compilations()
     prompts = [PROMPTS[0], PROMPTS[1], PROMPTS[1] * 2 + [1, 2]]  # 3, 19 and 40 = 8 + 32 tokens
@@ -354,6 +369,19 @@ def test_overload_and_bad_requests(model):
         _engine(model, max_prefill_rows=2.0)
     with pytest.raises(TypeError, match="short_chunk_command_buffers must be a bool"):
         _engine(model, short_chunk_command_buffers=1)
+    with pytest.raises(TypeError, match="stable_scratch must be a bool"):
+        _engine(model, stable_scratch=1)
+
+
+def test_stable_scratch_only_where_xla_supports_it(model):
+    """stable_scratch=True takes XLA's update mode where the installed XLA has it, and is refused, naming it, where
+    it does not; the default leaves it off."""
+    assert _engine(model).stable_scratch is False
+    if stable_scratch_supported():
+        assert _engine(model, stable_scratch=True).stable_scratch is True
+    else:
+        with pytest.raises(ValueError, match=r"stable_scratch=True needs XLA's command buffer update mode SKIP_TEMP"):
+            _engine(model, stable_scratch=True)
 
 
 def test_prefix_cache_gives_identical_outputs_and_prefills_only_new_tokens(engine, cached_engine):

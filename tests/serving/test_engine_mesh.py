@@ -96,6 +96,7 @@ def test_concurrent_requests_equal_generate_on_one_device(shape, num_slots, tmp_
         "load_chunk": 3,
         "prefill_chunk": 3,
         "prefill_short_chunk": 0,
+        "prefill_chunk_stable": 0,
         "split_chunk": 3,
         "first_token": 1,
         "insert": 1,

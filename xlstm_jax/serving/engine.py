@@ -15,8 +15,8 @@ iteration (:meth:`Engine.step`):
    exact no-op steps. Several requests run as one batch of ``prefill_chunk_tokens`` columns and 2, 4, ... rows
    (``Engine.prefill_row_shapes``, padded with empty rows); a request alone runs in the smallest of the shapes
    ``prefill_chunk_tokens``, its half, its quarter, ... (down to ``min_prefill_chunk_tokens``) that holds its
-   chunk, so a short prompt or a cached prefix's new turn is not padded to a full chunk (the shorter shapes run
-   without XLA's command buffers: see ``_prefill_short_chunk``). After a request's last
+   chunk, so a short prompt or a cached prefix's new turn is not padded to a full chunk (see ``stable_scratch``
+   of :class:`Engine` for how the shapes are launched). After a request's last
    chunk its first token is drawn from the prompt's logits and sent at once, and its states and logits are
    written into its slot;
 4. queues one jitted decode step over all slots, then hands out the tokens of the step queued before it: the
@@ -111,10 +111,12 @@ __all__ = [
     "Engine",
     "EngineOverloaded",
     "RequestStream",
+    "STABLE_SCRATCH_OPTIONS",
     "SWITCH_INTERVAL_S",
     "SamplingParams",
     "TokenEvent",
     "check_mesh",
+    "stable_scratch_supported",
 ]
 
 logger = logging.getLogger(__name__)
@@ -483,15 +485,34 @@ def _prefill_chunk_fn(
 _jit_chunk = functools.partial(
     jax.jit, static_argnames=("config", "runtime", "layout"), donate_argnames=("work", "tokens"), keep_unused=True
 )
+# XLA launches a GPU program's kernels as command buffers (CUDA graphs) and records them again, on the host, whenever
+# a buffer they use has moved: the chunk's in-place buffers do not, but its scratch buffers do, between chunks, as
+# other requests' states are allocated and freed, and recording the ~1000 kernels of a 7B chunk again costs more on
+# the host than launching them one by one. XLA's update mode SKIP_TEMP (jaxlib 0.11 and later) keeps the scratch
+# buffers a command buffer uses at fixed virtual addresses, so that nothing is recorded twice.
+STABLE_SCRATCH_OPTIONS = {"xla_gpu_command_buffer_update_mode": "SKIP_TEMP"}
+
+
+@functools.cache
+def stable_scratch_supported() -> bool:
+    """Whether the installed XLA takes ``STABLE_SCRATCH_OPTIONS`` (older versions reject the mode's name)."""
+    try:
+        jax.jit(lambda x: x + 1, compiler_options=STABLE_SCRATCH_OPTIONS).lower(np.float32(0)).compile()
+    except jax.errors.JaxRuntimeError:
+        return False
+    return True
+
+
 # The chunk program in the full shape (prefill_chunk_tokens columns: every batched chunk, and a long prompt's chunks,
-# which follow one another on the device), launched as XLA's command buffers (CUDA graphs).
+# which follow one another on the device), launched as XLA's command buffers.
 _prefill_chunk = _jit_chunk(_prefill_chunk_fn)
 # The shorter shapes: a request's lone first chunk, on which its first token waits (a cached prefix's new tokens, a
-# short prompt). Compiled without command buffers: XLA records a program's command buffers again whenever a buffer
-# they use has moved, which the program's scratch buffers do between chunks as other requests' states come and go,
-# and recording the ~1000 kernels of a 7B chunk costs more on the host than launching them one by one
-# (BENCHMARKS.md, serving). A chunk that follows others on the device hides its launches; a lone one does not.
+# short prompt). Where the scratch buffers move, compiled without command buffers: a chunk that follows others on
+# the device hides its launches, a lone one does not, and recording costs it more than launching (BENCHMARKS.md,
+# serving).
 _prefill_short_chunk = _jit_chunk(_prefill_chunk_fn, compiler_options={"xla_gpu_enable_command_buffer": ""})
+# Every shape, where XLA keeps the scratch buffers in place: command buffers recorded once.
+_prefill_chunk_stable = _jit_chunk(_prefill_chunk_fn, compiler_options=STABLE_SCRATCH_OPTIONS)
 
 
 @functools.partial(jax.jit, static_argnames=("layout",))
@@ -670,11 +691,15 @@ class Engine:
         min_prefill_chunk_tokens: The shortest chunk shape: a prompt's short first chunk, prefilled alone, runs in
             the smallest of ``prefill_chunk_tokens``, its half, its quarter, ... (halving while even, down to this)
             that holds it. ``prefill_chunk_tokens`` or more: one shape.
-        short_chunk_command_buffers: Whether the chunk shapes below ``prefill_chunk_tokens`` run as XLA's command
-            buffers (CUDA graphs), as the full shape does. False (the default): their kernels are launched one by
-            one, which costs a lone 7B chunk less than recording its command buffers again whenever its scratch
-            buffers have moved (``_prefill_short_chunk``); True where they do not move (for example with XLA's
-            ``--xla_gpu_temp_buffer_use_separate_color``).
+        stable_scratch: Whether the chunk programs run with XLA's command buffers (CUDA graphs) recorded once,
+            their scratch buffers kept at fixed addresses (``STABLE_SCRATCH_OPTIONS``, jaxlib 0.11 and later; see
+            ``stable_scratch_supported()``), for every chunk shape. False (the default): the full shape runs as
+            command buffers that XLA records again whenever its scratch buffers have moved, the shorter shapes
+            as below.
+        short_chunk_command_buffers: Without ``stable_scratch``, whether the chunk shapes below
+            ``prefill_chunk_tokens`` run as command buffers too. False (the default): their kernels are launched
+            one by one, which costs a lone 7B chunk less than recording its command buffers again whenever its
+            scratch buffers have moved; True where they do not move for another reason.
         max_prefill_rows: How many requests are prefilled together: each iteration runs the next chunk of every
             request being prefilled (up to this many) as one batch of ``prefill_chunk_tokens`` columns, whose
             row count is the smallest of 2, 4, 8, ... (and this number) that holds them. More rows admit a burst
@@ -711,6 +736,7 @@ class Engine:
         max_prompt_tokens: int = 4096,
         prefill_chunk_tokens: int = 256,
         min_prefill_chunk_tokens: int = 16,
+        stable_scratch: bool = False,
         short_chunk_command_buffers: bool = False,
         max_prefill_rows: int = 4,
         max_queue: int = 64,
@@ -739,6 +765,13 @@ class Engine:
             raise TypeError(
                 f"short_chunk_command_buffers must be a bool, got {type(short_chunk_command_buffers).__name__}"
             )
+        if not isinstance(stable_scratch, bool):
+            raise TypeError(f"stable_scratch must be a bool, got {type(stable_scratch).__name__}")
+        if stable_scratch and not stable_scratch_supported():
+            raise ValueError(
+                f"stable_scratch=True needs XLA's command buffer update mode SKIP_TEMP, which jax {jax.__version__} "
+                "does not have (jaxlib 0.11 and later)"
+            )
         if mesh is not None:
             check_mesh(mesh, int(num_slots), config.num_heads)
             params = shard_params(params, mesh, config)
@@ -748,6 +781,7 @@ class Engine:
         self.num_slots = int(num_slots)
         self.max_prompt_tokens = int(max_prompt_tokens)
         self.prefill_chunk_tokens = int(prefill_chunk_tokens)
+        self.stable_scratch = stable_scratch
         self.short_chunk_command_buffers = short_chunk_command_buffers
         self.max_queue = int(max_queue)
         self.prefix_cache = PrefixCache(int(prefix_cache_bytes))
@@ -1117,8 +1151,11 @@ class Engine:
         return out
 
     def _chunk_program(self, size: int) -> Callable[..., tuple[_ChunkWork, _ChunkTokens]]:
-        """The jitted chunk program that runs chunks of ``size`` columns: ``_prefill_chunk`` at the full size (and
-        every size with ``short_chunk_command_buffers``), ``_prefill_short_chunk`` below it."""
+        """The jitted chunk program that runs chunks of ``size`` columns: ``_prefill_chunk_stable`` with
+        ``stable_scratch``; else ``_prefill_chunk`` at the full size (and every size with
+        ``short_chunk_command_buffers``), ``_prefill_short_chunk`` below it."""
+        if self.stable_scratch:
+            return _prefill_chunk_stable
         if size == self.prefill_chunk_tokens or self.short_chunk_command_buffers:
             return _prefill_chunk
         return _prefill_short_chunk
@@ -1440,6 +1477,7 @@ class Engine:
             "load_chunk": _load_chunk._cache_size(),
             "prefill_chunk": _prefill_chunk._cache_size(),
             "prefill_short_chunk": _prefill_short_chunk._cache_size(),
+            "prefill_chunk_stable": _prefill_chunk_stable._cache_size(),
             "split_chunk": _split_chunk._cache_size(),
             "first_token": _first_token._cache_size(),
             "insert": _insert._cache_size(),
