@@ -22,6 +22,7 @@ from tokenizers import Tokenizer
 from tests.models.fixture import FIXTURE, load
 from xlstm_jax.cli import main
 from xlstm_jax.generation import generate
+from xlstm_jax.serving.engine import stable_scratch_supported
 
 REPO = Path(__file__).resolve().parents[2]
 PROMPT = "the forget gate decays the memory"
@@ -58,6 +59,8 @@ def test_serve_process_answers_until_interrupted():
         "--mesh",
         "2,1,1",
     ]
+    if stable_scratch_supported():
+        args.append("--stable-scratch")
     process = subprocess.Popen(args, cwd=REPO, env=env, stderr=subprocess.PIPE, text=True)
     watchdog = threading.Timer(240, process.kill)  # a hung server fails the test instead of blocking it
     watchdog.start()
@@ -109,6 +112,9 @@ def test_bad_arguments_and_files_are_errors_before_the_weights_load(capsys, mode
     assert status == 2 and "error: the tokenizer has 258 tokens" in err and "vocab_size=99" in err
     status, err = _run(capsys, str(model_dir), "--tokenizer", str(tmp_path / "missing.json"))
     assert status == 2 and "missing.json does not exist" in err
+    if not stable_scratch_supported():  # refused before anything is read
+        status, err = _run(capsys, str(tmp_path / "nowhere"), "--stable-scratch")
+        assert status == 2 and "error: --stable-scratch needs XLA's command buffer update mode SKIP_TEMP" in err
 
     config = json.loads((model_dir / "config.json").read_text())
     (model_dir / "config.json").write_text(json.dumps(config | {"bos_token_id": None}))

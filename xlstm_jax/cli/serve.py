@@ -94,6 +94,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         default=None,
         help="serve the model sharded over a device mesh, e.g. 4,1,2 (-1: the remaining devices; default: one device)",
     )
+    p.add_argument(
+        "--stable-scratch",
+        action="store_true",
+        help="run every prefill chunk shape as command buffers recorded once (XLA's SKIP_TEMP mode, jaxlib 0.11+)",
+    )
     p.add_argument("--log-level", choices=LOG_LEVELS, default="info", help="the server's log level (default info)")
 
 
@@ -205,7 +210,7 @@ def run(args: argparse.Namespace) -> int:
     from xlstm_jax.models.xlstm_parallel.hf import load_hf
     from xlstm_jax.models.xlstm_parallel.runtime import RuntimeConfig
     from xlstm_jax.serving.api import create_app, render_chat
-    from xlstm_jax.serving.engine import SWITCH_INTERVAL_S, Engine
+    from xlstm_jax.serving.engine import SWITCH_INTERVAL_S, Engine, require_stable_scratch
 
     if args.chat_template is not None:
         try:
@@ -217,6 +222,11 @@ def run(args: argparse.Namespace) -> int:
 
         if not jax.config.jax_enable_x64:
             raise CommandError("--dtype float64 needs 64-bit JAX: set JAX_ENABLE_X64=1")
+    if args.stable_scratch:
+        try:
+            require_stable_scratch("--stable-scratch")
+        except ValueError as e:
+            raise CommandError(str(e)) from None
     config_json = _read_config(args.model_dir)
     tokenizer = _tokenizer(args, config_json)
     model_name = args.model_name or args.model_dir.resolve().name
@@ -239,6 +249,7 @@ def run(args: argparse.Namespace) -> int:
                 max_prefill_rows=args.max_prefill_rows,
                 max_queue=args.max_queue,
                 prefix_cache_bytes=int(args.prefix_cache_mb * 2**20),
+                stable_scratch=args.stable_scratch,
                 mesh=mesh,
             )
         except (OSError, TypeError, ValueError) as e:  # a missing or corrupted file, a setting the engine rejects

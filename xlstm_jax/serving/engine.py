@@ -116,6 +116,7 @@ __all__ = [
     "SamplingParams",
     "TokenEvent",
     "check_mesh",
+    "require_stable_scratch",
     "stable_scratch_supported",
 ]
 
@@ -503,6 +504,15 @@ def stable_scratch_supported() -> bool:
     return True
 
 
+def require_stable_scratch(what: str) -> None:
+    """Raises a ValueError naming ``what`` where the installed XLA lacks ``STABLE_SCRATCH_OPTIONS``' mode."""
+    if not stable_scratch_supported():
+        raise ValueError(
+            f"{what} needs XLA's command buffer update mode SKIP_TEMP, which jax {jax.__version__} does not have "
+            "(jaxlib 0.11 and later)"
+        )
+
+
 # The chunk program in the full shape (prefill_chunk_tokens columns: every batched chunk, and a long prompt's chunks,
 # which follow one another on the device), launched as XLA's command buffers.
 _prefill_chunk = _jit_chunk(_prefill_chunk_fn)
@@ -767,11 +777,8 @@ class Engine:
             )
         if not isinstance(stable_scratch, bool):
             raise TypeError(f"stable_scratch must be a bool, got {type(stable_scratch).__name__}")
-        if stable_scratch and not stable_scratch_supported():
-            raise ValueError(
-                f"stable_scratch=True needs XLA's command buffer update mode SKIP_TEMP, which jax {jax.__version__} "
-                "does not have (jaxlib 0.11 and later)"
-            )
+        if stable_scratch:
+            require_stable_scratch("stable_scratch=True")
         if mesh is not None:
             check_mesh(mesh, int(num_slots), config.num_heads)
             params = shard_params(params, mesh, config)
