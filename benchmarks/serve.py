@@ -24,11 +24,11 @@ row ``engine+sync``: the same with the host waiting for each step's tokens, as t
 slots run together for a while; ``full_tokens_per_s`` is the output rate while every slot is held, from the
 engine's counters sampled every ``--monitor-ms``: the rate at ``--slots`` concurrent streams.
 
-``prefix``: a shared system prompt of ``--system-tokens`` random tokens followed by a user suffix of ``--suffix-len
-LO HI`` tokens, ``--prefix-requests`` requests sent one after another (each after the last has finished, so no
-request queues), ``--prefix-output`` tokens each; time to first token with no prefix cache, and with a cache of
-``--prefix-cache-bytes`` into which ``Engine.cache_prefix`` put the system prompt first: row ``on`` with the
-engine's default chunk shapes (``--chunk-tokens`` and its halvings down to 16), row ``on, C`` with the one shape
+``prefix``: a shared system prompt of ``--system-tokens`` random tokens followed by a user suffix of
+``--suffix-len LO HI`` tokens, ``--prefix-requests`` requests sent one after another (each after the last has
+finished, so no request queues), ``--prefix-output`` tokens each; time to first token with no prefix cache, and with
+a cache of ``--prefix-cache-bytes`` into which ``Engine.cache_prefix`` put the system prompt first: row ``on`` with
+the engine's default chunk shapes (``--chunk-tokens`` and its halvings down to 16), row ``on, C`` with the one shape
 ``--chunk-tokens``, row ``on, switch 5 ms`` as ``on`` at Python's default switch interval (the run sets
 ``--switch-interval-ms``, 0.5 by default, as ``xlstm-jax serve`` does), row ``on, short chunks as command buffers``
 as ``on`` with ``Engine(short_chunk_command_buffers=True)``; where XLA can keep a program's scratch buffers in place

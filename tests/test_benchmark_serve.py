@@ -39,17 +39,12 @@ def test_every_table_is_written(tiny_run):
     targets = {"saturated_of_step", "saturated_of_engine_step", "saturated_of_static", "prefix_ttft_speedup", "wanted"}
     assert set(tiny_run["targets"]) == targets
     # each program compiled once: the two engines share theirs, generate's step timing and static batches share
-    # 32 tokens in 1, 2 and 4 rows and 16 in 1 with command buffers (short_chunk_command_buffers); 16 alone without;
-    # the same four with stable scratch where XLA has it
-    shared = {
-        "prefill_chunk": 4,
-        "prefill_short_chunk": 1,
-        "prefill_chunk_stable": 4 if stable_scratch_supported() else 0,
-    }
     assert tiny_run["engine_compilations"] == {
         "decode_step": 1,
         "load_chunk": 4,  # a request alone in 16 or 32 tokens; 2 and 4 requests (--prefill-rows) in 32
-        **shared,
+        "prefill_chunk": 4,  # 32 tokens in 1, 2 and 4 rows; 16 in 1 (short_chunk_command_buffers)
+        "prefill_short_chunk": 1,  # a request alone in 16
+        "prefill_chunk_stable": 4 if stable_scratch_supported() else 0,  # the same four, where XLA has the mode
         "split_chunk": 3,  # 1, 2 and 4 rows
         "first_token": 1,
         "insert": 1,
