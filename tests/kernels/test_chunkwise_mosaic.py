@@ -25,6 +25,7 @@ from xlstm_jax.generation import prefill
 from xlstm_jax.kernels.chunkwise_mosaic import (
     CHUNK,
     IN_KERNEL_SCORES_MAX_CHUNKS,
+    SCORES,
     auto_consumers,
     auto_scores,
     auto_tiling,
@@ -73,7 +74,7 @@ CASE_IDS = ["two-chunks", "states-extreme", "short", "one-chunk-open", "two-wg-s
 CASE_ARGS = ("B", "NH", "S", "DHQK", "DHV", "states", "fgate", "igate", "block_dhv", "consumers")
 
 
-SCORES_ARGS = pytest.mark.parametrize("scores", ["in_kernel", "precomputed"])
+SCORES_ARGS = pytest.mark.parametrize("scores", SCORES)
 
 
 @runs
@@ -362,7 +363,7 @@ def test_unsupported_calls_raise():
     assert shared_memory_bytes(256, jnp.bfloat16, 32, scores="precomputed") == 177 * 1024
     assert shared_memory_bytes(256, jnp.bfloat16, 32, consumers=2, scores="precomputed") == 209 * 1024
     assert chunkwise_mosaic_unsupported(256, 512, jnp.bfloat16, 32, scores="xla") == (
-        "scores='xla' must be one of ('in_kernel', 'precomputed')"
+        "scores='xla' must be one of ('in_kernel', 'precomputed', 'kernel')"
     )
     with pytest.raises(ValueError, match="scores='xla' must be one of"):
         chunkwise_mosaic_fw(*args, scores="xla")
@@ -447,7 +448,8 @@ def test_lowers_for_cuda(block_dhv, consumers, scores, grad, DHQK, depth):
 def test_backend_runs_the_kernel():
     """The ``chunkwise_mosaic`` backend calls the kernel for bf16 inputs (its name is in the jaxpr) and matches the
     float64 reference; float32 inputs run the XLA form (no kernel in the jaxpr); ``consumers=2`` runs the kernel
-    with two warpgroups where DHV allows, else the XLA form; ``scores="precomputed"`` matches the reference too."""
+    with two warpgroups where DHV allows, else the XLA form; ``scores="precomputed"`` and ``"kernel"`` (the scores
+    kernel in the jaxpr) match the reference too."""
     backend = create_mlstm_backend("chunkwise_mosaic", interpret=True if INTERPRET else None)
     x = random_inputs(21, 1, 2, 70, 64, 32, states=True)
     check_forward(backend, x, "bfloat16")
@@ -464,7 +466,10 @@ def test_backend_runs_the_kernel():
         "chunkwise_mosaic", scores="precomputed", interpret=True if INTERPRET else None
     )  # fmt: skip
     check_forward(precomputed, x, "bfloat16")
-    with pytest.raises(ValueError, match=r"scores must be None or one of \('in_kernel', 'precomputed'\), got 'xla'"):
+    scores_kernel = create_mlstm_backend("chunkwise_mosaic", scores="kernel", interpret=True if INTERPRET else None)
+    check_forward(scores_kernel, x, "bfloat16")
+    assert "mlstm_chunk_scores_mosaic" in str(jax.make_jaxpr(scores_kernel)(*args))
+    with pytest.raises(ValueError, match=r"scores must be None or one of \('in_kernel', 'precomputed', 'kernel'\)"):
         create_mlstm_backend("chunkwise_mosaic", scores="xla")
 
 

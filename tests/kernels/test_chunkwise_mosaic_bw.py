@@ -60,7 +60,7 @@ SEGMENTS = np.array([_ids([1, 63, 64, 1, 21]), _ids([70, 1, 1, 78])])
 def _operands(args, states, segment_ids):
     """The kernel's operands (q, k, v, plan, decay, c0), heads flattened, from ``chunk_plan`` of the inputs."""
     seq = chunk_sequence(*args, *(states or (None,) * 3), EPS, None, CHUNK, segment_ids, True)
-    plan, decay, _ = chunk_plan(seq)
+    plan, decay, _, _ = chunk_plan(seq)
     B, NH, _, DHQK, DHV = seq.dims
     BH, S = B * NH, seq.NC * seq.L
     return (

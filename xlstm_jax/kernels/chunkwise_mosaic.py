@@ -103,7 +103,11 @@ _ROW, _COL, _BREAKS, _INTER, _QN, _LOWER, _GAIN, _BREAKS_COL = range(_PLAN_ROWS)
 # With ``scores="precomputed"`` the kernel reads a readout of two rows per chunk instead (normalised_scores).
 _READOUT_ROWS = 2
 _W, _G = range(_READOUT_ROWS)  # the border state's weight over the denominator; the step's gain (GAIN above)
-SCORES = ("in_kernel", "precomputed")  # where the chunk's gated scores are computed (mosaic_chunkwise's ``scores``)
+# Where the chunk's gated scores are computed (mosaic_chunkwise's ``scores``): by the kernel's warpgroups, or once per
+# head before it, by XLA (:func:`normalised_scores`) or by a Mosaic GPU kernel of their own
+# (:mod:`xlstm_jax.kernels.chunkwise_mosaic_scores`).
+SCORES = ("in_kernel", "precomputed", "kernel")
+_FOLD_MAX_DHQK = 256  # the largest head size for which the scores kernel computes q̂·n_border (registers)
 _SMEM_LIMIT = 227 * 1024  # bytes of shared memory a CUDA block may use on Hopper
 _SMEM_RESERVE = 4 * 1024  # kept for the barriers and alignment that Mosaic GPU adds to the tiles (about 2 KiB)
 
@@ -120,13 +124,13 @@ def shared_memory_bytes(
     """Bytes of shared memory of the kernel's chunk loop (its largest scope): the tiles, not the barriers.
 
     Per pipeline slot q and k (L, DHQK) and the plan (8, L) float32, shared by the warpgroups; per warpgroup
-    ``depth`` v tiles (L, block_dhv), h (L, block_dhv), C rounded
-    (DHQK, block_dhv), P (L, L), g ⊙ v (L, block_dhv). With ``scores="precomputed"`` P arrives per pipeline slot,
-    shared, and the plan has 2 rows. With in-kernel scores, ``normaliser`` adds the (2, L) float32 tile that takes
-    each chunk's (qn, den) out.
+    ``depth`` v tiles (L, block_dhv), h (L, block_dhv), C rounded (DHQK, block_dhv), P (L, L), g ⊙ v
+    (L, block_dhv). With precomputed scores (``"precomputed"``, ``"kernel"``) P arrives per pipeline slot, shared,
+    and the plan has 2 rows. With in-kernel scores, ``normaliser`` adds the (2, L) float32 tile that takes each
+    chunk's (qn, den) out.
     """
     item = jnp.dtype(dtype).itemsize
-    precomputed = scores == "precomputed"
+    precomputed = scores != "in_kernel"
     rows = _READOUT_ROWS if precomputed else _PLAN_ROWS
     p_tile = CHUNK * CHUNK * item
     shared = depth * (2 * CHUNK * DHQK * item + rows * CHUNK * 4 + (p_tile if precomputed else 0))
@@ -238,7 +242,7 @@ def auto_tiling(
     7B prefill at batch 1: 8 heads) keeps its programs spread over every SM.
     """
     if block_dhv is None:
-        wide = scores == "precomputed" and consumers in (None, 1) and BH * DHV // 64 >= _FULL_WAVE
+        wide = scores != "in_kernel" and consumers in (None, 1) and BH * DHV // 64 >= _FULL_WAVE
         if wide and chunkwise_mosaic_unsupported(DHQK, DHV, dtype, 64, depth=depth, scores=scores) is None:
             return 64, 1
         block_dhv = 32
@@ -678,6 +682,7 @@ def mosaic_chunkwise(
     borders: bool = False,
     scores: str = "in_kernel",
     normaliser: bool = False,
+    n_border: jax.Array | None = None,
 ) -> tuple[jax.Array, ...]:
     """The kernel on ``BH`` flattened heads, from :func:`chunk_plan`'s plan; the caller checks shapes.
 
@@ -686,9 +691,11 @@ def mosaic_chunkwise(
     backward's border states; a TMA store of the tile the kernel already holds, per chunk).
     ``scores``: ``"in_kernel"``, every warpgroup computes its chunk's gated scores and denominators;
     ``"precomputed"``, XLA computes them once per head before the kernel (:func:`normalised_scores`), which reads
-    ``P / den`` as a tile per chunk. ``normaliser``: also return the steps' ``(qn, den)`` for the backward, as
-    :func:`normalised_scores` computed them, or with in-kernel scores as the kernel did (the head's first column
-    block writes them).
+    ``P / den`` as a tile per chunk; ``"kernel"``, the same from a Mosaic GPU kernel of their own
+    (:func:`~xlstm_jax.kernels.chunkwise_mosaic_scores.mosaic_normalised_scores`), which computes each step's
+    ``q̂·n_border`` from ``n_border`` (BH, NC, DHQK) float32 where given, in place of the plan's row.
+    ``normaliser``: also return the steps' ``(qn, den)`` for the backward, as the scores' pass computed them, or
+    with in-kernel scores as the kernel did (the head's first column block writes them).
 
     Returns:
         ``(h (BH, S, DHV) in q's dtype, c after the last chunk (BH, DHQK, DHV) float32)``, and with ``borders``
@@ -703,7 +710,7 @@ def mosaic_chunkwise(
     )  # fmt: skip
     if reason is not None:
         raise ValueError(f"the Mosaic GPU chunkwise kernel cannot run this shape: {reason}")
-    precomputed = scores == "precomputed"
+    precomputed = scores != "in_kernel"
     in_kernel_normaliser = normaliser and not precomputed
     params = require_mosaic_interpreter(consumers) if interpret else None
     body = functools.partial(
@@ -731,19 +738,31 @@ def mosaic_chunkwise(
             return out
         rows = out[-1].reshape(BH, NC, 2, CHUNK)
         return (*out[:-1], (rows[:, :, 0], rows[:, :, 1]))
-    p, readout, qn_den = normalised_scores(q, k, plan, eps)
+    if scores == "kernel":
+        # Imported here: the scores kernel's module builds on this one's plan rows and helpers.
+        from xlstm_jax.kernels.chunkwise_mosaic_scores import mosaic_normalised_scores
+
+        p, readout, qn_den = mosaic_normalised_scores(q, k, plan, eps, n_border, interpret=interpret)
+    else:
+        p, readout, qn_den = normalised_scores(q, k, plan, eps)
     out = kernel(q, k, v, readout, decay, c0, p)
     return (*out, qn_den) if normaliser else out
 
 
-def chunk_plan(x: ChunkedSequence) -> tuple[jax.Array, jax.Array, tuple[jax.Array, jax.Array]]:
+def chunk_plan(
+    x: ChunkedSequence, border_qn: bool = True
+) -> tuple[jax.Array, jax.Array, tuple[jax.Array, jax.Array], jax.Array]:
     """The gate plan of a chunked sequence (module docstring): everything but the products with q, k and v.
 
+    ``border_qn=False`` leaves the row of ``q̂_t·n_border`` 0 (the plan then reads no q), for the scores kernel,
+    which computes it from the border normalisers returned fourth.
+
     Returns:
-        ``(plan (B, NH, NC, 8, L), decay (B, NH, NC), (n, m) after the last chunk)``, float32 (the accumulation
-        dtype); the plan's rows are, per step t and chunk: ``F_t - m_t``, ``i_t - F_t`` (-inf at padding), the
-        break count, ``DHQK^-1/2 exp(F_t + m_border - m_t)`` (0 after a break), ``q̂_t·n_border`` times that,
-        ``exp(-m_t)``, the step's weight in the state at the chunk's end, and the break count again.
+        ``(plan (B, NH, NC, 8, L), decay (B, NH, NC), (n, m) after the last chunk, n before every chunk
+        (B, NH, NC, DHQK))``, float32 (the accumulation dtype); the plan's rows are, per step t and chunk:
+        ``F_t - m_t``, ``i_t - F_t`` (-inf at padding), the break count, ``DHQK^-1/2 exp(F_t + m_border - m_t)``
+        (0 after a break), ``q̂_t·n_border`` times that, ``exp(-m_t)``, the step's weight in the state at the
+        chunk's end, and the break count again.
     """
     F, R, i, valid = x.F, x.R, x.i, x.valid
     acc = F.dtype
@@ -765,7 +784,7 @@ def chunk_plan(x: ChunkedSequence) -> tuple[jax.Array, jax.Array, tuple[jax.Arra
     inter = scale * weight(log_w, m)
     # q̂·n of the border normaliser as a product and a sum, which XLA fuses into one pass over the bf16 q (a float32
     # matrix-vector product may first write q in float32 for a library call, and its transpose dq too).
-    q_n = jnp.sum(x.q.astype(acc) * n_b[..., None, :], axis=-1)
+    q_n = jnp.sum(x.q.astype(acc) * n_b[..., None, :], axis=-1) if border_qn else jnp.zeros_like(inter)
     a = F_L[..., None] - F + i  # each step's log weight at its chunk's end
     a = jnp.where(R_L[..., None] == R, a, -jnp.inf)
     if valid is not None:
@@ -773,14 +792,16 @@ def chunk_plan(x: ChunkedSequence) -> tuple[jax.Array, jax.Array, tuple[jax.Arra
     gain = weight(a, m_end[..., None])
     plan = jnp.stack([row, col, R, inter, inter * q_n, jnp.exp(-m), gain, R], axis=-2)
     decay = weight(log_decay + m_b, m_end)
-    return plan, decay, (n_last, m_last)
+    return plan, decay, (n_last, m_last), n_b
 
 
 def _forward(x: ChunkedSequence, eps: float, block_dhv: int, depth: int, consumers: int, interpret: bool, scores: str):
     """h (B, NH, S, DHV) and the last states (c, n, m) in the accumulation dtype."""
     B, NH, S, DHQK, DHV = x.dims
     NC, L = x.NC, x.L
-    plan, decay, (n_last, m_last) = chunk_plan(x)
+    # The scores kernel computes q̂·n_border from its q tiles where they fit its registers: the plan reads no q.
+    fold = scores == "kernel" and DHQK <= _FOLD_MAX_DHQK
+    plan, decay, (n_last, m_last), n_border = chunk_plan(x, border_qn=not fold)
     c0 = x.states[0].astype(jnp.float32).reshape(B * NH, DHQK, DHV)
     h, c_last = mosaic_chunkwise(
         x.q.reshape(B * NH, NC * L, DHQK),
@@ -795,6 +816,7 @@ def _forward(x: ChunkedSequence, eps: float, block_dhv: int, depth: int, consume
         consumers=consumers,
         interpret=interpret,
         scores=scores,
+        n_border=n_border.reshape(B * NH, NC, DHQK) if fold else None,
     )
     h = h.reshape(B, NH, NC * L, DHV)[:, :, :S]
     return h, (c_last.reshape(B, NH, DHQK, DHV), n_last, m_last)
@@ -850,8 +872,10 @@ def chunkwise_mosaic_fw(
         scores: Where each chunk's gated scores and denominators are computed (:data:`SCORES`):
             ``"in_kernel"``, by every warpgroup for its columns; ``"precomputed"`` (the faster on an H200 forward
             and backward at long S: BENCHMARKS.md), once per head in XLA before the kernel
-            (:func:`normalised_scores`), which then reads them. None (the default): :func:`auto_scores` picks by
-            S, in the kernel for at most 4 chunks (256 steps), precomputed beyond.
+            (:func:`normalised_scores`), which then reads them; ``"kernel"``, the same from a Mosaic GPU kernel of
+            their own that reads q and k once (:mod:`xlstm_jax.kernels.chunkwise_mosaic_scores`; the gate plan
+            then reads no q at DHQK up to 256). None (the default): :func:`auto_scores` picks by S, in the kernel
+            for at most 4 chunks (256 steps), precomputed beyond.
         backward_scan_block_dhv: With ``backward="mosaic"``, the columns per warpgroup of the backward's reverse
             state scan, 32 or 64 (None: the backward kernels' block,
             :func:`~xlstm_jax.kernels.chunkwise_mosaic_bw.backward_block_dhv`: ``block_dhv`` where their tiles fit,

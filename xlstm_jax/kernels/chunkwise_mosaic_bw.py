@@ -534,7 +534,7 @@ def split_cell(
         x = chunk_sequence(q, k, v, i, f, c0, n0, m0, eps, state_dtype, CHUNK, segment_ids, True)
         B, NH, S, DHQK, DHV = x.dims
         NC, L = x.NC, x.L
-        plan, decay, nm_last = chunk_plan(x)
+        plan, decay, nm_last, _ = chunk_plan(x)
         acc = jnp.promote_types(x.states[0].dtype, jnp.float32)
         operands = (
             x.q.astype(dtype).reshape(B * NH, NC * L, DHQK),

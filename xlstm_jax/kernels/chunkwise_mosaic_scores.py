@@ -1,0 +1,210 @@
+"""Every chunk's gated scores over its steps' denominators as a Mosaic GPU kernel for Hopper (``scores="kernel"``).
+
+With precomputed scores the chunkwise kernel (:mod:`xlstm_jax.kernels.chunkwise_mosaic`) reads, per chunk of
+L = 64 steps, ``P / den`` as an (L, L) tile and two rows of readout, computed once per head before it.
+:func:`~xlstm_jax.kernels.chunkwise_mosaic.normalised_scores` computes them in XLA: a batched product
+``q kᵀ`` written in float32, then passes over it for the row sums and for the cast of ``P / den``, and before
+those the gate plan's pass over q for ``q̂·n`` of each chunk's border normaliser. :func:`mosaic_normalised_scores`
+is the same function as one kernel that reads q and k once, with one program (a warpgroup) per head and chunk::
+
+    P = (q kᵀ) ⊙ D · DHQK^-1/2                        # WGMMA, (L, L); D from the plan, masked causally
+    qn = rowsum P + INTER ⊙ (q · n_border)            # or + the plan's q̂·n row, without n_border
+    den = max(|qn|, exp(-m)) + eps
+    out: r(P / den), and per step INTER / den, GAIN, qn, den
+
+``q · n_border`` (float32, from q's tile in registers and the chunk's border normaliser) replaces the plan's
+``q̂·n`` row where ``n_border`` is given: the gate plan then reads no q (:func:`chunk_plan` with
+``border_qn=False``). It needs q's (L, DHQK) tile in registers as float32, 128 registers a thread at DHQK = 256;
+larger heads take the plan's row.
+
+Shared memory per program at DHQK = 256, bf16: q and k 2·64·256·2 B = 64 KiB, the plan 8·64·4 B = 2 KiB, P's
+tile 8 KiB, the four output rows 1 KiB and ``n_border`` 1 KiB: 76 KiB, two programs an SM. Each program's copies
+overlap the other's products.
+
+Interpret mode. ``interpret=True`` runs the kernel in Mosaic GPU's interpreter on any backend (slow; for tests on
+a CPU) where the JAX version has one.
+"""
+
+from __future__ import annotations
+
+import functools
+import math
+
+import jax
+import jax.numpy as jnp
+from jax import lax
+from jax.experimental import pallas as pl
+from jax.experimental.pallas import mosaic_gpu as plgpu
+
+from xlstm_jax.kernels.chunkwise_mosaic import (
+    _BREAKS,
+    _BREAKS_COL,
+    _COL,
+    _FOLD_MAX_DHQK,
+    _GAIN,
+    _INTER,
+    _LOWER,
+    _PLAN_ROWS,
+    _QN,
+    _READOUT_ROWS,
+    _ROW,
+    CHUNK,
+    _load,
+    _product,
+    _swizzled,
+)
+from xlstm_jax.kernels.mosaic import require_mosaic_interpreter
+
+__all__ = ["mosaic_normalised_scores"]
+
+_OUT_ROWS = 4  # per chunk: INTER / den, GAIN, qn, den
+
+
+def _scores_body(
+    q_ref,  # (BH, S, DHQK) GMEM, S a multiple of L
+    k_ref,  # (BH, S, DHQK)
+    plan_ref,  # (BH, NC * 8, L) float32: chunk_plan's rows
+    *refs,  # with fold: n_border (BH, NC, DHQK) float32; then the outputs r(P / den) and the rows
+    eps: float,
+    fold: bool,
+    interpret: bool,
+):
+    nb_ref, (p_ref, out_ref) = (refs[0], refs[1:]) if fold else (None, refs)
+    f32, dtype = jnp.float32, q_ref.dtype
+    _, _, DHQK = q_ref.shape
+    L = CHUNK
+    scale = 1.0 / math.sqrt(DHQK)
+    tile = plgpu.Layout.WGMMA
+    row_layout, col_layout = tile.reduce(1), tile.reduce(0)
+    bh, j = lax.axis_index("bh"), lax.axis_index("chunk")
+    steps = pl.ds(j * L, L)
+    itemsize = jnp.dtype(dtype).itemsize
+    operand = _swizzled(min(128, L * itemsize), itemsize)  # the (L, ·) tiles: rows of at least 64 elements
+
+    def load(ref, layout):
+        return _load(ref, layout, interpret)
+
+    def cast(x, layout):  # a layout annotation for JAX's layout inference (the interpreter has no layouts)
+        return x if interpret else plgpu.layout_cast(x, layout)
+
+    def rows(x, width):  # a row vector (L,) broadcast along the columns of an (L, width) tile
+        return cast(lax.broadcast_in_dim(x, (L, width), (0,)), tile)
+
+    def columns(x):  # a column vector (width,) broadcast along the L rows
+        return cast(lax.broadcast_in_dim(x, (L, x.shape[0]), (1,)), tile)
+
+    def iota(dimension):  # (L, L) step indices along ``dimension``, in the scores' layout
+        if interpret:
+            return lax.broadcasted_iota(jnp.int32, (L, L), dimension)
+        return plgpu.broadcasted_iota(jnp.int32, (L, L), dimension, layout=tile)
+
+    def program(q_smem, k_smem, plan_smem, p_smem, out_smem, loaded, *rest):
+        nb_smem, scratch = (rest[0], rest[1:]) if fold else (None, rest)
+        plgpu.copy_gmem_to_smem(q_ref.at[bh, steps], q_smem, loaded.at[0])
+        plgpu.copy_gmem_to_smem(k_ref.at[bh, steps], k_smem, loaded.at[1])
+        plgpu.copy_gmem_to_smem(plan_ref.at[bh, pl.ds(j * _PLAN_ROWS, _PLAN_ROWS)], plan_smem, loaded.at[2])
+        if fold:
+            plgpu.copy_gmem_to_smem(nb_ref.at[bh, pl.ds(j, 1)], nb_smem, loaded.at[3])
+        for barrier in range(3 + fold):
+            plgpu.barrier_wait(loaded.at[barrier])
+
+        def vector(r):
+            return load(plan_smem.at[r], row_layout)
+
+        if fold:  # q · n_border first, so that q's registers are free before the scores' product
+            q = cast(load(q_smem, tile).astype(f32), tile)
+            border = vector(_INTER) * cast(jnp.sum(q * columns(load(nb_smem.at[0], col_layout)), axis=1), row_layout)
+        else:
+            border = vector(_QN)
+        if interpret:  # the interpreter has no transposed WGMMA operands: transpose through shared memory
+            scratch[0][...] = k_smem[...].T
+            k_t = scratch[0]
+        else:
+            k_t = k_smem.transpose((1, 0))
+        s = _product(q_smem, k_t, (L, L))
+        same = rows(vector(_BREAKS), L) == columns(load(plan_smem.at[_BREAKS_COL], col_layout))
+        log_d = rows(vector(_ROW), L) + columns(load(plan_smem.at[_COL], col_layout))
+        d = cast(jnp.where((iota(1) <= iota(0)) & same, jnp.exp(log_d), 0.0), tile)
+        p = cast(cast(s, tile) * d * scale, tile)
+        qn = cast(cast(jnp.sum(p, axis=1), row_layout) + border, row_layout)
+        den = cast(jnp.maximum(jnp.abs(qn), vector(_LOWER)) + eps, row_layout)
+        p_smem[...] = cast((p / rows(den, L)).astype(dtype), tile)
+        for r, x in enumerate((vector(_INTER) / den, vector(_GAIN), qn, den)):
+            out_smem.at[r][...] = cast(x, row_layout)
+        plgpu.commit_smem()
+        plgpu.copy_smem_to_gmem(p_smem, p_ref.at[bh, steps])
+        plgpu.copy_smem_to_gmem(out_smem, out_ref.at[bh, pl.ds(j * _OUT_ROWS, _OUT_ROWS)])
+        plgpu.wait_smem_to_gmem(0)
+
+    pl.run_scoped(
+        program,
+        plgpu.SMEM((L, DHQK), dtype, transforms=operand),
+        plgpu.SMEM((L, DHQK), dtype, transforms=operand),
+        plgpu.SMEM((_PLAN_ROWS, L), f32),
+        plgpu.SMEM((L, L), dtype, transforms=operand),
+        plgpu.SMEM((_OUT_ROWS, L), f32),
+        plgpu.Barrier(num_arrivals=1, num_barriers=3 + fold),  # q, k, the plan, n_border loaded
+        *([plgpu.SMEM((1, DHQK), f32)] if fold else []),
+        *([plgpu.SMEM((DHQK, L), dtype)] if interpret else []),  # kᵀ, copied
+    )
+
+
+@functools.partial(jax.jit, static_argnames=("eps", "interpret"))
+def mosaic_normalised_scores(
+    q: jax.Array,
+    k: jax.Array,
+    plan: jax.Array,
+    eps: float,
+    n_border: jax.Array | None = None,
+    *,
+    interpret: bool = False,
+) -> tuple[jax.Array, jax.Array, tuple[jax.Array, jax.Array]]:
+    """What :func:`~xlstm_jax.kernels.chunkwise_mosaic.normalised_scores` returns, from one Mosaic GPU kernel.
+
+    Args:
+        q, k: (BH, S, DHQK) bf16 or f16, S a multiple of 64 and DHQK of 64.
+        plan: (BH, NC * 8, 64) float32, :func:`~xlstm_jax.kernels.chunkwise_mosaic.chunk_plan`'s rows.
+        eps: The denominator's eps.
+        n_border: None, or the normaliser before every chunk (BH, NC, DHQK) float32 (DHQK at most
+            256): the kernel computes each step's ``q̂·n_border`` from it, in place of the plan's
+            row (module docstring).
+        interpret: Run in Mosaic GPU's interpreter (any backend; slow).
+
+    Returns:
+        ``(P / den (BH, S, 64) in q's dtype, readout (BH, NC * 2, 64) float32, (qn, den) (BH, NC, 64) float32
+        each)``, as ``normalised_scores``.
+
+    Raises:
+        ValueError: the shapes or dtypes do not fit together.
+    """
+    if q.ndim != 3 or q.shape[1] % CHUNK or q.shape[1] == 0 or q.shape[2] % CHUNK:
+        raise ValueError(f"q.shape={q.shape} must be (BH, S, DHQK) with S and DHQK positive multiples of {CHUNK}")
+    BH, S, DHQK = q.shape
+    NC = S // CHUNK
+    if k.shape != q.shape or k.dtype != q.dtype:
+        raise ValueError(f"k ({k.shape}, {k.dtype}) must have q's shape and dtype ({q.shape}, {q.dtype})")
+    if jnp.dtype(q.dtype) not in (jnp.dtype(jnp.bfloat16), jnp.dtype(jnp.float16)):
+        raise ValueError(f"q.dtype={q.dtype} must be bfloat16 or float16 (the WGMMA operand dtypes)")
+    if plan.shape != (BH, NC * _PLAN_ROWS, CHUNK) or plan.dtype != jnp.float32:
+        raise ValueError(f"plan ({plan.shape}, {plan.dtype}) must be {(BH, NC * _PLAN_ROWS, CHUNK)} float32")
+    fold = n_border is not None
+    if fold and (n_border.shape != (BH, NC, DHQK) or n_border.dtype != jnp.float32 or DHQK > _FOLD_MAX_DHQK):
+        raise ValueError(
+            f"n_border ({n_border.shape}, {n_border.dtype}) must be {(BH, NC, DHQK)} float32 with DHQK at most "
+            f"{_FOLD_MAX_DHQK}"
+        )
+    params = require_mosaic_interpreter(1) if interpret else None
+    kernel = pl.kernel(
+        functools.partial(_scores_body, eps=eps, fold=fold, interpret=interpret),
+        out_type=(
+            jax.ShapeDtypeStruct((BH, S, CHUNK), q.dtype),
+            jax.ShapeDtypeStruct((BH, NC * _OUT_ROWS, CHUNK), jnp.float32),
+        ),
+        mesh=plgpu.Mesh(grid=(BH, NC), grid_names=("bh", "chunk")),
+        name="mlstm_chunk_scores_mosaic",
+        **({"interpret": params} if interpret else {}),
+    )
+    p, out = kernel(q, k, plan, *((n_border,) if fold else ()))
+    out = out.reshape(BH, NC, _OUT_ROWS, CHUNK)
+    readout = out[:, :, :_READOUT_ROWS].reshape(BH, NC * _READOUT_ROWS, CHUNK)
+    return p, readout, (out[:, :, 2], out[:, :, 3])
