@@ -31,6 +31,9 @@ The same function as :func:`xlstm_jax.mlstm.chunkwise.chunkwise_fw` (initial sta
        C = decay · C + kᵀ (g ⊙ v)                      # one WGMMA, accumulated onto decay · C
 
    (at DHQK=256, block_dhv=32 the products a warpgroup issues per chunk drop from 4.5 to 2.4 MFLOP).
+   ``scores="kernel"`` computes the same tiles and readout in a Mosaic GPU kernel of their own
+   (:mod:`xlstm_jax.kernels.chunkwise_mosaic_scores`: q and k read once, no float32 scores written), which also
+   takes the border normaliser's ``q̂·n`` off the gate plan at DHQK up to 256.
 
    With ``consumers=2`` the two warpgroups of a program share one copy of the q, k and plan tiles in shared
    memory (warpgroup 0 issues their copies) and each has its own v, h, P and C tiles; while one waits on its
