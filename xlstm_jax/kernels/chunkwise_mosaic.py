@@ -325,6 +325,44 @@ def _load(ref: Any, layout: Any, interpret: bool) -> jax.Array:
     return ref[...] if interpret else load_ref(ref, layout, optimized=False)
 
 
+class _RegisterTiles:
+    """Register values of the chunk kernels in the WGMMA layout: loads, layout annotations (JAX 0.11's layout
+    inference needs them to settle these kernels), (L, width) broadcasts of row and column vectors, step indices
+    and the in-chunk gate matrix. In the interpreter (no layouts) the annotations are no-ops."""
+
+    def __init__(self, interpret: bool):
+        self.interpret = interpret
+        self.tile = plgpu.Layout.WGMMA
+        self.row_layout, self.col_layout = self.tile.reduce(1), self.tile.reduce(0)
+
+    def load(self, ref: Any, layout: Any) -> jax.Array:
+        return _load(ref, layout, self.interpret)
+
+    def cast(self, x: jax.Array, layout: Any) -> jax.Array:
+        return x if self.interpret else plgpu.layout_cast(x, layout)
+
+    def rows(self, x: jax.Array, width: int) -> jax.Array:
+        """A row vector (L,) broadcast along the columns of an (L, width) tile."""
+        return self.cast(lax.broadcast_in_dim(x, (CHUNK, width), (0,)), self.tile)
+
+    def columns(self, x: jax.Array) -> jax.Array:
+        """A column vector (width,) broadcast along the L rows of an (L, width) tile."""
+        return self.cast(lax.broadcast_in_dim(x, (CHUNK, x.shape[0]), (1,)), self.tile)
+
+    def iota(self, dimension: int) -> jax.Array:
+        """(L, L) step indices along ``dimension``, in the scores' layout."""
+        if self.interpret:
+            return lax.broadcasted_iota(jnp.int32, (CHUNK, CHUNK), dimension)
+        return plgpu.broadcasted_iota(jnp.int32, (CHUNK, CHUNK), dimension, layout=self.tile)
+
+    def gates(self, row: jax.Array, col: jax.Array, breaks_t: jax.Array, breaks_s: jax.Array) -> jax.Array:
+        """D (L, L) float32: ``exp(row_t + col_s)`` where s <= t in one document (equal break counts), else 0;
+        ``row`` and ``breaks_t`` in the row layout, ``col`` and ``breaks_s`` in the column layout."""
+        same = self.rows(breaks_t, CHUNK) == self.columns(breaks_s)
+        log_d = self.rows(row, CHUNK) + self.columns(col)
+        return self.cast(jnp.where((self.iota(1) <= self.iota(0)) & same, jnp.exp(log_d), 0.0), self.tile)
+
+
 def _product(a: Any, b: Any, shape: tuple[int, int]) -> jax.Array:
     """``a @ b`` of two shared-memory operands on the WGMMA units, float32 accumulation, into registers."""
 
@@ -380,8 +418,9 @@ def _chunk_body(
     L, NV, NC = CHUNK, block_dhv, S // CHUNK
     rows = _READOUT_ROWS if precomputed else _PLAN_ROWS  # of the plan, per chunk
     scale = 1.0 / math.sqrt(DHQK)
-    tile = plgpu.Layout.WGMMA
-    row_layout, col_layout = tile.reduce(1), tile.reduce(0)
+    regs = _RegisterTiles(interpret)
+    tile, row_layout, load, cast = regs.tile, regs.row_layout, regs.load, regs.cast
+    col_layout = regs.col_layout
     bh, vb = lax.axis_index("bh"), lax.axis_index("vb")
     itemsize = jnp.dtype(dtype).itemsize
     group = _Warpgroups(consumers, vb, NV)
@@ -391,17 +430,6 @@ def _chunk_body(
     # Indices (times depth) into ``loaded``: q 0, k 1, each warpgroup's v, the plan, and the precomputed P.
     v_barrier, plan_barrier, p_barrier = 2 + wg, 2 + consumers, 3 + consumers
     operands = (0, 1, v_barrier, plan_barrier, *((p_barrier,) if precomputed else ()))
-
-    def load(ref, layout):
-        return _load(ref, layout, interpret)
-
-    def cast(x, layout):  # a layout annotation: JAX 0.11's layout inference needs them to settle this kernel
-        return x if interpret else plgpu.layout_cast(x, layout)
-
-    def iota(dimension):  # (L, L) step indices along ``dimension``, in the scores' layout
-        if interpret:
-            return lax.broadcasted_iota(jnp.int32, (L, L), dimension)
-        return plgpu.broadcasted_iota(jnp.int32, (L, L), dimension, layout=tile)
 
     # One swizzle for every product operand (WGMMA needs the two operands' swizzles equal): the widest that a
     # row of block_dhv columns allows.
@@ -466,18 +494,12 @@ def _chunk_body(
 
             def scores_to_p(scores):
                 """The gated scores P (registers) from q kᵀ, and P into shared memory for P v."""
-                row = load(plan_smem.at[_ROW], row_layout)
-                col = load(plan_smem.at[_COL], col_layout)
-                breaks_t = load(plan_smem.at[_BREAKS], row_layout)
-                breaks_s = load(plan_smem.at[_BREAKS_COL], col_layout)
-                t_ids, s_ids = iota(0), iota(1)
-                same = cast(lax.broadcast_in_dim(breaks_t, (L, L), (0,)), tile) == cast(
-                    lax.broadcast_in_dim(breaks_s, (L, L), (1,)), tile
+                d = regs.gates(
+                    load(plan_smem.at[_ROW], row_layout),
+                    load(plan_smem.at[_COL], col_layout),
+                    load(plan_smem.at[_BREAKS], row_layout),
+                    load(plan_smem.at[_BREAKS_COL], col_layout),
                 )
-                log_d = cast(lax.broadcast_in_dim(row, (L, L), (0,)), tile) + cast(
-                    lax.broadcast_in_dim(col, (L, L), (1,)), tile
-                )
-                d = cast(jnp.where((s_ids <= t_ids) & same, jnp.exp(log_d), 0.0), tile)
                 p = cast(cast(scores, tile) * d * scale, tile)
                 p_smem[...] = cast(p.astype(dtype), tile)
                 return p

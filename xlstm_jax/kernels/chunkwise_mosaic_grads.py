@@ -81,7 +81,14 @@ from jax import lax
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import mosaic_gpu as plgpu
 
-from xlstm_jax.kernels.chunkwise_mosaic import _SMEM_LIMIT, _SMEM_RESERVE, CHUNK, _load, _product, _swizzled
+from xlstm_jax.kernels.chunkwise_mosaic import (
+    _SMEM_LIMIT,
+    _SMEM_RESERVE,
+    CHUNK,
+    _product,
+    _RegisterTiles,
+    _swizzled,
+)
 from xlstm_jax.kernels.mosaic import require_mosaic_interpreter
 
 __all__ = [
@@ -176,8 +183,8 @@ def _gradients_body(
     DHV = v_ref.shape[-1]
     L, NV, NB = CHUNK, block_dhv, DHV // block_dhv
     scale = 1.0 / math.sqrt(DHQK)
-    tile = plgpu.Layout.WGMMA
-    row_layout, col_layout = tile.reduce(1), tile.reduce(0)
+    regs = _RegisterTiles(interpret)
+    tile, row_layout, col_layout = regs.tile, regs.row_layout, regs.col_layout
     bh, j = lax.axis_index("bh"), lax.axis_index("chunk")
     steps = pl.ds(j * L, L)
     border_rows = pl.ds(j * DHQK, DHQK)
@@ -194,22 +201,10 @@ def _gradients_body(
         else:
             f()
 
-    def load(ref, layout):
-        return _load(ref, layout, interpret)
-
-    def cast(x, layout):  # a layout annotation for JAX's layout inference (the interpreter has no layouts)
-        return x if interpret else plgpu.layout_cast(x, layout)
-
-    def rows(x, width):  # a row vector (L,) broadcast along the columns of an (L, width) tile
-        return cast(lax.broadcast_in_dim(x, (L, width), (0,)), tile)
+    load, cast, rows = regs.load, regs.cast, regs.rows
 
     def zeros_row():
         return cast(jnp.zeros((L,), f32), row_layout)
-
-    def iota(dimension):  # (L, L) step indices along ``dimension``, in the scores' layout
-        if interpret:
-            return lax.broadcasted_iota(jnp.int32, (L, L), dimension)
-        return plgpu.broadcasted_iota(jnp.int32, (L, L), dimension, layout=tile)
 
     def program(q_smem, k_smem, vec_smem, dvec_smem, p_smem, ds_smem, dh_v_smem, loaded, *scratch):
         def transposed(ref, index):
@@ -233,13 +228,12 @@ def _gradients_body(
 
         def gates():
             """D (L, L) float32 in registers: exp(ROW_t + COL_s) on the causal steps of one document, else 0."""
-            same = cast(lax.broadcast_in_dim(vector(BREAKS), (L, L), (0,)), tile) == cast(
-                lax.broadcast_in_dim(load(vec_smem.at[BREAKS_COL], col_layout), (L, L), (1,)), tile
+            return regs.gates(
+                vector(ROW),
+                load(vec_smem.at[COL], col_layout),
+                vector(BREAKS),
+                load(vec_smem.at[BREAKS_COL], col_layout),
             )
-            log_d = cast(lax.broadcast_in_dim(vector(ROW), (L, L), (0,)), tile) + cast(
-                lax.broadcast_in_dim(load(vec_smem.at[COL], col_layout), (L, L), (1,)), tile
-            )
-            return cast(jnp.where((iota(1) <= iota(0)) & same, jnp.exp(log_d), 0.0), tile)
 
         def gated_scores():
             """P (L, L) float32 in registers: q kᵀ on the WGMMA units, gated."""

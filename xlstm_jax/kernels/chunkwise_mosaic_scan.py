@@ -63,7 +63,7 @@ from xlstm_jax.kernels.chunkwise_mosaic import (
     _SMEM_RESERVE,
     CHUNK,
     _accumulate,
-    _load,
+    _RegisterTiles,
     _swizzled,
     _Warpgroups,
 )
@@ -143,8 +143,8 @@ def _scan_body(
     f32, dtype = jnp.float32, a_ref.dtype
     _, S, DHA = a_ref.shape
     L, NV, NC = CHUNK, block_dhv, S // CHUNK
-    tile = plgpu.Layout.WGMMA
-    row_layout = tile.reduce(1)
+    regs = _RegisterTiles(interpret)
+    tile, row_layout = regs.tile, regs.row_layout
     bh, vb = lax.axis_index("bh"), lax.axis_index("vb")
     itemsize = jnp.dtype(dtype).itemsize
     # With two warpgroups ("consumers"), per-warpgroup tiles have a leading axis of 2 and warpgroup 0 issues the
@@ -155,11 +155,7 @@ def _scan_body(
     )  # fmt: skip
     b_barrier, gain_barrier = 1 + wg, 1 + consumers  # indices (times depth) into ``loaded``: a 0
 
-    def load(ref, layout):
-        return _load(ref, layout, interpret)
-
-    def cast(x, layout):  # a layout annotation for JAX 0.11's layout inference
-        return x if interpret else plgpu.layout_cast(x, layout)
+    load, cast = regs.load, regs.cast
 
     def chunk_of(i):  # the chunk that the scan visits i-th
         return NC - 1 - i if reverse else i

@@ -49,8 +49,8 @@ from xlstm_jax.kernels.chunkwise_mosaic import (
     _READOUT_ROWS,
     _ROW,
     CHUNK,
-    _load,
     _product,
+    _RegisterTiles,
     _swizzled,
 )
 from xlstm_jax.kernels.mosaic import require_mosaic_interpreter
@@ -74,29 +74,13 @@ def _scores_body(
     _, _, DHQK = q_ref.shape
     L = CHUNK
     scale = 1.0 / math.sqrt(DHQK)
-    tile = plgpu.Layout.WGMMA
-    row_layout, col_layout = tile.reduce(1), tile.reduce(0)
+    regs = _RegisterTiles(interpret)
+    tile, row_layout, col_layout = regs.tile, regs.row_layout, regs.col_layout
+    load, cast, rows, columns = regs.load, regs.cast, regs.rows, regs.columns
     bh, j = lax.axis_index("bh"), lax.axis_index("chunk")
     steps = pl.ds(j * L, L)
     itemsize = jnp.dtype(dtype).itemsize
     operand = _swizzled(min(128, L * itemsize), itemsize)  # the (L, ·) tiles: rows of at least 64 elements
-
-    def load(ref, layout):
-        return _load(ref, layout, interpret)
-
-    def cast(x, layout):  # a layout annotation for JAX's layout inference (the interpreter has no layouts)
-        return x if interpret else plgpu.layout_cast(x, layout)
-
-    def rows(x, width):  # a row vector (L,) broadcast along the columns of an (L, width) tile
-        return cast(lax.broadcast_in_dim(x, (L, width), (0,)), tile)
-
-    def columns(x):  # a column vector (width,) broadcast along the L rows
-        return cast(lax.broadcast_in_dim(x, (L, x.shape[0]), (1,)), tile)
-
-    def iota(dimension):  # (L, L) step indices along ``dimension``, in the scores' layout
-        if interpret:
-            return lax.broadcasted_iota(jnp.int32, (L, L), dimension)
-        return plgpu.broadcasted_iota(jnp.int32, (L, L), dimension, layout=tile)
 
     def program(q_smem, k_smem, plan_smem, p_smem, out_smem, loaded, *rest):
         nb_smem, scratch = (rest[0], rest[1:]) if fold else (None, rest)
@@ -122,9 +106,12 @@ def _scores_body(
         else:
             k_t = k_smem.transpose((1, 0))
         s = _product(q_smem, k_t, (L, L))
-        same = rows(vector(_BREAKS), L) == columns(load(plan_smem.at[_BREAKS_COL], col_layout))
-        log_d = rows(vector(_ROW), L) + columns(load(plan_smem.at[_COL], col_layout))
-        d = cast(jnp.where((iota(1) <= iota(0)) & same, jnp.exp(log_d), 0.0), tile)
+        d = regs.gates(
+            vector(_ROW),
+            load(plan_smem.at[_COL], col_layout),
+            vector(_BREAKS),
+            load(plan_smem.at[_BREAKS_COL], col_layout),
+        )
         p = cast(cast(s, tile) * d * scale, tile)
         qn = cast(cast(jnp.sum(p, axis=1), row_layout) + border, row_layout)
         den = cast(jnp.maximum(jnp.abs(qn), vector(_LOWER)) + eps, row_layout)
