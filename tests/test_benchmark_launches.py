@@ -130,7 +130,7 @@ def test_cpu_smoke_run(tmp_path):
     tables = json.loads(path.read_text())["tables"]
     rows = tables["chunks"]
     assert [(r["tokens"], r["scores"]) for r in rows] == [
-        (t, s) for t in (5, 16) for s in ("auto", "in_kernel", "precomputed")
+        (t, s) for t in (5, 16) for s in ("auto", "in_kernel", "precomputed", "kernel")
     ]
     layers = PRESETS["tiny"]().num_blocks
     for row in rows:
