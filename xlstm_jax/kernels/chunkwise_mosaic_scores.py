@@ -18,8 +18,8 @@ is the same function as one kernel that reads q and k once, with one program (a 
 larger heads take the plan's row.
 
 Shared memory per program at DHQK = 256, bf16: q and k 2·64·256·2 B = 64 KiB, the plan 8·64·4 B = 2 KiB, P's
-tile 8 KiB, the four output rows 1 KiB and ``n_border`` 1 KiB: 76 KiB, two programs an SM. Each program's copies
-overlap the other's products.
+tile 8 KiB, the readout and (qn, den) rows 1 KiB and ``n_border`` 1 KiB: 76 KiB, two programs an SM. Each
+program's copies overlap the other's products.
 
 Interpret mode. ``interpret=True`` runs the kernel in Mosaic GPU's interpreter on any backend (slow; for tests on
 a CPU) where the JAX version has one.
@@ -57,19 +57,17 @@ from xlstm_jax.kernels.mosaic import require_mosaic_interpreter
 
 __all__ = ["mosaic_normalised_scores"]
 
-_OUT_ROWS = 4  # per chunk: INTER / den, GAIN, qn, den
-
 
 def _scores_body(
     q_ref,  # (BH, S, DHQK) GMEM, S a multiple of L
     k_ref,  # (BH, S, DHQK)
     plan_ref,  # (BH, NC * 8, L) float32: chunk_plan's rows
-    *refs,  # with fold: n_border (BH, NC, DHQK) float32; then the outputs r(P / den) and the rows
+    *refs,  # with fold: n_border (BH, NC, DHQK) float32; then the outputs r(P / den), the readout and (qn, den)
     eps: float,
     fold: bool,
     interpret: bool,
 ):
-    nb_ref, (p_ref, out_ref) = (refs[0], refs[1:]) if fold else (None, refs)
+    nb_ref, (p_ref, readout_ref, norm_ref) = (refs[0], refs[1:]) if fold else (None, refs)
     f32, dtype = jnp.float32, q_ref.dtype
     _, _, DHQK = q_ref.shape
     L = CHUNK
@@ -82,7 +80,7 @@ def _scores_body(
     itemsize = jnp.dtype(dtype).itemsize
     operand = _swizzled(min(128, L * itemsize), itemsize)  # the (L, ·) tiles: rows of at least 64 elements
 
-    def program(q_smem, k_smem, plan_smem, p_smem, out_smem, loaded, *rest):
+    def program(q_smem, k_smem, plan_smem, p_smem, readout_smem, norm_smem, loaded, *rest):
         nb_smem, scratch = (rest[0], rest[1:]) if fold else (None, rest)
         plgpu.copy_gmem_to_smem(q_ref.at[bh, steps], q_smem, loaded.at[0])
         plgpu.copy_gmem_to_smem(k_ref.at[bh, steps], k_smem, loaded.at[1])
@@ -116,11 +114,13 @@ def _scores_body(
         qn = cast(cast(jnp.sum(p, axis=1), row_layout) + border, row_layout)
         den = cast(jnp.maximum(jnp.abs(qn), vector(_LOWER)) + eps, row_layout)
         p_smem[...] = cast((p / rows(den, L)).astype(dtype), tile)
-        for r, x in enumerate((vector(_INTER) / den, vector(_GAIN), qn, den)):
-            out_smem.at[r][...] = cast(x, row_layout)
+        for tile_rows, values in ((readout_smem, (vector(_INTER) / den, vector(_GAIN))), (norm_smem, (qn, den))):
+            for r, x in enumerate(values):
+                tile_rows.at[r][...] = cast(x, row_layout)
         plgpu.commit_smem()
         plgpu.copy_smem_to_gmem(p_smem, p_ref.at[bh, steps])
-        plgpu.copy_smem_to_gmem(out_smem, out_ref.at[bh, pl.ds(j * _OUT_ROWS, _OUT_ROWS)])
+        plgpu.copy_smem_to_gmem(readout_smem, readout_ref.at[bh, pl.ds(j * 2, 2)])
+        plgpu.copy_smem_to_gmem(norm_smem, norm_ref.at[bh, pl.ds(j * 2, 2)])
         plgpu.wait_smem_to_gmem(0)
 
     pl.run_scoped(
@@ -129,7 +129,8 @@ def _scores_body(
         plgpu.SMEM((L, DHQK), dtype, transforms=operand),
         plgpu.SMEM((_PLAN_ROWS, L), f32),
         plgpu.SMEM((L, L), dtype, transforms=operand),
-        plgpu.SMEM((_OUT_ROWS, L), f32),
+        plgpu.SMEM((_READOUT_ROWS, L), f32),
+        plgpu.SMEM((2, L), f32),
         plgpu.Barrier(num_arrivals=1, num_barriers=3 + fold),  # q, k, the plan, n_border loaded
         *([plgpu.SMEM((1, DHQK), f32)] if fold else []),
         *([plgpu.SMEM((DHQK, L), dtype)] if interpret else []),  # kᵀ, copied
@@ -185,13 +186,13 @@ def mosaic_normalised_scores(
         functools.partial(_scores_body, eps=eps, fold=fold, interpret=interpret),
         out_type=(
             jax.ShapeDtypeStruct((BH, S, CHUNK), q.dtype),
-            jax.ShapeDtypeStruct((BH, NC * _OUT_ROWS, CHUNK), jnp.float32),
+            jax.ShapeDtypeStruct((BH, NC * _READOUT_ROWS, CHUNK), jnp.float32),
+            jax.ShapeDtypeStruct((BH, NC * 2, CHUNK), jnp.float32),
         ),
         mesh=plgpu.Mesh(grid=(BH, NC), grid_names=("bh", "chunk")),
         name="mlstm_chunk_scores_mosaic",
         **({"interpret": params} if interpret else {}),
     )
-    p, out = kernel(q, k, plan, *((n_border,) if fold else ()))
-    out = out.reshape(BH, NC, _OUT_ROWS, CHUNK)
-    readout = out[:, :, :_READOUT_ROWS].reshape(BH, NC * _READOUT_ROWS, CHUNK)
-    return p, readout, (out[:, :, 2], out[:, :, 3])
+    p, readout, norm = kernel(q, k, plan, *((n_border,) if fold else ()))
+    norm = norm.reshape(BH, NC, 2, CHUNK)
+    return p, readout, (norm[:, :, 0], norm[:, :, 1])
