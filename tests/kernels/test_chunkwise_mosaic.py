@@ -186,8 +186,9 @@ def _outputs(form, ids, *a):
 @pytest.mark.parametrize(
     ("states", "segments", "consumers", "scores", "scan_block"),
     [(True, True, 1, "in_kernel", None), (False, False, 1, "in_kernel", None), (True, True, 2, "in_kernel", None),
-     (True, True, 2, "precomputed", 64)],
-    ids=["states-documents", "zeros", "two-wg-states-documents", "precomputed-scan64-states-documents"],
+     (True, True, 2, "precomputed", 64), (True, True, 1, "kernel", None)],
+    ids=["states-documents", "zeros", "two-wg-states-documents", "precomputed-scan64-states-documents",
+         "scores-kernel-states-documents"],
 )  # fmt: skip
 def test_mosaic_backward_matches_float64(states, segments, consumers, scores, scan_block):
     """``backward="mosaic"``: the gradients of every input (q, k, v, i, f and the initial states) for random
@@ -195,9 +196,9 @@ def test_mosaic_backward_matches_float64(states, segments, consumers, scores, sc
     hand-derived backward (``chunkwise_split_fw``, checked against the float64 reference's central differences in
     test_chunkwise_mosaic_bw.py) on the same bf16-rounded inputs; each gradient scaled by its largest element.
     Extreme input gates, a reset, packed documents across chunk borders, with and without initial states; the
-    backward kernels with one and with two warpgroups per program; the forward's scores in the kernel and
+    backward kernels with one and with two warpgroups per program; the forward's scores in the kernel,
     precomputed (which also gives the backward its h, border states and normaliser), with the reverse state scan
-    on 64 columns per warpgroup."""
+    on 64 columns per warpgroup, and from the scores kernel."""
     args, ids = _grad_case(13 + states, 2, 1, states, segments)
     if consumers == 2:  # both backward kernels do run two warpgroups at this shape (DHQK = DHV = 64)
         assert state_scan_unsupported(64, 64, jnp.bfloat16, 32, 2, consumers=2) is None
