@@ -363,6 +363,15 @@ class _RegisterTiles:
         return self.cast(jnp.where((self.iota(1) <= self.iota(0)) & same, jnp.exp(log_d), 0.0), self.tile)
 
 
+def _transposed(ref: Any, scratch: Any, interpret: bool) -> Any:
+    """``ref``ᵀ as a WGMMA operand: a transposed view, or in the interpreter (which has no transposed operands) a
+    transposed copy in ``scratch``."""
+    if not interpret:
+        return ref.transpose((1, 0))
+    scratch[...] = ref[...].T
+    return scratch
+
+
 def _product(a: Any, b: Any, shape: tuple[int, int]) -> jax.Array:
     """``a @ b`` of two shared-memory operands on the WGMMA units, float32 accumulation, into registers."""
 
@@ -419,8 +428,7 @@ def _chunk_body(
     rows = _READOUT_ROWS if precomputed else _PLAN_ROWS  # of the plan, per chunk
     scale = 1.0 / math.sqrt(DHQK)
     regs = _RegisterTiles(interpret)
-    tile, row_layout, load, cast = regs.tile, regs.row_layout, regs.load, regs.cast
-    col_layout = regs.col_layout
+    tile, row_layout, col_layout, load, cast = regs.tile, regs.row_layout, regs.col_layout, regs.load, regs.cast
     bh, vb = lax.axis_index("bh"), lax.axis_index("vb")
     itemsize = jnp.dtype(dtype).itemsize
     group = _Warpgroups(consumers, vb, NV)
@@ -486,11 +494,7 @@ def _chunk_body(
             if borders_ref is not None:  # r(C_j), committed at the end of the last chunk, out while this one runs
                 plgpu.copy_smem_to_gmem(c16_smem, borders_ref.at[bh, pl.ds(j * DHQK, DHQK), columns])
             q_smem, k_smem, v_smem, plan_smem = q_bufs.at[slot], k_bufs.at[slot], v_bufs.at[slot], plan_bufs.at[slot]
-            if interpret:  # the interpreter has no transposed WGMMA operands: transpose through shared memory
-                k_t = own(kt[0])
-                k_t[...] = k_smem[...].T
-            else:
-                k_t = k_smem.transpose((1, 0))  # (DHQK, L)
+            k_t = _transposed(k_smem, own(kt[0]) if interpret else None, interpret)  # (DHQK, L)
 
             def scores_to_p(scores):
                 """The gated scores P (registers) from q kᵀ, and P into shared memory for P v."""
@@ -809,13 +813,13 @@ def chunk_plan(
     inter = scale * weight(log_w, m)
     # q̂·n of the border normaliser as a product and a sum, which XLA fuses into one pass over the bf16 q (a float32
     # matrix-vector product may first write q in float32 for a library call, and its transpose dq too).
-    q_n = jnp.sum(x.q.astype(acc) * n_b[..., None, :], axis=-1) if border_qn else jnp.zeros_like(inter)
+    qn_row = inter * jnp.sum(x.q.astype(acc) * n_b[..., None, :], axis=-1) if border_qn else jnp.zeros_like(inter)
     a = F_L[..., None] - F + i  # each step's log weight at its chunk's end
     a = jnp.where(R_L[..., None] == R, a, -jnp.inf)
     if valid is not None:
         a = jnp.where(valid, a, -jnp.inf)
     gain = weight(a, m_end[..., None])
-    plan = jnp.stack([row, col, R, inter, inter * q_n, jnp.exp(-m), gain, R], axis=-2)
+    plan = jnp.stack([row, col, R, inter, qn_row, jnp.exp(-m), gain, R], axis=-2)
     decay = weight(log_decay + m_b, m_end)
     return plan, decay, (n_last, m_last), n_b
 

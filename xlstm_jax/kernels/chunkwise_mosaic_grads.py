@@ -88,6 +88,7 @@ from xlstm_jax.kernels.chunkwise_mosaic import (
     _product,
     _RegisterTiles,
     _swizzled,
+    _transposed,
 )
 from xlstm_jax.kernels.mosaic import require_mosaic_interpreter
 
@@ -207,12 +208,8 @@ def _gradients_body(
         return cast(jnp.zeros((L,), f32), row_layout)
 
     def program(q_smem, k_smem, vec_smem, dvec_smem, p_smem, ds_smem, dh_v_smem, loaded, *scratch):
-        def transposed(ref, index):
-            """``ref``ᵀ as a WGMMA operand: a transposed view, or in the interpreter a transposed copy."""
-            if not interpret:
-                return ref.transpose((1, 0))
-            scratch[index][...] = ref[...].T
-            return scratch[index]
+        def transposed(ref, index):  # the interpreter's copy in scratch tile ``index``
+            return _transposed(ref, scratch[index] if interpret else None, interpret)
 
         def copy_inputs():
             plgpu.copy_gmem_to_smem(q_ref.at[bh, steps], q_smem, loaded.at[0])

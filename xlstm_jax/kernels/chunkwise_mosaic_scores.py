@@ -52,6 +52,7 @@ from xlstm_jax.kernels.chunkwise_mosaic import (
     _product,
     _RegisterTiles,
     _swizzled,
+    _transposed,
 )
 from xlstm_jax.kernels.mosaic import require_mosaic_interpreter
 
@@ -98,12 +99,7 @@ def _scores_body(
             border = vector(_INTER) * cast(jnp.sum(q * columns(load(nb_smem.at[0], col_layout)), axis=1), row_layout)
         else:
             border = vector(_QN)
-        if interpret:  # the interpreter has no transposed WGMMA operands: transpose through shared memory
-            scratch[0][...] = k_smem[...].T
-            k_t = scratch[0]
-        else:
-            k_t = k_smem.transpose((1, 0))
-        s = _product(q_smem, k_t, (L, L))
+        s = _product(q_smem, _transposed(k_smem, scratch[0] if interpret else None, interpret), (L, L))
         d = regs.gates(
             vector(_ROW),
             load(plan_smem.at[_COL], col_layout),
