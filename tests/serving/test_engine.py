@@ -112,7 +112,7 @@ def test_stops_seen_a_step_late_leave_the_conversation_state_exact(cached_engine
 
 _STABLE = [
     pytest.param(
-        True, marks=pytest.mark.skipif(not stable_scratch_supported(), reason="XLA without update mode SKIP_TEMP")
+        True, marks=pytest.mark.skipif(not stable_scratch_supported(), reason="XLA without a stable scratch mode")
     ),
     False,
 ]
@@ -380,7 +380,7 @@ def test_stable_scratch_only_where_xla_supports_it(model):
     if stable_scratch_supported():
         assert _engine(model, stable_scratch=True).stable_scratch is True
     else:
-        with pytest.raises(ValueError, match=r"stable_scratch=True needs XLA's command buffer update mode SKIP_TEMP"):
+        with pytest.raises(ValueError, match=r"stable_scratch=True needs XLA.s command buffer update mode SKIP_TEMP"):
             _engine(model, stable_scratch=True)
 
 

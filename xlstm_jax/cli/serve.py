@@ -97,7 +97,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--stable-scratch",
         action="store_true",
-        help="run every prefill chunk shape as command buffers recorded once (XLA's SKIP_TEMP mode, jaxlib 0.11+)",
+        help="run every prefill chunk shape as command buffers recorded once (jaxlib 0.11+, jax's VMM allocator)",
     )
     p.add_argument("--log-level", choices=LOG_LEVELS, default="info", help="the server's log level (default info)")
 

@@ -111,12 +111,13 @@ __all__ = [
     "Engine",
     "EngineOverloaded",
     "RequestStream",
-    "STABLE_SCRATCH_OPTIONS",
+    "STABLE_SCRATCH_MODES",
     "SWITCH_INTERVAL_S",
     "SamplingParams",
     "TokenEvent",
     "check_mesh",
     "require_stable_scratch",
+    "stable_scratch_options",
     "stable_scratch_supported",
 ]
 
@@ -489,27 +490,37 @@ _jit_chunk = functools.partial(
 # XLA launches a GPU program's kernels as command buffers (CUDA graphs) and records them again, on the host, whenever
 # a buffer they use has moved: the chunk's in-place buffers do not, but its scratch buffers do, between chunks, as
 # other requests' states are allocated and freed, and recording the ~1000 kernels of a 7B chunk again costs more on
-# the host than launching them one by one. XLA's update mode SKIP_TEMP (jaxlib 0.11 and later) keeps the scratch
-# buffers a command buffer uses at fixed virtual addresses, so that nothing is recorded twice.
-STABLE_SCRATCH_OPTIONS = {"xla_gpu_command_buffer_update_mode": "SKIP_TEMP"}
+# the host than launching them one by one. XLA's command buffer update mode that keeps the scratch buffers a command
+# buffer uses at fixed virtual addresses, so that nothing is recorded twice, is named SKIP_TEMP in jaxlib 0.11 and
+# VMM_PERSISTENT_TEMP in later XLA; older versions have neither. Either needs the client's VMM allocator (jax's
+# XLA_PYTHON_CLIENT_ALLOCATOR=vmm, set before jax starts); under another allocator XLA records as before.
+STABLE_SCRATCH_MODES = ("SKIP_TEMP", "VMM_PERSISTENT_TEMP")
 
 
 @functools.cache
+def stable_scratch_options() -> dict[str, str] | None:
+    """The compiler options of the first of ``STABLE_SCRATCH_MODES`` the installed XLA takes, or None."""
+    for mode in STABLE_SCRATCH_MODES:
+        options = {"xla_gpu_command_buffer_update_mode": mode}
+        try:
+            jax.jit(lambda x: x + 1, compiler_options=options).lower(np.float32(0)).compile()
+        except jax.errors.JaxRuntimeError:
+            continue
+        return options
+    return None
+
+
 def stable_scratch_supported() -> bool:
-    """Whether the installed XLA takes ``STABLE_SCRATCH_OPTIONS`` (older versions reject the mode's name)."""
-    try:
-        jax.jit(lambda x: x + 1, compiler_options=STABLE_SCRATCH_OPTIONS).lower(np.float32(0)).compile()
-    except jax.errors.JaxRuntimeError:
-        return False
-    return True
+    """Whether the installed XLA has one of ``STABLE_SCRATCH_MODES`` (``stable_scratch_options()`` is not None)."""
+    return stable_scratch_options() is not None
 
 
 def require_stable_scratch(what: str) -> None:
-    """Raises a ValueError naming ``what`` where the installed XLA lacks ``STABLE_SCRATCH_OPTIONS``' mode."""
+    """Raises a ValueError naming ``what`` where the installed XLA has none of ``STABLE_SCRATCH_MODES``."""
     if not stable_scratch_supported():
         raise ValueError(
-            f"{what} needs XLA's command buffer update mode SKIP_TEMP, which jax {jax.__version__} does not have "
-            "(jaxlib 0.11 and later)"
+            f"{what} needs XLA's command buffer update mode SKIP_TEMP or VMM_PERSISTENT_TEMP, which jax "
+            f"{jax.__version__} does not have (jaxlib 0.11 and later)"
         )
 
 
@@ -521,8 +532,12 @@ _prefill_chunk = _jit_chunk(_prefill_chunk_fn)
 # the device hides its launches, a lone one does not, and recording costs it more than launching (BENCHMARKS.md,
 # serving).
 _prefill_short_chunk = _jit_chunk(_prefill_chunk_fn, compiler_options={"xla_gpu_enable_command_buffer": ""})
-# Every shape, where XLA keeps the scratch buffers in place: command buffers recorded once.
-_prefill_chunk_stable = _jit_chunk(_prefill_chunk_fn, compiler_options=STABLE_SCRATCH_OPTIONS)
+
+
+@functools.cache
+def _prefill_chunk_stable() -> Callable[..., tuple[_ChunkWork, _ChunkTokens]]:
+    """Every shape, where XLA keeps the scratch buffers in place: command buffers recorded once."""
+    return _jit_chunk(_prefill_chunk_fn, compiler_options=stable_scratch_options())
 
 
 @functools.partial(jax.jit, static_argnames=("layout",))
@@ -702,10 +717,10 @@ class Engine:
             the smallest of ``prefill_chunk_tokens``, its half, its quarter, ... (halving while even, down to this)
             that holds it. ``prefill_chunk_tokens`` or more: one shape.
         stable_scratch: Whether the chunk programs run with XLA's command buffers (CUDA graphs) recorded once,
-            their scratch buffers kept at fixed addresses (``STABLE_SCRATCH_OPTIONS``, jaxlib 0.11 and later; see
-            ``stable_scratch_supported()``), for every chunk shape. False (the default): the full shape runs as
-            command buffers that XLA records again whenever its scratch buffers have moved, the shorter shapes
-            as below.
+            their scratch buffers kept at fixed addresses (``stable_scratch_options()``: jaxlib 0.11 and later,
+            under jax's VMM allocator, ``XLA_PYTHON_CLIENT_ALLOCATOR=vmm``), for every chunk shape. False (the
+            default): the full shape runs as command buffers that XLA records again whenever its scratch buffers
+            have moved, the shorter shapes as below.
         short_chunk_command_buffers: Without ``stable_scratch``, whether the chunk shapes below
             ``prefill_chunk_tokens`` run as command buffers too. False (the default): their kernels are launched
             one by one, which costs a lone 7B chunk less than recording its command buffers again whenever its
@@ -1162,7 +1177,7 @@ class Engine:
         ``stable_scratch``; else ``_prefill_chunk`` at the full size (and every size with
         ``short_chunk_command_buffers``), ``_prefill_short_chunk`` below it."""
         if self.stable_scratch:
-            return _prefill_chunk_stable
+            return _prefill_chunk_stable()
         if size == self.prefill_chunk_tokens or self.short_chunk_command_buffers:
             return _prefill_chunk
         return _prefill_short_chunk
@@ -1484,7 +1499,7 @@ class Engine:
             "load_chunk": _load_chunk._cache_size(),
             "prefill_chunk": _prefill_chunk._cache_size(),
             "prefill_short_chunk": _prefill_short_chunk._cache_size(),
-            "prefill_chunk_stable": _prefill_chunk_stable._cache_size(),
+            "prefill_chunk_stable": _prefill_chunk_stable()._cache_size() if stable_scratch_supported() else 0,
             "split_chunk": _split_chunk._cache_size(),
             "first_token": _first_token._cache_size(),
             "insert": _insert._cache_size(),
