@@ -26,13 +26,13 @@ backward reads no h.)
 The program keeps q and k (L, DHQK) in shared memory and walks the DHV columns in blocks of ``block_dhv``, each
 loop a TMA pipeline of two slots:
 
-- first, while the first tiles arrive: ``q kᵀ`` and the gates give P, and r(P) goes to shared memory;
+- first, while the first tiles arrive: ``q kᵀ`` and the gates give P, which goes to shared memory twice, rounded
+  (r(P), for dv) and in float32 (for dS);
 - dq's loop, over C_j, dC_{j+1}, dh and v blocks: ``r(W ⊙ dh) C_jᵀ`` accumulates into dq (L, DHQK) float32 and
   ``dh vᵀ`` into (L, L); ``q C_j`` per block gives X and dINTER, the border tiles' elementwise product dDECAY.
-  After it, from ``dh vᵀ``, X and the scores (computed again: one (L, L) product instead of P held in registers
-  through the loop), the normaliser's dQN and dLOWER, then dP, dS, dlogD, dROW and dCOL, r(dS) into shared
-  memory (D computed again too: with dq's accumulator live, at most two (L, L) float32 values are), and
-  ``r(dS) k`` completes dq;
+  After it, from ``dh vᵀ``, X and P (both loaded from shared memory), the normaliser's dQN and dLOWER, then dP,
+  dS, dlogD, dROW and dCOL, r(dS) into shared memory (D computed again: with dq's accumulator live, at most two
+  (L, L) float32 values are), and ``r(dS) k`` completes dq;
 - dk's loop, over dC_{j+1}, v and dh blocks: ``r(GAIN ⊙ v) dC_{j+1}ᵀ`` accumulates into dk, and each block of dv
   is written; then ``r(dS)ᵀ q`` completes dk.
 
@@ -47,17 +47,20 @@ and warpgroup 1 dk in k's, and warpgroup 0 writes the vectors.
 
 Registers. dq's accumulator (128 float32 registers a thread at DHQK = 256) is live from dq's loop to the end of
 dq; the loop adds dh vᵀ's accumulator (32) and per block about 32 more. r(P) is written before the accumulators
-are opened (while the first tiles arrive), and after the loop dh vᵀ goes to shared memory in float32 (its
-accumulator's last read), so that computing dS holds at most two (L, L) float32 values beside dq: about 192 registers
-a thread at the peak, of the 255 a thread can have.
+are opened (while the first tiles arrive), with P in float32 beside it, and after the loop dh vᵀ goes to shared
+memory in float32 (its accumulator's last read), so that computing dS runs no product and holds at most two (L, L)
+float32 values beside dq: about 192 registers a thread at the peak, of the 255 a thread can have. (Forming P again
+there, a 32-register accumulator beside dq's, made ptxas spill 244 bytes a thread with two warpgroups at DHQK=256;
+loading it leaves 4.)
 
 Shared memory (:func:`chunk_gradients_smem_bytes`), at DHQK = 256, block_dhv = 32, bf16: for the whole program q
 and k 2·64·256·2 B = 64 KiB, the input and output vectors 2·8·64·4 B = 4 KiB, r(P) and r(dS) 2·64·64·2 B = 16 KiB,
-dh vᵀ 64·64·4 B = 16 KiB (100 KiB). One warpgroup: the larger loop's scope, dq's: two slots of C_j and dC_{j+1}
-2·2·256·32·2 B = 64 KiB, of dh and v 16 KiB, r(W ⊙ dh) 4 KiB (84 KiB; dk's loop needs 60 KiB, dq's and dk's
-output tiles 32 KiB): 184 KiB in all, within Hopper's 227 KiB less a 4 KiB reserve for barriers. block_dhv = 64
-needs 268 KiB at DHQK = 256 and runs for DHQK <= 192. Two warpgroups: the shared slots 80 KiB and both loops' four
-scratch tiles 16 KiB, 196 KiB; dq and dk need no tiles of their own. block_dhv = 64 runs for DHQK <= 128 there.
+dh vᵀ and P in float32 2·64·64·4 B = 32 KiB (116 KiB). One warpgroup: the larger loop's scope, dq's: two slots of
+C_j and dC_{j+1} 2·2·256·32·2 B = 64 KiB, of dh and v 16 KiB, r(W ⊙ dh) 4 KiB (84 KiB; dk's loop needs 60 KiB,
+dq's and dk's output tiles 32 KiB): 200 KiB in all, within Hopper's 227 KiB less a 4 KiB reserve for barriers.
+block_dhv = 64 needs 284 KiB at DHQK = 256 and runs for DHQK <= 128. Two warpgroups: the shared slots 80 KiB and
+both loops' four scratch tiles 16 KiB, 212 KiB; dq and dk need no tiles of their own. block_dhv = 64 runs for
+DHQK <= 128 there.
 
 Operands (heads flattened, NC = S / 64 chunks): q, k (BH, S, DHQK) and v, dh (BH, S, DHV) in bf16 or f16; the
 borders r(C_j) and r(dC_{j+1}) as (BH, NC · DHQK, DHV) in the same dtype; per chunk 8 float32 vectors of L as
@@ -131,7 +134,8 @@ def chunk_gradients_smem_bytes(DHQK: int, dtype: Any, block_dhv: int, consumers:
     pipeline of C_j, dC_{j+1}, dh and v feeds both, beside both loops' scratch tiles.
     """
     L, NV, item = CHUNK, block_dhv, jnp.dtype(dtype).itemsize
-    program = 2 * L * DHQK * item + 2 * VEC_ROWS * L * 4 + 2 * L * L * item + L * L * 4  # q, k; vectors; P, dS; dh vᵀ
+    # q, k; the vectors; r(P), r(dS); dh vᵀ and P in float32
+    program = 2 * L * DHQK * item + 2 * VEC_ROWS * L * 4 + 2 * L * L * item + 2 * L * L * 4
     slots_q = _DEPTH * (2 * DHQK * NV + 2 * L * NV) * item  # C, dC; dh, v
     if consumers > 1:
         return program + slots_q + 4 * L * NV * item  # r(W ⊙ dh); r(GAIN ⊙ v), r(RDEN ⊙ dh), dv
@@ -207,7 +211,7 @@ def _gradients_body(
     def zeros_row():
         return cast(jnp.zeros((L,), f32), row_layout)
 
-    def program(q_smem, k_smem, vec_smem, dvec_smem, p_smem, ds_smem, dh_v_smem, loaded, *scratch):
+    def program(q_smem, k_smem, vec_smem, dvec_smem, p_smem, ds_smem, dh_v_smem, p32_smem, loaded, *scratch):
         def transposed(ref, index):  # the interpreter's copy in scratch tile ``index``
             return _transposed(ref, scratch[index] if interpret else None, interpret)
 
@@ -238,8 +242,10 @@ def _gradients_body(
             return cast(cast(scores, tile) * gates() * scale, tile)
 
         def write_p():
-            """r(P) into shared memory, for dv's product."""
-            p_smem[...] = cast(gated_scores().astype(dtype), tile)
+            """r(P) into shared memory, for dv's product, and P in float32, for dS."""
+            p = gated_scores()
+            p32_smem[...] = p
+            p_smem[...] = cast(p.astype(dtype), tile)
             plgpu.commit_smem()
 
         def write_ds(inter):
@@ -247,7 +253,7 @@ def _gradients_body(
             r(dS) into shared memory and the rows dROW and dCOL. dq's accumulator is live here, so at most two (L, L)
             float32 values are: P comes from the scores again (one small product), dh vᵀ is loaded once P is formed,
             and D is computed again for dS."""
-            p = gated_scores()
+            p = load(p32_smem, tile)
             dh_v = load(dh_v_smem, tile)
             rden = vector(RDEN)
             num_dh = vector(W) * inter + rden * cast(jnp.sum(p * cast(dh_v, tile), axis=1), row_layout)
@@ -522,6 +528,7 @@ def _gradients_body(
         plgpu.SMEM((L, L), dtype, transforms=operand),
         plgpu.SMEM((L, L), dtype, transforms=operand),
         plgpu.SMEM((L, L), f32, transforms=_swizzled(min(128, L * 4), 4)),  # dh vᵀ, staged
+        plgpu.SMEM((L, L), f32, transforms=_swizzled(min(128, L * 4), 4)),  # P in float32
         plgpu.Barrier(num_arrivals=1, num_barriers=3 + 2 * split),  # q, k, vec loaded; two warpgroups: r(P), r(dS)
         *[plgpu.SMEM(shape, dtype) for shape in transposes],
         **({"collective_axes": "wg"} if split else {}),
