@@ -27,6 +27,7 @@ from xlstm_jax.kernels.chunkwise_mosaic import (
     IN_KERNEL_SCORES_MAX_CHUNKS,
     SCORES,
     auto_consumers,
+    auto_depth,
     auto_scores,
     auto_tiling,
     chunkwise_mosaic_fw,
@@ -94,8 +95,19 @@ def test_head_size_512_with_one_chunk_in_flight(scores):
     q and k alone are 128 KiB per slot); against the float64 recurrence, with initial states and extreme gates."""
     assert chunkwise_mosaic_unsupported(512, 64, jnp.bfloat16, 32, scores=scores) is not None  # depth=2
     assert chunkwise_mosaic_unsupported(512, 64, jnp.bfloat16, 32, depth=1, scores=scores) is None
+    assert auto_depth(512, 64, jnp.bfloat16, 32, scores=scores) == 1  # depth=None
+    assert auto_depth(256, 512, jnp.bfloat16, 32, scores=scores) == 2
     x = random_inputs(17, 1, 1, 100, 512, 64, states=True, igate="extreme")
-    check_forward(functools.partial(kernel(scores=scores), depth=1), x, "bfloat16")
+    check_forward(kernel(scores=scores), x, "bfloat16")
+
+
+def test_backend_runs_the_kernel_at_head_size_512():
+    """The backend's defaults run the kernel at DHQK=512 (one chunk in flight), not the XLA form."""
+    x = random_inputs(4, 1, 2, 100, 512, 64)
+    args = [jnp.asarray(x[name], jnp.bfloat16) for name in ("q", "k", "v")]
+    args += [jnp.asarray(x[name], jnp.float32) for name in ("i", "f")]
+    jaxpr = str(jax.make_jaxpr(create_mlstm_backend("chunkwise_mosaic", interpret=True))(*args))
+    assert "mlstm_chunkwise_mosaic" in jaxpr
 
 
 @runs

@@ -192,9 +192,9 @@ def test_mosaic_backend_matches_reference(segments):
         np.testing.assert_array_equal(a, b)
 
 
-def _runs_mosaic(**kwargs) -> bool:
-    """Whether ``recurrent_sequence_pallas`` on bf16 inputs (DHQK = DHV = 64) traces the Mosaic kernel."""
-    x = random_inputs(3, 1, 1, 70, 64, 64)
+def _runs_mosaic(DHQK: int = 64, **kwargs) -> bool:
+    """Whether ``recurrent_sequence_pallas`` on bf16 inputs (DHV = 64) traces the Mosaic kernel."""
+    x = random_inputs(3, 1, 1, 70, DHQK, 64)
     args = [jnp.asarray(x[name], jnp.bfloat16) for name in ("q", "k", "v", "i", "f")]
     jaxpr = jax.make_jaxpr(functools.partial(recurrent_sequence_pallas, **kwargs))(*args)
     return "mlstm_chunkwise_mosaic" in str(jaxpr)
@@ -205,6 +205,7 @@ def test_backend_choice_and_errors():
     """ "auto" interprets the Triton kernel (the Mosaic kernel only compiled on Hopper); "mosaic" asks for the
     Mosaic kernel, and is an error for float32 inputs, a Triton tiling or an unknown name."""
     assert _runs_mosaic(backend="mosaic", interpret=True)
+    assert _runs_mosaic(512, backend="mosaic", interpret=True)  # one chunk in flight (chunkwise_mosaic's auto_depth)
     assert not _runs_mosaic(backend="auto", interpret=True)
     assert not _runs_mosaic(backend="triton", interpret=True)
     x = random_inputs(3, 1, 1, 70, 64, 64)

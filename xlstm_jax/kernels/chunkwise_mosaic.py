@@ -89,6 +89,7 @@ __all__ = [
     "chunk_plan",
     "chunkwise_mosaic_fw",
     "auto_consumers",
+    "auto_depth",
     "auto_scores",
     "auto_tiling",
     "chunkwise_mosaic_unsupported",
@@ -203,6 +204,15 @@ def auto_consumers(
     """
     two = chunkwise_mosaic_unsupported(DHQK, DHV, dtype, block_dhv, depth=depth, consumers=2, scores=scores) is None
     return 2 if two and BH * DHV // (2 * block_dhv) >= _FULL_WAVE else 1
+
+
+def auto_depth(
+    DHQK: int, DHV: int, dtype: Any, block_dhv: int = 32, consumers: int = 1, scores: str = "in_kernel"
+) -> int:
+    """The chunks in flight that ``depth=None`` picks for a tiling: two (the next chunk's copies overlap this
+    chunk's products) where the tiles fit, else one (at DHQK=512, where q and k alone take 128 KiB a slot)."""
+    fits = chunkwise_mosaic_unsupported(DHQK, DHV, dtype, block_dhv, depth=2, consumers=consumers, scores=scores)
+    return 2 if fits is None else 1
 
 
 # Sequences of at most this many chunks compute their scores in the kernel when ``scores`` is None
@@ -866,7 +876,7 @@ def chunkwise_mosaic_fw(
     *,
     segment_ids: jax.Array | None = None,  # (B, S) int
     block_dhv: int | None = None,
-    depth: int = 2,
+    depth: int | None = None,
     consumers: int | None = None,
     interpret: bool = False,
     xla_chunk_size: int = 256,
@@ -884,7 +894,7 @@ def chunkwise_mosaic_fw(
         block_dhv: Columns of c per warpgroup, 32 or 64: more columns make wider products (and, with the scores
             in the kernel, recompute them fewer times), fewer hold less of c in registers. None:
             :func:`auto_tiling` picks by the number of heads and ``scores`` (BENCHMARKS.md compares them).
-        depth: Chunks in flight in the TMA pipeline.
+        depth: Chunks in flight in the TMA pipeline. None: :func:`auto_depth`, two where the tiles fit, else one.
         consumers: Warpgroups per program, 1 or 2, each with its own ``block_dhv`` columns of c; two share the
             q and k tiles in shared memory and overlap each other's products (module docstring; BENCHMARKS.md).
             None: :func:`auto_tiling` picks by the number of heads.
@@ -925,7 +935,9 @@ def chunkwise_mosaic_fw(
     _, _, S, DHQK, DHV = x.dims
     dtype = jnp.result_type(q, k, v)
     scores = auto_scores(S) if scores is None else scores
-    block_dhv, consumers = auto_tiling(x.dims[0] * x.dims[1], DHQK, DHV, dtype, block_dhv, consumers, depth, scores)
+    BH = x.dims[0] * x.dims[1]
+    block_dhv, consumers = auto_tiling(BH, DHQK, DHV, dtype, block_dhv, consumers, depth or 2, scores)
+    depth = auto_depth(DHQK, DHV, dtype, block_dhv, consumers, scores) if depth is None else depth
     reason = chunkwise_mosaic_unsupported(
         DHQK, DHV, dtype, block_dhv, depth=depth, consumers=consumers, scores=scores
     )  # fmt: skip

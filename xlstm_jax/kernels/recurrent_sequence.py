@@ -44,7 +44,12 @@ import jax.numpy as jnp
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as pl_triton
 
-from xlstm_jax.kernels.chunkwise_mosaic import auto_scores, chunkwise_mosaic_fw, chunkwise_mosaic_unsupported
+from xlstm_jax.kernels.chunkwise_mosaic import (
+    auto_depth,
+    auto_scores,
+    chunkwise_mosaic_fw,
+    chunkwise_mosaic_unsupported,
+)
 from xlstm_jax.kernels.config import (
     STEP_BACKENDS,
     SequenceKernelConfig,
@@ -367,8 +372,9 @@ def _mosaic_unsupported(dims: Any, dtype: Any, config: SequenceKernelConfig | No
     """Why the Mosaic GPU chunkwise kernel does not run this call in place of the Triton kernel, or None."""
     if config is not None:
         return "config is a tiling of the Triton kernel"
-    scores = auto_scores(dims.S)  # the scores its call picks (chunkwise_mosaic_fw's default)
-    return chunkwise_mosaic_unsupported(dims.DHQK, dims.DHV, dtype, 32, scores=scores)
+    scores = auto_scores(dims.S)  # the scores and depth its call picks (chunkwise_mosaic_fw's defaults)
+    depth = auto_depth(dims.DHQK, dims.DHV, dtype, 32, scores=scores)
+    return chunkwise_mosaic_unsupported(dims.DHQK, dims.DHV, dtype, 32, depth=depth, scores=scores)
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(7, 8, 9, 10))

@@ -19,6 +19,7 @@ import jax.numpy as jnp
 from xlstm_jax.kernels.chunkwise_mosaic import (
     BACKWARDS,
     SCORES,
+    auto_depth,
     auto_scores,
     auto_tiling,
     chunkwise_mosaic_fw,
@@ -79,11 +80,12 @@ def chunkwise_hopper_fw(
     DHQK, DHV = q.shape[-1], v.shape[-1]
     scores = auto_scores(q.shape[2]) if scores is None else scores
     block_dhv, consumers = auto_tiling(q.shape[0] * q.shape[1], DHQK, DHV, dtype, block_dhv, consumers, scores=scores)
-    fits = chunkwise_mosaic_unsupported(DHQK, DHV, dtype, block_dhv, consumers=consumers, scores=scores) is None
-    if use_kernel and fits and states_dtype in (None, jnp.dtype(jnp.float32)):
+    depth = auto_depth(DHQK, DHV, dtype, block_dhv, consumers, scores)
+    fits = chunkwise_mosaic_unsupported(DHQK, DHV, dtype, block_dhv, depth=depth, consumers=consumers, scores=scores)
+    if use_kernel and fits is None and states_dtype in (None, jnp.dtype(jnp.float32)):
         return chunkwise_mosaic_fw(
             q, k, v, i, f, c_initial, n_initial, m_initial, return_last_states, eps, state_dtype,
-            segment_ids=segment_ids, block_dhv=block_dhv, consumers=consumers, interpret=bool(interpret),
+            segment_ids=segment_ids, block_dhv=block_dhv, depth=depth, consumers=consumers, interpret=bool(interpret),
             xla_chunk_size=chunk_size, backward=backward, backward_consumers=backward_consumers, scores=scores,
             backward_scan_block_dhv=backward_scan_block_dhv,
         )  # fmt: skip
