@@ -16,7 +16,7 @@ from xlstm_jax.generation import SamplingConfig, generate
 from xlstm_jax.models.xlstm_parallel.model import ModelStates
 from xlstm_jax.serving import Engine, EngineOverloaded, SamplingParams, TokenEvent
 from xlstm_jax.serving import engine as serving_engine
-from xlstm_jax.serving.engine import stable_scratch_supported
+from xlstm_jax.serving.engine import stable_scratch_allocator_note, stable_scratch_supported
 from xlstm_jax.serving.prefix_cache import PrefixEntry, entry_nbytes
 
 NUM_SLOTS = 3
@@ -499,3 +499,14 @@ def test_background_thread_sync_and_async_streams(model):
         assert list(gone)[-1] == TokenEvent(None, "cancelled")
         left = engine.submit(PROMPTS[0], SamplingParams(max_tokens=10**6))
     assert list(left)[-1].finish_reason == "cancelled"  # stop() ends what still runs
+
+
+def test_stable_scratch_names_the_allocator_it_needs():
+    """Stable scratch keeps scratch buffers in place only under jax's VMM allocator: without it (or the mode set
+    process-wide) the engine says so rather than running as before without a word."""
+    note = stable_scratch_allocator_note({})
+    assert note is not None and "XLA_PYTHON_CLIENT_ALLOCATOR=vmm" in note
+    assert stable_scratch_allocator_note({"XLA_PYTHON_CLIENT_ALLOCATOR": "platform"}) == note
+    assert stable_scratch_allocator_note({"XLA_PYTHON_CLIENT_ALLOCATOR": "vmm"}) is None
+    flags = "--xla_gpu_command_buffer_update_mode=SKIP_TEMP --xla_dump_to=/tmp/x"
+    assert stable_scratch_allocator_note({"XLA_FLAGS": flags}) is None

@@ -87,7 +87,7 @@ import tempfile
 import threading
 import time
 import uuid
-from collections.abc import AsyncIterator, Callable, Iterator, Sequence
+from collections.abc import AsyncIterator, Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, NamedTuple
@@ -117,6 +117,7 @@ __all__ = [
     "TokenEvent",
     "check_mesh",
     "require_stable_scratch",
+    "stable_scratch_allocator_note",
     "stable_scratch_options",
     "stable_scratch_supported",
 ]
@@ -515,13 +516,31 @@ def stable_scratch_supported() -> bool:
     return stable_scratch_options() is not None
 
 
+def stable_scratch_allocator_note(environ: Mapping[str, str] = os.environ) -> str | None:
+    """Why the stable-scratch mode may not keep scratch buffers in place in a process with ``environ``, or None:
+    XLA does so only under the client's VMM allocator, which jax takes from ``XLA_PYTHON_CLIENT_ALLOCATOR=vmm``
+    (or from the mode set process-wide in ``XLA_FLAGS``), read when jax starts its GPU client."""
+    vmm = environ.get("XLA_PYTHON_CLIENT_ALLOCATOR") == "vmm"
+    if vmm or "xla_gpu_command_buffer_update_mode" in environ.get("XLA_FLAGS", ""):
+        return None
+    return (
+        "stable scratch needs jax's VMM allocator (XLA_PYTHON_CLIENT_ALLOCATOR=vmm, set before jax starts); "
+        "under another allocator XLA records the command buffers again as before"
+    )
+
+
 def require_stable_scratch(what: str) -> None:
-    """Raises a ValueError naming ``what`` where the installed XLA has none of ``STABLE_SCRATCH_MODES``."""
+    """Raises a ValueError naming ``what`` where the installed XLA has none of ``STABLE_SCRATCH_MODES``; logs a
+    warning where the process's allocator will not keep the scratch buffers in place
+    (:func:`stable_scratch_allocator_note`)."""
     if not stable_scratch_supported():
         raise ValueError(
             f"{what} needs XLA's command buffer update mode SKIP_TEMP or VMM_PERSISTENT_TEMP, which jax "
             f"{jax.__version__} does not have (jaxlib 0.11 and later)"
         )
+    note = stable_scratch_allocator_note()
+    if note is not None:
+        logger.warning("%s: %s", what, note)
 
 
 # The chunk program in the full shape (prefill_chunk_tokens columns: every batched chunk, and a long prompt's chunks,
