@@ -33,12 +33,14 @@ the engine's default chunk shapes (``--chunk-tokens`` and its halvings down to 1
 ``--switch-interval-ms``, 0.5 by default, as ``xlstm-jax serve`` does), row ``on, short chunks as command buffers``
 as ``on`` with ``Engine(short_chunk_command_buffers=True)``; where XLA can keep a program's scratch buffers in place
 (``stable_scratch_supported()``), rows ``off, stable scratch`` and ``on, stable scratch`` with
-``Engine(stable_scratch=True)``. ``speedup`` is the p50 of the ``off`` row of the same build (stable scratch or not)
-over the p50 with; ``hits`` the cache's hit count; ``engine TTFT`` the mean of the engine's own histogram (submit to
-the token's send, no client in it). Table ``chunks``: one prefill chunk in each shape, ``cache_prefix`` of a new
-random prompt that fills it, waited for (median of ``--repeats``); ``program ms``, the chunk program alone on the
-engine's buffers (no copies in or out, no host work of the engine's); and from a device trace of one more chunk (GPU
-only) the summed time of its kernels, their number and the fraction of the chunk's span the GPU was busy.
+``Engine(stable_scratch=True)`` (run with ``XLA_PYTHON_CLIENT_ALLOCATOR=vmm``, without which XLA records their
+command buffers again as before; the engine warns). ``speedup`` is the p50 of the ``off`` row of the same build
+(stable scratch or not) over the p50 with; ``hits`` the cache's hit count; ``engine TTFT`` the mean of the engine's
+own histogram (submit to the token's send, no client in it). Table ``chunks``: one prefill chunk in each shape,
+``cache_prefix`` of a new random prompt that fills it, waited for (median of ``--repeats``); ``program ms``, the
+chunk program alone on the engine's buffers (no copies in or out, no host work of the engine's); and from a device
+trace of one more chunk (GPU only) the summed time of its kernels, their number and the fraction of the chunk's span
+the GPU was busy.
 
 ``step``, row ``generate``: the bare decode step at batch ``--slots``, timed as ``benchmarks/generate.py``
 times it: one ``generate`` call of the first static batch for N/2 + 1 and for N new tokens (N its token buffer,
