@@ -935,8 +935,8 @@ def chunkwise_mosaic_fw(
     _, _, S, DHQK, DHV = x.dims
     dtype = jnp.result_type(q, k, v)
     scores = auto_scores(S) if scores is None else scores
-    BH = x.dims[0] * x.dims[1]
-    block_dhv, consumers = auto_tiling(BH, DHQK, DHV, dtype, block_dhv, consumers, depth or 2, scores)
+    BH, tiling_depth = x.dims[0] * x.dims[1], 2 if depth is None else depth
+    block_dhv, consumers = auto_tiling(BH, DHQK, DHV, dtype, block_dhv, consumers, tiling_depth, scores)
     depth = auto_depth(DHQK, DHV, dtype, block_dhv, consumers, scores) if depth is None else depth
     reason = chunkwise_mosaic_unsupported(
         DHQK, DHV, dtype, block_dhv, depth=depth, consumers=consumers, scores=scores

@@ -251,8 +251,8 @@ def _gradients_body(
         def write_ds(inter):
             """From ``dh vᵀ`` (staged in shared memory) and X (``inter``, Σ_v dh ⊙ q C_j): the rows dQN and dLOWER,
             r(dS) into shared memory and the rows dROW and dCOL. dq's accumulator is live here, so at most two (L, L)
-            float32 values are: P comes from the scores again (one small product), dh vᵀ is loaded once P is formed,
-            and D is computed again for dS."""
+            float32 values are: P and dh vᵀ are loaded from shared memory (no product beside dq's accumulator), and
+            D is computed again for dS."""
             p = load(p32_smem, tile)
             dh_v = load(dh_v_smem, tile)
             rden = vector(RDEN)
