@@ -24,23 +24,24 @@ row ``engine+sync``: the same with the host waiting for each step's tokens, as t
 slots run together for a while; ``full_tokens_per_s`` is the output rate while every slot is held, from the
 engine's counters sampled every ``--monitor-ms``: the rate at ``--slots`` concurrent streams.
 
-``prefix``: a shared system prompt of ``--system-tokens`` random tokens followed by a user suffix of
-``--suffix-len LO HI`` tokens, ``--prefix-requests`` requests sent one after another (each after the last has
-finished, so no request queues), ``--prefix-output`` tokens each; time to first token with no prefix cache, and with
-a cache of ``--prefix-cache-bytes`` into which ``Engine.cache_prefix`` put the system prompt first: row ``on`` with
-the engine's default chunk shapes (``--chunk-tokens`` and its halvings down to 16), row ``on, C`` with the one shape
+``prefix``: a shared system prompt of ``--system-tokens`` random tokens followed by a user suffix of ``--suffix-len LO
+HI`` tokens, ``--prefix-requests`` requests sent one after another (each after the last has finished, so no request
+queues), ``--prefix-output`` tokens each; time to first token with no prefix cache, and with a cache of
+``--prefix-cache-bytes`` into which ``Engine.cache_prefix`` put the system prompt first: row ``on`` with the engine's
+default chunk shapes (``--chunk-tokens`` and its halvings down to 16), row ``on, C`` with the one shape
 ``--chunk-tokens``, row ``on, switch 5 ms`` as ``on`` at Python's default switch interval (the run sets
-``--switch-interval-ms``, 0.5 by default, as ``xlstm-jax serve`` does), row ``on, short chunks as command buffers``
-as ``on`` with ``Engine(short_chunk_command_buffers=True)``; where XLA can keep a program's scratch buffers in place
+``--switch-interval-ms``, 0.5 by default, as ``xlstm-jax serve`` does), row ``on, short chunks as command buffers`` as
+``on`` with ``Engine(short_chunk_command_buffers=True)``; where XLA can keep a program's scratch buffers in place
 (``stable_scratch_supported()``), rows ``off, stable scratch`` and ``on, stable scratch`` with
-``Engine(stable_scratch=True)`` (run with ``XLA_PYTHON_CLIENT_ALLOCATOR=vmm``, without which XLA records their
-command buffers again as before; the engine warns). ``speedup`` is the p50 of the ``off`` row of the same build
-(stable scratch or not) over the p50 with; ``hits`` the cache's hit count; ``engine TTFT`` the mean of the engine's
-own histogram (submit to the token's send, no client in it). Table ``chunks``: one prefill chunk in each shape,
-``cache_prefix`` of a new random prompt that fills it, waited for (median of ``--repeats``); ``program ms``, the
-chunk program alone on the engine's buffers (no copies in or out, no host work of the engine's); and from a device
-trace of one more chunk (GPU only) the summed time of its kernels, their number and the fraction of the chunk's span
-the GPU was busy.
+``Engine(stable_scratch=True)`` (run with ``XLA_PYTHON_CLIENT_ALLOCATOR=vmm``, without which XLA records their command
+buffers again as before; the engine warns); with ``--stable-scratch`` every engine of the run is built so, and the
+prefix part runs those two rows only (no build without it to compile). ``speedup`` is the p50 of the ``off`` row of the
+same build (stable scratch or not) over the p50 with; ``hits`` the cache's hit count; ``engine TTFT`` the mean of the
+engine's own histogram (submit to the token's send, no client in it). Table ``chunks``: one prefill chunk in each shape,
+``cache_prefix`` of a new random prompt that fills it, waited for (median of ``--repeats``); ``program ms``, the chunk
+program alone on the engine's buffers (no copies in or out, no host work of the engine's); and from a device trace of
+one more chunk (GPU only) the summed time of its kernels, their number and the fraction of the chunk's span the GPU was
+busy.
 
 ``step``, row ``generate``: the bare decode step at batch ``--slots``, timed as ``benchmarks/generate.py``
 times it: one ``generate`` call of the first static batch for N/2 + 1 and for N new tokens (N its token buffer,
@@ -362,17 +363,22 @@ def prefix_part(engine: Engine, make_engine, vocab_size: int, a, monitor_s: floa
         for n in rng.integers(a.suffix_len[0], a.suffix_len[1] + 1, a.prefix_requests)
     ]
     report.table("prefix", PREFIX_COLUMNS)
-    offs = {False: report.add("prefix", {"cache": "off", **prefix_row(engine, chats, monitor_s)})}
     on = a.prefix_cache_bytes
-    variants = [("on", on, {}, a.switch_interval_ms)]
-    if stable_scratch_supported():  # every chunk shape as command buffers recorded once, with and without the cache
+    if a.stable_scratch:  # every engine of the run is a stable-scratch build: its off and on rows only
+        off = report.add("prefix", {"cache": "off, stable scratch", **prefix_row(engine, chats, monitor_s)})
+        offs = {True: off}
+        variants = [("on, stable scratch", on, {}, a.switch_interval_ms)]
+    else:
+        offs = {False: report.add("prefix", {"cache": "off", **prefix_row(engine, chats, monitor_s)})}
+        variants = [("on", on, {}, a.switch_interval_ms)]
+    if stable_scratch_supported() and not a.stable_scratch:  # every chunk shape as command buffers recorded once
         variants += [("off, stable scratch", 0, {"stable_scratch": True}, a.switch_interval_ms)]
         variants += [("on, stable scratch", on, {"stable_scratch": True}, a.switch_interval_ms)]
-    variants += [
+    variants += [] if a.stable_scratch else [
         (f"on, {a.chunk_tokens}", on, {"min_prefill_chunk_tokens": a.chunk_tokens}, a.switch_interval_ms),
         (f"on, switch {PYTHON_SWITCH_MS:g} ms", on, {}, PYTHON_SWITCH_MS),
         ("on, short chunks as command buffers", on, {"short_chunk_command_buffers": True}, a.switch_interval_ms),
-    ]
+    ]  # fmt: skip
     for label, cache_bytes, kwargs, switch_ms in variants:
         del engine  # its slot states make room; a new engine reuses the compiled programs
         gc.collect()
@@ -383,13 +389,13 @@ def prefix_part(engine: Engine, make_engine, vocab_size: int, a, monitor_s: floa
             row = prefix_row(engine, chats, monitor_s)
         finally:
             sys.setswitchinterval(a.switch_interval_ms / 1e3)
-        stable = kwargs.get("stable_scratch", False)
+        stable = kwargs.get("stable_scratch", a.stable_scratch)
         if not cache_bytes:  # the uncached row the cached rows of the same build are set against
             offs[stable] = report.add("prefix", {"cache": label, **row})
             continue
         row.update(system_prefilled=system_prefilled, speedup=_ratio(offs[stable]["ttft_p50_s"], row["ttft_p50_s"]))
         report.add("prefix", {"cache": label, **row})
-        if label == "on":
+        if label in ("on", "on, stable scratch") and cache_bytes and not kwargs:  # the build's own on row
             targets["prefix_ttft_speedup"] = row["speedup"]
             report.set("targets", dict(targets))
             report.table("chunks", CHUNK_COLUMNS)
@@ -496,6 +502,10 @@ def _main(argv: Sequence[str] | None) -> dict:
         "--switch-interval-ms", type=float, default=SWITCH_INTERVAL_S * 1e3,
         help="sys.setswitchinterval for the run, as `xlstm-jax serve` sets it (the prefix part also runs Python's 5)",
     )  # fmt: skip
+    p.add_argument(
+        "--stable-scratch", action="store_true",
+        help="every engine with Engine(stable_scratch=True); the prefix part runs its off and on rows only",
+    )  # fmt: skip
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--parts", nargs="+", choices=PARTS, default=list(PARTS), help="the parts to run (default: all)")
     add_arguments(p, repeats=3)
@@ -503,6 +513,8 @@ def _main(argv: Sequence[str] | None) -> dict:
     parts = set(a.parts)
     if "rates" in parts and not {"saturated", "generate", "static"} <= parts:
         p.error("--parts rates needs saturated, generate and static too (its estimate and ratios use them)")
+    if a.stable_scratch and not stable_scratch_supported():
+        p.error(f"--stable-scratch needs XLA's command buffer update mode SKIP_TEMP, not in jax {jax.__version__}")
     if a.tiny:
         defaults = p.parse_args([])
         for key, value in TINY.items():  # only what the command line left at its default
@@ -571,7 +583,7 @@ def _main(argv: Sequence[str] | None) -> dict:
         engine = Engine(
             config, params, num_slots=a.slots, runtime=runtime, max_prompt_tokens=longest,
             prefill_chunk_tokens=a.chunk_tokens, max_queue=queue, prefix_cache_bytes=prefix_cache_bytes,
-            **{"max_prefill_rows": a.prefill_rows[0], **kwargs},
+            **{"max_prefill_rows": a.prefill_rows[0], "stable_scratch": a.stable_scratch, **kwargs},
         )  # fmt: skip
         engine.warmup()
         return engine

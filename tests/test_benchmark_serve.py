@@ -146,6 +146,17 @@ def test_parts_run_alone():
         serve.main(["--tiny", "--parts", "rates"])
 
 
+def test_stable_scratch_build_runs_its_two_prefix_rows():
+    argv = ["--tiny", "--parts", "prefix", "--prefix-requests", "1", "--stable-scratch"]
+    if not stable_scratch_supported():  # refused by the parser, naming the flag, before any compilation
+        with pytest.raises(SystemExit):
+            serve.main(argv)
+        return
+    rows = serve.main(argv)["tables"]["prefix"]
+    assert [r["cache"] for r in rows] == ["off, stable scratch", "on, stable scratch"]
+    assert rows[1]["speedup"] == pytest.approx(rows[0]["ttft_p50_s"] / rows[1]["ttft_p50_s"])
+
+
 def test_spent_budget_skips_the_rates_with_notes():
     data = serve.main(["--tiny", "--budget-s", "0.001", "--rates", "50", "inf", "--prefix-requests", "1"])
     assert data["tables"]["rates"] == []
