@@ -411,11 +411,11 @@ def test_auto_tiling_takes_wide_blocks_where_the_grid_still_fills():
 
 def test_auto_scores_keeps_short_sequences_in_the_kernel():
     """scores=None: the scores in the kernel for at most 4 chunks (a served prompt's chunk: fewer kernels to
-    launch), precomputed beyond; the call traces exactly as with the picked value given."""
+    launch), from the scores kernel beyond; the call traces exactly as with the picked value given."""
     assert IN_KERNEL_SCORES_MAX_CHUNKS * CHUNK == 256
     assert [auto_scores(S) for S in (1, 64, 65, 256)] == ["in_kernel"] * 4
-    assert [auto_scores(S) for S in (257, 2048, 8192)] == ["precomputed"] * 3
-    for S, picked, other in [(70, "in_kernel", "precomputed"), (300, "precomputed", "in_kernel")]:
+    assert [auto_scores(S) for S in (257, 2048, 8192)] == ["kernel"] * 3
+    for S, picked, other in [(70, "in_kernel", "kernel"), (300, "kernel", "precomputed")]:
         x = random_inputs(3, 1, 2, S, 64, 32, states=True)
         args = [jnp.asarray(x[name], jnp.bfloat16) for name in ("q", "k", "v")]
         args += [jnp.asarray(x[name], jnp.float32) for name in ("i", "f", "c0", "n0", "m0")]

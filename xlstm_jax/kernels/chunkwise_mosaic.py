@@ -223,17 +223,18 @@ IN_KERNEL_SCORES_MAX_CHUNKS = 4
 def auto_scores(S: int) -> str:
     """Where ``scores=None`` computes the chunks' gated scores for a sequence of ``S`` steps (:data:`SCORES`).
 
-    ``"in_kernel"`` for at most :data:`IN_KERNEL_SCORES_MAX_CHUNKS` chunks (256 steps), ``"precomputed"`` beyond.
-    Precomputing costs a fixed number of XLA kernels before each call (the scores' product, their row sums, the
-    transposed readout, the cast: 4 to 6 more kernels per mLSTM layer in xLSTM-7B's chunk programs of 16 to 256
-    tokens compiled for an H200, ``benchmarks/launches.py``), and saves each program recomputing its head's
-    scores, a cost that grows with the chunks (at DHQK=256 about 2 MFLOP a chunk, a fraction of a microsecond on
-    an SM). A short call (a served prompt's chunk, whose first token waits on it and whose launches the host pays
-    for one by one) is better off without the extra kernels; a long one (training, a long prompt) with them
-    (forward 2.315 against 2.509 ms at B=8, NH=8, S=8192 on an H200 with the same tiling, and they let 64 columns
-    fit a warpgroup: BENCHMARKS.md). The limit of 4 chunks is not timed.
+    ``"in_kernel"`` for at most :data:`IN_KERNEL_SCORES_MAX_CHUNKS` chunks (256 steps), ``"kernel"`` beyond.
+    Computing the scores ahead of the chunk kernel costs launches before each call (one scores kernel, its plan
+    rows; precomputed in XLA, 4 to 6 kernels per mLSTM layer in xLSTM-7B's chunk programs of 16 to 256 tokens
+    compiled for an H200, ``benchmarks/launches.py``), and saves each program recomputing its head's scores, a
+    cost that grows with the chunks (at DHQK=256 about 2 MFLOP a chunk, a fraction of a microsecond on an SM). A
+    short call (a served prompt's chunk, whose first token waits on it and whose launches the host pays for one by
+    one) is better off without them; a long one (training, a long prompt) with them, and with the scores kernel
+    rather than XLA's passes: the same chunk kernel after it, forward 1.660 against 1.849 ms at B=8, NH=8, S=8192
+    and 0.518 against 0.615 ms at S=2048 on an H100 (64 columns, one warpgroup; BENCHMARKS.md). The limit of 4
+    chunks is not timed.
     """
-    return "in_kernel" if -(-S // CHUNK) <= IN_KERNEL_SCORES_MAX_CHUNKS else "precomputed"
+    return "in_kernel" if -(-S // CHUNK) <= IN_KERNEL_SCORES_MAX_CHUNKS else "kernel"
 
 
 def auto_tiling(
@@ -908,13 +909,13 @@ def chunkwise_mosaic_fw(
         backward_consumers: Warpgroups per program of the backward kernels with ``backward="mosaic"``, 1 or 2
             (each kernel runs one where two do not fit: ``mosaic_products_vjp``). 2, the faster on an H200
             (BENCHMARKS.md).
-        scores: Where each chunk's gated scores and denominators are computed (:data:`SCORES`):
-            ``"in_kernel"``, by every warpgroup for its columns; ``"precomputed"`` (the faster on an H200 forward
-            and backward at long S: BENCHMARKS.md), once per head in XLA before the kernel
-            (:func:`normalised_scores`), which then reads them; ``"kernel"``, the same from a Mosaic GPU kernel of
-            their own that reads q and k once (:mod:`xlstm_jax.kernels.chunkwise_mosaic_scores`; the gate plan
-            then reads no q at DHQK up to 256). None (the default): :func:`auto_scores` picks by S, in the kernel
-            for at most 4 chunks (256 steps), precomputed beyond.
+        scores: Where each chunk's gated scores and denominators are computed (:data:`SCORES`): ``"in_kernel"``, by
+            every warpgroup for its columns; ``"precomputed"``, once per head in XLA before the kernel
+            (:func:`normalised_scores`), which then reads them; ``"kernel"`` (the faster forward at long S:
+            BENCHMARKS.md), the same from a Mosaic GPU kernel of their own that reads q and k once
+            (:mod:`xlstm_jax.kernels.chunkwise_mosaic_scores`; the gate plan then reads no q at DHQK up to 256). None
+            (the default): :func:`auto_scores` picks by S, in the kernel for at most 4 chunks (256 steps), ``"kernel"``
+            beyond.
         backward_scan_block_dhv: With ``backward="mosaic"``, the columns per warpgroup of the backward's reverse
             state scan, 32 or 64 (None: the backward kernels' block,
             :func:`~xlstm_jax.kernels.chunkwise_mosaic_bw.backward_block_dhv`: ``block_dhv`` where their tiles fit,

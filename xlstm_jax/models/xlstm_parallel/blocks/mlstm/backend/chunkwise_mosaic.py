@@ -68,7 +68,8 @@ def chunkwise_hopper_fw(
     form (``"xla"``); ``backward_consumers``: the backward kernels' warpgroups per program, 1 or 2. ``scores``:
     where the kernel's chunk scores are computed, ``"precomputed"`` (once per head in XLA), ``"kernel"`` (once per
     head in a Mosaic GPU kernel of their own), ``"in_kernel"`` or None
-    (:func:`~xlstm_jax.kernels.chunkwise_mosaic.auto_scores`: in the kernel for at most 256 steps).
+    (:func:`~xlstm_jax.kernels.chunkwise_mosaic.auto_scores`: in the kernel for at most 256 steps, the scores
+    kernel beyond).
     ``backward_scan_block_dhv``: the columns per warpgroup of the backward's reverse state scan (None: the
     backward kernels' block, ``block_dhv`` where their tiles fit, else 32).
     """
@@ -121,14 +122,15 @@ class mLSTMBackendChunkwiseMosaicConfig(mLSTMBackendConfig):
             XLA form forward and backward (``chunk_size``). BENCHMARKS.md compares them.
         backward_consumers: Warpgroups per program of the Mosaic GPU backward kernels, 1 or 2 (2, the faster on
             an H200: BENCHMARKS.md; each kernel runs one where two do not fit).
-        scores: Where the kernel's chunk scores and denominators are computed: ``"precomputed"`` (the faster on
-            an H200 forward and backward at long S: BENCHMARKS.md), once per head in XLA before the kernel
-            (:func:`~xlstm_jax.kernels.chunkwise_mosaic.normalised_scores`); ``"kernel"``, the same once per head
-            in a Mosaic GPU kernel of their own, which reads q and k once
+        scores: Where the kernel's chunk scores and denominators are computed: ``"precomputed"``, once per head
+            in XLA before the kernel (:func:`~xlstm_jax.kernels.chunkwise_mosaic.normalised_scores`); ``"kernel"``
+            (the faster forward at long S: BENCHMARKS.md), the same once per head in a Mosaic GPU kernel of their
+            own, which reads q and k once
             (:mod:`~xlstm_jax.kernels.chunkwise_mosaic_scores`); ``"in_kernel"``, by every warpgroup;
             None (the default) picks by the sequence length
             (:func:`~xlstm_jax.kernels.chunkwise_mosaic.auto_scores`): in the kernel for at most 4 chunks of 64
-            steps, where precomputing them costs more kernel launches than it saves work.
+            steps, where computing them ahead costs more kernel launches than it saves work, in their own
+            Mosaic GPU kernel (``"kernel"``) beyond.
         backward_scan_block_dhv: Columns per warpgroup of the Mosaic GPU backward's reverse state scan, 32 or 64
             (None: the backward kernels' block, ``block_dhv`` where their tiles fit, else 32: at DHQK=256 the
             gradient kernel's tiles fit 32 columns only). BENCHMARKS.md compares them.
