@@ -21,6 +21,7 @@ from tokenizers import Tokenizer
 
 from tests.models.fixture import FIXTURE, load
 from xlstm_jax.cli import main
+from xlstm_jax.cli.serve import _select_vmm_allocator
 from xlstm_jax.generation import generate
 from xlstm_jax.serving.engine import stable_scratch_supported
 
@@ -90,6 +91,20 @@ def test_serve_process_answers_until_interrupted():
             process.kill()
             process.wait()
         process.stderr.close()
+
+
+@pytest.mark.parametrize("version, chosen", [("0.10.2", False), ("0.11.2", True), ("0.12.0.dev20261201", True)])
+def test_the_vmm_allocator_is_selected_where_unset_and_jaxlib_has_stable_scratch(monkeypatch, version, chosen):
+    """Stable scratch (the default on a GPU) takes effect under jax's VMM allocator only: the command selects it
+    before jax starts, unless the variable is set or jaxlib predates the update mode."""
+    import jaxlib
+
+    monkeypatch.setattr(jaxlib, "__version__", version)
+    environ: dict[str, str] = {}
+    assert _select_vmm_allocator(environ) is chosen
+    assert environ == ({"XLA_PYTHON_CLIENT_ALLOCATOR": "vmm"} if chosen else {})
+    given = {"XLA_PYTHON_CLIENT_ALLOCATOR": "platform"}
+    assert _select_vmm_allocator(given) is False and given == {"XLA_PYTHON_CLIENT_ALLOCATOR": "platform"}
 
 
 def test_bad_arguments_and_files_are_errors_before_the_weights_load(capsys, model_dir, tmp_path):

@@ -16,7 +16,7 @@ from xlstm_jax.generation import SamplingConfig, generate
 from xlstm_jax.models.xlstm_parallel.model import ModelStates
 from xlstm_jax.serving import Engine, EngineOverloaded, SamplingParams, TokenEvent
 from xlstm_jax.serving import engine as serving_engine
-from xlstm_jax.serving.engine import stable_scratch_allocator_note, stable_scratch_supported
+from xlstm_jax.serving.engine import auto_stable_scratch, stable_scratch_allocator_note, stable_scratch_supported
 from xlstm_jax.serving.prefix_cache import PrefixEntry, entry_nbytes
 
 NUM_SLOTS = 3
@@ -369,14 +369,17 @@ def test_overload_and_bad_requests(model):
         _engine(model, max_prefill_rows=2.0)
     with pytest.raises(TypeError, match="short_chunk_command_buffers must be a bool"):
         _engine(model, short_chunk_command_buffers=1)
-    with pytest.raises(TypeError, match="stable_scratch must be a bool"):
+    with pytest.raises(TypeError, match="stable_scratch must be a bool or None"):
         _engine(model, stable_scratch=1)
 
 
 def test_stable_scratch_only_where_xla_supports_it(model):
     """stable_scratch=True takes XLA's update mode where the installed XLA has it, and is refused, naming it, where
-    it does not; the default leaves it off."""
-    assert _engine(model).stable_scratch is False
+    it does not; False leaves it off; the default is auto_stable_scratch's pick, off on a CPU."""
+    assert _engine(model, stable_scratch=False).stable_scratch is False
+    assert _engine(model).stable_scratch is auto_stable_scratch()
+    if jax.default_backend() == "cpu":
+        assert _engine(model).stable_scratch is False
     if stable_scratch_supported():
         assert _engine(model, stable_scratch=True).stable_scratch is True
     else:
@@ -499,6 +502,14 @@ def test_background_thread_sync_and_async_streams(model):
         assert list(gone)[-1] == TokenEvent(None, "cancelled")
         left = engine.submit(PROMPTS[0], SamplingParams(max_tokens=10**6))
     assert list(left)[-1].finish_reason == "cancelled"  # stop() ends what still runs
+
+
+def test_auto_stable_scratch_wants_a_gpu_the_mode_and_the_vmm_allocator():
+    vmm = {"XLA_PYTHON_CLIENT_ALLOCATOR": "vmm"}
+    assert auto_stable_scratch({}) is False  # jax's default allocator: XLA would record the buffers again
+    assert auto_stable_scratch({"XLA_PYTHON_CLIENT_ALLOCATOR": "platform"}) is False
+    on_gpu = jax.default_backend() == "gpu"
+    assert auto_stable_scratch(vmm) is (on_gpu and stable_scratch_supported())
 
 
 def test_stable_scratch_names_the_allocator_it_needs():

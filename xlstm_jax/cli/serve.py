@@ -22,8 +22,10 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import socket
 import sys
+from collections.abc import MutableMapping
 from pathlib import Path
 from typing import Any
 
@@ -96,8 +98,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     )
     p.add_argument(
         "--stable-scratch",
-        action="store_true",
-        help="run every prefill chunk shape as command buffers recorded once (jaxlib 0.11+, jax's VMM allocator)",
+        action=argparse.BooleanOptionalAction,
+        default=None,
+        help="run every prefill chunk shape as command buffers recorded once (jaxlib 0.11+, jax's VMM allocator, "
+        "which the command selects where XLA_PYTHON_CLIENT_ALLOCATOR is unset); default: on a GPU where both hold",
     )
     p.add_argument("--log-level", choices=LOG_LEVELS, default="info", help="the server's log level (default info)")
 
@@ -200,11 +204,29 @@ def _listen(host: str, port: int) -> socket.socket:
     return sock
 
 
+def _select_vmm_allocator(environ: MutableMapping[str, str]) -> bool:
+    """Selects jax's VMM allocator in ``environ`` (``XLA_PYTHON_CLIENT_ALLOCATOR=vmm``), which stable scratch needs,
+    where the variable is unset and the installed jaxlib (0.11 and later) has a stable scratch mode; returns
+    whether it did. Read when jax starts its GPU client, so it acts only before the command's first computation;
+    elsewhere (CPU) the variable is not read."""
+    import jaxlib
+
+    if "XLA_PYTHON_CLIENT_ALLOCATOR" in environ:
+        return False
+    major, minor = (int(part) for part in jaxlib.__version__.split(".")[:2])
+    if (major, minor) < (0, 11):
+        return False
+    environ["XLA_PYTHON_CLIENT_ALLOCATOR"] = "vmm"
+    return True
+
+
 def run(args: argparse.Namespace) -> int:
     """Checks the arguments, reads the tokenizer, binds the address, loads the model, then serves.
 
     Returns 0 once the server stops; Ctrl-C stops it gracefully and then ends the command as interrupted (130).
     """
+    if args.stable_scratch is not False:  # before jax starts its GPU client, which reads the allocator
+        _select_vmm_allocator(os.environ)
     import uvicorn
 
     from xlstm_jax.models.xlstm_parallel.hf import load_hf
@@ -263,6 +285,7 @@ def run(args: argparse.Namespace) -> int:
             raise CommandError(f"the model cannot run with these settings: {e}") from None
         host, port = sock.getsockname()[:2]
         layout = "" if mesh is None else ", mesh " + " x ".join(f"{k}={v}" for k, v in mesh.shape.items())
+        layout += ", stable scratch" if engine.stable_scratch else ""
         sys.stderr.write(f"serving {model_name!r} on http://{host}:{port} ({args.num_slots} slots{layout})\n")
         sys.stderr.flush()
         server = _server_class()(uvicorn.Config(app, log_level=args.log_level, timeout_graceful_shutdown=5))
