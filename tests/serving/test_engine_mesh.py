@@ -51,7 +51,7 @@ def test_on_8_cpu_devices():
     output = (run.stdout + run.stderr).splitlines()
     lines = [line for line in output if "Involuntary full rematerialization" not in line]
     assert run.returncode == 0, "\n".join(lines[-80:])
-    assert "3 passed, 1 skipped" in run.stdout, run.stdout[-2000:]
+    assert "4 passed, 1 skipped" in run.stdout, run.stdout[-2000:]
 
 
 @functools.cache
@@ -156,6 +156,24 @@ def test_concurrent_requests_equal_generate_on_one_device(shape, num_slots, tmp_
     assert _tokens(stream) == _reference((*conversation, 17))[:4]
     assert engine.stats()["prefill_tokens_total"] == prefilled + 1
     assert Engine.compilations() == warm
+
+
+@needs_8
+def test_stable_scratch_is_the_default_on_one_device_only(monkeypatch):
+    """The default takes auto_stable_scratch's pick (measured on one GPU) without a mesh or on a mesh of one device,
+    and leaves stable scratch off on a mesh of several, where stable_scratch=True asks for it."""
+    from xlstm_jax.serving import engine as serving_engine
+
+    monkeypatch.setattr(serving_engine, "auto_stable_scratch", lambda: True)  # as on a GPU with the mode and VMM
+    config, params, runtime = load()
+
+    def default(mesh):
+        return Engine(config, params, runtime=runtime, num_slots=8, mesh=mesh).stable_scratch
+
+    assert default(None) is True
+    assert default(make_mesh(MeshConfig(data=1), devices=jax.devices()[:1])) is True
+    assert default(make_mesh(MeshConfig(data=8))) is False
+    assert default(make_mesh(MeshConfig(data=2, fsdp=2, tensor=2))) is False
 
 
 @needs_8

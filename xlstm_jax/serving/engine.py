@@ -751,8 +751,8 @@ class Engine:
             their scratch buffers kept at fixed addresses (``stable_scratch_options()``: jaxlib 0.11 and later,
             under jax's VMM allocator, ``XLA_PYTHON_CLIENT_ALLOCATOR=vmm``), for every chunk shape. False: the
             full shape runs as command buffers that XLA records again whenever its scratch buffers have moved, the
-            shorter shapes as below. None (the default): :func:`auto_stable_scratch`, True on a GPU where both
-            hold.
+            shorter shapes as below. None (the default): :func:`auto_stable_scratch` on one device, True on a GPU
+            where both hold; False on a mesh of several devices (not measured there: True asks for it).
         short_chunk_command_buffers: Without ``stable_scratch``, whether the chunk shapes below
             ``prefill_chunk_tokens`` run as command buffers too. False (the default): their kernels are launched
             one by one, which costs a lone 7B chunk less than recording its command buffers again whenever its
@@ -822,15 +822,15 @@ class Engine:
             raise TypeError(
                 f"short_chunk_command_buffers must be a bool, got {type(short_chunk_command_buffers).__name__}"
             )
-        if stable_scratch is None:
-            stable_scratch = auto_stable_scratch()
-        elif not isinstance(stable_scratch, bool):
+        if stable_scratch is not None and not isinstance(stable_scratch, bool):
             raise TypeError(f"stable_scratch must be a bool or None, got {type(stable_scratch).__name__}")
-        elif stable_scratch:
+        if stable_scratch:
             require_stable_scratch("stable_scratch=True")
         if mesh is not None:
             check_mesh(mesh, int(num_slots), config.num_heads)
             params = shard_params(params, mesh, config)
+        if stable_scratch is None:  # measured on one GPU; a mesh of several takes it when asked for
+            stable_scratch = (mesh is None or mesh.devices.size == 1) and auto_stable_scratch()
         self.mesh = mesh
         self._layout = None if mesh is None else _make_layout(config, int(num_slots), mesh)
         self.config, self.params, self.runtime = config, params, runtime
