@@ -26,20 +26,19 @@ Rows of the table ``chunkwise``, per shape and mode:
   with the reason in the JSON's ``tfla`` facts.
 * ``xla L=...``: ``xlstm_jax.mlstm.chunkwise_fw`` at each of ``--xla-chunk-sizes`` (default 256, its best
   chunk size at these shapes in BENCHMARKS.md), jitted.
-* ``mosaic bdhv=... [d=...] [wg=...] [sc=...]``: ``xlstm_jax.kernels.chunkwise_mosaic.chunkwise_mosaic_fw``
-  (chunk size 64), jitted, one row per kernel variant: each of ``--block-dhv`` (columns of c per warpgroup,
-  default 32 and 64), ``--depth`` (TMA pipeline depth, default 2; ``d=`` in the label unless only the default is
-  asked for), ``--consumers`` (warpgroups per program, default 1 and 2; ``wg=`` in the label unless only 1 is
-  asked for) and ``--scores`` (where the chunks' gated scores are computed, default ``precomputed``; ``sc=`` in
-  the label unless only that is asked for). Variants the kernel cannot run at the head shape
-  (``chunkwise_mosaic_unsupported``: shared memory, divisibility) are left out with a note, as are ``bw=mosaic``
-  variants whose gradient the Mosaic backward cannot take (``mosaic_backward_unsupported``). fwdbwd
-  differentiates through its custom VJP, once per ``--backward`` (``bw=`` in the label unless only ``xla`` is
-  asked for): ``xla``, the XLA form's forward and backward; ``mosaic``, the kernel's forward and the Mosaic
-  GPU backward kernels, once per ``--backward-consumers`` (their warpgroups per program, default 2; ``bwg=`` in
-  the label unless only 2 is asked for) and ``--scan-block-dhv`` (the reverse state scan's columns per
-  warpgroup, default 32; ``sbd=`` unless only 32 is asked for). fwd rows are timed once per variant and carry
-  no ``bw=`` (the backward does not change the forward).
+* ``mosaic bdhv=... [d=...] [wg=...] [sc=...]``: ``xlstm_jax.kernels.chunkwise_mosaic.chunkwise_mosaic_fw`` (chunk size
+  64), jitted, one row per kernel variant: each of ``--block-dhv`` (columns of c per warpgroup, default 32 and 64),
+  ``--depth`` (TMA pipeline depth, default 2; ``d=`` in the label unless only the default is asked for), ``--consumers``
+  (warpgroups per program, default 1 and 2; ``wg=`` in the label unless only 1 is asked for) and ``--scores`` (where the
+  chunks' gated scores are computed, default ``kernel``, the library's default beyond 4 chunks; ``sc=`` in the label
+  unless only that is asked for). Variants the kernel cannot run at the head shape (``chunkwise_mosaic_unsupported``:
+  shared memory, divisibility) are left out with a note, as are ``bw=mosaic`` variants whose gradient the Mosaic
+  backward cannot take (``mosaic_backward_unsupported``). fwdbwd differentiates through its custom VJP, once per
+  ``--backward`` (``bw=`` in the label unless only ``xla`` is asked for): ``xla``, the XLA form's forward and backward;
+  ``mosaic``, the kernel's forward and the Mosaic GPU backward kernels, once per ``--backward-consumers`` (their
+  warpgroups per program, default 2; ``bwg=`` in the label unless only 2 is asked for) and ``--scan-block-dhv`` (the
+  reverse state scan's columns per warpgroup, default 32; ``sbd=`` unless only 32 is asked for). fwd rows are timed once
+  per variant and carry no ``bw=`` (the backward does not change the forward).
 
 Columns: ``ms`` the median time of a call (``benchmarks/harness.py``'s ``time_jitted``: compilation apart,
 ``--repeats`` samples of ``--calls`` calls queued back to back, default 5, and TFLA's the same through
@@ -232,7 +231,7 @@ def parse(argv: Sequence[str] | None) -> argparse.Namespace:
     p.add_argument("--block-dhv", type=int, nargs="*", default=[32, 64], help="the kernel's columns per warpgroup")
     p.add_argument("--depth", type=int, nargs="+", default=[2], help="the kernel's TMA pipeline depths")
     p.add_argument("--consumers", type=int, nargs="+", default=[1, 2], help="the kernel's warpgroups per program")
-    p.add_argument("--scores", nargs="+", default=["precomputed"], choices=list(SCORES),
+    p.add_argument("--scores", nargs="+", default=["kernel"], choices=list(SCORES),
                    help="where the kernel's chunk scores are computed")  # fmt: skip
     p.add_argument("--backward", nargs="+", default=["xla", "mosaic"], choices=list(BACKWARDS),
                    help="what runs under the kernel's differentiation (fwdbwd rows)")  # fmt: skip
@@ -363,7 +362,7 @@ def kernel_variants(a: argparse.Namespace) -> tuple[dict[str, dict[str, int]], l
         name = f"mosaic bdhv={bdhv}"
         name += f" d={depth}" if a.depth != [2] else ""
         name += f" wg={consumers}" if a.consumers != [1] else ""
-        name += f" sc={scores}" if a.scores != ["precomputed"] else ""
+        name += f" sc={scores}" if a.scores != ["kernel"] else ""
         name += f" bw={backward}" if a.backward != ["xla"] else ""
         name += f" bwg={bwg}" if backward == "mosaic" and a.backward_consumers != [2] else ""
         name += f" sbd={scan_block}" if backward == "mosaic" and a.scan_block_dhv != [32] else ""

@@ -97,7 +97,7 @@ def test_scores_variants_are_rows_of_their_own(tmp_path):
                             "--scores", "precomputed"])  # fmt: skip
     variants, skipped = chunkwise.kernel_variants(args)
     assert variants == {} and len(skipped) == 2  # bw=xla and bw=mosaic
-    assert all("bdhv=64 wg=2" in note and "sc=" not in note and "KiB of shared memory" in note for note in skipped)
+    assert all("bdhv=64 wg=2 sc=precomputed" in note and "KiB of shared memory" in note for note in skipped)
 
 
 def test_smoke_checks_the_kernel_against_the_xla_form(smoke):
