@@ -409,6 +409,30 @@ def test_auto_tiling_takes_wide_blocks_where_the_grid_still_fills():
     assert create_mlstm_backend("chunkwise_mosaic").config.block_dhv is None
 
 
+@runs
+@pytest.mark.parametrize(("DHQK", "primal_folds"), [(64, True), (512, False)])
+def test_scores_kernel_takes_q_n_off_the_plan_where_nothing_differentiates(monkeypatch, DHQK, primal_folds):
+    """The call without differentiation hands the scores kernel the border normalisers, from which it computes each
+    step's q̂·n_border (the gate plan then reads no q; DHQK up to 256); under differentiation the plan keeps that
+    row, whose gradient autodiff takes. test_matches_reference checks the values."""
+    from xlstm_jax.kernels import chunkwise_mosaic_scores
+
+    given, original = [], chunkwise_mosaic_scores.mosaic_normalised_scores
+
+    def spy(q, k, plan, eps, n_border=None, **kwargs):
+        given.append(n_border is not None)
+        return original(q, k, plan, eps, n_border, **kwargs)
+
+    monkeypatch.setattr(chunkwise_mosaic_scores, "mosaic_normalised_scores", spy)
+    x = random_inputs(5, 1, 1, 200, DHQK, 64, states=True)
+    args = [jnp.asarray(x[name], jnp.bfloat16) for name in ("q", "k", "v")]
+    args += [jnp.asarray(x[name], jnp.float32) for name in ("i", "f")]
+    fw = kernel(scores="kernel")
+    jax.make_jaxpr(fw)(*args)
+    jax.make_jaxpr(jax.grad(lambda *a: jnp.sum(fw(*a).astype(jnp.float32)), argnums=(0, 1, 2)))(*args)
+    assert given[0] is primal_folds and not any(given[1:])  # at DHQK=512 the gradient is the XLA form's
+
+
 def test_auto_scores_keeps_short_sequences_in_the_kernel():
     """scores=None: the scores in the kernel for at most 4 chunks (a served prompt's chunk: fewer kernels to
     launch), from the scores kernel beyond; the call traces exactly as with the picked value given."""

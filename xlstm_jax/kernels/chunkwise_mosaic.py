@@ -789,6 +789,12 @@ def mosaic_chunkwise(
     return (*out, qn_den) if normaliser else out
 
 
+def _folds_border_qn(scores: str, DHQK: int) -> bool:
+    """Whether the kernel's scores (:data:`SCORES`) take each step's ``q̂·n_border`` off the gate plan: the scores
+    kernel does, from its q tiles, where they fit its registers (DHQK up to 256), so that the plan reads no q."""
+    return scores == "kernel" and DHQK <= _FOLD_MAX_DHQK
+
+
 def chunk_plan(
     x: ChunkedSequence, border_qn: bool = True
 ) -> tuple[jax.Array, jax.Array, tuple[jax.Array, jax.Array], jax.Array]:
@@ -839,8 +845,7 @@ def _forward(x: ChunkedSequence, eps: float, block_dhv: int, depth: int, consume
     """h (B, NH, S, DHV) and the last states (c, n, m) in the accumulation dtype."""
     B, NH, S, DHQK, DHV = x.dims
     NC, L = x.NC, x.L
-    # The scores kernel computes q̂·n_border from its q tiles where they fit its registers: the plan reads no q.
-    fold = scores == "kernel" and DHQK <= _FOLD_MAX_DHQK
+    fold = _folds_border_qn(scores, DHQK)
     plan, decay, (n_last, m_last), n_border = chunk_plan(x, border_qn=not fold)
     c0 = x.states[0].astype(jnp.float32).reshape(B * NH, DHQK, DHV)
     h, c_last = mosaic_chunkwise(
@@ -957,8 +962,10 @@ def chunkwise_mosaic_fw(
         backward_block = backward_block_dhv(DHQK, DHV, dtype, block_dhv, depth)
         tiling = {"block_dhv": backward_block, "depth": depth, "interpret": interpret}  # the backward kernels'
 
-        def products(q, k, v, plan, decay, c0):
-            return mosaic_chunkwise(q, k, v, plan, decay, c0, eps=eps, consumers=consumers, **forward_tiling)
+        def products(q, k, v, plan, decay, c0, n_border=None):
+            return mosaic_chunkwise(
+                q, k, v, plan, decay, c0, eps=eps, consumers=consumers, n_border=n_border, **forward_tiling
+            )  # fmt: skip
 
         grad_consumers = consumers
         if chunkwise_mosaic_unsupported(
@@ -984,7 +991,7 @@ def chunkwise_mosaic_fw(
 
         return split_cell(
             products, products_vjp, q, k, v, i, f, c_initial, n_initial, m_initial, return_last_states, eps,
-            state_dtype, segment_ids, products_for_grad,
+            state_dtype, segment_ids, products_for_grad, products if _folds_border_qn(scores, DHQK) else None,
         )  # fmt: skip
     states_given = c_initial is not None
 

@@ -502,6 +502,7 @@ def split_cell(
     state_dtype: Any,
     segment_ids: jax.Array | None,
     products_for_grad: Products | None = None,
+    products_border_qn: Products | None = None,
 ) -> jax.Array | tuple[jax.Array, tuple[jax.Array, jax.Array, jax.Array]]:
     """The mLSTM on a whole sequence split into the gate plan and the products, with the products' own backward.
 
@@ -517,6 +518,10 @@ def split_cell(
         products_for_grad: What runs instead of ``products`` under differentiation: the same function returning
             ``(h, c_last, residual)`` (for example with the border states, for ``products_vjp``); None:
             ``products`` with no residual.
+        products_border_qn: What runs instead of ``products`` where nothing differentiates the call: the same
+            function of the plan without its ``q̂·n_border`` row (``chunk_plan(x, border_qn=False)``, which then
+            reads no q) and of the border normalisers (BH, NC, DHQK), given last, from which it computes that row
+            itself (the scores kernel); None: ``products``.
         q, k, v, i, f, c_initial, n_initial, m_initial, return_last_states, eps, state_dtype, segment_ids: As
             :func:`~xlstm_jax.mlstm.chunkwise.chunkwise_fw`.
 
@@ -528,13 +533,16 @@ def split_cell(
     states_given = c_initial is not None
     dtype = jnp.result_type(q, k, v)
 
-    def plan_part(q, k, v, i, f, states, segment_ids):
-        """The kernel's operands (BH-flattened) and the last n and m: everything but the products."""
+    def plan_part(q, k, v, i, f, states, segment_ids, border_qn=True):
+        """The kernel's operands (BH-flattened) and the last n and m: everything but the products; with
+        ``border_qn=False`` the plan without its q̂·n row and, with the last n and m, the border normalisers."""
         c0, n0, m0 = states if states_given else (None, None, None)
         x = chunk_sequence(q, k, v, i, f, c0, n0, m0, eps, state_dtype, CHUNK, segment_ids, True)
         B, NH, S, DHQK, DHV = x.dims
         NC, L = x.NC, x.L
-        plan, decay, nm_last, _ = chunk_plan(x)
+        plan, decay, nm_last, n_border = chunk_plan(x, border_qn=border_qn)
+        if not border_qn:
+            nm_last = (nm_last, n_border.reshape(B * NH, NC, DHQK))
         acc = jnp.promote_types(x.states[0].dtype, jnp.float32)
         operands = (
             x.q.astype(dtype).reshape(B * NH, NC * L, DHQK),
@@ -562,7 +570,10 @@ def split_cell(
 
     @jax.custom_vjp
     def run(q, k, v, i, f, states, segment_ids):
-        return forward(q, k, v, i, f, states, segment_ids, lambda *ops: (*products(*ops), None))[0]
+        if products_border_qn is None:
+            return forward(q, k, v, i, f, states, segment_ids, lambda *ops: (*products(*ops), None))[0]
+        operands, (nm_last, n_border) = plan_part(q, k, v, i, f, states, segment_ids, border_qn=False)
+        return outputs(*products_border_qn(*operands, n_border), nm_last)
 
     def run_bwd(residuals, cotangents):
         operands, residual, plan_vjp, outputs_vjp = residuals
