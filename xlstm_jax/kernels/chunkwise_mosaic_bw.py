@@ -535,14 +535,12 @@ def split_cell(
 
     def plan_part(q, k, v, i, f, states, segment_ids, border_qn=True):
         """The kernel's operands (BH-flattened) and the last n and m: everything but the products; with
-        ``border_qn=False`` the plan without its q̂·n row and, with the last n and m, the border normalisers."""
+        ``border_qn=False`` the plan without its q̂·n row, and the border normalisers (BH, NC, DHQK) third."""
         c0, n0, m0 = states if states_given else (None, None, None)
         x = chunk_sequence(q, k, v, i, f, c0, n0, m0, eps, state_dtype, CHUNK, segment_ids, True)
         B, NH, S, DHQK, DHV = x.dims
         NC, L = x.NC, x.L
         plan, decay, nm_last, n_border = chunk_plan(x, border_qn=border_qn)
-        if not border_qn:
-            nm_last = (nm_last, n_border.reshape(B * NH, NC, DHQK))
         acc = jnp.promote_types(x.states[0].dtype, jnp.float32)
         operands = (
             x.q.astype(dtype).reshape(B * NH, NC * L, DHQK),
@@ -552,7 +550,7 @@ def split_cell(
             decay.reshape(B * NH, NC),
             x.states[0].astype(acc).reshape(B * NH, DHQK, DHV),
         )
-        return operands, nm_last
+        return (operands, nm_last) if border_qn else (operands, nm_last, n_border.reshape(B * NH, NC, DHQK))
 
     def outputs(h, c_last, nm_last):
         """h cut to the sequence and the last states in their dtypes."""
@@ -572,7 +570,7 @@ def split_cell(
     def run(q, k, v, i, f, states, segment_ids):
         if products_border_qn is None:
             return forward(q, k, v, i, f, states, segment_ids, lambda *ops: (*products(*ops), None))[0]
-        operands, (nm_last, n_border) = plan_part(q, k, v, i, f, states, segment_ids, border_qn=False)
+        operands, nm_last, n_border = plan_part(q, k, v, i, f, states, segment_ids, border_qn=False)
         return outputs(*products_border_qn(*operands, n_border), nm_last)
 
     def run_bwd(residuals, cotangents):
