@@ -107,6 +107,7 @@ from xlstm_jax.generation import prefill
 from xlstm_jax.kernels.chunkwise_mosaic import (
     BACKWARDS,
     CHUNK,
+    CLUSTERS,
     SCORES,
     chunkwise_mosaic_fw,
     chunkwise_mosaic_unsupported,
@@ -231,6 +232,8 @@ def parse(argv: Sequence[str] | None) -> argparse.Namespace:
     p.add_argument("--block-dhv", type=int, nargs="*", default=[32, 64], help="the kernel's columns per warpgroup")
     p.add_argument("--depth", type=int, nargs="+", default=[2], help="the kernel's TMA pipeline depths")
     p.add_argument("--consumers", type=int, nargs="+", default=[1, 2], help="the kernel's warpgroups per program")
+    p.add_argument("--cluster", type=int, nargs="+", default=[1], choices=list(CLUSTERS),
+                   help="the kernel's programs per cluster (TMA multicast of the shared tiles)")  # fmt: skip
     p.add_argument("--scores", nargs="+", default=["kernel"], choices=list(SCORES),
                    help="where the kernel's chunk scores are computed")  # fmt: skip
     p.add_argument("--backward", nargs="+", default=["xla", "mosaic"], choices=list(BACKWARDS),
@@ -357,17 +360,18 @@ def kernel_variants(a: argparse.Namespace) -> tuple[dict[str, dict[str, int]], l
         for w in (a.backward_consumers if b == "mosaic" else [1])
         for sb in (a.scan_block_dhv if b == "mosaic" else [None])
     ]
-    grid = itertools.product(a.block_dhv, a.depth, a.consumers, a.scores, backwards)
-    for bdhv, depth, consumers, scores, (backward, bwg, scan_block) in grid:
+    grid = itertools.product(a.block_dhv, a.depth, a.consumers, a.cluster, a.scores, backwards)
+    for bdhv, depth, consumers, cluster, scores, (backward, bwg, scan_block) in grid:
         name = f"mosaic bdhv={bdhv}"
         name += f" d={depth}" if a.depth != [2] else ""
         name += f" wg={consumers}" if a.consumers != [1] else ""
+        name += f" cl={cluster}" if a.cluster != [1] else ""
         name += f" sc={scores}" if a.scores != ["kernel"] else ""
         name += f" bw={backward}" if a.backward != ["xla"] else ""
         name += f" bwg={bwg}" if backward == "mosaic" and a.backward_consumers != [2] else ""
         name += f" sbd={scan_block}" if backward == "mosaic" and a.scan_block_dhv != [32] else ""
         why = chunkwise_mosaic_unsupported(
-            a.DHQK, a.DHV, jnp.bfloat16, bdhv, depth=depth, consumers=consumers, scores=scores
+            a.DHQK, a.DHV, jnp.bfloat16, bdhv, depth=depth, consumers=consumers, scores=scores, cluster=cluster
         )  # fmt: skip
         if why is None and backward == "mosaic" and "fwdbwd" in a.modes:
             why = mosaic_backward_unsupported(a.DHQK, a.DHV, jnp.bfloat16, bdhv, depth, scores)
@@ -377,6 +381,7 @@ def kernel_variants(a: argparse.Namespace) -> tuple[dict[str, dict[str, int]], l
                 "block_dhv": bdhv,
                 "depth": depth,
                 "consumers": consumers,
+                "cluster": cluster,
                 "scores": scores,
                 "backward": backward,
                 "backward_consumers": bwg,

@@ -78,6 +78,35 @@ CASE_ARGS = ("B", "NH", "S", "DHQK", "DHV", "states", "fgate", "igate", "block_d
 SCORES_ARGS = pytest.mark.parametrize("scores", SCORES)
 
 
+# Clusters (compiled only): (B, NH, S, DHQK, DHV, initial states, forget gates, input gates, block_dhv, consumers,
+# cluster, scores); every case refills its pipeline slots (more chunks than depth) and has several clusters.
+CLUSTER_CASES = [
+    (2, 1, 200, 64, 128, True, "mixed", "extreme", 32, 1, 2, "kernel"),
+    (1, 2, 150, 64, 128, True, "mixed", "extreme", 32, 1, 4, "precomputed"),
+    (1, 2, 200, 64, 256, False, "mixed", "wide", 64, 2, 2, "in_kernel"),
+]
+on_hopper_only = pytest.mark.skipif(
+    not ON_HOPPER, reason="clusters run compiled only (Mosaic GPU's interpreter has no cluster barriers)"
+)
+
+
+@on_hopper_only
+@pytest.mark.parametrize(
+    ("B", "NH", "S", "DHQK", "DHV", "states", "fgate", "igate", "block_dhv", "consumers", "cluster", "scores"),
+    CLUSTER_CASES,
+    ids=["cluster2-scores-kernel", "cluster4-precomputed", "cluster2-two-wg-in-kernel"],
+)
+def test_clusters_match_reference(B, NH, S, DHQK, DHV, states, fgate, igate, block_dhv, consumers, cluster, scores):
+    """Programs in clusters that share the q, k, plan and P tiles by TMA multicast: h and the last states against
+    the float64 recurrence, and h equal to the same kernel's without clusters (the same products, bit for bit)."""
+    x = random_inputs(S + DHV + cluster, B, NH, S, DHQK, DHV, states=states, fgate=fgate, igate=igate)
+    form = functools.partial(kernel(block_dhv, consumers, scores), cluster=cluster)
+    check_forward(form, x, "bfloat16")
+    args = [jnp.asarray(x[name], jnp.bfloat16) for name in ("q", "k", "v", "i", "f")]
+    alone = jax.jit(functools.partial(kernel(block_dhv, consumers, scores), cluster=1))(*args)
+    np.testing.assert_array_equal(np.asarray(jax.jit(form)(*args), np.float32), np.asarray(alone, np.float32))
+
+
 @runs
 @SCORES_ARGS
 @pytest.mark.parametrize(CASE_ARGS, CASES, ids=CASE_IDS)
@@ -196,13 +225,14 @@ def _outputs(form, ids, *a):
 
 @runs
 @pytest.mark.parametrize(
-    ("states", "segments", "consumers", "scores", "scan_block"),
-    [(True, True, 1, "in_kernel", None), (False, False, 1, "in_kernel", None), (True, True, 2, "in_kernel", None),
-     (True, True, 2, "precomputed", 64), (True, True, 1, "kernel", None)],
+    ("states", "segments", "consumers", "scores", "scan_block", "cluster"),
+    [(True, True, 1, "in_kernel", None, 1), (False, False, 1, "in_kernel", None, 1),
+     (True, True, 2, "in_kernel", None, 1), (True, True, 2, "precomputed", 64, 1), (True, True, 1, "kernel", None, 1),
+     pytest.param(True, True, 1, "kernel", None, 2, marks=on_hopper_only)],
     ids=["states-documents", "zeros", "two-wg-states-documents", "precomputed-scan64-states-documents",
-         "scores-kernel-states-documents"],
+         "scores-kernel-states-documents", "cluster2-scores-kernel-states-documents"],
 )  # fmt: skip
-def test_mosaic_backward_matches_float64(states, segments, consumers, scores, scan_block):
+def test_mosaic_backward_matches_float64(states, segments, consumers, scores, scan_block, cluster):
     """``backward="mosaic"``: the gradients of every input (q, k, v, i, f and the initial states) for random
     cotangents on h and on all three last states, against float64 autodiff of the same split with its
     hand-derived backward (``chunkwise_split_fw``, checked against the float64 reference's central differences in
@@ -210,13 +240,15 @@ def test_mosaic_backward_matches_float64(states, segments, consumers, scores, sc
     Extreme input gates, a reset, packed documents across chunk borders, with and without initial states; the
     backward kernels with one and with two warpgroups per program; the forward's scores in the kernel,
     precomputed (which also gives the backward its h, border states and normaliser), with the reverse state scan
-    on 64 columns per warpgroup, and from the scores kernel."""
+    on 64 columns per warpgroup, and from the scores kernel, with the forward's programs alone and in clusters of
+    two."""
     args, ids = _grad_case(13 + states, 2, 1, states, segments)
     if consumers == 2:  # both backward kernels do run two warpgroups at this shape (DHQK = DHV = 64)
         assert state_scan_unsupported(64, 64, jnp.bfloat16, 32, 2, consumers=2) is None
         assert chunk_gradients_unsupported(64, 64, jnp.bfloat16, 32, consumers=2) is None
     form = functools.partial(
-        kernel(scores=scores), backward="mosaic", backward_consumers=consumers, backward_scan_block_dhv=scan_block
+        kernel(scores=scores), backward="mosaic", backward_consumers=consumers, backward_scan_block_dhv=scan_block,
+        cluster=cluster,
     )  # fmt: skip
     mosaic = functools.partial(_outputs, form, ids)
     outs = jax.jit(mosaic)(*args)
@@ -380,6 +412,20 @@ def test_unsupported_calls_raise():
     )
     with pytest.raises(ValueError, match="scores='xla' must be one of"):
         chunkwise_mosaic_fw(*args, scores="xla")
+    assert chunkwise_mosaic_unsupported(256, 512, jnp.bfloat16, 64, cluster=3) == (
+        "cluster=3 must be one of (1, 2, 4) (programs per cluster)"
+    )
+    assert chunkwise_mosaic_unsupported(256, 512, jnp.bfloat16, 64, cluster=4) is None  # 8 programs a head
+    assert chunkwise_mosaic_unsupported(256, 128, jnp.bfloat16, 64, cluster=4) == (
+        "cluster=4 must divide the 2 programs of a head (DHV=128, consumers=1, block_dhv=64)"
+    )
+    with pytest.raises(ValueError, match="cluster=2 must divide the 1 programs of a head"):
+        chunkwise_mosaic_fw(*args, cluster=2)
+    with pytest.raises(ValueError, match="cluster=2 cannot run in Mosaic GPU's interpreter"):
+        mosaic_chunkwise(
+            *(jnp.zeros((1, CHUNK, 64), jnp.bfloat16),) * 3, jnp.zeros((1, 8, CHUNK)), jnp.zeros((1, 1)),
+            jnp.zeros((1, 64, 64)), eps=1e-6, cluster=2, interpret=True,
+        )  # fmt: skip
     with pytest.raises(ValueError, match=r"k.shape=\(1, 1, 8, 64\) must be"):  # the shared checks come first
         chunkwise_mosaic_fw(args[0][..., :32], *args[1:])
 
@@ -451,23 +497,26 @@ def test_auto_scores_keeps_short_sequences_in_the_kernel():
 
 
 @pytest.mark.parametrize(
-    ("block_dhv", "consumers", "scores", "grad", "DHQK", "depth"),
+    ("block_dhv", "consumers", "scores", "grad", "DHQK", "depth", "cluster"),
     [
-        (32, 1, "in_kernel", False, 256, 2),
-        (64, 1, "in_kernel", False, 256, 2),
-        (32, 2, "in_kernel", True, 256, 2),
-        (32, 1, "precomputed", False, 256, 2),
-        (64, 1, "precomputed", False, 256, 2),
-        (64, 1, "precomputed", True, 256, 2),
-        (32, 2, "precomputed", True, 256, 2),
-        (32, 1, "precomputed", False, 512, 1),
+        (32, 1, "in_kernel", False, 256, 2, 1),
+        (64, 1, "in_kernel", False, 256, 2, 1),
+        (32, 2, "in_kernel", True, 256, 2, 1),
+        (32, 1, "precomputed", False, 256, 2, 1),
+        (64, 1, "precomputed", False, 256, 2, 1),
+        (64, 1, "precomputed", True, 256, 2, 1),
+        (32, 2, "precomputed", True, 256, 2, 1),
+        (32, 1, "precomputed", False, 512, 1, 1),
+        (64, 1, "kernel", False, 256, 2, 2),
+        (32, 2, "precomputed", True, 256, 2, 2),
     ],
 )
-def test_lowers_for_cuda(block_dhv, consumers, scores, grad, DHQK, depth):
+def test_lowers_for_cuda(block_dhv, consumers, scores, grad, DHQK, depth, cluster):
     """Tracing and Mosaic GPU lowering at the xLSTM-7B head shape (DHQK=256; the layouts, the operands' shared
     swizzle, the shared-memory budget, two warpgroups' barriers, the border states and each step's (qn, den) as
     under differentiation (``grad``), the state update accumulated onto the decayed state with
-    precomputed scores; DHQK=512 with one chunk in flight) succeed on any machine."""
+    precomputed scores; DHQK=512 with one chunk in flight; programs in clusters of two with multicast tiles)
+    succeed on any machine."""
     BH, S, DHV, f32, A = 2, 2 * CHUNK, 128, jnp.float32, jax.ShapeDtypeStruct
     avals = (
         A((BH, S, DHQK), jnp.bfloat16), A((BH, S, DHQK), jnp.bfloat16), A((BH, S, DHV), jnp.bfloat16),
@@ -475,7 +524,7 @@ def test_lowers_for_cuda(block_dhv, consumers, scores, grad, DHQK, depth):
     )  # fmt: skip
     step = functools.partial(
         mosaic_chunkwise, eps=1e-6, block_dhv=block_dhv, consumers=consumers, scores=scores,
-        borders=grad, normaliser=grad, depth=depth,
+        borders=grad, normaliser=grad, depth=depth, cluster=cluster,
     )  # fmt: skip
     text = jax.jit(step).trace(*avals).lower(lowering_platforms=("cuda",)).as_text()
     assert "mosaic_gpu" in text

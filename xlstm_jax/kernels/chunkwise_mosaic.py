@@ -84,10 +84,12 @@ from xlstm_jax.mlstm.states import cast_states
 __all__ = [
     "BACKWARDS",
     "CHUNK",
+    "CLUSTERS",
     "IN_KERNEL_SCORES_MAX_CHUNKS",
     "SCORES",
     "chunk_plan",
     "chunkwise_mosaic_fw",
+    "auto_cluster",
     "auto_consumers",
     "auto_depth",
     "auto_scores",
@@ -111,6 +113,8 @@ _W, _G = range(_READOUT_ROWS)  # the border state's weight over the denominator;
 # head before it, by XLA (:func:`normalised_scores`) or by a Mosaic GPU kernel of their own
 # (:mod:`xlstm_jax.kernels.chunkwise_mosaic_scores`).
 SCORES = ("in_kernel", "precomputed", "kernel")
+_CLUSTER = "cluster"  # the mesh axis of the programs of a cluster (mosaic_chunkwise's ``cluster``)
+CLUSTERS = (1, 2, 4)  # programs per cluster the forward kernel takes
 _FOLD_MAX_DHQK = 256  # the largest head size for which the scores kernel computes q̂·n_border (registers)
 _SMEM_LIMIT = 227 * 1024  # bytes of shared memory a CUDA block may use on Hopper
 _SMEM_RESERVE = 4 * 1024  # kept for the barriers and alignment that Mosaic GPU adds to the tiles (about 2 KiB)
@@ -153,12 +157,14 @@ def chunkwise_mosaic_unsupported(
     consumers: int = 1,
     scores: str = "in_kernel",
     normaliser: bool = False,
+    cluster: int = 1,
 ) -> str | None:
     """Why the kernel cannot run this head shape, dtype and tiling, or None if it can (no device check).
 
     The tiling: ``block_dhv`` columns of c per warpgroup, ``depth`` chunks in flight, ``consumers`` warpgroups per
     program, ``scores`` where the chunk's scores are computed (:data:`SCORES`), ``normaliser`` whether each step's
-    (qn, den) leaves the kernel too; the tiles must fit in a Hopper block's shared memory
+    (qn, den) leaves the kernel too, ``cluster`` programs per cluster (:data:`CLUSTERS`; they must divide the
+    head's ``DHV / (consumers * block_dhv)`` programs); the tiles must fit in a Hopper block's shared memory
     (:func:`shared_memory_bytes`).
     """
     if scores not in SCORES:
@@ -178,6 +184,13 @@ def chunkwise_mosaic_unsupported(
         )
     if not isinstance(depth, int) or depth < 1:
         return f"depth={depth!r} must be a positive integer (chunks in flight)"
+    if cluster not in CLUSTERS or isinstance(cluster, bool):
+        return f"cluster={cluster!r} must be one of {CLUSTERS} (programs per cluster)"
+    if (DHV // (consumers * block_dhv)) % cluster:
+        return (
+            f"cluster={cluster} must divide the {DHV // (consumers * block_dhv)} programs of a head "
+            f"(DHV={DHV}, consumers={consumers}, block_dhv={block_dhv})"
+        )
     smem = shared_memory_bytes(DHQK, dtype, block_dhv, depth, consumers, scores, normaliser)
     if smem + _SMEM_RESERVE > _SMEM_LIMIT:
         detail = "" if scores == "in_kernel" else f", scores={scores!r}"
@@ -235,6 +248,12 @@ def auto_scores(S: int) -> str:
     chunks is not timed.
     """
     return "in_kernel" if -(-S // CHUNK) <= IN_KERNEL_SCORES_MAX_CHUNKS else "kernel"
+
+
+def auto_cluster(DHV: int, block_dhv: int, consumers: int, interpret: bool = False) -> int:
+    """The programs per cluster that ``cluster=None`` picks: 1 for now (multicast not yet measured faster)."""
+    del DHV, block_dhv, consumers, interpret
+    return 1
 
 
 def auto_tiling(
@@ -426,6 +445,7 @@ def _chunk_body(
     precomputed: bool,
     borders: bool,
     normaliser: bool,
+    cluster: int,
 ):
     # The outputs: h (BH, S, DHV) in h's dtype; c (BH, DHQK, DHV) float32; with borders, r(C_j) before every chunk
     # (BH, NC * DHQK, DHV) in q's dtype; with normaliser (in-kernel scores), each chunk's (qn, den) (BH, NC * 2, L).
@@ -441,11 +461,22 @@ def _chunk_body(
     regs = _RegisterTiles(interpret)
     tile, row_layout, col_layout, load, cast = regs.tile, regs.row_layout, regs.col_layout, regs.load, regs.cast
     bh, vb = lax.axis_index("bh"), lax.axis_index("vb")
+    clustered = cluster > 1
+    if clustered:  # the programs of a cluster: consecutive column blocks of one head
+        vb = vb * cluster + lax.axis_index(_CLUSTER)
+    # With a cluster, the tiles of the head's q, k, plan and P are multicast: each program of the cluster loads its
+    # share and every program receives the whole tile.
+    multicast = {"collective_axes": _CLUSTER} if clustered else {}
     itemsize = jnp.dtype(dtype).itemsize
     group = _Warpgroups(consumers, vb, NV)
     split, wg, columns, own, per_warpgroup, leader = (
         group.split, group.wg, group.columns, group.own, group.smem, group.leader
     )  # fmt: skip
+    # A slot of the shared tiles is refilled once every warpgroup reading it (those of the cluster) is done with it.
+    shared_slots = split or clustered
+    consumed_barrier = (
+        functools.partial(plgpu.ClusterBarrier, collective_axes=(_CLUSTER,)) if clustered else plgpu.Barrier
+    )
     # Indices (times depth) into ``loaded``: q 0, k 1, each warpgroup's v, the plan, and the precomputed P.
     v_barrier, plan_barrier, p_barrier = 2 + wg, 2 + consumers, 3 + consumers
     operands = (0, 1, v_barrier, plan_barrier, *((p_barrier,) if precomputed else ()))
@@ -460,7 +491,8 @@ def _chunk_body(
 
     def body(q_bufs, k_bufs, v_bufs, plan_bufs, h_smem, c16_smem, p_smem, gv_smem, loaded, *rest):
         norm_smem, rest = (rest[0], rest[1:]) if normaliser else (None, rest)
-        consumed, kt = (rest[0], rest[1:]) if split else (None, rest)
+        consumed, kt = (rest[0], rest[1:]) if shared_slots else (None, rest)
+        done, kt = (kt[0], kt[1:]) if clustered else (None, kt)
         v_bufs, h_smem, c16_smem, gv_smem = map(own, (v_bufs, h_smem, c16_smem, gv_smem))
         if not precomputed:  # each warpgroup's own P; precomputed, one per pipeline slot, shared
             p_smem = own(p_smem)
@@ -474,18 +506,18 @@ def _chunk_body(
                 plgpu.copy_gmem_to_smem(v_ref.at[bh, steps, columns], v_bufs.at[slot], v_loaded)
 
             def copy_shared():
-                if refill and split:
-                    plgpu.barrier_wait(consumed.at[slot])  # both warpgroups are done with the slot
-                plgpu.copy_gmem_to_smem(q_ref.at[bh, steps], q_bufs.at[slot], loaded.at[slot])
-                plgpu.copy_gmem_to_smem(k_ref.at[bh, steps], k_bufs.at[slot], loaded.at[depth + slot])
+                if refill and shared_slots:
+                    plgpu.barrier_wait(consumed.at[slot])  # every warpgroup of the cluster is done with the slot
+                plgpu.copy_gmem_to_smem(q_ref.at[bh, steps], q_bufs.at[slot], loaded.at[slot], **multicast)
+                plgpu.copy_gmem_to_smem(k_ref.at[bh, steps], k_bufs.at[slot], loaded.at[depth + slot], **multicast)
                 if not split:
                     copy_v()
                 plan_rows = pl.ds(j * rows, rows)
                 plan_loaded = loaded.at[plan_barrier * depth + slot]
-                plgpu.copy_gmem_to_smem(plan_ref.at[bh, plan_rows], plan_bufs.at[slot], plan_loaded)
+                plgpu.copy_gmem_to_smem(plan_ref.at[bh, plan_rows], plan_bufs.at[slot], plan_loaded, **multicast)
                 if precomputed:
                     p_loaded = loaded.at[p_barrier * depth + slot]
-                    plgpu.copy_gmem_to_smem(p_ref.at[bh, steps], p_smem.at[slot], p_loaded)
+                    plgpu.copy_gmem_to_smem(p_ref.at[bh, steps], p_smem.at[slot], p_loaded, **multicast)
 
             leader(copy_shared)
             if split:
@@ -606,7 +638,7 @@ def _chunk_body(
 
             @pl.when(j + depth < NC)
             def _():
-                if split:  # every product of this warpgroup reading this slot has completed
+                if shared_slots:  # every product of this warpgroup reading this slot has completed
                     plgpu.barrier_arrive(consumed.at[slot])
                 issue(j + depth, slot, refill=True)
 
@@ -614,6 +646,9 @@ def _chunk_body(
 
         c_last = lax.fori_loop(0, NC, chunk, c_init)
         plgpu.wait_smem_to_gmem(0)
+        if clustered:  # no program leaves while another may still signal its barriers
+            plgpu.barrier_arrive(done)
+            plgpu.barrier_wait(done)
         return c_last
 
     c_init = group.state_in(c0_ref, bh, lambda ref: load(ref, tile))
@@ -631,7 +666,8 @@ def _chunk_body(
         per_warpgroup((L, NV), dtype, transforms=operand),
         plgpu.Barrier(num_arrivals=1, num_barriers=(p_barrier + precomputed) * depth),  # q, k, each v, plan[, P]
         *([plgpu.SMEM((2, L), f32)] if normaliser else []),  # (qn, den) on their way out
-        *([plgpu.Barrier(num_arrivals=consumers, num_barriers=depth)] if split else []),
+        *([consumed_barrier(num_arrivals=consumers, num_barriers=depth)] if shared_slots else []),
+        *([plgpu.ClusterBarrier(collective_axes=(_CLUSTER,), num_arrivals=consumers)] if clustered else []),
         *([per_warpgroup((DHQK, L), dtype)] if interpret else []),
         collective_axes="wg",
     )
@@ -704,6 +740,7 @@ def normalised_scores(
         "borders",
         "scores",
         "normaliser",
+        "cluster",
     ),
 )
 def mosaic_chunkwise(
@@ -723,6 +760,7 @@ def mosaic_chunkwise(
     scores: str = "in_kernel",
     normaliser: bool = False,
     n_border: jax.Array | None = None,
+    cluster: int = 1,
 ) -> tuple[jax.Array, ...]:
     """The kernel on ``BH`` flattened heads, from :func:`chunk_plan`'s plan; the caller checks shapes.
 
@@ -736,6 +774,8 @@ def mosaic_chunkwise(
     ``q̂·n_border`` from ``n_border`` (BH, NC, DHQK) float32 where given, in place of the plan's row.
     ``normaliser``: also return the steps' ``(qn, den)`` for the backward, as the scores' pass computed them, or
     with in-kernel scores as the kernel did (the head's first column block writes them).
+    ``cluster``: programs per cluster (:data:`CLUSTERS`), consecutive column blocks of one head that share each
+    chunk's q, k, plan and P tiles by TMA multicast (module docstring); it must divide the head's column blocks.
 
     Returns:
         ``(h (BH, S, DHV) in q's dtype, c after the last chunk (BH, DHQK, DHV) float32)``, and with ``borders``
@@ -746,18 +786,21 @@ def mosaic_chunkwise(
     DHV = v.shape[-1]
     reason = chunkwise_mosaic_unsupported(
         DHQK, DHV, q.dtype, block_dhv, depth=depth, consumers=consumers, scores=scores,
-        normaliser=normaliser,
+        normaliser=normaliser, cluster=cluster,
     )  # fmt: skip
     if reason is not None:
         raise ValueError(f"the Mosaic GPU chunkwise kernel cannot run this shape: {reason}")
+    if interpret and cluster > 1:
+        raise ValueError(f"cluster={cluster} cannot run in Mosaic GPU's interpreter (it has no cluster barriers)")
     precomputed = scores != "in_kernel"
     in_kernel_normaliser = normaliser and not precomputed
     params = require_mosaic_interpreter(consumers) if interpret else None
     body = functools.partial(
         _chunk_body, eps=eps, block_dhv=block_dhv, depth=depth, consumers=consumers, interpret=interpret,
-        precomputed=precomputed, borders=borders, normaliser=in_kernel_normaliser,
+        precomputed=precomputed, borders=borders, normaliser=in_kernel_normaliser, cluster=cluster,
     )  # fmt: skip
     NC = S // CHUNK
+    clusters = {"cluster": (cluster,), "cluster_names": (_CLUSTER,)} if cluster > 1 else {}
     kernel = pl.kernel(
         body,
         out_type=(
@@ -767,7 +810,11 @@ def mosaic_chunkwise(
             *([jax.ShapeDtypeStruct((BH, NC * 2, CHUNK), jnp.float32)] if in_kernel_normaliser else []),
         ),
         mesh=plgpu.Mesh(
-            grid=(BH, DHV // (consumers * block_dhv)), grid_names=("bh", "vb"), num_threads=consumers, thread_name="wg"
+            grid=(BH, DHV // (consumers * block_dhv * cluster)),
+            grid_names=("bh", "vb"),
+            num_threads=consumers,
+            thread_name="wg",
+            **clusters,
         ),
         name="mlstm_chunkwise_mosaic",
         **({"interpret": params} if interpret else {}),
@@ -841,7 +888,16 @@ def chunk_plan(
     return plan, decay, (n_last, m_last), n_b
 
 
-def _forward(x: ChunkedSequence, eps: float, block_dhv: int, depth: int, consumers: int, interpret: bool, scores: str):
+def _forward(
+    x: ChunkedSequence,
+    eps: float,
+    block_dhv: int,
+    depth: int,
+    consumers: int,
+    interpret: bool,
+    scores: str,
+    cluster: int,
+):
     """h (B, NH, S, DHV) and the last states (c, n, m) in the accumulation dtype."""
     B, NH, S, DHQK, DHV = x.dims
     NC, L = x.NC, x.L
@@ -862,6 +918,7 @@ def _forward(x: ChunkedSequence, eps: float, block_dhv: int, depth: int, consume
         interpret=interpret,
         scores=scores,
         n_border=n_border.reshape(B * NH, NC, DHQK) if fold else None,
+        cluster=cluster,
     )
     h = h.reshape(B, NH, NC * L, DHV)[:, :, :S]
     return h, (c_last.reshape(B, NH, DHQK, DHV), n_last, m_last)
@@ -890,6 +947,7 @@ def chunkwise_mosaic_fw(
     backward_consumers: int = 2,
     scores: str | None = None,
     backward_scan_block_dhv: int | None = None,
+    cluster: int | None = None,
 ) -> jax.Array | tuple[jax.Array, tuple[jax.Array, jax.Array, jax.Array]]:
     """The mLSTM on a whole sequence, chunkwise, with the products in a Mosaic GPU kernel (module docstring).
 
@@ -921,6 +979,10 @@ def chunkwise_mosaic_fw(
             (:mod:`xlstm_jax.kernels.chunkwise_mosaic_scores`; the gate plan then reads no q at DHQK up to 256). None
             (the default): :func:`auto_scores` picks by S, in the kernel for at most 4 chunks (256 steps), ``"kernel"``
             beyond.
+        cluster: Programs per cluster of the forward kernel, 1, 2 or 4 (:data:`CLUSTERS`): consecutive column
+            blocks of a head that share each chunk's q, k and score tiles by TMA multicast, each loading its share,
+            so that a head's tiles are read from L2 once per cluster rather than once per program. None:
+            :func:`auto_cluster`.
         backward_scan_block_dhv: With ``backward="mosaic"``, the columns per warpgroup of the backward's reverse
             state scan, 32 or 64 (None: the backward kernels' block,
             :func:`~xlstm_jax.kernels.chunkwise_mosaic_bw.backward_block_dhv`: ``block_dhv`` where their tiles fit,
@@ -944,8 +1006,9 @@ def chunkwise_mosaic_fw(
     BH, tiling_depth = x.dims[0] * x.dims[1], 2 if depth is None else depth
     block_dhv, consumers = auto_tiling(BH, DHQK, DHV, dtype, block_dhv, consumers, tiling_depth, scores)
     depth = auto_depth(DHQK, DHV, dtype, block_dhv, consumers, scores) if depth is None else depth
+    cluster = auto_cluster(DHV, block_dhv, consumers, interpret) if cluster is None else cluster
     reason = chunkwise_mosaic_unsupported(
-        DHQK, DHV, dtype, block_dhv, depth=depth, consumers=consumers, scores=scores
+        DHQK, DHV, dtype, block_dhv, depth=depth, consumers=consumers, scores=scores, cluster=cluster
     )  # fmt: skip
     if reason is not None:
         raise ValueError(f"chunkwise_mosaic_fw cannot run this call: {reason}")
@@ -958,7 +1021,9 @@ def chunkwise_mosaic_fw(
     )
 
     if backward == "mosaic" and mosaic_backward_unsupported(DHQK, DHV, dtype, block_dhv, depth, scores) is None:
-        forward_tiling = {"block_dhv": block_dhv, "depth": depth, "interpret": interpret, "scores": scores}
+        forward_tiling = {
+            "block_dhv": block_dhv, "depth": depth, "interpret": interpret, "scores": scores, "cluster": cluster
+        }  # fmt: skip
         backward_block = backward_block_dhv(DHQK, DHV, dtype, block_dhv, depth)
         tiling = {"block_dhv": backward_block, "depth": depth, "interpret": interpret}  # the backward kernels'
 
@@ -969,7 +1034,8 @@ def chunkwise_mosaic_fw(
 
         grad_consumers = consumers
         if chunkwise_mosaic_unsupported(
-            DHQK, DHV, dtype, block_dhv, depth=depth, consumers=consumers, scores=scores, normaliser=True
+            DHQK, DHV, dtype, block_dhv, depth=depth, consumers=consumers, scores=scores, normaliser=True,
+            cluster=cluster,
         ):  # fmt: skip
             grad_consumers = 1  # the (qn, den) tile may not fit beside two warpgroups' tiles
 
@@ -1000,7 +1066,7 @@ def chunkwise_mosaic_fw(
     def run(q, k, v, i, f, states, segment_ids):
         c0, n0, m0 = states if states_given else (None, None, None)
         x = chunk_sequence(q, k, v, i, f, c0, n0, m0, eps, state_dtype, CHUNK, segment_ids, True)
-        h, last = _forward(x, eps, block_dhv, depth, consumers, interpret, scores)
+        h, last = _forward(x, eps, block_dhv, depth, consumers, interpret, scores, cluster)
         return h.astype(q.dtype), cast_states(last, x.out_dtypes)
 
     def xla(q, k, v, i, f, states, segment_ids):
