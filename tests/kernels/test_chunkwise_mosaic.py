@@ -381,6 +381,29 @@ def test_backend_backward_scan_block():
         create_mlstm_backend("chunkwise_mosaic", backward_scan_block_dhv=48)
 
 
+def test_cluster_reaches_the_kernel_grid():
+    """``cluster`` (the function's and the backend config's) groups a head's column programs into clusters: the
+    kernel's grid has that many times fewer column entries, each a cluster; the interpreter, which has no cluster
+    barriers, refuses it with a clear error; other values are refused."""
+    x = random_inputs(2, 1, 2, 130, 64, 256)
+    args = [jnp.asarray(x[name], jnp.bfloat16) for name in ("q", "k", "v")]
+    args += [jnp.asarray(x[name], jnp.float32) for name in ("i", "f")]
+
+    def mesh(cluster: int) -> str:
+        form = functools.partial(chunkwise_mosaic_fw, block_dhv=64, consumers=1, scores="kernel", cluster=cluster)
+        text = str(jax.make_jaxpr(form)(*args))  # traced only: the compiled kernel runs on a Hopper GPU
+        (found,) = re.findall(r"grid=\((\d+), (\d+)\), grid_names=\('bh', 'vb'\), cluster=\(([\d, ]*)\)", text)
+        return found
+
+    assert mesh(1) == ("2", "4", "") and mesh(2) == ("2", "2", "2,") and mesh(4) == ("2", "1", "4,")
+    assert create_mlstm_backend("chunkwise_mosaic").config.cluster is None
+    if mosaic_interpret_params() is not None:
+        with pytest.raises(ValueError, match="cluster=2 cannot run in Mosaic GPU's interpreter"):
+            create_mlstm_backend("chunkwise_mosaic", interpret=True, cluster=2)(*args)
+    with pytest.raises(ValueError, match=r"cluster must be None or one of \(1, 2, 4\)"):
+        create_mlstm_backend("chunkwise_mosaic", cluster=3)
+
+
 def test_unsupported_calls_raise():
     x = random_inputs(0, 1, 1, 8, 64, 32)
     args = [jnp.asarray(x[name], jnp.bfloat16) for name in ("q", "k", "v", "i", "f")]

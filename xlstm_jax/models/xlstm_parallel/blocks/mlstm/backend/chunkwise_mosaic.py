@@ -18,7 +18,9 @@ import jax.numpy as jnp
 
 from xlstm_jax.kernels.chunkwise_mosaic import (
     BACKWARDS,
+    CLUSTERS,
     SCORES,
+    auto_cluster,
     auto_depth,
     auto_scores,
     auto_tiling,
@@ -56,6 +58,7 @@ def chunkwise_hopper_fw(
     backward_consumers: int = 2,
     scores: str | None = None,
     backward_scan_block_dhv: int | None = None,
+    cluster: int | None = None,
 ) -> Any:
     """The chunkwise form: the Mosaic GPU kernel where it applies, else the XLA form with ``chunk_size`` (which also
     runs under differentiation: :func:`~xlstm_jax.kernels.chunkwise_mosaic.chunkwise_mosaic_fw`).
@@ -71,7 +74,8 @@ def chunkwise_hopper_fw(
     (:func:`~xlstm_jax.kernels.chunkwise_mosaic.auto_scores`: in the kernel for at most 256 steps, the scores
     kernel beyond).
     ``backward_scan_block_dhv``: the columns per warpgroup of the backward's reverse state scan (None: the
-    backward kernels' block, ``block_dhv`` where their tiles fit, else 32).
+    backward kernels' block, ``block_dhv`` where their tiles fit, else 32). ``cluster``: the forward kernel's
+    programs per cluster, 1, 2 or 4 (None: :func:`~xlstm_jax.kernels.chunkwise_mosaic.auto_cluster`).
     """
     use_kernel = interpret if interpret is not None else device_supports_mosaic()
     dtype = jnp.result_type(q, k, v)
@@ -82,13 +86,16 @@ def chunkwise_hopper_fw(
     scores = auto_scores(q.shape[2]) if scores is None else scores
     block_dhv, consumers = auto_tiling(q.shape[0] * q.shape[1], DHQK, DHV, dtype, block_dhv, consumers, scores=scores)
     depth = auto_depth(DHQK, DHV, dtype, block_dhv, consumers, scores)
-    fits = chunkwise_mosaic_unsupported(DHQK, DHV, dtype, block_dhv, depth=depth, consumers=consumers, scores=scores)
+    cluster = auto_cluster(DHV, block_dhv, consumers, bool(interpret)) if cluster is None else cluster
+    fits = chunkwise_mosaic_unsupported(
+        DHQK, DHV, dtype, block_dhv, depth=depth, consumers=consumers, scores=scores, cluster=cluster
+    )  # fmt: skip
     if use_kernel and fits is None and states_dtype in (None, jnp.dtype(jnp.float32)):
         return chunkwise_mosaic_fw(
             q, k, v, i, f, c_initial, n_initial, m_initial, return_last_states, eps, state_dtype,
             segment_ids=segment_ids, block_dhv=block_dhv, depth=depth, consumers=consumers, interpret=bool(interpret),
             xla_chunk_size=chunk_size, backward=backward, backward_consumers=backward_consumers, scores=scores,
-            backward_scan_block_dhv=backward_scan_block_dhv,
+            backward_scan_block_dhv=backward_scan_block_dhv, cluster=cluster,
         )  # fmt: skip
     return chunkwise_fw(
         q, k, v, i, f, c_initial, n_initial, m_initial, return_last_states, eps, state_dtype, chunk_size,
@@ -134,6 +141,10 @@ class mLSTMBackendChunkwiseMosaicConfig(mLSTMBackendConfig):
         backward_scan_block_dhv: Columns per warpgroup of the Mosaic GPU backward's reverse state scan, 32 or 64
             (None: the backward kernels' block, ``block_dhv`` where their tiles fit, else 32: at DHQK=256 the
             gradient kernel's tiles fit 32 columns only). BENCHMARKS.md compares them.
+        cluster: Programs per cluster of the forward kernel, 1, 2 or 4: consecutive column blocks of a head that
+            share each chunk's q, k and score tiles by TMA multicast; None picks
+            (:func:`~xlstm_jax.kernels.chunkwise_mosaic.auto_cluster`). Where it does not divide a head's
+            programs, the XLA form runs.
     """
 
     chunk_size: int = 256
@@ -144,6 +155,7 @@ class mLSTMBackendChunkwiseMosaicConfig(mLSTMBackendConfig):
     backward_consumers: int = 2
     scores: str | None = None
     backward_scan_block_dhv: int | None = None
+    cluster: int | None = None
 
     def __post_init__(self) -> None:
         super().__post_init__()
@@ -164,6 +176,8 @@ class mLSTMBackendChunkwiseMosaicConfig(mLSTMBackendConfig):
             self.backward_scan_block_dhv not in (32, 64) or isinstance(self.backward_scan_block_dhv, bool)
         ):
             raise ValueError(f"backward_scan_block_dhv must be None, 32 or 64, got {self.backward_scan_block_dhv!r}")
+        if self.cluster is not None and (self.cluster not in CLUSTERS or isinstance(self.cluster, bool)):
+            raise ValueError(f"cluster must be None or one of {CLUSTERS} (programs per cluster), got {self.cluster!r}")
 
 
 class mLSTMBackendChunkwiseMosaic(mLSTMBackend):
