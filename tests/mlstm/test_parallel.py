@@ -4,12 +4,13 @@ from __future__ import annotations
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 import pytest
 
 from tests.mlstm.form_checks import check_forward, check_gradients, random_inputs
 from tests.numerics import TOL, assert_close
 from tests.reference import parallel_ref, recurrent_ref
-from xlstm_jax.mlstm.parallel import parallel_stabilized_fw
+from xlstm_jax.mlstm.parallel import block_log_weights, block_running_max, parallel_stabilized_fw
 
 # (S, initial states, forget gates, input gates): odd S, extreme and saturated gates.
 FLOAT64_CASES = [
@@ -95,3 +96,29 @@ def test_float32_without_states_at_a_larger_shape():
     returned non-finite h when the zero initial states entered a matrix product (they are skipped now)."""
     x = random_inputs(1024, 1, 4, 1024, 64, 128, fgate="open")
     check_forward(parallel_stabilized_fw, x, "float32")
+
+
+@pytest.mark.parametrize("breaks", [False, True])
+@pytest.mark.parametrize("starts", [False, True])
+def test_block_running_max_is_the_row_max(breaks, starts):
+    """block_running_max (a scan) against block_log_weights' row max of the (L, L) matrix, on blocks of 64 steps
+    with extreme input gates, padding, breaks restarting the max and document-start columns: equal -inf where no
+    step weighs, else equal up to the rounding of the two sums, 2 float32 ulps of their largest term each
+    (F_t + (i_s - F_s) against (F_t - F_s) + i_s), bounded here by 4 ulps of max |F| + |i|."""
+    rng = np.random.default_rng(7)
+    shape, L = (3, 5), 64
+    F = np.cumsum(np.log(1 / (1 + np.exp(-rng.normal(2, 3, (*shape, L))))), -1).astype(np.float32)
+    i = rng.normal(0, 20, (*shape, L)).astype(np.float32)
+    i[..., 5] = -np.inf  # a step that weighs nothing
+    valid = np.arange(L) < 50  # padding after step 50
+    R = np.cumsum(rng.random((*shape, L)) < 0.05, -1).astype(np.float32) if breaks else None
+    log_start = np.where(rng.random((*shape, L)) < 0.1, -rng.random((*shape, L)), -np.inf) if starts else None
+    m0 = rng.normal(0, 5, shape).astype(np.float32)
+    args = [jnp.asarray(a) if a is not None else None for a in (F, i, m0, valid, R, log_start)]
+    _, log_w, expected = block_log_weights(*args)
+    got = block_running_max(args[0], args[1], log_w, *args[3:])
+    expected, got = np.asarray(expected), np.asarray(got)
+    np.testing.assert_array_equal(np.isneginf(got), np.isneginf(expected))
+    finite = np.isfinite(expected)
+    scale = np.max(np.abs(F)) + np.max(np.abs(i[np.isfinite(i)]))
+    assert np.max(np.abs(got[finite] - expected[finite])) <= 4 * np.finfo(np.float32).eps * scale

@@ -44,6 +44,14 @@ The same function as :func:`xlstm_jax.mlstm.chunkwise.chunkwise_fw` (initial sta
    out with its barriers in 174 and 214 KiB (Hopper allows 227). With precomputed scores P is one 8 KiB tile
    per slot, shared, and the plan has 2 rows: 177 KiB with one warpgroup, 209 KiB with two.
 
+Clusters (``cluster`` 2 or 4). A head's column programs all read the same q, k, plan and P tiles per chunk: at
+B=8, NH=8, S=8192, DHV=512 and 64 columns a program, its 8 programs read 4.3 GB of q and k from L2 for 0.27 GB
+each in HBM. With ``cluster=c`` the grid's programs run in clusters of c consecutive column blocks of one head,
+and each shared tile is a TMA multicast: every program of the cluster loads 1/c of it and receives all of it, so
+L2 serves each tile once per cluster. A slot is refilled once every warpgroup of the cluster has arrived at its
+"consumed" cluster barrier (a program's copy writes into its peers' shared memory), and no program leaves before
+all have arrived at a last one. Compiled only: Mosaic GPU's interpreter has no cluster barriers.
+
 Limits. Hopper (TMA and WGMMA, compute capability 9.0). bf16 or f16 inputs (the WGMMA operand dtypes; float32
 inputs would run as TF32 and are left to the XLA form); DHQK a multiple of 64, DHV a multiple of
 ``consumers * block_dhv`` (block_dhv 32 or 64, consumers 1 or 2), the tiles within Hopper's 227 KiB of shared
@@ -78,7 +86,7 @@ from jax.experimental.pallas import mosaic_gpu as plgpu
 from xlstm_jax.kernels.mosaic import require_mosaic_interpreter
 from xlstm_jax.kernels.recurrent_step_mosaic import load_ref
 from xlstm_jax.mlstm.chunkwise import ChunkedSequence, border_normalisers, chunk_sequence, chunkwise_fw
-from xlstm_jax.mlstm.parallel import block_log_decay, block_log_weights, block_summary
+from xlstm_jax.mlstm.parallel import block_log_decay, block_log_weights, block_running_max, block_summary
 from xlstm_jax.mlstm.states import cast_states
 
 __all__ = [
@@ -251,9 +259,16 @@ def auto_scores(S: int) -> str:
 
 
 def auto_cluster(DHV: int, block_dhv: int, consumers: int, interpret: bool = False) -> int:
-    """The programs per cluster that ``cluster=None`` picks: 1 for now (multicast not yet measured faster)."""
-    del DHV, block_dhv, consumers, interpret
-    return 1
+    """The programs per cluster that ``cluster=None`` picks: 2 where they divide a head's ``DHV / (consumers *
+    block_dhv)`` programs, else 1; 1 in the interpreter, which has no cluster barriers.
+
+    On an H100 at B=8, NH=8, DHQK=256, DHV=512 (64 columns, one warpgroup, the scores kernel) clusters of two took
+    the forward from 1.436 to 1.395 ms at S=8192 and from 0.426 to 0.420 ms at S=2048, and the xLSTM-7B prefill of
+    8192 tokens from 189.1 to 187.8 ms; clusters of four were slower (1.609 and 0.469 ms; BENCHMARKS.md).
+    """
+    if interpret:
+        return 1
+    return 2 if (DHV // (consumers * block_dhv)) % 2 == 0 else 1
 
 
 def auto_tiling(
@@ -435,8 +450,8 @@ def _chunk_body(
     v_ref,  # (BH, S, DHV)
     plan_ref,  # (BH, NC * 8, L) float32: chunk_plan's vectors; precomputed: (BH, NC * 2, L), the readout
     decay_ref,  # (BH, NC) float32: each chunk's decay of the border state
-    c0_ref,  # (BH, DHQK, DHV) float32
-    *refs,  # precomputed: P / den (BH, NC * L, L) in q's dtype; then the outputs h, c and maybe the borders
+    *refs,  # c0 (BH, DHQK, DHV) float32 unless zero_state; precomputed: P / den (BH, NC * L, L) in q's dtype; then
+    # the outputs h, c and maybe the borders
     eps: float,
     block_dhv: int,
     depth: int,
@@ -446,9 +461,11 @@ def _chunk_body(
     borders: bool,
     normaliser: bool,
     cluster: int,
+    zero_state: bool,
 ):
     # The outputs: h (BH, S, DHV) in h's dtype; c (BH, DHQK, DHV) float32; with borders, r(C_j) before every chunk
     # (BH, NC * DHQK, DHV) in q's dtype; with normaliser (in-kernel scores), each chunk's (qn, den) (BH, NC * 2, L).
+    c0_ref, refs = (None, refs) if zero_state else (refs[0], refs[1:])
     p_ref, refs = (refs[0], refs[1:]) if precomputed else (None, refs)
     h_ref, c_ref, *rest = refs
     borders_ref = rest.pop(0) if borders else None
@@ -651,7 +668,10 @@ def _chunk_body(
             plgpu.barrier_wait(done)
         return c_last
 
-    c_init = group.state_in(c0_ref, bh, lambda ref: load(ref, tile))
+    if zero_state:
+        c_init = cast(jnp.zeros((DHQK, NV), f32), tile)
+    else:
+        c_init = group.state_in(c0_ref, bh, lambda ref: load(ref, tile))
     c_last = pl.run_scoped(
         body,
         plgpu.SMEM((depth, L, DHQK), dtype, transforms=operand),
@@ -749,7 +769,7 @@ def mosaic_chunkwise(
     v: jax.Array,  # (BH, S, DHV)
     plan: jax.Array,  # (BH, NC * 8, CHUNK) float32
     decay: jax.Array,  # (BH, NC) float32
-    c0: jax.Array,  # (BH, DHQK, DHV) float32
+    c0: jax.Array | None,  # (BH, DHQK, DHV) float32, or None for zeros
     *,
     eps: float,
     block_dhv: int = 32,
@@ -798,7 +818,9 @@ def mosaic_chunkwise(
     body = functools.partial(
         _chunk_body, eps=eps, block_dhv=block_dhv, depth=depth, consumers=consumers, interpret=interpret,
         precomputed=precomputed, borders=borders, normaliser=in_kernel_normaliser, cluster=cluster,
+        zero_state=c0 is None,
     )  # fmt: skip
+    c0s = () if c0 is None else (c0,)  # without c0 the kernel starts from zeros: none written and read
     NC = S // CHUNK
     clusters = {"cluster": (cluster,), "cluster_names": (_CLUSTER,)} if cluster > 1 else {}
     kernel = pl.kernel(
@@ -820,7 +842,7 @@ def mosaic_chunkwise(
         **({"interpret": params} if interpret else {}),
     )
     if not precomputed:
-        out = kernel(q, k, v, plan, decay, c0)
+        out = kernel(q, k, v, plan, decay, *c0s)
         if not normaliser:
             return out
         rows = out[-1].reshape(BH, NC, 2, CHUNK)
@@ -832,7 +854,7 @@ def mosaic_chunkwise(
         p, readout, qn_den = mosaic_normalised_scores(q, k, plan, eps, n_border, interpret=interpret)
     else:
         p, readout, qn_den = normalised_scores(q, k, plan, eps)
-    out = kernel(q, k, v, readout, decay, c0, p)
+    out = kernel(q, k, v, readout, decay, *c0s, p)
     return (*out, qn_den) if normaliser else out
 
 
@@ -865,7 +887,8 @@ def chunk_plan(
     log_decay = block_log_decay(F_L, R_L)
     (n_last, m_last), (n_b, m_b) = border_normalisers(log_decay, nbar, ml, n0, m0)
     n_b, m_b = n_b.astype(acc), m_b.astype(acc)
-    _, log_w, m = block_log_weights(F, i, m_b, valid, R, x.log_start)  # (B, NH, NC, L)
+    _, log_w, _ = block_log_weights(F, i, m_b, valid, R, x.log_start)  # (B, NH, NC, L); its (L, L) part unused
+    m = block_running_max(F, i, log_w, valid, R, x.log_start)
     m_end = jnp.concatenate([m_b[..., 1:], m_last.astype(acc)[..., None]], axis=-1)  # (B, NH, NC)
 
     def weight(log_x, log_max):  # exp(log_x - log_max), 0 where there is nothing to weigh (max -inf)

@@ -521,7 +521,8 @@ def split_cell(
         products_border_qn: What runs instead of ``products`` where nothing differentiates the call: the same
             function of the plan without its ``q̂·n_border`` row (``chunk_plan(x, border_qn=False)``, which then
             reads no q) and of the border normalisers (BH, NC, DHQK), given last, from which it computes that row
-            itself (the scores kernel); None: ``products``.
+            itself (the scores kernel); its c0 is None (zeros) where no initial states are given. None:
+            ``products``.
         q, k, v, i, f, c_initial, n_initial, m_initial, return_last_states, eps, state_dtype, segment_ids: As
             :func:`~xlstm_jax.mlstm.chunkwise.chunkwise_fw`.
 
@@ -571,6 +572,8 @@ def split_cell(
         if products_border_qn is None:
             return forward(q, k, v, i, f, states, segment_ids, lambda *ops: (*products(*ops), None))[0]
         operands, nm_last, n_border = plan_part(q, k, v, i, f, states, segment_ids, border_qn=False)
+        if not states_given:  # the kernel starts from zeros: no zero state written and read
+            operands = (*operands[:5], None)
         return outputs(*products_border_qn(*operands, n_border), nm_last)
 
     def run_bwd(residuals, cotangents):

@@ -66,6 +66,7 @@ __all__ = [
     "block_log_decay",
     "block_log_weights",
     "block_readout",
+    "block_running_max",
     "block_summary",
     "block_update",
     "combine_states",
@@ -181,6 +182,42 @@ def block_log_weights(
     if log_start is not None:  # the zero state of the document that step t belongs to, if it started here
         m = jnp.maximum(m, jnp.max(jnp.where(mask, F_ts + log_start[..., None, :], -jnp.inf), axis=-1))
     return log_d, log_w, m
+
+
+def block_running_max(
+    F: jax.Array,  # (..., L) cumulative sum of log forget gates from the block's start, inclusive
+    i: jax.Array,  # (..., L) input gate pre-activations
+    log_w: jax.Array,  # (..., L) the initial state's log weight (block_log_weights' second result)
+    valid: np.ndarray | jax.Array | None = None,  # (L,) or broadcastable to (..., L): False marks padding steps
+    R: jax.Array | None = None,  # (..., L) inclusive count of breaks from the block's start, None for none
+    log_start: jax.Array | None = None,  # (..., L) document-start column (segments.break_gates), None for none
+) -> jax.Array:
+    """The running max ``m`` of :func:`block_log_weights` as a scan over the block's steps: O(L log L) work rather
+    than the row max of the (L, L) matrix, for XLA (the kernels, whose Pallas Triton lowering has no scans, take
+    the row max).
+
+    ``max_{s <= t} (F_t - F_s + i_s)`` over the steps s of t's document is ``F_t + max_{s <= t} (i_s - F_s)``, a
+    running max restarted at every break (``R`` counts them and never decreases along the block); document starts
+    add ``log_start_s - F_s`` to it. The same max up to the rounding of the two sums (it only stabilises).
+
+    Returns:
+        ``m`` (..., L).
+    """
+    u = i - F
+    if log_start is not None:
+        u = jnp.maximum(u, log_start - F)
+    if valid is not None:
+        u = jnp.where(valid, u, -jnp.inf)
+    if R is None:
+        run = jax.lax.cummax(u, axis=u.ndim - 1)
+    else:
+
+        def combine(a, b):  # a before b: b's max restarts where a break lies between them
+            (a_max, a_breaks), (b_max, b_breaks) = a, b
+            return jnp.where(a_breaks == b_breaks, jnp.maximum(a_max, b_max), b_max), b_breaks
+
+        run, _ = jax.lax.associative_scan(combine, (u, jnp.broadcast_to(R, u.shape)), axis=-1)
+    return jnp.maximum(log_w, F + run)
 
 
 def block_readout(
