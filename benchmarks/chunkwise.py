@@ -466,15 +466,16 @@ def bench_shape(report: Report, a: argparse.Namespace, B: int, S: int, tfla: dic
 
     grads_ref: list[np.ndarray] = []
 
-    def check_grads(name: str, fn: Callable) -> dict:
+    def check_grads(name: str, fn: Callable, call_args: tuple[jax.Array, ...]) -> dict:
         """The five gradients of ``fn`` against the first XLA row's: the largest relative RMS error, the largest
         error of one element over its gradient's largest (a few wrong elements hide in an RMS), and the elements
         that differ between two calls (a race between a kernel's threads or copies makes them differ)."""
         if not grads_ref:
             first = next(n for n, (_, _, kind, _) in table.items() if kind == "xla")
-            grads_ref.extend(sample(g, a.check_stride) for g in jitted(table[first][0], "fwdbwd", args)(*args))
-        grads = [sample(g, a.check_stride) for g in fn(*args)]
-        again = [sample(g, a.check_stride) for g in fn(*args)]
+            reference, reference_args = jitted(table[first][0], "fwdbwd", args)  # the same ct (its key is fixed)
+            grads_ref.extend(sample(g, a.check_stride) for g in reference(*reference_args))
+        grads = [sample(g, a.check_stride) for g in fn(*call_args)]
+        again = [sample(g, a.check_stride) for g in fn(*call_args)]
         rms = max(rel_rms(r, g) for r, g in zip(grads_ref, grads, strict=True))
         worst = max(float(np.max(np.abs(g - r)) / np.max(np.abs(r))) for r, g in zip(grads_ref, grads, strict=True))
         differ = sum(int(np.sum(g != h)) for g, h in zip(grads, again, strict=True))
@@ -509,8 +510,13 @@ def bench_shape(report: Report, a: argparse.Namespace, B: int, S: int, tfla: dic
                 label = name.split(" bw=")[0]
             row = {"form": label, "kind": kind, "B": B, "S": S, "mode": mode, "L": L, **fields}
             try:
-                fn = fwd.setdefault(name, jax.jit(form)) if mode == "fwd" else jitted(form, mode, args)
-                timing = time_jitted(fn, *args, repeats=a.repeats, calls=a.calls, trace=a.trace, trace_top=TRACE_TOP)
+                if mode == "fwd":
+                    fn, call_args = fwd.setdefault(name, jax.jit(form)), args
+                else:
+                    fn, call_args = jitted(form, mode, args)
+                timing = time_jitted(
+                    fn, *call_args, repeats=a.repeats, calls=a.calls, trace=a.trace, trace_top=TRACE_TOP
+                )  # fmt: skip
             except Exception as exc:  # out of memory, or the kernel off a Hopper GPU: recorded, the run goes on
                 report.note(f"{name} B={B} S={S} {mode}: {type(exc).__name__}: {str(exc)[:300]}")
                 continue
@@ -520,7 +526,7 @@ def bench_shape(report: Report, a: argparse.Namespace, B: int, S: int, tfla: dic
                         err = check(name, form)
                         row.update(rel_err=err, bound=bound, ok=err <= bound, check_stride=a.check_stride)
                     else:
-                        row.update(check_grads(name, fn), bound=bound, check_stride=a.check_stride)
+                        row.update(check_grads(name, fn, call_args), bound=bound, check_stride=a.check_stride)
                 except Exception as exc:
                     report.note(f"{name} B={B} S={S}: check FAILED {type(exc).__name__}: {str(exc)[:300]}")
             row.update(timing.as_row())

@@ -219,6 +219,23 @@ def test_hardware_floor():
         harness.hardware_floor(bytes_moved=-1.0, bandwidth=1.0)
 
 
+def test_fwdbwd_takes_its_cotangent_as_an_argument():
+    """forms.jitted's fwdbwd program gets ``ct`` as its sixth argument, not as an array it closes over: XLA compiles
+    a closed-over array into the program as a constant (a gigabyte at the benchmarks' shapes, and a minute of
+    compilation). The gradients are those of ``sum(h * ct)``."""
+    args = forms.make_args(1, 2, 12, 8, 8, jnp.float32)
+    ((form, _),) = forms.forms([8], ["parallel"]).values()
+    fn, call_args = forms.jitted(form, "fwdbwd", args)
+    assert len(call_args) == 6 and call_args[5].shape == args[2].shape
+    (inner,) = (e.params["jaxpr"] for e in jax.make_jaxpr(fn)(*call_args).jaxpr.eqns if "jaxpr" in e.params)
+    assert not inner.consts
+    expected = jax.jit(jax.grad(lambda *a: jnp.sum(form(*a) * call_args[5]), argnums=(0, 1, 2, 3, 4)))(*args)
+    for got, want in zip(fn(*call_args), expected, strict=True):  # the same program: the same numbers
+        assert jnp.array_equal(got, want)
+    fwd, fwd_args = forms.jitted(form, "fwd", args)
+    assert fwd_args == tuple(args) and jnp.array_equal(fwd(*fwd_args), jax.jit(form)(*args))
+
+
 def test_forms_smoke(tmp_path):
     """forms.py end to end at a tiny shape: every form timed, and each fwd h within its bound of the scan."""
     path = tmp_path / "forms.json"
