@@ -26,19 +26,22 @@ Rows of the table ``chunkwise``, per shape and mode:
   with the reason in the JSON's ``tfla`` facts.
 * ``xla L=...``: ``xlstm_jax.mlstm.chunkwise_fw`` at each of ``--xla-chunk-sizes`` (default 256, its best
   chunk size at these shapes in BENCHMARKS.md), jitted.
-* ``mosaic bdhv=... [d=...] [wg=...] [sc=...]``: ``xlstm_jax.kernels.chunkwise_mosaic.chunkwise_mosaic_fw`` (chunk size
-  64), jitted, one row per kernel variant: each of ``--block-dhv`` (columns of c per warpgroup, default 32 and 64),
-  ``--depth`` (TMA pipeline depth, default 2; ``d=`` in the label unless only the default is asked for), ``--consumers``
-  (warpgroups per program, default 1 and 2; ``wg=`` in the label unless only 1 is asked for) and ``--scores`` (where the
-  chunks' gated scores are computed, default ``kernel``, the library's default beyond 4 chunks; ``sc=`` in the label
-  unless only that is asked for). Variants the kernel cannot run at the head shape (``chunkwise_mosaic_unsupported``:
-  shared memory, divisibility) are left out with a note, as are ``bw=mosaic`` variants whose gradient the Mosaic
-  backward cannot take (``mosaic_backward_unsupported``). fwdbwd differentiates through its custom VJP, once per
-  ``--backward`` (``bw=`` in the label unless only ``xla`` is asked for): ``xla``, the XLA form's forward and backward;
-  ``mosaic``, the kernel's forward and the Mosaic GPU backward kernels, once per ``--backward-consumers`` (their
-  warpgroups per program, default 2; ``bwg=`` in the label unless only 2 is asked for) and ``--scan-block-dhv`` (the
-  reverse state scan's columns per warpgroup, default 32; ``sbd=`` unless only 32 is asked for). fwd rows are timed once
-  per variant and carry no ``bw=`` (the backward does not change the forward).
+* ``mosaic bdhv=... [d=...] [wg=...] [cl=...] [sc=...]``: ``xlstm_jax.kernels.chunkwise_mosaic.chunkwise_mosaic_fw``
+  (chunk size 64), jitted, one row per kernel variant: each of ``--block-dhv`` (columns of c per warpgroup, default 32
+  and 64), ``--depth`` (TMA pipeline depth, default 2; ``d=`` in the label unless only the default is asked for),
+  ``--consumers`` (warpgroups per program, default 1 and 2; ``wg=`` in the label unless only 1 is asked for),
+  ``--cluster`` (programs per cluster sharing the tiles by TMA multicast: 1, 2, 4 or ``auto``, the default, the
+  library's ``auto_cluster`` pick for the tiling; ``cl=`` in the label unless only ``auto`` is asked for, the resolved
+  value in the row's ``cluster``) and ``--scores`` (where the chunks' gated scores are computed, default ``kernel``,
+  the library's default beyond 4 chunks; ``sc=`` in the label unless only that is asked for). Variants the kernel
+  cannot run at the head shape (``chunkwise_mosaic_unsupported``: shared memory, divisibility) are left out with a
+  note, as are ``bw=mosaic`` variants whose gradient the Mosaic backward cannot take
+  (``mosaic_backward_unsupported``). fwdbwd differentiates through its custom VJP, once per ``--backward`` (``bw=`` in
+  the label unless only ``xla`` is asked for): ``xla``, the XLA form's forward and backward; ``mosaic``, the kernel's
+  forward and the Mosaic GPU backward kernels, once per ``--backward-consumers`` (their warpgroups per program,
+  default 2; ``bwg=`` in the label unless only 2 is asked for) and ``--scan-block-dhv`` (the reverse state scan's
+  columns per warpgroup, default 32; ``sbd=`` unless only 32 is asked for). fwd rows are timed once per variant and
+  carry no ``bw=`` (the backward does not change the forward).
 
 Columns: ``ms`` the median time of a call (``benchmarks/harness.py``'s ``time_jitted``: compilation apart,
 ``--repeats`` samples of ``--calls`` calls queued back to back, default 5, and TFLA's the same through
@@ -109,6 +112,7 @@ from xlstm_jax.kernels.chunkwise_mosaic import (
     CHUNK,
     CLUSTERS,
     SCORES,
+    auto_cluster,
     chunkwise_mosaic_fw,
     chunkwise_mosaic_unsupported,
 )
@@ -203,6 +207,15 @@ def _value(text: str) -> Any:
     return {"true": True, "false": False}.get(text.lower(), text)
 
 
+def cluster_choice(text: str) -> int | None:
+    """``--cluster`` values: ``auto`` (None: ``auto_cluster`` picks per tiling) or one of :data:`CLUSTERS`."""
+    if text == "auto":
+        return None
+    if text.isdigit() and int(text) in CLUSTERS:
+        return int(text)
+    raise argparse.ArgumentTypeError(f"{text!r} is not auto or one of {CLUSTERS}")
+
+
 def prefill_backend(text: str) -> tuple[str, tuple[tuple[str, Any], ...]]:
     """``"NAME"`` or ``"NAME:FIELD=VALUE,..."`` as (name, ((field, value), ...)), checked by RuntimeConfig."""
     name, _, rest = text.partition(":")
@@ -232,8 +245,9 @@ def parse(argv: Sequence[str] | None) -> argparse.Namespace:
     p.add_argument("--block-dhv", type=int, nargs="*", default=[32, 64], help="the kernel's columns per warpgroup")
     p.add_argument("--depth", type=int, nargs="+", default=[2], help="the kernel's TMA pipeline depths")
     p.add_argument("--consumers", type=int, nargs="+", default=[1, 2], help="the kernel's warpgroups per program")
-    p.add_argument("--cluster", type=int, nargs="+", default=[1], choices=list(CLUSTERS),
-                   help="the kernel's programs per cluster (TMA multicast of the shared tiles)")  # fmt: skip
+    p.add_argument("--cluster", type=cluster_choice, nargs="+", default=[None], metavar="{auto,1,2,4}",
+                   help="the kernel's programs per cluster (TMA multicast of the shared tiles); auto: the "
+                   "library's pick, auto_cluster")  # fmt: skip
     p.add_argument("--scores", nargs="+", default=["kernel"], choices=list(SCORES),
                    help="where the kernel's chunk scores are computed")  # fmt: skip
     p.add_argument("--backward", nargs="+", default=["xla", "mosaic"], choices=list(BACKWARDS),
@@ -349,10 +363,11 @@ def inputs(B: int, S: int, a: argparse.Namespace) -> tuple[jax.Array, ...]:
 
 
 def kernel_variants(a: argparse.Namespace) -> tuple[dict[str, dict[str, int]], list[str]]:
-    """The kernel variants of ``--block-dhv`` x ``--depth`` x ``--consumers`` x ``--scores`` that run at the head
-    shape, as ``{row name: {"block_dhv", "depth", "consumers", "scores", "backward", "backward_consumers",
-    "backward_scan_block_dhv"}}`` (each ``--backward``, ``mosaic`` once per ``--backward-consumers`` and
-    ``--scan-block-dhv``), and a note for each that does not."""
+    """The kernel variants of ``--block-dhv`` x ``--depth`` x ``--consumers`` x ``--cluster`` x ``--scores`` that run
+    at the head shape, as ``{row name: {"block_dhv", "depth", "consumers", "cluster", "cluster_asked", "scores",
+    "backward", "backward_consumers", "backward_scan_block_dhv"}}`` (each ``--backward``, ``mosaic`` once per
+    ``--backward-consumers`` and ``--scan-block-dhv``; ``cluster`` resolved from ``auto``), and a note for each that
+    does not."""
     variants, skipped = {}, []
     backwards = [
         (b, w, sb)
@@ -362,10 +377,13 @@ def kernel_variants(a: argparse.Namespace) -> tuple[dict[str, dict[str, int]], l
     ]
     grid = itertools.product(a.block_dhv, a.depth, a.consumers, a.cluster, a.scores, backwards)
     for bdhv, depth, consumers, cluster, scores, (backward, bwg, scan_block) in grid:
+        asked = cluster
+        if cluster is None:  # the library's pick for this tiling, named in the row
+            cluster = auto_cluster(a.DHV, bdhv, consumers, a.interpret)
         name = f"mosaic bdhv={bdhv}"
         name += f" d={depth}" if a.depth != [2] else ""
         name += f" wg={consumers}" if a.consumers != [1] else ""
-        name += f" cl={cluster}" if a.cluster != [1] else ""
+        name += f" cl={cluster}" if a.cluster != [None] else ""
         name += f" sc={scores}" if a.scores != ["kernel"] else ""
         name += f" bw={backward}" if a.backward != ["xla"] else ""
         name += f" bwg={bwg}" if backward == "mosaic" and a.backward_consumers != [2] else ""
@@ -382,6 +400,7 @@ def kernel_variants(a: argparse.Namespace) -> tuple[dict[str, dict[str, int]], l
                 "depth": depth,
                 "consumers": consumers,
                 "cluster": cluster,
+                "cluster_asked": "auto" if asked is None else asked,
                 "scores": scores,
                 "backward": backward,
                 "backward_consumers": bwg,
@@ -398,7 +417,8 @@ def forms(a: argparse.Namespace) -> dict[str, tuple[Callable, int, str, dict]]:
     for L in a.xla_chunk_sizes:
         table[f"xla L={L}"] = (lambda *x, L=L: chunkwise_fw(*x, chunk_size=L), L, "xla", {})
     for name, settings in kernel_variants(a)[0].items():
-        kernel = lambda *x, s=settings: chunkwise_mosaic_fw(*x, **s, interpret=a.interpret)
+        arguments = {k: v for k, v in settings.items() if k != "cluster_asked"}  # cluster as resolved
+        kernel = lambda *x, s=arguments: chunkwise_mosaic_fw(*x, **s, interpret=a.interpret)
         table[name] = (kernel, CHUNK, "mosaic", settings)
     return table
 

@@ -81,6 +81,26 @@ def test_scan_block_variants_are_labelled_and_passed_on():
     }
 
 
+def test_cluster_variants_resolve_auto_to_the_librarys_pick():
+    """``--cluster`` defaults to ``auto``: each variant runs ``auto_cluster``'s pick for its tiling (2 where it
+    divides a head's column programs, 1 in the interpreter), named in the row; explicit values are labelled
+    ``cl=`` and passed on, and a cluster that does not divide the programs is a note, not a row."""
+    base = ["--DHQK", "256", "--DHV", "512", "--consumers", "1", "--backward", "mosaic"]
+    variants, skipped = chunkwise.kernel_variants(chunkwise.parse([*base, "--block-dhv", "32", "64"]))
+    assert skipped == []
+    assert {n: (v["cluster"], v["cluster_asked"]) for n, v in variants.items()} == {
+        "mosaic bdhv=32 bw=mosaic": (2, "auto"),
+        "mosaic bdhv=64 bw=mosaic": (2, "auto"),
+    }
+    interpreted = chunkwise.kernel_variants(chunkwise.parse([*base, "--block-dhv", "64", "--interpret"]))[0]
+    assert [v["cluster"] for v in interpreted.values()] == [1]
+    argv = ["--DHQK", "64", "--DHV", "128", "--block-dhv", "64", "--consumers", "1", "--backward", "xla"]
+    argv += ["--cluster", "1", "4", "auto"]
+    variants, skipped = chunkwise.kernel_variants(chunkwise.parse(argv))
+    assert [(n, v["cluster"]) for n, v in variants.items()] == [("mosaic bdhv=64 cl=1", 1), ("mosaic bdhv=64 cl=2", 2)]
+    assert len(skipped) == 1 and "cl=4" in skipped[0] and "cluster=4 must divide the 2 programs" in skipped[0]
+
+
 def test_scores_variants_are_rows_of_their_own(tmp_path):
     """``--scores in_kernel precomputed``: one fwd row per variant, labelled ``sc=``, each checked against the XLA
     form; a variant that does not fit in shared memory at the head shape is a note, not a row."""
@@ -128,8 +148,9 @@ def test_tfla_is_skipped_without_torch(tmp_path):
 
 @pytest.mark.parametrize(
     ("option", "value"),
-    [("--shapes", "8"), ("--shapes", "0x128"), ("--block-dhv", "16"), ("--prefill-backends", "nope"),
-     ("--prefill-backends", "chunkwise:chunk_size"), ("--prefill-backends", "chunkwise:bogus=1")],
+    [("--shapes", "8"), ("--shapes", "0x128"), ("--block-dhv", "16"), ("--cluster", "3"),
+     ("--prefill-backends", "nope"), ("--prefill-backends", "chunkwise:chunk_size"),
+     ("--prefill-backends", "chunkwise:bogus=1")],
 )  # fmt: skip
 def test_bad_options_are_refused(option, value):
     with pytest.raises(SystemExit):
