@@ -364,7 +364,7 @@ def inputs(B: int, S: int, a: argparse.Namespace) -> tuple[jax.Array, ...]:
 
 def kernel_variants(a: argparse.Namespace) -> tuple[dict[str, dict[str, int]], list[str]]:
     """The kernel variants of ``--block-dhv`` x ``--depth`` x ``--consumers`` x ``--cluster`` x ``--scores`` that run
-    at the head shape, as ``{row name: {"block_dhv", "depth", "consumers", "cluster", "cluster_asked", "scores",
+    at the head shape, as ``{row name: {"block_dhv", "depth", "consumers", "cluster", "scores",
     "backward", "backward_consumers", "backward_scan_block_dhv"}}`` (each ``--backward``, ``mosaic`` once per
     ``--backward-consumers`` and ``--scan-block-dhv``; ``cluster`` resolved from ``auto``), and a note for each that
     does not."""
@@ -377,7 +377,6 @@ def kernel_variants(a: argparse.Namespace) -> tuple[dict[str, dict[str, int]], l
     ]
     grid = itertools.product(a.block_dhv, a.depth, a.consumers, a.cluster, a.scores, backwards)
     for bdhv, depth, consumers, cluster, scores, (backward, bwg, scan_block) in grid:
-        asked = cluster
         if cluster is None:  # the library's pick for this tiling, named in the row
             cluster = auto_cluster(a.DHV, bdhv, consumers, a.interpret)
         name = f"mosaic bdhv={bdhv}"
@@ -400,7 +399,6 @@ def kernel_variants(a: argparse.Namespace) -> tuple[dict[str, dict[str, int]], l
                 "depth": depth,
                 "consumers": consumers,
                 "cluster": cluster,
-                "cluster_asked": "auto" if asked is None else asked,
                 "scores": scores,
                 "backward": backward,
                 "backward_consumers": bwg,
@@ -417,8 +415,7 @@ def forms(a: argparse.Namespace) -> dict[str, tuple[Callable, int, str, dict]]:
     for L in a.xla_chunk_sizes:
         table[f"xla L={L}"] = (lambda *x, L=L: chunkwise_fw(*x, chunk_size=L), L, "xla", {})
     for name, settings in kernel_variants(a)[0].items():
-        arguments = {k: v for k, v in settings.items() if k != "cluster_asked"}  # cluster as resolved
-        kernel = lambda *x, s=arguments: chunkwise_mosaic_fw(*x, **s, interpret=a.interpret)
+        kernel = lambda *x, s=settings: chunkwise_mosaic_fw(*x, **s, interpret=a.interpret)
         table[name] = (kernel, CHUNK, "mosaic", settings)
     return table
 

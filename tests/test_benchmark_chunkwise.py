@@ -88,9 +88,9 @@ def test_cluster_variants_resolve_auto_to_the_librarys_pick():
     base = ["--DHQK", "256", "--DHV", "512", "--consumers", "1", "--backward", "mosaic"]
     variants, skipped = chunkwise.kernel_variants(chunkwise.parse([*base, "--block-dhv", "32", "64"]))
     assert skipped == []
-    assert {n: (v["cluster"], v["cluster_asked"]) for n, v in variants.items()} == {
-        "mosaic bdhv=32 bw=mosaic": (2, "auto"),
-        "mosaic bdhv=64 bw=mosaic": (2, "auto"),
+    assert {n: v["cluster"] for n, v in variants.items()} == {
+        "mosaic bdhv=32 bw=mosaic": 2,
+        "mosaic bdhv=64 bw=mosaic": 2,
     }
     interpreted = chunkwise.kernel_variants(chunkwise.parse([*base, "--block-dhv", "64", "--interpret"]))[0]
     assert [v["cluster"] for v in interpreted.values()] == [1]

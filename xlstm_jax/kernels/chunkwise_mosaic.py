@@ -155,6 +155,11 @@ def shared_memory_bytes(
     return shared + consumers * own + (2 * CHUNK * 4 if normaliser and not precomputed else 0)
 
 
+def _column_programs(DHV: int, block_dhv: int, consumers: int) -> int:
+    """The kernel's programs per head: one per ``consumers * block_dhv`` columns of c."""
+    return DHV // (consumers * block_dhv)
+
+
 def chunkwise_mosaic_unsupported(
     DHQK: int,
     DHV: int,
@@ -194,9 +199,9 @@ def chunkwise_mosaic_unsupported(
         return f"depth={depth!r} must be a positive integer (chunks in flight)"
     if cluster not in CLUSTERS or isinstance(cluster, bool):
         return f"cluster={cluster!r} must be one of {CLUSTERS} (programs per cluster)"
-    if (DHV // (consumers * block_dhv)) % cluster:
+    if _column_programs(DHV, block_dhv, consumers) % cluster:
         return (
-            f"cluster={cluster} must divide the {DHV // (consumers * block_dhv)} programs of a head "
+            f"cluster={cluster} must divide the {_column_programs(DHV, block_dhv, consumers)} programs of a head "
             f"(DHV={DHV}, consumers={consumers}, block_dhv={block_dhv})"
         )
     smem = shared_memory_bytes(DHQK, dtype, block_dhv, depth, consumers, scores, normaliser)
@@ -268,7 +273,7 @@ def auto_cluster(DHV: int, block_dhv: int, consumers: int, interpret: bool = Fal
     """
     if interpret:
         return 1
-    return 2 if (DHV // (consumers * block_dhv)) % 2 == 0 else 1
+    return 2 if _column_programs(DHV, block_dhv, consumers) % 2 == 0 else 1
 
 
 def auto_tiling(
@@ -832,7 +837,7 @@ def mosaic_chunkwise(
             *([jax.ShapeDtypeStruct((BH, NC * 2, CHUNK), jnp.float32)] if in_kernel_normaliser else []),
         ),
         mesh=plgpu.Mesh(
-            grid=(BH, DHV // (consumers * block_dhv * cluster)),
+            grid=(BH, _column_programs(DHV, block_dhv, consumers) // cluster),
             grid_names=("bh", "vb"),
             num_threads=consumers,
             thread_name="wg",
