@@ -32,7 +32,10 @@ Rows of the table ``chunkwise``, per shape and mode:
   ``--consumers`` (warpgroups per program, default 1 and 2; ``wg=`` in the label unless only 1 is asked for),
   ``--cluster`` (programs per cluster sharing the tiles by TMA multicast: 1, 2, 4 or ``auto``, the default, the
   library's ``auto_cluster`` pick for the tiling; ``cl=`` in the label unless only ``auto`` is asked for, the resolved
-  value in the row's ``cluster``) and ``--scores`` (where the chunks' gated scores are computed, default ``kernel``,
+  value in the row's ``cluster``), ``--split`` (segments per head run side by side: a positive integer or ``auto``,
+  the default, the library's ``auto_split`` pick for the tiling and the shape; ``sp=`` in the label unless only
+  ``auto`` is asked for, the resolved value in the row's ``split``; a split that does not divide a shape's chunks
+  is left out there with a note) and ``--scores`` (where the chunks' gated scores are computed, default ``kernel``,
   the library's default beyond 4 chunks; ``sc=`` in the label unless only that is asked for). Variants the kernel
   cannot run at the head shape (``chunkwise_mosaic_unsupported``: shared memory, divisibility) are left out with a
   note, as are ``bw=mosaic`` variants whose gradient the Mosaic backward cannot take
@@ -115,6 +118,7 @@ from xlstm_jax.kernels.chunkwise_mosaic import (
     auto_cluster,
     chunkwise_mosaic_fw,
     chunkwise_mosaic_unsupported,
+    forward_tiling,
 )
 from xlstm_jax.kernels.chunkwise_mosaic_bw import mosaic_backward_unsupported
 from xlstm_jax.mlstm import chunkwise_fw
@@ -216,6 +220,15 @@ def cluster_choice(text: str) -> int | None:
     raise argparse.ArgumentTypeError(f"{text!r} is not auto or one of {CLUSTERS}")
 
 
+def split_choice(text: str) -> int | None:
+    """``--split`` values: ``auto`` (None: ``auto_split`` picks per tiling and shape) or a positive integer."""
+    if text == "auto":
+        return None
+    if text.isdigit() and int(text) >= 1:
+        return int(text)
+    raise argparse.ArgumentTypeError(f"{text!r} is not auto or a positive integer")
+
+
 def prefill_backend(text: str) -> tuple[str, tuple[tuple[str, Any], ...]]:
     """``"NAME"`` or ``"NAME:FIELD=VALUE,..."`` as (name, ((field, value), ...)), checked by RuntimeConfig."""
     name, _, rest = text.partition(":")
@@ -248,6 +261,9 @@ def parse(argv: Sequence[str] | None) -> argparse.Namespace:
     p.add_argument("--cluster", type=cluster_choice, nargs="+", default=[None], metavar="{auto,1,2,4}",
                    help="the kernel's programs per cluster (TMA multicast of the shared tiles); auto: the "
                    "library's pick, auto_cluster")  # fmt: skip
+    p.add_argument("--split", type=split_choice, nargs="+", default=[None], metavar="{auto,1,2,...}",
+                   help="segments per head that the kernel runs side by side; auto: the library's pick, "
+                   "auto_split")  # fmt: skip
     p.add_argument("--scores", nargs="+", default=["kernel"], choices=list(SCORES),
                    help="where the kernel's chunk scores are computed")  # fmt: skip
     p.add_argument("--backward", nargs="+", default=["xla", "mosaic"], choices=list(BACKWARDS),
@@ -363,11 +379,11 @@ def inputs(B: int, S: int, a: argparse.Namespace) -> tuple[jax.Array, ...]:
 
 
 def kernel_variants(a: argparse.Namespace) -> tuple[dict[str, dict[str, int]], list[str]]:
-    """The kernel variants of ``--block-dhv`` x ``--depth`` x ``--consumers`` x ``--cluster`` x ``--scores`` that run
-    at the head shape, as ``{row name: {"block_dhv", "depth", "consumers", "cluster", "scores",
-    "backward", "backward_consumers", "backward_scan_block_dhv"}}`` (each ``--backward``, ``mosaic`` once per
-    ``--backward-consumers`` and ``--scan-block-dhv``; ``cluster`` resolved from ``auto``), and a note for each that
-    does not."""
+    """The kernel variants of ``--block-dhv`` x ``--depth`` x ``--consumers`` x ``--cluster`` x ``--split`` x
+    ``--scores`` that run at the head shape, as ``{row name: {"block_dhv", "depth", "consumers", "cluster", "split",
+    "scores", "backward", "backward_consumers", "backward_scan_block_dhv"}}`` (each ``--backward``, ``mosaic`` once
+    per ``--backward-consumers`` and ``--scan-block-dhv``; ``cluster`` resolved from ``auto``, ``split`` None for
+    ``auto``, resolved per shape), and a note for each that does not."""
     variants, skipped = {}, []
     backwards = [
         (b, w, sb)
@@ -375,14 +391,15 @@ def kernel_variants(a: argparse.Namespace) -> tuple[dict[str, dict[str, int]], l
         for w in (a.backward_consumers if b == "mosaic" else [1])
         for sb in (a.scan_block_dhv if b == "mosaic" else [None])
     ]
-    grid = itertools.product(a.block_dhv, a.depth, a.consumers, a.cluster, a.scores, backwards)
-    for bdhv, depth, consumers, cluster, scores, (backward, bwg, scan_block) in grid:
+    grid = itertools.product(a.block_dhv, a.depth, a.consumers, a.cluster, a.split, a.scores, backwards)
+    for bdhv, depth, consumers, cluster, split, scores, (backward, bwg, scan_block) in grid:
         if cluster is None:  # the library's pick for this tiling, named in the row
             cluster = auto_cluster(a.DHV, bdhv, consumers, a.interpret)
         name = f"mosaic bdhv={bdhv}"
         name += f" d={depth}" if a.depth != [2] else ""
         name += f" wg={consumers}" if a.consumers != [1] else ""
         name += f" cl={cluster}" if a.cluster != [None] else ""
+        name += f" sp={'auto' if split is None else split}" if a.split != [None] else ""
         name += f" sc={scores}" if a.scores != ["kernel"] else ""
         name += f" bw={backward}" if a.backward != ["xla"] else ""
         name += f" bwg={bwg}" if backward == "mosaic" and a.backward_consumers != [2] else ""
@@ -399,6 +416,7 @@ def kernel_variants(a: argparse.Namespace) -> tuple[dict[str, dict[str, int]], l
                 "depth": depth,
                 "consumers": consumers,
                 "cluster": cluster,
+                "split": split,
                 "scores": scores,
                 "backward": backward,
                 "backward_consumers": bwg,
@@ -525,6 +543,15 @@ def bench_shape(report: Report, a: argparse.Namespace, B: int, S: int, tfla: dic
                 if tuple(backward) != first:
                     continue
                 label = name.split(" bw=")[0]
+            if kind == "mosaic":  # the split the call runs: auto_split's pick for the shape, or a given one that fits
+                try:
+                    fields["split"] = forward_tiling(
+                        B * a.NH, S, a.DHQK, a.DHV, jnp.bfloat16, settings["scores"], block_dhv=settings["block_dhv"],
+                        consumers=settings["consumers"], split=settings["split"],
+                    ).split  # fmt: skip
+                except ValueError as exc:
+                    report.note(f"{name} B={B} S={S} {mode}: left out, {exc}")
+                    continue
             row = {"form": label, "kind": kind, "B": B, "S": S, "mode": mode, "L": L, **fields}
             try:
                 if mode == "fwd":

@@ -101,6 +101,26 @@ def test_cluster_variants_resolve_auto_to_the_librarys_pick():
     assert len(skipped) == 1 and "cl=4" in skipped[0] and "cluster=4 must divide the 2 programs" in skipped[0]
 
 
+def test_split_rows_name_the_split_they_ran(tmp_path):
+    """``--split 1 2 3 auto``: one row per split, labelled ``sp=``, each checked against the XLA form, with the
+    split the call ran in the row (``auto``: ``auto_split``'s pick, 1 at this shape); a split that does not divide
+    the shape's chunks is a note, not a row."""
+    argv = ["--smoke", "--modes", "fwd", "--ceilings", "nominal", "--tfla", "skip", "--prefill-tokens"]
+    argv += ["--shapes", "1x256", "--split", "1", "2", "3", "auto", "--json", str(tmp_path / "out.json")]
+    chunkwise.main(argv)
+    data = json.loads((tmp_path / "out.json").read_text())
+    rows = data["tables"]["chunkwise"]
+    assert [(r["form"], r.get("split")) for r in rows] == [
+        ("xla L=32", None),
+        ("mosaic bdhv=32 sp=1", 1),
+        ("mosaic bdhv=32 sp=2", 2),
+        ("mosaic bdhv=32 sp=auto", 1),
+    ]
+    assert all(0 < r["rel_err"] <= r["bound"] and r["ok"] is True for r in rows[1:])
+    (note,) = [n for n in data["notes"] if "sp=3" in n]
+    assert "left out, split=3 must be None or a positive integer dividing the sequence's 4 chunks" in note
+
+
 def test_scores_variants_are_rows_of_their_own(tmp_path):
     """``--scores in_kernel precomputed``: one fwd row per variant, labelled ``sc=``, each checked against the XLA
     form; a variant that does not fit in shared memory at the head shape is a note, not a row."""
@@ -148,7 +168,7 @@ def test_tfla_is_skipped_without_torch(tmp_path):
 
 @pytest.mark.parametrize(
     ("option", "value"),
-    [("--shapes", "8"), ("--shapes", "0x128"), ("--block-dhv", "16"), ("--cluster", "3"),
+    [("--shapes", "8"), ("--shapes", "0x128"), ("--block-dhv", "16"), ("--cluster", "3"), ("--split", "0"),
      ("--prefill-backends", "nope"), ("--prefill-backends", "chunkwise:chunk_size"),
      ("--prefill-backends", "chunkwise:bogus=1")],
 )  # fmt: skip

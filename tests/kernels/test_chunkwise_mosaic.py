@@ -26,13 +26,17 @@ from xlstm_jax.kernels.chunkwise_mosaic import (
     CHUNK,
     IN_KERNEL_SCORES_MAX_CHUNKS,
     SCORES,
+    SPLIT_MIN_CHUNKS,
     auto_consumers,
     auto_depth,
     auto_scores,
+    auto_split,
     auto_tiling,
     chunkwise_mosaic_fw,
     chunkwise_mosaic_unsupported,
+    forward_tiling,
     mosaic_chunkwise,
+    segment_states,
     shared_memory_bytes,
 )
 from xlstm_jax.kernels.chunkwise_mosaic_bw import backward_block_dhv, chunkwise_split_fw, mosaic_backward_unsupported
@@ -172,6 +176,111 @@ def test_packed_documents(states, consumers, scores):
     check_forward(kernel(consumers=consumers, scores=scores), x, "bfloat16", segment_ids=SEGMENTS)
 
 
+# Segments (``split``): (B, NH, S, DHQK, DHV, initial states, forget gates, input gates, block_dhv, consumers, split,
+# scores). Row 0 of SPLIT_SEGMENTS starts documents on the borders of segments of one chunk, row 1 inside them.
+SPLIT_CASES = [
+    (1, 2, 256, 64, 64, True, "mixed", "extreme", 32, 1, 2, "kernel"),  # two segments of two chunks, initial states
+    (2, 1, 300, 64, 64, False, "open", "wide", 32, 1, 5, "precomputed"),  # five segments of one chunk, the last padded
+    (1, 1, 256, 64, 128, True, "mixed", "extreme", 64, 2, 4, "in_kernel"),  # two warpgroups
+]
+SPLIT_SEGMENTS = np.array([_ids([64, 64, 100, 72]), _ids([10, 100, 1, 189])])
+
+
+@runs
+@pytest.mark.parametrize(
+    ("B", "NH", "S", "DHQK", "DHV", "states", "fgate", "igate", "block_dhv", "consumers", "split", "scores"),
+    SPLIT_CASES,
+    ids=["two-segments-states", "five-segments-padded", "two-wg-four-segments"],
+)
+def test_split_matches_reference(B, NH, S, DHQK, DHV, states, fgate, igate, block_dhv, consumers, split, scores):
+    """Each head's chunks cut into ``split`` segments that the kernel runs side by side from the states before them
+    (``segment_states``): h and the last states against the float64 recurrence; with resets on a segment border and
+    inside a segment, and with packed documents that start on segment borders and inside segments."""
+    form = functools.partial(kernel(block_dhv, consumers, scores), split=split)
+    x = random_inputs(S + split, B, NH, S, DHQK, DHV, states=states, fgate=fgate, igate=igate)
+    check_forward(form, x, "bfloat16")
+    x["f"][0, 0, [S // split // CHUNK * CHUNK, 90]] = -np.inf  # on the second segment's first step, and inside one
+    check_forward(form, x, "bfloat16")
+    if B == 2:
+        check_forward(form, x, "bfloat16", segment_ids=SPLIT_SEGMENTS[:, :S] if S <= 256 else None)
+
+
+def test_segment_states_are_the_states_before_each_segment():
+    """``segment_states`` against the recurrence it stands for, ``C <- decay_j C + k_jᵀ (g_j ⊙ v_j)`` chunk after
+    chunk in float64 from the same plan rows: from given states and from zeros, with a reset's zero decay."""
+    rng = np.random.default_rng(7)
+    BH, NC, DHQK, DHV, split = 2, 6, 8, 16, 3
+    k = rng.standard_normal((BH, NC * CHUNK, DHQK)).astype(np.float32)
+    v = rng.standard_normal((BH, NC * CHUNK, DHV)).astype(np.float32)
+    plan = rng.uniform(0.0, 1.0, (BH, NC, 8, CHUNK)).astype(np.float32)
+    decay = rng.uniform(0.5, 1.0, (BH, NC)).astype(np.float32)
+    decay[1, 2] = 0.0  # a reset empties the state
+    c0 = rng.standard_normal((BH, DHQK, DHV)).astype(np.float32)
+    gain = plan[:, :, 6]  # the plan's gain row
+    for start in (c0, None):
+        got = segment_states(
+            jnp.asarray(k, jnp.bfloat16), jnp.asarray(v, jnp.bfloat16), jnp.asarray(plan.reshape(BH, NC * 8, CHUNK)),
+            jnp.asarray(decay), None if start is None else jnp.asarray(start), split,
+        )  # fmt: skip
+        kb, vb = (np.asarray(jnp.asarray(a, jnp.bfloat16), np.float64) for a in (k, v))
+        c = np.zeros((BH, DHQK, DHV)) if start is None else start.astype(np.float64)
+        expected = []
+        for j in range(NC):
+            if j % (NC // split) == 0:
+                expected.append(c.copy())
+            rows = slice(j * CHUNK, (j + 1) * CHUNK)
+            c = decay[:, j, None, None] * c + np.einsum("bsd,bse->bde", kb[:, rows], gain[:, j, :, None] * vb[:, rows])
+        expected = np.stack(expected, axis=1).reshape(BH * split, DHQK, DHV)
+        assert_close("segment states", expected, np.asarray(got), TOL["bfloat16/float32"])
+
+
+def test_auto_split_fills_the_gpu_with_a_few_heads():
+    """split=None: the smallest power of two that gives a full wave of programs (128), in segments of at least
+    SPLIT_MIN_CHUNKS chunks; 1 where the grid fills the GPU already, and with the scores in the kernel."""
+    assert auto_split(8, 128, 512) == 2  # xLSTM-7B at batch 1, 8192 steps: 64 programs of 64 columns, then 128
+    assert auto_split(8, 1024, 512) == 2
+    assert auto_split(1, 1024, 512) == 16  # one head: 8 programs
+    assert auto_split(1, 1024, 512, 32, 1) == 8
+    assert auto_split(64, 1024, 512) == 1  # B=8, NH=8: 512 programs
+    assert auto_split(8, 2 * SPLIT_MIN_CHUNKS - 1, 512) == 1  # an odd number of chunks
+    assert auto_split(8, SPLIT_MIN_CHUNKS, 512) == 1  # segments would be too short
+    assert auto_split(1, 4 * SPLIT_MIN_CHUNKS, 512) == 4
+    tiling = forward_tiling(8, 8192, 256, 512, jnp.bfloat16, "kernel")
+    assert (tiling.split, tiling.block_dhv, tiling.consumers) == (2, 64, 1)  # the wide tiling, for 16 sequences
+    assert forward_tiling(8, 8192, 256, 512, jnp.bfloat16, "in_kernel").split == 1
+    assert forward_tiling(8, 8192, 256, 512, jnp.bfloat16, "kernel", block_dhv=32).split == 1  # 128 programs
+    assert forward_tiling(8, 4096, 256, 512, jnp.bfloat16, "kernel").block_dhv == 32  # no split: 32 columns
+    with pytest.raises(
+        ValueError, match=r"split=3 must be None or a positive integer dividing the sequence's 2 chunks"
+    ):
+        forward_tiling(1, 100, 64, 64, jnp.bfloat16, "kernel", split=3)
+
+
+def test_split_reaches_the_kernel_grid():
+    """``split`` (the function's and the backend config's) runs each head's segments as rows of the kernel's grid;
+    a configured split that does not divide a call's chunks runs unsplit; a split that is not a positive integer
+    is an error."""
+    x = random_inputs(6, 1, 2, 256, 64, 64)
+    args = [jnp.asarray(x[name], jnp.bfloat16) for name in ("q", "k", "v")] + [jnp.asarray(x[n]) for n in "if"]
+
+    def grid(form, *a) -> tuple[int, int]:
+        text = str(jax.make_jaxpr(form)(*a))
+        (found,) = re.findall(r"grid=\((\d+), (\d+)\), grid_names=\('bh', 'vb'\)", text)
+        return tuple(map(int, found))
+
+    fw = functools.partial(chunkwise_mosaic_fw, block_dhv=32, scores="kernel", interpret=True)
+    assert grid(fw, *args) == (2, 2)
+    assert grid(functools.partial(fw, split=4), *args) == (8, 2)
+    backend = functools.partial(create_mlstm_backend, "chunkwise_mosaic", interpret=True, block_dhv=32, scores="kernel")
+    assert grid(backend(split=2), *args) == (4, 2)
+    assert grid(backend(split=3), *args) == (2, 2)  # 4 chunks: unsplit
+    assert create_mlstm_backend("chunkwise_mosaic").config.split is None
+    with pytest.raises(ValueError, match=r"split must be None or a positive integer \(segments per head\), got 0"):
+        create_mlstm_backend("chunkwise_mosaic", split=0)
+    with pytest.raises(ValueError, match=r"split=3 must be None or a positive integer dividing the sequence's 4"):
+        fw(*args, split=3)
+
+
 @runs
 def test_gradients_are_the_xla_forms():
     """``backward="xla"``: under differentiation the XLA chunkwise form runs (at ``xla_chunk_size``): every
@@ -225,14 +334,16 @@ def _outputs(form, ids, *a):
 
 @runs
 @pytest.mark.parametrize(
-    ("states", "segments", "consumers", "scores", "scan_block", "cluster"),
-    [(True, True, 1, "in_kernel", None, 1), (False, False, 1, "in_kernel", None, 1),
-     (True, True, 2, "in_kernel", None, 1), (True, True, 2, "precomputed", 64, 1), (True, True, 1, "kernel", None, 1),
-     pytest.param(True, True, 1, "kernel", None, 2, marks=on_hopper_only)],
+    ("states", "segments", "consumers", "scores", "scan_block", "cluster", "split"),
+    [(True, True, 1, "in_kernel", None, 1, 1), (False, False, 1, "in_kernel", None, 1, 1),
+     (True, True, 2, "in_kernel", None, 1, 1), (True, True, 2, "precomputed", 64, 1, 1),
+     (True, True, 1, "kernel", None, 1, 1), (True, True, 1, "kernel", None, 1, 3),
+     pytest.param(True, True, 1, "kernel", None, 2, 1, marks=on_hopper_only)],
     ids=["states-documents", "zeros", "two-wg-states-documents", "precomputed-scan64-states-documents",
-         "scores-kernel-states-documents", "cluster2-scores-kernel-states-documents"],
+         "scores-kernel-states-documents", "split3-scores-kernel-states-documents",
+         "cluster2-scores-kernel-states-documents"],
 )  # fmt: skip
-def test_mosaic_backward_matches_float64(states, segments, consumers, scores, scan_block, cluster):
+def test_mosaic_backward_matches_float64(states, segments, consumers, scores, scan_block, cluster, split):
     """``backward="mosaic"``: the gradients of every input (q, k, v, i, f and the initial states) for random
     cotangents on h and on all three last states, against float64 autodiff of the same split with its
     hand-derived backward (``chunkwise_split_fw``, checked against the float64 reference's central differences in
@@ -240,15 +351,15 @@ def test_mosaic_backward_matches_float64(states, segments, consumers, scores, sc
     Extreme input gates, a reset, packed documents across chunk borders, with and without initial states; the
     backward kernels with one and with two warpgroups per program; the forward's scores in the kernel,
     precomputed (which also gives the backward its h, border states and normaliser), with the reverse state scan
-    on 64 columns per warpgroup, and from the scores kernel, with the forward's programs alone and in clusters of
-    two."""
+    on 64 columns per warpgroup, and from the scores kernel, with the forward's programs alone, in clusters of
+    two, and in three segments of one chunk (the reset and a document start on segment borders)."""
     args, ids = _grad_case(13 + states, 2, 1, states, segments)
     if consumers == 2:  # both backward kernels do run two warpgroups at this shape (DHQK = DHV = 64)
         assert state_scan_unsupported(64, 64, jnp.bfloat16, 32, 2, consumers=2) is None
         assert chunk_gradients_unsupported(64, 64, jnp.bfloat16, 32, consumers=2) is None
     form = functools.partial(
         kernel(scores=scores), backward="mosaic", backward_consumers=consumers, backward_scan_block_dhv=scan_block,
-        cluster=cluster,
+        cluster=cluster, split=split,
     )  # fmt: skip
     mosaic = functools.partial(_outputs, form, ids)
     outs = jax.jit(mosaic)(*args)

@@ -75,7 +75,7 @@ from __future__ import annotations
 
 import functools
 import math
-from typing import Any
+from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -93,18 +93,24 @@ __all__ = [
     "BACKWARDS",
     "CHUNK",
     "CLUSTERS",
+    "ForwardTiling",
     "IN_KERNEL_SCORES_MAX_CHUNKS",
     "SCORES",
+    "SPLIT_MIN_CHUNKS",
     "chunk_plan",
     "chunkwise_mosaic_fw",
     "auto_cluster",
     "auto_consumers",
     "auto_depth",
     "auto_scores",
+    "auto_split",
     "auto_tiling",
     "chunkwise_mosaic_unsupported",
+    "check_split",
+    "forward_tiling",
     "mosaic_chunkwise",
     "normalised_scores",
+    "segment_states",
     "shared_memory_bytes",
 ]
 
@@ -276,6 +282,26 @@ def auto_cluster(DHV: int, block_dhv: int, consumers: int, interpret: bool = Fal
     return 2 if _column_programs(DHV, block_dhv, consumers) % 2 == 0 else 1
 
 
+# auto_split cuts a head's chunks into segments of at least this many chunks (4096 steps).
+SPLIT_MIN_CHUNKS = 64
+
+
+def auto_split(BH: int, NC: int, DHV: int, block_dhv: int = 64, consumers: int = 1) -> int:
+    """The segments per head that ``split=None`` picks for ``BH`` heads (batch times heads) of ``NC`` chunks.
+
+    The kernel walks each head's chunks in order, one program per column block, so a few heads leave most SMs
+    idle: at B=1, NH=8, DHV=512 and 64 columns, 64 programs for 132 SMs. Split into segments, each head runs as
+    that many sequences (:func:`mosaic_chunkwise`), for the price of one batched product per segment before the
+    kernel (:func:`segment_states`). The smallest power of two whose grid, ``BH * split`` times the head's column
+    programs, reaches ``_FULL_WAVE``, while it divides NC into segments of at least :data:`SPLIT_MIN_CHUNKS`; 1 for
+    a grid that fills the GPU already.
+    """
+    split, programs = 1, BH * _column_programs(DHV, block_dhv, consumers)
+    while programs * split < _FULL_WAVE and NC % (2 * split) == 0 and NC // (2 * split) >= SPLIT_MIN_CHUNKS:
+        split *= 2
+    return split
+
+
 def auto_tiling(
     BH: int,
     DHQK: int,
@@ -302,6 +328,60 @@ def auto_tiling(
     if consumers is None:
         consumers = auto_consumers(BH, DHQK, DHV, dtype, block_dhv, depth, scores)
     return block_dhv, consumers
+
+
+class ForwardTiling(NamedTuple):
+    """The forward kernel's tiling, every choice resolved (:func:`forward_tiling`)."""
+
+    block_dhv: int  # columns of c per warpgroup
+    consumers: int  # warpgroups per program
+    depth: int  # chunks in flight
+    cluster: int  # programs per cluster
+    split: int  # segments per head
+
+
+def check_split(split: Any, NC: int, S: int) -> None:
+    """Raises ValueError unless ``split`` is None or a positive integer dividing the ``NC`` chunks of ``S`` steps."""
+    if split is not None and (isinstance(split, bool) or not isinstance(split, int) or split < 1 or NC % split):
+        raise ValueError(
+            f"split={split!r} must be None or a positive integer dividing the sequence's {NC} chunks of {CHUNK} "
+            f"steps (S={S})"
+        )
+
+
+def forward_tiling(
+    BH: int,
+    S: int,
+    DHQK: int,
+    DHV: int,
+    dtype: Any,
+    scores: str,
+    *,
+    block_dhv: int | None = None,
+    consumers: int | None = None,
+    depth: int | None = None,
+    cluster: int | None = None,
+    split: int | None = None,
+    interpret: bool = False,
+) -> ForwardTiling:
+    """The tiling :func:`chunkwise_mosaic_fw` runs for ``BH`` heads (batch times heads) of ``S`` steps, each None
+    picked: ``split`` by :func:`auto_split` for the widest tiling unless a tiling is given (1 with the scores in the
+    kernel), then ``block_dhv`` and ``consumers`` by :func:`auto_tiling` for the ``BH * split`` sequences,
+    ``depth`` by :func:`auto_depth` and ``cluster`` by :func:`auto_cluster`. Whether the kernel can run the result
+    is :func:`chunkwise_mosaic_unsupported`'s to say.
+
+    Raises:
+        ValueError: ``split`` does not divide the sequence's chunks (:func:`check_split`).
+    """
+    NC = -(-S // CHUNK)
+    check_split(split, NC, S)
+    if split is None:
+        split = 1 if scores == "in_kernel" else auto_split(BH, NC, DHV, block_dhv or 64, consumers or 1)
+    tiling_depth = 2 if depth is None else depth
+    block_dhv, consumers = auto_tiling(BH * split, DHQK, DHV, dtype, block_dhv, consumers, tiling_depth, scores)
+    depth = auto_depth(DHQK, DHV, dtype, block_dhv, consumers, scores) if depth is None else depth
+    cluster = auto_cluster(DHV, block_dhv, consumers, interpret) if cluster is None else cluster
+    return ForwardTiling(block_dhv, consumers, depth, cluster, split)
 
 
 def _swizzled(swizzle: int, itemsize: int) -> tuple[Any, Any]:
@@ -754,6 +834,48 @@ def normalised_scores(
     return p.reshape(BH, S, L), readout.reshape(BH, NC * _READOUT_ROWS, L), normaliser
 
 
+def segment_states(
+    k: jax.Array, v: jax.Array, plan: jax.Array, decay: jax.Array, c0: jax.Array | None, split: int
+) -> jax.Array:
+    """The memory state before each of ``split`` equal segments of every head's chunks (XLA), for the kernel to
+    run the segments as sequences of their own (:func:`mosaic_chunkwise`'s ``split``).
+
+    The kernel's recurrence ``C ← decay_j · C + kᵀ (g ⊙ v)`` over a segment is linear in C: from the state before
+    it, the state after it is ``D · C + C̄`` with ``D`` the product of the segment's decays and
+    ``C̄ = kᵀ (w ⊙ v)`` over its steps, ``w`` each step's gain times the decays of the later chunks of the segment
+    (each at most 1: the plan's gains and decays are relative to the running max at the chunk's end). ``C̄`` is one
+    batched product per segment, rounded as the kernel rounds ``g ⊙ v``; the borders are ``split`` steps of that
+    affine map. The last segment's ``C̄`` is not needed and not computed.
+
+    Args:
+        k: (BH, S, DHQK), v: (BH, S, DHV), S a multiple of ``split`` · :data:`CHUNK`.
+        plan: (BH, NC * 8, L) float32, :func:`chunk_plan`'s rows (the gains are read).
+        decay: (BH, NC) float32.
+        c0: (BH, DHQK, DHV) float32, or None for zeros.
+
+    Returns:
+        (BH * split, DHQK, DHV) float32: head-major, the state before each segment (``c0`` before the first).
+    """
+    BH, S, DHQK = k.shape
+    DHV = v.shape[-1]
+    NC, L = S // CHUNK, CHUNK
+    per, steps = NC // split, S // split
+    d = decay.reshape(BH, split, per)
+    through = jnp.flip(jnp.cumprod(jnp.flip(d, -1), axis=-1), -1)  # decays from chunk j to the segment's end
+    after = jnp.concatenate([through[..., 1:], jnp.ones_like(d[..., :1])], axis=-1)  # ... from chunk j + 1
+    gain = plan.reshape(BH, split, per, _PLAN_ROWS, L)[:, :, :, _GAIN]
+    w = (gain * after[..., None]).reshape(BH, split, steps)[:, :-1]
+    wv = (w[..., None] * v.reshape(BH, split, steps, DHV)[:, :-1]).astype(v.dtype)
+    cbar = jnp.einsum(
+        "bgsd,bgse->bgde", k.reshape(BH, split, steps, DHQK)[:, :-1], wv, preferred_element_type=jnp.float32
+    )
+    c = jnp.zeros((BH, DHQK, DHV), jnp.float32) if c0 is None else c0.astype(jnp.float32)
+    states = [c]
+    for g in range(split - 1):
+        states.append(through[:, g, 0, None, None] * states[-1] + cbar[:, g])
+    return jnp.stack(states, axis=1).reshape(BH * split, DHQK, DHV)
+
+
 @functools.partial(
     jax.jit,
     static_argnames=(
@@ -766,6 +888,7 @@ def normalised_scores(
         "scores",
         "normaliser",
         "cluster",
+        "split",
     ),
 )
 def mosaic_chunkwise(
@@ -786,6 +909,7 @@ def mosaic_chunkwise(
     normaliser: bool = False,
     n_border: jax.Array | None = None,
     cluster: int = 1,
+    split: int = 1,
 ) -> tuple[jax.Array, ...]:
     """The kernel on ``BH`` flattened heads, from :func:`chunk_plan`'s plan; the caller checks shapes.
 
@@ -801,6 +925,9 @@ def mosaic_chunkwise(
     with in-kernel scores as the kernel did (the head's first column block writes them).
     ``cluster``: programs per cluster (:data:`CLUSTERS`), consecutive column blocks of one head that share each
     chunk's q, k, plan and P tiles by TMA multicast (module docstring); it must divide the head's column blocks.
+    ``split``: segments per head that the kernel runs as sequences of their own, ``split`` times the programs for
+    ``1 / split`` of the chunks each, from the states before them (:func:`segment_states`); it must divide the NC
+    chunks. The same function: the scores, the plan and every output are per chunk.
 
     Returns:
         ``(h (BH, S, DHV) in q's dtype, c after the last chunk (BH, DHQK, DHV) float32)``, and with ``borders``
@@ -817,27 +944,40 @@ def mosaic_chunkwise(
         raise ValueError(f"the Mosaic GPU chunkwise kernel cannot run this shape: {reason}")
     if interpret and cluster > 1:
         raise ValueError(f"cluster={cluster} cannot run in Mosaic GPU's interpreter (it has no cluster barriers)")
+    NC = S // CHUNK
+    check_split(split, NC, S)
     precomputed = scores != "in_kernel"
     in_kernel_normaliser = normaliser and not precomputed
     params = require_mosaic_interpreter(consumers) if interpret else None
     body = functools.partial(
         _chunk_body, eps=eps, block_dhv=block_dhv, depth=depth, consumers=consumers, interpret=interpret,
         precomputed=precomputed, borders=borders, normaliser=in_kernel_normaliser, cluster=cluster,
-        zero_state=c0 is None,
+        zero_state=c0 is None and split == 1,
     )  # fmt: skip
+    if split > 1:
+        c0 = segment_states(k, v, plan, decay, c0, split)
     c0s = () if c0 is None else (c0,)  # without c0 the kernel starts from zeros: none written and read
-    NC = S // CHUNK
+    # The kernel's rows: the heads' segments, head-major. Every operand but c0 is per step or per chunk along its
+    # second axis, chunk-major, so a segment is a reshape; so are the outputs.
+    seqs, seg_steps, seg_chunks = BH * split, S // split, NC // split
+
+    def segments(x):
+        return x.reshape(seqs, x.shape[1] // split, *x.shape[2:])
+
+    def heads(x):
+        return x.reshape(BH, x.shape[1] * split, *x.shape[2:])
+
     clusters = {"cluster": (cluster,), "cluster_names": (_CLUSTER,)} if cluster > 1 else {}
     kernel = pl.kernel(
         body,
         out_type=(
-            jax.ShapeDtypeStruct((BH, S, DHV), q.dtype),
-            jax.ShapeDtypeStruct((BH, DHQK, DHV), jnp.float32),
-            *([jax.ShapeDtypeStruct((BH, NC * DHQK, DHV), q.dtype)] if borders else []),
-            *([jax.ShapeDtypeStruct((BH, NC * 2, CHUNK), jnp.float32)] if in_kernel_normaliser else []),
+            jax.ShapeDtypeStruct((seqs, seg_steps, DHV), q.dtype),
+            jax.ShapeDtypeStruct((seqs, DHQK, DHV), jnp.float32),
+            *([jax.ShapeDtypeStruct((seqs, seg_chunks * DHQK, DHV), q.dtype)] if borders else []),
+            *([jax.ShapeDtypeStruct((seqs, seg_chunks * 2, CHUNK), jnp.float32)] if in_kernel_normaliser else []),
         ),
         mesh=plgpu.Mesh(
-            grid=(BH, _column_programs(DHV, block_dhv, consumers) // cluster),
+            grid=(seqs, _column_programs(DHV, block_dhv, consumers) // cluster),
             grid_names=("bh", "vb"),
             num_threads=consumers,
             thread_name="wg",
@@ -846,8 +986,13 @@ def mosaic_chunkwise(
         name="mlstm_chunkwise_mosaic",
         **({"interpret": params} if interpret else {}),
     )
+
+    def run(q, k, v, plan, decay, *p):
+        h, c_last, *rest = kernel(*map(segments, (q, k, v, plan, decay)), *c0s, *map(segments, p))
+        return (heads(h), c_last.reshape(BH, split, DHQK, DHV)[:, -1], *map(heads, rest))
+
     if not precomputed:
-        out = kernel(q, k, v, plan, decay, *c0s)
+        out = run(q, k, v, plan, decay)
         if not normaliser:
             return out
         rows = out[-1].reshape(BH, NC, 2, CHUNK)
@@ -859,7 +1004,7 @@ def mosaic_chunkwise(
         p, readout, qn_den = mosaic_normalised_scores(q, k, plan, eps, n_border, interpret=interpret)
     else:
         p, readout, qn_den = normalised_scores(q, k, plan, eps)
-    out = kernel(q, k, v, readout, decay, *c0s, p)
+    out = run(q, k, v, readout, decay, p)
     return (*out, qn_den) if normaliser else out
 
 
@@ -925,6 +1070,7 @@ def _forward(
     interpret: bool,
     scores: str,
     cluster: int,
+    split: int,
 ):
     """h (B, NH, S, DHV) and the last states (c, n, m) in the accumulation dtype."""
     B, NH, S, DHQK, DHV = x.dims
@@ -947,6 +1093,7 @@ def _forward(
         scores=scores,
         n_border=n_border.reshape(B * NH, NC, DHQK) if fold else None,
         cluster=cluster,
+        split=split,
     )
     h = h.reshape(B, NH, NC * L, DHV)[:, :, :S]
     return h, (c_last.reshape(B, NH, DHQK, DHV), n_last, m_last)
@@ -976,6 +1123,7 @@ def chunkwise_mosaic_fw(
     scores: str | None = None,
     backward_scan_block_dhv: int | None = None,
     cluster: int | None = None,
+    split: int | None = None,
 ) -> jax.Array | tuple[jax.Array, tuple[jax.Array, jax.Array, jax.Array]]:
     """The mLSTM on a whole sequence, chunkwise, with the products in a Mosaic GPU kernel (module docstring).
 
@@ -1011,6 +1159,10 @@ def chunkwise_mosaic_fw(
             blocks of a head that share each chunk's q, k and score tiles by TMA multicast, each loading its share,
             so that a head's tiles are read from L2 once per cluster rather than once per program. None:
             :func:`auto_cluster`.
+        split: Segments of each head's chunks that the forward kernel runs side by side, each from the state before
+            it (:func:`segment_states`, one batched product per segment in XLA): more programs for a few heads. It
+            must divide the ``ceil(S / 64)`` chunks. None: :func:`auto_split`, for the tiling's programs (at
+            B·NH=8, DHV=512: 2 from 8192 steps), 1 with the scores in the kernel.
         backward_scan_block_dhv: With ``backward="mosaic"``, the columns per warpgroup of the backward's reverse
             state scan, 32 or 64 (None: the backward kernels' block,
             :func:`~xlstm_jax.kernels.chunkwise_mosaic_bw.backward_block_dhv`: ``block_dhv`` where their tiles fit,
@@ -1031,10 +1183,10 @@ def chunkwise_mosaic_fw(
     _, _, S, DHQK, DHV = x.dims
     dtype = jnp.result_type(q, k, v)
     scores = auto_scores(S) if scores is None else scores
-    BH, tiling_depth = x.dims[0] * x.dims[1], 2 if depth is None else depth
-    block_dhv, consumers = auto_tiling(BH, DHQK, DHV, dtype, block_dhv, consumers, tiling_depth, scores)
-    depth = auto_depth(DHQK, DHV, dtype, block_dhv, consumers, scores) if depth is None else depth
-    cluster = auto_cluster(DHV, block_dhv, consumers, interpret) if cluster is None else cluster
+    block_dhv, consumers, depth, cluster, split = forward_tiling(
+        x.dims[0] * x.dims[1], S, DHQK, DHV, dtype, scores, block_dhv=block_dhv, consumers=consumers, depth=depth,
+        cluster=cluster, split=split, interpret=interpret,
+    )  # fmt: skip
     reason = chunkwise_mosaic_unsupported(
         DHQK, DHV, dtype, block_dhv, depth=depth, consumers=consumers, scores=scores, cluster=cluster
     )  # fmt: skip
@@ -1049,15 +1201,16 @@ def chunkwise_mosaic_fw(
     )
 
     if backward == "mosaic" and mosaic_backward_unsupported(DHQK, DHV, dtype, block_dhv, depth, scores) is None:
-        forward_tiling = {
-            "block_dhv": block_dhv, "depth": depth, "interpret": interpret, "scores": scores, "cluster": cluster
+        forward_tiles = {
+            "block_dhv": block_dhv, "depth": depth, "interpret": interpret, "scores": scores, "cluster": cluster,
+            "split": split,
         }  # fmt: skip
         backward_block = backward_block_dhv(DHQK, DHV, dtype, block_dhv, depth)
         tiling = {"block_dhv": backward_block, "depth": depth, "interpret": interpret}  # the backward kernels'
 
         def products(q, k, v, plan, decay, c0, n_border=None):
             return mosaic_chunkwise(
-                q, k, v, plan, decay, c0, eps=eps, consumers=consumers, n_border=n_border, **forward_tiling
+                q, k, v, plan, decay, c0, eps=eps, consumers=consumers, n_border=n_border, **forward_tiles
             )  # fmt: skip
 
         grad_consumers = consumers
@@ -1072,7 +1225,7 @@ def chunkwise_mosaic_fw(
             kernel has the normaliser's gradient from its own products)."""
             h, c_last, borders, normaliser = mosaic_chunkwise(
                 q, k, v, plan, decay, c0, eps=eps, consumers=grad_consumers, borders=True, normaliser=True,
-                **forward_tiling,
+                **forward_tiles,
             )  # fmt: skip
             return h, c_last, (borders, normaliser)
 
@@ -1094,7 +1247,7 @@ def chunkwise_mosaic_fw(
     def run(q, k, v, i, f, states, segment_ids):
         c0, n0, m0 = states if states_given else (None, None, None)
         x = chunk_sequence(q, k, v, i, f, c0, n0, m0, eps, state_dtype, CHUNK, segment_ids, True)
-        h, last = _forward(x, eps, block_dhv, depth, consumers, interpret, scores, cluster)
+        h, last = _forward(x, eps, block_dhv, depth, consumers, interpret, scores, cluster, split)
         return h.astype(q.dtype), cast_states(last, x.out_dtypes)
 
     def xla(q, k, v, i, f, states, segment_ids):

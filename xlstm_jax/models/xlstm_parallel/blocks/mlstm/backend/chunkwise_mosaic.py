@@ -18,14 +18,13 @@ import jax.numpy as jnp
 
 from xlstm_jax.kernels.chunkwise_mosaic import (
     BACKWARDS,
+    CHUNK,
     CLUSTERS,
     SCORES,
-    auto_cluster,
-    auto_depth,
     auto_scores,
-    auto_tiling,
     chunkwise_mosaic_fw,
     chunkwise_mosaic_unsupported,
+    forward_tiling,
 )
 from xlstm_jax.kernels.recurrent_step_mosaic import device_supports_mosaic
 from xlstm_jax.mlstm.checks import resolve_state_dtype
@@ -59,6 +58,7 @@ def chunkwise_hopper_fw(
     scores: str | None = None,
     backward_scan_block_dhv: int | None = None,
     cluster: int | None = None,
+    split: int | None = None,
 ) -> Any:
     """The chunkwise form: the Mosaic GPU kernel where it applies, else the XLA form with ``chunk_size`` (which also
     runs under differentiation: :func:`~xlstm_jax.kernels.chunkwise_mosaic.chunkwise_mosaic_fw`).
@@ -75,7 +75,9 @@ def chunkwise_hopper_fw(
     kernel beyond).
     ``backward_scan_block_dhv``: the columns per warpgroup of the backward's reverse state scan (None: the
     backward kernels' block, ``block_dhv`` where their tiles fit, else 32). ``cluster``: the forward kernel's
-    programs per cluster, 1, 2 or 4 (None: :func:`~xlstm_jax.kernels.chunkwise_mosaic.auto_cluster`).
+    programs per cluster, 1, 2 or 4 (None: :func:`~xlstm_jax.kernels.chunkwise_mosaic.auto_cluster`). ``split``:
+    segments of each head that the forward kernel runs side by side where it divides the call's chunks of 64 steps,
+    else 1 (None: :func:`~xlstm_jax.kernels.chunkwise_mosaic.auto_split`).
     """
     use_kernel = interpret if interpret is not None else device_supports_mosaic()
     dtype = jnp.result_type(q, k, v)
@@ -83,10 +85,14 @@ def chunkwise_hopper_fw(
     if c_initial is not None and states_dtype is None:
         states_dtype = jnp.dtype(c_initial.dtype)
     DHQK, DHV = q.shape[-1], v.shape[-1]
-    scores = auto_scores(q.shape[2]) if scores is None else scores
-    block_dhv, consumers = auto_tiling(q.shape[0] * q.shape[1], DHQK, DHV, dtype, block_dhv, consumers, scores=scores)
-    depth = auto_depth(DHQK, DHV, dtype, block_dhv, consumers, scores)
-    cluster = auto_cluster(DHV, block_dhv, consumers, bool(interpret)) if cluster is None else cluster
+    S = q.shape[2]
+    scores = auto_scores(S) if scores is None else scores
+    if split is not None and -(-S // CHUNK) % split:
+        split = 1  # a served prompt's chunks vary: the configured split where it divides them
+    block_dhv, consumers, depth, cluster, split = forward_tiling(
+        q.shape[0] * q.shape[1], S, DHQK, DHV, dtype, scores, block_dhv=block_dhv, consumers=consumers,
+        cluster=cluster, split=split, interpret=bool(interpret),
+    )  # fmt: skip
     fits = chunkwise_mosaic_unsupported(
         DHQK, DHV, dtype, block_dhv, depth=depth, consumers=consumers, scores=scores, cluster=cluster
     )  # fmt: skip
@@ -95,7 +101,7 @@ def chunkwise_hopper_fw(
             q, k, v, i, f, c_initial, n_initial, m_initial, return_last_states, eps, state_dtype,
             segment_ids=segment_ids, block_dhv=block_dhv, depth=depth, consumers=consumers, interpret=bool(interpret),
             xla_chunk_size=chunk_size, backward=backward, backward_consumers=backward_consumers, scores=scores,
-            backward_scan_block_dhv=backward_scan_block_dhv, cluster=cluster,
+            backward_scan_block_dhv=backward_scan_block_dhv, cluster=cluster, split=split,
         )  # fmt: skip
     return chunkwise_fw(
         q, k, v, i, f, c_initial, n_initial, m_initial, return_last_states, eps, state_dtype, chunk_size,
@@ -145,6 +151,11 @@ class mLSTMBackendChunkwiseMosaicConfig(mLSTMBackendConfig):
             share each chunk's q, k and score tiles by TMA multicast; None picks
             (:func:`~xlstm_jax.kernels.chunkwise_mosaic.auto_cluster`). Where it does not divide a head's
             programs, the XLA form runs.
+        split: Segments of each head's chunks that the forward kernel runs side by side, each from the state before
+            it, so that a few heads (a batch of one) fill the GPU; a positive integer, used where it divides a
+            call's chunks of 64 steps (else 1), or None to pick
+            (:func:`~xlstm_jax.kernels.chunkwise_mosaic.auto_split`: 2 for xLSTM-7B's 8 heads at batch 1 from
+            8192 steps).
     """
 
     chunk_size: int = 256
@@ -156,6 +167,7 @@ class mLSTMBackendChunkwiseMosaicConfig(mLSTMBackendConfig):
     scores: str | None = None
     backward_scan_block_dhv: int | None = None
     cluster: int | None = None
+    split: int | None = None
 
     def __post_init__(self) -> None:
         super().__post_init__()
@@ -178,6 +190,10 @@ class mLSTMBackendChunkwiseMosaicConfig(mLSTMBackendConfig):
             raise ValueError(f"backward_scan_block_dhv must be None, 32 or 64, got {self.backward_scan_block_dhv!r}")
         if self.cluster is not None and (self.cluster not in CLUSTERS or isinstance(self.cluster, bool)):
             raise ValueError(f"cluster must be None or one of {CLUSTERS} (programs per cluster), got {self.cluster!r}")
+        if self.split is not None and (
+            not isinstance(self.split, int) or isinstance(self.split, bool) or self.split < 1
+        ):
+            raise ValueError(f"split must be None or a positive integer (segments per head), got {self.split!r}")
 
 
 class mLSTMBackendChunkwiseMosaic(mLSTMBackend):
