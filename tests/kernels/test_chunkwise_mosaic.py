@@ -205,31 +205,35 @@ def test_split_matches_reference(B, NH, S, DHQK, DHV, states, fgate, igate, bloc
         check_forward(form, x, "bfloat16", segment_ids=SPLIT_SEGMENTS[:, :S] if S <= 256 else None)
 
 
-def test_segment_states_are_the_states_before_each_segment():
-    """``segment_states`` against the recurrence it stands for, ``C <- decay_j C + k_jᵀ (g_j ⊙ v_j)`` chunk after
-    chunk in float64 from the same plan rows: from given states and from zeros, with a reset's zero decay."""
+@runs
+@pytest.mark.parametrize("split", [2, 3, 6])
+def test_segment_states_are_the_states_before_each_segment(split):
+    """``segment_states`` against the recurrence it stands for, ``C <- decay_j C + k_jᵀ r(g_j ⊙ v_j)`` chunk after
+    chunk in float64 from the same plan rows (6 chunks: segments of 3 chunks summed in runs of one, of 2 in one
+    run, of 1), from given states and from zeros, with a reset's zero decay."""
     rng = np.random.default_rng(7)
-    BH, NC, DHQK, DHV, split = 2, 6, 8, 16, 3
-    k = rng.standard_normal((BH, NC * CHUNK, DHQK)).astype(np.float32)
-    v = rng.standard_normal((BH, NC * CHUNK, DHV)).astype(np.float32)
+    BH, NC, DHQK, DHV = 2, 6, 64, 64
+    k = jnp.asarray(rng.standard_normal((BH, NC * CHUNK, DHQK)), jnp.bfloat16)
+    v = jnp.asarray(rng.standard_normal((BH, NC * CHUNK, DHV)), jnp.bfloat16)
     plan = rng.uniform(0.0, 1.0, (BH, NC, 8, CHUNK)).astype(np.float32)
     decay = rng.uniform(0.5, 1.0, (BH, NC)).astype(np.float32)
     decay[1, 2] = 0.0  # a reset empties the state
     c0 = rng.standard_normal((BH, DHQK, DHV)).astype(np.float32)
     gain = plan[:, :, 6]  # the plan's gain row
+    kb, vb = (np.asarray(x, np.float64) for x in (k, v))
     for start in (c0, None):
         got = segment_states(
-            jnp.asarray(k, jnp.bfloat16), jnp.asarray(v, jnp.bfloat16), jnp.asarray(plan.reshape(BH, NC * 8, CHUNK)),
-            jnp.asarray(decay), None if start is None else jnp.asarray(start), split,
+            k, v, jnp.asarray(plan.reshape(BH, NC * 8, CHUNK)), jnp.asarray(decay),
+            None if start is None else jnp.asarray(start), split, interpret=INTERPRET,
         )  # fmt: skip
-        kb, vb = (np.asarray(jnp.asarray(a, jnp.bfloat16), np.float64) for a in (k, v))
         c = np.zeros((BH, DHQK, DHV)) if start is None else start.astype(np.float64)
         expected = []
         for j in range(NC):
             if j % (NC // split) == 0:
                 expected.append(c.copy())
             rows = slice(j * CHUNK, (j + 1) * CHUNK)
-            c = decay[:, j, None, None] * c + np.einsum("bsd,bse->bde", kb[:, rows], gain[:, j, :, None] * vb[:, rows])
+            gv = np.asarray(jnp.asarray(gain[:, j, :, None] * vb[:, rows], jnp.bfloat16), np.float64)  # r(g ⊙ v)
+            c = decay[:, j, None, None] * c + np.einsum("bsd,bse->bde", kb[:, rows], gv)
         expected = np.stack(expected, axis=1).reshape(BH * split, DHQK, DHV)
         assert_close("segment states", expected, np.asarray(got), TOL["bfloat16/float32"])
 
@@ -265,7 +269,8 @@ def test_split_reaches_the_kernel_grid():
 
     def grid(form, *a) -> tuple[int, int]:
         text = str(jax.make_jaxpr(form)(*a))
-        (found,) = re.findall(r"grid=\((\d+), (\d+)\), grid_names=\('bh', 'vb'\)", text)
+        # the forward kernel's grid (the segments' state scan has one too)
+        (found,) = re.findall(r"grid=\((\d+), (\d+)\)(?:(?!grid=).)*?name=mlstm_chunkwise_mosaic\b", text, re.S)
         return tuple(map(int, found))
 
     fw = functools.partial(chunkwise_mosaic_fw, block_dhv=32, scores="kernel", interpret=True)

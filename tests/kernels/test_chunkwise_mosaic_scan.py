@@ -118,6 +118,25 @@ def test_matches_reference(reverse, block_dhv, depth, dtype, consumers, NC, DHB)
 
 
 @runs
+@pytest.mark.parametrize(("reverse", "block_dhv", "consumers"), [(False, 64, 1), (True, 32, 2)])
+def test_last_state_alone_of_some_rows_from_zeros(reverse, block_dhv, consumers):
+    """``borders=False``, ``x0=None`` and ``rows=(1, 2)`` (the first of every two rows: 4 rows of 3 chunks, the
+    last states of rows 0 and 2): only the last state, from zeros, of the rows picked, against the float64 loop on
+    those rows; no borders returned."""
+    a, b, gain, decay, _ = (jnp.concatenate([x, x[:, ::-1]]) for x in scan_inputs(21, jnp.bfloat16, NC, 128))
+    borders, last = mosaic_state_scan(
+        a, b, gain, decay, None, reverse=reverse, block_dhv=block_dhv, consumers=consumers, interpret=INTERPRET,
+        borders=False, rows=(1, 2),
+    )  # fmt: skip
+    assert borders is None and last.shape == (BH, DHA, 128)
+    picked = [x[::2] for x in (a, b, gain, decay)]
+    _, ref_last = reference(*picked, np.zeros((BH, DHA, 128)), reverse)
+    assert_close("last state", ref_last, last, TOL["bfloat16/float32"])
+    with pytest.raises(ValueError, match=r"rows=\(3, 2\) must be \(per, stride\)"):
+        mosaic_state_scan(a, b, gain, decay, None, reverse=reverse, interpret=INTERPRET, rows=(3, 2))
+
+
+@runs
 @pytest.mark.parametrize(("reverse", "consumers"), [(True, 2), (False, 1)])
 def test_border_staged_before_the_product(reverse, consumers):
     """At DHA=256 with 64 columns per warpgroup the state and its accumulator would need 256 registers a thread
@@ -149,6 +168,16 @@ def test_lowers_for_cuda(reverse, block_dhv, consumers, DHB):
         A((BH, 256, DHB), f32),
     )  # fmt: skip
     step = functools.partial(mosaic_state_scan, reverse=reverse, block_dhv=block_dhv, consumers=consumers)
+    text = jax.jit(step).trace(*avals).lower(lowering_platforms=("cuda",)).as_text()
+    assert "mosaic_gpu" in text
+
+
+def test_last_state_alone_lowers_for_cuda():
+    """The scan that sums a split forward's segments (``segment_states``: 64 columns at DHA=256, from zeros, no
+    borders, every other row read in place) lowers for CUDA on any machine."""
+    S, f32, A = 2 * CHUNK, jnp.float32, jax.ShapeDtypeStruct
+    avals = (A((4, S, 256), jnp.bfloat16), A((4, S, 512), jnp.bfloat16), A((4, 2, CHUNK), f32), A((4, 2), f32))
+    step = functools.partial(mosaic_state_scan, x0=None, reverse=False, block_dhv=64, borders=False, rows=(1, 2))
     text = jax.jit(step).trace(*avals).lower(lowering_platforms=("cuda",)).as_text()
     assert "mosaic_gpu" in text
 

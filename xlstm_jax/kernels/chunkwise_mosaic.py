@@ -834,45 +834,69 @@ def normalised_scores(
     return p.reshape(BH, S, L), readout.reshape(BH, NC * _READOUT_ROWS, L), normaliser
 
 
-def segment_states(
-    k: jax.Array, v: jax.Array, plan: jax.Array, decay: jax.Array, c0: jax.Array | None, split: int
-) -> jax.Array:
-    """The memory state before each of ``split`` equal segments of every head's chunks (XLA), for the kernel to
-    run the segments as sequences of their own (:func:`mosaic_chunkwise`'s ``split``).
+# segment_states sums a segment's chunks in scans of at most this many chunks, side by side.
+_PARTIAL_CHUNKS = 32
 
-    The kernel's recurrence ``C ← decay_j · C + kᵀ (g ⊙ v)`` over a segment is linear in C: from the state before
-    it, the state after it is ``D · C + C̄`` with ``D`` the product of the segment's decays and
-    ``C̄ = kᵀ (w ⊙ v)`` over its steps, ``w`` each step's gain times the decays of the later chunks of the segment
-    (each at most 1: the plan's gains and decays are relative to the running max at the chunk's end). ``C̄`` is one
-    batched product per segment, rounded as the kernel rounds ``g ⊙ v``; the borders are ``split`` steps of that
-    affine map. The last segment's ``C̄`` is not needed and not computed.
+
+def segment_states(
+    k: jax.Array,
+    v: jax.Array,
+    plan: jax.Array,
+    decay: jax.Array,
+    c0: jax.Array | None,
+    split: int,
+    interpret: bool = False,
+) -> jax.Array:
+    """The memory state before each of ``split`` equal segments of every head's chunks, for the kernel to run the
+    segments as sequences of their own (:func:`mosaic_chunkwise`'s ``split``).
+
+    The kernel's recurrence ``C ← decay_j · C + kᵀ r(g_j ⊙ v)`` is affine in C, so a run of chunks acts on the
+    state before it as ``D · C + X``: D the product of its decays, X the recurrence from zeros over the run. The
+    runs of up to :data:`_PARTIAL_CHUNKS` chunks that make up the segments before the last are summed side by side
+    by the state scan kernel (:func:`~xlstm_jax.kernels.chunkwise_mosaic_scan.mosaic_state_scan` from zeros, no
+    borders written, k and v read in place: the same products and roundings as the kernel's state update), and XLA
+    chains their ``(D, X)`` from ``c0`` (zeros where None) through the segment borders.
 
     Args:
         k: (BH, S, DHQK), v: (BH, S, DHV), S a multiple of ``split`` · :data:`CHUNK`.
         plan: (BH, NC * 8, L) float32, :func:`chunk_plan`'s rows (the gains are read).
         decay: (BH, NC) float32.
         c0: (BH, DHQK, DHV) float32, or None for zeros.
+        split: Segments per head.
+        interpret: Run the scan in Mosaic GPU's interpreter.
 
     Returns:
         (BH * split, DHQK, DHV) float32: head-major, the state before each segment (``c0`` before the first).
     """
+    # Imported here: the scan's module builds on this one's helpers.
+    from xlstm_jax.kernels.chunkwise_mosaic_scan import mosaic_state_scan, state_scan_unsupported
+
     BH, S, DHQK = k.shape
     DHV = v.shape[-1]
     NC, L = S // CHUNK, CHUNK
-    per, steps = NC // split, S // split
-    d = decay.reshape(BH, split, per)
-    through = jnp.flip(jnp.cumprod(jnp.flip(d, -1), axis=-1), -1)  # decays from chunk j to the segment's end
-    after = jnp.concatenate([through[..., 1:], jnp.ones_like(d[..., :1])], axis=-1)  # ... from chunk j + 1
-    gain = plan.reshape(BH, split, per, _PLAN_ROWS, L)[:, :, :, _GAIN]
-    w = (gain * after[..., None]).reshape(BH, split, steps)[:, :-1]
-    wv = (w[..., None] * v.reshape(BH, split, steps, DHV)[:, :-1]).astype(v.dtype)
-    cbar = jnp.einsum(
-        "bgsd,bgse->bgde", k.reshape(BH, split, steps, DHQK)[:, :-1], wv, preferred_element_type=jnp.float32
+    per = NC // split  # chunks per segment
+    size = math.gcd(per, _PARTIAL_CHUNKS)  # chunks per partial scan
+    runs = per // size  # partial scans per segment
+    gain = plan.reshape(BH, NC, _PLAN_ROWS, L)[:, :, _GAIN]
+
+    def partials(x):  # (BH, NC·…, …) as one row per run of ``size`` chunks, head-major
+        return x.reshape(BH * split * runs, x.shape[1] // (split * runs), *x.shape[2:])
+
+    block_dhv, depth = next(
+        (b, d) for d in (2, 1) for b in (64, 32) if state_scan_unsupported(DHQK, DHV, k.dtype, b, d) is None
     )
+    _, x = mosaic_state_scan(
+        *map(partials, (k, v, gain, decay)), None, reverse=False, block_dhv=block_dhv, depth=depth,
+        interpret=interpret, borders=False, rows=((split - 1) * runs, split * runs),
+    )  # fmt: skip
+    x = x.reshape(BH, split - 1, runs, DHQK, DHV)
+    through = jnp.prod(decay.reshape(BH, split, runs, size), axis=-1)  # each run's decay of the state before it
     c = jnp.zeros((BH, DHQK, DHV), jnp.float32) if c0 is None else c0.astype(jnp.float32)
     states = [c]
     for g in range(split - 1):
-        states.append(through[:, g, 0, None, None] * states[-1] + cbar[:, g])
+        for r in range(runs):
+            c = through[:, g, r, None, None] * c + x[:, g, r]
+        states.append(c)
     return jnp.stack(states, axis=1).reshape(BH * split, DHQK, DHV)
 
 
@@ -955,7 +979,7 @@ def mosaic_chunkwise(
         zero_state=c0 is None and split == 1,
     )  # fmt: skip
     if split > 1:
-        c0 = segment_states(k, v, plan, decay, c0, split)
+        c0 = segment_states(k, v, plan, decay, c0, split, interpret)
     c0s = () if c0 is None else (c0,)  # without c0 the kernel starts from zeros: none written and read
     # The kernel's rows: the heads' segments, head-major. Every operand but c0 is per step or per chunk along its
     # second axis, chunk-major, so a segment is a reshape; so are the outputs.

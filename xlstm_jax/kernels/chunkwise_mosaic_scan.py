@@ -126,26 +126,32 @@ def state_scan_unsupported(
 
 
 def _scan_body(
-    a_ref,  # (BH, S, DHA) GMEM, S a multiple of L
-    b_ref,  # (BH, S, DHB)
-    gain_ref,  # (BH, NC, L) float32
-    decay_ref,  # (BH, NC) float32
-    x0_ref,  # (BH, DHA, DHB) float32
-    borders_ref,  # (BH, NC * DHA, DHB) out, in a's dtype
-    x_ref,  # (BH, DHA, DHB) out, float32
-    *,
+    a_ref,  # (R, S, DHA) GMEM, S a multiple of L
+    b_ref,  # (R, S, DHB)
+    gain_ref,  # (R, NC, L) float32
+    decay_ref,  # (R, NC) float32
+    *refs,  # x0 (BH, DHA, DHB) float32 unless zero_start; out: the borders (BH, NC * DHA, DHB) in a's dtype with
+    # borders; x (BH, DHA, DHB) float32
     reverse: bool,
     block_dhv: int,
     depth: int,
     consumers: int,
     interpret: bool,
+    zero_start: bool,
+    borders: bool,
+    rows: tuple[int, int] | None,
 ):
+    x0_ref, refs = (None, refs) if zero_start else (refs[0], refs[1:])
+    borders_ref, x_ref = refs if borders else (None, refs[0])
     f32, dtype = jnp.float32, a_ref.dtype
     _, S, DHA = a_ref.shape
     L, NV, NC = CHUNK, block_dhv, S // CHUNK
     regs = _RegisterTiles(interpret)
     tile, row_layout = regs.tile, regs.row_layout
     bh, vb = lax.axis_index("bh"), lax.axis_index("vb")
+    # The row of the inputs this program scans: its own, or with ``rows = (per, stride)`` row ``per`` of every
+    # ``stride`` (program p scans row (p // per) * stride + p % per).
+    row = bh if rows is None else lax.div(bh, rows[0]) * rows[1] + lax.rem(bh, rows[0])
     itemsize = jnp.dtype(dtype).itemsize
     # With two warpgroups ("consumers"), per-warpgroup tiles have a leading axis of 2 and warpgroup 0 issues the
     # copies of the a and gain tiles they share; one warpgroup leaves every tile and copy as it is.
@@ -167,13 +173,15 @@ def _scan_body(
 
     overlap = 2 * DHA * NV // 128 <= 128  # X and its accumulator side by side: float32 registers a thread
 
-    def body(a_bufs, b_bufs, gain_bufs, gb_smem, border_smem, loaded, *rest):
+    def body(a_bufs, b_bufs, gain_bufs, gb_smem, loaded, *rest):
+        border_smem, rest = (own(rest[0]), rest[1:]) if borders else (None, rest)
         consumed, at = (rest[0], rest[1:]) if split else (None, rest)
-        b_bufs, gb_smem, border_smem = map(own, (b_bufs, gb_smem, border_smem))
+        b_bufs, gb_smem = map(own, (b_bufs, gb_smem))
         # The first border r(X) from the registers before any copy into this scope: the loads of x0 from the
         # last scope's tile (which these tiles reuse) are then ordered before the copies by the fence. (With two
         # warpgroups each does so before its own copies; the other's loads precede the scope's block barrier.)
-        border_smem[...] = cast(x_init.astype(border_smem.dtype), tile)
+        if borders:
+            border_smem[...] = cast(x_init.astype(border_smem.dtype), tile)
         plgpu.commit_smem()
 
         def issue(i, slot, refill=False):
@@ -184,16 +192,16 @@ def _scan_body(
 
             def copy_b():
                 b_loaded = loaded.at[b_barrier * depth + slot]
-                plgpu.copy_gmem_to_smem(b_ref.at[bh, steps, columns], b_bufs.at[slot], b_loaded)
+                plgpu.copy_gmem_to_smem(b_ref.at[row, steps, columns], b_bufs.at[slot], b_loaded)
 
             def copy_shared():
                 if refill and split:
                     plgpu.barrier_wait(consumed.at[slot])  # both warpgroups are done with the slot
-                plgpu.copy_gmem_to_smem(a_ref.at[bh, steps], a_bufs.at[slot], loaded.at[slot])
+                plgpu.copy_gmem_to_smem(a_ref.at[row, steps], a_bufs.at[slot], loaded.at[slot])
                 if not split:
                     copy_b()
                 gain_loaded = loaded.at[gain_barrier * depth + slot]
-                plgpu.copy_gmem_to_smem(gain_ref.at[bh, pl.ds(j, 1)], gain_bufs.at[slot], gain_loaded)
+                plgpu.copy_gmem_to_smem(gain_ref.at[row, pl.ds(j, 1)], gain_bufs.at[slot], gain_loaded)
 
             leader(copy_shared)
             if split:
@@ -230,13 +238,15 @@ def _scan_body(
             # the end of the chunk before, so that one set is live (128 registers at DHA=256, block_dhv=64).
             def product(accs):
                 plgpu.wgmma(accs[0], a_t, gb_smem)
+                if not borders:
+                    return
                 if overlap:
                     pl.when(i > 0)(lambda: stage(x))  # the first border was staged before the loop
                 plgpu.copy_smem_to_gmem(border_smem, borders_ref.at[bh, pl.ds(j * DHA, DHA), columns])
 
-            (x,) = _accumulate(product, (cast(decay_ref[bh, j] * x, tile),), interpret)
+            (x,) = _accumulate(product, (cast(decay_ref[row, j] * x, tile),), interpret)
             x = cast(x, tile)
-            if not overlap:
+            if borders and not overlap:
                 pl.when(i + 1 < NC)(lambda: stage(x))  # the next chunk's border
 
             @pl.when(i + depth < NC)
@@ -251,15 +261,18 @@ def _scan_body(
         plgpu.wait_smem_to_gmem(0)
         return x_last
 
-    x_init = group.state_in(x0_ref, bh, lambda ref: load(ref, tile))
+    if zero_start:
+        x_init = cast(jnp.zeros((DHA, NV), f32), tile)
+    else:
+        x_init = group.state_in(x0_ref, bh, lambda ref: load(ref, tile))
     x_last = pl.run_scoped(
         body,
         plgpu.SMEM((depth, L, DHA), dtype, transforms=operand),
         per_warpgroup((depth, L, NV), dtype, transforms=operand),
         plgpu.SMEM((depth, 1, L), f32),
         per_warpgroup((L, NV), dtype, transforms=operand),
-        per_warpgroup((DHA, NV), borders_ref.dtype, transforms=operand),
         plgpu.Barrier(num_arrivals=1, num_barriers=(2 + consumers) * depth),
+        *([per_warpgroup((DHA, NV), dtype, transforms=operand)] if borders else []),
         *([plgpu.Barrier(num_arrivals=consumers, num_barriers=depth)] if split else []),
         *([per_warpgroup((DHA, L), dtype)] if interpret else []),
         collective_axes="wg",
@@ -267,12 +280,25 @@ def _scan_body(
     group.state_out(x_last, x_ref, bh)
 
 
-def _check(a, b, gain, decay, x0, block_dhv: int, depth: int, consumers: int) -> None:
-    """ValueError naming the argument where the shapes or dtypes do not fit the scan."""
-    for name, x, ndim in (("a", a, 3), ("b", b, 3), ("gain", gain, 3), ("decay", decay, 2), ("x0", x0, 3)):
+def _check(a, b, gain, decay, x0, block_dhv: int, depth: int, consumers: int, rows: tuple[int, int] | None) -> int:
+    """ValueError naming the argument where the shapes or dtypes do not fit the scan; else the programs' rows."""
+    named = (
+        ("a", a, 3),
+        ("b", b, 3),
+        ("gain", gain, 3),
+        ("decay", decay, 2),
+        *([("x0", x0, 3)] if x0 is not None else []),
+    )
+    for name, x, ndim in named:
         if x.ndim != ndim:
             raise ValueError(f"{name}.shape={x.shape} must have {ndim} axes")
     BH, S, DHA = a.shape
+    programs = BH
+    if rows is not None:
+        per, stride = rows
+        if not (0 < per <= stride) or BH % stride:
+            raise ValueError(f"rows={rows} must be (per, stride) with 0 < per <= stride and stride dividing {BH} rows")
+        programs = BH // stride * per
     if S == 0 or S % CHUNK:
         raise ValueError(f"a.shape={a.shape}: the steps S={S} must be a positive multiple of {CHUNK}")
     NC, DHB = S // CHUNK, b.shape[-1]
@@ -280,8 +306,8 @@ def _check(a, b, gain, decay, x0, block_dhv: int, depth: int, consumers: int) ->
         raise ValueError(f"b.shape={b.shape} must be (BH, S, DHB) = ({BH}, {S}, DHB) as a.shape={a.shape}")
     if b.dtype != a.dtype:
         raise ValueError(f"b.dtype={b.dtype} must equal a.dtype={a.dtype}")
-    expected = {"gain": (BH, NC, CHUNK), "decay": (BH, NC), "x0": (BH, DHA, DHB)}
-    for name, x in (("gain", gain), ("decay", decay), ("x0", x0)):
+    expected = {"gain": (BH, NC, CHUNK), "decay": (BH, NC), "x0": (programs, DHA, DHB)}
+    for name, x in (("gain", gain), ("decay", decay), *([("x0", x0)] if x0 is not None else [])):
         if x.shape != expected[name]:
             raise ValueError(
                 f"{name}.shape={x.shape} must be {expected[name]} for a.shape={a.shape} and b.shape={b.shape}"
@@ -293,22 +319,27 @@ def _check(a, b, gain, decay, x0, block_dhv: int, depth: int, consumers: int) ->
         raise ValueError(
             f"mosaic_state_scan cannot run a.shape={a.shape}, b.shape={b.shape} ({a.dtype}): {reason}"
         )  # fmt: skip
+    return programs
 
 
-@functools.partial(jax.jit, static_argnames=("reverse", "block_dhv", "depth", "consumers", "interpret"))
+@functools.partial(
+    jax.jit, static_argnames=("reverse", "block_dhv", "depth", "consumers", "interpret", "borders", "rows")
+)
 def mosaic_state_scan(
     a: jax.Array,  # (BH, S, DHA), S a multiple of CHUNK
     b: jax.Array,  # (BH, S, DHB)
     gain: jax.Array,  # (BH, NC, CHUNK) float32
     decay: jax.Array,  # (BH, NC) float32
-    x0: jax.Array,  # (BH, DHA, DHB) float32
+    x0: jax.Array | None,  # (BH, DHA, DHB) float32, or None for zeros
     *,
     reverse: bool,
     block_dhv: int = 32,
     depth: int = 2,
     consumers: int = 1,
     interpret: bool = False,
-) -> tuple[jax.Array, jax.Array]:
+    borders: bool = True,
+    rows: tuple[int, int] | None = None,
+) -> tuple[jax.Array | None, jax.Array]:
     """The chunk-by-chunk state scan on ``BH`` flattened heads (module docstring), in a Mosaic GPU kernel.
 
     Args:
@@ -317,40 +348,49 @@ def mosaic_state_scan(
         gain: (BH, NC, CHUNK) float32: each step's weight on its row of b.
         decay: (BH, NC) float32: each chunk's factor on the state it carries over.
         x0: (BH, DHA, DHB) float32: the state the scan starts from (before chunk 0, or after chunk NC-1 in
-            reverse).
+            reverse); None: zeros, none read.
         reverse: Scan from the last chunk to the first.
         block_dhv: Columns of the state per warpgroup, 32 or 64.
         depth: Chunks in flight in the TMA pipeline.
         consumers: Warpgroups per program, 1 or 2, each with its own ``block_dhv`` columns of the state; two share
             the a and gain tiles in shared memory and overlap each other's products and waits (module docstring).
         interpret: Run in Mosaic GPU's interpreter (any backend; slow).
+        borders: Write every chunk's border; False: only the last state (borders None), no tile staged.
+        rows: None, one scan per row of the inputs; or ``(per, stride)``: the first ``per`` rows of every
+            ``stride`` (a scan of part of each head, read in place), ``BH // stride * per`` scans, whose x0 and
+            outputs have that many rows.
 
     Returns:
         ``(borders (BH, NC * DHA, DHB) in a's dtype, x_last (BH, DHA, DHB) float32)``: rows ``j * DHA`` to
         ``(j + 1) * DHA`` of borders hold r(X_j) (forward) or r(X_{j+1}) (reverse), the state on chunk j's side
-        where the scan enters it; x_last is X_NC (forward) or X_0 (reverse).
+        where the scan enters it; x_last is X_NC (forward) or X_0 (reverse). With ``rows``, a row per scan.
 
     Raises:
         ValueError: shapes or dtypes that do not fit (naming the argument), or a shape, dtype or tiling the kernel
             does not run (:func:`state_scan_unsupported`).
     """
-    _check(a, b, gain, decay, x0, block_dhv, depth, consumers)
-    BH, S, DHA = a.shape
+    programs = _check(a, b, gain, decay, x0, block_dhv, depth, consumers, rows)
+    _, S, DHA = a.shape
     DHB = b.shape[-1]
     params = require_mosaic_interpreter(consumers) if interpret else None
     body = functools.partial(
-        _scan_body, reverse=reverse, block_dhv=block_dhv, depth=depth, consumers=consumers, interpret=interpret
-    )
+        _scan_body, reverse=reverse, block_dhv=block_dhv, depth=depth, consumers=consumers, interpret=interpret,
+        zero_start=x0 is None, borders=borders, rows=rows,
+    )  # fmt: skip
     kernel = pl.kernel(
         body,
         out_type=(
-            jax.ShapeDtypeStruct((BH, S // CHUNK * DHA, DHB), a.dtype),
-            jax.ShapeDtypeStruct((BH, DHA, DHB), jnp.float32),
+            *([jax.ShapeDtypeStruct((programs, S // CHUNK * DHA, DHB), a.dtype)] if borders else []),
+            jax.ShapeDtypeStruct((programs, DHA, DHB), jnp.float32),
         ),
         mesh=plgpu.Mesh(
-            grid=(BH, DHB // (consumers * block_dhv)), grid_names=("bh", "vb"), num_threads=consumers, thread_name="wg"
+            grid=(programs, DHB // (consumers * block_dhv)),
+            grid_names=("bh", "vb"),
+            num_threads=consumers,
+            thread_name="wg",
         ),
         name="mlstm_state_scan_mosaic_reverse" if reverse else "mlstm_state_scan_mosaic",
         **({"interpret": params} if interpret else {}),
     )
-    return kernel(a, b, gain, decay, x0)
+    out = kernel(a, b, gain, decay, *(() if x0 is None else (x0,)))
+    return (out[0], out[1]) if borders else (None, out[0])
