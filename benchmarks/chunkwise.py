@@ -68,7 +68,8 @@ same inputs (0 for a deterministic kernel; ``ok`` needs all three).
 with ``mosaic`` in them, the forward kernel and the backward's state scans and gradient kernel; the rest is
 XLA's: the gate plan, the scores, the gradient's element-wise work) and ``busy`` (kernel time over the span
 from the first kernel's start to the last one's end: below 1, the GPU waits on the host or on loop control
-between kernels), and its costliest kernels are printed under it.
+between kernels), and its costliest kernels are printed under it; the prefill rows get the same ``kernel ms`` and
+``mosaic ms`` and their costliest kernels.
 
 FLOPs and bytes (``benchmarks/forms.py``'s ``floor_counts`` at each row's chunk size L: 64 for the kernel,
 the row's L for XLA and TFLA): per head ``4·S·DHQK·DHV + S·L·(DHQK + DHV)`` matrix FLOPs (the chunk
@@ -187,6 +188,8 @@ PREFILL_COLUMNS = [
     Column("tokens/s", "tokens_per_s", ".0f"),
     Column("TFLOP/s", "flops_per_s", ".1f", 1e-12, width=7),
     Column("mm frac", "matmul_fraction", ".3f", width=7),
+    Column("kernel ms", "trace_kernel_us", ".2f", 1e-3, width=9),
+    Column("mosaic ms", "trace_mosaic_us", ".2f", 1e-3, width=9),
 ]
 
 
@@ -612,7 +615,7 @@ def bench_prefill(report: Report, a: argparse.Namespace, ceilings: Any, deadline
                     params = jax.block_until_ready(random_params(config, runtime))
                 ids = jax.random.randint(jax.random.key(S), (1, S), 0, config.vocab_size, jnp.int32)
                 run = jax.jit(lambda w, x, runtime=runtime: prefill(config, w, x, runtime=runtime))
-                timing = time_jitted(run, params, ids, repeats=a.prefill_repeats)
+                timing = time_jitted(run, params, ids, repeats=a.prefill_repeats, trace=a.trace, trace_top=TRACE_TOP)
             except Exception as exc:
                 report.note(f"prefill {label} S={S}: FAILED {type(exc).__name__}: {str(exc)[:300]}")
                 continue
@@ -623,7 +626,9 @@ def bench_prefill(report: Report, a: argparse.Namespace, ceilings: Any, deadline
                 flops_per_s=flops / timing.median_s,
                 matmul_fraction=flops / timing.median_s / ceilings.matmul_flops_per_s,
             )
+            split_trace(row)
             report.add("prefill", row)
+            print_trace(row)
 
 
 # ---------------------------------------------------------------------------------------------------------
