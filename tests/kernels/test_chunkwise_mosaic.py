@@ -36,7 +36,6 @@ from xlstm_jax.kernels.chunkwise_mosaic import (
     chunkwise_mosaic_unsupported,
     forward_tiling,
     mosaic_chunkwise,
-    segment_states,
     shared_memory_bytes,
 )
 from xlstm_jax.kernels.chunkwise_mosaic_bw import backward_block_dhv, chunkwise_split_fw, mosaic_backward_unsupported
@@ -177,7 +176,7 @@ def test_packed_documents(states, consumers, scores):
 
 
 # Segments (``split``): (B, NH, S, DHQK, DHV, initial states, forget gates, input gates, block_dhv, consumers, split,
-# scores). Row 0 of SPLIT_SEGMENTS starts documents on the borders of segments of one chunk, row 1 inside them.
+# scores). SPLIT_SEGMENTS (S=300) starts row 0's documents on the borders of segments of one chunk, row 1's inside.
 SPLIT_CASES = [
     (1, 2, 256, 64, 64, True, "mixed", "extreme", 32, 1, 2, "kernel"),  # two segments of two chunks, initial states
     (2, 1, 300, 64, 64, False, "open", "wide", 32, 1, 5, "precomputed"),  # five segments of one chunk, the last padded
@@ -194,48 +193,15 @@ SPLIT_SEGMENTS = np.array([_ids([64, 64, 100, 72]), _ids([10, 100, 1, 189])])
 )
 def test_split_matches_reference(B, NH, S, DHQK, DHV, states, fgate, igate, block_dhv, consumers, split, scores):
     """Each head's chunks cut into ``split`` segments that the kernel runs side by side from the states before them
-    (``segment_states``): h and the last states against the float64 recurrence; with resets on a segment border and
+    (``segment_starts``): h and the last states against the float64 recurrence; with resets on a segment border and
     inside a segment, and with packed documents that start on segment borders and inside segments."""
     form = functools.partial(kernel(block_dhv, consumers, scores), split=split)
     x = random_inputs(S + split, B, NH, S, DHQK, DHV, states=states, fgate=fgate, igate=igate)
     check_forward(form, x, "bfloat16")
     x["f"][0, 0, [S // split // CHUNK * CHUNK, 90]] = -np.inf  # on the second segment's first step, and inside one
     check_forward(form, x, "bfloat16")
-    if B == 2:
-        check_forward(form, x, "bfloat16", segment_ids=SPLIT_SEGMENTS[:, :S] if S <= 256 else None)
-
-
-@runs
-@pytest.mark.parametrize("split", [2, 3, 6])
-def test_segment_states_are_the_states_before_each_segment(split):
-    """``segment_states`` against the recurrence it stands for, ``C <- decay_j C + k_jᵀ r(g_j ⊙ v_j)`` chunk after
-    chunk in float64 from the same plan rows (6 chunks: segments of 3 chunks summed in runs of one, of 2 in one
-    run, of 1), from given states and from zeros, with a reset's zero decay."""
-    rng = np.random.default_rng(7)
-    BH, NC, DHQK, DHV = 2, 6, 64, 64
-    k = jnp.asarray(rng.standard_normal((BH, NC * CHUNK, DHQK)), jnp.bfloat16)
-    v = jnp.asarray(rng.standard_normal((BH, NC * CHUNK, DHV)), jnp.bfloat16)
-    plan = rng.uniform(0.0, 1.0, (BH, NC, 8, CHUNK)).astype(np.float32)
-    decay = rng.uniform(0.5, 1.0, (BH, NC)).astype(np.float32)
-    decay[1, 2] = 0.0  # a reset empties the state
-    c0 = rng.standard_normal((BH, DHQK, DHV)).astype(np.float32)
-    gain = plan[:, :, 6]  # the plan's gain row
-    kb, vb = (np.asarray(x, np.float64) for x in (k, v))
-    for start in (c0, None):
-        got = segment_states(
-            k, v, jnp.asarray(plan.reshape(BH, NC * 8, CHUNK)), jnp.asarray(decay),
-            None if start is None else jnp.asarray(start), split, interpret=INTERPRET,
-        )  # fmt: skip
-        c = np.zeros((BH, DHQK, DHV)) if start is None else start.astype(np.float64)
-        expected = []
-        for j in range(NC):
-            if j % (NC // split) == 0:
-                expected.append(c.copy())
-            rows = slice(j * CHUNK, (j + 1) * CHUNK)
-            gv = np.asarray(jnp.asarray(gain[:, j, :, None] * vb[:, rows], jnp.bfloat16), np.float64)  # r(g ⊙ v)
-            c = decay[:, j, None, None] * c + np.einsum("bsd,bse->bde", kb[:, rows], gv)
-        expected = np.stack(expected, axis=1).reshape(BH * split, DHQK, DHV)
-        assert_close("segment states", expected, np.asarray(got), TOL["bfloat16/float32"])
+    if B == 2:  # documents of 64, 64, 100, 72 and of 10, 100, 1, 189 steps: starts on borders of segments and inside
+        check_forward(form, x, "bfloat16", segment_ids=SPLIT_SEGMENTS)
 
 
 def test_auto_split_fills_the_gpu_with_a_few_heads():
@@ -636,26 +602,27 @@ def test_auto_scores_keeps_short_sequences_in_the_kernel():
 
 
 @pytest.mark.parametrize(
-    ("block_dhv", "consumers", "scores", "grad", "DHQK", "depth", "cluster"),
+    ("block_dhv", "consumers", "scores", "grad", "DHQK", "depth", "cluster", "split"),
     [
-        (32, 1, "in_kernel", False, 256, 2, 1),
-        (64, 1, "in_kernel", False, 256, 2, 1),
-        (32, 2, "in_kernel", True, 256, 2, 1),
-        (32, 1, "precomputed", False, 256, 2, 1),
-        (64, 1, "precomputed", False, 256, 2, 1),
-        (64, 1, "precomputed", True, 256, 2, 1),
-        (32, 2, "precomputed", True, 256, 2, 1),
-        (32, 1, "precomputed", False, 512, 1, 1),
-        (64, 1, "kernel", False, 256, 2, 2),
-        (32, 2, "precomputed", True, 256, 2, 2),
+        (32, 1, "in_kernel", False, 256, 2, 1, 1),
+        (64, 1, "in_kernel", False, 256, 2, 1, 1),
+        (32, 2, "in_kernel", True, 256, 2, 1, 1),
+        (32, 1, "precomputed", False, 256, 2, 1, 1),
+        (64, 1, "precomputed", False, 256, 2, 1, 1),
+        (64, 1, "precomputed", True, 256, 2, 1, 1),
+        (32, 2, "precomputed", True, 256, 2, 1, 1),
+        (32, 1, "precomputed", False, 512, 1, 1, 1),
+        (64, 1, "kernel", False, 256, 2, 2, 1),
+        (32, 2, "precomputed", True, 256, 2, 2, 1),
+        (64, 1, "kernel", True, 256, 2, 2, 2),
     ],
 )
-def test_lowers_for_cuda(block_dhv, consumers, scores, grad, DHQK, depth, cluster):
+def test_lowers_for_cuda(block_dhv, consumers, scores, grad, DHQK, depth, cluster, split):
     """Tracing and Mosaic GPU lowering at the xLSTM-7B head shape (DHQK=256; the layouts, the operands' shared
     swizzle, the shared-memory budget, two warpgroups' barriers, the border states and each step's (qn, den) as
     under differentiation (``grad``), the state update accumulated onto the decayed state with
-    precomputed scores; DHQK=512 with one chunk in flight; programs in clusters of two with multicast tiles)
-    succeed on any machine."""
+    precomputed scores; DHQK=512 with one chunk in flight; programs in clusters of two with multicast tiles; two
+    segments with their states' scan) succeed on any machine."""
     BH, S, DHV, f32, A = 2, 2 * CHUNK, 128, jnp.float32, jax.ShapeDtypeStruct
     avals = (
         A((BH, S, DHQK), jnp.bfloat16), A((BH, S, DHQK), jnp.bfloat16), A((BH, S, DHV), jnp.bfloat16),
@@ -663,7 +630,7 @@ def test_lowers_for_cuda(block_dhv, consumers, scores, grad, DHQK, depth, cluste
     )  # fmt: skip
     step = functools.partial(
         mosaic_chunkwise, eps=1e-6, block_dhv=block_dhv, consumers=consumers, scores=scores,
-        borders=grad, normaliser=grad, depth=depth, cluster=cluster,
+        borders=grad, normaliser=grad, depth=depth, cluster=cluster, split=split,
     )  # fmt: skip
     text = jax.jit(step).trace(*avals).lower(lowering_platforms=("cuda",)).as_text()
     assert "mosaic_gpu" in text

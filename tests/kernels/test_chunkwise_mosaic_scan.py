@@ -22,6 +22,7 @@ from tests.numerics import TOL, assert_close
 from xlstm_jax.kernels.chunkwise_mosaic import CHUNK
 from xlstm_jax.kernels.chunkwise_mosaic_scan import (
     mosaic_state_scan,
+    segment_starts,
     state_scan_shared_memory_bytes,
     state_scan_unsupported,
 )
@@ -120,20 +121,43 @@ def test_matches_reference(reverse, block_dhv, depth, dtype, consumers, NC, DHB)
 @runs
 @pytest.mark.parametrize(("reverse", "block_dhv", "consumers"), [(False, 64, 1), (True, 32, 2)])
 def test_last_state_alone_of_some_rows_from_zeros(reverse, block_dhv, consumers):
-    """``borders=False``, ``x0=None`` and ``rows=(1, 2)`` (the first of every two rows: 4 rows of 3 chunks, the
-    last states of rows 0 and 2): only the last state, from zeros, of the rows picked, against the float64 loop on
-    those rows; no borders returned."""
+    """``borders=False``, ``x0=None`` and ``rows=(1, 2, offset)`` (one of every two rows from the ``offset``-th: 4
+    rows of 3 chunks, the last states of rows 0 and 2, or of rows 1 and 3): only the last state, from zeros, of the
+    rows picked, against the float64 loop on those rows; no borders returned."""
     a, b, gain, decay, _ = (jnp.concatenate([x, x[:, ::-1]]) for x in scan_inputs(21, jnp.bfloat16, NC, 128))
-    borders, last = mosaic_state_scan(
-        a, b, gain, decay, None, reverse=reverse, block_dhv=block_dhv, consumers=consumers, interpret=INTERPRET,
-        borders=False, rows=(1, 2),
-    )  # fmt: skip
-    assert borders is None and last.shape == (BH, DHA, 128)
-    picked = [x[::2] for x in (a, b, gain, decay)]
-    _, ref_last = reference(*picked, np.zeros((BH, DHA, 128)), reverse)
-    assert_close("last state", ref_last, last, TOL["bfloat16/float32"])
-    with pytest.raises(ValueError, match=r"rows=\(3, 2\) must be \(per, stride\)"):
-        mosaic_state_scan(a, b, gain, decay, None, reverse=reverse, interpret=INTERPRET, rows=(3, 2))
+    for offset in (0, 1):
+        borders, last = mosaic_state_scan(
+            a, b, gain, decay, None, reverse=reverse, block_dhv=block_dhv, consumers=consumers, interpret=INTERPRET,
+            borders=False, rows=(1, 2, offset),
+        )  # fmt: skip
+        assert borders is None and last.shape == (BH, DHA, 128)
+        picked = [x[offset::2] for x in (a, b, gain, decay)]
+        _, ref_last = reference(*picked, np.zeros((BH, DHA, 128)), reverse)
+        assert_close("last state", ref_last, last, TOL["bfloat16/float32"])
+    with pytest.raises(ValueError, match=r"rows=\(2, 2, 1\) must be \(per, stride, offset\)"):
+        mosaic_state_scan(a, b, gain, decay, None, reverse=reverse, interpret=INTERPRET, rows=(2, 2, 1))
+
+
+@runs
+@pytest.mark.parametrize("reverse", [False, True])
+@pytest.mark.parametrize("split", [2, 3, 6])
+def test_segment_starts_are_the_states_entering_each_segment(split, reverse):
+    """``segment_starts`` against the float64 loop of the full scan (6 chunks: segments of 3 chunks summed in runs
+    of one, of 2 in one run, of 1), forward and in reverse, from a given state and from zeros, with decays of 0 and
+    1 and zero gains: each segment's entry state is the loop's state where it enters the segment."""
+    a, b, gain, decay, x0 = scan_inputs(30 + split + reverse, jnp.bfloat16, 6, 64)
+    NC_ = 6
+    for start in (x0, None):
+        got = segment_starts(a, b, gain, decay, start, split, reverse=reverse, interpret=INTERPRET)
+        begin = np.zeros((BH, DHA, 64)) if start is None else np.asarray(start, np.float64)
+        borders, last = reference(a, b, gain, decay, begin, reverse)
+        per = NC_ // split
+        if reverse:  # entering segment g after its last chunk: the border of chunk (g + 1)·per - 1, X_{(g+1)·per}
+            expected = [borders[:, (g + 1) * per - 1] for g in range(split)]
+        else:  # before its first chunk: X_{g·per}
+            expected = [borders[:, g * per] for g in range(split)]
+        expected = np.stack(expected, axis=1).reshape(BH * split, DHA, 64)
+        assert_close("segment starts", expected, np.asarray(got), TOL["bfloat16/float32"])
 
 
 @runs
@@ -173,11 +197,11 @@ def test_lowers_for_cuda(reverse, block_dhv, consumers, DHB):
 
 
 def test_last_state_alone_lowers_for_cuda():
-    """The scan that sums a split forward's segments (``segment_states``: 64 columns at DHA=256, from zeros, no
-    borders, every other row read in place) lowers for CUDA on any machine."""
+    """The scan that sums the runs of a split scan's segments (``segment_starts``: 64 columns at DHA=256, from zeros,
+    no borders, every other row read in place) lowers for CUDA on any machine."""
     S, f32, A = 2 * CHUNK, jnp.float32, jax.ShapeDtypeStruct
     avals = (A((4, S, 256), jnp.bfloat16), A((4, S, 512), jnp.bfloat16), A((4, 2, CHUNK), f32), A((4, 2), f32))
-    step = functools.partial(mosaic_state_scan, x0=None, reverse=False, block_dhv=64, borders=False, rows=(1, 2))
+    step = functools.partial(mosaic_state_scan, x0=None, reverse=False, block_dhv=64, borders=False, rows=(1, 2, 1))
     text = jax.jit(step).trace(*avals).lower(lowering_platforms=("cuda",)).as_text()
     assert "mosaic_gpu" in text
 

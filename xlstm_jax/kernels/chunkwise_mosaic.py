@@ -52,6 +52,14 @@ L2 serves each tile once per cluster. A slot is refilled once every warpgroup of
 "consumed" cluster barrier (a program's copy writes into its peers' shared memory), and no program leaves before
 all have arrived at a last one. Compiled only: Mosaic GPU's interpreter has no cluster barriers.
 
+Segments (``split``). One program walks a head's chunks in order and one fits an SM, so a few heads leave most
+SMs idle (B=1, NH=8, 64 columns: 64 programs). With ``split=s`` each head's chunks are cut into s segments that
+the kernel runs as sequences of their own, each from the state before it: the plan, the scores and every output
+are per chunk, so a segment is a reshape. The states before the segments come from the recurrence's being affine
+in C (:func:`~xlstm_jax.kernels.chunkwise_mosaic_scan.segment_starts`: the state scan kernel sums runs of chunks
+side by side, XLA chains them). :func:`auto_split` picks s for a full wave of programs. Under differentiation the
+backward's reverse state scan runs in the same segments.
+
 Limits. Hopper (TMA and WGMMA, compute capability 9.0). bf16 or f16 inputs (the WGMMA operand dtypes; float32
 inputs would run as TF32 and are left to the XLA form); DHQK a multiple of 64, DHV a multiple of
 ``consumers * block_dhv`` (block_dhv 32 or 64, consumers 1 or 2), the tiles within Hopper's 227 KiB of shared
@@ -110,7 +118,6 @@ __all__ = [
     "forward_tiling",
     "mosaic_chunkwise",
     "normalised_scores",
-    "segment_states",
     "shared_memory_bytes",
 ]
 
@@ -291,10 +298,10 @@ def auto_split(BH: int, NC: int, DHV: int, block_dhv: int = 64, consumers: int =
 
     The kernel walks each head's chunks in order, one program per column block, so a few heads leave most SMs
     idle: at B=1, NH=8, DHV=512 and 64 columns, 64 programs for 132 SMs. Split into segments, each head runs as
-    that many sequences (:func:`mosaic_chunkwise`), for the price of one batched product per segment before the
-    kernel (:func:`segment_states`). The smallest power of two whose grid, ``BH * split`` times the head's column
-    programs, reaches ``_FULL_WAVE``, while it divides NC into segments of at least :data:`SPLIT_MIN_CHUNKS`; 1 for
-    a grid that fills the GPU already.
+    that many sequences (:func:`mosaic_chunkwise`), for the price of a state scan over every segment but the last
+    before the kernel (:func:`~xlstm_jax.kernels.chunkwise_mosaic_scan.segment_starts`). The smallest power of two
+    whose grid, ``BH * split`` times the head's column programs, reaches ``_FULL_WAVE``, while it divides NC into
+    segments of at least :data:`SPLIT_MIN_CHUNKS`; 1 for a grid that fills the GPU already.
     """
     split, programs = 1, BH * _column_programs(DHV, block_dhv, consumers)
     while programs * split < _FULL_WAVE and NC % (2 * split) == 0 and NC // (2 * split) >= SPLIT_MIN_CHUNKS:
@@ -834,72 +841,6 @@ def normalised_scores(
     return p.reshape(BH, S, L), readout.reshape(BH, NC * _READOUT_ROWS, L), normaliser
 
 
-# segment_states sums a segment's chunks in scans of at most this many chunks, side by side.
-_PARTIAL_CHUNKS = 32
-
-
-def segment_states(
-    k: jax.Array,
-    v: jax.Array,
-    plan: jax.Array,
-    decay: jax.Array,
-    c0: jax.Array | None,
-    split: int,
-    interpret: bool = False,
-) -> jax.Array:
-    """The memory state before each of ``split`` equal segments of every head's chunks, for the kernel to run the
-    segments as sequences of their own (:func:`mosaic_chunkwise`'s ``split``).
-
-    The kernel's recurrence ``C ← decay_j · C + kᵀ r(g_j ⊙ v)`` is affine in C, so a run of chunks acts on the
-    state before it as ``D · C + X``: D the product of its decays, X the recurrence from zeros over the run. The
-    runs of up to :data:`_PARTIAL_CHUNKS` chunks that make up the segments before the last are summed side by side
-    by the state scan kernel (:func:`~xlstm_jax.kernels.chunkwise_mosaic_scan.mosaic_state_scan` from zeros, no
-    borders written, k and v read in place: the same products and roundings as the kernel's state update), and XLA
-    chains their ``(D, X)`` from ``c0`` (zeros where None) through the segment borders.
-
-    Args:
-        k: (BH, S, DHQK), v: (BH, S, DHV), S a multiple of ``split`` · :data:`CHUNK`.
-        plan: (BH, NC * 8, L) float32, :func:`chunk_plan`'s rows (the gains are read).
-        decay: (BH, NC) float32.
-        c0: (BH, DHQK, DHV) float32, or None for zeros.
-        split: Segments per head.
-        interpret: Run the scan in Mosaic GPU's interpreter.
-
-    Returns:
-        (BH * split, DHQK, DHV) float32: head-major, the state before each segment (``c0`` before the first).
-    """
-    # Imported here: the scan's module builds on this one's helpers.
-    from xlstm_jax.kernels.chunkwise_mosaic_scan import mosaic_state_scan, state_scan_unsupported
-
-    BH, S, DHQK = k.shape
-    DHV = v.shape[-1]
-    NC, L = S // CHUNK, CHUNK
-    per = NC // split  # chunks per segment
-    size = math.gcd(per, _PARTIAL_CHUNKS)  # chunks per partial scan
-    runs = per // size  # partial scans per segment
-    gain = plan.reshape(BH, NC, _PLAN_ROWS, L)[:, :, _GAIN]
-
-    def partials(x):  # (BH, NC·…, …) as one row per run of ``size`` chunks, head-major
-        return x.reshape(BH * split * runs, x.shape[1] // (split * runs), *x.shape[2:])
-
-    block_dhv, depth = next(
-        (b, d) for d in (2, 1) for b in (64, 32) if state_scan_unsupported(DHQK, DHV, k.dtype, b, d) is None
-    )
-    _, x = mosaic_state_scan(
-        *map(partials, (k, v, gain, decay)), None, reverse=False, block_dhv=block_dhv, depth=depth,
-        interpret=interpret, borders=False, rows=((split - 1) * runs, split * runs),
-    )  # fmt: skip
-    x = x.reshape(BH, split - 1, runs, DHQK, DHV)
-    through = jnp.prod(decay.reshape(BH, split, runs, size), axis=-1)  # each run's decay of the state before it
-    c = jnp.zeros((BH, DHQK, DHV), jnp.float32) if c0 is None else c0.astype(jnp.float32)
-    states = [c]
-    for g in range(split - 1):
-        for r in range(runs):
-            c = through[:, g, r, None, None] * c + x[:, g, r]
-        states.append(c)
-    return jnp.stack(states, axis=1).reshape(BH * split, DHQK, DHV)
-
-
 @functools.partial(
     jax.jit,
     static_argnames=(
@@ -950,8 +891,9 @@ def mosaic_chunkwise(
     ``cluster``: programs per cluster (:data:`CLUSTERS`), consecutive column blocks of one head that share each
     chunk's q, k, plan and P tiles by TMA multicast (module docstring); it must divide the head's column blocks.
     ``split``: segments per head that the kernel runs as sequences of their own, ``split`` times the programs for
-    ``1 / split`` of the chunks each, from the states before them (:func:`segment_states`); it must divide the NC
-    chunks. The same function: the scores, the plan and every output are per chunk.
+    ``1 / split`` of the chunks each, from the states before them
+    (:func:`~xlstm_jax.kernels.chunkwise_mosaic_scan.segment_starts`); it must divide the NC chunks. The same
+    function: the scores, the plan and every output are per chunk.
 
     Returns:
         ``(h (BH, S, DHV) in q's dtype, c after the last chunk (BH, DHQK, DHV) float32)``, and with ``borders``
@@ -979,7 +921,11 @@ def mosaic_chunkwise(
         zero_state=c0 is None and split == 1,
     )  # fmt: skip
     if split > 1:
-        c0 = segment_states(k, v, plan, decay, c0, split, interpret)
+        # Imported here: the scan's module builds on this one's helpers.
+        from xlstm_jax.kernels.chunkwise_mosaic_scan import segment_starts
+
+        gain = plan.reshape(BH, NC, _PLAN_ROWS, CHUNK)[:, :, _GAIN]
+        c0 = segment_starts(k, v, gain, decay, c0, split, reverse=False, interpret=interpret)
     c0s = () if c0 is None else (c0,)  # without c0 the kernel starts from zeros: none written and read
     # The kernel's rows: the heads' segments, head-major. Every operand but c0 is per step or per chunk along its
     # second axis, chunk-major, so a segment is a reshape; so are the outputs.
@@ -1197,9 +1143,10 @@ def chunkwise_mosaic_fw(
             so that a head's tiles are read from L2 once per cluster rather than once per program. None:
             :func:`auto_cluster`.
         split: Segments of each head's chunks that the forward kernel runs side by side, each from the state before
-            it (:func:`segment_states`, one batched product per segment in XLA): more programs for a few heads. It
-            must divide the ``ceil(S / 64)`` chunks. None: :func:`auto_split`, for the tiling's programs (at
-            B·NH=8, DHV=512: 2 from 8192 steps), 1 with the scores in the kernel.
+            it (:func:`~xlstm_jax.kernels.chunkwise_mosaic_scan.segment_starts`): more programs for a few heads; with
+            ``backward="mosaic"`` the backward's reverse state scan too. It must divide the ``ceil(S / 64)``
+            chunks. None: :func:`auto_split`, for the tiling's programs (at B·NH=8, DHV=512: 2 from 8192 steps), 1
+            with the scores in the kernel.
         backward_scan_block_dhv: With ``backward="mosaic"``, the columns per warpgroup of the backward's reverse
             state scan, 32 or 64 (None: the backward kernels' block,
             :func:`~xlstm_jax.kernels.chunkwise_mosaic_bw.backward_block_dhv`: ``block_dhv`` where their tiles fit,
@@ -1243,7 +1190,8 @@ def chunkwise_mosaic_fw(
             "split": split,
         }  # fmt: skip
         backward_block = backward_block_dhv(DHQK, DHV, dtype, block_dhv, depth)
-        tiling = {"block_dhv": backward_block, "depth": depth, "interpret": interpret}  # the backward kernels'
+        # the backward kernels' (their reverse scan in the forward's segments)
+        tiling = {"block_dhv": backward_block, "depth": depth, "interpret": interpret, "split": split}
 
         def products(q, k, v, plan, decay, c0, n_border=None):
             return mosaic_chunkwise(

@@ -88,7 +88,7 @@ from xlstm_jax.kernels.chunkwise_mosaic_grads import (
     chunk_gradients_unsupported,
     mosaic_chunk_gradients,
 )
-from xlstm_jax.kernels.chunkwise_mosaic_scan import mosaic_state_scan, state_scan_unsupported
+from xlstm_jax.kernels.chunkwise_mosaic_scan import mosaic_state_scan, segment_starts, state_scan_unsupported
 from xlstm_jax.mlstm.chunkwise import chunk_sequence
 from xlstm_jax.mlstm.states import cast_states
 
@@ -410,6 +410,7 @@ def mosaic_products_vjp(
     consumers: int = 1,
     interpret: bool = False,
     scan_block_dhv: int | None = None,
+    split: int = 1,
 ) -> tuple[jax.Array, jax.Array, jax.Array, jax.Array, jax.Array, jax.Array]:
     """The gradients of the Mosaic chunkwise kernel's products on the Mosaic GPU backward kernels.
 
@@ -435,6 +436,8 @@ def mosaic_products_vjp(
         consumers: Warpgroups per program of the scans and the gradient kernel, 1 or 2; a kernel that cannot run
             two at this shape (its ``*_unsupported`` says why) runs one.
         interpret: Run the kernels in Mosaic GPU's interpreter.
+        split: Segments of each head's chunks that the reverse state scan runs side by side, each from the cotangent
+            it is entered with (:func:`~xlstm_jax.kernels.chunkwise_mosaic_scan.segment_starts`); it must divide NC.
 
     Returns:
         ``(dq, dk, dv, dplan, ddecay, dc0)`` shaped like ``(q, k, v, plan, decay, c0)``: dq, dk, dv in q's dtype,
@@ -469,7 +472,15 @@ def mosaic_products_vjp(
     rden = 1.0 / den
     w = row(_INTER) * rden
     dh = dh.astype(dtype)
-    dborders, dc0 = mosaic_state_scan(q, dh, w, decay, dc_last.astype(f32), reverse=True, **scan)
+    if split == 1:
+        dborders, dc0 = mosaic_state_scan(q, dh, w, decay, dc_last.astype(f32), reverse=True, **scan)
+    else:  # the segments side by side, each from the cotangent after it
+        if NC % split:
+            raise ValueError(f"split={split} must divide the {NC} chunks")
+        starts = segment_starts(q, dh, w, decay, dc_last.astype(f32), split, reverse=True, interpret=interpret)
+        segments = lambda x: x.reshape(BH * split, x.shape[1] // split, *x.shape[2:])  # noqa: E731
+        dborders, dcs = mosaic_state_scan(*map(segments, (q, dh, w, decay)), starts, reverse=True, **scan)
+        dborders, dc0 = dborders.reshape(BH, NC * DHQK, DHV), dcs.reshape(BH, split, DHQK, DHV)[:, 0]
     # mosaic_chunk_gradients' vector rows, in its order: ROW, COL, BREAKS, BREAKS_COL, GAIN, RDEN, W, DDEN_DQN
     vectors = (row(_ROW), row(_COL), row(_BREAKS), row(_BREAKS_COL), row(_GAIN), rden, w, _den_slope(qn, row(_LOWER)))
     vec = jnp.stack(vectors, axis=2).reshape(BH, NC * _PLAN_ROWS, L)

@@ -14,7 +14,12 @@ two scans:
 - forward, ``a = k``, ``b = v``, ``gain`` the plan's GAIN row, ``x0 = c0``: the border states r(C_j) that every
   chunk's gradients read, and the last state c;
 - reverse, ``a = q``, ``b = dh``, ``gain = INTER / den``, ``x0`` the last state's cotangent: the border
-  cotangents r(dC_{j+1}), and the initial state's cotangent dC_0.
+  cotangents r(dC_{j+1}), and the initial state's cotangent dC_0;
+
+and, for sequences cut into segments that run side by side (the forward kernel's and this scan's ``split``), the
+states where each segment is entered (:func:`segment_starts`), from runs of chunks scanned from zeros:
+``x0=None`` (no state read), ``borders=False`` (the last state alone, no border staged) and
+``rows=(per, stride, offset)`` (``per`` of every ``stride`` rows from the ``offset``-th, read in place).
 
 One program (a CUDA block of ``consumers`` warpgroups) per head and block of ``consumers * block_dhv`` columns
 of X; each warpgroup holds its ``block_dhv`` columns in registers in float32 from ``x0`` to the last state. The
@@ -49,6 +54,7 @@ warpgroups (``consumers=2``) need three threads in XLA's CPU pool
 from __future__ import annotations
 
 import functools
+import math
 from typing import Any
 
 import jax
@@ -69,7 +75,7 @@ from xlstm_jax.kernels.chunkwise_mosaic import (
 )
 from xlstm_jax.kernels.mosaic import require_mosaic_interpreter
 
-__all__ = ["mosaic_state_scan", "state_scan_shared_memory_bytes", "state_scan_unsupported"]
+__all__ = ["mosaic_state_scan", "segment_starts", "state_scan_shared_memory_bytes", "state_scan_unsupported"]
 
 
 def state_scan_shared_memory_bytes(DHA: int, dtype: Any, block_dhv: int, depth: int = 2, consumers: int = 1) -> int:
@@ -139,7 +145,7 @@ def _scan_body(
     interpret: bool,
     zero_start: bool,
     borders: bool,
-    rows: tuple[int, int] | None,
+    rows: tuple[int, int, int] | None,
 ):
     x0_ref, refs = (None, refs) if zero_start else (refs[0], refs[1:])
     borders_ref, x_ref = refs if borders else (None, refs[0])
@@ -149,9 +155,9 @@ def _scan_body(
     regs = _RegisterTiles(interpret)
     tile, row_layout = regs.tile, regs.row_layout
     bh, vb = lax.axis_index("bh"), lax.axis_index("vb")
-    # The row of the inputs this program scans: its own, or with ``rows = (per, stride)`` row ``per`` of every
-    # ``stride`` (program p scans row (p // per) * stride + p % per).
-    row = bh if rows is None else lax.div(bh, rows[0]) * rows[1] + lax.rem(bh, rows[0])
+    # The row of the inputs this program scans: its own, or with ``rows = (per, stride, offset)`` ``per`` of every
+    # ``stride`` rows from the ``offset``-th (program p scans row (p // per) * stride + offset + p % per).
+    row = bh if rows is None else lax.div(bh, rows[0]) * rows[1] + rows[2] + lax.rem(bh, rows[0])
     itemsize = jnp.dtype(dtype).itemsize
     # With two warpgroups ("consumers"), per-warpgroup tiles have a leading axis of 2 and warpgroup 0 issues the
     # copies of the a and gain tiles they share; one warpgroup leaves every tile and copy as it is.
@@ -280,7 +286,7 @@ def _scan_body(
     group.state_out(x_last, x_ref, bh)
 
 
-def _check(a, b, gain, decay, x0, block_dhv: int, depth: int, consumers: int, rows: tuple[int, int] | None) -> int:
+def _check(a, b, gain, decay, x0, block_dhv: int, depth: int, consumers: int, rows: tuple[int, int, int] | None) -> int:
     """ValueError naming the argument where the shapes or dtypes do not fit the scan; else the programs' rows."""
     named = (
         ("a", a, 3),
@@ -295,9 +301,12 @@ def _check(a, b, gain, decay, x0, block_dhv: int, depth: int, consumers: int, ro
     BH, S, DHA = a.shape
     programs = BH
     if rows is not None:
-        per, stride = rows
-        if not (0 < per <= stride) or BH % stride:
-            raise ValueError(f"rows={rows} must be (per, stride) with 0 < per <= stride and stride dividing {BH} rows")
+        per, stride, offset = rows
+        if not (per > 0 and offset >= 0 and per + offset <= stride) or BH % stride:
+            raise ValueError(
+                f"rows={rows} must be (per, stride, offset) with 0 < per, 0 <= offset, per + offset <= stride and "
+                f"stride dividing {BH} rows"
+            )
         programs = BH // stride * per
     if S == 0 or S % CHUNK:
         raise ValueError(f"a.shape={a.shape}: the steps S={S} must be a positive multiple of {CHUNK}")
@@ -338,7 +347,7 @@ def mosaic_state_scan(
     consumers: int = 1,
     interpret: bool = False,
     borders: bool = True,
-    rows: tuple[int, int] | None = None,
+    rows: tuple[int, int, int] | None = None,
 ) -> tuple[jax.Array | None, jax.Array]:
     """The chunk-by-chunk state scan on ``BH`` flattened heads (module docstring), in a Mosaic GPU kernel.
 
@@ -356,9 +365,9 @@ def mosaic_state_scan(
             the a and gain tiles in shared memory and overlap each other's products and waits (module docstring).
         interpret: Run in Mosaic GPU's interpreter (any backend; slow).
         borders: Write every chunk's border; False: only the last state (borders None), no tile staged.
-        rows: None, one scan per row of the inputs; or ``(per, stride)``: the first ``per`` rows of every
-            ``stride`` (a scan of part of each head, read in place), ``BH // stride * per`` scans, whose x0 and
-            outputs have that many rows.
+        rows: None, one scan per row of the inputs; or ``(per, stride, offset)``: ``per`` rows of every
+            ``stride`` from the ``offset``-th (a scan of part of each head, read in place), ``BH // stride * per``
+            scans, whose x0 and outputs have that many rows.
 
     Returns:
         ``(borders (BH, NC * DHA, DHB) in a's dtype, x_last (BH, DHA, DHB) float32)``: rows ``j * DHA`` to
@@ -394,3 +403,69 @@ def mosaic_state_scan(
     )
     out = kernel(a, b, gain, decay, *(() if x0 is None else (x0,)))
     return (out[0], out[1]) if borders else (None, out[0])
+
+
+# segment_starts sums a segment's chunks in runs of at most this many chunks, side by side.
+_RUN_CHUNKS = 32
+
+
+def segment_starts(
+    a: jax.Array,
+    b: jax.Array,
+    gain: jax.Array,
+    decay: jax.Array,
+    x0: jax.Array | None,
+    split: int,
+    *,
+    reverse: bool,
+    interpret: bool = False,
+) -> jax.Array:
+    """The state where the scan enters each of ``split`` equal segments of every row's chunks, so that the segments
+    can run side by side (the forward kernel's and the backward scan's ``split``).
+
+    The recurrence is affine in X, so a run of chunks acts on the state it is entered with as ``D · X + Y``: D the
+    product of its decays, Y the scan from zeros over the run. The runs of up to :data:`_RUN_CHUNKS` chunks that make
+    up every segment but the last one visited are scanned side by side (:func:`mosaic_state_scan` from zeros, the
+    last state alone, a, b and gain read in place: the same products and roundings as the full scan), and XLA
+    chains their ``(D, Y)`` from ``x0`` through the segments in the scan's order.
+
+    Args:
+        a, b, gain, decay: As :func:`mosaic_state_scan`; S a multiple of ``split`` · :data:`CHUNK`.
+        x0: (BH, DHA, DHB) float32, the state the scan starts from, or None for zeros.
+        split: Segments per row.
+        reverse: The scan's direction (from the last chunk to the first).
+        interpret: Run the scan in Mosaic GPU's interpreter.
+
+    Returns:
+        (BH * split, DHA, DHB) float32, row-major by (row, segment): the state each segment is entered with (forward:
+        before its first chunk; reverse: after its last), ``x0`` for the first one visited.
+    """
+    BH, S, DHA = a.shape
+    DHB = b.shape[-1]
+    per = S // CHUNK // split  # chunks per segment
+    size = math.gcd(per, _RUN_CHUNKS)  # chunks per run
+    runs = per // size  # runs per segment
+
+    def as_runs(x):  # (BH, NC·…, …) as one row per run, row-major by (row, segment, run)
+        return x.reshape(BH * split * runs, x.shape[1] // (split * runs), *x.shape[2:])
+
+    block_dhv, depth = next(
+        (b_, d) for d in (2, 1) for b_ in (64, 32) if state_scan_unsupported(DHA, DHB, a.dtype, b_, d) is None
+    )
+    # The runs of every segment but the last visited: forward the first split - 1 segments, reverse the last.
+    rows = ((split - 1) * runs, split * runs, runs if reverse else 0)
+    _, y = mosaic_state_scan(
+        *map(as_runs, (a, b, gain, decay)), None, reverse=reverse, block_dhv=block_dhv, depth=depth,
+        interpret=interpret, borders=False, rows=rows,
+    )  # fmt: skip
+    y = y.reshape(BH, split - 1, runs, DHA, DHB)
+    through = jnp.prod(decay.reshape(BH, split, runs, size), axis=-1)  # each run's decay of the state entering it
+    through = through[:, 1:] if reverse else through[:, :-1]  # the runs scanned above
+    x = jnp.zeros((BH, DHA, DHB), jnp.float32) if x0 is None else x0.astype(jnp.float32)
+    starts = [x]
+    for g in reversed(range(split - 1)) if reverse else range(split - 1):
+        for r in reversed(range(runs)) if reverse else range(runs):
+            x = through[:, g, r, None, None] * x + y[:, g, r]
+        starts.append(x)
+    starts = starts[::-1] if reverse else starts
+    return jnp.stack(starts, axis=1).reshape(BH * split, DHA, DHB)
