@@ -74,6 +74,7 @@ from xlstm_jax.kernels.chunkwise_mosaic import (
     _dot,
     _normaliser,
     _scores,
+    check_split,
     chunk_plan,
     chunkwise_mosaic_unsupported,
 )
@@ -475,8 +476,7 @@ def mosaic_products_vjp(
     if split == 1:
         dborders, dc0 = mosaic_state_scan(q, dh, w, decay, dc_last.astype(f32), reverse=True, **scan)
     else:  # the segments side by side, each from the cotangent after it
-        if NC % split:
-            raise ValueError(f"split={split} must divide the {NC} chunks")
+        check_split(split, NC, S)
         starts = segment_starts(q, dh, w, decay, dc_last.astype(f32), split, reverse=True, interpret=interpret)
         segments = lambda x: x.reshape(BH * split, x.shape[1] // split, *x.shape[2:])  # noqa: E731
         dborders, dcs = mosaic_state_scan(*map(segments, (q, dh, w, decay)), starts, reverse=True, **scan)
