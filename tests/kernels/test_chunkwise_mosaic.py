@@ -286,6 +286,31 @@ def test_gradients_are_the_xla_forms():
         assert np.max(np.abs(np.asarray(a) - np.asarray(b))) <= TOL["bfloat16/float32"].max_err * scale, name
 
 
+@runs
+def test_forward_without_states_starts_from_zeros_under_either_backward(monkeypatch):
+    """A call with no initial states runs the kernel from zeros (no zero state written and read) whichever backward
+    is set: with ``backward="xla"`` h and the last states match the float64 recurrence and equal the default
+    backward's bit for bit, and neither hands the kernel a c0."""
+    from xlstm_jax.kernels import chunkwise_mosaic
+
+    given, original = [], chunkwise_mosaic.mosaic_chunkwise
+
+    def spy(q, k, v, plan, decay, c0, **kwargs):
+        given.append(c0 is None)
+        return original(q, k, v, plan, decay, c0, **kwargs)
+
+    monkeypatch.setattr(chunkwise_mosaic, "mosaic_chunkwise", spy)
+    x = random_inputs(11, 1, 2, 150, 64, 64, states=False, igate="extreme")
+    xla_backward = functools.partial(kernel(scores="kernel"), backward="xla")
+    check_forward(xla_backward, x, "bfloat16")
+    args = [jnp.asarray(x[name], jnp.bfloat16) for name in ("q", "k", "v", "i", "f")]
+    got = jax.jit(functools.partial(xla_backward, return_last_states=True))(*args)
+    want = jax.jit(functools.partial(kernel(scores="kernel"), return_last_states=True))(*args)
+    for a, b in zip(jax.tree.leaves(got), jax.tree.leaves(want), strict=True):
+        np.testing.assert_array_equal(np.asarray(a, np.float32), np.asarray(b, np.float32))
+    assert given and all(given)
+
+
 def _grad_case(seed: int, B: int, NH: int, states: bool, segments: bool):
     """bf16 inputs (S = 150: three chunks, the last padded; DHQK = DHV = 64), float32 initial states, a reset."""
     x = random_inputs(seed, B, NH, 150, 64, 64, states=states, igate="extreme")

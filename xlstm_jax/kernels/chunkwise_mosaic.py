@@ -1054,13 +1054,15 @@ def _forward(
     scores: str,
     cluster: int,
     split: int,
+    states_given: bool,
 ):
-    """h (B, NH, S, DHV) and the last states (c, n, m) in the accumulation dtype."""
+    """h (B, NH, S, DHV) and the last states (c, n, m) in the accumulation dtype; without ``states_given`` the
+    kernel starts from zeros (no zero state written and read)."""
     B, NH, S, DHQK, DHV = x.dims
     NC, L = x.NC, x.L
     fold = _folds_border_qn(scores, DHQK)
     plan, decay, (n_last, m_last), n_border = chunk_plan(x, border_qn=not fold)
-    c0 = x.states[0].astype(jnp.float32).reshape(B * NH, DHQK, DHV)
+    c0 = x.states[0].astype(jnp.float32).reshape(B * NH, DHQK, DHV) if states_given else None
     h, c_last = mosaic_chunkwise(
         x.q.reshape(B * NH, NC * L, DHQK),
         x.k.reshape(B * NH, NC * L, DHQK),
@@ -1232,7 +1234,7 @@ def chunkwise_mosaic_fw(
     def run(q, k, v, i, f, states, segment_ids):
         c0, n0, m0 = states if states_given else (None, None, None)
         x = chunk_sequence(q, k, v, i, f, c0, n0, m0, eps, state_dtype, CHUNK, segment_ids, True)
-        h, last = _forward(x, eps, block_dhv, depth, consumers, interpret, scores, cluster, split)
+        h, last = _forward(x, eps, block_dhv, depth, consumers, interpret, scores, cluster, split, states_given)
         return h.astype(q.dtype), cast_states(last, x.out_dtypes)
 
     def xla(q, k, v, i, f, states, segment_ids):
