@@ -76,3 +76,29 @@ def test_model_is_the_same_function_in_both_forms(monkeypatch):
     pairs = zip(jax.tree_util.tree_leaves_with_path(fused_grads), jax.tree_util.tree_leaves(split_grads), strict=True)
     for (path, ref), out in pairs:
         assert_close(f"grad {jax.tree_util.keystr(path)}", np.asarray(ref), out, TOL["float64"])
+
+
+def test_project_split_is_one_product_where_nothing_differentiates(monkeypatch):
+    """From ``SPLIT_MIN_ROWS`` rows on, a call that nothing differentiates runs one product and slices its result
+    (no column block of the kernel copied out); under differentiation one product per block forward, and per block
+    the backward's two; the blocks are the same either way."""
+    monkeypatch.setattr(dense, "SPLIT_MIN_ROWS", 1)
+    sizes = (5, 3, 7)
+    kx, kk = jax.random.split(jax.random.key(1))
+    x, kernel = jax.random.normal(kx, (2, 9, 11)), jax.random.normal(kk, (11, sum(sizes)))
+
+    def blocks(x, kernel):
+        return project_split(x, kernel, sizes, jnp.float32, jax.lax.Precision.HIGHEST)
+
+    def loss(x, kernel):
+        out = blocks(x, kernel)
+        return sum(jnp.sum(jnp.sin(b)) for b in out), out
+
+    def products(f, *args):
+        return jax.jit(f).lower(*args).as_text().count("stablehlo.dot_general")
+
+    assert products(blocks, x, kernel) == 1
+    assert products(jax.value_and_grad(loss, argnums=(0, 1), has_aux=True), x, kernel) == 3 * len(sizes)
+    (_, differentiated), _ = jax.jit(jax.value_and_grad(loss, argnums=(0, 1), has_aux=True))(x, kernel)
+    for got, want in zip(jax.jit(blocks)(x, kernel), differentiated, strict=True):
+        np.testing.assert_allclose(np.asarray(got), np.asarray(want), rtol=1e-6, atol=1e-6)

@@ -5,16 +5,21 @@ parameter trees and checkpoints are unchanged; ``project`` is its product, share
 of the mLSTM layer (one place that decides operand dtypes and precision).
 
 ``project_split`` is the product with a fused kernel whose columns are several projections side by side
-(the FFN's gate and up, the mLSTM layer's q, k, v and o). With few rows (decode) it is one product, split
-afterwards: a launch per projection would cost more than the product. With many rows (training, long
-prefill) it is one product per column block: the result is the same, but under differentiation the fused
-form's cotangent must be concatenated back into one (rows, N) tensor before the backward products, a copy
-as large as the activations (on an H200, 5% of a 1.4B model's training step); the split form's backward
-sums the blocks' input gradients instead, and only the small weight gradient is concatenated.
+(the FFN's gate and up, the mLSTM layer's q, k, v and o). Where nothing differentiates it (decode, prefill) it
+is one product, split afterwards. Under differentiation with many rows (training) it is one product per column
+block: the result is the same, but the fused form's cotangent would have to be concatenated back into one
+(rows, N) tensor before the backward products, a copy as large as the activations (on an H200, 5% of a 1.4B
+model's training step); the split form's backward sums the blocks' input gradients instead, and only the small
+weight gradient is concatenated. The per-block form reads each block of the kernel as a copy of its columns (XLA
+writes a column slice out before a library product), a copy of the whole kernel per call, which a call that
+nothing differentiates does not need: xLSTM-7B's prefill copied 0.4 GB of weights per block that way. A
+``custom_vjp`` gives each its form (:func:`_split_product`). With few rows it is one product either way: a
+launch per projection would cost more than the product.
 """
 
 from __future__ import annotations
 
+import functools
 import math
 from collections.abc import Sequence
 from itertools import accumulate
@@ -48,10 +53,37 @@ def project_split(
     """
     if sum(sizes) != kernel.shape[-1] or min(sizes, default=0) < 1:
         raise ValueError(f"sizes={tuple(sizes)} must be positive and sum to kernel.shape[-1]={kernel.shape[-1]}")
-    bounds = [0, *accumulate(sizes)]
+    bounds = (0, *accumulate(sizes))
     if math.prod(x.shape[:-1]) < SPLIT_MIN_ROWS:
-        return jnp.split(project(x, kernel, dtype, precision), bounds[1:-1], axis=-1)
+        return _one_product(x, kernel, bounds, dtype, precision)
+    return list(_split_product(x, kernel, bounds, dtype, precision))
+
+
+def _one_product(x: jax.Array, kernel: jax.Array, bounds: tuple[int, ...], dtype: Any, precision: Any) -> list:
+    return jnp.split(project(x, kernel, dtype, precision), bounds[1:-1], axis=-1)
+
+
+def _per_block(x: jax.Array, kernel: jax.Array, bounds: tuple[int, ...], dtype: Any, precision: Any) -> list:
     return [project(x, kernel[:, a:b], dtype, precision) for a, b in zip(bounds[:-1], bounds[1:], strict=True)]
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(2, 3, 4))
+def _split_product(x: jax.Array, kernel: jax.Array, bounds: tuple[int, ...], dtype: Any, precision: Any) -> tuple:
+    """The blocks of ``x @ kernel``: one product where nothing differentiates the call, one per block (and their
+    backward) under differentiation (module docstring)."""
+    return tuple(_one_product(x, kernel, bounds, dtype, precision))
+
+
+def _split_product_fwd(x, kernel, bounds, dtype, precision):
+    blocks, pullback = jax.vjp(lambda x, kernel: tuple(_per_block(x, kernel, bounds, dtype, precision)), x, kernel)
+    return blocks, pullback
+
+
+def _split_product_bwd(bounds, dtype, precision, pullback, cotangents):
+    return pullback(cotangents)
+
+
+_split_product.defvjp(_split_product_fwd, _split_product_bwd)
 
 
 class Dense(nn.Module):
