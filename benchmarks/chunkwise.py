@@ -79,12 +79,15 @@ extra 4 bytes per step and head, 0.1%, left out), 2x for fwdbwd. The floor is th
 the measured matrix rate and the bytes at the measured copy bandwidth.
 
 Table ``prefill``: tokens per second of the language model's prefill (``xlstm_jax.generation.prefill``,
-random bf16 weights of ``--preset``, default xLSTM-7B, blocks under ``nn.scan``, built and timed as in
-``benchmarks/generate.py``) at batch 1 and ``--prefill-tokens`` (default 8192 and 65,536) tokens per call,
-for each of ``--prefill-backends``: ``NAME`` or ``NAME:FIELD=VALUE,...``, a registered prefill backend
-(``RuntimeConfig.prefill_backend``) and fields of its config; ``--prefill-chunk-size`` is passed to
-backends whose config has ``chunk_size`` unless given. Model FLOPs as generate.py's ``prefill_flops`` at the
-backend's chunk size (64 without one), ``mm frac`` against the measured matrix rate.
+random bf16 weights of ``--preset``, default xLSTM-7B, built and timed as in ``benchmarks/generate.py``) at
+batch 1 and ``--prefill-tokens`` (default 8192 and 65,536) tokens per call, for each of ``--prefill-backends``:
+``NAME`` or ``NAME:FIELD=VALUE,...``, a registered prefill backend (``RuntimeConfig.prefill_backend``) and
+fields of its config; ``--prefill-chunk-size`` is passed to backends whose config has ``chunk_size`` unless
+given. ``--prefill-blocks``: the blocks under ``nn.scan`` (``scan``, the default, as generate.py's prefill), or
+``unrolled`` (``RuntimeConfig.scan_blocks=False``, the default runtime's; the row's backend label ends in
+``unrolled``): under the scan XLA copies each block's weights out of the stacked parameters. Model FLOPs as
+generate.py's ``prefill_flops`` at the backend's chunk size (64 without one), ``mm frac`` against the measured
+matrix rate.
 """
 
 from __future__ import annotations
@@ -287,6 +290,8 @@ def parse(argv: Sequence[str] | None) -> argparse.Namespace:
     p.add_argument("--prefill-tokens", type=int, nargs="*", default=[8192, 65536], help="tokens per call (B=1)")
     p.add_argument("--prefill-backends", type=prefill_backend, nargs="*", default=[prefill_backend("chunkwise")],
                    help="NAME or NAME:FIELD=VALUE,... (registered prefill backends)")  # fmt: skip
+    p.add_argument("--prefill-blocks", choices=("scan", "unrolled"), nargs="+", default=["scan"],
+                   help="the prefill's blocks under nn.scan or unrolled (RuntimeConfig.scan_blocks)")  # fmt: skip
     p.add_argument("--prefill-chunk-size", type=int, default=256, help="chunk_size of backends that take one")
     p.add_argument("--prefill-repeats", type=int, default=3)
     p.add_argument("--calls", type=int, default=5, help="calls queued back to back per timed sample (kernel and TFLA)")
@@ -599,23 +604,28 @@ def bench_prefill(report: Report, a: argparse.Namespace, ceilings: Any, deadline
     config = PRESETS[a.preset]()
     report.set("model", {"preset": a.preset, "params": config.num_params(), "config": repr(config)})
     report.table("prefill", PREFILL_COLUMNS)
-    params = None
-    for name, fields in a.prefill_backends:
+    params = {}  # per blocks layout: the weights' layout depends only on scan_blocks
+    for blocks, (name, fields) in itertools.product(a.prefill_blocks, a.prefill_backends):
         kwargs = dict(fields)
         if "chunk_size" in {f.name for f in dataclasses.fields(BACKENDS[name].config_class)}:
             kwargs.setdefault("chunk_size", a.prefill_chunk_size)
-        runtime = RuntimeConfig(prefill_backend=name, prefill_backend_kwargs=tuple(kwargs.items()), scan_blocks=True)
-        label = name + "".join(f" {k}={v}" for k, v in kwargs.items())
+        runtime = RuntimeConfig(
+            prefill_backend=name, prefill_backend_kwargs=tuple(kwargs.items()), scan_blocks=blocks == "scan"
+        )  # fmt: skip
+        label = name + "".join(f" {k}={v}" for k, v in kwargs.items()) + (" unrolled" if blocks == "unrolled" else "")
         for S in a.prefill_tokens:
             if time.time() > deadline:
                 report.note(f"prefill {label} S={S}: skipped (--budget-s spent)")
                 continue
             try:
-                if params is None:  # the weights' layout depends only on scan_blocks
-                    params = jax.block_until_ready(random_params(config, runtime))
+                if blocks not in params:  # one layout's weights at a time (the 7B's are 13.7 GB)
+                    params.clear()
+                    params[blocks] = jax.block_until_ready(random_params(config, runtime))
                 ids = jax.random.randint(jax.random.key(S), (1, S), 0, config.vocab_size, jnp.int32)
                 run = jax.jit(lambda w, x, runtime=runtime: prefill(config, w, x, runtime=runtime))
-                timing = time_jitted(run, params, ids, repeats=a.prefill_repeats, trace=a.trace, trace_top=TRACE_TOP)
+                timing = time_jitted(
+                    run, params[blocks], ids, repeats=a.prefill_repeats, trace=a.trace, trace_top=TRACE_TOP
+                )  # fmt: skip
             except Exception as exc:
                 report.note(f"prefill {label} S={S}: FAILED {type(exc).__name__}: {str(exc)[:300]}")
                 continue

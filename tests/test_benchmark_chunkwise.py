@@ -157,6 +157,17 @@ def test_smoke_reads_only_matching_tfla_files_and_times_the_prefill(smoke):
     assert smoke["model"]["preset"] == "tiny" and smoke["ceilings"]["source"] == "nominal"
 
 
+def test_prefill_rows_per_blocks_layout(tmp_path):
+    """``--prefill-blocks scan unrolled``: a prefill row per layout and backend, the unrolled ones labelled so."""
+    argv = ["--smoke", "--modes", "fwd", "--ceilings", "nominal", "--tfla", "skip"]
+    argv += ["--budget-s", "600", "--prefill-reserve-s", "600"]  # the whole budget kept for the prefill: no kernel rows
+    argv += ["--prefill-blocks", "scan", "unrolled", "--json", str(tmp_path / "out.json")]
+    chunkwise.main(argv)
+    rows = json.loads((tmp_path / "out.json").read_text())["tables"]["prefill"]
+    assert [row["backend"] for row in rows] == ["chunkwise chunk_size=256", "chunkwise chunk_size=256 unrolled"]
+    assert all(row["tokens_per_s"] > 0 for row in rows)
+
+
 @pytest.mark.skipif(importlib.util.find_spec("torch") is not None, reason="torch is installed: TFLA would run")
 def test_tfla_is_skipped_without_torch(tmp_path):
     args = chunkwise.parse(["--smoke"])
