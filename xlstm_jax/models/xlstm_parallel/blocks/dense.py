@@ -12,7 +12,7 @@ block: the result is the same, but the fused form's cotangent would have to be c
 model's training step); the split form's backward sums the blocks' input gradients instead, and only the small
 weight gradient is concatenated. The per-block form reads each block of the kernel as a copy of its columns (XLA
 writes a column slice out before a library product), a copy of the whole kernel per call, which a call that
-nothing differentiates does not need: xLSTM-7B's prefill copied 0.4 GB of weights per block that way. A
+nothing differentiates does not need: up to 0.28 GB of xLSTM-7B's weights per block in a long prefill. A
 ``custom_vjp`` gives each its form (:func:`_split_product`). With few rows it is one product either way: a
 launch per projection would cost more than the product.
 """
