@@ -252,6 +252,39 @@ def test_split_reaches_the_kernel_grid():
         fw(*args, split=3)
 
 
+def _kernel_outputs(closed: jax.extend.core.ClosedJaxpr, name: str) -> list[tuple[int, ...]]:
+    """The output shapes of the first Pallas kernel called ``name`` in a jaxpr, searched through its sub-jaxprs."""
+
+    def search(jaxpr):
+        for eqn in jaxpr.eqns:
+            info = eqn.params.get("name_and_src_info")  # a pallas_call's; a kernel on a mesh (mpmd_map) has a name
+            if name in (eqn.params.get("name"), getattr(info, "name", None)):
+                return [tuple(var.aval.shape) for var in eqn.outvars]
+            for param in eqn.params.values():
+                for sub in param if isinstance(param, tuple | list) else (param,):
+                    inner = getattr(sub, "jaxpr", sub)
+                    if hasattr(inner, "eqns") and (found := search(inner)) is not None:
+                        return found
+        return None
+
+    found = search(closed.jaxpr)
+    assert found is not None, f"no kernel {name} in the jaxpr"
+    return found
+
+
+def test_split_writes_h_in_the_heads_rows():
+    """With segments the kernel writes h (BH, S, DHV), each head's segments one after another, as unsplit: XLA
+    reads it without reshaping its rows. (Reshaped from (BH * split, S / split, DHV), h kept XLA from fusing the
+    model's head norm and output gate into one kernel: compiled for an H200, three kernels and a float32 copy of h
+    written and read again; BENCHMARKS.md.)"""
+    x = random_inputs(6, 1, 2, 256, 64, 32)
+    args = [jnp.asarray(x[name], jnp.bfloat16) for name in ("q", "k", "v")] + [jnp.asarray(x[n]) for n in "if"]
+    fw = functools.partial(chunkwise_mosaic_fw, block_dhv=32, scores="kernel", interpret=True)
+    for split in (1, 2, 4):
+        h, *_ = _kernel_outputs(jax.make_jaxpr(functools.partial(fw, split=split))(*args), "mlstm_chunkwise_mosaic")
+        assert h == (2, 256, 32), split
+
+
 @runs
 def test_gradients_are_the_xla_forms():
     """``backward="xla"``: under differentiation the XLA chunkwise form runs (at ``xla_chunk_size``): every

@@ -554,9 +554,12 @@ def _chunk_body(
     normaliser: bool,
     cluster: int,
     zero_state: bool,
+    segments: int = 1,
 ):
-    # The outputs: h (BH, S, DHV) in h's dtype; c (BH, DHQK, DHV) float32; with borders, r(C_j) before every chunk
-    # (BH, NC * DHQK, DHV) in q's dtype; with normaliser (in-kernel scores), each chunk's (qn, den) (BH, NC * 2, L).
+    # The outputs: h (BH / segments, segments * S, DHV) in h's dtype, each head's segments one after another (the
+    # caller's layout: XLA's fusions read h without a reshape of its rows); c (BH, DHQK, DHV) float32; with borders,
+    # r(C_j) before every chunk (BH, NC * DHQK, DHV) in q's dtype; with normaliser (in-kernel scores), each chunk's
+    # (qn, den) (BH, NC * 2, L). BH and S (q_ref's) count the segments as sequences of their own.
     c0_ref, refs = (None, refs) if zero_state else (refs[0], refs[1:])
     p_ref, refs = (refs[0], refs[1:]) if precomputed else (None, refs)
     h_ref, c_ref, *rest = refs
@@ -676,6 +679,11 @@ def _chunk_body(
                 )
                 return cast(num / cast(lax.broadcast_in_dim(den, (L, NV), (0,)), tile), tile), (qn, den)
 
+            def h_rows(h_ref, j):  # chunk j's rows of this program's columns of h (each head's segments in order)
+                if segments == 1:
+                    return h_ref.at[bh, pl.ds(j * L, L), columns]
+                return h_ref.at[bh // segments, pl.ds((bh % segments) * S + j * L, L), columns]
+
             def write_h(h, qn_den=None):
                 """h to its rows and columns; ``qn_den`` (in-kernel scores, with ``normaliser``) to this chunk's rows
                 of the (qn, den) output, from the head's first column block's first warpgroup (all compute it)."""
@@ -684,7 +692,7 @@ def _chunk_body(
                 h_smem[...] = h
                 if norm_ref is None:
                     plgpu.commit_smem()
-                    plgpu.copy_smem_to_gmem(h_smem, h_ref.at[bh, pl.ds(j * L, L), columns])
+                    plgpu.copy_smem_to_gmem(h_smem, h_rows(h_ref, j))
                     return
                 first = jnp.logical_and(vb == 0, wg == 0) if split else vb == 0
 
@@ -694,7 +702,7 @@ def _chunk_body(
                         norm_smem.at[r][...] = cast(x, row_layout)
 
                 plgpu.commit_smem()
-                plgpu.copy_smem_to_gmem(h_smem, h_ref.at[bh, pl.ds(j * L, L), columns])
+                plgpu.copy_smem_to_gmem(h_smem, h_rows(h_ref, j))
                 pl.when(first)(lambda: plgpu.copy_smem_to_gmem(norm_smem, norm_ref.at[bh, pl.ds(j * 2, 2)]))
 
             def in_kernel_scores(c):
@@ -918,7 +926,7 @@ def mosaic_chunkwise(
     body = functools.partial(
         _chunk_body, eps=eps, block_dhv=block_dhv, depth=depth, consumers=consumers, interpret=interpret,
         precomputed=precomputed, borders=borders, normaliser=in_kernel_normaliser, cluster=cluster,
-        zero_state=c0 is None and split == 1,
+        zero_state=c0 is None and split == 1, segments=split,
     )  # fmt: skip
     if split > 1:
         # Imported here: the scan's module builds on this one's helpers.
@@ -928,8 +936,9 @@ def mosaic_chunkwise(
         c0 = segment_starts(k, v, gain, decay, c0, split, reverse=False, interpret=interpret)
     c0s = () if c0 is None else (c0,)  # without c0 the kernel starts from zeros: none written and read
     # The kernel's rows: the heads' segments, head-major. Every operand but c0 is per step or per chunk along its
-    # second axis, chunk-major, so a segment is a reshape; so are the outputs.
-    seqs, seg_steps, seg_chunks = BH * split, S // split, NC // split
+    # second axis, chunk-major, so a segment is a reshape; so are the outputs but h, which the kernel writes in the
+    # heads' rows: reshaped, its rows would stop XLA fusing the model's head norm into one kernel (benchmarks).
+    seqs, seg_chunks = BH * split, NC // split
 
     def segments(x):
         return x.reshape(seqs, x.shape[1] // split, *x.shape[2:])
@@ -941,7 +950,7 @@ def mosaic_chunkwise(
     kernel = pl.kernel(
         body,
         out_type=(
-            jax.ShapeDtypeStruct((seqs, seg_steps, DHV), q.dtype),
+            jax.ShapeDtypeStruct((BH, S, DHV), q.dtype),  # the segments' rows in place: no reshape for XLA
             jax.ShapeDtypeStruct((seqs, DHQK, DHV), jnp.float32),
             *([jax.ShapeDtypeStruct((seqs, seg_chunks * DHQK, DHV), q.dtype)] if borders else []),
             *([jax.ShapeDtypeStruct((seqs, seg_chunks * 2, CHUNK), jnp.float32)] if in_kernel_normaliser else []),
@@ -959,7 +968,7 @@ def mosaic_chunkwise(
 
     def run(q, k, v, plan, decay, *p):
         h, c_last, *rest = kernel(*map(segments, (q, k, v, plan, decay)), *c0s, *map(segments, p))
-        return (heads(h), c_last.reshape(BH, split, DHQK, DHV)[:, -1], *map(heads, rest))
+        return (h, c_last.reshape(BH, split, DHQK, DHV)[:, -1], *map(heads, rest))
 
     if not precomputed:
         out = run(q, k, v, plan, decay)
