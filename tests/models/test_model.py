@@ -10,6 +10,7 @@ import pytest
 
 from tests.models.fixture import load, peer
 from tests.numerics import TOL, assert_close
+from xlstm_jax.models.xlstm_parallel.blocks.mlstm.layer import mLSTMLayer
 from xlstm_jax.models.xlstm_parallel.config import xLSTMLMConfig
 from xlstm_jax.models.xlstm_parallel.model import ModelStates, xLSTMLMModel
 from xlstm_jax.models.xlstm_parallel.runtime import DecodeFusion, KernelMode, RuntimeConfig
@@ -96,6 +97,48 @@ def test_gradients_flow():
         step = lambda sign: jax.tree_util.tree_map(lambda p, d: p + sign * delta * d, params, direction)
         central = (loss(step(1.0)) - loss(step(-1.0))) / (2 * delta)
         assert_close("directional derivative", np.float64(central), np.float64(along), TOL["float64-grad"], scale=value)
+
+
+@pytest.mark.parametrize(
+    ("backend", "remat"),
+    [("chunkwise", "none"), ("chunkwise", "dots"), ("parallel_stabilized", "full"), ("recurrent", "none")],
+)
+def test_no_states_is_zero_states(backend, remat):
+    """A call that neither takes nor returns states (training) starts each block's cell from zeros itself, reading
+    no stacked states: its logits and its parameters' gradients equal those of the same call from explicit zero
+    states (the stacked path), and its program holds no stack of the blocks' c."""
+    config, params, rt = load(prefill_backend=backend, remat=remat)
+    model = xLSTMLMModel(config, rt)
+    ids = jnp.asarray(peer()["input_ids"][:, :33])
+    zeros = ModelStates.zeros(config, ids.shape[0])
+
+    def loss(p, states):
+        logits = model.apply({"params": p}, ids[:, :-1], states)
+        return -jnp.mean(jnp.take_along_axis(jax.nn.log_softmax(logits), ids[:, 1:, None], axis=-1)), logits
+
+    (value, logits), grads = jax.jit(jax.value_and_grad(loss, has_aux=True))(params, None)
+    (value_z, logits_z), grads_z = jax.jit(jax.value_and_grad(loss, has_aux=True))(params, zeros)
+    assert_close("logits", np.asarray(logits_z, np.float64), logits, TOL["float32-model"])
+    for (path, g), g_z in zip(
+        jax.tree_util.tree_leaves_with_path(grads), jax.tree_util.tree_leaves(grads_z), strict=True
+    ):
+        assert_close(f"gradient {jax.tree_util.keystr(path)}", np.asarray(g_z, np.float64), g, TOL["float32-model"])
+
+    def program(states):  # the compiled gradient's text
+        return jax.jit(jax.grad(lambda p: loss(p, states)[0])).lower(params).compile().as_text()
+
+    # each block's new states written into the stacks (.at[layer].set), where the unrolled blocks carry them
+    assert "mlstm_layer/scatter" not in program(None)
+    assert ("mlstm_layer/scatter" in program(zeros)) == (remat == "none")
+
+
+def test_decode_needs_states():
+    """The decode step continues from given states: a layer called in decode without them is a ValueError."""
+    config, params, rt = load()
+    layer = mLSTMLayer(config, rt, decode=True)
+    x = jnp.ones((1, 1, config.embedding_dim), jnp.float32)
+    with pytest.raises(ValueError, match="the decode step continues from states: state must be given, got None"):
+        layer.init(jax.random.key(0), x, None)
 
 
 def test_presets():

@@ -111,13 +111,16 @@ class mLSTMLayer(nn.Module):
     def __call__(
         self,
         x: jax.Array,  # (B, S, D)
-        state: LayerStates,  # c (B, NH, DHQK, DHV), n (B, NH, DHQK), m (B, NH) in config.state_dtype (or stacked)
+        state: LayerStates | None,  # c (B, NH, DHQK, DHV), n (B, NH, DHQK), m (B, NH) in state_dtype (or stacked)
         valid: jax.Array | None = None,  # (B, S) bool: False marks padding (an exact no-op step)
         norm: RMSNorm | None = None,
         residuals: tuple[jax.Array, ...] = (),  # each (B, S, D)
         segment_ids: jax.Array | None = None,  # (B, S) int: packed documents (prefill only)
     ) -> tuple[jax.Array, LayerStates]:
         """Returns ``y (B, S, D)`` in ``config.dtype`` and the states after the last position (stacked as given).
+
+        A ``state`` of None starts the cell from zero states, without reading any (not in decode); the last states
+        are returned unstacked.
 
         With ``segment_ids`` the prefill backend runs each row as packed documents: a position whose id differs
         from the previous one starts from zero states (:mod:`xlstm_jax.mlstm.segments`). The decode step
@@ -166,8 +169,10 @@ class mLSTMLayer(nn.Module):
             cfg.embedding_dim, cfg.compute_dtype, cfg.jnp_param_dtype, cfg.matmul_precision, name="out_proj"
         )
 
-        layer = self.layer_index
+        layer = None if state is None else self.layer_index
         if self.decode:
+            if state is None:
+                raise ValueError("the decode step continues from states: state must be given, got None")
             qkvo = product(x, qkvo_kernel, cfg.compute_dtype)  # (B, 1, 2 QK + 2 V)
             o = qkvo[..., 2 * QK + V :]
             if S != 1:
@@ -190,7 +195,7 @@ class mLSTMLayer(nn.Module):
             q, k, v = heads(q, DHQK), heads(k, DHQK), heads(v, DHV)
             i, f = gates[..., :NH].transpose(0, 2, 1), gates[..., NH:].transpose(0, 2, 1)  # (B, NH, S)
             backend = create_prefill_backend(cfg, self.runtime)
-            c0, n0, m0 = state if layer is None else (t[layer] for t in state)
+            c0, n0, m0 = (None, None, None) if state is None else state if layer is None else (t[layer] for t in state)
             h, (c, n, m) = backend(
                 q,
                 k,
