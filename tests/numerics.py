@@ -100,6 +100,24 @@ TOL: dict[str, Tol] = {
         "slope is at most 1): 3.6e-4, rounded up. (The cell's float32 entry, 1e-3, is for log-gate sums over "
         "hundreds of steps; a norm has none.)",
     ),
+    "float32-loss": Tol(
+        1e-5,
+        "the masked cross-entropy of float32 logits (V <= 1024 classes, soft cap 30 or none) and its gradient in the "
+        "logits, against float64 from the same logits: the sum scaled by its own size, the gradient by its largest "
+        "element. A capped logit (|z| <= 30) carries ~30 u of absolute error (u = 6e-8; tanh and the product, one "
+        "rounding each), which exp(z - shift) turns into 30 u of relative error, as does the shift; the sum of V "
+        "exponentials adds ~sqrt(V) u = 32 u; the log and the subtraction of values up to ~40 add 40 u each: "
+        "~140 u = 8.4e-6 of a token's loss, which is >= 1 for these random logits, and the masked sum of such "
+        "unbiased errors stays within that fraction of its size. The gradient, softmax minus one-hot times the cap's "
+        "slope (|d| <= 1), comes from the same exponentials: ~100 u. 1e-5 is ~170 u; a bf16 intermediate "
+        "(2^-8 = 3.9e-3) or a dropped factor errs by orders of magnitude more.",
+    ),
+    "bfloat16-loss-grad": Tol(
+        2.5e-3,
+        "the cross-entropy's gradient in bf16 logits, written in bf16: the float32 gradient (float32-loss, 1e-5) "
+        "rounded once to bf16, 2^-9 = 2e-3 of |d| <= max|d|; 2.5e-3 with the float32 error and margin. A second "
+        "bf16 rounding inside (a bf16 softmax) doubles it.",
+    ),
     "float32-model": Tol(
         2e-4,
         "logits of the tiny xLSTM models (D <= 128, 2-3 blocks, S <= 45, float32) from two evaluation orders "

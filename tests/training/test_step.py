@@ -83,6 +83,64 @@ def test_cross_entropy_shape_errors():
         cross_entropy(jnp.zeros((2, 3, 5)), jnp.zeros((2, 3)), jnp.ones((2, 3)))
 
 
+def loss_reference(logits, targets, mask, cap) -> tuple[float, np.ndarray]:
+    """The masked cross-entropy sum of ``cap * tanh(logits / cap)`` (or of the logits, cap None) and its gradient in
+    the logits, in float64 from the equations: (softmax(z) - onehot(target)) * mask * dz/dlogits."""
+    x = np.asarray(jnp.asarray(logits, jnp.float32), np.float64)
+    z = x if cap is None else cap * np.tanh(x / cap)
+    shift = z.max(axis=-1, keepdims=True)
+    log_z = np.log(np.exp(z - shift).sum(axis=-1, keepdims=True)) + shift
+    onehot = np.arange(x.shape[-1]) == targets[..., None]
+    nll = (log_z - z)[onehot].reshape(targets.shape)
+    slope = np.ones_like(x) if cap is None else 1 - np.tanh(x / cap) ** 2
+    grad = (np.exp(z - log_z) - onehot) * slope * mask[..., None]
+    return float(np.sum(nll * mask)), grad
+
+
+@pytest.mark.parametrize("cap", [None, 30.0, 100.0])
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+def test_cross_entropy_and_gradient_match_float64(cap, dtype):
+    """The loss and its gradient in the logits against float64 (loss_reference), soft-capped at 30 (one pass:
+    shifted by the cap), at 100 (above CAP_SHIFT_MAX: shifted by the max) and uncapped; random logits of odd
+    width with extremes (+-300 and +-1e4, which the cap saturates), masked positions, under jit; bf16 logits get
+    a bf16 gradient."""
+    rng = np.random.default_rng(7)
+    logits = rng.normal(size=(3, 5, 257)) * 8
+    logits[0, 0, :4] = [300.0, -300.0, 1e4, -1e4]
+    logits[2, 3, 100] = 1e4  # the target below
+    targets = rng.integers(0, 257, (3, 5)).astype(np.int32)
+    targets[2, 3] = 100
+    mask = (rng.random((3, 5)) > 0.3).astype(np.float32)
+    x = jnp.asarray(logits, dtype)
+    fn = jax.jit(lambda x: cross_entropy(x, jnp.asarray(targets), jnp.asarray(mask), soft_cap=cap))
+    (total, count), grad = jax.jit(jax.value_and_grad(fn, has_aux=True))(x)
+    want, want_grad = loss_reference(x, targets, mask, cap)
+    assert float(count) == float(mask.sum()) and total.dtype == jnp.float32 and grad.dtype == x.dtype
+    assert_close("masked loss sum", np.array(want), np.asarray(total), TOL["float32-loss"], scale=abs(want))
+    tol = TOL["float32-loss"] if dtype == "float32" else TOL["bfloat16-loss-grad"]
+    assert_close("d loss / d logits", want_grad, grad, tol)
+
+
+def test_cross_entropy_argument_errors():
+    x, targets, mask = jnp.zeros((2, 3, 5)), jnp.zeros((2, 3), jnp.int32), jnp.ones((2, 3))
+    for cap in (0.0, -1.0, float("inf"), float("nan"), True, "30"):
+        with pytest.raises(ValueError, match="soft_cap must be None or a positive finite number"):
+            cross_entropy(x, targets, mask, soft_cap=cap)
+    with pytest.raises(ValueError, match="logits must be floating"):
+        cross_entropy(jnp.zeros((2, 3, 5), jnp.int32), targets, mask)
+
+
+def test_step_loss_is_the_capped_logits_loss(float32_steps):
+    """The step reads the model's raw logits and caps them inside the loss: its loss equals the cross-entropy of
+    the model's (capped, float32) logits."""
+    model, params, optimizer, one, _ = float32_steps
+    batch = make_batch(3)
+    _, metrics = one(create_train_state(params, optimizer, 0), batch)
+    logits = model.apply({"params": params}, jnp.asarray(batch["input_ids"]))
+    want, count = nll_reference(logits, batch["targets"], batch["loss_mask"])
+    assert_close("step loss", np.array(want / count), np.asarray(metrics["loss"]), TOL["float32-model"])
+
+
 def test_check_batch_errors():
     batch = make_batch(0)
     with pytest.raises(ValueError, match="loss_mask"):

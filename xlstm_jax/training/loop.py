@@ -278,8 +278,9 @@ def _programs(
 
     @partial(jax.jit, in_shardings=(shardings.params, batch_sh))
     def eval_step(params: Any, batch: Mapping[str, jax.Array]) -> tuple[jax.Array, jax.Array]:
-        logits = model.apply({"params": params}, batch["input_ids"], segment_ids=batch["segment_ids"])
-        return cross_entropy(logits, batch["targets"], batch["loss_mask"])
+        ids, segments, cap = batch["input_ids"], batch["segment_ids"], model.config.output_logit_soft_cap
+        logits = model.apply({"params": params}, ids, segment_ids=segments, raw_logits=True)  # as train_step's loss
+        return cross_entropy(logits, batch["targets"], batch["loss_mask"], soft_cap=cap)
 
     return _Programs(
         abstract,

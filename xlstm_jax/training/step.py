@@ -13,11 +13,14 @@ The loss is the next-token cross-entropy in float32, ``sum(mask * nll) / sum(mas
 batch: with gradient accumulation the micro-batches' loss sums, gradients and token counts are summed and
 divided once, so ``accum_steps`` micro-batches of B/accum_steps rows give the step of one batch of B rows (up
 to float32 rounding). Parameters and optimiser state keep their dtype (float32 for training); the model's
-``config.dtype`` (e.g. bfloat16) is the compute dtype and its logits are float32.
+``config.dtype`` (e.g. bfloat16) is the compute dtype. The loss reads the LM head's logits in that dtype, before
+the output soft cap, and applies the cap and the log-softmax in float32 inside its own passes
+(:func:`cross_entropy`).
 """
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable, Mapping
 from typing import Any
 
@@ -123,25 +126,35 @@ def train_state_shardings(
 
 
 def cross_entropy(
-    logits: jax.Array,  # (B, S, V) float32
+    logits: jax.Array,  # (B, S, V) floating
     targets: jax.Array,  # (B, S) int
     loss_mask: jax.Array,  # (B, S) float
+    *,
+    soft_cap: float | None = None,
 ) -> tuple[jax.Array, jax.Array]:
-    """Masked next-token cross-entropy: ``(sum of mask * -log softmax(logits)[target], sum of mask)``.
+    """Masked next-token cross-entropy: ``(sum of mask * -log softmax(z)[target], sum of mask)``, where z is the
+    logits, or ``soft_cap * tanh(logits / soft_cap)`` with a ``soft_cap`` (the model's ``output_logit_soft_cap``,
+    for its ``raw_logits``).
 
-    Computed in float32 (or the logits' dtype if wider) with a stable log-softmax (the max subtracted before
-    the exponentials). The mean loss is the first over the second, taken over the whole global batch.
+    Computed in float32 (or the logits' dtype if wider) from logits of any float dtype, which are never copied in
+    that precision: each pass reads the logits as they are and converts them inside it, and the gradient is one
+    pass (``custom_vjp``) that writes d logits in the logits' dtype. The log-sum-exp is shifted by the row's
+    maximum, or by ``soft_cap`` where it is at most :data:`CAP_SHIFT_MAX`: capped logits are at most ``soft_cap``,
+    so then one pass over the logits computes it. The mean loss is the first output over the second, taken over
+    the whole global batch.
 
     Args:
         logits: (B, S, V) floating.
         targets: (B, S) integer token ids in [0, V).
         loss_mask: (B, S) weights, 1 where a target counts and 0 where it does not.
+        soft_cap: None, or a positive finite float: the cap applied to the logits before the softmax.
 
     Returns:
-        ``(sum_loss, token_count)``, two float32 scalars.
+        ``(sum_loss, token_count)``, two float32 scalars (float64 for float64 logits).
 
     Raises:
-        ValueError: shapes that do not fit, or non-integer targets.
+        ValueError: shapes that do not fit, non-integer targets, non-float logits, or a soft_cap that is not a
+            positive finite number.
     """
     if logits.ndim != 3 or tuple(targets.shape) != tuple(logits.shape[:2]) or targets.shape != loss_mask.shape:
         raise ValueError(
@@ -150,12 +163,59 @@ def cross_entropy(
         )
     if not jnp.issubdtype(targets.dtype, jnp.integer):
         raise ValueError(f"targets must be integer token ids, got dtype={targets.dtype}")
+    if not jnp.issubdtype(logits.dtype, jnp.floating):
+        raise ValueError(f"logits must be floating, got dtype={logits.dtype}")
+    if soft_cap is not None and (
+        isinstance(soft_cap, bool) or not isinstance(soft_cap, int | float) or not 0 < soft_cap < float("inf")
+    ):
+        raise ValueError(f"soft_cap must be None or a positive finite number, got soft_cap={soft_cap!r}")
     dtype = jnp.promote_types(logits.dtype, jnp.float32)
-    logits = logits.astype(dtype)
-    log_z = jax.nn.logsumexp(logits, axis=-1)  # (B, S), stable: max-shifted
-    target_logit = jnp.take_along_axis(logits, targets[..., None].astype(jnp.int32), axis=-1)[..., 0]
-    mask = loss_mask.astype(dtype)
-    return jnp.sum((log_z - target_logit) * mask), jnp.sum(mask)
+    return _cross_entropy(logits, targets.astype(jnp.int32), loss_mask.astype(dtype), soft_cap)
+
+
+# The soft cap shifts the log-sum-exp where exp(-2 * cap), its smallest term, is a normal float32 (above 1e-38).
+CAP_SHIFT_MAX = 40.0
+
+
+def _capped(logits: jax.Array, cap: float | None, dtype: Any) -> jax.Array:
+    z = logits.astype(dtype)
+    return z if cap is None else cap * jnp.tanh(z / cap)
+
+
+def _log_normaliser(z: jax.Array, cap: float | None) -> jax.Array:
+    """``log sum exp z`` over the last axis, shifted by the cap (one pass) or by the row's maximum."""
+    shift = cap if cap is not None and cap <= CAP_SHIFT_MAX else jnp.max(z, axis=-1, keepdims=True)
+    return (jnp.log(jnp.sum(jnp.exp(z - shift), axis=-1, keepdims=True)) + shift)[..., 0]
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(3,))
+def _cross_entropy(logits: jax.Array, targets: jax.Array, mask: jax.Array, cap: float | None):
+    return _cross_entropy_fwd(logits, targets, mask, cap)[0]
+
+
+def _cross_entropy_fwd(logits, targets, mask, cap):
+    z = _capped(logits, cap, mask.dtype)
+    log_z = _log_normaliser(z, cap)  # (B, S)
+    target_logit = _capped(jnp.take_along_axis(logits, targets[..., None], axis=-1)[..., 0], cap, mask.dtype)
+    nll = log_z - target_logit
+    return (jnp.sum(nll * mask), jnp.sum(mask)), (logits, targets, mask, log_z, nll)
+
+
+def _cross_entropy_bwd(cap, residuals, cotangents):
+    logits, targets, mask, log_z, nll = residuals
+    g = cotangents[0]  # the token count does not depend on the logits or the targets
+    # The barrier keeps XLA from merging this z with the forward's (the same expression), which would make the
+    # forward write z in float32 for this pass to read back: recomputing it from the logits costs nothing extra.
+    z = _capped(jax.lax.optimization_barrier(logits), cap, mask.dtype)
+    target = jnp.arange(logits.shape[-1], dtype=jnp.int32) == targets[..., None]
+    d = jnp.exp(z - log_z[..., None]) - target.astype(z.dtype)  # softmax minus one-hot
+    if cap is not None:
+        d = d * (1 - jnp.square(z / cap))  # through cap * tanh(x / cap)
+    d_logits = (g * mask)[..., None] * d
+    return d_logits.astype(logits.dtype), None, g * nll + cotangents[1]
+
+
+_cross_entropy.defvjp(_cross_entropy_fwd, _cross_entropy_bwd)
 
 
 def global_norm(tree: Any) -> jax.Array:
@@ -240,8 +300,10 @@ def make_train_step(
 
     def loss_and_grad(params: Any, micro: Mapping[str, jax.Array]) -> tuple[tuple[jax.Array, jax.Array], Any]:
         def loss_sum(params: Any) -> tuple[jax.Array, jax.Array]:
-            logits = model.apply({"params": params}, micro["input_ids"], segment_ids=micro["segment_ids"])
-            return cross_entropy(logits, micro["targets"], micro["loss_mask"])
+            ids, segments = micro["input_ids"], micro["segment_ids"]
+            logits = model.apply({"params": params}, ids, segment_ids=segments, raw_logits=True)
+            cap = model.config.output_logit_soft_cap
+            return cross_entropy(logits, micro["targets"], micro["loss_mask"], soft_cap=cap)
 
         (total, count), grads = jax.value_and_grad(loss_sum, has_aux=True)(params)
         return (total, count), grads

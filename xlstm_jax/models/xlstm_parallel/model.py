@@ -144,6 +144,7 @@ class xLSTMLMModel(nn.Module):
         decode: bool = False,
         return_states: bool = False,
         last_only: bool = False,
+        raw_logits: bool = False,
     ) -> jax.Array | tuple[jax.Array, ModelStates]:
         """Runs the model on ``input_ids``, starting from ``states``.
 
@@ -160,10 +161,13 @@ class xLSTMLMModel(nn.Module):
             return_states: Also return the states after the last position.
             last_only: Compute the logits of the last position only (B, 1, V): what generation needs after
                 a prompt, without the (B, S, V) LM-head product.
+            raw_logits: Return the LM head's output as it comes, in ``config.dtype`` and before the output soft cap
+                (``cross_entropy(..., soft_cap=config.output_logit_soft_cap)`` applies the cap inside its own
+                passes; a float32 copy of (B, S, V) logits is what training's loss would otherwise write and read).
 
         Returns:
-            ``logits`` (B, S, V) float32, or float64 for a float64 model (S=1 with ``last_only``), or
-            ``(logits, states)``.
+            ``logits`` (B, S, V) float32, or float64 for a float64 model (S=1 with ``last_only``; ``config.dtype``
+            and uncapped with ``raw_logits``), or ``(logits, states)``.
 
         Raises:
             ValueError: input_ids is not (B, S) integers, the states do not fit, or valid or segment_ids is not
@@ -288,9 +292,11 @@ class xLSTMLMModel(nn.Module):
                 precision=cfg.matmul_precision,
                 name="lm_head",
             )(x)
-        logits = logits.astype(jnp.promote_types(cfg.compute_dtype, jnp.float32))  # never below float32
+        if not raw_logits:
+            logits = logits.astype(jnp.promote_types(cfg.compute_dtype, jnp.float32))  # never below float32
         logits = logical_constraint(logits, ("batch", "seq", "vocab"))  # the vocabulary split for the loss
-        logits = soft_cap(logits, cfg.output_logit_soft_cap)
+        if not raw_logits:
+            logits = soft_cap(logits, cfg.output_logit_soft_cap)
         if return_states:
             return logits, new_states
         return logits
