@@ -12,6 +12,7 @@ from xlstm_jax.training.step import (
     create_train_state,
     cross_entropy,
     make_train_step,
+    model_loss,
     train_state_shardings,
 )
 
@@ -28,5 +29,6 @@ __all__ = [
     "make_optimizer",
     "make_schedule",
     "make_train_step",
+    "model_loss",
     "train_state_shardings",
 ]

@@ -253,7 +253,7 @@ def _programs(
     from xlstm_jax.models.xlstm_parallel.sharding import batch_sharding
     from xlstm_jax.training.init import init_params
     from xlstm_jax.training.optim import make_optimizer, make_schedule
-    from xlstm_jax.training.step import create_train_state, cross_entropy, make_train_step, train_state_shardings
+    from xlstm_jax.training.step import create_train_state, make_train_step, model_loss, train_state_shardings
 
     model = xLSTMLMModel(model_config, runtime)
     optimizer = make_optimizer(optimizer_config)
@@ -278,9 +278,7 @@ def _programs(
 
     @partial(jax.jit, in_shardings=(shardings.params, batch_sh))
     def eval_step(params: Any, batch: Mapping[str, jax.Array]) -> tuple[jax.Array, jax.Array]:
-        ids, segments, cap = batch["input_ids"], batch["segment_ids"], model.config.output_logit_soft_cap
-        logits = model.apply({"params": params}, ids, segment_ids=segments, raw_logits=True)  # as train_step's loss
-        return cross_entropy(logits, batch["targets"], batch["loss_mask"], soft_cap=cap)
+        return model_loss(model, params, batch)  # train_step's loss
 
     return _Programs(
         abstract,

@@ -30,6 +30,8 @@ import jax
 import jax.numpy as jnp
 import optax
 
+from xlstm_jax.models.xlstm_parallel.blocks.mlstm.layer import soft_cap
+
 __all__ = [
     "BATCH_KEYS",
     "TrainState",
@@ -38,6 +40,7 @@ __all__ = [
     "cross_entropy",
     "global_norm",
     "make_train_step",
+    "model_loss",
     "train_state_shardings",
 ]
 
@@ -179,7 +182,7 @@ CAP_SHIFT_MAX = 40.0
 
 def _capped(logits: jax.Array, cap: float | None, dtype: Any) -> jax.Array:
     z = logits.astype(dtype)
-    return z if cap is None else cap * jnp.tanh(z / cap)
+    return z if cap is None else soft_cap(z, cap)
 
 
 def _log_normaliser(z: jax.Array, cap: float | None) -> jax.Array:
@@ -216,6 +219,15 @@ def _cross_entropy_bwd(cap, residuals, cotangents):
 
 
 _cross_entropy.defvjp(_cross_entropy_fwd, _cross_entropy_bwd)
+
+
+def model_loss(model: nn.Module, params: Any, batch: Mapping[str, jax.Array]) -> tuple[jax.Array, jax.Array]:
+    """``cross_entropy`` of the language model (``xLSTMLMModel``) on a batch (:data:`BATCH_KEYS`): its raw
+    logits, capped inside the loss with the config's ``output_logit_soft_cap``. Returns ``(sum_loss, count)``."""
+    ids, segments = batch["input_ids"], batch["segment_ids"]
+    logits = model.apply({"params": params}, ids, segment_ids=segments, raw_logits=True)
+    cap = model.config.output_logit_soft_cap
+    return cross_entropy(logits, batch["targets"], batch["loss_mask"], soft_cap=cap)
 
 
 def global_norm(tree: Any) -> jax.Array:
@@ -300,10 +312,7 @@ def make_train_step(
 
     def loss_and_grad(params: Any, micro: Mapping[str, jax.Array]) -> tuple[tuple[jax.Array, jax.Array], Any]:
         def loss_sum(params: Any) -> tuple[jax.Array, jax.Array]:
-            ids, segments = micro["input_ids"], micro["segment_ids"]
-            logits = model.apply({"params": params}, ids, segment_ids=segments, raw_logits=True)
-            cap = model.config.output_logit_soft_cap
-            return cross_entropy(logits, micro["targets"], micro["loss_mask"], soft_cap=cap)
+            return model_loss(model, params, micro)
 
         (total, count), grads = jax.value_and_grad(loss_sum, has_aux=True)(params)
         return (total, count), grads

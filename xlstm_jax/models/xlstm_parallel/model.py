@@ -191,9 +191,10 @@ class xLSTMLMModel(nn.Module):
             )
         if decode:
             segment_ids = None  # one token continues the last document
-        zero_start = states is None
+        # Nothing reads the states (training, scoring): each block's cell starts from zeros itself (below).
+        stateless = states is None and not return_states and not decode and not self.runtime.scan_blocks
         if states is None:
-            states = ModelStates.zeros(cfg, B)
+            states = None if stateless else ModelStates.zeros(cfg, B)
         else:
             states = ModelStates(*states)
             want = jax.eval_shape(lambda: ModelStates.zeros(cfg, B))
@@ -222,11 +223,10 @@ class xLSTMLMModel(nn.Module):
         remat = runtime.remat is not Remat.NONE and not decode
         block_class = nn.remat(xLSTMBlock, policy=policy, prevent_cse=not runtime.scan_blocks) if remat else xLSTMBlock
 
-        if zero_start and not return_states and not decode and not runtime.scan_blocks:
-            # Nothing reads the states (training, scoring): each block's cell starts from zeros itself. A stack of
-            # zero states would be read by every cell, written back slice by slice, and under differentiation
-            # carry the cells' initial-state gradients from block to block (0.4 GB a block at B=8 of a
-            # 1.4e9-parameter model), all for nothing.
+        if stateless:
+            # A stack of zero states would be read by every cell, written back slice by slice, and under
+            # differentiation carry the cells' initial-state gradients from block to block (0.4 GB a block at B=8
+            # of a 1.4e9-parameter model), all for nothing.
             for layer in range(cfg.num_blocks):
                 block = block_class(cfg, runtime, decode, name=f"blocks_{layer}")
                 x, _ = block(x, None, valid, segment_ids)
