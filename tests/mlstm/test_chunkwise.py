@@ -181,6 +181,7 @@ def test_border_normalisers_equal_the_scan(NC):
             (n_last, m_last), (n_b, m_b) = border_normalisers(log_decay, nbar, ml, n0, m0)
             return n_last, m_last, n_b, m_b
 
+        tree, scan = jax.jit(tree), jax.jit(scan)  # one program each (eager dispatch of the scans' ops is slow)
         for x, y in zip(tree(*args), scan(*args), strict=True):
             assert x.shape == y.shape and x.dtype == y.dtype
             np.testing.assert_allclose(np.asarray(x), np.asarray(y), rtol=1e-12, atol=1e-12)
@@ -188,8 +189,8 @@ def test_border_normalisers_equal_the_scan(NC):
         def loss(fn, *a):  # a weighted sum of every output, so that each element's gradient is checked
             return sum(jnp.sum(jnp.sin(x + j)) for j, x in enumerate(fn(*a)))
 
-        grads = jax.grad(functools.partial(loss, tree), argnums=range(5))(*args)
-        expected = jax.grad(functools.partial(loss, scan), argnums=range(5))(*args)
+        grads = jax.jit(jax.grad(functools.partial(loss, tree), argnums=range(5)))(*args)
+        expected = jax.jit(jax.grad(functools.partial(loss, scan), argnums=range(5)))(*args)
         for g, e in zip(grads, expected, strict=True):
             assert np.all(np.isfinite(np.asarray(g)))
             np.testing.assert_allclose(np.asarray(g), np.asarray(e), rtol=1e-10, atol=1e-12)
