@@ -311,10 +311,7 @@ def make_train_step(
         )
 
     def loss_and_grad(params: Any, micro: Mapping[str, jax.Array]) -> tuple[tuple[jax.Array, jax.Array], Any]:
-        def loss_sum(params: Any) -> tuple[jax.Array, jax.Array]:
-            return model_loss(model, params, micro)
-
-        (total, count), grads = jax.value_and_grad(loss_sum, has_aux=True)(params)
+        (total, count), grads = jax.value_and_grad(model_loss, argnums=1, has_aux=True)(model, params, micro)
         return (total, count), grads
 
     def train_step(state: TrainState, batch: Mapping[str, jax.Array]) -> tuple[TrainState, dict[str, jax.Array]]:
