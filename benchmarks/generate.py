@@ -157,14 +157,18 @@ def prefill_flops(config: xLSTMLMConfig, S: int, chunk: int) -> float:
 
 def decode_per_token(
     run: Callable[[int], Any], tokens: int, repeats: int, trace: bool, attempts: int = 3
-) -> tuple[float, dict[str, Any]]:
+) -> tuple[float | None, dict[str, Any]]:
     """Seconds per token from ``run(n)`` (decodes n tokens and blocks) at N/2 + 1 and N tokens, and the timings.
 
     Both lengths round up to the same power-of-two token buffer of ``generate`` when N is a power of two,
     so one compilation serves both. The per-token time is the difference of the two medians over the
     difference in tokens. On a loaded host (a CI runner) noise can swamp that difference; when it comes out
-    zero or negative both lengths are timed again, at most ``attempts`` times in all, and the last
-    difference is returned (the caller decides what a non-positive one means). ``facts["attempts"]`` counts them.
+    zero or negative both lengths are timed again, at most ``attempts`` times in all. ``facts["attempts"]``
+    counts them and ``facts["difference_s"]`` holds the last difference per token.
+
+    Returns:
+        ``(seconds per token, facts)``; None for the time where every attempt's difference was zero or negative
+        (noise, not a time: :func:`noise_note` words it for the report).
     """
     lengths = (tokens // 2 + 1, tokens)
     done = 0
@@ -177,6 +181,7 @@ def decode_per_token(
     facts = {
         "tokens": list(lengths),
         "attempts": done,
+        "difference_s": per_token,
         "first_call_s": short.warmup_s,
         "short_median_s": short.median_s,
         "short_spread": short.spread,
@@ -184,7 +189,15 @@ def decode_per_token(
         "long_spread": long.spread,
         **{k: v for k, v in long.as_row().items() if k.startswith("trace_")},
     }
-    return per_token, facts
+    return (per_token if per_token > 0 else None), facts
+
+
+def noise_note(label: str, facts: dict[str, Any]) -> str:
+    """The report's note for a case whose time per token :func:`decode_per_token` could not resolve."""
+    return (
+        f"{label}: N={facts['tokens'][1]} tokens took no longer than N/2+1 in {facts['attempts']} attempts "
+        f"(difference {facts['difference_s'] * 1e3:.4f} ms a token): noise, no time given; raise --tokens or --repeats"
+    )
 
 
 DECODE_COLUMNS = [
@@ -274,12 +287,16 @@ def main(argv: Sequence[str] | None = None) -> dict:
             continue
         for loop, (per_token, facts) in loops.items():
             row = {"case": label + ("" if loop == "generate" else " stream"), "loop": loop, "B": B}
-            row.update(step=step, blocks=blocks, fusion=fusion, ms_per_token=per_token * 1e3, **facts)
+            resolved = per_token is not None
+            if not resolved:
+                report.note(noise_note(f"decode {row['case']}", facts))
+            row.update(step=step, blocks=blocks, fusion=fusion, **facts)
             row.update(
+                ms_per_token=per_token * 1e3 if resolved else None,
                 floor_ms=floor.seconds * 1e3,
                 floor_with_states_ms=with_states.seconds * 1e3,
-                floor_fraction=floor.fraction(per_token),
-                floor_with_states_fraction=with_states.fraction(per_token),
+                floor_fraction=floor.fraction(per_token) if resolved else None,
+                floor_with_states_fraction=with_states.fraction(per_token) if resolved else None,
                 weight_bytes=weights,
                 state_bytes=state_bytes(config, B),
             )

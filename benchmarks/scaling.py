@@ -36,7 +36,8 @@ On the first N local devices (``--devices N``; default all of them), four parts 
    with ``xlstm_jax.generation.generate``, timed as ``benchmarks/generate.py`` times it (``decode_per_token``:
    ``generate`` at N/2+1 and N new tokens, the difference per token; ``--tokens``): tensor parallelism over
    2 devices at batch 1 and 16 against one device, and data parallelism over the N devices at batch 128
-   against one device. Table ``decode`` columns: ``case`` (``mode`` and devices), ``B``, ``ms/token``,
+   against one device. Table ``decode`` columns: ``case`` (``mode`` and devices), ``B``, ``status`` (``ok``,
+   ``OOM``, ``error``, or ``noise`` where N tokens took no longer than N/2+1: no time given), ``ms/token``,
    ``ktok/s`` (B tokens per step over the step), ``speedup`` (the one-device ms/token of the same batch over
    this row's) and ``first call s`` (compilation included).
 
@@ -92,7 +93,7 @@ import jax.numpy as jnp
 import numpy as np
 from jax.sharding import SingleDeviceSharding
 
-from benchmarks.generate import PRESETS, decode_per_token, random_params
+from benchmarks.generate import PRESETS, decode_per_token, noise_note, random_params
 from benchmarks.harness import Column, Report, add_arguments, ceilings_from_arguments, time_jitted
 from benchmarks.train import model_config, out_of_memory, parse_case, random_batch, resolve_model_arguments
 from xlstm_jax.generation import generate
@@ -509,11 +510,16 @@ def run_decode(report: Report, devices: Sequence[Any], a: argparse.Namespace) ->
 
             with context:
                 per_token, facts = decode_per_token(run, a.tokens, a.repeats, False)
-            row.update(facts, ms_per_token=per_token * 1e3, tokens_per_s=B / per_token, status="ok")
-            if mesh_config is None:
-                single[B] = per_token
-            elif B in single:
-                row["speedup"] = single[B] / per_token
+            row.update(facts)
+            if per_token is None:
+                row["status"] = "noise"
+                report.note(noise_note(f"decode {row['case']} B={B}", facts))
+            else:
+                row.update(ms_per_token=per_token * 1e3, tokens_per_s=B / per_token, status="ok")
+                if mesh_config is None:
+                    single[B] = per_token
+                elif B in single:
+                    row["speedup"] = single[B] / per_token
         except Exception as error:
             row.update(_failure(error))
             report.note(f"decode {row['case']} B={B}: {row['error'][:300]}")

@@ -88,7 +88,7 @@ from typing import Any
 import jax
 import numpy as np
 
-from benchmarks.generate import PRESETS, decode_per_token, random_params
+from benchmarks.generate import PRESETS, decode_per_token, noise_note, random_params
 from benchmarks.harness import Column, Report, add_arguments, device_trace, time_jitted
 from xlstm_jax import generation
 from xlstm_jax.generation import MIN_TOKEN_BUFFER, generate
@@ -634,10 +634,8 @@ def _main(argv: Sequence[str] | None) -> dict:
         say("generate's decode step (its first call compiles generate)")
         step_batch = (batches[0] * math.ceil(a.slots / len(batches[0])))[: a.slots]  # exactly `slots` rows
         per_token, facts = decode_per_token(lambda n: run_batch(step_batch, n), n_step, a.repeats, False)
-        if not per_token > 0:
-            raise RuntimeError(
-                f"the step's time came out {per_token * 1e3:.4f} ms (noise): raise --repeats or --step-tokens"
-            )
+        if per_token is None:
+            raise RuntimeError(noise_note("generate's decode step", facts).replace("--tokens", "--step-tokens"))
         step_rate = a.slots / per_token
         report.table("step", STEP_COLUMNS)  # the table again: its last row
         report.add(

@@ -93,11 +93,19 @@ def test_decode_cases(result):
     rows = [(r["case"], r["B"]) for r in result["tables"]["decode"]]
     assert rows == [("one", 1), ("tensor2", 1), ("one", 16), (f"data{DEVICES}", 16)]
     for row in result["tables"]["decode"]:
-        assert row["status"] == "ok", row.get("error")
-        assert math.isfinite(row["ms_per_token"]) and row["tokens"] == [3, 4]
-    tensor = result["tables"]["decode"][1]
+        # On 2 cores one token's time can drown in noise: such a row gives no time, and a note names it.
+        assert row["status"] in ("ok", "noise"), row.get("error")
+        assert row["tokens"] == [3, 4] and row["short_median_s"] > 0 and row["long_median_s"] > 0
+        if row["status"] == "ok":
+            assert row["ms_per_token"] == pytest.approx(row["difference_s"] * 1e3) and row["ms_per_token"] > 0
+            assert row["tokens_per_s"] == pytest.approx(row["B"] / row["difference_s"])
+        else:
+            assert row["difference_s"] <= 0 and "ms_per_token" not in row and "speedup" not in row
+            assert any(n.startswith(f"decode {row['case']} B={row['B']}: N=4") for n in result.get("notes", []))
+    one, tensor = result["tables"]["decode"][:2]
     assert tensor["mesh_shape"] == "1x1x2"
-    assert tensor["speedup"] == pytest.approx(result["tables"]["decode"][0]["ms_per_token"] / tensor["ms_per_token"])
+    if one["status"] == tensor["status"] == "ok":
+        assert tensor["speedup"] == pytest.approx(one["ms_per_token"] / tensor["ms_per_token"])
 
 
 def test_cases_take_no_micro_batches():
