@@ -192,11 +192,13 @@ def decode_per_token(
     return (per_token if per_token > 0 else None), facts
 
 
-def noise_note(label: str, facts: dict[str, Any]) -> str:
-    """The report's note for a case whose time per token :func:`decode_per_token` could not resolve."""
+def noise_note(label: str, facts: dict[str, Any], tokens_flag: str = "--tokens") -> str:
+    """The report's note for a case whose time per token :func:`decode_per_token` could not resolve;
+    ``tokens_flag`` is the script's option that sets N."""
     return (
         f"{label}: N={facts['tokens'][1]} tokens took no longer than N/2+1 in {facts['attempts']} attempts "
-        f"(difference {facts['difference_s'] * 1e3:.4f} ms a token): noise, no time given; raise --tokens or --repeats"
+        f"(difference {facts['difference_s'] * 1e3:.4f} ms a token): noise, no time given; raise {tokens_flag} or "
+        "--repeats"
     )
 
 

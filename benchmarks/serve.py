@@ -635,7 +635,7 @@ def _main(argv: Sequence[str] | None) -> dict:
         step_batch = (batches[0] * math.ceil(a.slots / len(batches[0])))[: a.slots]  # exactly `slots` rows
         per_token, facts = decode_per_token(lambda n: run_batch(step_batch, n), n_step, a.repeats, False)
         if per_token is None:
-            raise RuntimeError(noise_note("generate's decode step", facts).replace("--tokens", "--step-tokens"))
+            raise RuntimeError(noise_note("generate's decode step", facts, "--step-tokens"))
         step_rate = a.slots / per_token
         report.table("step", STEP_COLUMNS)  # the table again: its last row
         report.add(

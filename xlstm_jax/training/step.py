@@ -311,8 +311,7 @@ def make_train_step(
         )
 
     def loss_and_grad(params: Any, micro: Mapping[str, jax.Array]) -> tuple[tuple[jax.Array, jax.Array], Any]:
-        (total, count), grads = jax.value_and_grad(model_loss, argnums=1, has_aux=True)(model, params, micro)
-        return (total, count), grads
+        return jax.value_and_grad(model_loss, argnums=1, has_aux=True)(model, params, micro)  # ((total, count), grads)
 
     def train_step(state: TrainState, batch: Mapping[str, jax.Array]) -> tuple[TrainState, dict[str, jax.Array]]:
         B, S = check_batch(batch, accum_steps)
