@@ -116,6 +116,7 @@ from benchmarks.harness import Column, Report, add_arguments, ceilings_from_argu
 from xlstm_jax.generation import prefill
 from xlstm_jax.kernels.chunkwise_mosaic import (
     BACKWARDS,
+    C_OPERANDS,
     CHUNK,
     CLUSTERS,
     SCORES,
@@ -270,6 +271,13 @@ def parse(argv: Sequence[str] | None) -> argparse.Namespace:
     p.add_argument("--split", type=split_choice, nargs="+", default=[None], metavar="{auto,1,2,...}",
                    help="segments per head that the kernel runs side by side; auto: the library's pick, "
                    "auto_split")  # fmt: skip
+    p.add_argument(
+        "--c-operand",
+        nargs="+",
+        default=["shared"],
+        choices=list(C_OPERANDS),
+        help="where the kernel's q C takes the state from (op= in the label unless only shared)",
+    )
     p.add_argument("--scores", nargs="+", default=["kernel"], choices=list(SCORES),
                    help="where the kernel's chunk scores are computed")  # fmt: skip
     p.add_argument("--backward", nargs="+", default=["xla", "mosaic"], choices=list(BACKWARDS),
@@ -399,8 +407,8 @@ def kernel_variants(a: argparse.Namespace) -> tuple[dict[str, dict[str, int]], l
         for w in (a.backward_consumers if b == "mosaic" else [1])
         for sb in (a.scan_block_dhv if b == "mosaic" else [None])
     ]
-    grid = itertools.product(a.block_dhv, a.depth, a.consumers, a.cluster, a.split, a.scores, backwards)
-    for bdhv, depth, consumers, cluster, split, scores, (backward, bwg, scan_block) in grid:
+    grid = itertools.product(a.block_dhv, a.depth, a.consumers, a.cluster, a.split, a.scores, a.c_operand, backwards)
+    for bdhv, depth, consumers, cluster, split, scores, c_operand, (backward, bwg, scan_block) in grid:
         if cluster is None:  # the library's pick for this tiling, named in the row
             cluster = auto_cluster(a.DHV, bdhv, consumers, a.interpret)
         name = f"mosaic bdhv={bdhv}"
@@ -409,11 +417,13 @@ def kernel_variants(a: argparse.Namespace) -> tuple[dict[str, dict[str, int]], l
         name += f" cl={cluster}" if a.cluster != [None] else ""
         name += f" sp={'auto' if split is None else split}" if a.split != [None] else ""
         name += f" sc={scores}" if a.scores != ["kernel"] else ""
+        name += f" op={c_operand}" if a.c_operand != ["shared"] else ""
         name += f" bw={backward}" if a.backward != ["xla"] else ""
         name += f" bwg={bwg}" if backward == "mosaic" and a.backward_consumers != [2] else ""
         name += f" sbd={scan_block}" if backward == "mosaic" and a.scan_block_dhv != [32] else ""
         why = chunkwise_mosaic_unsupported(
-            a.DHQK, a.DHV, jnp.bfloat16, bdhv, depth=depth, consumers=consumers, scores=scores, cluster=cluster
+            a.DHQK, a.DHV, jnp.bfloat16, bdhv, depth=depth, consumers=consumers, scores=scores, cluster=cluster,
+            c_operand=c_operand,
         )  # fmt: skip
         if why is None and backward == "mosaic" and "fwdbwd" in a.modes:
             why = mosaic_backward_unsupported(a.DHQK, a.DHV, jnp.bfloat16, bdhv, depth, scores)
@@ -426,6 +436,7 @@ def kernel_variants(a: argparse.Namespace) -> tuple[dict[str, dict[str, int]], l
                 "cluster": cluster,
                 "split": split,
                 "scores": scores,
+                "c_operand": c_operand,
                 "backward": backward,
                 "backward_consumers": bwg,
                 "backward_scan_block_dhv": scan_block,

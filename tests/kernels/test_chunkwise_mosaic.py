@@ -544,6 +544,51 @@ def test_cluster_reaches_the_kernel_grid():
         create_mlstm_backend("chunkwise_mosaic", cluster=3)
 
 
+# The state in registers as q C's A operand (``c_operand="registers"``): (B, NH, S, DHQK, DHV, initial states,
+# forget gates, input gates, consumers, scores, split); 64 columns per warpgroup, precomputed scores.
+REGISTER_CASES = [
+    (2, 1, 150, 64, 128, True, "mixed", "extreme", 1, "kernel", 1),  # three chunks, the last padded; c0 in, c out
+    (1, 2, 200, 128, 128, False, "mixed", "wide", 2, "precomputed", 1),  # two warpgroups, slots refilled
+    (1, 1, 256, 64, 64, True, "open", "extreme", 1, "kernel", 2),  # two segments from the states before them
+]
+
+
+@runs
+@pytest.mark.parametrize(
+    ("B", "NH", "S", "DHQK", "DHV", "states", "fgate", "igate", "consumers", "scores", "split"),
+    REGISTER_CASES,
+    ids=["states-extreme", "two-wg", "two-segments"],
+)
+def test_state_in_registers_matches_reference(B, NH, S, DHQK, DHV, states, fgate, igate, consumers, scores, split):
+    """Cᵀ held in registers as the A operand of q C (hᵀ stored transposed, c0 and c in and out through transposed
+    views): h and the last states against the float64 recurrence, with a reset inside a chunk and on a border."""
+    form = functools.partial(kernel(64, consumers, scores), split=split, c_operand="registers")
+    x = random_inputs(S + 3 * consumers + split, B, NH, S, DHQK, DHV, states=states, fgate=fgate, igate=igate)
+    check_forward(form, x, "bfloat16")
+    x["f"][0, 0, [90, 2 * CHUNK]] = -np.inf
+    check_forward(form, x, "bfloat16")
+
+
+def test_state_in_registers_takes_64_columns_and_precomputed_scores():
+    """Where ``c_operand="registers"`` cannot run, and its shared memory: no C tile, so two warpgroups of 64
+    columns fit with two chunks in flight."""
+    bf16 = jnp.bfloat16
+    assert chunkwise_mosaic_unsupported(256, 512, bf16, 64, scores="kernel", c_operand="registers") is None
+    assert chunkwise_mosaic_unsupported(256, 512, bf16, 64, consumers=2, scores="kernel", c_operand="registers") is None
+    assert shared_memory_bytes(256, bf16, 64, consumers=2, scores="kernel", c_operand="registers") == 209 * 1024
+    assert chunkwise_mosaic_unsupported(256, 512, bf16, 32, scores="kernel", c_operand="registers") == (
+        'c_operand="registers" takes block_dhv=64 (Cᵀ is the A operand, 64 rows) and precomputed scores, '
+        "got block_dhv=32, scores='kernel'"
+    )
+    assert "precomputed scores" in chunkwise_mosaic_unsupported(256, 512, bf16, 64, c_operand="registers")
+    assert chunkwise_mosaic_unsupported(256, 512, bf16, 64, c_operand="smem") == (
+        "c_operand='smem' must be one of ('shared', 'registers')"
+    )
+    operands = (jnp.zeros((1, CHUNK, 64), bf16),) * 3 + (jnp.zeros((1, 2, CHUNK)), jnp.zeros((1, 1)), None)
+    with pytest.raises(ValueError, match='borders=True takes c_operand="shared"'):
+        mosaic_chunkwise(*operands, eps=1e-6, block_dhv=64, scores="precomputed", c_operand="registers", borders=True)
+
+
 def test_unsupported_calls_raise():
     x = random_inputs(0, 1, 1, 8, 64, 32)
     args = [jnp.asarray(x[name], jnp.bfloat16) for name in ("q", "k", "v", "i", "f")]

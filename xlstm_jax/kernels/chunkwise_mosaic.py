@@ -44,6 +44,20 @@ The same function as :func:`xlstm_jax.mlstm.chunkwise.chunkwise_fw` (initial sta
    out with its barriers in 174 and 214 KiB (Hopper allows 227). With precomputed scores P is one 8 KiB tile
    per slot, shared, and the plan has 2 rows: 177 KiB with one warpgroup, 209 KiB with two.
 
+The state operand (``c_operand``). With ``"shared"`` each warpgroup rounds C to the inputs' dtype into shared
+memory at the end of every chunk, the B operand of the next chunk's ``q C``: a 32 KiB store (DHQK=256, 64
+columns) and a fence between one chunk's state update and the next chunk's product. With ``"registers"`` (64
+columns per warpgroup, precomputed scores) each warpgroup holds Cᵀ (block_dhv, DHQK) instead, rounded in
+registers into the A operand of the transposed products::
+
+    hᵀ = w' ⊙ (Cᵀ q̂ᵀ) + vᵀ (P / den)ᵀ                  # Cᵀ q̂ᵀ first, alone: its bf16 operand is then free
+    Cᵀ = decay · Cᵀ + (g ⊙ v)ᵀ k                        # accumulated onto decay · Cᵀ
+
+hᵀ goes into h's tile through a transposed store (the transposed WGMMA register layout: a shuffle within register
+pairs), and c0 and c in and out through transposed views of their tiles. With no C tile, two warpgroups of 64
+columns fit with two chunks in flight (209 KiB). The backward's border states are C tiles, so the forward that
+writes them keeps ``"shared"``.
+
 Clusters (``cluster`` 2 or 4). A head's column programs all read the same q, k, plan and P tiles per chunk: at
 B=8, NH=8, S=8192, DHV=512 and 64 columns a program, its 8 programs read 4.3 GB of q and k from L2 for 0.27 GB
 each in HBM. With ``cluster=c`` the grid's programs run in clusters of c consecutive column blocks of one head,
@@ -101,6 +115,7 @@ __all__ = [
     "BACKWARDS",
     "CHUNK",
     "CLUSTERS",
+    "C_OPERANDS",
     "ForwardTiling",
     "IN_KERNEL_SCORES_MAX_CHUNKS",
     "SCORES",
@@ -134,6 +149,9 @@ _W, _G = range(_READOUT_ROWS)  # the border state's weight over the denominator;
 # head before it, by XLA (:func:`normalised_scores`) or by a Mosaic GPU kernel of their own
 # (:mod:`xlstm_jax.kernels.chunkwise_mosaic_scores`).
 SCORES = ("in_kernel", "precomputed", "kernel")
+# Where q C's state operand comes from (``c_operand``): C rounded into shared memory every chunk (the B operand), or
+# Cᵀ held in registers (the A operand); module docstring.
+C_OPERANDS = ("shared", "registers")
 _CLUSTER = "cluster"  # the mesh axis of the programs of a cluster (mosaic_chunkwise's ``cluster``)
 CLUSTERS = (1, 2, 4)  # programs per cluster the forward kernel takes
 _FOLD_MAX_DHQK = 256  # the largest head size for which the scores kernel computes q̂·n_border (registers)
@@ -149,6 +167,7 @@ def shared_memory_bytes(
     consumers: int = 1,
     scores: str = "in_kernel",
     normaliser: bool = False,
+    c_operand: str = "shared",
 ) -> int:
     """Bytes of shared memory of the kernel's chunk loop (its largest scope): the tiles, not the barriers.
 
@@ -156,7 +175,7 @@ def shared_memory_bytes(
     ``depth`` v tiles (L, block_dhv), h (L, block_dhv), C rounded (DHQK, block_dhv), P (L, L), g ⊙ v
     (L, block_dhv). With precomputed scores (``"precomputed"``, ``"kernel"``) P arrives per pipeline slot, shared,
     and the plan has 2 rows. With in-kernel scores, ``normaliser`` adds the (2, L) float32 tile that takes each
-    chunk's (qn, den) out.
+    chunk's (qn, den) out. With ``c_operand="registers"`` there is no C tile.
     """
     item = jnp.dtype(dtype).itemsize
     precomputed = scores != "in_kernel"
@@ -164,7 +183,7 @@ def shared_memory_bytes(
     p_tile = CHUNK * CHUNK * item
     shared = depth * (2 * CHUNK * DHQK * item + rows * CHUNK * 4 + (p_tile if precomputed else 0))
     own = (depth + 2) * CHUNK * block_dhv * item  # v tiles, h
-    own += DHQK * block_dhv * item + (0 if precomputed else p_tile)
+    own += (DHQK * block_dhv * item if c_operand == "shared" else 0) + (0 if precomputed else p_tile)
     return shared + consumers * own + (2 * CHUNK * 4 if normaliser and not precomputed else 0)
 
 
@@ -184,17 +203,26 @@ def chunkwise_mosaic_unsupported(
     scores: str = "in_kernel",
     normaliser: bool = False,
     cluster: int = 1,
+    c_operand: str = "shared",
 ) -> str | None:
     """Why the kernel cannot run this head shape, dtype and tiling, or None if it can (no device check).
 
     The tiling: ``block_dhv`` columns of c per warpgroup, ``depth`` chunks in flight, ``consumers`` warpgroups per
     program, ``scores`` where the chunk's scores are computed (:data:`SCORES`), ``normaliser`` whether each step's
     (qn, den) leaves the kernel too, ``cluster`` programs per cluster (:data:`CLUSTERS`; they must divide the
-    head's ``DHV / (consumers * block_dhv)`` programs); the tiles must fit in a Hopper block's shared memory
-    (:func:`shared_memory_bytes`).
+    head's ``DHV / (consumers * block_dhv)`` programs), ``c_operand`` where q C's state operand comes from
+    (:data:`C_OPERANDS`; ``"registers"`` takes 64 columns, the M of the A operand, and precomputed scores); the
+    tiles must fit in a Hopper block's shared memory (:func:`shared_memory_bytes`).
     """
     if scores not in SCORES:
         return f"scores={scores!r} must be one of {SCORES}"
+    if c_operand not in C_OPERANDS:
+        return f"c_operand={c_operand!r} must be one of {C_OPERANDS}"
+    if c_operand == "registers" and (block_dhv != _ROWS or scores == "in_kernel"):
+        return (
+            f'c_operand="registers" takes block_dhv={_ROWS} (Cᵀ is the A operand, {_ROWS} rows) and precomputed '
+            f"scores, got block_dhv={block_dhv}, scores={scores!r}"
+        )
     if jnp.dtype(dtype) not in (jnp.dtype(jnp.bfloat16), jnp.dtype(jnp.float16)):
         return f"inputs must be bfloat16 or float16 (the WGMMA operand dtypes), got {jnp.dtype(dtype)}"
     if DHQK % _ROWS:
@@ -217,9 +245,11 @@ def chunkwise_mosaic_unsupported(
             f"cluster={cluster} must divide the {_column_programs(DHV, block_dhv, consumers)} programs of a head "
             f"(DHV={DHV}, consumers={consumers}, block_dhv={block_dhv})"
         )
-    smem = shared_memory_bytes(DHQK, dtype, block_dhv, depth, consumers, scores, normaliser)
+    smem = shared_memory_bytes(DHQK, dtype, block_dhv, depth, consumers, scores, normaliser, c_operand)
     if smem + _SMEM_RESERVE > _SMEM_LIMIT:
-        detail = "" if scores == "in_kernel" else f", scores={scores!r}"
+        detail = ("" if scores == "in_kernel" else f", scores={scores!r}") + (
+            "" if c_operand == "shared" else f", c_operand={c_operand!r}"
+        )
         return (
             f"the tiles need {smem // 1024} KiB of shared memory at DHQK={DHQK}, block_dhv={block_dhv}, "
             f"depth={depth}, consumers={consumers}{detail}; a Hopper block has {_SMEM_LIMIT // 1024} KiB, "
@@ -345,6 +375,7 @@ class ForwardTiling(NamedTuple):
     depth: int  # chunks in flight
     cluster: int  # programs per cluster
     split: int  # segments per head
+    c_operand: str  # where q C's state operand comes from (C_OPERANDS)
 
 
 def check_split(split: Any, NC: int, S: int) -> None:
@@ -370,6 +401,7 @@ def forward_tiling(
     cluster: int | None = None,
     split: int | None = None,
     interpret: bool = False,
+    c_operand: str | None = None,
 ) -> ForwardTiling:
     """The tiling :func:`chunkwise_mosaic_fw` runs for ``BH`` heads (batch times heads) of ``S`` steps, each None
     picked: ``split`` by :func:`auto_split` for the widest tiling unless a tiling is given (1 with the scores in the
@@ -388,7 +420,8 @@ def forward_tiling(
     block_dhv, consumers = auto_tiling(BH * split, DHQK, DHV, dtype, block_dhv, consumers, tiling_depth, scores)
     depth = auto_depth(DHQK, DHV, dtype, block_dhv, consumers, scores) if depth is None else depth
     cluster = auto_cluster(DHV, block_dhv, consumers, interpret) if cluster is None else cluster
-    return ForwardTiling(block_dhv, consumers, depth, cluster, split)
+    c_operand = "shared" if c_operand is None else c_operand
+    return ForwardTiling(block_dhv, consumers, depth, cluster, split, c_operand)
 
 
 def _swizzled(swizzle: int, itemsize: int) -> tuple[Any, Any]:
@@ -444,12 +477,16 @@ class _Warpgroups:
 
         return pl.run_scoped(scoped, self._state_tile(src.shape[1]), self.barrier(), collective_axes="wg")
 
-    def state_out(self, x: jax.Array, dst: Any, bh: Any) -> None:
-        """The registers ``x`` to this warpgroup's columns of head ``bh`` of ``dst`` (BH, rows, ·)."""
+    def state_out(self, x: jax.Array, dst: Any, bh: Any, store: Any = None) -> None:
+        """The registers ``x`` to this warpgroup's columns of head ``bh`` of ``dst`` (BH, rows, ·), through
+        ``store(tile, x)`` (None: as they are)."""
 
         def scoped(tile):
             tile = self.own(tile)
-            tile[...] = x
+            if store is None:
+                tile[...] = x
+            else:
+                store(tile, x)
             plgpu.commit_smem()
             plgpu.copy_smem_to_gmem(tile, dst.at[bh, :, self.columns])
             plgpu.wait_smem_to_gmem(0)
@@ -498,6 +535,33 @@ class _RegisterTiles:
         same = self.rows(breaks_t, CHUNK) == self.columns(breaks_s)
         log_d = self.rows(row, CHUNK) + self.columns(col)
         return self.cast(jnp.where((self.iota(1) <= self.iota(0)) & same, jnp.exp(log_d), 0.0), self.tile)
+
+
+def _register_operand(x: jax.Array, scratch: Any, interpret: bool) -> Any:
+    """Registers ``x`` (the WGMMA layout, the operands' dtype) as a WGMMA A operand: ``x`` itself, or in the
+    interpreter (whose products read shared memory only) ``x`` stored in ``scratch``."""
+    if not interpret:
+        return x
+    scratch[...] = x
+    return scratch
+
+
+def _store_transposed(ref: Any, x: jax.Array, interpret: bool) -> None:
+    """``xᵀ`` into ``ref``: registers ``x`` (the WGMMA layout) moved to the transposed WGMMA layout (a shuffle
+    within register pairs) and stored through ``ref``'s transposed view; the interpreter transposes the value."""
+    if interpret:
+        ref[...] = x.T
+    else:
+        ref.transpose((1, 0))[...] = plgpu.layout_cast(x, plgpu.Layout.WGMMA_TRANSPOSED)
+
+
+def _load_transposed(ref: Any, interpret: bool) -> jax.Array:
+    """``refᵀ`` in registers in the WGMMA layout: loaded through ``ref``'s transposed view in the transposed WGMMA
+    layout, then moved to the WGMMA layout (the inverse of :func:`_store_transposed`)."""
+    if interpret:
+        return ref[...].T
+    x = load_ref(ref.transpose((1, 0)), plgpu.Layout.WGMMA_TRANSPOSED, optimized=False)
+    return plgpu.layout_cast(x, plgpu.Layout.WGMMA)
 
 
 def _transposed(ref: Any, scratch: Any, interpret: bool) -> Any:
@@ -555,7 +619,9 @@ def _chunk_body(
     cluster: int,
     zero_state: bool,
     segments: int = 1,
+    c_operand: str = "shared",
 ):
+    # c_operand="registers": each warpgroup holds Cᵀ (NV, DHQK) rather than C, and c0 and c go in and out transposed.
     # The outputs: h (BH / segments, segments * S, DHV) in h's dtype, each head's segments one after another (the
     # caller's layout: XLA's fusions read h without a reshape of its rows); c (BH, DHQK, DHV) float32; with borders,
     # r(C_j) before every chunk (BH, NC * DHQK, DHV) in q's dtype; with normaliser (in-kernel scores), each chunk's
@@ -574,6 +640,11 @@ def _chunk_body(
     tile, row_layout, col_layout, load, cast = regs.tile, regs.row_layout, regs.col_layout, regs.load, regs.cast
     bh, vb = lax.axis_index("bh"), lax.axis_index("vb")
     clustered = cluster > 1
+    shared_c = c_operand == "shared"
+
+    def load_c(ref):  # the state's tile (DHQK, NV) into registers: C, or with c_operand="registers" Cᵀ
+        return load(ref, tile) if shared_c else _load_transposed(ref, interpret)
+
     if clustered:  # the programs of a cluster: consecutive column blocks of one head
         vb = vb * cluster + lax.axis_index(_CLUSTER)
     # With a cluster, the tiles of the head's q, k, plan and P are multicast: each program of the cluster loads its
@@ -601,11 +672,13 @@ def _chunk_body(
     def accumulated(acc, wait_n):  # an accumulator once at most wait_n products are in flight
         return acc[...] if interpret else plgpu.wgmma_accumulator_load(acc, wait_n=wait_n)
 
-    def body(q_bufs, k_bufs, v_bufs, plan_bufs, h_smem, c16_smem, p_smem, gv_smem, loaded, *rest):
+    def body(q_bufs, k_bufs, v_bufs, plan_bufs, h_smem, p_smem, gv_smem, loaded, *rest):
+        c16_smem, rest = (own(rest[0]), rest[1:]) if shared_c else (None, rest)
         norm_smem, rest = (rest[0], rest[1:]) if normaliser else (None, rest)
-        consumed, kt = (rest[0], rest[1:]) if shared_slots else (None, rest)
-        done, kt = (kt[0], kt[1:]) if clustered else (None, kt)
-        v_bufs, h_smem, c16_smem, gv_smem = map(own, (v_bufs, h_smem, c16_smem, gv_smem))
+        consumed, rest = (rest[0], rest[1:]) if shared_slots else (None, rest)
+        done, scratch = (rest[0], rest[1:]) if clustered else (None, rest)  # scratch: the interpreter's copies
+        scratch = tuple(map(own, scratch))
+        v_bufs, h_smem, gv_smem = map(own, (v_bufs, h_smem, gv_smem))
         if not precomputed:  # each warpgroup's own P; precomputed, one per pipeline slot, shared
             p_smem = own(p_smem)
 
@@ -637,7 +710,8 @@ def _chunk_body(
 
         # c0 into its tile before any copy into this scope: the loads of c0 from the last scope's tile (which these
         # tiles reuse) are then ordered before the copies by the fence.
-        c16_smem[...] = cast(c_init.astype(dtype), tile)
+        if shared_c:
+            c16_smem[...] = cast(c_init.astype(dtype), tile)
         plgpu.commit_smem()
         for j in range(min(depth, NC)):
             issue(j, j)
@@ -649,7 +723,8 @@ def _chunk_body(
             if borders_ref is not None:  # r(C_j), committed at the end of the last chunk, out while this one runs
                 plgpu.copy_smem_to_gmem(c16_smem, borders_ref.at[bh, pl.ds(j * DHQK, DHQK), columns])
             q_smem, k_smem, v_smem, plan_smem = q_bufs.at[slot], k_bufs.at[slot], v_bufs.at[slot], plan_bufs.at[slot]
-            k_t = _transposed(k_smem, own(kt[0]) if interpret else None, interpret)  # (DHQK, L)
+            if shared_c:
+                k_t = _transposed(k_smem, scratch[0] if interpret else None, interpret)  # (DHQK, L)
 
             def scores_to_p(scores):
                 """The gated scores P (registers) from q kᵀ, and P into shared memory for P v."""
@@ -684,12 +759,16 @@ def _chunk_body(
                     return h_ref.at[bh, pl.ds(j * L, L), columns]
                 return h_ref.at[bh // segments, pl.ds((bh % segments) * S + j * L, L), columns]
 
-            def write_h(h, qn_den=None):
-                """h to its rows and columns; ``qn_den`` (in-kernel scores, with ``normaliser``) to this chunk's rows
-                of the (qn, den) output, from the head's first column block's first warpgroup (all compute it)."""
+            def write_h(h, qn_den=None, transposed=False):
+                """h to its rows and columns (``transposed``: from hᵀ); ``qn_den`` (in-kernel scores, with
+                ``normaliser``) to this chunk's rows of the (qn, den) output, from the head's first column block's
+                first warpgroup (all compute it)."""
                 h = cast(h.astype(dtype), tile)
                 plgpu.wait_smem_to_gmem(0, wait_read_only=True)  # the previous chunk's h (and qn, den) have left
-                h_smem[...] = h
+                if transposed:
+                    _store_transposed(h_smem, h, interpret)
+                else:
+                    h_smem[...] = h
                 if norm_ref is None:
                     plgpu.commit_smem()
                     plgpu.copy_smem_to_gmem(h_smem, h_rows(h_ref, j))
@@ -747,11 +826,40 @@ def _chunk_body(
                 _, _, c = _accumulate(products, (zeros, zeros, cast(decay_ref[bh, j] * c, tile)), interpret)
                 return cast(c, tile)
 
-            c = precomputed_scores(c) if precomputed else in_kernel_scores(c)
-            if borders_ref is not None:
-                plgpu.wait_smem_to_gmem(0, wait_read_only=True)  # r(C_j) has left c16_smem
-            c16_smem[...] = cast(c.astype(dtype), tile)
-            plgpu.commit_smem()
+            def registers_state(c):
+                # Cᵀ (NV, DHQK) in registers is q C's A operand: hᵀ = w ⊙ Cᵀ q̂ᵀ + vᵀ (P / den)ᵀ and
+                # Cᵀ = decay · Cᵀ + (g ⊙ v)ᵀ k, no C tile written per chunk. q̂ C first, on its own: its bf16
+                # operand (64 registers a thread) is free before the update's accumulator, which starts at
+                # decay · Cᵀ, and vᵀ (P / den)ᵀ's take the registers.
+                gated_values()
+                plgpu.commit_smem()
+                a = _register_operand(cast(c.astype(dtype), tile), scratch[0] if interpret else None, interpret)
+                q_t = _transposed(q_smem, scratch[1] if interpret else None, interpret)  # (DHQK, L)
+                inter = _product(a, q_t, (NV, L))
+                w = load(plan_smem.at[_W], col_layout)
+                x = cast(regs.columns(w) * cast(inter, tile), tile)
+                v_t = _transposed(v_smem, scratch[2] if interpret else None, interpret)  # (NV, L)
+                p_t = _transposed(p_smem.at[slot], scratch[3] if interpret else None, interpret)  # (L, L)
+                gv_t = _transposed(gv_smem, scratch[4] if interpret else None, interpret)  # (NV, L)
+
+                def products(accs):
+                    acc_h, acc_c = accs
+                    plgpu.wgmma(acc_h, v_t, p_t)
+                    plgpu.wgmma(acc_c, gv_t, k_smem)
+                    write_h(cast(x + accumulated(acc_h, 1), tile), transposed=True)  # while the update runs
+
+                zeros = cast(jnp.zeros((NV, L), f32), tile)
+                _, c = _accumulate(products, (zeros, cast(decay_ref[bh, j] * c, tile)), interpret)
+                return cast(c, tile)
+
+            if not shared_c:
+                c = registers_state(c)
+            else:
+                c = precomputed_scores(c) if precomputed else in_kernel_scores(c)
+                if borders_ref is not None:
+                    plgpu.wait_smem_to_gmem(0, wait_read_only=True)  # r(C_j) has left c16_smem
+                c16_smem[...] = cast(c.astype(dtype), tile)
+                plgpu.commit_smem()
 
             @pl.when(j + depth < NC)
             def _():
@@ -768,10 +876,16 @@ def _chunk_body(
             plgpu.barrier_wait(done)
         return c_last
 
-    if zero_state:
-        c_init = cast(jnp.zeros((DHQK, NV), f32), tile)
+    if shared_c:
+        c_init = cast(jnp.zeros((DHQK, NV), f32), tile) if zero_state else group.state_in(c0_ref, bh, load_c)
     else:
-        c_init = group.state_in(c0_ref, bh, lambda ref: load(ref, tile))
+        c_init = cast(jnp.zeros((NV, DHQK), f32), tile) if zero_state else group.state_in(c0_ref, bh, load_c)
+    if not interpret:
+        scratch = []
+    elif shared_c:
+        scratch = [per_warpgroup((DHQK, L), dtype)]  # kᵀ
+    else:  # Cᵀ as the A operand; q̂ᵀ, vᵀ, (P / den)ᵀ and (g ⊙ v)ᵀ
+        scratch = [per_warpgroup(shape, dtype) for shape in ((NV, DHQK), (DHQK, L), (NV, L), (L, L), (NV, L))]
     c_last = pl.run_scoped(
         body,
         plgpu.SMEM((depth, L, DHQK), dtype, transforms=operand),
@@ -779,19 +893,19 @@ def _chunk_body(
         per_warpgroup((depth, L, NV), dtype, transforms=operand),
         plgpu.SMEM((depth, rows, L), f32),
         per_warpgroup((L, NV), dtype, transforms=operand),
-        per_warpgroup((DHQK, NV), dtype, transforms=operand),
         plgpu.SMEM((depth, L, L), dtype, transforms=operand)
         if precomputed
         else per_warpgroup((L, L), dtype, transforms=operand),
         per_warpgroup((L, NV), dtype, transforms=operand),
         plgpu.Barrier(num_arrivals=1, num_barriers=(p_barrier + precomputed) * depth),  # q, k, each v, plan[, P]
+        *([per_warpgroup((DHQK, NV), dtype, transforms=operand)] if shared_c else []),  # C rounded, q C's B operand
         *([plgpu.SMEM((2, L), f32)] if normaliser else []),  # (qn, den) on their way out
         *([consumed_barrier(num_arrivals=consumers, num_barriers=depth)] if shared_slots else []),
         *([plgpu.ClusterBarrier(collective_axes=(_CLUSTER,), num_arrivals=consumers)] if clustered else []),
-        *([per_warpgroup((DHQK, L), dtype)] if interpret else []),
+        *scratch,
         collective_axes="wg",
     )
-    group.state_out(c_last, c_ref, bh)
+    group.state_out(c_last, c_ref, bh, None if shared_c else lambda ref, x: _store_transposed(ref, x, interpret))
 
 
 def _dot(spec: str, a: jax.Array, b: jax.Array, acc: Any) -> jax.Array:
@@ -862,6 +976,7 @@ def normalised_scores(
         "normaliser",
         "cluster",
         "split",
+        "c_operand",
     ),
 )
 def mosaic_chunkwise(
@@ -883,6 +998,7 @@ def mosaic_chunkwise(
     n_border: jax.Array | None = None,
     cluster: int = 1,
     split: int = 1,
+    c_operand: str = "shared",
 ) -> tuple[jax.Array, ...]:
     """The kernel on ``BH`` flattened heads, from :func:`chunk_plan`'s plan; the caller checks shapes.
 
@@ -902,6 +1018,8 @@ def mosaic_chunkwise(
     ``1 / split`` of the chunks each, from the states before them
     (:func:`~xlstm_jax.kernels.chunkwise_mosaic_scan.segment_starts`); it must divide the NC chunks. The same
     function: the scores, the plan and every output are per chunk.
+    ``c_operand``: where q C's state operand comes from (:data:`C_OPERANDS`, module docstring); ``"registers"``
+    writes no borders.
 
     Returns:
         ``(h (BH, S, DHV) in q's dtype, c after the last chunk (BH, DHQK, DHV) float32)``, and with ``borders``
@@ -912,10 +1030,12 @@ def mosaic_chunkwise(
     DHV = v.shape[-1]
     reason = chunkwise_mosaic_unsupported(
         DHQK, DHV, q.dtype, block_dhv, depth=depth, consumers=consumers, scores=scores,
-        normaliser=normaliser, cluster=cluster,
+        normaliser=normaliser, cluster=cluster, c_operand=c_operand,
     )  # fmt: skip
     if reason is not None:
         raise ValueError(f"the Mosaic GPU chunkwise kernel cannot run this shape: {reason}")
+    if borders and c_operand != "shared":
+        raise ValueError(f'borders=True takes c_operand="shared" (the borders are its C tiles), got {c_operand!r}')
     if interpret and cluster > 1:
         raise ValueError(f"cluster={cluster} cannot run in Mosaic GPU's interpreter (it has no cluster barriers)")
     NC = S // CHUNK
@@ -926,7 +1046,7 @@ def mosaic_chunkwise(
     body = functools.partial(
         _chunk_body, eps=eps, block_dhv=block_dhv, depth=depth, consumers=consumers, interpret=interpret,
         precomputed=precomputed, borders=borders, normaliser=in_kernel_normaliser, cluster=cluster,
-        zero_state=c0 is None and split == 1, segments=split,
+        zero_state=c0 is None and split == 1, segments=split, c_operand=c_operand,
     )  # fmt: skip
     if split > 1:
         # Imported here: the scan's module builds on this one's helpers.
@@ -1064,6 +1184,7 @@ def _forward(
     cluster: int,
     split: int,
     states_given: bool,
+    c_operand: str = "shared",
 ):
     """h (B, NH, S, DHV) and the last states (c, n, m) in the accumulation dtype; without ``states_given`` the
     kernel starts from zeros (no zero state written and read)."""
@@ -1088,6 +1209,7 @@ def _forward(
         n_border=n_border.reshape(B * NH, NC, DHQK) if fold else None,
         cluster=cluster,
         split=split,
+        c_operand=c_operand,
     )
     h = h.reshape(B, NH, NC * L, DHV)[:, :, :S]
     return h, (c_last.reshape(B, NH, DHQK, DHV), n_last, m_last)
@@ -1118,6 +1240,7 @@ def chunkwise_mosaic_fw(
     backward_scan_block_dhv: int | None = None,
     cluster: int | None = None,
     split: int | None = None,
+    c_operand: str | None = None,
 ) -> jax.Array | tuple[jax.Array, tuple[jax.Array, jax.Array, jax.Array]]:
     """The mLSTM on a whole sequence, chunkwise, with the products in a Mosaic GPU kernel (module docstring).
 
@@ -1178,12 +1301,13 @@ def chunkwise_mosaic_fw(
     _, _, S, DHQK, DHV = x.dims
     dtype = jnp.result_type(q, k, v)
     scores = auto_scores(S) if scores is None else scores
-    block_dhv, consumers, depth, cluster, split = forward_tiling(
+    block_dhv, consumers, depth, cluster, split, c_operand = forward_tiling(
         x.dims[0] * x.dims[1], S, DHQK, DHV, dtype, scores, block_dhv=block_dhv, consumers=consumers, depth=depth,
-        cluster=cluster, split=split, interpret=interpret,
+        cluster=cluster, split=split, interpret=interpret, c_operand=c_operand,
     )  # fmt: skip
     reason = chunkwise_mosaic_unsupported(
-        DHQK, DHV, dtype, block_dhv, depth=depth, consumers=consumers, scores=scores, cluster=cluster
+        DHQK, DHV, dtype, block_dhv, depth=depth, consumers=consumers, scores=scores, cluster=cluster,
+        c_operand=c_operand,
     )  # fmt: skip
     if reason is not None:
         raise ValueError(f"chunkwise_mosaic_fw cannot run this call: {reason}")
@@ -1206,7 +1330,8 @@ def chunkwise_mosaic_fw(
 
         def products(q, k, v, plan, decay, c0, n_border=None):
             return mosaic_chunkwise(
-                q, k, v, plan, decay, c0, eps=eps, consumers=consumers, n_border=n_border, **forward_tiles
+                q, k, v, plan, decay, c0, eps=eps, consumers=consumers, n_border=n_border, c_operand=c_operand,
+                **forward_tiles,
             )  # fmt: skip
 
         grad_consumers = consumers
@@ -1243,7 +1368,9 @@ def chunkwise_mosaic_fw(
     def run(q, k, v, i, f, states, segment_ids):
         c0, n0, m0 = states if states_given else (None, None, None)
         x = chunk_sequence(q, k, v, i, f, c0, n0, m0, eps, state_dtype, CHUNK, segment_ids, True)
-        h, last = _forward(x, eps, block_dhv, depth, consumers, interpret, scores, cluster, split, states_given)
+        h, last = _forward(
+            x, eps, block_dhv, depth, consumers, interpret, scores, cluster, split, states_given, c_operand
+        )  # fmt: skip
         return h.astype(q.dtype), cast_states(last, x.out_dtypes)
 
     def xla(q, k, v, i, f, states, segment_ids):

@@ -18,6 +18,7 @@ import jax.numpy as jnp
 
 from xlstm_jax.kernels.chunkwise_mosaic import (
     BACKWARDS,
+    C_OPERANDS,
     CHUNK,
     CLUSTERS,
     SCORES,
@@ -59,6 +60,7 @@ def chunkwise_hopper_fw(
     backward_scan_block_dhv: int | None = None,
     cluster: int | None = None,
     split: int | None = None,
+    c_operand: str | None = None,
 ) -> Any:
     """The chunkwise form: the Mosaic GPU kernel where it applies, else the XLA form with ``chunk_size`` (which also
     runs under differentiation: :func:`~xlstm_jax.kernels.chunkwise_mosaic.chunkwise_mosaic_fw`).
@@ -77,7 +79,9 @@ def chunkwise_hopper_fw(
     backward kernels' block, ``block_dhv`` where their tiles fit, else 32). ``cluster``: the forward kernel's
     programs per cluster, 1, 2 or 4 (None: :func:`~xlstm_jax.kernels.chunkwise_mosaic.auto_cluster`). ``split``:
     segments of each head that the forward kernel runs side by side where it divides the call's chunks of 64 steps,
-    else 1 (None: :func:`~xlstm_jax.kernels.chunkwise_mosaic.auto_split`).
+    else 1 (None: :func:`~xlstm_jax.kernels.chunkwise_mosaic.auto_split`). ``c_operand``: where the forward kernel's
+    q C takes the state from, ``"shared"`` or ``"registers"``
+    (:data:`~xlstm_jax.kernels.chunkwise_mosaic.C_OPERANDS`; None: the tiling's pick).
     """
     use_kernel = interpret if interpret is not None else device_supports_mosaic()
     dtype = jnp.result_type(q, k, v)
@@ -89,19 +93,20 @@ def chunkwise_hopper_fw(
     scores = auto_scores(S) if scores is None else scores
     if split is not None and -(-S // CHUNK) % split:
         split = 1  # a served prompt's chunks vary: the configured split where it divides them
-    block_dhv, consumers, depth, cluster, split = forward_tiling(
+    block_dhv, consumers, depth, cluster, split, c_operand = forward_tiling(
         q.shape[0] * q.shape[1], S, DHQK, DHV, dtype, scores, block_dhv=block_dhv, consumers=consumers,
-        cluster=cluster, split=split, interpret=bool(interpret),
+        cluster=cluster, split=split, interpret=bool(interpret), c_operand=c_operand,
     )  # fmt: skip
     fits = chunkwise_mosaic_unsupported(
-        DHQK, DHV, dtype, block_dhv, depth=depth, consumers=consumers, scores=scores, cluster=cluster
+        DHQK, DHV, dtype, block_dhv, depth=depth, consumers=consumers, scores=scores, cluster=cluster,
+        c_operand=c_operand,
     )  # fmt: skip
     if use_kernel and fits is None and states_dtype in (None, jnp.dtype(jnp.float32)):
         return chunkwise_mosaic_fw(
             q, k, v, i, f, c_initial, n_initial, m_initial, return_last_states, eps, state_dtype,
             segment_ids=segment_ids, block_dhv=block_dhv, depth=depth, consumers=consumers, interpret=bool(interpret),
             xla_chunk_size=chunk_size, backward=backward, backward_consumers=backward_consumers, scores=scores,
-            backward_scan_block_dhv=backward_scan_block_dhv, cluster=cluster, split=split,
+            backward_scan_block_dhv=backward_scan_block_dhv, cluster=cluster, split=split, c_operand=c_operand,
         )  # fmt: skip
     return chunkwise_fw(
         q, k, v, i, f, c_initial, n_initial, m_initial, return_last_states, eps, state_dtype, chunk_size,
@@ -156,6 +161,10 @@ class mLSTMBackendChunkwiseMosaicConfig(mLSTMBackendConfig):
             call's chunks of 64 steps (else 1), or None to pick
             (:func:`~xlstm_jax.kernels.chunkwise_mosaic.auto_split`: 2 for xLSTM-7B's 8 heads at batch 1 from
             8192 steps).
+        c_operand: Where the forward kernel's q C takes the state from: ``"shared"``, C rounded into shared
+            memory every chunk; ``"registers"``, Cᵀ kept in registers as the product's A operand (64 columns per
+            warpgroup, precomputed scores); None picks (:func:`~xlstm_jax.kernels.chunkwise_mosaic.forward_tiling`).
+            Where the tiling does not take it, the XLA form runs.
     """
 
     chunk_size: int = 256
@@ -168,6 +177,7 @@ class mLSTMBackendChunkwiseMosaicConfig(mLSTMBackendConfig):
     backward_scan_block_dhv: int | None = None
     cluster: int | None = None
     split: int | None = None
+    c_operand: str | None = None
 
     def __post_init__(self) -> None:
         super().__post_init__()
@@ -194,6 +204,8 @@ class mLSTMBackendChunkwiseMosaicConfig(mLSTMBackendConfig):
             not isinstance(self.split, int) or isinstance(self.split, bool) or self.split < 1
         ):
             raise ValueError(f"split must be None or a positive integer (segments per head), got {self.split!r}")
+        if self.c_operand is not None and self.c_operand not in C_OPERANDS:
+            raise ValueError(f"c_operand must be None or one of {C_OPERANDS}, got {self.c_operand!r}")
 
 
 class mLSTMBackendChunkwiseMosaic(mLSTMBackend):
