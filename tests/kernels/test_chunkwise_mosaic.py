@@ -569,6 +569,17 @@ def test_state_in_registers_matches_reference(B, NH, S, DHQK, DHV, states, fgate
     check_forward(form, x, "bfloat16")
 
 
+@runs
+def test_backend_runs_the_state_in_registers():
+    """The backend's ``c_operand`` reaches the kernel: its h is the function's with the same settings."""
+    x = random_inputs(21, 1, 2, 150, 64, 128, states=True, igate="extreme")
+    args = [jnp.asarray(x[name], jnp.bfloat16) for name in ("q", "k", "v")] + [jnp.asarray(x[n]) for n in "if"]
+    settings = {"block_dhv": 64, "scores": "kernel", "c_operand": "registers"}
+    backend = create_mlstm_backend("chunkwise_mosaic", interpret=True if INTERPRET else None, **settings)
+    form = functools.partial(chunkwise_mosaic_fw, interpret=INTERPRET, **settings)
+    np.testing.assert_array_equal(np.asarray(backend(*args), np.float32), np.asarray(form(*args), np.float32))
+
+
 def test_state_in_registers_takes_64_columns_and_precomputed_scores():
     """Where ``c_operand="registers"`` cannot run, and its shared memory: no C tile, so two warpgroups of 64
     columns fit with two chunks in flight."""
@@ -584,6 +595,8 @@ def test_state_in_registers_takes_64_columns_and_precomputed_scores():
     assert chunkwise_mosaic_unsupported(256, 512, bf16, 64, c_operand="smem") == (
         "c_operand='smem' must be one of ('shared', 'registers')"
     )
+    with pytest.raises(ValueError, match=r"c_operand must be None or one of \('shared', 'registers'\), got 'smem'"):
+        create_mlstm_backend("chunkwise_mosaic", c_operand="smem")
     operands = (jnp.zeros((1, CHUNK, 64), bf16),) * 3 + (jnp.zeros((1, 2, CHUNK)), jnp.zeros((1, 1)), None)
     with pytest.raises(ValueError, match='borders=True takes c_operand="shared"'):
         mosaic_chunkwise(*operands, eps=1e-6, block_dhv=64, scores="precomputed", c_operand="registers", borders=True)
