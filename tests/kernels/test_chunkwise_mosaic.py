@@ -561,12 +561,15 @@ REGISTER_CASES = [
 )
 def test_state_in_registers_matches_reference(B, NH, S, DHQK, DHV, states, fgate, igate, consumers, scores, split):
     """Cᵀ held in registers as the A operand of q C (hᵀ stored transposed, c0 and c in and out through transposed
-    views): h and the last states against the float64 recurrence, with a reset inside a chunk and on a border."""
+    views): h and the last states against the float64 recurrence, with a reset inside a chunk and on a border, and
+    packed documents (S=150)."""
     form = functools.partial(kernel(64, consumers, scores), split=split, c_operand="registers")
     x = random_inputs(S + 3 * consumers + split, B, NH, S, DHQK, DHV, states=states, fgate=fgate, igate=igate)
     check_forward(form, x, "bfloat16")
     x["f"][0, 0, [90, 2 * CHUNK]] = -np.inf
     check_forward(form, x, "bfloat16")
+    if S == SEGMENTS.shape[1]:
+        check_forward(form, x, "bfloat16", segment_ids=SEGMENTS[:B])
 
 
 @runs
