@@ -568,8 +568,25 @@ def test_state_in_registers_matches_reference(B, NH, S, DHQK, DHV, states, fgate
     check_forward(form, x, "bfloat16")
     x["f"][0, 0, [90, 2 * CHUNK]] = -np.inf
     check_forward(form, x, "bfloat16")
-    if S == SEGMENTS.shape[1]:
+    if SEGMENTS.shape[1] == S:
         check_forward(form, x, "bfloat16", segment_ids=SEGMENTS[:B])
+
+
+def test_forward_tiling_takes_two_warpgroups_with_the_state_in_registers_where_their_grid_fills():
+    """With precomputed scores and nothing else given, two warpgroups of 64 columns with the state in registers
+    where their grid (after their own segments) has a full wave of programs; else the tiling of before, with the
+    state in registers where it has 64 columns. The scores in the kernel, 32 columns, a given tiling of one
+    warpgroup or ``c_operand="shared"`` keep C in shared memory or one warpgroup as asked."""
+    bf16 = jnp.bfloat16
+    assert forward_tiling(64, 8192, 256, 512, bf16, "kernel") == (64, 2, 2, 2, 1, "registers")  # 256 programs
+    assert forward_tiling(8, 65536, 256, 512, bf16, "kernel") == (64, 2, 2, 2, 4, "registers")  # 4 segments: 128
+    assert forward_tiling(16, 32768, 256, 512, bf16, "precomputed") == (64, 2, 2, 2, 2, "registers")
+    # 8 heads of 8192 steps: two warpgroups would have 64 programs (segments of 64 chunks at least)
+    assert forward_tiling(8, 8192, 256, 512, bf16, "kernel") == (64, 1, 2, 2, 2, "registers")
+    assert forward_tiling(64, 8192, 256, 512, bf16, "kernel", consumers=1) == (64, 1, 2, 2, 1, "registers")
+    assert forward_tiling(64, 8192, 256, 512, bf16, "kernel", c_operand="shared") == (64, 1, 2, 2, 1, "shared")
+    assert forward_tiling(64, 8192, 256, 512, bf16, "kernel", block_dhv=32).c_operand == "shared"
+    assert forward_tiling(64, 8192, 256, 512, bf16, "in_kernel").c_operand == "shared"
 
 
 @runs

@@ -55,8 +55,10 @@ registers into the A operand of the transposed products::
 
 hᵀ goes into h's tile through a transposed store (the transposed WGMMA register layout: a shuffle within register
 pairs), and c0 and c in and out through transposed views of their tiles. With no C tile, two warpgroups of 64
-columns fit with two chunks in flight (209 KiB). The backward's border states are C tiles, so the forward that
-writes them keeps ``"shared"``.
+columns fit with two chunks in flight (209 KiB), each running its products while the other waits on its own. On
+an H100 at B=8, NH=8, S=8192 the forward took 1.074 ms this way (the default, :func:`forward_tiling`), 1.250 with
+one warpgroup and 1.403 with C in shared memory and one warpgroup (BENCHMARKS.md). The backward's border states are
+C tiles, so the forward that writes them keeps ``"shared"`` (in the tiling :func:`forward_tiling` picks for it).
 
 Clusters (``cluster`` 2 or 4). A head's column programs all read the same q, k, plan and P tiles per chunk: at
 B=8, NH=8, S=8192, DHV=512 and 64 columns a program, its 8 programs read 4.3 GB of q and k from L2 for 0.27 GB
@@ -404,23 +406,40 @@ def forward_tiling(
     c_operand: str | None = None,
 ) -> ForwardTiling:
     """The tiling :func:`chunkwise_mosaic_fw` runs for ``BH`` heads (batch times heads) of ``S`` steps, each None
-    picked: ``split`` by :func:`auto_split` for the widest tiling unless a tiling is given (1 with the scores in the
-    kernel), then ``block_dhv`` and ``consumers`` by :func:`auto_tiling` for the ``BH * split`` sequences,
-    ``depth`` by :func:`auto_depth` and ``cluster`` by :func:`auto_cluster`. Whether the kernel can run the result
-    is :func:`chunkwise_mosaic_unsupported`'s to say.
+    picked. With precomputed scores, first the state in registers (``c_operand="registers"``) with two warpgroups
+    of 64 columns and two chunks in flight, where none of that is given otherwise and its grid, after
+    :func:`auto_split`'s segments for it, fills the GPU (at least ``_FULL_WAVE`` programs): the fastest forward at
+    every shape of BENCHMARKS.md's table, 1.066 against 1.403 ms for C in shared memory (64 columns, one
+    warpgroup) at B=8, NH=8, S=8192 on an H100. Otherwise ``split`` by :func:`auto_split` for the widest tiling
+    unless a tiling is given (1 with the scores in the kernel), then ``block_dhv`` and ``consumers`` by
+    :func:`auto_tiling` for the ``BH * split`` sequences, ``depth`` by :func:`auto_depth`, ``cluster`` by
+    :func:`auto_cluster`, and ``c_operand`` ``"registers"`` where that tiling takes it (64 columns, precomputed
+    scores), else ``"shared"``. Whether the kernel can run the result is :func:`chunkwise_mosaic_unsupported`'s to
+    say.
 
     Raises:
         ValueError: ``split`` does not divide the sequence's chunks (:func:`check_split`).
     """
     NC = -(-S // CHUNK)
     check_split(split, NC, S)
+    free = block_dhv in (None, 64) and consumers in (None, 2) and depth in (None, 2)
+    if free and scores != "in_kernel" and c_operand in (None, "registers"):
+        wide_split = auto_split(BH, NC, DHV, 64, 2) if split is None else split
+        fits = chunkwise_mosaic_unsupported(DHQK, DHV, dtype, 64, consumers=2, scores=scores, c_operand="registers")
+        if fits is None and BH * wide_split * _column_programs(DHV, 64, 2) >= _FULL_WAVE:
+            cluster = auto_cluster(DHV, 64, 2, interpret) if cluster is None else cluster
+            return ForwardTiling(64, 2, 2, cluster, wide_split, "registers")
     if split is None:
         split = 1 if scores == "in_kernel" else auto_split(BH, NC, DHV, block_dhv or 64, consumers or 1)
     tiling_depth = 2 if depth is None else depth
     block_dhv, consumers = auto_tiling(BH * split, DHQK, DHV, dtype, block_dhv, consumers, tiling_depth, scores)
     depth = auto_depth(DHQK, DHV, dtype, block_dhv, consumers, scores) if depth is None else depth
     cluster = auto_cluster(DHV, block_dhv, consumers, interpret) if cluster is None else cluster
-    c_operand = "shared" if c_operand is None else c_operand
+    if c_operand is None:
+        registers = chunkwise_mosaic_unsupported(
+            DHQK, DHV, dtype, block_dhv, depth=depth, consumers=consumers, scores=scores, c_operand="registers"
+        )  # fmt: skip
+        c_operand = "registers" if registers is None else "shared"
     return ForwardTiling(block_dhv, consumers, depth, cluster, split, c_operand)
 
 
@@ -1301,9 +1320,10 @@ def chunkwise_mosaic_fw(
     _, _, S, DHQK, DHV = x.dims
     dtype = jnp.result_type(q, k, v)
     scores = auto_scores(S) if scores is None else scores
+    given = {"block_dhv": block_dhv, "consumers": consumers, "depth": depth, "cluster": cluster, "split": split}
+    BH = x.dims[0] * x.dims[1]
     block_dhv, consumers, depth, cluster, split, c_operand = forward_tiling(
-        x.dims[0] * x.dims[1], S, DHQK, DHV, dtype, scores, block_dhv=block_dhv, consumers=consumers, depth=depth,
-        cluster=cluster, split=split, interpret=interpret, c_operand=c_operand,
+        BH, S, DHQK, DHV, dtype, scores, **given, interpret=interpret, c_operand=c_operand
     )  # fmt: skip
     reason = chunkwise_mosaic_unsupported(
         DHQK, DHV, dtype, block_dhv, depth=depth, consumers=consumers, scores=scores, cluster=cluster,
@@ -1319,25 +1339,32 @@ def chunkwise_mosaic_fw(
         split_cell,
     )
 
-    if backward == "mosaic" and mosaic_backward_unsupported(DHQK, DHV, dtype, block_dhv, depth, scores) is None:
+    # Under differentiation the forward writes the border states, C tiles (c_operand="shared"), in the tiling
+    # picked for that from the same arguments; the backward's reverse scan runs in its segments.
+    grad = forward_tiling(BH, S, DHQK, DHV, dtype, scores, **given, interpret=interpret, c_operand="shared")
+    if (
+        backward == "mosaic"
+        and mosaic_backward_unsupported(DHQK, DHV, dtype, grad.block_dhv, grad.depth, scores) is None
+    ):
         forward_tiles = {
-            "block_dhv": block_dhv, "depth": depth, "interpret": interpret, "scores": scores, "cluster": cluster,
-            "split": split,
+            "block_dhv": grad.block_dhv, "depth": grad.depth, "interpret": interpret, "scores": scores,
+            "cluster": grad.cluster, "split": grad.split,
         }  # fmt: skip
-        backward_block = backward_block_dhv(DHQK, DHV, dtype, block_dhv, depth)
+        backward_block = backward_block_dhv(DHQK, DHV, dtype, grad.block_dhv, grad.depth)
         # the backward kernels' (their reverse scan in the forward's segments)
-        tiling = {"block_dhv": backward_block, "depth": depth, "interpret": interpret, "split": split}
+        tiling = {"block_dhv": backward_block, "depth": grad.depth, "interpret": interpret, "split": grad.split}
 
         def products(q, k, v, plan, decay, c0, n_border=None):
             return mosaic_chunkwise(
-                q, k, v, plan, decay, c0, eps=eps, consumers=consumers, n_border=n_border, c_operand=c_operand,
-                **forward_tiles,
+                q, k, v, plan, decay, c0, eps=eps, block_dhv=block_dhv, depth=depth, consumers=consumers,
+                interpret=interpret, scores=scores, n_border=n_border, cluster=cluster, split=split,
+                c_operand=c_operand,
             )  # fmt: skip
 
-        grad_consumers = consumers
+        grad_consumers = grad.consumers
         if chunkwise_mosaic_unsupported(
-            DHQK, DHV, dtype, block_dhv, depth=depth, consumers=consumers, scores=scores, normaliser=True,
-            cluster=cluster,
+            DHQK, DHV, dtype, grad.block_dhv, depth=grad.depth, consumers=grad.consumers, scores=scores,
+            normaliser=True, cluster=grad.cluster,
         ):  # fmt: skip
             grad_consumers = 1  # the (qn, den) tile may not fit beside two warpgroups' tiles
 
