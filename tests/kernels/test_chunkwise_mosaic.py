@@ -738,27 +738,30 @@ def test_auto_scores_keeps_short_sequences_in_the_kernel():
 
 
 @pytest.mark.parametrize(
-    ("block_dhv", "consumers", "scores", "grad", "DHQK", "depth", "cluster", "split"),
+    ("block_dhv", "consumers", "scores", "grad", "DHQK", "depth", "cluster", "split", "c_operand"),
     [
-        (32, 1, "in_kernel", False, 256, 2, 1, 1),
-        (64, 1, "in_kernel", False, 256, 2, 1, 1),
-        (32, 2, "in_kernel", True, 256, 2, 1, 1),
-        (32, 1, "precomputed", False, 256, 2, 1, 1),
-        (64, 1, "precomputed", False, 256, 2, 1, 1),
-        (64, 1, "precomputed", True, 256, 2, 1, 1),
-        (32, 2, "precomputed", True, 256, 2, 1, 1),
-        (32, 1, "precomputed", False, 512, 1, 1, 1),
-        (64, 1, "kernel", False, 256, 2, 2, 1),
-        (32, 2, "precomputed", True, 256, 2, 2, 1),
-        (64, 1, "kernel", True, 256, 2, 2, 2),
+        (32, 1, "in_kernel", False, 256, 2, 1, 1, "shared"),
+        (64, 1, "in_kernel", False, 256, 2, 1, 1, "shared"),
+        (32, 2, "in_kernel", True, 256, 2, 1, 1, "shared"),
+        (32, 1, "precomputed", False, 256, 2, 1, 1, "shared"),
+        (64, 1, "precomputed", False, 256, 2, 1, 1, "shared"),
+        (64, 1, "precomputed", True, 256, 2, 1, 1, "shared"),
+        (32, 2, "precomputed", True, 256, 2, 1, 1, "shared"),
+        (32, 1, "precomputed", False, 512, 1, 1, 1, "shared"),
+        (64, 1, "kernel", False, 256, 2, 2, 1, "shared"),
+        (32, 2, "precomputed", True, 256, 2, 2, 1, "shared"),
+        (64, 1, "kernel", True, 256, 2, 2, 2, "shared"),
+        (64, 1, "kernel", False, 256, 2, 2, 1, "registers"),
+        (64, 2, "precomputed", False, 256, 2, 1, 2, "registers"),
     ],
 )
-def test_lowers_for_cuda(block_dhv, consumers, scores, grad, DHQK, depth, cluster, split):
+def test_lowers_for_cuda(block_dhv, consumers, scores, grad, DHQK, depth, cluster, split, c_operand):
     """Tracing and Mosaic GPU lowering at the xLSTM-7B head shape (DHQK=256; the layouts, the operands' shared
     swizzle, the shared-memory budget, two warpgroups' barriers, the border states and each step's (qn, den) as
     under differentiation (``grad``), the state update accumulated onto the decayed state with
     precomputed scores; DHQK=512 with one chunk in flight; programs in clusters of two with multicast tiles; two
-    segments with their states' scan) succeed on any machine."""
+    segments with their states' scan; the state in registers, its transposed stores and loads) succeed on any
+    machine."""
     BH, S, DHV, f32, A = 2, 2 * CHUNK, 128, jnp.float32, jax.ShapeDtypeStruct
     avals = (
         A((BH, S, DHQK), jnp.bfloat16), A((BH, S, DHQK), jnp.bfloat16), A((BH, S, DHV), jnp.bfloat16),
@@ -766,7 +769,7 @@ def test_lowers_for_cuda(block_dhv, consumers, scores, grad, DHQK, depth, cluste
     )  # fmt: skip
     step = functools.partial(
         mosaic_chunkwise, eps=1e-6, block_dhv=block_dhv, consumers=consumers, scores=scores,
-        borders=grad, normaliser=grad, depth=depth, cluster=cluster, split=split,
+        borders=grad, normaliser=grad, depth=depth, cluster=cluster, split=split, c_operand=c_operand,
     )  # fmt: skip
     text = jax.jit(step).trace(*avals).lower(lowering_platforms=("cuda",)).as_text()
     assert "mosaic_gpu" in text
