@@ -895,10 +895,10 @@ def _chunk_body(
             plgpu.barrier_wait(done)
         return c_last
 
-    if shared_c:
-        c_init = cast(jnp.zeros((DHQK, NV), f32), tile) if zero_state else group.state_in(c0_ref, bh, load_c)
+    if zero_state:
+        c_init = cast(jnp.zeros((DHQK, NV) if shared_c else (NV, DHQK), f32), tile)
     else:
-        c_init = cast(jnp.zeros((NV, DHQK), f32), tile) if zero_state else group.state_in(c0_ref, bh, load_c)
+        c_init = group.state_in(c0_ref, bh, load_c)
     if not interpret:
         scratch = []
     elif shared_c:
