@@ -13,10 +13,12 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from jax import lax
 
 from tests.kernels.test_chunkwise_mosaic import INTERPRET, runs
 from tests.mlstm.form_checks import random_inputs
 from xlstm_jax.kernels.chunkwise_mosaic import CHUNK, chunk_plan, normalised_scores
+from xlstm_jax.kernels.chunkwise_mosaic_scan import mosaic_state_scan
 from xlstm_jax.kernels.chunkwise_mosaic_scores import mosaic_normalised_scores
 from xlstm_jax.mlstm.chunkwise import chunk_sequence
 
@@ -70,6 +72,30 @@ def test_matches_xla(S, DHQK, igate, segments):
     _, _, plan_without_qn, _ = _operands(S, DHQK, ids, border_qn=False, igate=igate)
     assert not np.asarray(plan_without_qn.reshape(4, -1, 8, CHUNK)[:, :, 4]).any()  # the q̂·n row left 0
     _compare(mosaic_normalised_scores(q, k, plan_without_qn, EPS, n_border, interpret=INTERPRET), want)
+
+
+@runs
+@pytest.mark.skipif(not INTERPRET, reason="compiled kernels return at once, as every compiled JAX call")
+def test_interpreted_kernels_return_their_results_finished():
+    """Called eagerly in the interpreter, a kernel returns once its results are computed, even where its operands
+    are still being computed: the interpreter's callbacks dispatch computations of their own, and eager work queued
+    behind an unfinished kernel can fill XLA's CPU client and wait on them forever."""
+    rng = np.random.default_rng(5)
+    k = jnp.asarray(rng.standard_normal((2, 3 * CHUNK, 64)), jnp.bfloat16)
+    x = jnp.asarray(rng.standard_normal((512, 512)) / 23, jnp.float32)
+
+    @jax.jit
+    def pending(a):  # a, returned after a few matrix products: still running when the kernel is called
+        return a + 0 * lax.fori_loop(0, 16, lambda _, y: jnp.tanh(y @ x), x)[0, 0]
+
+    gains = jnp.asarray(rng.uniform(size=(2, 3, CHUNK)), jnp.float32)
+    decays = jnp.asarray(rng.uniform(size=(2, 3)), jnp.float32)
+    plan = jnp.asarray(rng.uniform(size=(2, 3 * 8, CHUNK)), jnp.float32)
+    for _ in range(2):  # the first calls compile the kernels, which gives pending() time to finish
+        scores = mosaic_normalised_scores(k, k, pending(plan), EPS, interpret=True)
+        assert all(y.is_ready() for y in jax.tree.leaves(scores))
+        _, state = mosaic_state_scan(k, k, pending(gains), decays, None, reverse=False, borders=False, interpret=True)
+        assert state.is_ready()
 
 
 def test_bad_operands_raise():

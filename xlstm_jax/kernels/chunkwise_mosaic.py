@@ -107,7 +107,7 @@ from jax import lax
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import mosaic_gpu as plgpu
 
-from xlstm_jax.kernels.mosaic import require_mosaic_interpreter
+from xlstm_jax.kernels.mosaic import finished_when_interpreted, require_mosaic_interpreter
 from xlstm_jax.kernels.recurrent_step_mosaic import load_ref
 from xlstm_jax.mlstm.chunkwise import ChunkedSequence, border_normalisers, chunk_sequence, chunkwise_fw
 from xlstm_jax.mlstm.parallel import block_log_decay, block_log_weights, block_running_max, block_summary
@@ -982,6 +982,7 @@ def normalised_scores(
     return p.reshape(BH, S, L), readout.reshape(BH, NC * _READOUT_ROWS, L), normaliser
 
 
+@finished_when_interpreted
 @functools.partial(
     jax.jit,
     static_argnames=(

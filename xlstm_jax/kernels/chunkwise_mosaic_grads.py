@@ -93,7 +93,7 @@ from xlstm_jax.kernels.chunkwise_mosaic import (
     _swizzled,
     _transposed,
 )
-from xlstm_jax.kernels.mosaic import require_mosaic_interpreter
+from xlstm_jax.kernels.mosaic import finished_when_interpreted, require_mosaic_interpreter
 
 __all__ = [
     "BREAKS",
@@ -563,6 +563,7 @@ def _check(q, k, v, dh, borders, dborders, vec) -> tuple[int, int, int, int, int
     return BH, S, DHQK, DHV, NC
 
 
+@finished_when_interpreted
 @functools.partial(jax.jit, static_argnames=("block_dhv", "consumers", "interpret"))
 def mosaic_chunk_gradients(
     q: jax.Array,  # (BH, S, DHQK), S = NC * 64

@@ -73,7 +73,7 @@ from xlstm_jax.kernels.chunkwise_mosaic import (
     _swizzled,
     _Warpgroups,
 )
-from xlstm_jax.kernels.mosaic import require_mosaic_interpreter
+from xlstm_jax.kernels.mosaic import finished_when_interpreted, require_mosaic_interpreter
 
 __all__ = ["mosaic_state_scan", "segment_starts", "state_scan_shared_memory_bytes", "state_scan_unsupported"]
 
@@ -331,6 +331,7 @@ def _check(a, b, gain, decay, x0, block_dhv: int, depth: int, consumers: int, ro
     return programs
 
 
+@finished_when_interpreted
 @functools.partial(
     jax.jit, static_argnames=("reverse", "block_dhv", "depth", "consumers", "interpret", "borders", "rows")
 )

@@ -54,7 +54,7 @@ from xlstm_jax.kernels.chunkwise_mosaic import (
     _swizzled,
     _transposed,
 )
-from xlstm_jax.kernels.mosaic import require_mosaic_interpreter
+from xlstm_jax.kernels.mosaic import finished_when_interpreted, require_mosaic_interpreter
 
 __all__ = ["mosaic_normalised_scores"]
 
@@ -133,6 +133,7 @@ def _scores_body(
     )
 
 
+@finished_when_interpreted
 @functools.partial(jax.jit, static_argnames=("eps", "interpret"))
 def mosaic_normalised_scores(
     q: jax.Array,

@@ -8,9 +8,10 @@ Mosaic GPU kernels also run on a CPU in Mosaic GPU interpret mode where the inst
 
 from __future__ import annotations
 
+import functools
 import os
 from collections.abc import Callable
-from typing import Any
+from typing import Any, TypeVar
 
 import jax
 from jax import lax
@@ -21,12 +22,15 @@ from xlstm_jax.kernels.recurrent_step_mosaic import device_supports_mosaic
 __all__ = [
     "WARPGROUP",
     "chunk_length",
+    "finished_when_interpreted",
     "interpreter_threads",
     "map_under_vmap",
     "mosaic_interpret_params",
     "require_mosaic_interpreter",
     "use_mosaic",
 ]
+
+_F = TypeVar("_F", bound=Callable[..., Any])
 
 WARPGROUP = 128  # threads of a Mosaic GPU program (one warpgroup); vectors are read in multiples of it
 
@@ -91,6 +95,27 @@ def require_mosaic_interpreter(threads: int) -> Any:
             "JAX starts"
         )
     return params
+
+
+def finished_when_interpreted(kernel: _F) -> _F:
+    """``kernel`` (a function with a keyword ``interpret``) made to return only once its results are computed
+    when it runs in Mosaic GPU's interpreter outside a trace.
+
+    The interpreter's callbacks dispatch JAX computations of their own, and XLA's CPU client admits a bounded
+    number of computations in flight. Called eagerly, an interpreted kernel returns at once; if the caller then
+    queues that many computations that wait for its results (an eager gate plan does), the kernel's next
+    callback finds no free slot and both wait forever. Compiled calls and calls under a trace are unchanged.
+    """
+
+    @functools.wraps(kernel)
+    def run(*args: Any, **kwargs: Any) -> Any:
+        out = kernel(*args, **kwargs)
+        leaves = jax.tree.leaves(out)
+        if kwargs.get("interpret") and not any(isinstance(x, jax.core.Tracer) for x in leaves):
+            jax.block_until_ready(leaves)
+        return out
+
+    return run  # type: ignore[return-value]
 
 
 def use_mosaic(kernel: str, backend: str, mode: str, unsupported: str | None) -> bool:
