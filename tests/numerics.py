@@ -89,6 +89,13 @@ TOL: dict[str, Tol] = {
         "within 4 sigma of that: 5.1e-5, rounded up. A TF32 regression rounds each product operand by up to "
         "2^-11 = 4.9e-4, a bf16 intermediate by 2^-8 = 3.9e-3: 8x and 65x this bound from one rounding alone.",
     ),
+    "float32-sum": Tol(
+        1e-5,
+        "a weighted sum of K <= 64 rows in float32 (each chunk's keys' sums, bf16 keys times float32 weights) against "
+        "float64 from the same values, scaled by max|ref|: each product rounded once and the sum in any order, "
+        "K u = 3.8e-6 of sum_k |w_k x_k| (u = 6e-8), which for random keys is a few times |sum| at most: 1e-5. A "
+        "bf16 weight or intermediate (2^-9 = 2e-3) errs 200x more.",
+    ),
     "float32-norm": Tol(
         4e-4,
         "RMSNorm or per-head LayerNorm of float32 rows of width K <= 4096 (and the gate product after it), "

@@ -1,4 +1,5 @@
-"""The scores kernel (``mosaic_normalised_scores``) against XLA's ``normalised_scores`` on the same plan.
+"""The scores kernel (``mosaic_normalised_scores``) against XLA's ``normalised_scores`` on the same plan, and the
+keys' sums kernel (``mosaic_key_sums``) against float64 and inside the gate plan.
 
 The chunkwise forward with ``scores="kernel"`` is checked against the float64 reference in
 ``test_chunkwise_mosaic.py``; here the kernel's own outputs (``P / den``, the readout, qn and den) are compared
@@ -9,6 +10,8 @@ GPU's interpreter elsewhere; the CUDA lowering is checked on any machine.
 
 from __future__ import annotations
 
+import functools
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -17,9 +20,10 @@ from jax import lax
 
 from tests.kernels.test_chunkwise_mosaic import INTERPRET, runs
 from tests.mlstm.form_checks import random_inputs
+from tests.numerics import TOL, assert_close
 from xlstm_jax.kernels.chunkwise_mosaic import CHUNK, chunk_plan, normalised_scores
 from xlstm_jax.kernels.chunkwise_mosaic_scan import mosaic_state_scan
-from xlstm_jax.kernels.chunkwise_mosaic_scores import mosaic_normalised_scores
+from xlstm_jax.kernels.chunkwise_mosaic_scores import mosaic_key_sums, mosaic_normalised_scores
 from xlstm_jax.mlstm.chunkwise import chunk_sequence
 
 EPS = 1e-6
@@ -74,30 +78,6 @@ def test_matches_xla(S, DHQK, igate, segments):
     _compare(mosaic_normalised_scores(q, k, plan_without_qn, EPS, n_border, interpret=INTERPRET), want)
 
 
-@runs
-@pytest.mark.skipif(not INTERPRET, reason="compiled kernels return at once, as every compiled JAX call")
-def test_interpreted_kernels_return_their_results_finished():
-    """Called eagerly in the interpreter, a kernel returns once its results are computed, even where its operands
-    are still being computed: the interpreter's callbacks dispatch computations of their own, and eager work queued
-    behind an unfinished kernel can fill XLA's CPU client and wait on them forever."""
-    rng = np.random.default_rng(5)
-    k = jnp.asarray(rng.standard_normal((2, 3 * CHUNK, 64)), jnp.bfloat16)
-    x = jnp.asarray(rng.standard_normal((512, 512)) / 23, jnp.float32)
-
-    @jax.jit
-    def pending(a):  # a, returned after a few matrix products: still running when the kernel is called
-        return a + 0 * lax.fori_loop(0, 16, lambda _, y: jnp.tanh(y @ x), x)[0, 0]
-
-    gains = jnp.asarray(rng.uniform(size=(2, 3, CHUNK)), jnp.float32)
-    decays = jnp.asarray(rng.uniform(size=(2, 3)), jnp.float32)
-    plan = jnp.asarray(rng.uniform(size=(2, 3 * 8, CHUNK)), jnp.float32)
-    for _ in range(2):  # the first calls compile the kernels, which gives pending() time to finish
-        scores = mosaic_normalised_scores(k, k, pending(plan), EPS, interpret=True)
-        assert all(y.is_ready() for y in jax.tree.leaves(scores))
-        _, state = mosaic_state_scan(k, k, pending(gains), decays, None, reverse=False, borders=False, interpret=True)
-        assert state.is_ready()
-
-
 def test_bad_operands_raise():
     """Shapes and dtypes that do not fit raise a ValueError naming the operand."""
     q, k, plan, n_border = _operands(100, 64)
@@ -123,4 +103,88 @@ def test_lowers_for_cuda(DHQK, fold):
     avals = [A((BH, NC * CHUNK, DHQK), jnp.bfloat16)] * 2 + [A((BH, NC * 8, CHUNK), jnp.float32)]
     avals += [A((BH, NC, DHQK), jnp.float32)] if fold else []
     text = jax.jit(lambda *a: mosaic_normalised_scores(*a[:3], EPS, *a[3:])).trace(*avals)
+    assert "mosaic_gpu" in text.lower(lowering_platforms=("cuda",)).as_text()
+
+
+@runs
+@pytest.mark.parametrize("DHQK", [64, 256])
+def test_key_sums_match_float64(DHQK):
+    """Every chunk's weighted keys' sum against float64 from the same bf16 keys and float32 weights, with weights of 0
+    (a whole chunk's and single steps') and of 1."""
+    rng = np.random.default_rng(DHQK)
+    BH, NC = 3, 2
+    k = jnp.asarray(rng.standard_normal((BH, NC * CHUNK, DHQK)), jnp.bfloat16)
+    w = rng.uniform(0.0, 1.0, (BH, NC, CHUNK))
+    w[0, 1], w[1, 0, ::3], w[2, 1, -1] = 0.0, 0.0, 1.0
+    got = mosaic_key_sums(k, jnp.asarray(w, jnp.float32), interpret=INTERPRET)
+    assert got.shape == (BH, NC, DHQK) and got.dtype == jnp.float32
+    ref = np.einsum("bct,bctd->bcd", w, np.asarray(k, np.float64).reshape(BH, NC, CHUNK, DHQK))
+    assert_close("keys' sums", ref, got, TOL["float32-sum"])
+
+
+@runs
+@pytest.mark.skipif(not INTERPRET, reason="compiled kernels return at once, as every compiled JAX call")
+def test_interpreted_kernels_return_their_results_finished():
+    """Called eagerly in the interpreter, a kernel returns once its results are computed, even where its operands
+    are still being computed: the interpreter's callbacks dispatch computations of their own, and eager work queued
+    behind an unfinished kernel can fill XLA's CPU client and wait on them forever (it did, in an eager gate plan)."""
+    rng = np.random.default_rng(5)
+    k = jnp.asarray(rng.standard_normal((2, 3 * CHUNK, 64)), jnp.bfloat16)
+    x = jnp.asarray(rng.standard_normal((512, 512)) / 23, jnp.float32)
+
+    @jax.jit
+    def pending(a):  # a, returned after a few matrix products: still running when the kernel is called
+        return a + 0 * lax.fori_loop(0, 16, lambda _, y: jnp.tanh(y @ x), x)[0, 0]
+
+    weights = jnp.asarray(rng.uniform(size=(2, 3, CHUNK)), jnp.float32)
+    plan = jnp.asarray(rng.uniform(size=(2, 3 * 8, CHUNK)), jnp.float32)
+    for _ in range(2):  # the first calls compile the kernels, which gives pending() time to finish
+        assert mosaic_key_sums(k, pending(weights), interpret=True).is_ready()
+        scores = mosaic_normalised_scores(k, k, pending(plan), EPS, interpret=True)
+        assert all(y.is_ready() for y in jax.tree.leaves(scores))
+        _, state = mosaic_state_scan(k, k, pending(weights), None, None, reverse=False, borders=False, interpret=True)
+        assert state.is_ready()
+
+
+@runs
+@pytest.mark.parametrize("segments", [False, True], ids=["padded", "documents"])
+def test_plan_with_the_key_sums_kernel(segments):
+    """``chunk_plan`` with ``key_sums=mosaic_key_sums`` (the forward's plan; the kernel runs at B=1): the same plan,
+    decays, last states and border normalisers as with XLA's sums, at a padded length with extreme input gates and
+    packed documents."""
+    S, DHQK = 150, 64
+    ids = np.repeat(np.array([[0, 1, 1, 2, 3]]), [20, 40, 30, 30, S - 120], axis=1) if segments else None
+    x = random_inputs(3, 1, 3, S, DHQK, 32, states=True, igate="extreme")
+    args = [jnp.asarray(x[name], jnp.bfloat16) for name in ("q", "k", "v")]
+    args += [jnp.asarray(x[name], jnp.float32) for name in ("i", "f", "c0", "n0", "m0")]
+    seq = chunk_sequence(*args, EPS, None, CHUNK, None if ids is None else jnp.asarray(ids, jnp.int32), True)
+    want = chunk_plan(seq, border_qn=False)
+    got = chunk_plan(seq, border_qn=False, key_sums=functools.partial(mosaic_key_sums, interpret=INTERPRET))
+    names = ("plan", "decay", "n_last", "m_last", "n_border")
+    flat = lambda out: (out[0], out[1], *out[2], out[3])  # noqa: E731
+    for name, g, w in zip(names, flat(got), flat(want), strict=True):
+        w = np.asarray(w, np.float64)
+        finite = np.isfinite(w)
+        np.testing.assert_array_equal(np.isfinite(np.asarray(g)), finite, err_msg=name)
+        assert_close(name, np.where(finite, w, 0.0), jnp.where(finite, g, 0.0), TOL["float32-sum"])
+
+
+def test_key_sums_bad_operands_raise():
+    """Shapes and dtypes that do not fit raise a ValueError naming the operand and the shapes."""
+    k = jnp.zeros((2, 2 * CHUNK, 64), jnp.bfloat16)
+    w = jnp.zeros((2, 2, CHUNK), jnp.float32)
+    with pytest.raises(ValueError, match=r"k.shape=\(2, 100, 64\)"):
+        mosaic_key_sums(k[:, :100], w)
+    with pytest.raises(ValueError, match=r"k.shape=\(2, 128, 512\) .* at most 256"):
+        mosaic_key_sums(jnp.zeros((2, 2 * CHUNK, 512), jnp.bfloat16), w)
+    with pytest.raises(ValueError, match="k.dtype=float32 must be bfloat16 or float16"):
+        mosaic_key_sums(k.astype(jnp.float32), w)
+    with pytest.raises(ValueError, match=r"weights \(\(2, 1, 64\), float32\) must be \(2, 2, 64\) float32"):
+        mosaic_key_sums(k, w[:, :1])
+
+
+def test_key_sums_lower_for_cuda():
+    """Tracing and Mosaic GPU lowering of the keys' sums at the xLSTM-7B head (DHQK=256)."""
+    A = jax.ShapeDtypeStruct
+    text = jax.jit(mosaic_key_sums).trace(A((2, 2 * CHUNK, 256), jnp.bfloat16), A((2, 2, CHUNK), jnp.float32))
     assert "mosaic_gpu" in text.lower(lowering_platforms=("cuda",)).as_text()

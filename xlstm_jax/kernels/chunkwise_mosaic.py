@@ -99,6 +99,7 @@ from __future__ import annotations
 
 import functools
 import math
+from collections.abc import Callable
 from typing import Any, NamedTuple
 
 import jax
@@ -110,7 +111,13 @@ from jax.experimental.pallas import mosaic_gpu as plgpu
 from xlstm_jax.kernels.mosaic import finished_when_interpreted, require_mosaic_interpreter
 from xlstm_jax.kernels.recurrent_step_mosaic import load_ref
 from xlstm_jax.mlstm.chunkwise import ChunkedSequence, border_normalisers, chunk_sequence, chunkwise_fw
-from xlstm_jax.mlstm.parallel import block_log_decay, block_log_weights, block_running_max, block_summary
+from xlstm_jax.mlstm.parallel import (
+    block_log_decay,
+    block_log_weights,
+    block_running_max,
+    block_summary,
+    block_weights,
+)
 from xlstm_jax.mlstm.states import cast_states
 
 __all__ = [
@@ -1133,13 +1140,26 @@ def _folds_border_qn(scores: str, DHQK: int) -> bool:
     return scores == "kernel" and DHQK <= _FOLD_MAX_DHQK
 
 
+def _key_sums(scores: str, interpret: bool) -> Callable[[jax.Array, jax.Array], jax.Array] | None:
+    """The keys' sums of the gate plan where nothing differentiates it: the Mosaic GPU kernel with the scores kernel
+    (:data:`SCORES` ``"kernel"``), else XLA's (None)."""
+    if scores != "kernel":
+        return None
+    # Imported here: the scores kernel's module builds on this one's plan rows and helpers.
+    from xlstm_jax.kernels.chunkwise_mosaic_scores import mosaic_key_sums
+
+    return functools.partial(mosaic_key_sums, interpret=interpret)
+
+
 def chunk_plan(
-    x: ChunkedSequence, border_qn: bool = True
+    x: ChunkedSequence, border_qn: bool = True, key_sums: Callable[[jax.Array, jax.Array], jax.Array] | None = None
 ) -> tuple[jax.Array, jax.Array, tuple[jax.Array, jax.Array], jax.Array]:
     """The gate plan of a chunked sequence (module docstring): everything but the products with q, k and v.
 
     ``border_qn=False`` leaves the row of ``q̂_t·n_border`` 0 (the plan then reads no q), for the scores kernel,
-    which computes it from the border normalisers returned fourth.
+    which computes it from the border normalisers returned fourth. ``key_sums``: None, XLA sums each chunk's
+    weighted keys; or ``key_sums(k (B·NH, NC·L, DHQK), weights (B·NH, NC, L) float32) -> (B·NH, NC, DHQK)`` float32
+    does (:func:`~xlstm_jax.kernels.chunkwise_mosaic_scores.mosaic_key_sums`; not differentiated).
 
     Returns:
         ``(plan (B, NH, NC, 8, L), decay (B, NH, NC), (n, m) after the last chunk, n before every chunk
@@ -1156,16 +1176,21 @@ def chunk_plan(
     # second pass, which one flat axis of chunks avoids; at B > 1 the flat axis sums slower. On an H100 in one call:
     # at B=1, NH=8, S=65536 0.158 ms flat against 0.469 nested; at B=8, S=8192 0.157 flat against 0.101 nested.
     lead = F.shape[:-1]  # (B, NH, NC)
-    summary = (x.k, F, F_L, i, valid, R, R_L, x.log_start)
-    if lead[0] == 1:
-        steps_valid = None if valid is None else jnp.broadcast_to(jnp.asarray(valid), F.shape)
-        summary = tuple(
-            None if a is None else a.reshape(-1, *a.shape[len(lead) :])
-            for a in (x.k, F, F_L, i, steps_valid, R, R_L, x.log_start)
-        )
-    k, F_s, F_Ls, i_s, valid_s, R_s, R_Ls, start_s = summary
-    _, nbar, ml = block_summary(k, None, F_s, F_Ls, i_s, x.operand_dtype, valid_s, R_s, R_Ls, start_s)
-    nbar, ml = nbar.reshape(*lead, -1), ml.reshape(lead)
+    if key_sums is not None:
+        weights, ml = block_weights(F, F_L, i, valid, R, R_L, x.log_start)
+        B, NH, NC, L, DHQK = x.k.shape
+        nbar = key_sums(x.k.reshape(B * NH, NC * L, DHQK), weights.reshape(B * NH, NC, L)).reshape(*lead, DHQK)
+    else:
+        summary = (x.k, F, F_L, i, valid, R, R_L, x.log_start)
+        if lead[0] == 1:
+            steps_valid = None if valid is None else jnp.broadcast_to(jnp.asarray(valid), F.shape)
+            summary = tuple(
+                None if a is None else a.reshape(-1, *a.shape[len(lead) :])
+                for a in (x.k, F, F_L, i, steps_valid, R, R_L, x.log_start)
+            )
+        k, F_s, F_Ls, i_s, valid_s, R_s, R_Ls, start_s = summary
+        _, nbar, ml = block_summary(k, None, F_s, F_Ls, i_s, x.operand_dtype, valid_s, R_s, R_Ls, start_s)
+        nbar, ml = nbar.reshape(*lead, -1), ml.reshape(lead)
     log_decay = block_log_decay(F_L, R_L)
     (n_last, m_last), (n_b, m_b) = border_normalisers(log_decay, nbar, ml, n0, m0)
     n_b, m_b = n_b.astype(acc), m_b.astype(acc)
@@ -1211,7 +1236,7 @@ def _forward(
     B, NH, S, DHQK, DHV = x.dims
     NC, L = x.NC, x.L
     fold = _folds_border_qn(scores, DHQK)
-    plan, decay, (n_last, m_last), n_border = chunk_plan(x, border_qn=not fold)
+    plan, decay, (n_last, m_last), n_border = chunk_plan(x, border_qn=not fold, key_sums=_key_sums(scores, interpret))
     c0 = x.states[0].astype(jnp.float32).reshape(B * NH, DHQK, DHV) if states_given else None
     h, c_last = mosaic_chunkwise(
         x.q.reshape(B * NH, NC * L, DHQK),
@@ -1388,6 +1413,7 @@ def chunkwise_mosaic_fw(
         return split_cell(
             products, products_vjp, q, k, v, i, f, c_initial, n_initial, m_initial, return_last_states, eps,
             state_dtype, segment_ids, products_for_grad, products if _folds_border_qn(scores, DHQK) else None,
+            _key_sums(scores, interpret),
         )  # fmt: skip
     states_given = c_initial is not None
 

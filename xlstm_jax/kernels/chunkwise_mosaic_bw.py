@@ -514,6 +514,7 @@ def split_cell(
     segment_ids: jax.Array | None,
     products_for_grad: Products | None = None,
     products_border_qn: Products | None = None,
+    key_sums: Callable[[jax.Array, jax.Array], jax.Array] | None = None,
 ) -> jax.Array | tuple[jax.Array, tuple[jax.Array, jax.Array, jax.Array]]:
     """The mLSTM on a whole sequence split into the gate plan and the products, with the products' own backward.
 
@@ -534,6 +535,8 @@ def split_cell(
             reads no q) and of the border normalisers (BH, NC, DHQK), given last, from which it computes that row
             itself (the scores kernel); its c0 is None (zeros) where no initial states are given. None:
             ``products``.
+        key_sums: The plan's keys' sums where ``products_border_qn`` runs (``chunk_plan``'s ``key_sums``; never
+            differentiated); None: XLA's.
         q, k, v, i, f, c_initial, n_initial, m_initial, return_last_states, eps, state_dtype, segment_ids: As
             :func:`~xlstm_jax.mlstm.chunkwise.chunkwise_fw`.
 
@@ -552,7 +555,7 @@ def split_cell(
         x = chunk_sequence(q, k, v, i, f, c0, n0, m0, eps, state_dtype, CHUNK, segment_ids, True)
         B, NH, S, DHQK, DHV = x.dims
         NC, L = x.NC, x.L
-        plan, decay, nm_last, n_border = chunk_plan(x, border_qn=border_qn)
+        plan, decay, nm_last, n_border = chunk_plan(x, border_qn=border_qn, key_sums=None if border_qn else key_sums)
         acc = jnp.promote_types(x.states[0].dtype, jnp.float32)
         operands = (
             x.q.astype(dtype).reshape(B * NH, NC * L, DHQK),

@@ -21,7 +21,13 @@ Shared memory per program at DHQK = 256, bf16: q and k 2·64·256·2 B = 64 KiB,
 tile 8 KiB, the readout and (qn, den) rows 1 KiB and ``n_border`` 1 KiB: 76 KiB, two programs an SM. Each
 program's copies overlap the other's products.
 
-Interpret mode. ``interpret=True`` runs the kernel in Mosaic GPU's interpreter on any backend (slow; for tests on
+The gate plan's keys' sums ``nbar_j = sum_t w_t k_t`` (each chunk's part of the normaliser, from which the border
+normalisers follow) are a pass over k of their own before the scores: :func:`mosaic_key_sums` reads each chunk's k
+tile once, one program per head and chunk (32 KiB of shared memory at DHQK = 256, several programs an SM), and sums
+its rows weighted in float32 in registers, where XLA's reduction over the chunk's steps reads k at two-thirds of the
+copy rate at B=1 (BENCHMARKS.md).
+
+Interpret mode. ``interpret=True`` runs the kernels in Mosaic GPU's interpreter on any backend (slow; for tests on
 a CPU) where the JAX version has one.
 """
 
@@ -56,7 +62,7 @@ from xlstm_jax.kernels.chunkwise_mosaic import (
 )
 from xlstm_jax.kernels.mosaic import finished_when_interpreted, require_mosaic_interpreter
 
-__all__ = ["mosaic_normalised_scores"]
+__all__ = ["mosaic_key_sums", "mosaic_normalised_scores"]
 
 
 def _scores_body(
@@ -193,3 +199,73 @@ def mosaic_normalised_scores(
     p, readout, norm = kernel(q, k, plan, *((n_border,) if fold else ()))
     norm = norm.reshape(BH, NC, 2, CHUNK)
     return p, readout, (norm[:, :, 0], norm[:, :, 1])
+
+
+def _sums_body(k_ref, w_ref, out_ref, *, interpret: bool):
+    """One chunk's ``sum_t w_t k_t``: k's (L, DHQK) tile and the (1, L) weights in, the (1, DHQK) sum out."""
+    f32, dtype = jnp.float32, k_ref.dtype
+    DHQK = k_ref.shape[-1]
+    regs = _RegisterTiles(interpret)
+    tile, row_layout, col_layout = regs.tile, regs.row_layout, regs.col_layout
+    bh, j = lax.axis_index("bh"), lax.axis_index("chunk")
+    itemsize = jnp.dtype(dtype).itemsize
+
+    def program(k_smem, w_smem, out_smem, loaded):
+        plgpu.copy_gmem_to_smem(k_ref.at[bh, pl.ds(j * CHUNK, CHUNK)], k_smem, loaded.at[0])
+        plgpu.copy_gmem_to_smem(w_ref.at[bh, pl.ds(j, 1)], w_smem, loaded.at[1])
+        plgpu.barrier_wait(loaded.at[0])
+        plgpu.barrier_wait(loaded.at[1])
+        k = regs.cast(regs.load(k_smem, tile).astype(f32), tile)
+        weighted = regs.cast(k * regs.rows(regs.load(w_smem.at[0], row_layout), DHQK), tile)
+        out_smem.at[0][...] = regs.cast(jnp.sum(weighted, axis=0), col_layout)
+        plgpu.commit_smem()
+        plgpu.copy_smem_to_gmem(out_smem, out_ref.at[bh, pl.ds(j, 1)])
+        plgpu.wait_smem_to_gmem(0)
+
+    pl.run_scoped(
+        program,
+        plgpu.SMEM((CHUNK, DHQK), dtype, transforms=_swizzled(min(128, DHQK * itemsize), itemsize)),
+        plgpu.SMEM((1, CHUNK), f32),
+        plgpu.SMEM((1, DHQK), f32),
+        plgpu.Barrier(num_arrivals=1, num_barriers=2),  # k, the weights loaded
+    )
+
+
+@functools.partial(jax.jit, static_argnames=("interpret",))
+def mosaic_key_sums(k: jax.Array, weights: jax.Array, *, interpret: bool = False) -> jax.Array:
+    """Every chunk's weighted sum of its keys, ``sum_t weights_t k_t`` in float32, from one Mosaic GPU kernel.
+
+    Args:
+        k: (BH, S, DHQK) bf16 or f16, S a multiple of 64 and DHQK of 64 (at most 256: the tile's float32 copy
+            in one warpgroup's registers).
+        weights: (BH, NC, 64) float32, NC = S / 64: each step's weight in its chunk's sum.
+        interpret: Run in Mosaic GPU's interpreter (any backend; slow).
+
+    Returns:
+        (BH, NC, DHQK) float32.
+
+    Raises:
+        ValueError: the shapes or dtypes do not fit together.
+    """
+    if k.ndim != 3 or k.shape[1] % CHUNK or k.shape[1] == 0 or k.shape[2] % CHUNK or k.shape[2] > _FOLD_MAX_DHQK:
+        raise ValueError(
+            f"k.shape={k.shape} must be (BH, S, DHQK) with S and DHQK positive multiples of {CHUNK}, DHQK at most "
+            f"{_FOLD_MAX_DHQK}"
+        )
+    if jnp.dtype(k.dtype) not in (jnp.dtype(jnp.bfloat16), jnp.dtype(jnp.float16)):
+        raise ValueError(f"k.dtype={k.dtype} must be bfloat16 or float16")
+    BH, S, DHQK = k.shape
+    NC = S // CHUNK
+    if weights.shape != (BH, NC, CHUNK) or weights.dtype != jnp.float32:
+        raise ValueError(
+            f"weights ({weights.shape}, {weights.dtype}) must be {(BH, NC, CHUNK)} float32 for k.shape={k.shape}"
+        )
+    params = require_mosaic_interpreter(1) if interpret else None
+    kernel = pl.kernel(
+        functools.partial(_sums_body, interpret=interpret),
+        out_type=jax.ShapeDtypeStruct((BH, NC, DHQK), jnp.float32),
+        mesh=plgpu.Mesh(grid=(BH, NC), grid_names=("bh", "chunk")),
+        name="mlstm_key_sums_mosaic",
+        **({"interpret": params} if interpret else {}),
+    )
+    return kernel(k, weights)

@@ -69,6 +69,7 @@ __all__ = [
     "block_running_max",
     "block_summary",
     "block_update",
+    "block_weights",
     "combine_states",
     "matmul_dtype",
     "parallel_stabilized_fw",
@@ -310,7 +311,23 @@ def block_summary(
     Returns:
         ``(cbar (..., DHQK, DHV), nbar (..., DHQK), ml (...))`` in F's dtype; ``cbar`` is None when ``v`` is.
     """
-    acc = F.dtype
+    weights, ml = block_weights(F, F_L, i, valid, R, R_L, log_start)
+    k_g = k.astype(F.dtype) * weights[..., None]  # (..., L, DHQK)
+    cbar = None if v is None else _dot("...sd,...se->...de", k_g, v, operand_dtype, F.dtype)
+    return cbar, jnp.sum(k_g, axis=-2), ml
+
+
+def block_weights(
+    F: jax.Array,  # (..., L)
+    F_L: jax.Array,  # (...)
+    i: jax.Array,  # (..., L)
+    valid: np.ndarray | None = None,
+    R: jax.Array | None = None,
+    R_L: jax.Array | None = None,
+    log_start: jax.Array | None = None,
+) -> tuple[jax.Array, jax.Array]:
+    """The weights ``exp(a_s - ml)`` (..., L) with which :func:`block_summary`'s steps enter the state at the
+    block's end, and ``ml`` (...), from the same arguments: ``nbar = sum_s weights_s k_s``."""
     a = F_L[..., None] - F + i  # (..., L)
     if valid is not None:
         a = jnp.where(valid, a, -jnp.inf)
@@ -320,9 +337,7 @@ def block_summary(
         ml, shift = finite_max(a)  # ml = -inf for a block of input gates -inf: it adds nothing
     else:
         ml, shift = finite_max(jnp.maximum(a, _start_weights(F, F_L, log_start, R, R_L)))
-    k_g = k.astype(acc) * jnp.exp(a - shift[..., None])[..., None]  # (..., L, DHQK)
-    cbar = None if v is None else _dot("...sd,...se->...de", k_g, v, operand_dtype, acc)
-    return cbar, jnp.sum(k_g, axis=-2), ml
+    return jnp.exp(a - shift[..., None]), ml
 
 
 def combine_states(
