@@ -1140,10 +1140,10 @@ def _folds_border_qn(scores: str, DHQK: int) -> bool:
     return scores == "kernel" and DHQK <= _FOLD_MAX_DHQK
 
 
-def _key_sums(scores: str, interpret: bool) -> Callable[[jax.Array, jax.Array], jax.Array] | None:
-    """The keys' sums of the gate plan where nothing differentiates it: the Mosaic GPU kernel with the scores kernel
-    (:data:`SCORES` ``"kernel"``), else XLA's (None)."""
-    if scores != "kernel":
+def _key_sums(scores: str, DHQK: int, interpret: bool) -> Callable[[jax.Array, jax.Array], jax.Array] | None:
+    """The keys' sums of the gate plan where nothing differentiates it: the Mosaic GPU kernel where the scores kernel
+    takes q̂·n off the plan (:func:`_folds_border_qn`: its k tile fits the registers likewise), else XLA's (None)."""
+    if not _folds_border_qn(scores, DHQK):
         return None
     # Imported here: the scores kernel's module builds on this one's plan rows and helpers.
     from xlstm_jax.kernels.chunkwise_mosaic_scores import mosaic_key_sums
@@ -1236,7 +1236,8 @@ def _forward(
     B, NH, S, DHQK, DHV = x.dims
     NC, L = x.NC, x.L
     fold = _folds_border_qn(scores, DHQK)
-    plan, decay, (n_last, m_last), n_border = chunk_plan(x, border_qn=not fold, key_sums=_key_sums(scores, interpret))
+    key_sums = _key_sums(scores, DHQK, interpret)
+    plan, decay, (n_last, m_last), n_border = chunk_plan(x, border_qn=not fold, key_sums=key_sums)
     c0 = x.states[0].astype(jnp.float32).reshape(B * NH, DHQK, DHV) if states_given else None
     h, c_last = mosaic_chunkwise(
         x.q.reshape(B * NH, NC * L, DHQK),
@@ -1413,7 +1414,7 @@ def chunkwise_mosaic_fw(
         return split_cell(
             products, products_vjp, q, k, v, i, f, c_initial, n_initial, m_initial, return_last_states, eps,
             state_dtype, segment_ids, products_for_grad, products if _folds_border_qn(scores, DHQK) else None,
-            _key_sums(scores, interpret),
+            _key_sums(scores, DHQK, interpret),
         )  # fmt: skip
     states_given = c_initial is not None
 
