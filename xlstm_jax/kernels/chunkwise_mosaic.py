@@ -1158,8 +1158,9 @@ def chunk_plan(
 
     ``border_qn=False`` leaves the row of ``q̂_t·n_border`` 0 (the plan then reads no q), for the scores kernel,
     which computes it from the border normalisers returned fourth. ``key_sums``: None, XLA sums each chunk's
-    weighted keys; or ``key_sums(k (B·NH, NC·L, DHQK), weights (B·NH, NC, L) float32) -> (B·NH, NC, DHQK)`` float32
-    does (:func:`~xlstm_jax.kernels.chunkwise_mosaic_scores.mosaic_key_sums`; not differentiated).
+    weighted keys; or at B=1, where XLA's sum reads k at well under the copy rate (below), ``key_sums(k (NH, NC·L,
+    DHQK), weights (NH, NC, L) float32) -> (NH, NC, DHQK)`` float32 does
+    (:func:`~xlstm_jax.kernels.chunkwise_mosaic_scores.mosaic_key_sums`; not differentiated).
 
     Returns:
         ``(plan (B, NH, NC, 8, L), decay (B, NH, NC), (n, m) after the last chunk, n before every chunk
@@ -1176,7 +1177,7 @@ def chunk_plan(
     # second pass, which one flat axis of chunks avoids; at B > 1 the flat axis sums slower. On an H100 in one call:
     # at B=1, NH=8, S=65536 0.158 ms flat against 0.469 nested; at B=8, S=8192 0.157 flat against 0.101 nested.
     lead = F.shape[:-1]  # (B, NH, NC)
-    if key_sums is not None:
+    if key_sums is not None and lead[0] == 1:
         weights, ml = block_weights(F, F_L, i, valid, R, R_L, x.log_start)
         B, NH, NC, L, DHQK = x.k.shape
         nbar = key_sums(x.k.reshape(B * NH, NC * L, DHQK), weights.reshape(B * NH, NC, L)).reshape(*lead, DHQK)
