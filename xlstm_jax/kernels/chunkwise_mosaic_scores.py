@@ -231,6 +231,7 @@ def _sums_body(k_ref, w_ref, out_ref, *, interpret: bool):
     )
 
 
+@finished_when_interpreted
 @functools.partial(jax.jit, static_argnames=("interpret",))
 def mosaic_key_sums(k: jax.Array, weights: jax.Array, *, interpret: bool = False) -> jax.Array:
     """Every chunk's weighted sum of its keys, ``sum_t weights_t k_t`` in float32, from one Mosaic GPU kernel.
