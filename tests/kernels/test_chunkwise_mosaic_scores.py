@@ -137,12 +137,13 @@ def test_interpreted_kernels_return_their_results_finished():
         return a + 0 * lax.fori_loop(0, 16, lambda _, y: jnp.tanh(y @ x), x)[0, 0]
 
     weights = jnp.asarray(rng.uniform(size=(2, 3, CHUNK)), jnp.float32)
+    decays = jnp.asarray(rng.uniform(size=(2, 3)), jnp.float32)
     plan = jnp.asarray(rng.uniform(size=(2, 3 * 8, CHUNK)), jnp.float32)
     for _ in range(2):  # the first calls compile the kernels, which gives pending() time to finish
         assert mosaic_key_sums(k, pending(weights), interpret=True).is_ready()
         scores = mosaic_normalised_scores(k, k, pending(plan), EPS, interpret=True)
         assert all(y.is_ready() for y in jax.tree.leaves(scores))
-        _, state = mosaic_state_scan(k, k, pending(weights), None, None, reverse=False, borders=False, interpret=True)
+        _, state = mosaic_state_scan(k, k, pending(weights), decays, None, reverse=False, borders=False, interpret=True)
         assert state.is_ready()
 
 
