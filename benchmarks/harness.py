@@ -366,7 +366,9 @@ def measure_ceilings(small: bool = False, repeats: int = 5) -> Ceilings:
     (a per-call timing adds the dispatch and a fresh allocation per pass). The matrix rate: a chain of 10
     dependent products of 8192 x 8192 bf16 matrices (``small``: 256), bf16 out (float32 accumulation inside the
     product), the right-hand matrix scaled by 1/sqrt(n) so that the chain stays finite: nothing but the products
-    runs. The float32 vector rate is not measured: it is :data:`NOMINAL_H200`'s.
+    runs. (A float32 result scaled and cast to bf16 after each product read 608 TFLOP/s on an H200 where a
+    prefill's own products ran at 683 or more in the same process: BENCHMARKS.md.) The float32 vector rate is
+    not measured: it is :data:`NOMINAL_H200`'s.
 
     Args:
         small: Tiny sizes, to check a script on a CPU.
