@@ -10,6 +10,7 @@ program per head, and two), their slots refilled several times; the errors for w
 from __future__ import annotations
 
 import functools
+import itertools
 import os
 
 import jax
@@ -22,6 +23,7 @@ from tests.numerics import TOL, assert_close
 from xlstm_jax.kernels.chunkwise_mosaic import CHUNK
 from xlstm_jax.kernels.chunkwise_mosaic_scan import (
     mosaic_state_scan,
+    run_chunks,
     segment_starts,
     state_scan_shared_memory_bytes,
     state_scan_unsupported,
@@ -194,6 +196,20 @@ def test_lowers_for_cuda(reverse, block_dhv, consumers, DHB):
     step = functools.partial(mosaic_state_scan, reverse=reverse, block_dhv=block_dhv, consumers=consumers)
     text = jax.jit(step).trace(*avals).lower(lowering_platforms=("cuda",)).as_text()
     assert "mosaic_gpu" in text
+
+
+def test_run_chunks_keeps_two_waves_of_programs():
+    """``run_chunks``: the longest power of two up to 64 dividing the segment, shortened while the runs' grid has
+    fewer than 256 programs, never below 8 chunks, and never a size that does not divide the segment."""
+    assert run_chunks(8, 4, 256, 8) == 64  # 1 x 65536, four segments: 768 programs
+    assert run_chunks(16, 2, 256, 8) == 64  # 2 x 32768, two segments: 512
+    assert run_chunks(8, 2, 64, 8) == 16  # 1 x 8192 (the 7B prefill), two segments: 256
+    assert run_chunks(1, 2, 64, 8) == 8  # never below 8
+    assert run_chunks(8, 2, 24, 8) == 8  # gcd(24, 64)
+    assert run_chunks(8, 3, 3, 8) == 1  # segments of 3 chunks: runs of one
+    for BH, split, per, cols in itertools.product((1, 8, 64), (2, 3, 4), (3, 48, 64, 96, 256, 512), (2, 8, 16)):
+        size = run_chunks(BH, split, per, cols)
+        assert per % size == 0 and 1 <= size <= 64
 
 
 def test_last_state_alone_lowers_for_cuda():
