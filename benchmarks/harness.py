@@ -365,10 +365,12 @@ def measure_ceilings(small: bool = False, repeats: int = 5) -> Ceilings:
     The copy: ``x <- x * a`` on 1 GiB of float32 (``small``: 4 MiB), in place, 10 passes in one jitted loop
     (a per-call timing adds the dispatch and a fresh allocation per pass). The matrix rate: a chain of 10
     dependent products of 8192 x 8192 bf16 matrices (``small``: 256), bf16 out (float32 accumulation inside the
-    product), the right-hand matrix scaled by 1/sqrt(n) so that the chain stays finite: nothing but the products
-    runs. (A float32 result scaled and cast to bf16 after each product read 608 TFLOP/s on an H200 where a
-    prefill's own products ran at 683 or more in the same process: BENCHMARKS.md.) The float32 vector rate is
-    not measured: it is :data:`NOMINAL_H200`'s.
+    product), the right-hand matrix scaled by 1/sqrt(n) so that the chain stays finite, unrolled in one jitted
+    call: nothing but the products runs. (A float32 result scaled and cast to bf16 after each product read 608
+    TFLOP/s on an H200 where a prefill's own products ran at 683 or more in the same process; the same chain of
+    bf16 products as a loop of one product an iteration read 682 to 715 on an H100 where the unrolled chain read
+    739 to 748 in the same process: BENCHMARKS.md.) The float32 vector rate is not measured: it is
+    :data:`NOMINAL_H200`'s.
 
     Args:
         small: Tiny sizes, to check a script on a CPU.
@@ -383,7 +385,7 @@ def measure_ceilings(small: bool = False, repeats: int = 5) -> Ceilings:
         return jnp.dot(x, b)
 
     a = jax.random.normal(jax.random.key(1), (n, n), jnp.bfloat16)
-    matmul = time_loop(product, a, passes, repeats=repeats)
+    matmul = time_loop(product, a, passes, repeats=repeats, unroll=passes)
     x = jax.random.normal(jax.random.key(3), (words,), jnp.float32)
     copy = time_loop(lambda x: x * jnp.float32(1.0001), x, passes, repeats=repeats)
     return Ceilings(
