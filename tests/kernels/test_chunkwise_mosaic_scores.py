@@ -123,6 +123,26 @@ def test_key_sums_match_float64(DHQK):
 
 
 @runs
+@pytest.mark.parametrize("dtype", [jnp.bfloat16, jnp.float16])
+def test_key_sums_keep_every_bit_of_the_weights(dtype):
+    """The kernel multiplies k by the weights on the WGMMA units as three parts of k's dtype that add up to each
+    float32 weight exactly: with keys of 1 and one nonzero weight a chunk (full 24-bit mantissas, from 2^-14 to 1 in
+    bf16, from 1/2 in f16, whose last part is a subnormal below that), each chunk's sum is that weight, bit for bit
+    (two parts would drop its last 8 bits in bf16)."""
+    rng = np.random.default_rng(7)
+    BH, NC, DHQK = 2, 3, 64
+    k = jnp.ones((BH, NC * CHUNK, DHQK), dtype)
+    w = np.zeros((BH, NC, CHUNK), np.float32)
+    lowest = -14 if dtype == jnp.bfloat16 else 0
+    weights = (rng.uniform(0.5, 1.0, (BH, NC)) * 2.0 ** rng.integers(lowest, 1, (BH, NC))).astype(np.float32)
+    steps = rng.integers(0, CHUNK, (BH, NC))
+    for b, c in np.ndindex(BH, NC):
+        w[b, c, steps[b, c]] = weights[b, c]
+    got = np.asarray(mosaic_key_sums(k, jnp.asarray(w), interpret=INTERPRET))
+    np.testing.assert_array_equal(got, np.broadcast_to(weights[..., None], (BH, NC, DHQK)))
+
+
+@runs
 @pytest.mark.skipif(not INTERPRET, reason="compiled kernels return at once, as every compiled JAX call")
 def test_interpreted_kernels_return_their_results_finished():
     """Called eagerly in the interpreter, a kernel returns once its results are computed, even where its operands

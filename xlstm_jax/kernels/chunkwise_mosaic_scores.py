@@ -23,9 +23,9 @@ program's copies overlap the other's products.
 
 The gate plan's keys' sums ``nbar_j = sum_t w_t k_t`` (each chunk's part of the normaliser, from which the border
 normalisers follow) are a pass over k of their own before the scores: :func:`mosaic_key_sums` reads each chunk's k
-tile once, one program per head and chunk (32 KiB of shared memory at DHQK = 256, several programs an SM), and sums
-its rows weighted in float32 in registers, where XLA's reduction over the chunk's steps reads k at two-thirds of the
-copy rate at B=1 (BENCHMARKS.md).
+tile once, one program per head and chunk (37 KiB of shared memory at DHQK = 256, several programs an SM), and sums
+its rows with the weights in one WGMMA product (the weights as three parts that add up to them exactly), where XLA's
+reduction over the chunk's steps reads k at two-thirds of the copy rate at B=1 (BENCHMARKS.md).
 
 Interpret mode. ``interpret=True`` runs the kernels in Mosaic GPU's interpreter on any backend (slow; for tests on
 a CPU) where the JAX version has one.
@@ -201,33 +201,69 @@ def mosaic_normalised_scores(
     return p, readout, (norm[:, :, 0], norm[:, :, 1])
 
 
+# Columns of the keys' sums kernel's weight operand: the weights' three parts, then zeros. 32 two-byte values make
+# 64-byte rows, the narrowest swizzle of a transposed WGMMA operand that the chunk kernels use.
+_SUMS_COLUMNS = 32
+# Per operand dtype, the bits of a float32 that a part of the weights keeps: the sign, the exponent and as many
+# mantissa bits as the dtype has (bf16 7, f16 10).
+_HEAD_MASK = {jnp.dtype(jnp.bfloat16): 0xFFFF0000, jnp.dtype(jnp.float16): 0xFFFFE000}
+
+
+def _head(x: jax.Array, dtype: jnp.dtype) -> jax.Array:
+    """``x`` float32 with its mantissa cut (toward zero) to the bits ``dtype`` holds, and ``x`` minus it exact in
+    float32: a bit mask, which no compiler folds away as it may a float32 -> bf16 -> float32 round trip."""
+    bits = lax.bitcast_convert_type(x, jnp.uint32) & jnp.uint32(_HEAD_MASK[jnp.dtype(dtype)])
+    return lax.bitcast_convert_type(bits, jnp.float32)
+
+
 def _sums_body(k_ref, w_ref, out_ref, *, interpret: bool):
-    """One chunk's ``sum_t w_t k_t``: k's (L, DHQK) tile and the (1, L) weights in, the (1, DHQK) sum out."""
+    """One chunk's ``sum_t w_t k_t`` as one WGMMA product, ``kᵀ W`` (DHQK, L) x (L, 32): W's first three columns are
+    the float32 weights split into three parts of k's dtype, ``w = w1 + w2 + w3`` (w1 and w2 the leading mantissa
+    bits the dtype holds, w3 the bits left): exact in bf16; in f16, whose subnormals stop at 2^-24, exact from 1/2
+    and within 2^-25 of w below (the gate plan's weights are at most 1); the rest zeros. The product's columns summed
+    are the weighted sum, each step's terms exact in the float32 accumulator. The sum over the tile's 64 rows is
+    then the product's, where summing the weighted tile in registers across the warpgroup's rows bounded the kernel
+    (1.9 TB/s of k on an H100); the sum over W's columns stays within each thread's four lanes."""
     f32, dtype = jnp.float32, k_ref.dtype
     DHQK = k_ref.shape[-1]
     regs = _RegisterTiles(interpret)
-    tile, row_layout, col_layout = regs.tile, regs.row_layout, regs.col_layout
     bh, j = lax.axis_index("bh"), lax.axis_index("chunk")
     itemsize = jnp.dtype(dtype).itemsize
+    operand = _swizzled(_SUMS_COLUMNS * itemsize, itemsize)  # one swizzle for both WGMMA operands
 
-    def program(k_smem, w_smem, out_smem, loaded):
+    def program(k_smem, w_smem, parts_smem, out_smem, loaded, *scratch):
         plgpu.copy_gmem_to_smem(k_ref.at[bh, pl.ds(j * CHUNK, CHUNK)], k_smem, loaded.at[0])
         plgpu.copy_gmem_to_smem(w_ref.at[bh, pl.ds(j, 1)], w_smem, loaded.at[1])
-        plgpu.barrier_wait(loaded.at[0])
         plgpu.barrier_wait(loaded.at[1])
-        k = regs.cast(regs.load(k_smem, tile).astype(f32), tile)
-        weighted = regs.cast(k * regs.rows(regs.load(w_smem.at[0], row_layout), DHQK), tile)
-        out_smem.at[0][...] = regs.cast(jnp.sum(weighted, axis=0), col_layout)
+        w = regs.load(w_smem.at[0], regs.row_layout)  # (L,) one weight a step
+        w1 = _head(w, dtype)
+        w2 = _head(w - w1, dtype)
+        w3 = w - w1 - w2
+        if interpret:
+            column = lax.broadcasted_iota(jnp.int32, (CHUNK, _SUMS_COLUMNS), 1)
+        else:
+            column = plgpu.broadcasted_iota(jnp.int32, (CHUNK, _SUMS_COLUMNS), 1, layout=regs.tile)
+        parts = jnp.where(column == 0, regs.rows(w1, _SUMS_COLUMNS), 0.0)
+        parts = jnp.where(column == 1, regs.rows(w2, _SUMS_COLUMNS), parts)
+        parts = jnp.where(column == 2, regs.rows(w3, _SUMS_COLUMNS), parts)
+        parts_smem[...] = regs.cast(parts.astype(dtype), regs.tile)
+        plgpu.commit_smem()
+        plgpu.barrier_wait(loaded.at[0])
+        k_t = _transposed(k_smem, scratch[0] if interpret else None, interpret)  # (DHQK, L)
+        sums = _product(k_t, parts_smem, (DHQK, _SUMS_COLUMNS))
+        out_smem.at[0][...] = regs.cast(jnp.sum(sums, axis=1), regs.row_layout)
         plgpu.commit_smem()
         plgpu.copy_smem_to_gmem(out_smem, out_ref.at[bh, pl.ds(j, 1)])
         plgpu.wait_smem_to_gmem(0)
 
     pl.run_scoped(
         program,
-        plgpu.SMEM((CHUNK, DHQK), dtype, transforms=_swizzled(min(128, DHQK * itemsize), itemsize)),
+        plgpu.SMEM((CHUNK, DHQK), dtype, transforms=operand),
         plgpu.SMEM((1, CHUNK), f32),
+        plgpu.SMEM((CHUNK, _SUMS_COLUMNS), dtype, transforms=operand),
         plgpu.SMEM((1, DHQK), f32),
         plgpu.Barrier(num_arrivals=1, num_barriers=2),  # k, the weights loaded
+        *([plgpu.SMEM((DHQK, CHUNK), dtype)] if interpret else []),  # kᵀ: the interpreter has no transposed operands
     )
 
 
