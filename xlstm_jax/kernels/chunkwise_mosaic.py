@@ -549,11 +549,12 @@ class _RegisterTiles:
         """A column vector (width,) broadcast along the L rows of an (L, width) tile."""
         return self.cast(lax.broadcast_in_dim(x, (CHUNK, x.shape[0]), (1,)), self.tile)
 
-    def iota(self, dimension: int) -> jax.Array:
-        """(L, L) step indices along ``dimension``, in the scores' layout."""
+    def iota(self, dimension: int, width: int = CHUNK) -> jax.Array:
+        """(L, width) indices along ``dimension`` (the scores' step indices at the default width), in the WGMMA
+        layout."""
         if self.interpret:
-            return lax.broadcasted_iota(jnp.int32, (CHUNK, CHUNK), dimension)
-        return plgpu.broadcasted_iota(jnp.int32, (CHUNK, CHUNK), dimension, layout=self.tile)
+            return lax.broadcasted_iota(jnp.int32, (CHUNK, width), dimension)
+        return plgpu.broadcasted_iota(jnp.int32, (CHUNK, width), dimension, layout=self.tile)
 
     def gates(self, row: jax.Array, col: jax.Array, breaks_t: jax.Array, breaks_s: jax.Array) -> jax.Array:
         """D (L, L) float32: ``exp(row_t + col_s)`` where s <= t in one document (equal break counts), else 0;

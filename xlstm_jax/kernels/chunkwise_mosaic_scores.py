@@ -239,10 +239,7 @@ def _sums_body(k_ref, w_ref, out_ref, *, interpret: bool):
         w1 = _head(w, dtype)
         w2 = _head(w - w1, dtype)
         w3 = w - w1 - w2
-        if interpret:
-            column = lax.broadcasted_iota(jnp.int32, (CHUNK, _SUMS_COLUMNS), 1)
-        else:
-            column = plgpu.broadcasted_iota(jnp.int32, (CHUNK, _SUMS_COLUMNS), 1, layout=regs.tile)
+        column = regs.iota(1, _SUMS_COLUMNS)
         parts = jnp.where(column == 0, regs.rows(w1, _SUMS_COLUMNS), 0.0)
         parts = jnp.where(column == 1, regs.rows(w2, _SUMS_COLUMNS), parts)
         parts = jnp.where(column == 2, regs.rows(w3, _SUMS_COLUMNS), parts)
