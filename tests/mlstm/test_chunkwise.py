@@ -163,11 +163,12 @@ def _summaries(NC: int, seed: int = 0):
     return log_decay, nbar, ml, n0, m0
 
 
-@pytest.mark.parametrize("NC", [1, 2, 4, 5, 7, 37])
-def test_border_normalisers_equal_the_scan(NC):
+@pytest.mark.parametrize(("NC", "folded"), [(1, 4), (2, 4), (4, 4), (5, 4), (7, 4), (37, 4), (7, 32), (32, 32)])
+def test_border_normalisers_equal_the_scan(NC, folded):
     """The associative scan's n and m before every chunk and after the last equal border_states' without c, and so
-    do their gradients (float64, random summaries with resets and a closed chunk); up to 4 chunks they are composed
-    one after another, beyond by lax.associative_scan."""
+    do their gradients (float64, random summaries with resets and a closed chunk); up to ``folded`` chunks (4 by
+    default, 32 where the Mosaic GPU forward evaluates its plan) they are composed one after another, beyond by
+    lax.associative_scan."""
     from xlstm_jax.mlstm.chunkwise import border_normalisers, border_states
 
     with jax.enable_x64(True):
@@ -178,7 +179,7 @@ def test_border_normalisers_equal_the_scan(NC):
             return n_last, m_last, n_b, m_b
 
         def tree(log_decay, nbar, ml, n0, m0):
-            (n_last, m_last), (n_b, m_b) = border_normalisers(log_decay, nbar, ml, n0, m0)
+            (n_last, m_last), (n_b, m_b) = border_normalisers(log_decay, nbar, ml, n0, m0, folded=folded)
             return n_last, m_last, n_b, m_b
 
         tree, scan = jax.jit(tree), jax.jit(scan)  # one program each (eager dispatch of the scans' ops is slow)
@@ -197,19 +198,17 @@ def test_border_normalisers_equal_the_scan(NC):
 
 
 @pytest.mark.parametrize("folded", [False, True])
-def test_border_normalisers_after_a_reset_into_closed_gates(folded, monkeypatch):
+def test_border_normalisers_after_a_reset_into_closed_gates(folded):
     """A reset followed by a chunk of closed input gates empties the state (n = 0, m = -inf) and the next open
     chunk starts from it as from zero, where the step-by-step recurrence's exp(-inf - (-inf)) is NaN; by the
     associative scan and with the 6 chunks composed one after another."""
-    from xlstm_jax.mlstm import chunkwise
     from xlstm_jax.mlstm.chunkwise import border_normalisers
 
-    monkeypatch.setattr(chunkwise, "_FOLDED_CHUNKS", 6 if folded else 0)
     with jax.enable_x64(True):
         log_decay, nbar, ml, n0, m0 = _summaries(6)
         log_decay = log_decay.at[...].set(-0.5).at[:, :, 2].set(-jnp.inf)
         ml = jnp.nan_to_num(ml, neginf=1.0).at[:, :, 2].set(-jnp.inf)  # the other chunks' inputs open
-        (n_last, m_last), (n_b, m_b) = border_normalisers(log_decay, nbar, ml, n0, m0)
+        (n_last, m_last), (n_b, m_b) = border_normalisers(log_decay, nbar, ml, n0, m0, folded=6 if folded else 0)
         assert np.all(np.asarray(m_b[:, :, 3]) == -np.inf) and np.all(np.asarray(n_b[:, :, 3]) == 0.0)
         # After chunk 3 the state is chunk 3's own summary; after chunk 4, chunk 4's on top of it.
         np.testing.assert_allclose(np.asarray(m_b[:, :, 4]), np.asarray(ml[:, :, 3]), rtol=1e-14)

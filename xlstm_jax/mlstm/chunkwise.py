@@ -118,6 +118,7 @@ def border_normalisers(
     ml: jax.Array,  # (B, NH, NC)
     n0: jax.Array,  # (B, NH, DHQK) initial states, in the state dtype
     m0: jax.Array,  # (B, NH)
+    folded: int = _FOLDED_CHUNKS,
 ) -> tuple[tuple[jax.Array, jax.Array], tuple[jax.Array, jax.Array]]:
     """The normaliser and max before every chunk and after the last: :func:`border_states` without c, as an
     associative scan (no loop).
@@ -128,10 +129,11 @@ def border_normalisers(
     associative composition; the initial state is a chunk that drops what comes before it (``F_L = -inf``,
     ``ml = m0``, ``nbar = n0``). ``lax.associative_scan`` composes the NC + 1 of them in O(log NC) rounds of
     element-wise work on (NC, DHQK) arrays, where a ``lax.scan`` runs NC steps (on a GPU, a loop iteration costs
-    tens of microseconds). Up to :data:`_FOLDED_CHUNKS` chunks (a served prompt's chunk) are composed one after
-    another instead, which XLA fuses with the work around them (xLSTM-7B's 64-token prefill chunk compiled for an
-    H200: 1061 kernels, 1093 with the scan; ``benchmarks/launches.py``). Log-gate sums span at most the chunks
-    between two borders, as in the scan.
+    tens of microseconds). Up to ``folded`` chunks (by default :data:`_FOLDED_CHUNKS`, a served prompt's chunk) are
+    composed one after another instead, which XLA fuses with the work around them (xLSTM-7B's 64-token prefill chunk
+    compiled for an H200: 1061 kernels, 1093 with the scan; ``benchmarks/launches.py``); their autodiff, though,
+    unrolls into a kernel or more per chunk. Log-gate sums span at most the chunks between two borders, as in the
+    scan.
 
     Where the scan's ``m`` would be ``-inf`` (a reset followed by input gates all ``-inf`` to the chunk's end: the
     recurrence's ``exp(-inf - (-inf))`` is NaN from there on), this gives ``n = 0`` and ``m = -inf``, and the next
@@ -156,7 +158,7 @@ def border_normalisers(
         w2 = jnp.exp(jnp.where(finite, m2 - m_new, -jnp.inf))
         return a1 + a2, m_new, w1[..., None] * n1 + w2[..., None] * n2
 
-    if F_L.shape[2] > _FOLDED_CHUNKS:
+    if F_L.shape[2] > folded:
         _, m, n = jax.lax.associative_scan(compose, (a, m, n), axis=2)
     else:  # a few chunks: the same compositions one after another, which XLA fuses with their neighbours
         out = [(a[:, :, 0], m[:, :, 0], n[:, :, 0])]
