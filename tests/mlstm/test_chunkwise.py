@@ -163,12 +163,17 @@ def _summaries(NC: int, seed: int = 0):
     return log_decay, nbar, ml, n0, m0
 
 
-@pytest.mark.parametrize(("NC", "folded"), [(1, 4), (2, 4), (4, 4), (5, 4), (7, 4), (37, 4), (7, 32), (32, 32)])
-def test_border_normalisers_equal_the_scan(NC, folded):
+@pytest.mark.parametrize(
+    ("NC", "folded", "blocked"),
+    [(1, 4, False), (2, 4, False), (4, 4, False), (5, 4, False), (7, 4, False), (37, 4, False), (7, 32, False),
+     (32, 32, False), (5, 4, True), (8, 4, True), (37, 4, True), (130, 32, True)],
+)  # fmt: skip
+def test_border_normalisers_equal_the_scan(NC, folded, blocked):
     """The associative scan's n and m before every chunk and after the last equal border_states' without c, and so
     do their gradients (float64, random summaries with resets and a closed chunk); up to ``folded`` chunks (4 by
     default, 32 where the Mosaic GPU forward evaluates its plan) they are composed one after another, beyond by
-    lax.associative_scan."""
+    lax.associative_scan, or with ``blocked`` in two levels of blocks (NC + 1 = 6, 9, 38 and 131 elements: blocks of
+    3, 3, 7 and 12, the last block padded but for 9)."""
     from xlstm_jax.mlstm.chunkwise import border_normalisers, border_states
 
     with jax.enable_x64(True):
@@ -179,7 +184,9 @@ def test_border_normalisers_equal_the_scan(NC, folded):
             return n_last, m_last, n_b, m_b
 
         def tree(log_decay, nbar, ml, n0, m0):
-            (n_last, m_last), (n_b, m_b) = border_normalisers(log_decay, nbar, ml, n0, m0, folded=folded)
+            (n_last, m_last), (n_b, m_b) = border_normalisers(
+                log_decay, nbar, ml, n0, m0, folded=folded, blocked=blocked
+            )  # fmt: skip
             return n_last, m_last, n_b, m_b
 
         tree, scan = jax.jit(tree), jax.jit(scan)  # one program each (eager dispatch of the scans' ops is slow)
