@@ -166,11 +166,6 @@ CLUSTERS = (1, 2, 4)  # programs per cluster the forward kernel takes
 _FOLD_MAX_DHQK = 256  # the largest head size for which the scores kernel computes q̂·n_border (registers)
 _SMEM_LIMIT = 227 * 1024  # bytes of shared memory a CUDA block may use on Hopper
 _SMEM_RESERVE = 4 * 1024  # kept for the barriers and alignment that Mosaic GPU adds to the tiles (about 2 KiB)
-# Where nothing differentiates the gate plan, its border normalisers compose up to this many chunks one after another
-# (border_normalisers' ``folded``), which XLA fuses into a few kernels where the associative scan takes a kernel or
-# more per round: the forward at B=8, NH=8, S=2048 (32 chunks) compiled for an H200 launches 18 kernels rather than
-# 22. Each of the NC borders recomputes the compositions before it, O(NC²) element-wise work, small up to 32 chunks.
-_EVALUATED_FOLDED_CHUNKS = 32
 
 
 def shared_memory_bytes(
@@ -1158,10 +1153,7 @@ def _key_sums(scores: str, DHQK: int, interpret: bool) -> Callable[[jax.Array, j
 
 
 def chunk_plan(
-    x: ChunkedSequence,
-    border_qn: bool = True,
-    key_sums: Callable[[jax.Array, jax.Array], jax.Array] | None = None,
-    evaluated: bool = False,
+    x: ChunkedSequence, border_qn: bool = True, key_sums: Callable[[jax.Array, jax.Array], jax.Array] | None = None
 ) -> tuple[jax.Array, jax.Array, tuple[jax.Array, jax.Array], jax.Array]:
     """The gate plan of a chunked sequence (module docstring): everything but the products with q, k and v.
 
@@ -1169,11 +1161,7 @@ def chunk_plan(
     which computes it from the border normalisers returned fourth. ``key_sums``: None, XLA sums each chunk's
     weighted keys; or at B=1, where XLA's sum reads k at well under the copy rate (below), ``key_sums(k (NH, NC·L,
     DHQK), weights (NH, NC, L) float32) -> (NH, NC, DHQK)`` float32 does
-    (:func:`~xlstm_jax.kernels.chunkwise_mosaic_scores.mosaic_key_sums`; not differentiated). ``evaluated``: nothing
-    differentiates the plan, whose border normalisers then compose up to :data:`_EVALUATED_FOLDED_CHUNKS` chunks
-    one after another, and more in two levels of blocks (:func:`~xlstm_jax.mlstm.chunkwise.border_normalisers`'
-    ``folded`` and ``blocked``): the forward at B=1, NH=8, S=65536 compiled for an H200 launches 32 kernels rather
-    than 39.
+    (:func:`~xlstm_jax.kernels.chunkwise_mosaic_scores.mosaic_key_sums`; not differentiated).
 
     Returns:
         ``(plan (B, NH, NC, 8, L), decay (B, NH, NC), (n, m) after the last chunk, n before every chunk
@@ -1206,8 +1194,7 @@ def chunk_plan(
         _, nbar, ml = block_summary(k, None, F_s, F_Ls, i_s, x.operand_dtype, valid_s, R_s, R_Ls, start_s)
         nbar, ml = nbar.reshape(*lead, -1), ml.reshape(lead)
     log_decay = block_log_decay(F_L, R_L)
-    folded = {"folded": _EVALUATED_FOLDED_CHUNKS, "blocked": True} if evaluated else {}
-    (n_last, m_last), (n_b, m_b) = border_normalisers(log_decay, nbar, ml, n0, m0, **folded)
+    (n_last, m_last), (n_b, m_b) = border_normalisers(log_decay, nbar, ml, n0, m0)
     n_b, m_b = n_b.astype(acc), m_b.astype(acc)
     _, log_w, _ = block_log_weights(F, i, m_b, valid, R, x.log_start)  # (B, NH, NC, L); its (L, L) part unused
     m = block_running_max(F, i, log_w, valid, R, x.log_start)
@@ -1252,7 +1239,7 @@ def _forward(
     NC, L = x.NC, x.L
     fold = _folds_border_qn(scores, DHQK)
     key_sums = _key_sums(scores, DHQK, interpret)
-    plan, decay, (n_last, m_last), n_border = chunk_plan(x, border_qn=not fold, key_sums=key_sums, evaluated=True)
+    plan, decay, (n_last, m_last), n_border = chunk_plan(x, border_qn=not fold, key_sums=key_sums)
     c0 = x.states[0].astype(jnp.float32).reshape(B * NH, DHQK, DHV) if states_given else None
     h, c_last = mosaic_chunkwise(
         x.q.reshape(B * NH, NC * L, DHQK),

@@ -30,7 +30,6 @@ product; the carried states stay in the state dtype (float32 by default).
 
 from __future__ import annotations
 
-import math
 import operator
 from typing import Any, NamedTuple
 
@@ -111,39 +110,6 @@ def border_states(
 
 # border_normalisers composes up to this many chunks one after another rather than by an associative scan.
 _FOLDED_CHUNKS = 4
-# With ``blocked``, border_normalisers composes in two levels of blocks of at most this many elements.
-_MAX_BLOCK = 64
-
-
-def _prefix(compose: Any, xs: tuple[jax.Array, ...], axis: int) -> tuple[jax.Array, ...]:
-    """The inclusive prefix compositions of ``xs`` along ``axis``, composed one after another: one expression per
-    element, which XLA fuses into a kernel or two (each element's expression repeats the compositions before it)."""
-    out = [tuple(jax.lax.index_in_dim(x, 0, axis, keepdims=False) for x in xs)]
-    for j in range(1, xs[0].shape[axis]):
-        out.append(compose(out[-1], tuple(jax.lax.index_in_dim(x, j, axis, keepdims=False) for x in xs)))
-    return tuple(jnp.stack([o[i] for o in out], axis=axis) for i in range(len(xs)))
-
-
-def _blocked_prefix(compose: Any, xs: tuple[jax.Array, ...], identity: tuple[float, ...]) -> tuple[jax.Array, ...]:
-    """:func:`_prefix` along axis 2 of E elements in two levels: within blocks of ``ceil(sqrt(E))`` elements (the
-    last padded with ``identity``, an element that composes to no change), across the blocks' totals, and each
-    block's prefixes after the blocks before it. O(sqrt(E)) repeated compositions per element, a few kernels."""
-    E = xs[0].shape[2]
-    block = math.isqrt(E - 1) + 1  # ceil(sqrt(E))
-    blocks = -(-E // block)
-
-    def cut(x, unit):  # (B, NH, E, ...) -> (B, NH, blocks, block, ...)
-        pad = jnp.full((*x.shape[:2], blocks * block - E, *x.shape[3:]), unit, x.dtype)
-        return jnp.concatenate([x, pad], axis=2).reshape(*x.shape[:2], blocks, block, *x.shape[3:])
-
-    inner = _prefix(compose, tuple(cut(x, u) for x, u in zip(xs, identity, strict=True)), axis=3)
-    outer = _prefix(compose, tuple(x[:, :, :, -1] for x in inner), axis=2)  # through the end of each block
-    before = tuple(  # through the end of the block before each (identity before the first), against its block axis
-        jnp.expand_dims(jnp.concatenate([jnp.full_like(x[:, :, :1], u), x[:, :, :-1]], axis=2), 3)
-        for x, u in zip(outer, identity, strict=True)
-    )
-    out = compose(before, inner)
-    return tuple(x.reshape(*x.shape[:2], blocks * block, *x.shape[4:])[:, :, :E] for x in out)
 
 
 def border_normalisers(
@@ -152,8 +118,6 @@ def border_normalisers(
     ml: jax.Array,  # (B, NH, NC)
     n0: jax.Array,  # (B, NH, DHQK) initial states, in the state dtype
     m0: jax.Array,  # (B, NH)
-    folded: int = _FOLDED_CHUNKS,
-    blocked: bool = False,
 ) -> tuple[tuple[jax.Array, jax.Array], tuple[jax.Array, jax.Array]]:
     """The normaliser and max before every chunk and after the last: :func:`border_states` without c, as an
     associative scan (no loop).
@@ -164,13 +128,10 @@ def border_normalisers(
     associative composition; the initial state is a chunk that drops what comes before it (``F_L = -inf``,
     ``ml = m0``, ``nbar = n0``). ``lax.associative_scan`` composes the NC + 1 of them in O(log NC) rounds of
     element-wise work on (NC, DHQK) arrays, where a ``lax.scan`` runs NC steps (on a GPU, a loop iteration costs
-    tens of microseconds). Up to ``folded`` chunks (by default :data:`_FOLDED_CHUNKS`, a served prompt's chunk) are
-    composed one after another instead, which XLA fuses with the work around them (xLSTM-7B's 64-token prefill chunk
-    compiled for an H200: 1061 kernels, 1093 with the scan; ``benchmarks/launches.py``); their autodiff, though,
-    unrolls into a kernel or more per chunk. With ``blocked`` (where nothing differentiates the call), more chunks,
-    up to 4095, are composed in two levels of blocks instead (:func:`_blocked_prefix`), m first and then n as a
-    recurrence ``n' = w1 n + w2 nbar`` whose weights follow from m: six or so kernels rather than two per round of
-    the scan. Log-gate sums span at most the chunks between two borders, as in the scan.
+    tens of microseconds). Up to :data:`_FOLDED_CHUNKS` chunks (a served prompt's chunk) are composed one after
+    another instead, which XLA fuses with the work around them (xLSTM-7B's 64-token prefill chunk compiled for an
+    H200: 1061 kernels, 1093 with the scan; ``benchmarks/launches.py``). Log-gate sums span at most the chunks
+    between two borders, as in the scan.
 
     Where the scan's ``m`` would be ``-inf`` (a reset followed by input gates all ``-inf`` to the chunk's end: the
     recurrence's ``exp(-inf - (-inf))`` is NaN from there on), this gives ``n = 0`` and ``m = -inf``, and the next
@@ -195,25 +156,7 @@ def border_normalisers(
         w2 = jnp.exp(jnp.where(finite, m2 - m_new, -jnp.inf))
         return a1 + a2, m_new, w1[..., None] * n1 + w2[..., None] * n2
 
-    E = F_L.shape[2] + 1  # the initial state and the chunks
-    if F_L.shape[2] > folded and blocked and E <= _MAX_BLOCK**2:
-
-        def compose_max(earlier, later):  # (a, m) alone
-            (a1, m1), (a2, m2) = earlier, later
-            return a1 + a2, jnp.maximum(a2 + m1, m2)
-
-        def compose_linear(earlier, later):  # n' = w1 n + w2 nbar, as (product of the w1, sum)
-            (w1, n1), (w2, n2) = earlier, later
-            return w1 * w2, w2[..., None] * n1 + n2
-
-        _, m_all = _blocked_prefix(compose_max, (a, m), (0.0, -jnp.inf))
-        m_before = jnp.concatenate([jnp.full_like(m_all[:, :, :1], -jnp.inf), m_all[:, :, :-1]], axis=2)
-        finite = jnp.isfinite(m_all)
-        w1 = jnp.exp(jnp.where(finite, a + m_before - m_all, -jnp.inf))  # 0 for the initial state: a = -inf
-        w2 = jnp.exp(jnp.where(finite, m - m_all, -jnp.inf)).at[:, :, 0].set(1.0)  # n0 as it is
-        _, n = _blocked_prefix(compose_linear, (w1, w2[..., None] * n), (1.0, 0.0))
-        m = m_all
-    elif F_L.shape[2] > folded:
+    if F_L.shape[2] > _FOLDED_CHUNKS:
         _, m, n = jax.lax.associative_scan(compose, (a, m, n), axis=2)
     else:  # a few chunks: the same compositions one after another, which XLA fuses with their neighbours
         out = [(a[:, :, 0], m[:, :, 0], n[:, :, 0])]
