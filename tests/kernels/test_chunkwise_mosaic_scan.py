@@ -22,6 +22,7 @@ from tests.kernels import ON_GPU
 from tests.numerics import TOL, assert_close
 from xlstm_jax.kernels.chunkwise_mosaic import CHUNK
 from xlstm_jax.kernels.chunkwise_mosaic_scan import (
+    X_OPERANDS,
     mosaic_state_scan,
     run_chunks,
     segment_starts,
@@ -140,6 +141,33 @@ def test_last_state_alone_of_some_rows_from_zeros(reverse, block_dhv, consumers)
         mosaic_state_scan(a, b, gain, decay, None, reverse=reverse, interpret=INTERPRET, rows=(2, 2, 1))
 
 
+# (reverse, consumers, depth, x0 given): the state as Xᵀ with the gated operand in registers (x_operand="registers")
+REGISTER_CASES = [(False, 1, 2, False), (True, 1, 1, True), (False, 2, 2, True), (True, 2, 3, False)]
+
+
+@runs
+@pytest.mark.parametrize(("reverse", "consumers", "depth", "given"), REGISTER_CASES)
+def test_gated_operand_in_registers_matches_reference(reverse, consumers, depth, given):
+    """``x_operand="registers"`` (64 columns a warpgroup, no borders): each warpgroup holds Xᵀ and runs the
+    transposed product with r(gain ⊙ b)ᵀ in registers; the last state against the float64 loop (from x0 or from
+    zeros, five chunks: slots refilled, decays of 0 and 1, zero gains), with one and two warpgroups, equal to the
+    shared-memory form's within float32 rounding."""
+    DHB_ = 64 * consumers
+    a, b, gain, decay, x0 = scan_inputs(40 + consumers + depth, jnp.bfloat16, 5, DHB_, 128)
+    start = x0 if given else None
+    scan = functools.partial(
+        mosaic_state_scan, reverse=reverse, block_dhv=64, depth=depth, consumers=consumers, interpret=INTERPRET,
+        borders=False,
+    )  # fmt: skip
+    borders, last = scan(a, b, gain, decay, start, x_operand="registers")
+    assert borders is None and last.shape == (BH, 128, DHB_) and last.dtype == jnp.float32
+    begin = np.asarray(x0, np.float64) if given else np.zeros((BH, 128, DHB_))
+    _, ref_last = reference(a, b, gain, decay, begin, reverse)
+    assert_close("last state", ref_last, last, TOL["bfloat16/float32"])
+    _, shared = scan(a, b, gain, decay, start)
+    assert_close("last state against the shared-memory form", np.asarray(shared, np.float64), last, TOL["float32"])
+
+
 @runs
 @pytest.mark.parametrize("reverse", [False, True])
 @pytest.mark.parametrize("split", [2, 3, 6])
@@ -217,9 +245,13 @@ def test_last_state_alone_lowers_for_cuda():
     no borders, every other row read in place) lowers for CUDA on any machine."""
     S, f32, A = 2 * CHUNK, jnp.float32, jax.ShapeDtypeStruct
     avals = (A((4, S, 256), jnp.bfloat16), A((4, S, 512), jnp.bfloat16), A((4, 2, CHUNK), f32), A((4, 2), f32))
-    step = functools.partial(mosaic_state_scan, x0=None, reverse=False, block_dhv=64, borders=False, rows=(1, 2, 1))
-    text = jax.jit(step).trace(*avals).lower(lowering_platforms=("cuda",)).as_text()
-    assert "mosaic_gpu" in text
+    for x_operand in X_OPERANDS:
+        step = functools.partial(
+            mosaic_state_scan, x0=None, reverse=False, block_dhv=64, borders=False, rows=(1, 2, 1),
+            x_operand=x_operand,
+        )  # fmt: skip
+        text = jax.jit(step).trace(*avals).lower(lowering_platforms=("cuda",)).as_text()
+        assert "mosaic_gpu" in text
 
 
 def test_bad_inputs_raise():
@@ -252,6 +284,12 @@ def test_bad_inputs_raise():
         scan(a, b, gain, decay, x0, block_dhv=64, consumers=2)
     with pytest.raises(ValueError, match="consumers=3 must be 1 or 2"):
         scan(a, b, gain, decay, x0, consumers=3)
+    with pytest.raises(ValueError, match=r'x_operand="registers" takes borders=False'):
+        scan(a, b, gain, decay, x0, block_dhv=64, x_operand="registers")
+    with pytest.raises(ValueError, match=r'x_operand="registers" takes block_dhv=64 .*got 32'):
+        scan(a, b, gain, decay, x0, block_dhv=32, borders=False, x_operand="registers")
+    with pytest.raises(ValueError, match=r"x_operand='tile' must be one of \('shared', 'registers'\)"):
+        scan(a, b, gain, decay, x0, borders=False, x_operand="tile")
     assert state_scan_unsupported(256, 512, jnp.bfloat16, 64, 2) is None
     assert state_scan_unsupported(96, 64, jnp.bfloat16, 32, 2) == "DHA=96 must be a positive multiple of 64"
     assert state_scan_unsupported(64, 96, jnp.bfloat16, 64, 2) == "block_dhv=64 must be 32 or 64 and divide DHB=96"
@@ -260,6 +298,8 @@ def test_bad_inputs_raise():
     )
     assert "float32" in state_scan_unsupported(64, 64, jnp.float32, 32, 2)
     assert state_scan_shared_memory_bytes(256, jnp.bfloat16, 32) == 92.5 * 1024  # the module docstring's budget
+    # With the gated operand in registers: no gated tile and no borders' tile (the docstring's 80.5 KiB at 64 columns)
+    assert state_scan_shared_memory_bytes(256, jnp.bfloat16, 64, x_operand="registers") == 80.5 * 1024
     too_big = state_scan_unsupported(256, 512, jnp.bfloat16, 64, 5)
     assert too_big is not None and "241.25 KiB of shared memory" in too_big and "227 KiB" in too_big
     assert state_scan_unsupported(256, 512, jnp.bfloat16, 32, 2, consumers=2) is None

@@ -31,6 +31,13 @@ would need more than 128 float32 registers a thread (``2 · DHA · block_dhv / 1
 block_dhv=64) the border is staged instead at the end of the chunk before (or before the loop), so that one set
 is live, 128 registers there; the staging then precedes the product rather than overlapping it.
 
+The gated operand (``x_operand``). With ``"shared"`` (above) each chunk's ``r(gain ⊙ b)`` goes through a tile in
+shared memory and a fence before the product reads it. With ``"registers"`` (``borders=False``, 64 columns a
+warpgroup; :func:`segment_starts`' form) each warpgroup holds Xᵀ (block_dhv, DHA) instead and runs the transposed
+product ``Xᵀ = decay · Xᵀ + r(gain ⊙ b)ᵀ a``, whose A operand ``r(gain ⊙ b)ᵀ`` is formed in registers from b's tile
+(read through its transposed view) and whose B operand is a's tile as it arrived: no gated tile, no fence, the same
+sums and roundings. X goes in and out through transposed views of its tiles.
+
 With ``consumers=2`` the two warpgroups of a program share one copy of the a and gain tiles per pipeline slot
 (warpgroup 0 issues their copies) and each has its own b, r(gain ⊙ b) and staging tiles; while one waits on its
 product, its border store or its copies, the other's run. A slot is refilled once both warpgroups have arrived
@@ -40,7 +47,9 @@ Shared memory per program (:func:`state_scan_shared_memory_bytes`), at DHA=256, 
 slot a 64·256·2 B = 32 KiB and gain 64·4 B = 256 B, shared; per warpgroup the b tiles 2·64·32·2 B = 8 KiB,
 r(gain ⊙ b) 4 KiB and the borders' staging tile 256·32·2 B = 16 KiB, 28 KiB: 92.5 KiB in the chunk loop with one
 warpgroup, 120.5 KiB with two. X in and out goes through float32 tiles of 256·32·4 B = 32 KiB per warpgroup in
-scopes of their own (the larger scope only with two warpgroups, block_dhv=64 and depth=1). Hopper allows 227 KiB
+scopes of their own (the larger scope only with two warpgroups, block_dhv=64 and depth=1). With the gated operand in
+registers at block_dhv=64: a 2·32 KiB and the gains, and per warpgroup the b tiles 2·64·64·2 B = 16 KiB, 80.5 KiB
+with one warpgroup. Hopper allows 227 KiB
 per block; a few KiB of it are kept for the barriers and alignment that Mosaic GPU adds
 (:func:`state_scan_unsupported`).
 
@@ -69,13 +78,17 @@ from xlstm_jax.kernels.chunkwise_mosaic import (
     _SMEM_RESERVE,
     CHUNK,
     _accumulate,
+    _load_transposed,
+    _register_operand,
     _RegisterTiles,
+    _store_transposed,
     _swizzled,
     _Warpgroups,
 )
 from xlstm_jax.kernels.mosaic import finished_when_interpreted, require_mosaic_interpreter
 
 __all__ = [
+    "X_OPERANDS",
     "mosaic_state_scan",
     "run_chunks",
     "segment_starts",
@@ -83,24 +96,33 @@ __all__ = [
     "state_scan_unsupported",
 ]
 
+# Where the scan's product takes its gated operand r(gain ⊙ b) from (``x_operand``; module docstring): a tile in shared
+# memory (the B operand of aᵀ r(gain ⊙ b)), or registers (the A operand of the transposed product, X held as Xᵀ).
+X_OPERANDS = ("shared", "registers")
 
-def state_scan_shared_memory_bytes(DHA: int, dtype: Any, block_dhv: int, depth: int = 2, consumers: int = 1) -> int:
+
+def state_scan_shared_memory_bytes(
+    DHA: int, dtype: Any, block_dhv: int, depth: int = 2, consumers: int = 1, x_operand: str = "shared"
+) -> int:
     """Bytes of shared memory of the scan's largest scope, the tiles without the barriers, per program.
 
     The chunk loop's scope: per pipeline slot the a tile (L, DHA) and the gains (1, L) float32, shared by the
     warpgroups; per warpgroup ``depth`` b tiles (L, block_dhv), the gated tile r(gain ⊙ b) (L, block_dhv) and the
-    borders' staging tile (DHA, block_dhv). The float32 tiles that carry X in and out, (DHA, block_dhv) per
-    warpgroup, live in scopes of their own; with one warpgroup they are never the larger, with two they can be
-    (block_dhv=64, depth=1), and the larger scope counts.
+    borders' staging tile (DHA, block_dhv); with ``x_operand="registers"`` neither of the last two (the gated tile
+    stays in registers, and that form writes no borders). The float32 tiles that carry X in and out, (DHA,
+    block_dhv) per warpgroup, live in scopes of their own; with one warpgroup they are never the larger, with two
+    they can be (block_dhv=64, depth=1), and the larger scope counts.
     """
     item = jnp.dtype(dtype).itemsize
     shared = depth * (CHUNK * DHA * item + CHUNK * 4)
-    own = depth * CHUNK * block_dhv * item + CHUNK * block_dhv * item + DHA * block_dhv * item
+    own = depth * CHUNK * block_dhv * item
+    if x_operand != "registers":
+        own += CHUNK * block_dhv * item + DHA * block_dhv * item
     return max(shared + consumers * own, consumers * DHA * block_dhv * 4)
 
 
 def state_scan_unsupported(
-    DHA: int, DHB: int, dtype: Any, block_dhv: int, depth: int, consumers: int = 1
+    DHA: int, DHB: int, dtype: Any, block_dhv: int, depth: int, consumers: int = 1, x_operand: str = "shared"
 ) -> str | None:
     """Why :func:`mosaic_state_scan` cannot run this shape, dtype and tiling, or None if it can (no device check).
 
@@ -111,7 +133,13 @@ def state_scan_unsupported(
         block_dhv: Columns of the state per warpgroup.
         depth: Chunks in flight in the TMA pipeline.
         consumers: Warpgroups per program, 1 or 2.
+        x_operand: Where the product's gated operand comes from (:data:`X_OPERANDS`): ``"registers"`` takes
+            ``block_dhv=64`` (the 64 rows of a WGMMA A operand).
     """
+    if x_operand not in X_OPERANDS:
+        return f"x_operand={x_operand!r} must be one of {X_OPERANDS}"
+    if x_operand == "registers" and block_dhv != 64:
+        return f'x_operand="registers" takes block_dhv=64 (the rows of a WGMMA A operand), got {block_dhv}'
     if jnp.dtype(dtype) not in (jnp.dtype(jnp.bfloat16), jnp.dtype(jnp.float16)):
         return f"inputs must be bfloat16 or float16 (the WGMMA operand dtypes), got {jnp.dtype(dtype)}"
     if DHA <= 0 or DHA % _ROWS:
@@ -127,7 +155,7 @@ def state_scan_unsupported(
         )
     if not isinstance(depth, int) or depth < 1:
         return f"depth={depth!r} must be a positive integer (chunks in flight)"
-    smem = state_scan_shared_memory_bytes(DHA, dtype, block_dhv, depth, consumers)
+    smem = state_scan_shared_memory_bytes(DHA, dtype, block_dhv, depth, consumers, x_operand)
     if smem + _SMEM_RESERVE > _SMEM_LIMIT:
         return (
             f"the tiles need {smem / 1024:g} KiB of shared memory at DHA={DHA}, block_dhv={block_dhv}, "
@@ -152,14 +180,17 @@ def _scan_body(
     zero_start: bool,
     borders: bool,
     rows: tuple[int, int, int] | None,
+    registers: bool = False,
 ):
+    # registers (x_operand="registers", no borders): each warpgroup holds Xᵀ (NV, DHA) and the product is
+    # Xᵀ = decay · Xᵀ + r(gain ⊙ b)ᵀ a, its A operand r(gain ⊙ b)ᵀ in registers: no gated tile, no fence.
     x0_ref, refs = (None, refs) if zero_start else (refs[0], refs[1:])
     borders_ref, x_ref = refs if borders else (None, refs[0])
     f32, dtype = jnp.float32, a_ref.dtype
     _, S, DHA = a_ref.shape
     L, NV, NC = CHUNK, block_dhv, S // CHUNK
     regs = _RegisterTiles(interpret)
-    tile, row_layout = regs.tile, regs.row_layout
+    tile, row_layout, col_layout = regs.tile, regs.row_layout, regs.col_layout
     bh, vb = lax.axis_index("bh"), lax.axis_index("vb")
     # The row of the inputs this program scans: its own, or with ``rows = (per, stride, offset)`` ``per`` of every
     # ``stride`` rows from the ``offset``-th (program p scans row (p // per) * stride + offset + p % per).
@@ -185,10 +216,11 @@ def _scan_body(
 
     overlap = 2 * DHA * NV // 128 <= 128  # X and its accumulator side by side: float32 registers a thread
 
-    def body(a_bufs, b_bufs, gain_bufs, gb_smem, loaded, *rest):
+    def body(a_bufs, b_bufs, gain_bufs, loaded, *rest):
+        gb_smem, rest = (None, rest) if registers else (own(rest[0]), rest[1:])
         border_smem, rest = (own(rest[0]), rest[1:]) if borders else (None, rest)
         consumed, at = (rest[0], rest[1:]) if split else (None, rest)
-        b_bufs, gb_smem = map(own, (b_bufs, gb_smem))
+        b_bufs = own(b_bufs)
         # The first border r(X) from the registers before any copy into this scope: the loads of x0 from the
         # last scope's tile (which these tiles reuse) are then ordered before the copies by the fence. (With two
         # warpgroups each does so before its own copies; the other's loads precede the scope's block barrier.)
@@ -227,6 +259,25 @@ def _scan_body(
             for operand_index in (0, b_barrier, gain_barrier):
                 plgpu.barrier_wait(loaded.at[operand_index * depth + slot])
             a_smem, b_smem, gain_smem = a_bufs.at[slot], b_bufs.at[slot], gain_bufs.at[slot]
+            if registers:
+                # r(gain ⊙ b)ᵀ (NV, L) in registers, the A operand of r(gain ⊙ b)ᵀ a, accumulated onto decay · Xᵀ.
+                gain = load(gain_smem.at[0], col_layout)
+                gb = cast(_load_transposed(b_smem, interpret).astype(f32) * regs.columns(gain), tile)
+                gb = _register_operand(cast(gb.astype(dtype), tile), own(at[0]) if interpret else None, interpret)
+
+                def transposed_product(accs):
+                    plgpu.wgmma(accs[0], gb, a_smem)
+
+                (x,) = _accumulate(transposed_product, (cast(decay_ref[row, j] * x, tile),), interpret)
+                x = cast(x, tile)
+
+                @pl.when(i + depth < NC)
+                def _():  # the product has read the slot
+                    if split:
+                        plgpu.barrier_arrive(consumed.at[slot])
+                    issue(i + depth, slot, refill=True)
+
+                return x
             if interpret:  # the interpreter has no transposed WGMMA operands: transpose through shared memory
                 a_t = own(at[0])
                 a_t[...] = a_smem[...].T
@@ -274,7 +325,9 @@ def _scan_body(
         return x_last
 
     if zero_start:
-        x_init = cast(jnp.zeros((DHA, NV), f32), tile)
+        x_init = cast(jnp.zeros((NV, DHA) if registers else (DHA, NV), f32), tile)
+    elif registers:
+        x_init = group.state_in(x0_ref, bh, lambda ref: _load_transposed(ref, interpret))
     else:
         x_init = group.state_in(x0_ref, bh, lambda ref: load(ref, tile))
     x_last = pl.run_scoped(
@@ -282,17 +335,30 @@ def _scan_body(
         plgpu.SMEM((depth, L, DHA), dtype, transforms=operand),
         per_warpgroup((depth, L, NV), dtype, transforms=operand),
         plgpu.SMEM((depth, 1, L), f32),
-        per_warpgroup((L, NV), dtype, transforms=operand),
         plgpu.Barrier(num_arrivals=1, num_barriers=(2 + consumers) * depth),
+        *([] if registers else [per_warpgroup((L, NV), dtype, transforms=operand)]),  # r(gain ⊙ b)
         *([per_warpgroup((DHA, NV), dtype, transforms=operand)] if borders else []),
         *([plgpu.Barrier(num_arrivals=consumers, num_barriers=depth)] if split else []),
-        *([per_warpgroup((DHA, L), dtype)] if interpret else []),
+        # the interpreter's copies: r(gain ⊙ b)ᵀ as a product operand (registers), else aᵀ
+        *([per_warpgroup((NV, L) if registers else (DHA, L), dtype)] if interpret else []),
         collective_axes="wg",
     )
-    group.state_out(x_last, x_ref, bh)
+    store = (lambda ref, x: _store_transposed(ref, x, interpret)) if registers else None
+    group.state_out(x_last, x_ref, bh, store)
 
 
-def _check(a, b, gain, decay, x0, block_dhv: int, depth: int, consumers: int, rows: tuple[int, int, int] | None) -> int:
+def _check(
+    a,
+    b,
+    gain,
+    decay,
+    x0,
+    block_dhv: int,
+    depth: int,
+    consumers: int,
+    rows: tuple[int, int, int] | None,
+    x_operand: str = "shared",
+) -> int:
     """ValueError naming the argument where the shapes or dtypes do not fit the scan; else the programs' rows."""
     named = (
         ("a", a, 3),
@@ -329,7 +395,7 @@ def _check(a, b, gain, decay, x0, block_dhv: int, depth: int, consumers: int, ro
             )
         if x.dtype != jnp.float32:
             raise ValueError(f"{name}.dtype={x.dtype} must be float32")
-    reason = state_scan_unsupported(DHA, DHB, a.dtype, block_dhv, depth, consumers)
+    reason = state_scan_unsupported(DHA, DHB, a.dtype, block_dhv, depth, consumers, x_operand)
     if reason is not None:
         raise ValueError(
             f"mosaic_state_scan cannot run a.shape={a.shape}, b.shape={b.shape} ({a.dtype}): {reason}"
@@ -339,7 +405,8 @@ def _check(a, b, gain, decay, x0, block_dhv: int, depth: int, consumers: int, ro
 
 @finished_when_interpreted
 @functools.partial(
-    jax.jit, static_argnames=("reverse", "block_dhv", "depth", "consumers", "interpret", "borders", "rows")
+    jax.jit,
+    static_argnames=("reverse", "block_dhv", "depth", "consumers", "interpret", "borders", "rows", "x_operand"),
 )
 def mosaic_state_scan(
     a: jax.Array,  # (BH, S, DHA), S a multiple of CHUNK
@@ -355,6 +422,7 @@ def mosaic_state_scan(
     interpret: bool = False,
     borders: bool = True,
     rows: tuple[int, int, int] | None = None,
+    x_operand: str = "shared",
 ) -> tuple[jax.Array | None, jax.Array]:
     """The chunk-by-chunk state scan on ``BH`` flattened heads (module docstring), in a Mosaic GPU kernel.
 
@@ -375,6 +443,11 @@ def mosaic_state_scan(
         rows: None, one scan per row of the inputs; or ``(per, stride, offset)``: ``per`` rows of every
             ``stride`` from the ``offset``-th (a scan of part of each head, read in place), ``BH // stride * per``
             scans, whose x0 and outputs have that many rows.
+        x_operand: Where the product's gated operand r(gain ⊙ b) comes from (:data:`X_OPERANDS`): ``"shared"``, a
+            tile in shared memory written per chunk (the B operand of aᵀ r(gain ⊙ b)); ``"registers"`` (with
+            ``borders=False`` and ``block_dhv=64``), registers: each warpgroup holds Xᵀ and runs the transposed
+            product r(gain ⊙ b)ᵀ a with its A operand in registers, no tile written and no fence per chunk
+            (:func:`segment_starts`' form where it fits; the same sums and roundings).
 
     Returns:
         ``(borders (BH, NC * DHA, DHB) in a's dtype, x_last (BH, DHA, DHB) float32)``: rows ``j * DHA`` to
@@ -385,13 +458,15 @@ def mosaic_state_scan(
         ValueError: shapes or dtypes that do not fit (naming the argument), or a shape, dtype or tiling the kernel
             does not run (:func:`state_scan_unsupported`).
     """
-    programs = _check(a, b, gain, decay, x0, block_dhv, depth, consumers, rows)
+    if x_operand == "registers" and borders:
+        raise ValueError('x_operand="registers" takes borders=False (the borders are staged from X, not Xᵀ)')
+    programs = _check(a, b, gain, decay, x0, block_dhv, depth, consumers, rows, x_operand)
     _, S, DHA = a.shape
     DHB = b.shape[-1]
     params = require_mosaic_interpreter(consumers) if interpret else None
     body = functools.partial(
         _scan_body, reverse=reverse, block_dhv=block_dhv, depth=depth, consumers=consumers, interpret=interpret,
-        zero_start=x0 is None, borders=borders, rows=rows,
+        zero_start=x0 is None, borders=borders, rows=rows, registers=x_operand == "registers",
     )  # fmt: skip
     kernel = pl.kernel(
         body,
@@ -454,7 +529,8 @@ def segment_starts(
     The recurrence is affine in X, so a run of chunks acts on the state it is entered with as ``D · X + Y``: D the
     product of its decays, Y the scan from zeros over the run. The runs of :func:`run_chunks` chunks that make
     up every segment but the last one visited are scanned side by side (:func:`mosaic_state_scan` from zeros, the
-    last state alone, a, b and gain read in place: the same products and roundings as the full scan), and XLA
+    last state alone, a, b and gain read in place, the gated operand in registers where 64 columns fit: the same
+    products and roundings as the full scan), and XLA
     chains their ``(D, Y)`` from ``x0`` through the segments in the scan's order.
 
     Args:
@@ -471,8 +547,14 @@ def segment_starts(
     BH, S, DHA = a.shape
     DHB = b.shape[-1]
     per = S // CHUNK // split  # chunks per segment
-    block_dhv, depth = next(
-        (b_, d) for d in (2, 1) for b_ in (64, 32) if state_scan_unsupported(DHA, DHB, a.dtype, b_, d) is None
+    # The gated operand in registers where it fits (64 columns), else in shared memory; two chunks in flight where
+    # the tiles fit, else one.
+    block_dhv, depth, x_operand = next(
+        (b_, d, xo)
+        for xo in X_OPERANDS[::-1]
+        for d in (2, 1)
+        for b_ in (64, 32)
+        if state_scan_unsupported(DHA, DHB, a.dtype, b_, d, 1, xo) is None
     )
     size = run_chunks(BH, split, per, DHB // block_dhv)  # chunks per run
     runs = per // size  # runs per segment
@@ -484,7 +566,7 @@ def segment_starts(
     rows = ((split - 1) * runs, split * runs, runs if reverse else 0)
     _, y = mosaic_state_scan(
         *map(as_runs, (a, b, gain, decay)), None, reverse=reverse, block_dhv=block_dhv, depth=depth,
-        interpret=interpret, borders=False, rows=rows,
+        interpret=interpret, borders=False, rows=rows, x_operand=x_operand,
     )  # fmt: skip
     y = y.reshape(BH, split - 1, runs, DHA, DHB)
     through = jnp.prod(decay.reshape(BH, split, runs, size), axis=-1)  # each run's decay of the state entering it
