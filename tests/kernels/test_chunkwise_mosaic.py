@@ -721,6 +721,37 @@ def test_scores_kernel_takes_q_n_off_the_plan_where_nothing_differentiates(monke
     assert given[0] is primal_folds and not any(given[1:])  # at DHQK=512 the gradient is the XLA form's
 
 
+@runs
+@pytest.mark.parametrize("split", [1, 5])
+def test_blocked_border_normalisers_where_nothing_differentiates(monkeypatch, split):
+    """The call without differentiation takes the border normalisers in closed form over blocks of chunks
+    (border_normalisers_blocked, from _BLOCKED_MIN_CHUNKS chunks; here from one, so that 5 chunks run it in blocks
+    of 2, the last padded): h and the last states against the float64 recurrence with initial states, extreme input
+    gates, resets and packed documents; under differentiation the plan keeps the associative scan."""
+    from xlstm_jax.kernels import chunkwise_mosaic
+
+    called, original = [], chunkwise_mosaic.border_normalisers_blocked
+
+    def spy(*args):
+        called.append(True)
+        return original(*args)
+
+    monkeypatch.setattr(chunkwise_mosaic, "_BLOCKED_MIN_CHUNKS", 1)
+    monkeypatch.setattr(chunkwise_mosaic, "border_normalisers_blocked", spy)
+    jax.clear_caches()  # an earlier test's trace of the same call would skip the spy
+    form = functools.partial(kernel(scores="kernel"), split=split)
+    x = random_inputs(23 + split, 2, 2, 300, 64, 64, states=True, igate="extreme")
+    x["f"][0, 1, [64, 150]] = -np.inf  # a reset on a chunk's first step and one inside a chunk
+    check_forward(form, x, "bfloat16")
+    check_forward(form, x, "bfloat16", segment_ids=SPLIT_SEGMENTS)
+    assert called
+    called.clear()
+    args = [jnp.asarray(x[name], jnp.bfloat16) for name in ("q", "k", "v")]
+    args += [jnp.asarray(x[name], jnp.float32) for name in ("i", "f")]
+    jax.make_jaxpr(jax.grad(lambda *a: jnp.sum(form(*a).astype(jnp.float32)), argnums=(0, 1, 2)))(*args)
+    assert not called
+
+
 def test_auto_scores_keeps_short_sequences_in_the_kernel():
     """scores=None: the scores in the kernel for at most 4 chunks (a served prompt's chunk: fewer kernels to
     launch), from the scores kernel beyond; the call traces exactly as with the picked value given."""

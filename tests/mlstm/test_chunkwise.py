@@ -163,12 +163,18 @@ def _summaries(NC: int, seed: int = 0):
     return log_decay, nbar, ml, n0, m0
 
 
-@pytest.mark.parametrize("NC", [1, 2, 4, 5, 7, 37])
-def test_border_normalisers_equal_the_scan(NC):
+@pytest.mark.parametrize("blocked", [False, True])
+@pytest.mark.parametrize("NC", [1, 2, 4, 5, 7, 37, 64, 100])
+def test_border_normalisers_equal_the_scan(NC, blocked):
     """The associative scan's n and m before every chunk and after the last equal border_states' without c, and so
     do their gradients (float64, random summaries with resets and a closed chunk); up to 4 chunks they are composed
-    one after another, beyond by lax.associative_scan."""
-    from xlstm_jax.mlstm.chunkwise import border_normalisers, border_states
+    one after another, beyond by lax.associative_scan. The closed form over blocks of chunks
+    (border_normalisers_blocked: one block up to 4 chunks, padded blocks at 5, 7, 37 and 100, whole ones at 64)
+    equals it likewise."""
+    from xlstm_jax.mlstm.chunkwise import border_normalisers, border_normalisers_blocked, border_states
+
+    if blocked:
+        border_normalisers = border_normalisers_blocked  # noqa: F811
 
     with jax.enable_x64(True):
         args = _summaries(NC)
@@ -196,15 +202,17 @@ def test_border_normalisers_equal_the_scan(NC):
             np.testing.assert_allclose(np.asarray(g), np.asarray(e), rtol=1e-10, atol=1e-12)
 
 
-@pytest.mark.parametrize("folded", [False, True])
-def test_border_normalisers_after_a_reset_into_closed_gates(folded, monkeypatch):
+@pytest.mark.parametrize("form", ["associative", "folded", "blocked"])
+def test_border_normalisers_after_a_reset_into_closed_gates(form, monkeypatch):
     """A reset followed by a chunk of closed input gates empties the state (n = 0, m = -inf) and the next open
     chunk starts from it as from zero, where the step-by-step recurrence's exp(-inf - (-inf)) is NaN; by the
-    associative scan and with the 6 chunks composed one after another."""
+    associative scan, with the 6 chunks composed one after another, and in closed form over blocks of 2 chunks."""
     from xlstm_jax.mlstm import chunkwise
-    from xlstm_jax.mlstm.chunkwise import border_normalisers
+    from xlstm_jax.mlstm.chunkwise import border_normalisers, border_normalisers_blocked
 
-    monkeypatch.setattr(chunkwise, "_FOLDED_CHUNKS", 6 if folded else 0)
+    monkeypatch.setattr(chunkwise, "_FOLDED_CHUNKS", 6 if form == "folded" else 0)
+    if form == "blocked":
+        border_normalisers = border_normalisers_blocked  # noqa: F811
     with jax.enable_x64(True):
         log_decay, nbar, ml, n0, m0 = _summaries(6)
         log_decay = log_decay.at[...].set(-0.5).at[:, :, 2].set(-jnp.inf)

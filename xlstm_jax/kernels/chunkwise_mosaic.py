@@ -5,7 +5,9 @@ The same function as :func:`xlstm_jax.mlstm.chunkwise.chunkwise_fw` (initial sta
 
 1. The gate plan (XLA, :func:`chunk_plan`): everything that depends only on the gates and the normaliser state,
    O(S) per head. The running max ``m_t`` of every step, the border states n and m (an associative scan over
-   chunks, :func:`~xlstm_jax.mlstm.chunkwise.border_normalisers`: no loop), and per step the factors the kernel
+   chunks, :func:`~xlstm_jax.mlstm.chunkwise.border_normalisers`: no loop; where nothing differentiates the plan,
+   from 64 chunks, its closed form over blocks of chunks with fewer kernels,
+   :func:`~xlstm_jax.mlstm.chunkwise.border_normalisers_blocked`), and per step the factors the kernel
    needs: the row and column halves of the in-chunk gate matrix's log, the break counts that mask it, the weight of the
    border state, ``q̂·n`` of the border normaliser, the lower bound ``exp(-m_t)``, and each step's weight in the
    state at its chunk's end; per chunk, the border state's decay.
@@ -110,7 +112,13 @@ from jax.experimental.pallas import mosaic_gpu as plgpu
 
 from xlstm_jax.kernels.mosaic import finished_when_interpreted, require_mosaic_interpreter
 from xlstm_jax.kernels.recurrent_step_mosaic import load_ref
-from xlstm_jax.mlstm.chunkwise import ChunkedSequence, border_normalisers, chunk_sequence, chunkwise_fw
+from xlstm_jax.mlstm.chunkwise import (
+    ChunkedSequence,
+    border_normalisers,
+    border_normalisers_blocked,
+    chunk_sequence,
+    chunkwise_fw,
+)
 from xlstm_jax.mlstm.parallel import (
     block_log_decay,
     block_log_weights,
@@ -164,6 +172,7 @@ C_OPERANDS = ("shared", "registers")
 _CLUSTER = "cluster"  # the mesh axis of the programs of a cluster (mosaic_chunkwise's ``cluster``)
 CLUSTERS = (1, 2, 4)  # programs per cluster the forward kernel takes
 _FOLD_MAX_DHQK = 256  # the largest head size for which the scores kernel computes q̂·n_border (registers)
+_BLOCKED_MIN_CHUNKS = 64  # chunk_plan's blocked_borders from this many chunks (at 32 it launches more kernels)
 _SMEM_LIMIT = 227 * 1024  # bytes of shared memory a CUDA block may use on Hopper
 _SMEM_RESERVE = 4 * 1024  # kept for the barriers and alignment that Mosaic GPU adds to the tiles (about 2 KiB)
 
@@ -1153,7 +1162,10 @@ def _key_sums(scores: str, DHQK: int, interpret: bool) -> Callable[[jax.Array, j
 
 
 def chunk_plan(
-    x: ChunkedSequence, border_qn: bool = True, key_sums: Callable[[jax.Array, jax.Array], jax.Array] | None = None
+    x: ChunkedSequence,
+    border_qn: bool = True,
+    key_sums: Callable[[jax.Array, jax.Array], jax.Array] | None = None,
+    blocked_borders: bool = False,
 ) -> tuple[jax.Array, jax.Array, tuple[jax.Array, jax.Array], jax.Array]:
     """The gate plan of a chunked sequence (module docstring): everything but the products with q, k and v.
 
@@ -1161,7 +1173,12 @@ def chunk_plan(
     which computes it from the border normalisers returned fourth. ``key_sums``: None, XLA sums each chunk's
     weighted keys; or at B=1, where XLA's sum reads k at well under the copy rate (below), ``key_sums(k (NH, NC·L,
     DHQK), weights (NH, NC, L) float32) -> (NH, NC, DHQK)`` float32 does
-    (:func:`~xlstm_jax.kernels.chunkwise_mosaic_scores.mosaic_key_sums`; not differentiated).
+    (:func:`~xlstm_jax.kernels.chunkwise_mosaic_scores.mosaic_key_sums`; not differentiated). ``blocked_borders``
+    (where nothing differentiates the plan): from :data:`_BLOCKED_MIN_CHUNKS` chunks the border normalisers come
+    from :func:`~xlstm_jax.mlstm.chunkwise.border_normalisers_blocked` (compiled for an H200, the forward of 65,536
+    steps at batch 1 launches 31 kernels rather than 39; on an H100 the forward is 1.1 to 1.4% faster at B=8,
+    S=8192 and at batches of one and two of 65,536 steps, BENCHMARKS.md), else from the associative scan (fewer
+    kernels below; the one autodiff takes).
 
     Returns:
         ``(plan (B, NH, NC, 8, L), decay (B, NH, NC), (n, m) after the last chunk, n before every chunk
@@ -1194,7 +1211,9 @@ def chunk_plan(
         _, nbar, ml = block_summary(k, None, F_s, F_Ls, i_s, x.operand_dtype, valid_s, R_s, R_Ls, start_s)
         nbar, ml = nbar.reshape(*lead, -1), ml.reshape(lead)
     log_decay = block_log_decay(F_L, R_L)
-    (n_last, m_last), (n_b, m_b) = border_normalisers(log_decay, nbar, ml, n0, m0)
+    blocked = blocked_borders and F.shape[-2] >= _BLOCKED_MIN_CHUNKS
+    borders = border_normalisers_blocked if blocked else border_normalisers
+    (n_last, m_last), (n_b, m_b) = borders(log_decay, nbar, ml, n0, m0)
     n_b, m_b = n_b.astype(acc), m_b.astype(acc)
     _, log_w, _ = block_log_weights(F, i, m_b, valid, R, x.log_start)  # (B, NH, NC, L); its (L, L) part unused
     m = block_running_max(F, i, log_w, valid, R, x.log_start)
@@ -1239,7 +1258,9 @@ def _forward(
     NC, L = x.NC, x.L
     fold = _folds_border_qn(scores, DHQK)
     key_sums = _key_sums(scores, DHQK, interpret)
-    plan, decay, (n_last, m_last), n_border = chunk_plan(x, border_qn=not fold, key_sums=key_sums)
+    plan, decay, (n_last, m_last), n_border = chunk_plan(
+        x, border_qn=not fold, key_sums=key_sums, blocked_borders=True
+    )  # fmt: skip
     c0 = x.states[0].astype(jnp.float32).reshape(B * NH, DHQK, DHV) if states_given else None
     h, c_last = mosaic_chunkwise(
         x.q.reshape(B * NH, NC * L, DHQK),

@@ -555,7 +555,9 @@ def split_cell(
         x = chunk_sequence(q, k, v, i, f, c0, n0, m0, eps, state_dtype, CHUNK, segment_ids, True)
         B, NH, S, DHQK, DHV = x.dims
         NC, L = x.NC, x.L
-        plan, decay, nm_last, n_border = chunk_plan(x, border_qn=border_qn, key_sums=None if border_qn else key_sums)
+        plan, decay, nm_last, n_border = chunk_plan(
+            x, border_qn=border_qn, key_sums=None if border_qn else key_sums, blocked_borders=not border_qn
+        )  # fmt: skip
         acc = jnp.promote_types(x.states[0].dtype, jnp.float32)
         operands = (
             x.q.astype(dtype).reshape(B * NH, NC * L, DHQK),

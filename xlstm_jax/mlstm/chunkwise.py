@@ -30,6 +30,7 @@ product; the carried states stay in the state dtype (float32 by default).
 
 from __future__ import annotations
 
+import math
 import operator
 from typing import Any, NamedTuple
 
@@ -164,6 +165,98 @@ def border_normalisers(
             out.append(compose(out[-1], (a[:, :, j], m[:, :, j], n[:, :, j])))
         m, n = jnp.stack([o[1] for o in out], axis=2), jnp.stack([o[2] for o in out], axis=2)
     return (n[:, :, -1], m[:, :, -1]), (n[:, :, :-1], m[:, :, :-1])
+
+
+# border_normalisers_blocked's largest block of chunks: its in-block decays are sums over (T + 1, T, T) masks.
+_BLOCK_MAX = 32
+
+
+def _range_sums(a: jax.Array, rows: int, inclusive: bool) -> jax.Array:
+    """(..., rows, T) sums of the (..., T) log decays ``a`` over ranges, each summed from its own terms (no
+    differences of cumulative sums, whose rounding grows with the sum before the range): ``[t, u]`` sums ``a_k``
+    over ``u < k < t``, or with ``inclusive`` over ``u < k <= t``; 0 over an empty range. The masks are
+    constants of the program."""
+    T = a.shape[-1]
+    t, u, k = np.arange(rows)[:, None, None], np.arange(T)[None, :, None], np.arange(T)[None, None, :]
+    inside = (u < k) & ((k <= t) if inclusive else (k < t))
+    return jnp.sum(jnp.where(inside, a[..., None, None, :], 0.0), axis=-1)
+
+
+def border_normalisers_blocked(
+    F_L: jax.Array,  # (B, NH, NC) each chunk's log decay (block_log_decay: -inf after a reset)
+    nbar: jax.Array,  # (B, NH, NC, DHQK)
+    ml: jax.Array,  # (B, NH, NC)
+    n0: jax.Array,  # (B, NH, DHQK)
+    m0: jax.Array,  # (B, NH)
+) -> tuple[tuple[jax.Array, jax.Array], tuple[jax.Array, jax.Array]]:
+    """:func:`border_normalisers` in closed form over blocks of chunks: a few batched operations and two matrix
+    products where the associative scan runs about 20 rounds of small kernels (the Mosaic GPU forward, whose gate
+    plan nothing differentiates, runs it from 64 chunks:
+    :func:`~xlstm_jax.kernels.chunkwise_mosaic.chunk_plan`).
+
+    Chunk c's own state at its end is ``(ml_c, nbar_c)``; the border before chunk t holds it decayed by the chunks
+    between, ``A(c, t)``, the sum of ``F_L_k`` over ``c < k < t``, so that ``m_t = max_{c<t} (ml_c + A(c, t))`` and
+    ``n_t = sum_{c<t} exp(ml_c + A(c, t) - m_t) nbar_c``, the initial state ``(m0, n0)`` a chunk before the first.
+    The chunks are cut into G blocks of T (a power of two near sqrt(NC), at most :data:`_BLOCK_MAX`; padded with
+    chunks ``(0, -inf, 0)``, which change nothing, where T does not divide NC). Inside a block, the decays, maxima
+    and weights of every pair of chunks at once and one batched product of the weights with the block's nbar, which
+    also gives each block's own state at its end; over the blocks, the same from the initial state and those G
+    states, for the state each block is entered with (the last: the state after the last chunk); each border's
+    state from its block's entry and its own sum. Every log decay is summed over its own range (no differences of
+    cumulative sums), every weight is at most 1, and the products run at float32's full precision.
+
+    Returns:
+        As :func:`border_normalisers`.
+    """
+    acc = jnp.promote_types(n0.dtype, jnp.float32)
+    lead, NC, D = F_L.shape[:2], F_L.shape[2], nbar.shape[-1]
+    T = min(_BLOCK_MAX, 1 << max(0, math.ceil(math.log2(math.sqrt(NC)))))
+    G = -(-NC // T)
+    pad = G * T - NC
+
+    def blocks(x, fill):  # (B, NH, G, T, ...), padded with chunks that change nothing
+        x = x.astype(acc)
+        if pad:
+            x = jnp.concatenate([x, jnp.full((*lead, pad, *x.shape[3:]), fill, acc)], axis=2)
+        return x.reshape(*lead, G, T, *x.shape[3:])
+
+    a, mls, nb = blocks(F_L, 0.0), blocks(ml, -jnp.inf), blocks(nbar, 0.0)
+    highest = jax.lax.Precision.HIGHEST
+
+    def weight(log_x, log_max):  # exp(log_x - log_max), 0 where nothing is weighed (log_max -inf)
+        finite = jnp.isfinite(log_max)
+        return jnp.where(finite, jnp.exp(jnp.where(finite, log_x - log_max, -jnp.inf)), 0.0)
+
+    # In each block, for the borders t = 0..T (before each of its chunks, and after the last): chunk u's decay to
+    # t and weight from u, the maximum over the chunks before t, and the decay from the block's entry to t.
+    earlier = np.arange(T)[None, :] < np.arange(T + 1)[:, None]  # [t, u]: chunk u before border t
+    between = _range_sums(a, T + 1, inclusive=False)  # (B, NH, G, T + 1, T)
+    from_u = jnp.where(earlier, mls[..., None, :] + between, -jnp.inf)
+    local_m = jnp.max(from_u, axis=-1)  # (B, NH, G, T + 1); -inf at t = 0
+    # From the entry: chunk 0's decay (from t = 1) and those between chunk 0 and t (the sums above: one pass).
+    from_entry = jnp.where(earlier[:, 0], a[..., :1], 0.0) + between[..., 0]  # (B, NH, G, T + 1)
+    # Over the blocks, the initial state first: the state each block is entered with, and after the last block.
+    outer_m = jnp.concatenate([m0.astype(acc)[..., None], local_m[..., -1]], axis=-1)  # (B, NH, G + 1)
+    outer_a = jnp.concatenate([jnp.zeros((*lead, 1), acc), from_entry[..., -1]], axis=-1)
+    into = jnp.where(
+        np.arange(G + 1)[None, :] <= np.arange(G + 1)[:, None],
+        outer_m[..., None, :] + _range_sums(outer_a, G + 1, inclusive=True),
+        -jnp.inf,
+    )  # (B, NH, G + 1, G + 1): [g, h] the state of element h (the initial state, or block h - 1) at block g's entry
+    entry_m = jnp.max(into, axis=-1)  # (B, NH, G + 1)
+    m = jnp.maximum(entry_m[..., :G, None] + from_entry, local_m)  # (B, NH, G, T + 1)
+    # One product: each border's sum over the block's chunks before it, normalised by its m; row T (the block's
+    # end) normalised by the block's own maximum instead, its state from zero.
+    norm = jnp.concatenate([m[..., :T], local_m[..., T:]], axis=-1)
+    local_n = jnp.einsum("...tu,...ud->...td", weight(from_u, norm[..., None]), nb, precision=highest)
+    outer_n = jnp.concatenate([n0.astype(acc)[..., None, :], local_n[..., T, :]], axis=-2)  # (B, NH, G + 1, D)
+    entry_n = jnp.einsum("...gh,...hd->...gd", weight(into, entry_m[..., None]), outer_n, precision=highest)
+    n = (
+        local_n[..., :T, :]
+        + weight(entry_m[..., :G, None] + from_entry[..., :T], m[..., :T])[..., None] * entry_n[..., :G, None, :]
+    )
+    n_b, m_b = n.reshape(*lead, G * T, D)[:, :, :NC], m[..., :T].reshape(*lead, G * T)[:, :, :NC]
+    return (entry_n[..., G, :], entry_m[..., G]), (n_b, m_b)
 
 
 class ChunkedSequence(NamedTuple):
