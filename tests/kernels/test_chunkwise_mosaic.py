@@ -752,6 +752,36 @@ def test_blocked_border_normalisers_where_nothing_differentiates(monkeypatch, sp
     assert not called
 
 
+@pytest.mark.parametrize(("NC", "blocked"), [(3, False), (4, True), (6, True), (7, False)])
+def test_chunk_plan_takes_blocked_border_normalisers_within_its_bounds(monkeypatch, NC, blocked):
+    """chunk_plan(blocked_borders=True) takes border_normalisers_blocked from _BLOCKED_MIN_CHUNKS chunks to
+    _BLOCKED_MAX_CHUNKS (here 4 to 6; 64 to 4096 by default), else the associative scan, whose plan is the same."""
+    from xlstm_jax.kernels import chunkwise_mosaic
+    from xlstm_jax.mlstm.chunkwise import chunk_sequence
+
+    called, original = [], chunkwise_mosaic.border_normalisers_blocked
+    monkeypatch.setattr(chunkwise_mosaic, "_BLOCKED_MIN_CHUNKS", 4)
+    monkeypatch.setattr(chunkwise_mosaic, "_BLOCKED_MAX_CHUNKS", 6)
+    monkeypatch.setattr(chunkwise_mosaic, "border_normalisers_blocked", lambda *a: called.append(1) or original(*a))
+    x = random_inputs(NC, 1, 2, NC * CHUNK - 5, 64, 32, states=True, igate="extreme")
+    x["f"][0, 1, CHUNK + 3] = -np.inf  # a reset
+
+    @functools.partial(jax.jit, static_argnums=0)
+    def plan(blocked_borders, *arrays):
+        seq = chunk_sequence(*arrays, 1e-6, None, CHUNK, None, True)
+        p, decay, (n_last, m_last), n_border = chunkwise_mosaic.chunk_plan(seq, blocked_borders=blocked_borders)
+        return p, decay, n_last, m_last, n_border
+
+    with jax.enable_x64(True):  # float64: the two forms' plans agree to its rounding
+        arrays = [jnp.asarray(x[n], jnp.float64) for n in ("q", "k", "v", "i", "f", "c0", "n0", "m0")]
+        got = plan(True, *arrays)
+        assert bool(called) is blocked
+        want = plan(False, *arrays)
+    for g, w in zip(got, want, strict=True):
+        tol = TOL["float64"].max_err
+        np.testing.assert_allclose(np.asarray(g), np.asarray(w), rtol=tol, atol=tol)  # equal infinities pass
+
+
 def test_auto_scores_keeps_short_sequences_in_the_kernel():
     """scores=None: the scores in the kernel for at most 4 chunks (a served prompt's chunk: fewer kernels to
     launch), from the scores kernel beyond; the call traces exactly as with the picked value given."""

@@ -172,7 +172,9 @@ C_OPERANDS = ("shared", "registers")
 _CLUSTER = "cluster"  # the mesh axis of the programs of a cluster (mosaic_chunkwise's ``cluster``)
 CLUSTERS = (1, 2, 4)  # programs per cluster the forward kernel takes
 _FOLD_MAX_DHQK = 256  # the largest head size for which the scores kernel computes q̂·n_border (registers)
-_BLOCKED_MIN_CHUNKS = 64  # chunk_plan's blocked_borders from this many chunks (at 32 it launches more kernels)
+# chunk_plan's blocked_borders applies from _BLOCKED_MIN_CHUNKS chunks (at 32 it launches more kernels than the scan)
+# up to _BLOCKED_MAX_CHUNKS (262,144 steps): its sums over the blocks take (G + 1)³ masks, G = NC / 32.
+_BLOCKED_MIN_CHUNKS, _BLOCKED_MAX_CHUNKS = 64, 4096
 _SMEM_LIMIT = 227 * 1024  # bytes of shared memory a CUDA block may use on Hopper
 _SMEM_RESERVE = 4 * 1024  # kept for the barriers and alignment that Mosaic GPU adds to the tiles (about 2 KiB)
 
@@ -1174,7 +1176,8 @@ def chunk_plan(
     weighted keys; or at B=1, where XLA's sum reads k at well under the copy rate (below), ``key_sums(k (NH, NC·L,
     DHQK), weights (NH, NC, L) float32) -> (NH, NC, DHQK)`` float32 does
     (:func:`~xlstm_jax.kernels.chunkwise_mosaic_scores.mosaic_key_sums`; not differentiated). ``blocked_borders``
-    (where nothing differentiates the plan): from :data:`_BLOCKED_MIN_CHUNKS` chunks the border normalisers come
+    (where nothing differentiates the plan): from :data:`_BLOCKED_MIN_CHUNKS` chunks (up to
+    :data:`_BLOCKED_MAX_CHUNKS`) the border normalisers come
     from :func:`~xlstm_jax.mlstm.chunkwise.border_normalisers_blocked` (compiled for an H200, the forward of 65,536
     steps at batch 1 launches 31 kernels rather than 39; on an H100 the forward is 1.1 to 1.4% faster at B=8,
     S=8192 and at batches of one and two of 65,536 steps, BENCHMARKS.md), else from the associative scan (fewer
@@ -1211,7 +1214,7 @@ def chunk_plan(
         _, nbar, ml = block_summary(k, None, F_s, F_Ls, i_s, x.operand_dtype, valid_s, R_s, R_Ls, start_s)
         nbar, ml = nbar.reshape(*lead, -1), ml.reshape(lead)
     log_decay = block_log_decay(F_L, R_L)
-    blocked = blocked_borders and F.shape[-2] >= _BLOCKED_MIN_CHUNKS
+    blocked = blocked_borders and _BLOCKED_MIN_CHUNKS <= F.shape[-2] <= _BLOCKED_MAX_CHUNKS
     borders = border_normalisers_blocked if blocked else border_normalisers
     (n_last, m_last), (n_b, m_b) = borders(log_decay, nbar, ml, n0, m0)
     n_b, m_b = n_b.astype(acc), m_b.astype(acc)
