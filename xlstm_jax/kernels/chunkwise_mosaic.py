@@ -118,6 +118,7 @@ from xlstm_jax.mlstm.chunkwise import (
     border_normalisers_blocked,
     chunk_sequence,
     chunkwise_fw,
+    normalised_weight,
 )
 from xlstm_jax.mlstm.parallel import (
     block_log_decay,
@@ -1222,13 +1223,10 @@ def chunk_plan(
     m = block_running_max(F, i, log_w, valid, R, x.log_start)
     m_end = jnp.concatenate([m_b[..., 1:], m_last.astype(acc)[..., None]], axis=-1)  # (B, NH, NC)
 
-    def weight(log_x, log_max):  # exp(log_x - log_max), 0 where there is nothing to weigh (max -inf)
-        return jnp.where(jnp.isfinite(log_max), jnp.exp(log_x - log_max), 0.0)
-
     scale = 1.0 / math.sqrt(x.q.shape[-1])
     row = jnp.where(jnp.isfinite(m), F - m, -jnp.inf)
     col = i - F if valid is None else jnp.where(valid, i - F, -jnp.inf)
-    inter = scale * weight(log_w, m)
+    inter = scale * normalised_weight(log_w, m)
     # q̂·n of the border normaliser as a product and a sum, which XLA fuses into one pass over the bf16 q (a float32
     # matrix-vector product may first write q in float32 for a library call, and its transpose dq too).
     qn_row = inter * jnp.sum(x.q.astype(acc) * n_b[..., None, :], axis=-1) if border_qn else jnp.zeros_like(inter)
@@ -1236,9 +1234,9 @@ def chunk_plan(
     a = jnp.where(R_L[..., None] == R, a, -jnp.inf)
     if valid is not None:
         a = jnp.where(valid, a, -jnp.inf)
-    gain = weight(a, m_end[..., None])
+    gain = normalised_weight(a, m_end[..., None])
     plan = jnp.stack([row, col, R, inter, qn_row, jnp.exp(-m), gain, R], axis=-2)
-    decay = weight(log_decay + m_b, m_end)
+    decay = normalised_weight(log_decay + m_b, m_end)
     return plan, decay, (n_last, m_last), n_b
 
 

@@ -109,6 +109,12 @@ def border_states(
     return last, tuple(None if x is None else jnp.moveaxis(x, 0, 2) for x in borders)
 
 
+def normalised_weight(log_x: jax.Array, log_max: jax.Array) -> jax.Array:
+    """``exp(log_x - log_max)``, and 0 where nothing is weighed (``log_max`` -inf): the exponent is masked, so that
+    neither the value nor its gradient is NaN there."""
+    return jnp.exp(jnp.where(jnp.isfinite(log_max), log_x - log_max, -jnp.inf))
+
+
 # border_normalisers composes up to this many chunks one after another rather than by an associative scan.
 _FOLDED_CHUNKS = 4
 
@@ -151,10 +157,7 @@ def border_normalisers(
     def compose(earlier, later):
         (a1, m1, n1), (a2, m2, n2) = earlier, later
         m_new = jnp.maximum(a2 + m1, m2)
-        # exp(-inf) where nothing is weighed (m_new -inf): the masked exponent keeps NaN out of the gradients.
-        finite = jnp.isfinite(m_new)
-        w1 = jnp.exp(jnp.where(finite, a2 + m1 - m_new, -jnp.inf))
-        w2 = jnp.exp(jnp.where(finite, m2 - m_new, -jnp.inf))
+        w1, w2 = normalised_weight(a2 + m1, m_new), normalised_weight(m2, m_new)
         return a1 + a2, m_new, w1[..., None] * n1 + w2[..., None] * n2
 
     if F_L.shape[2] > _FOLDED_CHUNKS:
@@ -224,10 +227,6 @@ def border_normalisers_blocked(
     a, mls, nb = blocks(F_L, 0.0), blocks(ml, -jnp.inf), blocks(nbar, 0.0)
     highest = jax.lax.Precision.HIGHEST
 
-    def weight(log_x, log_max):  # exp(log_x - log_max), 0 where nothing is weighed (log_max -inf)
-        finite = jnp.isfinite(log_max)
-        return jnp.where(finite, jnp.exp(jnp.where(finite, log_x - log_max, -jnp.inf)), 0.0)
-
     # In each block, for the borders t = 0..T (before each of its chunks, and after the last): chunk u's decay to
     # t and weight from u, the maximum over the chunks before t, and the decay from the block's entry to t.
     earlier = np.arange(T)[None, :] < np.arange(T + 1)[:, None]  # [t, u]: chunk u before border t
@@ -249,13 +248,11 @@ def border_normalisers_blocked(
     # One product: each border's sum over the block's chunks before it, normalised by its m; row T (the block's
     # end) normalised by the block's own maximum instead, its state from zero.
     norm = jnp.concatenate([m[..., :T], local_m[..., T:]], axis=-1)
-    local_n = jnp.einsum("...tu,...ud->...td", weight(from_u, norm[..., None]), nb, precision=highest)
+    local_n = jnp.einsum("...tu,...ud->...td", normalised_weight(from_u, norm[..., None]), nb, precision=highest)
     outer_n = jnp.concatenate([n0.astype(acc)[..., None, :], local_n[..., T, :]], axis=-2)  # (B, NH, G + 1, D)
-    entry_n = jnp.einsum("...gh,...hd->...gd", weight(into, entry_m[..., None]), outer_n, precision=highest)
-    n = (
-        local_n[..., :T, :]
-        + weight(entry_m[..., :G, None] + from_entry[..., :T], m[..., :T])[..., None] * entry_n[..., :G, None, :]
-    )
+    entry_n = jnp.einsum("...gh,...hd->...gd", normalised_weight(into, entry_m[..., None]), outer_n, precision=highest)
+    from_entry_n = normalised_weight(entry_m[..., :G, None] + from_entry[..., :T], m[..., :T])  # (B, NH, G, T)
+    n = local_n[..., :T, :] + from_entry_n[..., None] * entry_n[..., :G, None, :]
     n_b, m_b = n.reshape(*lead, G * T, D)[:, :, :NC], m[..., :T].reshape(*lead, G * T)[:, :, :NC]
     return (entry_n[..., G, :], entry_m[..., G]), (n_b, m_b)
 
