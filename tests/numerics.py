@@ -91,10 +91,11 @@ TOL: dict[str, Tol] = {
     ),
     "float32-sum": Tol(
         1e-5,
-        "a weighted sum of K <= 64 rows in float32 (each chunk's keys' sums, bf16 keys times float32 weights) against "
-        "float64 from the same values, scaled by max|ref|: each product rounded once and the sum in any order, "
-        "K u = 3.8e-6 of sum_k |w_k x_k| (u = 6e-8), which for random keys is a few times |sum| at most: 1e-5. A "
-        "bf16 weight or intermediate (2^-9 = 2e-3) errs 200x more.",
+        "a weighted sum of K <= 64 rows in float32 (each chunk's keys' sums, bf16 keys times float32 weights; the "
+        "gates' product of bf16 activations and weights) against float64 from the same values, scaled by max|ref| "
+        "or by sum_k |w_k x_k|: each product rounded once and the sum in any order, K u = 3.8e-6 of "
+        "sum_k |w_k x_k| (u = 6e-8), which for random keys is a few times |sum| at most: 1e-5. A bf16 weight, "
+        "intermediate or result (2^-9 = 2e-3) errs 200x more.",
     ),
     "float32-norm": Tol(
         4e-4,

@@ -48,7 +48,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from xlstm_jax.models.xlstm_parallel.blocks.dense import Dense, project, project_split
+from xlstm_jax.models.xlstm_parallel.blocks.dense import Dense, project, project_split, project_wide
 from xlstm_jax.models.xlstm_parallel.blocks.mlstm.backend import BACKENDS, create_mlstm_backend
 from xlstm_jax.models.xlstm_parallel.blocks.mlstm.backend.config import mLSTMBackend
 from xlstm_jax.models.xlstm_parallel.blocks.norm import MultiHeadLayerNorm, RMSNorm, add_rms_norm
@@ -149,7 +149,7 @@ class mLSTMLayer(nn.Module):
 
         gate_dtype = jnp.promote_types(cfg.compute_dtype, jnp.float32)  # float32, or wider for a wider model
         if norm is None:
-            gates = product(x, if_kernel, gate_dtype) + if_bias.astype(gate_dtype)  # (B, S, 2 NH)
+            gates = project_wide(x, if_kernel, gate_dtype) + if_bias.astype(gate_dtype)  # (B, S, 2 NH)
             gates = soft_cap(gates, cfg.gate_soft_cap)
         else:  # the same function: the adds, the norm and the gates in one kernel
             side = {"side_weight": if_kernel, "side_bias": if_bias, "side_cap": cfg.gate_soft_cap}
