@@ -41,7 +41,11 @@ class RMSNorm(nn.Module):
         weight = self.param("weight", nn.initializers.ones, (x.shape[-1],), self.param_dtype)
         if not normalize:
             return weight
-        return rms_norm(x, weight, self.eps, self.force_float32_reductions)
+        # The normalised values are written once, weight applied, for the products that read them. Without the
+        # barrier XLA folds the weight multiply into each product's GEMM fusion, and where autotuning then runs
+        # the product in cuBLAS the multiply becomes a pass of its own over the activations (xLSTM-7B's prefill
+        # with unrolled blocks: two a block, each a read and write of (B, S, D)).
+        return jax.lax.optimization_barrier(rms_norm(x, weight, self.eps, self.force_float32_reductions))
 
 
 def add_rms_norm(
