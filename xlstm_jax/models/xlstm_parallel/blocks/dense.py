@@ -49,8 +49,8 @@ def project_wide(x: jax.Array, kernel: jax.Array, dtype: Any) -> jax.Array:
     Where x and the kernel share a narrower dtype (a bfloat16 model's activations and weights), each product of
     two of their values is exact in ``dtype``, so the narrow operands go to the product as they are, accumulated
     in ``dtype``: the same sums, in another order. That reads x once in its own dtype and runs on the matrix
-    units; widening x first writes a wide copy of it and runs a full-precision product (on an H100, about 4x the
-    time of reading x, for the gates' 16 columns). Otherwise both operands are widened to ``dtype`` and
+    units; widened, it is a full-precision float32 product (xLSTM-7B's gates, 16 columns, in an 8192-token
+    prefill on an H100: 85.7 µs a block against 27.5). Otherwise both operands are widened to ``dtype`` and
     multiplied at full precision (no TF32).
     """
     if x.dtype == kernel.dtype and jnp.dtype(x.dtype).itemsize < jnp.dtype(dtype).itemsize:
