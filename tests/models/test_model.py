@@ -10,7 +10,9 @@ import pytest
 
 from tests.models.fixture import load, peer
 from tests.numerics import TOL, assert_close
+from xlstm_jax.kernels.add_rms_norm import rms_norm
 from xlstm_jax.models.xlstm_parallel.blocks.mlstm.layer import mLSTMLayer
+from xlstm_jax.models.xlstm_parallel.blocks.norm import RMSNorm
 from xlstm_jax.models.xlstm_parallel.config import xLSTMLMConfig
 from xlstm_jax.models.xlstm_parallel.model import ModelStates, xLSTMLMModel
 from xlstm_jax.models.xlstm_parallel.runtime import DecodeFusion, KernelMode, RuntimeConfig
@@ -361,3 +363,21 @@ def test_float32_products_are_not_rounded(dtype, tie):
     assert all(p == (jax.lax.Precision.HIGHEST,) for p in f32), dots
     assert all(p in ((None,), (jax.lax.Precision.DEFAULT,)) for p in bf16), dots
     assert len(f32) >= (5 if dtype == "float32" else 1) and len(bf16) >= (0 if dtype == "float32" else 4), dots
+
+
+def test_rms_norm_output_passes_a_barrier():
+    """RMSNorm's rows, weight applied, are the operand of an optimization barrier (so XLA writes them once rather
+    than folding the weight multiply into each product that reads them), and equal the unfenced function's."""
+    x = jax.random.normal(jax.random.key(0), (2, 5, 16), jnp.float32).astype(jnp.bfloat16)
+    weight = jax.random.normal(jax.random.key(1), (16,), jnp.float32)
+    norm = RMSNorm(1e-6, True, jnp.float32)
+
+    def apply(x, weight):
+        return norm.apply({"params": {"weight": weight}}, x)
+
+    eqns = jax.make_jaxpr(apply)(x, weight).jaxpr.eqns
+    barriers = [e for e in eqns if e.primitive.name == "optimization_barrier"]
+    assert len(barriers) == 1 and barriers[0].outvars[0].aval.shape == x.shape
+    producer = next(e for e in eqns if barriers[0].invars[0] in e.outvars)
+    assert producer.primitive.name == "mul"  # the weight multiply happens before the barrier
+    np.testing.assert_array_equal(np.asarray(apply(x, weight)), np.asarray(rms_norm(x, weight, 1e-6)))
