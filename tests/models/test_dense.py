@@ -1,4 +1,4 @@
-"""``project_split``: the fused-kernel product split into projections, in both of its forms; ``project_wide``."""
+"""``project_split``: the fused-kernel product split into projections, in both of its forms."""
 
 from __future__ import annotations
 
@@ -10,7 +10,7 @@ import pytest
 from tests.models.fixture import load, peer
 from tests.numerics import TOL, assert_close
 from xlstm_jax.models.xlstm_parallel.blocks import dense
-from xlstm_jax.models.xlstm_parallel.blocks.dense import project_split, project_wide
+from xlstm_jax.models.xlstm_parallel.blocks.dense import project_split
 from xlstm_jax.models.xlstm_parallel.model import xLSTMLMModel
 
 FORMS = {"one product per block": 1, "one product, split": 10**9}  # SPLIT_MIN_ROWS forcing each form
@@ -40,28 +40,6 @@ def test_project_split_values_and_gradients(form, monkeypatch):
         assert_close(f"block {n}", xn @ kn[:, a:b], blocks[n], TOL["float64"])
     assert_close("dx", wn @ kn.T, dx, TOL["float64"])
     assert_close("dkernel", np.einsum("bsk,bsn->kn", xn, wn), dk, TOL["float64"])
-
-
-def _dots(fn, *args) -> list:
-    """The dot_general equations of ``fn(*args)``' jaxpr as (operand dtypes, result dtype)."""
-    eqns = [e for e in jax.make_jaxpr(fn)(*args).jaxpr.eqns if e.primitive.name == "dot_general"]
-    return [(tuple(str(v.aval.dtype) for v in e.invars), str(e.outvars[0].aval.dtype)) for e in eqns]
-
-
-@pytest.mark.parametrize("kernel_dtype", [jnp.bfloat16, jnp.float32])
-def test_project_wide_is_a_float32_product(kernel_dtype):
-    """bf16 x times a bf16 kernel goes to the product as bf16 accumulated in float32; a float32 kernel widens x.
-    Either way the result is the float32 product of the same values (not rounded to bf16) against float64."""
-    kx, kk = jax.random.split(jax.random.key(1))
-    x = jax.random.normal(kx, (3, 7, 64), jnp.float32).astype(jnp.bfloat16)
-    kernel = (jax.random.normal(kk, (64, 16), jnp.float32) / 8).astype(kernel_dtype)
-    y = project_wide(x, kernel, jnp.float32)
-    assert y.dtype == jnp.float32 and y.shape == (3, 7, 16)
-    operands = ("bfloat16", "bfloat16") if kernel_dtype == jnp.bfloat16 else ("float32", "float32")
-    assert _dots(lambda x, k: project_wide(x, k, jnp.float32), x, kernel) == [(operands, "float32")]
-    xn, kn = np.asarray(x, np.float64), np.asarray(kernel.astype(jnp.float32), np.float64)
-    scale = np.einsum("bsk,kn->bsn", np.abs(xn), np.abs(kn))  # sum_k |x_k w_kn|: the accumulation's error scale
-    assert_close("x @ kernel", xn @ kn, y, TOL["float32-sum"], scale=scale)
 
 
 def test_project_split_errors():

@@ -11,6 +11,7 @@ import pytest
 from tests.models.fixture import load, peer
 from tests.numerics import TOL, assert_close
 from xlstm_jax.kernels.add_rms_norm import rms_norm
+from xlstm_jax.models.xlstm_parallel.blocks.dense import project_wide
 from xlstm_jax.models.xlstm_parallel.blocks.mlstm.layer import mLSTMLayer
 from xlstm_jax.models.xlstm_parallel.blocks.norm import RMSNorm
 from xlstm_jax.models.xlstm_parallel.config import xLSTMLMConfig
@@ -363,6 +364,25 @@ def test_float32_products_are_not_rounded(dtype, tie):
     assert all(p == (jax.lax.Precision.HIGHEST,) for p in f32), dots
     assert all(p in ((None,), (jax.lax.Precision.DEFAULT,)) for p in bf16), dots
     assert len(f32) >= (5 if dtype == "float32" else 1) and len(bf16) >= (0 if dtype == "float32" else 4), dots
+
+
+@pytest.mark.parametrize("kernel_dtype", [jnp.bfloat16, jnp.float32])
+def test_project_wide_is_a_float32_product(kernel_dtype):
+    """The gates' product: bf16 x times a bf16 kernel goes to the product as bf16 accumulated in float32; a float32
+    kernel widens x (HIGHEST). Either way the result is the float32 product of the same values (not rounded to
+    bf16) against float64."""
+    kx, kk = jax.random.split(jax.random.key(1))
+    x = jax.random.normal(kx, (3, 7, 64), jnp.float32).astype(jnp.bfloat16)
+    kernel = (jax.random.normal(kk, (64, 16), jnp.float32) / 8).astype(kernel_dtype)
+    y = project_wide(x, kernel, jnp.float32)
+    assert y.dtype == jnp.float32 and y.shape == (3, 7, 16)
+    dots = _dots(jax.make_jaxpr(lambda x, k: project_wide(x, k, jnp.float32))(x, kernel).jaxpr)
+    narrow = kernel_dtype == jnp.bfloat16
+    want = ((None,), ("bfloat16", "bfloat16")) if narrow else ((jax.lax.Precision.HIGHEST,), ("float32", "float32"))
+    assert dots == [want], dots
+    xn, kn = np.asarray(x, np.float64), np.asarray(kernel.astype(jnp.float32), np.float64)
+    scale = np.einsum("bsk,kn->bsn", np.abs(xn), np.abs(kn))  # sum_k |x_k w_kn|: the accumulation's error scale
+    assert_close("x @ kernel", xn @ kn, y, TOL["float32-sum"], scale=scale)
 
 
 def test_rms_norm_output_passes_a_barrier():
