@@ -191,6 +191,21 @@ def test_segment_starts_are_the_states_entering_each_segment(split, reverse):
 
 
 @runs
+def test_segment_starts_read_heads_minor_operands_in_place():
+    """``heads=NH``: a and b as (B, S, NH·D), each run of chunks read in place from its head's window of columns
+    (``Rows``): the same entry states, bit for bit, as from the (B·NH, S, D) rows, forward and in reverse."""
+    a, b, gain, decay, x0 = scan_inputs(41, jnp.bfloat16, 6, 64)
+
+    def minor(x):  # the BH = 2 rows as one sequence of two heads
+        return x.reshape(1, BH, *x.shape[1:]).swapaxes(1, 2).reshape(1, x.shape[1], -1)
+
+    for split, reverse in ((3, False), (2, True)):
+        rows = segment_starts(a, b, gain, decay, x0, split, reverse=reverse, interpret=INTERPRET)
+        got = segment_starts(minor(a), minor(b), gain, decay, x0, split, reverse=reverse, interpret=INTERPRET, heads=BH)
+        np.testing.assert_array_equal(np.asarray(rows), np.asarray(got))
+
+
+@runs
 @pytest.mark.parametrize(("reverse", "consumers"), [(True, 2), (False, 1)])
 def test_border_staged_before_the_product(reverse, consumers):
     """At DHA=256 with 64 columns per warpgroup the state and its accumulator would need 256 registers a thread

@@ -78,6 +78,33 @@ def test_matches_xla(S, DHQK, igate, segments):
     _compare(mosaic_normalised_scores(q, k, plan_without_qn, EPS, n_border, interpret=INTERPRET), want)
 
 
+def _heads_minor(x: jax.Array, NH: int = 2) -> jax.Array:
+    """(B·NH, S, D) rows, head-major, as the kernels' heads-minor operand (B, S, NH·D)."""
+    BH, S, D = x.shape
+    return x.reshape(BH // NH, NH, S, D).swapaxes(1, 2).reshape(BH // NH, S, NH * D)
+
+
+@runs
+def test_heads_minor_operands_give_the_same_results():
+    """``heads=NH``: the scores kernel (with the plan's q̂·n row and with ``n_border``) and the keys' sums kernel read
+    each head's window of columns of (B, S, NH·D) q and k in place, with the same results bit for bit as from the
+    (B·NH, S, D) rows."""
+    q, k, plan, n_border = _operands(150, 64)
+    for extra in ((), (n_border,)):
+        rows = mosaic_normalised_scores(q, k, plan, EPS, *extra, interpret=INTERPRET)
+        minor = mosaic_normalised_scores(
+            _heads_minor(q), _heads_minor(k), plan, EPS, *extra, heads=2, interpret=INTERPRET
+        )
+        for a, b in zip(jax.tree.leaves(rows), jax.tree.leaves(minor), strict=True):
+            np.testing.assert_array_equal(np.asarray(a, np.float32), np.asarray(b, np.float32))
+    w = jnp.asarray(np.random.default_rng(1).uniform(0.0, 1.0, (4, q.shape[1] // CHUNK, CHUNK)), jnp.float32)
+    np.testing.assert_array_equal(
+        mosaic_key_sums(k, w, interpret=INTERPRET), mosaic_key_sums(_heads_minor(k), w, heads=2, interpret=INTERPRET)
+    )
+    with pytest.raises(ValueError, match=r"k.shape=\(2, 192, 130\) must be \(B, S, NH \* D\) with NH=2"):
+        mosaic_key_sums(jnp.zeros((2, 192, 130), jnp.bfloat16), w, heads=2)
+
+
 def test_bad_operands_raise():
     """Shapes and dtypes that do not fit raise a ValueError naming the operand."""
     q, k, plan, n_border = _operands(100, 64)

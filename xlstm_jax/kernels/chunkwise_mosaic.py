@@ -110,7 +110,7 @@ from jax import lax
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import mosaic_gpu as plgpu
 
-from xlstm_jax.kernels.mosaic import finished_when_interpreted, require_mosaic_interpreter
+from xlstm_jax.kernels.mosaic import LAYOUTS, Rows, finished_when_interpreted, require_mosaic_interpreter
 from xlstm_jax.kernels.recurrent_step_mosaic import load_ref
 from xlstm_jax.mlstm.chunkwise import (
     ChunkedSequence,
@@ -659,19 +659,24 @@ def _chunk_body(
     zero_state: bool,
     segments: int = 1,
     c_operand: str = "shared",
+    heads: int = 0,
 ):
     # c_operand="registers": each warpgroup holds Cᵀ (NV, DHQK) rather than C, and c0 and c go in and out transposed.
     # The outputs: h (BH / segments, segments * S, DHV) in h's dtype, each head's segments one after another (the
     # caller's layout: XLA's fusions read h without a reshape of its rows); c (BH, DHQK, DHV) float32; with borders,
     # r(C_j) before every chunk (BH, NC * DHQK, DHV) in q's dtype; with normaliser (in-kernel scores), each chunk's
-    # (qn, den) (BH, NC * 2, L). BH and S (q_ref's) count the segments as sequences of their own.
+    # (qn, den) (BH, NC * 2, L). BH and S count the segments as sequences of their own. heads=NH: q, k, v and h are
+    # heads-minor, (B, segments * S, NH, D), each segment read and written in place (kernels.mosaic.Rows).
     c0_ref, refs = (None, refs) if zero_state else (refs[0], refs[1:])
     p_ref, refs = (refs[0], refs[1:]) if precomputed else (None, refs)
     h_ref, c_ref, *rest = refs
     borders_ref = rest.pop(0) if borders else None
     norm_ref = rest.pop(0) if normaliser else None
     f32, dtype = jnp.float32, q_ref.dtype
-    _, S, DHQK = q_ref.shape
+    # Where a program's rows of q, k and v lie (segments of the heads' sequences: a reshape of heads-major inputs, read
+    # in place from heads-minor ones), and those of h (each head's segments in order).
+    qkv_rows, h_rows_of = Rows(heads, segments if heads else 1), Rows(heads, segments)
+    S, DHQK = qkv_rows.steps(q_ref), qkv_rows.width(q_ref)
     L, NV, NC = CHUNK, block_dhv, S // CHUNK
     rows = _READOUT_ROWS if precomputed else _PLAN_ROWS  # of the plan, per chunk
     scale = 1.0 / math.sqrt(DHQK)
@@ -727,13 +732,14 @@ def _chunk_body(
 
             def copy_v():
                 v_loaded = loaded.at[v_barrier * depth + slot]
-                plgpu.copy_gmem_to_smem(v_ref.at[bh, steps, columns], v_bufs.at[slot], v_loaded)
+                plgpu.copy_gmem_to_smem(qkv_rows.window(v_ref, bh, j * L, L, columns), v_bufs.at[slot], v_loaded)
 
             def copy_shared():
                 if refill and shared_slots:
                     plgpu.barrier_wait(consumed.at[slot])  # every warpgroup of the cluster is done with the slot
-                plgpu.copy_gmem_to_smem(q_ref.at[bh, steps], q_bufs.at[slot], loaded.at[slot], **multicast)
-                plgpu.copy_gmem_to_smem(k_ref.at[bh, steps], k_bufs.at[slot], loaded.at[depth + slot], **multicast)
+                q_tile, k_tile = (qkv_rows.window(x, bh, j * L, L) for x in (q_ref, k_ref))
+                plgpu.copy_gmem_to_smem(q_tile, q_bufs.at[slot], loaded.at[slot], **multicast)
+                plgpu.copy_gmem_to_smem(k_tile, k_bufs.at[slot], loaded.at[depth + slot], **multicast)
                 if not split:
                     copy_v()
                 plan_rows = pl.ds(j * rows, rows)
@@ -794,9 +800,7 @@ def _chunk_body(
                 return cast(num / cast(lax.broadcast_in_dim(den, (L, NV), (0,)), tile), tile), (qn, den)
 
             def h_rows(h_ref, j):  # chunk j's rows of this program's columns of h (each head's segments in order)
-                if segments == 1:
-                    return h_ref.at[bh, pl.ds(j * L, L), columns]
-                return h_ref.at[bh // segments, pl.ds((bh % segments) * S + j * L, L), columns]
+                return h_rows_of.window(h_ref, bh, j * L, L, columns)
 
             def write_h(h, qn_den=None, transposed=False):
                 """h to its rows and columns (``transposed``: from hᵀ); ``qn_den`` (in-kernel scores, with
@@ -1017,6 +1021,7 @@ def normalised_scores(
         "cluster",
         "split",
         "c_operand",
+        "heads",
     ),
 )
 def mosaic_chunkwise(
@@ -1039,8 +1044,13 @@ def mosaic_chunkwise(
     cluster: int = 1,
     split: int = 1,
     c_operand: str = "shared",
+    heads: int = 0,
 ) -> tuple[jax.Array, ...]:
     """The kernel on ``BH`` flattened heads, from :func:`chunk_plan`'s plan; the caller checks shapes.
+
+    ``heads=NH``: q, k and v are heads-minor, (B, S, NH · D) with BH = B · NH (:data:`LAYOUTS`, a reshape of
+    (B, S, NH, D)), read in place by every kernel, and h comes back (B, S, NH · DHV); 0: all (BH, S, D). The
+    plan, decay, c0 and the other results are per flattened head (b, h) in either layout.
 
     ``consumers`` warpgroups per program (1 or 2), each with ``block_dhv`` columns of c (module docstring).
     ``borders``: also write the state before every chunk, rounded to q's dtype as it enters ``q C`` (the
@@ -1062,12 +1072,14 @@ def mosaic_chunkwise(
     writes no borders.
 
     Returns:
-        ``(h (BH, S, DHV) in q's dtype, c after the last chunk (BH, DHQK, DHV) float32)``, and with ``borders``
+        ``(h (BH, S, DHV) (heads-minor: (B, S, NH · DHV)) in q's dtype, c after the last chunk (BH, DHQK, DHV)
+        float32)``, and with ``borders``
         ``r(C_j)`` before every chunk j, (BH, NC * DHQK, DHV) in q's dtype, third; with ``normaliser``,
         ``(qn, den)`` (BH, NC, L) float32 each, last.
     """
-    BH, S, DHQK = q.shape
-    DHV = v.shape[-1]
+    sequences = Rows(heads)
+    B, S = q.shape[:2]
+    BH, DHQK, DHV = sequences.count(q), sequences.width(q), sequences.width(v)
     reason = chunkwise_mosaic_unsupported(
         DHQK, DHV, q.dtype, block_dhv, depth=depth, consumers=consumers, scores=scores,
         normaliser=normaliser, cluster=cluster, c_operand=c_operand,
@@ -1086,14 +1098,14 @@ def mosaic_chunkwise(
     body = functools.partial(
         _chunk_body, eps=eps, block_dhv=block_dhv, depth=depth, consumers=consumers, interpret=interpret,
         precomputed=precomputed, borders=borders, normaliser=in_kernel_normaliser, cluster=cluster,
-        zero_state=c0 is None and split == 1, segments=split, c_operand=c_operand,
+        zero_state=c0 is None and split == 1, segments=split, c_operand=c_operand, heads=heads,
     )  # fmt: skip
     if split > 1:
         # Imported here: the scan's module builds on this one's helpers.
         from xlstm_jax.kernels.chunkwise_mosaic_scan import segment_starts
 
         gain = plan.reshape(BH, NC, _PLAN_ROWS, CHUNK)[:, :, _GAIN]
-        c0 = segment_starts(k, v, gain, decay, c0, split, reverse=False, interpret=interpret)
+        c0 = segment_starts(k, v, gain, decay, c0, split, reverse=False, interpret=interpret, heads=heads)
     c0s = () if c0 is None else (c0,)  # without c0 the kernel starts from zeros: none written and read
     # The kernel's rows: the heads' segments, head-major. Every operand but c0 is per step or per chunk along its
     # second axis, chunk-major, so a segment is a reshape; so are the outputs but h, which the kernel writes in the
@@ -1103,14 +1115,17 @@ def mosaic_chunkwise(
     def segments(x):
         return x.reshape(seqs, x.shape[1] // split, *x.shape[2:])
 
-    def heads(x):
+    def sequence_segments(x):  # q, k, v: heads-minor ones are read in place
+        return x if heads else segments(x)
+
+    def per_head(x):  # the segments back into their heads
         return x.reshape(BH, x.shape[1] * split, *x.shape[2:])
 
     clusters = {"cluster": (cluster,), "cluster_names": (_CLUSTER,)} if cluster > 1 else {}
     kernel = pl.kernel(
         body,
         out_type=(
-            jax.ShapeDtypeStruct((BH, S, DHV), q.dtype),  # the segments' rows in place: no reshape for XLA
+            jax.ShapeDtypeStruct(v.shape, q.dtype),  # the segments' rows in place: no reshape for XLA
             jax.ShapeDtypeStruct((seqs, DHQK, DHV), jnp.float32),
             *([jax.ShapeDtypeStruct((seqs, seg_chunks * DHQK, DHV), q.dtype)] if borders else []),
             *([jax.ShapeDtypeStruct((seqs, seg_chunks * 2, CHUNK), jnp.float32)] if in_kernel_normaliser else []),
@@ -1127,8 +1142,10 @@ def mosaic_chunkwise(
     )
 
     def run(q, k, v, plan, decay, *p):
-        h, c_last, *rest = kernel(*map(segments, (q, k, v, plan, decay)), *c0s, *map(segments, p))
-        return (h, c_last.reshape(BH, split, DHQK, DHV)[:, -1], *map(heads, rest))
+        h, c_last, *rest = kernel(
+            *map(sequence_segments, (q, k, v)), *map(segments, (plan, decay)), *c0s, *map(segments, p)
+        )
+        return (h, c_last.reshape(BH, split, DHQK, DHV)[:, -1], *map(per_head, rest))
 
     if not precomputed:
         out = run(q, k, v, plan, decay)
@@ -1140,9 +1157,12 @@ def mosaic_chunkwise(
         # Imported here: the scores kernel's module builds on this one's plan rows and helpers.
         from xlstm_jax.kernels.chunkwise_mosaic_scores import mosaic_normalised_scores
 
-        p, readout, qn_den = mosaic_normalised_scores(q, k, plan, eps, n_border, interpret=interpret)
+        p, readout, qn_den = mosaic_normalised_scores(q, k, plan, eps, n_border, heads=heads, interpret=interpret)
     else:
-        p, readout, qn_den = normalised_scores(q, k, plan, eps)
+        q_rows, k_rows = (
+            x.reshape(B, S, heads, DHQK).swapaxes(1, 2).reshape(BH, S, DHQK) if heads else x for x in (q, k)
+        )
+        p, readout, qn_den = normalised_scores(q_rows, k_rows, plan, eps)
     out = run(q, k, v, readout, decay, p)
     return (*out, qn_den) if normaliser else out
 
@@ -1252,21 +1272,40 @@ def _forward(
     split: int,
     states_given: bool,
     c_operand: str = "shared",
+    heads_minor: tuple[jax.Array, jax.Array, jax.Array] | None = None,
 ):
     """h (B, NH, S, DHV) and the last states (c, n, m) in the accumulation dtype; without ``states_given`` the
-    kernel starts from zeros (no zero state written and read)."""
+    kernel starts from zeros (no zero state written and read).
+
+    ``heads_minor``: the sequence's q, k and v as (B, S, NH, D) (``x`` holds heads-major views of them): the kernels
+    read these in place and h comes back (B, S, NH, DHV); XLA computes of ``x.q`` and ``x.k`` only what the gate plan
+    reads (nothing at B=1 with the scores kernel and DHQK up to 256: :func:`_folds_border_qn`)."""
     B, NH, S, DHQK, DHV = x.dims
     NC, L = x.NC, x.L
     fold = _folds_border_qn(scores, DHQK)
     key_sums = _key_sums(scores, DHQK, interpret)
+    heads = NH if heads_minor is not None else 0
+    if heads_minor is None:
+        q, k, v = (t.reshape(B * NH, NC * L, t.shape[-1]) for t in (x.q, x.k, x.v))
+    else:
+        # (B, S, NH · D): a head is a window of columns (kernels.mosaic.Rows); padded to whole chunks
+        q, k, v = (t.reshape(B, S, -1) for t in heads_minor)
+        if NC * L > S:
+            q, k, v = (jnp.pad(t, ((0, 0), (0, NC * L - S), (0, 0))) for t in (q, k, v))
+        if key_sums is not None:
+            sums_of = key_sums
+
+            def key_sums(_, weights):  # k read in place, not the heads-major view that chunk_plan passes
+                return sums_of(k, weights, heads=NH)
+
     plan, decay, (n_last, m_last), n_border = chunk_plan(
         x, border_qn=not fold, key_sums=key_sums, blocked_borders=True
     )  # fmt: skip
     c0 = x.states[0].astype(jnp.float32).reshape(B * NH, DHQK, DHV) if states_given else None
     h, c_last = mosaic_chunkwise(
-        x.q.reshape(B * NH, NC * L, DHQK),
-        x.k.reshape(B * NH, NC * L, DHQK),
-        x.v.reshape(B * NH, NC * L, DHV),
+        q,
+        k,
+        v,
         plan.reshape(B * NH, NC * _PLAN_ROWS, L),
         decay.reshape(B * NH, NC),
         c0,
@@ -1280,8 +1319,9 @@ def _forward(
         cluster=cluster,
         split=split,
         c_operand=c_operand,
+        heads=heads,
     )
-    h = h.reshape(B, NH, NC * L, DHV)[:, :, :S]
+    h = h[:, :S].reshape(B, S, NH, DHV) if heads else h.reshape(B, NH, NC * L, DHV)[:, :, :S]
     return h, (c_last.reshape(B, NH, DHQK, DHV), n_last, m_last)
 
 
@@ -1311,6 +1351,7 @@ def chunkwise_mosaic_fw(
     cluster: int | None = None,
     split: int | None = None,
     c_operand: str | None = None,
+    layout: str = "BNSD",
 ) -> jax.Array | tuple[jax.Array, tuple[jax.Array, jax.Array, jax.Array]]:
     """The mLSTM on a whole sequence, chunkwise, with the products in a Mosaic GPU kernel (module docstring).
 
@@ -1355,6 +1396,10 @@ def chunkwise_mosaic_fw(
             state scan, 32 or 64 (None: the backward kernels' block,
             :func:`~xlstm_jax.kernels.chunkwise_mosaic_bw.backward_block_dhv`: ``block_dhv`` where their tiles fit,
             else 32); the gradient kernel runs that block.
+        layout: Of q, k, v and h (:data:`~xlstm_jax.kernels.mosaic.LAYOUTS`): ``"BNSD"``, (B, NH, S, D) as above;
+            ``"BSND"``, heads-minor (B, S, NH, D), as a layer's projections write them: the kernels read and write
+            them in place, where heads-major operands cost the caller a transpose of each (the gates, states and
+            ``segment_ids`` keep their shapes). Under differentiation the heads-major form runs on transposed views.
 
     Raises:
         ValueError: as chunkwise_fw, and where the kernel cannot run (:func:`chunkwise_mosaic_unsupported`).
@@ -1367,6 +1412,18 @@ def chunkwise_mosaic_fw(
         raise ValueError(f"backward_scan_block_dhv={backward_scan_block_dhv!r} must be None, 32 or 64")
     if backward_consumers not in (1, 2) or isinstance(backward_consumers, bool):
         raise ValueError(f"backward_consumers={backward_consumers!r} must be 1 or 2 (warpgroups per program)")
+    if layout not in LAYOUTS:
+        raise ValueError(f"layout={layout!r} must be one of {LAYOUTS}")
+    if layout == "BSND":
+        options = {
+            "block_dhv": block_dhv, "depth": depth, "consumers": consumers, "interpret": interpret,
+            "xla_chunk_size": xla_chunk_size, "backward": backward, "backward_consumers": backward_consumers,
+            "scores": scores, "backward_scan_block_dhv": backward_scan_block_dhv, "cluster": cluster, "split": split,
+            "c_operand": c_operand,
+        }  # fmt: skip
+        states = (c_initial, n_initial, m_initial) if c_initial is not None else None
+        h, last = _heads_minor(q, k, v, i, f, states, segment_ids, eps, state_dtype, options)
+        return (h, last) if return_last_states else h
     x = chunk_sequence(q, k, v, i, f, c_initial, n_initial, m_initial, eps, state_dtype, CHUNK, segment_ids, True)
     _, _, S, DHQK, DHV = x.dims
     dtype = jnp.result_type(q, k, v)
@@ -1469,3 +1526,69 @@ def chunkwise_mosaic_fw(
     states = (c_initial, n_initial, m_initial) if states_given else None
     h, last = run(q, k, v, i, f, states, segment_ids)
     return (h, last) if return_last_states else h
+
+
+def _heads_minor(
+    q: jax.Array,  # (B, S, NH, DHQK)
+    k: jax.Array,  # (B, S, NH, DHQK)
+    v: jax.Array,  # (B, S, NH, DHV)
+    i: jax.Array,  # (B, NH, S) or (B, NH, S, 1)
+    f: jax.Array,
+    states: tuple[jax.Array, jax.Array, jax.Array] | None,
+    segment_ids: jax.Array | None,
+    eps: float,
+    state_dtype: Any,
+    options: dict[str, Any],
+) -> tuple[jax.Array, tuple[jax.Array, jax.Array, jax.Array]]:
+    """:func:`chunkwise_mosaic_fw` with ``layout="BSND"``: h (B, S, NH, DHV) and the last states.
+
+    Evaluated, the kernels read q, k and v and write h in place (:func:`_forward`); under differentiation the
+    heads-major form (its backward kernels) runs on transposed views, whose cotangents come back heads-minor.
+    """
+    for name, t in (("q", q), ("k", k), ("v", v)):
+        if t.ndim != 4 or t.shape[:3] != q.shape[:3]:
+            raise ValueError(
+                f'layout="BSND" takes q, k and v as (B, S, NH, D) with one (B, S, NH): got q.shape={q.shape}, '
+                f"k.shape={k.shape}, v.shape={v.shape} ({name})"
+            )
+
+    def heads_major(t: jax.Array) -> jax.Array:  # (B, S, NH, D) <-> (B, NH, S, D)
+        return jnp.swapaxes(t, 1, 2)
+
+    def heads_major_form(q, k, v, i, f, states, segment_ids):  # the same function, differentiable
+        c0, n0, m0 = states if states is not None else (None, None, None)
+        h, last = chunkwise_mosaic_fw(
+            *map(heads_major, (q, k, v)), i, f, c0, n0, m0, True, eps, state_dtype, segment_ids=segment_ids,
+            **options,
+        )  # fmt: skip
+        return heads_major(h), last
+
+    # segment_ids is an argument of the custom_vjp, not a closure (a closed-over tracer escapes under jax.checkpoint).
+    @jax.custom_vjp
+    def run(q, k, v, i, f, states, segment_ids):
+        c0, n0, m0 = states if states is not None else (None, None, None)
+        x = chunk_sequence(
+            *map(heads_major, (q, k, v)), i, f, c0, n0, m0, eps, state_dtype, CHUNK, segment_ids, True
+        )  # fmt: skip
+        B, NH, S, DHQK, DHV = x.dims
+        dtype = jnp.result_type(q, k, v)
+        scores = auto_scores(S) if options["scores"] is None else options["scores"]
+        given = {name: options[name] for name in ("block_dhv", "consumers", "depth", "cluster", "split")}
+        interpret = options["interpret"]
+        block_dhv, consumers, depth, cluster, split, c_operand = forward_tiling(
+            B * NH, S, DHQK, DHV, dtype, scores, **given, interpret=interpret, c_operand=options["c_operand"]
+        )  # fmt: skip
+        h, last = _forward(
+            x, eps, block_dhv, depth, consumers, interpret, scores, cluster, split, states is not None, c_operand,
+            heads_minor=(q, k, v),
+        )  # fmt: skip
+        return h.astype(q.dtype), cast_states(last, x.out_dtypes)
+
+    def run_fwd(q, k, v, i, f, states, segment_ids):
+        return jax.vjp(lambda *a: heads_major_form(*a, segment_ids), q, k, v, i, f, states)
+
+    def run_bwd(pullback, cotangents):
+        return (*pullback(cotangents), None)  # document ids are not differentiable
+
+    run.defvjp(run_fwd, run_bwd)
+    return run(q, k, v, i, f, states, segment_ids)

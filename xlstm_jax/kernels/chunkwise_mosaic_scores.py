@@ -60,7 +60,7 @@ from xlstm_jax.kernels.chunkwise_mosaic import (
     _swizzled,
     _transposed,
 )
-from xlstm_jax.kernels.mosaic import finished_when_interpreted, require_mosaic_interpreter
+from xlstm_jax.kernels.mosaic import Rows, check_sequence_operand, finished_when_interpreted, require_mosaic_interpreter
 
 __all__ = ["mosaic_key_sums", "mosaic_normalised_scores"]
 
@@ -73,10 +73,12 @@ def _scores_body(
     eps: float,
     fold: bool,
     interpret: bool,
+    heads: int,
 ):
     nb_ref, (p_ref, readout_ref, norm_ref) = (refs[0], refs[1:]) if fold else (None, refs)
     f32, dtype = jnp.float32, q_ref.dtype
-    _, _, DHQK = q_ref.shape
+    sequences = Rows(heads)  # q and k heads-major (BH, S, DHQK) or heads-minor (B, S, NH · DHQK)
+    DHQK = sequences.width(q_ref)
     L = CHUNK
     scale = 1.0 / math.sqrt(DHQK)
     regs = _RegisterTiles(interpret)
@@ -89,8 +91,8 @@ def _scores_body(
 
     def program(q_smem, k_smem, plan_smem, p_smem, readout_smem, norm_smem, loaded, *rest):
         nb_smem, scratch = (rest[0], rest[1:]) if fold else (None, rest)
-        plgpu.copy_gmem_to_smem(q_ref.at[bh, steps], q_smem, loaded.at[0])
-        plgpu.copy_gmem_to_smem(k_ref.at[bh, steps], k_smem, loaded.at[1])
+        plgpu.copy_gmem_to_smem(sequences.window(q_ref, bh, j * L, L), q_smem, loaded.at[0])
+        plgpu.copy_gmem_to_smem(sequences.window(k_ref, bh, j * L, L), k_smem, loaded.at[1])
         plgpu.copy_gmem_to_smem(plan_ref.at[bh, pl.ds(j * _PLAN_ROWS, _PLAN_ROWS)], plan_smem, loaded.at[2])
         if fold:
             plgpu.copy_gmem_to_smem(nb_ref.at[bh, pl.ds(j, 1)], nb_smem, loaded.at[3])
@@ -140,7 +142,7 @@ def _scores_body(
 
 
 @finished_when_interpreted
-@functools.partial(jax.jit, static_argnames=("eps", "interpret"))
+@functools.partial(jax.jit, static_argnames=("eps", "interpret", "heads"))
 def mosaic_normalised_scores(
     q: jax.Array,
     k: jax.Array,
@@ -148,12 +150,14 @@ def mosaic_normalised_scores(
     eps: float,
     n_border: jax.Array | None = None,
     *,
+    heads: int = 0,
     interpret: bool = False,
 ) -> tuple[jax.Array, jax.Array, tuple[jax.Array, jax.Array]]:
     """What :func:`~xlstm_jax.kernels.chunkwise_mosaic.normalised_scores` returns, from one Mosaic GPU kernel.
 
     Args:
-        q, k: (BH, S, DHQK) bf16 or f16, S a multiple of 64 and DHQK of 64.
+        q, k: (BH, S, DHQK) bf16 or f16, S a multiple of 64 and DHQK of 64; with ``heads=NH``, heads-minor
+            (B, S, NH · DHQK), BH = B · NH (:class:`~xlstm_jax.kernels.mosaic.Rows`).
         plan: (BH, NC * 8, 64) float32, :func:`~xlstm_jax.kernels.chunkwise_mosaic.chunk_plan`'s rows.
         eps: The denominator's eps.
         n_border: None, or the normaliser before every chunk (BH, NC, DHQK) float32 (DHQK at most
@@ -168,9 +172,8 @@ def mosaic_normalised_scores(
     Raises:
         ValueError: the shapes or dtypes do not fit together.
     """
-    if q.ndim != 3 or q.shape[1] % CHUNK or q.shape[1] == 0 or q.shape[2] % CHUNK:
-        raise ValueError(f"q.shape={q.shape} must be (BH, S, DHQK) with S and DHQK positive multiples of {CHUNK}")
-    BH, S, DHQK = q.shape
+    check_sequence_operand("q", q, heads)
+    BH, S, DHQK = Rows(heads).count(q), q.shape[1], Rows(heads).width(q)
     NC = S // CHUNK
     if k.shape != q.shape or k.dtype != q.dtype:
         raise ValueError(f"k ({k.shape}, {k.dtype}) must have q's shape and dtype ({q.shape}, {q.dtype})")
@@ -186,7 +189,7 @@ def mosaic_normalised_scores(
         )
     params = require_mosaic_interpreter(1) if interpret else None
     kernel = pl.kernel(
-        functools.partial(_scores_body, eps=eps, fold=fold, interpret=interpret),
+        functools.partial(_scores_body, eps=eps, fold=fold, interpret=interpret, heads=heads),
         out_type=(
             jax.ShapeDtypeStruct((BH, S, CHUNK), q.dtype),
             jax.ShapeDtypeStruct((BH, NC * _READOUT_ROWS, CHUNK), jnp.float32),
@@ -216,7 +219,7 @@ def _head(x: jax.Array, dtype: jnp.dtype) -> jax.Array:
     return lax.bitcast_convert_type(bits, jnp.float32)
 
 
-def _sums_body(k_ref, w_ref, out_ref, *, interpret: bool):
+def _sums_body(k_ref, w_ref, out_ref, *, interpret: bool, heads: int):
     """One chunk's ``sum_t w_t k_t`` as one WGMMA product, ``kᵀ W`` (DHQK, L) x (L, 32): W's first three columns are
     the float32 weights split into three parts of k's dtype, ``w = w1 + w2 + w3`` (w1 and w2 the leading mantissa
     bits the dtype holds, w3 the bits left): exact in bf16; in f16, whose subnormals stop at 2^-24, exact from 1/2
@@ -225,14 +228,14 @@ def _sums_body(k_ref, w_ref, out_ref, *, interpret: bool):
     then the product's, where summing the weighted tile in registers across the warpgroup's rows bounded the kernel
     (1.9 TB/s of k on an H100); the sum over W's columns stays within each thread's four lanes."""
     f32, dtype = jnp.float32, k_ref.dtype
-    DHQK = k_ref.shape[-1]
+    DHQK = Rows(heads).width(k_ref)
     regs = _RegisterTiles(interpret)
     bh, j = lax.axis_index("bh"), lax.axis_index("chunk")
     itemsize = jnp.dtype(dtype).itemsize
     operand = _swizzled(_SUMS_COLUMNS * itemsize, itemsize)  # one swizzle for both WGMMA operands
 
     def program(k_smem, w_smem, parts_smem, out_smem, loaded, *scratch):
-        plgpu.copy_gmem_to_smem(k_ref.at[bh, pl.ds(j * CHUNK, CHUNK)], k_smem, loaded.at[0])
+        plgpu.copy_gmem_to_smem(Rows(heads).window(k_ref, bh, j * CHUNK, CHUNK), k_smem, loaded.at[0])
         plgpu.copy_gmem_to_smem(w_ref.at[bh, pl.ds(j, 1)], w_smem, loaded.at[1])
         plgpu.barrier_wait(loaded.at[1])
         w = regs.load(w_smem.at[0], regs.row_layout)  # (L,) one weight a step
@@ -265,13 +268,13 @@ def _sums_body(k_ref, w_ref, out_ref, *, interpret: bool):
 
 
 @finished_when_interpreted
-@functools.partial(jax.jit, static_argnames=("interpret",))
-def mosaic_key_sums(k: jax.Array, weights: jax.Array, *, interpret: bool = False) -> jax.Array:
+@functools.partial(jax.jit, static_argnames=("interpret", "heads"))
+def mosaic_key_sums(k: jax.Array, weights: jax.Array, *, heads: int = 0, interpret: bool = False) -> jax.Array:
     """Every chunk's weighted sum of its keys, ``sum_t weights_t k_t`` in float32, from one Mosaic GPU kernel.
 
     Args:
         k: (BH, S, DHQK) bf16 or f16, S a multiple of 64 and DHQK of 64 (at most 256: the tile's float32 copy
-            in one warpgroup's registers).
+            in one warpgroup's registers); with ``heads=NH``, heads-minor (B, S, NH · DHQK), BH = B · NH.
         weights: (BH, NC, 64) float32, NC = S / 64: each step's weight in its chunk's sum.
         interpret: Run in Mosaic GPU's interpreter (any backend; slow).
 
@@ -281,14 +284,12 @@ def mosaic_key_sums(k: jax.Array, weights: jax.Array, *, interpret: bool = False
     Raises:
         ValueError: the shapes or dtypes do not fit together.
     """
-    if k.ndim != 3 or k.shape[1] % CHUNK or k.shape[1] == 0 or k.shape[2] % CHUNK or k.shape[2] > _FOLD_MAX_DHQK:
-        raise ValueError(
-            f"k.shape={k.shape} must be (BH, S, DHQK) with S and DHQK positive multiples of {CHUNK}, DHQK at most "
-            f"{_FOLD_MAX_DHQK}"
-        )
+    check_sequence_operand("k", k, heads)
+    if Rows(heads).width(k) > _FOLD_MAX_DHQK:
+        raise ValueError(f"k.shape={k.shape} has DHQK={Rows(heads).width(k)}; it must be at most {_FOLD_MAX_DHQK}")
     if jnp.dtype(k.dtype) not in (jnp.dtype(jnp.bfloat16), jnp.dtype(jnp.float16)):
         raise ValueError(f"k.dtype={k.dtype} must be bfloat16 or float16")
-    BH, S, DHQK = k.shape
+    BH, S, DHQK = Rows(heads).count(k), k.shape[1], Rows(heads).width(k)
     NC = S // CHUNK
     if weights.shape != (BH, NC, CHUNK) or weights.dtype != jnp.float32:
         raise ValueError(
@@ -296,7 +297,7 @@ def mosaic_key_sums(k: jax.Array, weights: jax.Array, *, interpret: bool = False
         )
     params = require_mosaic_interpreter(1) if interpret else None
     kernel = pl.kernel(
-        functools.partial(_sums_body, interpret=interpret),
+        functools.partial(_sums_body, interpret=interpret, heads=heads),
         out_type=jax.ShapeDtypeStruct((BH, NC, DHQK), jnp.float32),
         mesh=plgpu.Mesh(grid=(BH, NC), grid_names=("bh", "chunk")),
         name="mlstm_key_sums_mosaic",

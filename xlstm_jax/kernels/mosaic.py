@@ -11,16 +11,21 @@ from __future__ import annotations
 import functools
 import os
 from collections.abc import Callable
-from typing import Any, TypeVar
+from typing import Any, NamedTuple, TypeVar
 
 import jax
 from jax import lax
+from jax.experimental import pallas as pl
 
 from xlstm_jax.kernels.config import STEP_BACKENDS
 from xlstm_jax.kernels.recurrent_step_mosaic import device_supports_mosaic
 
 __all__ = [
+    "HEADS_MAJOR",
+    "LAYOUTS",
     "WARPGROUP",
+    "Rows",
+    "check_sequence_operand",
     "chunk_length",
     "finished_when_interpreted",
     "interpreter_threads",
@@ -33,6 +38,64 @@ __all__ = [
 _F = TypeVar("_F", bound=Callable[..., Any])
 
 WARPGROUP = 128  # threads of a Mosaic GPU program (one warpgroup); vectors are read in multiples of it
+
+
+# The layouts of a sequence operand (q, k, v, h) that the chunkwise kernels read and write: heads-major
+# (B, NH, S, D), the documented backends', or heads-minor (B, S, NH, D), as the layer's projections write them.
+LAYOUTS = ("BNSD", "BSND")
+
+
+class Rows(NamedTuple):
+    """Where row ``r`` of a kernel's grid finds its steps in a sequence operand: a static description, so that one
+    kernel body reads either layout (:data:`LAYOUTS`) without a copy of the operand.
+
+    ``heads=0``: the operand is heads-major, ``(R, parts · T, D)``; ``heads=NH``: heads-minor with the heads' columns
+    side by side, ``(B, parts · T, NH · D)`` (a reshape of (B, S, NH, D): a head is a window of D columns, which a
+    TMA copy reads as it reads a row block). Each sequence's ``parts · T`` steps are ``parts`` rows of T steps of
+    their own (a kernel's segments), so row ``r = (b · NH + h) · parts + p`` (``r = b · parts + p`` heads-major) is
+    steps ``p · T`` to ``(p + 1) · T`` of sequence ``(b, h)``.
+    """
+
+    heads: int = 0
+    parts: int = 1
+
+    def steps(self, ref: Any) -> int:
+        """T: the steps of one row."""
+        return ref.shape[1] // self.parts
+
+    def width(self, ref: Any) -> int:
+        """D: the columns of one head."""
+        return ref.shape[-1] // max(self.heads, 1)
+
+    def count(self, ref: Any) -> int:
+        """The operand's rows."""
+        return ref.shape[0] * max(self.heads, 1) * self.parts
+
+    def window(self, ref: Any, row: Any, start: Any, size: int, columns: Any = None) -> Any:
+        """``size`` steps of row ``row`` from its step ``start``: a (size, D) view of ``ref`` (GMEM), or with
+        ``columns`` (a ``pl.ds`` within D) those columns of it."""
+        if self.parts == 1:
+            sequence, steps = row, pl.ds(start, size)
+        else:
+            sequence, steps = row // self.parts, pl.ds((row % self.parts) * self.steps(ref) + start, size)
+        if not self.heads:
+            return ref.at[sequence, steps] if columns is None else ref.at[sequence, steps, columns]
+        D, head = self.width(ref), sequence % self.heads
+        window = pl.ds(head * D, D) if columns is None else pl.ds(head * D + columns.start, columns.size)
+        return ref.at[sequence // self.heads, steps, window]
+
+
+HEADS_MAJOR = Rows()  # one row per leading index: (R, T, D)
+
+
+def check_sequence_operand(name: str, x: jax.Array, heads: int, multiple: int = 64) -> None:
+    """Raises ValueError unless ``x`` is a sequence operand of the chunkwise kernels in the layout ``heads`` gives
+    (:class:`Rows`): (BH, S, D) with ``heads=0``, else (B, S, heads · D); S and D positive multiples of
+    ``multiple``."""
+    form = f"(B, S, NH * D) with NH={heads}" if heads else "(BH, S, D)"
+    D = x.shape[-1] // max(heads, 1)
+    if x.ndim != 3 or x.shape[1] == 0 or x.shape[1] % multiple or D == 0 or D % multiple or x.shape[-1] % max(heads, 1):
+        raise ValueError(f"{name}.shape={tuple(x.shape)} must be {form}, S and D positive multiples of {multiple}")
 
 
 def chunk_length(n: int) -> int:
