@@ -204,6 +204,113 @@ def test_split_matches_reference(B, NH, S, DHQK, DHV, states, fgate, igate, bloc
         check_forward(form, x, "bfloat16", segment_ids=SPLIT_SEGMENTS)
 
 
+def heads_minor(**settings):
+    """``chunkwise_mosaic_fw(layout="BSND")`` behind the documented (B, NH, S, D) signature: the transposes are the
+    test's, so the kernels read q, k, v and write h heads-minor, (B, S, NH, D)."""
+    fw = functools.partial(chunkwise_mosaic_fw, interpret=INTERPRET, layout="BSND", **settings)
+
+    def form(q, k, v, i, f, *states, return_last_states=False, **kwargs):
+        swap = functools.partial(jnp.swapaxes, axis1=1, axis2=2)
+        out = fw(swap(q), swap(k), swap(v), i, f, *states, return_last_states=return_last_states, **kwargs)
+        return (swap(out[0]), out[1]) if return_last_states else swap(out)
+
+    return form
+
+
+# Heads-minor operands: (B, NH, S, DHQK, DHV, initial states, packed documents, the kernel's settings). At B=1 with
+# the scores kernel the keys' sums kernel, the scores kernel and the segments' scan read k (and q, v) in place and
+# XLA reads none of them: those cases equal the heads-major call bit for bit. Elsewhere XLA's gate plan reads q or k
+# through a transposed view, whose sums a GPU may order otherwise.
+HEADS_MINOR_CASES = [
+    (1, 2, 256, 64, 64, True, False, {"scores": "kernel", "split": 2, "block_dhv": 32}),
+    (2, 2, 150, 64, 64, False, True, {"scores": "kernel"}),  # padded, documents, the gate plan in XLA
+    (1, 2, 192, 64, 64, True, False, {"scores": "precomputed", "split": 3, "block_dhv": 32}),
+    (1, 2, 130, 64, 64, True, False, {"scores": "in_kernel", "consumers": 2, "block_dhv": 32}),
+    (1, 2, 128, 64, 128, True, False, {"scores": "kernel", "block_dhv": 64, "c_operand": "registers"}),
+]
+
+
+@runs
+@pytest.mark.parametrize(
+    ("B", "NH", "S", "DHQK", "DHV", "states", "documents", "settings"),
+    HEADS_MINOR_CASES,
+    ids=["key-sums-split", "padded-documents", "precomputed-split3", "two-wg-in-kernel", "registers"],
+)
+def test_heads_minor_layout(B, NH, S, DHQK, DHV, states, documents, settings):
+    """``layout="BSND"``: h and the last states against the float64 recurrence; where only the kernels read q, k
+    and v (batch 1, the scores kernel), equal bit for bit to the heads-major call's (the same kernels on the same
+    tiles, read and written in place)."""
+    x = random_inputs(S + DHV + B, B, NH, S, DHQK, DHV, states=states, igate="extreme")
+    segment_ids = SEGMENTS if documents else None
+    check_forward(heads_minor(**settings), x, "bfloat16", segment_ids=segment_ids)
+    if B > 1 or settings["scores"] != "kernel":
+        return
+    args = [jnp.asarray(x[name], jnp.bfloat16) for name in ("q", "k", "v")]
+    args += [jnp.asarray(x[name], jnp.float32) for name in ("i", "f", "c0", "n0", "m0") if name in x]
+    major = jax.jit(functools.partial(chunkwise_mosaic_fw, interpret=INTERPRET, return_last_states=True, **settings))
+    minor = jax.jit(functools.partial(heads_minor(**settings), return_last_states=True))
+    for a, b in zip(jax.tree.leaves(major(*args)), jax.tree.leaves(minor(*args)), strict=True):
+        np.testing.assert_array_equal(np.asarray(a, np.float32), np.asarray(b, np.float32))
+
+
+@runs
+def test_heads_minor_gradients_are_the_heads_major_ones():
+    """Under differentiation ``layout="BSND"`` runs the heads-major form on transposed views (here its XLA
+    backward, ``backward="xla"``; the Mosaic GPU one has its own tests): every gradient, the initial states' included,
+    equals the heads-major call's within twice the bf16 gradient bound (XLA may fuse the transposes into other
+    sums), and is finite."""
+    x = random_inputs(5, 1, 2, 128, 64, 64, states=True)
+    args = [jnp.asarray(x[name], jnp.bfloat16) for name in ("q", "k", "v")]
+    args += [jnp.asarray(x[name], jnp.float32) for name in ("i", "f", "c0", "n0", "m0")]
+    settings = {"scores": "kernel", "split": 2, "block_dhv": 32, "backward": "xla"}
+
+    def grads(form):
+        def loss(*args):
+            h, (c, n, m) = form(*args, return_last_states=True)
+            h = h.astype(jnp.float32)
+            return jnp.sum(h * jnp.cos(h)) + jnp.sum(c * c) + jnp.sum(n) + jnp.sum(m)
+
+        return jax.jit(jax.grad(loss, argnums=tuple(range(len(args)))))(*args)
+
+    major = grads(functools.partial(chunkwise_mosaic_fw, interpret=INTERPRET, **settings))
+    minor = grads(heads_minor(**settings))
+    bound = 2 * TOL["bfloat16-grad"].max_err
+    for name, a, b in zip(("q", "k", "v", "i", "f", "c0", "n0", "m0"), major, minor, strict=True):
+        a, b = np.asarray(a, np.float64), np.asarray(b, np.float64)
+        assert np.isfinite(b).all() and np.max(np.abs(a - b)) <= bound * np.max(np.abs(a)), name
+
+
+def test_heads_minor_errors():
+    """A layout other than BNSD or BSND, and heads-minor q, k, v that disagree on (B, S, NH), raise ValueError
+    naming the shapes."""
+    q = jnp.zeros((1, 128, 2, 64), jnp.bfloat16)
+    i = jnp.zeros((1, 2, 128), jnp.float32)
+    with pytest.raises(ValueError, match=r"layout='BHSD' must be one of \('BNSD', 'BSND'\)"):
+        chunkwise_mosaic_fw(q, q, q, i, i, layout="BHSD")
+    with pytest.raises(ValueError, match=r"k.shape=\(1, 128, 1, 64\)"):
+        chunkwise_mosaic_fw(q, q[:, :, :1], q, i, i, layout="BSND")
+
+
+def test_heads_minor_lowers_for_cuda():
+    """The heads-minor forward at the xLSTM-7B head shape, batch 1 (the keys' sums kernel, the scores kernel, the
+    segments' scan and the chunk kernel, each reading its head's window of columns), lowers for CUDA on any
+    machine, with no transpose in the program: the kernels take q, k and v as they come."""
+    B, NH, S, DHQK, DHV, A = 1, 2, 16 * CHUNK, 256, 128, jax.ShapeDtypeStruct
+    avals = [A((B, S, NH, DHQK), jnp.bfloat16)] * 2 + [A((B, S, NH, DHV), jnp.bfloat16)]
+    avals += [A((B, NH, S), jnp.float32)] * 2
+    fw = functools.partial(chunkwise_mosaic_fw, layout="BSND", scores="kernel", split=2, block_dhv=64)
+    jaxpr = str(jax.make_jaxpr(fw)(*avals))
+    kernels = (
+        "mlstm_key_sums_mosaic",
+        "mlstm_chunk_scores_mosaic",
+        "mlstm_state_scan_mosaic",
+        "mlstm_chunkwise_mosaic",
+    )
+    assert all(name in jaxpr for name in kernels)
+    text = jax.jit(fw).trace(*avals).lower(lowering_platforms=("cuda",)).as_text()
+    assert "mosaic_gpu" in text and "stablehlo.transpose" not in text
+
+
 def test_auto_split_fills_the_gpu_with_a_few_heads():
     """split=None: the smallest power of two that gives a full wave of programs (128), in segments of at least
     SPLIT_MIN_CHUNKS chunks; 1 where the grid fills the GPU already, and with the scores in the kernel."""
@@ -886,6 +993,30 @@ def test_model_prefill_with_the_kernel(scores):
     for name, a, b in [("logits", logits, logits_xla), *zip("cnm", states, states_xla, strict=True)]:
         a, b = np.asarray(a, np.float32), np.asarray(b, np.float32)
         assert np.max(np.abs(a - b)) <= bound * np.max(np.abs(b)), name
+
+
+@runs
+def test_model_prefill_with_heads_minor_operands():
+    """``layout="BSND"`` in the backend's config: the layer passes its projections to the cell as (B, S, NH, D) and
+    takes h back so (another layout fails the kernel's shape checks), and the prefill's logits and states equal the
+    heads-major layout's within the bf16 bound (the products and the gate then run in other XLA fusions): with the
+    kernel (two heads of DHQK=64, DHV=128, a padded chunk) and with the XLA form it falls back to
+    (``interpret=False``)."""
+    config = xLSTMLMConfig.tiny(num_heads=2, num_blocks=1, embedding_dim=256, dtype="bfloat16")
+    params = init_params(config, jax.random.PRNGKey(0))
+    ids = jax.random.randint(jax.random.PRNGKey(1), (1, 150), 0, config.vocab_size)
+    bound = TOL["bfloat16/float32"].max_err
+    for interpret in (True if INTERPRET else None, False):
+        outs = []
+        for layout in ("BNSD", "BSND"):
+            kwargs = (("interpret", interpret), ("layout", layout))
+            runtime = RuntimeConfig(prefill_backend="chunkwise_mosaic", prefill_backend_kwargs=kwargs)
+            outs.append(prefill(config, params, ids, runtime=runtime))
+        for a, b in zip(jax.tree.leaves(outs[0]), jax.tree.leaves(outs[1]), strict=True):
+            a, b = np.asarray(a, np.float32), np.asarray(b, np.float32)
+            assert np.max(np.abs(a - b)) <= bound * np.max(np.abs(a)), interpret
+    with pytest.raises(ValueError, match="layout must be one of"):
+        create_mlstm_backend("chunkwise_mosaic", layout="BHSD")
 
 
 @runs

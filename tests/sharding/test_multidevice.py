@@ -14,6 +14,7 @@ Hugging Face fixture loaded straight onto each mesh.
 
 from __future__ import annotations
 
+import functools
 import math
 from pathlib import Path
 
@@ -28,6 +29,7 @@ from tests.numerics import TOL, assert_close, make_inputs
 from xlstm_jax.generation import generate
 from xlstm_jax.kernels.recurrent_sequence import recurrent_sequence_pallas
 from xlstm_jax.models.xlstm_parallel.blocks import dense
+from xlstm_jax.models.xlstm_parallel.blocks.mlstm.backend.chunkwise_mosaic import chunkwise_hopper_fw
 from xlstm_jax.models.xlstm_parallel.config import xLSTMLMConfig
 from xlstm_jax.models.xlstm_parallel.hf import load_hf
 from xlstm_jax.models.xlstm_parallel.model import xLSTMLMModel
@@ -267,18 +269,30 @@ def test_hf_checkpoint_loads_onto_its_shards(scan_blocks):
         assert kernel.addressable_shards[0].data.shape[-2:] == (D // fsdp, W // tensor)
 
 
-def test_pallas_sequence_form_per_device():
-    """The recurrent_pallas backend's form under shard_map_sequence_form on 2x2x2: 2 rows split over data only
-    (fsdp gets the rows whole), 2 heads over tensor; h, the last states and every gradient (initial states
-    included) equal the call without a mesh, packed documents and interpret mode included."""
+@pytest.mark.parametrize("backend", ["recurrent_pallas", "chunkwise_mosaic-BSND"])
+def test_pallas_sequence_form_per_device(backend):
+    """A Pallas backend's form under shard_map_sequence_form on 2x2x2: 2 rows split over data only (fsdp gets the
+    rows whole), 2 heads over tensor; h, the last states and every gradient (initial states included) equal the
+    call without a mesh. recurrent_pallas's with packed documents in interpret mode; chunkwise_mosaic's with
+    ``layout="BSND"`` (its XLA form here), whose q, k, v and h (B, S, NH, D) are split on B and NH rather than on
+    their first two axes."""
     x = make_inputs(np.random.default_rng(3), 2, 2, 11, 16, 16, states=True)
     x = {name: jnp.asarray(value, jnp.float32) for name, value in x.items()}
-    segment_ids = jnp.asarray([[1] * 4 + [2] * 7, [1] * 11], jnp.int32)
-    form = shard_map_sequence_form(recurrent_sequence_pallas)
+    if backend == "recurrent_pallas":
+        segment_ids = jnp.asarray([[1] * 4 + [2] * 7, [1] * 11], jnp.int32)
+        form = functools.partial(
+            shard_map_sequence_form(recurrent_sequence_pallas), segment_ids=segment_ids, interpret=True
+        )  # fmt: skip
+        heads = lambda t: t  # noqa: E731
+    else:
+        form = functools.partial(
+            shard_map_sequence_form(chunkwise_hopper_fw), chunk_size=4, interpret=False, layout="BSND"
+        )  # fmt: skip
+        heads = functools.partial(jnp.swapaxes, axis1=1, axis2=2)  # (B, NH, S, D) <-> (B, S, NH, D)
 
     def loss(x):
-        args = (x["q"], x["k"], x["v"], x["i"], x["f"], x["c0"], x["n0"], x["m0"], True)
-        h, (c, n, m) = form(*args, segment_ids=segment_ids, interpret=True)
+        args = (*(heads(x[name]) for name in ("q", "k", "v")), x["i"], x["f"], x["c0"], x["n0"], x["m0"], True)
+        h, (c, n, m) = form(*args)
         return jnp.sum(h * jnp.cos(h)) + jnp.sum(c * x["c0"]) + jnp.sum(jnp.sin(n)) + jnp.sum(m), (h, c, n, m)
 
     run = jax.jit(jax.value_and_grad(loss, has_aux=True))

@@ -516,7 +516,8 @@ def shard_map_sequence_form(form: Callable[..., Any]) -> Callable[..., Any]:
     heads under the context mesh (:func:`shard_map_batch_heads`), itself without a mesh: for a Pallas form.
 
     Every array argument is split on its first two axes (B, NH), ``segment_ids`` (B, S) on B; the states and
-    h come back split alike. Gradients flow through (``jax.shard_map`` sums the cotangents of what each device
+    h come back split alike. With ``layout="BSND"`` among the settings, q, k, v and h are (B, S, NH, D), split on
+    B and NH. Gradients flow through (``jax.shard_map`` sums the cotangents of what each device
     received whole).
     """
 
@@ -546,8 +547,10 @@ def shard_map_sequence_form(form: Callable[..., Any]) -> Callable[..., Any]:
 
         args = (q, k, v, i, f, c_initial, n_initial, m_initial)
         in_names = [names(x) for x in args] + [names(segment_ids, 1)]
-        h = ("batch", "heads", None, None)
-        out_names = (h, (h, ("batch", "heads", None), ("batch", "heads"))) if return_last_states else h
+        c = ("batch", "heads", None, None)
+        h = ("batch", None, "heads", None) if settings.get("layout") == "BSND" else c  # as q, k and v
+        in_names[:3] = [h] * 3
+        out_names = (h, (c, ("batch", "heads", None), ("batch", "heads"))) if return_last_states else h
         return shard_map_batch_heads(call, in_names, out_names)(*args, segment_ids)
 
     run.__name__ = run.__qualname__ = getattr(form, "__name__", "form")

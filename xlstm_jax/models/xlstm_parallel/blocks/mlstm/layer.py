@@ -4,7 +4,7 @@
 
     [q k v o] = x W_qkvo      one product, D -> 2 qk_dim + 2 v_dim, in config.dtype; no biases
     [i f] = x W_if + b_if     one product, D -> 2 NH, float32;  i, f = cap · tanh(. / cap) (cap = gate_soft_cap)
-    h    = mLSTM(q, k, v, i, f)     per head: q, k (B, NH, S, DHQK), v (B, NH, S, DHV)
+    h    = mLSTM(q, k, v, i, f)     per head: q, k (B, NH, S, DHQK), v (B, NH, S, DHV); or (B, S, NH, ·), below
     y    = (sigmoid(o) * MultiHeadLayerNorm(h)) Wout     (v_dim -> D)
 
 The cell runs on a whole sequence with the prefill backend (``runtime.prefill_backend``, a registry name
@@ -32,6 +32,13 @@ columns make its width 12304 = 16 x 769 for xLSTM-7B, for which XLA's Triton GEM
 and ran at about half the bandwidth of the other products on an H200. The
 weights are stored fused, so nothing is concatenated at run time; :mod:`...hf` splits and joins the
 ``transformers`` tensors on save and load.
+
+Heads' layout: the documented backends take q, k, v as (B, NH, S, D) and return h so, which costs a transpose of
+each around the cell. A ``chunkwise_mosaic`` backend configured with ``layout="BSND"`` takes them as the
+projections write them, (B, S, NH, D) (its kernels read each head's columns in place), and returns h so; the layer
+then runs q, k, v and o as four products from ``dense.SPLIT_MIN_ROWS`` rows on (``project_split(...,
+standalone=True)``), whose outputs are the kernels' operands as they are, where column blocks of one product would
+each be copied.
 
 Precision: projections run in ``config.dtype``; the gate pre-activations in float32 (float64 in a float64
 model; the product of the
@@ -170,6 +177,7 @@ class mLSTMLayer(nn.Module):
         )
 
         layer = None if state is None else self.layer_index
+        heads_minor = False  # h (B, NH, S, DHV) from the cell, or (B, S, NH, DHV)
         if self.decode:
             if state is None:
                 raise ValueError("the decode step continues from states: state must be given, got None")
@@ -186,15 +194,20 @@ class mLSTMLayer(nn.Module):
                 return out_proj(h[:, None]), (c, n, m)
             h = h[:, :, None]
         else:
-            sizes = (QK, QK, V, V)
-            q, k, v, o = project_split(x, qkvo_kernel, sizes, cfg.compute_dtype, precision(cfg.compute_dtype))
+            backend = create_prefill_backend(cfg, self.runtime)
+            # The backend's layout of the heads: (B, NH, S, dh), or (B, S, NH, dh) where its kernels read the
+            # projections as they come (a chunkwise_mosaic config's layout="BSND"): then q, k and v are each a
+            # product's own output, not a column block of one product that a kernel operand would copy.
+            heads_minor = getattr(backend.config, "layout", "BNSD") == "BSND"
+            sizes, dtype = (QK, QK, V, V), cfg.compute_dtype
+            q, k, v, o = project_split(x, qkvo_kernel, sizes, dtype, precision(dtype), standalone=heads_minor)
 
-            def heads(t: jax.Array, dh: int) -> jax.Array:  # (B, S, NH * dh) -> (B, NH, S, dh)
-                return t.reshape(B, S, NH, dh).transpose(0, 2, 1, 3)
+            def heads(t: jax.Array, dh: int) -> jax.Array:  # (B, S, NH * dh) -> (B, NH, S, dh) or (B, S, NH, dh)
+                t = t.reshape(B, S, NH, dh)
+                return t if heads_minor else t.transpose(0, 2, 1, 3)
 
             q, k, v = heads(q, DHQK), heads(k, DHQK), heads(v, DHV)
             i, f = gates[..., :NH].transpose(0, 2, 1), gates[..., NH:].transpose(0, 2, 1)  # (B, NH, S)
-            backend = create_prefill_backend(cfg, self.runtime)
             c0, n0, m0 = (None, None, None) if state is None else state if layer is None else (t[layer] for t in state)
             h, (c, n, m) = backend(
                 q,
@@ -214,6 +227,14 @@ class mLSTMLayer(nn.Module):
                 # m's stack once per layer in xLSTM-7B's 256-token prefill chunk (benchmarks/launches.py).
                 c, n, m, state = jax.lax.optimization_barrier((c, n, m, state))
                 c, n, m = (t.at[layer].set(u) for t, u in zip(state, (c, n, m), strict=True))
-        h = h.astype(cfg.compute_dtype).transpose(0, 2, 1, 3)  # (B, S, NH, DHV)
-        y = out_proj(nn.sigmoid(o) * head_norm_module(h))
+        h = h.astype(cfg.compute_dtype)
+        if not heads_minor:
+            h = h.transpose(0, 2, 1, 3)  # (B, S, NH, DHV)
+        if heads_minor:
+            # The output gate per head, (B, S, NH, DHV): on h as the kernel wrote it XLA then fuses the gate into the
+            # norm's kernel (compiled for an H200, one kernel a block; on the merged heads, two).
+            gated = nn.sigmoid(o.reshape(B, S, NH, DHV)) * head_norm_module(h).reshape(B, S, NH, DHV)
+            y = out_proj(gated.reshape(B, S, NH * DHV))
+        else:
+            y = out_proj(nn.sigmoid(o) * head_norm_module(h))
         return y, (c, n, m)

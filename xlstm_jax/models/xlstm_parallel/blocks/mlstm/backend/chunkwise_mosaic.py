@@ -27,6 +27,7 @@ from xlstm_jax.kernels.chunkwise_mosaic import (
     chunkwise_mosaic_unsupported,
     forward_tiling,
 )
+from xlstm_jax.kernels.mosaic import LAYOUTS
 from xlstm_jax.kernels.recurrent_step_mosaic import device_supports_mosaic
 from xlstm_jax.mlstm.checks import resolve_state_dtype
 from xlstm_jax.mlstm.chunkwise import check_chunk_size, chunkwise_fw
@@ -37,9 +38,9 @@ __all__ = ["chunkwise_hopper_fw", "mLSTMBackendChunkwiseMosaic", "mLSTMBackendCh
 
 
 def chunkwise_hopper_fw(
-    q: jax.Array,  # (B, NH, S, DHQK)
-    k: jax.Array,  # (B, NH, S, DHQK)
-    v: jax.Array,  # (B, NH, S, DHV)
+    q: jax.Array,  # (B, NH, S, DHQK); layout="BSND": (B, S, NH, DHQK)
+    k: jax.Array,  # (B, NH, S, DHQK); layout="BSND": (B, S, NH, DHQK)
+    v: jax.Array,  # (B, NH, S, DHV); layout="BSND": (B, S, NH, DHV)
     i: jax.Array,  # (B, NH, S) or (B, NH, S, 1)
     f: jax.Array,  # (B, NH, S) or (B, NH, S, 1)
     c_initial: jax.Array | None = None,
@@ -61,6 +62,7 @@ def chunkwise_hopper_fw(
     cluster: int | None = None,
     split: int | None = None,
     c_operand: str | None = None,
+    layout: str = "BNSD",
 ) -> Any:
     """The chunkwise form: the Mosaic GPU kernel where it applies, else the XLA form with ``chunk_size`` (which also
     runs under differentiation: :func:`~xlstm_jax.kernels.chunkwise_mosaic.chunkwise_mosaic_fw`).
@@ -81,20 +83,25 @@ def chunkwise_hopper_fw(
     segments of each head that the forward kernel runs side by side where it divides the call's chunks of 64 steps,
     else 1 (None: :func:`~xlstm_jax.kernels.chunkwise_mosaic.auto_split`). ``c_operand``: where the forward kernel's
     q C takes the state from, ``"shared"`` or ``"registers"``
-    (:data:`~xlstm_jax.kernels.chunkwise_mosaic.C_OPERANDS`; None: the tiling's pick).
+    (:data:`~xlstm_jax.kernels.chunkwise_mosaic.C_OPERANDS`; None: the tiling's pick). ``layout``: of q, k, v and
+    h (:data:`~xlstm_jax.kernels.mosaic.LAYOUTS`), ``"BNSD"`` as above or ``"BSND"``, heads-minor (B, S, NH, D),
+    which the kernels read and write in place (the XLA form runs on transposed views).
     """
+    if layout not in LAYOUTS:
+        raise ValueError(f"layout={layout!r} must be one of {LAYOUTS}")
+    heads_minor = layout == "BSND"
     use_kernel = interpret if interpret is not None else device_supports_mosaic()
     dtype = jnp.result_type(q, k, v)
     states_dtype = resolve_state_dtype(state_dtype)
     if c_initial is not None and states_dtype is None:
         states_dtype = jnp.dtype(c_initial.dtype)
     DHQK, DHV = q.shape[-1], v.shape[-1]
-    S = q.shape[2]
+    S, NH = (q.shape[1], q.shape[2]) if heads_minor else (q.shape[2], q.shape[1])
     scores = auto_scores(S) if scores is None else scores
     if split is not None and -(-S // CHUNK) % split:
         split = 1  # a served prompt's chunks vary: the configured split where it divides them
     block_dhv, consumers, depth, cluster, split, c_operand = forward_tiling(
-        q.shape[0] * q.shape[1], S, DHQK, DHV, dtype, scores, block_dhv=block_dhv, consumers=consumers,
+        q.shape[0] * NH, S, DHQK, DHV, dtype, scores, block_dhv=block_dhv, consumers=consumers,
         cluster=cluster, split=split, interpret=bool(interpret), c_operand=c_operand,
     )  # fmt: skip
     fits = chunkwise_mosaic_unsupported(
@@ -107,11 +114,17 @@ def chunkwise_hopper_fw(
             segment_ids=segment_ids, block_dhv=block_dhv, depth=depth, consumers=consumers, interpret=bool(interpret),
             xla_chunk_size=chunk_size, backward=backward, backward_consumers=backward_consumers, scores=scores,
             backward_scan_block_dhv=backward_scan_block_dhv, cluster=cluster, split=split, c_operand=c_operand,
+            layout=layout,
         )  # fmt: skip
-    return chunkwise_fw(
+    if heads_minor:  # the XLA form on heads-major views, h back heads-minor
+        q, k, v = (jnp.swapaxes(t, 1, 2) for t in (q, k, v))
+    out = chunkwise_fw(
         q, k, v, i, f, c_initial, n_initial, m_initial, return_last_states, eps, state_dtype, chunk_size,
         segment_ids=segment_ids,
     )  # fmt: skip
+    if not heads_minor:
+        return out
+    return (jnp.swapaxes(out[0], 1, 2), out[1]) if return_last_states else jnp.swapaxes(out, 1, 2)
 
 
 @dataclass(frozen=True)
@@ -165,6 +178,9 @@ class mLSTMBackendChunkwiseMosaicConfig(mLSTMBackendConfig):
             memory every chunk; ``"registers"``, Cᵀ kept in registers as the product's A operand (64 columns per
             warpgroup, precomputed scores); None picks (:func:`~xlstm_jax.kernels.chunkwise_mosaic.forward_tiling`).
             Where the tiling does not take it, the XLA form runs.
+        layout: Of q, k, v and h: ``"BNSD"`` (B, NH, S, D), the backends' documented layout; or ``"BSND"``, (B, S,
+            NH, D), as the layer's projections write them, which the kernels read and write in place (no transposes
+            around the call). The mLSTM layer lays its heads out as the backend's config says.
     """
 
     chunk_size: int = 256
@@ -178,6 +194,7 @@ class mLSTMBackendChunkwiseMosaicConfig(mLSTMBackendConfig):
     cluster: int | None = None
     split: int | None = None
     c_operand: str | None = None
+    layout: str = "BNSD"
 
     def __post_init__(self) -> None:
         super().__post_init__()
@@ -206,6 +223,8 @@ class mLSTMBackendChunkwiseMosaicConfig(mLSTMBackendConfig):
             raise ValueError(f"split must be None or a positive integer (segments per head), got {self.split!r}")
         if self.c_operand is not None and self.c_operand not in C_OPERANDS:
             raise ValueError(f"c_operand must be None or one of {C_OPERANDS}, got {self.c_operand!r}")
+        if self.layout not in LAYOUTS:
+            raise ValueError(f"layout must be one of {LAYOUTS}, got {self.layout!r}")
 
 
 class mLSTMBackendChunkwiseMosaic(mLSTMBackend):
