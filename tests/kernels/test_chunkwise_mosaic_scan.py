@@ -29,7 +29,7 @@ from xlstm_jax.kernels.chunkwise_mosaic_scan import (
     state_scan_shared_memory_bytes,
     state_scan_unsupported,
 )
-from xlstm_jax.kernels.mosaic import interpreter_threads, mosaic_interpret_params, require_mosaic_interpreter
+from xlstm_jax.kernels.mosaic import Rows, interpreter_threads, mosaic_interpret_params, require_mosaic_interpreter
 from xlstm_jax.kernels.recurrent_step_mosaic import device_supports_mosaic
 
 ON_HOPPER = ON_GPU and device_supports_mosaic()
@@ -192,8 +192,8 @@ def test_segment_starts_are_the_states_entering_each_segment(split, reverse):
 
 @runs
 def test_segment_starts_read_heads_minor_operands_in_place():
-    """``heads=NH``: a and b as (B, S, NH·D), each run of chunks read in place from its head's window of columns
-    (``Rows``): the same entry states, bit for bit, as from the (B·NH, S, D) rows, forward and in reverse."""
+    """Heads-minor a and b (``sequences``): (B, S, NH·D), each run of chunks read in place from its head's window of
+    columns (``Rows``): the same entry states, bit for bit, as from the (B·NH, S, D) rows, forward and in reverse."""
     a, b, gain, decay, x0 = scan_inputs(41, jnp.bfloat16, 6, 64)
 
     def minor(x):  # the BH = 2 rows as one sequence of two heads
@@ -201,7 +201,9 @@ def test_segment_starts_read_heads_minor_operands_in_place():
 
     for split, reverse in ((3, False), (2, True)):
         rows = segment_starts(a, b, gain, decay, x0, split, reverse=reverse, interpret=INTERPRET)
-        got = segment_starts(minor(a), minor(b), gain, decay, x0, split, reverse=reverse, interpret=INTERPRET, heads=BH)
+        got = segment_starts(
+            minor(a), minor(b), gain, decay, x0, split, reverse=reverse, interpret=INTERPRET, sequences=(Rows(BH),) * 2
+        )  # fmt: skip
         np.testing.assert_array_equal(np.asarray(rows), np.asarray(got))
 
 

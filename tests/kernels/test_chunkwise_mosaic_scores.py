@@ -24,6 +24,7 @@ from tests.numerics import TOL, assert_close
 from xlstm_jax.kernels.chunkwise_mosaic import CHUNK, chunk_plan, normalised_scores
 from xlstm_jax.kernels.chunkwise_mosaic_scan import mosaic_state_scan
 from xlstm_jax.kernels.chunkwise_mosaic_scores import mosaic_key_sums, mosaic_normalised_scores
+from xlstm_jax.kernels.mosaic import Rows
 from xlstm_jax.mlstm.chunkwise import chunk_sequence
 
 EPS = 1e-6
@@ -86,23 +87,23 @@ def _heads_minor(x: jax.Array, NH: int = 2) -> jax.Array:
 
 @runs
 def test_heads_minor_operands_give_the_same_results():
-    """``heads=NH``: the scores kernel (with the plan's q̂·n row and with ``n_border``) and the keys' sums kernel read
-    each head's window of columns of (B, S, NH·D) q and k in place, with the same results bit for bit as from the
-    (B·NH, S, D) rows."""
+    """Heads-minor operands (``sequences``): the scores kernel (with the plan's q̂·n row and with ``n_border``) and
+    the keys' sums kernel read each head's window of columns of one (B, S, W) array holding q and k side by side,
+    in place, with the same results bit for bit as from the (B·NH, S, D) rows."""
     q, k, plan, n_border = _operands(150, 64)
+    qk = jnp.concatenate([_heads_minor(q), _heads_minor(k)], axis=-1)  # (2, S, 256): q's two heads, then k's
+    q_rows, k_rows = Rows(2, 1, 0, 64), Rows(2, 1, 128, 64)
     for extra in ((), (n_border,)):
         rows = mosaic_normalised_scores(q, k, plan, EPS, *extra, interpret=INTERPRET)
-        minor = mosaic_normalised_scores(
-            _heads_minor(q), _heads_minor(k), plan, EPS, *extra, heads=2, interpret=INTERPRET
-        )
+        minor = mosaic_normalised_scores(qk, qk, plan, EPS, *extra, sequences=(q_rows, k_rows), interpret=INTERPRET)
         for a, b in zip(jax.tree.leaves(rows), jax.tree.leaves(minor), strict=True):
             np.testing.assert_array_equal(np.asarray(a, np.float32), np.asarray(b, np.float32))
     w = jnp.asarray(np.random.default_rng(1).uniform(0.0, 1.0, (4, q.shape[1] // CHUNK, CHUNK)), jnp.float32)
     np.testing.assert_array_equal(
-        mosaic_key_sums(k, w, interpret=INTERPRET), mosaic_key_sums(_heads_minor(k), w, heads=2, interpret=INTERPRET)
+        mosaic_key_sums(k, w, interpret=INTERPRET), mosaic_key_sums(qk, w, sequences=k_rows, interpret=INTERPRET)
     )
-    with pytest.raises(ValueError, match=r"k.shape=\(2, 192, 130\) must be \(B, S, NH \* D\) with NH=2"):
-        mosaic_key_sums(jnp.zeros((2, 192, 130), jnp.bfloat16), w, heads=2)
+    with pytest.raises(ValueError, match=r"k.shape=\(2, 192, 130\) must be \(B, S, W\) with NH=2 heads"):
+        mosaic_key_sums(jnp.zeros((2, 192, 130), jnp.bfloat16), w, sequences=Rows(2))
 
 
 def test_bad_operands_raise():

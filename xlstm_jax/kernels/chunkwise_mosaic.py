@@ -110,7 +110,16 @@ from jax import lax
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import mosaic_gpu as plgpu
 
-from xlstm_jax.kernels.mosaic import LAYOUTS, Rows, finished_when_interpreted, require_mosaic_interpreter
+from xlstm_jax.kernels.mosaic import (
+    HEADS_MAJOR,
+    LAYOUTS,
+    HeadColumns,
+    Rows,
+    as_array,
+    finished_when_interpreted,
+    heads_minor_operand,
+    require_mosaic_interpreter,
+)
 from xlstm_jax.kernels.recurrent_step_mosaic import load_ref
 from xlstm_jax.mlstm.chunkwise import (
     ChunkedSequence,
@@ -659,24 +668,23 @@ def _chunk_body(
     zero_state: bool,
     segments: int = 1,
     c_operand: str = "shared",
-    heads: int = 0,
+    sequences: tuple[Rows, Rows, Rows, Rows] = (HEADS_MAJOR,) * 4,
 ):
     # c_operand="registers": each warpgroup holds Cᵀ (NV, DHQK) rather than C, and c0 and c go in and out transposed.
     # The outputs: h (BH / segments, segments * S, DHV) in h's dtype, each head's segments one after another (the
     # caller's layout: XLA's fusions read h without a reshape of its rows); c (BH, DHQK, DHV) float32; with borders,
     # r(C_j) before every chunk (BH, NC * DHQK, DHV) in q's dtype; with normaliser (in-kernel scores), each chunk's
-    # (qn, den) (BH, NC * 2, L). BH and S count the segments as sequences of their own. heads=NH: q, k, v and h are
-    # heads-minor, (B, segments * S, NH, D), each segment read and written in place (kernels.mosaic.Rows).
+    # (qn, den) (BH, NC * 2, L). BH and S count the segments as sequences of their own. ``sequences``: where a
+    # program's rows of q, k, v and h lie (kernels.mosaic.Rows, parts = segments): the segments of heads-major
+    # q, k and v are a reshape (one row each), heads-minor ones are read in place; h's are its heads' rows in order.
     c0_ref, refs = (None, refs) if zero_state else (refs[0], refs[1:])
     p_ref, refs = (refs[0], refs[1:]) if precomputed else (None, refs)
     h_ref, c_ref, *rest = refs
     borders_ref = rest.pop(0) if borders else None
     norm_ref = rest.pop(0) if normaliser else None
     f32, dtype = jnp.float32, q_ref.dtype
-    # Where a program's rows of q, k and v lie (segments of the heads' sequences: a reshape of heads-major inputs, read
-    # in place from heads-minor ones), and those of h (each head's segments in order).
-    qkv_rows, h_rows_of = Rows(heads, segments if heads else 1), Rows(heads, segments)
-    S, DHQK = qkv_rows.steps(q_ref), qkv_rows.width(q_ref)
+    q_rows, k_rows, v_rows, h_rows_of = sequences
+    S, DHQK = q_rows.steps(q_ref), q_rows.width(q_ref)
     L, NV, NC = CHUNK, block_dhv, S // CHUNK
     rows = _READOUT_ROWS if precomputed else _PLAN_ROWS  # of the plan, per chunk
     scale = 1.0 / math.sqrt(DHQK)
@@ -732,12 +740,12 @@ def _chunk_body(
 
             def copy_v():
                 v_loaded = loaded.at[v_barrier * depth + slot]
-                plgpu.copy_gmem_to_smem(qkv_rows.window(v_ref, bh, j * L, L, columns), v_bufs.at[slot], v_loaded)
+                plgpu.copy_gmem_to_smem(v_rows.window(v_ref, bh, j * L, L, columns), v_bufs.at[slot], v_loaded)
 
             def copy_shared():
                 if refill and shared_slots:
                     plgpu.barrier_wait(consumed.at[slot])  # every warpgroup of the cluster is done with the slot
-                q_tile, k_tile = (qkv_rows.window(x, bh, j * L, L) for x in (q_ref, k_ref))
+                q_tile, k_tile = q_rows.window(q_ref, bh, j * L, L), k_rows.window(k_ref, bh, j * L, L)
                 plgpu.copy_gmem_to_smem(q_tile, q_bufs.at[slot], loaded.at[slot], **multicast)
                 plgpu.copy_gmem_to_smem(k_tile, k_bufs.at[slot], loaded.at[depth + slot], **multicast)
                 if not split:
@@ -1021,7 +1029,7 @@ def normalised_scores(
         "cluster",
         "split",
         "c_operand",
-        "heads",
+        "sequences",
     ),
 )
 def mosaic_chunkwise(
@@ -1044,13 +1052,14 @@ def mosaic_chunkwise(
     cluster: int = 1,
     split: int = 1,
     c_operand: str = "shared",
-    heads: int = 0,
+    sequences: tuple[Rows, Rows, Rows] | None = None,
 ) -> tuple[jax.Array, ...]:
     """The kernel on ``BH`` flattened heads, from :func:`chunk_plan`'s plan; the caller checks shapes.
 
-    ``heads=NH``: q, k and v are heads-minor, (B, S, NH · D) with BH = B · NH (:data:`LAYOUTS`, a reshape of
-    (B, S, NH, D)), read in place by every kernel, and h comes back (B, S, NH · DHV); 0: all (BH, S, D). The
-    plan, decay, c0 and the other results are per flattened head (b, h) in either layout.
+    ``sequences``: None, q, k and v are (BH, S, D); or where their rows lie in heads-minor (B, S, W) arrays
+    (:class:`~xlstm_jax.kernels.mosaic.Rows` each, NH windows of D columns, BH = B · NH; q, k and v may be one array,
+    a fused projection's output), read in place by every kernel, and h comes back (B, S, NH · DHV). The plan, decay,
+    c0 and the other results are per flattened head (b, h) in either layout.
 
     ``consumers`` warpgroups per program (1 or 2), each with ``block_dhv`` columns of c (module docstring).
     ``borders``: also write the state before every chunk, rounded to q's dtype as it enters ``q C`` (the
@@ -1077,9 +1086,10 @@ def mosaic_chunkwise(
         ``r(C_j)`` before every chunk j, (BH, NC * DHQK, DHV) in q's dtype, third; with ``normaliser``,
         ``(qn, den)`` (BH, NC, L) float32 each, last.
     """
-    sequences = Rows(heads)
+    heads_minor = sequences is not None
+    q_rows, k_rows, v_rows = sequences if heads_minor else (HEADS_MAJOR,) * 3
     B, S = q.shape[:2]
-    BH, DHQK, DHV = sequences.count(q), sequences.width(q), sequences.width(v)
+    BH, DHQK, DHV = q_rows.count(q), q_rows.width(q), v_rows.width(v)
     reason = chunkwise_mosaic_unsupported(
         DHQK, DHV, q.dtype, block_dhv, depth=depth, consumers=consumers, scores=scores,
         normaliser=normaliser, cluster=cluster, c_operand=c_operand,
@@ -1098,14 +1108,20 @@ def mosaic_chunkwise(
     body = functools.partial(
         _chunk_body, eps=eps, block_dhv=block_dhv, depth=depth, consumers=consumers, interpret=interpret,
         precomputed=precomputed, borders=borders, normaliser=in_kernel_normaliser, cluster=cluster,
-        zero_state=c0 is None and split == 1, segments=split, c_operand=c_operand, heads=heads,
+        zero_state=c0 is None and split == 1, segments=split, c_operand=c_operand,
+        sequences=(
+            *((r._replace(parts=split) for r in (q_rows, k_rows, v_rows)) if heads_minor else (HEADS_MAJOR,) * 3),
+            Rows(v_rows.heads, split),  # h: (BH, S, DHV) or (B, S, NH · DHV), each head's segments in order
+        ),
     )  # fmt: skip
     if split > 1:
         # Imported here: the scan's module builds on this one's helpers.
         from xlstm_jax.kernels.chunkwise_mosaic_scan import segment_starts
 
         gain = plan.reshape(BH, NC, _PLAN_ROWS, CHUNK)[:, :, _GAIN]
-        c0 = segment_starts(k, v, gain, decay, c0, split, reverse=False, interpret=interpret, heads=heads)
+        c0 = segment_starts(
+            k, v, gain, decay, c0, split, reverse=False, interpret=interpret, sequences=(k_rows, v_rows)
+        )  # fmt: skip
     c0s = () if c0 is None else (c0,)  # without c0 the kernel starts from zeros: none written and read
     # The kernel's rows: the heads' segments, head-major. Every operand but c0 is per step or per chunk along its
     # second axis, chunk-major, so a segment is a reshape; so are the outputs but h, which the kernel writes in the
@@ -1116,7 +1132,7 @@ def mosaic_chunkwise(
         return x.reshape(seqs, x.shape[1] // split, *x.shape[2:])
 
     def sequence_segments(x):  # q, k, v: heads-minor ones are read in place
-        return x if heads else segments(x)
+        return x if heads_minor else segments(x)
 
     def per_head(x):  # the segments back into their heads
         return x.reshape(BH, x.shape[1] * split, *x.shape[2:])
@@ -1125,7 +1141,7 @@ def mosaic_chunkwise(
     kernel = pl.kernel(
         body,
         out_type=(
-            jax.ShapeDtypeStruct(v.shape, q.dtype),  # the segments' rows in place: no reshape for XLA
+            jax.ShapeDtypeStruct((B, S, v_rows.heads * DHV) if heads_minor else v.shape, q.dtype),  # segments in place
             jax.ShapeDtypeStruct((seqs, DHQK, DHV), jnp.float32),
             *([jax.ShapeDtypeStruct((seqs, seg_chunks * DHQK, DHV), q.dtype)] if borders else []),
             *([jax.ShapeDtypeStruct((seqs, seg_chunks * 2, CHUNK), jnp.float32)] if in_kernel_normaliser else []),
@@ -1157,12 +1173,17 @@ def mosaic_chunkwise(
         # Imported here: the scores kernel's module builds on this one's plan rows and helpers.
         from xlstm_jax.kernels.chunkwise_mosaic_scores import mosaic_normalised_scores
 
-        p, readout, qn_den = mosaic_normalised_scores(q, k, plan, eps, n_border, heads=heads, interpret=interpret)
+        p, readout, qn_den = mosaic_normalised_scores(
+            q, k, plan, eps, n_border, sequences=(q_rows, k_rows), interpret=interpret
+        )  # fmt: skip
     else:
-        q_rows, k_rows = (
-            x.reshape(B, S, heads, DHQK).swapaxes(1, 2).reshape(BH, S, DHQK) if heads else x for x in (q, k)
-        )
-        p, readout, qn_den = normalised_scores(q_rows, k_rows, plan, eps)
+
+        def heads_major(x, rows):  # (BH, S, DHQK) rows of a heads-minor window of columns
+            x = x[..., rows.column : rows.column + rows.heads * DHQK].reshape(B, S, rows.heads, DHQK)
+            return x.swapaxes(1, 2).reshape(BH, S, DHQK)
+
+        q_major, k_major = (heads_major(x, r) if heads_minor else x for x, r in ((q, q_rows), (k, k_rows)))
+        p, readout, qn_den = normalised_scores(q_major, k_major, plan, eps)
     out = run(q, k, v, readout, decay, p)
     return (*out, qn_den) if normaliser else out
 
@@ -1272,31 +1293,35 @@ def _forward(
     split: int,
     states_given: bool,
     c_operand: str = "shared",
-    heads_minor: tuple[jax.Array, jax.Array, jax.Array] | None = None,
+    heads_minor: tuple[Any, Any, Any] | None = None,
 ):
     """h (B, NH, S, DHV) and the last states (c, n, m) in the accumulation dtype; without ``states_given`` the
     kernel starts from zeros (no zero state written and read).
 
-    ``heads_minor``: the sequence's q, k and v as (B, S, NH, D) (``x`` holds heads-major views of them): the kernels
-    read these in place and h comes back (B, S, NH, DHV); XLA computes of ``x.q`` and ``x.k`` only what the gate plan
-    reads (nothing at B=1 with the scores kernel and DHQK up to 256: :func:`_folds_border_qn`)."""
+    ``heads_minor``: the sequence's q, k and v as (B, S, NH, D) arrays or :class:`~xlstm_jax.kernels.mosaic.HeadColumns`
+    blocks (``x`` holds heads-major views of them): the kernels read these in place and h comes back (B, S, NH, DHV);
+    XLA computes of ``x.q`` and ``x.k`` only what the gate plan reads (nothing at B=1 with the scores kernel and DHQK
+    up to 256: :func:`_folds_border_qn`)."""
     B, NH, S, DHQK, DHV = x.dims
     NC, L = x.NC, x.L
     fold = _folds_border_qn(scores, DHQK)
     key_sums = _key_sums(scores, DHQK, interpret)
-    heads = NH if heads_minor is not None else 0
+    sequences = None
     if heads_minor is None:
         q, k, v = (t.reshape(B * NH, NC * L, t.shape[-1]) for t in (x.q, x.k, x.v))
     else:
-        # (B, S, NH · D): a head is a window of columns (kernels.mosaic.Rows); padded to whole chunks
-        q, k, v = (t.reshape(B, S, -1) for t in heads_minor)
+        # (B, S, W) arrays, each head a window of columns (kernels.mosaic.Rows); padded to whole chunks, an array that
+        # holds two of them (a fused projection's output) once
+        (q, q_rows), (k, k_rows), (v, v_rows) = map(heads_minor_operand, heads_minor)
         if NC * L > S:
-            q, k, v = (jnp.pad(t, ((0, 0), (0, NC * L - S), (0, 0))) for t in (q, k, v))
+            padded = {id(t): jnp.pad(t, ((0, 0), (0, NC * L - S), (0, 0))) for t in (q, k, v)}
+            q, k, v = (padded[id(t)] for t in (q, k, v))
+        sequences = (q_rows, k_rows, v_rows)
         if key_sums is not None:
             sums_of = key_sums
 
             def key_sums(_, weights):  # k read in place, not the heads-major view that chunk_plan passes
-                return sums_of(k, weights, heads=NH)
+                return sums_of(k, weights, sequences=k_rows)
 
     plan, decay, (n_last, m_last), n_border = chunk_plan(
         x, border_qn=not fold, key_sums=key_sums, blocked_borders=True
@@ -1319,9 +1344,9 @@ def _forward(
         cluster=cluster,
         split=split,
         c_operand=c_operand,
-        heads=heads,
+        sequences=sequences,
     )
-    h = h[:, :S].reshape(B, S, NH, DHV) if heads else h.reshape(B, NH, NC * L, DHV)[:, :, :S]
+    h = h[:, :S].reshape(B, S, NH, DHV) if sequences else h.reshape(B, NH, NC * L, DHV)[:, :, :S]
     return h, (c_last.reshape(B, NH, DHQK, DHV), n_last, m_last)
 
 
@@ -1529,9 +1554,9 @@ def chunkwise_mosaic_fw(
 
 
 def _heads_minor(
-    q: jax.Array,  # (B, S, NH, DHQK)
-    k: jax.Array,  # (B, S, NH, DHQK)
-    v: jax.Array,  # (B, S, NH, DHV)
+    q: jax.Array | HeadColumns,  # (B, S, NH, DHQK)
+    k: jax.Array | HeadColumns,  # (B, S, NH, DHQK)
+    v: jax.Array | HeadColumns,  # (B, S, NH, DHV)
     i: jax.Array,  # (B, NH, S) or (B, NH, S, 1)
     f: jax.Array,
     states: tuple[jax.Array, jax.Array, jax.Array] | None,
@@ -1542,8 +1567,9 @@ def _heads_minor(
 ) -> tuple[jax.Array, tuple[jax.Array, jax.Array, jax.Array]]:
     """:func:`chunkwise_mosaic_fw` with ``layout="BSND"``: h (B, S, NH, DHV) and the last states.
 
-    Evaluated, the kernels read q, k and v and write h in place (:func:`_forward`); under differentiation the
-    heads-major form (its backward kernels) runs on transposed views, whose cotangents come back heads-minor.
+    Evaluated, the kernels read q, k and v and write h in place (:func:`_forward`), each an array or a block of
+    columns of a wider one (:class:`~xlstm_jax.kernels.mosaic.HeadColumns`); under differentiation the heads-major
+    form (its backward kernels) runs on transposed views, whose cotangents come back heads-minor.
     """
     for name, t in (("q", q), ("k", k), ("v", v)):
         if t.ndim != 4 or t.shape[:3] != q.shape[:3]:
@@ -1552,8 +1578,8 @@ def _heads_minor(
                 f"k.shape={k.shape}, v.shape={v.shape} ({name})"
             )
 
-    def heads_major(t: jax.Array) -> jax.Array:  # (B, S, NH, D) <-> (B, NH, S, D)
-        return jnp.swapaxes(t, 1, 2)
+    def heads_major(t: Any) -> jax.Array:  # (B, S, NH, D) <-> (B, NH, S, D)
+        return jnp.swapaxes(as_array(t), 1, 2)
 
     def heads_major_form(q, k, v, i, f, states, segment_ids):  # the same function, differentiable
         c0, n0, m0 = states if states is not None else (None, None, None)
@@ -1571,7 +1597,7 @@ def _heads_minor(
             *map(heads_major, (q, k, v)), i, f, c0, n0, m0, eps, state_dtype, CHUNK, segment_ids, True
         )  # fmt: skip
         B, NH, S, DHQK, DHV = x.dims
-        dtype = jnp.result_type(q, k, v)
+        dtype = jnp.result_type(q.dtype, k.dtype, v.dtype)
         scores = auto_scores(S) if options["scores"] is None else options["scores"]
         given = {name: options[name] for name in ("block_dhv", "consumers", "depth", "cluster", "split")}
         interpret = options["interpret"]

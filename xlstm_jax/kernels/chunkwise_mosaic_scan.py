@@ -181,14 +181,15 @@ def _scan_body(
     borders: bool,
     rows: tuple[int, int, int] | None,
     registers: bool = False,
-    sequences: Rows = HEADS_MAJOR,
+    sequences: tuple[Rows, Rows] = (HEADS_MAJOR, HEADS_MAJOR),
 ):
     # registers (x_operand="registers", no borders): each warpgroup holds Xᵀ (NV, DHA) and the product is
     # Xᵀ = decay · Xᵀ + r(gain ⊙ b)ᵀ a, its A operand r(gain ⊙ b)ᵀ in registers: no gated tile, no fence.
     x0_ref, refs = (None, refs) if zero_start else (refs[0], refs[1:])
     borders_ref, x_ref = refs if borders else (None, refs[0])
     f32, dtype = jnp.float32, a_ref.dtype
-    S, DHA = sequences.steps(a_ref), sequences.width(a_ref)
+    a_rows, b_rows = sequences  # where the rows of a and b lie (kernels.mosaic.Rows)
+    S, DHA = a_rows.steps(a_ref), a_rows.width(a_ref)
     L, NV, NC = CHUNK, block_dhv, S // CHUNK
     regs = _RegisterTiles(interpret)
     tile, row_layout, col_layout = regs.tile, regs.row_layout, regs.col_layout
@@ -236,12 +237,12 @@ def _scan_body(
 
             def copy_b():
                 b_loaded = loaded.at[b_barrier * depth + slot]
-                plgpu.copy_gmem_to_smem(sequences.window(b_ref, row, j * L, L, columns), b_bufs.at[slot], b_loaded)
+                plgpu.copy_gmem_to_smem(b_rows.window(b_ref, row, j * L, L, columns), b_bufs.at[slot], b_loaded)
 
             def copy_shared():
                 if refill and split:
                     plgpu.barrier_wait(consumed.at[slot])  # both warpgroups are done with the slot
-                plgpu.copy_gmem_to_smem(sequences.window(a_ref, row, j * L, L), a_bufs.at[slot], loaded.at[slot])
+                plgpu.copy_gmem_to_smem(a_rows.window(a_ref, row, j * L, L), a_bufs.at[slot], loaded.at[slot])
                 if not split:
                     copy_b()
                 gain_loaded = loaded.at[gain_barrier * depth + slot]
@@ -358,7 +359,7 @@ def _check(
     consumers: int,
     rows: tuple[int, int, int] | None,
     x_operand: str = "shared",
-    sequences: Rows = HEADS_MAJOR,
+    sequences: tuple[Rows, Rows] = (HEADS_MAJOR, HEADS_MAJOR),
 ) -> int:
     """ValueError naming the argument where the shapes or dtypes do not fit the scan; else the programs' rows."""
     named = (
@@ -371,13 +372,11 @@ def _check(
     for name, x, ndim in named:
         if x.ndim != ndim:
             raise ValueError(f"{name}.shape={x.shape} must have {ndim} axes")
-    heads = max(sequences.heads, 1)
-    if a.shape[1] % sequences.parts or a.shape[-1] % heads or b.shape[-1] % heads:
-        raise ValueError(
-            f"a.shape={a.shape} and b.shape={b.shape} must be (B, S, NH * D) with NH={heads} and S a multiple of "
-            f"{sequences.parts} (sequences={sequences})"
-        )
-    BH, S, DHA = sequences.count(a), sequences.steps(a), sequences.width(a)
+    a_rows, b_rows = sequences
+    for name, x, x_rows in (("a", a, a_rows), ("b", b, b_rows)):
+        if x.shape[1] % x_rows.parts or (x_rows.heads and x_rows.column + x_rows.heads * x_rows.width(x) > x.shape[-1]):
+            raise ValueError(f"{name}.shape={x.shape} does not hold the rows {x_rows} describes")
+    BH, S, DHA = a_rows.count(a), a_rows.steps(a), a_rows.width(a)
     programs = BH
     if rows is not None:
         per, stride, offset = rows
@@ -389,8 +388,8 @@ def _check(
         programs = BH // stride * per
     if S == 0 or S % CHUNK:
         raise ValueError(f"a.shape={a.shape}: the steps S={S} must be a positive multiple of {CHUNK}")
-    NC, DHB = S // CHUNK, sequences.width(b)
-    if b.shape[:-1] != a.shape[:-1]:
+    NC, DHB = S // CHUNK, b_rows.width(b)
+    if (b_rows.count(b), b_rows.steps(b)) != (BH, S):
         raise ValueError(f"b.shape={b.shape} must be (BH, S, DHB) = ({BH}, {S}, DHB) as a.shape={a.shape}")
     if b.dtype != a.dtype:
         raise ValueError(f"b.dtype={b.dtype} must equal a.dtype={a.dtype}")
@@ -440,7 +439,7 @@ def mosaic_state_scan(
     borders: bool = True,
     rows: tuple[int, int, int] | None = None,
     x_operand: str = "shared",
-    sequences: Rows = HEADS_MAJOR,
+    sequences: tuple[Rows, Rows] = (HEADS_MAJOR, HEADS_MAJOR),
 ) -> tuple[jax.Array | None, jax.Array]:
     """The chunk-by-chunk state scan on ``BH`` flattened heads (module docstring), in a Mosaic GPU kernel.
 
@@ -466,9 +465,9 @@ def mosaic_state_scan(
             ``borders=False`` and ``block_dhv=64``), registers: each warpgroup holds Xᵀ and runs the transposed
             product r(gain ⊙ b)ᵀ a with its A operand in registers, no tile written and no fence per chunk
             (:func:`segment_starts`' form where it fits; the same sums and roundings).
-        sequences: Where the rows of a and b lie (:class:`~xlstm_jax.kernels.mosaic.Rows`): ``Rows()``, (BH, S, ·)
-            as above; ``Rows(NH, parts)``, heads-minor (B, parts · S, NH · D) read in place, BH = B · NH · parts rows
-            of S steps each (gain, decay and x0 per row as above).
+        sequences: Where the rows of a and b lie (:class:`~xlstm_jax.kernels.mosaic.Rows` each): heads-major, (BH,
+            S, ·) as above; or heads-minor windows of columns of (B, parts · S, W), read in place, BH = B · NH ·
+            parts rows of S steps each (gain, decay and x0 per row as above).
 
     Returns:
         ``(borders (BH, NC * DHA, DHB) in a's dtype, x_last (BH, DHA, DHB) float32)``: rows ``j * DHA`` to
@@ -482,7 +481,7 @@ def mosaic_state_scan(
     if x_operand == "registers" and borders:
         raise ValueError('x_operand="registers" takes borders=False (the borders are staged from X, not Xᵀ)')
     programs = _check(a, b, gain, decay, x0, block_dhv, depth, consumers, rows, x_operand, sequences)
-    S, DHA, DHB = sequences.steps(a), sequences.width(a), sequences.width(b)
+    S, DHA, DHB = sequences[0].steps(a), sequences[0].width(a), sequences[1].width(b)
     params = require_mosaic_interpreter(consumers) if interpret else None
     body = functools.partial(
         _scan_body, reverse=reverse, block_dhv=block_dhv, depth=depth, consumers=consumers, interpret=interpret,
@@ -542,7 +541,7 @@ def segment_starts(
     *,
     reverse: bool,
     interpret: bool = False,
-    heads: int = 0,
+    sequences: tuple[Rows, Rows] = (HEADS_MAJOR, HEADS_MAJOR),
 ) -> jax.Array:
     """The state where the scan enters each of ``split`` equal segments of every row's chunks, so that the segments
     can run side by side (the forward kernel's and the backward scan's ``split``).
@@ -560,15 +559,15 @@ def segment_starts(
         split: Segments per row.
         reverse: The scan's direction (from the last chunk to the first).
         interpret: Run the scan in Mosaic GPU's interpreter.
-        heads: 0, or NH where a and b are heads-minor (B, S, NH · D) with BH = B · NH, read in place
-            (:class:`~xlstm_jax.kernels.mosaic.Rows`).
+        sequences: Where the rows of a and b lie: heads-major (BH, S, ·), or windows of heads-minor columns
+            (B, S, W) with BH = B · NH, read in place in runs of chunks (:class:`~xlstm_jax.kernels.mosaic.Rows`).
 
     Returns:
         (BH * split, DHA, DHB) float32, row-major by (row, segment): the state each segment is entered with (forward:
         before its first chunk; reverse: after its last), ``x0`` for the first one visited.
     """
-    sequences = Rows(heads)
-    BH, S, DHA, DHB = sequences.count(a), sequences.steps(a), sequences.width(a), sequences.width(b)
+    a_rows, b_rows = sequences
+    BH, S, DHA, DHB = a_rows.count(a), a_rows.steps(a), a_rows.width(a), b_rows.width(b)
     per = S // CHUNK // split  # chunks per segment
     # The gated operand in registers where it fits (64 columns), else in shared memory; two chunks in flight where
     # the tiles fit, else one.
@@ -588,8 +587,10 @@ def segment_starts(
     # The runs of every segment but the last visited: forward the first split - 1 segments, reverse the last.
     rows = ((split - 1) * runs, split * runs, runs if reverse else 0)
     # Heads-minor a and b are read in place, a run's steps found by the kernel (Rows); heads-major ones are reshaped.
-    sequences = Rows(heads, split * runs) if heads else HEADS_MAJOR
-    operands = (a, b) if heads else tuple(map(as_runs, (a, b)))
+    heads_minor = a_rows.heads > 0
+    if heads_minor:
+        sequences = (a_rows._replace(parts=split * runs), b_rows._replace(parts=split * runs))
+    operands = (a, b) if heads_minor else tuple(map(as_runs, (a, b)))
     _, y = mosaic_state_scan(
         *operands, *map(as_runs, (gain, decay)), None, reverse=reverse, block_dhv=block_dhv, depth=depth,
         interpret=interpret, borders=False, rows=rows, x_operand=x_operand, sequences=sequences,

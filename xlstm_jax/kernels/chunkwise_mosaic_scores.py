@@ -60,7 +60,13 @@ from xlstm_jax.kernels.chunkwise_mosaic import (
     _swizzled,
     _transposed,
 )
-from xlstm_jax.kernels.mosaic import Rows, check_sequence_operand, finished_when_interpreted, require_mosaic_interpreter
+from xlstm_jax.kernels.mosaic import (
+    HEADS_MAJOR,
+    Rows,
+    check_sequence_operand,
+    finished_when_interpreted,
+    require_mosaic_interpreter,
+)
 
 __all__ = ["mosaic_key_sums", "mosaic_normalised_scores"]
 
@@ -73,12 +79,12 @@ def _scores_body(
     eps: float,
     fold: bool,
     interpret: bool,
-    heads: int,
+    sequences: tuple[Rows, Rows],
 ):
     nb_ref, (p_ref, readout_ref, norm_ref) = (refs[0], refs[1:]) if fold else (None, refs)
     f32, dtype = jnp.float32, q_ref.dtype
-    sequences = Rows(heads)  # q and k heads-major (BH, S, DHQK) or heads-minor (B, S, NH · DHQK)
-    DHQK = sequences.width(q_ref)
+    q_rows, k_rows = sequences  # where q and k lie: heads-major (BH, S, DHQK) or windows of heads-minor columns
+    DHQK = q_rows.width(q_ref)
     L = CHUNK
     scale = 1.0 / math.sqrt(DHQK)
     regs = _RegisterTiles(interpret)
@@ -91,8 +97,8 @@ def _scores_body(
 
     def program(q_smem, k_smem, plan_smem, p_smem, readout_smem, norm_smem, loaded, *rest):
         nb_smem, scratch = (rest[0], rest[1:]) if fold else (None, rest)
-        plgpu.copy_gmem_to_smem(sequences.window(q_ref, bh, j * L, L), q_smem, loaded.at[0])
-        plgpu.copy_gmem_to_smem(sequences.window(k_ref, bh, j * L, L), k_smem, loaded.at[1])
+        plgpu.copy_gmem_to_smem(q_rows.window(q_ref, bh, j * L, L), q_smem, loaded.at[0])
+        plgpu.copy_gmem_to_smem(k_rows.window(k_ref, bh, j * L, L), k_smem, loaded.at[1])
         plgpu.copy_gmem_to_smem(plan_ref.at[bh, pl.ds(j * _PLAN_ROWS, _PLAN_ROWS)], plan_smem, loaded.at[2])
         if fold:
             plgpu.copy_gmem_to_smem(nb_ref.at[bh, pl.ds(j, 1)], nb_smem, loaded.at[3])
@@ -142,7 +148,7 @@ def _scores_body(
 
 
 @finished_when_interpreted
-@functools.partial(jax.jit, static_argnames=("eps", "interpret", "heads"))
+@functools.partial(jax.jit, static_argnames=("eps", "interpret", "sequences"))
 def mosaic_normalised_scores(
     q: jax.Array,
     k: jax.Array,
@@ -150,19 +156,21 @@ def mosaic_normalised_scores(
     eps: float,
     n_border: jax.Array | None = None,
     *,
-    heads: int = 0,
+    sequences: tuple[Rows, Rows] = (HEADS_MAJOR, HEADS_MAJOR),
     interpret: bool = False,
 ) -> tuple[jax.Array, jax.Array, tuple[jax.Array, jax.Array]]:
     """What :func:`~xlstm_jax.kernels.chunkwise_mosaic.normalised_scores` returns, from one Mosaic GPU kernel.
 
     Args:
-        q, k: (BH, S, DHQK) bf16 or f16, S a multiple of 64 and DHQK of 64; with ``heads=NH``, heads-minor
-            (B, S, NH · DHQK), BH = B · NH (:class:`~xlstm_jax.kernels.mosaic.Rows`).
+        q, k: (BH, S, DHQK) bf16 or f16, S a multiple of 64 and DHQK of 64; or heads-minor (B, S, W) as
+            ``sequences`` describes them (:class:`~xlstm_jax.kernels.mosaic.Rows`, NH windows of DHQK columns each,
+            BH = B · NH; q and k may be one array).
         plan: (BH, NC * 8, 64) float32, :func:`~xlstm_jax.kernels.chunkwise_mosaic.chunk_plan`'s rows.
         eps: The denominator's eps.
         n_border: None, or the normaliser before every chunk (BH, NC, DHQK) float32 (DHQK at most
             256): the kernel computes each step's ``q̂·n_border`` from it, in place of the plan's
             row (module docstring).
+        sequences: Where q's and k's rows lie (heads-major by default).
         interpret: Run in Mosaic GPU's interpreter (any backend; slow).
 
     Returns:
@@ -172,11 +180,13 @@ def mosaic_normalised_scores(
     Raises:
         ValueError: the shapes or dtypes do not fit together.
     """
-    check_sequence_operand("q", q, heads)
-    BH, S, DHQK = Rows(heads).count(q), q.shape[1], Rows(heads).width(q)
+    q_rows, k_rows = sequences
+    check_sequence_operand("q", q, q_rows)
+    BH, S, DHQK = q_rows.count(q), q.shape[1], q_rows.width(q)
     NC = S // CHUNK
-    if k.shape != q.shape or k.dtype != q.dtype:
+    if k.ndim != 3 or (k_rows.count(k), k.shape[1], k_rows.width(k)) != (BH, S, DHQK) or k.dtype != q.dtype:
         raise ValueError(f"k ({k.shape}, {k.dtype}) must have q's shape and dtype ({q.shape}, {q.dtype})")
+    check_sequence_operand("k", k, k_rows)
     if jnp.dtype(q.dtype) not in (jnp.dtype(jnp.bfloat16), jnp.dtype(jnp.float16)):
         raise ValueError(f"q.dtype={q.dtype} must be bfloat16 or float16 (the WGMMA operand dtypes)")
     if plan.shape != (BH, NC * _PLAN_ROWS, CHUNK) or plan.dtype != jnp.float32:
@@ -189,7 +199,7 @@ def mosaic_normalised_scores(
         )
     params = require_mosaic_interpreter(1) if interpret else None
     kernel = pl.kernel(
-        functools.partial(_scores_body, eps=eps, fold=fold, interpret=interpret, heads=heads),
+        functools.partial(_scores_body, eps=eps, fold=fold, interpret=interpret, sequences=sequences),
         out_type=(
             jax.ShapeDtypeStruct((BH, S, CHUNK), q.dtype),
             jax.ShapeDtypeStruct((BH, NC * _READOUT_ROWS, CHUNK), jnp.float32),
@@ -219,7 +229,7 @@ def _head(x: jax.Array, dtype: jnp.dtype) -> jax.Array:
     return lax.bitcast_convert_type(bits, jnp.float32)
 
 
-def _sums_body(k_ref, w_ref, out_ref, *, interpret: bool, heads: int):
+def _sums_body(k_ref, w_ref, out_ref, *, interpret: bool, sequences: Rows):
     """One chunk's ``sum_t w_t k_t`` as one WGMMA product, ``kᵀ W`` (DHQK, L) x (L, 32): W's first three columns are
     the float32 weights split into three parts of k's dtype, ``w = w1 + w2 + w3`` (w1 and w2 the leading mantissa
     bits the dtype holds, w3 the bits left): exact in bf16; in f16, whose subnormals stop at 2^-24, exact from 1/2
@@ -228,14 +238,14 @@ def _sums_body(k_ref, w_ref, out_ref, *, interpret: bool, heads: int):
     then the product's, where summing the weighted tile in registers across the warpgroup's rows bounded the kernel
     (1.9 TB/s of k on an H100); the sum over W's columns stays within each thread's four lanes."""
     f32, dtype = jnp.float32, k_ref.dtype
-    DHQK = Rows(heads).width(k_ref)
+    DHQK = sequences.width(k_ref)
     regs = _RegisterTiles(interpret)
     bh, j = lax.axis_index("bh"), lax.axis_index("chunk")
     itemsize = jnp.dtype(dtype).itemsize
     operand = _swizzled(_SUMS_COLUMNS * itemsize, itemsize)  # one swizzle for both WGMMA operands
 
     def program(k_smem, w_smem, parts_smem, out_smem, loaded, *scratch):
-        plgpu.copy_gmem_to_smem(Rows(heads).window(k_ref, bh, j * CHUNK, CHUNK), k_smem, loaded.at[0])
+        plgpu.copy_gmem_to_smem(sequences.window(k_ref, bh, j * CHUNK, CHUNK), k_smem, loaded.at[0])
         plgpu.copy_gmem_to_smem(w_ref.at[bh, pl.ds(j, 1)], w_smem, loaded.at[1])
         plgpu.barrier_wait(loaded.at[1])
         w = regs.load(w_smem.at[0], regs.row_layout)  # (L,) one weight a step
@@ -268,13 +278,16 @@ def _sums_body(k_ref, w_ref, out_ref, *, interpret: bool, heads: int):
 
 
 @finished_when_interpreted
-@functools.partial(jax.jit, static_argnames=("interpret", "heads"))
-def mosaic_key_sums(k: jax.Array, weights: jax.Array, *, heads: int = 0, interpret: bool = False) -> jax.Array:
+@functools.partial(jax.jit, static_argnames=("interpret", "sequences"))
+def mosaic_key_sums(
+    k: jax.Array, weights: jax.Array, *, sequences: Rows = HEADS_MAJOR, interpret: bool = False
+) -> jax.Array:
     """Every chunk's weighted sum of its keys, ``sum_t weights_t k_t`` in float32, from one Mosaic GPU kernel.
 
     Args:
         k: (BH, S, DHQK) bf16 or f16, S a multiple of 64 and DHQK of 64 (at most 256: the tile's float32 copy
-            in one warpgroup's registers); with ``heads=NH``, heads-minor (B, S, NH · DHQK), BH = B · NH.
+            in one warpgroup's registers); or heads-minor (B, S, W) as ``sequences`` describes it (NH windows of DHQK
+            columns, BH = B · NH; :class:`~xlstm_jax.kernels.mosaic.Rows`).
         weights: (BH, NC, 64) float32, NC = S / 64: each step's weight in its chunk's sum.
         interpret: Run in Mosaic GPU's interpreter (any backend; slow).
 
@@ -284,12 +297,12 @@ def mosaic_key_sums(k: jax.Array, weights: jax.Array, *, heads: int = 0, interpr
     Raises:
         ValueError: the shapes or dtypes do not fit together.
     """
-    check_sequence_operand("k", k, heads)
-    if Rows(heads).width(k) > _FOLD_MAX_DHQK:
-        raise ValueError(f"k.shape={k.shape} has DHQK={Rows(heads).width(k)}; it must be at most {_FOLD_MAX_DHQK}")
+    check_sequence_operand("k", k, sequences)
+    if sequences.width(k) > _FOLD_MAX_DHQK:
+        raise ValueError(f"k.shape={k.shape} has DHQK={sequences.width(k)}; it must be at most {_FOLD_MAX_DHQK}")
     if jnp.dtype(k.dtype) not in (jnp.dtype(jnp.bfloat16), jnp.dtype(jnp.float16)):
         raise ValueError(f"k.dtype={k.dtype} must be bfloat16 or float16")
-    BH, S, DHQK = Rows(heads).count(k), k.shape[1], Rows(heads).width(k)
+    BH, S, DHQK = sequences.count(k), k.shape[1], sequences.width(k)
     NC = S // CHUNK
     if weights.shape != (BH, NC, CHUNK) or weights.dtype != jnp.float32:
         raise ValueError(
@@ -297,7 +310,7 @@ def mosaic_key_sums(k: jax.Array, weights: jax.Array, *, heads: int = 0, interpr
         )
     params = require_mosaic_interpreter(1) if interpret else None
     kernel = pl.kernel(
-        functools.partial(_sums_body, interpret=interpret, heads=heads),
+        functools.partial(_sums_body, interpret=interpret, sequences=sequences),
         out_type=jax.ShapeDtypeStruct((BH, NC, DHQK), jnp.float32),
         mesh=plgpu.Mesh(grid=(BH, NC), grid_names=("bh", "chunk")),
         name="mlstm_key_sums_mosaic",

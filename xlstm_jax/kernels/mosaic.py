@@ -24,8 +24,11 @@ __all__ = [
     "HEADS_MAJOR",
     "LAYOUTS",
     "WARPGROUP",
+    "HeadColumns",
     "Rows",
+    "as_array",
     "check_sequence_operand",
+    "heads_minor_operand",
     "chunk_length",
     "finished_when_interpreted",
     "interpreter_threads",
@@ -49,15 +52,18 @@ class Rows(NamedTuple):
     """Where row ``r`` of a kernel's grid finds its steps in a sequence operand: a static description, so that one
     kernel body reads either layout (:data:`LAYOUTS`) without a copy of the operand.
 
-    ``heads=0``: the operand is heads-major, ``(R, parts · T, D)``; ``heads=NH``: heads-minor with the heads' columns
-    side by side, ``(B, parts · T, NH · D)`` (a reshape of (B, S, NH, D): a head is a window of D columns, which a
-    TMA copy reads as it reads a row block). Each sequence's ``parts · T`` steps are ``parts`` rows of T steps of
-    their own (a kernel's segments), so row ``r = (b · NH + h) · parts + p`` (``r = b · parts + p`` heads-major) is
+    ``heads=0``: the operand is heads-major, ``(R, parts · T, D)``. ``heads=NH``: heads-minor, ``(B, parts · T, W)``,
+    head h the D = ``width`` columns from ``column + h · D`` (W = NH · D from column 0 for a reshaped (B, S, NH, D);
+    or a block of a wider array, such as a fused projection's output, :class:`HeadColumns`): a window of columns,
+    which a TMA copy reads as it reads a row block. Each sequence's ``parts · T`` steps are ``parts`` rows of T steps
+    of their own (a kernel's segments), so row ``r = (b · NH + h) · parts + p`` (``r = b · parts + p`` heads-major) is
     steps ``p · T`` to ``(p + 1) · T`` of sequence ``(b, h)``.
     """
 
     heads: int = 0
     parts: int = 1
+    column: int = 0
+    head_width: int = 0  # D where the operand is wider than NH · D; 0: W / NH
 
     def steps(self, ref: Any) -> int:
         """T: the steps of one row."""
@@ -65,7 +71,7 @@ class Rows(NamedTuple):
 
     def width(self, ref: Any) -> int:
         """D: the columns of one head."""
-        return ref.shape[-1] // max(self.heads, 1)
+        return self.head_width or ref.shape[-1] // max(self.heads, 1)
 
     def count(self, ref: Any) -> int:
         """The operand's rows."""
@@ -80,21 +86,88 @@ class Rows(NamedTuple):
             sequence, steps = row // self.parts, pl.ds((row % self.parts) * self.steps(ref) + start, size)
         if not self.heads:
             return ref.at[sequence, steps] if columns is None else ref.at[sequence, steps, columns]
-        D, head = self.width(ref), sequence % self.heads
-        window = pl.ds(head * D, D) if columns is None else pl.ds(head * D + columns.start, columns.size)
+        D = self.width(ref)
+        first = self.column + (sequence % self.heads) * D
+        window = pl.ds(first, D) if columns is None else pl.ds(first + columns.start, columns.size)
         return ref.at[sequence // self.heads, steps, window]
 
 
 HEADS_MAJOR = Rows()  # one row per leading index: (R, T, D)
 
 
-def check_sequence_operand(name: str, x: jax.Array, heads: int, multiple: int = 64) -> None:
-    """Raises ValueError unless ``x`` is a sequence operand of the chunkwise kernels in the layout ``heads`` gives
-    (:class:`Rows`): (BH, S, D) with ``heads=0``, else (B, S, heads · D); S and D positive multiples of
-    ``multiple``."""
-    form = f"(B, S, NH * D) with NH={heads}" if heads else "(BH, S, D)"
-    D = x.shape[-1] // max(heads, 1)
-    if x.ndim != 3 or x.shape[1] == 0 or x.shape[1] % multiple or D == 0 or D % multiple or x.shape[-1] % max(heads, 1):
+@jax.tree_util.register_pytree_node_class
+class HeadColumns:
+    """A heads-minor operand (B, S, NH, D) of the chunkwise kernels that is a block of columns of a wider array:
+    head h is columns ``start + h · D`` to ``start + (h + 1) · D`` of ``array`` (B, S, W). The kernels read it in
+    place (no copy of the block, which a column slice passed to a kernel would cost); everything else takes its
+    ``value()``. A pytree (``array`` its leaf), so it passes through ``jit`` and ``custom_vjp``.
+    """
+
+    def __init__(self, array: jax.Array, start: int, heads: int, width: int):
+        if array.ndim != 3 or not (start >= 0 and start + heads * width <= array.shape[-1]) or heads < 1 or width < 1:
+            raise ValueError(
+                f"HeadColumns: columns {start} to {start} + {heads} * {width} must lie within the last axis of a "
+                f"(B, S, W) array, got array.shape={tuple(array.shape)}"
+            )
+        self.array, self.start, self.heads, self.width = array, start, heads, width
+
+    @property
+    def shape(self) -> tuple[int, int, int, int]:
+        return (*self.array.shape[:2], self.heads, self.width)
+
+    @property
+    def dtype(self) -> Any:
+        return self.array.dtype
+
+    @property
+    def ndim(self) -> int:
+        return 4
+
+    def value(self) -> jax.Array:
+        """The block as an array of its own, (B, S, NH, D)."""
+        block = self.array[..., self.start : self.start + self.heads * self.width]
+        return block.reshape(self.shape)
+
+    def rows(self, parts: int = 1) -> Rows:
+        """The kernels' description of this operand (its ``array``)."""
+        return Rows(self.heads, parts, self.start, self.width)
+
+    def tree_flatten(self) -> tuple[tuple[jax.Array], tuple[int, int, int]]:
+        return (self.array,), (self.start, self.heads, self.width)
+
+    @classmethod
+    def tree_unflatten(cls, aux: tuple[int, int, int], children: tuple[Any]) -> HeadColumns:
+        obj = object.__new__(cls)  # no checks: autodiff and tracing rebuild it with other leaves
+        obj.array, (obj.start, obj.heads, obj.width) = children[0], aux
+        return obj
+
+
+def heads_minor_operand(x: jax.Array | HeadColumns) -> tuple[jax.Array, Rows]:
+    """A heads-minor (B, S, NH, D) operand as the kernels take it: the (B, S, W) array and its :class:`Rows`."""
+    if isinstance(x, HeadColumns):
+        return x.array, x.rows()
+    B, S, NH, D = x.shape
+    return x.reshape(B, S, NH * D), Rows(NH)
+
+
+def as_array(x: jax.Array | HeadColumns) -> jax.Array:
+    """``x`` as an array: a :class:`HeadColumns` block's ``value()``, anything else as it is."""
+    return x.value() if isinstance(x, HeadColumns) else x
+
+
+def check_sequence_operand(name: str, x: jax.Array, rows: Rows, multiple: int = 64) -> None:
+    """Raises ValueError unless ``x`` is a sequence operand of the chunkwise kernels that ``rows`` describes: (BH, S,
+    D) heads-major, or (B, S, W) holding NH windows of D columns; S and D positive multiples of ``multiple``."""
+    D = rows.width(x) if x.ndim == 3 else 0
+    fits = x.ndim == 3 and (not rows.heads or rows.column + rows.heads * D <= x.shape[-1])
+    if rows.heads and not rows.head_width:
+        fits = fits and x.shape[-1] % rows.heads == 0
+    if not fits or x.shape[1] == 0 or x.shape[1] % multiple or D == 0 or D % multiple:
+        form = (
+            f"(B, S, W) with NH={rows.heads} heads of D columns from column {rows.column}"
+            if rows.heads
+            else "(BH, S, D)"
+        )
         raise ValueError(f"{name}.shape={tuple(x.shape)} must be {form}, S and D positive multiples of {multiple}")
 
 
