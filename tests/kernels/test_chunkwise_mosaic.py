@@ -41,7 +41,7 @@ from xlstm_jax.kernels.chunkwise_mosaic import (
 from xlstm_jax.kernels.chunkwise_mosaic_bw import backward_block_dhv, chunkwise_split_fw, mosaic_backward_unsupported
 from xlstm_jax.kernels.chunkwise_mosaic_grads import chunk_gradients_unsupported
 from xlstm_jax.kernels.chunkwise_mosaic_scan import state_scan_unsupported
-from xlstm_jax.kernels.mosaic import mosaic_interpret_params
+from xlstm_jax.kernels.mosaic import HeadColumns, mosaic_interpret_params
 from xlstm_jax.kernels.recurrent_step_mosaic import device_supports_mosaic
 from xlstm_jax.mlstm.chunkwise import chunkwise_fw
 from xlstm_jax.models.xlstm_parallel.blocks.mlstm.backend import create_mlstm_backend
@@ -204,14 +204,22 @@ def test_split_matches_reference(B, NH, S, DHQK, DHV, states, fgate, igate, bloc
         check_forward(form, x, "bfloat16", segment_ids=SPLIT_SEGMENTS)
 
 
-def heads_minor(**settings):
+def heads_minor(fused: bool = False, **settings):
     """``chunkwise_mosaic_fw(layout="BSND")`` behind the documented (B, NH, S, D) signature: the transposes are the
-    test's, so the kernels read q, k, v and write h heads-minor, (B, S, NH, D)."""
+    test's, so the kernels read q, k, v and write h heads-minor, (B, S, NH, D). ``fused``: q, k and v as
+    ``HeadColumns`` blocks of one (B, S, W) array, with an unread block of 32 columns before each (a fused
+    projection's output, as the layer passes it)."""
     fw = functools.partial(chunkwise_mosaic_fw, interpret=INTERPRET, layout="BSND", **settings)
 
     def form(q, k, v, i, f, *states, return_last_states=False, **kwargs):
         swap = functools.partial(jnp.swapaxes, axis1=1, axis2=2)
-        out = fw(swap(q), swap(k), swap(v), i, f, *states, return_last_states=return_last_states, **kwargs)
+        q, k, v = swap(q), swap(k), swap(v)
+        if fused:
+            (B, S, NH, _), gap = q.shape, jnp.full((*q.shape[:2], 32), jnp.nan, q.dtype)
+            blocks = [part for t in (q, k, v) for part in (gap, t.reshape(B, S, -1))]
+            array, starts = jnp.concatenate(blocks, axis=-1), np.cumsum([0] + [b.shape[-1] for b in blocks])
+            q, k, v = (HeadColumns(array, int(starts[2 * n + 1]), NH, t.shape[-1]) for n, t in enumerate((q, k, v)))
+        out = fw(q, k, v, i, f, *states, return_last_states=return_last_states, **kwargs)
         return (swap(out[0]), out[1]) if return_last_states else swap(out)
 
     return form
@@ -222,9 +230,9 @@ def heads_minor(**settings):
 # XLA reads none of them: those cases equal the heads-major call bit for bit. Elsewhere XLA's gate plan reads q or k
 # through a transposed view, whose sums a GPU may order otherwise.
 HEADS_MINOR_CASES = [
-    (1, 2, 256, 64, 64, True, False, {"scores": "kernel", "split": 2, "block_dhv": 32}),
+    (1, 2, 256, 64, 64, True, False, {"fused": True, "scores": "kernel", "split": 2, "block_dhv": 32}),
     (2, 2, 150, 64, 64, False, True, {"scores": "kernel"}),  # padded, documents, the gate plan in XLA
-    (1, 2, 192, 64, 64, True, False, {"scores": "precomputed", "split": 3, "block_dhv": 32}),
+    (1, 2, 150, 64, 64, True, False, {"fused": True, "scores": "precomputed", "block_dhv": 32}),  # padded
     (1, 2, 130, 64, 64, True, False, {"scores": "in_kernel", "consumers": 2, "block_dhv": 32}),
     (1, 2, 128, 64, 128, True, False, {"scores": "kernel", "block_dhv": 64, "c_operand": "registers"}),
 ]
@@ -234,12 +242,13 @@ HEADS_MINOR_CASES = [
 @pytest.mark.parametrize(
     ("B", "NH", "S", "DHQK", "DHV", "states", "documents", "settings"),
     HEADS_MINOR_CASES,
-    ids=["key-sums-split", "padded-documents", "precomputed-split3", "two-wg-in-kernel", "registers"],
+    ids=["fused-key-sums-split", "padded-documents", "fused-precomputed-padded", "two-wg-in-kernel", "registers"],
 )
 def test_heads_minor_layout(B, NH, S, DHQK, DHV, states, documents, settings):
-    """``layout="BSND"``: h and the last states against the float64 recurrence; where only the kernels read q, k
-    and v (batch 1, the scores kernel), equal bit for bit to the heads-major call's (the same kernels on the same
-    tiles, read and written in place)."""
+    """``layout="BSND"``: h and the last states against the float64 recurrence, with q, k and v as arrays and as
+    blocks of one wider array's columns (``HeadColumns``, NaN between them: a read outside a block shows); where only
+    the kernels read q, k and v (batch 1, the scores kernel), equal bit for bit to the heads-major call's (the same
+    kernels on the same tiles, read and written in place)."""
     x = random_inputs(S + DHV + B, B, NH, S, DHQK, DHV, states=states, igate="extreme")
     segment_ids = SEGMENTS if documents else None
     check_forward(heads_minor(**settings), x, "bfloat16", segment_ids=segment_ids)
@@ -247,7 +256,9 @@ def test_heads_minor_layout(B, NH, S, DHQK, DHV, states, documents, settings):
         return
     args = [jnp.asarray(x[name], jnp.bfloat16) for name in ("q", "k", "v")]
     args += [jnp.asarray(x[name], jnp.float32) for name in ("i", "f", "c0", "n0", "m0") if name in x]
-    major = jax.jit(functools.partial(chunkwise_mosaic_fw, interpret=INTERPRET, return_last_states=True, **settings))
+    kernel_settings = {name: value for name, value in settings.items() if name != "fused"}
+    major = functools.partial(chunkwise_mosaic_fw, interpret=INTERPRET, return_last_states=True, **kernel_settings)
+    major = jax.jit(major)
     minor = jax.jit(functools.partial(heads_minor(**settings), return_last_states=True))
     for a, b in zip(jax.tree.leaves(major(*args)), jax.tree.leaves(minor(*args)), strict=True):
         np.testing.assert_array_equal(np.asarray(a, np.float32), np.asarray(b, np.float32))
@@ -281,34 +292,56 @@ def test_heads_minor_gradients_are_the_heads_major_ones():
 
 
 def test_heads_minor_errors():
-    """A layout other than BNSD or BSND, and heads-minor q, k, v that disagree on (B, S, NH), raise ValueError
-    naming the shapes."""
+    """A layout other than BNSD or BSND, heads-minor q, k, v that disagree on (B, S, NH), and a ``HeadColumns``
+    block outside its array raise ValueError naming the shapes; a block's value is its columns, one head after
+    another, and it is a pytree of its array."""
     q = jnp.zeros((1, 128, 2, 64), jnp.bfloat16)
     i = jnp.zeros((1, 2, 128), jnp.float32)
     with pytest.raises(ValueError, match=r"layout='BHSD' must be one of \('BNSD', 'BSND'\)"):
         chunkwise_mosaic_fw(q, q, q, i, i, layout="BHSD")
     with pytest.raises(ValueError, match=r"k.shape=\(1, 128, 1, 64\)"):
         chunkwise_mosaic_fw(q, q[:, :, :1], q, i, i, layout="BSND")
+    array = jnp.arange(2 * 3 * 10, dtype=jnp.float32).reshape(2, 3, 10)
+    block = HeadColumns(array, 2, 2, 3)  # columns 2 to 8: two heads of three
+    assert block.shape == (2, 3, 2, 3) and block.dtype == jnp.float32
+    np.testing.assert_array_equal(block.value(), np.asarray(array)[..., 2:8].reshape(2, 3, 2, 3))
+    leaves, tree = jax.tree.flatten(block)
+    assert leaves == [array] and jax.tree.unflatten(tree, leaves).rows() == block.rows()
+    with pytest.raises(ValueError, match=r"columns 6 to 6 \+ 2 \* 3 must lie within .* array.shape=\(2, 3, 10\)"):
+        HeadColumns(array, 6, 2, 3)
 
 
 def test_heads_minor_lowers_for_cuda():
     """The heads-minor forward at the xLSTM-7B head shape, batch 1 (the keys' sums kernel, the scores kernel, the
     segments' scan and the chunk kernel, each reading its head's window of columns), lowers for CUDA on any
-    machine, with no transpose in the program: the kernels take q, k and v as they come."""
+    machine, with no transpose of q, k or v in the program (nothing bf16 is transposed or sliced): the kernels take
+    them as they come; and from one fused (B, S, 2 QK + 2 V) array through ``HeadColumns`` blocks, unsliced."""
     B, NH, S, DHQK, DHV, A = 1, 2, 16 * CHUNK, 256, 128, jax.ShapeDtypeStruct
-    avals = [A((B, S, NH, DHQK), jnp.bfloat16)] * 2 + [A((B, S, NH, DHV), jnp.bfloat16)]
-    avals += [A((B, NH, S), jnp.float32)] * 2
+    QK, V = NH * DHQK, NH * DHV
+    gates = [A((B, NH, S), jnp.float32)] * 2
     fw = functools.partial(chunkwise_mosaic_fw, layout="BSND", scores="kernel", split=2, block_dhv=64)
-    jaxpr = str(jax.make_jaxpr(fw)(*avals))
+
+    def fused(qkvo, i, f):
+        q, k = HeadColumns(qkvo, 0, NH, DHQK), HeadColumns(qkvo, QK, NH, DHQK)
+        return fw(q, k, HeadColumns(qkvo, 2 * QK, NH, DHV), i, f)
+
     kernels = (
         "mlstm_key_sums_mosaic",
         "mlstm_chunk_scores_mosaic",
         "mlstm_state_scan_mosaic",
         "mlstm_chunkwise_mosaic",
     )
-    assert all(name in jaxpr for name in kernels)
-    text = jax.jit(fw).trace(*avals).lower(lowering_platforms=("cuda",)).as_text()
-    assert "mosaic_gpu" in text and "stablehlo.transpose" not in text
+    for call, avals in [
+        (fw, [A((B, S, NH, DHQK), jnp.bfloat16)] * 2 + [A((B, S, NH, DHV), jnp.bfloat16), *gates]),
+        (fused, [A((B, S, 2 * QK + 2 * V), jnp.bfloat16), *gates]),
+    ]:
+        jaxpr = str(jax.make_jaxpr(call)(*avals))
+        assert all(name in jaxpr for name in kernels)
+        text = jax.jit(call).trace(*avals).lower(lowering_platforms=("cuda",)).as_text()
+        copies = [
+            line for line in text.splitlines() if "bf16" in line and re.search(r"stablehlo\.(transpose|slice)", line)
+        ]
+        assert "mosaic_gpu" in text and not copies, copies[:3]
 
 
 def test_auto_split_fills_the_gpu_with_a_few_heads():

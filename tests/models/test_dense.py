@@ -42,27 +42,6 @@ def test_project_split_values_and_gradients(form, monkeypatch):
     assert_close("dkernel", np.einsum("bsk,bsn->kn", xn, wn), dk, TOL["float64"])
 
 
-def test_standalone_blocks_are_products_of_their_own(monkeypatch):
-    """``standalone=True``: from SPLIT_MIN_ROWS rows on, an evaluated call runs one product per block (each block a
-    product's whole output, no slice of a wider one) with the float64 values; below, one product as without it."""
-    monkeypatch.setattr(dense, "SPLIT_MIN_ROWS", 16)
-    sizes = (5, 3, 7)
-    with jax.enable_x64(True):
-        kx, kk = jax.random.split(jax.random.key(1))
-        kernel = jax.random.normal(kk, (11, sum(sizes)), jnp.float64)
-        for rows, products in ((18, 3), (9, 1)):
-            x = jax.random.normal(kx, (2, rows // 2, 11), jnp.float64)
-            split = lambda x, kernel: project_split(x, kernel, sizes, jnp.float64, standalone=True)  # noqa: E731
-            jaxpr = jax.make_jaxpr(split)(x, kernel).jaxpr
-            dots = [eqn.outvars[0] for eqn in jaxpr.eqns if eqn.primitive.name == "dot_general"]
-            assert len(dots) == products, rows
-            assert (list(jaxpr.outvars) == dots) == (products == 3), rows  # the blocks are the products' outputs
-            bounds = np.cumsum((0, *sizes))
-            for n, block in enumerate(split(x, kernel)):
-                want = np.asarray(x) @ np.asarray(kernel)[:, bounds[n] : bounds[n + 1]]
-                assert_close(f"block {n} of {rows} rows", want, block, TOL["float64"])
-
-
 def test_project_split_errors():
     x, kernel = jnp.ones((2, 4)), jnp.ones((4, 6))
     with pytest.raises(ValueError, match=r"sizes=\(2, 3\) must be positive and sum to kernel.shape\[-1\]=6"):

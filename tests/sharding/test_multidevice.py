@@ -27,6 +27,7 @@ from jax.sharding import NamedSharding, PartitionSpec
 
 from tests.numerics import TOL, assert_close, make_inputs
 from xlstm_jax.generation import generate
+from xlstm_jax.kernels.mosaic import HeadColumns
 from xlstm_jax.kernels.recurrent_sequence import recurrent_sequence_pallas
 from xlstm_jax.models.xlstm_parallel.blocks import dense
 from xlstm_jax.models.xlstm_parallel.blocks.mlstm.backend.chunkwise_mosaic import chunkwise_hopper_fw
@@ -274,8 +275,8 @@ def test_pallas_sequence_form_per_device(backend):
     """A Pallas backend's form under shard_map_sequence_form on 2x2x2: 2 rows split over data only (fsdp gets the
     rows whole), 2 heads over tensor; h, the last states and every gradient (initial states included) equal the
     call without a mesh. recurrent_pallas's with packed documents in interpret mode; chunkwise_mosaic's with
-    ``layout="BSND"`` (its XLA form here), whose q, k, v and h (B, S, NH, D) are split on B and NH rather than on
-    their first two axes."""
+    ``layout="BSND"`` (its XLA form here), q, k and v ``HeadColumns`` blocks of one (B, S, 3 NH D) array, taken as
+    arrays and split on B and NH (h too) rather than on their first two axes."""
     x = make_inputs(np.random.default_rng(3), 2, 2, 11, 16, 16, states=True)
     x = {name: jnp.asarray(value, jnp.float32) for name, value in x.items()}
     if backend == "recurrent_pallas":
@@ -283,15 +284,19 @@ def test_pallas_sequence_form_per_device(backend):
         form = functools.partial(
             shard_map_sequence_form(recurrent_sequence_pallas), segment_ids=segment_ids, interpret=True
         )  # fmt: skip
-        heads = lambda t: t  # noqa: E731
+        heads = lambda *qkv: qkv  # noqa: E731
     else:
         form = functools.partial(
             shard_map_sequence_form(chunkwise_hopper_fw), chunk_size=4, interpret=False, layout="BSND"
         )  # fmt: skip
-        heads = functools.partial(jnp.swapaxes, axis1=1, axis2=2)  # (B, NH, S, D) <-> (B, S, NH, D)
+
+        def heads(*qkv):  # blocks of one (B, S, 3 NH D) array, each (B, S, NH, D)
+            B, NH, S, D = qkv[0].shape
+            array = jnp.concatenate([t.swapaxes(1, 2).reshape(B, S, NH * D) for t in qkv], axis=-1)
+            return tuple(HeadColumns(array, n * NH * D, NH, D) for n in range(3))
 
     def loss(x):
-        args = (*(heads(x[name]) for name in ("q", "k", "v")), x["i"], x["f"], x["c0"], x["n0"], x["m0"], True)
+        args = (*heads(*(x[name] for name in ("q", "k", "v"))), x["i"], x["f"], x["c0"], x["n0"], x["m0"], True)
         h, (c, n, m) = form(*args)
         return jnp.sum(h * jnp.cos(h)) + jnp.sum(c * x["c0"]) + jnp.sum(jnp.sin(n)) + jnp.sum(m), (h, c, n, m)
 

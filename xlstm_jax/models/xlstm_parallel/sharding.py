@@ -60,6 +60,7 @@ from typing import Any
 import jax
 from jax.sharding import AbstractMesh, AxisType, Mesh, NamedSharding, PartitionSpec
 
+from xlstm_jax.kernels.mosaic import as_array
 from xlstm_jax.models.xlstm_parallel.config import _is_int, xLSTMLMConfig
 
 __all__ = [
@@ -517,8 +518,8 @@ def shard_map_sequence_form(form: Callable[..., Any]) -> Callable[..., Any]:
 
     Every array argument is split on its first two axes (B, NH), ``segment_ids`` (B, S) on B; the states and
     h come back split alike. With ``layout="BSND"`` among the settings, q, k, v and h are (B, S, NH, D), split on
-    B and NH. Gradients flow through (``jax.shard_map`` sums the cotangents of what each device
-    received whole).
+    B and NH (under a mesh a :class:`~xlstm_jax.kernels.mosaic.HeadColumns` block is first taken as an array).
+    Gradients flow through (``jax.shard_map`` sums the cotangents of what each device received whole).
     """
 
     def run(
@@ -545,6 +546,8 @@ def shard_map_sequence_form(form: Callable[..., Any]) -> Callable[..., Any]:
             ndim = getattr(x, "ndim", None)
             return None if ndim is None or ndim < split else ("batch", "heads")[:split] + (None,) * (ndim - split)
 
+        if _context_mesh() is not None:  # a block of a wider array's columns, as an array of its own to split
+            q, k, v = (as_array(x) for x in (q, k, v))
         args = (q, k, v, i, f, c_initial, n_initial, m_initial)
         in_names = [names(x) for x in args] + [names(segment_ids, 1)]
         c = ("batch", "heads", None, None)

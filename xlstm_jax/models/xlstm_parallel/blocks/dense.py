@@ -59,27 +59,18 @@ def project_wide(x: jax.Array, kernel: jax.Array, dtype: Any) -> jax.Array:
 
 
 def project_split(
-    x: jax.Array,
-    kernel: jax.Array,
-    sizes: Sequence[int],
-    dtype: Any,
-    precision: Any = None,
-    standalone: bool = False,
+    x: jax.Array, kernel: jax.Array, sizes: Sequence[int], dtype: Any, precision: Any = None
 ) -> list[jax.Array]:
     """``x (..., K) @ kernel (K, N)`` split into column blocks of ``sizes`` (summing to N), each ``(..., size)``.
 
     The same values as ``jnp.split(project(x, kernel, ...), ...)``; one product per block from
-    ``SPLIT_MIN_ROWS`` rows of x on under differentiation (the module docstring says why), and also where nothing
-    differentiates the call with ``standalone``: each block is then a product's whole output, where a column block
-    of one product costs a copy for a consumer that takes it as a buffer of its own (a kernel's operand).
+    ``SPLIT_MIN_ROWS`` rows of x on (the module docstring says why).
     """
     if sum(sizes) != kernel.shape[-1] or min(sizes, default=0) < 1:
         raise ValueError(f"sizes={tuple(sizes)} must be positive and sum to kernel.shape[-1]={kernel.shape[-1]}")
     bounds = (0, *accumulate(sizes))
     if math.prod(x.shape[:-1]) < SPLIT_MIN_ROWS:
         return _one_product(x, kernel, bounds, dtype, precision)
-    if standalone:
-        return _per_block(x, kernel, bounds, dtype, precision)
     return list(_split_product(x, kernel, bounds, dtype, precision))
 
 

@@ -33,12 +33,12 @@ and ran at about half the bandwidth of the other products on an H200. The
 weights are stored fused, so nothing is concatenated at run time; :mod:`...hf` splits and joins the
 ``transformers`` tensors on save and load.
 
-Heads' layout: the documented backends take q, k, v as (B, NH, S, D) and return h so, which costs a transpose of
-each around the cell. A ``chunkwise_mosaic`` backend configured with ``layout="BSND"`` takes them as the
-projections write them, (B, S, NH, D) (its kernels read each head's columns in place), and returns h so; the layer
-then runs q, k, v and o as four products from ``dense.SPLIT_MIN_ROWS`` rows on (``project_split(...,
-standalone=True)``), whose outputs are the kernels' operands as they are, where column blocks of one product would
-each be copied.
+Heads' layout: the documented backends take q, k, v as (B, NH, S, D) and return h so, which costs a copy of each
+around the cell (the column block of the fused product, transposed). A ``chunkwise_mosaic`` backend configured with
+``layout="BSND"`` takes them heads-minor and returns h so: the layer then runs the four projections as one product
+and passes q, k and v as blocks of its columns (:class:`~xlstm_jax.kernels.mosaic.HeadColumns`), which the kernels
+read in place, so nothing is copied. Under differentiation the fused product's cotangent is then one
+activation-sized array, as ``dense.project_split`` avoids for training; ``"BSND"`` is for prefill.
 
 Precision: projections run in ``config.dtype``; the gate pre-activations in float32 (float64 in a float64
 model; the product of the
@@ -55,6 +55,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from xlstm_jax.kernels.mosaic import HeadColumns
 from xlstm_jax.models.xlstm_parallel.blocks.dense import Dense, project, project_split, project_wide
 from xlstm_jax.models.xlstm_parallel.blocks.mlstm.backend import BACKENDS, create_mlstm_backend
 from xlstm_jax.models.xlstm_parallel.blocks.mlstm.backend.config import mLSTMBackend
@@ -195,18 +196,21 @@ class mLSTMLayer(nn.Module):
             h = h[:, :, None]
         else:
             backend = create_prefill_backend(cfg, self.runtime)
-            # The backend's layout of the heads: (B, NH, S, dh), or (B, S, NH, dh) where its kernels read the
-            # projections as they come (a chunkwise_mosaic config's layout="BSND"): then q, k and v are each a
-            # product's own output, not a column block of one product that a kernel operand would copy.
+            # The backend's layout of the heads (the module docstring): (B, NH, S, dh), or (B, S, NH, dh) blocks of
+            # the fused product's columns that its kernels read in place (a chunkwise_mosaic config's "BSND").
             heads_minor = getattr(backend.config, "layout", "BNSD") == "BSND"
-            sizes, dtype = (QK, QK, V, V), cfg.compute_dtype
-            q, k, v, o = project_split(x, qkvo_kernel, sizes, dtype, precision(dtype), standalone=heads_minor)
+            if heads_minor:
+                qkvo = product(x, qkvo_kernel, cfg.compute_dtype)  # (B, S, 2 QK + 2 V)
+                q, k = HeadColumns(qkvo, 0, NH, DHQK), HeadColumns(qkvo, QK, NH, DHQK)
+                v, o = HeadColumns(qkvo, 2 * QK, NH, DHV), qkvo[..., 2 * QK + V :]
+            else:
+                sizes = (QK, QK, V, V)
+                q, k, v, o = project_split(x, qkvo_kernel, sizes, cfg.compute_dtype, precision(cfg.compute_dtype))
 
-            def heads(t: jax.Array, dh: int) -> jax.Array:  # (B, S, NH * dh) -> (B, NH, S, dh) or (B, S, NH, dh)
-                t = t.reshape(B, S, NH, dh)
-                return t if heads_minor else t.transpose(0, 2, 1, 3)
+                def heads(t: jax.Array, dh: int) -> jax.Array:  # (B, S, NH * dh) -> (B, NH, S, dh)
+                    return t.reshape(B, S, NH, dh).transpose(0, 2, 1, 3)
 
-            q, k, v = heads(q, DHQK), heads(k, DHQK), heads(v, DHV)
+                q, k, v = heads(q, DHQK), heads(k, DHQK), heads(v, DHV)
             i, f = gates[..., :NH].transpose(0, 2, 1), gates[..., NH:].transpose(0, 2, 1)  # (B, NH, S)
             c0, n0, m0 = (None, None, None) if state is None else state if layer is None else (t[layer] for t in state)
             h, (c, n, m) = backend(

@@ -27,7 +27,7 @@ from xlstm_jax.kernels.chunkwise_mosaic import (
     chunkwise_mosaic_unsupported,
     forward_tiling,
 )
-from xlstm_jax.kernels.mosaic import LAYOUTS
+from xlstm_jax.kernels.mosaic import LAYOUTS, as_array
 from xlstm_jax.kernels.recurrent_step_mosaic import device_supports_mosaic
 from xlstm_jax.mlstm.checks import resolve_state_dtype
 from xlstm_jax.mlstm.chunkwise import check_chunk_size, chunkwise_fw
@@ -85,13 +85,14 @@ def chunkwise_hopper_fw(
     q C takes the state from, ``"shared"`` or ``"registers"``
     (:data:`~xlstm_jax.kernels.chunkwise_mosaic.C_OPERANDS`; None: the tiling's pick). ``layout``: of q, k, v and
     h (:data:`~xlstm_jax.kernels.mosaic.LAYOUTS`), ``"BNSD"`` as above or ``"BSND"``, heads-minor (B, S, NH, D),
-    which the kernels read and write in place (the XLA form runs on transposed views).
+    which the kernels read and write in place (the XLA form runs on transposed views); heads-minor q, k and v may
+    be :class:`~xlstm_jax.kernels.mosaic.HeadColumns` blocks of one array (the layer's fused projection).
     """
     if layout not in LAYOUTS:
         raise ValueError(f"layout={layout!r} must be one of {LAYOUTS}")
     heads_minor = layout == "BSND"
     use_kernel = interpret if interpret is not None else device_supports_mosaic()
-    dtype = jnp.result_type(q, k, v)
+    dtype = jnp.result_type(q.dtype, k.dtype, v.dtype)
     states_dtype = resolve_state_dtype(state_dtype)
     if c_initial is not None and states_dtype is None:
         states_dtype = jnp.dtype(c_initial.dtype)
@@ -117,7 +118,7 @@ def chunkwise_hopper_fw(
             layout=layout,
         )  # fmt: skip
     if heads_minor:  # the XLA form on heads-major views, h back heads-minor
-        q, k, v = (jnp.swapaxes(t, 1, 2) for t in (q, k, v))
+        q, k, v = (jnp.swapaxes(as_array(t), 1, 2) for t in (q, k, v))
     out = chunkwise_fw(
         q, k, v, i, f, c_initial, n_initial, m_initial, return_last_states, eps, state_dtype, chunk_size,
         segment_ids=segment_ids,
