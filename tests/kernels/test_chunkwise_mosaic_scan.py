@@ -191,6 +191,24 @@ def test_segment_starts_are_the_states_entering_each_segment(split, reverse):
 
 
 @runs
+def test_gains_read_in_place_from_every_few_rows():
+    """``gain_rows=(per, row)``: the gains as one row of every ``per`` of a wider array (the gate plan's), read in
+    place: the same borders and last state, bit for bit, as from the gains alone, and ``segment_starts`` likewise;
+    other rows hold NaN, so a read of the wrong row shows."""
+    a, b, gain, decay, x0 = scan_inputs(43, jnp.bfloat16, 6, 64)
+    rows = jnp.full((BH, 6, 3, CHUNK), jnp.nan, jnp.float32).at[:, :, 1].set(gain).reshape(BH, 18, CHUNK)
+    alone = mosaic_state_scan(a, b, gain, decay, x0, reverse=False, interpret=INTERPRET)
+    inside = mosaic_state_scan(a, b, rows, decay, x0, reverse=False, interpret=INTERPRET, gain_rows=(3, 1))
+    for want, got in zip(alone, inside, strict=True):
+        np.testing.assert_array_equal(np.asarray(want, np.float32), np.asarray(got, np.float32))
+    starts = segment_starts(a, b, gain, decay, x0, 3, reverse=False, interpret=INTERPRET)
+    starts_inside = segment_starts(a, b, rows, decay, x0, 3, reverse=False, interpret=INTERPRET, gain_rows=(3, 1))
+    np.testing.assert_array_equal(np.asarray(starts), np.asarray(starts_inside))
+    with pytest.raises(ValueError, match=r"gain_rows=\(3, 3\) must be"):
+        mosaic_state_scan(a, b, rows, decay, x0, reverse=False, interpret=INTERPRET, gain_rows=(3, 3))
+
+
+@runs
 def test_segment_starts_read_heads_minor_operands_in_place():
     """Heads-minor a and b (``sequences``): (B, S, NH·D), each run of chunks read in place from its head's window of
     columns (``Rows``): the same entry states, bit for bit, as from the (B·NH, S, D) rows, forward and in reverse."""

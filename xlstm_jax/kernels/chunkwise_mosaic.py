@@ -1118,9 +1118,9 @@ def mosaic_chunkwise(
         # Imported here: the scan's module builds on this one's helpers.
         from xlstm_jax.kernels.chunkwise_mosaic_scan import segment_starts
 
-        gain = plan.reshape(BH, NC, _PLAN_ROWS, CHUNK)[:, :, _GAIN]
         c0 = segment_starts(
-            k, v, gain, decay, c0, split, reverse=False, interpret=interpret, sequences=(k_rows, v_rows)
+            k, v, plan, decay, c0, split, reverse=False, interpret=interpret, sequences=(k_rows, v_rows),
+            gain_rows=(_PLAN_ROWS, _GAIN),  # the plan's gains' row read in place
         )  # fmt: skip
     c0s = () if c0 is None else (c0,)  # without c0 the kernel starts from zeros: none written and read
     # The kernel's rows: the heads' segments, head-major. Every operand but c0 is per step or per chunk along its
@@ -1221,7 +1221,7 @@ def chunk_plan(
     (where nothing differentiates the plan): from :data:`_BLOCKED_MIN_CHUNKS` chunks (up to
     :data:`_BLOCKED_MAX_CHUNKS`) the border normalisers come
     from :func:`~xlstm_jax.mlstm.chunkwise.border_normalisers_blocked` (compiled for an H200, the forward of 65,536
-    steps at batch 1 launches 31 kernels rather than 39; on an H100 the forward is 1.1 to 1.4% faster at B=8,
+    steps at batch 1 launches 8 kernels fewer; on an H100 the forward is 1.1 to 1.4% faster at B=8,
     S=8192 and at batches of one and two of 65,536 steps, BENCHMARKS.md), else from the associative scan (fewer
     kernels below; the one autodiff takes).
 

@@ -168,7 +168,7 @@ def state_scan_unsupported(
 def _scan_body(
     a_ref,  # (R, S, DHA) GMEM, S a multiple of L
     b_ref,  # (R, S, DHB)
-    gain_ref,  # (R, NC, L) float32
+    gain_ref,  # (R, NC * gain_rows[0], L) float32: chunk j's gains in row j * gain_rows[0] + gain_rows[1]
     decay_ref,  # (R, NC) float32
     *refs,  # x0 (BH, DHA, DHB) float32 unless zero_start; out: the borders (BH, NC * DHA, DHB) in a's dtype with
     # borders; x (BH, DHA, DHB) float32
@@ -182,6 +182,7 @@ def _scan_body(
     rows: tuple[int, int, int] | None,
     registers: bool = False,
     sequences: tuple[Rows, Rows] = (HEADS_MAJOR, HEADS_MAJOR),
+    gain_rows: tuple[int, int] = (1, 0),
 ):
     # registers (x_operand="registers", no borders): each warpgroup holds Xᵀ (NV, DHA) and the product is
     # Xᵀ = decay · Xᵀ + r(gain ⊙ b)ᵀ a, its A operand r(gain ⊙ b)ᵀ in registers: no gated tile, no fence.
@@ -246,7 +247,8 @@ def _scan_body(
                 if not split:
                     copy_b()
                 gain_loaded = loaded.at[gain_barrier * depth + slot]
-                plgpu.copy_gmem_to_smem(gain_ref.at[row, pl.ds(j, 1)], gain_bufs.at[slot], gain_loaded)
+                gain_row = pl.ds(j * gain_rows[0] + gain_rows[1], 1) if gain_rows != (1, 0) else pl.ds(j, 1)
+                plgpu.copy_gmem_to_smem(gain_ref.at[row, gain_row], gain_bufs.at[slot], gain_loaded)
 
             leader(copy_shared)
             if split:
@@ -360,6 +362,7 @@ def _check(
     rows: tuple[int, int, int] | None,
     x_operand: str = "shared",
     sequences: tuple[Rows, Rows] = (HEADS_MAJOR, HEADS_MAJOR),
+    gain_rows: tuple[int, int] = (1, 0),
 ) -> int:
     """ValueError naming the argument where the shapes or dtypes do not fit the scan; else the programs' rows."""
     named = (
@@ -393,7 +396,10 @@ def _check(
         raise ValueError(f"b.shape={b.shape} must be (BH, S, DHB) = ({BH}, {S}, DHB) as a.shape={a.shape}")
     if b.dtype != a.dtype:
         raise ValueError(f"b.dtype={b.dtype} must equal a.dtype={a.dtype}")
-    expected = {"gain": (BH, NC, CHUNK), "decay": (BH, NC), "x0": (programs, DHA, DHB)}
+    per, first = gain_rows
+    if not (per >= 1 and 0 <= first < per):
+        raise ValueError(f"gain_rows={gain_rows} must be (rows per chunk, the gains' row) with 0 <= row < rows")
+    expected = {"gain": (BH, NC * per, CHUNK), "decay": (BH, NC), "x0": (programs, DHA, DHB)}
     for name, x in (("gain", gain), ("decay", decay), *([("x0", x0)] if x0 is not None else [])):
         if x.shape != expected[name]:
             raise ValueError(
@@ -422,6 +428,7 @@ def _check(
         "rows",
         "x_operand",
         "sequences",
+        "gain_rows",
     ),
 )
 def mosaic_state_scan(
@@ -440,6 +447,7 @@ def mosaic_state_scan(
     rows: tuple[int, int, int] | None = None,
     x_operand: str = "shared",
     sequences: tuple[Rows, Rows] = (HEADS_MAJOR, HEADS_MAJOR),
+    gain_rows: tuple[int, int] = (1, 0),
 ) -> tuple[jax.Array | None, jax.Array]:
     """The chunk-by-chunk state scan on ``BH`` flattened heads (module docstring), in a Mosaic GPU kernel.
 
@@ -468,6 +476,8 @@ def mosaic_state_scan(
         sequences: Where the rows of a and b lie (:class:`~xlstm_jax.kernels.mosaic.Rows` each): heads-major, (BH,
             S, ·) as above; or heads-minor windows of columns of (B, parts · S, W), read in place, BH = B · NH ·
             parts rows of S steps each (gain, decay and x0 per row as above).
+        gain_rows: ``(per, row)``: gain holds ``per`` rows a chunk, (BH, NC · per, CHUNK), chunk j's gains in row
+            ``j · per + row`` (the gate plan itself, read in place of a copy of its gains' row); (1, 0) as above.
 
     Returns:
         ``(borders (BH, NC * DHA, DHB) in a's dtype, x_last (BH, DHA, DHB) float32)``: rows ``j * DHA`` to
@@ -480,12 +490,13 @@ def mosaic_state_scan(
     """
     if x_operand == "registers" and borders:
         raise ValueError('x_operand="registers" takes borders=False (the borders are staged from X, not Xᵀ)')
-    programs = _check(a, b, gain, decay, x0, block_dhv, depth, consumers, rows, x_operand, sequences)
+    programs = _check(a, b, gain, decay, x0, block_dhv, depth, consumers, rows, x_operand, sequences, gain_rows)
     S, DHA, DHB = sequences[0].steps(a), sequences[0].width(a), sequences[1].width(b)
     params = require_mosaic_interpreter(consumers) if interpret else None
     body = functools.partial(
         _scan_body, reverse=reverse, block_dhv=block_dhv, depth=depth, consumers=consumers, interpret=interpret,
         zero_start=x0 is None, borders=borders, rows=rows, registers=x_operand == "registers", sequences=sequences,
+        gain_rows=gain_rows,
     )  # fmt: skip
     kernel = pl.kernel(
         body,
@@ -542,6 +553,7 @@ def segment_starts(
     reverse: bool,
     interpret: bool = False,
     sequences: tuple[Rows, Rows] = (HEADS_MAJOR, HEADS_MAJOR),
+    gain_rows: tuple[int, int] = (1, 0),
 ) -> jax.Array:
     """The state where the scan enters each of ``split`` equal segments of every row's chunks, so that the segments
     can run side by side (the forward kernel's and the backward scan's ``split``).
@@ -561,6 +573,7 @@ def segment_starts(
         interpret: Run the scan in Mosaic GPU's interpreter.
         sequences: Where the rows of a and b lie: heads-major (BH, S, ·), or windows of heads-minor columns
             (B, S, W) with BH = B · NH, read in place in runs of chunks (:class:`~xlstm_jax.kernels.mosaic.Rows`).
+        gain_rows: As :func:`mosaic_state_scan`'s: gain (BH, NC · per, CHUNK), chunk j's gains in row j · per + row.
 
     Returns:
         (BH * split, DHA, DHB) float32, row-major by (row, segment): the state each segment is entered with (forward:
@@ -593,7 +606,7 @@ def segment_starts(
     operands = (a, b) if heads_minor else tuple(map(as_runs, (a, b)))
     _, y = mosaic_state_scan(
         *operands, *map(as_runs, (gain, decay)), None, reverse=reverse, block_dhv=block_dhv, depth=depth,
-        interpret=interpret, borders=False, rows=rows, x_operand=x_operand, sequences=sequences,
+        interpret=interpret, borders=False, rows=rows, x_operand=x_operand, sequences=sequences, gain_rows=gain_rows,
     )  # fmt: skip
     y = y.reshape(BH, split - 1, runs, DHA, DHB)
     through = jnp.prod(decay.reshape(BH, split, runs, size), axis=-1)  # each run's decay of the state entering it
