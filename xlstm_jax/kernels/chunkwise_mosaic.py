@@ -1179,8 +1179,7 @@ def mosaic_chunkwise(
     else:
 
         def heads_major(x, rows):  # (BH, S, DHQK) rows of a heads-minor window of columns
-            x = x[..., rows.column : rows.column + rows.heads * DHQK].reshape(B, S, rows.heads, DHQK)
-            return x.swapaxes(1, 2).reshape(BH, S, DHQK)
+            return HeadColumns(x, rows.column, rows.heads, DHQK).value().swapaxes(1, 2).reshape(BH, S, DHQK)
 
         q_major, k_major = (heads_major(x, r) if heads_minor else x for x, r in ((q, q_rows), (k, k_rows)))
         p, readout, qn_den = normalised_scores(q_major, k_major, plan, eps)
@@ -1452,18 +1451,11 @@ def chunkwise_mosaic_fw(
     x = chunk_sequence(q, k, v, i, f, c_initial, n_initial, m_initial, eps, state_dtype, CHUNK, segment_ids, True)
     _, _, S, DHQK, DHV = x.dims
     dtype = jnp.result_type(q, k, v)
-    scores = auto_scores(S) if scores is None else scores
     given = {"block_dhv": block_dhv, "consumers": consumers, "depth": depth, "cluster": cluster, "split": split}
     BH = x.dims[0] * x.dims[1]
-    block_dhv, consumers, depth, cluster, split, c_operand = forward_tiling(
-        BH, S, DHQK, DHV, dtype, scores, **given, interpret=interpret, c_operand=c_operand
+    scores, (block_dhv, consumers, depth, cluster, split, c_operand) = _call_tiling(
+        x.dims, dtype, scores, given, interpret, c_operand
     )  # fmt: skip
-    reason = chunkwise_mosaic_unsupported(
-        DHQK, DHV, dtype, block_dhv, depth=depth, consumers=consumers, scores=scores, cluster=cluster,
-        c_operand=c_operand,
-    )  # fmt: skip
-    if reason is not None:
-        raise ValueError(f"chunkwise_mosaic_fw cannot run this call: {reason}")
     # Imported here: the backward module builds on this one's plan and kernel.
     from xlstm_jax.kernels.chunkwise_mosaic_bw import (
         backward_block_dhv,
@@ -1553,6 +1545,27 @@ def chunkwise_mosaic_fw(
     return (h, last) if return_last_states else h
 
 
+def _call_tiling(
+    dims: Any, dtype: Any, scores: str | None, given: dict[str, Any], interpret: bool, c_operand: str | None
+) -> tuple[str, ForwardTiling]:
+    """The scores (:func:`auto_scores` where None) and forward tiling (:func:`forward_tiling`, ``given`` its fields
+    that are set) of a :func:`chunkwise_mosaic_fw` call of ``dims`` (B, NH, S, DHQK, DHV).
+
+    Raises:
+        ValueError: the kernel cannot run that tiling (:func:`chunkwise_mosaic_unsupported`).
+    """
+    B, NH, S, DHQK, DHV = dims
+    scores = auto_scores(S) if scores is None else scores
+    tiling = forward_tiling(B * NH, S, DHQK, DHV, dtype, scores, **given, interpret=interpret, c_operand=c_operand)
+    reason = chunkwise_mosaic_unsupported(
+        DHQK, DHV, dtype, tiling.block_dhv, depth=tiling.depth, consumers=tiling.consumers, scores=scores,
+        cluster=tiling.cluster, c_operand=tiling.c_operand,
+    )  # fmt: skip
+    if reason is not None:
+        raise ValueError(f"chunkwise_mosaic_fw cannot run this call: {reason}")
+    return scores, tiling
+
+
 def _heads_minor(
     q: jax.Array | HeadColumns,  # (B, S, NH, DHQK)
     k: jax.Array | HeadColumns,  # (B, S, NH, DHQK)
@@ -1596,13 +1609,11 @@ def _heads_minor(
         x = chunk_sequence(
             *map(heads_major, (q, k, v)), i, f, c0, n0, m0, eps, state_dtype, CHUNK, segment_ids, True
         )  # fmt: skip
-        B, NH, S, DHQK, DHV = x.dims
         dtype = jnp.result_type(q.dtype, k.dtype, v.dtype)
-        scores = auto_scores(S) if options["scores"] is None else options["scores"]
         given = {name: options[name] for name in ("block_dhv", "consumers", "depth", "cluster", "split")}
         interpret = options["interpret"]
-        block_dhv, consumers, depth, cluster, split, c_operand = forward_tiling(
-            B * NH, S, DHQK, DHV, dtype, scores, **given, interpret=interpret, c_operand=options["c_operand"]
+        scores, (block_dhv, consumers, depth, cluster, split, c_operand) = _call_tiling(
+            x.dims, dtype, options["scores"], given, interpret, options["c_operand"]
         )  # fmt: skip
         h, last = _forward(
             x, eps, block_dhv, depth, consumers, interpret, scores, cluster, split, states is not None, c_operand,

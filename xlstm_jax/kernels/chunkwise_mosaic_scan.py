@@ -247,7 +247,7 @@ def _scan_body(
                 if not split:
                     copy_b()
                 gain_loaded = loaded.at[gain_barrier * depth + slot]
-                gain_row = pl.ds(j * gain_rows[0] + gain_rows[1], 1) if gain_rows != (1, 0) else pl.ds(j, 1)
+                gain_row = pl.ds(j * gain_rows[0] + gain_rows[1], 1)
                 plgpu.copy_gmem_to_smem(gain_ref.at[row, gain_row], gain_bufs.at[slot], gain_loaded)
 
             leader(copy_shared)

@@ -144,10 +144,10 @@ class HeadColumns:
 
 def heads_minor_operand(x: jax.Array | HeadColumns) -> tuple[jax.Array, Rows]:
     """A heads-minor (B, S, NH, D) operand as the kernels take it: the (B, S, W) array and its :class:`Rows`."""
-    if isinstance(x, HeadColumns):
-        return x.array, x.rows()
-    B, S, NH, D = x.shape
-    return x.reshape(B, S, NH * D), Rows(NH)
+    if not isinstance(x, HeadColumns):
+        B, S, NH, D = x.shape
+        x = HeadColumns(x.reshape(B, S, NH * D), 0, NH, D)
+    return x.array, x.rows()
 
 
 def as_array(x: jax.Array | HeadColumns) -> jax.Array:
